@@ -1,0 +1,45 @@
+# nezha_zoo -- every target installs what it needs into $(VENV) first.
+#   make demo    build a small Electra, save it, load it in PyTorch, TensorFlow and Flax, compare
+#   make test    the checks below, then the whole test suite
+#   make check   import hygiene: `import nezha_zoo` pulls in no framework; no framework-named top-level dir
+#   make bench   benchmarks (not tests); BENCH_ARGS=--smoke for a quick run
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.nezha_zoo-installed
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+FORBIDDEN_TOP := flax tf tensorflow torch pt jax keras conversion
+
+.PHONY: venv demo test check bench clean
+
+venv: $(STAMP)
+
+# Reinstall when the dependency declarations change.  torch is pinned to the CPU wheel
+# (2.13.0); an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c requirements/constraints.txt -e ".[all,test,bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m nezha_zoo.demo
+
+check: $(STAMP)
+	@for d in $(FORBIDDEN_TOP); do \
+	  if [ -e "$$d" ]; then echo "check: top-level '$$d' would shadow a package; keep backends under nezha_zoo/"; exit 1; fi; \
+	done
+	$(PY) -m nezha_zoo.tools.check_imports
+	@echo "check: ok"
+
+test: check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

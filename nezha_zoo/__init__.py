@@ -1,0 +1,18 @@
+"""nezha_zoo: six transformer families for PyTorch, TensorFlow/Keras and Flax from one spec.
+
+Importing this package imports no deep-learning framework: configs, the parameter spec, output
+classes and checkpoint I/O need only numpy and safetensors.  Models live in the backends::
+
+    from nezha_zoo import ElectraConfig
+    from nezha_zoo.pt import ElectraForMaskedLM          # torch.nn.Module
+    from nezha_zoo.tf import TFElectraForMaskedLM        # keras.Model
+    from nezha_zoo.flax import FlaxElectraForMaskedLM    # linen module + params
+"""
+
+from nezha_zoo.auto import AutoConfig
+from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.families.electra import ElectraConfig
+
+__version__ = "0.1.0"
+
+__all__ = ["AutoConfig", "ElectraConfig", "PretrainedConfig", "__version__"]

@@ -1,0 +1,3 @@
+"""One module per family: its config class and parameter spec, registered on import."""
+
+from nezha_zoo.families import electra  # noqa: F401

@@ -1,0 +1,108 @@
+"""Backend-independent halves of ``from_pretrained`` and ``save_pretrained``.
+
+Each backend supplies two small callbacks (assign one param from a layout-ordered numpy array;
+export every param as a canonical numpy array); everything else -- config resolution, the family
+check, prefix handling, shape checks, missing/unexpected reports, sharded atomic writes -- lives here
+once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from nezha_zoo.auto import AutoConfig
+from nezha_zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, open_checkpoint, save_state_dict
+from nezha_zoo.config import CONFIG_NAME, PretrainedConfig
+from nezha_zoo.loading import LoadPlan, plan_load, read_planned
+from nezha_zoo.spec.layouts import Layout
+from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.spec.registry import Family
+
+__all__ = ["resolve_config", "load_weights", "save_weights", "FORMAT_METADATA"]
+
+#: String metadata written into every safetensors file (beside transformers' ``format: pt``).
+FORMAT_METADATA = {"format": "pt", "producer": "nezha_zoo"}
+
+
+def resolve_config(
+    family: Family, path: str | os.PathLike, config: PretrainedConfig | None = None, **overrides: Any
+) -> PretrainedConfig:
+    """The config to build a model from ``path`` with: given, or read from ``path/config.json``.
+
+    A ``config.json`` of another family raises ``ValueError`` naming both.
+    """
+    if config is not None:
+        if not isinstance(config, family.config_class):
+            raise TypeError(f"config must be a {family.config_class.__name__}, got {type(config).__name__}")
+        return config.copy(**overrides) if overrides else config
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}; pass config= to load bare weights")
+    cfg = AutoConfig.from_pretrained(path, **overrides)
+    if not isinstance(cfg, family.config_class):
+        raise ValueError(
+            f"{path!r} holds a {cfg.model_type!r} checkpoint; it cannot be loaded into a "
+            f"{family.class_prefix} ({family.model_type!r}) model"
+        )
+    return cfg
+
+
+def load_weights(
+    path: str | os.PathLike,
+    spec: ModelSpec,
+    family: Family,
+    layout: Layout,
+    assign: Callable[[str, np.ndarray], None],
+    model_name: str,
+    strict: bool = False,
+    dtype: Any = np.float32,
+) -> LoadPlan:
+    """Read the checkpoint at ``path`` into a model through ``assign(param_name, stored_array)``.
+
+    Tensors are read and assigned one at a time.  Missing and unexpected keys are logged by name
+    (raised with ``strict``); shape mismatches always raise.
+    """
+    with open_checkpoint(path) as reader:
+        plan = plan_load(spec, reader.keys(), reader.shape, family.base_prefix)
+        plan.report(model_name, strict=strict)
+        for name, arr in read_planned(reader, spec, plan, layout, dtype=dtype):
+            assign(name, arr)
+    return plan
+
+
+def save_weights(
+    directory: str | os.PathLike,
+    config: PretrainedConfig,
+    spec: ModelSpec,
+    family: Family,
+    arrays: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> list[str]:
+    """Write ``config.json`` + safetensors (canonical names and layout) for ``spec``.
+
+    ``arrays`` yields canonical ``(name, array)`` pairs; every declared param must appear exactly once.
+    """
+    items = arrays.items() if isinstance(arrays, Mapping) else arrays
+    tensors: dict[str, np.ndarray] = {}
+    for name, arr in items:
+        if name not in spec:
+            raise ValueError(f"{name!r} is not a parameter of {family.class_name(spec.head)}")
+        if name in tensors:
+            raise ValueError(f"{name!r} exported twice")
+        p = spec[name]
+        if tuple(arr.shape) != p.shape:
+            raise ValueError(f"{name}: exporting shape {tuple(arr.shape)}, the spec needs {p.shape}")
+        tensors[name] = arr
+    absent = [p.name for p in spec if p.name not in tensors]
+    if absent:
+        raise ValueError(f"export is missing {absent}")
+    cfg = config.copy()
+    cfg.architectures = [family.class_name(spec.head, "pt")]
+    meta = {**FORMAT_METADATA, "family": family.key, "head": spec.head}
+    return save_state_dict(
+        directory, tensors, metadata=meta, max_shard_size=max_shard_size, extra_files={CONFIG_NAME: cfg.to_json_string()}
+    )

@@ -1,0 +1,21 @@
+"""The framework-neutral parameter spec: params, layouts and the family registry."""
+
+from nezha_zoo.spec.layouts import LAYOUTS, Layout, get_layout
+from nezha_zoo.spec.param import AXES, Init, Kind, ModelSpec, Param
+from nezha_zoo.spec.registry import Family, families, family_of_config, get_family, register_family
+
+__all__ = [
+    "AXES",
+    "Family",
+    "Init",
+    "Kind",
+    "LAYOUTS",
+    "Layout",
+    "ModelSpec",
+    "Param",
+    "families",
+    "family_of_config",
+    "get_family",
+    "get_layout",
+    "register_family",
+]

@@ -1,0 +1,138 @@
+"""Parameter builders for the blocks families share.
+
+Each builder returns the params of one block under a dotted prefix, with the names of transformers'
+PyTorch modules.  Families compose them and declare only their differences (names, pre-/post-norm,
+extra tables).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nezha_zoo.spec.param import Kind, Param
+
+__all__ = [
+    "dense",
+    "layer_norm",
+    "embedding",
+    "BertLayerNames",
+    "bert_attention",
+    "bert_layer",
+    "bert_encoder",
+    "pooler",
+]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def dense(
+    name: str, in_dim: int, out_dim: int, in_axis: str, out_axis: str, bias: bool = True
+) -> list[Param]:
+    """A linear layer: ``weight`` (out, in) and optional ``bias`` (out,)."""
+    ps = [Param(f"{name}.weight", (out_dim, in_dim), (out_axis, in_axis), Kind.DENSE)]
+    if bias:
+        ps.append(Param(f"{name}.bias", (out_dim,), (out_axis,), Kind.BIAS))
+    return ps
+
+
+def layer_norm(name: str, dim: int, axis: str = "hidden", bias: bool = True) -> list[Param]:
+    ps = [Param(f"{name}.weight", (dim,), (axis,), Kind.NORM_SCALE)]
+    if bias:
+        ps.append(Param(f"{name}.bias", (dim,), (axis,), Kind.NORM_BIAS))
+    return ps
+
+
+def embedding(name: str, rows: int, dim: int, row_axis: str, dim_axis: str = "embed", padding_idx=None) -> list[Param]:
+    return [Param(f"{name}.weight", (rows, dim), (row_axis, dim_axis), Kind.EMBEDDING, padding_idx=padding_idx)]
+
+
+@dataclass(frozen=True)
+class BertLayerNames:
+    """Module names of a BERT-style layer; families that rename them declare their own."""
+
+    self_attn: str = "attention.self"
+    query: str = "query"
+    key: str = "key"
+    value: str = "value"
+    attn_out: str = "attention.output.dense"
+    attn_norm: str | None = "attention.output.LayerNorm"  # post-LN after attention
+    pre_attn_norm: str | None = None  # pre-LN before attention (XLM-R-XL)
+    cross: str = "crossattention"
+    intermediate: str = "intermediate.dense"
+    output: str = "output.dense"
+    out_norm: str | None = "output.LayerNorm"  # post-LN after the FFN
+    pre_ffn_norm: str | None = None  # pre-LN before the FFN (XLM-R-XL)
+
+
+def bert_attention(prefix: str, hidden: int, names: BertLayerNames, kv_hidden: int | None = None) -> list[Param]:
+    """Self- (or cross-) attention: q/k/v projections, output projection, its norm."""
+    kv_in = hidden if kv_hidden is None else kv_hidden
+    att = _join(prefix, names.self_attn)
+    ps: list[Param] = []
+    ps += dense(f"{att}.{names.query}", hidden, hidden, "hidden", "kv")
+    ps += dense(f"{att}.{names.key}", kv_in, hidden, "hidden", "kv")
+    ps += dense(f"{att}.{names.value}", kv_in, hidden, "hidden", "kv")
+    ps += dense(_join(prefix, names.attn_out), hidden, hidden, "kv", "hidden")
+    if names.attn_norm:
+        ps += layer_norm(_join(prefix, names.attn_norm), hidden)
+    return ps
+
+
+def bert_layer(
+    prefix: str,
+    hidden: int,
+    intermediate: int,
+    names: BertLayerNames = BertLayerNames(),
+    cross_attention: bool = False,
+) -> list[Param]:
+    """One encoder layer (self-attention, optional cross-attention, feed-forward)."""
+    ps: list[Param] = []
+    if names.pre_attn_norm:
+        ps += layer_norm(_join(prefix, names.pre_attn_norm), hidden)
+    ps += bert_attention(prefix, hidden, names)
+    if cross_attention:
+        cross = _join(prefix, names.cross)
+        if names.pre_attn_norm:
+            ps += layer_norm(_join(cross, names.pre_attn_norm.split(".", 1)[-1]), hidden)
+        ps += bert_attention(cross, hidden, _cross_names(names))
+    if names.pre_ffn_norm:
+        ps += layer_norm(_join(prefix, names.pre_ffn_norm), hidden)
+    ps += dense(_join(prefix, names.intermediate), hidden, intermediate, "hidden", "mlp")
+    ps += dense(_join(prefix, names.output), intermediate, hidden, "mlp", "hidden")
+    if names.out_norm:
+        ps += layer_norm(_join(prefix, names.out_norm), hidden)
+    return ps
+
+
+def _cross_names(names: BertLayerNames) -> BertLayerNames:
+    """Cross-attention reuses the attention block's names below its own ``crossattention`` module."""
+    from dataclasses import replace
+
+    strip = names.self_attn.split(".", 1)[0] + "."  # "attention."
+    return replace(
+        names,
+        self_attn=names.self_attn.removeprefix(strip),
+        attn_out=names.attn_out.removeprefix(strip),
+        attn_norm=names.attn_norm.removeprefix(strip) if names.attn_norm else None,
+        pre_attn_norm=None,
+    )
+
+
+def bert_encoder(
+    prefix: str,
+    num_layers: int,
+    hidden: int,
+    intermediate: int,
+    names: BertLayerNames = BertLayerNames(),
+    cross_attention: bool = False,
+) -> list[Param]:
+    ps: list[Param] = []
+    for i in range(num_layers):
+        ps += bert_layer(_join(prefix, f"layer.{i}"), hidden, intermediate, names, cross_attention)
+    return ps
+
+
+def pooler(prefix: str, hidden: int) -> list[Param]:
+    return dense(_join(prefix, "pooler.dense"), hidden, hidden, "hidden", "hidden")

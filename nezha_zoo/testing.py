@@ -1,0 +1,121 @@
+"""Helpers for equivalence tests: one tolerance table, max-abs comparison, precision pinning.
+
+Importing this module imports no framework; :func:`pin_precision` imports the one it is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "TOLERANCES",
+    "assert_close",
+    "max_abs_diff",
+    "pin_precision",
+    "to_numpy",
+    "tiny_inputs",
+]
+
+#: SPEC.md §5: hidden states 1e-5; logits and losses 1e-4 (float32, eval mode).
+TOLERANCES = {"hidden": 1e-5, "logits": 1e-4, "loss": 1e-4, "grad_rel": 1e-4}
+
+
+def to_numpy(x: Any) -> Any:
+    """Framework tensor (or nest of them) -> numpy, leaving None and scalars alone."""
+    if x is None:
+        return None
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_numpy(v) for v in x)
+    if isinstance(x, Mapping):
+        return {k: to_numpy(v) for k, v in x.items()}
+    if hasattr(x, "detach"):  # torch
+        return x.detach().cpu().numpy()
+    if hasattr(x, "numpy"):  # tf
+        return x.numpy()
+    return np.asarray(x)
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    a, b = np.asarray(to_numpy(a), dtype=np.float64), np.asarray(to_numpy(b), dtype=np.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"shapes differ: {a.shape} vs {b.shape}")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def assert_close(a: Any, b: Any, tol: float, what: str = "", mask: np.ndarray | None = None) -> float:
+    """Assert max |a - b| <= tol; the message names the worst index and both values.
+
+    ``mask`` (broadcastable, True = compare) restricts the comparison, e.g. to non-padded tokens.
+    Returns the max-abs difference.
+    """
+    a = np.asarray(to_numpy(a), dtype=np.float64)
+    b = np.asarray(to_numpy(b), dtype=np.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"{what}: shapes differ {a.shape} vs {b.shape}")
+    diff = np.abs(a - b)
+    if mask is not None:
+        diff = np.where(np.broadcast_to(mask, diff.shape), diff, 0.0)
+    if not np.all(np.isfinite(diff)):
+        raise AssertionError(f"{what}: non-finite values")
+    worst = float(diff.max()) if diff.size else 0.0
+    if worst > tol:
+        idx = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        raise AssertionError(
+            f"{what}: max |a-b| = {worst:.3e} > {tol:.0e} at {tuple(int(i) for i in idx)} "
+            f"(a={a[idx]:.6g}, b={b[idx]:.6g}, max |a| = {float(np.abs(a).max()):.3g})"
+        )
+    return worst
+
+
+def pin_precision(framework: str) -> None:
+    """Full float32 matmuls (no TF32, no bf16 passes) in ``framework``: "pt", "tf" or "flax"."""
+    if framework == "pt":
+        import torch
+
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    elif framework == "tf":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+    elif framework == "flax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+    else:
+        raise ValueError(f"unknown framework {framework!r}")
+
+
+def tiny_inputs(
+    batch: int = 2,
+    seq_len: int = 7,
+    vocab_size: int = 99,
+    type_vocab_size: int | None = 2,
+    seed: int = 0,
+    pad: int | None = 0,
+    num_choices: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Random int64 ids, a right-padded attention mask (every row keeps >= 1 token) and token types.
+
+    With ``pad`` given, masked positions hold the padding id.
+    """
+    rng = np.random.default_rng(seed)
+    lead = (batch,) if num_choices is None else (batch, num_choices)
+    ids = rng.integers(2 if pad is not None else 0, vocab_size, size=(*lead, seq_len), dtype=np.int64)
+    mask = np.ones((*lead, seq_len), dtype=np.int64)
+    flat = mask.reshape(-1, seq_len)
+    for r in range(flat.shape[0]):
+        keep = int(rng.integers(max(1, seq_len // 2), seq_len + 1))
+        flat[r, keep:] = 0
+    if pad is not None:
+        ids = np.where(mask == 1, ids, pad)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if type_vocab_size:
+        types = np.zeros_like(ids)
+        types[..., seq_len // 2 :] = min(1, type_vocab_size - 1)
+        out["token_type_ids"] = types
+    return out

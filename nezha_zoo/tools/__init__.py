@@ -1,0 +1,1 @@
+"""Repository tools run with ``python -m`` (never as scripts inside the package)."""

@@ -1,0 +1,149 @@
+"""Read ``pytorch_model.bin`` without torch, accepting tensors and nothing else.
+
+``torch.save`` writes a zip archive: ``<name>/data.pkl`` (a pickle of the state dict whose tensors
+refer to storages by key) and ``<name>/data/<key>`` (raw little-endian storage bytes).  The unpickler
+here resolves only the handful of globals a state dict needs (``OrderedDict``, the typed storages,
+``_rebuild_tensor_v2``, ``_rebuild_parameter``) and refuses every other one, which is the guarantee
+``torch.load(weights_only=True)`` gives, without importing torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import numpy as np
+
+__all__ = ["load_torch_file", "UnsafePickleError"]
+
+
+class UnsafePickleError(ValueError):
+    """The pickle needs more than tensors (code, custom classes): refused."""
+
+
+def _bfloat16():
+    try:
+        import ml_dtypes
+    except ImportError as e:  # pragma: no cover
+        raise ValueError("checkpoint holds bfloat16 tensors; install ml_dtypes to read them") from e
+    return ml_dtypes.bfloat16
+
+
+_STORAGE_DTYPES: dict[str, Any] = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.name = name
+        dt = _STORAGE_DTYPES[name]
+        self.dtype = np.dtype(_bfloat16()) if dt == "bfloat16" else np.dtype(dt)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    size, stride = tuple(size), tuple(stride)
+    if not size:
+        return np.array(storage[storage_offset], dtype=storage.dtype)
+    needed = storage_offset + 1 + sum((n - 1) * s for n, s in zip(size, stride) if n > 0)
+    if needed > storage.size:
+        raise ValueError(f"tensor of shape {size} overruns its storage ({storage.size} elements)")
+    item = storage.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(
+        storage[storage_offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False
+    )
+    return np.array(view)  # an owned, contiguous copy
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    return data
+
+
+def _rebuild_parameter_with_state(data, requires_grad=False, backward_hooks=None, state=None):
+    return data
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, fh, archive: zipfile.ZipFile, prefix: str, path: str):
+        super().__init__(fh)
+        self._archive = archive
+        self._prefix = prefix
+        self._path = path
+        self._storages: dict[str, np.ndarray] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        raise UnsafePickleError(
+            f"{self._path}: refusing to unpickle {module}.{name}; only tensors and plain containers are "
+            f"accepted (like torch.load(weights_only=True))"
+        )
+
+    def persistent_load(self, pid: Any) -> np.ndarray:
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and len(pid) == 5):
+            raise UnsafePickleError(f"{self._path}: unexpected persistent id {pid!r}")
+        _, stype, key, _location, numel = pid
+        if not isinstance(stype, _StorageType):
+            raise UnsafePickleError(f"{self._path}: storage of unknown type {stype!r}")
+        key = str(key)
+        if key not in self._storages:
+            try:
+                raw = self._archive.read(f"{self._prefix}/data/{key}")
+            except KeyError as e:
+                raise ValueError(f"{self._path}: storage {key} is missing from the archive") from e
+            arr = np.frombuffer(raw, dtype=stype.dtype.newbyteorder("<"))
+            if arr.size < numel:
+                raise ValueError(f"{self._path}: storage {key} is truncated ({arr.size} of {numel} elements)")
+            self._storages[key] = arr
+        return self._storages[key]
+
+
+def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a ``torch.save`` state dict into numpy arrays; refuse anything that is not tensors."""
+    path = os.fspath(path)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path}: not a zip-format torch checkpoint (truncated, corrupt, or the pre-1.6 legacy format; "
+            f"re-save it with a current torch)"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pkls = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(pkls) != 1:
+                raise ValueError(f"{path}: expected one data.pkl in the archive, found {len(pkls)}")
+            prefix = pkls[0].rpartition("/")[0]
+            data = archive.read(pkls[0])
+            obj = _Unpickler(io.BytesIO(data), archive, prefix, path).load()
+    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: corrupt torch checkpoint ({e})") from e
+    if not isinstance(obj, dict):
+        raise UnsafePickleError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    out: dict[str, np.ndarray] = {}
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, np.ndarray):
+            raise UnsafePickleError(f"{path}: entry {k!r} is not a named tensor")
+        out[k] = v
+    return out
