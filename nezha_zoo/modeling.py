@@ -19,10 +19,10 @@ from nezha_zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, open_checkpoint, save_s
 from nezha_zoo.config import CONFIG_NAME, PretrainedConfig
 from nezha_zoo.loading import LoadPlan, plan_load, read_planned
 from nezha_zoo.spec.layouts import Layout
-from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.spec.param import Init, ModelSpec
 from nezha_zoo.spec.registry import Family
 
-__all__ = ["resolve_config", "load_weights", "save_weights", "FORMAT_METADATA"]
+__all__ = ["resolve_config", "load_weights", "save_weights", "random_weights", "FORMAT_METADATA"]
 
 #: String metadata written into every safetensors file (beside transformers' ``format: pt``).
 FORMAT_METADATA = {"format": "pt", "producer": "nezha_zoo"}
@@ -106,3 +106,25 @@ def save_weights(
     return save_state_dict(
         directory, tensors, metadata=meta, max_shard_size=max_shard_size, extra_files={CONFIG_NAME: cfg.to_json_string()}
     )
+
+
+def random_weights(spec: ModelSpec, config: PretrainedConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fresh canonical weights for ``spec`` by its init rules, from a numpy seed.
+
+    The same seed gives the same weights whatever backend later loads them, which is how
+    ``make demo`` builds one model for three frameworks.
+    """
+    rng = np.random.default_rng(seed)
+    std = float(getattr(config, "initializer_range", 0.02))
+    out: dict[str, np.ndarray] = {}
+    for p in spec:
+        if p.init is Init.NORMAL:
+            arr = rng.normal(0.0, std, size=p.shape).astype(np.float32)
+            if p.padding_idx is not None:
+                arr[p.padding_idx] = 0.0
+        elif p.init is Init.ONES:
+            arr = np.ones(p.shape, np.float32)
+        else:
+            arr = np.zeros(p.shape, np.float32)
+        out[p.name] = arr
+    return out

@@ -1,0 +1,5 @@
+"""Checkpoint tools and the ``nezha-zoo`` command line (no framework imported at module level)."""
+
+from nezha_zoo.conversion.inspect import detect_head, inspect_checkpoint
+
+__all__ = ["detect_head", "inspect_checkpoint"]

@@ -1,0 +1,72 @@
+"""What a checkpoint directory holds, judged against the spec."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from nezha_zoo.auto import AutoConfig
+from nezha_zoo.checkpoint import CheckpointError, open_checkpoint
+from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.loading import plan_load
+from nezha_zoo.spec.registry import Family, family_of_config
+
+__all__ = ["detect_head", "inspect_checkpoint"]
+
+
+def detect_head(family: Family, config: PretrainedConfig, keys: list[str], shape_of) -> str:
+    """The head a checkpoint was saved from: ``architectures`` in its config, else the best key match."""
+    for arch in config.architectures or []:
+        for backend in ("pt", "tf", "flax"):
+            for head in family.heads:
+                if family.class_name(head, backend) == arch:
+                    return head
+    best: tuple[int, str] | None = None
+    for head in family.heads:
+        try:
+            plan = plan_load(family.model_spec(config, head), keys, shape_of, family.base_prefix)
+        except CheckpointError:
+            continue
+        score = len(plan.missing_keys) + len(plan.unexpected_keys)
+        if best is None or score < best[0]:
+            best = (score, head)
+    if best is None:
+        raise CheckpointError("no head of this family matches the checkpoint's tensor shapes")
+    return best[1]
+
+
+def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict[str, Any]:
+    """Family, head, parameter count, dtypes and missing/unexpected tensors of a checkpoint dir."""
+    config = AutoConfig.from_pretrained(path)
+    family = family_of_config(config)
+    with open_checkpoint(path) as reader:
+        keys = reader.keys()
+        head = head or detect_head(family, config, keys, reader.shape)
+        spec = family.model_spec(config, head)
+        plan = plan_load(spec, keys, reader.shape, family.base_prefix)
+        dtypes = Counter(reader.dtype(k) for k in keys)
+        stored = sum(_numel(reader.shape(k)) for k in plan.sources.values())
+        fmt = reader.format
+    return {
+        "path": os.fspath(path),
+        "format": fmt,
+        "family": family.key,
+        "model_type": family.model_type,
+        "head": head,
+        "class": family.class_name(head),
+        "parameters": spec.num_parameters(),
+        "parameters_in_checkpoint": stored,
+        "tensors": len(keys),
+        "dtypes": dict(sorted(dtypes.items())),
+        "missing_keys": plan.missing_keys,
+        "unexpected_keys": plan.unexpected_keys,
+        "ignored_keys": plan.ignored_keys,
+    }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
