@@ -12,7 +12,23 @@ classes and checkpoint I/O need only numpy and safetensors.  Models live in the 
 from nezha_zoo.auto import AutoConfig
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.families.electra import ElectraConfig
+from nezha_zoo.families.ibert import IBertConfig
+from nezha_zoo.families.mpnet import MPNetConfig
+from nezha_zoo.families.mpt import MptAttentionConfig, MptConfig
+from nezha_zoo.families.nezha import NezhaConfig
+from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoConfig", "ElectraConfig", "PretrainedConfig", "__version__"]
+__all__ = [
+    "AutoConfig",
+    "ElectraConfig",
+    "IBertConfig",
+    "MPNetConfig",
+    "MptAttentionConfig",
+    "MptConfig",
+    "NezhaConfig",
+    "PretrainedConfig",
+    "XLMRobertaXLConfig",
+    "__version__",
+]

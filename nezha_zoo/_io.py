@@ -11,6 +11,18 @@ from collections.abc import Iterator
 __all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_path", "staged_directory"]
 
 
+def _umask_file_mode() -> int:
+    # The process umask can only be read by setting it; do it once, at import, not per write.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+#: Mode of files this package writes: what ``open(path, "w")`` would give.  Temporary files from
+#: ``tempfile`` are private (0600) and would otherwise keep that mode after the rename.
+_FILE_MODE = _umask_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
@@ -21,6 +33,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -55,6 +68,9 @@ def staged_directory(target: str | os.PathLike) -> Iterator[str]:
         yield stage
         os.makedirs(target, exist_ok=True)
         for name in sorted(os.listdir(stage)):
-            os.replace(os.path.join(stage, name), os.path.join(target, name))
+            staged = os.path.join(stage, name)
+            if os.path.isfile(staged):
+                os.chmod(staged, _FILE_MODE)
+            os.replace(staged, os.path.join(target, name))
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -280,7 +280,7 @@ def _read_raw(path: str, key: str, dtype: str, shape: tuple[int, ...]) -> np.nda
     with open(path, "rb") as fh:
         fh.seek(8 + n + start)
         buf = fh.read(stop - start)
-    return np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+    return np.frombuffer(bytearray(buf), dtype=np_dtype).reshape(shape)  # writable, like get_tensor
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -311,7 +311,9 @@ def save_state_dict(
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for key, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")  # (np.ascontiguousarray would turn a 0-d tensor into shape (1,))
         if shards[-1] and size + _nbytes(arr) > limit:
             shards.append({})
             size = 0

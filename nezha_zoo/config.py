@@ -102,6 +102,48 @@ def anything(v: Any) -> str | None:
     return None
 
 
+def string(v: Any) -> str | None:
+    return None if isinstance(v, str) else f"must be a string, got {v!r}"
+
+
+# --- cross-field checks shared by the families: each raises ValueError naming the field -----------
+
+
+def check_divisible(config: PretrainedConfig, field: str, by: str) -> None:
+    """Raise ``ValueError`` unless ``config.<field>`` is a multiple of ``config.<by>``.
+
+    Args:
+        config (PretrainedConfig): the config to check.
+        field (str): the dividend field, e.g. ``"hidden_size"``.
+        by (str): the divisor field, e.g. ``"num_attention_heads"``.
+    """
+    value, divisor = getattr(config, field), getattr(config, by)
+    if value % divisor:
+        raise ValueError(
+            f"{type(config).__name__}.{field} ({value}) must be divisible by {by} ({divisor})"
+        )
+
+
+def check_index(config: PretrainedConfig, field: str, size_field: str, required: bool = False) -> None:
+    """Raise ``ValueError`` unless ``config.<field>`` indexes a table of ``config.<size_field>`` rows.
+
+    Args:
+        config (PretrainedConfig): the config to check.
+        field (str): the index field, e.g. ``"pad_token_id"``.
+        size_field (str): the field holding the table size, e.g. ``"vocab_size"``.
+        required (bool): whether ``None`` is refused too.
+    """
+    value, size = getattr(config, field), getattr(config, size_field)
+    if value is None:
+        if required:
+            raise ValueError(f"{type(config).__name__}.{field} must be set (an integer in [0, {size_field}))")
+        return
+    if not 0 <= value < size:
+        raise ValueError(
+            f"{type(config).__name__}.{field} ({value}) must lie in [0, {size_field}={size})"
+        )
+
+
 @dataclass(frozen=True)
 class Field:
     """One documented configuration field: its name, default and validator."""
@@ -127,6 +169,9 @@ COMMON_FIELDS: tuple[Field, ...] = (
     Field("output_hidden_states", False, boolean, "Return all hidden states by default."),
     Field("return_dict", True, boolean, "Return output objects (True) or tuples (False) by default."),
     Field("architectures", None, anything, "Class names this checkpoint was saved from."),
+    Field("pad_token_id", None, optional_int, "Padding token id (families that document it declare their own)."),
+    Field("bos_token_id", None, optional_int, "Beginning-of-sequence token id."),
+    Field("eos_token_id", None, optional_int, "End-of-sequence token id."),
 )
 
 
@@ -147,12 +192,28 @@ class PretrainedConfig:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        names = [f.name for f in cls.fields]
+        if len(set(names)) != len(names):
+            raise TypeError(f"{cls.__name__}.fields declares a name twice: {names}")
+        if "__init__" in cls.__dict__:
+            return  # a hand-written constructor documents itself
         params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         params += [
             inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default) for f in cls.fields
         ]
         params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
-        cls.__init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        parent_init = cls.__init__
+
+        # Each class gets its own constructor object so that its signature (shown by help() and
+        # inspect.signature) lists its own fields; setting it on the shared base __init__ would
+        # make every family show the signature of the last one defined.
+        def __init__(self: PretrainedConfig, *args: Any, **kw: Any) -> None:
+            parent_init(self, *args, **kw)
+
+        __init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        __init__.__doc__ = cls.__doc__
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        cls.__init__ = __init__  # type: ignore[method-assign]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if len(args) > len(self.fields):
@@ -172,8 +233,8 @@ class PretrainedConfig:
                 values[f.name] = kwargs.pop(f.name)
         for f in self.fields:
             setattr(self, f.name, copy.deepcopy(values.get(f.name, f.default)))
-        for f in COMMON_FIELDS:
-            setattr(self, f.name, kwargs.pop(f.name, f.default))
+        for f in self._common_fields():
+            setattr(self, f.name, copy.deepcopy(kwargs.pop(f.name, f.default)))
         id2label = kwargs.pop("id2label", None)
         label2id = kwargs.pop("label2id", None)
         num_labels = kwargs.pop("num_labels", None)
@@ -184,17 +245,28 @@ class PretrainedConfig:
                 raise ValueError(f"{type(self).__name__}.num_labels {err}")
             id2label = {i: f"LABEL_{i}" for i in range(n)}
         else:
-            id2label = {int(k): str(v) for k, v in dict(id2label).items()}
+            try:
+                id2label = {int(k): str(v) for k, v in dict(id2label).items()}
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"{type(self).__name__}.id2label must map integer ids to label names, got {id2label!r}"
+                ) from e
             if num_labels is not None and num_labels != len(id2label):
                 raise ValueError(
                     f"{type(self).__name__}.num_labels={num_labels} disagrees with id2label ({len(id2label)} labels)"
                 )
         self.id2label = id2label
-        self.label2id = (
-            {str(k): int(v) for k, v in dict(label2id).items()} if label2id else {v: k for k, v in id2label.items()}
-        )
+        try:
+            self.label2id = (
+                {str(k): int(v) for k, v in dict(label2id).items()} if label2id else {v: k for k, v in id2label.items()}
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"{type(self).__name__}.label2id must map label names to integer ids, got {label2id!r}"
+            ) from e
         # transformers bookkeeping keys that carry no meaning here are preserved like any unknown key.
-        self.extra: dict[str, Any] = kwargs
+        # (A private copy: later edits of the caller's nested values do not leak into the config.)
+        self.extra: dict[str, Any] = copy.deepcopy(kwargs)
         self.__post_init__()
         self.validate()
 
@@ -206,11 +278,17 @@ class PretrainedConfig:
     def check(self) -> None:
         """Cross-field checks of a family; raise ``ValueError`` naming the field."""
 
+    @classmethod
+    def _common_fields(cls) -> tuple[Field, ...]:
+        """The common fields this family does not declare itself (its own declaration wins)."""
+        own = {f.name for f in cls.fields}
+        return tuple(f for f in COMMON_FIELDS if f.name not in own)
+
     # --- validation --------------------------------------------------------------------------------
 
     def validate(self) -> None:
         """Check every field; raise ``ValueError`` naming the first invalid one."""
-        for f in (*self.fields, *COMMON_FIELDS):
+        for f in (*self.fields, *self._common_fields()):
             err = f.check(getattr(self, f.name))
             if err:
                 raise ValueError(f"{type(self).__name__}.{f.name} {err}")
@@ -264,10 +342,10 @@ class PretrainedConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict in transformers' ``config.json`` layout (unknown keys included)."""
         out: dict[str, Any] = {}
-        out.update(self.extra)
+        out.update(copy.deepcopy(self.extra))
         for f in self.fields:
             out[f.name] = _jsonable(getattr(self, f.name))
-        for f in COMMON_FIELDS:
+        for f in self._common_fields():
             out[f.name] = _jsonable(getattr(self, f.name))
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out["label2id"] = dict(self.label2id)

@@ -112,8 +112,15 @@ def plan_load(spec: ModelSpec, keys: Iterable[str], shape_of: Callable[[str], tu
         if k in key_set:
             want = spec[target].shape
             if tuple(shape_of(k)) != want:
-                raise CheckpointError(f"tied tensor {k!r} has shape {tuple(shape_of(k))}, expected {want}")
-            plan.ignored_keys.append(k)
+                raise CheckpointError(
+                    f"tied tensor {k!r}: the checkpoint has shape {tuple(shape_of(k))}, the model needs {want}"
+                )
+            if target in plan.missing_keys:
+                # Only the alias was saved: it holds the shared tensor (as transformers' tying does).
+                plan.missing_keys.remove(target)
+                plan.sources[target] = k
+            else:
+                plan.ignored_keys.append(k)
             used.add(k)
     for k in keys:
         if k in used:

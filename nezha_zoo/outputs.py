@@ -14,11 +14,14 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ModelOutput",
+    "BaseModelOutput",
+    "BaseModelOutputWithPooling",
     "BaseModelOutputWithPastAndCrossAttentions",
     "BaseModelOutputWithPoolingAndCrossAttentions",
     "MaskedLMOutput",
     "CausalLMOutputWithCrossAttentions",
     "SequenceClassifierOutput",
+    "SequenceClassifierOutputWithPast",
     "MultipleChoiceModelOutput",
     "TokenClassifierOutput",
     "QuestionAnsweringModelOutput",
@@ -106,6 +109,17 @@ def _output(name: str, fields: tuple[str, ...], doc: str) -> type[ModelOutput]:
     return type(name, (ModelOutput,), {"_fields": fields, "__doc__": doc, "__module__": __name__})
 
 
+BaseModelOutput = _output(
+    "BaseModelOutput",
+    ("last_hidden_state", "hidden_states", "attentions"),
+    "Encoder output: ``last_hidden_state`` (B, L, H); ``hidden_states`` L+1 tensors (B, L, H); "
+    "``attentions`` (B, nh, L, L) per layer.",
+)
+BaseModelOutputWithPooling = _output(
+    "BaseModelOutputWithPooling",
+    ("last_hidden_state", "pooler_output", "hidden_states", "attentions"),
+    "As BaseModelOutput plus ``pooler_output`` (B, H) (MPNet's base model).",
+)
 BaseModelOutputWithPastAndCrossAttentions = _output(
     "BaseModelOutputWithPastAndCrossAttentions",
     ("last_hidden_state", "past_key_values", "hidden_states", "attentions", "cross_attentions"),
@@ -115,7 +129,8 @@ BaseModelOutputWithPastAndCrossAttentions = _output(
 )
 BaseModelOutputWithPoolingAndCrossAttentions = _output(
     "BaseModelOutputWithPoolingAndCrossAttentions",
-    ("last_hidden_state", "pooler_output", "past_key_values", "hidden_states", "attentions", "cross_attentions"),
+    # transformers' order: hidden_states comes before past_key_values here (unlike the class above).
+    ("last_hidden_state", "pooler_output", "hidden_states", "past_key_values", "attentions", "cross_attentions"),
     "As BaseModelOutputWithPastAndCrossAttentions plus ``pooler_output`` (B, H).",
 )
 MaskedLMOutput = _output(
@@ -130,6 +145,11 @@ SequenceClassifierOutput = _output(
     "SequenceClassifierOutput",
     ("loss", "logits", "hidden_states", "attentions"),
     "``logits`` (B, num_labels); ``loss`` scalar.",
+)
+SequenceClassifierOutputWithPast = _output(
+    "SequenceClassifierOutputWithPast",
+    ("loss", "logits", "past_key_values", "hidden_states", "attentions"),
+    "``logits`` (B, num_labels); ``loss`` scalar; ``past_key_values`` as the base output (MPT).",
 )
 MultipleChoiceModelOutput = _output(
     "MultipleChoiceModelOutput", ("loss", "logits", "hidden_states", "attentions"), "``logits`` (B, C); ``loss`` scalar."

@@ -54,11 +54,24 @@ class _StorageType:
         self.dtype = np.dtype(_bfloat16()) if dt == "bfloat16" else np.dtype(dt)
 
 
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    if not isinstance(storage, np.ndarray):
+        raise UnsafePickleError(f"a tensor is rebuilt from {type(storage).__name__}, not from a storage")
     size, stride = tuple(size), tuple(stride)
+    # Non-negative integer geometry only: as_strided does no bounds checks of its own.
+    if len(size) != len(stride) or not all(_is_index(v) for v in (storage_offset, *size, *stride)):
+        raise ValueError(f"invalid tensor geometry (offset {storage_offset!r}, size {size}, stride {stride})")
+    if 0 in size:
+        return np.zeros(size, dtype=storage.dtype)  # an empty tensor reads no storage
     if not size:
+        if storage_offset >= storage.size:
+            raise ValueError(f"scalar tensor at offset {storage_offset} overruns its storage ({storage.size} elements)")
         return np.array(storage[storage_offset], dtype=storage.dtype)
-    needed = storage_offset + 1 + sum((n - 1) * s for n, s in zip(size, stride) if n > 0)
+    needed = storage_offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
     if needed > storage.size:
         raise ValueError(f"tensor of shape {size} overruns its storage ({storage.size} elements)")
     item = storage.dtype.itemsize
@@ -137,8 +150,16 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             prefix = pkls[0].rpartition("/")[0]
             data = archive.read(pkls[0])
             obj = _Unpickler(io.BytesIO(data), archive, prefix, path).load()
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: corrupt torch checkpoint ({e})") from e
+    except UnsafePickleError as e:
+        if str(e).startswith(path):
+            raise
+        raise UnsafePickleError(f"{path}: {e}") from e
+    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, TypeError, IndexError, AttributeError, KeyError) as e:
+        raise ValueError(f"{path}: corrupt torch checkpoint ({type(e).__name__}: {e})") from e
+    except ValueError as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: {e}") from e
     if not isinstance(obj, dict):
         raise UnsafePickleError(f"{path}: expected a state dict, found {type(obj).__name__}")
     out: dict[str, np.ndarray] = {}

@@ -1,0 +1,112 @@
+"""MPNet: config (the parameter spec is declared later).
+
+Architecture (transformers 4.57.6 ``models/mpnet/modeling_mpnet.py``): a post-LN encoder over word +
+position embeddings (no token types), attention projections named ``q``/``k``/``v``/``o``, and one
+relative-position bias table (``relative_attention_num_buckets`` x heads) shared by all layers and
+added to the scaled attention scores.  The embedding padding row is hard-coded to 1 in transformers,
+and position ids are padding-aware from there.  Head classes hold the base model under ``mpnet``.
+"""
+
+from __future__ import annotations
+
+from nezha_zoo.config import (
+    Field,
+    PretrainedConfig,
+    activation,
+    check_divisible,
+    check_index,
+    optional_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+from nezha_zoo.spec.registry import Family, register_family
+
+__all__ = ["MPNetConfig", "MPNET"]
+
+HEADS = (
+    "Model",
+    "ForMaskedLM",
+    "ForSequenceClassification",
+    "ForMultipleChoice",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+)
+
+#: transformers' MPNet embeddings use row 1 as the padding row whatever ``pad_token_id`` says.
+EMBEDDING_PADDING_IDX = 1
+
+
+class MPNetConfig(PretrainedConfig):
+    """Configuration of an MPNet model (defaults: ``microsoft/mpnet-base``, apart from its 514 positions).
+
+    Args:
+        vocab_size (int): token vocabulary size.
+        hidden_size (int): width of the encoder and the pooler.
+        num_hidden_layers (int): encoder layers.
+        num_attention_heads (int): attention heads per layer; must divide ``hidden_size``.
+        intermediate_size (int): feed-forward inner width.
+        hidden_act (str): encoder activation (``"gelu"`` is exact erf GELU).
+        hidden_dropout_prob (float): dropout on embeddings and residual branches.
+        attention_probs_dropout_prob (float): dropout on attention probabilities.
+        max_position_embeddings (int): rows of the absolute position table.
+        initializer_range (float): std of the normal initialiser.
+        layer_norm_eps (float): LayerNorm epsilon.
+        relative_attention_num_buckets (int): rows of the shared relative-attention bias table
+            (at least 2: half the buckets serve each direction).
+        pad_token_id (int | None): padding token id.
+        bos_token_id (int | None): beginning-of-sequence token id.
+        eos_token_id (int | None): end-of-sequence token id.
+        **kwargs: the common fields (``num_labels``, ``id2label``...); any other key is kept and
+            written back to ``config.json``.
+
+    Raises:
+        ValueError: naming the field, for any invalid value.
+    """
+
+    model_type = "mpnet"
+    fields = (
+        Field("vocab_size", 30527, positive_int),
+        Field("hidden_size", 768, positive_int),
+        Field("num_hidden_layers", 12, positive_int),
+        Field("num_attention_heads", 12, positive_int),
+        Field("intermediate_size", 3072, positive_int),
+        Field("hidden_act", "gelu", activation),
+        Field("hidden_dropout_prob", 0.1, probability),
+        Field("attention_probs_dropout_prob", 0.1, probability),
+        Field("max_position_embeddings", 512, positive_int),
+        Field("initializer_range", 0.02, positive_float),
+        Field("layer_norm_eps", 1e-12, positive_float),
+        Field("relative_attention_num_buckets", 32, positive_int),
+        Field("pad_token_id", 1, optional_int),
+        Field("bos_token_id", 0, optional_int),
+        Field("eos_token_id", 2, optional_int),
+    )
+
+    def check(self) -> None:
+        check_divisible(self, "hidden_size", "num_attention_heads")
+        check_index(self, "pad_token_id", "vocab_size")
+        if self.relative_attention_num_buckets < 2:
+            raise ValueError(
+                f"MPNetConfig.relative_attention_num_buckets must be at least 2, "
+                f"got {self.relative_attention_num_buckets}"
+            )
+        for name in ("vocab_size", "max_position_embeddings"):
+            if getattr(self, name) <= EMBEDDING_PADDING_IDX:
+                raise ValueError(
+                    f"MPNetConfig.{name} must exceed the embedding padding row {EMBEDDING_PADDING_IDX}, "
+                    f"got {getattr(self, name)}"
+                )
+
+
+MPNET = register_family(
+    Family(
+        key="mpnet",
+        model_type="mpnet",
+        class_prefix="MPNet",
+        config_class=MPNetConfig,
+        base_prefix="mpnet",
+        heads=HEADS,
+        spec=None,
+    )
+)
