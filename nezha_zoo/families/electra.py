@@ -148,6 +148,14 @@ def electra_spec(c: ElectraConfig, head: str = "Model") -> ModelSpec:
         ps += dense("discriminator_predictions.dense", H, H, "hidden", "hidden")
         ps += dense("discriminator_predictions.dense_prediction", H, 1, "hidden", "classes")
     elif head in ("ForMaskedLM", "ForCausalLM"):
+        if not c.tie_word_embeddings:
+            # Every published Electra generator ties its output projection to the embeddings, and the
+            # backends compute logits through the embedding table; refuse rather than ignore an
+            # untied checkpoint's own projection.
+            raise ValueError(
+                f"ElectraConfig.tie_word_embeddings=False is not supported by Electra{head}: "
+                "generator_lm_head.weight is the word-embedding matrix"
+            )
         ps += _generator(c)
         ties["generator_lm_head.weight"] = "electra.embeddings.word_embeddings.weight"
     elif head == "ForSequenceClassification":

@@ -1,0 +1,656 @@
+"""Electra in PyTorch: the shared BERT blocks plus Electra's differences.
+
+Differences from BERT (``nezha_zoo/families/electra.py``): embeddings of width ``embedding_size``
+projected by ``embeddings_project`` when it differs from ``hidden_size``; no pooler; a discriminator
+head, a generator head (always exact GELU) tied to the word embeddings, a GELU classification head
+and a sequence summary for multiple choice.  ``forward`` arguments follow transformers 4.57.6.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from nezha_zoo.families.electra import ElectraConfig
+from nezha_zoo.outputs import (
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+    ElectraForPreTrainingOutput,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from nezha_zoo.pt import losses
+from nezha_zoo.pt.heads import (
+    ClassificationHead,
+    LMHeadTransform,
+    SequenceSummary,
+    split_qa_logits,
+    token_classification_logits,
+)
+from nezha_zoo.pt.layers import (
+    BertEmbeddings,
+    BertEncoder,
+    encoder_attention_bias,
+    expand_head_mask,
+    extended_attention_mask,
+    get_activation,
+)
+from nezha_zoo.pt.modeling_utils import PreTrainedModel, check_inputs
+from nezha_zoo.validation import InputError, check_input_shapes
+
+logger = logging.getLogger("nezha_zoo")
+
+__all__ = [
+    "ElectraPreTrainedModel",
+    "ElectraModel",
+    "ElectraForPreTraining",
+    "ElectraForMaskedLM",
+    "ElectraForCausalLM",
+    "ElectraForSequenceClassification",
+    "ElectraForMultipleChoice",
+    "ElectraForTokenClassification",
+    "ElectraForQuestionAnswering",
+]
+
+_ARGS_DOC = """
+    Forward arguments (B = batch, L = sequence length; all optional except one of ``input_ids`` /
+    ``inputs_embeds``):
+        input_ids (LongTensor (B, L)): token ids in ``[0, vocab_size)``.
+        attention_mask ((B, L)): 1 = attend, 0 = padding; ones when omitted.
+        token_type_ids (LongTensor (B, L)): segment ids; zeros when omitted.
+        position_ids (LongTensor (B, L)): positions; ``arange(past, past + L)`` when omitted.
+        head_mask ((heads,) or (layers, heads)): multiplies attention probabilities.
+        inputs_embeds ((B, L, embedding_size)): instead of ``input_ids``.
+        output_attentions / output_hidden_states / return_dict (bool): config defaults when None.
+"""
+
+
+class ElectraPreTrainedModel(PreTrainedModel):
+    """Base of the Electra classes (family ``"electra"``)."""
+
+    family_key = "electra"
+    config_class = ElectraConfig
+
+
+class ElectraModel(ElectraPreTrainedModel):
+    """The Electra encoder (no pooler).
+
+    Args:
+        config (ElectraConfig): model configuration.
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        encoder_hidden_states ((B, Lenc, hidden_size)): encoder output for cross-attention
+            (``is_decoder`` and ``add_cross_attention``).
+        encoder_attention_mask ((B, Lenc)): mask of ``encoder_hidden_states``; ones when omitted.
+        past_key_values (tuple per layer of (k, v) or (k, v, cross_k, cross_v), each
+            (B, heads, Lpast, head_dim)): cached keys/values of earlier positions (decoder).
+        use_cache (bool): return ``past_key_values`` (decoder only; off when None, as transformers).
+
+    Returns BaseModelOutputWithPastAndCrossAttentions: ``last_hidden_state`` (B, L, hidden_size).
+    """
+
+    head = "Model"
+
+    def __init__(self, config: ElectraConfig) -> None:
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config, config.embedding_size)
+        if config.embedding_size != config.hidden_size:
+            self.embeddings_project = nn.Linear(config.embedding_size, config.hidden_size)
+        self.encoder = BertEncoder(config, cross_attention=config.add_cross_attention)
+        self.post_init()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: tuple[tuple[torch.Tensor, ...], ...] | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPastAndCrossAttentions | tuple[Any, ...]:
+        cfg = self.config
+        output_attentions, output_hidden_states, return_dict = self._resolve_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
+        if past_key_values is not None and not cfg.is_decoder:
+            raise InputError("past_key_values needs a decoder (config.is_decoder=True)")
+        if past_key_values is not None and len(past_key_values) != cfg.num_hidden_layers:
+            raise InputError(
+                f"past_key_values has {len(past_key_values)} layers, the model has {cfg.num_hidden_layers}"
+            )
+        past_len = past_key_values[0][0].shape[-2] if past_key_values else 0
+        batch, seq_len = check_inputs(
+            cfg,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            past_len=past_len,
+            embed_width=cfg.embedding_size,
+        )
+        cross = cfg.is_decoder and encoder_hidden_states is not None
+        if cross:
+            if not cfg.add_cross_attention:
+                raise InputError("encoder_hidden_states given, but the config has add_cross_attention=False")
+            enc_shape = tuple(encoder_hidden_states.shape)
+            if len(enc_shape) != 3 or enc_shape[0] != batch or enc_shape[2] != cfg.hidden_size:
+                raise InputError(
+                    f"encoder_hidden_states must have shape ({batch}, Lenc, {cfg.hidden_size}), got {enc_shape}"
+                )
+            if encoder_attention_mask is not None and encoder_attention_mask.dim() == 2:
+                check_input_shapes(enc_shape[:2], None, {"encoder_attention_mask": tuple(encoder_attention_mask.shape)})
+        use_cache = bool(use_cache) and cfg.is_decoder
+        dtype = self.embeddings.word_embeddings.weight.dtype
+        layer_head_mask = None
+        if head_mask is not None:
+            layer_head_mask = expand_head_mask(head_mask, cfg.num_hidden_layers, dtype, cfg.num_attention_heads)
+
+        ref = input_ids if input_ids is not None else inputs_embeds
+        device = ref.device
+        if attention_mask is None:
+            attention_mask = torch.ones((batch, past_len + seq_len), device=device)
+        mask = extended_attention_mask(attention_mask, seq_len, dtype, causal=cfg.is_decoder)
+        enc_mask = None
+        if cross:
+            if encoder_attention_mask is None:
+                encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=device)
+            enc_mask = encoder_attention_bias(encoder_attention_mask, dtype)
+
+        hidden = self.embeddings(
+            input_ids=input_ids,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            past_key_values_length=past_len,
+        )
+        if hasattr(self, "embeddings_project"):
+            hidden = self.embeddings_project(hidden)  # (B, L, E) -> (B, L, H)
+        last, presents, all_hidden, attentions, cross_attentions = self.encoder(
+            hidden,
+            attention_mask=mask,
+            head_mask=layer_head_mask,
+            encoder_hidden_states=encoder_hidden_states if cross else None,
+            encoder_attention_mask=enc_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        out = BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=last,
+            past_key_values=presents,
+            hidden_states=all_hidden,
+            attentions=attentions,
+            cross_attentions=cross_attentions,
+        )
+        return self._finish(out, return_dict)
+
+
+class ElectraDiscriminatorPredictions(nn.Module):
+    """``dense`` (H -> H), ``hidden_act``, ``dense_prediction`` (H -> 1): one logit per token (B, L)."""
+
+    def __init__(self, config: ElectraConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = get_activation(config.hidden_act)
+        self.dense_prediction = nn.Linear(config.hidden_size, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dense_prediction(self.activation(self.dense(hidden_states))).squeeze(-1)
+
+
+def _generator_transform(config: ElectraConfig) -> LMHeadTransform:
+    # Always exact GELU, whatever hidden_act says (transformers' Flax port uses hidden_act: a bug).
+    return LMHeadTransform(config.hidden_size, config.embedding_size, config.layer_norm_eps, activation="gelu")
+
+
+
+
+class ElectraForPreTraining(ElectraPreTrainedModel):
+    """Electra discriminator: replaced-token detection logits (B, L).
+
+    Args:
+        config (ElectraConfig): model configuration.
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        labels (LongTensor (B, L)): 1 = replaced, 0 = original; loss = BCE over ``attention_mask == 1``.
+    """
+
+    head = "ForPreTraining"
+
+    def __init__(self, config: ElectraConfig) -> None:
+        super().__init__(config)
+        self.electra = ElectraModel(config)
+        self.discriminator_predictions = ElectraDiscriminatorPredictions(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ElectraForPreTrainingOutput | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        base = self.electra(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.discriminator_predictions(base.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = losses.replaced_token_detection_loss(logits, labels, attention_mask)
+        out = ElectraForPreTrainingOutput(
+            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
+        )
+        return self._finish(out, return_dict)
+
+
+class _ElectraGenerator(ElectraPreTrainedModel):
+    """Shared construction of the two generator heads (``generator_lm_head`` tied to the embeddings)."""
+
+    def __init__(self, config: ElectraConfig) -> None:
+        # tie_word_embeddings=False is refused by the Electra spec (checked in post_init).
+        super().__init__(config)
+        self.electra = ElectraModel(config)
+        self.generator_predictions = _generator_transform(config)
+        self.generator_lm_head = nn.Linear(config.embedding_size, config.vocab_size)
+        self.post_init()
+
+    def _logits(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        # (B, L, H) -> (B, L, E) -> (B, L, vocab)
+        return self.generator_lm_head(self.generator_predictions(sequence_output))
+
+
+class ElectraForMaskedLM(_ElectraGenerator):
+    """Electra generator: masked-language-model logits (B, L, vocab_size).
+
+    Args:
+        config (ElectraConfig): model configuration.
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        labels (LongTensor (B, L)): target ids, -100 = ignored; loss = cross-entropy.
+    """
+
+    head = "ForMaskedLM"
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MaskedLMOutput | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        base = self.electra(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self._logits(base.last_hidden_state)
+        loss = losses.masked_lm_loss(logits, labels) if labels is not None else None
+        out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions)
+        return self._finish(out, return_dict)
+
+
+class ElectraForCausalLM(_ElectraGenerator):
+    """Electra generator as a left-to-right LM (set ``is_decoder=True``): logits (B, L, vocab_size).
+
+    Args:
+        config (ElectraConfig): model configuration.
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        encoder_hidden_states, encoder_attention_mask, past_key_values, use_cache: as ElectraModel.
+        labels (LongTensor (B, L)): next-token targets (not shifted by the caller), -100 ignored.
+        **kwargs: ``num_items_in_batch``, ``ignore_index``, ``shift_labels`` for the loss.
+    """
+
+    head = "ForCausalLM"
+
+    def __init__(self, config: ElectraConfig) -> None:
+        if not config.is_decoder:
+            logger.warning("ElectraForCausalLM without is_decoder=True is not causal; set is_decoder=True")
+        super().__init__(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: tuple[tuple[torch.Tensor, ...], ...] | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithCrossAttentions | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        if labels is not None:
+            use_cache = False
+        base = self.electra(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self._logits(base.last_hidden_state)
+        loss = None
+        if labels is not None:
+            known = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
+            loss = losses.causal_lm_loss(logits, labels, **known)
+        out = CausalLMOutputWithCrossAttentions(
+            loss=loss,
+            logits=logits,
+            past_key_values=base.past_key_values,
+            hidden_states=base.hidden_states,
+            attentions=base.attentions,
+            cross_attentions=base.cross_attentions,
+        )
+        return self._finish(out, return_dict)
+
+
+class ElectraForSequenceClassification(ElectraPreTrainedModel):
+    """Electra with a GELU classification head on the first token: logits (B, num_labels).
+
+    Args:
+        config (ElectraConfig): model configuration (``num_labels``, ``problem_type``,
+            ``classifier_dropout``).
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        labels ((B,)): class ids (cross-entropy), floats for regression (``num_labels == 1``, MSE), or
+            (B, num_labels) floats for multi-label (BCE); see ``config.problem_type``.
+    """
+
+    head = "ForSequenceClassification"
+
+    def __init__(self, config: ElectraConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.electra = ElectraModel(config)
+        self.classifier = ClassificationHead(config, activation="gelu")
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutput | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        base = self.electra(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(base.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = losses.sequence_classification_loss(logits, labels, self.num_labels, self.config.problem_type)
+        out = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
+        )
+        return self._finish(out, return_dict)
+
+
+class ElectraForMultipleChoice(ElectraPreTrainedModel):
+    """Electra scoring C choices: ``sequence_summary`` then ``classifier`` (H -> 1); logits (B, C).
+
+    Args:
+        config (ElectraConfig): model configuration (``summary_*`` fields).
+    """
+
+    __doc__ = (__doc__ or "") + """
+    Forward arguments are those of the other heads with an extra choices axis: ``input_ids``,
+    ``attention_mask``, ``token_type_ids``, ``position_ids`` (B, C, L); ``inputs_embeds``
+    (B, C, L, embedding_size); ``labels`` (B,) the right choice.
+    """
+
+    head = "ForMultipleChoice"
+
+    def __init__(self, config: ElectraConfig) -> None:
+        super().__init__(config)
+        self.electra = ElectraModel(config)
+        self.sequence_summary = SequenceSummary(config)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MultipleChoiceModelOutput | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        check_inputs(
+            self.config,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            embed_width=self.config.embedding_size,
+            rank=3,
+        )
+        ref = input_ids if input_ids is not None else inputs_embeds
+        num_choices = ref.shape[1]
+
+        def flat(t: torch.Tensor | None) -> torch.Tensor | None:
+            # (B, C, L[, E]) -> (B * C, L[, E])
+            return None if t is None else t.reshape(-1, *t.shape[2:])
+
+        base = self.electra(
+            flat(input_ids),
+            attention_mask=flat(attention_mask),
+            token_type_ids=flat(token_type_ids),
+            position_ids=flat(position_ids),
+            head_mask=head_mask,
+            inputs_embeds=flat(inputs_embeds),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        pooled = self.sequence_summary(base.last_hidden_state)  # (B * C, H)
+        logits = self.classifier(pooled).view(-1, num_choices)  # (B * C, 1) -> (B, C)
+        loss = losses.multiple_choice_loss(logits, labels) if labels is not None else None
+        out = MultipleChoiceModelOutput(
+            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
+        )
+        return self._finish(out, return_dict)
+
+
+class ElectraForTokenClassification(ElectraPreTrainedModel):
+    """Electra with a per-token ``classifier``: logits (B, L, num_labels).
+
+    Args:
+        config (ElectraConfig): model configuration (``num_labels``, ``classifier_dropout``).
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        labels (LongTensor (B, L)): class ids, -100 = ignored; loss = cross-entropy.
+    """
+
+    head = "ForTokenClassification"
+
+    def __init__(self, config: ElectraConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.electra = ElectraModel(config)
+        drop = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if drop is None else drop)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> TokenClassifierOutput | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        base = self.electra(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = token_classification_logits(self.dropout, self.classifier, base.last_hidden_state)
+        loss = losses.token_classification_loss(logits, labels) if labels is not None else None
+        out = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
+        )
+        return self._finish(out, return_dict)
+
+
+class ElectraForQuestionAnswering(ElectraPreTrainedModel):
+    """Electra with ``qa_outputs`` (H -> 2): span start and end logits, each (B, L).
+
+    Args:
+        config (ElectraConfig): model configuration (``num_labels`` = 2).
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        start_positions, end_positions (LongTensor (B,)): span bounds; outside ``[0, L)`` ignored;
+            loss = mean of the start and end cross-entropies.
+    """
+
+    head = "ForQuestionAnswering"
+
+    def __init__(self, config: ElectraConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.electra = ElectraModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> QuestionAnsweringModelOutput | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        base = self.electra(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        start_logits, end_logits = split_qa_logits(self.qa_outputs(base.last_hidden_state))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = losses.question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+        out = QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=base.hidden_states,
+            attentions=base.attentions,
+        )
+        return self._finish(out, return_dict)

@@ -1,0 +1,133 @@
+"""Heads shared by the BERT-style families (PyTorch).
+
+Module and attribute names are transformers' (``dense``, ``out_proj``, ``summary``, ``LayerNorm``);
+families that rename them pass the names in.  Heads whose parameters sit directly on the model
+(``classifier``, ``qa_outputs``) are plain ``nn.Linear`` attributes of the model class; the helpers
+here hold the computation around them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from nezha_zoo.pt.layers import get_activation
+
+__all__ = [
+    "ClassificationHead",
+    "SequenceSummary",
+    "LMHeadTransform",
+    "token_classification_logits",
+    "split_qa_logits",
+]
+
+
+class ClassificationHead(nn.Module):
+    """Sentence classification on the first token: dropout, ``dense``, activation, dropout, ``out_proj``.
+
+    Args:
+        config: a config with ``hidden_size``, ``num_labels``, ``classifier_dropout`` (optional) and
+            ``hidden_dropout_prob``.
+        activation (str): ``"gelu"`` for Electra, ``"tanh"`` for RoBERTa-style heads.
+
+    Forward: ``features`` (B, L, H) -> logits (B, num_labels).
+    """
+
+    def __init__(self, config: Any, activation: str = "tanh") -> None:
+        super().__init__()
+        drop = getattr(config, "classifier_dropout", None)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if drop is None else drop)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+        self.activation = get_activation(activation)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(features[:, 0])  # (B, H): the first ([CLS]) token
+        x = self.activation(self.dense(x))
+        return self.out_proj(self.dropout(x))
+
+
+class SequenceSummary(nn.Module):
+    """One vector per sequence (transformers' ``SequenceSummary``), configured by ``summary_*`` fields.
+
+    ``summary_type``: ``"first"``, ``"last"``, ``"mean"`` or ``"cls_index"`` (the token at
+    ``cls_index``, the last one when not given).  Then optional ``summary`` projection (to
+    ``num_labels`` with ``summary_proj_to_labels``), ``summary_activation`` and dropouts.
+
+    Forward: ``hidden_states`` (B, L, H), ``cls_index`` (B,) int or None -> (B, H or num_labels).
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.summary_type = getattr(config, "summary_type", "last")
+        if self.summary_type not in ("first", "last", "mean", "cls_index"):
+            raise ValueError(f"summary_type {self.summary_type!r} is not supported")
+        if getattr(config, "summary_use_proj", False):
+            to_labels = getattr(config, "summary_proj_to_labels", False) and config.num_labels > 0
+            self.summary = nn.Linear(config.hidden_size, config.num_labels if to_labels else config.hidden_size)
+        self.activation = get_activation(getattr(config, "summary_activation", None))
+        first = getattr(config, "summary_first_dropout", 0.0) or 0.0
+        last = getattr(config, "summary_last_dropout", 0.0) or 0.0
+        self.first_dropout = nn.Dropout(first) if first > 0 else nn.Identity()
+        self.last_dropout = nn.Dropout(last) if last > 0 else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor, cls_index: torch.Tensor | None = None) -> torch.Tensor:
+        if self.summary_type == "first":
+            out = hidden_states[:, 0]
+        elif self.summary_type == "last":
+            out = hidden_states[:, -1]
+        elif self.summary_type == "mean":
+            out = hidden_states.mean(dim=1)
+        else:
+            if cls_index is None:
+                out = hidden_states[:, -1]
+            else:
+                # (B,) -> (B, 1, H) to gather one position per row
+                idx = cls_index.long()[:, None, None].expand(-1, 1, hidden_states.shape[-1])
+                out = hidden_states.gather(1, idx).squeeze(1)
+        out = self.first_dropout(out)
+        if hasattr(self, "summary"):
+            out = self.summary(out)
+        return self.last_dropout(self.activation(out))
+
+
+class LMHeadTransform(nn.Module):
+    """``dense`` (H -> width), activation, LayerNorm: the transform before a tied vocabulary projection.
+
+    Args:
+        in_width (int): input width (``hidden_size``).
+        width (int): output width (Electra: ``embedding_size``).
+        eps (float): LayerNorm epsilon.
+        activation (str): activation name (Electra's generator: always ``"gelu"``).
+        norm_name (str): attribute name of the LayerNorm (``"LayerNorm"``, or ``"layer_norm"`` in
+            RoBERTa-style ``lm_head``).
+
+    Forward: (B, L, in_width) -> (B, L, width).
+    """
+
+    def __init__(
+        self, in_width: int, width: int, eps: float, activation: str = "gelu", norm_name: str = "LayerNorm"
+    ) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_width, width)
+        self.activation = get_activation(activation)
+        self._norm = norm_name
+        self.add_module(norm_name, nn.LayerNorm(width, eps=eps))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self._modules[self._norm](self.activation(self.dense(hidden_states)))
+
+
+def token_classification_logits(
+    dropout: nn.Module, classifier: nn.Module, sequence_output: torch.Tensor
+) -> torch.Tensor:
+    """(B, L, H) -> (B, L, num_labels): dropout then the classifier, as every family does."""
+    return classifier(dropout(sequence_output))
+
+
+def split_qa_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, 2) -> start (B, L), end (B, L)."""
+    start, end = logits.split(1, dim=-1)
+    return start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()

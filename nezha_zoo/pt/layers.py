@@ -1,0 +1,544 @@
+"""Shared BERT-style building blocks for the PyTorch backend.
+
+Five families (Nezha, XLM-RoBERTa-XL, Electra, I-BERT, MPNet) are BERT-style encoders.  The blocks
+here are parameterised so a family declares only its differences:
+
+* module names come from :class:`nezha_zoo.spec.blocks.BertLayerNames`, so renamed submodules
+  (MPNet's ``attention.attn.q``) and pre-LayerNorm layouts (XLM-R-XL's ``self_attn_layer_norm``)
+  are a different names object, not a different class;
+* :class:`BertSelfAttention` takes optional ``position_bias`` (added after scaling, MPNet) and
+  ``relative_key`` / ``relative_value`` tables (added before scaling / to the context, Nezha);
+* :class:`BertEmbeddings` can drop the position table (Nezha) or the LayerNorm (XLM-R-XL);
+* :class:`BertEncoder` takes an optional final LayerNorm (XLM-R-XL) and runs as a decoder with
+  cross-attention and a key/value cache.
+
+Every parameterised module is attached under the exact dotted path of transformers' PyTorch state
+dict, so ``state_dict()`` keys are the spec's canonical names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nezha_zoo.spec.blocks import BertLayerNames
+from nezha_zoo.validation import InputError
+
+__all__ = [
+    "get_activation",
+    "Container",
+    "attach",
+    "extended_attention_mask",
+    "encoder_attention_bias",
+    "expand_head_mask",
+    "BertEmbeddings",
+    "BertSelfAttention",
+    "BertLayer",
+    "BertEncoder",
+    "EncoderOutput",
+]
+
+logger = logging.getLogger("nezha_zoo")
+
+# --- activations (transformers' ACT2FN spellings; "gelu" is the exact erf GELU) ------------------
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu_new": _gelu_new,
+    "gelu_fast": _gelu_fast,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def get_activation(name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation function called ``name``; ``None`` or ``""`` gives the identity."""
+    if not name:
+        return _identity
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}") from None
+
+
+# --- module tree helpers -------------------------------------------------------------------------
+
+
+class Container(nn.Module):
+    """A parameterless node of the module tree (e.g. ``attention`` in ``attention.output.dense``)."""
+
+
+def attach(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Register ``module`` under dotted ``path`` below ``root``, creating :class:`Container` nodes.
+
+    This is how blocks take their submodule names from a :class:`BertLayerNames` instead of from
+    hard-coded attribute names; an existing node on the way (e.g. an attention core that should also
+    own MPNet's output projection ``o``) is reused.
+    """
+    *parents, leaf = path.split(".")
+    node = root
+    for name in parents:
+        child = node._modules.get(name)
+        if child is None:
+            child = Container()
+            node.add_module(name, child)
+        node = child
+    if leaf in node._modules:
+        raise ValueError(f"module {path!r} attached twice")
+    node.add_module(leaf, module)
+    return module
+
+
+# --- masks ---------------------------------------------------------------------------------------
+
+
+def extended_attention_mask(
+    attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype, causal: bool = False
+) -> torch.Tensor:
+    """Additive self-attention mask ``(B, 1, Lq or 1, Lk)``: 0 where visible, ``finfo.min`` where not.
+
+    Args:
+        attention_mask: ``(B, Lk)`` with 1 = attend (``Lk`` = cached + new positions), or a
+            ``(B, Lq, Lk)`` mask used as is.
+        query_len: number of new (query) positions ``Lq``; they are the last ``Lq`` of ``Lk``.
+        dtype: floating dtype of the scores.
+        causal: decoder mode: query ``i`` sees keys ``<= past_len + i`` (cached positions visible).
+    """
+    if attention_mask.dim() == 3:
+        mask = attention_mask[:, None, :, :].to(dtype)  # (B, 1, Lq, Lk)
+    else:
+        mask = attention_mask[:, None, None, :].to(dtype)  # (B, 1, 1, Lk)
+        if causal:
+            key_len = attention_mask.shape[-1]
+            past = key_len - query_len
+            q_pos = torch.arange(query_len, device=attention_mask.device)[:, None] + past
+            k_pos = torch.arange(key_len, device=attention_mask.device)[None, :]
+            mask = mask * (k_pos <= q_pos).to(dtype)[None, None]  # (B, 1, Lq, Lk)
+    # Same constant as transformers PyTorch, so padded rows agree bit for bit.
+    return (1.0 - mask) * torch.finfo(dtype).min
+
+
+def encoder_attention_bias(encoder_attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive cross-attention mask ``(B, 1, 1, Lenc)`` (or ``(B, 1, Lq, Lenc)`` for a 3-D mask)."""
+    if encoder_attention_mask.dim() == 3:
+        mask = encoder_attention_mask[:, None, :, :].to(dtype)
+    else:
+        mask = encoder_attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - mask) * torch.finfo(dtype).min
+
+
+def expand_head_mask(
+    head_mask: torch.Tensor | None, num_layers: int, dtype: torch.dtype, num_heads: int | None = None
+) -> list[Any]:
+    """Per-layer head masks ``(1, heads, 1, 1)`` from ``(heads,)`` or ``(layers, heads)``."""
+    if head_mask is None:
+        return [None] * num_layers
+    if head_mask.dim() == 1:
+        head_mask = head_mask[None].expand(num_layers, -1)  # (layers, heads)
+    if head_mask.dim() != 2 or head_mask.shape[0] != num_layers or (num_heads and head_mask.shape[1] != num_heads):
+        raise InputError(
+            f"head_mask must have shape ({num_heads},) or ({num_layers}, {num_heads}), got {tuple(head_mask.shape)}"
+        )
+    head_mask = head_mask.to(dtype)
+    return [head_mask[i][None, :, None, None] for i in range(num_layers)]  # each (1, heads, 1, 1)
+
+
+# --- embeddings ----------------------------------------------------------------------------------
+
+
+class BertEmbeddings(nn.Module):
+    """Word (+ position) (+ token-type) embeddings, then LayerNorm and dropout.
+
+    Args:
+        config: a BERT-family config (``vocab_size``, ``max_position_embeddings``,
+            ``type_vocab_size``, ``pad_token_id``, ``layer_norm_eps``, ``hidden_dropout_prob``).
+        width (int): embedding width (Electra: ``embedding_size``; others: ``hidden_size``).
+        positions (bool): keep an absolute position table (False for Nezha's relative positions).
+        layer_norm (bool): apply ``LayerNorm`` (False for XLM-R-XL's pre-LN stack).
+
+    Forward: ``input_ids`` (B, L) int or ``inputs_embeds`` (B, L, width); ``token_type_ids`` and
+    ``position_ids`` (B, L) int; returns (B, L, width).
+    """
+
+    def __init__(self, config: Any, width: int, positions: bool = True, layer_norm: bool = True) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
+        if positions:
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width)
+        if layer_norm:
+            self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values_length: int = 0,
+    ) -> torch.Tensor:
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch, seq_len = ref.shape[0], ref.shape[1]
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros((batch, seq_len), dtype=torch.long, device=ref.device)
+        # Summation order as transformers: (words + types) + positions.
+        embeddings = inputs_embeds + self.token_type_embeddings(token_type_ids)
+        if hasattr(self, "position_embeddings"):
+            if position_ids is None:
+                position_ids = torch.arange(
+                    past_key_values_length, past_key_values_length + seq_len, dtype=torch.long, device=ref.device
+                )[None]  # (1, L), broadcast over the batch
+            embeddings = embeddings + self.position_embeddings(position_ids)
+        if hasattr(self, "LayerNorm"):
+            embeddings = self.LayerNorm(embeddings)
+        return self.dropout(embeddings)
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head scaled dot-product attention with separate q/k/v projections.
+
+    Args:
+        config: a BERT-family config (``hidden_size``, ``num_attention_heads``,
+            ``attention_probs_dropout_prob``).
+        names (BertLayerNames): supplies the projection names (``query``/``key``/``value`` or MPNet's
+            ``q``/``k``/``v``).
+        kv_width (int | None): input width of keys/values (cross-attention); ``hidden_size`` if None.
+
+    Forward:
+        hidden_states: (B, Lq, H) queries (and keys/values for self-attention).
+        attention_mask: additive (B, 1, Lq or 1, Lk) or None.
+        head_mask: (1, heads, 1, 1) multiplier of the probabilities, or None.
+        key_value_states: (B, Lk, H_kv) for cross-attention, or None.
+        past_key_value: cached ``(k, v)``, each (B, heads, Lpast, head_dim).  For self-attention the
+            new keys are appended; for cross-attention they are reused as they are.
+        position_bias: additive (B or 1, heads, Lq, Lk) term added after scaling (MPNet).
+        relative_key: (Lq, Lk, head_dim) table; ``q . r_k`` added to the scores before scaling (Nezha).
+        relative_value: (Lq, Lk, head_dim) table; ``probs . r_v`` added to the context (Nezha).
+
+    Returns ``(context (B, Lq, H), probs (B, heads, Lq, Lk), (k, v))``.
+    """
+
+    def __init__(self, config: Any, names: BertLayerNames = BertLayerNames(), kv_width: int | None = None) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = hidden // config.num_attention_heads
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        kv_width = hidden if kv_width is None else kv_width
+        self._proj = (names.query, names.key, names.value)
+        self.add_module(names.query, nn.Linear(hidden, self.all_head_size))
+        self.add_module(names.key, nn.Linear(kv_width, self.all_head_size))
+        self.add_module(names.value, nn.Linear(kv_width, self.all_head_size))
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, L, heads * head_dim) -> (B, heads, L, head_dim)
+        b, n = x.shape[0], x.shape[1]
+        return x.view(b, n, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_bias: torch.Tensor | None = None,
+        relative_key: torch.Tensor | None = None,
+        relative_value: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        q_proj, k_proj, v_proj = (self._modules[n] for n in self._proj)
+        query = self._heads(q_proj(hidden_states))
+        is_cross = key_value_states is not None
+        if is_cross and past_key_value is not None:
+            key, value = past_key_value  # encoder keys/values do not change between decoding steps
+        else:
+            source = key_value_states if is_cross else hidden_states
+            key = self._heads(k_proj(source))
+            value = self._heads(v_proj(source))
+            if past_key_value is not None:
+                key = torch.cat([past_key_value[0], key], dim=2)  # (B, heads, Lpast + Lq, head_dim)
+                value = torch.cat([past_key_value[1], value], dim=2)
+
+        scores = torch.matmul(query, key.transpose(-1, -2))  # (B, heads, Lq, Lk)
+        if relative_key is not None:
+            # (B, heads, Lq, d) x (Lq, Lk, d) -> (B, heads, Lq, Lk)
+            scores = scores + torch.einsum("bhqd,qkd->bhqk", query, relative_key)
+        scores = scores / math.sqrt(self.attention_head_size)
+        if position_bias is not None:
+            scores = scores + position_bias
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = F.softmax(scores, dim=-1)
+        probs = self.dropout(probs)
+        if head_mask is not None:
+            probs = probs * head_mask
+
+        context = torch.matmul(probs, value)  # (B, heads, Lq, head_dim)
+        if relative_value is not None:
+            context = context + torch.einsum("bhqk,qkd->bhqd", probs, relative_value)
+        b, _, n, _ = context.shape
+        context = context.transpose(1, 2).reshape(b, n, self.all_head_size)  # (B, Lq, H)
+        return context, probs, (key, value)
+
+
+def _cross_names(names: BertLayerNames) -> BertLayerNames:
+    """Names below ``crossattention``: the attention block's names without their first component."""
+    from dataclasses import replace
+
+    strip = names.self_attn.split(".", 1)[0] + "."  # "attention."
+    return replace(
+        names,
+        self_attn=names.self_attn.removeprefix(strip),
+        attn_out=names.attn_out.removeprefix(strip),
+        attn_norm=names.attn_norm.removeprefix(strip) if names.attn_norm else None,
+        pre_attn_norm=names.pre_attn_norm.split(".", 1)[-1] if names.pre_attn_norm else None,
+    )
+
+
+class _AttentionBlock:
+    """Paths of one attention sub-block (self or cross) inside a layer; not a module itself."""
+
+    def __init__(self, prefix: str, names: BertLayerNames) -> None:
+        def join(name: str | None) -> str | None:
+            if name is None:
+                return None
+            return f"{prefix}.{name}" if prefix else name
+
+        self.core = join(names.self_attn)
+        self.out = join(names.attn_out)
+        self.post_norm = join(names.attn_norm)
+        self.pre_norm = join(names.pre_attn_norm)
+
+
+class BertLayer(nn.Module):
+    """One transformer layer: self-attention, optional cross-attention, feed-forward.
+
+    Post-LN (BERT: ``LN(x + f(x))``) where ``names`` gives post-norms, pre-LN
+    (XLM-R-XL: ``x + f(LN(x))``) where it gives pre-norms.
+
+    Args:
+        config: a BERT-family config (``hidden_size``, ``intermediate_size``, ``hidden_act``,
+            ``layer_norm_eps``, ``hidden_dropout_prob``, ...).
+        names (BertLayerNames): submodule names, the spec's.
+        cross_attention (bool): add a ``crossattention`` block (decoder with an encoder).
+
+    Forward: ``hidden_states`` (B, Lq, H); masks, head mask and hooks as
+    :class:`BertSelfAttention`; ``past_key_value`` ``(k, v)`` or ``(k, v, cross_k, cross_v)``.
+    Returns ``(hidden (B, Lq, H), self_probs, cross_probs or None, present)``.
+    """
+
+    def __init__(self, config: Any, names: BertLayerNames = BertLayerNames(), cross_attention: bool = False) -> None:
+        super().__init__()
+        hidden, eps = config.hidden_size, config.layer_norm_eps
+        self._self = _AttentionBlock("", names)
+        if names.pre_attn_norm:
+            attach(self, names.pre_attn_norm, nn.LayerNorm(hidden, eps=eps))
+        attach(self, names.self_attn, BertSelfAttention(config, names))
+        attach(self, names.attn_out, nn.Linear(hidden, hidden))
+        if names.attn_norm:
+            attach(self, names.attn_norm, nn.LayerNorm(hidden, eps=eps))
+        self._cross = None
+        if cross_attention:
+            cnames = _cross_names(names)
+            self._cross = _AttentionBlock(names.cross, cnames)
+            if self._cross.pre_norm:
+                attach(self, self._cross.pre_norm, nn.LayerNorm(hidden, eps=eps))
+            attach(self, self._cross.core, BertSelfAttention(config, cnames))
+            attach(self, self._cross.out, nn.Linear(hidden, hidden))
+            if self._cross.post_norm:
+                attach(self, self._cross.post_norm, nn.LayerNorm(hidden, eps=eps))
+        self._ffn = (names.pre_ffn_norm, names.intermediate, names.output, names.out_norm)
+        if names.pre_ffn_norm:
+            attach(self, names.pre_ffn_norm, nn.LayerNorm(hidden, eps=eps))
+        attach(self, names.intermediate, nn.Linear(hidden, config.intermediate_size))
+        attach(self, names.output, nn.Linear(config.intermediate_size, hidden))
+        if names.out_norm:
+            attach(self, names.out_norm, nn.LayerNorm(hidden, eps=eps))
+        self.act = get_activation(config.hidden_act)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def _attention(
+        self,
+        block: _AttentionBlock,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        head_mask: torch.Tensor | None,
+        kv: torch.Tensor | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        **hooks: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        h = self.get_submodule(block.pre_norm)(x) if block.pre_norm else x
+        context, probs, present = self.get_submodule(block.core)(h, mask, head_mask, kv, past, **hooks)
+        out = self.dropout(self.get_submodule(block.out)(context)) + x
+        if block.post_norm:
+            out = self.get_submodule(block.post_norm)(out)
+        return out, probs, present
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_value: tuple[torch.Tensor, ...] | None = None,
+        position_bias: torch.Tensor | None = None,
+        relative_key: torch.Tensor | None = None,
+        relative_value: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+        self_past = past_key_value[:2] if past_key_value is not None else None
+        x, self_probs, present = self._attention(
+            self._self,
+            hidden_states,
+            attention_mask,
+            head_mask,
+            None,
+            self_past,
+            position_bias=position_bias,
+            relative_key=relative_key,
+            relative_value=relative_value,
+        )
+        cross_probs = None
+        if encoder_hidden_states is not None:
+            if self._cross is None:
+                raise ValueError("encoder_hidden_states given, but the model has no cross-attention layers")
+            cross_past = past_key_value[2:4] if past_key_value is not None and len(past_key_value) == 4 else None
+            # transformers applies the layer's head mask to cross-attention too.
+            x, cross_probs, cross_present = self._attention(
+                self._cross, x, encoder_attention_mask, head_mask, encoder_hidden_states, cross_past
+            )
+            present = present + cross_present
+        pre, inter, out, post = self._ffn
+        h = self.get_submodule(pre)(x) if pre else x
+        h = self.act(self.get_submodule(inter)(h))
+        h = self.dropout(self.get_submodule(out)(h)) + x
+        if post:
+            h = self.get_submodule(post)(h)
+        return h, self_probs, cross_probs, present
+
+
+class EncoderOutput(tuple):
+    """``(last_hidden_state, presents, hidden_states, attentions, cross_attentions)``; None when off."""
+
+    __slots__ = ()
+
+
+class BertEncoder(nn.Module):
+    """A stack of :class:`BertLayer` in ``layer`` (names ``layer.0``, ``layer.1``...).
+
+    Args:
+        config: a BERT-family config (``num_hidden_layers`` and the layer's fields).
+        names (BertLayerNames): layer submodule names.
+        cross_attention (bool): layers get cross-attention.
+        final_norm (str | None): name of a LayerNorm applied after the last layer (XLM-R-XL).
+
+    ``gradient_checkpointing`` (set by the model) recomputes each layer in the backward pass.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        names: BertLayerNames = BertLayerNames(),
+        cross_attention: bool = False,
+        final_norm: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(
+            [BertLayer(config, names, cross_attention) for _ in range(config.num_hidden_layers)]
+        )
+        self._final_norm = final_norm
+        if final_norm:
+            attach(self, final_norm, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps))
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: Sequence[torch.Tensor | None] | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: Sequence[tuple[torch.Tensor, ...]] | None = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        position_bias: torch.Tensor | None = None,
+        relative_key: torch.Tensor | None = None,
+        relative_value: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and use_cache:
+            logger.warning("use_cache=True is incompatible with gradient checkpointing; not returning a cache")
+            use_cache = False
+        all_hidden = [] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        all_cross = [] if output_attentions and encoder_hidden_states is not None else None
+        presents = [] if use_cache else None
+        for i, layer in enumerate(self.layer):
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            args = (
+                hidden_states,
+                attention_mask,
+                head_mask[i] if head_mask is not None else None,
+                encoder_hidden_states,
+                encoder_attention_mask,
+                past_key_values[i] if past_key_values is not None else None,
+                position_bias,
+                relative_key,
+                relative_value,
+            )
+            if checkpointing:
+                hidden_states, probs, cross_probs, present = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                hidden_states, probs, cross_probs, present = layer(*args)
+            if all_attn is not None:
+                all_attn.append(probs)
+            if all_cross is not None:
+                all_cross.append(cross_probs)
+            if presents is not None:
+                presents.append(present)
+        if self._final_norm:
+            hidden_states = self.get_submodule(self._final_norm)(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+
+        def tup(xs: list | None) -> tuple | None:
+            return tuple(xs) if xs is not None else None
+
+        return EncoderOutput((hidden_states, tup(presents), tup(all_hidden), tup(all_attn), tup(all_cross)))

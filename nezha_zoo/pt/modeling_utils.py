@@ -1,0 +1,316 @@
+"""The PyTorch base class: spec-driven init, ties, checkpoints, gradient checkpointing, input checks.
+
+Everything that names a weight comes from the family's :class:`~nezha_zoo.spec.param.ModelSpec` and
+``LAYOUTS["pt"]``; checkpoint reading and writing is :mod:`nezha_zoo.modeling`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.modeling import load_weights, resolve_config, save_weights
+from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
+from nezha_zoo.spec.layouts import LAYOUTS
+from nezha_zoo.spec.param import Init, Kind, ModelSpec
+from nezha_zoo.spec.registry import Family, get_family
+from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
+
+__all__ = ["PreTrainedModel", "check_inputs"]
+
+logger = logging.getLogger("nezha_zoo")
+
+LAYOUT = LAYOUTS["pt"]
+
+
+def _register_outputs() -> None:
+    """Make the output classes torch pytrees (torch.compile, torch.export, DataParallel gathering)."""
+    from torch.utils import _pytree
+
+    def flatten(out: ModelOutput):
+        return list(out.values()), list(out.keys())
+
+    for cls in OUTPUT_CLASSES:
+
+        def unflatten(values, keys, cls=cls):
+            return cls(**dict(zip(keys, values)))
+
+        try:
+            name = f"{cls.__module__}.{cls.__name__}"
+            _pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=name)
+        except ValueError:  # already registered (module re-imported)
+            pass
+
+
+_register_outputs()
+
+
+class PreTrainedModel(nn.Module):
+    """Base class of every PyTorch model of the zoo.
+
+    Subclasses set ``family_key`` (``"electra"``) and ``head`` (``"Model"``, ``"ForMaskedLM"``...),
+    build their modules in ``__init__`` under transformers' names and end it with
+    :meth:`post_init`, which ties weights, checks the module tree against the spec and initialises
+    every parameter by its spec rule.
+
+    Args:
+        config (PretrainedConfig): the family's config.
+    """
+
+    family_key: ClassVar[str] = ""
+    head: ClassVar[str] = "Model"
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        fam = self.family()
+        if not isinstance(config, fam.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {fam.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    # --- spec ------------------------------------------------------------------------------------
+
+    @classmethod
+    def family(cls) -> Family:
+        return get_family(cls.family_key)
+
+    @property
+    def base_model_prefix(self) -> str:
+        return self.family().base_prefix
+
+    @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix, self)
+
+    def model_spec(self) -> ModelSpec:
+        """The declaration of this class for its current config."""
+        return self.family().model_spec(self.config, self.head)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter and persistent buffer by PyTorch name (tied aliases included)."""
+        return dict(self.state_dict(keep_vars=True))
+
+    def post_init(self) -> None:
+        """Tie weights, check the module tree equals the spec, initialise by the spec's rules."""
+        self.tie_weights()
+        self._check_spec()
+        self.init_weights()
+
+    def _check_spec(self) -> None:
+        spec = self.model_spec()
+        want = {LAYOUT.key(p) for p in spec} | set(spec.ties)
+        have = set(self.state_dict().keys())
+        if want != have:
+            raise RuntimeError(
+                f"{type(self).__name__} does not match its spec: not built {sorted(want - have)}, "
+                f"not declared {sorted(have - want)}"
+            )
+
+    def tie_weights(self) -> None:
+        """Make every tied alias of the spec the very same Parameter as its target."""
+        spec = self.model_spec()
+        for alias, target in spec.ties.items():
+            owner_path, _, leaf = alias.rpartition(".")
+            owner = self.get_submodule(owner_path)
+            setattr(owner, leaf, self.get_parameter(target))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fresh weights: N(0, initializer_range), zeros or ones per ``Param.init``; padding row zero."""
+        std = self.config.initializer_range
+        tensors = self._tensors()
+        for p in self.model_spec():
+            t = tensors[LAYOUT.key(p)]
+            if p.init is Init.NORMAL:
+                t.normal_(mean=0.0, std=std)
+            elif p.init is Init.ONES:
+                t.fill_(1.0)
+            else:
+                t.zero_()
+            if p.padding_idx is not None:
+                t[p.padding_idx].zero_()
+
+    # --- embeddings ------------------------------------------------------------------------------
+
+    def _vocab_embedding_path(self) -> str:
+        for p in self.model_spec():
+            if p.kind is Kind.EMBEDDING and p.axes[0] == "vocab":
+                return p.module
+        raise AttributeError(f"{type(self).__name__} has no vocabulary embedding")
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The word-embedding module (``nn.Embedding``)."""
+        return self.get_submodule(self._vocab_embedding_path())
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The module whose weight is tied to the word embeddings, if any."""
+        spec = self.model_spec()
+        for alias in spec.ties:
+            return self.get_submodule(alias.rpartition(".")[0])
+        return None
+
+    # --- sizes and training helpers --------------------------------------------------------------
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of (unique) parameters; tied weights count once."""
+        emb = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        return sum(
+            p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable) and id(p) not in emb
+        )
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        config: PretrainedConfig | None = None,
+        strict: bool = False,
+        output_loading_info: bool = False,
+        **config_overrides: Any,
+    ) -> PreTrainedModel | tuple[PreTrainedModel, dict[str, list[str]]]:
+        """Build the model from a directory (transformers' or ours) and load its weights.
+
+        Args:
+            pretrained_model_name_or_path: a local directory with ``config.json`` and weights
+                (``model.safetensors``, sharded safetensors, or ``pytorch_model.bin``).
+            config: use this config instead of the directory's ``config.json``.
+            strict: raise on missing or unexpected tensors instead of logging them.
+            output_loading_info: also return ``{"missing_keys", "unexpected_keys", "mismatched_keys"}``.
+            **config_overrides: config fields to change (``num_labels=3``...).
+
+        Shape mismatches always raise, naming the tensor and both shapes.  The model is returned in
+        eval mode, as transformers does.
+        """
+        fam = cls.family()
+        cfg = resolve_config(fam, pretrained_model_name_or_path, config, **config_overrides)
+        model = cls(cfg)
+        spec = model.model_spec()
+        tensors = model._tensors()
+
+        def assign(name: str, stored: np.ndarray) -> None:
+            t = tensors[LAYOUT.key(spec[name])]
+            with torch.no_grad():
+                t.copy_(torch.from_numpy(np.ascontiguousarray(stored)).to(dtype=t.dtype))
+
+        plan = load_weights(
+            pretrained_model_name_or_path, spec, fam, LAYOUT, assign, model_name=cls.__name__, strict=strict
+        )
+        model.eval()
+        return (model, plan.info()) if output_loading_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[str]:
+        """Write ``config.json`` + safetensors in transformers' names and layout (tied weights once).
+
+        Returns the written weight file names.
+        """
+        spec = self.model_spec()
+        tensors = self._tensors()
+
+        def arrays():
+            for p in spec:
+                t = tensors[LAYOUT.key(p)].detach().cpu()
+                if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+                    t = t.float()
+                yield p.name, LAYOUT.from_stored(p, t.contiguous().numpy())
+
+        return save_weights(save_directory, self.config, spec, self.family(), arrays(), max_shard_size=max_shard_size)
+
+    # --- outputs ---------------------------------------------------------------------------------
+
+    def _resolve_flags(
+        self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
+        c = self.config
+        return (
+            c.output_attentions if output_attentions is None else output_attentions,
+            c.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            c.return_dict if return_dict is None else return_dict,
+        )
+
+    @staticmethod
+    def _finish(output: ModelOutput, return_dict: bool) -> ModelOutput | tuple[Any, ...]:
+        return output if return_dict else output.to_tuple()
+
+
+def _concrete(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read (not a meta tensor, not being traced or compiled)."""
+    if t.is_meta:
+        return False
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and compiler.is_compiling():
+        return False
+    return not torch.jit.is_tracing()
+
+
+def check_inputs(
+    config: PretrainedConfig,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    token_type_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_len: int = 0,
+    embed_width: int | None = None,
+    rank: int = 2,
+    positions: bool = True,
+) -> tuple[int, ...]:
+    """Raise :class:`~nezha_zoo.validation.InputError` for inputs that cannot be right.
+
+    Checks, before any model op: exactly one of ``input_ids``/``inputs_embeds``; shapes of
+    ``attention_mask`` (length ``past_len + L`` when decoding), ``token_type_ids``, ``position_ids``;
+    ids inside the vocabulary and the token-type table; sequence length (plus cached positions)
+    within ``max_position_embeddings`` when ``positions``.  Returns the ids' shape.
+    """
+    ids_shape = tuple(input_ids.shape) if input_ids is not None else None
+    emb_shape = tuple(inputs_embeds.shape) if inputs_embeds is not None else None
+    others: dict[str, Any] = {
+        "token_type_ids": tuple(token_type_ids.shape) if token_type_ids is not None else None,
+        "position_ids": tuple(position_ids.shape) if position_ids is not None else None,
+    }
+    if attention_mask is not None:
+        # A 3-D (B, Lq, Lk) mask is accepted by the 2-D models, as in transformers.
+        if attention_mask.dim() != rank and not (rank == 2 and attention_mask.dim() == 3):
+            raise InputError(f"attention_mask must have rank {rank}, got shape {tuple(attention_mask.shape)}")
+        if attention_mask.dim() == rank and past_len == 0:
+            others["attention_mask"] = tuple(attention_mask.shape)
+    shape = check_input_shapes(ids_shape, emb_shape, others, hidden_size=embed_width, rank=rank)
+    if attention_mask is not None and attention_mask.dim() == rank and past_len:
+        want = (*shape[:-1], past_len + shape[-1])
+        if tuple(attention_mask.shape) != want:
+            raise InputError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; with {past_len} cached positions it "
+                f"must cover cached + new positions, {want}"
+            )
+    if input_ids is not None and input_ids.is_floating_point():
+        raise InputError(f"input_ids must be integers, got {input_ids.dtype}")
+    for name, t, size, what in (
+        ("input_ids", input_ids, config.vocab_size, "vocabulary"),
+        ("token_type_ids", token_type_ids, getattr(config, "type_vocab_size", None), "token types"),
+        ("position_ids", position_ids, config.max_position_embeddings if positions else None, "position table"),
+    ):
+        if t is not None and size is not None and t.numel() and _concrete(t):
+            check_id_range(name, int(t.min()), int(t.max()), size, what)
+    if positions and position_ids is None:
+        check_length(shape[-1], past_len, config.max_position_embeddings)
+    return shape
