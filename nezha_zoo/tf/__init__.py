@@ -1,0 +1,34 @@
+"""TensorFlow / Keras 3 backend of nezha_zoo (``keras.Model`` subclasses, TensorFlow backend).
+
+``KERAS_BACKEND`` defaults to ``"tensorflow"`` here; the legacy ``tf-keras`` is not used.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from nezha_zoo.tf.electra import (  # noqa: E402
+    TFElectraForCausalLM,
+    TFElectraForMaskedLM,
+    TFElectraForMultipleChoice,
+    TFElectraForPreTraining,
+    TFElectraForQuestionAnswering,
+    TFElectraForSequenceClassification,
+    TFElectraForTokenClassification,
+    TFElectraModel,
+    TFElectraPreTrainedModel,
+)
+from nezha_zoo.tf.modeling_utils import TFPreTrainedModel  # noqa: E402
+
+__all__ = [
+    "TFPreTrainedModel",
+    "TFElectraPreTrainedModel",
+    "TFElectraModel",
+    "TFElectraForPreTraining",
+    "TFElectraForMaskedLM",
+    "TFElectraForCausalLM",
+    "TFElectraForSequenceClassification",
+    "TFElectraForMultipleChoice",
+    "TFElectraForTokenClassification",
+    "TFElectraForQuestionAnswering",
+]

@@ -1,0 +1,173 @@
+"""Heads shared by the BERT-style families (Keras 3).
+
+Each head is a named :class:`~nezha_zoo.tf.layers.Block`; names equal transformers' PyTorch
+attribute names, and anything a family changes (activation, norm name, output width) is an argument.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from nezha_zoo.config import PretrainedConfig  # noqa: E402
+from nezha_zoo.tf.layers import Block, dense, dropout, get_activation, layer_norm  # noqa: E402
+
+__all__ = [
+    "TFClassificationHead",
+    "TFSequenceSummary",
+    "token_classifier",
+    "split_span_logits",
+    "TFLMHeadTransform",
+    "TFTiedLMOutput",
+]
+
+
+def classifier_dropout_rate(config: PretrainedConfig) -> float:
+    rate = getattr(config, "classifier_dropout", None)
+    return config.hidden_dropout_prob if rate is None else rate
+
+
+class TFClassificationHead(Block):
+    """First token -> dropout -> ``dense`` -> activation -> dropout -> ``out_proj``.
+
+    Args:
+        config (PretrainedConfig): ``hidden_size``, ``num_labels``, ``classifier_dropout``.
+        activation (str): ``"gelu"`` for Electra, ``"tanh"`` for RoBERTa-style heads.
+        name (str): ``"classifier"``.
+
+    Call: ``features`` (B, L, H) -> logits (B, num_labels).
+    """
+
+    def __init__(self, config: PretrainedConfig, activation: str = "tanh", name: str = "classifier", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.dense = dense(config.hidden_size, "dense")
+        self.act = get_activation(activation)
+        self.dropout = dropout(classifier_dropout_rate(config))
+        self.out_proj = dense(config.num_labels, "out_proj")
+
+    def call(self, features, training=False):
+        x = features[:, 0, :]  # (B, H): the first token
+        x = self.dropout(x, training=training)
+        x = self.act(self.dense(x))
+        x = self.dropout(x, training=training)
+        return self.out_proj(x)
+
+
+class TFSequenceSummary(Block):
+    """transformers' SequenceSummary: pick/pool a vector, optional ``summary`` projection,
+    activation, first/last dropout.
+
+    Args:
+        config (PretrainedConfig): ``summary_type`` (first/last/mean/cls_index), ``summary_use_proj``,
+            ``summary_proj_to_labels``, ``summary_activation``, ``summary_first_dropout``,
+            ``summary_last_dropout``.
+        name (str): ``"sequence_summary"``.
+
+    Call: ``hidden_states`` (N, L, H), optional ``cls_index`` (N,) -> (N, width).
+    """
+
+    def __init__(self, config: PretrainedConfig, name: str = "sequence_summary", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.summary_type = getattr(config, "summary_type", "last")
+        self.summary = None
+        if getattr(config, "summary_use_proj", False):
+            to_labels = getattr(config, "summary_proj_to_labels", False) and config.num_labels > 0
+            self.summary = dense(config.num_labels if to_labels else config.hidden_size, "summary")
+        self.act = get_activation(getattr(config, "summary_activation", None) or None)
+        first = getattr(config, "summary_first_dropout", 0.0) or 0.0
+        last = getattr(config, "summary_last_dropout", 0.0) or 0.0
+        self.first_dropout = dropout(first, "first_dropout") if first > 0 else None
+        self.last_dropout = dropout(last, "last_dropout") if last > 0 else None
+
+    def call(self, hidden_states, cls_index=None, training=False):
+        if self.summary_type == "first":
+            out = hidden_states[:, 0]
+        elif self.summary_type == "last":
+            out = hidden_states[:, -1]
+        elif self.summary_type == "mean":
+            out = tf.reduce_mean(hidden_states, axis=1)
+        elif self.summary_type == "cls_index":
+            if cls_index is None:
+                out = hidden_states[:, -1]
+            else:
+                out = tf.gather(hidden_states, tf.cast(cls_index, tf.int32), axis=1, batch_dims=1)
+        else:
+            raise ValueError(f"summary_type {self.summary_type!r} is not supported")
+        if self.first_dropout is not None:
+            out = self.first_dropout(out, training=training)
+        if self.summary is not None:
+            out = self.summary(out)
+        out = self.act(out)
+        if self.last_dropout is not None:
+            out = self.last_dropout(out, training=training)
+        return out
+
+
+def token_classifier(
+    config: PretrainedConfig, name: str = "classifier"
+) -> tuple[keras.layers.Layer, keras.layers.Layer]:
+    """The top-level ``dropout`` and ``classifier`` of a token-classification model (B, L, H) -> (B, L, num_labels)."""
+    return dropout(classifier_dropout_rate(config)), dense(config.num_labels, name)
+
+
+def split_span_logits(logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``qa_outputs`` logits (B, L, 2) -> start (B, L), end (B, L)."""
+    start, end = tf.split(logits, 2, axis=-1)
+    return tf.squeeze(start, -1), tf.squeeze(end, -1)
+
+
+class TFLMHeadTransform(Block):
+    """``dense`` -> activation -> ``LayerNorm`` (BERT's ``transform``, Electra's generator head).
+
+    Args:
+        config (PretrainedConfig): ``layer_norm_eps``.
+        units (int): output width (Electra: ``embedding_size``).
+        activation (str): activation name (Electra's generator: always ``"gelu"``).
+        norm_name (str): ``"LayerNorm"`` (BERT/Electra) or ``"layer_norm"`` (RoBERTa-style).
+        name (str): the module name (``"generator_predictions"``).
+    """
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        units: int,
+        activation: str = "gelu",
+        norm_name: str = "LayerNorm",
+        name: str = "transform",
+        **kwargs: Any,
+    ):
+        super().__init__(name=name, **kwargs)
+        self.dense = dense(units, "dense")
+        self.act = get_activation(activation)
+        self.norm = layer_norm(config, norm_name)
+
+    def call(self, hidden_states):
+        return self.norm(self.act(self.dense(hidden_states)))
+
+
+class TFTiedLMOutput(Block):
+    """Vocabulary logits through the (tied) word-embedding matrix plus this layer's own ``bias``.
+
+    Args:
+        vocab_size (int): V.
+        name (str): the module name (``"generator_lm_head"``); its only variable is ``bias`` (V,).
+
+    Call: ``hidden_states`` (B, L, E), ``embedding_matrix`` (V, E) -> (B, L, V).
+    """
+
+    def __init__(self, vocab_size: int, name: str, **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.vocab_size = vocab_size
+
+    def build(self, input_shape=None):
+        self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer="zeros")
+
+    def call(self, hidden_states, embedding_matrix):
+        logits = tf.matmul(hidden_states, embedding_matrix, transpose_b=True)  # (B, L, V)
+        return logits + self.bias
+

@@ -1,0 +1,723 @@
+"""Shared BERT-style blocks for the Keras 3 backend.
+
+Every layer has an explicit name equal to transformers' PyTorch attribute name, so a variable's
+path (minus the model's name) is ``LAYOUTS["keras"].key(param)``.  Names inside a layer come from
+:class:`nezha_zoo.spec.blocks.BertLayerNames`, the same object the spec is built from, so a family
+that renames modules (MPNet ``attention.attn.q``) or moves norms (XLM-R-XL pre-LN) declares it once.
+
+Extension points kept deliberately small:
+
+* ``TFBertSelfAttention.relative_scores`` / ``relative_context``: extra key/value terms added before
+  scaling and to the context (Nezha's relative positions); ``None`` by default.
+* ``position_bias``: an additive score bias added after scaling (MPNet), threaded through the
+  encoder, layer and attention.
+* pre-LN blocks (``names.pre_attn_norm``/``pre_ffn_norm``), a final encoder norm, an embedding block
+  without LayerNorm / token types / positions.
+* decoder mode: causal mask, cross-attention, key/value cache as a tuple of
+  ``(k, v[, cross_k, cross_v])`` per layer, each ``(B, heads, L, head_dim)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from nezha_zoo.config import PretrainedConfig  # noqa: E402
+from nezha_zoo.outputs import BaseModelOutputWithPastAndCrossAttentions  # noqa: E402
+from nezha_zoo.spec.blocks import BertLayerNames  # noqa: E402
+from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length  # noqa: E402
+
+__all__ = [
+    "get_activation",
+    "Block",
+    "LayerList",
+    "TFBertEmbeddings",
+    "TFBertSelfAttention",
+    "TFResidualOutput",
+    "TFBertAttention",
+    "TFBertIntermediate",
+    "TFBertLayer",
+    "TFBertEncoder",
+    "BertBackboneMixin",
+    "check_inputs",
+]
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_fast(x: tf.Tensor) -> tf.Tensor:
+    return 0.5 * x * (1.0 + tf.tanh(x * _SQRT_2_OVER_PI * (1.0 + 0.044715 * x * x)))
+
+
+_ACTIVATIONS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
+    "gelu": lambda x: tf.nn.gelu(x, approximate=False),  # exact erf GELU, as transformers
+    "gelu_new": lambda x: tf.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: tf.nn.gelu(x, approximate=True),
+    "gelu_fast": _gelu_fast,
+    "relu": tf.nn.relu,
+    "silu": tf.nn.silu,
+    "swish": tf.nn.silu,
+    "tanh": tf.tanh,
+    "sigmoid": tf.sigmoid,
+}
+
+
+def get_activation(name: str | None) -> Callable[[tf.Tensor], tf.Tensor]:
+    """transformers' ``ACT2FN`` by name; ``None`` is the identity."""
+    if name is None:
+        return tf.identity
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}") from None
+
+
+def _leaf(dotted: str | None) -> str | None:
+    return None if dotted is None else dotted.rsplit(".", 1)[-1]
+
+
+class Block(keras.layers.Layer):
+    """A layer whose sub-layers build on first call, inside this layer's name scope."""
+
+    def build(self, input_shape=None):  # noqa: D401  (sub-layers build themselves when called)
+        pass
+
+
+class LayerList(Block):
+    """A named container of child layers named ``"0"``, ``"1"``... (PyTorch ``ModuleList``).
+
+    Args:
+        items (Sequence[keras.layers.Layer]): the children, already named ``str(i)``.
+        name (str): the PyTorch attribute name of the list (``"layer"``).
+    """
+
+    def __init__(self, items: Sequence[keras.layers.Layer], name: str, **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> keras.layers.Layer:
+        return self.items[i]
+
+
+def dense(units: int, name: str, use_bias: bool = True) -> keras.layers.Dense:
+    # Values are set from the spec after building (TFPreTrainedModel.init_weights).
+    return keras.layers.Dense(units, use_bias=use_bias, name=name)
+
+
+def layer_norm(config: PretrainedConfig, name: str) -> keras.layers.LayerNormalization:
+    return keras.layers.LayerNormalization(epsilon=config.layer_norm_eps, name=name)
+
+
+def dropout(rate: float, name: str = "dropout") -> keras.layers.Dropout:
+    return keras.layers.Dropout(rate, name=name)
+
+
+# --- embeddings ----------------------------------------------------------------------------------
+
+
+class TFBertEmbeddings(Block):
+    """Word + token-type + absolute position embeddings, then LayerNorm and dropout.
+
+    Args:
+        config (PretrainedConfig): ``vocab_size``, ``max_position_embeddings``, ``type_vocab_size``,
+            ``layer_norm_eps``, ``hidden_dropout_prob``.
+        embedding_size (int): width E of the tables (Electra's ``embedding_size``).
+        position_embeddings (bool): add the absolute position table.
+        token_type_embeddings (bool): add the token-type table.
+        use_layer_norm (bool): apply ``LayerNorm`` (False for XLM-R-XL).
+
+    Call: ``input_ids`` (B, L) int or ``inputs_embeds`` (B, L, E); ``token_type_ids`` (B, L);
+    ``position_ids`` (B or 1, L).  Returns (B, L, E).
+    """
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        embedding_size: int,
+        *,
+        position_embeddings: bool = True,
+        token_type_embeddings: bool = True,
+        use_layer_norm: bool = True,
+        name: str = "embeddings",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        self.word_embeddings = keras.layers.Embedding(config.vocab_size, embedding_size, name="word_embeddings")
+        self.position_embeddings = (
+            keras.layers.Embedding(config.max_position_embeddings, embedding_size, name="position_embeddings")
+            if position_embeddings
+            else None
+        )
+        self.token_type_embeddings = (
+            keras.layers.Embedding(config.type_vocab_size, embedding_size, name="token_type_embeddings")
+            if token_type_embeddings
+            else None
+        )
+        self.LayerNorm = layer_norm(config, "LayerNorm") if use_layer_norm else None
+        self.dropout = dropout(config.hidden_dropout_prob)
+
+    def call(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, training=False):
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        embeddings = inputs_embeds
+        if self.token_type_embeddings is not None:
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        if self.position_embeddings is not None:
+            embeddings = embeddings + self.position_embeddings(position_ids)
+        if self.LayerNorm is not None:
+            embeddings = self.LayerNorm(embeddings)
+        return self.dropout(embeddings, training=training)
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+
+class TFBertSelfAttention(Block):
+    """Multi-head scaled dot-product attention with separate q/k/v projections.
+
+    Args:
+        config (PretrainedConfig): ``hidden_size``, ``num_attention_heads``,
+            ``attention_probs_dropout_prob``.
+        names (BertLayerNames): ``query``/``key``/``value`` give the projection names.
+        name (str): this layer's name (``"self"``).
+
+    Call: ``hidden_states`` (B, Lq, H); ``attention_mask`` additive, broadcastable to
+    (B, heads, Lq, Lk); ``head_mask`` (1, heads, 1, 1); ``encoder_hidden_states`` (B, Le, H) for
+    cross-attention; ``past_key_value`` ``(k, v)`` each (B, heads, Lp, hd); ``position_bias``
+    additive, broadcastable to the scores, added after scaling.  Returns
+    ``(context (B, Lq, H), probs (B, heads, Lq, Lk), (k, v))``.
+    """
+
+    def __init__(self, config: PretrainedConfig, names: BertLayerNames, name: str, **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.all_head_size = self.num_heads * self.head_dim
+        self.query = dense(self.all_head_size, names.query)
+        self.key = dense(self.all_head_size, names.key)
+        self.value = dense(self.all_head_size, names.value)
+        self.dropout = dropout(config.attention_probs_dropout_prob)
+
+    def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
+        shape = tf.shape(x)
+        x = tf.reshape(x, (shape[0], shape[1], self.num_heads, self.head_dim))  # (B, L, heads, hd)
+        return tf.transpose(x, (0, 2, 1, 3))  # (B, heads, L, hd)
+
+    def relative_scores(self, query: tf.Tensor, key: tf.Tensor) -> tf.Tensor | None:
+        """Extra scores added before scaling (relative-position keys); none for absolute models."""
+        return None
+
+    def relative_context(self, probs: tf.Tensor) -> tf.Tensor | None:
+        """Extra context (B, heads, Lq, hd) from the probabilities (relative-position values)."""
+        return None
+
+    def call(
+        self,
+        hidden_states,
+        attention_mask=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        past_key_value=None,
+        position_bias=None,
+        training=False,
+    ):
+        query = self._split_heads(self.query(hidden_states))
+        if encoder_hidden_states is not None and past_key_value is not None:
+            key, value = past_key_value  # cross-attention keys/values of the encoder never change
+        else:
+            source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            key = self._split_heads(self.key(source))
+            value = self._split_heads(self.value(source))
+            if past_key_value is not None:
+                key = tf.concat([past_key_value[0], key], axis=2)  # (B, heads, Lp + Lq, hd)
+                value = tf.concat([past_key_value[1], value], axis=2)
+        scores = tf.matmul(query, key, transpose_b=True)  # (B, heads, Lq, Lk)
+        extra = self.relative_scores(query, key)
+        if extra is not None:
+            scores = scores + extra
+        scores = scores / math.sqrt(self.head_dim)
+        if position_bias is not None:
+            scores = scores + position_bias
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = tf.nn.softmax(scores, axis=-1)
+        probs = self.dropout(probs, training=training)
+        if head_mask is not None:
+            probs = probs * head_mask
+        context = tf.matmul(probs, value)  # (B, heads, Lq, hd)
+        extra = self.relative_context(probs)
+        if extra is not None:
+            context = context + extra
+        context = tf.transpose(context, (0, 2, 1, 3))  # (B, Lq, heads, hd)
+        shape = tf.shape(context)
+        context = tf.reshape(context, (shape[0], shape[1], self.all_head_size))  # (B, Lq, H)
+        return context, probs, (key, value)
+
+
+class TFResidualOutput(Block):
+    """``dense`` -> dropout -> residual add -> optional ``LayerNorm`` (BERT's SelfOutput / Output).
+
+    Args:
+        config (PretrainedConfig): ``hidden_size``, ``hidden_dropout_prob``, ``layer_norm_eps``.
+        dense_name (str): name of the projection (``"dense"``).
+        norm_name (str | None): name of the post-LN (``"LayerNorm"``); ``None`` for pre-LN blocks.
+
+    Call: ``hidden_states`` (B, L, in), ``input_tensor`` (B, L, H) -> (B, L, H).
+    """
+
+    def __init__(
+        self, config: PretrainedConfig, dense_name: str, norm_name: str | None, name: str, **kwargs: Any
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        self.dense = dense(config.hidden_size, dense_name)
+        self.LayerNorm = layer_norm(config, norm_name) if norm_name else None
+        self.dropout = dropout(config.hidden_dropout_prob)
+
+    def call(self, hidden_states, input_tensor, training=False):
+        hidden_states = self.dropout(self.dense(hidden_states), training=training)
+        hidden_states = hidden_states + input_tensor
+        return hidden_states if self.LayerNorm is None else self.LayerNorm(hidden_states)
+
+
+class TFBertAttention(Block):
+    """Self- or cross-attention block: optional pre-LN, attention, output projection and residual.
+
+    Args:
+        config (PretrainedConfig): the family config.
+        names (BertLayerNames): module names; ``self_attn``/``attn_out``/``attn_norm`` below this
+            block (``attention.self``, ``attention.output.dense``, ``attention.output.LayerNorm``).
+        name (str): ``"attention"`` or ``"crossattention"``.
+        pre_norm_name (str | None): name of a LayerNorm applied to the input first (pre-LN).
+
+    Call: as :class:`TFBertSelfAttention`; returns ``(output (B, Lq, H), probs, (k, v))``.
+    """
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        names: BertLayerNames,
+        name: str,
+        pre_norm_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        out_path = names.attn_out.split(".")  # [attention, output, dense]
+        # BERT keeps the post-LN beside the output projection (attention.output.LayerNorm); MPNet
+        # keeps it one level up (attention.LayerNorm, with the projection at attention.attn.o).
+        parent = names.attn_out.rsplit(".", 1)[0]
+        norm_beside_out = names.attn_norm is not None and names.attn_norm.rsplit(".", 1)[0] == parent
+        self.pre_norm = layer_norm(config, pre_norm_name) if pre_norm_name else None
+        self.self_attention = TFBertSelfAttention(config, names, name=_leaf(names.self_attn))
+        self.dense_output = TFResidualOutput(
+            config, out_path[-1], _leaf(names.attn_norm) if norm_beside_out else None, name=out_path[-2]
+        )
+        self.post_norm = (
+            layer_norm(config, _leaf(names.attn_norm)) if names.attn_norm and not norm_beside_out else None
+        )
+
+    def call(
+        self,
+        hidden_states,
+        attention_mask=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        past_key_value=None,
+        position_bias=None,
+        training=False,
+    ):
+        normed = hidden_states if self.pre_norm is None else self.pre_norm(hidden_states)
+        context, probs, present = self.self_attention(
+            normed,
+            attention_mask=attention_mask,
+            head_mask=head_mask,
+            encoder_hidden_states=encoder_hidden_states,
+            past_key_value=past_key_value,
+            position_bias=position_bias,
+            training=training,
+        )
+        out = self.dense_output(context, hidden_states, training=training)
+        return (out if self.post_norm is None else self.post_norm(out)), probs, present
+
+
+class TFBertIntermediate(Block):
+    """``dense`` (H -> intermediate) then the config's activation."""
+
+    def __init__(self, config: PretrainedConfig, dense_name: str, name: str, **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.dense = dense(config.intermediate_size, dense_name)
+        self.act = get_activation(config.hidden_act)
+
+    def call(self, hidden_states):
+        return self.act(self.dense(hidden_states))
+
+
+class TFBertLayer(Block):
+    """One encoder (or decoder) layer: attention, optional cross-attention, feed-forward.
+
+    Args:
+        config (PretrainedConfig): ``is_decoder``/``add_cross_attention`` select decoder mode.
+        names (BertLayerNames): module names (post-LN BERT by default; pre-LN when
+            ``pre_attn_norm``/``pre_ffn_norm`` are set).
+        name (str): ``str(index)``.
+
+    Call returns ``(hidden (B, L, H), self_probs, cross_probs or None, present)`` where ``present``
+    is ``(k, v)`` or ``(k, v, cross_k, cross_v)``.
+    """
+
+    def __init__(self, config: PretrainedConfig, names: BertLayerNames, name: str, **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.is_decoder = config.is_decoder
+        pre = _leaf(names.pre_attn_norm)
+        self.attention = TFBertAttention(config, names, name=names.self_attn.split(".")[0], pre_norm_name=pre)
+        self.crossattention = (
+            TFBertAttention(config, _below(names), name=names.cross, pre_norm_name=pre)
+            if config.add_cross_attention
+            else None
+        )
+        self.pre_ffn_norm = layer_norm(config, names.pre_ffn_norm) if names.pre_ffn_norm else None
+        inter = names.intermediate.split(".")
+        self.intermediate = TFBertIntermediate(config, inter[-1], name=inter[0])
+        out = names.output.split(".")
+        self.ffn_output = TFResidualOutput(config, out[-1], _leaf(names.out_norm), name=out[0])
+
+    def call(
+        self,
+        hidden_states,
+        attention_mask=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        past_key_value=None,
+        position_bias=None,
+        training=False,
+    ):
+        self_past = None if past_key_value is None else tuple(past_key_value[:2])
+        hidden, probs, present = self.attention(
+            hidden_states,
+            attention_mask=attention_mask,
+            head_mask=head_mask,
+            past_key_value=self_past,
+            position_bias=position_bias,
+            training=training,
+        )
+        cross_probs = None
+        if self.is_decoder and encoder_hidden_states is not None:
+            if self.crossattention is None:
+                raise ValueError("encoder_hidden_states need cross-attention layers: set config.add_cross_attention")
+            cross_past = None if past_key_value is None or len(past_key_value) < 4 else tuple(past_key_value[2:])
+            hidden, cross_probs, cross_present = self.crossattention(
+                hidden,
+                attention_mask=encoder_attention_mask,
+                head_mask=head_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                past_key_value=cross_past,
+                training=training,
+            )
+            present = tuple(present) + tuple(cross_present)
+        ffn_in = hidden if self.pre_ffn_norm is None else self.pre_ffn_norm(hidden)
+        out = self.ffn_output(self.intermediate(ffn_in), hidden, training=training)
+        return out, probs, cross_probs, tuple(present)
+
+
+def _below(names: BertLayerNames) -> BertLayerNames:
+    """Cross-attention uses the same names as self-attention below its own container."""
+    from dataclasses import replace
+
+    return replace(names, pre_attn_norm=None)
+
+
+class TFBertEncoder(Block):
+    """A stack of :class:`TFBertLayer` in a list named ``layer``, optional final LayerNorm.
+
+    Args:
+        config (PretrainedConfig): ``num_hidden_layers`` and the layer settings.
+        names (BertLayerNames): layer module names.
+        final_norm_name (str | None): name of a LayerNorm after the last layer (pre-LN models).
+        layer_class (type): the layer class (families with custom attention pass a subclass).
+    """
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        names: BertLayerNames = BertLayerNames(),
+        final_norm_name: str | None = None,
+        layer_class: type[TFBertLayer] = TFBertLayer,
+        name: str = "encoder",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        layers = [layer_class(config, names, name=str(i)) for i in range(config.num_hidden_layers)]
+        self.layer = LayerList(layers, "layer")
+        self.final_norm = layer_norm(config, final_norm_name) if final_norm_name else None
+
+    def call(
+        self,
+        hidden_states,
+        attention_mask=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        past_key_values=None,
+        use_cache=False,
+        output_attentions=False,
+        output_hidden_states=False,
+        position_bias=None,
+        gradient_checkpointing=False,
+        training=False,
+    ):
+        all_hidden = [] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        all_cross = [] if output_attentions and encoder_hidden_states is not None else None
+        presents = [] if use_cache else None
+        checkpoint = gradient_checkpointing and training and not use_cache and not output_attentions
+        # Enter the list's scope so the children's variables live under ".../layer/<i>/...".
+        with keras.name_scope(self.layer.name):
+            for i, layer in enumerate(self.layer.items):
+                if all_hidden is not None:
+                    all_hidden.append(hidden_states)
+                layer_head_mask = None if head_mask is None else head_mask[i]
+                if checkpoint:
+                    hidden_states = _checkpointed(
+                        layer, hidden_states, attention_mask, layer_head_mask, encoder_hidden_states,
+                        encoder_attention_mask, position_bias, training,
+                    )
+                    continue
+                past = None if past_key_values is None else past_key_values[i]
+                hidden_states, probs, cross_probs, present = layer(
+                    hidden_states,
+                    attention_mask=attention_mask,
+                    head_mask=layer_head_mask,
+                    encoder_hidden_states=encoder_hidden_states,
+                    encoder_attention_mask=encoder_attention_mask,
+                    past_key_value=past,
+                    position_bias=position_bias,
+                    training=training,
+                )
+                if presents is not None:
+                    presents.append(present)
+                if all_attn is not None:
+                    all_attn.append(probs)
+                    if all_cross is not None:
+                        all_cross.append(cross_probs)
+        if self.final_norm is not None:
+            hidden_states = self.final_norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            past_key_values=None if presents is None else tuple(presents),
+            hidden_states=None if all_hidden is None else tuple(all_hidden),
+            attentions=None if all_attn is None else tuple(all_attn),
+            cross_attentions=None if all_cross is None else tuple(all_cross),
+        )
+
+
+def _checkpointed(layer, hidden, mask, head_mask, enc, enc_mask, position_bias, training):
+    """Run ``layer`` under ``tf.recompute_grad``: activations are recomputed in the backward pass.
+
+    The dropout seed states are rewound before the recomputation so it draws the same masks as the
+    forward pass (as PyTorch's checkpoint preserves the RNG state).
+    """
+    generators = [getattr(sub, "seed_generator", None) for sub in layer._flatten_layers()]
+    seeds = [g.state for g in generators if g is not None]  # rate-0 dropouts have none
+    saved = [tf.identity(v.value) for v in seeds] if training else []
+
+    def rewind():
+        for var, value in zip(seeds, saved):
+            var.assign(value)
+
+    if enc is None:
+
+        def fn(h):
+            rewind()
+            return layer(h, attention_mask=mask, head_mask=head_mask, position_bias=position_bias, training=training)[0]
+
+        return tf.recompute_grad(fn)(hidden)
+
+    def fn_cross(h, e):  # the encoder states are an input so that they receive gradients too
+        rewind()
+        return layer(
+            h, attention_mask=mask, head_mask=head_mask, encoder_hidden_states=e, encoder_attention_mask=enc_mask,
+            position_bias=position_bias, training=training,
+        )[0]
+
+    return tf.recompute_grad(fn_cross)(hidden, enc)
+
+
+# --- input checks and the shared base-model forward ----------------------------------------------
+
+
+def _shape(t: Any) -> tuple[int | None, ...] | None:
+    if t is None:
+        return None
+    return tuple(t.shape.as_list()) if isinstance(t.shape, tf.TensorShape) else tuple(t.shape)
+
+
+def _concrete(t: Any) -> bool:
+    return t is not None and tf.executing_eagerly() and hasattr(t, "numpy")
+
+
+def past_length(past_key_values: Any) -> int | tf.Tensor:
+    """Cached positions: the key length of layer 0 (0 without a cache)."""
+    if past_key_values is None:
+        return 0
+    n = past_key_values[0][0].shape[-2]
+    return n if n is not None else tf.shape(past_key_values[0][0])[-2]
+
+
+def check_inputs(
+    config: PretrainedConfig,
+    input_ids=None,
+    inputs_embeds=None,
+    attention_mask=None,
+    token_type_ids=None,
+    position_ids=None,
+    past_len: int | tf.Tensor = 0,
+    rank: int = 2,
+    embed_dim: int | None = None,
+    check_positions: bool = True,
+) -> tuple[int | None, ...]:
+    """SPEC §6 checks, before any model op: shapes always, id values when they are concrete.
+
+    Returns the ids' shape ``(B, L)`` (or ``(B, C, L)`` with ``rank=3``).
+    """
+    static_past = past_len if isinstance(past_len, int) else None
+    others = {"token_type_ids": _shape(token_type_ids), "position_ids": None}
+    mask_shape = _shape(attention_mask)
+    if mask_shape is not None and len(mask_shape) == rank and not static_past:
+        others["attention_mask"] = mask_shape
+    shape = check_input_shapes(_shape(input_ids), _shape(inputs_embeds), others, embed_dim, rank)
+    if mask_shape is not None and static_past:
+        want = (shape[0], static_past + shape[-1]) if shape[-1] is not None else None
+        differs = want is not None and any(None not in (a, b) and a != b for a, b in zip(mask_shape, want))
+        if len(mask_shape) != 2 or differs:
+            raise InputError(
+                f"attention_mask has shape {mask_shape}; with {static_past} cached positions it must be {want}"
+            )
+    if _concrete(input_ids) and int(tf.size(input_ids)) > 0:
+        ids = input_ids.numpy()
+        check_id_range("input_ids", int(ids.min()), int(ids.max()), config.vocab_size)
+    if _concrete(token_type_ids) and int(tf.size(token_type_ids)) > 0 and getattr(config, "type_vocab_size", None):
+        tt = token_type_ids.numpy()
+        check_id_range("token_type_ids", int(tt.min()), int(tt.max()), config.type_vocab_size, "token types")
+    if check_positions and static_past is not None:
+        check_length(shape[-1], static_past, config.max_position_embeddings)
+    if _concrete(position_ids) and check_positions and int(tf.size(position_ids)) > 0:
+        pos = position_ids.numpy()
+        check_id_range("position_ids", int(pos.min()), int(pos.max()), config.max_position_embeddings, "positions")
+    return shape
+
+
+def extended_attention_mask(attention_mask, batch: Any, q_len: Any, past_len: Any, is_decoder: bool) -> tf.Tensor:
+    """Additive mask (B, 1, Lq or 1, Lk): 0 where visible, float32 min where masked (causal in decoders)."""
+    if attention_mask is None:
+        attention_mask = tf.ones((batch, past_len + q_len), tf.float32)
+    mask = tf.cast(attention_mask, tf.float32)
+    if mask.shape.rank == 3:
+        ext = mask[:, None, :, :]  # (B, 1, Lq, Lk)
+    elif is_decoder:
+        causal = tf.linalg.band_part(tf.ones((q_len, q_len), tf.float32), -1, 0)  # (Lq, Lq) lower triangle
+        causal = tf.concat([tf.ones((q_len, past_len), tf.float32), causal], axis=1)  # cached keys are visible
+        ext = causal[None, None, :, :] * mask[:, None, None, :]  # (B, 1, Lq, Lk)
+    else:
+        ext = mask[:, None, None, :]  # (B, 1, 1, Lk)
+    return (1.0 - ext) * tf.float32.min
+
+
+def layer_head_masks(head_mask, num_layers: int) -> list | None:
+    """``(heads,)`` or ``(layers, heads)`` -> one ``(1, heads, 1, 1)`` multiplier per layer."""
+    if head_mask is None:
+        return None
+    head_mask = tf.cast(head_mask, tf.float32)
+    if head_mask.shape.rank == 1:
+        return [head_mask[None, :, None, None]] * num_layers
+    if head_mask.shape.rank == 2:
+        return [head_mask[i][None, :, None, None] for i in range(num_layers)]
+    raise InputError(f"head_mask must have shape (heads,) or (layers, heads), got {tuple(head_mask.shape)}")
+
+
+class BertBackboneMixin:
+    """The base-model forward shared by BERT-style families.
+
+    The owner (a Keras layer or model) has ``config``, ``embeddings`` and ``encoder`` and may
+    override :meth:`after_embeddings` (Electra's ``embeddings_project``).
+    """
+
+    config: PretrainedConfig
+    embedding_width: int
+
+    def after_embeddings(self, hidden: tf.Tensor, training: bool) -> tf.Tensor:
+        return hidden
+
+    def backbone(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        past_key_values=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        gradient_checkpointing=False,
+        training=False,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        cfg = self.config
+        output_attentions = cfg.output_attentions if output_attentions is None else bool(output_attentions)
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else bool(output_hidden_states)
+        # As transformers PyTorch: a cache only when asked for (use_cache=True) and only in decoders.
+        use_cache = bool(use_cache) and cfg.is_decoder
+        past_len = past_length(past_key_values)
+        check_inputs(
+            cfg, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, past_len,
+            embed_dim=self.embedding_width,
+        )
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch, seq_len = tf.shape(ref)[0], tf.shape(ref)[1]
+        if token_type_ids is None:
+            token_type_ids = tf.zeros((batch, seq_len), tf.int32)
+        if position_ids is None:
+            position_ids = tf.range(past_len, past_len + seq_len)[None, :]  # (1, L)
+        mask = extended_attention_mask(attention_mask, batch, seq_len, past_len, cfg.is_decoder)
+        enc_mask = None
+        if cfg.is_decoder and encoder_hidden_states is not None:
+            if encoder_attention_mask is None:
+                encoder_attention_mask = tf.ones(tf.shape(encoder_hidden_states)[:2], tf.float32)
+            enc = tf.cast(encoder_attention_mask, tf.float32)
+            enc = enc[:, None, :, :] if enc.shape.rank == 3 else enc[:, None, None, :]
+            enc_mask = (1.0 - enc) * tf.float32.min
+        hidden = self.embeddings(
+            input_ids=input_ids,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            training=training,
+        )
+        hidden = self.after_embeddings(hidden, training)
+        return self.encoder(
+            hidden,
+            attention_mask=mask,
+            head_mask=layer_head_masks(head_mask, cfg.num_hidden_layers),
+            encoder_hidden_states=encoder_hidden_states if cfg.is_decoder else None,
+            encoder_attention_mask=enc_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            gradient_checkpointing=gradient_checkpointing,
+            training=training,
+        )
