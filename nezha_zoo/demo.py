@@ -42,7 +42,7 @@ DEMO_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
         num_attention_heads=4,
         intermediate_size=256,
         max_position_embeddings=128,
-        num_labels=3,
+        num_labels=2,
     ),
 }
 
@@ -61,7 +61,7 @@ def _main_output(out: Any) -> dict[str, np.ndarray]:
 
 def _runner(backend: str, family: Family, head: str, path: str) -> Callable[[dict[str, np.ndarray]], Any]:
     """Load ``path`` in ``backend`` and return ``run(inputs) -> output``."""
-    name = family.class_name(head, backend)
+    name = family.class_name(head, "pt" if backend == "transformers" else backend)
     if backend == "pt":
         import torch
 
@@ -85,6 +85,7 @@ def _runner(backend: str, family: Family, head: str, path: str) -> Callable[[dic
         import torch
         import transformers
 
+        transformers.logging.set_verbosity_error()  # its advice on standalone CausalLM use is noise here
         model = getattr(transformers, name).from_pretrained(path).eval()
 
         def run_hf(inputs: dict[str, np.ndarray]) -> Any:
@@ -159,7 +160,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def _fmt(col: str, v: Any) -> str:
     if v is None:
         return "-"
-    if col.endswith("ms"):
+    if col.endswith(" ms"):
         return f"{v:.2f}"
     if "|" in col:
         return f"{v:.1e}"

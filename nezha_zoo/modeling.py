@@ -122,9 +122,7 @@ def random_weights(spec: ModelSpec, config: PretrainedConfig, seed: int = 0) -> 
             arr = rng.normal(0.0, std, size=p.shape).astype(np.float32)
             if p.padding_idx is not None:
                 arr[p.padding_idx] = 0.0
-        elif p.init is Init.ONES:
-            arr = np.ones(p.shape, np.float32)
         else:
-            arr = np.zeros(p.shape, np.float32)
+            arr = np.full(p.shape, p.fill_value, np.float32)
         out[p.name] = arr
     return out

@@ -168,6 +168,9 @@ def electra_spec(c: ElectraConfig, head: str = "Model") -> ModelSpec:
     elif head == "ForTokenClassification":
         ps += dense("classifier", H, c.num_labels, "hidden", "classes")
     elif head == "ForQuestionAnswering":
+        if c.num_labels != 2:
+            # qa_outputs' two columns are the start and end logits.
+            raise ValueError(f"ElectraForQuestionAnswering needs num_labels=2 (start, end), got {c.num_labels}")
         ps += dense("qa_outputs", H, c.num_labels, "hidden", "classes")
     else:
         raise ValueError(f"Electra has no head {head!r}; heads: {list(HEADS)}")

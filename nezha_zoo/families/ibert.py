@@ -1,4 +1,4 @@
-"""I-BERT: config (the parameter spec is declared later).
+"""I-BERT: config and parameter spec.
 
 Architecture (transformers 4.57.6 ``models/ibert/modeling_ibert.py``): RoBERTa (post-LN, padding-
 aware position ids, head classes hold the base model under ``ibert``) whose embeddings, linear
@@ -27,9 +27,11 @@ from nezha_zoo.config import (
     positive_int,
     probability,
 )
+from nezha_zoo.spec.blocks import classification_head, dense, embedding, layer_norm, pooler, roberta_lm_head
+from nezha_zoo.spec.param import Kind, ModelSpec, Param, prefixed
 from nezha_zoo.spec.registry import Family, register_family
 
-__all__ = ["IBertConfig", "IBERT", "FORCE_DEQUANT"]
+__all__ = ["IBertConfig", "ibert_spec", "IBERT", "FORCE_DEQUANT", "HEADS_WITH_POOLER", "ACT_RANGE_INIT"]
 
 HEADS = (
     "Model",
@@ -104,6 +106,127 @@ class IBertConfig(PretrainedConfig):
         check_index(self, "pad_token_id", "max_position_embeddings", required=True)
 
 
+#: Heads whose base model has the pooler; the others build ``IBertModel(add_pooling_layer=False)``.
+HEADS_WITH_POOLER = ("Model", "ForMultipleChoice")
+
+#: transformers' ``QuantAct`` starts its running range at ``x_min = -1e-5``, ``x_max = +1e-5`` (float32),
+#: so that an uncalibrated scaling factor is never a division by zero.
+ACT_RANGE_INIT = 1e-5
+
+# --- quantization state (persistent buffers of transformers' quant_modules.py) ---------------------
+# Every buffer is float32 in transformers' state dict, the "integer" ones included.
+
+
+def _buffer(name: str, shape: tuple[int, ...], axes: tuple[str, ...], init_value: float | None = None) -> Param:
+    return Param(name, shape, axes, Kind.BUFFER, init_value=init_value)
+
+
+def _quant_act(name: str) -> list[Param]:
+    """``QuantAct``: running activation range (EMA, updated in training) and its scaling factor."""
+    return [
+        _buffer(f"{name}.x_min", (1,), ("scalar",), -ACT_RANGE_INIT),
+        _buffer(f"{name}.x_max", (1,), ("scalar",), ACT_RANGE_INIT),
+        _buffer(f"{name}.act_scaling_factor", (1,), ("scalar",)),
+    ]
+
+
+def _quant_embedding(name: str, rows: int, dim: int, row_axis: str, padding_idx: int | None = None) -> list[Param]:
+    """``QuantEmbedding``: the table, its per-tensor scale and its integer image."""
+    ps = embedding(name, rows, dim, row_axis, padding_idx=padding_idx)
+    ps.append(_buffer(f"{name}.weight_scaling_factor", (1,), ("scalar",)))
+    ps.append(_buffer(f"{name}.weight_integer", (rows, dim), (row_axis, "embed")))
+    return ps
+
+
+def _quant_linear(name: str, in_dim: int, out_dim: int, in_axis: str, out_axis: str) -> list[Param]:
+    """``QuantLinear``: weight and bias, the integer weight, per-output-channel scale, integer bias."""
+    ps = dense(name, in_dim, out_dim, in_axis, out_axis)
+    ps.append(_buffer(f"{name}.weight_integer", (out_dim, in_dim), (out_axis, in_axis)))
+    ps.append(_buffer(f"{name}.fc_scaling_factor", (out_dim,), (out_axis,)))
+    ps.append(_buffer(f"{name}.bias_integer", (out_dim,), (out_axis,)))
+    return ps
+
+
+def _int_layer_norm(name: str, dim: int) -> list[Param]:
+    """``IntLayerNorm``: weight and bias, the dynamic right ``shift``, the output ``activation``."""
+    ps = layer_norm(name, dim)
+    ps.append(_buffer(f"{name}.shift", (1,), ("scalar",)))
+    ps += _quant_act(f"{name}.activation")
+    return ps
+
+
+def _layer(p: str, H: int, inter: int) -> list[Param]:
+    ps: list[Param] = []
+    att = f"{p}.attention.self"
+    for proj in ("query", "key", "value"):
+        ps += _quant_linear(f"{att}.{proj}", H, H, "hidden", "kv")
+    for act in ("query_activation", "key_activation", "value_activation", "output_activation", "softmax.act"):
+        ps += _quant_act(f"{att}.{act}")
+    out = f"{p}.attention.output"
+    ps += _quant_linear(f"{out}.dense", H, H, "kv", "hidden")
+    ps += _quant_act(f"{out}.ln_input_act")
+    ps += _int_layer_norm(f"{out}.LayerNorm", H)
+    ps += _quant_act(f"{out}.output_activation")
+    ps += _quant_linear(f"{p}.intermediate.dense", H, inter, "hidden", "mlp")
+    ps += _quant_act(f"{p}.intermediate.output_activation")
+    ps += _quant_linear(f"{p}.output.dense", inter, H, "mlp", "hidden")
+    ps += _quant_act(f"{p}.output.ln_input_act")
+    ps += _int_layer_norm(f"{p}.output.LayerNorm", H)
+    ps += _quant_act(f"{p}.output.output_activation")
+    ps += _quant_act(f"{p}.pre_intermediate_act")
+    ps += _quant_act(f"{p}.pre_output_act")
+    return ps
+
+
+def _base(c: IBertConfig, with_pooler: bool) -> list[Param]:
+    H = c.hidden_size
+    ps = _quant_embedding("embeddings.word_embeddings", c.vocab_size, H, "vocab", c.pad_token_id)
+    ps += _quant_embedding("embeddings.token_type_embeddings", c.type_vocab_size, H, "token_type")
+    ps += _quant_embedding("embeddings.position_embeddings", c.max_position_embeddings, H, "position", c.pad_token_id)
+    # embeddings_act2 is built (and saved) by transformers but never applied.
+    ps += _quant_act("embeddings.embeddings_act1")
+    ps += _quant_act("embeddings.embeddings_act2")
+    ps += _int_layer_norm("embeddings.LayerNorm", H)
+    ps += _quant_act("embeddings.output_activation")
+    for i in range(c.num_hidden_layers):
+        ps += _layer(f"encoder.layer.{i}", H, c.intermediate_size)
+    if with_pooler:
+        ps += pooler("", H)  # float nn.Linear, no quantization state
+    return ps
+
+
+def ibert_spec(c: IBertConfig, head: str = "Model") -> ModelSpec:
+    """All tensors of ``IBert<head>`` for config ``c``: parameters and the persistent quantization buffers.
+
+    The heads and the pooler are plain float layers (no quantization state).
+    """
+    if head not in HEADS:
+        raise ValueError(f"I-BERT has no head {head!r}; heads: {list(HEADS)}")
+    H = c.hidden_size
+    legacy = ("embeddings.position_ids",)
+    base = _base(c, head in HEADS_WITH_POOLER)
+    if head == "Model":
+        return ModelSpec("ibert", head, "", tuple(base), ignored=legacy)
+    ps = prefixed("ibert", base)
+    ties: dict[str, str] = {}
+    if head == "ForMaskedLM":
+        ps += roberta_lm_head("lm_head", H, c.vocab_size)
+        if c.tie_word_embeddings:
+            ties["lm_head.decoder.weight"] = "ibert.embeddings.word_embeddings.weight"
+        else:
+            ps += dense("lm_head.decoder", H, c.vocab_size, "hidden", "vocab", bias=False)
+        ties["lm_head.decoder.bias"] = "lm_head.bias"
+    elif head == "ForSequenceClassification":
+        ps += classification_head("classifier", H, c.num_labels)
+    elif head == "ForMultipleChoice":
+        ps += dense("classifier", H, 1, "hidden", "classes")
+    elif head == "ForTokenClassification":
+        ps += dense("classifier", H, c.num_labels, "hidden", "classes")
+    elif head == "ForQuestionAnswering":
+        ps += dense("qa_outputs", H, c.num_labels, "hidden", "classes")
+    return ModelSpec("ibert", head, "ibert", tuple(ps), ties, ignored=tuple(f"ibert.{k}" for k in legacy))
+
+
 IBERT = register_family(
     Family(
         key="ibert",
@@ -112,6 +235,6 @@ IBERT = register_family(
         config_class=IBertConfig,
         base_prefix="ibert",
         heads=HEADS,
-        spec=None,
+        spec=ibert_spec,
     )
 )

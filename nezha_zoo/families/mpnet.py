@@ -1,4 +1,4 @@
-"""MPNet: config (the parameter spec is declared later).
+"""MPNet: config and parameter spec.
 
 Architecture (transformers 4.57.6 ``models/mpnet/modeling_mpnet.py``): a post-LN encoder over word +
 position embeddings (no token types), attention projections named ``q``/``k``/``v``/``o``, and one
@@ -20,9 +20,20 @@ from nezha_zoo.config import (
     positive_int,
     probability,
 )
+from nezha_zoo.spec.blocks import (
+    MPNET_NAMES,
+    bert_encoder,
+    classification_head,
+    dense,
+    embedding,
+    layer_norm,
+    pooler,
+    roberta_lm_head,
+)
+from nezha_zoo.spec.param import ModelSpec, Param, prefixed
 from nezha_zoo.spec.registry import Family, register_family
 
-__all__ = ["MPNetConfig", "MPNET"]
+__all__ = ["MPNetConfig", "mpnet_spec", "MPNET", "HEADS_WITH_POOLER"]
 
 HEADS = (
     "Model",
@@ -99,6 +110,55 @@ class MPNetConfig(PretrainedConfig):
                 )
 
 
+#: Heads whose base model has the pooler; the others build ``MPNetModel(add_pooling_layer=False)``.
+HEADS_WITH_POOLER = ("Model", "ForMultipleChoice")
+
+
+def _base(c: MPNetConfig, with_pooler: bool) -> list[Param]:
+    H = c.hidden_size
+    pad = EMBEDDING_PADDING_IDX
+    ps = embedding("embeddings.word_embeddings", c.vocab_size, H, "vocab", padding_idx=pad)
+    ps += embedding("embeddings.position_embeddings", c.max_position_embeddings, H, "position", padding_idx=pad)
+    ps += layer_norm("embeddings.LayerNorm", H)
+    ps += bert_encoder("encoder", c.num_hidden_layers, H, c.intermediate_size, MPNET_NAMES)
+    # One relative-attention bias table shared by every layer.
+    ps += embedding(
+        "encoder.relative_attention_bias", c.relative_attention_num_buckets, c.num_attention_heads, "buckets", "heads"
+    )
+    if with_pooler:
+        ps += pooler("", H)
+    return ps
+
+
+def mpnet_spec(c: MPNetConfig, head: str = "Model") -> ModelSpec:
+    """All parameters of ``MPNet<head>`` for config ``c`` (transformers 4.57.6 state-dict names)."""
+    if head not in HEADS:
+        raise ValueError(f"MPNet has no head {head!r}; heads: {list(HEADS)}")
+    H = c.hidden_size
+    legacy = ("embeddings.position_ids",)
+    base = _base(c, head in HEADS_WITH_POOLER)
+    if head == "Model":
+        return ModelSpec("mpnet", head, "", tuple(base), ignored=legacy)
+    ps = prefixed("mpnet", base)
+    ties: dict[str, str] = {}
+    if head == "ForMaskedLM":
+        ps += roberta_lm_head("lm_head", H, c.vocab_size)
+        if c.tie_word_embeddings:
+            ties["lm_head.decoder.weight"] = "mpnet.embeddings.word_embeddings.weight"
+        else:
+            ps += dense("lm_head.decoder", H, c.vocab_size, "hidden", "vocab", bias=False)
+        ties["lm_head.decoder.bias"] = "lm_head.bias"
+    elif head == "ForSequenceClassification":
+        ps += classification_head("classifier", H, c.num_labels)
+    elif head == "ForMultipleChoice":
+        ps += dense("classifier", H, 1, "hidden", "classes")
+    elif head == "ForTokenClassification":
+        ps += dense("classifier", H, c.num_labels, "hidden", "classes")
+    elif head == "ForQuestionAnswering":
+        ps += dense("qa_outputs", H, c.num_labels, "hidden", "classes")
+    return ModelSpec("mpnet", head, "mpnet", tuple(ps), ties, ignored=tuple(f"mpnet.{k}" for k in legacy))
+
+
 MPNET = register_family(
     Family(
         key="mpnet",
@@ -107,6 +167,6 @@ MPNET = register_family(
         config_class=MPNetConfig,
         base_prefix="mpnet",
         heads=HEADS,
-        spec=None,
+        spec=mpnet_spec,
     )
 )

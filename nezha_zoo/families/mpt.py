@@ -1,4 +1,4 @@
-"""MPT: config with its nested attention config (the parameter spec is declared later).
+"""MPT: config with its nested attention config, and the parameter spec.
 
 Architecture (transformers 4.57.6 ``models/mpt/modeling_mpt.py``): a decoder-only pre-LN transformer
 with no position embeddings (ALiBi biases instead), bias-free linear layers, weight-only LayerNorms
@@ -8,7 +8,10 @@ transformers' modelling code reads only some of these fields: the MLP is always 
 whatever ``expansion_ratio`` says, linear layers never have a bias whatever ``no_bias`` says, and of
 ``attn_config`` only ``attn_pdrop``, ``softmax_scale`` and ``clip_qkv`` change the numbers (ALiBi is
 always on with a maximum bias of 8).  The other fields are kept, validated and written back so that
-``config.json`` files round-trip; the backends follow transformers' numerics.
+``config.json`` files round-trip.  The parameter spec (:func:`mpt_spec`) honours the four that change
+which tensors exist, as MosaicML's llm-foundry does: ``no_bias``, ``expansion_ratio``,
+``attn_config.attn_type`` (multi-query) and ``attn_config.qk_ln``; at transformers' defaults it is
+exactly transformers' state dict.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from nezha_zoo.config import (
     probability,
     string,
 )
+from nezha_zoo.spec.blocks import dense, embedding, layer_norm
+from nezha_zoo.spec.param import ModelSpec, Param, prefixed
 from nezha_zoo.spec.registry import Family, register_family
 
-__all__ = ["MptConfig", "MptAttentionConfig", "MPT"]
+__all__ = ["MptConfig", "MptAttentionConfig", "mpt_spec", "MPT"]
 
 HEADS = (
     "Model",
@@ -55,7 +60,8 @@ class MptAttentionConfig:
 
     Args:
         attn_type (str): ``"multihead_attention"`` or ``"multiquery_attention"`` (transformers'
-            MPT computes multi-head attention either way).
+            MPT computes multi-head attention either way; the spec gives multi-query attention
+            llm-foundry's ``(d_model + 2 * head_dim, d_model)`` ``Wqkv``).
         attn_pdrop (float): dropout on attention probabilities (transformers' MPT also uses it on the
             residual branches).
         attn_impl (str): ``"torch"``, ``"flash"`` or ``"triton"`` (an llm-foundry setting; the
@@ -63,7 +69,8 @@ class MptAttentionConfig:
         clip_qkv (float | None): clamp the fused query/key/value projection to ``+-clip_qkv``.
         softmax_scale (float | None): attention score scale; ``1 / sqrt(head_dim)`` when None.
         prefix_lm (bool): llm-foundry's prefix-LM flag (kept, not used by the computation).
-        qk_ln (bool): llm-foundry's query/key LayerNorm flag (kept, not used by the computation).
+        qk_ln (bool): llm-foundry's query/key LayerNorm flag (not used by transformers; the spec
+            declares llm-foundry's ``attn.q_ln`` / ``attn.k_ln``).
         attn_uses_sequence_id (bool): llm-foundry's sequence-id masking flag (kept, not used).
         alibi (bool): whether ALiBi biases are used.
         alibi_bias_max (int): maximum ALiBi bias exponent.
@@ -181,7 +188,8 @@ class MptConfig(PretrainedConfig):
         d_model (int): width of the embeddings and hidden states.
         n_heads (int): attention heads per layer; must divide ``d_model``.
         n_layers (int): decoder layers.
-        expansion_ratio (int): llm-foundry's MLP width ratio (transformers always uses 4).
+        expansion_ratio (int): llm-foundry's MLP width ratio (transformers always uses 4; the spec
+            follows llm-foundry).
         max_seq_len (int): longest input; the ALiBi table is built for this many positions.
         vocab_size (int): token vocabulary size.
         resid_pdrop (float): llm-foundry's residual dropout (transformers uses ``attn_pdrop``).
@@ -192,8 +200,8 @@ class MptConfig(PretrainedConfig):
             None gives the defaults.  Written to ``config.json`` as a nested object.
         init_device (str | None): llm-foundry's initialisation device (kept for compatibility).
         logit_scale (float | str | None): llm-foundry's logit scale (kept, not used by transformers).
-        no_bias (bool): llm-foundry's flag for bias-free linear layers (transformers never adds
-            biases).
+        no_bias (bool): llm-foundry's flag for bias-free linear layers and LayerNorms (transformers
+            never adds biases; the spec follows llm-foundry).
         verbose (int): deprecated logging level (kept).
         embedding_fraction (float): llm-foundry's share of embedding gradients kept, in (0, 1].
         norm_type (str): llm-foundry's LayerNorm flavour (kept).
@@ -253,6 +261,73 @@ class MptConfig(PretrainedConfig):
         return self.d_model // self.n_heads
 
 
+def _block(p: str, c: MptConfig) -> list[Param]:
+    """One pre-LN block, with llm-foundry's names.
+
+    transformers' MPT is the MosaicML defaults (``no_bias=True``, ``expansion_ratio=4``, multi-head,
+    no ``qk_ln``); the other settings give the tensors llm-foundry's ``MPTBlock`` holds:
+
+    - ``no_bias=False``: every linear layer and every LayerNorm of the base model has a ``bias``.
+    - ``expansion_ratio``: ``ffn.up_proj`` is ``(expansion_ratio * d_model, d_model)``.
+    - ``attn_type="multiquery_attention"``: one key/value head, so ``attn.Wqkv`` is
+      ``(d_model + 2 * head_dim, d_model)`` (query, key, value rows in that order).
+    - ``qk_ln``: ``attn.q_ln`` over ``d_model`` and ``attn.k_ln`` over the key width (``d_model``, or
+      ``head_dim`` for multi-query attention), applied to the query and key after ``Wqkv``.
+    """
+    d, ac = c.d_model, c.attn_config
+    bias = not c.no_bias
+    kv_width = c.head_dim if ac.attn_type == "multiquery_attention" else d
+    ps = layer_norm(f"{p}.norm_1", d, bias=bias)
+    ps += dense(f"{p}.attn.Wqkv", d, d + 2 * kv_width, "hidden", "qkv", bias=bias)
+    if ac.qk_ln:
+        ps += layer_norm(f"{p}.attn.q_ln", d, "kv", bias=bias)
+        ps += layer_norm(f"{p}.attn.k_ln", kv_width, "kv", bias=bias)
+    ps += dense(f"{p}.attn.out_proj", d, d, "kv", "hidden", bias=bias)
+    ps += layer_norm(f"{p}.norm_2", d, bias=bias)
+    ps += dense(f"{p}.ffn.up_proj", d, c.expansion_ratio * d, "hidden", "mlp", bias=bias)
+    ps += dense(f"{p}.ffn.down_proj", c.expansion_ratio * d, d, "mlp", "hidden", bias=bias)
+    return ps
+
+
+def _base(c: MptConfig) -> list[Param]:
+    # No position table: ALiBi (llm-foundry's learned ``wpe`` exists only with alibi off, which neither
+    # transformers nor these backends implement; such a checkpoint reports ``wpe`` as unexpected).
+    ps = embedding("wte", c.vocab_size, c.d_model, "vocab")
+    for i in range(c.n_layers):
+        ps += _block(f"blocks.{i}", c)
+    ps += layer_norm("norm_f", c.d_model, bias=not c.no_bias)
+    return ps
+
+
+def mpt_spec(c: MptConfig, head: str = "Model") -> ModelSpec:
+    """All parameters of ``Mpt<head>`` for config ``c``.
+
+    At transformers' defaults the names and shapes are transformers 4.57.6's state dict; the MosaicML
+    settings transformers ignores are honoured as in llm-foundry (see :func:`_block`).  The heads are
+    transformers' and do not depend on ``no_bias``.
+    """
+    if head not in HEADS:
+        raise ValueError(f"MPT has no head {head!r}; heads: {list(HEADS)}")
+    d = c.d_model
+    if head == "Model":
+        return ModelSpec("mpt", head, "", tuple(_base(c)))
+    ps = prefixed("transformer", _base(c))
+    ties: dict[str, str] = {}
+    if head == "ForCausalLM":
+        if c.tie_word_embeddings:
+            ties["lm_head.weight"] = "transformer.wte.weight"
+        else:
+            ps += dense("lm_head", d, c.vocab_size, "hidden", "vocab", bias=False)
+    elif head == "ForSequenceClassification":
+        ps += dense("score", d, c.num_labels, "hidden", "classes", bias=False)
+    elif head == "ForTokenClassification":
+        ps += dense("classifier", d, c.num_labels, "hidden", "classes")
+    elif head == "ForQuestionAnswering":
+        # transformers' MptForQuestionAnswering is Linear(d_model, 2) whatever num_labels says.
+        ps += dense("qa_outputs", d, 2, "hidden", "classes")
+    return ModelSpec("mpt", head, "transformer", tuple(ps), ties)
+
+
 MPT = register_family(
     Family(
         key="mpt",
@@ -261,6 +336,6 @@ MPT = register_family(
         config_class=MptConfig,
         base_prefix="transformer",
         heads=HEADS,
-        spec=None,
+        spec=mpt_spec,
     )
 )

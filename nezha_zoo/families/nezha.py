@@ -1,4 +1,4 @@
-"""Nezha: config (the parameter spec is declared later).
+"""Nezha: config and parameter spec.
 
 Architecture (transformers 4.57.6 ``models/deprecated/nezha/modeling_nezha.py``): a BERT post-LN
 encoder whose embeddings have word and token-type tables only -- no absolute position table, so no
@@ -23,9 +23,11 @@ from nezha_zoo.config import (
     positive_int,
     probability,
 )
+from nezha_zoo.spec.blocks import bert_encoder, dense, embedding, layer_norm, pooler
+from nezha_zoo.spec.param import Kind, ModelSpec, Param, prefixed
 from nezha_zoo.spec.registry import Family, register_family
 
-__all__ = ["NezhaConfig", "NEZHA"]
+__all__ = ["NezhaConfig", "nezha_spec", "NEZHA", "HEADS_WITH_POOLER"]
 
 HEADS = (
     "Model",
@@ -98,6 +100,71 @@ class NezhaConfig(PretrainedConfig):
         check_index(self, "pad_token_id", "vocab_size")
 
 
+#: Heads whose base model has the pooler; the others build ``NezhaModel(add_pooling_layer=False)``.
+HEADS_WITH_POOLER = (
+    "Model",
+    "ForPreTraining",
+    "ForNextSentencePrediction",
+    "ForSequenceClassification",
+    "ForMultipleChoice",
+)
+
+#: Tensors older checkpoints may carry that hold nothing: the sinusoidal relative-position table is
+#: computed from the config (transformers 4.57.6 keeps it as a non-persistent buffer), and
+#: ``position_ids`` is a legacy BERT buffer (Nezha has no absolute positions).
+_LEGACY = ("encoder.layer.*.self.relative_positions_encoding.positions_encoding", "embeddings.position_ids")
+
+
+def _base(c: NezhaConfig, with_pooler: bool) -> list[Param]:
+    H = c.hidden_size
+    ps = embedding("embeddings.word_embeddings", c.vocab_size, H, "vocab", padding_idx=c.pad_token_id)
+    ps += embedding("embeddings.token_type_embeddings", c.type_vocab_size, H, "token_type")
+    ps += layer_norm("embeddings.LayerNorm", H)
+    ps += bert_encoder("encoder", c.num_hidden_layers, H, c.intermediate_size, cross_attention=c.add_cross_attention)
+    if with_pooler:
+        ps += pooler("", H)
+    return ps
+
+
+def _mlm_head(c: NezhaConfig, ties: dict[str, str]) -> list[Param]:
+    """``cls.predictions``: transform (dense, LayerNorm), decoder tied to the word embeddings, bias."""
+    H = c.hidden_size
+    ps = dense("cls.predictions.transform.dense", H, H, "hidden", "hidden")
+    ps += layer_norm("cls.predictions.transform.LayerNorm", H)
+    ps.append(Param("cls.predictions.bias", (c.vocab_size,), ("vocab",), Kind.BIAS))
+    if c.tie_word_embeddings:
+        ties["cls.predictions.decoder.weight"] = "nezha.embeddings.word_embeddings.weight"
+    else:
+        ps += dense("cls.predictions.decoder", H, c.vocab_size, "hidden", "vocab", bias=False)
+    # transformers makes decoder.bias the very Parameter cls.predictions.bias (save_pretrained keeps
+    # only cls.predictions.bias).
+    ties["cls.predictions.decoder.bias"] = "cls.predictions.bias"
+    return ps
+
+
+def nezha_spec(c: NezhaConfig, head: str = "Model") -> ModelSpec:
+    """All parameters of ``Nezha<head>`` for config ``c`` (transformers 4.57.6 state-dict names)."""
+    if head not in HEADS:
+        raise ValueError(f"Nezha has no head {head!r}; heads: {list(HEADS)}")
+    H = c.hidden_size
+    base = _base(c, head in HEADS_WITH_POOLER)
+    if head == "Model":
+        return ModelSpec("nezha", head, "", tuple(base), ignored=_LEGACY)
+    ps = prefixed("nezha", base)
+    ties: dict[str, str] = {}
+    if head in ("ForPreTraining", "ForMaskedLM"):
+        ps += _mlm_head(c, ties)
+    if head in ("ForPreTraining", "ForNextSentencePrediction"):
+        ps += dense("cls.seq_relationship", H, 2, "hidden", "classes")
+    elif head in ("ForSequenceClassification", "ForTokenClassification"):
+        ps += dense("classifier", H, c.num_labels, "hidden", "classes")
+    elif head == "ForMultipleChoice":
+        ps += dense("classifier", H, 1, "hidden", "classes")
+    elif head == "ForQuestionAnswering":
+        ps += dense("qa_outputs", H, c.num_labels, "hidden", "classes")
+    return ModelSpec("nezha", head, "nezha", tuple(ps), ties, ignored=tuple(f"nezha.{k}" for k in _LEGACY))
+
+
 NEZHA = register_family(
     Family(
         key="nezha",
@@ -106,6 +173,6 @@ NEZHA = register_family(
         config_class=NezhaConfig,
         base_prefix="nezha",
         heads=HEADS,
-        spec=None,
+        spec=nezha_spec,
     )
 )

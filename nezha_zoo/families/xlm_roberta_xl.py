@@ -1,4 +1,4 @@
-"""XLM-RoBERTa-XL: config (the parameter spec is declared later).
+"""XLM-RoBERTa-XL: config and parameter spec.
 
 Architecture (transformers 4.57.6 ``models/xlm_roberta_xl/modeling_xlm_roberta_xl.py``): RoBERTa
 with pre-LayerNorm blocks -- ``attention.self_attn_layer_norm`` before self-attention and the layer's
@@ -24,9 +24,26 @@ from nezha_zoo.config import (
     positive_int,
     probability,
 )
+from nezha_zoo.spec.blocks import (
+    XLM_ROBERTA_XL_NAMES,
+    bert_encoder,
+    classification_head,
+    dense,
+    embedding,
+    layer_norm,
+    pooler,
+    roberta_lm_head,
+)
+from nezha_zoo.spec.param import ModelSpec, Param, prefixed
 from nezha_zoo.spec.registry import Family, register_family
 
-__all__ = ["XLMRobertaXLConfig", "XLM_ROBERTA_XL", "POSITION_EMBEDDING_TYPES"]
+__all__ = [
+    "XLMRobertaXLConfig",
+    "xlm_roberta_xl_spec",
+    "XLM_ROBERTA_XL",
+    "POSITION_EMBEDDING_TYPES",
+    "HEADS_WITH_POOLER",
+]
 
 HEADS = (
     "Model",
@@ -104,6 +121,59 @@ class XLMRobertaXLConfig(PretrainedConfig):
         check_index(self, "pad_token_id", "max_position_embeddings", required=True)
 
 
+#: Heads whose base model has the pooler; the others build ``XLMRobertaXLModel(add_pooling_layer=False)``.
+HEADS_WITH_POOLER = ("Model", "ForMultipleChoice")
+
+
+def _base(c: XLMRobertaXLConfig, with_pooler: bool) -> list[Param]:
+    H = c.hidden_size
+    ps = embedding("embeddings.word_embeddings", c.vocab_size, H, "vocab", padding_idx=c.pad_token_id)
+    ps += embedding(
+        "embeddings.position_embeddings", c.max_position_embeddings, H, "position", padding_idx=c.pad_token_id
+    )
+    ps += embedding("embeddings.token_type_embeddings", c.type_vocab_size, H, "token_type")
+    # No embedding LayerNorm: pre-LN layers, then the final encoder.LayerNorm.
+    ps += bert_encoder(
+        "encoder", c.num_hidden_layers, H, c.intermediate_size, XLM_ROBERTA_XL_NAMES, c.add_cross_attention
+    )
+    ps += layer_norm("encoder.LayerNorm", H)
+    if with_pooler:
+        ps += pooler("", H)
+    return ps
+
+
+def xlm_roberta_xl_spec(c: XLMRobertaXLConfig, head: str = "Model") -> ModelSpec:
+    """All parameters of ``XLMRobertaXL<head>`` for config ``c`` (transformers 4.57.6 state-dict names)."""
+    if head not in HEADS:
+        raise ValueError(f"XLM-RoBERTa-XL has no head {head!r}; heads: {list(HEADS)}")
+    H = c.hidden_size
+    legacy = ("embeddings.position_ids",)
+    base = _base(c, head in HEADS_WITH_POOLER)
+    if head == "Model":
+        return ModelSpec("xlm_roberta_xl", head, "", tuple(base), ignored=legacy)
+    ps = prefixed("roberta", base)
+    ties: dict[str, str] = {}
+    if head in ("ForCausalLM", "ForMaskedLM"):
+        ps += roberta_lm_head("lm_head", H, c.vocab_size)
+        if c.tie_word_embeddings:
+            ties["lm_head.decoder.weight"] = "roberta.embeddings.word_embeddings.weight"
+        else:
+            ps += dense("lm_head.decoder", H, c.vocab_size, "hidden", "vocab", bias=False)
+        # lm_head.decoder.bias is the very Parameter lm_head.bias in transformers.
+        ties["lm_head.decoder.bias"] = "lm_head.bias"
+    elif head == "ForSequenceClassification":
+        ps += classification_head("classifier", H, c.num_labels)
+    elif head == "ForMultipleChoice":
+        ps += dense("classifier", H, 1, "hidden", "classes")
+    elif head == "ForTokenClassification":
+        ps += dense("classifier", H, c.num_labels, "hidden", "classes")
+    elif head == "ForQuestionAnswering":
+        ps += dense("qa_outputs", H, c.num_labels, "hidden", "classes")
+    return ModelSpec(
+        "xlm_roberta_xl", head, "roberta", tuple(ps), ties, ignored=tuple(f"roberta.{k}" for k in legacy)
+    )
+
+
 XLM_ROBERTA_XL = register_family(
     Family(
         key="xlm_roberta_xl",
@@ -112,6 +182,6 @@ XLM_ROBERTA_XL = register_family(
         config_class=XLMRobertaXLConfig,
         base_prefix="roberta",
         heads=HEADS,
-        spec=None,
+        spec=xlm_roberta_xl_spec,
     )
 )

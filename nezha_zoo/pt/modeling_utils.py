@@ -121,17 +121,15 @@ class PreTrainedModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Fresh weights: N(0, initializer_range), zeros or ones per ``Param.init``; padding row zero."""
+        """Fresh weights: N(0, initializer_range) or the ``Param.fill_value`` constant; padding row zero."""
         std = self.config.initializer_range
         tensors = self._tensors()
         for p in self.model_spec():
             t = tensors[LAYOUT.key(p)]
             if p.init is Init.NORMAL:
                 t.normal_(mean=0.0, std=std)
-            elif p.init is Init.ONES:
-                t.fill_(1.0)
             else:
-                t.zero_()
+                t.fill_(p.fill_value)
             if p.padding_idx is not None:
                 t[p.padding_idx].zero_()
 

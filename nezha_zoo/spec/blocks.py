@@ -20,6 +20,10 @@ __all__ = [
     "bert_layer",
     "bert_encoder",
     "pooler",
+    "XLM_ROBERTA_XL_NAMES",
+    "MPNET_NAMES",
+    "roberta_lm_head",
+    "classification_head",
 ]
 
 
@@ -64,6 +68,25 @@ class BertLayerNames:
     output: str = "output.dense"
     out_norm: str | None = "output.LayerNorm"  # post-LN after the FFN
     pre_ffn_norm: str | None = None  # pre-LN before the FFN (XLM-R-XL)
+
+
+#: XLM-RoBERTa-XL: pre-LN.  ``attention.self_attn_layer_norm`` before self-attention (and
+#: ``crossattention.self_attn_layer_norm`` before cross-attention), the layer's own ``LayerNorm`` before
+#: the feed-forward, no norm after either residual add.
+XLM_ROBERTA_XL_NAMES = BertLayerNames(
+    attn_norm=None, pre_attn_norm="attention.self_attn_layer_norm", out_norm=None, pre_ffn_norm="LayerNorm"
+)
+
+#: MPNet: projections ``q``/``k``/``v`` and the output projection ``o`` all inside ``attention.attn``;
+#: the post-attention norm is ``attention.LayerNorm``.  (MPNet has no decoder, so no cross-attention.)
+MPNET_NAMES = BertLayerNames(
+    self_attn="attention.attn",
+    query="q",
+    key="k",
+    value="v",
+    attn_out="attention.attn.o",
+    attn_norm="attention.LayerNorm",
+)
 
 
 def bert_attention(prefix: str, hidden: int, names: BertLayerNames, kv_hidden: int | None = None) -> list[Param]:
@@ -136,3 +159,23 @@ def bert_encoder(
 
 def pooler(prefix: str, hidden: int) -> list[Param]:
     return dense(_join(prefix, "pooler.dense"), hidden, hidden, "hidden", "hidden")
+
+
+def roberta_lm_head(prefix: str, hidden: int, vocab: int) -> list[Param]:
+    """RoBERTa-style masked-LM head: ``dense``, ``layer_norm`` and the output ``bias``.
+
+    The ``decoder`` projection is not declared here: its weight is the word-embedding table and its
+    bias is ``<prefix>.bias`` (transformers ties ``decoder.bias`` to it); families declare both as
+    ties, or the weight as its own param when the embeddings are untied.
+    """
+    ps = dense(_join(prefix, "dense"), hidden, hidden, "hidden", "hidden")
+    ps += layer_norm(_join(prefix, "layer_norm"), hidden)
+    ps.append(Param(_join(prefix, "bias"), (vocab,), ("vocab",), Kind.BIAS))
+    return ps
+
+
+def classification_head(prefix: str, hidden: int, num_labels: int) -> list[Param]:
+    """RoBERTa-style sentence classifier: ``dense`` (hidden -> hidden) then ``out_proj`` (-> labels)."""
+    ps = dense(_join(prefix, "dense"), hidden, hidden, "hidden", "hidden")
+    ps += dense(_join(prefix, "out_proj"), hidden, num_labels, "hidden", "classes")
+    return ps

@@ -54,6 +54,7 @@ class Init(str, enum.Enum):
     NORMAL = "normal"  # N(0, initializer_range)
     ZEROS = "zeros"
     ONES = "ones"
+    CONSTANT = "constant"  # every element Param.init_value (e.g. I-BERT's x_min = -1e-5)
 
 
 _DEFAULT_INIT = {
@@ -78,6 +79,8 @@ class Param:
         init: initialisation rule; defaults from the kind.
         dtype: storage dtype name.
         padding_idx: for embeddings, a row initialised to zero (transformers' ``padding_idx``).
+        init_value: the fill value of an ``Init.CONSTANT`` param (giving it alone implies
+            ``Init.CONSTANT``); None for every other rule.
     """
 
     name: str
@@ -87,6 +90,7 @@ class Param:
     init: Init | None = None
     dtype: str = "float32"
     padding_idx: int | None = None
+    init_value: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.shape) != len(self.axes):
@@ -97,7 +101,15 @@ class Param:
         if any(d <= 0 for d in self.shape):
             raise ValueError(f"{self.name}: non-positive dimension in {self.shape}")
         if self.init is None:
-            object.__setattr__(self, "init", _DEFAULT_INIT[self.kind])
+            default = Init.CONSTANT if self.init_value is not None else _DEFAULT_INIT[self.kind]
+            object.__setattr__(self, "init", default)
+        if (self.init is Init.CONSTANT) != (self.init_value is not None):
+            raise ValueError(f"{self.name}: init_value is given exactly when init is Init.CONSTANT")
+
+    @property
+    def fill_value(self) -> float | None:
+        """The constant a fresh tensor is filled with (None for ``Init.NORMAL``)."""
+        return {Init.NORMAL: None, Init.ZEROS: 0.0, Init.ONES: 1.0}.get(self.init, self.init_value)
 
     @property
     def module(self) -> str:

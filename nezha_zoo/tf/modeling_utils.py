@@ -213,12 +213,8 @@ class TFPreTrainedModel(keras.Model):
                 if p.padding_idx is not None:
                     value[p.padding_idx] = 0.0
                 value = KERAS_LAYOUT.to_stored(p, value)
-            elif p.init is Init.ONES:
-                value = np.ones(shape, np.float32)
-            elif getattr(p, "init_value", None) is not None:  # Init.CONSTANT (e.g. quantization state)
-                value = np.full(shape, p.init_value, np.float32)
             else:
-                value = np.zeros(shape, np.float32)
+                value = np.full(shape, p.fill_value, np.float32)
             var.assign(value)
 
     # -- checkpoints -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ def _tiny(embedding_size: int, cross: bool, **kw) -> ElectraConfig:
     return ElectraConfig(
         vocab_size=37, embedding_size=embedding_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=24, max_position_embeddings=20, type_vocab_size=3, is_decoder=cross,
-        add_cross_attention=cross, num_labels=3, **kw,
+        add_cross_attention=cross, num_labels=2, **kw,  # QA needs exactly 2
     )
 
 
@@ -71,7 +71,7 @@ def test_electra_spec_via_registry_matches_function():
 def test_electra_summary_proj_to_labels_changes_summary_width():
     c = _tiny(8, False, summary_proj_to_labels=True)
     spec = electra_spec(c, "ForMultipleChoice")
-    assert spec["sequence_summary.summary.weight"].shape == (3, 16)
+    assert spec["sequence_summary.summary.weight"].shape == (2, 16)
 
 
 def test_electra_spec_rejects_unknown_head():
