@@ -27,8 +27,8 @@ from nezha_zoo.config import (
     positive_int,
     probability,
 )
-from nezha_zoo.spec.blocks import classification_head, dense, embedding, layer_norm, pooler, roberta_lm_head
-from nezha_zoo.spec.param import Kind, ModelSpec, Param, prefixed
+from nezha_zoo.spec.blocks import dense, embedding, layer_norm, pooler, roberta_family_spec
+from nezha_zoo.spec.param import Kind, ModelSpec, Param
 from nezha_zoo.spec.registry import Family, register_family
 
 __all__ = ["IBertConfig", "ibert_spec", "IBERT", "FORCE_DEQUANT", "HEADS_WITH_POOLER", "ACT_RANGE_INIT"]
@@ -200,31 +200,7 @@ def ibert_spec(c: IBertConfig, head: str = "Model") -> ModelSpec:
 
     The heads and the pooler are plain float layers (no quantization state).
     """
-    if head not in HEADS:
-        raise ValueError(f"I-BERT has no head {head!r}; heads: {list(HEADS)}")
-    H = c.hidden_size
-    legacy = ("embeddings.position_ids",)
-    base = _base(c, head in HEADS_WITH_POOLER)
-    if head == "Model":
-        return ModelSpec("ibert", head, "", tuple(base), ignored=legacy)
-    ps = prefixed("ibert", base)
-    ties: dict[str, str] = {}
-    if head == "ForMaskedLM":
-        ps += roberta_lm_head("lm_head", H, c.vocab_size)
-        if c.tie_word_embeddings:
-            ties["lm_head.decoder.weight"] = "ibert.embeddings.word_embeddings.weight"
-        else:
-            ps += dense("lm_head.decoder", H, c.vocab_size, "hidden", "vocab", bias=False)
-        ties["lm_head.decoder.bias"] = "lm_head.bias"
-    elif head == "ForSequenceClassification":
-        ps += classification_head("classifier", H, c.num_labels)
-    elif head == "ForMultipleChoice":
-        ps += dense("classifier", H, 1, "hidden", "classes")
-    elif head == "ForTokenClassification":
-        ps += dense("classifier", H, c.num_labels, "hidden", "classes")
-    elif head == "ForQuestionAnswering":
-        ps += dense("qa_outputs", H, c.num_labels, "hidden", "classes")
-    return ModelSpec("ibert", head, "ibert", tuple(ps), ties, ignored=tuple(f"ibert.{k}" for k in legacy))
+    return roberta_family_spec("ibert", "ibert", c, head, HEADS, _base(c, head in HEADS_WITH_POOLER))
 
 
 IBERT = register_family(

@@ -23,14 +23,12 @@ from nezha_zoo.config import (
 from nezha_zoo.spec.blocks import (
     MPNET_NAMES,
     bert_encoder,
-    classification_head,
-    dense,
     embedding,
     layer_norm,
     pooler,
-    roberta_lm_head,
+    roberta_family_spec,
 )
-from nezha_zoo.spec.param import ModelSpec, Param, prefixed
+from nezha_zoo.spec.param import ModelSpec, Param
 from nezha_zoo.spec.registry import Family, register_family
 
 __all__ = ["MPNetConfig", "mpnet_spec", "MPNET", "HEADS_WITH_POOLER"]
@@ -132,31 +130,7 @@ def _base(c: MPNetConfig, with_pooler: bool) -> list[Param]:
 
 def mpnet_spec(c: MPNetConfig, head: str = "Model") -> ModelSpec:
     """All parameters of ``MPNet<head>`` for config ``c`` (transformers 4.57.6 state-dict names)."""
-    if head not in HEADS:
-        raise ValueError(f"MPNet has no head {head!r}; heads: {list(HEADS)}")
-    H = c.hidden_size
-    legacy = ("embeddings.position_ids",)
-    base = _base(c, head in HEADS_WITH_POOLER)
-    if head == "Model":
-        return ModelSpec("mpnet", head, "", tuple(base), ignored=legacy)
-    ps = prefixed("mpnet", base)
-    ties: dict[str, str] = {}
-    if head == "ForMaskedLM":
-        ps += roberta_lm_head("lm_head", H, c.vocab_size)
-        if c.tie_word_embeddings:
-            ties["lm_head.decoder.weight"] = "mpnet.embeddings.word_embeddings.weight"
-        else:
-            ps += dense("lm_head.decoder", H, c.vocab_size, "hidden", "vocab", bias=False)
-        ties["lm_head.decoder.bias"] = "lm_head.bias"
-    elif head == "ForSequenceClassification":
-        ps += classification_head("classifier", H, c.num_labels)
-    elif head == "ForMultipleChoice":
-        ps += dense("classifier", H, 1, "hidden", "classes")
-    elif head == "ForTokenClassification":
-        ps += dense("classifier", H, c.num_labels, "hidden", "classes")
-    elif head == "ForQuestionAnswering":
-        ps += dense("qa_outputs", H, c.num_labels, "hidden", "classes")
-    return ModelSpec("mpnet", head, "mpnet", tuple(ps), ties, ignored=tuple(f"mpnet.{k}" for k in legacy))
+    return roberta_family_spec("mpnet", "mpnet", c, head, HEADS, _base(c, head in HEADS_WITH_POOLER))
 
 
 MPNET = register_family(

@@ -27,14 +27,12 @@ from nezha_zoo.config import (
 from nezha_zoo.spec.blocks import (
     XLM_ROBERTA_XL_NAMES,
     bert_encoder,
-    classification_head,
-    dense,
     embedding,
     layer_norm,
     pooler,
-    roberta_lm_head,
+    roberta_family_spec,
 )
-from nezha_zoo.spec.param import ModelSpec, Param, prefixed
+from nezha_zoo.spec.param import ModelSpec, Param
 from nezha_zoo.spec.registry import Family, register_family
 
 __all__ = [
@@ -144,34 +142,7 @@ def _base(c: XLMRobertaXLConfig, with_pooler: bool) -> list[Param]:
 
 def xlm_roberta_xl_spec(c: XLMRobertaXLConfig, head: str = "Model") -> ModelSpec:
     """All parameters of ``XLMRobertaXL<head>`` for config ``c`` (transformers 4.57.6 state-dict names)."""
-    if head not in HEADS:
-        raise ValueError(f"XLM-RoBERTa-XL has no head {head!r}; heads: {list(HEADS)}")
-    H = c.hidden_size
-    legacy = ("embeddings.position_ids",)
-    base = _base(c, head in HEADS_WITH_POOLER)
-    if head == "Model":
-        return ModelSpec("xlm_roberta_xl", head, "", tuple(base), ignored=legacy)
-    ps = prefixed("roberta", base)
-    ties: dict[str, str] = {}
-    if head in ("ForCausalLM", "ForMaskedLM"):
-        ps += roberta_lm_head("lm_head", H, c.vocab_size)
-        if c.tie_word_embeddings:
-            ties["lm_head.decoder.weight"] = "roberta.embeddings.word_embeddings.weight"
-        else:
-            ps += dense("lm_head.decoder", H, c.vocab_size, "hidden", "vocab", bias=False)
-        # lm_head.decoder.bias is the very Parameter lm_head.bias in transformers.
-        ties["lm_head.decoder.bias"] = "lm_head.bias"
-    elif head == "ForSequenceClassification":
-        ps += classification_head("classifier", H, c.num_labels)
-    elif head == "ForMultipleChoice":
-        ps += dense("classifier", H, 1, "hidden", "classes")
-    elif head == "ForTokenClassification":
-        ps += dense("classifier", H, c.num_labels, "hidden", "classes")
-    elif head == "ForQuestionAnswering":
-        ps += dense("qa_outputs", H, c.num_labels, "hidden", "classes")
-    return ModelSpec(
-        "xlm_roberta_xl", head, "roberta", tuple(ps), ties, ignored=tuple(f"roberta.{k}" for k in legacy)
-    )
+    return roberta_family_spec("xlm_roberta_xl", "roberta", c, head, HEADS, _base(c, head in HEADS_WITH_POOLER))
 
 
 XLM_ROBERTA_XL = register_family(

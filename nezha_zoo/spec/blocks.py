@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nezha_zoo.spec.param import Kind, Param
+from nezha_zoo.spec.param import Kind, ModelSpec, Param, prefixed
 
 __all__ = [
     "dense",
@@ -24,6 +24,7 @@ __all__ = [
     "MPNET_NAMES",
     "roberta_lm_head",
     "classification_head",
+    "roberta_family_spec",
 ]
 
 
@@ -179,3 +180,47 @@ def classification_head(prefix: str, hidden: int, num_labels: int) -> list[Param
     ps = dense(_join(prefix, "dense"), hidden, hidden, "hidden", "hidden")
     ps += dense(_join(prefix, "out_proj"), hidden, num_labels, "hidden", "classes")
     return ps
+
+
+def roberta_family_spec(
+    family: str, prefix: str, config, head: str, heads: tuple[str, ...], base: list[Param]
+) -> ModelSpec:
+    """The spec of a RoBERTa-style family's class (XLM-RoBERTa-XL, I-BERT, MPNet).
+
+    Args:
+        family: family key for messages.
+        prefix: base-model attribute of head classes (``"roberta"``, ``"ibert"``, ``"mpnet"``).
+        config: the family config (``hidden_size``, ``vocab_size``, ``num_labels``, ``tie_word_embeddings``).
+        head: head name.
+        heads: the family's heads, to reject unknown ones.
+        base: the base model's params (no prefix) for this head (pooler included or not).
+
+    The heads: ``lm_head`` (masked/causal LM; ``decoder.weight`` tied to the word embeddings unless
+    untied, ``decoder.bias`` tied to ``lm_head.bias``), ``classifier`` (dense + out_proj) for
+    sequence classification, ``classifier`` (H -> 1) for multiple choice, ``classifier`` for tokens,
+    ``qa_outputs`` for question answering.
+    """
+    if head not in heads:
+        raise ValueError(f"{family} has no head {head!r}; heads: {list(heads)}")
+    legacy = ("embeddings.position_ids",)
+    if head == "Model":
+        return ModelSpec(family, head, "", tuple(base), ignored=legacy)
+    H = config.hidden_size
+    ps = prefixed(prefix, base)
+    ties: dict[str, str] = {}
+    if head in ("ForMaskedLM", "ForCausalLM"):
+        ps += roberta_lm_head("lm_head", H, config.vocab_size)
+        if config.tie_word_embeddings:
+            ties["lm_head.decoder.weight"] = f"{prefix}.embeddings.word_embeddings.weight"
+        else:
+            ps += dense("lm_head.decoder", H, config.vocab_size, "hidden", "vocab", bias=False)
+        ties["lm_head.decoder.bias"] = "lm_head.bias"  # the very same Parameter in transformers
+    elif head == "ForSequenceClassification":
+        ps += classification_head("classifier", H, config.num_labels)
+    elif head == "ForMultipleChoice":
+        ps += dense("classifier", H, 1, "hidden", "classes")
+    elif head == "ForTokenClassification":
+        ps += dense("classifier", H, config.num_labels, "hidden", "classes")
+    elif head == "ForQuestionAnswering":
+        ps += dense("qa_outputs", H, config.num_labels, "hidden", "classes")
+    return ModelSpec(family, head, prefix, tuple(ps), ties, ignored=tuple(f"{prefix}.{k}" for k in legacy))
