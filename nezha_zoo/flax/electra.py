@@ -1,0 +1,366 @@
+"""Electra in Flax linen: the base module, seven heads and their wrappers.
+
+Composition of the shared blocks (:mod:`nezha_zoo.flax.layers`, :mod:`nezha_zoo.flax.heads`); the
+family's own choices are: embeddings of width ``embedding_size`` projected by ``embeddings_project``
+when it differs from ``hidden_size``, no pooler, a GELU classification head, an always-GELU generator
+head tied to the word embeddings, and positions ``arange(past, past + L)``.
+
+Defaults follow transformers PyTorch, not its Flax port: ``token_type_ids`` default to zeros and the
+generator head's activation is exact GELU whatever ``hidden_act`` is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from nezha_zoo.families.electra import ELECTRA
+from nezha_zoo.flax.heads import (
+    ClassificationHead,
+    LMHeadTransform,
+    PredictionHead,
+    SequenceSummary,
+    TiedLMBias,
+    qa_head,
+    token_classifier,
+)
+from nezha_zoo.flax.layers import BertEmbeddings, BertEncoder, cache_index, dense
+from nezha_zoo.flax.modeling_utils import FlaxPreTrainedModel, cache_info, validate_inputs
+from nezha_zoo.outputs import (
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+    ElectraForPreTrainingOutput,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+__all__ = [
+    "FlaxElectraModule",
+    "FlaxElectraForPreTrainingModule",
+    "FlaxElectraForMaskedLMModule",
+    "FlaxElectraForCausalLMModule",
+    "FlaxElectraForSequenceClassificationModule",
+    "FlaxElectraForMultipleChoiceModule",
+    "FlaxElectraForTokenClassificationModule",
+    "FlaxElectraForQuestionAnsweringModule",
+    "FlaxElectraPreTrainedModel",
+    "FlaxElectraModel",
+    "FlaxElectraForPreTraining",
+    "FlaxElectraForMaskedLM",
+    "FlaxElectraForCausalLM",
+    "FlaxElectraForSequenceClassification",
+    "FlaxElectraForMultipleChoice",
+    "FlaxElectraForTokenClassification",
+    "FlaxElectraForQuestionAnswering",
+]
+
+_MODULE_DOC = """
+    Attributes:
+        config (ElectraConfig): model configuration.
+        dtype (jnp.dtype): computation dtype (params are float32).
+        gradient_checkpointing (bool): rematerialise encoder layers in the backward pass.
+
+    Call args (all optional but one of ``input_ids``/``inputs_embeds``):
+        input_ids: (B, L) int ids{mc}.
+        attention_mask: (B, L) 0/1, default ones; with a cache (B, cache_length).
+        token_type_ids: (B, L) int, default zeros.
+        position_ids: (B, L) int, default ``arange(past, past + L)``.
+        head_mask: (heads,) or (layers, heads).
+        encoder_hidden_states: (B, Le, H) for cross-attention (Model and CausalLM; decoders with
+            add_cross_attention).
+        encoder_attention_mask: (B, Le) 0/1, default ones (Model and CausalLM).
+        inputs_embeds: (B, L, embedding_size) instead of ``input_ids``.
+        init_cache (bool): create the ``"cache"`` collection (Model and CausalLM; used by ``init_cache``).
+        deterministic (bool): dropout off.
+        output_attentions, output_hidden_states, return_dict (bool).
+"""
+
+
+def _finish(out_cls, return_dict: bool, **fields):
+    out = out_cls(**fields)
+    return out if return_dict else out.to_tuple()
+
+
+class FlaxElectraModule(nn.Module):
+    """The Electra encoder (``electra``): embeddings, optional ``embeddings_project``, ``encoder``.
+
+    Returns ``BaseModelOutputWithPastAndCrossAttentions``: ``last_hidden_state`` (B, L, H),
+    ``hidden_states`` (layers + 1) x (B, L, H), ``attentions`` layers x (B, heads, L, Lk),
+    ``cross_attentions``.
+    """
+
+    __doc__ += _MODULE_DOC.format(mc="")
+
+    config: Any
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        init_cache: bool = False,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        inputs_embeds=None,
+    ):
+        c = self.config
+        # Direct module users get the wrapper's checks too (values only when concrete, i.e. not under jit).
+        past_len, cache_len = (0, None) if init_cache else cache_info(self.variables.get("cache"))
+        validate_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        past_length=past_len, cache_length=cache_len, embed_width=c.embedding_size)
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros(shape, jnp.int32)  # transformers PyTorch's default (its Flax uses ones)
+        if position_ids is None:
+            past = None if init_cache else cache_index(self.variables)
+            start = jnp.asarray(0 if past is None else past, jnp.int32)
+            position_ids = jnp.broadcast_to(start + jnp.arange(shape[-1], dtype=jnp.int32), shape)
+        if encoder_hidden_states is not None and encoder_attention_mask is None:
+            encoder_attention_mask = jnp.ones(encoder_hidden_states.shape[:2], jnp.int32)
+        h = BertEmbeddings(c, embedding_size=c.embedding_size, dtype=self.dtype, name="embeddings")(
+            input_ids, token_type_ids, position_ids, inputs_embeds, deterministic
+        )
+        if c.embedding_size != c.hidden_size:
+            h = dense(c.hidden_size, "embeddings_project", c, self.dtype)(h)
+        h, all_hidden, all_attn, all_cross = BertEncoder(
+            c, dtype=self.dtype, gradient_checkpointing=self.gradient_checkpointing, name="encoder"
+        )(
+            h,
+            attention_mask,
+            head_mask,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            None,
+            None,
+            init_cache,
+            deterministic,
+            output_attentions,
+            output_hidden_states,
+        )
+        return _finish(
+            BaseModelOutputWithPastAndCrossAttentions,
+            return_dict,
+            last_hidden_state=h,
+            hidden_states=all_hidden,
+            attentions=all_attn,
+            cross_attentions=all_cross,
+        )
+
+
+class _ElectraHead(nn.Module):
+    """Shared fields of the head modules; ``_backbone`` runs the ``electra`` submodule."""
+
+    config: Any
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+
+    def _backbone(self, **kwargs):
+        # Called inside the subclass's compact __call__, so "electra" is a child of the head module.
+        electra = FlaxElectraModule(
+            self.config, dtype=self.dtype, gradient_checkpointing=self.gradient_checkpointing, name="electra"
+        )
+        kwargs["return_dict"] = True
+        return electra, electra(**kwargs)
+
+
+def _common(out) -> dict:
+    return {"hidden_states": out.hidden_states, "attentions": out.attentions}
+
+
+class FlaxElectraForPreTrainingModule(_ElectraHead):
+    """Replaced-token detection: ``discriminator_predictions`` -> logits (B, L)."""
+
+    __doc__ += _MODULE_DOC.format(mc="")
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
+                 inputs_embeds=None):
+        _, out = self._backbone(**_fwd(locals()))
+        logits = PredictionHead(self.config, 1, self.dtype, name="discriminator_predictions")(out.last_hidden_state)
+        return _finish(ElectraForPreTrainingOutput, return_dict, logits=logits, **_common(out))
+
+
+class _GeneratorHead(_ElectraHead):
+    def _lm_logits(self, electra, hidden):
+        c = self.config
+        # The generator transform always uses exact GELU (transformers' Flax port uses hidden_act: a bug).
+        h = LMHeadTransform(c, c.embedding_size, "gelu", dtype=self.dtype, name="generator_predictions")(hidden)
+        table = electra.variables["params"]["embeddings"]["word_embeddings"]["embedding"]  # (V, E), tied
+        return TiedLMBias(c.vocab_size, self.dtype, name="generator_lm_head")(h, table)
+
+
+class FlaxElectraForMaskedLMModule(_GeneratorHead):
+    """Masked LM: ``generator_predictions`` + ``generator_lm_head`` tied to the word embeddings -> (B, L, V)."""
+
+    __doc__ += _MODULE_DOC.format(mc="")
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
+                 inputs_embeds=None):
+        electra, out = self._backbone(**_fwd(locals()))
+        logits = self._lm_logits(electra, out.last_hidden_state)
+        return _finish(MaskedLMOutput, return_dict, logits=logits, **_common(out))
+
+
+class FlaxElectraForCausalLMModule(_GeneratorHead):
+    """Causal LM (use with ``config.is_decoder=True``): the generator head over a causal encoder."""
+
+    __doc__ += _MODULE_DOC.format(mc="")
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                 encoder_hidden_states=None, encoder_attention_mask=None, init_cache=False, deterministic=True,
+                 output_attentions=False, output_hidden_states=False, return_dict=True, inputs_embeds=None):
+        electra, out = self._backbone(**_fwd(locals()))
+        logits = self._lm_logits(electra, out.last_hidden_state)
+        return _finish(
+            CausalLMOutputWithCrossAttentions, return_dict, logits=logits, cross_attentions=out.cross_attentions,
+            **_common(out),
+        )
+
+
+class FlaxElectraForSequenceClassificationModule(_ElectraHead):
+    """Sequence classification: ``classifier`` (dense, GELU, ``out_proj``) on token 0 -> (B, num_labels)."""
+
+    __doc__ += _MODULE_DOC.format(mc="")
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
+                 inputs_embeds=None):
+        _, out = self._backbone(**_fwd(locals()))
+        head = ClassificationHead(self.config, activation="gelu", dtype=self.dtype, name="classifier")
+        logits = head(out.last_hidden_state, deterministic=deterministic)
+        return _finish(SequenceClassifierOutput, return_dict, logits=logits, **_common(out))
+
+
+class FlaxElectraForMultipleChoiceModule(_ElectraHead):
+    """Multiple choice: ``sequence_summary`` + ``classifier`` (H -> 1) per choice -> (B, C).
+
+    Inputs are (B, C, L) and are flattened to (B * C, L); hidden states and attentions are returned
+    in that flattened form (as transformers does).
+    """
+
+    __doc__ += _MODULE_DOC.format(mc=" of shape (B, C, L); every input likewise has a choice axis")
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
+                 inputs_embeds=None):
+        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+
+        def flat(x):  # (B, C, L[, E]) -> (B * C, L[, E])
+            return None if x is None else x.reshape((-1,) + x.shape[2:])
+
+        kwargs = _fwd(locals())
+        for name in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds"):
+            kwargs[name] = flat(kwargs[name])
+        _, out = self._backbone(**kwargs)
+        pooled = SequenceSummary(self.config, self.dtype, name="sequence_summary")(
+            out.last_hidden_state, deterministic=deterministic
+        )
+        logits = dense(1, "classifier", self.config, self.dtype)(pooled)
+        logits = logits.reshape(-1, num_choices)  # (B * C, 1) -> (B, C)
+        return _finish(MultipleChoiceModelOutput, return_dict, logits=logits, **_common(out))
+
+
+class FlaxElectraForTokenClassificationModule(_ElectraHead):
+    """Token classification: dropout + ``classifier`` -> (B, L, num_labels)."""
+
+    __doc__ += _MODULE_DOC.format(mc="")
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
+                 inputs_embeds=None):
+        _, out = self._backbone(**_fwd(locals()))
+        logits = token_classifier(self.config, out.last_hidden_state, deterministic, self.dtype)
+        return _finish(TokenClassifierOutput, return_dict, logits=logits, **_common(out))
+
+
+class FlaxElectraForQuestionAnsweringModule(_ElectraHead):
+    """Extractive QA: ``qa_outputs`` -> ``start_logits`` (B, L), ``end_logits`` (B, L)."""
+
+    __doc__ += _MODULE_DOC.format(mc="")
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
+                 inputs_embeds=None):
+        _, out = self._backbone(**_fwd(locals()))
+        start, end = qa_head(self.config, out.last_hidden_state, self.dtype)
+        return _finish(QuestionAnsweringModelOutput, return_dict, start_logits=start, end_logits=end, **_common(out))
+
+
+_FORWARDED = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "position_ids",
+    "head_mask",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "inputs_embeds",
+    "init_cache",
+    "deterministic",
+    "output_attentions",
+    "output_hidden_states",
+)
+
+
+def _fwd(scope: dict) -> dict:
+    """The backbone's keyword arguments out of a head's ``locals()`` (encoder-only heads lack some)."""
+    return {k: scope[k] for k in _FORWARDED if k in scope}
+
+
+# --- wrappers ------------------------------------------------------------------------------------
+
+
+class FlaxElectraPreTrainedModel(FlaxPreTrainedModel):
+    """Base of the Electra wrappers (see :class:`~nezha_zoo.flax.modeling_utils.FlaxPreTrainedModel`)."""
+
+    family = ELECTRA
+    base_model_prefix = "electra"
+
+
+def _wrapper(head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type[FlaxElectraPreTrainedModel]:
+    name = f"FlaxElectra{'Model' if head == 'Model' else head}"
+    attrs = {"head": head, "module_class": module, "input_rank": rank, "__module__": __name__,
+             "__doc__": f"{doc}\n\n    Wraps :class:`{module.__name__}`; arguments as FlaxPreTrainedModel."}
+    return type(name, (FlaxElectraPreTrainedModel,), attrs)
+
+
+FlaxElectraModel = _wrapper("Model", FlaxElectraModule, "The bare Electra encoder.")
+FlaxElectraForPreTraining = _wrapper(
+    "ForPreTraining", FlaxElectraForPreTrainingModule, "Electra discriminator (replaced-token detection)."
+)
+FlaxElectraForMaskedLM = _wrapper("ForMaskedLM", FlaxElectraForMaskedLMModule, "Electra generator (masked LM).")
+FlaxElectraForCausalLM = _wrapper("ForCausalLM", FlaxElectraForCausalLMModule, "Electra causal LM (decoder).")
+FlaxElectraForSequenceClassification = _wrapper(
+    "ForSequenceClassification", FlaxElectraForSequenceClassificationModule, "Electra sequence classifier."
+)
+FlaxElectraForMultipleChoice = _wrapper(
+    "ForMultipleChoice", FlaxElectraForMultipleChoiceModule, "Electra multiple choice.", rank=3
+)
+FlaxElectraForTokenClassification = _wrapper(
+    "ForTokenClassification", FlaxElectraForTokenClassificationModule, "Electra token classifier."
+)
+FlaxElectraForQuestionAnswering = _wrapper(
+    "ForQuestionAnswering", FlaxElectraForQuestionAnsweringModule, "Electra extractive question answering."
+)

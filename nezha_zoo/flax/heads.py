@@ -1,0 +1,185 @@
+"""Heads shared by the BERT-style families (Flax linen).
+
+Module and parameter names are transformers' PyTorch attribute names; a family instantiates a head
+under the attribute name its PyTorch class uses (``classifier``, ``sequence_summary``,
+``generator_predictions``...).  Heads that are a single linear layer directly on the model
+(token classification ``classifier``, ``qa_outputs``) are plain :func:`~nezha_zoo.flax.layers.dense`
+layers plus the helpers below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from nezha_zoo.flax.layers import dense, get_activation, layer_norm
+
+__all__ = [
+    "ClassificationHead",
+    "SequenceSummary",
+    "LMHeadTransform",
+    "TiedLMBias",
+    "PredictionHead",
+    "split_qa_logits",
+    "classifier_dropout",
+    "token_classifier",
+    "qa_head",
+]
+
+
+def classifier_dropout(config: Any) -> float:
+    """``classifier_dropout`` when set, else ``hidden_dropout_prob`` (transformers' rule)."""
+    rate = getattr(config, "classifier_dropout", None)
+    return config.hidden_dropout_prob if rate is None else rate
+
+
+def split_qa_logits(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(B, L, 2) -> start (B, L), end (B, L)."""
+    start, end = jnp.split(logits, 2, axis=-1)
+    return start.squeeze(-1), end.squeeze(-1)
+
+
+def token_classifier(config: Any, hidden_states, deterministic: bool, dtype: Any, name: str = "classifier"):
+    """Token classification inside a head's compact ``__call__``: dropout, then ``classifier`` (H -> labels).
+
+    The layers are created in the calling module, so ``classifier`` sits directly on the model as in
+    PyTorch.  hidden_states (B, L, H) -> logits (B, L, num_labels).
+    """
+    h = nn.Dropout(classifier_dropout(config), name="dropout")(hidden_states, deterministic=deterministic)
+    return dense(config.num_labels, name, config, dtype)(h)
+
+
+def qa_head(config: Any, hidden_states, dtype: Any, name: str = "qa_outputs") -> tuple[jax.Array, jax.Array]:
+    """Span extraction inside a head's compact ``__call__``: ``qa_outputs`` (H -> 2), split to start/end (B, L)."""
+    if config.num_labels != 2:
+        raise ValueError(f"question answering needs config.num_labels == 2 (start, end), got {config.num_labels}")
+    return split_qa_logits(dense(config.num_labels, name, config, dtype)(hidden_states))
+
+
+class ClassificationHead(nn.Module):
+    """Sentence classification on token 0: dropout, ``dense``, activation, dropout, ``out_proj``.
+
+    Attributes:
+        config: needs ``hidden_size``, ``num_labels``, dropout settings.
+        activation (str): Electra uses ``"gelu"``; RoBERTa-style heads ``"tanh"``.
+
+    Call args: hidden_states (B, L, H).  Returns logits (B, num_labels).
+    """
+
+    config: Any
+    activation: str = "tanh"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_states, deterministic: bool = True):
+        c = self.config
+        drop = nn.Dropout(classifier_dropout(c), name="dropout")
+        x = drop(hidden_states[:, 0, :], deterministic=deterministic)
+        x = get_activation(self.activation)(dense(c.hidden_size, "dense", c, self.dtype)(x))
+        x = drop(x, deterministic=deterministic)
+        return dense(c.num_labels, "out_proj", c, self.dtype)(x)
+
+
+class SequenceSummary(nn.Module):
+    """transformers' ``SequenceSummary``: pick/average tokens, optional ``summary`` projection, activation.
+
+    ``summary_type``: ``first`` (token 0), ``last`` (token -1), ``mean`` (all tokens) or ``cls_index``
+    (token ``cls_index``, default the last).  Projection width is ``num_labels`` with
+    ``summary_proj_to_labels``, else ``hidden_size``.
+
+    Call args: hidden_states (B, L, H); cls_index (B,) int or None.  Returns (B, width).
+    """
+
+    config: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_states, cls_index=None, deterministic: bool = True):
+        c = self.config
+        kind = getattr(c, "summary_type", "last")
+        if kind == "first":
+            x = hidden_states[:, 0]
+        elif kind == "last":
+            x = hidden_states[:, -1]
+        elif kind == "mean":
+            x = hidden_states.mean(axis=1)
+        elif kind == "cls_index":
+            if cls_index is None:
+                x = hidden_states[:, -1]
+            else:
+                idx = jnp.asarray(cls_index, jnp.int32)[:, None, None]  # (B, 1, 1) for take_along_axis
+                x = jnp.take_along_axis(hidden_states, idx, axis=1)[:, 0]
+        else:
+            raise ValueError(f"summary_type {kind!r} is not supported")
+        first = getattr(c, "summary_first_dropout", 0.0) or 0.0
+        if first > 0:
+            x = nn.Dropout(first, name="first_dropout")(x, deterministic=deterministic)
+        if getattr(c, "summary_use_proj", False):
+            to_labels = getattr(c, "summary_proj_to_labels", False) and c.num_labels > 0
+            x = dense(c.num_labels if to_labels else c.hidden_size, "summary", c, self.dtype)(x)
+        x = get_activation(getattr(c, "summary_activation", None) or None)(x)
+        last = getattr(c, "summary_last_dropout", 0.0) or 0.0
+        if last > 0:
+            x = nn.Dropout(last, name="last_dropout")(x, deterministic=deterministic)
+        return x
+
+
+class LMHeadTransform(nn.Module):
+    """LM-head transform: ``dense`` (to ``features``), activation, ``LayerNorm``.
+
+    Electra's ``generator_predictions`` (features = embedding_size, activation always exact GELU);
+    BERT-style ``cls.predictions.transform`` / ``lm_head`` use the same block.
+
+    Call args: hidden_states (B, L, H).  Returns (B, L, features).
+    """
+
+    config: Any
+    features: int
+    activation: str = "gelu"
+    dense_name: str = "dense"
+    norm_name: str = "LayerNorm"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_states):
+        c = self.config
+        x = get_activation(self.activation)(dense(self.features, self.dense_name, c, self.dtype)(hidden_states))
+        return layer_norm(self.norm_name, c, self.dtype)(x)
+
+
+class TiedLMBias(nn.Module):
+    """Output projection tied to the word embeddings: ``x @ table.T + bias``; only ``bias`` is stored.
+
+    Call args: x (B, L, E); table (V, E), the word-embedding matrix.  Returns logits (B, L, V).
+    """
+
+    vocab_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, table):
+        bias = self.param("bias", jax.nn.initializers.zeros, (self.vocab_size,), jnp.float32)
+        x = jnp.asarray(x, self.dtype)
+        return jnp.einsum("ble,ve->blv", x, jnp.asarray(table, self.dtype)) + jnp.asarray(bias, self.dtype)
+
+
+class PredictionHead(nn.Module):
+    """Two dense layers: ``dense`` (H -> H), activation, ``dense_prediction`` (H -> out), squeezed.
+
+    Electra's ``discriminator_predictions`` (out = 1, activation ``hidden_act``).
+    Call args: hidden_states (B, L, H).  Returns (B, L) when ``out == 1`` else (B, L, out).
+    """
+
+    config: Any
+    out: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_states):
+        c = self.config
+        x = get_activation(c.hidden_act)(dense(c.hidden_size, "dense", c, self.dtype)(hidden_states))
+        x = dense(self.out, "dense_prediction", c, self.dtype)(x)
+        return x.squeeze(-1) if self.out == 1 else x

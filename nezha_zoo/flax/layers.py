@@ -1,0 +1,566 @@
+"""Shared BERT-style blocks for the Flax linen backend.
+
+Every family whose encoder is BERT-shaped (Nezha, XLM-RoBERTa-XL, Electra, I-BERT, MPNet) composes
+these blocks and declares only its differences.  Module names are transformers' PyTorch attribute
+names, driven by :class:`nezha_zoo.spec.blocks.BertLayerNames`, so the ``params`` tree path of every
+variable equals ``LAYOUTS["flax"].key(p)`` for the family's spec.
+
+Extension points (used by later families, exercised today by Electra's defaults):
+
+* ``BertLayerNames`` renames submodules (MPNet ``attention.attn.{q,k,v,o}``) and switches post-LN to
+  pre-LN (XLM-R-XL ``attention.self_attn_layer_norm`` / layer ``LayerNorm``); the encoder takes an
+  optional final LayerNorm name.
+* ``position_bias`` (B|1, heads, Lq, Lk) is added to the scores after scaling (MPNet).
+* ``relative`` = ``(rel_key, rel_value)``, each (Lq, Lk, head_dim): key terms added to the scores
+  before scaling and value terms added to the context (Nezha).
+* Decoder mode: causal self-attention, cross-attention on ``encoder_hidden_states`` and a fixed-size
+  key/value cache in the ``"cache"`` collection (transformers' Flax semantics, jit-friendly).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from nezha_zoo.spec.blocks import BertLayerNames
+
+__all__ = [
+    "ACT2FN",
+    "get_activation",
+    "dense",
+    "layer_norm",
+    "BertEmbeddings",
+    "BertSelfAttention",
+    "BertAttention",
+    "BertLayer",
+    "BertLayerCollection",
+    "BertEncoder",
+    "BertPooler",
+    "cache_index",
+]
+
+
+def _gelu_fast(x: jax.Array) -> jax.Array:
+    # transformers' FastGELUActivation: same tanh approximation, written around x * 0.79788...
+    return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+#: transformers' activation names; "gelu" is the exact erf GELU (flax's nn.gelu defaults to tanh).
+ACT2FN: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": partial(nn.gelu, approximate=False),
+    "gelu_new": partial(nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": partial(nn.gelu, approximate=True),
+    "gelu_fast": _gelu_fast,
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": nn.sigmoid,
+}
+
+
+def get_activation(name: str | None) -> Callable[[jax.Array], jax.Array]:
+    """The activation called ``name`` (identity for None)."""
+    if name is None:
+        return lambda x: x
+    try:
+        return ACT2FN[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACT2FN)}") from None
+
+
+def dense(features: int, name: str, config: Any, dtype: Any, use_bias: bool = True) -> nn.Dense:
+    """An ``nn.Dense`` with transformers' init (normal(initializer_range) kernel, zero bias)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=jax.nn.initializers.normal(config.initializer_range),
+        bias_init=jax.nn.initializers.zeros,
+        name=name,
+    )
+
+
+def layer_norm(name: str, config: Any, dtype: Any, eps: float | None = None) -> nn.LayerNorm:
+    # Two-pass variance, as torch.nn.LayerNorm: the fast E[x^2]-E[x]^2 form drifts by ~1e-6.
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps if eps is None else eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        name=name,
+    )
+
+
+def _split(path: str) -> list[str]:
+    return path.split(".") if path else []
+
+
+def cache_index(variables: Any) -> jax.Array | None:
+    """The fill level of a decoder's key/value cache (the first ``cache_index`` found), or None."""
+    cache = variables.get("cache") if hasattr(variables, "get") else None
+    if not cache:
+        return None
+    stack = [cache]
+    while stack:
+        node = stack.pop()
+        if "cache_index" in node:
+            return node["cache_index"]
+        stack.extend(v for v in node.values() if hasattr(v, "values"))
+    return None
+
+
+class BertEmbeddings(nn.Module):
+    """Word + (absolute position) + (token type) embeddings, LayerNorm, dropout.
+
+    Attributes:
+        config: family config (``vocab_size``, ``max_position_embeddings``, ``type_vocab_size``...).
+        embedding_size (int | None): width of the tables (Electra's ``embedding_size``); ``hidden_size``
+            when None.
+        use_position (bool): absolute position table (Nezha has none).
+        use_token_type (bool): token-type table (MPNet has none).
+        use_norm (bool): LayerNorm after the sum (XLM-R-XL has none).
+
+    Call args:
+        input_ids: (B, L) int, or None when ``inputs_embeds`` (B, L, E) is given.
+        token_type_ids: (B, L) int.
+        position_ids: (B, L) int.
+
+    Returns:
+        (B, L, E) embeddings.
+    """
+
+    config: Any
+    embedding_size: int | None = None
+    use_position: bool = True
+    use_token_type: bool = True
+    use_norm: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, position_ids, inputs_embeds=None, deterministic: bool = True):
+        c = self.config
+        width = self.embedding_size or c.hidden_size
+        init = jax.nn.initializers.normal(c.initializer_range)
+
+        def table(rows: int, name: str) -> nn.Embed:
+            return nn.Embed(rows, width, dtype=self.dtype, param_dtype=jnp.float32, embedding_init=init, name=name)
+
+        words = table(c.vocab_size, "word_embeddings")
+        x = words(input_ids.astype("i4")) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        if self.use_token_type:
+            x = x + table(c.type_vocab_size, "token_type_embeddings")(token_type_ids.astype("i4"))
+        if self.use_position:
+            x = x + table(c.max_position_embeddings, "position_embeddings")(position_ids.astype("i4"))
+        if self.use_norm:
+            x = layer_norm("LayerNorm", c, self.dtype)(x)
+        return nn.Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+    """Scaled dot-product attention with q/k/v projections (and, for MPNet, its own output ``o``).
+
+    Attributes:
+        config: family config (``hidden_size``, ``num_attention_heads``, dropout probabilities).
+        names: ``BertLayerNames``; ``query``/``key``/``value`` name the projections.
+        out_name (str | None): name of an output projection owned by this module (MPNet ``o``).
+        causal (bool): decoder self-attention (causal mask, key/value cache).
+        dtype: computation dtype.
+
+    Call args:
+        hidden_states: (B, Lq, H).
+        attention_mask: (B, Lk) 0/1 padding mask of the keys (with a cache: (B, max_length)), or None.
+        layer_head_mask: (heads,) multiplier of the attention probabilities, or None.
+        key_value_states: (B, Lk, H) encoder states for cross-attention, or None.
+        position_bias: (B|1, heads, Lq, Lk) added after scaling, or None.
+        relative: ``(rel_key, rel_value)`` each (Lq, Lk, head_dim), or None.
+
+    Returns:
+        ``(context (B, Lq, H), probabilities (B, heads, Lq, Lk))``.
+    """
+
+    config: Any
+    names: BertLayerNames = BertLayerNames()
+    out_name: str | None = None
+    causal: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        hidden_states,
+        attention_mask=None,
+        layer_head_mask=None,
+        key_value_states=None,
+        position_bias=None,
+        relative=None,
+        init_cache: bool = False,
+        deterministic: bool = True,
+    ):
+        c = self.config
+        heads = c.num_attention_heads
+        head_dim = c.hidden_size // heads
+        bsz, q_len = hidden_states.shape[:2]
+        kv_in = hidden_states if key_value_states is None else key_value_states
+
+        def split_heads(x):  # (B, L, H) -> (B, L, heads, head_dim)
+            return x.reshape(x.shape[:2] + (heads, head_dim))
+
+        q = split_heads(dense(c.hidden_size, self.names.query, c, self.dtype)(hidden_states))
+        k = split_heads(dense(c.hidden_size, self.names.key, c, self.dtype)(kv_in))
+        v = split_heads(dense(c.hidden_size, self.names.value, c, self.dtype)(kv_in))
+
+        # 0/1 visibility (B|1, 1, Lq, Lk), combined multiplicatively as transformers PyTorch does.
+        visible = None
+        if attention_mask is not None:
+            visible = attention_mask.astype(self.dtype)[:, None, None, :]
+        if self.causal and key_value_states is None:
+            cached = self.has_variable("cache", "cached_key")
+            if cached or init_cache:
+                k, v, past = self._update_cache(k, v, cached)
+            else:
+                past = 0
+            k_len = k.shape[1]
+            # Query i sits at absolute position past + i and sees keys j <= past + i.
+            rows = past + jnp.arange(q_len)[:, None]
+            causal = (jnp.arange(k_len)[None, :] <= rows).astype(self.dtype)[None, None]
+            visible = causal if visible is None else causal * visible
+
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        if relative is not None:
+            # Nezha: key-position terms join the raw scores before scaling.
+            scores = scores + jnp.einsum("bqhd,qkd->bhqk", q, relative[0].astype(self.dtype))
+        scores = scores / jnp.asarray(math.sqrt(head_dim), self.dtype)
+        if position_bias is not None:
+            scores = scores + position_bias.astype(self.dtype)  # MPNet: after scaling
+        if visible is not None:
+            scores = scores + (1.0 - visible) * jnp.finfo(self.dtype).min
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(c.attention_probs_dropout_prob, name="dropout")(probs, deterministic=deterministic)
+        if layer_head_mask is not None:
+            probs = probs * layer_head_mask.astype(self.dtype)[None, :, None, None]
+
+        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        if relative is not None:
+            context = context + jnp.einsum("bhqk,qkd->bqhd", probs, relative[1].astype(self.dtype))
+        context = context.reshape(bsz, q_len, heads * head_dim)  # merge heads: (B, Lq, H)
+        if self.out_name is not None:
+            context = dense(c.hidden_size, self.out_name, c, self.dtype)(context)
+        return context, probs
+
+    def _update_cache(self, k, v, initialized: bool):
+        """Write this step's keys/values at ``cache_index``; return the full cache and the old index."""
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+        if not initialized:  # init_cache: shapes only, attend like an uncached forward
+            return k, v, 0
+        past = index.value
+        start = (0, past, 0, 0)  # (B, max_length, heads, head_dim) cache, written along time
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, v.astype(cached_value.value.dtype), start
+        )
+        index.value = past + k.shape[1]
+        return cached_key.value, cached_value.value, past
+
+
+class BertAttention(nn.Module):
+    """Attention block: optional pre-LN, self-attention, output projection, dropout, residual, post-LN.
+
+    The module tree follows ``names`` relative to this block (named after the first component of
+    ``names.self_attn``, e.g. ``attention``): ``self`` holds q/k/v, ``output`` holds ``dense`` and
+    ``LayerNorm``; MPNet's ``attn.o`` and ``attention.LayerNorm`` and XLM-R-XL's
+    ``self_attn_layer_norm`` fall out of the same rules.
+
+    Call args: as :class:`BertSelfAttention`.  Returns ``(hidden (B, Lq, H), probs)``.
+    """
+
+    config: Any
+    names: BertLayerNames = BertLayerNames()
+    causal: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        hidden_states,
+        attention_mask=None,
+        layer_head_mask=None,
+        key_value_states=None,
+        position_bias=None,
+        relative=None,
+        init_cache: bool = False,
+        deterministic: bool = True,
+    ):
+        c, n = self.config, self.names
+        self_path = _split(n.self_attn)[1:]  # below this block, e.g. ["self"]
+        out_path = _split(n.attn_out)[1:]  # e.g. ["output", "dense"] or ["attn", "o"]
+        out_inside_self = out_path[:-1] == self_path
+        x = hidden_states
+        if n.pre_attn_norm:
+            x = layer_norm(_split(n.pre_attn_norm)[-1], c, self.dtype)(x)
+        attn = BertSelfAttention(
+            c,
+            names=n,
+            out_name=out_path[-1] if out_inside_self else None,
+            causal=self.causal,
+            dtype=self.dtype,
+            name=self_path[-1],
+        )
+        context, probs = attn(
+            x, attention_mask, layer_head_mask, key_value_states, position_bias, relative, init_cache, deterministic
+        )
+        norm_path = _split(n.attn_norm)[1:] if n.attn_norm else None
+        if out_inside_self:
+            out = context
+            norm = layer_norm(norm_path[-1], c, self.dtype) if norm_path else None
+        else:
+            out_block = _Projection(c, out_path[-1], norm_path[-1] if norm_path else None, self.dtype, name=out_path[0])
+            out = out_block(context, hidden_states, deterministic)
+            return out, probs
+        out = nn.Dropout(c.hidden_dropout_prob, name="dropout")(out, deterministic=deterministic) + hidden_states
+        return (norm(out) if norm is not None else out), probs
+
+
+class _Projection(nn.Module):
+    """``dense`` -> dropout -> residual add -> optional ``LayerNorm`` (BERT's SelfOutput / Output)."""
+
+    config: Any
+    dense_name: str = "dense"
+    norm_name: str | None = "LayerNorm"
+    dtype: Any = jnp.float32
+    features: int | None = None
+
+    @nn.compact
+    def __call__(self, x, residual, deterministic: bool = True):
+        c = self.config
+        x = dense(self.features or c.hidden_size, self.dense_name, c, self.dtype)(x)
+        x = nn.Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic) + residual
+        if self.norm_name:
+            x = layer_norm(self.norm_name, c, self.dtype)(x)
+        return x
+
+
+class _Intermediate(nn.Module):
+    config: Any
+    dense_name: str = "dense"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        return get_activation(c.hidden_act)(dense(c.intermediate_size, self.dense_name, c, self.dtype)(x))
+
+
+class BertLayer(nn.Module):
+    """One encoder (or decoder) layer: self-attention, optional cross-attention, feed-forward.
+
+    Positional call args (positional so ``nn.remat`` can mark the last three static):
+        hidden_states (B, L, H), attention_mask (B, Lk) 0/1 or None, layer_head_mask (heads,) or None,
+        encoder_hidden_states (B, Le, H) or None, encoder_attention_mask (B, Le) or None,
+        position_bias or None, relative or None, init_cache, deterministic, output_attentions.
+
+    Returns:
+        ``(hidden (B, L, H), self_attention_probs | None, cross_attention_probs | None)``.
+    """
+
+    config: Any
+    names: BertLayerNames = BertLayerNames()
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        hidden_states,
+        attention_mask=None,
+        layer_head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        position_bias=None,
+        relative=None,
+        init_cache: bool = False,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+    ):
+        c, n = self.config, self.names
+        attn = BertAttention(c, names=n, causal=c.is_decoder, dtype=self.dtype, name=_split(n.self_attn)[0])
+        h, self_probs = attn(
+            hidden_states, attention_mask, layer_head_mask, None, position_bias, relative, init_cache, deterministic
+        )
+        cross_probs = None
+        if encoder_hidden_states is not None:
+            if not c.add_cross_attention:
+                raise ValueError("encoder_hidden_states needs a model built with config.add_cross_attention=True")
+            cross = BertAttention(c, names=_cross_names(n), causal=False, dtype=self.dtype, name=n.cross)
+            h, cross_probs = cross(
+                h, encoder_attention_mask, layer_head_mask, encoder_hidden_states, None, None, False, deterministic
+            )
+        elif c.add_cross_attention and self.is_initializing():
+            # The params exist whether or not this call attends to an encoder (as in PyTorch and the spec):
+            # create them on the layer's own states and drop the result.
+            BertAttention(c, names=_cross_names(n), causal=False, dtype=self.dtype, name=n.cross)(h, key_value_states=h)
+        x = h
+        if n.pre_ffn_norm:
+            x = layer_norm(_split(n.pre_ffn_norm)[-1], c, self.dtype)(x)
+        inter_path, out_path = _split(n.intermediate), _split(n.output)
+        x = _Intermediate(c, inter_path[-1], self.dtype, name=inter_path[0])(x)
+        out_norm = _split(n.out_norm)[-1] if n.out_norm else None
+        x = _Projection(c, out_path[-1], out_norm, self.dtype, name=out_path[0])(x, h, deterministic)
+        if not output_attentions:
+            return x, None, None
+        return x, self_probs, cross_probs
+
+
+def _cross_names(n: BertLayerNames) -> BertLayerNames:
+    """Names inside ``crossattention``: the attention block's names with the block re-rooted there."""
+    from dataclasses import replace
+
+    root = _split(n.self_attn)[0]
+
+    def reroot(path: str | None) -> str | None:
+        if path is None:
+            return None
+        parts = _split(path)
+        return ".".join([n.cross, *parts[1:]]) if parts[0] == root else path
+
+    return replace(
+        n,
+        self_attn=reroot(n.self_attn),
+        attn_out=reroot(n.attn_out),
+        attn_norm=reroot(n.attn_norm),
+        pre_attn_norm=reroot(n.pre_attn_norm),  # pre-LN models norm the cross-attention input too
+    )
+
+
+class BertLayerCollection(nn.Module):
+    """The ``layer`` list: children named ``"0"``, ``"1"``..., optionally rematerialised.
+
+    Returns ``(hidden, all_hidden_states | None, all_attentions | None, all_cross_attentions | None)``.
+    """
+
+    config: Any
+    names: BertLayerNames = BertLayerNames()
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        hidden_states,
+        attention_mask=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        position_bias=None,
+        relative=None,
+        init_cache: bool = False,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ):
+        c = self.config
+        # static_argnums counts the module as argument 0: init_cache, deterministic, output_attentions.
+        layer_cls = nn.remat(BertLayer, static_argnums=(8, 9, 10)) if self.gradient_checkpointing else BertLayer
+        all_hidden = () if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        all_cross = () if (output_attentions and encoder_hidden_states is not None) else None
+        for i in range(c.num_hidden_layers):
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            layer = layer_cls(c, names=self.names, dtype=self.dtype, name=str(i))
+            hidden_states, probs, cross_probs = layer(
+                hidden_states,
+                attention_mask,
+                None if head_mask is None else head_mask[i],
+                encoder_hidden_states,
+                encoder_attention_mask,
+                position_bias,
+                relative,
+                init_cache,
+                deterministic,
+                output_attentions,
+            )
+            if output_attentions:
+                all_attn += (probs,)
+                if all_cross is not None:
+                    all_cross += (cross_probs,)
+        return hidden_states, all_hidden, all_attn, all_cross
+
+
+class BertEncoder(nn.Module):
+    """``encoder``: the ``layer`` list plus an optional final LayerNorm (XLM-R-XL ``encoder.LayerNorm``).
+
+    Call args:
+        hidden_states (B, L, H); attention_mask (B, Lk) 0/1; head_mask (layers, heads), (heads,) or None;
+        encoder_hidden_states (B, Le, H); encoder_attention_mask (B, Le); position_bias; relative.
+
+    Returns:
+        ``(last_hidden (B, L, H), all_hidden_states, all_attentions, all_cross_attentions)``; the last
+        entry of ``all_hidden_states`` is the (final-normed) output.
+    """
+
+    config: Any
+    names: BertLayerNames = BertLayerNames()
+    final_norm: str | None = None
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        hidden_states,
+        attention_mask=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        position_bias=None,
+        relative=None,
+        init_cache: bool = False,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ):
+        c = self.config
+        if head_mask is not None:
+            head_mask = jnp.asarray(head_mask)
+            if head_mask.ndim == 1:  # one mask for every layer
+                head_mask = jnp.broadcast_to(head_mask, (c.num_hidden_layers, head_mask.shape[0]))
+        h, all_hidden, all_attn, all_cross = BertLayerCollection(
+            c, names=self.names, dtype=self.dtype, gradient_checkpointing=self.gradient_checkpointing, name="layer"
+        )(
+            hidden_states,
+            attention_mask,
+            head_mask,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            position_bias,
+            relative,
+            init_cache,
+            deterministic,
+            output_attentions,
+            output_hidden_states,
+        )
+        if self.final_norm:
+            h = layer_norm(self.final_norm, c, self.dtype)(h)
+        if output_hidden_states:
+            all_hidden += (h,)
+        return h, all_hidden, all_attn, all_cross
+
+
+class BertPooler(nn.Module):
+    """``pooler``: ``tanh(dense(hidden[:, 0]))`` -> (B, H)."""
+
+    config: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_states):
+        return jnp.tanh(dense(self.config.hidden_size, "dense", self.config, self.dtype)(hidden_states[:, 0]))

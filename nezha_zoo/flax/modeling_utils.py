@@ -1,0 +1,497 @@
+"""Base wrapper of the Flax backend: params from the spec, checkpoints, input checks, caches.
+
+A ``Flax<Family><Head>`` wrapper holds a plain linen module (``.module``), its ``.params`` and the
+``.config``, as transformers' ``FlaxPreTrainedModel`` does.  Everything weight-related is derived from
+the family's :class:`~nezha_zoo.spec.param.ModelSpec` through ``LAYOUTS["flax"]``: the params tree
+paths, stored shapes, initial values and the conversions to and from canonical checkpoints.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from nezha_zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE
+from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.modeling import load_weights, random_weights, resolve_config, save_weights
+from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
+from nezha_zoo.spec.layouts import LAYOUTS
+from nezha_zoo.spec.param import ModelSpec, Param
+from nezha_zoo.spec.registry import Family
+from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
+
+__all__ = ["FlaxPreTrainedModel", "register_output_pytrees", "validate_inputs", "spec_params_shape", "cache_info"]
+
+logger = logging.getLogger("nezha_zoo")
+
+LAYOUT = LAYOUTS["flax"]
+
+
+# --- output classes as pytrees ------------------------------------------------------------------
+
+
+def register_output_pytrees() -> None:
+    """Register every nezha_zoo output class with JAX so outputs pass through ``jit``/``grad``."""
+    for cls in OUTPUT_CLASSES:
+
+        def flatten_with_keys(out: ModelOutput):
+            return [(jax.tree_util.DictKey(k), v) for k, v in out.items()], tuple(out.keys())
+
+        def flatten(out: ModelOutput):
+            return list(out.values()), tuple(out.keys())
+
+        def unflatten(keys, values, cls=cls):
+            return cls(**dict(zip(keys, values)))
+
+        try:
+            jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+        except ValueError:  # already registered (module re-imported)
+            pass
+
+
+register_output_pytrees()
+
+
+# --- input checks -------------------------------------------------------------------------------
+
+
+def _concrete(x: Any) -> np.ndarray | None:
+    """``x`` as numpy when its values are known (eager), None under tracing."""
+    if x is None or isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+    return None if x is None else tuple(np.shape(x))
+
+
+def validate_inputs(
+    config: PretrainedConfig,
+    input_ids: Any = None,
+    attention_mask: Any = None,
+    token_type_ids: Any = None,
+    position_ids: Any = None,
+    inputs_embeds: Any = None,
+    rank: int = 2,
+    past_length: int = 0,
+    cache_length: int | None = None,
+    embed_width: int | None = None,
+) -> None:
+    """Raise :class:`InputError` for inputs that cannot be right, before any framework op.
+
+    Shapes are always checked (they are static under ``jit`` too); id ranges and lengths only when
+    values are concrete.  With a key/value cache, ``attention_mask`` covers the cache
+    (``(B, cache_length)``, transformers' Flax convention) instead of the ids.
+    """
+    others = {"token_type_ids": _shape(token_type_ids), "position_ids": _shape(position_ids)}
+    if cache_length is None:
+        others["attention_mask"] = _shape(attention_mask)
+    shape = check_input_shapes(_shape(input_ids), _shape(inputs_embeds), others, embed_width, rank=rank)
+    if cache_length is not None and attention_mask is not None:
+        want = (*shape[:-1], cache_length)
+        if tuple(np.shape(attention_mask)) != want:
+            raise InputError(
+                f"with a cache, attention_mask must cover the cache: shape {want}, "
+                f"got {tuple(np.shape(attention_mask))}"
+            )
+    ids = _concrete(input_ids)
+    if ids is not None and ids.size:
+        check_id_range("input_ids", int(ids.min()), int(ids.max()), config.vocab_size)
+    types = _concrete(token_type_ids)
+    if types is not None and types.size and hasattr(config, "type_vocab_size"):
+        check_id_range("token_type_ids", int(types.min()), int(types.max()), config.type_vocab_size, "token types")
+    pos = _concrete(position_ids)
+    if pos is not None and pos.size and hasattr(config, "max_position_embeddings"):
+        check_id_range("position_ids", int(pos.min()), int(pos.max()), config.max_position_embeddings, "positions")
+    seq_len = shape[-1]
+    if position_ids is None and hasattr(config, "max_position_embeddings"):
+        check_length(seq_len, past_length, config.max_position_embeddings)
+    if cache_length is not None and seq_len is not None and past_length + seq_len > cache_length:
+        raise InputError(
+            f"{seq_len} new token(s) after {past_length} cached ones overflow the cache of length {cache_length}"
+        )
+
+
+# --- params from the spec -----------------------------------------------------------------------
+
+
+def _trainable(spec: ModelSpec) -> list[Param]:
+    return [p for p in spec if LAYOUT.collection_of(p) == "params"]
+
+
+def spec_params_shape(spec: ModelSpec, dtype: Any = jnp.float32) -> dict:
+    """The nested ``params`` shape tree the spec declares (``jax.ShapeDtypeStruct`` leaves)."""
+    return unflatten_dict({LAYOUT.path(p): jax.ShapeDtypeStruct(LAYOUT.shape(p), dtype) for p in _trainable(spec)})
+
+
+def _path_str(path: tuple[str, ...]) -> str:
+    return "/".join(path)
+
+
+class FlaxPreTrainedModel:
+    """Wrapper around a linen module with params, checkpoints and transformers' Flax call convention.
+
+    Subclasses set ``family`` (a registered :class:`Family`), ``head`` (``"Model"``,
+    ``"ForMaskedLM"``...) and ``module_class``.
+
+    Args:
+        config (PretrainedConfig): the family's config.
+        input_shape (tuple[int, ...]): shape of the dummy ids (kept for transformers compatibility;
+            params come from the spec, so it does not affect them).
+        seed (int): seed of ``self.key``, the rng of the initial params.
+        dtype (jnp.dtype): computation dtype (params stay float32).
+        _do_init (bool): build random params now; with False only the shape tree exists and
+            ``init_weights`` must be called by the user.
+        gradient_checkpointing (bool): rematerialise each layer in the backward pass.
+    """
+
+    family: ClassVar[Family]
+    head: ClassVar[str] = "Model"
+    module_class: ClassVar[type[nn.Module]]
+    #: rank of ``input_ids`` (3 for multiple choice: (B, C, L)).
+    input_rank: ClassVar[int] = 2
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        input_shape: tuple[int, ...] = (1, 1),
+        seed: int = 0,
+        dtype: Any = jnp.float32,
+        _do_init: bool = True,
+        gradient_checkpointing: bool = False,
+        **kwargs: Any,
+    ):
+        if config is None:
+            raise ValueError("config cannot be None")
+        if not isinstance(config, self.family.config_class):
+            raise TypeError(f"config must be a {self.family.config_class.__name__}, got {type(config).__name__}")
+        self._config = config
+        self.dtype = dtype
+        self.input_shape = tuple(input_shape)
+        self.key = jax.random.PRNGKey(seed)
+        self._module = self.module_class(
+            config=config, dtype=dtype, gradient_checkpointing=gradient_checkpointing, **kwargs
+        )
+        self._spec = self.family.model_spec(config, self.head)
+        self._params_shape_tree = spec_params_shape(self._spec)
+        self._required_params = {LAYOUT.path(p) for p in _trainable(self._spec)}
+        self._missing_keys: set[tuple[str, ...]] = set()
+        self._is_initialized = _do_init
+        self._params: dict | None = None
+        if _do_init:
+            self.params = self.init_weights(self.key, self.input_shape)
+
+    # --- properties --------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self._config
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec
+
+    @property
+    def framework(self) -> str:
+        return "flax"
+
+    @property
+    def params_shape_tree(self) -> dict:
+        return self._params_shape_tree
+
+    @property
+    def required_params(self) -> set[tuple[str, ...]]:
+        return set(self._required_params)
+
+    @property
+    def params(self) -> dict:
+        if not self._is_initialized:
+            raise ValueError(
+                f"{type(self).__name__} was created with _do_init=False: it holds no params. Call "
+                "init_weights(rng, input_shape[, params]) and pass params= explicitly."
+            )
+        return self._params  # type: ignore[return-value]
+
+    @params.setter
+    def params(self, params: Mapping) -> None:
+        if not self._is_initialized:
+            raise ValueError(f"{type(self).__name__} was created with _do_init=False; keep params outside the model")
+        self._params = self._checked(params)
+
+    def _checked(self, params: Mapping) -> dict:
+        """``params`` as a plain nested dict, with exactly the spec's paths and stored shapes."""
+        flat = flatten_dict(dict(params))
+        missing = self._required_params - set(flat)
+        if missing:
+            raise ValueError(f"params lack {sorted(_path_str(k) for k in missing)}")
+        extra = set(flat) - self._required_params
+        if extra:
+            raise ValueError(f"params hold unknown entries {sorted(_path_str(k) for k in extra)}")
+        for p in _trainable(self._spec):
+            got = tuple(np.shape(flat[LAYOUT.path(p)]))
+            if got != LAYOUT.shape(p):
+                raise ValueError(f"{LAYOUT.key(p)} ({p.name}): shape {got}, the spec needs {LAYOUT.shape(p)}")
+        return unflatten_dict(flat)
+
+    # --- initialisation ----------------------------------------------------------------------------
+
+    def init_weights(self, rng: jax.Array, input_shape: tuple[int, ...] | None = None, params: Mapping | None = None):
+        """Fresh params by the spec's init rules; with ``params``, fill only what they lack.
+
+        Args:
+            rng: PRNG key.
+            input_shape: unused (params do not depend on it); kept for transformers' signature.
+            params: a partial params tree (e.g. from ``from_pretrained(..., _do_init=False)``).
+
+        Returns:
+            The complete nested params dict.
+        """
+        flat = {} if params is None else dict(flatten_dict(dict(params)))
+        # The core's spec-driven init (numpy, seeded from the key): no per-shape compilation, and the
+        # values a param gets do not depend on which others were loaded.
+        seed = int.from_bytes(np.asarray(jax.random.key_data(rng), np.uint32).tobytes(), "little")
+        fresh = random_weights(self._spec, self.config, seed)
+        for p in _trainable(self._spec):
+            path = LAYOUT.path(p)
+            if path not in flat:
+                flat[path] = jnp.asarray(LAYOUT.to_stored(p, fresh[p.name]))
+        self._missing_keys = set()
+        return self._checked(unflatten_dict(flat))
+
+    def enable_gradient_checkpointing(self) -> None:
+        self._module = self.module_class(config=self.config, dtype=self.dtype, gradient_checkpointing=True)
+
+    def init_cache(self, batch_size: int, max_length: int) -> dict:
+        """A zero key/value cache for ``max_length`` positions (decoders; jit-friendly fixed size).
+
+        Returns the ``"cache"`` collection to pass as ``past_key_values``.
+        """
+        if not self.config.is_decoder or not self._accepts("init_cache"):
+            raise ValueError(
+                f"{type(self).__name__}: init_cache needs a decoder class (Model/CausalLM) with config.is_decoder=True"
+            )
+        ids = jnp.ones((batch_size, max_length), jnp.int32)
+        shapes = jax.eval_shape(
+            lambda: self.module.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), init_cache=True)
+        )
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes["cache"]))
+
+    def _accepts(self, argument: str) -> bool:
+        return argument in inspect.signature(self.module_class.__call__).parameters
+
+    # --- forward -----------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        params: Mapping | None = None,
+        dropout_rng: jax.Array | None = None,
+        train: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Mapping | None = None,
+        inputs_embeds=None,
+    ):
+        """Run the module (transformers' Flax call convention).
+
+        Args:
+            input_ids: (B, L) int ids ((B, C, L) for multiple choice), or None with ``inputs_embeds``.
+            attention_mask: (B, L) 0/1, default ones; with ``past_key_values`` (B, cache_length).
+            token_type_ids: (B, L) int, default zeros.
+            position_ids: (B, L) int, default ``arange(past, past + L)``.
+            head_mask: (heads,) or (layers, heads) multiplier of the attention probabilities.
+            encoder_hidden_states: (B, Le, H) for cross-attention (decoders).
+            encoder_attention_mask: (B, Le) 0/1, default ones.
+            params: params tree to use instead of ``self.params``.
+            dropout_rng: PRNG key for dropout (needed with ``train=True``).
+            train: dropout on.
+            past_key_values: cache from :meth:`init_cache` or a previous call; the updated cache is
+                returned in ``past_key_values``.
+            inputs_embeds: (B, L, E) embeddings instead of ``input_ids``.
+        """
+        c = self.config
+        output_attentions = c.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = c.return_dict if return_dict is None else return_dict
+        past_len, cache_len = 0, None
+        if past_key_values is not None:
+            past_len, cache_len = cache_info(past_key_values)
+            if cache_len is None:
+                raise InputError("past_key_values holds no cache; build it with init_cache(batch_size, max_length)")
+        allowed = {(c.num_attention_heads,), (c.num_hidden_layers, c.num_attention_heads)}
+        if head_mask is not None and tuple(np.shape(head_mask)) not in allowed:
+            raise InputError(
+                f"head_mask must have shape ({c.num_attention_heads},) or ({c.num_hidden_layers}, "
+                f"{c.num_attention_heads}), got {tuple(np.shape(head_mask))}"
+            )
+        validate_inputs(
+            c,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            rank=self.input_rank,
+            past_length=past_len,
+            cache_length=cache_len,
+            embed_width=getattr(c, "embedding_size", c.hidden_size),
+        )
+
+        def as_int(x):
+            return None if x is None else jnp.asarray(x, jnp.int32)
+
+        variables: dict[str, Any] = {"params": self.params if params is None else params}
+        if past_key_values is not None:
+            variables["cache"] = past_key_values
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+        extra: dict[str, Any] = {}
+        if encoder_hidden_states is not None or encoder_attention_mask is not None:
+            if not self._accepts("encoder_hidden_states"):
+                raise InputError(f"{type(self).__name__} takes no encoder_hidden_states (only Model and CausalLM do)")
+            extra["encoder_hidden_states"] = encoder_hidden_states
+            extra["encoder_attention_mask"] = as_int(encoder_attention_mask)
+        if inputs_embeds is not None:
+            extra["inputs_embeds"] = jnp.asarray(inputs_embeds)
+        out = self.module.apply(
+            variables,
+            as_int(input_ids),
+            as_int(attention_mask),
+            as_int(token_type_ids),
+            as_int(position_ids),
+            None if head_mask is None else jnp.asarray(head_mask, self.dtype),
+            **extra,
+            deterministic=not train,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            rngs=rngs,
+            mutable=["cache"] if past_key_values is not None else False,
+        )
+        if past_key_values is None:
+            return out
+        out, updated = out
+        cache = dict(updated["cache"])
+        if return_dict:
+            out["past_key_values"] = cache
+            return out
+        return out[:1] + (cache,) + out[1:]
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        config: PretrainedConfig | None = None,
+        *,
+        dtype: Any = jnp.float32,
+        input_shape: tuple[int, ...] = (1, 1),
+        seed: int = 0,
+        _do_init: bool = True,
+        strict: bool = False,
+        output_loading_info: bool = False,
+        gradient_checkpointing: bool = False,
+        **config_overrides: Any,
+    ):
+        """Load a transformers-layout checkpoint directory (safetensors, sharded, or ``pytorch_model.bin``).
+
+        Params are read straight from the file (no random init first); a base checkpoint loads into a
+        head class and vice versa.  Missing params are initialised by the spec (``_do_init=True``) or
+        left for ``init_weights(rng, shape, params)`` (``_do_init=False``, transformers' behaviour).
+        A shape mismatch raises naming the tensor; ``strict`` also raises on missing/unexpected keys.
+
+        Returns:
+            ``model`` (``_do_init=True``) or ``(model, params)`` (``_do_init=False``); with
+            ``output_loading_info`` the dict ``{"missing_keys", "unexpected_keys", "mismatched_keys"}``
+            is appended.
+        """
+        cfg = resolve_config(cls.family, pretrained_model_name_or_path, config, **config_overrides)
+        model = cls(cfg, input_shape=input_shape, seed=seed, dtype=dtype, _do_init=False,
+                    gradient_checkpointing=gradient_checkpointing)
+        spec = model.spec
+        flat: dict[tuple[str, ...], jax.Array] = {}
+
+        def assign(name: str, stored: np.ndarray) -> None:
+            flat[LAYOUT.path(spec[name])] = jnp.asarray(stored)
+
+        plan = load_weights(
+            pretrained_model_name_or_path, spec, cls.family, LAYOUT, assign, model_name=cls.__name__, strict=strict
+        )
+        params = unflatten_dict(flat) if flat else {}
+        missing = model._required_params - set(flat)
+        if _do_init:
+            model._is_initialized = True
+            model.params = model.init_weights(model.key, input_shape, params)
+            result: tuple = (model,)
+        else:
+            model._missing_keys = missing
+            result = (model, params)
+        if output_loading_info:
+            result += (plan.info(),)
+        return result[0] if len(result) == 1 else result
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        params: Mapping | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    ) -> list[str]:
+        """Write ``config.json`` + ``model.safetensors`` in transformers' PyTorch names and layout."""
+        flat = flatten_dict(dict(self.params if params is None else params))
+
+        def arrays():
+            for p in _trainable(self._spec):
+                path = LAYOUT.path(p)
+                if path not in flat:
+                    raise ValueError(f"params lack {LAYOUT.key(p)} ({p.name})")
+                yield p.name, LAYOUT.from_stored(p, np.asarray(flat[path], dtype=np.float32))
+
+        return save_weights(save_directory, self.config, self._spec, self.family, arrays(), max_shard_size)
+
+    def num_parameters(self) -> int:
+        return self._spec.num_parameters(trainable_only=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+def cache_info(cache: Mapping | None) -> tuple[int, int | None]:
+    """``(filled length, max length)`` of a key/value cache; the fill is 0 when traced, None: no cache."""
+    if not cache:
+        return 0, None
+    from nezha_zoo.flax.layers import cache_index
+
+    idx = _concrete(cache_index({"cache": cache}))
+    return (int(idx) if idx is not None else 0), _cache_length(cache)
+
+
+def _cache_length(cache: Mapping) -> int | None:
+    """Max length of a cache built by ``init_cache`` (time axis of the first ``cached_key``)."""
+    stack = [cache]
+    while stack:
+        node = stack.pop()
+        if "cached_key" in node:
+            return int(np.shape(node["cached_key"])[1])
+        stack.extend(v for v in node.values() if isinstance(v, Mapping))
+    return None
