@@ -1,6 +1,6 @@
 """PyTorch backend of nezha_zoo: ``torch.nn.Module`` classes built from the families' specs.
 
-    from nezha_zoo.pt import ElectraForMaskedLM
+    from nezha_zoo.pt import ElectraForMaskedLM  # or NezhaForMaskedLM, ...
     model = ElectraForMaskedLM.from_pretrained("path/to/transformers_dir")
     model.save_pretrained("out_dir")
 
@@ -19,6 +19,17 @@ from nezha_zoo.pt.electra import (
     ElectraPreTrainedModel,
 )
 from nezha_zoo.pt.modeling_utils import PreTrainedModel
+from nezha_zoo.pt.nezha import (
+    NezhaForMaskedLM,
+    NezhaForMultipleChoice,
+    NezhaForNextSentencePrediction,
+    NezhaForPreTraining,
+    NezhaForQuestionAnswering,
+    NezhaForSequenceClassification,
+    NezhaForTokenClassification,
+    NezhaModel,
+    NezhaPreTrainedModel,
+)
 
 __all__ = [
     "PreTrainedModel",
@@ -31,4 +42,13 @@ __all__ = [
     "ElectraForMultipleChoice",
     "ElectraForTokenClassification",
     "ElectraForQuestionAnswering",
+    "NezhaPreTrainedModel",
+    "NezhaModel",
+    "NezhaForPreTraining",
+    "NezhaForMaskedLM",
+    "NezhaForNextSentencePrediction",
+    "NezhaForSequenceClassification",
+    "NezhaForMultipleChoice",
+    "NezhaForTokenClassification",
+    "NezhaForQuestionAnswering",
 ]

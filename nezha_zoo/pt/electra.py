@@ -33,16 +33,8 @@ from nezha_zoo.pt.heads import (
     split_qa_logits,
     token_classification_logits,
 )
-from nezha_zoo.pt.layers import (
-    BertEmbeddings,
-    BertEncoder,
-    encoder_attention_bias,
-    expand_head_mask,
-    extended_attention_mask,
-    get_activation,
-)
-from nezha_zoo.pt.modeling_utils import PreTrainedModel, check_inputs
-from nezha_zoo.validation import InputError, check_input_shapes
+from nezha_zoo.pt.layers import BertEmbeddings, BertEncoder, get_activation
+from nezha_zoo.pt.modeling_utils import PreTrainedModel, check_inputs, flatten_choices, prepare_encoder_inputs
 
 logger = logging.getLogger("nezha_zoo")
 
@@ -129,68 +121,38 @@ class ElectraModel(ElectraPreTrainedModel):
         output_attentions, output_hidden_states, return_dict = self._resolve_flags(
             output_attentions, output_hidden_states, return_dict
         )
-        if past_key_values is not None and not cfg.is_decoder:
-            raise InputError("past_key_values needs a decoder (config.is_decoder=True)")
-        if past_key_values is not None and len(past_key_values) != cfg.num_hidden_layers:
-            raise InputError(
-                f"past_key_values has {len(past_key_values)} layers, the model has {cfg.num_hidden_layers}"
-            )
-        past_len = past_key_values[0][0].shape[-2] if past_key_values else 0
-        batch, seq_len = check_inputs(
+        prep = prepare_encoder_inputs(
             cfg,
             input_ids,
             inputs_embeds,
             attention_mask,
             token_type_ids,
-            position_ids,
-            past_len=past_len,
+            head_mask,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            past_key_values,
+            use_cache,
+            dtype=self.embeddings.word_embeddings.weight.dtype,
+            position_ids=position_ids,
             embed_width=cfg.embedding_size,
         )
-        cross = cfg.is_decoder and encoder_hidden_states is not None
-        if cross:
-            if not cfg.add_cross_attention:
-                raise InputError("encoder_hidden_states given, but the config has add_cross_attention=False")
-            enc_shape = tuple(encoder_hidden_states.shape)
-            if len(enc_shape) != 3 or enc_shape[0] != batch or enc_shape[2] != cfg.hidden_size:
-                raise InputError(
-                    f"encoder_hidden_states must have shape ({batch}, Lenc, {cfg.hidden_size}), got {enc_shape}"
-                )
-            if encoder_attention_mask is not None and encoder_attention_mask.dim() == 2:
-                check_input_shapes(enc_shape[:2], None, {"encoder_attention_mask": tuple(encoder_attention_mask.shape)})
-        use_cache = bool(use_cache) and cfg.is_decoder
-        dtype = self.embeddings.word_embeddings.weight.dtype
-        layer_head_mask = None
-        if head_mask is not None:
-            layer_head_mask = expand_head_mask(head_mask, cfg.num_hidden_layers, dtype, cfg.num_attention_heads)
-
-        ref = input_ids if input_ids is not None else inputs_embeds
-        device = ref.device
-        if attention_mask is None:
-            attention_mask = torch.ones((batch, past_len + seq_len), device=device)
-        mask = extended_attention_mask(attention_mask, seq_len, dtype, causal=cfg.is_decoder)
-        enc_mask = None
-        if cross:
-            if encoder_attention_mask is None:
-                encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=device)
-            enc_mask = encoder_attention_bias(encoder_attention_mask, dtype)
-
         hidden = self.embeddings(
             input_ids=input_ids,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            past_key_values_length=past_len,
+            past_key_values_length=prep.past_len,
         )
         if hasattr(self, "embeddings_project"):
             hidden = self.embeddings_project(hidden)  # (B, L, E) -> (B, L, H)
         last, presents, all_hidden, attentions, cross_attentions = self.encoder(
             hidden,
-            attention_mask=mask,
-            head_mask=layer_head_mask,
-            encoder_hidden_states=encoder_hidden_states if cross else None,
-            encoder_attention_mask=enc_mask,
+            attention_mask=prep.attention_mask,
+            head_mask=prep.head_mask,
+            encoder_hidden_states=prep.encoder_hidden_states,
+            encoder_attention_mask=prep.encoder_attention_mask,
             past_key_values=past_key_values,
-            use_cache=use_cache,
+            use_cache=prep.use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
@@ -220,8 +182,6 @@ class ElectraDiscriminatorPredictions(nn.Module):
 def _generator_transform(config: ElectraConfig) -> LMHeadTransform:
     # Always exact GELU, whatever hidden_act says (transformers' Flax port uses hidden_act: a bug).
     return LMHeadTransform(config.hidden_size, config.embedding_size, config.layer_norm_eps, activation="gelu")
-
-
 
 
 class ElectraForPreTraining(ElectraPreTrainedModel):
@@ -515,11 +475,7 @@ class ElectraForMultipleChoice(ElectraPreTrainedModel):
         )
         ref = input_ids if input_ids is not None else inputs_embeds
         num_choices = ref.shape[1]
-
-        def flat(t: torch.Tensor | None) -> torch.Tensor | None:
-            # (B, C, L[, E]) -> (B * C, L[, E])
-            return None if t is None else t.reshape(-1, *t.shape[2:])
-
+        flat = flatten_choices  # (B, C, L[, E]) -> (B * C, L[, E])
         base = self.electra(
             flat(input_ids),
             attention_mask=flat(attention_mask),

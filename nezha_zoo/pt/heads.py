@@ -19,6 +19,8 @@ __all__ = [
     "ClassificationHead",
     "SequenceSummary",
     "LMHeadTransform",
+    "BertPooler",
+    "BertLMPredictionHead",
     "token_classification_logits",
     "split_qa_logits",
 ]
@@ -118,6 +120,45 @@ class LMHeadTransform(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self._modules[self._norm](self.activation(self.dense(hidden_states)))
+
+
+class BertPooler(nn.Module):
+    """``pooler``: ``dense`` (H -> H) then tanh on the first token (Nezha, XLM-R-XL, I-BERT, MPNet).
+
+    Forward: (B, L, H) -> (B, H).
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden_states[:, 0]))  # (B, H): the first ([CLS]) token
+
+
+class BertLMPredictionHead(nn.Module):
+    """BERT's ``cls.predictions``: ``transform`` (dense, activation, LayerNorm), ``decoder``, ``bias``.
+
+    ``decoder`` is a bias-free ``Linear(H, vocab)`` whose weight the model ties to the word
+    embeddings and whose ``bias`` it ties to ``bias`` (both via the spec's ``ties``), as transformers.
+
+    Args:
+        config: ``hidden_size``, ``vocab_size``, ``layer_norm_eps``.
+        activation (str): the transform's activation (``config.hidden_act``).
+
+    Forward: (B, L, H) -> logits (B, L, vocab).
+    """
+
+    def __init__(self, config: Any, activation: str) -> None:
+        super().__init__()
+        H = config.hidden_size
+        self.transform = LMHeadTransform(H, H, config.layer_norm_eps, activation=activation)
+        self.decoder = nn.Linear(H, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias  # one Parameter under both names
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))  # (B, L, H) -> (B, L, vocab)
 
 
 def token_classification_logits(

@@ -7,7 +7,9 @@ here are parameterised so a family declares only its differences:
   (MPNet's ``attention.attn.q``) and pre-LayerNorm layouts (XLM-R-XL's ``self_attn_layer_norm``)
   are a different names object, not a different class;
 * :class:`BertSelfAttention` takes optional ``position_bias`` (added after scaling, MPNet) and
-  ``relative_key`` / ``relative_value`` tables (added before scaling / to the context, Nezha);
+  ``relative_key`` / ``relative_value`` terms (added before scaling / to the context, Nezha), given
+  as a dense ``(Lq, Lk, d)`` tensor or as a :class:`RelativeEmbedding` (a small table of ``P`` rows
+  plus an ``(Lq, Lk)`` index into it, so no ``(Lq, Lk, d)`` tensor is ever built);
 * :class:`BertEmbeddings` can drop the position table (Nezha) or the LayerNorm (XLM-R-XL);
 * :class:`BertEncoder` takes an optional final LayerNorm (XLM-R-XL) and runs as a decoder with
   cross-attention and a key/value cache.
@@ -39,6 +41,7 @@ __all__ = [
     "encoder_attention_bias",
     "expand_head_mask",
     "BertEmbeddings",
+    "RelativeEmbedding",
     "BertSelfAttention",
     "BertLayer",
     "BertEncoder",
@@ -228,6 +231,60 @@ class BertEmbeddings(nn.Module):
 # --- attention -----------------------------------------------------------------------------------
 
 
+class RelativeEmbedding:
+    """Relative-position embeddings as a lookup: ``R[i, j] = table[index[i, j]]``.
+
+    Args:
+        table (Tensor (P, head_dim)): one embedding per relative-position bucket.
+        index (LongTensor (Lq, Lk)): bucket of each (query, key) pair, in ``[0, P)``.
+
+    The attention terms are computed through the ``P`` buckets instead of a materialised
+    ``(Lq, Lk, head_dim)`` tensor: ``q . R[i, j]`` is a gather from ``q @ table.T`` (B, heads, Lq, P),
+    and ``sum_j p_ij R[i, j]`` is ``(sum of p_ij per bucket) @ table``.  Memory is
+    ``O(B * heads * Lq * (Lk + P))`` whatever the sequence length.
+    """
+
+    __slots__ = ("table", "index")
+
+    def __init__(self, table: torch.Tensor, index: torch.Tensor) -> None:
+        if table.dim() != 2 or index.dim() != 2:
+            raise ValueError(f"need table (P, d) and index (Lq, Lk), got {tuple(table.shape)}, {tuple(index.shape)}")
+        self.table = table
+        self.index = index
+
+    def dense(self) -> torch.Tensor:
+        """The materialised ``(Lq, Lk, head_dim)`` tensor (for tests and small inputs)."""
+        return self.table[self.index]
+
+    def key_scores(self, query: torch.Tensor) -> torch.Tensor:
+        """``q_i . R[i, j]``: (B, heads, Lq, d) -> (B, heads, Lq, Lk)."""
+        per_bucket = torch.matmul(query, self.table.t())  # (B, heads, Lq, P)
+        idx = self.index.expand(*query.shape[:2], *self.index.shape)  # (B, heads, Lq, Lk), a view
+        return per_bucket.gather(-1, idx)
+
+    def value_context(self, probs: torch.Tensor) -> torch.Tensor:
+        """``sum_j p_ij R[i, j]``: (B, heads, Lq, Lk) -> (B, heads, Lq, d)."""
+        idx = self.index.expand(probs.shape)  # (B, heads, Lq, Lk), a view
+        buckets = probs.new_zeros((*probs.shape[:-1], self.table.shape[0]))  # (B, heads, Lq, P)
+        buckets = buckets.scatter_add(-1, idx, probs)
+        return torch.matmul(buckets, self.table)
+
+
+def _relative_key_scores(query: torch.Tensor, relative: torch.Tensor | RelativeEmbedding) -> torch.Tensor:
+    if isinstance(relative, RelativeEmbedding):
+        return relative.key_scores(query)
+    # (B, heads, Lq, d) x (Lq, Lk, d) -> (B, heads, Lq, Lk)
+    return torch.einsum("bhqd,qkd->bhqk", query, relative)
+
+
+def _relative_value_context(probs: torch.Tensor, relative: torch.Tensor | RelativeEmbedding) -> torch.Tensor:
+    if isinstance(relative, RelativeEmbedding):
+        return relative.value_context(probs)
+    # (B, heads, Lq, Lk) x (Lq, Lk, d) -> (B, heads, Lq, d)
+    return torch.einsum("bhqk,qkd->bhqd", probs, relative)
+
+
+
 class BertSelfAttention(nn.Module):
     """Multi-head scaled dot-product attention with separate q/k/v projections.
 
@@ -246,8 +303,10 @@ class BertSelfAttention(nn.Module):
         past_key_value: cached ``(k, v)``, each (B, heads, Lpast, head_dim).  For self-attention the
             new keys are appended; for cross-attention they are reused as they are.
         position_bias: additive (B or 1, heads, Lq, Lk) term added after scaling (MPNet).
-        relative_key: (Lq, Lk, head_dim) table; ``q . r_k`` added to the scores before scaling (Nezha).
-        relative_value: (Lq, Lk, head_dim) table; ``probs . r_v`` added to the context (Nezha).
+        relative_key: (Lq, Lk, head_dim) tensor or :class:`RelativeEmbedding`; ``q_i . R[i, j]`` is
+            added to the scores before scaling (Nezha).
+        relative_value: (Lq, Lk, head_dim) tensor or :class:`RelativeEmbedding`; ``sum_j p_ij R[i, j]``
+            (probabilities after dropout and head mask) is added to the context (Nezha).
 
     Returns ``(context (B, Lq, H), probs (B, heads, Lq, Lk), (k, v))``.
     """
@@ -278,8 +337,8 @@ class BertSelfAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         position_bias: torch.Tensor | None = None,
-        relative_key: torch.Tensor | None = None,
-        relative_value: torch.Tensor | None = None,
+        relative_key: torch.Tensor | RelativeEmbedding | None = None,
+        relative_value: torch.Tensor | RelativeEmbedding | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         q_proj, k_proj, v_proj = (self._modules[n] for n in self._proj)
         query = self._heads(q_proj(hidden_states))
@@ -296,8 +355,7 @@ class BertSelfAttention(nn.Module):
 
         scores = torch.matmul(query, key.transpose(-1, -2))  # (B, heads, Lq, Lk)
         if relative_key is not None:
-            # (B, heads, Lq, d) x (Lq, Lk, d) -> (B, heads, Lq, Lk)
-            scores = scores + torch.einsum("bhqd,qkd->bhqk", query, relative_key)
+            scores = scores + _relative_key_scores(query, relative_key)  # (B, heads, Lq, Lk)
         scores = scores / math.sqrt(self.attention_head_size)
         if position_bias is not None:
             scores = scores + position_bias
@@ -310,7 +368,7 @@ class BertSelfAttention(nn.Module):
 
         context = torch.matmul(probs, value)  # (B, heads, Lq, head_dim)
         if relative_value is not None:
-            context = context + torch.einsum("bhqk,qkd->bhqd", probs, relative_value)
+            context = context + _relative_value_context(probs, relative_value)  # (B, heads, Lq, head_dim)
         b, _, n, _ = context.shape
         context = context.transpose(1, 2).reshape(b, n, self.all_head_size)  # (B, Lq, H)
         return context, probs, (key, value)
@@ -358,7 +416,9 @@ class BertLayer(nn.Module):
         cross_attention (bool): add a ``crossattention`` block (decoder with an encoder).
 
     Forward: ``hidden_states`` (B, Lq, H); masks, head mask and hooks as
-    :class:`BertSelfAttention`; ``past_key_value`` ``(k, v)`` or ``(k, v, cross_k, cross_v)``.
+    :class:`BertSelfAttention`; ``past_key_value`` ``(k, v)`` or ``(k, v, cross_k, cross_v)``;
+    ``cross_relative_key`` / ``cross_relative_value`` are the relative hooks of the cross-attention
+    (queries x encoder positions; Nezha).
     Returns ``(hidden (B, Lq, H), self_probs, cross_probs or None, present)``.
     """
 
@@ -418,8 +478,10 @@ class BertLayer(nn.Module):
         encoder_attention_mask: torch.Tensor | None = None,
         past_key_value: tuple[torch.Tensor, ...] | None = None,
         position_bias: torch.Tensor | None = None,
-        relative_key: torch.Tensor | None = None,
-        relative_value: torch.Tensor | None = None,
+        relative_key: torch.Tensor | RelativeEmbedding | None = None,
+        relative_value: torch.Tensor | RelativeEmbedding | None = None,
+        cross_relative_key: torch.Tensor | RelativeEmbedding | None = None,
+        cross_relative_value: torch.Tensor | RelativeEmbedding | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
         self_past = past_key_value[:2] if past_key_value is not None else None
         x, self_probs, present = self._attention(
@@ -440,7 +502,14 @@ class BertLayer(nn.Module):
             cross_past = past_key_value[2:4] if past_key_value is not None and len(past_key_value) == 4 else None
             # transformers applies the layer's head mask to cross-attention too.
             x, cross_probs, cross_present = self._attention(
-                self._cross, x, encoder_attention_mask, head_mask, encoder_hidden_states, cross_past
+                self._cross,
+                x,
+                encoder_attention_mask,
+                head_mask,
+                encoder_hidden_states,
+                cross_past,
+                relative_key=cross_relative_key,
+                relative_value=cross_relative_value,
             )
             present = present + cross_present
         pre, inter, out, post = self._ffn
@@ -468,6 +537,7 @@ class BertEncoder(nn.Module):
         final_norm (str | None): name of a LayerNorm applied after the last layer (XLM-R-XL).
 
     ``gradient_checkpointing`` (set by the model) recomputes each layer in the backward pass.
+    Forward hooks (``position_bias``, ``relative_*``, ``cross_relative_*``) are passed to every layer.
     """
 
     def __init__(
@@ -498,8 +568,10 @@ class BertEncoder(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         position_bias: torch.Tensor | None = None,
-        relative_key: torch.Tensor | None = None,
-        relative_value: torch.Tensor | None = None,
+        relative_key: torch.Tensor | RelativeEmbedding | None = None,
+        relative_value: torch.Tensor | RelativeEmbedding | None = None,
+        cross_relative_key: torch.Tensor | RelativeEmbedding | None = None,
+        cross_relative_value: torch.Tensor | RelativeEmbedding | None = None,
     ) -> EncoderOutput:
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if checkpointing and use_cache:
@@ -522,6 +594,8 @@ class BertEncoder(nn.Module):
                 position_bias,
                 relative_key,
                 relative_value,
+                cross_relative_key,
+                cross_relative_value,
             )
             if checkpointing:
                 hidden_states, probs, cross_probs, present = checkpoint(layer, *args, use_reentrant=False)

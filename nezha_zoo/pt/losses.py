@@ -14,6 +14,7 @@ __all__ = [
     "causal_lm_loss",
     "question_answering_loss",
     "multiple_choice_loss",
+    "next_sentence_prediction_loss",
     "replaced_token_detection_loss",
 ]
 
@@ -107,6 +108,11 @@ def question_answering_loss(
 def multiple_choice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over choices; logits (B, C), labels (B,)."""
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+
+
+def next_sentence_prediction_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the next-sentence head; logits (B, 2), labels (B,) (0 = continuation, 1 = random)."""
+    return F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def replaced_token_detection_loss(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,12 +18,13 @@ from torch import nn
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.modeling import load_weights, resolve_config, save_weights
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
+from nezha_zoo.pt.layers import encoder_attention_bias, expand_head_mask, extended_attention_mask
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
 from nezha_zoo.spec.registry import Family, get_family
 from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
 
-__all__ = ["PreTrainedModel", "check_inputs"]
+__all__ = ["PreTrainedModel", "check_inputs", "EncoderInputs", "prepare_encoder_inputs", "flatten_choices"]
 
 logger = logging.getLogger("nezha_zoo")
 
@@ -312,3 +314,108 @@ def check_inputs(
     if positions and position_ids is None:
         check_length(shape[-1], past_len, config.max_position_embeddings)
     return shape
+
+
+@dataclass
+class EncoderInputs:
+    """A BERT-style base model's inputs after checking and defaulting (see :func:`prepare_encoder_inputs`).
+
+    Attributes:
+        batch (int), seq_len (int): shape of the new positions (B, L).
+        past_len (int): cached positions before them (0 without a cache).
+        attention_mask (Tensor): additive self-attention mask (B, 1, L or 1, past_len + L).
+        encoder_hidden_states (Tensor | None): (B, Lenc, H), None unless cross-attention runs.
+        encoder_attention_mask (Tensor | None): additive cross-attention mask (B, 1, 1, Lenc) or None.
+        head_mask (list | None): per-layer (1, heads, 1, 1) multipliers, or None.
+        use_cache (bool): return a key/value cache (only ``use_cache=True`` in a decoder).
+    """
+
+    batch: int
+    seq_len: int
+    past_len: int
+    attention_mask: torch.Tensor
+    encoder_hidden_states: torch.Tensor | None
+    encoder_attention_mask: torch.Tensor | None
+    head_mask: list[Any] | None
+    use_cache: bool
+
+
+def prepare_encoder_inputs(
+    config: PretrainedConfig,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    head_mask: torch.Tensor | None,
+    encoder_hidden_states: torch.Tensor | None,
+    encoder_attention_mask: torch.Tensor | None,
+    past_key_values: Any,
+    use_cache: bool | None,
+    dtype: torch.dtype,
+    position_ids: torch.Tensor | None = None,
+    embed_width: int | None = None,
+    positions: bool = True,
+) -> EncoderInputs:
+    """Check a BERT-style base model's inputs and build its masks (shared by the families' base models).
+
+    Raises :class:`~nezha_zoo.validation.InputError` for a cache without a decoder or with the wrong
+    number of layers, bad ids/shapes (:func:`check_inputs`), and encoder states or masks of the wrong
+    shape.  Defaults: ``attention_mask`` ones over cached + new positions, ``encoder_attention_mask``
+    ones.  ``positions=False`` (Nezha) skips the ``max_position_embeddings`` length check.
+    """
+    if past_key_values is not None and not config.is_decoder:
+        raise InputError("past_key_values needs a decoder (config.is_decoder=True)")
+    if past_key_values is not None and len(past_key_values) != config.num_hidden_layers:
+        raise InputError(
+            f"past_key_values has {len(past_key_values)} layers, the model has {config.num_hidden_layers}"
+        )
+    past_len = past_key_values[0][0].shape[-2] if past_key_values else 0
+    batch, seq_len = check_inputs(
+        config,
+        input_ids,
+        inputs_embeds,
+        attention_mask,
+        token_type_ids,
+        position_ids,
+        past_len=past_len,
+        embed_width=embed_width,
+        positions=positions,
+    )
+    cross = config.is_decoder and encoder_hidden_states is not None
+    if cross:
+        if not config.add_cross_attention:
+            raise InputError("encoder_hidden_states given, but the config has add_cross_attention=False")
+        enc_shape = tuple(encoder_hidden_states.shape)
+        if len(enc_shape) != 3 or enc_shape[0] != batch or enc_shape[2] != config.hidden_size:
+            raise InputError(
+                f"encoder_hidden_states must have shape ({batch}, Lenc, {config.hidden_size}), got {enc_shape}"
+            )
+        if encoder_attention_mask is not None and encoder_attention_mask.dim() == 2:
+            check_input_shapes(enc_shape[:2], None, {"encoder_attention_mask": tuple(encoder_attention_mask.shape)})
+    layer_head_mask = None
+    if head_mask is not None:
+        layer_head_mask = expand_head_mask(head_mask, config.num_hidden_layers, dtype, config.num_attention_heads)
+    device = (input_ids if input_ids is not None else inputs_embeds).device
+    if attention_mask is None:
+        attention_mask = torch.ones((batch, past_len + seq_len), device=device)
+    mask = extended_attention_mask(attention_mask, seq_len, dtype, causal=config.is_decoder)
+    enc_mask = None
+    if cross:
+        if encoder_attention_mask is None:
+            encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=device)
+        enc_mask = encoder_attention_bias(encoder_attention_mask, dtype)
+    return EncoderInputs(
+        batch=batch,
+        seq_len=seq_len,
+        past_len=past_len,
+        attention_mask=mask,
+        encoder_hidden_states=encoder_hidden_states if cross else None,
+        encoder_attention_mask=enc_mask,
+        head_mask=layer_head_mask,
+        use_cache=bool(use_cache) and config.is_decoder,
+    )
+
+
+def flatten_choices(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Multiple choice: (B, C, L[, E]) -> (B * C, L[, E]); None stays None."""
+    return None if t is None else t.reshape(-1, *t.shape[2:])

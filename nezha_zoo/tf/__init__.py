@@ -19,6 +19,17 @@ from nezha_zoo.tf.electra import (  # noqa: E402
     TFElectraPreTrainedModel,
 )
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel  # noqa: E402
+from nezha_zoo.tf.nezha import (  # noqa: E402
+    TFNezhaForMaskedLM,
+    TFNezhaForMultipleChoice,
+    TFNezhaForNextSentencePrediction,
+    TFNezhaForPreTraining,
+    TFNezhaForQuestionAnswering,
+    TFNezhaForSequenceClassification,
+    TFNezhaForTokenClassification,
+    TFNezhaModel,
+    TFNezhaPreTrainedModel,
+)
 
 __all__ = [
     "TFPreTrainedModel",
@@ -31,4 +42,13 @@ __all__ = [
     "TFElectraForMultipleChoice",
     "TFElectraForTokenClassification",
     "TFElectraForQuestionAnswering",
+    "TFNezhaPreTrainedModel",
+    "TFNezhaModel",
+    "TFNezhaForPreTraining",
+    "TFNezhaForMaskedLM",
+    "TFNezhaForNextSentencePrediction",
+    "TFNezhaForSequenceClassification",
+    "TFNezhaForMultipleChoice",
+    "TFNezhaForTokenClassification",
+    "TFNezhaForQuestionAnswering",
 ]

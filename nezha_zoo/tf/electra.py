@@ -21,7 +21,6 @@ from nezha_zoo.outputs import (  # noqa: E402
     CausalLMOutputWithCrossAttentions,
     ElectraForPreTrainingOutput,
     MaskedLMOutput,
-    ModelOutput,
     MultipleChoiceModelOutput,
     QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
@@ -33,6 +32,7 @@ from nezha_zoo.tf.heads import (  # noqa: E402
     TFLMHeadTransform,
     TFSequenceSummary,
     TFTiedLMOutput,
+    flatten_choices,
     split_span_logits,
     token_classifier,
 )
@@ -134,27 +134,14 @@ class TFElectraPreTrainedModel(TFPreTrainedModel):
     family = ELECTRA
     config_class = ElectraConfig
     base_model_prefix = "electra"
+    cross_attention_heads = ("Model", "ForCausalLM")
 
     def _dummy_inputs(self) -> dict[str, Any]:
         ids = tf.constant([[2, 3]], tf.int32)
         out: dict[str, Any] = {"input_ids": ids}
-        if self.config.add_cross_attention and self.head in ("Model", "ForCausalLM"):
+        if self.config.add_cross_attention and self.head in self.cross_attention_heads:
             out["encoder_hidden_states"] = tf.zeros((1, 2, self.config.hidden_size))
         return out
-
-    def _build_unused(self) -> None:
-        # Head classes other than Model/ForCausalLM take no encoder states, but a decoder config with
-        # cross-attention still declares (and loads) those weights, as transformers does.
-        if self.config.add_cross_attention and self.head not in ("Model", "ForCausalLM"):
-            states = tf.zeros((1, 2, self.config.hidden_size))
-            self.electra(input_ids=tf.constant([[2, 3]]), encoder_hidden_states=states)
-
-    def _finish(self, output: ModelOutput, return_dict: bool | None):
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        return output if return_dict else output.to_tuple()
-
-    def _base(self, **inputs):
-        return self.electra(gradient_checkpointing=self.gradient_checkpointing, **inputs)
 
 
 _BASE_DOC = """
@@ -514,13 +501,7 @@ class TFElectraForMultipleChoice(TFElectraPreTrainedModel):
         )
         ref = input_ids if input_ids is not None else inputs_embeds
         num_choices = tf.shape(ref)[1]
-
-        def flat(t):  # (B, C, L[, E]) -> (B*C, L[, E])
-            if t is None:
-                return None
-            shape = tf.shape(t)
-            return tf.reshape(t, tf.concat([[-1], shape[2:]], axis=0))
-
+        flat = flatten_choices
         out = self._base(
             input_ids=flat(input_ids), attention_mask=flat(attention_mask), token_type_ids=flat(token_type_ids),
             position_ids=flat(position_ids), head_mask=head_mask, inputs_embeds=flat(inputs_embeds),

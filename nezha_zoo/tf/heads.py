@@ -24,6 +24,9 @@ __all__ = [
     "split_span_logits",
     "TFLMHeadTransform",
     "TFTiedLMOutput",
+    "TFPooler",
+    "TFBertLMPredictionHead",
+    "flatten_choices",
 ]
 
 
@@ -115,6 +118,14 @@ def token_classifier(
     return dropout(classifier_dropout_rate(config)), dense(config.num_labels, name)
 
 
+def flatten_choices(t: tf.Tensor | None) -> tf.Tensor | None:
+    """Multiple-choice inputs (B, C, L[, E]) -> (B*C, L[, E]); None stays None."""
+    if t is None:
+        return None
+    shape = tf.shape(t)
+    return tf.reshape(t, tf.concat([[-1], shape[2:]], axis=0))  # (B*C, L[, E])
+
+
 def split_span_logits(logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """``qa_outputs`` logits (B, L, 2) -> start (B, L), end (B, L)."""
     start, end = tf.split(logits, 2, axis=-1)
@@ -171,3 +182,53 @@ class TFTiedLMOutput(Block):
         logits = tf.matmul(hidden_states, embedding_matrix, transpose_b=True)  # (B, L, V)
         return logits + self.bias
 
+
+
+class TFPooler(Block):
+    """BERT pooler: the first token through ``dense`` (H -> H) and ``tanh``.
+
+    Args:
+        config (PretrainedConfig): ``hidden_size``.
+        name (str): ``"pooler"``.
+
+    Call: ``hidden_states`` (B, L, H) -> (B, H).
+    """
+
+    def __init__(self, config: PretrainedConfig, name: str = "pooler", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.dense = dense(config.hidden_size, "dense")
+
+    def call(self, hidden_states):
+        return tf.tanh(self.dense(hidden_states[:, 0]))  # (B, L, H) -> (B, H)
+
+
+class TFBertLMPredictionHead(Block):
+    """BERT's ``predictions``: ``transform`` (dense, activation, LayerNorm), then the vocabulary
+    projection -- the word-embedding matrix (tied) or an own bias-free ``decoder`` -- plus ``bias``.
+
+    Args:
+        config (PretrainedConfig): ``hidden_size``, ``vocab_size``, ``hidden_act``,
+            ``layer_norm_eps``, ``tie_word_embeddings``.
+        name (str): ``"predictions"``; its variables are ``transform/...``, ``bias`` (V,) and, when
+            untied, ``decoder/kernel`` (H, V).
+
+    Call: ``hidden_states`` (B, L, H), ``embedding_matrix`` (V, H) (ignored when untied) -> (B, L, V).
+    """
+
+    def __init__(self, config: PretrainedConfig, name: str = "predictions", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.vocab_size = config.vocab_size
+        self.transform = TFLMHeadTransform(config, config.hidden_size, activation=config.hidden_act, name="transform")
+        tied = getattr(config, "tie_word_embeddings", True)
+        self.decoder = None if tied else dense(config.vocab_size, "decoder", use_bias=False)
+
+    def build(self, input_shape=None):
+        self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer="zeros")
+
+    def call(self, hidden_states, embedding_matrix=None):
+        hidden_states = self.transform(hidden_states)
+        if self.decoder is None:
+            logits = tf.matmul(hidden_states, embedding_matrix, transpose_b=True)  # (B, L, V)
+        else:
+            logits = self.decoder(hidden_states)
+        return logits + self.bias

@@ -7,8 +7,13 @@ that renames modules (MPNet ``attention.attn.q``) or moves norms (XLM-R-XL pre-L
 
 Extension points kept deliberately small:
 
-* ``TFBertSelfAttention.relative_scores`` / ``relative_context``: extra key/value terms added before
-  scaling and to the context (Nezha's relative positions); ``None`` by default.
+* ``TFBertSelfAttention.relative_embeddings`` -> ``R`` (Lq, Lk, hd), used by ``relative_scores``
+  (key term ``q_i . R[i, j]`` added before scaling) and ``relative_context`` (value term
+  ``sum_j p_ij R[i, j]``); ``None`` by default (absolute-position models).  Nezha's functional
+  relative positions override ``relative_embeddings``.  Query ``i`` sits at absolute position
+  ``query_offset + i`` (the cached length in decoders), so cached decoding equals a full pass.
+* ``TFBertAttention.self_attention_class`` / ``TFBertLayer.attention_class``: the classes a family
+  swaps in (with ``TFBertEncoder(layer_class=...)``) to override those hooks.
 * ``position_bias``: an additive score bias added after scaling (MPNet), threaded through the
   encoder, layer and attention.
 * pre-LN blocks (``names.pre_attn_norm``/``pre_ffn_norm``), a final encoder norm, an embedding block
@@ -125,6 +130,17 @@ def dropout(rate: float, name: str = "dropout") -> keras.layers.Dropout:
 # --- embeddings ----------------------------------------------------------------------------------
 
 
+def freeze_padding_row(embedded: tf.Tensor, ids: tf.Tensor, padding_idx: int | None) -> tf.Tensor:
+    """Lookups of the padding row pass no gradient to it (torch ``nn.Embedding(padding_idx=...)``).
+
+    The forward value is unchanged; only training differs: PyTorch never updates that row, so neither
+    do we.  ``embedded``: (..., width) lookups of ``ids`` (...).
+    """
+    if padding_idx is None:
+        return embedded
+    is_pad = tf.expand_dims(tf.equal(tf.cast(ids, tf.int64), padding_idx), -1)
+    return tf.where(is_pad, tf.stop_gradient(embedded), embedded)
+
 class TFBertEmbeddings(Block):
     """Word + token-type + absolute position embeddings, then LayerNorm and dropout.
 
@@ -152,6 +168,7 @@ class TFBertEmbeddings(Block):
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
+        self.padding_idx = getattr(config, "pad_token_id", None)
         self.word_embeddings = keras.layers.Embedding(config.vocab_size, embedding_size, name="word_embeddings")
         self.position_embeddings = (
             keras.layers.Embedding(config.max_position_embeddings, embedding_size, name="position_embeddings")
@@ -168,7 +185,7 @@ class TFBertEmbeddings(Block):
 
     def call(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, training=False):
         if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
+            inputs_embeds = freeze_padding_row(self.word_embeddings(input_ids), input_ids, self.padding_idx)
         embeddings = inputs_embeds
         if self.token_type_embeddings is not None:
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
@@ -194,7 +211,9 @@ class TFBertSelfAttention(Block):
     Call: ``hidden_states`` (B, Lq, H); ``attention_mask`` additive, broadcastable to
     (B, heads, Lq, Lk); ``head_mask`` (1, heads, 1, 1); ``encoder_hidden_states`` (B, Le, H) for
     cross-attention; ``past_key_value`` ``(k, v)`` each (B, heads, Lp, hd); ``position_bias``
-    additive, broadcastable to the scores, added after scaling.  Returns
+    additive, broadcastable to the scores, added after scaling; ``query_offset`` (int or scalar
+    tensor): absolute position of query 0 for relative-position terms (default: ``Lk - Lq`` in
+    self-attention, i.e. the cached length; 0 in cross-attention).  Returns
     ``(context (B, Lq, H), probs (B, heads, Lq, Lk), (k, v))``.
     """
 
@@ -213,13 +232,25 @@ class TFBertSelfAttention(Block):
         x = tf.reshape(x, (shape[0], shape[1], self.num_heads, self.head_dim))  # (B, L, heads, hd)
         return tf.transpose(x, (0, 2, 1, 3))  # (B, heads, L, hd)
 
-    def relative_scores(self, query: tf.Tensor, key: tf.Tensor) -> tf.Tensor | None:
-        """Extra scores added before scaling (relative-position keys); none for absolute models."""
+    def relative_embeddings(self, q_len: Any, k_len: Any, query_offset: Any) -> tf.Tensor | None:
+        """Relative-position embeddings ``R`` (Lq, Lk, hd) of key ``j`` seen from query ``i`` (at
+        absolute position ``query_offset + i``); ``None`` (the default) for absolute-position models."""
         return None
 
-    def relative_context(self, probs: tf.Tensor) -> tf.Tensor | None:
-        """Extra context (B, heads, Lq, hd) from the probabilities (relative-position values)."""
-        return None
+    def relative_scores(self, query: tf.Tensor, relative: tf.Tensor) -> tf.Tensor:
+        """Key term added to ``q . k^T`` before scaling: ``s[b, h, i, j] = q[b, h, i] . R[i, j]``.
+
+        ``query`` (B, heads, Lq, hd), ``relative`` (Lq, Lk, hd) -> (B, heads, Lq, Lk).
+        """
+        return tf.einsum("bhid,ijd->bhij", query, relative)
+
+    def relative_context(self, probs: tf.Tensor, relative: tf.Tensor) -> tf.Tensor:
+        """Value term added to the context: ``c[b, h, i] = sum_j p[b, h, i, j] R[i, j]``.
+
+        ``probs`` (B, heads, Lq, Lk) after dropout and head mask, ``relative`` (Lq, Lk, hd) ->
+        (B, heads, Lq, hd).
+        """
+        return tf.einsum("bhij,ijd->bhid", probs, relative)
 
     def call(
         self,
@@ -229,6 +260,7 @@ class TFBertSelfAttention(Block):
         encoder_hidden_states=None,
         past_key_value=None,
         position_bias=None,
+        query_offset=None,
         training=False,
     ):
         query = self._split_heads(self.query(hidden_states))
@@ -242,9 +274,12 @@ class TFBertSelfAttention(Block):
                 key = tf.concat([past_key_value[0], key], axis=2)  # (B, heads, Lp + Lq, hd)
                 value = tf.concat([past_key_value[1], value], axis=2)
         scores = tf.matmul(query, key, transpose_b=True)  # (B, heads, Lq, Lk)
-        extra = self.relative_scores(query, key)
-        if extra is not None:
-            scores = scores + extra
+        q_len, k_len = tf.shape(query)[2], tf.shape(key)[2]
+        if query_offset is None:
+            query_offset = 0 if encoder_hidden_states is not None else k_len - q_len
+        relative = self.relative_embeddings(q_len, k_len, query_offset)  # (Lq, Lk, hd) or None
+        if relative is not None:
+            scores = scores + self.relative_scores(query, relative)
         scores = scores / math.sqrt(self.head_dim)
         if position_bias is not None:
             scores = scores + position_bias
@@ -255,9 +290,8 @@ class TFBertSelfAttention(Block):
         if head_mask is not None:
             probs = probs * head_mask
         context = tf.matmul(probs, value)  # (B, heads, Lq, hd)
-        extra = self.relative_context(probs)
-        if extra is not None:
-            context = context + extra
+        if relative is not None:
+            context = context + self.relative_context(probs, relative)
         context = tf.transpose(context, (0, 2, 1, 3))  # (B, Lq, heads, hd)
         shape = tf.shape(context)
         context = tf.reshape(context, (shape[0], shape[1], self.all_head_size))  # (B, Lq, H)
@@ -302,6 +336,9 @@ class TFBertAttention(Block):
     Call: as :class:`TFBertSelfAttention`; returns ``(output (B, Lq, H), probs, (k, v))``.
     """
 
+    #: The attention core; a family with extra attention terms (Nezha) sets a subclass.
+    self_attention_class: type[TFBertSelfAttention] = TFBertSelfAttention
+
     def __init__(
         self,
         config: PretrainedConfig,
@@ -317,7 +354,7 @@ class TFBertAttention(Block):
         parent = names.attn_out.rsplit(".", 1)[0]
         norm_beside_out = names.attn_norm is not None and names.attn_norm.rsplit(".", 1)[0] == parent
         self.pre_norm = layer_norm(config, pre_norm_name) if pre_norm_name else None
-        self.self_attention = TFBertSelfAttention(config, names, name=_leaf(names.self_attn))
+        self.self_attention = self.self_attention_class(config, names, name=_leaf(names.self_attn))
         self.dense_output = TFResidualOutput(
             config, out_path[-1], _leaf(names.attn_norm) if norm_beside_out else None, name=out_path[-2]
         )
@@ -333,6 +370,7 @@ class TFBertAttention(Block):
         encoder_hidden_states=None,
         past_key_value=None,
         position_bias=None,
+        query_offset=None,
         training=False,
     ):
         normed = hidden_states if self.pre_norm is None else self.pre_norm(hidden_states)
@@ -343,6 +381,7 @@ class TFBertAttention(Block):
             encoder_hidden_states=encoder_hidden_states,
             past_key_value=past_key_value,
             position_bias=position_bias,
+            query_offset=query_offset,
             training=training,
         )
         out = self.dense_output(context, hidden_states, training=training)
@@ -371,16 +410,20 @@ class TFBertLayer(Block):
         name (str): ``str(index)``.
 
     Call returns ``(hidden (B, L, H), self_probs, cross_probs or None, present)`` where ``present``
-    is ``(k, v)`` or ``(k, v, cross_k, cross_v)``.
+    is ``(k, v)`` or ``(k, v, cross_k, cross_v)``.  Query ``i`` sits at absolute position
+    ``Lp + i`` (``Lp`` the cached self-attention length) in both attentions.
     """
+
+    #: The attention block class for self- and cross-attention (a family may set a subclass).
+    attention_class: type[TFBertAttention] = TFBertAttention
 
     def __init__(self, config: PretrainedConfig, names: BertLayerNames, name: str, **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
         self.is_decoder = config.is_decoder
         pre = _leaf(names.pre_attn_norm)
-        self.attention = TFBertAttention(config, names, name=names.self_attn.split(".")[0], pre_norm_name=pre)
+        self.attention = self.attention_class(config, names, name=names.self_attn.split(".")[0], pre_norm_name=pre)
         self.crossattention = (
-            TFBertAttention(config, _below(names), name=names.cross, pre_norm_name=pre)
+            self.attention_class(config, _below(names), name=names.cross, pre_norm_name=pre)
             if config.add_cross_attention
             else None
         )
@@ -402,12 +445,14 @@ class TFBertLayer(Block):
         training=False,
     ):
         self_past = None if past_key_value is None else tuple(past_key_value[:2])
+        query_offset = 0 if self_past is None else past_length((self_past,))  # cached positions
         hidden, probs, present = self.attention(
             hidden_states,
             attention_mask=attention_mask,
             head_mask=head_mask,
             past_key_value=self_past,
             position_bias=position_bias,
+            query_offset=query_offset,
             training=training,
         )
         cross_probs = None
@@ -421,6 +466,7 @@ class TFBertLayer(Block):
                 head_mask=head_mask,
                 encoder_hidden_states=encoder_hidden_states,
                 past_key_value=cross_past,
+                query_offset=query_offset,
                 training=training,
             )
             present = tuple(present) + tuple(cross_present)
@@ -650,11 +696,13 @@ class BertBackboneMixin:
     """The base-model forward shared by BERT-style families.
 
     The owner (a Keras layer or model) has ``config``, ``embeddings`` and ``encoder`` and may
-    override :meth:`after_embeddings` (Electra's ``embeddings_project``).
+    override :meth:`after_embeddings` (Electra's ``embeddings_project``).  ``limits_length`` False
+    (Nezha: relative positions only) accepts inputs longer than ``max_position_embeddings``.
     """
 
     config: PretrainedConfig
     embedding_width: int
+    limits_length: bool = True
 
     def after_embeddings(self, hidden: tf.Tensor, training: bool) -> tf.Tensor:
         return hidden
@@ -684,7 +732,7 @@ class BertBackboneMixin:
         past_len = past_length(past_key_values)
         check_inputs(
             cfg, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, past_len,
-            embed_dim=self.embedding_width,
+            embed_dim=self.embedding_width, check_positions=self.limits_length,
         )
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, seq_len = tf.shape(ref)[0], tf.shape(ref)[1]

@@ -134,7 +134,9 @@ class TFPreTrainedModel(keras.Model):
     """Base of every TF model: spec-driven variables, ``from_pretrained``/``save_pretrained``, ``fit``.
 
     Subclasses set ``family`` (a :class:`~nezha_zoo.spec.registry.Family`), ``head`` (``"Model"``,
-    ``"ForMaskedLM"``...), ``label_names`` (the ``call`` arguments that are labels) and implement
+    ``"ForMaskedLM"``...), ``label_names`` (the ``call`` arguments that are labels),
+    ``base_model_prefix`` (the base layer's attribute name in head classes),
+    ``cross_attention_heads`` (heads whose ``call`` takes ``encoder_hidden_states``) and implement
     ``_dummy_inputs``.
 
     Args:
@@ -150,6 +152,8 @@ class TFPreTrainedModel(keras.Model):
     head: str = "Model"
     label_names: tuple[str, ...] = ()
     config_class: type[PretrainedConfig]
+    base_model_prefix: str = ""
+    cross_attention_heads: tuple[str, ...] = ("Model",)
 
     def __init__(
         self,
@@ -180,7 +184,20 @@ class TFPreTrainedModel(keras.Model):
         self.init_weights(self._init_seed)
 
     def _build_unused(self) -> None:
-        """Build sub-layers the dummy call does not reach (e.g. cross-attention of a head class)."""
+        """Build sub-layers the dummy call does not reach: the cross-attention of a decoder config in
+        a head class that takes no encoder states (transformers still declares and loads those weights)."""
+        if self.config.add_cross_attention and self.head not in self.cross_attention_heads:
+            states = tf.zeros((1, 2, self.config.hidden_size))
+            getattr(self, self.base_model_prefix)(input_ids=tf.constant([[2, 3]]), encoder_hidden_states=states)
+
+    def _finish(self, output: ModelOutput, return_dict: bool | None):
+        """The output object, or ``output.to_tuple()`` when ``return_dict`` (else the config's) is False."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
+    def _base(self, **inputs):
+        """Run the base layer (``self.<base_model_prefix>``) of a head class."""
+        return getattr(self, self.base_model_prefix)(gradient_checkpointing=self.gradient_checkpointing, **inputs)
 
     @property
     def spec(self) -> ModelSpec:

@@ -1,0 +1,688 @@
+"""Nezha in PyTorch: the shared BERT blocks plus Nezha's functional relative positions.
+
+Differences from BERT (``nezha_zoo/families/nezha.py``): embeddings are word + token type only (no
+absolute position table, no ``position_ids`` argument anywhere); every attention adds a fixed
+sinusoidal encoding of the clipped relative distance between query and key positions, to the scores
+(``q_i . R[i, j]`` before the ``1/sqrt(d)`` scaling) and to the context (``sum_j p_ij R[i, j]``).
+
+The encoding is computed, never stored: a table of ``2K + 1`` rows (``K = max_relative_position``;
+row ``p`` holds ``sin(p * w)`` in even and ``cos(p * w)`` in odd columns, ``w`` the usual inverse
+frequencies over ``head_dim``) and an ``(Lq, Lk)`` index ``clamp(j - i, -K, K) + K`` into it
+(:class:`~nezha_zoo.pt.layers.RelativeEmbedding`).  transformers 4.57.6 materialises
+``(max_position_embeddings, max_position_embeddings, head_dim)`` per layer and so refuses longer
+inputs; here any length works and equals transformers wherever transformers runs.
+
+Decoding with a cache: query ``i`` of a step sits at absolute position ``past_len + i``, so cached
+decoding equals full decoding (transformers' own cached path assumes ``Lq == Lk`` and fails).
+Cross-attention: transformers applies the same relative terms between decoder position ``i`` and
+encoder position ``j`` (its code only runs when the decoder and encoder lengths are equal); we do the
+same for any lengths, with the decoder positions offset by the cache length.
+
+``forward`` arguments follow transformers 4.57.6.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from nezha_zoo.families.nezha import NezhaConfig
+from nezha_zoo.outputs import (
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    NextSentencePredictorOutput,
+    NezhaForPreTrainingOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from nezha_zoo.pt import losses
+from nezha_zoo.pt.heads import BertLMPredictionHead, BertPooler, split_qa_logits, token_classification_logits
+from nezha_zoo.pt.layers import BertEmbeddings, BertEncoder, RelativeEmbedding
+from nezha_zoo.pt.modeling_utils import PreTrainedModel, check_inputs, flatten_choices, prepare_encoder_inputs
+from nezha_zoo.spec.param import ModelSpec
+
+logger = logging.getLogger("nezha_zoo")
+
+__all__ = [
+    "relative_position_table",
+    "relative_position_index",
+    "NezhaPreTrainedModel",
+    "NezhaModel",
+    "NezhaForPreTraining",
+    "NezhaForMaskedLM",
+    "NezhaForNextSentencePrediction",
+    "NezhaForSequenceClassification",
+    "NezhaForMultipleChoice",
+    "NezhaForTokenClassification",
+    "NezhaForQuestionAnswering",
+]
+
+
+# --- functional relative positions ---------------------------------------------------------------
+
+
+def relative_position_table(
+    max_relative_position: int, depth: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The sinusoid table over shifted relative distances ``p = 0 .. 2K``: (2K + 1, depth) float32.
+
+    ``table[p, 0::2] = sin(p * w)``, ``table[p, 1::2] = cos(p * w)``,
+    ``w = exp(arange(0, depth, 2) * -ln(10000) / depth)`` -- interleaved columns and the shifted
+    index ``p = clamp(j - i, -K, K) + K`` as the argument, exactly as transformers' Nezha.
+    """
+    rows = 2 * max_relative_position + 1
+    position = torch.arange(rows, dtype=torch.float32, device=device)[:, None]  # (P, 1)
+    div_term = torch.exp(
+        torch.arange(0, depth, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / depth)
+    )  # (ceil(d / 2),)
+    angles = position * div_term  # (P, ceil(d / 2))
+    table = torch.zeros(rows, depth, dtype=torch.float32, device=device)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles)[:, : depth // 2]
+    return table
+
+
+def relative_position_index(
+    query_len: int,
+    key_len: int,
+    max_relative_position: int,
+    query_offset: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Table row of each (query, key) pair: (query_len, key_len) long.
+
+    Query ``i`` sits at absolute position ``query_offset + i`` (the cache length when decoding), key
+    ``j`` at ``j``; the row is ``clamp(j - (query_offset + i), -K, K) + K``.
+    """
+    q_pos = torch.arange(query_offset, query_offset + query_len, device=device)[:, None]  # (Lq, 1)
+    k_pos = torch.arange(key_len, device=device)[None, :]  # (1, Lk)
+    distance = (k_pos - q_pos).clamp(-max_relative_position, max_relative_position)  # (Lq, Lk)
+    return distance + max_relative_position
+
+
+# --- base ----------------------------------------------------------------------------------------
+
+_ARGS_DOC = """
+    Forward arguments (B = batch, L = sequence length, any L; all optional except one of
+    ``input_ids`` / ``inputs_embeds``; Nezha has no ``position_ids``):
+        input_ids (LongTensor (B, L)): token ids in ``[0, vocab_size)``.
+        attention_mask ((B, L)): 1 = attend, 0 = padding; ones when omitted.
+        token_type_ids (LongTensor (B, L)): segment ids; zeros when omitted.
+        head_mask ((heads,) or (layers, heads)): multiplies attention probabilities.
+        inputs_embeds ((B, L, hidden_size)): instead of ``input_ids``.
+        output_attentions / output_hidden_states / return_dict (bool): config defaults when None.
+"""
+
+
+class NezhaPreTrainedModel(PreTrainedModel):
+    """Base of the Nezha classes (family ``"nezha"``)."""
+
+    family_key = "nezha"
+    config_class = NezhaConfig
+
+    def _run_base(self, **kwargs: Any) -> Any:
+        """The base model's output object (``return_dict=True``) for a head's forward."""
+        return self.nezha(**kwargs, return_dict=True)
+
+
+class NezhaModel(NezhaPreTrainedModel):
+    """The Nezha encoder (or decoder) with an optional pooler.
+
+    Args:
+        config (NezhaConfig): model configuration.
+        add_pooling_layer (bool): build ``pooler`` (``dense`` + tanh on the first token).
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        encoder_hidden_states ((B, Lenc, hidden_size)): encoder output for cross-attention
+            (``is_decoder`` and ``add_cross_attention``).
+        encoder_attention_mask ((B, Lenc)): mask of ``encoder_hidden_states``; ones when omitted.
+        past_key_values (tuple per layer of (k, v) or (k, v, cross_k, cross_v), each
+            (B, heads, Lpast, head_dim)): cached keys/values of earlier positions (decoder); the new
+            queries sit at positions ``Lpast ..``; ``attention_mask`` then covers Lpast + L.
+        use_cache (bool): return ``past_key_values`` (decoder only; off when None).
+
+    Returns BaseModelOutputWithPoolingAndCrossAttentions: ``last_hidden_state`` (B, L, hidden_size),
+    ``pooler_output`` (B, hidden_size).  With ``return_dict=False`` the tuple is transformers':
+    ``(last_hidden_state, pooler_output, past_key_values, hidden_states, attentions, cross_attentions)``
+    without the absent entries, ``pooler_output`` kept (None) when there is no pooler.
+    """
+
+    head = "Model"
+
+    def __init__(self, config: NezhaConfig, add_pooling_layer: bool = True) -> None:
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config, config.hidden_size, positions=False)
+        self.encoder = BertEncoder(config, cross_attention=config.add_cross_attention)
+        self.pooler = BertPooler(config.hidden_size) if add_pooling_layer else None
+        self.post_init()
+
+    def model_spec(self) -> ModelSpec:
+        spec = super().model_spec()
+        if self.pooler is not None:
+            return spec
+        # NezhaModel(add_pooling_layer=False): the base of the heads without a pooler.
+        params = tuple(p for p in spec if not p.name.startswith("pooler."))
+        return ModelSpec(spec.family, spec.head, spec.base_prefix, params, spec.ties, spec.ignored)
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def _relative(self, query_len: int, key_len: int, offset: int, like: torch.Tensor) -> RelativeEmbedding:
+        """Relative-position lookup for ``query_len`` queries at ``offset ..`` against ``key_len`` keys."""
+        cfg = self.config
+        depth = cfg.hidden_size // cfg.num_attention_heads
+        table = relative_position_table(cfg.max_relative_position, depth, device=like.device).to(like.dtype)
+        index = relative_position_index(query_len, key_len, cfg.max_relative_position, offset, device=like.device)
+        return RelativeEmbedding(table, index)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: tuple[tuple[torch.Tensor, ...], ...] | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions | tuple[Any, ...]:
+        cfg = self.config
+        output_attentions, output_hidden_states, return_dict = self._resolve_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
+        prep = prepare_encoder_inputs(
+            cfg,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            token_type_ids,
+            head_mask,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            past_key_values,
+            use_cache,
+            dtype=self.embeddings.word_embeddings.weight.dtype,
+            embed_width=cfg.hidden_size,
+            positions=False,  # relative positions: no length limit
+        )
+        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds)
+        # Self-attention: queries at past_len .. past_len + L - 1, keys at 0 .. past_len + L - 1.
+        rel = self._relative(prep.seq_len, prep.past_len + prep.seq_len, prep.past_len, hidden)
+        cross_rel = None
+        if prep.encoder_hidden_states is not None:
+            # Cross-attention (as transformers): the same encoding between decoder and encoder positions.
+            cross_rel = self._relative(prep.seq_len, prep.encoder_hidden_states.shape[1], prep.past_len, hidden)
+        last, presents, all_hidden, attentions, cross_attentions = self.encoder(
+            hidden,
+            attention_mask=prep.attention_mask,
+            head_mask=prep.head_mask,
+            encoder_hidden_states=prep.encoder_hidden_states,
+            encoder_attention_mask=prep.encoder_attention_mask,
+            past_key_values=past_key_values,
+            use_cache=prep.use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            relative_key=rel,
+            relative_value=rel,
+            cross_relative_key=cross_rel,
+            cross_relative_value=cross_rel,
+        )
+        pooled = self.pooler(last) if self.pooler is not None else None
+        if not return_dict:
+            # transformers' tuple: the cache comes before the hidden states (unlike the field order).
+            rest = (presents, all_hidden, attentions, cross_attentions)
+            return (last, pooled) + tuple(v for v in rest if v is not None)
+        return BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=last,
+            pooler_output=pooled,
+            past_key_values=presents,
+            hidden_states=all_hidden,
+            attentions=attentions,
+            cross_attentions=cross_attentions,
+        )
+
+
+# --- heads ---------------------------------------------------------------------------------------
+
+
+class NezhaPreTrainingHeads(nn.Module):
+    """``cls``: ``predictions`` (MLM, tied to the word embeddings) and ``seq_relationship`` (NSP)."""
+
+    def __init__(self, config: NezhaConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config, activation=config.hidden_act)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class NezhaOnlyMLMHead(nn.Module):
+    """``cls`` of the masked-LM class: ``predictions`` only."""
+
+    def __init__(self, config: NezhaConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config, activation=config.hidden_act)
+
+
+class NezhaOnlyNSPHead(nn.Module):
+    """``cls`` of the next-sentence class: ``seq_relationship`` (H -> 2) only."""
+
+    def __init__(self, config: NezhaConfig) -> None:
+        super().__init__()
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+def _classifier_dropout(config: NezhaConfig) -> nn.Dropout:
+    drop = config.classifier_dropout
+    return nn.Dropout(config.hidden_dropout_prob if drop is None else drop)
+
+
+class NezhaForPreTraining(NezhaPreTrainedModel):
+    """Nezha with the pre-training heads: MLM logits (B, L, vocab_size) and NSP logits (B, 2).
+
+    Args:
+        config (NezhaConfig): model configuration.
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        labels (LongTensor (B, L)): MLM targets, -100 = ignored.
+        next_sentence_label (LongTensor (B,)): 0 = sequence B continues A, 1 = B is random.
+        The loss (when both are given) is MLM cross-entropy + NSP cross-entropy.
+    """
+
+    head = "ForPreTraining"
+
+    def __init__(self, config: NezhaConfig) -> None:
+        super().__init__(config)
+        self.nezha = NezhaModel(config)
+        self.cls = NezhaPreTrainingHeads(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> NezhaForPreTrainingOutput | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        base = self._run_base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        prediction_logits = self.cls.predictions(base.last_hidden_state)  # (B, L, vocab)
+        seq_relationship_logits = self.cls.seq_relationship(base.pooler_output)  # (B, 2)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            loss = losses.masked_lm_loss(prediction_logits, labels) + losses.next_sentence_prediction_loss(
+                seq_relationship_logits, next_sentence_label
+            )
+        out = NezhaForPreTrainingOutput(
+            loss=loss,
+            prediction_logits=prediction_logits,
+            seq_relationship_logits=seq_relationship_logits,
+            hidden_states=base.hidden_states,
+            attentions=base.attentions,
+        )
+        return self._finish(out, return_dict)
+
+
+class NezhaForMaskedLM(NezhaPreTrainedModel):
+    """Nezha with a masked-language-model head: logits (B, L, vocab_size).
+
+    Args:
+        config (NezhaConfig): model configuration (``is_decoder=False`` for bidirectional attention).
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        encoder_hidden_states, encoder_attention_mask: as NezhaModel (decoder configs).
+        labels (LongTensor (B, L)): target ids, -100 = ignored; loss = cross-entropy.
+    """
+
+    head = "ForMaskedLM"
+
+    def __init__(self, config: NezhaConfig) -> None:
+        if config.is_decoder:
+            logger.warning("NezhaForMaskedLM with is_decoder=True is causal; set is_decoder=False for MLM")
+        super().__init__(config)
+        self.nezha = NezhaModel(config, add_pooling_layer=False)
+        self.cls = NezhaOnlyMLMHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MaskedLMOutput | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        base = self._run_base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.cls.predictions(base.last_hidden_state)  # (B, L, vocab)
+        loss = losses.masked_lm_loss(logits, labels) if labels is not None else None
+        out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions)
+        return self._finish(out, return_dict)
+
+
+class NezhaForNextSentencePrediction(NezhaPreTrainedModel):
+    """Nezha with the next-sentence head on the pooled output: logits (B, 2).
+
+    Args:
+        config (NezhaConfig): model configuration.
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        labels (LongTensor (B,)): 0 = sequence B continues A, 1 = B is random; loss = cross-entropy.
+        **kwargs: only the deprecated alias ``next_sentence_label`` (FutureWarning); anything else is
+            a TypeError.
+    """
+
+    head = "ForNextSentencePrediction"
+
+    def __init__(self, config: NezhaConfig) -> None:
+        super().__init__(config)
+        self.nezha = NezhaModel(config)
+        self.cls = NezhaOnlyNSPHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> NextSentencePredictorOutput | tuple[Any, ...]:
+        if "next_sentence_label" in kwargs:
+            warnings.warn("next_sentence_label is deprecated; use labels", FutureWarning, stacklevel=2)
+            labels = kwargs.pop("next_sentence_label")
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        base = self._run_base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.cls.seq_relationship(base.pooler_output)  # (B, 2)
+        loss = losses.next_sentence_prediction_loss(logits, labels) if labels is not None else None
+        out = NextSentencePredictorOutput(
+            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
+        )
+        return self._finish(out, return_dict)
+
+
+class NezhaForSequenceClassification(NezhaPreTrainedModel):
+    """Nezha with dropout + ``classifier`` on the pooled output: logits (B, num_labels).
+
+    Args:
+        config (NezhaConfig): model configuration (``num_labels``, ``problem_type``,
+            ``classifier_dropout``).
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        labels ((B,)): class ids (cross-entropy), floats for regression (``num_labels == 1``, MSE), or
+            (B, num_labels) floats for multi-label (BCE); see ``config.problem_type``.
+    """
+
+    head = "ForSequenceClassification"
+
+    def __init__(self, config: NezhaConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.nezha = NezhaModel(config)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutput | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        base = self._run_base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(self.dropout(base.pooler_output))  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = losses.sequence_classification_loss(logits, labels, self.num_labels, self.config.problem_type)
+        out = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
+        )
+        return self._finish(out, return_dict)
+
+
+class NezhaForMultipleChoice(NezhaPreTrainedModel):
+    """Nezha scoring C choices: dropout + ``classifier`` (H -> 1) on each pooled output; logits (B, C).
+
+    Args:
+        config (NezhaConfig): model configuration (``classifier_dropout``).
+    """
+
+    __doc__ = (__doc__ or "") + """
+    Forward arguments are those of the other heads with an extra choices axis: ``input_ids``,
+    ``attention_mask``, ``token_type_ids`` (B, C, L); ``inputs_embeds`` (B, C, L, hidden_size);
+    ``labels`` (B,) the right choice (cross-entropy).
+    """
+
+    head = "ForMultipleChoice"
+
+    def __init__(self, config: NezhaConfig) -> None:
+        super().__init__(config)
+        self.nezha = NezhaModel(config)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MultipleChoiceModelOutput | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        check_inputs(
+            self.config,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            token_type_ids,
+            embed_width=self.config.hidden_size,
+            rank=3,
+            positions=False,
+        )
+        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        base = self._run_base(
+            input_ids=flatten_choices(input_ids),  # (B, C, L) -> (B * C, L)
+            attention_mask=flatten_choices(attention_mask),
+            token_type_ids=flatten_choices(token_type_ids),
+            head_mask=head_mask,
+            inputs_embeds=flatten_choices(inputs_embeds),  # (B, C, L, H) -> (B * C, L, H)
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(self.dropout(base.pooler_output))  # (B * C, 1)
+        logits = logits.view(-1, num_choices)  # (B * C, 1) -> (B, C)
+        loss = losses.multiple_choice_loss(logits, labels) if labels is not None else None
+        out = MultipleChoiceModelOutput(
+            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
+        )
+        return self._finish(out, return_dict)
+
+
+class NezhaForTokenClassification(NezhaPreTrainedModel):
+    """Nezha with dropout + a per-token ``classifier``: logits (B, L, num_labels).
+
+    Args:
+        config (NezhaConfig): model configuration (``num_labels``, ``classifier_dropout``).
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        labels (LongTensor (B, L)): class ids, -100 = ignored; loss = cross-entropy.
+    """
+
+    head = "ForTokenClassification"
+
+    def __init__(self, config: NezhaConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.nezha = NezhaModel(config, add_pooling_layer=False)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> TokenClassifierOutput | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        base = self._run_base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = token_classification_logits(self.dropout, self.classifier, base.last_hidden_state)
+        loss = losses.token_classification_loss(logits, labels) if labels is not None else None
+        out = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
+        )
+        return self._finish(out, return_dict)
+
+
+class NezhaForQuestionAnswering(NezhaPreTrainedModel):
+    """Nezha with ``qa_outputs`` (H -> 2): span start and end logits, each (B, L).
+
+    Args:
+        config (NezhaConfig): model configuration (``num_labels`` = 2).
+    """
+
+    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+        start_positions, end_positions (LongTensor (B,)): span bounds; outside ``[0, L)`` ignored;
+            loss = mean of the start and end cross-entropies.
+    """
+
+    head = "ForQuestionAnswering"
+
+    def __init__(self, config: NezhaConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.nezha = NezhaModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> QuestionAnsweringModelOutput | tuple[Any, ...]:
+        _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
+        base = self._run_base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        start_logits, end_logits = split_qa_logits(self.qa_outputs(base.last_hidden_state))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = losses.question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+        out = QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=base.hidden_states,
+            attentions=base.attentions,
+        )
+        return self._finish(out, return_dict)
+
