@@ -119,9 +119,7 @@ def check_divisible(config: PretrainedConfig, field: str, by: str) -> None:
     """
     value, divisor = getattr(config, field), getattr(config, by)
     if value % divisor:
-        raise ValueError(
-            f"{type(config).__name__}.{field} ({value}) must be divisible by {by} ({divisor})"
-        )
+        raise ValueError(f"{type(config).__name__}.{field} ({value}) must be divisible by {by} ({divisor})")
 
 
 def check_index(config: PretrainedConfig, field: str, size_field: str, required: bool = False) -> None:
@@ -139,9 +137,7 @@ def check_index(config: PretrainedConfig, field: str, size_field: str, required:
             raise ValueError(f"{type(config).__name__}.{field} must be set (an integer in [0, {size_field}))")
         return
     if not 0 <= value < size:
-        raise ValueError(
-            f"{type(config).__name__}.{field} ({value}) must lie in [0, {size_field}={size})"
-        )
+        raise ValueError(f"{type(config).__name__}.{field} ({value}) must lie in [0, {size_field}={size})")
 
 
 @dataclass(frozen=True)

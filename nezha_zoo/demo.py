@@ -24,6 +24,7 @@ import numpy as np
 
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.families.electra import ElectraConfig
+from nezha_zoo.families.nezha import NezhaConfig
 from nezha_zoo.modeling import random_weights, save_weights
 from nezha_zoo.spec.registry import Family, get_family
 from nezha_zoo.testing import TOLERANCES, max_abs_diff, tiny_inputs
@@ -42,6 +43,16 @@ DEMO_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
         num_attention_heads=4,
         intermediate_size=256,
         max_position_embeddings=128,
+        num_labels=2,
+    ),
+    "nezha": lambda: NezhaConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=128,
+        max_relative_position=16,
         num_labels=2,
     ),
 }
@@ -130,7 +141,15 @@ def run_demo(out_dir: str) -> tuple[list[dict[str, Any]], bool]:
             path = os.path.join(out_dir, f"{key}-{head}")
             save_weights(path, config, spec, family, random_weights(spec, config, seed=SEED))
             mc = head == "ForMultipleChoice"
-            inputs = tiny_inputs(batch=2, seq_len=16, vocab_size=config.vocab_size, seed=SEED, num_choices=3 if mc else None)
+            inputs = tiny_inputs(
+                batch=2,
+                seq_len=16,
+                vocab_size=config.vocab_size,
+                type_vocab_size=getattr(config, "type_vocab_size", None),
+                pad=config.pad_token_id,
+                seed=SEED,
+                num_choices=3 if mc else None,
+            )
             results: dict[str, dict[str, np.ndarray]] = {}
             row: dict[str, Any] = {"class": family.class_name(head), "params": spec.num_parameters()}
             for b in backends + reference:

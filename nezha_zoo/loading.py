@@ -70,7 +70,9 @@ class LoadPlan:
             )
 
 
-def plan_load(spec: ModelSpec, keys: Iterable[str], shape_of: Callable[[str], tuple[int, ...]], prefix: str) -> LoadPlan:
+def plan_load(
+    spec: ModelSpec, keys: Iterable[str], shape_of: Callable[[str], tuple[int, ...]], prefix: str
+) -> LoadPlan:
     """Plan loading checkpoint ``keys`` into ``spec``.
 
     Args:

@@ -104,7 +104,11 @@ def save_weights(
     cfg.architectures = [family.class_name(spec.head, "pt")]
     meta = {**FORMAT_METADATA, "family": family.key, "head": spec.head}
     return save_state_dict(
-        directory, tensors, metadata=meta, max_shard_size=max_shard_size, extra_files={CONFIG_NAME: cfg.to_json_string()}
+        directory,
+        tensors,
+        metadata=meta,
+        max_shard_size=max_shard_size,
+        extra_files={CONFIG_NAME: cfg.to_json_string()},
     )
 
 

@@ -152,7 +152,9 @@ SequenceClassifierOutputWithPast = _output(
     "``logits`` (B, num_labels); ``loss`` scalar; ``past_key_values`` as the base output (MPT).",
 )
 MultipleChoiceModelOutput = _output(
-    "MultipleChoiceModelOutput", ("loss", "logits", "hidden_states", "attentions"), "``logits`` (B, C); ``loss`` scalar."
+    "MultipleChoiceModelOutput",
+    ("loss", "logits", "hidden_states", "attentions"),
+    "``logits`` (B, C); ``loss`` scalar.",
 )
 TokenClassifierOutput = _output(
     "TokenClassifierOutput",

@@ -71,6 +71,7 @@ def check_length(seq_len: int | None, past_len: int, limit: int, what: str = "ma
     """Positions ``past_len .. past_len + seq_len - 1`` must fit a table of ``limit`` rows."""
     if seq_len is not None and past_len + seq_len > limit:
         raise InputError(
-            f"sequence of length {seq_len}" + (f" after {past_len} cached positions" if past_len else "")
+            f"sequence of length {seq_len}"
+            + (f" after {past_len} cached positions" if past_len else "")
             + f" exceeds the model's {what} ({limit})"
         )

@@ -1,7 +1,7 @@
 """The ``nezha-zoo`` command line.
 
-    nezha-zoo demo                 build a small Electra, load it in every backend, compare
-    nezha-zoo inspect DIR [--json] family, head, parameter count, dtypes, missing/unexpected tensors
+nezha-zoo demo                 build a small Electra, load it in every backend, compare
+nezha-zoo inspect DIR [--json] family, head, parameter count, dtypes, missing/unexpected tensors
 """
 
 from __future__ import annotations

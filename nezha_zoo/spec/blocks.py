@@ -32,9 +32,7 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def dense(
-    name: str, in_dim: int, out_dim: int, in_axis: str, out_axis: str, bias: bool = True
-) -> list[Param]:
+def dense(name: str, in_dim: int, out_dim: int, in_axis: str, out_axis: str, bias: bool = True) -> list[Param]:
     """A linear layer: ``weight`` (out, in) and optional ``bias`` (out,)."""
     ps = [Param(f"{name}.weight", (out_dim, in_dim), (out_axis, in_axis), Kind.DENSE)]
     if bias:

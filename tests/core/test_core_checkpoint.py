@@ -26,7 +26,6 @@ from nezha_zoo.checkpoint import (
 from nezha_zoo.torch_pickle import UnsafePickleError, load_torch_file
 
 
-
 def _tensors(n: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {f"layer.{i}.weight": rng.standard_normal((8, 4 + i)).astype(np.float32) for i in range(n)}
@@ -255,8 +254,10 @@ def test_read_sharded_pytorch_bin(tmp_path):
     b = {"y.weight": torch.randn(2, 2).to(torch.bfloat16)}
     torch.save(a, tmp_path / "pytorch_model-00001-of-00002.bin")
     torch.save(b, tmp_path / "pytorch_model-00002-of-00002.bin")
-    weight_map = {**{k: "pytorch_model-00001-of-00002.bin" for k in a},
-                  **{k: "pytorch_model-00002-of-00002.bin" for k in b}}
+    weight_map = {
+        **{k: "pytorch_model-00001-of-00002.bin" for k in a},
+        **{k: "pytorch_model-00002-of-00002.bin" for k in b},
+    }
     (tmp_path / PT_WEIGHTS_INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     with open_checkpoint(tmp_path) as r:
         assert r.format == "pytorch-bin-sharded" and sorted(r.keys()) == sorted(weight_map)
@@ -369,8 +370,10 @@ def _handmade_bin(path, offset, size, stride, storage_elems=4):
             self.storage = storage
 
         def __reduce__(self):
-            return (torch._utils._rebuild_tensor_v2,
-                    (self.storage, offset, size, stride, False, collections.OrderedDict()))
+            return (
+                torch._utils._rebuild_tensor_v2,
+                (self.storage, offset, size, stride, False, collections.OrderedDict()),
+            )
 
     class Pickler(pickle.Pickler):
         def persistent_id(self, obj):

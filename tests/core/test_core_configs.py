@@ -9,7 +9,6 @@ import inspect
 import json
 
 import pytest
-
 import transformers
 
 import nezha_zoo
@@ -40,20 +39,70 @@ PAIRS = {
 
 #: small non-default values for every family (each validates)
 TINY = {
-    ElectraConfig: dict(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=64, hidden_act="relu", classifier_dropout=0.2),
-    NezhaConfig: dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                      max_position_embeddings=64, max_relative_position=8, layer_norm_eps=1e-6,
-                      classifier_dropout=None),
-    XLMRobertaXLConfig: dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=37, max_position_embeddings=66, type_vocab_size=2, use_cache=False),
-    IBertConfig: dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                      max_position_embeddings=66, quant_mode=True, force_dequant="softmax", layer_norm_eps=1e-5),
-    MPNetConfig: dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                      max_position_embeddings=66, relative_attention_num_buckets=16, hidden_act="gelu_new"),
-    MptConfig: dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=99, use_cache=True,
-                    attn_config={"attn_pdrop": 0.1, "clip_qkv": 6.0, "softmax_scale": 0.25, "alibi_bias_max": 4},
-                    logit_scale="inv_sqrt_d_model", no_bias=False),
+    ElectraConfig: dict(
+        vocab_size=99,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        hidden_act="relu",
+        classifier_dropout=0.2,
+    ),
+    NezhaConfig: dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        max_relative_position=8,
+        layer_norm_eps=1e-6,
+        classifier_dropout=None,
+    ),
+    XLMRobertaXLConfig: dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=66,
+        type_vocab_size=2,
+        use_cache=False,
+    ),
+    IBertConfig: dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=66,
+        quant_mode=True,
+        force_dequant="softmax",
+        layer_norm_eps=1e-5,
+    ),
+    MPNetConfig: dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=66,
+        relative_attention_num_buckets=16,
+        hidden_act="gelu_new",
+    ),
+    MptConfig: dict(
+        d_model=32,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=64,
+        vocab_size=99,
+        use_cache=True,
+        attn_config={"attn_pdrop": 0.1, "clip_qkv": 6.0, "softmax_scale": 0.25, "alibi_bias_max": 4},
+        logit_scale="inv_sqrt_d_model",
+        no_bias=False,
+    ),
 }
 
 ALL = list(PAIRS)
@@ -89,8 +138,17 @@ def _assert_same_fields(ours: PretrainedConfig, theirs) -> None:
     for f in ours.fields:
         assert _ours_field(ours, f.name) == _theirs_field(theirs, f.name), f.name
         assert type(_ours_field(ours, f.name)) is type(_theirs_field(theirs, f.name)) or f.name == "attn_config", f.name
-    for name in ("num_labels", "is_decoder", "add_cross_attention", "tie_word_embeddings", "problem_type",
-                 "pad_token_id", "bos_token_id", "eos_token_id", "architectures"):
+    for name in (
+        "num_labels",
+        "is_decoder",
+        "add_cross_attention",
+        "tie_word_embeddings",
+        "problem_type",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "architectures",
+    ):
         assert getattr(ours, name) == getattr(theirs, name), name
     assert {int(k): v for k, v in ours.id2label.items()} == dict(theirs.id2label)
     assert dict(ours.label2id) == dict(theirs.label2id)
@@ -102,10 +160,16 @@ def _assert_same_fields(ours: PretrainedConfig, theirs) -> None:
 @pytest.mark.parametrize("ours", ALL, ids=ids)
 def test_signature_matches_transformers_order_and_defaults(ours):
     theirs = PAIRS[ours]
-    want = [(p.name, p.default) for p in inspect.signature(theirs.__init__).parameters.values()
-            if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
-    got = [(p.name, p.default) for p in inspect.signature(ours).parameters.values()
-           if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    want = [
+        (p.name, p.default)
+        for p in inspect.signature(theirs.__init__).parameters.values()
+        if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    got = [
+        (p.name, p.default)
+        for p in inspect.signature(ours).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
     assert got == want
     assert [f.name for f in ours.fields] == [n for n, _ in want]
 
@@ -120,10 +184,16 @@ def test_defaults_equal_transformers(ours):
 
 def test_mpt_attention_signature_and_defaults_match_transformers():
     theirs = transformers.models.mpt.configuration_mpt.MptAttentionConfig
-    want = [(p.name, p.default) for p in inspect.signature(theirs.__init__).parameters.values()
-            if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
-    got = [(p.name, p.default) for p in inspect.signature(MptAttentionConfig).parameters.values()
-           if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    want = [
+        (p.name, p.default)
+        for p in inspect.signature(theirs.__init__).parameters.values()
+        if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    got = [
+        (p.name, p.default)
+        for p in inspect.signature(MptAttentionConfig).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
     assert got == want
     assert [f.name for f in MptAttentionConfig.fields] == [n for n, _ in want]
 
@@ -162,8 +232,13 @@ def test_ours_to_file_to_transformers(ours, tmp_path):
 
 @pytest.mark.parametrize("ours", ALL, ids=ids)
 def test_transformers_to_file_to_ours(ours, tmp_path):
-    theirs = PAIRS[ours](**TINY[ours], num_labels=4, problem_type="multi_label_classification",
-                         custom_setting="kept", another=[1, {"a": None}])
+    theirs = PAIRS[ours](
+        **TINY[ours],
+        num_labels=4,
+        problem_type="multi_label_classification",
+        custom_setting="kept",
+        another=[1, {"a": None}],
+    )
     theirs.save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
     cfg = ours.from_pretrained(tmp_path)
@@ -272,16 +347,20 @@ def test_mpt_attn_config_with_transformers(tmp_path):
     assert isinstance(theirs.attn_config, transformers.models.mpt.configuration_mpt.MptAttentionConfig)
     for f in MptAttentionConfig.fields:
         assert getattr(theirs.attn_config, f.name) == getattr(ours.attn_config, f.name), f.name
-    theirs = transformers.MptConfig(attn_config=transformers.models.mpt.configuration_mpt.MptAttentionConfig(
-        attn_type="multiquery_attention", softmax_scale=0.5, qk_ln=True))
+    theirs = transformers.MptConfig(
+        attn_config=transformers.models.mpt.configuration_mpt.MptAttentionConfig(
+            attn_type="multiquery_attention", softmax_scale=0.5, qk_ln=True
+        )
+    )
     theirs.save_pretrained(tmp_path / "theirs")
     raw = json.loads((tmp_path / "theirs" / "config.json").read_text())
     back = MptConfig.from_pretrained(tmp_path / "theirs")
     assert back.attn_config.attn_type == "multiquery_attention"
     assert back.attn_config.softmax_scale == 0.5 and back.attn_config.qk_ln is True
     # transformers' nested bookkeeping ("model_type": "") is kept and written back.
-    assert back.attn_config.extra == {k: v for k, v in raw["attn_config"].items()
-                                      if k not in {f.name for f in MptAttentionConfig.fields}}
+    assert back.attn_config.extra == {
+        k: v for k, v in raw["attn_config"].items() if k not in {f.name for f in MptAttentionConfig.fields}
+    }
     assert back.to_dict()["attn_config"] == raw["attn_config"]
 
 
@@ -430,7 +509,12 @@ def test_registry_entries(key):
     fam = get_family(key)
     assert fam is get_family(model_type)
     assert (fam.key, fam.model_type, fam.class_prefix, fam.config_class, fam.base_prefix) == (
-        key, model_type, prefix, cls, base)
+        key,
+        model_type,
+        prefix,
+        cls,
+        base,
+    )
     assert cls.model_type == model_type
     assert fam.heads[0] == "Model" and len(fam.heads) == n_heads and len(set(fam.heads)) == n_heads
     assert some_head in fam.heads
@@ -535,16 +619,41 @@ def test_llm_foundry_style_mpt_config_round_trips(tmp_path):
     # sections, auto_map, a bfloat16 dtype and attention keys transformers does not know.
     data = {
         "architectures": ["MPTForCausalLM"],
-        "attn_config": {"alibi": True, "alibi_bias_max": 8, "attn_impl": "triton", "attn_pdrop": 0,
-                        "attn_type": "multihead_attention", "attn_uses_sequence_id": False, "clip_qkv": None,
-                        "prefix_lm": False, "qk_ln": False, "softmax_scale": None, "rope": False},
+        "attn_config": {
+            "alibi": True,
+            "alibi_bias_max": 8,
+            "attn_impl": "triton",
+            "attn_pdrop": 0,
+            "attn_type": "multihead_attention",
+            "attn_uses_sequence_id": False,
+            "clip_qkv": None,
+            "prefix_lm": False,
+            "qk_ln": False,
+            "softmax_scale": None,
+            "rope": False,
+        },
         "auto_map": {"AutoConfig": "configuration_mpt.MPTConfig"},
-        "d_model": 64, "emb_pdrop": 0, "embedding_fraction": 1.0, "expansion_ratio": 4,
+        "d_model": 64,
+        "emb_pdrop": 0,
+        "embedding_fraction": 1.0,
+        "expansion_ratio": 4,
         "init_config": {"emb_init_std": None, "init_nonlinearity": "relu", "name": "kaiming_normal_"},
-        "init_device": "cpu", "learned_pos_emb": True, "logit_scale": None, "max_seq_len": 128,
-        "model_type": "mpt", "n_heads": 4, "n_layers": 2, "no_bias": True, "norm_type": "low_precision_layernorm",
-        "resid_pdrop": 0, "tokenizer_name": "EleutherAI/gpt-neox-20b", "torch_dtype": "bfloat16",
-        "transformers_version": "4.28.1", "use_cache": False, "verbose": 0, "vocab_size": 512,
+        "init_device": "cpu",
+        "learned_pos_emb": True,
+        "logit_scale": None,
+        "max_seq_len": 128,
+        "model_type": "mpt",
+        "n_heads": 4,
+        "n_layers": 2,
+        "no_bias": True,
+        "norm_type": "low_precision_layernorm",
+        "resid_pdrop": 0,
+        "tokenizer_name": "EleutherAI/gpt-neox-20b",
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.28.1",
+        "use_cache": False,
+        "verbose": 0,
+        "vocab_size": 512,
     }
     (tmp_path / "config.json").write_text(json.dumps(data))
     cfg = AutoConfig.from_pretrained(tmp_path)

@@ -26,40 +26,93 @@ from nezha_zoo.spec import Kind, get_family
 from nezha_zoo.spec.param import Init, Param
 
 _BERT = dict(
-    vocab_size=37, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
-    max_position_embeddings=20, num_labels=3,
+    vocab_size=37,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=24,
+    max_position_embeddings=20,
+    num_labels=3,
 )
 
 # family key -> (our config class, spec function, {variant id: config kwargs})
 FAMILIES = {
-    "nezha": (NezhaConfig, nezha_spec, {
-        "base": dict(_BERT, type_vocab_size=3, max_relative_position=4),
-        "decoder-cross": dict(_BERT, is_decoder=True, add_cross_attention=True),
-        "wide-untied": dict(_BERT, hidden_size=24, num_attention_heads=3, intermediate_size=40,
-                            num_hidden_layers=1, tie_word_embeddings=False, pad_token_id=2),
-    }),
-    "xlm-roberta-xl": (XLMRobertaXLConfig, xlm_roberta_xl_spec, {
-        "base": dict(_BERT, type_vocab_size=3),
-        "decoder-cross": dict(_BERT, is_decoder=True, add_cross_attention=True),
-        "wide-untied": dict(_BERT, hidden_size=24, num_attention_heads=3, intermediate_size=40,
-                            num_hidden_layers=1, tie_word_embeddings=False),
-    }),
-    "ibert": (IBertConfig, ibert_spec, {
-        "base": dict(_BERT),
-        "wide-untied": dict(_BERT, hidden_size=24, num_attention_heads=3, intermediate_size=40,
-                            num_hidden_layers=1, type_vocab_size=3, tie_word_embeddings=False),
-        "quant-mode": dict(_BERT, num_hidden_layers=1, quant_mode=True, force_dequant="softmax"),
-    }),
-    "mpnet": (MPNetConfig, mpnet_spec, {
-        "base": dict(_BERT),
-        "buckets16-untied": dict(_BERT, relative_attention_num_buckets=16, num_hidden_layers=1,
-                                 tie_word_embeddings=False),
-    }),
-    "mpt": (MptConfig, mpt_spec, {
-        "base": dict(d_model=16, n_heads=4, n_layers=2, vocab_size=37, max_seq_len=20, num_labels=3),
-        "heads2-untied": dict(d_model=24, n_heads=2, n_layers=1, vocab_size=37, max_seq_len=20, num_labels=5,
-                              tie_word_embeddings=False),
-    }),
+    "nezha": (
+        NezhaConfig,
+        nezha_spec,
+        {
+            "base": dict(_BERT, type_vocab_size=3, max_relative_position=4),
+            "decoder-cross": dict(_BERT, is_decoder=True, add_cross_attention=True),
+            "wide-untied": dict(
+                _BERT,
+                hidden_size=24,
+                num_attention_heads=3,
+                intermediate_size=40,
+                num_hidden_layers=1,
+                tie_word_embeddings=False,
+                pad_token_id=2,
+            ),
+        },
+    ),
+    "xlm-roberta-xl": (
+        XLMRobertaXLConfig,
+        xlm_roberta_xl_spec,
+        {
+            "base": dict(_BERT, type_vocab_size=3),
+            "decoder-cross": dict(_BERT, is_decoder=True, add_cross_attention=True),
+            "wide-untied": dict(
+                _BERT,
+                hidden_size=24,
+                num_attention_heads=3,
+                intermediate_size=40,
+                num_hidden_layers=1,
+                tie_word_embeddings=False,
+            ),
+        },
+    ),
+    "ibert": (
+        IBertConfig,
+        ibert_spec,
+        {
+            "base": dict(_BERT),
+            "wide-untied": dict(
+                _BERT,
+                hidden_size=24,
+                num_attention_heads=3,
+                intermediate_size=40,
+                num_hidden_layers=1,
+                type_vocab_size=3,
+                tie_word_embeddings=False,
+            ),
+            "quant-mode": dict(_BERT, num_hidden_layers=1, quant_mode=True, force_dequant="softmax"),
+        },
+    ),
+    "mpnet": (
+        MPNetConfig,
+        mpnet_spec,
+        {
+            "base": dict(_BERT),
+            "buckets16-untied": dict(
+                _BERT, relative_attention_num_buckets=16, num_hidden_layers=1, tie_word_embeddings=False
+            ),
+        },
+    ),
+    "mpt": (
+        MptConfig,
+        mpt_spec,
+        {
+            "base": dict(d_model=16, n_heads=4, n_layers=2, vocab_size=37, max_seq_len=20, num_labels=3),
+            "heads2-untied": dict(
+                d_model=24,
+                n_heads=2,
+                n_layers=1,
+                vocab_size=37,
+                max_seq_len=20,
+                num_labels=5,
+                tie_word_embeddings=False,
+            ),
+        },
+    ),
 }
 
 CASES = [
@@ -194,11 +247,20 @@ def test_pooler_only_in_heads_that_use_it(fam):
 @pytest.mark.parametrize(
     ("fam", "head", "legacy"),
     [
-        ("nezha", "Model", ["embeddings.position_ids",
-                            "encoder.layer.0.attention.self.relative_positions_encoding.positions_encoding",
-                            "encoder.layer.1.crossattention.self.relative_positions_encoding.positions_encoding"]),
-        ("nezha", "ForMaskedLM",
-         ["nezha.encoder.layer.1.attention.self.relative_positions_encoding.positions_encoding"]),
+        (
+            "nezha",
+            "Model",
+            [
+                "embeddings.position_ids",
+                "encoder.layer.0.attention.self.relative_positions_encoding.positions_encoding",
+                "encoder.layer.1.crossattention.self.relative_positions_encoding.positions_encoding",
+            ],
+        ),
+        (
+            "nezha",
+            "ForMaskedLM",
+            ["nezha.encoder.layer.1.attention.self.relative_positions_encoding.positions_encoding"],
+        ),
         ("xlm-roberta-xl", "ForMaskedLM", ["roberta.embeddings.position_ids"]),
         ("ibert", "Model", ["embeddings.position_ids"]),
         ("mpnet", "ForSequenceClassification", ["mpnet.embeddings.position_ids"]),

@@ -15,8 +15,16 @@ from nezha_zoo.loading import plan_load, read_planned
 from nezha_zoo.modeling import load_weights, resolve_config, save_weights
 from nezha_zoo.spec import get_family, get_layout
 
-CFG = ElectraConfig(vocab_size=30, embedding_size=8, hidden_size=12, num_hidden_layers=1, num_attention_heads=3,
-                    intermediate_size=10, max_position_embeddings=16, num_labels=2)  # QA needs 2
+CFG = ElectraConfig(
+    vocab_size=30,
+    embedding_size=8,
+    hidden_size=12,
+    num_hidden_layers=1,
+    num_attention_heads=3,
+    intermediate_size=10,
+    max_position_embeddings=16,
+    num_labels=2,
+)  # QA needs 2
 FAM = get_family("electra")
 
 
@@ -52,7 +60,11 @@ def test_base_checkpoint_into_head_class():
     for p in base:
         assert plan.sources[f"electra.{p.name}"] == p.name
     assert plan.missing_keys == [
-        "classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight", "classifier.out_proj.bias"]
+        "classifier.dense.weight",
+        "classifier.dense.bias",
+        "classifier.out_proj.weight",
+        "classifier.out_proj.bias",
+    ]
     assert plan.unexpected_keys == [] and plan.ignored_keys == ["embeddings.position_ids"]
 
 
@@ -64,8 +76,7 @@ def test_head_checkpoint_into_base_class():
     for p in base:
         assert plan.sources[p.name] == f"electra.{p.name}"
     assert plan.missing_keys == []
-    assert sorted(plan.unexpected_keys) == sorted(
-        p.name for p in head if not p.name.startswith("electra."))
+    assert sorted(plan.unexpected_keys) == sorted(p.name for p in head if not p.name.startswith("electra."))
     assert plan.ignored_keys == ["electra.embeddings.position_ids"]
 
 
@@ -76,9 +87,13 @@ def test_head_checkpoint_into_other_head_lists_keys_by_name():
     plan = _plan(qa, shapes)
     assert plan.missing_keys == ["qa_outputs.weight", "qa_outputs.bias"]
     assert sorted(plan.unexpected_keys) == sorted(
-        [p.name for p in mlm if not p.name.startswith("electra.")] + ["generator_lm_head.weight", "some.random.key"])
-    assert plan.info() == {"missing_keys": plan.missing_keys, "unexpected_keys": plan.unexpected_keys,
-                           "mismatched_keys": []}
+        [p.name for p in mlm if not p.name.startswith("electra.")] + ["generator_lm_head.weight", "some.random.key"]
+    )
+    assert plan.info() == {
+        "missing_keys": plan.missing_keys,
+        "unexpected_keys": plan.unexpected_keys,
+        "mismatched_keys": [],
+    }
 
 
 def test_tied_alias_alone_fills_its_target():
@@ -202,8 +217,9 @@ def test_read_planned_refuses_integer_weights_and_casts_half(tmp_path):
 
 
 def test_resolve_config_refuses_other_family_and_missing_config(tmp_path):
-    MPNetConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=8).save_pretrained(tmp_path)
+    MPNetConfig(
+        vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8
+    ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="'mpnet'"):
         resolve_config(FAM, tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):

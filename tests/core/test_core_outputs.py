@@ -41,11 +41,22 @@ def test_output_fields_match_transformers(cls):
 
 def test_output_classes_cover_every_transformers_return_type_of_the_six_families():
     names = {c.__name__ for c in outputs.OUTPUT_CLASSES}
-    for needed in ("BaseModelOutput", "BaseModelOutputWithPooling", "BaseModelOutputWithPastAndCrossAttentions",
-                   "BaseModelOutputWithPoolingAndCrossAttentions", "CausalLMOutputWithCrossAttentions",
-                   "MaskedLMOutput", "MultipleChoiceModelOutput", "NextSentencePredictorOutput",
-                   "QuestionAnsweringModelOutput", "SequenceClassifierOutput", "SequenceClassifierOutputWithPast",
-                   "TokenClassifierOutput", "ElectraForPreTrainingOutput", "NezhaForPreTrainingOutput"):
+    for needed in (
+        "BaseModelOutput",
+        "BaseModelOutputWithPooling",
+        "BaseModelOutputWithPastAndCrossAttentions",
+        "BaseModelOutputWithPoolingAndCrossAttentions",
+        "CausalLMOutputWithCrossAttentions",
+        "MaskedLMOutput",
+        "MultipleChoiceModelOutput",
+        "NextSentencePredictorOutput",
+        "QuestionAnsweringModelOutput",
+        "SequenceClassifierOutput",
+        "SequenceClassifierOutputWithPast",
+        "TokenClassifierOutput",
+        "ElectraForPreTrainingOutput",
+        "NezhaForPreTrainingOutput",
+    ):
         assert needed in names and needed in outputs.__all__, needed
 
 

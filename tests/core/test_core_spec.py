@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -14,9 +13,18 @@ from nezha_zoo.spec.blocks import dense, embedding, layer_norm
 
 def _tiny(embedding_size: int, cross: bool, **kw) -> ElectraConfig:
     return ElectraConfig(
-        vocab_size=37, embedding_size=embedding_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=24, max_position_embeddings=20, type_vocab_size=3, is_decoder=cross,
-        add_cross_attention=cross, num_labels=2, **kw,  # QA needs exactly 2
+        vocab_size=37,
+        embedding_size=embedding_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=24,
+        max_position_embeddings=20,
+        type_vocab_size=3,
+        is_decoder=cross,
+        add_cross_attention=cross,
+        num_labels=2,
+        **kw,  # QA needs exactly 2
     )
 
 
@@ -34,8 +42,9 @@ def hf_state_dicts():
     out = {}
     for e, cross in VARIANTS:
         ours = _tiny(e, cross)
-        theirs_cfg = transformers.ElectraConfig(**{k: v for k, v in ours.to_dict().items()
-                                                   if k not in ("model_type", "transformers_version")})
+        theirs_cfg = transformers.ElectraConfig(
+            **{k: v for k, v in ours.to_dict().items() if k not in ("model_type", "transformers_version")}
+        )
         for head in HEADS:
             cls = getattr(transformers, f"Electra{head}")
             sd = cls(theirs_cfg).state_dict()
