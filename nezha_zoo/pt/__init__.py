@@ -1,6 +1,6 @@
 """PyTorch backend of nezha_zoo: ``torch.nn.Module`` classes built from the families' specs.
 
-    from nezha_zoo.pt import ElectraForMaskedLM  # or NezhaForMaskedLM, ...
+    from nezha_zoo.pt import ElectraForMaskedLM  # or NezhaForMaskedLM, MPNetModel, ...
     model = ElectraForMaskedLM.from_pretrained("path/to/transformers_dir")
     model.save_pretrained("out_dir")
 
@@ -18,7 +18,17 @@ from nezha_zoo.pt.electra import (
     ElectraModel,
     ElectraPreTrainedModel,
 )
+from nezha_zoo.pt.heads import mean_pool
 from nezha_zoo.pt.modeling_utils import PreTrainedModel
+from nezha_zoo.pt.mpnet import (
+    MPNetForMaskedLM,
+    MPNetForMultipleChoice,
+    MPNetForQuestionAnswering,
+    MPNetForSequenceClassification,
+    MPNetForTokenClassification,
+    MPNetModel,
+    MPNetPreTrainedModel,
+)
 from nezha_zoo.pt.nezha import (
     NezhaForMaskedLM,
     NezhaForMultipleChoice,
@@ -51,4 +61,12 @@ __all__ = [
     "NezhaForMultipleChoice",
     "NezhaForTokenClassification",
     "NezhaForQuestionAnswering",
+    "MPNetPreTrainedModel",
+    "MPNetModel",
+    "MPNetForMaskedLM",
+    "MPNetForSequenceClassification",
+    "MPNetForMultipleChoice",
+    "MPNetForTokenClassification",
+    "MPNetForQuestionAnswering",
+    "mean_pool",
 ]

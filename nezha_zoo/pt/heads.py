@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nezha_zoo.pt.layers import get_activation
+from nezha_zoo.validation import InputError
 
 __all__ = [
     "ClassificationHead",
@@ -21,6 +22,8 @@ __all__ = [
     "LMHeadTransform",
     "BertPooler",
     "BertLMPredictionHead",
+    "RobertaLMHead",
+    "mean_pool",
     "token_classification_logits",
     "split_qa_logits",
 ]
@@ -159,6 +162,68 @@ class BertLMPredictionHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(hidden_states))  # (B, L, H) -> (B, L, vocab)
+
+
+class RobertaLMHead(LMHeadTransform):
+    """RoBERTa-style ``lm_head``: ``dense``, activation, ``layer_norm``, ``decoder`` and ``bias``.
+
+    Flat module names as transformers' ``RobertaLMHead`` / ``MPNetLMHead`` (MPNet, XLM-R-XL, I-BERT).
+    ``decoder`` is a bias-free ``Linear(H, vocab)`` whose weight the model ties to the word embeddings
+    (unless ``tie_word_embeddings=False``) and whose ``bias`` is this head's ``bias`` (the spec's ties).
+
+    Args:
+        config: ``hidden_size``, ``vocab_size``, ``layer_norm_eps``.
+        activation (str): activation after ``dense`` (transformers: always exact ``"gelu"``).
+
+    Forward: (B, L, H) -> logits (B, L, vocab).
+    """
+
+    def __init__(self, config: Any, activation: str = "gelu") -> None:
+        H = config.hidden_size
+        super().__init__(H, H, config.layer_norm_eps, activation=activation, norm_name="layer_norm")
+        self.decoder = nn.Linear(H, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias  # one Parameter under both names
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(super().forward(hidden_states))  # (B, L, H) -> (B, L, vocab)
+
+
+def mean_pool(
+    last_hidden_state: torch.Tensor, attention_mask: torch.Tensor | None, normalize: bool = True
+) -> torch.Tensor:
+    """Sentence embeddings: the mean of the unmasked token vectors, optionally L2-normalised.
+
+    sentence-transformers' ``Pooling(mode="mean")`` followed by ``Normalize()``:
+    ``sum_t m_t h_t / max(sum_t m_t, 1e-9)``, then ``x / max(||x||_2, 1e-12)``.
+
+    Args:
+        last_hidden_state (Tensor (B, L, H)): token vectors.
+        attention_mask (Tensor (B, L) or None): 1 = real token, 0 = padding; None = every token.
+        normalize (bool): divide each row by its L2 norm (guarded by 1e-12).
+
+    Returns:
+        Tensor (B, H).  A row with no unmasked token is zeros.
+
+    Raises:
+        InputError: if the shapes do not fit together.
+    """
+    if last_hidden_state.dim() != 3:
+        raise InputError(f"last_hidden_state must have shape (B, L, H), got {tuple(last_hidden_state.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones(last_hidden_state.shape[:2], device=last_hidden_state.device)
+    if tuple(attention_mask.shape) != tuple(last_hidden_state.shape[:2]):
+        raise InputError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, the hidden states "
+            f"{tuple(last_hidden_state.shape)} need {tuple(last_hidden_state.shape[:2])}"
+        )
+    mask = attention_mask.to(last_hidden_state.dtype)[:, :, None]  # (B, L) -> (B, L, 1)
+    summed = (last_hidden_state * mask).sum(dim=1)  # (B, H)
+    counts = mask.sum(dim=1).clamp(min=1e-9)  # (B, 1)
+    pooled = summed / counts
+    if normalize:
+        pooled = pooled / pooled.norm(p=2, dim=1, keepdim=True).clamp(min=1e-12)
+    return pooled
 
 
 def token_classification_logits(

@@ -41,6 +41,8 @@ __all__ = [
     "encoder_attention_bias",
     "expand_head_mask",
     "BertEmbeddings",
+    "padding_position_ids",
+    "sequential_position_ids",
     "RelativeEmbedding",
     "BertSelfAttention",
     "BertLayer",
@@ -186,17 +188,33 @@ class BertEmbeddings(nn.Module):
         width (int): embedding width (Electra: ``embedding_size``; others: ``hidden_size``).
         positions (bool): keep an absolute position table (False for Nezha's relative positions).
         layer_norm (bool): apply ``LayerNorm`` (False for XLM-R-XL's pre-LN stack).
+        token_types (bool): keep a token-type table (False for MPNet, which has none).
+        padding_idx (int | None | "config"): the word table's padding row (no gradient through it);
+            ``"config"`` reads ``config.pad_token_id`` (MPNet passes its hard-coded 1).
+        position_padding (bool): the position table has the same padding row (RoBERTa-style tables).
 
     Forward: ``input_ids`` (B, L) int or ``inputs_embeds`` (B, L, width); ``token_type_ids`` and
     ``position_ids`` (B, L) int; returns (B, L, width).
     """
 
-    def __init__(self, config: Any, width: int, positions: bool = True, layer_norm: bool = True) -> None:
+    def __init__(
+        self,
+        config: Any,
+        width: int,
+        positions: bool = True,
+        layer_norm: bool = True,
+        token_types: bool = True,
+        padding_idx: int | None | str = "config",
+        position_padding: bool = False,
+    ) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
+        pad = config.pad_token_id if padding_idx == "config" else padding_idx
+        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=pad)
         if positions:
-            self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width)
+            pos_pad = pad if position_padding else None
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, width, padding_idx=pos_pad)
+        if token_types:
+            self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width)
         if layer_norm:
             self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -213,10 +231,12 @@ class BertEmbeddings(nn.Module):
         batch, seq_len = ref.shape[0], ref.shape[1]
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros((batch, seq_len), dtype=torch.long, device=ref.device)
-        # Summation order as transformers: (words + types) + positions.
-        embeddings = inputs_embeds + self.token_type_embeddings(token_type_ids)
+        embeddings = inputs_embeds
+        if hasattr(self, "token_type_embeddings"):
+            if token_type_ids is None:
+                token_type_ids = torch.zeros((batch, seq_len), dtype=torch.long, device=ref.device)
+            # Summation order as transformers: (words + types) + positions.
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         if hasattr(self, "position_embeddings"):
             if position_ids is None:
                 position_ids = torch.arange(
@@ -226,6 +246,23 @@ class BertEmbeddings(nn.Module):
         if hasattr(self, "LayerNorm"):
             embeddings = self.LayerNorm(embeddings)
         return self.dropout(embeddings)
+
+
+def padding_position_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """RoBERTa-style positions: padding tokens get ``padding_idx``, the others count up from ``padding_idx + 1``.
+
+    ``(B, L)`` ids -> ``(B, L)`` long (transformers' ``create_position_ids_from_input_ids`` without a
+    cache): a left-padded row starts its real tokens at ``padding_idx + 1`` too.
+    """
+    mask = input_ids.ne(padding_idx).long()  # (B, L): 1 for real tokens
+    return torch.cumsum(mask, dim=1) * mask + padding_idx
+
+
+def sequential_position_ids(shape: Sequence[int], padding_idx: int, device: torch.device | None = None) -> torch.Tensor:
+    """Positions for ``inputs_embeds`` (padding cannot be seen): ``padding_idx + 1 ..`` for every row, ``(B, L)``."""
+    batch, seq_len = shape[0], shape[1]
+    pos = torch.arange(padding_idx + 1, seq_len + padding_idx + 1, dtype=torch.long, device=device)
+    return pos[None].expand(batch, seq_len)  # (L,) -> (B, L)
 
 
 # --- attention -----------------------------------------------------------------------------------
