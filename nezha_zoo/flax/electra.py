@@ -27,7 +27,17 @@ from nezha_zoo.flax.heads import (
     token_classifier,
 )
 from nezha_zoo.flax.layers import BertEmbeddings, BertEncoder, cache_index, dense
-from nezha_zoo.flax.modeling_utils import FlaxPreTrainedModel, cache_info, validate_inputs
+from nezha_zoo.flax.modeling_utils import (
+    FlaxHeadModule,
+    FlaxPreTrainedModel,
+    backbone_fields,
+    cache_info,
+    finish_output,
+    flatten_choices,
+    forwarded_inputs,
+    make_wrapper,
+    validate_inputs,
+)
 from nezha_zoo.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -79,11 +89,6 @@ _MODULE_DOC = """
         deterministic (bool): dropout off.
         output_attentions, output_hidden_states, return_dict (bool).
 """
-
-
-def _finish(out_cls, return_dict: bool, **fields):
-    out = out_cls(**fields)
-    return out if return_dict else out.to_tuple()
 
 
 class FlaxElectraModule(nn.Module):
@@ -151,7 +156,7 @@ class FlaxElectraModule(nn.Module):
             output_attentions,
             output_hidden_states,
         )
-        return _finish(
+        return finish_output(
             BaseModelOutputWithPastAndCrossAttentions,
             return_dict,
             last_hidden_state=h,
@@ -161,24 +166,11 @@ class FlaxElectraModule(nn.Module):
         )
 
 
-class _ElectraHead(nn.Module):
+class _ElectraHead(FlaxHeadModule):
     """Shared fields of the head modules; ``_backbone`` runs the ``electra`` submodule."""
 
-    config: Any
-    dtype: Any = jnp.float32
-    gradient_checkpointing: bool = False
-
-    def _backbone(self, **kwargs):
-        # Called inside the subclass's compact __call__, so "electra" is a child of the head module.
-        electra = FlaxElectraModule(
-            self.config, dtype=self.dtype, gradient_checkpointing=self.gradient_checkpointing, name="electra"
-        )
-        kwargs["return_dict"] = True
-        return electra, electra(**kwargs)
-
-
-def _common(out) -> dict:
-    return {"hidden_states": out.hidden_states, "attentions": out.attentions}
+    backbone_class = FlaxElectraModule
+    backbone_name = "electra"
 
 
 class FlaxElectraForPreTrainingModule(_ElectraHead):
@@ -190,9 +182,9 @@ class FlaxElectraForPreTrainingModule(_ElectraHead):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
                  deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
                  inputs_embeds=None):
-        _, out = self._backbone(**_fwd(locals()))
+        _, out = self._backbone(**forwarded_inputs(locals()))
         logits = PredictionHead(self.config, 1, self.dtype, name="discriminator_predictions")(out.last_hidden_state)
-        return _finish(ElectraForPreTrainingOutput, return_dict, logits=logits, **_common(out))
+        return finish_output(ElectraForPreTrainingOutput, return_dict, logits=logits, **backbone_fields(out))
 
 
 class _GeneratorHead(_ElectraHead):
@@ -213,9 +205,9 @@ class FlaxElectraForMaskedLMModule(_GeneratorHead):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
                  deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
                  inputs_embeds=None):
-        electra, out = self._backbone(**_fwd(locals()))
+        electra, out = self._backbone(**forwarded_inputs(locals()))
         logits = self._lm_logits(electra, out.last_hidden_state)
-        return _finish(MaskedLMOutput, return_dict, logits=logits, **_common(out))
+        return finish_output(MaskedLMOutput, return_dict, logits=logits, **backbone_fields(out))
 
 
 class FlaxElectraForCausalLMModule(_GeneratorHead):
@@ -227,11 +219,11 @@ class FlaxElectraForCausalLMModule(_GeneratorHead):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
                  encoder_hidden_states=None, encoder_attention_mask=None, init_cache=False, deterministic=True,
                  output_attentions=False, output_hidden_states=False, return_dict=True, inputs_embeds=None):
-        electra, out = self._backbone(**_fwd(locals()))
+        electra, out = self._backbone(**forwarded_inputs(locals()))
         logits = self._lm_logits(electra, out.last_hidden_state)
-        return _finish(
+        return finish_output(
             CausalLMOutputWithCrossAttentions, return_dict, logits=logits, cross_attentions=out.cross_attentions,
-            **_common(out),
+            **backbone_fields(out),
         )
 
 
@@ -244,10 +236,10 @@ class FlaxElectraForSequenceClassificationModule(_ElectraHead):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
                  deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
                  inputs_embeds=None):
-        _, out = self._backbone(**_fwd(locals()))
+        _, out = self._backbone(**forwarded_inputs(locals()))
         head = ClassificationHead(self.config, activation="gelu", dtype=self.dtype, name="classifier")
         logits = head(out.last_hidden_state, deterministic=deterministic)
-        return _finish(SequenceClassifierOutput, return_dict, logits=logits, **_common(out))
+        return finish_output(SequenceClassifierOutput, return_dict, logits=logits, **backbone_fields(out))
 
 
 class FlaxElectraForMultipleChoiceModule(_ElectraHead):
@@ -265,19 +257,13 @@ class FlaxElectraForMultipleChoiceModule(_ElectraHead):
                  inputs_embeds=None):
         num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
 
-        def flat(x):  # (B, C, L[, E]) -> (B * C, L[, E])
-            return None if x is None else x.reshape((-1,) + x.shape[2:])
-
-        kwargs = _fwd(locals())
-        for name in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds"):
-            kwargs[name] = flat(kwargs[name])
-        _, out = self._backbone(**kwargs)
+        _, out = self._backbone(**flatten_choices(forwarded_inputs(locals())))
         pooled = SequenceSummary(self.config, self.dtype, name="sequence_summary")(
             out.last_hidden_state, deterministic=deterministic
         )
         logits = dense(1, "classifier", self.config, self.dtype)(pooled)
         logits = logits.reshape(-1, num_choices)  # (B * C, 1) -> (B, C)
-        return _finish(MultipleChoiceModelOutput, return_dict, logits=logits, **_common(out))
+        return finish_output(MultipleChoiceModelOutput, return_dict, logits=logits, **backbone_fields(out))
 
 
 class FlaxElectraForTokenClassificationModule(_ElectraHead):
@@ -289,9 +275,9 @@ class FlaxElectraForTokenClassificationModule(_ElectraHead):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
                  deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
                  inputs_embeds=None):
-        _, out = self._backbone(**_fwd(locals()))
+        _, out = self._backbone(**forwarded_inputs(locals()))
         logits = token_classifier(self.config, out.last_hidden_state, deterministic, self.dtype)
-        return _finish(TokenClassifierOutput, return_dict, logits=logits, **_common(out))
+        return finish_output(TokenClassifierOutput, return_dict, logits=logits, **backbone_fields(out))
 
 
 class FlaxElectraForQuestionAnsweringModule(_ElectraHead):
@@ -303,30 +289,11 @@ class FlaxElectraForQuestionAnsweringModule(_ElectraHead):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
                  deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
                  inputs_embeds=None):
-        _, out = self._backbone(**_fwd(locals()))
+        _, out = self._backbone(**forwarded_inputs(locals()))
         start, end = qa_head(self.config, out.last_hidden_state, self.dtype)
-        return _finish(QuestionAnsweringModelOutput, return_dict, start_logits=start, end_logits=end, **_common(out))
-
-
-_FORWARDED = (
-    "input_ids",
-    "attention_mask",
-    "token_type_ids",
-    "position_ids",
-    "head_mask",
-    "encoder_hidden_states",
-    "encoder_attention_mask",
-    "inputs_embeds",
-    "init_cache",
-    "deterministic",
-    "output_attentions",
-    "output_hidden_states",
-)
-
-
-def _fwd(scope: dict) -> dict:
-    """The backbone's keyword arguments out of a head's ``locals()`` (encoder-only heads lack some)."""
-    return {k: scope[k] for k in _FORWARDED if k in scope}
+        return finish_output(
+            QuestionAnsweringModelOutput, return_dict, start_logits=start, end_logits=end, **backbone_fields(out)
+        )
 
 
 # --- wrappers ------------------------------------------------------------------------------------
@@ -340,10 +307,7 @@ class FlaxElectraPreTrainedModel(FlaxPreTrainedModel):
 
 
 def _wrapper(head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type[FlaxElectraPreTrainedModel]:
-    name = f"FlaxElectra{'Model' if head == 'Model' else head}"
-    attrs = {"head": head, "module_class": module, "input_rank": rank, "__module__": __name__,
-             "__doc__": f"{doc}\n\n    Wraps :class:`{module.__name__}`; arguments as FlaxPreTrainedModel."}
-    return type(name, (FlaxElectraPreTrainedModel,), attrs)
+    return make_wrapper(FlaxElectraPreTrainedModel, "Electra", head, module, doc, rank)
 
 
 FlaxElectraModel = _wrapper("Model", FlaxElectraModule, "The bare Electra encoder.")

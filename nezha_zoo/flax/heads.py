@@ -22,11 +22,14 @@ __all__ = [
     "SequenceSummary",
     "LMHeadTransform",
     "TiedLMBias",
+    "BertLMPredictionHead",
     "PredictionHead",
     "split_qa_logits",
     "classifier_dropout",
     "token_classifier",
     "qa_head",
+    "RobertaLMHead",
+    "mean_pool",
 ]
 
 
@@ -183,3 +186,84 @@ class PredictionHead(nn.Module):
         x = get_activation(c.hidden_act)(dense(c.hidden_size, "dense", c, self.dtype)(hidden_states))
         x = dense(self.out, "dense_prediction", c, self.dtype)(x)
         return x.squeeze(-1) if self.out == 1 else x
+
+
+class BertLMPredictionHead(nn.Module):
+    """BERT-style ``cls.predictions``: ``transform`` (dense, ``hidden_act``, LayerNorm), ``decoder``, ``bias``.
+
+    With ``tied`` (``config.tie_word_embeddings``) the decoder is the word-embedding matrix passed in
+    and only ``bias`` is stored (transformers ties ``decoder.weight`` to the embeddings and
+    ``decoder.bias`` to ``bias``); otherwise ``decoder`` is its own bias-free dense layer.
+
+    Call args: hidden_states (B, L, H); table (V, H) word embeddings (used when tied).
+    Returns logits (B, L, V).
+    """
+
+    config: Any
+    tied: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_states, table=None):
+        c = self.config
+        h = LMHeadTransform(c, c.hidden_size, c.hidden_act, dtype=self.dtype, name="transform")(hidden_states)
+        bias = self.param("bias", jax.nn.initializers.zeros, (c.vocab_size,), jnp.float32)
+        if self.tied:
+            logits = jnp.einsum("blh,vh->blv", h, jnp.asarray(table, self.dtype))  # h @ table.T
+        else:
+            logits = dense(c.vocab_size, "decoder", c, self.dtype, use_bias=False)(h)
+        return logits + jnp.asarray(bias, self.dtype)
+
+
+class RobertaLMHead(nn.Module):
+    """RoBERTa-style ``lm_head`` (MPNet, XLM-R-XL, I-BERT): ``dense``, exact GELU, ``layer_norm``, decoder, ``bias``.
+
+    The activation is always exact GELU (transformers hard-codes ``gelu`` there, whatever
+    ``hidden_act``).  With ``tied`` (``config.tie_word_embeddings``) the decoder is the word-embedding
+    matrix passed in and only ``bias`` is stored (transformers ties ``decoder.bias`` to ``bias``);
+    otherwise ``decoder`` is its own bias-free dense layer.
+
+    Call args: hidden_states (B, L, H); table (V, H) word embeddings (used when tied).
+    Returns logits (B, L, V).
+    """
+
+    config: Any
+    tied: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_states, table=None):
+        c = self.config
+        h = get_activation("gelu")(dense(c.hidden_size, "dense", c, self.dtype)(hidden_states))
+        h = layer_norm("layer_norm", c, self.dtype)(h)
+        bias = self.param("bias", jax.nn.initializers.zeros, (c.vocab_size,), jnp.float32)
+        if self.tied:
+            logits = jnp.einsum("blh,vh->blv", h, jnp.asarray(table, self.dtype))  # h @ table.T
+        else:
+            logits = dense(c.vocab_size, "decoder", c, self.dtype, use_bias=False)(h)
+        return logits + jnp.asarray(bias, self.dtype)
+
+
+def mean_pool(last_hidden_state: jax.Array, attention_mask: jax.Array, normalize: bool = True) -> jax.Array:
+    """Sentence embeddings: the mean of the unmasked token states, optionally L2-normalised.
+
+    sentence-transformers' ``Pooling(mean)`` followed by ``Normalize()``: the token count is clamped
+    to at least 1e-9 (a fully masked row gives zeros, not NaN) and the norm to at least 1e-12
+    (``torch.nn.functional.normalize``).  Pure JAX: safe under ``jax.jit`` and ``jax.grad``.
+
+    Args:
+        last_hidden_state: (B, L, H) token states.
+        attention_mask: (B, L) 0/1; tokens with 0 are left out.
+        normalize (bool): divide each embedding by its L2 norm.
+
+    Returns:
+        (B, H) embeddings (float32 or the states' dtype).
+    """
+    mask = jnp.asarray(attention_mask).astype(last_hidden_state.dtype)[..., None]  # (B, L, 1)
+    summed = jnp.sum(last_hidden_state * mask, axis=1)  # (B, H)
+    count = jnp.maximum(jnp.sum(mask, axis=1), 1e-9)  # (B, 1)
+    pooled = summed / count
+    if normalize:
+        norm = jnp.sqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True))  # (B, 1)
+        pooled = pooled / jnp.maximum(norm, 1e-12)
+    return pooled

@@ -12,7 +12,9 @@ Extension points (used by later families, exercised today by Electra's defaults)
   optional final LayerNorm name.
 * ``position_bias`` (B|1, heads, Lq, Lk) is added to the scores after scaling (MPNet).
 * ``relative`` = ``(rel_key, rel_value)``, each (Lq, Lk, head_dim): key terms added to the scores
-  before scaling and value terms added to the context (Nezha).
+  before scaling and value terms added to the context (Nezha's functional relative positions, built by
+  :func:`relative_position_table` + :func:`relative_positions`); ``cross_relative`` is the same for
+  the cross-attention of a decoder layer.
 * Decoder mode: causal self-attention, cross-attention on ``encoder_hidden_states`` and a fixed-size
   key/value cache in the ``"cache"`` collection (transformers' Flax semantics, jit-friendly).
 """
@@ -26,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from nezha_zoo.spec.blocks import BertLayerNames
@@ -43,6 +46,9 @@ __all__ = [
     "BertEncoder",
     "BertPooler",
     "cache_index",
+    "cache_length",
+    "relative_position_table",
+    "relative_positions",
 ]
 
 
@@ -117,6 +123,63 @@ def cache_index(variables: Any) -> jax.Array | None:
     return None
 
 
+def freeze_padding_row(embedded: jax.Array, ids: jax.Array, padding_idx: int | None) -> jax.Array:
+    """Lookups of the padding row pass no gradient to it (torch ``nn.Embedding(padding_idx=...)``).
+
+    The forward value is unchanged; only training differs: PyTorch never updates that row, so neither
+    do we.  ``embedded``: (..., width) lookups of ``ids`` (...).
+    """
+    if padding_idx is None:
+        return embedded
+    return jnp.where((ids == padding_idx)[..., None], jax.lax.stop_gradient(embedded), embedded)
+
+def cache_length(variables: Any) -> int | None:
+    """The static max length of a decoder's key/value cache (time axis of the first ``cached_key``), or None.
+
+    ``variables`` is a module's variables (``{"cache": ...}``) or a bare cache collection.
+    """
+    cache = variables.get("cache", variables) if hasattr(variables, "get") else None
+    if not cache:
+        return None
+    stack = [cache]
+    while stack:
+        node = stack.pop()
+        if "cached_key" in node:
+            return int(node["cached_key"].shape[1])  # (B, max_length, heads, head_dim)
+        stack.extend(v for v in node.values() if hasattr(v, "values"))
+    return None
+
+
+def relative_position_table(max_relative_position: int, depth: int) -> np.ndarray:
+    """Fixed sinusoid table of the clipped relative distances: (2K + 1, depth) float32, K = max distance.
+
+    Row ``p`` encodes the *shifted* distance ``p = clip(j - i, -K, K) + K`` (0..2K): columns 0::2 hold
+    ``sin(p * div)`` and columns 1::2 ``cos(p * div)`` (interleaved), ``div = exp(arange(0, depth, 2) *
+    -ln(10000) / depth)`` -- transformers' ``NezhaRelativePositionsEncoding``, computed in float32 in the
+    same order.  Not a parameter: it depends on the config only.
+    """
+    rows = 2 * max_relative_position + 1
+    position = np.arange(rows, dtype=np.float32)[:, None]  # (2K + 1, 1)
+    div = np.exp(np.arange(0, depth, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / depth))
+    table = np.zeros((rows, depth), np.float32)
+    table[:, 0::2] = np.sin(position * div)
+    table[:, 1::2] = np.cos(position * div)[:, : depth // 2]  # odd depth: one cos column fewer
+    return table
+
+
+def relative_positions(table, max_relative_position: int, q_len: int, k_len: int, q_offset=0) -> jax.Array:
+    """Relative encodings ``R[i, j] = table[clip(j - (q_offset + i), -K, K) + K]``: (q_len, k_len, depth).
+
+    Query ``i`` sits at absolute position ``q_offset + i`` (``q_offset`` = the cache fill when decoding
+    with a cache; it may be traced) and key ``j`` at position ``j``.  Only the needed (q_len, k_len)
+    grid is gathered from the (2K + 1, depth) table, so any length works.
+    """
+    rows = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)  # absolute query positions
+    distance = jnp.arange(k_len, dtype=jnp.int32)[None, :] - rows[:, None]  # (q_len, k_len): j - i
+    index = jnp.clip(distance, -max_relative_position, max_relative_position) + max_relative_position
+    return jnp.take(jnp.asarray(table), index, axis=0)  # (q_len, k_len, depth)
+
+
 class BertEmbeddings(nn.Module):
     """Word + (absolute position) + (token type) embeddings, LayerNorm, dropout.
 
@@ -154,7 +217,11 @@ class BertEmbeddings(nn.Module):
             return nn.Embed(rows, width, dtype=self.dtype, param_dtype=jnp.float32, embedding_init=init, name=name)
 
         words = table(c.vocab_size, "word_embeddings")
-        x = words(input_ids.astype("i4")) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        if inputs_embeds is None:
+            ids = input_ids.astype("i4")
+            x = freeze_padding_row(words(ids), ids, getattr(c, "pad_token_id", None))
+        else:
+            x = inputs_embeds.astype(self.dtype)
         if self.use_token_type:
             x = x + table(c.type_vocab_size, "token_type_embeddings")(token_type_ids.astype("i4"))
         if self.use_position:
@@ -363,10 +430,12 @@ class _Intermediate(nn.Module):
 class BertLayer(nn.Module):
     """One encoder (or decoder) layer: self-attention, optional cross-attention, feed-forward.
 
-    Positional call args (positional so ``nn.remat`` can mark the last three static):
+    Positional call args (positional so ``nn.remat`` can mark init_cache, deterministic and
+    output_attentions static):
         hidden_states (B, L, H), attention_mask (B, Lk) 0/1 or None, layer_head_mask (heads,) or None,
         encoder_hidden_states (B, Le, H) or None, encoder_attention_mask (B, Le) or None,
-        position_bias or None, relative or None, init_cache, deterministic, output_attentions.
+        position_bias or None, relative (self-attention) or None, init_cache, deterministic,
+        output_attentions, cross_relative (cross-attention, each (L, Le, head_dim)) or None.
 
     Returns:
         ``(hidden (B, L, H), self_attention_probs | None, cross_attention_probs | None)``.
@@ -389,6 +458,7 @@ class BertLayer(nn.Module):
         init_cache: bool = False,
         deterministic: bool = True,
         output_attentions: bool = False,
+        cross_relative=None,
     ):
         c, n = self.config, self.names
         attn = BertAttention(c, names=n, causal=c.is_decoder, dtype=self.dtype, name=_split(n.self_attn)[0])
@@ -401,7 +471,8 @@ class BertLayer(nn.Module):
                 raise ValueError("encoder_hidden_states needs a model built with config.add_cross_attention=True")
             cross = BertAttention(c, names=_cross_names(n), causal=False, dtype=self.dtype, name=n.cross)
             h, cross_probs = cross(
-                h, encoder_attention_mask, layer_head_mask, encoder_hidden_states, None, None, False, deterministic
+                h, encoder_attention_mask, layer_head_mask, encoder_hidden_states, None, cross_relative, False,
+                deterministic,
             )
         elif c.add_cross_attention and self.is_initializing():
             # The params exist whether or not this call attends to an encoder (as in PyTorch and the spec):
@@ -465,6 +536,7 @@ class BertLayerCollection(nn.Module):
         deterministic: bool = True,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        cross_relative=None,
     ):
         c = self.config
         # static_argnums counts the module as argument 0: init_cache, deterministic, output_attentions.
@@ -487,6 +559,7 @@ class BertLayerCollection(nn.Module):
                 init_cache,
                 deterministic,
                 output_attentions,
+                cross_relative,
             )
             if output_attentions:
                 all_attn += (probs,)
@@ -500,7 +573,8 @@ class BertEncoder(nn.Module):
 
     Call args:
         hidden_states (B, L, H); attention_mask (B, Lk) 0/1; head_mask (layers, heads), (heads,) or None;
-        encoder_hidden_states (B, Le, H); encoder_attention_mask (B, Le); position_bias; relative.
+        encoder_hidden_states (B, Le, H); encoder_attention_mask (B, Le); position_bias; relative;
+        cross_relative (relative terms of the cross-attention).
 
     Returns:
         ``(last_hidden (B, L, H), all_hidden_states, all_attentions, all_cross_attentions)``; the last
@@ -527,6 +601,7 @@ class BertEncoder(nn.Module):
         deterministic: bool = True,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        cross_relative=None,
     ):
         c = self.config
         if head_mask is not None:
@@ -547,6 +622,7 @@ class BertEncoder(nn.Module):
             deterministic,
             output_attentions,
             output_hidden_states,
+            cross_relative,
         )
         if self.final_norm:
             h = layer_norm(self.final_norm, c, self.dtype)(h)

@@ -19,6 +19,8 @@ __all__ = [
     "multiple_choice_loss",
     "question_answering_loss",
     "electra_pretraining_loss",
+    "next_sentence_prediction_loss",
+    "nezha_pretraining_loss",
     "binary_cross_entropy_with_logits",
 ]
 
@@ -125,3 +127,27 @@ def electra_pretraining_loss(
     """Replaced-token detection: BCE of logits (B, L) vs 0/1 labels over ``attention_mask == 1`` positions."""
     where = None if attention_mask is None else jnp.asarray(attention_mask).reshape(logits.shape) == 1
     return binary_cross_entropy_with_logits(logits, labels, where)
+
+
+def next_sentence_prediction_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Next-sentence prediction: logits (B, 2), labels (B,) with 0 = continuation, 1 = random (-100 ignored).
+
+    ``CrossEntropyLoss()(logits.view(-1, 2), labels.view(-1))``, as transformers' Nezha/BERT NSP heads.
+    """
+    return cross_entropy(logits.reshape(-1, 2), jnp.asarray(labels).reshape(-1))
+
+
+def nezha_pretraining_loss(
+    prediction_logits: jax.Array,
+    seq_relationship_logits: jax.Array,
+    labels: jax.Array,
+    next_sentence_label: jax.Array,
+) -> jax.Array:
+    """``NezhaForPreTraining``'s loss: masked-LM cross-entropy + next-sentence cross-entropy (a sum).
+
+    prediction_logits (B, L, V); seq_relationship_logits (B, 2); labels (B, L) with -100 ignored;
+    next_sentence_label (B,).
+    """
+    vocab = prediction_logits.shape[-1]
+    mlm = cross_entropy(prediction_logits.reshape(-1, vocab), jnp.asarray(labels).reshape(-1))
+    return mlm + next_sentence_prediction_loss(seq_relationship_logits, next_sentence_label)

@@ -29,7 +29,19 @@ from nezha_zoo.spec.param import ModelSpec, Param
 from nezha_zoo.spec.registry import Family
 from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
 
-__all__ = ["FlaxPreTrainedModel", "register_output_pytrees", "validate_inputs", "spec_params_shape", "cache_info"]
+__all__ = [
+    "FlaxPreTrainedModel",
+    "FlaxHeadModule",
+    "register_output_pytrees",
+    "validate_inputs",
+    "spec_params_shape",
+    "cache_info",
+    "finish_output",
+    "backbone_fields",
+    "forwarded_inputs",
+    "flatten_choices",
+    "make_wrapper",
+]
 
 logger = logging.getLogger("nezha_zoo")
 
@@ -86,12 +98,15 @@ def validate_inputs(
     past_length: int = 0,
     cache_length: int | None = None,
     embed_width: int | None = None,
+    has_positions: bool = True,
 ) -> None:
     """Raise :class:`InputError` for inputs that cannot be right, before any framework op.
 
     Shapes are always checked (they are static under ``jit`` too); id ranges and lengths only when
     values are concrete.  With a key/value cache, ``attention_mask`` covers the cache
-    (``(B, cache_length)``, transformers' Flax convention) instead of the ids.
+    (``(B, cache_length)``, transformers' Flax convention) instead of the ids.  ``has_positions=False``
+    (Nezha: relative positions only) drops the ``max_position_embeddings`` length limit; the cache
+    size still bounds cached decoding.
     """
     others = {"token_type_ids": _shape(token_type_ids), "position_ids": _shape(position_ids)}
     if cache_length is None:
@@ -114,7 +129,7 @@ def validate_inputs(
     if pos is not None and pos.size and hasattr(config, "max_position_embeddings"):
         check_id_range("position_ids", int(pos.min()), int(pos.max()), config.max_position_embeddings, "positions")
     seq_len = shape[-1]
-    if position_ids is None and hasattr(config, "max_position_embeddings"):
+    if has_positions and position_ids is None and hasattr(config, "max_position_embeddings"):
         check_length(seq_len, past_length, config.max_position_embeddings)
     if cache_length is not None and seq_len is not None and past_length + seq_len > cache_length:
         raise InputError(
@@ -160,6 +175,8 @@ class FlaxPreTrainedModel:
     module_class: ClassVar[type[nn.Module]]
     #: rank of ``input_ids`` (3 for multiple choice: (B, C, L)).
     input_rank: ClassVar[int] = 2
+    #: the family has absolute positions (a ``position_ids`` input and a length limit); Nezha has not.
+    has_position_ids: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -330,6 +347,48 @@ class FlaxPreTrainedModel:
                 returned in ``past_key_values``.
             inputs_embeds: (B, L, E) embeddings instead of ``input_ids``.
         """
+        return self._forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            params=params,
+            dropout_rng=dropout_rng,
+            train=train,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+        )
+
+    def _forward(
+        self,
+        *,
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        head_mask,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        params,
+        dropout_rng,
+        train,
+        output_attentions,
+        output_hidden_states,
+        return_dict,
+        past_key_values,
+        inputs_embeds,
+        position_ids=None,
+    ):
+        """The shared body of ``__call__``: checks, defaults from the config, ``module.apply``, the cache.
+
+        A family's wrapper whose call convention differs (Nezha: no ``position_ids``) defines its own
+        ``__call__`` and calls this.
+        """
         c = self.config
         output_attentions = c.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -356,6 +415,7 @@ class FlaxPreTrainedModel:
             past_length=past_len,
             cache_length=cache_len,
             embed_width=getattr(c, "embedding_size", c.hidden_size),
+            has_positions=self.has_position_ids,
         )
 
         def as_int(x):
@@ -373,13 +433,19 @@ class FlaxPreTrainedModel:
             extra["encoder_attention_mask"] = as_int(encoder_attention_mask)
         if inputs_embeds is not None:
             extra["inputs_embeds"] = jnp.asarray(inputs_embeds)
+        if self._accepts("token_type_ids"):
+            extra["token_type_ids"] = as_int(token_type_ids)
+        elif token_type_ids is not None:  # MPNet has no token types
+            raise InputError(f"{type(self).__name__} takes no token_type_ids")
+        if self.has_position_ids:
+            extra["position_ids"] = as_int(position_ids)
+        elif position_ids is not None:
+            raise InputError(f"{type(self).__name__} takes no position_ids (its positions are relative)")
         out = self.module.apply(
             variables,
-            as_int(input_ids),
-            as_int(attention_mask),
-            as_int(token_type_ids),
-            as_int(position_ids),
-            None if head_mask is None else jnp.asarray(head_mask, self.dtype),
+            input_ids=as_int(input_ids),
+            attention_mask=as_int(attention_mask),
+            head_mask=None if head_mask is None else jnp.asarray(head_mask, self.dtype),
             **extra,
             deterministic=not train,
             output_attentions=output_attentions,
@@ -488,10 +554,89 @@ def cache_info(cache: Mapping | None) -> tuple[int, int | None]:
 
 def _cache_length(cache: Mapping) -> int | None:
     """Max length of a cache built by ``init_cache`` (time axis of the first ``cached_key``)."""
-    stack = [cache]
-    while stack:
-        node = stack.pop()
-        if "cached_key" in node:
-            return int(np.shape(node["cached_key"])[1])
-        stack.extend(v for v in node.values() if isinstance(v, Mapping))
-    return None
+    from nezha_zoo.flax.layers import cache_length
+
+    return cache_length({"cache": cache})
+
+
+# --- helpers the families' head modules and wrappers share ------------------------------------------
+
+
+def finish_output(out_cls: type[ModelOutput], return_dict: bool, **fields):
+    """``out_cls(**fields)``, or its tuple of non-None fields with ``return_dict=False``."""
+    out = out_cls(**fields)
+    return out if return_dict else out.to_tuple()
+
+
+def backbone_fields(out: ModelOutput) -> dict:
+    """The fields a head passes through from its base model: ``hidden_states`` and ``attentions``."""
+    return {"hidden_states": out.hidden_states, "attentions": out.attentions}
+
+
+#: Keyword arguments a head module forwards to its base module, when the head's ``__call__`` has them.
+FORWARDED_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "position_ids",
+    "head_mask",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "inputs_embeds",
+    "init_cache",
+    "deterministic",
+    "output_attentions",
+    "output_hidden_states",
+)
+
+
+def forwarded_inputs(scope: Mapping[str, Any]) -> dict:
+    """The base module's keyword arguments out of a head's ``locals()`` (heads lack some of them)."""
+    return {k: scope[k] for k in FORWARDED_INPUTS if k in scope}
+
+
+def flatten_choices(kwargs: dict, names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids",
+                                                             "position_ids", "inputs_embeds")) -> dict:
+    """Multiple choice: every input in ``names`` from (B, C, L[, E]) to (B * C, L[, E]), in place."""
+    for name in names:
+        x = kwargs.get(name)
+        if x is not None:
+            kwargs[name] = x.reshape((-1,) + x.shape[2:])  # (B, C, L[, E]) -> (B * C, L[, E])
+    return kwargs
+
+
+class FlaxHeadModule(nn.Module):
+    """Base of a family's head modules: shared fields and the base-model submodule.
+
+    Subclasses set ``backbone_class`` (the family's base linen module) and ``backbone_name`` (its
+    PyTorch attribute name, e.g. ``electra``, ``nezha``).
+    """
+
+    config: Any
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+
+    backbone_class: ClassVar[type[nn.Module]]
+    backbone_name: ClassVar[str]
+
+    def _backbone(self, options: Mapping[str, Any] | None = None, **kwargs):
+        """Create and run the base module inside the subclass's compact ``__call__``.
+
+        ``options`` are extra constructor fields (Nezha's ``add_pooling_layer``).  Returns
+        ``(base module, its output with return_dict=True)``.
+        """
+        base = self.backbone_class(
+            self.config, dtype=self.dtype, gradient_checkpointing=self.gradient_checkpointing,
+            name=self.backbone_name, **dict(options or {}),
+        )
+        kwargs["return_dict"] = True
+        return base, base(**kwargs)
+
+
+def make_wrapper(base: type, prefix: str, head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type:
+    """A wrapper class ``Flax<prefix><head>`` (``Flax<prefix>Model`` for the base) of ``module``."""
+    name = f"Flax{prefix}{'Model' if head == 'Model' else head}"
+    attrs = {"head": head, "module_class": module, "input_rank": rank, "__module__": base.__module__,
+             "__qualname__": name,
+             "__doc__": f"{doc}\n\n    Wraps :class:`{module.__name__}`; arguments as {base.__name__}."}
+    return type(name, (base,), attrs)
