@@ -63,11 +63,11 @@ REPEATS = 5
 
 
 def _main_output(out: Any) -> dict[str, np.ndarray]:
-    """The fields that carry a head's result, as numpy."""
+    """The tensor fields that carry a head's result (logits, last hidden state, pooled output), as numpy."""
     from nezha_zoo.testing import to_numpy
 
-    names = [k for k in ("last_hidden_state", "logits", "start_logits", "end_logits") if k in out]
-    return {k: np.asarray(to_numpy(out[k])) for k in names}
+    skip = ("loss", "past_key_values", "hidden_states", "attentions", "cross_attentions")
+    return {k: np.asarray(to_numpy(v)) for k, v in out.items() if k not in skip}
 
 
 def _runner(backend: str, family: Family, head: str, path: str) -> Callable[[dict[str, np.ndarray]], Any]:

@@ -18,7 +18,17 @@ from nezha_zoo.tf.electra import (  # noqa: E402
     TFElectraModel,
     TFElectraPreTrainedModel,
 )
+from nezha_zoo.tf.heads import mean_pool  # noqa: E402
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel  # noqa: E402
+from nezha_zoo.tf.mpnet import (  # noqa: E402
+    TFMPNetForMaskedLM,
+    TFMPNetForMultipleChoice,
+    TFMPNetForQuestionAnswering,
+    TFMPNetForSequenceClassification,
+    TFMPNetForTokenClassification,
+    TFMPNetModel,
+    TFMPNetPreTrainedModel,
+)
 from nezha_zoo.tf.nezha import (  # noqa: E402
     TFNezhaForMaskedLM,
     TFNezhaForMultipleChoice,
@@ -51,4 +61,12 @@ __all__ = [
     "TFNezhaForMultipleChoice",
     "TFNezhaForTokenClassification",
     "TFNezhaForQuestionAnswering",
+    "TFMPNetPreTrainedModel",
+    "TFMPNetModel",
+    "TFMPNetForMaskedLM",
+    "TFMPNetForSequenceClassification",
+    "TFMPNetForMultipleChoice",
+    "TFMPNetForTokenClassification",
+    "TFMPNetForQuestionAnswering",
+    "mean_pool",
 ]

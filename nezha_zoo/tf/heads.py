@@ -27,6 +27,8 @@ __all__ = [
     "TFPooler",
     "TFBertLMPredictionHead",
     "flatten_choices",
+    "TFRobertaLMHead",
+    "mean_pool",
 ]
 
 
@@ -232,3 +234,67 @@ class TFBertLMPredictionHead(Block):
         else:
             logits = self.decoder(hidden_states)
         return logits + self.bias
+
+
+class TFRobertaLMHead(TFLMHeadTransform):
+    """RoBERTa-style ``lm_head`` (MPNet, XLM-R-XL, I-BERT): ``dense`` (H -> H), exact GELU,
+    ``layer_norm``, then the vocabulary projection ``decoder`` -- the word-embedding matrix when tied
+    (the default), an own bias-free ``decoder`` otherwise -- plus ``bias`` (transformers ties
+    ``decoder.bias`` to it, so one variable).
+
+    Args:
+        config (PretrainedConfig): ``hidden_size``, ``vocab_size``, ``layer_norm_eps``,
+            ``tie_word_embeddings``.
+        name (str): ``"lm_head"``; variables ``dense/{kernel,bias}``, ``layer_norm/{gamma,beta}``,
+            ``bias`` (V,) and, when untied, ``decoder/kernel`` (H, V).
+
+    Call: ``features`` (B, L, H), ``embedding_matrix`` (V, H) (ignored when untied) -> (B, L, V).
+    """
+
+    def __init__(self, config: PretrainedConfig, name: str = "lm_head", **kwargs: Any):
+        # transformers hard-codes the erf GELU here, whatever hidden_act says.
+        super().__init__(config, config.hidden_size, activation="gelu", norm_name="layer_norm", name=name, **kwargs)
+        self.vocab_size = config.vocab_size
+        tied = getattr(config, "tie_word_embeddings", True)
+        self.decoder = None if tied else dense(config.vocab_size, "decoder", use_bias=False)
+
+    def build(self, input_shape=None):
+        self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer="zeros")
+
+    def call(self, features, embedding_matrix=None):
+        x = super().call(features)  # (B, L, H)
+        if self.decoder is None:
+            logits = tf.matmul(x, embedding_matrix, transpose_b=True)  # (B, L, V)
+        else:
+            logits = self.decoder(x)
+        return logits + self.bias
+
+
+def mean_pool(last_hidden_state, attention_mask=None, normalize: bool = True, eps: float = 1e-12) -> tf.Tensor:
+    """Sentence embeddings: the mean of the token vectors the mask keeps, optionally L2-normalised.
+
+    Equals sentence-transformers' ``Pooling(pooling_mode_mean_tokens=True)`` followed by
+    ``Normalize()``: ``sum_t m_t h_t / max(sum_t m_t, 1e-9)`` then ``x / max(||x||_2, eps)``.
+
+    Args:
+        last_hidden_state (tf.Tensor): (B, L, H) float token vectors.
+        attention_mask (tf.Tensor | np.ndarray | None): (B, L), 1 = real token, 0 = padding;
+            ``None`` keeps every token.
+        normalize (bool): divide each embedding by its L2 norm (unit vectors for cosine similarity).
+        eps (float): lower bound of the norm, so an all-zero vector stays zero instead of NaN.
+
+    Returns:
+        tf.Tensor: (B, H) float32 embeddings.
+    """
+    hidden = tf.cast(tf.convert_to_tensor(last_hidden_state), tf.float32)
+    if attention_mask is None:
+        mask = tf.ones(tf.shape(hidden)[:2], tf.float32)
+    else:
+        mask = tf.cast(tf.convert_to_tensor(attention_mask), tf.float32)
+    summed = tf.reduce_sum(hidden * mask[:, :, None], axis=1)  # (B, L, H) -> (B, H)
+    counts = tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1e-9)  # (B, 1)
+    pooled = summed / counts
+    if normalize:
+        norm = tf.sqrt(tf.reduce_sum(tf.square(pooled), axis=-1, keepdims=True))  # (B, 1)
+        pooled = pooled / tf.maximum(norm, eps)
+    return pooled

@@ -15,7 +15,13 @@ Extension points kept deliberately small:
 * ``TFBertAttention.self_attention_class`` / ``TFBertLayer.attention_class``: the classes a family
   swaps in (with ``TFBertEncoder(layer_class=...)``) to override those hooks.
 * ``position_bias``: an additive score bias added after scaling (MPNet), threaded through the
-  encoder, layer and attention.
+  encoder, layer and attention (and passed as an input under gradient checkpointing, so the table
+  it comes from gets gradients).
+* RoBERTa-style positions (MPNet, XLM-R-XL, I-BERT): ``BertBackboneMixin.position_padding_idx``
+  switches the default ``position_ids`` to :func:`padding_aware_position_ids` (pads at
+  ``padding_idx``, tokens from ``padding_idx + 1``; ``inputs_embeds``: :func:`sequential_position_ids`),
+  caps the length at ``max_position_embeddings - padding_idx - 1``; ``TFBertEmbeddings`` takes the
+  word/position padding rows (no gradient through their lookups).
 * pre-LN blocks (``names.pre_attn_norm``/``pre_ffn_norm``), a final encoder norm, an embedding block
   without LayerNorm / token types / positions.
 * decoder mode: causal mask, cross-attention, key/value cache as a tuple of
@@ -52,6 +58,8 @@ __all__ = [
     "TFBertEncoder",
     "BertBackboneMixin",
     "check_inputs",
+    "padding_aware_position_ids",
+    "sequential_position_ids",
 ]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -151,6 +159,10 @@ class TFBertEmbeddings(Block):
         position_embeddings (bool): add the absolute position table.
         token_type_embeddings (bool): add the token-type table.
         use_layer_norm (bool): apply ``LayerNorm`` (False for XLM-R-XL).
+        padding_idx (int | None): the word table's padding row (no gradient through its lookups);
+            default ``config.pad_token_id`` (MPNet hard-codes 1).
+        position_padding_idx (int | None): the position table's padding row (RoBERTa-style
+            positions: ``nn.Embedding(..., padding_idx=...)`` in transformers); default none.
 
     Call: ``input_ids`` (B, L) int or ``inputs_embeds`` (B, L, E); ``token_type_ids`` (B, L);
     ``position_ids`` (B or 1, L).  Returns (B, L, E).
@@ -164,11 +176,14 @@ class TFBertEmbeddings(Block):
         position_embeddings: bool = True,
         token_type_embeddings: bool = True,
         use_layer_norm: bool = True,
+        padding_idx: int | None | str = "config",
+        position_padding_idx: int | None = None,
         name: str = "embeddings",
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        self.padding_idx = getattr(config, "pad_token_id", None)
+        self.padding_idx = getattr(config, "pad_token_id", None) if padding_idx == "config" else padding_idx
+        self.position_padding_idx = position_padding_idx
         self.word_embeddings = keras.layers.Embedding(config.vocab_size, embedding_size, name="word_embeddings")
         self.position_embeddings = (
             keras.layers.Embedding(config.max_position_embeddings, embedding_size, name="position_embeddings")
@@ -190,7 +205,8 @@ class TFBertEmbeddings(Block):
         if self.token_type_embeddings is not None:
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         if self.position_embeddings is not None:
-            embeddings = embeddings + self.position_embeddings(position_ids)
+            positions = self.position_embeddings(position_ids)
+            embeddings = embeddings + freeze_padding_row(positions, position_ids, self.position_padding_idx)
         if self.LayerNorm is not None:
             embeddings = self.LayerNorm(embeddings)
         return self.dropout(embeddings, training=training)
@@ -582,13 +598,21 @@ def _checkpointed(layer, hidden, mask, head_mask, enc, enc_mask, position_bias, 
         for var, value in zip(seeds, saved):
             var.assign(value)
 
-    if enc is None:
+    if enc is None and position_bias is None:
 
         def fn(h):
             rewind()
-            return layer(h, attention_mask=mask, head_mask=head_mask, position_bias=position_bias, training=training)[0]
+            return layer(h, attention_mask=mask, head_mask=head_mask, training=training)[0]
 
         return tf.recompute_grad(fn)(hidden)
+
+    if enc is None:  # the bias is an input so that its table (MPNet relative_attention_bias) gets gradients
+
+        def fn_bias(h, bias):
+            rewind()
+            return layer(h, attention_mask=mask, head_mask=head_mask, position_bias=bias, training=training)[0]
+
+        return tf.recompute_grad(fn_bias)(hidden, position_bias)
 
     def fn_cross(h, e):  # the encoder states are an input so that they receive gradients too
         rewind()
@@ -632,8 +656,13 @@ def check_inputs(
     rank: int = 2,
     embed_dim: int | None = None,
     check_positions: bool = True,
+    max_length: int | None = None,
 ) -> tuple[int | None, ...]:
     """SPEC §6 checks, before any model op: shapes always, id values when they are concrete.
+
+    ``max_length``: the longest sequence (cache included) the model takes; default
+    ``config.max_position_embeddings`` (RoBERTa-style positions start at ``padding_idx + 1``, so
+    they allow ``max_position_embeddings - padding_idx - 1``).
 
     Returns the ids' shape ``(B, L)`` (or ``(B, C, L)`` with ``rank=3``).
     """
@@ -657,11 +686,33 @@ def check_inputs(
         tt = token_type_ids.numpy()
         check_id_range("token_type_ids", int(tt.min()), int(tt.max()), config.type_vocab_size, "token types")
     if check_positions and static_past is not None:
-        check_length(shape[-1], static_past, config.max_position_embeddings)
+        if max_length is None:
+            check_length(shape[-1], static_past, config.max_position_embeddings)
+        else:
+            check_length(
+                shape[-1], static_past, max_length,
+                f"usable positions (max_position_embeddings {config.max_position_embeddings} minus the padding offset)",
+            )
     if _concrete(position_ids) and check_positions and int(tf.size(position_ids)) > 0:
         pos = position_ids.numpy()
         check_id_range("position_ids", int(pos.min()), int(pos.max()), config.max_position_embeddings, "positions")
     return shape
+
+
+def padding_aware_position_ids(input_ids, padding_idx: int, past_len: Any = 0) -> tf.Tensor:
+    """RoBERTa-style positions (transformers' ``create_position_ids_from_input_ids``).
+
+    Padding tokens get ``padding_idx``; the others count up from ``padding_idx + 1 + past_len``
+    in their row, skipping pads.  ``input_ids`` (B, L) int -> (B, L) int32.
+    """
+    not_pad = tf.cast(tf.not_equal(tf.cast(input_ids, tf.int64), padding_idx), tf.int32)  # (B, L) 1 = token
+    return (tf.cumsum(not_pad, axis=1) + tf.cast(past_len, tf.int32)) * not_pad + padding_idx
+
+
+def sequential_position_ids(seq_len: Any, padding_idx: int) -> tf.Tensor:
+    """Positions of ``inputs_embeds`` (pads cannot be seen): ``arange(padding_idx + 1, L + padding_idx + 1)``
+    as (1, L) int32, as transformers' ``create_position_ids_from_inputs_embeds``."""
+    return tf.range(padding_idx + 1, seq_len + padding_idx + 1)[None, :]  # (1, L)
 
 
 def extended_attention_mask(attention_mask, batch: Any, q_len: Any, past_len: Any, is_decoder: bool) -> tf.Tensor:
@@ -703,9 +754,28 @@ class BertBackboneMixin:
     config: PretrainedConfig
     embedding_width: int
     limits_length: bool = True
+    #: RoBERTa-style positions (MPNet, XLM-R-XL, I-BERT): the padding index they count from;
+    #: ``None`` (BERT, Electra) gives ``arange(past, past + L)``.
+    position_padding_idx: int | None = None
 
     def after_embeddings(self, hidden: tf.Tensor, training: bool) -> tf.Tensor:
         return hidden
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """Longest input (cache included); ``None`` means ``config.max_position_embeddings``."""
+        if self.position_padding_idx is None:
+            return None
+        return self.config.max_position_embeddings - self.position_padding_idx - 1
+
+    def default_position_ids(self, input_ids, inputs_embeds, past_len: Any) -> tf.Tensor:
+        """Positions when ``position_ids`` is not given: (B or 1, L) int."""
+        if self.position_padding_idx is not None:
+            if input_ids is not None:
+                return padding_aware_position_ids(input_ids, self.position_padding_idx, past_len)  # (B, L)
+            return sequential_position_ids(tf.shape(inputs_embeds)[1], self.position_padding_idx)  # (1, L)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        return tf.range(past_len, past_len + tf.shape(ref)[1])[None, :]  # (1, L)
 
     def backbone(
         self,
@@ -733,13 +803,14 @@ class BertBackboneMixin:
         check_inputs(
             cfg, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, past_len,
             embed_dim=self.embedding_width, check_positions=self.limits_length,
+            max_length=self.max_sequence_length,
         )
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, seq_len = tf.shape(ref)[0], tf.shape(ref)[1]
         if token_type_ids is None:
             token_type_ids = tf.zeros((batch, seq_len), tf.int32)
         if position_ids is None:
-            position_ids = tf.range(past_len, past_len + seq_len)[None, :]  # (1, L)
+            position_ids = self.default_position_ids(input_ids, inputs_embeds, past_len)  # (B or 1, L)
         mask = extended_attention_mask(attention_mask, batch, seq_len, past_len, cfg.is_decoder)
         enc_mask = None
         if cfg.is_decoder and encoder_hidden_states is not None:
