@@ -1,7 +1,7 @@
 # nezha_zoo -- every target installs what it needs into $(VENV) first.
 #   make demo    build a small Electra, save it, load it in PyTorch, TensorFlow and Flax, compare
 #   make test    the checks below, then the whole test suite
-#   make check   import hygiene: `import nezha_zoo` pulls in no framework; no framework-named top-level dir
+#   make check   `import nezha_zoo` pulls in no framework; no framework-named top-level dir; ruff lint + format
 #   make bench   benchmarks (not tests); BENCH_ARGS=--smoke for a quick run
 
 PYTHON ?= python3
@@ -33,6 +33,8 @@ check: $(STAMP)
 	  if [ -e "$$d" ]; then echo "check: top-level '$$d' would shadow a package; keep backends under nezha_zoo/"; exit 1; fi; \
 	done
 	$(PY) -m nezha_zoo.tools.check_imports
+	$(PY) -m ruff check nezha_zoo tests examples
+	$(PY) -m ruff format --check nezha_zoo tests examples
 	@echo "check: ok"
 
 test: check

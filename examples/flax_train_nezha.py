@@ -35,8 +35,11 @@ def make_batch(rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
     ids[labels == 1, where[labels == 1]] = MARKER
     types = np.zeros_like(ids)
     types[:, SEQ_LEN // 2 :] = 1  # two "sentences"
-    return {"input_ids": ids.astype(np.int32), "token_type_ids": types.astype(np.int32),
-            "labels": labels.astype(np.int32)}
+    return {
+        "input_ids": ids.astype(np.int32),
+        "token_type_ids": types.astype(np.int32),
+        "labels": labels.astype(np.int32),
+    }
 
 
 def main(steps: int = 60, batch: int = 32, seed: int = 0, learning_rate: float = 3e-3) -> list[float]:

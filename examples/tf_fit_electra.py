@@ -42,8 +42,15 @@ def main(steps: int = 60, seed: int = 0) -> list[float]:
     """Fit for ``steps`` optimizer steps; returns the per-epoch training loss history."""
     keras.utils.set_random_seed(seed)
     config = ElectraConfig(
-        vocab_size=64, embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=64,
+        embedding_size=32,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     model = TFElectraForSequenceClassification(config, seed=seed)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=2e-3))  # no loss: the model's own

@@ -125,8 +125,17 @@ class FlaxElectraModule(nn.Module):
         c = self.config
         # Direct module users get the wrapper's checks too (values only when concrete, i.e. not under jit).
         past_len, cache_len = (0, None) if init_cache else cache_info(self.variables.get("cache"))
-        validate_inputs(c, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                        past_length=past_len, cache_length=cache_len, embed_width=c.embedding_size)
+        validate_inputs(
+            c,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            past_length=past_len,
+            cache_length=cache_len,
+            embed_width=c.embedding_size,
+        )
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         if token_type_ids is None:
             token_type_ids = jnp.zeros(shape, jnp.int32)  # transformers PyTorch's default (its Flax uses ones)
@@ -179,9 +188,19 @@ class FlaxElectraForPreTrainingModule(_ElectraHead):
     __doc__ += _MODULE_DOC.format(mc="")
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         _, out = self._backbone(**forwarded_inputs(locals()))
         logits = PredictionHead(self.config, 1, self.dtype, name="discriminator_predictions")(out.last_hidden_state)
         return finish_output(ElectraForPreTrainingOutput, return_dict, logits=logits, **backbone_fields(out))
@@ -202,9 +221,19 @@ class FlaxElectraForMaskedLMModule(_GeneratorHead):
     __doc__ += _MODULE_DOC.format(mc="")
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         electra, out = self._backbone(**forwarded_inputs(locals()))
         logits = self._lm_logits(electra, out.last_hidden_state)
         return finish_output(MaskedLMOutput, return_dict, logits=logits, **backbone_fields(out))
@@ -216,13 +245,29 @@ class FlaxElectraForCausalLMModule(_GeneratorHead):
     __doc__ += _MODULE_DOC.format(mc="")
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
-                 encoder_hidden_states=None, encoder_attention_mask=None, init_cache=False, deterministic=True,
-                 output_attentions=False, output_hidden_states=False, return_dict=True, inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        init_cache=False,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         electra, out = self._backbone(**forwarded_inputs(locals()))
         logits = self._lm_logits(electra, out.last_hidden_state)
         return finish_output(
-            CausalLMOutputWithCrossAttentions, return_dict, logits=logits, cross_attentions=out.cross_attentions,
+            CausalLMOutputWithCrossAttentions,
+            return_dict,
+            logits=logits,
+            cross_attentions=out.cross_attentions,
             **backbone_fields(out),
         )
 
@@ -233,9 +278,19 @@ class FlaxElectraForSequenceClassificationModule(_ElectraHead):
     __doc__ += _MODULE_DOC.format(mc="")
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         _, out = self._backbone(**forwarded_inputs(locals()))
         head = ClassificationHead(self.config, activation="gelu", dtype=self.dtype, name="classifier")
         logits = head(out.last_hidden_state, deterministic=deterministic)
@@ -252,9 +307,19 @@ class FlaxElectraForMultipleChoiceModule(_ElectraHead):
     __doc__ += _MODULE_DOC.format(mc=" of shape (B, C, L); every input likewise has a choice axis")
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
 
         _, out = self._backbone(**flatten_choices(forwarded_inputs(locals())))
@@ -272,9 +337,19 @@ class FlaxElectraForTokenClassificationModule(_ElectraHead):
     __doc__ += _MODULE_DOC.format(mc="")
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         _, out = self._backbone(**forwarded_inputs(locals()))
         logits = token_classifier(self.config, out.last_hidden_state, deterministic, self.dtype)
         return finish_output(TokenClassifierOutput, return_dict, logits=logits, **backbone_fields(out))
@@ -286,9 +361,19 @@ class FlaxElectraForQuestionAnsweringModule(_ElectraHead):
     __doc__ += _MODULE_DOC.format(mc="")
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         _, out = self._backbone(**forwarded_inputs(locals()))
         start, end = qa_head(self.config, out.last_hidden_state, self.dtype)
         return finish_output(

@@ -244,7 +244,9 @@ class RobertaLMHead(nn.Module):
         return logits + jnp.asarray(bias, self.dtype)
 
 
-def mean_pool(last_hidden_state: jax.Array, attention_mask: jax.Array, normalize: bool = True) -> jax.Array:
+def mean_pool(
+    last_hidden_state: jax.Array, attention_mask: jax.Array | None = None, normalize: bool = True
+) -> jax.Array:
     """Sentence embeddings: the mean of the unmasked token states, optionally L2-normalised.
 
     sentence-transformers' ``Pooling(mean)`` followed by ``Normalize()``: the token count is clamped
@@ -253,12 +255,14 @@ def mean_pool(last_hidden_state: jax.Array, attention_mask: jax.Array, normalize
 
     Args:
         last_hidden_state: (B, L, H) token states.
-        attention_mask: (B, L) 0/1; tokens with 0 are left out.
+        attention_mask: (B, L) 0/1, or None for all ones; tokens with 0 are left out.
         normalize (bool): divide each embedding by its L2 norm.
 
     Returns:
         (B, H) embeddings (float32 or the states' dtype).
     """
+    if attention_mask is None:
+        attention_mask = jnp.ones(last_hidden_state.shape[:2], last_hidden_state.dtype)
     mask = jnp.asarray(attention_mask).astype(last_hidden_state.dtype)[..., None]  # (B, L, 1)
     summed = jnp.sum(last_hidden_state * mask, axis=1)  # (B, H)
     count = jnp.maximum(jnp.sum(mask, axis=1), 1e-9)  # (B, 1)

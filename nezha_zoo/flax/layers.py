@@ -133,6 +133,7 @@ def freeze_padding_row(embedded: jax.Array, ids: jax.Array, padding_idx: int | N
         return embedded
     return jnp.where((ids == padding_idx)[..., None], jax.lax.stop_gradient(embedded), embedded)
 
+
 def cache_length(variables: Any) -> int | None:
     """The static max length of a decoder's key/value cache (time axis of the first ``cached_key``), or None.
 
@@ -332,9 +333,7 @@ class BertSelfAttention(nn.Module):
         past = index.value
         start = (0, past, 0, 0)  # (B, max_length, heads, head_dim) cache, written along time
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
-        cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, v.astype(cached_value.value.dtype), start
-        )
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), start)
         index.value = past + k.shape[1]
         return cached_key.value, cached_value.value, past
 
@@ -471,7 +470,13 @@ class BertLayer(nn.Module):
                 raise ValueError("encoder_hidden_states needs a model built with config.add_cross_attention=True")
             cross = BertAttention(c, names=_cross_names(n), causal=False, dtype=self.dtype, name=n.cross)
             h, cross_probs = cross(
-                h, encoder_attention_mask, layer_head_mask, encoder_hidden_states, None, cross_relative, False,
+                h,
+                encoder_attention_mask,
+                layer_head_mask,
+                encoder_hidden_states,
+                None,
+                cross_relative,
+                False,
                 deterministic,
             )
         elif c.add_cross_attention and self.is_initializing():

@@ -493,8 +493,14 @@ class FlaxPreTrainedModel:
             is appended.
         """
         cfg = resolve_config(cls.family, pretrained_model_name_or_path, config, **config_overrides)
-        model = cls(cfg, input_shape=input_shape, seed=seed, dtype=dtype, _do_init=False,
-                    gradient_checkpointing=gradient_checkpointing)
+        model = cls(
+            cfg,
+            input_shape=input_shape,
+            seed=seed,
+            dtype=dtype,
+            _do_init=False,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         spec = model.spec
         flat: dict[tuple[str, ...], jax.Array] = {}
 
@@ -595,8 +601,10 @@ def forwarded_inputs(scope: Mapping[str, Any]) -> dict:
     return {k: scope[k] for k in FORWARDED_INPUTS if k in scope}
 
 
-def flatten_choices(kwargs: dict, names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids",
-                                                             "position_ids", "inputs_embeds")) -> dict:
+def flatten_choices(
+    kwargs: dict,
+    names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds"),
+) -> dict:
     """Multiple choice: every input in ``names`` from (B, C, L[, E]) to (B * C, L[, E]), in place."""
     for name in names:
         x = kwargs.get(name)
@@ -626,8 +634,11 @@ class FlaxHeadModule(nn.Module):
         ``(base module, its output with return_dict=True)``.
         """
         base = self.backbone_class(
-            self.config, dtype=self.dtype, gradient_checkpointing=self.gradient_checkpointing,
-            name=self.backbone_name, **dict(options or {}),
+            self.config,
+            dtype=self.dtype,
+            gradient_checkpointing=self.gradient_checkpointing,
+            name=self.backbone_name,
+            **dict(options or {}),
         )
         kwargs["return_dict"] = True
         return base, base(**kwargs)
@@ -636,7 +647,12 @@ class FlaxHeadModule(nn.Module):
 def make_wrapper(base: type, prefix: str, head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type:
     """A wrapper class ``Flax<prefix><head>`` (``Flax<prefix>Model`` for the base) of ``module``."""
     name = f"Flax{prefix}{'Model' if head == 'Model' else head}"
-    attrs = {"head": head, "module_class": module, "input_rank": rank, "__module__": base.__module__,
-             "__qualname__": name,
-             "__doc__": f"{doc}\n\n    Wraps :class:`{module.__name__}`; arguments as {base.__name__}."}
+    attrs = {
+        "head": head,
+        "module_class": module,
+        "input_rank": rank,
+        "__module__": base.__module__,
+        "__qualname__": name,
+        "__doc__": f"{doc}\n\n    Wraps :class:`{module.__name__}`; arguments as {base.__name__}.",
+    }
     return type(name, (base,), attrs)

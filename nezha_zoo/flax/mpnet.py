@@ -136,8 +136,9 @@ class FlaxMPNetEmbeddings(nn.Module):
         init = jax.nn.initializers.normal(c.initializer_range)
 
         def table(rows: int, name: str) -> nn.Embed:
-            return nn.Embed(rows, c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32, embedding_init=init,
-                            name=name)
+            return nn.Embed(
+                rows, c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32, embedding_init=init, name=name
+            )
 
         words = table(c.vocab_size, "word_embeddings")
         if inputs_embeds is None:
@@ -146,8 +147,9 @@ class FlaxMPNetEmbeddings(nn.Module):
         else:
             x = inputs_embeds.astype(self.dtype)
         pos = position_ids.astype("i4")
-        x = x + freeze_padding_row(table(c.max_position_embeddings, "position_embeddings")(pos), pos,
-                                   EMBEDDING_PADDING_IDX)
+        x = x + freeze_padding_row(
+            table(c.max_position_embeddings, "position_embeddings")(pos), pos, EMBEDDING_PADDING_IDX
+        )
         x = layer_norm("LayerNorm", c, self.dtype)(x)
         return nn.Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic)
 
@@ -170,25 +172,48 @@ class FlaxMPNetEncoder(nn.Module):
     gradient_checkpointing: bool = False
 
     @nn.compact
-    def __call__(self, hidden_states, attention_mask=None, head_mask=None, deterministic: bool = True,
-                 output_attentions: bool = False, output_hidden_states: bool = False):
+    def __call__(
+        self,
+        hidden_states,
+        attention_mask=None,
+        head_mask=None,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ):
         c = self.config
         seq_len = hidden_states.shape[1]
         bias_table = nn.Embed(
-            c.relative_attention_num_buckets, c.num_attention_heads, dtype=self.dtype, param_dtype=jnp.float32,
-            embedding_init=jax.nn.initializers.normal(c.initializer_range), name="relative_attention_bias",
+            c.relative_attention_num_buckets,
+            c.num_attention_heads,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=jax.nn.initializers.normal(c.initializer_range),
+            name="relative_attention_bias",
         )
         positions = np.arange(seq_len)
         buckets = relative_position_bucket(positions[None, :] - positions[:, None], c.relative_attention_num_buckets)
-        position_bias = jnp.transpose(bias_table(jnp.asarray(buckets)), (2, 0, 1))[None]  # (L, L, heads) -> (1, heads, L, L)
+        # (L, L, heads) -> (1, heads, L, L), broadcast over the batch
+        position_bias = jnp.transpose(bias_table(jnp.asarray(buckets)), (2, 0, 1))[None]
         if head_mask is not None:
             head_mask = jnp.asarray(head_mask)
             if head_mask.ndim == 1:  # one mask for every layer
                 head_mask = jnp.broadcast_to(head_mask, (c.num_hidden_layers, head_mask.shape[0]))
         h, all_hidden, all_attn, _ = BertLayerCollection(
             c, names=MPNET_NAMES, dtype=self.dtype, gradient_checkpointing=self.gradient_checkpointing, name="layer"
-        )(hidden_states, attention_mask, head_mask, None, None, position_bias, None, False, deterministic,
-          output_attentions, output_hidden_states)
+        )(
+            hidden_states,
+            attention_mask,
+            head_mask,
+            None,
+            None,
+            position_bias,
+            None,
+            False,
+            deterministic,
+            output_attentions,
+            output_hidden_states,
+        )
         if output_hidden_states:
             all_hidden += (h,)
         return h, all_hidden, all_attn
@@ -242,13 +267,22 @@ class FlaxMPNetModule(nn.Module):
     ):
         c = self.config
         # Direct module users get the wrapper's checks too (values only when concrete, i.e. not under jit).
-        validate_inputs(c, input_ids, attention_mask, None, position_ids, inputs_embeds,
-                        embed_width=c.hidden_size, has_positions=False)
+        validate_inputs(
+            c,
+            input_ids,
+            attention_mask,
+            None,
+            position_ids,
+            inputs_embeds,
+            embed_width=c.hidden_size,
+            has_positions=False,
+        )
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         if position_ids is None:
             # Real tokens take positions 2 .. L + 1, so the table holds max_position_embeddings - 2 of them.
-            check_length(shape[-1], 0, c.max_position_embeddings - EMBEDDING_PADDING_IDX - 1,
-                         "max_position_embeddings - 2")
+            check_length(
+                shape[-1], 0, c.max_position_embeddings - EMBEDDING_PADDING_IDX - 1, "max_position_embeddings - 2"
+            )
             if input_ids is not None:
                 position_ids = mpnet_position_ids(jnp.asarray(input_ids))
             else:
@@ -264,8 +298,12 @@ class FlaxMPNetModule(nn.Module):
         )(h, attention_mask, head_mask, deterministic, output_attentions, output_hidden_states)
         pooled = BertPooler(c, dtype=self.dtype, name="pooler")(h) if self.add_pooling_layer else None
         return finish_output(
-            BaseModelOutputWithPooling, return_dict,
-            last_hidden_state=h, pooler_output=pooled, hidden_states=all_hidden, attentions=all_attn,
+            BaseModelOutputWithPooling,
+            return_dict,
+            last_hidden_state=h,
+            pooler_output=pooled,
+            hidden_states=all_hidden,
+            attentions=all_attn,
         )
 
 
@@ -282,17 +320,32 @@ class _MPNetHead(FlaxHeadModule):
 
 
 class FlaxMPNetForMaskedLMModule(_MPNetHead):
-    """Masked LM: ``lm_head`` (dense, GELU, ``layer_norm``, decoder tied to the word embeddings, ``bias``) -> (B, L, V)."""
+    """Masked LM: ``lm_head`` (dense, GELU, ``layer_norm``, decoder tied to the word embeddings, ``bias``).
+
+    Returns ``MaskedLMOutput`` with ``logits`` (B, L, V).
+    """
 
     __doc__ += _MODULE_DOC.format(mc="")
     head_name = "ForMaskedLM"
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, deterministic=True,
-                 output_attentions=False, output_hidden_states=False, return_dict=True, inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         mpnet, out = self._run(forwarded_inputs(locals()))
         c = self.config
-        table = mpnet.variables["params"]["embeddings"]["word_embeddings"]["embedding"] if c.tie_word_embeddings else None
+        table = None
+        if c.tie_word_embeddings:
+            table = mpnet.variables["params"]["embeddings"]["word_embeddings"]["embedding"]  # (V, H)
         logits = RobertaLMHead(c, tied=c.tie_word_embeddings, dtype=self.dtype, name="lm_head")(
             out.last_hidden_state, table
         )
@@ -306,8 +359,18 @@ class FlaxMPNetForSequenceClassificationModule(_MPNetHead):
     head_name = "ForSequenceClassification"
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, deterministic=True,
-                 output_attentions=False, output_hidden_states=False, return_dict=True, inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         _, out = self._run(forwarded_inputs(locals()))
         head = ClassificationHead(self.config, activation="tanh", dtype=self.dtype, name="classifier")
         logits = head(out.last_hidden_state, deterministic=deterministic)
@@ -325,8 +388,18 @@ class FlaxMPNetForMultipleChoiceModule(_MPNetHead):
     head_name = "ForMultipleChoice"
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, deterministic=True,
-                 output_attentions=False, output_hidden_states=False, return_dict=True, inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         _, out = self._run(flatten_choices(forwarded_inputs(locals())))
         pooled = nn.Dropout(self.config.hidden_dropout_prob, name="dropout")(
@@ -344,8 +417,18 @@ class FlaxMPNetForTokenClassificationModule(_MPNetHead):
     head_name = "ForTokenClassification"
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, deterministic=True,
-                 output_attentions=False, output_hidden_states=False, return_dict=True, inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         _, out = self._run(forwarded_inputs(locals()))
         logits = token_classifier(self.config, out.last_hidden_state, deterministic, self.dtype)
         return finish_output(TokenClassifierOutput, return_dict, logits=logits, **backbone_fields(out))
@@ -358,12 +441,23 @@ class FlaxMPNetForQuestionAnsweringModule(_MPNetHead):
     head_name = "ForQuestionAnswering"
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, deterministic=True,
-                 output_attentions=False, output_hidden_states=False, return_dict=True, inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         _, out = self._run(forwarded_inputs(locals()))
         start, end = qa_head(self.config, out.last_hidden_state, self.dtype)
-        return finish_output(QuestionAnsweringModelOutput, return_dict, start_logits=start, end_logits=end,
-                             **backbone_fields(out))
+        return finish_output(
+            QuestionAnsweringModelOutput, return_dict, start_logits=start, end_logits=end, **backbone_fields(out)
+        )
 
 
 # --- wrappers ------------------------------------------------------------------------------------
@@ -373,7 +467,7 @@ class FlaxMPNetPreTrainedModel(FlaxPreTrainedModel):
     """Base of the MPNet wrappers (see :class:`~nezha_zoo.flax.modeling_utils.FlaxPreTrainedModel`).
 
     The call convention is transformers' Flax one without ``token_type_ids`` (MPNet has none) and
-    without decoder inputs (MPNet is an encoder only).
+    without decoder inputs (MPNet is an encoder only).  :meth:`encode` gives sentence embeddings.
     """
 
     family = MPNET
@@ -433,35 +527,40 @@ class FlaxMPNetPreTrainedModel(FlaxPreTrainedModel):
             position_ids=position_ids,
         )
 
-
-def _wrapper(head: str, module: type[nn.Module], doc: str, rank: int = 2, base: type = FlaxMPNetPreTrainedModel):
-    return make_wrapper(base, "MPNet", head, module, doc, rank)
-
-
-class _FlaxMPNetModelBase(FlaxMPNetPreTrainedModel):
-    """Adds :meth:`encode` (sentence embeddings) to the bare model."""
-
     def encode(self, input_ids, attention_mask=None, normalize: bool = True, params=None) -> SentenceEmbeddingOutput:
         """Sentence embeddings: masked mean of the last hidden states, L2-normalised (sentence-transformers).
 
+        As sentence-transformers' MPNet models (``Transformer`` -> ``Pooling(mean)`` -> ``Normalize``).
+        Runs the base model (``mpnet``) of any MPNet class in eval mode; the pooler, if any, is not
+        used.  Pure function of ``params``: usable under ``jax.jit``/``jax.grad`` with ``params`` passed.
+
         Args:
-            input_ids: (B, L) int ids.
+            input_ids: (B, L) int ids (padding id 1).
             attention_mask: (B, L) 0/1, default ones; only tokens with 1 are averaged.
             normalize (bool): divide by the L2 norm (guarded by eps 1e-12), as ``Normalize()``.
             params: params tree to use instead of ``self.params``.
 
         Returns:
             ``SentenceEmbeddingOutput``: ``embeddings`` (B, H), ``last_hidden_state`` (B, L, H).
+
+        Raises:
+            InputError: as the forward pass (vocabulary, length, shapes).
         """
-        if attention_mask is None:
-            attention_mask = jnp.ones(np.shape(input_ids), jnp.int32)
-        out = self(input_ids, attention_mask, params=params)
-        embeddings = mean_pool(out.last_hidden_state, jnp.asarray(attention_mask), normalize=normalize)
+        params = self.params if params is None else params
+        base_params = params if self.head == "Model" else params[self.base_model_prefix]
+        base = FlaxMPNetModule(self.config, dtype=self.dtype, add_pooling_layer=False)
+        ids = jnp.asarray(input_ids, jnp.int32)
+        mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        out = base.apply({"params": base_params}, ids, mask, deterministic=True)
+        embeddings = mean_pool(out.last_hidden_state, mask, normalize=normalize)
         return SentenceEmbeddingOutput(embeddings=embeddings, last_hidden_state=out.last_hidden_state)
 
 
-FlaxMPNetModel = _wrapper("Model", FlaxMPNetModule, "The bare MPNet encoder (with pooler); see also ``encode``.",
-                          base=_FlaxMPNetModelBase)
+def _wrapper(head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type[FlaxMPNetPreTrainedModel]:
+    return make_wrapper(FlaxMPNetPreTrainedModel, "MPNet", head, module, doc, rank)
+
+
+FlaxMPNetModel = _wrapper("Model", FlaxMPNetModule, "The bare MPNet encoder (with pooler).")
 FlaxMPNetForMaskedLM = _wrapper("ForMaskedLM", FlaxMPNetForMaskedLMModule, "MPNet masked language model.")
 FlaxMPNetForSequenceClassification = _wrapper(
     "ForSequenceClassification", FlaxMPNetForSequenceClassificationModule, "MPNet sequence classifier."
@@ -475,4 +574,3 @@ FlaxMPNetForTokenClassification = _wrapper(
 FlaxMPNetForQuestionAnswering = _wrapper(
     "ForQuestionAnswering", FlaxMPNetForQuestionAnsweringModule, "MPNet extractive question answering."
 )
-FlaxMPNetModel.__doc__ = FlaxMPNetModel.__doc__.replace("_FlaxMPNetModelBase", "FlaxMPNetPreTrainedModel")

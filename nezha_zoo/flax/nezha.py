@@ -142,9 +142,18 @@ class FlaxNezhaModule(nn.Module):
         # Direct module users get the wrapper's checks too (values only when concrete, i.e. not under jit).
         # No length limit: positions are relative; a cache bounds only cached decoding.
         past_len, cache_len = (0, None) if init_cache else cache_info(self.variables.get("cache"))
-        validate_inputs(c, input_ids, attention_mask, token_type_ids, None, inputs_embeds,
-                        past_length=past_len, cache_length=cache_len, embed_width=c.hidden_size,
-                        has_positions=False)
+        validate_inputs(
+            c,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            None,
+            inputs_embeds,
+            past_length=past_len,
+            cache_length=cache_len,
+            embed_width=c.hidden_size,
+            has_positions=False,
+        )
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         if token_type_ids is None:
             token_type_ids = jnp.zeros(shape, jnp.int32)
@@ -216,15 +225,29 @@ class FlaxNezhaForPreTrainingModule(_NezhaHead):
     head = "ForPreTraining"
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         out, table = self._nezha(locals())
         # PyTorch's NezhaPreTrainingHeads: one ``cls`` module holding both heads.
         cls = _PreTrainingHeads(self.config, self.dtype, name="cls")
         prediction, relationship = cls(table, out.last_hidden_state, out.pooler_output)
-        return finish_output(NezhaForPreTrainingOutput, return_dict, prediction_logits=prediction,
-                             seq_relationship_logits=relationship, **backbone_fields(out))
+        return finish_output(
+            NezhaForPreTrainingOutput,
+            return_dict,
+            prediction_logits=prediction,
+            seq_relationship_logits=relationship,
+            **backbone_fields(out),
+        )
 
 
 class _PreTrainingHeads(nn.Module):
@@ -258,9 +281,18 @@ class FlaxNezhaForMaskedLMModule(_NezhaHead):
     head = "ForMaskedLM"
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         out, table = self._nezha(locals())
         cls = _PreTrainingHeads(self.config, self.dtype, nsp=False, name="cls")
         logits, _ = cls(table, out.last_hidden_state, None)
@@ -274,9 +306,18 @@ class FlaxNezhaForNextSentencePredictionModule(_NezhaHead):
     head = "ForNextSentencePrediction"
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         out, _ = self._nezha(locals())
         _, logits = _PreTrainingHeads(self.config, self.dtype, mlm=False, name="cls")(None, None, out.pooler_output)
         return finish_output(NextSentencePredictorOutput, return_dict, logits=logits, **backbone_fields(out))
@@ -289,9 +330,18 @@ class FlaxNezhaForSequenceClassificationModule(_NezhaHead):
     head = "ForSequenceClassification"
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         out, _ = self._nezha(locals())
         logits = token_classifier(self.config, out.pooler_output, deterministic, self.dtype)
         return finish_output(SequenceClassifierOutput, return_dict, logits=logits, **backbone_fields(out))
@@ -308,9 +358,18 @@ class FlaxNezhaForMultipleChoiceModule(_NezhaHead):
     head = "ForMultipleChoice"
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         kwargs = flatten_choices(forwarded_inputs(locals()))
         _, out = self._backbone({"add_pooling_layer": True}, **kwargs)
@@ -328,9 +387,18 @@ class FlaxNezhaForTokenClassificationModule(_NezhaHead):
     head = "ForTokenClassification"
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         out, _ = self._nezha(locals())
         logits = token_classifier(self.config, out.last_hidden_state, deterministic, self.dtype)
         return finish_output(TokenClassifierOutput, return_dict, logits=logits, **backbone_fields(out))
@@ -343,13 +411,23 @@ class FlaxNezhaForQuestionAnsweringModule(_NezhaHead):
     head = "ForQuestionAnswering"
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, head_mask=None,
-                 deterministic=True, output_attentions=False, output_hidden_states=False, return_dict=True,
-                 inputs_embeds=None):
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
         out, _ = self._nezha(locals())
         start, end = qa_head(self.config, out.last_hidden_state, self.dtype)
-        return finish_output(QuestionAnsweringModelOutput, return_dict, start_logits=start, end_logits=end,
-                             **backbone_fields(out))
+        return finish_output(
+            QuestionAnsweringModelOutput, return_dict, start_logits=start, end_logits=end, **backbone_fields(out)
+        )
 
 
 # --- wrappers ------------------------------------------------------------------------------------

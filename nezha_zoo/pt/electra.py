@@ -77,7 +77,10 @@ class ElectraModel(ElectraPreTrainedModel):
         config (ElectraConfig): model configuration.
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         encoder_hidden_states ((B, Lenc, hidden_size)): encoder output for cross-attention
             (``is_decoder`` and ``add_cross_attention``).
         encoder_attention_mask ((B, Lenc)): mask of ``encoder_hidden_states``; ones when omitted.
@@ -87,6 +90,7 @@ class ElectraModel(ElectraPreTrainedModel):
 
     Returns BaseModelOutputWithPastAndCrossAttentions: ``last_hidden_state`` (B, L, hidden_size).
     """
+    )
 
     head = "Model"
 
@@ -191,9 +195,13 @@ class ElectraForPreTraining(ElectraPreTrainedModel):
         config (ElectraConfig): model configuration.
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         labels (LongTensor (B, L)): 1 = replaced, 0 = original; loss = BCE over ``attention_mask == 1``.
     """
+    )
 
     head = "ForPreTraining"
 
@@ -261,9 +269,13 @@ class ElectraForMaskedLM(_ElectraGenerator):
         config (ElectraConfig): model configuration.
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         labels (LongTensor (B, L)): target ids, -100 = ignored; loss = cross-entropy.
     """
+    )
 
     head = "ForMaskedLM"
 
@@ -305,11 +317,15 @@ class ElectraForCausalLM(_ElectraGenerator):
         config (ElectraConfig): model configuration.
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         encoder_hidden_states, encoder_attention_mask, past_key_values, use_cache: as ElectraModel.
         labels (LongTensor (B, L)): next-token targets (not shifted by the caller), -100 ignored.
         **kwargs: ``num_items_in_batch``, ``ignore_index``, ``shift_labels`` for the loss.
     """
+    )
 
     head = "ForCausalLM"
 
@@ -378,10 +394,14 @@ class ElectraForSequenceClassification(ElectraPreTrainedModel):
             ``classifier_dropout``).
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         labels ((B,)): class ids (cross-entropy), floats for regression (``num_labels == 1``, MSE), or
             (B, num_labels) floats for multi-label (BCE); see ``config.problem_type``.
     """
+    )
 
     head = "ForSequenceClassification"
 
@@ -434,11 +454,14 @@ class ElectraForMultipleChoice(ElectraPreTrainedModel):
         config (ElectraConfig): model configuration (``summary_*`` fields).
     """
 
-    __doc__ = (__doc__ or "") + """
+    __doc__ = (
+        (__doc__ or "")
+        + """
     Forward arguments are those of the other heads with an extra choices axis: ``input_ids``,
     ``attention_mask``, ``token_type_ids``, ``position_ids`` (B, C, L); ``inputs_embeds``
     (B, C, L, embedding_size); ``labels`` (B,) the right choice.
     """
+    )
 
     head = "ForMultipleChoice"
 
@@ -503,9 +526,13 @@ class ElectraForTokenClassification(ElectraPreTrainedModel):
         config (ElectraConfig): model configuration (``num_labels``, ``classifier_dropout``).
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         labels (LongTensor (B, L)): class ids, -100 = ignored; loss = cross-entropy.
     """
+    )
 
     head = "ForTokenClassification"
 
@@ -558,10 +585,14 @@ class ElectraForQuestionAnswering(ElectraPreTrainedModel):
         config (ElectraConfig): model configuration (``num_labels`` = 2).
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         start_positions, end_positions (LongTensor (B,)): span bounds; outside ``[0, L)`` ignored;
             loss = mean of the start and end cross-entropies.
     """
+    )
 
     head = "ForQuestionAnswering"
 

@@ -321,7 +321,6 @@ def _relative_value_context(probs: torch.Tensor, relative: torch.Tensor | Relati
     return torch.einsum("bhqk,qkd->bhqd", probs, relative)
 
 
-
 class BertSelfAttention(nn.Module):
     """Multi-head scaled dot-product attention with separate q/k/v projections.
 
@@ -585,9 +584,7 @@ class BertEncoder(nn.Module):
         final_norm: str | None = None,
     ) -> None:
         super().__init__()
-        self.layer = nn.ModuleList(
-            [BertLayer(config, names, cross_attention) for _ in range(config.num_hidden_layers)]
-        )
+        self.layer = nn.ModuleList([BertLayer(config, names, cross_attention) for _ in range(config.num_hidden_layers)])
         self._final_norm = final_norm
         if final_norm:
             attach(self, final_norm, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps))

@@ -159,9 +159,7 @@ class PreTrainedModel(nn.Module):
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Number of (unique) parameters; tied weights count once."""
         emb = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
-        return sum(
-            p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable) and id(p) not in emb
-        )
+        return sum(p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable) and id(p) not in emb)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each layer in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""
@@ -366,9 +364,7 @@ def prepare_encoder_inputs(
     if past_key_values is not None and not config.is_decoder:
         raise InputError("past_key_values needs a decoder (config.is_decoder=True)")
     if past_key_values is not None and len(past_key_values) != config.num_hidden_layers:
-        raise InputError(
-            f"past_key_values has {len(past_key_values)} layers, the model has {config.num_hidden_layers}"
-        )
+        raise InputError(f"past_key_values has {len(past_key_values)} layers, the model has {config.num_hidden_layers}")
     past_len = past_key_values[0][0].shape[-2] if past_key_values else 0
     batch, seq_len = check_inputs(
         config,

@@ -140,7 +140,10 @@ class NezhaModel(NezhaPreTrainedModel):
         add_pooling_layer (bool): build ``pooler`` (``dense`` + tanh on the first token).
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         encoder_hidden_states ((B, Lenc, hidden_size)): encoder output for cross-attention
             (``is_decoder`` and ``add_cross_attention``).
         encoder_attention_mask ((B, Lenc)): mask of ``encoder_hidden_states``; ones when omitted.
@@ -154,6 +157,7 @@ class NezhaModel(NezhaPreTrainedModel):
     ``(last_hidden_state, pooler_output, past_key_values, hidden_states, attentions, cross_attentions)``
     without the absent entries, ``pooler_output`` kept (None) when there is no pooler.
     """
+    )
 
     head = "Model"
 
@@ -294,11 +298,15 @@ class NezhaForPreTraining(NezhaPreTrainedModel):
         config (NezhaConfig): model configuration.
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         labels (LongTensor (B, L)): MLM targets, -100 = ignored.
         next_sentence_label (LongTensor (B,)): 0 = sequence B continues A, 1 = B is random.
         The loss (when both are given) is MLM cross-entropy + NSP cross-entropy.
     """
+    )
 
     head = "ForPreTraining"
 
@@ -355,10 +363,14 @@ class NezhaForMaskedLM(NezhaPreTrainedModel):
         config (NezhaConfig): model configuration (``is_decoder=False`` for bidirectional attention).
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         encoder_hidden_states, encoder_attention_mask: as NezhaModel (decoder configs).
         labels (LongTensor (B, L)): target ids, -100 = ignored; loss = cross-entropy.
     """
+    )
 
     head = "ForMaskedLM"
 
@@ -409,11 +421,15 @@ class NezhaForNextSentencePrediction(NezhaPreTrainedModel):
         config (NezhaConfig): model configuration.
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         labels (LongTensor (B,)): 0 = sequence B continues A, 1 = B is random; loss = cross-entropy.
         **kwargs: only the deprecated alias ``next_sentence_label`` (FutureWarning); anything else is
             a TypeError.
     """
+    )
 
     head = "ForNextSentencePrediction"
 
@@ -467,10 +483,14 @@ class NezhaForSequenceClassification(NezhaPreTrainedModel):
             ``classifier_dropout``).
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         labels ((B,)): class ids (cross-entropy), floats for regression (``num_labels == 1``, MSE), or
             (B, num_labels) floats for multi-label (BCE); see ``config.problem_type``.
     """
+    )
 
     head = "ForSequenceClassification"
 
@@ -521,11 +541,14 @@ class NezhaForMultipleChoice(NezhaPreTrainedModel):
         config (NezhaConfig): model configuration (``classifier_dropout``).
     """
 
-    __doc__ = (__doc__ or "") + """
+    __doc__ = (
+        (__doc__ or "")
+        + """
     Forward arguments are those of the other heads with an extra choices axis: ``input_ids``,
     ``attention_mask``, ``token_type_ids`` (B, C, L); ``inputs_embeds`` (B, C, L, hidden_size);
     ``labels`` (B,) the right choice (cross-entropy).
     """
+    )
 
     head = "ForMultipleChoice"
 
@@ -585,9 +608,13 @@ class NezhaForTokenClassification(NezhaPreTrainedModel):
         config (NezhaConfig): model configuration (``num_labels``, ``classifier_dropout``).
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         labels (LongTensor (B, L)): class ids, -100 = ignored; loss = cross-entropy.
     """
+    )
 
     head = "ForTokenClassification"
 
@@ -636,10 +663,14 @@ class NezhaForQuestionAnswering(NezhaPreTrainedModel):
         config (NezhaConfig): model configuration (``num_labels`` = 2).
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC + """
+    __doc__ = (
+        (__doc__ or "")
+        + _ARGS_DOC
+        + """
         start_positions, end_positions (LongTensor (B,)): span bounds; outside ``[0, L)`` ignored;
             loss = mean of the start and end cross-entropies.
     """
+    )
 
     head = "ForQuestionAnswering"
 
@@ -685,4 +716,3 @@ class NezhaForQuestionAnswering(NezhaPreTrainedModel):
             attentions=base.attentions,
         )
         return self._finish(out, return_dict)
-

@@ -264,9 +264,15 @@ class TFElectraForPreTraining(TFElectraPreTrainedModel):
         training=False,
     ):
         out = self._base(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         logits = self.discriminator_predictions(out.last_hidden_state)
         loss = None if labels is None else losses.replaced_token_detection_loss(logits, labels, attention_mask)
@@ -327,9 +333,15 @@ class TFElectraForMaskedLM(_GeneratorMixin, TFElectraPreTrainedModel):
         training=False,
     ):
         out = self._base(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         logits = self._lm_logits(out.last_hidden_state)
         loss = None if labels is None else losses.masked_lm_loss(logits, labels)
@@ -384,11 +396,19 @@ class TFElectraForCausalLM(_GeneratorMixin, TFElectraPreTrainedModel):
         if labels is not None:
             use_cache = False  # as transformers: no cache when computing the loss
         out = self._base(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-            past_key_values=past_key_values, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         logits = self._lm_logits(out.last_hidden_state)
         loss = None if labels is None else losses.causal_lm_loss(logits, labels)
@@ -440,16 +460,20 @@ class TFElectraForSequenceClassification(TFElectraPreTrainedModel):
         training=False,
     ):
         out = self._base(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         logits = self.classifier(out.last_hidden_state, training=training)
         loss = None
         if labels is not None:
-            loss = losses.sequence_classification_loss(
-                logits, labels, self.config.num_labels, self.config.problem_type
-            )
+            loss = losses.sequence_classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)
         result = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
@@ -496,16 +520,28 @@ class TFElectraForMultipleChoice(TFElectraPreTrainedModel):
         training=False,
     ):
         check_inputs(
-            self.config, input_ids, inputs_embeds, attention_mask, token_type_ids, None, rank=3,
+            self.config,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            token_type_ids,
+            None,
+            rank=3,
             embed_dim=self.config.embedding_size,
         )
         ref = input_ids if input_ids is not None else inputs_embeds
         num_choices = tf.shape(ref)[1]
         flat = flatten_choices
         out = self._base(
-            input_ids=flat(input_ids), attention_mask=flat(attention_mask), token_type_ids=flat(token_type_ids),
-            position_ids=flat(position_ids), head_mask=head_mask, inputs_embeds=flat(inputs_embeds),
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, training=training,
+            input_ids=flat(input_ids),
+            attention_mask=flat(attention_mask),
+            token_type_ids=flat(token_type_ids),
+            position_ids=flat(position_ids),
+            head_mask=head_mask,
+            inputs_embeds=flat(inputs_embeds),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         pooled = self.sequence_summary(out.last_hidden_state, training=training)  # (B*C, H)
         logits = tf.reshape(self.classifier(pooled), (-1, num_choices))  # (B*C, 1) -> (B, C)
@@ -551,9 +587,15 @@ class TFElectraForTokenClassification(TFElectraPreTrainedModel):
         training=False,
     ):
         out = self._base(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         logits = self.classifier(self.dropout(out.last_hidden_state, training=training))
         loss = None
@@ -603,9 +645,15 @@ class TFElectraForQuestionAnswering(TFElectraPreTrainedModel):
         training=False,
     ):
         out = self._base(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         start_logits, end_logits = split_span_logits(self.qa_outputs(out.last_hidden_state))
         loss = None

@@ -185,7 +185,6 @@ class TFTiedLMOutput(Block):
         return logits + self.bias
 
 
-
 class TFPooler(Block):
     """BERT pooler: the first token through ``dense`` (H -> H) and ``tanh``.
 

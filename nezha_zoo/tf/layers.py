@@ -149,6 +149,7 @@ def freeze_padding_row(embedded: tf.Tensor, ids: tf.Tensor, padding_idx: int | N
     is_pad = tf.expand_dims(tf.equal(tf.cast(ids, tf.int64), padding_idx), -1)
     return tf.where(is_pad, tf.stop_gradient(embedded), embedded)
 
+
 class TFBertEmbeddings(Block):
     """Word + token-type + absolute position embeddings, then LayerNorm and dropout.
 
@@ -374,9 +375,7 @@ class TFBertAttention(Block):
         self.dense_output = TFResidualOutput(
             config, out_path[-1], _leaf(names.attn_norm) if norm_beside_out else None, name=out_path[-2]
         )
-        self.post_norm = (
-            layer_norm(config, _leaf(names.attn_norm)) if names.attn_norm and not norm_beside_out else None
-        )
+        self.post_norm = layer_norm(config, _leaf(names.attn_norm)) if names.attn_norm and not norm_beside_out else None
 
     def call(
         self,
@@ -550,8 +549,14 @@ class TFBertEncoder(Block):
                 layer_head_mask = None if head_mask is None else head_mask[i]
                 if checkpoint:
                     hidden_states = _checkpointed(
-                        layer, hidden_states, attention_mask, layer_head_mask, encoder_hidden_states,
-                        encoder_attention_mask, position_bias, training,
+                        layer,
+                        hidden_states,
+                        attention_mask,
+                        layer_head_mask,
+                        encoder_hidden_states,
+                        encoder_attention_mask,
+                        position_bias,
+                        training,
                     )
                     continue
                 past = None if past_key_values is None else past_key_values[i]
@@ -617,8 +622,13 @@ def _checkpointed(layer, hidden, mask, head_mask, enc, enc_mask, position_bias, 
     def fn_cross(h, e):  # the encoder states are an input so that they receive gradients too
         rewind()
         return layer(
-            h, attention_mask=mask, head_mask=head_mask, encoder_hidden_states=e, encoder_attention_mask=enc_mask,
-            position_bias=position_bias, training=training,
+            h,
+            attention_mask=mask,
+            head_mask=head_mask,
+            encoder_hidden_states=e,
+            encoder_attention_mask=enc_mask,
+            position_bias=position_bias,
+            training=training,
         )[0]
 
     return tf.recompute_grad(fn_cross)(hidden, enc)
@@ -690,7 +700,9 @@ def check_inputs(
             check_length(shape[-1], static_past, config.max_position_embeddings)
         else:
             check_length(
-                shape[-1], static_past, max_length,
+                shape[-1],
+                static_past,
+                max_length,
                 f"usable positions (max_position_embeddings {config.max_position_embeddings} minus the padding offset)",
             )
     if _concrete(position_ids) and check_positions and int(tf.size(position_ids)) > 0:
@@ -801,8 +813,15 @@ class BertBackboneMixin:
         use_cache = bool(use_cache) and cfg.is_decoder
         past_len = past_length(past_key_values)
         check_inputs(
-            cfg, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, past_len,
-            embed_dim=self.embedding_width, check_positions=self.limits_length,
+            cfg,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            past_len,
+            embed_dim=self.embedding_width,
+            check_positions=self.limits_length,
             max_length=self.max_sequence_length,
         )
         ref = input_ids if input_ids is not None else inputs_embeds

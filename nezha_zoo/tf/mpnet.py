@@ -365,12 +365,26 @@ class _MPNetHead(TFMPNetPreTrainedModel):
     def _init_base(self, config: MPNetConfig) -> None:
         self.mpnet = TFMPNetMainLayer(config, add_pooling_layer=self.head in HEADS_WITH_POOLER, name="mpnet")
 
-    def _run_base(self, input_ids, attention_mask, position_ids, head_mask, inputs_embeds,
-                  output_attentions, output_hidden_states, training) -> BaseModelOutputWithPooling:
+    def _run_base(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        head_mask,
+        inputs_embeds,
+        output_attentions,
+        output_hidden_states,
+        training,
+    ) -> BaseModelOutputWithPooling:
         return self._base(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, head_mask=head_mask,
-            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
 
 
@@ -408,8 +422,16 @@ class TFMPNetForMaskedLM(_MPNetHead):
         return_dict=None,
         training=False,
     ):
-        out = self._run_base(input_ids, attention_mask, position_ids, head_mask, inputs_embeds,
-                             output_attentions, output_hidden_states, training)
+        out = self._run_base(
+            input_ids,
+            attention_mask,
+            position_ids,
+            head_mask,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+            training,
+        )
         table = self.mpnet.embeddings.word_embeddings.embeddings  # (V, H), shared with the input side
         logits = self.lm_head(out.last_hidden_state, table)  # (B, L, V)
         loss = None if labels is None else losses.masked_lm_loss(logits, labels)
@@ -453,8 +475,16 @@ class TFMPNetForSequenceClassification(_MPNetHead):
         return_dict=None,
         training=False,
     ):
-        out = self._run_base(input_ids, attention_mask, position_ids, head_mask, inputs_embeds,
-                             output_attentions, output_hidden_states, training)
+        out = self._run_base(
+            input_ids,
+            attention_mask,
+            position_ids,
+            head_mask,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+            training,
+        )
         logits = self.classifier(out.last_hidden_state, training=training)  # (B, num_labels)
         loss = None
         if labels is not None:
@@ -505,14 +535,29 @@ class TFMPNetForMultipleChoice(_MPNetHead):
         training=False,
     ):
         check_inputs(
-            self.config, input_ids, inputs_embeds, attention_mask, None, None, rank=3,
-            embed_dim=self.config.hidden_size, max_length=self.mpnet.max_sequence_length,
+            self.config,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            None,
+            None,
+            rank=3,
+            embed_dim=self.config.hidden_size,
+            max_length=self.mpnet.max_sequence_length,
         )
         ref = input_ids if input_ids is not None else inputs_embeds
         num_choices = tf.shape(ref)[1]
         flat = flatten_choices  # (B, C, L[, H]) -> (B*C, L[, H])
-        out = self._run_base(flat(input_ids), flat(attention_mask), flat(position_ids), head_mask,
-                             flat(inputs_embeds), output_attentions, output_hidden_states, training)
+        out = self._run_base(
+            flat(input_ids),
+            flat(attention_mask),
+            flat(position_ids),
+            head_mask,
+            flat(inputs_embeds),
+            output_attentions,
+            output_hidden_states,
+            training,
+        )
         pooled = self.dropout(out.pooler_output, training=training)  # (B*C, H)
         logits = tf.reshape(self.classifier(pooled), (-1, num_choices))  # (B*C, 1) -> (B, C)
         loss = None if labels is None else losses.cross_entropy(logits, labels)
@@ -555,8 +600,16 @@ class TFMPNetForTokenClassification(_MPNetHead):
         return_dict=None,
         training=False,
     ):
-        out = self._run_base(input_ids, attention_mask, position_ids, head_mask, inputs_embeds,
-                             output_attentions, output_hidden_states, training)
+        out = self._run_base(
+            input_ids,
+            attention_mask,
+            position_ids,
+            head_mask,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+            training,
+        )
         logits = self.classifier(self.dropout(out.last_hidden_state, training=training))  # (B, L, num_labels)
         loss = None
         if labels is not None:
@@ -604,8 +657,16 @@ class TFMPNetForQuestionAnswering(_MPNetHead):
         return_dict=None,
         training=False,
     ):
-        out = self._run_base(input_ids, attention_mask, position_ids, head_mask, inputs_embeds,
-                             output_attentions, output_hidden_states, training)
+        out = self._run_base(
+            input_ids,
+            attention_mask,
+            position_ids,
+            head_mask,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+            training,
+        )
         start_logits, end_logits = split_span_logits(self.qa_outputs(out.last_hidden_state))  # (B, L) each
         loss = None
         if start_positions is not None and end_positions is not None:

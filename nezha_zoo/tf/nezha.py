@@ -411,12 +411,18 @@ class TFNezhaForPreTraining(TFNezhaPreTrainedModel):
         training=False,
     ):
         out = self._base(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, head_mask=head_mask,
-            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         prediction_logits, seq_logits = self.cls(
-            sequence_output=out.last_hidden_state, pooled_output=out.pooler_output,
+            sequence_output=out.last_hidden_state,
+            pooled_output=out.pooler_output,
             embedding_matrix=_word_embeddings(self),
         )  # (B, L, V), (B, 2)
         loss = None
@@ -474,10 +480,16 @@ class TFNezhaForMaskedLM(TFNezhaPreTrainedModel):
         training=False,
     ):
         out = self._base(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, head_mask=head_mask,
-            inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         logits, _ = self.cls(sequence_output=out.last_hidden_state, embedding_matrix=_word_embeddings(self))
         loss = None if labels is None else losses.masked_lm_loss(logits, labels)
@@ -520,9 +532,14 @@ class TFNezhaForNextSentencePrediction(TFNezhaPreTrainedModel):
         training=False,
     ):
         out = self._base(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, head_mask=head_mask,
-            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         _, logits = self.cls(pooled_output=out.pooler_output)  # (B, 2)
         loss = None if labels is None else losses.cross_entropy(logits, tf.reshape(labels, (-1,)))
@@ -569,16 +586,19 @@ class TFNezhaForSequenceClassification(TFNezhaPreTrainedModel):
         training=False,
     ):
         out = self._base(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, head_mask=head_mask,
-            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         logits = self.classifier(self.dropout(out.pooler_output, training=training))  # (B, num_labels)
         loss = None
         if labels is not None:
-            loss = losses.sequence_classification_loss(
-                logits, labels, self.config.num_labels, self.config.problem_type
-            )
+            loss = losses.sequence_classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)
         result = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
@@ -625,16 +645,28 @@ class TFNezhaForMultipleChoice(TFNezhaPreTrainedModel):
         training=False,
     ):
         check_inputs(
-            self.config, input_ids, inputs_embeds, attention_mask, token_type_ids, None, rank=3,
-            embed_dim=self.config.hidden_size, check_positions=False,
+            self.config,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            token_type_ids,
+            None,
+            rank=3,
+            embed_dim=self.config.hidden_size,
+            check_positions=False,
         )
         ref = input_ids if input_ids is not None else inputs_embeds
         num_choices = tf.shape(ref)[1]
         flat = flatten_choices  # (B, C, L[, H]) -> (B*C, L[, H])
         out = self._base(
-            input_ids=flat(input_ids), attention_mask=flat(attention_mask), token_type_ids=flat(token_type_ids),
-            head_mask=head_mask, inputs_embeds=flat(inputs_embeds), output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, training=training,
+            input_ids=flat(input_ids),
+            attention_mask=flat(attention_mask),
+            token_type_ids=flat(token_type_ids),
+            head_mask=head_mask,
+            inputs_embeds=flat(inputs_embeds),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         pooled = self.dropout(out.pooler_output, training=training)  # (B*C, H)
         logits = tf.reshape(self.classifier(pooled), (-1, num_choices))  # (B*C, 1) -> (B, C)
@@ -679,9 +711,14 @@ class TFNezhaForTokenClassification(TFNezhaPreTrainedModel):
         training=False,
     ):
         out = self._base(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, head_mask=head_mask,
-            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         logits = self.classifier(self.dropout(out.last_hidden_state, training=training))  # (B, L, num_labels)
         loss = None
@@ -730,9 +767,14 @@ class TFNezhaForQuestionAnswering(TFNezhaPreTrainedModel):
         training=False,
     ):
         out = self._base(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, head_mask=head_mask,
-            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, training=training,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
         )
         start_logits, end_logits = split_span_logits(self.qa_outputs(out.last_hidden_state))  # (B, L) each
         loss = None

@@ -134,7 +134,23 @@ def _nezha() -> Case:
     return Case("nezha", cfg, decoder_head="Model", labels=labels, flax_loss=losses, long_inputs=True, encoder_len=L)
 
 
-CASES = {c.key: c for c in (_electra(), _nezha())}
+def _mpnet() -> Case:
+    labels, losses = _common_labels(99, 3)
+    cfg = dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=40,
+        relative_attention_num_buckets=32,
+        num_labels=3,
+        **NO_DROPOUT,
+    )
+    return Case("mpnet", cfg, token_types=False, labels=labels, flax_loss=losses)
+
+
+CASES = {c.key: c for c in (_electra(), _nezha(), _mpnet())}
 PARAMS = [(k, h) for k, c in CASES.items() for h in get_family(k).heads]
 
 

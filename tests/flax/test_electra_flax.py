@@ -269,8 +269,14 @@ def test_decoder_with_cross_attention_matches_transformers(decoder):
     pt, fx, x, enc, enc_mask = decoder
     kw = dict(output_hidden_states=True, output_attentions=True)
     mine = fx(**x, encoder_hidden_states=enc, encoder_attention_mask=enc_mask, **kw)
-    theirs = run_pt(pt, x, encoder_hidden_states=torch.as_tensor(enc),
-                    encoder_attention_mask=torch.as_tensor(enc_mask), use_cache=False, **kw)
+    theirs = run_pt(
+        pt,
+        x,
+        encoder_hidden_states=torch.as_tensor(enc),
+        encoder_attention_mask=torch.as_tensor(enc_mask),
+        use_cache=False,
+        **kw,
+    )
     assert mine.cross_attentions is not None
     compare(mine, theirs, "CausalLM[decoder+cross]")
     # Causality: the first tokens' logits do not depend on later tokens.
@@ -288,8 +294,15 @@ def test_cached_decoding_equals_full_forward_eager_and_jit(decoder):
     full = fx(ids, mask, types, encoder_hidden_states=enc, encoder_attention_mask=enc_mask).logits
 
     def step(params, cache, chunk, chunk_types):
-        return fx(chunk, mask, chunk_types, encoder_hidden_states=enc, encoder_attention_mask=enc_mask,
-                  params=params, past_key_values=cache)
+        return fx(
+            chunk,
+            mask,
+            chunk_types,
+            encoder_hidden_states=enc,
+            encoder_attention_mask=enc_mask,
+            params=params,
+            past_key_values=cache,
+        )
 
     for label, fn in (("eager", step), ("jit", jax.jit(step))):
         cache = fx.init_cache(B, T)
@@ -302,8 +315,13 @@ def test_cached_decoding_equals_full_forward_eager_and_jit(decoder):
         cached = jnp.concatenate(pieces, axis=1)
         MEASURED[f"decoder.cached_vs_full[{label}]"] = assert_close(cached, full, LOG, f"cached ({label})")
     # and against transformers' own full forward
-    theirs = run_pt(pt, x, encoder_hidden_states=torch.as_tensor(enc),
-                    encoder_attention_mask=torch.as_tensor(enc_mask), use_cache=False)
+    theirs = run_pt(
+        pt,
+        x,
+        encoder_hidden_states=torch.as_tensor(enc),
+        encoder_attention_mask=torch.as_tensor(enc_mask),
+        use_cache=False,
+    )
     MEASURED["decoder.cached_vs_pt"] = assert_close(cached, theirs.logits, LOG, "cached vs transformers")
 
 
@@ -378,8 +396,12 @@ def test_do_init_false_returns_params_without_random_init(pairs):
     assert model._missing_keys == {("classifier", "kernel"), ("classifier", "bias")}
     full = model.init_weights(jax.random.PRNGKey(0), (1, 1), partial)
     assert set(flatten_dict(full)) == model.required_params
-    assert_close(full["electra"]["encoder"]["layer"]["1"]["output"]["dense"]["kernel"],
-                 partial["electra"]["encoder"]["layer"]["1"]["output"]["dense"]["kernel"], 0.0, "kept")
+    assert_close(
+        full["electra"]["encoder"]["layer"]["1"]["output"]["dense"]["kernel"],
+        partial["electra"]["encoder"]["layer"]["1"]["output"]["dense"]["kernel"],
+        0.0,
+        "kept",
+    )
 
 
 def test_pytorch_model_bin_checkpoint_loads(pairs, tmp_path):
@@ -404,14 +426,14 @@ def test_signatures_follow_transformers_flax():
 
     ours = list(inspect.signature(nzf.FlaxElectraPreTrainedModel.__call__).parameters)
     theirs = list(inspect.signature(hf.FlaxElectraPreTrainedModel.__call__).parameters)
-    assert ours[: len(theirs)] == theirs and ours[len(theirs):] == ["inputs_embeds"]
+    assert ours[: len(theirs)] == theirs and ours[len(theirs) :] == ["inputs_embeds"]
     init = list(inspect.signature(nzf.FlaxElectraPreTrainedModel.__init__).parameters)
     assert init[:7] == list(inspect.signature(hf.FlaxElectraPreTrainedModel.__init__).parameters)[:7]
     for head in HEADS:
         name = f"FlaxElectra{'' if head == 'Model' else head}Module"
         mine = list(inspect.signature(getattr(nzf, name).__call__).parameters)
         ref = list(inspect.signature(getattr(hf, name).__call__).parameters)
-        assert mine[: len(ref)] == ref and mine[len(ref):] == ["inputs_embeds"], name
+        assert mine[: len(ref)] == ref and mine[len(ref) :] == ["inputs_embeds"], name
 
 
 def test_params_tree_equals_spec_exactly():
@@ -424,7 +446,7 @@ def test_params_tree_equals_spec_exactly():
             kw = {}
             if cfg.add_cross_attention and head in ("Model", "ForCausalLM"):
                 kw = dict(encoder_hidden_states=jnp.zeros((1, 2, cfg.hidden_size)))
-            tree = jax.eval_shape(lambda i: fx.module.init(jax.random.PRNGKey(0), i, **kw), ids)
+            tree = jax.eval_shape(lambda i, fx=fx, kw=kw: fx.module.init(jax.random.PRNGKey(0), i, **kw), ids)
             got = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(tree["params"]).items()}
             assert got == want, f"{head}: {set(got) ^ set(want)}"
             held = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(fx.params).items()}
@@ -512,8 +534,14 @@ def test_gradient_checkpointing_gives_equal_gradients():
 
     def grad_fn(model):
         def f(p, rng):  # train mode: dropout masks must be identical under remat too
-            out = model.module.apply({"params": p}, x["input_ids"], x["attention_mask"], x["token_type_ids"],
-                                     deterministic=False, rngs={"dropout": rng})
+            out = model.module.apply(
+                {"params": p},
+                x["input_ids"],
+                x["attention_mask"],
+                x["token_type_ids"],
+                deterministic=False,
+                rngs={"dropout": rng},
+            )
             return L.token_classification_loss(out.logits, labels)
 
         return jax.jit(jax.value_and_grad(f))
@@ -577,9 +605,6 @@ def test_import_nezha_zoo_flax_pulls_no_other_framework():
     import subprocess
     import sys
 
-    code = (
-        "import sys, nezha_zoo.flax; "
-        "print([m for m in ('torch', 'tensorflow', 'transformers') if m in sys.modules])"
-    )
+    code = "import sys, nezha_zoo.flax; print([m for m in ('torch', 'tensorflow', 'transformers') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -146,8 +146,9 @@ def test_relative_table_matches_transformers_buffer_and_formula():
     grid = relative_positions(table, K, length, length)  # (L, L, depth)
     # float32 sin/exp of numpy and torch may differ in the last bit (6e-8); the gather itself is exact
     MEASURED["relative grid vs transformers"] = assert_close(grid, theirs, 1e-7, "grid vs transformers' buffer")
-    assert_close(grid, np.asarray(table)[np.clip(np.arange(length)[None] - np.arange(length)[:, None], -K, K) + K],
-                 0.0, "gather")
+    assert_close(
+        grid, np.asarray(table)[np.clip(np.arange(length)[None] - np.arange(length)[:, None], -K, K) + K], 0.0, "gather"
+    )
     assert not np.allclose(theirs[0, 1], theirs[0, 2])  # near distances differ ...
     assert_close(theirs[0, 5], theirs[0, 8], 0.0, "clipped")  # ... and far ones are clipped to K
     # a query offset (cache fill) shifts the rows; keys keep their absolute positions
@@ -319,8 +320,14 @@ def test_decoder_with_cross_attention_matches_transformers(decoder):
     pt, _, fx, x, enc, enc_mask = decoder
     kw = dict(output_hidden_states=True, output_attentions=True)
     mine = fx(**x, encoder_hidden_states=enc, encoder_attention_mask=enc_mask, **kw)
-    theirs = run_pt(pt, x, encoder_hidden_states=torch.as_tensor(enc),
-                    encoder_attention_mask=torch.as_tensor(enc_mask), use_cache=False, **kw)
+    theirs = run_pt(
+        pt,
+        x,
+        encoder_hidden_states=torch.as_tensor(enc),
+        encoder_attention_mask=torch.as_tensor(enc_mask),
+        use_cache=False,
+        **kw,
+    )
     assert mine.cross_attentions is not None and len(mine.cross_attentions) == TINY["num_hidden_layers"]
     compare(mine, theirs, "Model[decoder+cross]")
     # Causality: the first tokens' states do not depend on later tokens.
@@ -352,8 +359,15 @@ def test_cached_decoding_equals_full_forward_eager_and_jit(decoder):
     cache_mask = np.concatenate([mask, np.zeros((B, extra), mask.dtype)], axis=1)
 
     def step(params, cache, chunk, chunk_types):
-        return fx(chunk, cache_mask, chunk_types, encoder_hidden_states=enc, encoder_attention_mask=enc_mask,
-                  params=params, past_key_values=cache)
+        return fx(
+            chunk,
+            cache_mask,
+            chunk_types,
+            encoder_hidden_states=enc,
+            encoder_attention_mask=enc_mask,
+            params=params,
+            past_key_values=cache,
+        )
 
     # eager: one token at a time (one chunk shape, so eager ops compile once); jit: a 3-token prompt first
     singles = [(t, t + 1) for t in range(T)]
@@ -361,8 +375,13 @@ def test_cached_decoding_equals_full_forward_eager_and_jit(decoder):
         cached, _ = _decode(fx, fn, fx.init_cache(B, T + extra), ids, types, chunks)
         MEASURED[f"decoder.cached_vs_full[{label}]"] = assert_close(cached, full, HID, f"cached ({label})")
     # and against transformers' own full forward
-    theirs = run_pt(pt, x, encoder_hidden_states=torch.as_tensor(enc),
-                    encoder_attention_mask=torch.as_tensor(enc_mask), use_cache=False)
+    theirs = run_pt(
+        pt,
+        x,
+        encoder_hidden_states=torch.as_tensor(enc),
+        encoder_attention_mask=torch.as_tensor(enc_mask),
+        use_cache=False,
+    )
     MEASURED["decoder.cached_vs_pt"] = assert_close(cached, theirs.last_hidden_state, HID, "cached vs transformers")
 
 
@@ -422,8 +441,11 @@ def test_random_init_saves_and_transformers_loads_everything(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     x = inputs_for("Model", seed=15, seq_len=6)  # the decoder tests' shapes: eager ops are compiled already
     enc = np.random.default_rng(15).normal(size=(2, 6, TINY["hidden_size"])).astype(np.float32)
-    compare(fx(**x, encoder_hidden_states=enc), run_pt(back.eval(), x, encoder_hidden_states=torch.as_tensor(enc),
-                                                        use_cache=False), "Model[random init->transformers]")
+    compare(
+        fx(**x, encoder_hidden_states=enc),
+        run_pt(back.eval(), x, encoder_hidden_states=torch.as_tensor(enc), use_cache=False),
+        "Model[random init->transformers]",
+    )
 
 
 def test_base_and_head_prefix_loading(pairs, caplog):
@@ -467,8 +489,13 @@ def test_signatures_follow_transformers_flax_without_position_ids():
     assert list(inspect.signature(nzf.FlaxNezhaModule.__call__).parameters) == base + ["inputs_embeds"]
     for head in HEADS[1:]:
         params = list(inspect.signature(getattr(nzf, f"FlaxNezha{head}Module").__call__).parameters)
-        assert "position_ids" not in params and params[:5] == ["self", "input_ids", "attention_mask",
-                                                                "token_type_ids", "head_mask"], head
+        assert "position_ids" not in params and params[:5] == [
+            "self",
+            "input_ids",
+            "attention_mask",
+            "token_type_ids",
+            "head_mask",
+        ], head
     with pytest.raises(TypeError):
         nzf.FlaxNezhaModel(NezhaConfig(**TINY))(np.ones((1, 3), np.int32), position_ids=np.zeros((1, 3)))
 

@@ -15,13 +15,12 @@ import pytest
 import torch
 import transformers
 
+import nezha_zoo.pt as zoo
 from nezha_zoo import ElectraConfig
 from nezha_zoo.checkpoint import CheckpointError
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
 from nezha_zoo.validation import InputError
-
-import nezha_zoo.pt as zoo
 
 pytestmark = [pytest.mark.pt, pytest.mark.hf]
 
@@ -359,15 +358,29 @@ def test_cached_decoding_equals_full(pairs):
     ids, mask, enc, enc_mask, types = _decoder_inputs(13)
     mask = torch.ones_like(mask)
     with torch.no_grad():
-        full = ours(ids, attention_mask=mask, token_type_ids=types, encoder_hidden_states=enc,
-                    encoder_attention_mask=enc_mask)
-        step = ours(ids[:, :4], attention_mask=mask[:, :4], token_type_ids=types[:, :4], encoder_hidden_states=enc,
-                    encoder_attention_mask=enc_mask, use_cache=True)
+        full = ours(
+            ids, attention_mask=mask, token_type_ids=types, encoder_hidden_states=enc, encoder_attention_mask=enc_mask
+        )
+        step = ours(
+            ids[:, :4],
+            attention_mask=mask[:, :4],
+            token_type_ids=types[:, :4],
+            encoder_hidden_states=enc,
+            encoder_attention_mask=enc_mask,
+            use_cache=True,
+        )
         logits, past = [step.logits], step.past_key_values
         assert past[0][0].shape == (2, TINY["num_attention_heads"], 4, TINY["hidden_size"] // 4)
         for t in range(4, 7):
-            o = ours(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], token_type_ids=types[:, t : t + 1],
-                     encoder_hidden_states=enc, encoder_attention_mask=enc_mask, past_key_values=past, use_cache=True)
+            o = ours(
+                ids[:, t : t + 1],
+                attention_mask=mask[:, : t + 1],
+                token_type_ids=types[:, t : t + 1],
+                encoder_hidden_states=enc,
+                encoder_attention_mask=enc_mask,
+                past_key_values=past,
+                use_cache=True,
+            )
             logits.append(o.logits)
             past = o.past_key_values
         assert_close(torch.cat(logits, dim=1), full.logits, TOLERANCES["logits"], "cached vs full")
@@ -377,10 +390,21 @@ def test_cached_decoding_equals_full(pairs):
         step = ours(ids[:, :5], encoder_hidden_states=enc, encoder_attention_mask=enc_mask, use_cache=True)
         hf_cache = EncoderDecoderCache.from_legacy_cache(step.past_key_values)
         # (transformers needs the mask over cached + new positions when feeding more than one token)
-        a = hf(ids[:, 5:], attention_mask=mask, encoder_hidden_states=enc, encoder_attention_mask=enc_mask,
-               past_key_values=hf_cache, use_cache=True)
-        b = ours(ids[:, 5:], encoder_hidden_states=enc, encoder_attention_mask=enc_mask,
-                 past_key_values=step.past_key_values, use_cache=True)
+        a = hf(
+            ids[:, 5:],
+            attention_mask=mask,
+            encoder_hidden_states=enc,
+            encoder_attention_mask=enc_mask,
+            past_key_values=hf_cache,
+            use_cache=True,
+        )
+        b = ours(
+            ids[:, 5:],
+            encoder_hidden_states=enc,
+            encoder_attention_mask=enc_mask,
+            past_key_values=step.past_key_values,
+            use_cache=True,
+        )
         compare(a, b, "ForCausalLM cached")
 
 
@@ -663,7 +687,11 @@ def _names(kind: str):
         ),
         # MPNet: attention.attn.{q,k,v,o} and attention.LayerNorm
         "mpnet": BertLayerNames(
-            self_attn="attention.attn", query="q", key="k", value="v", attn_out="attention.attn.o",
+            self_attn="attention.attn",
+            query="q",
+            key="k",
+            value="v",
+            attn_out="attention.attn.o",
             attn_norm="attention.LayerNorm",
         ),
     }[kind]

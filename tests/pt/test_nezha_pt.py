@@ -234,8 +234,11 @@ def test_head_mask_and_relu(pairs):
     inp = inputs_for("Model", seed=6)
     with torch.no_grad():
         for hm in (torch.tensor([[1.0, 0.0, 1.0, 0.5], [0.0, 1.0, 1.0, 1.0]]), torch.tensor([1.0, 1.0, 0.0, 1.0])):
-            compare(hf(**inp, head_mask=hm, output_attentions=True), ours(**inp, head_mask=hm, output_attentions=True),
-                    "Model[head_mask]")
+            compare(
+                hf(**inp, head_mask=hm, output_attentions=True),
+                ours(**inp, head_mask=hm, output_attentions=True),
+                "Model[head_mask]",
+            )
         hf2, ours2, _ = pairs.get("ForMaskedLM", hidden_act="relu", max_relative_position=1)
         compare(hf2(**inp), ours2(**inp), "ForMaskedLM[relu,K=1]")
 
@@ -359,16 +362,21 @@ def test_decoder_matches_transformers(pairs):
         ids2[:, -1] = (ids2[:, -1] + 1) % TINY["vocab_size"]
         assert_close(ours(ids2, **kw)[0][:, :-1], b[0][:, :-1], 0.0, "causality")
         # defaults (masks ones, types zeros)
-        compare(hf(ids, encoder_hidden_states=enc, use_cache=True),
-                ours(ids, encoder_hidden_states=enc, use_cache=True), "Model decoder-defaults")
+        compare(
+            hf(ids, encoder_hidden_states=enc, use_cache=True),
+            ours(ids, encoder_hidden_states=enc, use_cache=True),
+            "Model decoder-defaults",
+        )
         # a cache only with use_cache=True (transformers defaults to config.use_cache)
         assert ours(ids, encoder_hidden_states=enc).past_key_values is None
     # the decoder-only MLM class (cross-attention through its encoder_hidden_states argument)
     hf_m, ours_m, _ = pairs.get("ForMaskedLM", **DECODER)
     with torch.no_grad():
-        compare(hf_m(ids, attention_mask=mask, encoder_hidden_states=enc, encoder_attention_mask=enc_mask),
-                ours_m(ids, attention_mask=mask, encoder_hidden_states=enc, encoder_attention_mask=enc_mask),
-                "ForMaskedLM decoder")
+        compare(
+            hf_m(ids, attention_mask=mask, encoder_hidden_states=enc, encoder_attention_mask=enc_mask),
+            ours_m(ids, attention_mask=mask, encoder_hidden_states=enc, encoder_attention_mask=enc_mask),
+            "ForMaskedLM decoder",
+        )
 
 
 @pytest.mark.parametrize("enc_len", [7, 5])
@@ -378,20 +386,45 @@ def test_cached_decoding_equals_full(pairs, enc_len):
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 2] = 0  # a hole (no query row is fully masked, so every position is comparable)
     with torch.no_grad():
-        full = ours(ids, attention_mask=mask, token_type_ids=types, encoder_hidden_states=enc,
-                    encoder_attention_mask=enc_mask, use_cache=True)
+        full = ours(
+            ids,
+            attention_mask=mask,
+            token_type_ids=types,
+            encoder_hidden_states=enc,
+            encoder_attention_mask=enc_mask,
+            use_cache=True,
+        )
         if enc_len == 7:  # transformers' full pass runs only with Lenc == L
-            ref = hf(ids, attention_mask=mask, token_type_ids=types, encoder_hidden_states=enc,
-                     encoder_attention_mask=enc_mask, use_cache=True)
+            ref = hf(
+                ids,
+                attention_mask=mask,
+                token_type_ids=types,
+                encoder_hidden_states=enc,
+                encoder_attention_mask=enc_mask,
+                use_cache=True,
+            )
             compare(ref, full, "Model full-decoder")
         # prefix of 3, one chunk of 2, then single steps
-        step = ours(ids[:, :3], attention_mask=mask[:, :3], token_type_ids=types[:, :3], encoder_hidden_states=enc,
-                    encoder_attention_mask=enc_mask, use_cache=True)
+        step = ours(
+            ids[:, :3],
+            attention_mask=mask[:, :3],
+            token_type_ids=types[:, :3],
+            encoder_hidden_states=enc,
+            encoder_attention_mask=enc_mask,
+            use_cache=True,
+        )
         hidden, past = [step.last_hidden_state], step.past_key_values
         assert past[0][0].shape == (2, TINY["num_attention_heads"], 3, TINY["hidden_size"] // 4)
         for a, z in ((3, 5), (5, 6), (6, 7)):
-            o = ours(ids[:, a:z], attention_mask=mask[:, :z], token_type_ids=types[:, a:z], encoder_hidden_states=enc,
-                     encoder_attention_mask=enc_mask, past_key_values=past, use_cache=True)
+            o = ours(
+                ids[:, a:z],
+                attention_mask=mask[:, :z],
+                token_type_ids=types[:, a:z],
+                encoder_hidden_states=enc,
+                encoder_attention_mask=enc_mask,
+                past_key_values=past,
+                use_cache=True,
+            )
             hidden.append(o.last_hidden_state)
             past = o.past_key_values
         got = torch.cat(hidden, dim=1)

@@ -337,8 +337,12 @@ def test_decoder_with_cross_attention_matches_transformers(decoder):
     enc_mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     kw = dict(encoder_hidden_states=enc, encoder_attention_mask=enc_mask)
     with torch.no_grad():
-        ref = pt(**{k: _pt(v) for k, v in {**inputs, **kw}.items()}, use_cache=True, output_attentions=True,
-                 output_hidden_states=True)
+        ref = pt(
+            **{k: _pt(v) for k, v in {**inputs, **kw}.items()},
+            use_cache=True,
+            output_attentions=True,
+            output_hidden_states=True,
+        )
     out = model(**inputs, **kw, use_cache=True, output_attentions=True, output_hidden_states=True)
     for key in ("logits", "hidden_states", "attentions", "cross_attentions"):
         a, b = out[key], ref[key]
@@ -366,12 +370,20 @@ def test_decoder_cached_equals_full(decoder):
         logits.append(step.logits)
     cached = tf.concat(logits, axis=1)
     # An explicit mask covers cached + new positions; a wrong length is refused.
-    masked = model(ids[:, 4:5], encoder_hidden_states=enc, past_key_values=first.past_key_values,
-                   attention_mask=np.ones((2, 5), np.int64))
+    masked = model(
+        ids[:, 4:5],
+        encoder_hidden_states=enc,
+        past_key_values=first.past_key_values,
+        attention_mask=np.ones((2, 5), np.int64),
+    )
     assert_close(masked.logits, logits[1], 0.0, "explicit mask with cache")
     with pytest.raises(InputError, match="cached positions"):
-        model(ids[:, 4:5], encoder_hidden_states=enc, past_key_values=first.past_key_values,
-              attention_mask=np.ones((2, 1), np.int64))
+        model(
+            ids[:, 4:5],
+            encoder_hidden_states=enc,
+            past_key_values=first.past_key_values,
+            attention_mask=np.ones((2, 1), np.int64),
+        )
     _record("decoder.cached_vs_full", assert_close(cached, full.logits, LOGITS, "cached vs full"))
     assert past[0][0].shape == (2, 4, 7, 8)
     # transformers PyTorch, one step with its cache built from ours.
@@ -379,8 +391,12 @@ def test_decoder_cached_equals_full(decoder):
 
     prefix = [tuple(torch.from_numpy(t.numpy()) for t in layer) for layer in first.past_key_values]
     with torch.no_grad():
-        ref = pt(input_ids=_pt(ids[:, 4:5]), encoder_hidden_states=_pt(enc),
-                 past_key_values=EncoderDecoderCache.from_legacy_cache(prefix), use_cache=True)
+        ref = pt(
+            input_ids=_pt(ids[:, 4:5]),
+            encoder_hidden_states=_pt(enc),
+            past_key_values=EncoderDecoderCache.from_legacy_cache(prefix),
+            use_cache=True,
+        )
     assert_close(logits[1], ref.logits, LOGITS, "cached step vs transformers")
 
 
@@ -442,8 +458,13 @@ def test_base_and_head_prefix_loading(checkpoints, tf_models):
     base, info = ztf.TFElectraModel.from_pretrained(head_dir, output_loading_info=True)
     assert info["missing_keys"] == []
     assert sorted(info["unexpected_keys"]) == sorted(
-        ["generator_lm_head.bias", "generator_predictions.LayerNorm.bias", "generator_predictions.LayerNorm.weight",
-         "generator_predictions.dense.bias", "generator_predictions.dense.weight"]
+        [
+            "generator_lm_head.bias",
+            "generator_predictions.LayerNorm.bias",
+            "generator_predictions.LayerNorm.weight",
+            "generator_predictions.dense.bias",
+            "generator_predictions.dense.weight",
+        ]
     )
     mlm_vars = tf_models["ForMaskedLM"].variables_by_key()
     for k, v in base.variables_by_key().items():

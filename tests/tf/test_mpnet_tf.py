@@ -233,7 +233,15 @@ def test_bucket_formula_equals_transformers_and_numpy():
         np.testing.assert_array_equal(ours, _numpy_bucket(rel, buckets), err_msg=f"{buckets} buckets vs numpy")
     # 32 buckets: 0..7 exact, then logarithmic up to 128, 16..31 for keys after the query.
     assert relative_position_bucket(tf.constant([0, -7, -8, -16, -127, -128, -1000, 1, 9]), 32).numpy().tolist() == [
-        0, 7, 8, 10, 15, 15, 15, 17, 24
+        0,
+        7,
+        8,
+        10,
+        15,
+        15,
+        15,
+        17,
+        24,
     ]
 
 
@@ -446,8 +454,13 @@ def test_base_and_head_prefix_loading(checkpoints, tf_models):
     base, info = ztf.TFMPNetModel.from_pretrained(head_dir, output_loading_info=True)
     assert sorted(info["missing_keys"]) == ["pooler.dense.bias", "pooler.dense.weight"]
     assert sorted(info["unexpected_keys"]) == sorted(
-        ["lm_head.bias", "lm_head.dense.bias", "lm_head.dense.weight", "lm_head.layer_norm.bias",
-         "lm_head.layer_norm.weight"]
+        [
+            "lm_head.bias",
+            "lm_head.dense.bias",
+            "lm_head.dense.weight",
+            "lm_head.layer_norm.bias",
+            "lm_head.layer_norm.weight",
+        ]
     )
     mlm_vars = tf_models["ForMaskedLM"].variables_by_key()
     for k, v in base.variables_by_key().items():
@@ -486,8 +499,12 @@ def test_encode_equals_numpy_mean_pool_of_transformers(head, checkpoints, tf_mod
             hidden = base(**{k: _pt(v) for k, v in inputs.items()}).last_hidden_state.numpy()
         out = model.encode(inputs["input_ids"], inputs["attention_mask"])
         assert isinstance(out, SentenceEmbeddingOutput) and out.embeddings.shape == (2, 32)
-        _record(f"{head}.encode", assert_close(out.embeddings, _numpy_mean_pool(hidden, inputs["attention_mask"]),
-                                               HIDDEN, f"encode ({side})"))
+        _record(
+            f"{head}.encode",
+            assert_close(
+                out.embeddings, _numpy_mean_pool(hidden, inputs["attention_mask"]), HIDDEN, f"encode ({side})"
+            ),
+        )
         assert_close(out.last_hidden_state, hidden, HIDDEN, "encode last_hidden_state")
         np.testing.assert_allclose(np.linalg.norm(out.embeddings.numpy(), axis=-1), 1.0, atol=1e-6)
         raw = model.encode(inputs["input_ids"], inputs["attention_mask"], normalize=False).embeddings

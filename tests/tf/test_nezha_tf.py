@@ -280,8 +280,10 @@ def test_regression_loss(tmp_path):
     inputs = _inputs("x", seed=3)
     labels = np.array([0.5, -1.25], np.float32)
     ref = _run_pt(pt, **inputs, labels=labels)
-    _record("ForSequenceClassification.loss[regression]",
-            assert_close(model(**inputs, labels=labels).loss, ref.loss, LOGITS, "mse"))
+    _record(
+        "ForSequenceClassification.loss[regression]",
+        assert_close(model(**inputs, labels=labels).loss, ref.loss, LOGITS, "mse"),
+    )
 
 
 # --- decoder mode, cache, long sequences ---------------------------------------------------------------
@@ -305,15 +307,23 @@ def test_decoder_with_cross_attention_matches_transformers(decoder):
     # transformers applies the relative terms in cross-attention too and needs Le == L there.
     enc = rng.normal(size=(2, 9, 32)).astype(np.float32)
     enc_mask = np.array([[1] * 9, [1] * 6 + [0] * 3])
-    kw = dict(encoder_hidden_states=enc, encoder_attention_mask=enc_mask, output_attentions=True,
-              output_hidden_states=True, use_cache=True)
+    kw = dict(
+        encoder_hidden_states=enc,
+        encoder_attention_mask=enc_mask,
+        output_attentions=True,
+        output_hidden_states=True,
+        use_cache=True,
+    )
     ref = _run_pt(pt, **inputs, **kw)
     out = model(**inputs, **kw)
     assert len(out.past_key_values) == 2 and all(len(layer) == 4 for layer in out.past_key_values)
     _compare("decoder", out, ref, "decoder + cross-attention")
     mlm_cfg = NezhaConfig(**{**TINY, "is_decoder": True, "add_cross_attention": True})
     assert ztf.TFNezhaForMaskedLM(mlm_cfg, seed=0)(inputs["input_ids"], encoder_hidden_states=enc).logits.shape == (
-        2, 9, 99)
+        2,
+        9,
+        99,
+    )
 
 
 def _cached_decode(model, ids, enc, first: int, **kw):
@@ -345,12 +355,20 @@ def test_cached_decoding_equals_full_decoding(decoder):
     _record("decoder.cached_vs_full[Le=5]", assert_close(cached5, full5, HIDDEN, "cached vs full, Le != L"))
     # An explicit mask covers cached + new positions; a wrong length is refused.
     first = model(ids[:, :4], encoder_hidden_states=enc, use_cache=True)
-    step = model(ids[:, 4:5], encoder_hidden_states=enc, past_key_values=first.past_key_values,
-                 attention_mask=np.ones((2, 5), np.int64))
+    step = model(
+        ids[:, 4:5],
+        encoder_hidden_states=enc,
+        past_key_values=first.past_key_values,
+        attention_mask=np.ones((2, 5), np.int64),
+    )
     assert_close(step.last_hidden_state, cached[:, 4:5], HIDDEN, "explicit mask with cache")
     with pytest.raises(InputError, match="cached positions"):
-        model(ids[:, 4:5], encoder_hidden_states=enc, past_key_values=first.past_key_values,
-              attention_mask=np.ones((2, 1), np.int64))
+        model(
+            ids[:, 4:5],
+            encoder_hidden_states=enc,
+            past_key_values=first.past_key_values,
+            attention_mask=np.ones((2, 1), np.int64),
+        )
 
 
 def test_self_attention_decoder_cache_matches_transformers(tmp_path):
@@ -413,10 +431,15 @@ def test_base_and_head_prefix_loading(checkpoints, tf_models):
     base, info = ztf.TFNezhaModel.from_pretrained(head_dir, output_loading_info=True)
     assert info["missing_keys"] == []
     assert sorted(info["unexpected_keys"]) == sorted(
-        ["cls.predictions.bias", "cls.predictions.transform.LayerNorm.bias",
-         "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.dense.bias",
-         "cls.predictions.transform.dense.weight",
-         "cls.seq_relationship.bias", "cls.seq_relationship.weight"]
+        [
+            "cls.predictions.bias",
+            "cls.predictions.transform.LayerNorm.bias",
+            "cls.predictions.transform.LayerNorm.weight",
+            "cls.predictions.transform.dense.bias",
+            "cls.predictions.transform.dense.weight",
+            "cls.seq_relationship.bias",
+            "cls.seq_relationship.weight",
+        ]
     )
     pre_vars = tf_models["ForPreTraining"].variables_by_key()
     for k, v in base.variables_by_key().items():
