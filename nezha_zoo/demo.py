@@ -24,6 +24,7 @@ import numpy as np
 
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.families.electra import ElectraConfig
+from nezha_zoo.families.mpnet import MPNetConfig
 from nezha_zoo.families.nezha import NezhaConfig
 from nezha_zoo.modeling import random_weights, save_weights
 from nezha_zoo.spec.registry import Family, get_family
@@ -53,6 +54,15 @@ DEMO_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
         intermediate_size=256,
         max_position_embeddings=128,
         max_relative_position=16,
+        num_labels=2,
+    ),
+    "mpnet": lambda: MPNetConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=130,
         num_labels=2,
     ),
 }
