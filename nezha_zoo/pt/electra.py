@@ -27,14 +27,22 @@ from nezha_zoo.outputs import (
 )
 from nezha_zoo.pt import losses
 from nezha_zoo.pt.heads import (
+    MLM_LABELS_DOC,
+    QA_LABELS_DOC,
+    SEQUENCE_LABELS_DOC,
+    TOKEN_LABELS_DOC,
     ClassificationHead,
     LMHeadTransform,
     SequenceSummary,
-    split_qa_logits,
-    token_classification_logits,
+    classifier_dropout,
+    masked_lm_output,
+    multiple_choice_output,
+    question_answering_output,
+    sequence_classification_output,
+    token_classification_output,
 )
 from nezha_zoo.pt.layers import BertEmbeddings, BertEncoder, get_activation
-from nezha_zoo.pt.modeling_utils import PreTrainedModel, check_inputs, flatten_choices, prepare_encoder_inputs
+from nezha_zoo.pt.modeling_utils import PreTrainedModel, prepare_encoder_inputs
 
 logger = logging.getLogger("nezha_zoo")
 
@@ -225,17 +233,7 @@ class ElectraForPreTraining(ElectraPreTrainedModel):
         return_dict: bool | None = None,
     ) -> ElectraForPreTrainingOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self.electra(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        base = self._run_base(locals())
         logits = self.discriminator_predictions(base.last_hidden_state)
         loss = None
         if labels is not None:
@@ -269,13 +267,7 @@ class ElectraForMaskedLM(_ElectraGenerator):
         config (ElectraConfig): model configuration.
     """
 
-    __doc__ = (
-        (__doc__ or "")
-        + _ARGS_DOC
-        + """
-        labels (LongTensor (B, L)): target ids, -100 = ignored; loss = cross-entropy.
-    """
-    )
+    __doc__ = (__doc__ or "") + _ARGS_DOC + MLM_LABELS_DOC
 
     head = "ForMaskedLM"
 
@@ -293,21 +285,8 @@ class ElectraForMaskedLM(_ElectraGenerator):
         return_dict: bool | None = None,
     ) -> MaskedLMOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self.electra(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        logits = self._logits(base.last_hidden_state)
-        loss = losses.masked_lm_loss(logits, labels) if labels is not None else None
-        out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions)
-        return self._finish(out, return_dict)
+        base = self._run_base(locals())
+        return self._finish(masked_lm_output(self._logits(base.last_hidden_state), base, labels), return_dict)
 
 
 class ElectraForCausalLM(_ElectraGenerator):
@@ -355,21 +334,7 @@ class ElectraForCausalLM(_ElectraGenerator):
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
         if labels is not None:
             use_cache = False
-        base = self.electra(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        base = self._run_base(locals())
         logits = self._logits(base.last_hidden_state)
         loss = None
         if labels is not None:
@@ -394,14 +359,7 @@ class ElectraForSequenceClassification(ElectraPreTrainedModel):
             ``classifier_dropout``).
     """
 
-    __doc__ = (
-        (__doc__ or "")
-        + _ARGS_DOC
-        + """
-        labels ((B,)): class ids (cross-entropy), floats for regression (``num_labels == 1``, MSE), or
-            (B, num_labels) floats for multi-label (BCE); see ``config.problem_type``.
-    """
-    )
+    __doc__ = (__doc__ or "") + _ARGS_DOC + SEQUENCE_LABELS_DOC
 
     head = "ForSequenceClassification"
 
@@ -426,24 +384,9 @@ class ElectraForSequenceClassification(ElectraPreTrainedModel):
         return_dict: bool | None = None,
     ) -> SequenceClassifierOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self.electra(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        logits = self.classifier(base.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = losses.sequence_classification_loss(logits, labels, self.num_labels, self.config.problem_type)
-        out = SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
-        )
+        base = self._run_base(locals())
+        logits = self.classifier(base.last_hidden_state)  # (B, num_labels)
+        out = sequence_classification_output(logits, base, labels, self.num_labels, self.config.problem_type)
         return self._finish(out, return_dict)
 
 
@@ -486,36 +429,9 @@ class ElectraForMultipleChoice(ElectraPreTrainedModel):
         return_dict: bool | None = None,
     ) -> MultipleChoiceModelOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        check_inputs(
-            self.config,
-            input_ids,
-            inputs_embeds,
-            attention_mask,
-            token_type_ids,
-            position_ids,
-            embed_width=self.config.embedding_size,
-            rank=3,
-        )
-        ref = input_ids if input_ids is not None else inputs_embeds
-        num_choices = ref.shape[1]
-        flat = flatten_choices  # (B, C, L[, E]) -> (B * C, L[, E])
-        base = self.electra(
-            flat(input_ids),
-            attention_mask=flat(attention_mask),
-            token_type_ids=flat(token_type_ids),
-            position_ids=flat(position_ids),
-            head_mask=head_mask,
-            inputs_embeds=flat(inputs_embeds),
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        base, num_choices = self._run_base_choices(locals(), embed_width=self.config.embedding_size)
         pooled = self.sequence_summary(base.last_hidden_state)  # (B * C, H)
-        logits = self.classifier(pooled).view(-1, num_choices)  # (B * C, 1) -> (B, C)
-        loss = losses.multiple_choice_loss(logits, labels) if labels is not None else None
-        out = MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
-        )
+        out = multiple_choice_output(self.classifier(pooled), num_choices, base, labels)  # logits (B, C)
         return self._finish(out, return_dict)
 
 
@@ -526,13 +442,7 @@ class ElectraForTokenClassification(ElectraPreTrainedModel):
         config (ElectraConfig): model configuration (``num_labels``, ``classifier_dropout``).
     """
 
-    __doc__ = (
-        (__doc__ or "")
-        + _ARGS_DOC
-        + """
-        labels (LongTensor (B, L)): class ids, -100 = ignored; loss = cross-entropy.
-    """
-    )
+    __doc__ = (__doc__ or "") + _ARGS_DOC + TOKEN_LABELS_DOC
 
     head = "ForTokenClassification"
 
@@ -540,8 +450,7 @@ class ElectraForTokenClassification(ElectraPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.electra = ElectraModel(config)
-        drop = config.classifier_dropout
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if drop is None else drop)
+        self.dropout = classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -559,22 +468,8 @@ class ElectraForTokenClassification(ElectraPreTrainedModel):
         return_dict: bool | None = None,
     ) -> TokenClassifierOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self.electra(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        logits = token_classification_logits(self.dropout, self.classifier, base.last_hidden_state)
-        loss = losses.token_classification_loss(logits, labels) if labels is not None else None
-        out = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
-        )
+        base = self._run_base(locals())
+        out = token_classification_output(self.dropout, self.classifier, base, labels)
         return self._finish(out, return_dict)
 
 
@@ -585,14 +480,7 @@ class ElectraForQuestionAnswering(ElectraPreTrainedModel):
         config (ElectraConfig): model configuration (``num_labels`` = 2).
     """
 
-    __doc__ = (
-        (__doc__ or "")
-        + _ARGS_DOC
-        + """
-        start_positions, end_positions (LongTensor (B,)): span bounds; outside ``[0, L)`` ignored;
-            loss = mean of the start and end cross-entropies.
-    """
-    )
+    __doc__ = (__doc__ or "") + _ARGS_DOC + QA_LABELS_DOC
 
     head = "ForQuestionAnswering"
 
@@ -618,26 +506,6 @@ class ElectraForQuestionAnswering(ElectraPreTrainedModel):
         return_dict: bool | None = None,
     ) -> QuestionAnsweringModelOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self.electra(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        start_logits, end_logits = split_qa_logits(self.qa_outputs(base.last_hidden_state))
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = losses.question_answering_loss(start_logits, end_logits, start_positions, end_positions)
-        out = QuestionAnsweringModelOutput(
-            loss=loss,
-            start_logits=start_logits,
-            end_logits=end_logits,
-            hidden_states=base.hidden_states,
-            attentions=base.attentions,
-        )
+        base = self._run_base(locals())
+        out = question_answering_output(self.qa_outputs, base, start_positions, end_positions)
         return self._finish(out, return_dict)

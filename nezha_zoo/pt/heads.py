@@ -13,10 +13,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from nezha_zoo.outputs import (
+    MaskedLMOutput,
+    ModelOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from nezha_zoo.pt import losses
 from nezha_zoo.pt.layers import get_activation
 from nezha_zoo.validation import InputError
 
 __all__ = [
+    "classifier_dropout",
+    "MLM_LABELS_DOC",
+    "SEQUENCE_LABELS_DOC",
+    "TOKEN_LABELS_DOC",
+    "QA_LABELS_DOC",
     "ClassificationHead",
     "SequenceSummary",
     "LMHeadTransform",
@@ -26,7 +40,18 @@ __all__ = [
     "mean_pool",
     "token_classification_logits",
     "split_qa_logits",
+    "masked_lm_output",
+    "sequence_classification_output",
+    "multiple_choice_output",
+    "token_classification_output",
+    "question_answering_output",
 ]
+
+
+def classifier_dropout(config: Any) -> nn.Dropout:
+    """The dropout before a classifier: ``classifier_dropout``, or ``hidden_dropout_prob`` when None/absent."""
+    drop = getattr(config, "classifier_dropout", None)
+    return nn.Dropout(config.hidden_dropout_prob if drop is None else drop)
 
 
 class ClassificationHead(nn.Module):
@@ -42,9 +67,8 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, config: Any, activation: str = "tanh") -> None:
         super().__init__()
-        drop = getattr(config, "classifier_dropout", None)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if drop is None else drop)
+        self.dropout = classifier_dropout(config)
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
         self.activation = get_activation(activation)
 
@@ -237,3 +261,90 @@ def split_qa_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L, 2) -> start (B, L), end (B, L)."""
     start, end = logits.split(1, dim=-1)
     return start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+
+
+# Head docstrings' label lines, appended to the families' forward-argument docs.
+MLM_LABELS_DOC = """
+        labels (LongTensor (B, L)): target ids, -100 = ignored; loss = cross-entropy.
+    """
+SEQUENCE_LABELS_DOC = """
+        labels ((B,)): class ids (cross-entropy), floats for regression (``num_labels == 1``, MSE), or
+            (B, num_labels) floats for multi-label (BCE); see ``config.problem_type``.
+    """
+TOKEN_LABELS_DOC = """
+        labels (LongTensor (B, L)): class ids, -100 = ignored; loss = cross-entropy.
+    """
+QA_LABELS_DOC = """
+        start_positions, end_positions (LongTensor (B,)): span bounds; outside ``[0, L)`` ignored;
+            loss = mean of the start and end cross-entropies.
+    """
+
+
+# --- head forwards: logits, loss and output object from the base model's output ------------------
+# ``base`` is the base model's output object (``return_dict=True``); ``hidden_states`` and
+# ``attentions`` are passed through to the head's output.
+
+
+def masked_lm_output(logits: torch.Tensor, base: ModelOutput, labels: torch.Tensor | None) -> MaskedLMOutput:
+    """MLM ``logits`` (B, L, vocab); cross-entropy over ``labels`` (B, L) (-100 ignored) when given."""
+    loss = losses.masked_lm_loss(logits, labels) if labels is not None else None
+    return MaskedLMOutput(loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions)
+
+
+def sequence_classification_output(
+    logits: torch.Tensor, base: ModelOutput, labels: torch.Tensor | None, num_labels: int, problem_type: str | None
+) -> SequenceClassifierOutput:
+    """``logits`` (B, num_labels); the ``problem_type`` loss (CE, MSE or BCE) over ``labels`` when given."""
+    loss = None
+    if labels is not None:
+        loss = losses.sequence_classification_loss(logits, labels, num_labels, problem_type)
+    return SequenceClassifierOutput(
+        loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
+    )
+
+
+def multiple_choice_output(
+    logits: torch.Tensor, num_choices: int, base: ModelOutput, labels: torch.Tensor | None
+) -> MultipleChoiceModelOutput:
+    """One score per flattened choice (B * C, 1) -> logits (B, C); cross-entropy over ``labels`` (B,)."""
+    logits = logits.view(-1, num_choices)  # (B * C, 1) -> (B, C)
+    loss = losses.multiple_choice_loss(logits, labels) if labels is not None else None
+    return MultipleChoiceModelOutput(
+        loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
+    )
+
+
+def token_classification_output(
+    dropout: nn.Module, classifier: nn.Module, base: ModelOutput, labels: torch.Tensor | None
+) -> TokenClassifierOutput:
+    """Dropout + ``classifier`` on ``base.last_hidden_state``: (B, L, H) -> logits (B, L, num_labels).
+
+    Loss: cross-entropy over ``labels`` (B, L), -100 ignored, when given.
+    """
+    logits = token_classification_logits(dropout, classifier, base.last_hidden_state)
+    loss = losses.token_classification_loss(logits, labels) if labels is not None else None
+    return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions)
+
+
+def question_answering_output(
+    qa_outputs: nn.Module,
+    base: ModelOutput,
+    start_positions: torch.Tensor | None,
+    end_positions: torch.Tensor | None,
+) -> QuestionAnsweringModelOutput:
+    """``qa_outputs`` (H -> 2) on ``base.last_hidden_state``: start and end logits, each (B, L).
+
+    Loss (when both positions (B,) are given): mean of the start and end cross-entropies, positions
+    outside ``[0, L)`` ignored.
+    """
+    start_logits, end_logits = split_qa_logits(qa_outputs(base.last_hidden_state))
+    loss = None
+    if start_positions is not None and end_positions is not None:
+        loss = losses.question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+    return QuestionAnsweringModelOutput(
+        loss=loss,
+        start_logits=start_logits,
+        end_logits=end_logits,
+        hidden_states=base.hidden_states,
+        attentions=base.attentions,
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,11 +25,37 @@ from nezha_zoo.spec.param import Init, Kind, ModelSpec
 from nezha_zoo.spec.registry import Family, get_family
 from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
 
-__all__ = ["PreTrainedModel", "check_inputs", "EncoderInputs", "prepare_encoder_inputs", "flatten_choices"]
+__all__ = [
+    "PreTrainedModel",
+    "check_inputs",
+    "EncoderInputs",
+    "prepare_encoder_inputs",
+    "flatten_choices",
+    "BASE_ARGS",
+    "CHOICE_ARGS",
+]
 
 logger = logging.getLogger("nezha_zoo")
 
 LAYOUT = LAYOUTS["pt"]
+
+#: The base-model arguments a head passes on (each head declares those its base model takes).
+BASE_ARGS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "position_ids",
+    "head_mask",
+    "inputs_embeds",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "past_key_values",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+)
+#: The multiple-choice inputs with a choices axis (B, C, L[, E]), flattened to (B * C, L[, E]).
+CHOICE_ARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 
 
 def _register_outputs() -> None:
@@ -245,6 +272,41 @@ class PreTrainedModel(nn.Module):
             c.output_hidden_states if output_hidden_states is None else output_hidden_states,
             c.return_dict if return_dict is None else return_dict,
         )
+
+    def _run_base(self, args: Mapping[str, Any], **overrides: Any) -> ModelOutput:
+        """Run the base model (``self.<base_prefix>``) on a head's forward arguments, ``return_dict=True``.
+
+        ``args`` is the head's ``locals()``: of it only the names in :data:`BASE_ARGS` are passed on
+        (a head declares just the ones its base model takes); ``overrides`` replace or add arguments
+        (the flattened multiple-choice inputs).
+        """
+        kwargs = {k: args[k] for k in BASE_ARGS if k in args}
+        kwargs.update(overrides)
+        return getattr(self, self.base_model_prefix)(**kwargs, return_dict=True)
+
+    def _run_base_choices(
+        self, args: Mapping[str, Any], embed_width: int | None = None, positions: bool = True
+    ) -> tuple[ModelOutput, int]:
+        """Multiple choice: check the (B, C, L[, E]) inputs, run the base on (B * C, L[, E]).
+
+        Returns the base output and C.  ``embed_width`` is the width of ``inputs_embeds``
+        (``hidden_size`` when None); ``positions=False`` skips the position checks (Nezha).
+        """
+        input_ids, inputs_embeds = args.get("input_ids"), args.get("inputs_embeds")
+        check_inputs(
+            self.config,
+            input_ids,
+            inputs_embeds,
+            args.get("attention_mask"),
+            args.get("token_type_ids"),
+            args.get("position_ids"),
+            embed_width=self.config.hidden_size if embed_width is None else embed_width,
+            rank=3,
+            positions=positions,
+        )
+        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        flat = {k: flatten_choices(args[k]) for k in CHOICE_ARGS if k in args}  # (B, C, L[, E]) -> (B * C, L[, E])
+        return self._run_base(args, **flat), num_choices
 
     @staticmethod
     def _finish(output: ModelOutput, return_dict: bool) -> ModelOutput | tuple[Any, ...]:

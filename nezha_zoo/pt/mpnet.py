@@ -48,14 +48,20 @@ from nezha_zoo.outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from nezha_zoo.pt import losses
 from nezha_zoo.pt.heads import (
+    MLM_LABELS_DOC,
+    QA_LABELS_DOC,
+    SEQUENCE_LABELS_DOC,
+    TOKEN_LABELS_DOC,
     BertPooler,
     ClassificationHead,
     RobertaLMHead,
+    masked_lm_output,
     mean_pool,
-    split_qa_logits,
-    token_classification_logits,
+    multiple_choice_output,
+    question_answering_output,
+    sequence_classification_output,
+    token_classification_output,
 )
 from nezha_zoo.pt.layers import (
     BertEmbeddings,
@@ -64,7 +70,7 @@ from nezha_zoo.pt.layers import (
     padding_position_ids,
     sequential_position_ids,
 )
-from nezha_zoo.pt.modeling_utils import PreTrainedModel, check_inputs, flatten_choices, prepare_encoder_inputs
+from nezha_zoo.pt.modeling_utils import PreTrainedModel, prepare_encoder_inputs
 from nezha_zoo.spec.blocks import MPNET_NAMES
 from nezha_zoo.spec.param import ModelSpec
 from nezha_zoo.validation import InputError
@@ -129,10 +135,6 @@ class MPNetPreTrainedModel(PreTrainedModel):
 
     family_key = "mpnet"
     config_class = MPNetConfig
-
-    def _run_base(self, **kwargs: Any) -> Any:
-        """The base model's output object (``return_dict=True``) for a head's forward."""
-        return self.mpnet(**kwargs, return_dict=True)
 
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
@@ -295,13 +297,7 @@ class MPNetForMaskedLM(MPNetPreTrainedModel):
         config (MPNetConfig): model configuration.
     """
 
-    __doc__ = (
-        (__doc__ or "")
-        + _ARGS_DOC
-        + """
-        labels (LongTensor (B, L)): target ids, -100 = ignored; loss = cross-entropy.
-    """
-    )
+    __doc__ = (__doc__ or "") + _ARGS_DOC + MLM_LABELS_DOC
 
     head = "ForMaskedLM"
 
@@ -324,19 +320,9 @@ class MPNetForMaskedLM(MPNetPreTrainedModel):
         return_dict: bool | None = None,
     ) -> MaskedLMOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
+        base = self._run_base(locals())
         logits = self.lm_head(base.last_hidden_state)  # (B, L, vocab)
-        loss = losses.masked_lm_loss(logits, labels) if labels is not None else None
-        out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions)
-        return self._finish(out, return_dict)
+        return self._finish(masked_lm_output(logits, base, labels), return_dict)
 
 
 class MPNetForSequenceClassification(MPNetPreTrainedModel):
@@ -346,14 +332,7 @@ class MPNetForSequenceClassification(MPNetPreTrainedModel):
         config (MPNetConfig): model configuration (``num_labels``, ``problem_type``).
     """
 
-    __doc__ = (
-        (__doc__ or "")
-        + _ARGS_DOC
-        + """
-        labels ((B,)): class ids (cross-entropy), floats for regression (``num_labels == 1``, MSE), or
-            (B, num_labels) floats for multi-label (BCE); see ``config.problem_type``.
-    """
-    )
+    __doc__ = (__doc__ or "") + _ARGS_DOC + SEQUENCE_LABELS_DOC
 
     head = "ForSequenceClassification"
 
@@ -377,22 +356,9 @@ class MPNetForSequenceClassification(MPNetPreTrainedModel):
         return_dict: bool | None = None,
     ) -> SequenceClassifierOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
+        base = self._run_base(locals())
         logits = self.classifier(base.last_hidden_state)  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            loss = losses.sequence_classification_loss(logits, labels, self.num_labels, self.config.problem_type)
-        out = SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
-        )
+        out = sequence_classification_output(logits, base, labels, self.num_labels, self.config.problem_type)
         return self._finish(out, return_dict)
 
 
@@ -434,32 +400,9 @@ class MPNetForMultipleChoice(MPNetPreTrainedModel):
         return_dict: bool | None = None,
     ) -> MultipleChoiceModelOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        check_inputs(
-            self.config,
-            input_ids,
-            inputs_embeds,
-            attention_mask,
-            None,
-            position_ids,
-            embed_width=self.config.hidden_size,
-            rank=3,
-        )
-        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        base = self._run_base(
-            input_ids=flatten_choices(input_ids),  # (B, C, L) -> (B * C, L)
-            attention_mask=flatten_choices(attention_mask),
-            position_ids=flatten_choices(position_ids),
-            head_mask=head_mask,
-            inputs_embeds=flatten_choices(inputs_embeds),  # (B, C, L, H) -> (B * C, L, H)
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
+        base, num_choices = self._run_base_choices(locals())
         logits = self.classifier(self.dropout(base.pooler_output))  # (B * C, 1)
-        logits = logits.view(-1, num_choices)  # (B * C, 1) -> (B, C)
-        loss = losses.multiple_choice_loss(logits, labels) if labels is not None else None
-        out = MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
-        )
+        out = multiple_choice_output(logits, num_choices, base, labels)  # logits (B, C)
         return self._finish(out, return_dict)
 
 
@@ -470,13 +413,7 @@ class MPNetForTokenClassification(MPNetPreTrainedModel):
         config (MPNetConfig): model configuration (``num_labels``).
     """
 
-    __doc__ = (
-        (__doc__ or "")
-        + _ARGS_DOC
-        + """
-        labels (LongTensor (B, L)): class ids, -100 = ignored; loss = cross-entropy.
-    """
-    )
+    __doc__ = (__doc__ or "") + _ARGS_DOC + TOKEN_LABELS_DOC
 
     head = "ForTokenClassification"
 
@@ -501,20 +438,8 @@ class MPNetForTokenClassification(MPNetPreTrainedModel):
         return_dict: bool | None = None,
     ) -> TokenClassifierOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
-        logits = token_classification_logits(self.dropout, self.classifier, base.last_hidden_state)
-        loss = losses.token_classification_loss(logits, labels) if labels is not None else None
-        out = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
-        )
+        base = self._run_base(locals())
+        out = token_classification_output(self.dropout, self.classifier, base, labels)
         return self._finish(out, return_dict)
 
 
@@ -525,14 +450,7 @@ class MPNetForQuestionAnswering(MPNetPreTrainedModel):
         config (MPNetConfig): model configuration (``num_labels`` = 2).
     """
 
-    __doc__ = (
-        (__doc__ or "")
-        + _ARGS_DOC
-        + """
-        start_positions, end_positions (LongTensor (B,)): span bounds; outside ``[0, L)`` ignored;
-            loss = mean of the start and end cross-entropies.
-    """
-    )
+    __doc__ = (__doc__ or "") + _ARGS_DOC + QA_LABELS_DOC
 
     head = "ForQuestionAnswering"
 
@@ -557,24 +475,6 @@ class MPNetForQuestionAnswering(MPNetPreTrainedModel):
         return_dict: bool | None = None,
     ) -> QuestionAnsweringModelOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
-        start_logits, end_logits = split_qa_logits(self.qa_outputs(base.last_hidden_state))
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = losses.question_answering_loss(start_logits, end_logits, start_positions, end_positions)
-        out = QuestionAnsweringModelOutput(
-            loss=loss,
-            start_logits=start_logits,
-            end_logits=end_logits,
-            hidden_states=base.hidden_states,
-            attentions=base.attentions,
-        )
+        base = self._run_base(locals())
+        out = question_answering_output(self.qa_outputs, base, start_positions, end_positions)
         return self._finish(out, return_dict)

@@ -43,9 +43,21 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.pt import losses
-from nezha_zoo.pt.heads import BertLMPredictionHead, BertPooler, split_qa_logits, token_classification_logits
+from nezha_zoo.pt.heads import (
+    QA_LABELS_DOC,
+    SEQUENCE_LABELS_DOC,
+    TOKEN_LABELS_DOC,
+    BertLMPredictionHead,
+    BertPooler,
+    classifier_dropout,
+    masked_lm_output,
+    multiple_choice_output,
+    question_answering_output,
+    sequence_classification_output,
+    token_classification_output,
+)
 from nezha_zoo.pt.layers import BertEmbeddings, BertEncoder, RelativeEmbedding
-from nezha_zoo.pt.modeling_utils import PreTrainedModel, check_inputs, flatten_choices, prepare_encoder_inputs
+from nezha_zoo.pt.modeling_utils import PreTrainedModel, prepare_encoder_inputs
 from nezha_zoo.spec.param import ModelSpec
 
 logger = logging.getLogger("nezha_zoo")
@@ -126,10 +138,6 @@ class NezhaPreTrainedModel(PreTrainedModel):
 
     family_key = "nezha"
     config_class = NezhaConfig
-
-    def _run_base(self, **kwargs: Any) -> Any:
-        """The base model's output object (``return_dict=True``) for a head's forward."""
-        return self.nezha(**kwargs, return_dict=True)
 
 
 class NezhaModel(NezhaPreTrainedModel):
@@ -286,11 +294,6 @@ class NezhaOnlyNSPHead(nn.Module):
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
 
-def _classifier_dropout(config: NezhaConfig) -> nn.Dropout:
-    drop = config.classifier_dropout
-    return nn.Dropout(config.hidden_dropout_prob if drop is None else drop)
-
-
 class NezhaForPreTraining(NezhaPreTrainedModel):
     """Nezha with the pre-training heads: MLM logits (B, L, vocab_size) and NSP logits (B, 2).
 
@@ -330,15 +333,7 @@ class NezhaForPreTraining(NezhaPreTrainedModel):
         return_dict: bool | None = None,
     ) -> NezhaForPreTrainingOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
+        base = self._run_base(locals())
         prediction_logits = self.cls.predictions(base.last_hidden_state)  # (B, L, vocab)
         seq_relationship_logits = self.cls.seq_relationship(base.pooler_output)  # (B, 2)
         loss = None
@@ -397,21 +392,9 @@ class NezhaForMaskedLM(NezhaPreTrainedModel):
         return_dict: bool | None = None,
     ) -> MaskedLMOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
+        base = self._run_base(locals())
         logits = self.cls.predictions(base.last_hidden_state)  # (B, L, vocab)
-        loss = losses.masked_lm_loss(logits, labels) if labels is not None else None
-        out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions)
-        return self._finish(out, return_dict)
+        return self._finish(masked_lm_output(logits, base, labels), return_dict)
 
 
 class NezhaForNextSentencePrediction(NezhaPreTrainedModel):
@@ -458,15 +441,7 @@ class NezhaForNextSentencePrediction(NezhaPreTrainedModel):
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
+        base = self._run_base(locals())
         logits = self.cls.seq_relationship(base.pooler_output)  # (B, 2)
         loss = losses.next_sentence_prediction_loss(logits, labels) if labels is not None else None
         out = NextSentencePredictorOutput(
@@ -483,14 +458,7 @@ class NezhaForSequenceClassification(NezhaPreTrainedModel):
             ``classifier_dropout``).
     """
 
-    __doc__ = (
-        (__doc__ or "")
-        + _ARGS_DOC
-        + """
-        labels ((B,)): class ids (cross-entropy), floats for regression (``num_labels == 1``, MSE), or
-            (B, num_labels) floats for multi-label (BCE); see ``config.problem_type``.
-    """
-    )
+    __doc__ = (__doc__ or "") + _ARGS_DOC + SEQUENCE_LABELS_DOC
 
     head = "ForSequenceClassification"
 
@@ -498,7 +466,7 @@ class NezhaForSequenceClassification(NezhaPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.nezha = NezhaModel(config)
-        self.dropout = _classifier_dropout(config)
+        self.dropout = classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -515,22 +483,9 @@ class NezhaForSequenceClassification(NezhaPreTrainedModel):
         return_dict: bool | None = None,
     ) -> SequenceClassifierOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
+        base = self._run_base(locals())
         logits = self.classifier(self.dropout(base.pooler_output))  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            loss = losses.sequence_classification_loss(logits, labels, self.num_labels, self.config.problem_type)
-        out = SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
-        )
+        out = sequence_classification_output(logits, base, labels, self.num_labels, self.config.problem_type)
         return self._finish(out, return_dict)
 
 
@@ -555,7 +510,7 @@ class NezhaForMultipleChoice(NezhaPreTrainedModel):
     def __init__(self, config: NezhaConfig) -> None:
         super().__init__(config)
         self.nezha = NezhaModel(config)
-        self.dropout = _classifier_dropout(config)
+        self.dropout = classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
@@ -572,32 +527,9 @@ class NezhaForMultipleChoice(NezhaPreTrainedModel):
         return_dict: bool | None = None,
     ) -> MultipleChoiceModelOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        check_inputs(
-            self.config,
-            input_ids,
-            inputs_embeds,
-            attention_mask,
-            token_type_ids,
-            embed_width=self.config.hidden_size,
-            rank=3,
-            positions=False,
-        )
-        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        base = self._run_base(
-            input_ids=flatten_choices(input_ids),  # (B, C, L) -> (B * C, L)
-            attention_mask=flatten_choices(attention_mask),
-            token_type_ids=flatten_choices(token_type_ids),
-            head_mask=head_mask,
-            inputs_embeds=flatten_choices(inputs_embeds),  # (B, C, L, H) -> (B * C, L, H)
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
+        base, num_choices = self._run_base_choices(locals(), positions=False)
         logits = self.classifier(self.dropout(base.pooler_output))  # (B * C, 1)
-        logits = logits.view(-1, num_choices)  # (B * C, 1) -> (B, C)
-        loss = losses.multiple_choice_loss(logits, labels) if labels is not None else None
-        out = MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
-        )
+        out = multiple_choice_output(logits, num_choices, base, labels)  # logits (B, C)
         return self._finish(out, return_dict)
 
 
@@ -608,13 +540,7 @@ class NezhaForTokenClassification(NezhaPreTrainedModel):
         config (NezhaConfig): model configuration (``num_labels``, ``classifier_dropout``).
     """
 
-    __doc__ = (
-        (__doc__ or "")
-        + _ARGS_DOC
-        + """
-        labels (LongTensor (B, L)): class ids, -100 = ignored; loss = cross-entropy.
-    """
-    )
+    __doc__ = (__doc__ or "") + _ARGS_DOC + TOKEN_LABELS_DOC
 
     head = "ForTokenClassification"
 
@@ -622,7 +548,7 @@ class NezhaForTokenClassification(NezhaPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.nezha = NezhaModel(config, add_pooling_layer=False)
-        self.dropout = _classifier_dropout(config)
+        self.dropout = classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -639,20 +565,8 @@ class NezhaForTokenClassification(NezhaPreTrainedModel):
         return_dict: bool | None = None,
     ) -> TokenClassifierOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
-        logits = token_classification_logits(self.dropout, self.classifier, base.last_hidden_state)
-        loss = losses.token_classification_loss(logits, labels) if labels is not None else None
-        out = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
-        )
+        base = self._run_base(locals())
+        out = token_classification_output(self.dropout, self.classifier, base, labels)
         return self._finish(out, return_dict)
 
 
@@ -663,14 +577,7 @@ class NezhaForQuestionAnswering(NezhaPreTrainedModel):
         config (NezhaConfig): model configuration (``num_labels`` = 2).
     """
 
-    __doc__ = (
-        (__doc__ or "")
-        + _ARGS_DOC
-        + """
-        start_positions, end_positions (LongTensor (B,)): span bounds; outside ``[0, L)`` ignored;
-            loss = mean of the start and end cross-entropies.
-    """
-    )
+    __doc__ = (__doc__ or "") + _ARGS_DOC + QA_LABELS_DOC
 
     head = "ForQuestionAnswering"
 
@@ -695,24 +602,6 @@ class NezhaForQuestionAnswering(NezhaPreTrainedModel):
         return_dict: bool | None = None,
     ) -> QuestionAnsweringModelOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
-        start_logits, end_logits = split_qa_logits(self.qa_outputs(base.last_hidden_state))
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = losses.question_answering_loss(start_logits, end_logits, start_positions, end_positions)
-        out = QuestionAnsweringModelOutput(
-            loss=loss,
-            start_logits=start_logits,
-            end_logits=end_logits,
-            hidden_states=base.hidden_states,
-            attentions=base.attentions,
-        )
+        base = self._run_base(locals())
+        out = question_answering_output(self.qa_outputs, base, start_positions, end_positions)
         return self._finish(out, return_dict)
