@@ -23,18 +23,13 @@ from nezha_zoo.flax.heads import (
     PredictionHead,
     SequenceSummary,
     TiedLMBias,
-    qa_head,
-    token_classifier,
 )
 from nezha_zoo.flax.layers import BertEmbeddings, BertEncoder, cache_index, dense
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
-    backbone_fields,
     cache_info,
     finish_output,
-    flatten_choices,
-    forwarded_inputs,
     make_wrapper,
     validate_inputs,
 )
@@ -43,10 +38,7 @@ from nezha_zoo.outputs import (
     CausalLMOutputWithCrossAttentions,
     ElectraForPreTrainingOutput,
     MaskedLMOutput,
-    MultipleChoiceModelOutput,
-    QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
-    TokenClassifierOutput,
 )
 
 __all__ = [
@@ -201,18 +193,22 @@ class FlaxElectraForPreTrainingModule(_ElectraHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        _, out = self._backbone(**forwarded_inputs(locals()))
-        logits = PredictionHead(self.config, 1, self.dtype, name="discriminator_predictions")(out.last_hidden_state)
-        return finish_output(ElectraForPreTrainingOutput, return_dict, logits=logits, **backbone_fields(out))
+        def head(_, out):
+            predictions = PredictionHead(self.config, 1, self.dtype, name="discriminator_predictions")
+            return {"logits": predictions(out.last_hidden_state)}
+
+        return self._head_output(locals(), ElectraForPreTrainingOutput, head)
 
 
 class _GeneratorHead(_ElectraHead):
-    def _lm_logits(self, electra, hidden):
+    def _lm_head(self, electra, out) -> dict:
+        """``generator_predictions`` + ``generator_lm_head`` -> ``{"logits": (B, L, V)}``."""
         c = self.config
         # The generator transform always uses exact GELU (transformers' Flax port uses hidden_act: a bug).
-        h = LMHeadTransform(c, c.embedding_size, "gelu", dtype=self.dtype, name="generator_predictions")(hidden)
+        transform = LMHeadTransform(c, c.embedding_size, "gelu", dtype=self.dtype, name="generator_predictions")
+        h = transform(out.last_hidden_state)
         table = electra.variables["params"]["embeddings"]["word_embeddings"]["embedding"]  # (V, E), tied
-        return TiedLMBias(c.vocab_size, self.dtype, name="generator_lm_head")(h, table)
+        return {"logits": TiedLMBias(c.vocab_size, self.dtype, name="generator_lm_head")(h, table)}
 
 
 class FlaxElectraForMaskedLMModule(_GeneratorHead):
@@ -234,9 +230,7 @@ class FlaxElectraForMaskedLMModule(_GeneratorHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        electra, out = self._backbone(**forwarded_inputs(locals()))
-        logits = self._lm_logits(electra, out.last_hidden_state)
-        return finish_output(MaskedLMOutput, return_dict, logits=logits, **backbone_fields(out))
+        return self._head_output(locals(), MaskedLMOutput, self._lm_head)
 
 
 class FlaxElectraForCausalLMModule(_GeneratorHead):
@@ -261,15 +255,10 @@ class FlaxElectraForCausalLMModule(_GeneratorHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        electra, out = self._backbone(**forwarded_inputs(locals()))
-        logits = self._lm_logits(electra, out.last_hidden_state)
-        return finish_output(
-            CausalLMOutputWithCrossAttentions,
-            return_dict,
-            logits=logits,
-            cross_attentions=out.cross_attentions,
-            **backbone_fields(out),
-        )
+        def head(electra, out):
+            return {**self._lm_head(electra, out), "cross_attentions": out.cross_attentions}
+
+        return self._head_output(locals(), CausalLMOutputWithCrossAttentions, head)
 
 
 class FlaxElectraForSequenceClassificationModule(_ElectraHead):
@@ -291,10 +280,11 @@ class FlaxElectraForSequenceClassificationModule(_ElectraHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        _, out = self._backbone(**forwarded_inputs(locals()))
-        head = ClassificationHead(self.config, activation="gelu", dtype=self.dtype, name="classifier")
-        logits = head(out.last_hidden_state, deterministic=deterministic)
-        return finish_output(SequenceClassifierOutput, return_dict, logits=logits, **backbone_fields(out))
+        def head(_, out):
+            classifier = ClassificationHead(self.config, activation="gelu", dtype=self.dtype, name="classifier")
+            return {"logits": classifier(out.last_hidden_state, deterministic=deterministic)}
+
+        return self._head_output(locals(), SequenceClassifierOutput, head)
 
 
 class FlaxElectraForMultipleChoiceModule(_ElectraHead):
@@ -320,15 +310,11 @@ class FlaxElectraForMultipleChoiceModule(_ElectraHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        def pool(out):  # (B * C, L, H) -> (B * C, H)
+            summary = SequenceSummary(self.config, self.dtype, name="sequence_summary")
+            return summary(out.last_hidden_state, deterministic=deterministic)
 
-        _, out = self._backbone(**flatten_choices(forwarded_inputs(locals())))
-        pooled = SequenceSummary(self.config, self.dtype, name="sequence_summary")(
-            out.last_hidden_state, deterministic=deterministic
-        )
-        logits = dense(1, "classifier", self.config, self.dtype)(pooled)
-        logits = logits.reshape(-1, num_choices)  # (B * C, 1) -> (B, C)
-        return finish_output(MultipleChoiceModelOutput, return_dict, logits=logits, **backbone_fields(out))
+        return self._multiple_choice(locals(), pool)
 
 
 class FlaxElectraForTokenClassificationModule(_ElectraHead):
@@ -350,9 +336,7 @@ class FlaxElectraForTokenClassificationModule(_ElectraHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        _, out = self._backbone(**forwarded_inputs(locals()))
-        logits = token_classifier(self.config, out.last_hidden_state, deterministic, self.dtype)
-        return finish_output(TokenClassifierOutput, return_dict, logits=logits, **backbone_fields(out))
+        return self._token_classification(locals())
 
 
 class FlaxElectraForQuestionAnsweringModule(_ElectraHead):
@@ -374,11 +358,7 @@ class FlaxElectraForQuestionAnsweringModule(_ElectraHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        _, out = self._backbone(**forwarded_inputs(locals()))
-        start, end = qa_head(self.config, out.last_hidden_state, self.dtype)
-        return finish_output(
-            QuestionAnsweringModelOutput, return_dict, start_logits=start, end_logits=end, **backbone_fields(out)
-        )
+        return self._question_answering(locals())
 
 
 # --- wrappers ------------------------------------------------------------------------------------

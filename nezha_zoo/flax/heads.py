@@ -28,6 +28,7 @@ __all__ = [
     "classifier_dropout",
     "token_classifier",
     "qa_head",
+    "lm_decoder",
     "RobertaLMHead",
     "mean_pool",
 ]
@@ -60,6 +61,22 @@ def qa_head(config: Any, hidden_states, dtype: Any, name: str = "qa_outputs") ->
     if config.num_labels != 2:
         raise ValueError(f"question answering needs config.num_labels == 2 (start, end), got {config.num_labels}")
     return split_qa_logits(dense(config.num_labels, name, config, dtype)(hidden_states))
+
+
+def lm_decoder(head: nn.Module, hidden_states, table=None) -> jax.Array:
+    """Vocabulary projection inside an LM head's compact ``__call__``: decoder and ``bias`` (V,).
+
+    ``head`` has ``config``, ``tied`` and ``dtype``.  Tied: ``hidden_states @ table.T`` with ``table``
+    (V, H) the word embeddings; else a bias-free ``decoder`` dense layer (H -> V) on ``head``.
+    hidden_states (B, L, H) -> logits (B, L, V).
+    """
+    c = head.config
+    bias = head.param("bias", jax.nn.initializers.zeros, (c.vocab_size,), jnp.float32)
+    if head.tied:
+        logits = jnp.einsum("blh,vh->blv", hidden_states, jnp.asarray(table, head.dtype))  # h @ table.T
+    else:
+        logits = dense(c.vocab_size, "decoder", c, head.dtype, use_bias=False)(hidden_states)
+    return logits + jnp.asarray(bias, head.dtype)
 
 
 class ClassificationHead(nn.Module):
@@ -207,12 +224,7 @@ class BertLMPredictionHead(nn.Module):
     def __call__(self, hidden_states, table=None):
         c = self.config
         h = LMHeadTransform(c, c.hidden_size, c.hidden_act, dtype=self.dtype, name="transform")(hidden_states)
-        bias = self.param("bias", jax.nn.initializers.zeros, (c.vocab_size,), jnp.float32)
-        if self.tied:
-            logits = jnp.einsum("blh,vh->blv", h, jnp.asarray(table, self.dtype))  # h @ table.T
-        else:
-            logits = dense(c.vocab_size, "decoder", c, self.dtype, use_bias=False)(h)
-        return logits + jnp.asarray(bias, self.dtype)
+        return lm_decoder(self, h, table)
 
 
 class RobertaLMHead(nn.Module):
@@ -236,12 +248,7 @@ class RobertaLMHead(nn.Module):
         c = self.config
         h = get_activation("gelu")(dense(c.hidden_size, "dense", c, self.dtype)(hidden_states))
         h = layer_norm("layer_norm", c, self.dtype)(h)
-        bias = self.param("bias", jax.nn.initializers.zeros, (c.vocab_size,), jnp.float32)
-        if self.tied:
-            logits = jnp.einsum("blh,vh->blv", h, jnp.asarray(table, self.dtype))  # h @ table.T
-        else:
-            logits = dense(c.vocab_size, "decoder", c, self.dtype, use_bias=False)(h)
-        return logits + jnp.asarray(bias, self.dtype)
+        return lm_decoder(self, h, table)
 
 
 def mean_pool(

@@ -22,8 +22,16 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from nezha_zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.flax.heads import qa_head, token_classifier
+from nezha_zoo.flax.layers import dense
 from nezha_zoo.modeling import load_weights, random_weights, resolve_config, save_weights
-from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
+from nezha_zoo.outputs import (
+    OUTPUT_CLASSES,
+    ModelOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    TokenClassifierOutput,
+)
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import ModelSpec, Param
 from nezha_zoo.spec.registry import Family
@@ -617,7 +625,10 @@ class FlaxHeadModule(nn.Module):
     """Base of a family's head modules: shared fields and the base-model submodule.
 
     Subclasses set ``backbone_class`` (the family's base linen module) and ``backbone_name`` (its
-    PyTorch attribute name, e.g. ``electra``, ``nezha``).
+    PyTorch attribute name, e.g. ``electra``, ``nezha``), and may override ``_backbone_options``.  A
+    head's compact ``__call__`` keeps its explicit signature and returns :meth:`_head_output` (or one
+    of the shared bodies :meth:`_token_classification`, :meth:`_question_answering`,
+    :meth:`_multiple_choice`) on its ``locals()``.
     """
 
     config: Any
@@ -642,6 +653,61 @@ class FlaxHeadModule(nn.Module):
         )
         kwargs["return_dict"] = True
         return base, base(**kwargs)
+
+    def _backbone_options(self) -> dict:
+        """Extra constructor fields of the base module for this head (default none); families override."""
+        return {}
+
+    def _head_output(self, scope: Mapping[str, Any], out_cls: type[ModelOutput], head_fn, choices: bool = False):
+        """The shared body of a head's compact ``__call__``: base module, head, output object.
+
+        Args:
+            scope: the head's ``locals()`` (its call arguments).
+            out_cls: the output class; ``hidden_states`` and ``attentions`` come from the base output.
+            head_fn: ``(base module, base output) -> dict`` of the head's own output fields; layers it
+                creates sit directly on this module.
+            choices (bool): multiple choice: inputs (B, C, L[, E]) run flattened as (B * C, L[, E]).
+
+        Returns:
+            ``out_cls`` (``return_dict``) or its tuple of non-None fields.
+        """
+        kwargs = forwarded_inputs(scope)
+        if choices:
+            kwargs = flatten_choices(kwargs)
+        base, out = self._backbone(self._backbone_options(), **kwargs)
+        return finish_output(out_cls, scope["return_dict"], **head_fn(base, out), **backbone_fields(out))
+
+    def _token_classification(self, scope: Mapping[str, Any]):
+        """Dropout + ``classifier`` on the last hidden states -> ``TokenClassifierOutput`` logits (B, L, labels)."""
+
+        def head(_, out):
+            return {"logits": token_classifier(self.config, out.last_hidden_state, scope["deterministic"], self.dtype)}
+
+        return self._head_output(scope, TokenClassifierOutput, head)
+
+    def _question_answering(self, scope: Mapping[str, Any]):
+        """``qa_outputs`` -> ``QuestionAnsweringModelOutput`` ``start_logits`` (B, L), ``end_logits`` (B, L)."""
+
+        def head(_, out):
+            start, end = qa_head(self.config, out.last_hidden_state, self.dtype)
+            return {"start_logits": start, "end_logits": end}
+
+        return self._head_output(scope, QuestionAnsweringModelOutput, head)
+
+    def _multiple_choice(self, scope: Mapping[str, Any], pool):
+        """Multiple choice: ``pool`` each flattened choice, ``classifier`` (H -> 1) -> logits (B, C).
+
+        ``pool``: base output -> (B * C, H), e.g. dropout on the pooler output.  Hidden states and
+        attentions are returned flattened to (B * C, ...), as transformers does.
+        """
+        ids = scope["input_ids"]
+        num_choices = (ids if ids is not None else scope["inputs_embeds"]).shape[1]
+
+        def head(_, out):
+            logits = dense(1, "classifier", self.config, self.dtype)(pool(out))
+            return {"logits": logits.reshape(-1, num_choices)}  # (B * C, 1) -> (B, C)
+
+        return self._head_output(scope, MultipleChoiceModelOutput, head, choices=True)
 
 
 def make_wrapper(base: type, prefix: str, head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type:

@@ -32,26 +32,20 @@ import numpy as np
 from flax import linen as nn
 
 from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNET
-from nezha_zoo.flax.heads import ClassificationHead, RobertaLMHead, mean_pool, qa_head, token_classifier
-from nezha_zoo.flax.layers import BertLayerCollection, BertPooler, dense, freeze_padding_row, layer_norm
+from nezha_zoo.flax.heads import ClassificationHead, RobertaLMHead, mean_pool
+from nezha_zoo.flax.layers import BertLayerCollection, BertPooler, freeze_padding_row, layer_norm
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
-    backbone_fields,
     finish_output,
-    flatten_choices,
-    forwarded_inputs,
     make_wrapper,
     validate_inputs,
 )
 from nezha_zoo.outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
-    MultipleChoiceModelOutput,
-    QuestionAnsweringModelOutput,
     SentenceEmbeddingOutput,
     SequenceClassifierOutput,
-    TokenClassifierOutput,
 )
 from nezha_zoo.spec.blocks import MPNET_NAMES
 from nezha_zoo.validation import check_length
@@ -314,9 +308,9 @@ class _MPNetHead(FlaxHeadModule):
     backbone_name = "mpnet"
     head_name = "Model"
 
-    def _run(self, kwargs):
+    def _backbone_options(self) -> dict:
         # Only Model and ForMultipleChoice carry the pooler (transformers' add_pooling_layer).
-        return self._backbone({"add_pooling_layer": self.head_name in HEADS_WITH_POOLER}, **kwargs)
+        return {"add_pooling_layer": self.head_name in HEADS_WITH_POOLER}
 
 
 class FlaxMPNetForMaskedLMModule(_MPNetHead):
@@ -341,15 +335,15 @@ class FlaxMPNetForMaskedLMModule(_MPNetHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        mpnet, out = self._run(forwarded_inputs(locals()))
-        c = self.config
-        table = None
-        if c.tie_word_embeddings:
-            table = mpnet.variables["params"]["embeddings"]["word_embeddings"]["embedding"]  # (V, H)
-        logits = RobertaLMHead(c, tied=c.tie_word_embeddings, dtype=self.dtype, name="lm_head")(
-            out.last_hidden_state, table
-        )
-        return finish_output(MaskedLMOutput, return_dict, logits=logits, **backbone_fields(out))
+        def head(mpnet, out):
+            c = self.config
+            table = None
+            if c.tie_word_embeddings:
+                table = mpnet.variables["params"]["embeddings"]["word_embeddings"]["embedding"]  # (V, H)
+            lm_head = RobertaLMHead(c, tied=c.tie_word_embeddings, dtype=self.dtype, name="lm_head")
+            return {"logits": lm_head(out.last_hidden_state, table)}
+
+        return self._head_output(locals(), MaskedLMOutput, head)
 
 
 class FlaxMPNetForSequenceClassificationModule(_MPNetHead):
@@ -371,10 +365,11 @@ class FlaxMPNetForSequenceClassificationModule(_MPNetHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        _, out = self._run(forwarded_inputs(locals()))
-        head = ClassificationHead(self.config, activation="tanh", dtype=self.dtype, name="classifier")
-        logits = head(out.last_hidden_state, deterministic=deterministic)
-        return finish_output(SequenceClassifierOutput, return_dict, logits=logits, **backbone_fields(out))
+        def head(_, out):
+            classifier = ClassificationHead(self.config, activation="tanh", dtype=self.dtype, name="classifier")
+            return {"logits": classifier(out.last_hidden_state, deterministic=deterministic)}
+
+        return self._head_output(locals(), SequenceClassifierOutput, head)
 
 
 class FlaxMPNetForMultipleChoiceModule(_MPNetHead):
@@ -400,14 +395,11 @@ class FlaxMPNetForMultipleChoiceModule(_MPNetHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        _, out = self._run(flatten_choices(forwarded_inputs(locals())))
-        pooled = nn.Dropout(self.config.hidden_dropout_prob, name="dropout")(
-            out.pooler_output, deterministic=deterministic
-        )
-        logits = dense(1, "classifier", self.config, self.dtype)(pooled)
-        logits = logits.reshape(-1, num_choices)  # (B * C, 1) -> (B, C)
-        return finish_output(MultipleChoiceModelOutput, return_dict, logits=logits, **backbone_fields(out))
+        def pool(out):  # dropout on the pooler output (B * C, H)
+            dropout = nn.Dropout(self.config.hidden_dropout_prob, name="dropout")
+            return dropout(out.pooler_output, deterministic=deterministic)
+
+        return self._multiple_choice(locals(), pool)
 
 
 class FlaxMPNetForTokenClassificationModule(_MPNetHead):
@@ -429,9 +421,7 @@ class FlaxMPNetForTokenClassificationModule(_MPNetHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        _, out = self._run(forwarded_inputs(locals()))
-        logits = token_classifier(self.config, out.last_hidden_state, deterministic, self.dtype)
-        return finish_output(TokenClassifierOutput, return_dict, logits=logits, **backbone_fields(out))
+        return self._token_classification(locals())
 
 
 class FlaxMPNetForQuestionAnsweringModule(_MPNetHead):
@@ -453,11 +443,7 @@ class FlaxMPNetForQuestionAnsweringModule(_MPNetHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        _, out = self._run(forwarded_inputs(locals()))
-        start, end = qa_head(self.config, out.last_hidden_state, self.dtype)
-        return finish_output(
-            QuestionAnsweringModelOutput, return_dict, start_logits=start, end_logits=end, **backbone_fields(out)
-        )
+        return self._question_answering(locals())
 
 
 # --- wrappers ------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from nezha_zoo.families.nezha import HEADS_WITH_POOLER, NEZHA
-from nezha_zoo.flax.heads import BertLMPredictionHead, classifier_dropout, qa_head, token_classifier
+from nezha_zoo.flax.heads import BertLMPredictionHead, classifier_dropout, token_classifier
 from nezha_zoo.flax.layers import (
     BertEmbeddings,
     BertEncoder,
@@ -45,23 +45,17 @@ from nezha_zoo.flax.layers import (
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
-    backbone_fields,
     cache_info,
     finish_output,
-    flatten_choices,
-    forwarded_inputs,
     make_wrapper,
     validate_inputs,
 )
 from nezha_zoo.outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     MaskedLMOutput,
-    MultipleChoiceModelOutput,
     NextSentencePredictorOutput,
     NezhaForPreTrainingOutput,
-    QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
-    TokenClassifierOutput,
 )
 
 __all__ = [
@@ -205,17 +199,20 @@ class FlaxNezhaModule(nn.Module):
 
 
 class _NezhaHead(FlaxHeadModule):
-    """Shared fields of the head modules; ``_nezha`` runs the ``nezha`` submodule (pooler as the head needs)."""
+    """Shared fields of the head modules; the ``nezha`` submodule has a pooler as the head needs."""
 
     backbone_class = FlaxNezhaModule
     backbone_name = "nezha"
     #: the PyTorch head class name suffix; decides whether the base model has a pooler.
     head: ClassVar[str] = ""
 
-    def _nezha(self, scope: dict):
-        """Run ``nezha`` on the head's inputs; returns (module, output, word-embedding table (V, H))."""
-        nezha, out = self._backbone({"add_pooling_layer": self.head in HEADS_WITH_POOLER}, **forwarded_inputs(scope))
-        return out, nezha.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+    def _backbone_options(self) -> dict:
+        return {"add_pooling_layer": self.head in HEADS_WITH_POOLER}
+
+
+def _word_embeddings(nezha: nn.Module):
+    """The word-embedding table (V, H) of a run ``nezha`` module (the tied MLM decoder)."""
+    return nezha.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
 
 
 class FlaxNezhaForPreTrainingModule(_NezhaHead):
@@ -237,17 +234,13 @@ class FlaxNezhaForPreTrainingModule(_NezhaHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        out, table = self._nezha(locals())
-        # PyTorch's NezhaPreTrainingHeads: one ``cls`` module holding both heads.
-        cls = _PreTrainingHeads(self.config, self.dtype, name="cls")
-        prediction, relationship = cls(table, out.last_hidden_state, out.pooler_output)
-        return finish_output(
-            NezhaForPreTrainingOutput,
-            return_dict,
-            prediction_logits=prediction,
-            seq_relationship_logits=relationship,
-            **backbone_fields(out),
-        )
+        def head(nezha, out):
+            # PyTorch's NezhaPreTrainingHeads: one ``cls`` module holding both heads.
+            cls = _PreTrainingHeads(self.config, self.dtype, name="cls")
+            prediction, relationship = cls(_word_embeddings(nezha), out.last_hidden_state, out.pooler_output)
+            return {"prediction_logits": prediction, "seq_relationship_logits": relationship}
+
+        return self._head_output(locals(), NezhaForPreTrainingOutput, head)
 
 
 class _PreTrainingHeads(nn.Module):
@@ -293,10 +286,11 @@ class FlaxNezhaForMaskedLMModule(_NezhaHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        out, table = self._nezha(locals())
-        cls = _PreTrainingHeads(self.config, self.dtype, nsp=False, name="cls")
-        logits, _ = cls(table, out.last_hidden_state, None)
-        return finish_output(MaskedLMOutput, return_dict, logits=logits, **backbone_fields(out))
+        def head(nezha, out):
+            cls = _PreTrainingHeads(self.config, self.dtype, nsp=False, name="cls")
+            return {"logits": cls(_word_embeddings(nezha), out.last_hidden_state, None)[0]}
+
+        return self._head_output(locals(), MaskedLMOutput, head)
 
 
 class FlaxNezhaForNextSentencePredictionModule(_NezhaHead):
@@ -318,9 +312,11 @@ class FlaxNezhaForNextSentencePredictionModule(_NezhaHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        out, _ = self._nezha(locals())
-        _, logits = _PreTrainingHeads(self.config, self.dtype, mlm=False, name="cls")(None, None, out.pooler_output)
-        return finish_output(NextSentencePredictorOutput, return_dict, logits=logits, **backbone_fields(out))
+        def head(_, out):
+            cls = _PreTrainingHeads(self.config, self.dtype, mlm=False, name="cls")
+            return {"logits": cls(None, None, out.pooler_output)[1]}
+
+        return self._head_output(locals(), NextSentencePredictorOutput, head)
 
 
 class FlaxNezhaForSequenceClassificationModule(_NezhaHead):
@@ -342,9 +338,10 @@ class FlaxNezhaForSequenceClassificationModule(_NezhaHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        out, _ = self._nezha(locals())
-        logits = token_classifier(self.config, out.pooler_output, deterministic, self.dtype)
-        return finish_output(SequenceClassifierOutput, return_dict, logits=logits, **backbone_fields(out))
+        def head(_, out):
+            return {"logits": token_classifier(self.config, out.pooler_output, deterministic, self.dtype)}
+
+        return self._head_output(locals(), SequenceClassifierOutput, head)
 
 
 class FlaxNezhaForMultipleChoiceModule(_NezhaHead):
@@ -370,14 +367,11 @@ class FlaxNezhaForMultipleChoiceModule(_NezhaHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        kwargs = flatten_choices(forwarded_inputs(locals()))
-        _, out = self._backbone({"add_pooling_layer": True}, **kwargs)
-        c = self.config
-        pooled = nn.Dropout(classifier_dropout(c), name="dropout")(out.pooler_output, deterministic=deterministic)
-        logits = dense(1, "classifier", c, self.dtype)(pooled)
-        logits = logits.reshape(-1, num_choices)  # (B * C, 1) -> (B, C)
-        return finish_output(MultipleChoiceModelOutput, return_dict, logits=logits, **backbone_fields(out))
+        def pool(out):  # dropout on the pooler output (B * C, H)
+            dropout = nn.Dropout(classifier_dropout(self.config), name="dropout")
+            return dropout(out.pooler_output, deterministic=deterministic)
+
+        return self._multiple_choice(locals(), pool)
 
 
 class FlaxNezhaForTokenClassificationModule(_NezhaHead):
@@ -399,9 +393,7 @@ class FlaxNezhaForTokenClassificationModule(_NezhaHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        out, _ = self._nezha(locals())
-        logits = token_classifier(self.config, out.last_hidden_state, deterministic, self.dtype)
-        return finish_output(TokenClassifierOutput, return_dict, logits=logits, **backbone_fields(out))
+        return self._token_classification(locals())
 
 
 class FlaxNezhaForQuestionAnsweringModule(_NezhaHead):
@@ -423,11 +415,7 @@ class FlaxNezhaForQuestionAnsweringModule(_NezhaHead):
         return_dict=True,
         inputs_embeds=None,
     ):
-        out, _ = self._nezha(locals())
-        start, end = qa_head(self.config, out.last_hidden_state, self.dtype)
-        return finish_output(
-            QuestionAnsweringModelOutput, return_dict, start_logits=start, end_logits=end, **backbone_fields(out)
-        )
+        return self._question_answering(locals())
 
 
 # --- wrappers ------------------------------------------------------------------------------------

@@ -20,11 +20,6 @@ from nezha_zoo.families.electra import ELECTRA, ElectraConfig  # noqa: E402
 from nezha_zoo.outputs import (  # noqa: E402
     CausalLMOutputWithCrossAttentions,
     ElectraForPreTrainingOutput,
-    MaskedLMOutput,
-    MultipleChoiceModelOutput,
-    QuestionAnsweringModelOutput,
-    SequenceClassifierOutput,
-    TokenClassifierOutput,
 )
 from nezha_zoo.tf import losses  # noqa: E402
 from nezha_zoo.tf.heads import (  # noqa: E402
@@ -33,7 +28,12 @@ from nezha_zoo.tf.heads import (  # noqa: E402
     TFSequenceSummary,
     TFTiedLMOutput,
     flatten_choices,
-    split_span_logits,
+    masked_lm_output,
+    multiple_choice_output,
+    num_choices,
+    question_answering_output,
+    sequence_classification_output,
+    token_classification_output,
     token_classifier,
 )
 from nezha_zoo.tf.layers import (  # noqa: E402
@@ -263,17 +263,7 @@ class TFElectraForPreTraining(TFElectraPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
+        out = self._base_call(locals())
         logits = self.discriminator_predictions(out.last_hidden_state)
         loss = None if labels is None else losses.replaced_token_detection_loss(logits, labels, attention_mask)
         result = ElectraForPreTrainingOutput(
@@ -332,20 +322,9 @@ class TFElectraForMaskedLM(_GeneratorMixin, TFElectraPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
+        out = self._base_call(locals())
         logits = self._lm_logits(out.last_hidden_state)
-        loss = None if labels is None else losses.masked_lm_loss(logits, labels)
-        result = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        result = masked_lm_output(logits, labels, out)
         return self._finish(result, return_dict)
 
 
@@ -395,21 +374,7 @@ class TFElectraForCausalLM(_GeneratorMixin, TFElectraPreTrainedModel):
     ):
         if labels is not None:
             use_cache = False  # as transformers: no cache when computing the loss
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
+        out = self._base_call(locals())
         logits = self._lm_logits(out.last_hidden_state)
         loss = None if labels is None else losses.causal_lm_loss(logits, labels)
         result = CausalLMOutputWithCrossAttentions(
@@ -459,24 +424,9 @@ class TFElectraForSequenceClassification(TFElectraPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
+        out = self._base_call(locals())
         logits = self.classifier(out.last_hidden_state, training=training)
-        loss = None
-        if labels is not None:
-            loss = losses.sequence_classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)
-        result = SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+        result = sequence_classification_output(self.config, logits, labels, out)
         return self._finish(result, return_dict)
 
 
@@ -529,26 +479,10 @@ class TFElectraForMultipleChoice(TFElectraPreTrainedModel):
             rank=3,
             embed_dim=self.config.embedding_size,
         )
-        ref = input_ids if input_ids is not None else inputs_embeds
-        num_choices = tf.shape(ref)[1]
-        flat = flatten_choices
-        out = self._base(
-            input_ids=flat(input_ids),
-            attention_mask=flat(attention_mask),
-            token_type_ids=flat(token_type_ids),
-            position_ids=flat(position_ids),
-            head_mask=head_mask,
-            inputs_embeds=flat(inputs_embeds),
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
+        choices = num_choices(input_ids, inputs_embeds)
+        out = self._base_call(locals(), flatten=flatten_choices)
         pooled = self.sequence_summary(out.last_hidden_state, training=training)  # (B*C, H)
-        logits = tf.reshape(self.classifier(pooled), (-1, num_choices))  # (B*C, 1) -> (B, C)
-        loss = None if labels is None else losses.cross_entropy(logits, labels)
-        result = MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+        result = multiple_choice_output(self.classifier(pooled), choices, labels, out)  # (B*C, 1) -> (B, C)
         return self._finish(result, return_dict)
 
 
@@ -586,24 +520,9 @@ class TFElectraForTokenClassification(TFElectraPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
+        out = self._base_call(locals())
         logits = self.classifier(self.dropout(out.last_hidden_state, training=training))
-        loss = None
-        if labels is not None:
-            loss = losses.cross_entropy(tf.reshape(logits, (-1, self.config.num_labels)), tf.reshape(labels, (-1,)))
-        result = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+        result = token_classification_output(self.config, logits, labels, out)
         return self._finish(result, return_dict)
 
 
@@ -644,26 +563,7 @@ class TFElectraForQuestionAnswering(TFElectraPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
-        start_logits, end_logits = split_span_logits(self.qa_outputs(out.last_hidden_state))
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = losses.question_answering_loss(start_logits, end_logits, start_positions, end_positions)
-        result = QuestionAnsweringModelOutput(
-            loss=loss,
-            start_logits=start_logits,
-            end_logits=end_logits,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-        )
+        out = self._base_call(locals())
+        logits = self.qa_outputs(out.last_hidden_state)  # (B, L, 2)
+        result = question_answering_output(logits, start_positions, end_positions, out)
         return self._finish(result, return_dict)

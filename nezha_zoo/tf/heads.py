@@ -15,6 +15,14 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from nezha_zoo.config import PretrainedConfig  # noqa: E402
+from nezha_zoo.outputs import (  # noqa: E402
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from nezha_zoo.tf import losses  # noqa: E402
 from nezha_zoo.tf.layers import Block, dense, dropout, get_activation, layer_norm  # noqa: E402
 
 __all__ = [
@@ -29,6 +37,12 @@ __all__ = [
     "flatten_choices",
     "TFRobertaLMHead",
     "mean_pool",
+    "num_choices",
+    "masked_lm_output",
+    "sequence_classification_output",
+    "multiple_choice_output",
+    "token_classification_output",
+    "question_answering_output",
 ]
 
 
@@ -297,3 +311,61 @@ def mean_pool(last_hidden_state, attention_mask=None, normalize: bool = True, ep
         norm = tf.sqrt(tf.reduce_sum(tf.square(pooled), axis=-1, keepdims=True))  # (B, 1)
         pooled = pooled / tf.maximum(norm, eps)
     return pooled
+
+
+# --- loss + output object of the standard heads (``out``: the base layer's output) ---------------
+
+
+def masked_lm_output(logits, labels, out) -> MaskedLMOutput:
+    """``logits`` (B, L, V); ``labels`` (B, L), -100 ignored -> mean cross-entropy ``loss``."""
+    loss = None if labels is None else losses.masked_lm_loss(logits, labels)
+    return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def sequence_classification_output(config: PretrainedConfig, logits, labels, out) -> SequenceClassifierOutput:
+    """``logits`` (B, num_labels); the loss follows ``config.num_labels`` / ``config.problem_type``."""
+    loss = None
+    if labels is not None:
+        loss = losses.sequence_classification_loss(logits, labels, config.num_labels, config.problem_type)
+    return SequenceClassifierOutput(
+        loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+    )
+
+
+def num_choices(input_ids, inputs_embeds) -> tf.Tensor:
+    """C of multiple-choice inputs (B, C, L) or embeddings (B, C, L, E)."""
+    ref = input_ids if input_ids is not None else inputs_embeds
+    return tf.shape(ref)[1]
+
+
+def multiple_choice_output(scores, choices, labels, out) -> MultipleChoiceModelOutput:
+    """Per-row scores (B*C, 1) -> ``logits`` (B, C); ``labels`` (B,) the right choice."""
+    logits = tf.reshape(scores, (-1, choices))  # (B*C, 1) -> (B, C)
+    loss = None if labels is None else losses.cross_entropy(logits, labels)
+    return MultipleChoiceModelOutput(
+        loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+    )
+
+
+def token_classification_output(config: PretrainedConfig, logits, labels, out) -> TokenClassifierOutput:
+    """``logits`` (B, L, num_labels); ``labels`` (B, L), -100 ignored."""
+    loss = None
+    if labels is not None:
+        n = config.num_labels
+        loss = losses.cross_entropy(tf.reshape(logits, (-1, n)), tf.reshape(labels, (-1,)))  # (B*L, n)
+    return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def question_answering_output(logits, start_positions, end_positions, out) -> QuestionAnsweringModelOutput:
+    """``qa_outputs`` logits (B, L, 2) -> ``start_logits``/``end_logits`` (B, L); the loss needs both positions."""
+    start_logits, end_logits = split_span_logits(logits)
+    loss = None
+    if start_positions is not None and end_positions is not None:
+        loss = losses.question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+    return QuestionAnsweringModelOutput(
+        loss=loss,
+        start_logits=start_logits,
+        end_logits=end_logits,
+        hidden_states=out.hidden_states,
+        attentions=out.attentions,
+    )

@@ -199,6 +199,21 @@ class TFPreTrainedModel(keras.Model):
         """Run the base layer (``self.<base_model_prefix>``) of a head class."""
         return getattr(self, self.base_model_prefix)(gradient_checkpointing=self.gradient_checkpointing, **inputs)
 
+    def _base_call(self, call_args: dict[str, Any], flatten: Callable[[Any], Any] | None = None):
+        """Run the base layer on a head's own ``call`` arguments (pass ``locals()``).
+
+        Only the names the base layer's ``call`` takes are forwarded (labels, ``return_dict`` and other
+        locals are dropped), so each head keeps its explicit transformers signature without writing
+        the dozen keyword arguments out.  ``flatten`` (multiple choice: ``flatten_choices``) maps the
+        per-token inputs (B, C, L[, E]) -> (B*C, L[, E]); ``head_mask`` and the flags pass unchanged.
+        """
+        base = getattr(self, self.base_model_prefix)
+        accepted = inspect.signature(type(base).call).parameters
+        inputs = {k: v for k, v in call_args.items() if k in accepted and k not in ("self", "gradient_checkpointing")}
+        if flatten is not None:
+            inputs.update({k: flatten(inputs[k]) for k in _PER_TOKEN_INPUTS if k in inputs})
+        return self._base(**inputs)
+
     @property
     def spec(self) -> ModelSpec:
         return self.family.model_spec(self.config, self.head)
@@ -331,6 +346,9 @@ class TFPreTrainedModel(keras.Model):
         for extra in self.losses:  # add_loss / regulariser terms, as Keras' own compute_loss adds them
             loss = loss + self._aggregate_additional_loss(extra)
         return loss
+
+
+_PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 
 
 def _snake(name: str) -> str:

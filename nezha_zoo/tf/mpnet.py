@@ -36,23 +36,22 @@ import tensorflow as tf  # noqa: E402
 from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNET, MPNetConfig  # noqa: E402
 from nezha_zoo.outputs import (  # noqa: E402
     BaseModelOutputWithPooling,
-    MaskedLMOutput,
-    MultipleChoiceModelOutput,
-    QuestionAnsweringModelOutput,
     SentenceEmbeddingOutput,
-    SequenceClassifierOutput,
-    TokenClassifierOutput,
 )
 from nezha_zoo.spec.blocks import MPNET_NAMES  # noqa: E402
 from nezha_zoo.spec.param import ModelSpec  # noqa: E402
-from nezha_zoo.tf import losses  # noqa: E402
 from nezha_zoo.tf.heads import (  # noqa: E402
     TFClassificationHead,
     TFPooler,
     TFRobertaLMHead,
     flatten_choices,
+    masked_lm_output,
     mean_pool,
-    split_span_logits,
+    multiple_choice_output,
+    num_choices,
+    question_answering_output,
+    sequence_classification_output,
+    token_classification_output,
     token_classifier,
 )
 from nezha_zoo.tf.layers import BertBackboneMixin, Block, TFBertEmbeddings, TFBertEncoder, check_inputs, dense  # noqa: E402
@@ -365,28 +364,6 @@ class _MPNetHead(TFMPNetPreTrainedModel):
     def _init_base(self, config: MPNetConfig) -> None:
         self.mpnet = TFMPNetMainLayer(config, add_pooling_layer=self.head in HEADS_WITH_POOLER, name="mpnet")
 
-    def _run_base(
-        self,
-        input_ids,
-        attention_mask,
-        position_ids,
-        head_mask,
-        inputs_embeds,
-        output_attentions,
-        output_hidden_states,
-        training,
-    ) -> BaseModelOutputWithPooling:
-        return self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
-
 
 class TFMPNetForMaskedLM(_MPNetHead):
     __doc__ = (
@@ -422,20 +399,10 @@ class TFMPNetForMaskedLM(_MPNetHead):
         return_dict=None,
         training=False,
     ):
-        out = self._run_base(
-            input_ids,
-            attention_mask,
-            position_ids,
-            head_mask,
-            inputs_embeds,
-            output_attentions,
-            output_hidden_states,
-            training,
-        )
+        out = self._base_call(locals())
         table = self.mpnet.embeddings.word_embeddings.embeddings  # (V, H), shared with the input side
         logits = self.lm_head(out.last_hidden_state, table)  # (B, L, V)
-        loss = None if labels is None else losses.masked_lm_loss(logits, labels)
-        result = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        result = masked_lm_output(logits, labels, out)
         return self._finish(result, return_dict)
 
 
@@ -475,23 +442,9 @@ class TFMPNetForSequenceClassification(_MPNetHead):
         return_dict=None,
         training=False,
     ):
-        out = self._run_base(
-            input_ids,
-            attention_mask,
-            position_ids,
-            head_mask,
-            inputs_embeds,
-            output_attentions,
-            output_hidden_states,
-            training,
-        )
+        out = self._base_call(locals())
         logits = self.classifier(out.last_hidden_state, training=training)  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            loss = losses.sequence_classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)
-        result = SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+        result = sequence_classification_output(self.config, logits, labels, out)
         return self._finish(result, return_dict)
 
 
@@ -545,25 +498,10 @@ class TFMPNetForMultipleChoice(_MPNetHead):
             embed_dim=self.config.hidden_size,
             max_length=self.mpnet.max_sequence_length,
         )
-        ref = input_ids if input_ids is not None else inputs_embeds
-        num_choices = tf.shape(ref)[1]
-        flat = flatten_choices  # (B, C, L[, H]) -> (B*C, L[, H])
-        out = self._run_base(
-            flat(input_ids),
-            flat(attention_mask),
-            flat(position_ids),
-            head_mask,
-            flat(inputs_embeds),
-            output_attentions,
-            output_hidden_states,
-            training,
-        )
+        choices = num_choices(input_ids, inputs_embeds)
+        out = self._base_call(locals(), flatten=flatten_choices)
         pooled = self.dropout(out.pooler_output, training=training)  # (B*C, H)
-        logits = tf.reshape(self.classifier(pooled), (-1, num_choices))  # (B*C, 1) -> (B, C)
-        loss = None if labels is None else losses.cross_entropy(logits, labels)
-        result = MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+        result = multiple_choice_output(self.classifier(pooled), choices, labels, out)  # (B*C, 1) -> (B, C)
         return self._finish(result, return_dict)
 
 
@@ -600,24 +538,9 @@ class TFMPNetForTokenClassification(_MPNetHead):
         return_dict=None,
         training=False,
     ):
-        out = self._run_base(
-            input_ids,
-            attention_mask,
-            position_ids,
-            head_mask,
-            inputs_embeds,
-            output_attentions,
-            output_hidden_states,
-            training,
-        )
+        out = self._base_call(locals())
         logits = self.classifier(self.dropout(out.last_hidden_state, training=training))  # (B, L, num_labels)
-        loss = None
-        if labels is not None:
-            n = self.config.num_labels
-            loss = losses.cross_entropy(tf.reshape(logits, (-1, n)), tf.reshape(labels, (-1,)))  # (B*L, n)
-        result = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+        result = token_classification_output(self.config, logits, labels, out)
         return self._finish(result, return_dict)
 
 
@@ -657,25 +580,7 @@ class TFMPNetForQuestionAnswering(_MPNetHead):
         return_dict=None,
         training=False,
     ):
-        out = self._run_base(
-            input_ids,
-            attention_mask,
-            position_ids,
-            head_mask,
-            inputs_embeds,
-            output_attentions,
-            output_hidden_states,
-            training,
-        )
-        start_logits, end_logits = split_span_logits(self.qa_outputs(out.last_hidden_state))  # (B, L) each
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = losses.question_answering_loss(start_logits, end_logits, start_positions, end_positions)
-        result = QuestionAnsweringModelOutput(
-            loss=loss,
-            start_logits=start_logits,
-            end_logits=end_logits,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-        )
+        out = self._base_call(locals())
+        logits = self.qa_outputs(out.last_hidden_state)  # (B, L, 2)
+        result = question_answering_output(logits, start_positions, end_positions, out)
         return self._finish(result, return_dict)

@@ -36,13 +36,8 @@ import tensorflow as tf  # noqa: E402
 from nezha_zoo.families.nezha import NEZHA, NezhaConfig  # noqa: E402
 from nezha_zoo.outputs import (  # noqa: E402
     BaseModelOutputWithPoolingAndCrossAttentions,
-    MaskedLMOutput,
-    MultipleChoiceModelOutput,
     NextSentencePredictorOutput,
     NezhaForPreTrainingOutput,
-    QuestionAnsweringModelOutput,
-    SequenceClassifierOutput,
-    TokenClassifierOutput,
 )
 from nezha_zoo.spec.blocks import BertLayerNames  # noqa: E402
 from nezha_zoo.spec.param import ModelSpec  # noqa: E402
@@ -51,7 +46,12 @@ from nezha_zoo.tf.heads import (  # noqa: E402
     TFBertLMPredictionHead,
     TFPooler,
     flatten_choices,
-    split_span_logits,
+    masked_lm_output,
+    multiple_choice_output,
+    num_choices,
+    question_answering_output,
+    sequence_classification_output,
+    token_classification_output,
     token_classifier,
 )
 from nezha_zoo.tf.layers import (  # noqa: E402
@@ -410,16 +410,7 @@ class TFNezhaForPreTraining(TFNezhaPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
+        out = self._base_call(locals())
         prediction_logits, seq_logits = self.cls(
             sequence_output=out.last_hidden_state,
             pooled_output=out.pooler_output,
@@ -479,21 +470,9 @@ class TFNezhaForMaskedLM(TFNezhaPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
+        out = self._base_call(locals())
         logits, _ = self.cls(sequence_output=out.last_hidden_state, embedding_matrix=_word_embeddings(self))
-        loss = None if labels is None else losses.masked_lm_loss(logits, labels)
-        result = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        result = masked_lm_output(logits, labels, out)
         return self._finish(result, return_dict)
 
 
@@ -531,16 +510,7 @@ class TFNezhaForNextSentencePrediction(TFNezhaPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
+        out = self._base_call(locals())
         _, logits = self.cls(pooled_output=out.pooler_output)  # (B, 2)
         loss = None if labels is None else losses.cross_entropy(logits, tf.reshape(labels, (-1,)))
         result = NextSentencePredictorOutput(
@@ -585,23 +555,9 @@ class TFNezhaForSequenceClassification(TFNezhaPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
+        out = self._base_call(locals())
         logits = self.classifier(self.dropout(out.pooler_output, training=training))  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            loss = losses.sequence_classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)
-        result = SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+        result = sequence_classification_output(self.config, logits, labels, out)
         return self._finish(result, return_dict)
 
 
@@ -655,25 +611,10 @@ class TFNezhaForMultipleChoice(TFNezhaPreTrainedModel):
             embed_dim=self.config.hidden_size,
             check_positions=False,
         )
-        ref = input_ids if input_ids is not None else inputs_embeds
-        num_choices = tf.shape(ref)[1]
-        flat = flatten_choices  # (B, C, L[, H]) -> (B*C, L[, H])
-        out = self._base(
-            input_ids=flat(input_ids),
-            attention_mask=flat(attention_mask),
-            token_type_ids=flat(token_type_ids),
-            head_mask=head_mask,
-            inputs_embeds=flat(inputs_embeds),
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
+        choices = num_choices(input_ids, inputs_embeds)
+        out = self._base_call(locals(), flatten=flatten_choices)
         pooled = self.dropout(out.pooler_output, training=training)  # (B*C, H)
-        logits = tf.reshape(self.classifier(pooled), (-1, num_choices))  # (B*C, 1) -> (B, C)
-        loss = None if labels is None else losses.cross_entropy(logits, labels)
-        result = MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+        result = multiple_choice_output(self.classifier(pooled), choices, labels, out)  # (B*C, 1) -> (B, C)
         return self._finish(result, return_dict)
 
 
@@ -710,23 +651,9 @@ class TFNezhaForTokenClassification(TFNezhaPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
+        out = self._base_call(locals())
         logits = self.classifier(self.dropout(out.last_hidden_state, training=training))  # (B, L, num_labels)
-        loss = None
-        if labels is not None:
-            loss = losses.cross_entropy(tf.reshape(logits, (-1, self.config.num_labels)), tf.reshape(labels, (-1,)))
-        result = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+        result = token_classification_output(self.config, logits, labels, out)
         return self._finish(result, return_dict)
 
 
@@ -766,25 +693,7 @@ class TFNezhaForQuestionAnswering(TFNezhaPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            training=training,
-        )
-        start_logits, end_logits = split_span_logits(self.qa_outputs(out.last_hidden_state))  # (B, L) each
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = losses.question_answering_loss(start_logits, end_logits, start_positions, end_positions)
-        result = QuestionAnsweringModelOutput(
-            loss=loss,
-            start_logits=start_logits,
-            end_logits=end_logits,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-        )
+        out = self._base_call(locals())
+        logits = self.qa_outputs(out.last_hidden_state)  # (B, L, 2)
+        result = question_answering_output(logits, start_positions, end_positions, out)
         return self._finish(result, return_dict)
