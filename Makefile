@@ -2,7 +2,7 @@
 #   make demo    build a small Electra, save it, load it in PyTorch, TensorFlow and Flax, compare
 #   make test    the checks below, then the whole test suite
 #   make check   `import nezha_zoo` pulls in no framework; no framework-named top-level dir; ruff lint + format
-#   make bench   benchmarks (not tests); BENCH_ARGS=--smoke for a quick run
+#   make parity  the demo's table with transformers 4.57.6 PyTorch as a reference column
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,10 +10,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.nezha_zoo-installed
 PYTEST_ARGS ?=
-BENCH_ARGS ?=
 FORBIDDEN_TOP := flax tf tensorflow torch pt jax keras conversion
 
-.PHONY: venv demo test check bench clean
+.PHONY: venv demo test check parity clean
 
 venv: $(STAMP)
 
@@ -33,15 +32,15 @@ check: $(STAMP)
 	  if [ -e "$$d" ]; then echo "check: top-level '$$d' would shadow a package; keep backends under nezha_zoo/"; exit 1; fi; \
 	done
 	$(PY) -m nezha_zoo.tools.check_imports
-	$(PY) -m ruff check nezha_zoo tests examples
-	$(PY) -m ruff format --check nezha_zoo tests examples
+	$(PY) -m ruff check nezha_zoo tests examples benchmarks
+	$(PY) -m ruff format --check nezha_zoo tests examples benchmarks
 	@echo "check: ok"
 
 test: check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(PY) -m benchmarks.run $(BENCH_ARGS)
+parity: $(STAMP)
+	$(PY) -m benchmarks.parity
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -2,7 +2,7 @@
 
 For every head of every family with a complete spec, the demo draws canonical weights from a numpy
 seed (:func:`nezha_zoo.modeling.random_weights`), saves them as a transformers-format directory,
-loads that directory in PyTorch, TensorFlow and Flax (and in transformers when installed), runs one
+loads that directory in PyTorch, TensorFlow and Flax, runs one
 padded batch, and prints the largest difference between every pair of backends and each backend's
 forward time.  It needs no network and no hub.  Run it as ``python -m nezha_zoo.demo``.
 """
@@ -80,14 +80,19 @@ def _main_output(out: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(to_numpy(v)) for k, v in out.items() if k not in skip}
 
 
-def _runner(backend: str, family: Family, head: str, path: str) -> Callable[[dict[str, np.ndarray]], Any]:
-    """Load ``path`` in ``backend`` and return ``run(inputs) -> output``."""
-    name = family.class_name(head, "pt" if backend == "transformers" else backend)
-    if backend == "pt":
-        import torch
+Runner = Callable[[dict[str, np.ndarray]], Any]
+#: ``(family, head, checkpoint_dir) -> run``: how an outside reference (e.g. transformers) loads a class.
+RunnerFactory = Callable[[Family, str, str], Runner]
 
-        cls = getattr(importlib.import_module("nezha_zoo.pt"), name)
-        model = cls.from_pretrained(path).eval()
+
+def _runner(backend: str, family: Family, head: str, path: str) -> Runner:
+    """Load ``path`` in ``backend`` and return ``run(inputs) -> output``."""
+    name = family.class_name(head, backend)
+    cls = getattr(importlib.import_module(f"nezha_zoo.{backend}"), name)
+    model = cls.from_pretrained(path)
+    if backend == "pt":
+        torch = importlib.import_module("torch")  # only when the PyTorch backend is in use
+        model.eval()
 
         def run(inputs: dict[str, np.ndarray]) -> Any:
             with torch.no_grad():
@@ -95,26 +100,8 @@ def _runner(backend: str, family: Family, head: str, path: str) -> Callable[[dic
 
         return run
     if backend == "tf":
-        cls = getattr(importlib.import_module("nezha_zoo.tf"), name)
-        model = cls.from_pretrained(path)
         return lambda inputs: model(dict(inputs), training=False)
-    if backend == "flax":
-        cls = getattr(importlib.import_module("nezha_zoo.flax"), name)
-        model = cls.from_pretrained(path)
-        return lambda inputs: model(**inputs)
-    if backend == "transformers":
-        import torch
-        import transformers
-
-        transformers.logging.set_verbosity_error()  # its advice on standalone CausalLM use is noise here
-        model = getattr(transformers, name).from_pretrained(path).eval()
-
-        def run_hf(inputs: dict[str, np.ndarray]) -> Any:
-            with torch.no_grad():
-                return model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
-
-        return run_hf
-    raise ValueError(backend)
+    return lambda inputs: model(**inputs)
 
 
 def _timed(run: Callable[[dict[str, np.ndarray]], Any], inputs: dict[str, np.ndarray]) -> tuple[Any, float]:
@@ -129,18 +116,22 @@ def _timed(run: Callable[[dict[str, np.ndarray]], Any], inputs: dict[str, np.nda
 
 
 def _available(backend: str) -> bool:
-    module = {"pt": "torch", "tf": "tensorflow", "flax": "flax", "transformers": "transformers"}[backend]
     try:
-        importlib.import_module(module)
-        importlib.import_module(f"nezha_zoo.{backend}") if backend != "transformers" else None
+        importlib.import_module(f"nezha_zoo.{backend}")
     except ImportError:
         return False
     return True
 
 
-def run_demo(out_dir: str) -> tuple[list[dict[str, Any]], bool]:
+def run_demo(out_dir: str, references: dict[str, RunnerFactory] | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """Build, save, load and compare every demo class; returns the table rows and whether all agree.
+
+    ``references`` adds outside implementations (name -> runner factory) compared with each backend;
+    ``benchmarks/parity.py`` passes transformers here (the package itself never imports it).
+    """
     backends = [b for b in BACKENDS if _available(b)]
-    reference = ["transformers"] if _available("transformers") else []
+    references = dict(references or {})
+    reference = list(references)
     rows: list[dict[str, Any]] = []
     ok = True
     for key, make_config in DEMO_CONFIGS.items():
@@ -163,7 +154,8 @@ def run_demo(out_dir: str) -> tuple[list[dict[str, Any]], bool]:
             results: dict[str, dict[str, np.ndarray]] = {}
             row: dict[str, Any] = {"class": family.class_name(head), "params": spec.num_parameters()}
             for b in backends + reference:
-                out, ms = _timed(_runner(b, family, head, path), inputs)
+                factory = references.get(b) or (lambda f, h, p, b=b: _runner(b, f, h, p))
+                out, ms = _timed(factory(family, head, path), inputs)
                 results[b] = _main_output(out)
                 row[f"{b} ms"] = ms
             pairs = [(a, c) for i, a in enumerate(backends) for c in backends[i + 1 :]]
@@ -198,17 +190,17 @@ def _fmt(col: str, v: Any) -> str:
     return str(v)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, references: dict[str, RunnerFactory] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nezha_zoo.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="keep the demo checkpoints in this directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     if args.out:
-        rows, ok = run_demo(args.out)
+        rows, ok = run_demo(args.out, references)
     else:
         with tempfile.TemporaryDirectory(prefix="nezha_zoo_demo_") as tmp:
-            rows, ok = run_demo(tmp)
+            rows, ok = run_demo(tmp, references)
     sys.stdout.write(
         "nezha_zoo demo: seeded checkpoints (seed 0) loaded in every backend; one padded batch each.\n"
         "Columns a|b: max |a - b| over the head's outputs; '<backend> ms': median forward time (eager).\n\n"

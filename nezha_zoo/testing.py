@@ -5,6 +5,7 @@ Importing this module imports no framework; :func:`pin_precision` imports the on
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,21 +72,19 @@ def assert_close(a: Any, b: Any, tol: float, what: str = "", mask: np.ndarray | 
 
 
 def pin_precision(framework: str) -> None:
-    """Full float32 matmuls (no TF32, no bf16 passes) in ``framework``: "pt", "tf" or "flax"."""
-    if framework == "pt":
-        import torch
+    """Full float32 matmuls (no TF32, no bf16 passes) in ``framework``: "pt", "tf" or "flax".
 
+    The framework is imported here, on demand, so importing this module stays framework-free.
+    """
+    if framework == "pt":
+        torch = importlib.import_module("torch")
         torch.set_float32_matmul_precision("highest")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     elif framework == "tf":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_tensor_float_32_execution(False)
+        importlib.import_module("tensorflow").config.experimental.enable_tensor_float_32_execution(False)
     elif framework == "flax":
-        import jax
-
-        jax.config.update("jax_default_matmul_precision", "highest")
+        importlib.import_module("jax").config.update("jax_default_matmul_precision", "highest")
     else:
         raise ValueError(f"unknown framework {framework!r}")
 

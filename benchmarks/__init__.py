@@ -1,0 +1,1 @@
+"""Benchmarks and reports run with ``python -m benchmarks.<name>`` (not tests)."""
