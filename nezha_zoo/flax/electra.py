@@ -23,6 +23,7 @@ from nezha_zoo.flax.heads import (
     PredictionHead,
     SequenceSummary,
     TiedLMBias,
+    tied_embedding_table,
 )
 from nezha_zoo.flax.layers import BertEmbeddings, BertEncoder, cache_index, dense
 from nezha_zoo.flax.modeling_utils import (
@@ -207,7 +208,7 @@ class _GeneratorHead(_ElectraHead):
         # The generator transform always uses exact GELU (transformers' Flax port uses hidden_act: a bug).
         transform = LMHeadTransform(c, c.embedding_size, "gelu", dtype=self.dtype, name="generator_predictions")
         h = transform(out.last_hidden_state)
-        table = electra.variables["params"]["embeddings"]["word_embeddings"]["embedding"]  # (V, E), tied
+        table = tied_embedding_table(electra, c)  # (V, E)
         return {"logits": TiedLMBias(c.vocab_size, self.dtype, name="generator_lm_head")(h, table)}
 
 

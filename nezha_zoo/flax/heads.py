@@ -16,6 +16,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from nezha_zoo.flax.layers import dense, get_activation, layer_norm
+from nezha_zoo.spec.layouts import LAYOUTS
+from nezha_zoo.spec.param import Kind
+from nezha_zoo.spec.registry import family_of_config
 
 __all__ = [
     "ClassificationHead",
@@ -278,3 +281,26 @@ def mean_pool(
         norm = jnp.sqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True))  # (B, 1)
         pooled = pooled / jnp.maximum(norm, 1e-12)
     return pooled
+
+
+def tied_embedding_table(base: nn.Module, config: Any) -> jax.Array | None:
+    """The word-embedding table an LM head's output projection is tied to, found through the spec.
+
+    The family's ``ForMaskedLM`` spec says which embedding its tied alias points at; its Flax path
+    (minus the base-model prefix) locates the array among ``base``'s params.  ``base`` must have run.
+    Returns None when the config unties the head (``tie_word_embeddings=False``).
+    """
+    family = family_of_config(config)
+    spec = family.model_spec(config, "ForMaskedLM")
+    targets = [spec[t] for t in spec.ties.values() if spec[t].kind is Kind.EMBEDDING]
+    if not targets:
+        return None  # the config unties the head: it owns its decoder weight
+    if len(targets) != 1:
+        raise ValueError(f"{family.key}: expected one embedding behind the LM head's ties, found {targets}")
+    prefix, *path = LAYOUTS["flax"].path(targets[0])
+    if prefix != family.base_prefix:
+        raise ValueError(f"{targets[0].name}: expected the base-model prefix {family.base_prefix!r}")
+    node = base.variables["params"]
+    for key in path:
+        node = node[key]
+    return node  # (V, E)

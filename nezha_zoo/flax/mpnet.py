@@ -32,7 +32,7 @@ import numpy as np
 from flax import linen as nn
 
 from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNET
-from nezha_zoo.flax.heads import ClassificationHead, RobertaLMHead, mean_pool
+from nezha_zoo.flax.heads import ClassificationHead, RobertaLMHead, mean_pool, tied_embedding_table
 from nezha_zoo.flax.layers import BertLayerCollection, BertPooler, freeze_padding_row, layer_norm
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
@@ -339,7 +339,7 @@ class FlaxMPNetForMaskedLMModule(_MPNetHead):
             c = self.config
             table = None
             if c.tie_word_embeddings:
-                table = mpnet.variables["params"]["embeddings"]["word_embeddings"]["embedding"]  # (V, H)
+                table = tied_embedding_table(mpnet, c)  # (V, H)
             lm_head = RobertaLMHead(c, tied=c.tie_word_embeddings, dtype=self.dtype, name="lm_head")
             return {"logits": lm_head(out.last_hidden_state, table)}
 

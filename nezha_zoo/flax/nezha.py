@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from nezha_zoo.families.nezha import HEADS_WITH_POOLER, NEZHA
-from nezha_zoo.flax.heads import BertLMPredictionHead, classifier_dropout, token_classifier
+from nezha_zoo.flax.heads import BertLMPredictionHead, classifier_dropout, tied_embedding_table, token_classifier
 from nezha_zoo.flax.layers import (
     BertEmbeddings,
     BertEncoder,
@@ -212,7 +212,7 @@ class _NezhaHead(FlaxHeadModule):
 
 def _word_embeddings(nezha: nn.Module):
     """The word-embedding table (V, H) of a run ``nezha`` module (the tied MLM decoder)."""
-    return nezha.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+    return tied_embedding_table(nezha, nezha.config)
 
 
 class FlaxNezhaForPreTrainingModule(_NezhaHead):
