@@ -138,9 +138,11 @@ def run_demo(out_dir: str, references: dict[str, RunnerFactory] | None = None) -
         family = get_family(key)
         config = make_config()
         for head in family.heads:
-            spec = family.model_spec(config, head)
+            # A causal LM is meant to run as a decoder (causal self-attention).
+            head_config = config.copy(is_decoder=True) if head == "ForCausalLM" else config
+            spec = family.model_spec(head_config, head)
             path = os.path.join(out_dir, f"{key}-{head}")
-            save_weights(path, config, spec, family, random_weights(spec, config, seed=SEED))
+            save_weights(path, head_config, spec, family, random_weights(spec, head_config, seed=SEED))
             mc = head == "ForMultipleChoice"
             inputs = tiny_inputs(
                 batch=2,
