@@ -1,0 +1,93 @@
+"""A fixed-size key/value cache for TensorFlow decoders: static shapes, so decoding compiles.
+
+The growing cache (a ``(key, value)`` tuple per layer, concatenated each step) changes shape every
+step and retraces under ``tf.function``.  :class:`KVCache` instead holds ``max_length`` slots and a
+fill index; each call writes its new keys/values at ``index`` and advances it.  Slots not yet written
+are zeros and must be masked: with a :class:`KVCache` the attention mask covers all ``max_length``
+slots (1 = a real token already written or being written now, 0 = padding or an empty slot).
+
+This mirrors the Flax backend's ``"cache"`` collection (``cached_key``, ``cached_value``,
+``cache_index``), with the time axis at position 2 as in the growing TF cache.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+__all__ = ["KVCache", "init_kv_cache", "append_kv", "is_fixed_cache", "fixed_cache_index", "fixed_cache_length"]
+
+
+class KVCache(NamedTuple):
+    """One attention layer's fixed-size cache.
+
+    Attributes:
+        key: (B, kv_heads, max_length, head_dim) keys, zeros in unwritten slots.
+        value: (B, kv_heads, max_length, head_dim) values, zeros in unwritten slots.
+        index: () int32, the number of slots written so far (the next write position).
+    """
+
+    key: tf.Tensor
+    value: tf.Tensor
+    index: tf.Tensor
+
+
+def init_kv_cache(batch_size: int, kv_heads: int, max_length: int, head_dim: int, dtype=tf.float32) -> KVCache:
+    """An empty cache of ``max_length`` slots."""
+    zeros = tf.zeros((batch_size, kv_heads, max_length, head_dim), dtype=dtype)
+    return KVCache(zeros, zeros, tf.constant(0, tf.int32))
+
+
+def is_fixed_cache(past: object) -> bool:
+    """Whether a layer's ``past_key_value`` is a :class:`KVCache` (not a growing ``(k, v)`` tuple)."""
+    return isinstance(past, KVCache)
+
+
+def fixed_cache_index(past_key_values: object) -> tf.Tensor | None:
+    """The fill index of a model's cache (its first layer's), or None if it is not a fixed-size cache."""
+    if past_key_values is None or len(past_key_values) == 0:
+        return None
+    first = past_key_values[0]
+    return first.index if is_fixed_cache(first) else None
+
+
+def fixed_cache_length(past_key_values: object) -> int | None:
+    """The static slot count ``max_length`` of a model's fixed-size cache, or None."""
+    if past_key_values is None or len(past_key_values) == 0 or not is_fixed_cache(past_key_values[0]):
+        return None
+    return int(past_key_values[0].key.shape[2])
+
+
+def append_kv(cache: KVCache, key: tf.Tensor, value: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, KVCache]:
+    """Write ``key``/``value`` (B, kv_heads, n, head_dim) at ``cache.index``.
+
+    Returns the full (B, kv_heads, max_length, head_dim) keys and values to attend over, and the
+    updated cache (index advanced by ``n``).  Writing past ``max_length`` raises in eager mode
+    (``tf.debugging``); under ``tf.function`` the same assertion runs in the graph.
+    """
+    n = tf.shape(key)[2]
+    max_length = tf.shape(cache.key)[2]
+    tf.debugging.assert_less_equal(
+        cache.index + n, max_length, message="KVCache: writing past the cache's max_length slots"
+    )
+    positions = cache.index + tf.range(n)  # (n,) slots written now
+    # tensor_scatter_nd_update writes along the leading axis: move time first and back.
+    to_time_first, back = [2, 0, 1, 3], [1, 2, 0, 3]
+    new_key = tf.transpose(
+        tf.tensor_scatter_nd_update(
+            tf.transpose(cache.key, to_time_first),  # (max_length, B, kv_heads, head_dim)
+            positions[:, None],
+            tf.transpose(tf.cast(key, cache.key.dtype), to_time_first),  # (n, B, kv_heads, head_dim)
+        ),
+        back,
+    )
+    new_value = tf.transpose(
+        tf.tensor_scatter_nd_update(
+            tf.transpose(cache.value, to_time_first),
+            positions[:, None],
+            tf.transpose(tf.cast(value, cache.value.dtype), to_time_first),
+        ),
+        back,
+    )
+    return new_key, new_value, KVCache(new_key, new_value, cache.index + n)
