@@ -3,6 +3,7 @@
 #   make test    the checks below, then the whole test suite
 #   make check   `import nezha_zoo` pulls in no framework; no framework-named top-level dir; ruff lint + format
 #   make parity  the demo's table with transformers 4.57.6 PyTorch as a reference column
+#   make bench   forward-pass speed of every family and backend beside transformers (benchmarks/results/)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,9 +11,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.nezha_zoo-installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 FORBIDDEN_TOP := flax tf tensorflow torch pt jax keras conversion
 
-.PHONY: venv demo test check parity clean
+.PHONY: venv demo test check parity bench clean
 
 venv: $(STAMP)
 
@@ -41,6 +43,10 @@ test: check
 
 parity: $(STAMP)
 	$(PY) -m benchmarks.parity
+
+# BENCH_ARGS="--smoke" for a seconds-long check; see benchmarks/README.md for the other benchmarks.
+bench: $(STAMP)
+	$(PY) -m benchmarks.forward $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

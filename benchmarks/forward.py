@@ -1,0 +1,534 @@
+"""Forward-pass speed of every family in every backend, beside transformers, on the same weights.
+
+``make bench`` (or ``python -m benchmarks.forward``) measures, for each family at its base size
+(XLM-R-XL and MPT on reduced configs, see :data:`BENCH_CONFIGS`), the base model's forward pass:
+
+* ours: PyTorch eager (``pt``) and ``torch.compile`` (``pt-compile``), TensorFlow under
+  ``tf.function`` without and with XLA (``tf``, ``tf-xla``), Flax under ``jax.jit`` (``flax``);
+* transformers 4.57.6 for the same framework where it has the class: ``hf-pt`` (all six families),
+  ``hf-tf`` / ``hf-tf-xla`` (Electra, MPNet; run under tf-keras in its own process) and
+  ``hf-flax`` (Electra).
+
+Every (family, backend) runs in a fresh process with the same thread count on one seeded checkpoint
+per family.  Shapes: batch 1 x 16 tokens (latency), 8 x 128 (throughput), 1 x 512 (long).  Warm-up
+(tracing, compilation) is timed separately and excluded; the figure is the median of repeated runs.
+The same run measures the machine's float32 matrix-multiply rate (the physical reference), and each
+model's achieved GFLOP/s is reported against it.  FLOPs are counted from the family's parameter
+spec: every dense weight is one multiply-add per token (per sequence for the pooler), plus the two
+attention products.
+
+Output under ``--out`` (default ``benchmarks/results``): ``forward.json`` (machine, versions, every
+measurement), ``forward.md`` (tables and target verdicts) and ``forward.png`` (chart).
+``--smoke`` runs tiny configs in-process in seconds; CI runs that to keep this script working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.modeling import random_weights, save_weights
+from nezha_zoo.spec.param import Kind
+from nezha_zoo.spec.registry import get_family
+
+#: (family key, config fields, what the size stands for).  Sizes of the published base checkpoints;
+#: XLM-R-XL keeps its layer width but only 2 of 36 layers and a small vocabulary (the forward pass of
+#: the base model never touches more than the looked-up rows); MPT's smallest release is 7B, so a
+#: 125M-parameter MPT (GPT-2-small shape) stands in.
+BENCH_CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
+    "electra": (
+        dict(vocab_size=30522, embedding_size=768, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+             intermediate_size=3072, max_position_embeddings=512),
+        "electra-base",
+    ),
+    "nezha": (
+        dict(vocab_size=21128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+             max_position_embeddings=512, max_relative_position=64),
+        "nezha-cn-base",
+    ),
+    "mpnet": (
+        dict(vocab_size=30527, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+             max_position_embeddings=514),
+        "mpnet-base",
+    ),
+    "ibert": (
+        dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+             max_position_embeddings=514, quant_mode=False),
+        "ibert-roberta-base (float mode)",
+    ),
+    "xlm_roberta_xl": (
+        dict(vocab_size=8192, hidden_size=2560, num_hidden_layers=2, num_attention_heads=32, intermediate_size=10240,
+             max_position_embeddings=514),
+        "xlm-roberta-xl layer width, 2 of 36 layers",
+    ),
+    "mpt": (
+        dict(vocab_size=50368, d_model=768, n_heads=12, n_layers=12, max_seq_len=2048),
+        "mpt 125M (GPT-2-small shape)",
+    ),
+}  # fmt: skip
+
+#: Tiny configs for ``--smoke``.
+SMOKE_CONFIGS: dict[str, dict[str, Any]] = {
+    "electra": dict(vocab_size=99, embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=37, max_position_embeddings=64),
+    "nezha": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  max_position_embeddings=64, max_relative_position=8),
+    "mpnet": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  max_position_embeddings=66),
+    "ibert": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  max_position_embeddings=66),
+    "xlm_roberta_xl": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=37, max_position_embeddings=66),
+    "mpt": dict(vocab_size=99, d_model=32, n_heads=4, n_layers=2, max_seq_len=64),
+}  # fmt: skip
+
+SHAPES = ((1, 16), (8, 128), (1, 512))
+SMOKE_SHAPES = ((1, 8), (2, 16))
+
+#: Backend -> (framework, implementation, compile mode).
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    "pt": ("pt", "ours", "eager"),
+    "pt-compile": ("pt", "ours", "torch.compile"),
+    "tf": ("tf", "ours", "tf.function"),
+    "tf-xla": ("tf", "ours", "tf.function+XLA"),
+    "flax": ("flax", "ours", "jax.jit"),
+    "hf-pt": ("pt", "transformers", "eager"),
+    "hf-tf": ("tf", "transformers", "tf.function"),
+    "hf-tf-xla": ("tf", "transformers", "tf.function+XLA"),
+    "hf-flax": ("flax", "transformers", "jax.jit"),
+}
+
+#: Families with transformers classes per framework (4.57.6).
+TRANSFORMERS_HAS = {
+    "pt": {"electra", "nezha", "mpnet", "ibert", "xlm_roberta_xl", "mpt"},
+    "tf": {"electra", "mpnet"},
+    "flax": {"electra"},
+}
+
+#: Extra (query x relative-table) products per layer, in units of one attention product: Nezha adds
+#: a relative key term and a relative value term.
+RELATIVE_PRODUCTS = {"nezha": 2}
+
+
+def bench_config(family: str, smoke: bool = False) -> PretrainedConfig:
+    """The benchmark config of ``family`` (base size, or tiny with ``smoke``)."""
+    fields = SMOKE_CONFIGS[family] if smoke else BENCH_CONFIGS[family][0]
+    return get_family(family).config_class(**fields)
+
+
+def forward_flops(family: str, config: PretrainedConfig, batch: int, seq: int) -> int:
+    """Floating-point operations of the base model's forward pass (multiply-add = 2), from the spec."""
+    spec = get_family(family).model_spec(config, "Model")
+    tokens = batch * seq
+    flops = 0
+    for p in spec:
+        if p.kind is Kind.DENSE:
+            per_use = 2 * math.prod(p.shape)
+            flops += per_use * (batch if p.name.startswith("pooler.") else tokens)
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    products = 2 + RELATIVE_PRODUCTS.get(family, 0)  # q.k^T and probs.v (+ relative terms)
+    flops += layers * products * 2 * batch * seq * seq * hidden
+    return flops
+
+
+# --- the worker: one (family, backend) in its own process ----------------------------------------
+
+
+def _set_threads(threads: int) -> None:
+    """Same thread count for every framework; must run before any framework is imported."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _make_runner(
+    backend: str, family: str, path: str, threads: int
+) -> tuple[Callable[[np.ndarray, np.ndarray], Any], Callable]:
+    """Load ``path`` and return ``(run(ids, mask) -> output, materialise(output))``."""
+    fw, impl, mode = BACKENDS[backend]
+    fam = get_family(family)
+    name = fam.class_name("Model", fw)
+    if fw == "pt":
+        import torch
+
+        torch.set_num_threads(threads)
+        if impl == "ours":
+            import nezha_zoo.pt as module
+        else:
+            import transformers as module
+
+            module.logging.set_verbosity_error()
+        model = getattr(module, name).from_pretrained(path).eval()
+        call = torch.compile(model, dynamic=False) if mode == "torch.compile" else model
+
+        def run_pt(ids, mask):
+            with torch.inference_mode():
+                return call(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0]
+
+        return run_pt, lambda out: out
+    if fw == "tf":
+        import tensorflow as tf
+
+        if impl == "ours":
+            import nezha_zoo.tf as module
+
+            model = getattr(module, name).from_pretrained(path)
+        else:
+            import transformers as module
+
+            module.logging.set_verbosity_error()
+            model = getattr(module, name).from_pretrained(path, from_pt=True)
+        fn = tf.function(
+            lambda ids, mask: model(input_ids=ids, attention_mask=mask, training=False)[0],
+            jit_compile=mode.endswith("XLA"),
+        )
+        return (lambda ids, mask: fn(tf.constant(ids), tf.constant(mask))), (lambda out: out.numpy())
+    import jax
+
+    if impl == "ours":
+        import nezha_zoo.flax as module
+
+        model = getattr(module, name).from_pretrained(path)
+    else:
+        import transformers as module
+
+        module.logging.set_verbosity_error()
+        model = getattr(module, name).from_pretrained(path, from_pt=True)
+    fn = jax.jit(lambda params, ids, mask: model(ids, attention_mask=mask, params=params)[0])
+    params = model.params
+    return (lambda ids, mask: fn(params, ids, mask)), (lambda out: out.block_until_ready())
+
+
+def _time_shape(run, materialise, batch: int, seq: int, vocab: int, min_time: float, repeats: int) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, vocab, size=(batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    t0 = time.perf_counter()
+    materialise(run(ids, mask))  # traces / compiles
+    warmup = time.perf_counter() - t0
+    materialise(run(ids, mask))
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 200):
+        t = time.perf_counter()
+        materialise(run(ids, mask))
+        times.append(time.perf_counter() - t)
+    return {"batch": batch, "seq": seq, "warmup_s": warmup, "median_s": statistics.median(times), "runs": len(times)}
+
+
+def run_worker(
+    backend: str, family: str, path: str, shapes, smoke: bool, min_time: float, repeats: int, threads: int
+) -> dict[str, Any]:
+    """Time ``family``'s base model in ``backend`` at each shape (in this process)."""
+    config = bench_config(family, smoke)
+    t0 = time.perf_counter()
+    run, materialise = _make_runner(backend, family, path, threads)
+    load_s = time.perf_counter() - t0
+    results = [_time_shape(run, materialise, b, s, config.vocab_size, min_time, repeats) for b, s in shapes]
+    return {"family": family, "backend": backend, "load_s": load_s, "shapes": results}
+
+
+def matmul_rate(threads: int, n: int = 2048, min_time: float = 3.0) -> dict[str, Any]:
+    """The machine's float32 matrix-multiply rate (GFLOP/s), PyTorch (oneDNN/MKL) and numpy, best of both."""
+    import torch
+
+    torch.set_num_threads(threads)
+    rates = {}
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    na, nb = a.numpy(), b.numpy()
+    for name, mm in (("torch", lambda: torch.mm(a, b)), ("numpy", lambda: na @ nb)):
+        mm()
+        times: list[float] = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < min_time or len(times) < 5:
+            t = time.perf_counter()
+            mm()
+            times.append(time.perf_counter() - t)
+        rates[name] = 2 * n**3 / statistics.median(times) / 1e9
+    return {"n": n, "gflops": max(rates.values()), "by_library": rates}
+
+
+# --- the orchestrator ----------------------------------------------------------------------------
+
+
+def _checkpoint(workdir: str, family: str, smoke: bool) -> str:
+    """One seeded base-model checkpoint per family, reused across runs of the same workdir."""
+    path = os.path.join(workdir, f"{family}-{'smoke' if smoke else 'base'}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        fam, config = get_family(family), bench_config(family, smoke)
+        spec = fam.model_spec(config, "Model")
+        save_weights(path, config, spec, fam, random_weights(spec, config, seed=0))
+    return path
+
+
+def _backends_for(family: str, wanted: list[str]) -> list[str]:
+    out = []
+    for b in wanted:
+        fw, impl, _ = BACKENDS[b]
+        if impl == "transformers" and family not in TRANSFORMERS_HAS[fw]:
+            continue
+        out.append(b)
+    return out
+
+
+def _subprocess_worker(args: argparse.Namespace, backend: str, family: str, path: str, shapes) -> dict[str, Any]:
+    env = dict(os.environ)
+    if BACKENDS[backend][:2] == ("tf", "transformers"):
+        env["TF_USE_LEGACY_KERAS"] = "1"  # transformers' TF classes need tf-keras (Keras 2)
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_path = f.name
+    cmd = [
+        sys.executable, "-m", "benchmarks.forward", "--worker", backend, "--family", family, "--checkpoint", path,
+        "--shapes", ",".join(f"{b}x{s}" for b, s in shapes), "--threads", str(args.threads),
+        "--min-time", str(args.min_time), "--repeats", str(args.repeats), "--result", result_path,
+    ]  # fmt: skip
+    if args.smoke:
+        cmd.append("--smoke")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return {"family": family, "backend": backend, "error": " | ".join(tail)}
+        with open(result_path) as f:
+            return json.load(f)
+    finally:
+        os.unlink(result_path)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("nezha-zoo", "torch", "tensorflow-cpu", "tf-keras", "keras", "jax", "flax", "transformers", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _machine(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform()}
+
+
+def summarise(results: list[dict[str, Any]], matmul: dict[str, Any], smoke: bool) -> list[dict[str, Any]]:
+    """Add FLOPs, GFLOP/s, fraction of the matmul rate and tokens/s to every measurement."""
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append({**r, "framework": BACKENDS[r["backend"]][0]})
+            continue
+        config = bench_config(r["family"], smoke)
+        for s in r["shapes"]:
+            flops = forward_flops(r["family"], config, s["batch"], s["seq"])
+            gflops = flops / s["median_s"] / 1e9
+            rows.append(
+                {
+                    "family": r["family"],
+                    "backend": r["backend"],
+                    "framework": BACKENDS[r["backend"]][0],
+                    "shape": f"{s['batch']}x{s['seq']}",
+                    "median_ms": s["median_s"] * 1e3,
+                    "warmup_s": s["warmup_s"],
+                    "runs": s["runs"],
+                    "tokens_per_s": s["batch"] * s["seq"] / s["median_s"],
+                    "gflop": flops / 1e9,
+                    "gflops": gflops,
+                    "matmul_fraction": gflops / matmul["gflops"],
+                }
+            )
+    return rows
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets: at least as fast as transformers in the same framework at every shape (best of
+    our modes vs best of its modes), and >= 85% of the matmul rate at 8x128."""
+    lines = []
+    ok_rows = [r for r in rows if "error" not in r]
+    keys = sorted({(r["family"], r["framework"], r["shape"]) for r in ok_rows})
+    for fam, fw, shape in keys:
+        group = [r for r in ok_rows if (r["family"], r["framework"], r["shape"]) == (fam, fw, shape)]
+        ours = [r for r in group if BACKENDS[r["backend"]][1] == "ours"]
+        theirs = [r for r in group if BACKENDS[r["backend"]][1] == "transformers"]
+        if not ours or not theirs:
+            continue
+        best_ours = min(ours, key=lambda r: r["median_ms"])
+        best_theirs = min(theirs, key=lambda r: r["median_ms"])
+        ratio = best_theirs["median_ms"] / best_ours["median_ms"]
+        status = "met" if ratio >= 1.0 else "MISSED"
+        lines.append(
+            f"- {fam} {fw} {shape}: ours {best_ours['backend']} {best_ours['median_ms']:.2f} ms vs transformers "
+            f"{best_theirs['backend']} {best_theirs['median_ms']:.2f} ms -> {ratio:.2f}x ({status})"
+        )
+    for r in ok_rows:
+        if r["shape"] == "8x128" and BACKENDS[r["backend"]][1] == "ours":
+            status = "met" if r["matmul_fraction"] >= 0.85 else "MISSED"
+            lines.append(
+                f"- {r['family']} {r['backend']} 8x128: {r['gflops']:.0f} GFLOP/s = "
+                f"{100 * r['matmul_fraction']:.0f}% of matmul ({status})"
+            )
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    out = [
+        "# Forward-pass benchmark",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads. "
+        f"float32 matmul ({report['matmul']['n']}^2): {report['matmul']['gflops']:.0f} GFLOP/s.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "",
+        "| family | backend | shape | median ms | tokens/s | GFLOP/s | % of matmul | warm-up s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        if "error" in r:
+            out.append(f"| {r['family']} | {r['backend']} | - | error: {r['error'][:80]} | | | | |")
+            continue
+        out.append(
+            f"| {r['family']} | {r['backend']} | {r['shape']} | {r['median_ms']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['gflops']:.1f} | {100 * r['matmul_fraction']:.0f}% | {r['warmup_s']:.1f} |"
+        )
+    out += ["", "## Targets", "", *report["verdicts"], ""]
+    out += ["Sizes: " + "; ".join(f"{k}: {v}" for k, v in report["sizes"].items()), ""]
+    return "\n".join(out)
+
+
+def chart(report: dict[str, Any], path: str) -> None:
+    """Throughput (GFLOP/s at the middle shape) per family and backend, with the matmul rate as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if "error" not in r]
+    shapes = sorted({r["shape"] for r in rows}, key=lambda s: [int(x) for x in s.split("x")])
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    backends = [b for b in BACKENDS if any(r["backend"] == b for r in rows)]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    width = 0.8 / max(1, len(backends))
+    for ax, shape in zip(axes[0], shapes):
+        for i, b in enumerate(backends):
+            vals = [
+                next((r["gflops"] for r in rows if (r["family"], r["backend"], r["shape"]) == (f, b, shape)), 0.0)
+                for f in families
+            ]
+            ax.bar(np.arange(len(families)) + i * width, vals, width, label=b)
+        ax.axhline(report["matmul"]["gflops"], color="black", linestyle="--", linewidth=1, label="float32 matmul")
+        ax.set_xticks(np.arange(len(families)) + width * (len(backends) - 1) / 2)
+        ax.set_xticklabels(families, rotation=20)
+        ax.set_title(f"batch x tokens = {shape}")
+        ax.set_ylabel("GFLOP/s")
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.forward", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", default=",".join(BENCH_CONFIGS), help="comma-separated family keys")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated: " + ", ".join(BACKENDS))
+    parser.add_argument("--shapes", help="comma-separated BxL (default 1x16,8x128,1x512)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed runs per shape")
+    parser.add_argument("--repeats", type=int, default=5, help="at least this many timed runs per shape")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per (family, backend) process")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    parser.add_argument("--workdir", help="keep the generated checkpoints here (reused across runs)")
+    parser.add_argument("--smoke", action="store_true", help="tiny configs and shapes, in-process: seconds")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--family", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    shapes = (
+        [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+        if args.shapes
+        else (SMOKE_SHAPES if args.smoke else SHAPES)
+    )
+    if args.worker:  # one (family, backend) in this fresh process
+        _set_threads(args.threads)
+        result = run_worker(
+            args.worker, args.family, args.checkpoint, shapes, args.smoke, args.min_time, args.repeats, args.threads
+        )
+        _write_atomic(args.result, json.dumps(result))
+        return 0
+
+    families = [f for f in args.families.split(",") if f]
+    wanted = [b for b in args.backends.split(",") if b]
+    unknown = [f for f in families if f not in BENCH_CONFIGS] + [b for b in wanted if b not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown families/backends: {unknown}")
+    os.makedirs(args.out, exist_ok=True)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="nezha_zoo_bench_")
+    t0 = time.perf_counter()
+    if args.smoke:  # in-process: the frameworks are imported once
+        matmul = matmul_rate(args.threads, n=256, min_time=0.2)
+    else:
+        _set_threads(args.threads)
+        matmul = matmul_rate(args.threads)
+    sys.stdout.write(f"float32 matmul: {matmul['gflops']:.1f} GFLOP/s\n")
+    results = []
+    for family in families:
+        path = _checkpoint(workdir, family, args.smoke)
+        for backend in _backends_for(family, wanted):
+            if args.smoke:
+                r = run_worker(backend, family, path, shapes, True, args.min_time, args.repeats, args.threads)
+            else:
+                r = _subprocess_worker(args, backend, family, path, shapes)
+            results.append(r)
+            status = r.get("error") or ", ".join(
+                f"{s['batch']}x{s['seq']} {s['median_s'] * 1e3:.2f} ms" for s in r["shapes"]
+            )
+            sys.stdout.write(f"{family:>15} {backend:<11} {status}\n")
+            sys.stdout.flush()
+    rows = summarise(results, matmul, args.smoke)
+    report = {
+        "machine": _machine(args.threads),
+        "versions": _versions(),
+        "matmul": matmul,
+        "smoke": args.smoke,
+        "sizes": {f: ("smoke" if args.smoke else BENCH_CONFIGS[f][1]) for f in families},
+        "rows": rows,
+        "verdicts": verdicts(rows),
+        "wall_s": time.perf_counter() - t0,
+    }
+    _write_atomic(os.path.join(args.out, "forward.json"), json.dumps(report, indent=1))
+    _write_atomic(os.path.join(args.out, "forward.md"), markdown(report))
+    chart(report, os.path.join(args.out, "forward.png"))
+    sys.stdout.write(markdown(report) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
