@@ -219,6 +219,15 @@ class CheckpointReader:
                 return _read_raw(f, key, self.dtype(key), self.shape(key))
             raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e})") from e
 
+    def get_slice(self, key: str, index: tuple) -> np.ndarray:
+        """Read ``tensor[index]`` (a tuple of slices, one per axis), reading only that block where the
+        format allows (safetensors); sharded loaders read each device's block this way."""
+        if key not in self._files:
+            raise KeyError(f"checkpoint {self.path!r} has no tensor {key!r}")
+        if self._eager is not None or self.dtype(key) in ("BF16", "F8_E4M3", "F8_E5M2"):
+            return np.asarray(self.get(key))[index]  # numpy cannot slice these lazily
+        return self._slice(key)[index]
+
     def close(self) -> None:
         self._handles.clear()
         self._eager = None

@@ -69,6 +69,26 @@ class Layout:
         perm = self._perm(p)
         return canonical if perm is None else np.transpose(canonical, perm)
 
+    def canonical_index(self, p: Param, stored_index: tuple) -> tuple:
+        """The canonical-order index that selects what ``stored_index`` selects in this layout.
+
+        ``stored_index`` holds one entry (a slice or an int) per stored axis; reading the canonical
+        tensor at the result and applying :meth:`to_stored` gives the stored tensor at
+        ``stored_index``.  Lets a sharded loader read only its block of a tensor from a checkpoint.
+        """
+        perm = self._perm(p)
+        if perm is None:
+            return tuple(stored_index)
+        out: list = [slice(None)] * len(perm)
+        for stored_axis, canonical_axis in enumerate(perm):
+            out[canonical_axis] = stored_index[stored_axis]
+        return tuple(out)
+
+    def to_stored_block(self, p: Param, canonical_block: np.ndarray) -> np.ndarray:
+        """A block of the canonical tensor (read at :meth:`canonical_index`) in this layout's order."""
+        perm = self._perm(p)
+        return canonical_block if perm is None else np.transpose(canonical_block, perm)
+
     def from_stored(self, p: Param, stored: np.ndarray) -> np.ndarray:
         """This layout's array -> canonical array (shape checked)."""
         _check_shape(p, stored.shape, self.shape(p), self.name)
