@@ -343,6 +343,11 @@ class TFPreTrainedModel(keras.Model):
                 "in the input dict or pass them as y"
             )
         loss = tf.reduce_mean(y_pred["loss"])
+        # Under tf.distribute each replica's gradient is summed across replicas: scale the replica's
+        # loss by 1/replicas, as Keras does for its own compiled losses (the loss metric unscales).
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            loss = loss / tf.cast(replicas, loss.dtype)
         for extra in self.losses:  # add_loss / regulariser terms, as Keras' own compute_loss adds them
             loss = loss + self._aggregate_additional_loss(extra)
         return loss
