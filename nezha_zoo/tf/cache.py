@@ -63,8 +63,10 @@ def append_kv(cache: KVCache, key: tf.Tensor, value: tf.Tensor) -> tuple[tf.Tens
     """Write ``key``/``value`` (B, kv_heads, n, head_dim) at ``cache.index``.
 
     Returns the full (B, kv_heads, max_length, head_dim) keys and values to attend over, and the
-    updated cache (index advanced by ``n``).  Writing past ``max_length`` raises in eager mode
-    (``tf.debugging``); under ``tf.function`` the same assertion runs in the graph.
+    updated cache (index advanced by ``n``).  Writing past ``max_length`` raises in eager mode and
+    under ``tf.function``; XLA (``jit_compile=True``) compiles assertions out, and its scatter drops
+    out-of-range rows, so compiled callers must size the cache for the whole sequence up front (as
+    ``generate`` does from ``max_new_tokens``).
     """
     n = tf.shape(key)[2]
     max_length = tf.shape(cache.key)[2]
