@@ -20,6 +20,7 @@ import math
 import os
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -85,6 +86,7 @@ def load_fsdp(
     pretrained_model_name_or_path: str | os.PathLike,
     mesh: Any = None,
     reshard_after_forward: bool = True,
+    device: str | torch.device | None = None,
     **config_overrides: Any,
 ) -> nn.Module:
     """Build ``cls`` sharded with FSDP2 and fill each rank's shard from the checkpoint.
@@ -99,13 +101,17 @@ def load_fsdp(
         pretrained_model_name_or_path: a checkpoint directory (safetensors, sharded or not).
         mesh: a 1-D ``DeviceMesh`` (default: every rank).
         reshard_after_forward: see :func:`wrap_fsdp`.
+        device: where the shards live (default: this rank's current CUDA device if there is one,
+            else the CPU).
         **config_overrides: config fields to change.
     """
     config = resolve_config(cls.family(), pretrained_model_name_or_path, **config_overrides)
     with torch.device("meta"):
         model = cls(config)
     wrap_fsdp(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    model.to_empty(device="cpu")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    model.to_empty(device=device)
     spec = model.model_spec()
     tensors = dict(model.state_dict(keep_vars=True))
     with open_checkpoint(pretrained_model_name_or_path) as reader, torch.no_grad():
@@ -118,7 +124,7 @@ def load_fsdp(
                 if local.numel():
                     local.copy_(torch.from_numpy(reader.get_slice(key, _local_rows(t)).astype("float32")))
             else:  # buffers stay whole on every rank
-                t.copy_(torch.from_numpy(reader.get(key).astype(reader.get(key).dtype)))
+                t.copy_(torch.from_numpy(np.asarray(reader.get(key))))
     model.eval()
     return model
 

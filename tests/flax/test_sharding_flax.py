@@ -112,3 +112,12 @@ def test_every_rule_set_matches_one_device(family, reports):
         assert r["params"] <= TOLERANCES["hidden"], (rules, r)  # weights after one SGD step
         # dp replicates everything; the other rule sets really split parameters
         assert (r["split_params"] == 0) == (rules == "dp"), (rules, r)
+
+
+def test_sharded_training_example_loss_falls():
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "jax_sharded_train.py")
+    cmd = [sys.executable, example, "--fake-devices", "8", "--rules", "fsdp+tp", "--data", "2", "--model", "4"]
+    proc = subprocess.run([*cmd, "--steps", "12"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, last = (float(w) for w in proc.stdout.replace(",", "").split() if w[0].isdigit())
+    assert last < 0.5 * first, proc.stdout

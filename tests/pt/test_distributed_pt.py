@@ -8,6 +8,7 @@ interpreter (``torch.multiprocessing.spawn``), which reports max-abs differences
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -128,3 +129,15 @@ def test_ddp_and_fsdp2_match_one_process(family, reports):
         assert r[f"{engine}_params"] <= TOLERANCES["hidden"], (engine, r)  # weights after one SGD step
     # FSDP2 really shards: each rank holds about half of the parameters
     assert 0.45 <= r["fsdp_local_fraction"] <= 0.55, r
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_torchrun_example_trains(engine):
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "pt_distributed.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    proc = subprocess.run(
+        [*cmd, example, "--engine", engine, "--steps", "12"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, last = (float(w) for w in proc.stdout.replace(",", "").split() if w[0].isdigit())
+    assert last < 0.6 * first, proc.stdout

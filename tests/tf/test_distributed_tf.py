@@ -96,3 +96,14 @@ def test_mirrored_strategy_matches_one_device(family, reports):
     assert r["loss"] <= TOLERANCES["loss"], r
     assert r["weights"] <= TOLERANCES["hidden"], r
     assert r["moved"] > 1e-3, r  # the step really changed the weights
+
+
+def test_mirrored_fit_example_trains():
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "tf_mirrored_fit.py")
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = [sys.executable, example, "--logical-cpus", "2", "--steps", "12"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MirroredStrategy with 2 replicas" in proc.stderr
+    losses = [float(w) for w in proc.stdout.split("epoch losses:")[1].replace(",", "").split()]
+    assert losses[-1] < 0.6 * losses[0], losses
