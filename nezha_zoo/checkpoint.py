@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,7 @@ class CheckpointReader:
         self.path = os.fspath(path)
         self._files: dict[str, str] = {}  # key -> file
         self._handles: dict[str, Any] = {}
+        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}  # file -> parsed header (location())
         self._eager: dict[str, np.ndarray] | None = None
         self.metadata: dict[str, str] = {}
         self.format = self._discover()
@@ -228,8 +229,59 @@ class CheckpointReader:
             return np.asarray(self.get(key))[index]  # numpy cannot slice these lazily
         return self._slice(key)[index]
 
+    def location(self, key: str) -> tuple[str, int, str, tuple[int, ...]] | None:
+        """``(file, byte offset of the data, safetensors dtype, shape)`` of a safetensors tensor.
+
+        Lets a loader read a tensor in pieces straight into its destination (no whole-tensor copy,
+        no mapped pages); ``None`` for tensors of an unpickled ``.bin`` checkpoint.
+        """
+        if key not in self._files:
+            raise KeyError(f"checkpoint {self.path!r} has no tensor {key!r}")
+        if self._eager is not None:
+            return None
+        f = self._files[key]
+        if f not in self._headers:
+            self._headers[f] = _header(f)
+        n, header = self._headers[f]
+        entry = header[key]
+        return f, 8 + n + int(entry["data_offsets"][0]), entry["dtype"], tuple(entry["shape"])
+
+    def read(self, key: str) -> np.ndarray:
+        """Read one tensor into a fresh array with plain file reads (no memory map).
+
+        ``get`` goes through safetensors' memory map, whose pages stay resident in this process
+        until the file is closed; a converter streaming a large checkpoint reads with this instead,
+        so only the tensor in hand is resident.  Tensors of a ``.bin`` checkpoint come from memory.
+        """
+        loc = self.location(key)
+        if loc is None:
+            return self.get(key)
+        path, offset, st_dtype, shape = loc
+        names = {v: k for k, v in _NP_TO_ST.items()}
+        if st_dtype not in names:
+            return self.get(key)  # e.g. float8: through safetensors' own reader
+        if st_dtype == "BF16":
+            import ml_dtypes
+
+            dtype = np.dtype(ml_dtypes.bfloat16)
+        else:
+            dtype = np.dtype(names[st_dtype])
+        out = np.empty(shape, dtype=dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(offset)
+            got = 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"{path}: truncated while reading tensor {key!r}")
+                got += n
+        _drop_cached_pages(path, offset, out.nbytes)
+        return out
+
     def close(self) -> None:
         self._handles.clear()
+        self._headers.clear()
         self._eager = None
 
     def __enter__(self) -> CheckpointReader:
@@ -299,50 +351,91 @@ def _nbytes(a: np.ndarray) -> int:
     return int(a.size) * a.dtype.itemsize
 
 
+def _write_safetensors(path: str, items: list[tuple[str, np.ndarray]], metadata: Mapping[str, str]) -> None:
+    """Write one safetensors file straight from the arrays' memory (no serialised copy of the shard).
+
+    The format: 8-byte little-endian header length, a JSON header (space-padded to 8 bytes) giving
+    each tensor's dtype, shape and byte range, then the raw little-endian data in that order.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for key, arr in items:
+        st = _NP_TO_ST.get(arr.dtype.name)
+        if st is None:
+            raise ValueError(f"tensor {key!r}: dtype {arr.dtype} cannot be stored in safetensors")
+        header[key] = {"dtype": st, "shape": list(arr.shape), "data_offsets": [offset, offset + _nbytes(arr)]}
+        offset += _nbytes(arr)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for _, arr in items:
+            if arr.size:
+                fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def save_state_dict(
     directory: str | os.PathLike,
-    tensors: Mapping[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
     metadata: Mapping[str, str] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     extra_files: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Write ``tensors`` as ``model.safetensors`` (or shards + index) into ``directory``.
 
-    ``extra_files`` (name -> text, e.g. ``config.json``) are written in the same staged commit.
+    ``tensors`` is a mapping or an iterable of ``(name, array)`` pairs (float32, bfloat16 via
+    ``ml_dtypes``, or any dtype safetensors stores).  An iterable is consumed as it goes: each shard is
+    written once it is full and its arrays are released, so a model can be saved without a second
+    full copy of its weights in memory.  An exception raised by the iterable leaves ``directory`` as
+    it was.  ``extra_files`` (name -> text, e.g. ``config.json``) are written in the same staged commit.
     Weight files from an earlier save that the new one does not use are removed afterwards.
     Returns the file names written.
     """
-    from safetensors.numpy import save_file
-
     directory = os.fspath(directory)
     limit = parse_size(max_shard_size)
     meta = {"format": "pt", **dict(metadata or {})}
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for key, arr in tensors.items():
-        arr = np.asarray(arr)
-        if not arr.flags.c_contiguous:
-            arr = arr.copy(order="C")  # (np.ascontiguousarray would turn a 0-d tensor into shape (1,))
-        if shards[-1] and size + _nbytes(arr) > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = arr
-        size += _nbytes(arr)
+    pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
     written: list[str] = []
     with staged_directory(directory) as stage:
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(stage, SAFE_WEIGHTS_NAME), metadata=meta)
+        parts: list[tuple[str, list[str], int]] = []  # (staged file, its keys, its bytes)
+        shard: list[tuple[str, np.ndarray]] = []
+        size = 0
+
+        def flush() -> None:
+            part = os.path.join(stage, f".part-{len(parts):05d}")
+            _write_safetensors(part, shard, meta)
+            parts.append((part, [k for k, _ in shard], size))
+
+        seen: set[str] = set()
+        for key, arr in pairs:
+            if key in seen:
+                raise ValueError(f"tensor {key!r} given twice")
+            seen.add(key)
+            arr = np.asarray(arr)
+            if not arr.flags.c_contiguous:
+                arr = arr.copy(order="C")  # (np.ascontiguousarray would turn a 0-d tensor into shape (1,))
+            if shard and size + _nbytes(arr) > limit:
+                flush()
+                shard, size = [], 0
+            shard.append((key, arr))
+            size += _nbytes(arr)
+        if shard or not parts:
+            flush()
+        shard = []
+        if len(parts) == 1:
+            os.replace(parts[0][0], os.path.join(stage, SAFE_WEIGHTS_NAME))
             written.append(SAFE_WEIGHTS_NAME)
         else:
             weight_map: dict[str, str] = {}
-            total = 0
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(stage, name), metadata=meta)
+            for i, (part, keys, _) in enumerate(parts, 1):
+                name = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+                os.replace(part, os.path.join(stage, name))
                 written.append(name)
-                for k, a in shard.items():
-                    weight_map[k] = name
-                    total += _nbytes(a)
+                weight_map.update(dict.fromkeys(keys, name))
+            total = sum(n for _, _, n in parts)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             atomic_write_text(os.path.join(stage, SAFE_WEIGHTS_INDEX_NAME), json.dumps(index, indent=2) + "\n")
             written.append(SAFE_WEIGHTS_INDEX_NAME)
@@ -360,3 +453,21 @@ def _remove_stale_weights(directory: str, keep: set[str]) -> None:
     for name in os.listdir(directory):
         if _WEIGHT_FILE.match(name) and name not in keep:
             os.remove(os.path.join(directory, name))
+
+
+def _drop_cached_pages(path: str, offset: int, length: int) -> None:
+    """Advise the kernel that bytes just read will not be read again (keeps a large conversion from
+    evicting other users' page cache; the pages were never mapped into this process)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None or length <= 0:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

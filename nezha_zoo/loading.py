@@ -10,6 +10,7 @@ both shapes.  Backends then read each planned tensor, convert it with their layo
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from nezha_zoo.checkpoint import CheckpointError, CheckpointReader
 from nezha_zoo.spec.layouts import Layout
 from nezha_zoo.spec.param import Kind, ModelSpec
 
-__all__ = ["LoadPlan", "plan_load", "read_planned", "CheckpointError"]
+__all__ = ["LoadPlan", "plan_load", "read_planned", "stream_planned", "CheckpointError", "CHUNK_BYTES"]
 
 logger = logging.getLogger("nezha_zoo")
 
@@ -146,3 +147,120 @@ def read_planned(
             raise CheckpointError(f"tensor {key!r} has dtype {arr.dtype}, expected floating point")
         arr = arr.astype(dtype, copy=False)
         yield name, layout.to_stored(p, arr)
+
+
+#: Bytes read per piece when streaming a tensor into its destination (bounds the transient memory).
+CHUNK_BYTES = 64 * 2**20
+
+
+def _source_dtype(st_dtype: str, key: str) -> np.dtype:
+    if st_dtype == "BF16":
+        from nezha_zoo.dtypes import numpy_dtype
+
+        return numpy_dtype("bfloat16")
+    names = {"F32": "float32", "F16": "float16", "F64": "float64", "I64": "int64", "I32": "int32"}
+    names.update({"I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"})
+    if st_dtype not in names:
+        raise CheckpointError(f"tensor {key!r} has dtype {st_dtype}, which cannot be loaded")
+    return np.dtype(names[st_dtype])
+
+
+def stream_planned(
+    reader: CheckpointReader,
+    spec: ModelSpec,
+    plan: LoadPlan,
+    layout: Layout,
+    dtype_of: Callable[[str], np.dtype],
+    write: Callable[[str, tuple[slice, ...], np.ndarray], None],
+    done: Callable[[str], None] | None = None,
+    chunk_bytes: int | None = None,
+) -> None:
+    """Fill every planned param piece by piece: no tensor is ever held whole outside its destination.
+
+    For each param, canonical rows (slices of axis 0) are read straight from the checkpoint file in
+    pieces of about ``chunk_bytes``, converted to ``dtype_of(name)``, permuted to ``layout`` and
+    handed to ``write(name, index, piece)``, where ``index`` selects the piece's place in the stored
+    array (``stored[index] = piece``).  ``done(name)`` is called once a param is complete.  Tensors of
+    an unpickled ``.bin`` checkpoint are already in memory and arrive as one piece.
+
+    Args:
+        reader: the open checkpoint.
+        spec: the model's declaration.
+        plan: from :func:`plan_load` (shapes already checked).
+        layout: the backend's storage layout.
+        dtype_of: param name -> numpy dtype of its destination (float32 or bfloat16).
+        write: ``(param name, index tuple into the stored array, stored-layout piece)``.
+        done: called with the param name after its last piece.
+        chunk_bytes: target size of one piece (default :data:`CHUNK_BYTES`).
+    """
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    for name, key in plan.sources.items():
+        p = spec[name]
+        target = np.dtype(dtype_of(name))
+        perm = layout.perm.get(p.kind)
+        if perm is None or len(perm) != len(p.shape):
+            perm = tuple(range(len(p.shape)))
+        row_axis = perm.index(0) if p.shape else None  # where canonical axis 0 lands in the stored array
+        loc = reader.location(key)
+        if loc is None:
+            arr = np.asarray(reader.get(key))
+            _check_float(p, key, arr.dtype)
+            write(name, (slice(None),) * len(p.shape), np.transpose(arr.astype(target, copy=False), perm))
+        else:
+            path, offset, st_dtype, shape = loc
+            src = _source_dtype(st_dtype, key)
+            _check_float(p, key, src)
+            rows = shape[0] if shape else 1
+            row_elems = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
+            step = max(1, chunk_bytes // max(1, row_elems * src.itemsize))
+            with open(path, "rb", buffering=0) as fh:
+                for start in range(0, rows, step):
+                    stop = min(rows, start + step)
+                    piece = np.empty(((stop - start) * row_elems,), src)
+                    fh.seek(offset + start * row_elems * src.itemsize)
+                    _read_exactly(fh, piece.view(np.uint8), path, key)
+                    piece = piece.reshape((stop - start, *shape[1:]) if shape else ())
+                    index: list[slice] = [slice(None)] * len(shape)
+                    if row_axis is not None:
+                        index[row_axis] = slice(start, stop)
+                    write(name, tuple(index), np.transpose(piece.astype(target, copy=False), perm))
+                    del piece
+            _drop_cached_pages(path, offset, rows * row_elems * src.itemsize)
+        if done is not None:
+            done(name)
+
+
+def _check_float(p, key: str, dtype: np.dtype) -> None:
+    if p.kind is not Kind.BUFFER and dtype.kind != "f" and dtype.name != "bfloat16":
+        raise CheckpointError(f"tensor {key!r} has dtype {dtype}, expected floating point")
+
+
+def _read_exactly(fh, out: np.ndarray, path: str, key: str) -> None:
+    view = memoryview(out)
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{path}: truncated while reading tensor {key!r}")
+        got += n
+
+
+def _drop_cached_pages(path: str, offset: int, length: int) -> None:
+    """Tell the kernel the bytes just consumed will not be read again (page cache, not RSS).
+
+    The process never maps the data, so nothing is resident on its account; this only keeps a
+    large load from evicting other users' page cache on a small machine.
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None or length <= 0:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

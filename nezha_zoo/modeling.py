@@ -9,7 +9,8 @@ once.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+import zlib
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -17,12 +18,12 @@ import numpy as np
 from nezha_zoo.auto import AutoConfig
 from nezha_zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, open_checkpoint, save_state_dict
 from nezha_zoo.config import CONFIG_NAME, PretrainedConfig
-from nezha_zoo.loading import LoadPlan, plan_load, read_planned
+from nezha_zoo.loading import LoadPlan, plan_load, read_planned, stream_planned
 from nezha_zoo.spec.layouts import Layout
 from nezha_zoo.spec.param import Init, ModelSpec
 from nezha_zoo.spec.registry import Family
 
-__all__ = ["resolve_config", "load_weights", "save_weights", "random_weights", "FORMAT_METADATA"]
+__all__ = ["resolve_config", "load_weights", "save_weights", "random_weights", "iter_random_weights", "FORMAT_METADATA"]
 
 #: String metadata written into every safetensors file (beside transformers' ``format: pt``).
 FORMAT_METADATA = {"format": "pt", "producer": "nezha_zoo"}
@@ -56,21 +57,40 @@ def load_weights(
     spec: ModelSpec,
     family: Family,
     layout: Layout,
-    assign: Callable[[str, np.ndarray], None],
+    assign: Callable[[str, np.ndarray], None] | None,
     model_name: str,
     strict: bool = False,
     dtype: Any = np.float32,
+    *,
+    write: Callable[[str, tuple[slice, ...], np.ndarray], None] | None = None,
+    dtype_of: Callable[[str], np.dtype] | None = None,
+    done: Callable[[str], None] | None = None,
 ) -> LoadPlan:
-    """Read the checkpoint at ``path`` into a model through ``assign(param_name, stored_array)``.
+    """Read the checkpoint at ``path`` into a model, one tensor (or one piece of it) at a time.
 
-    Tensors are read and assigned one at a time.  Missing and unexpected keys are logged by name
-    (raised with ``strict``); shape mismatches always raise.
+    Two ways to receive the tensors:
+
+    * ``assign(param_name, stored_array)``: each whole tensor in ``layout`` order, cast to ``dtype``;
+    * ``write(param_name, index, piece)`` (low-memory): pieces of about
+      :data:`~nezha_zoo.loading.CHUNK_BYTES` read straight from the file, cast to
+      ``dtype_of(param_name)`` (default ``dtype``), to be stored as ``stored[index] = piece``; then
+      ``done(param_name)``.  No tensor is held whole outside the model (see
+      :func:`~nezha_zoo.loading.stream_planned`).
+
+    Missing and unexpected keys are logged by name (raised with ``strict``); shape mismatches always
+    raise, before any tensor is read.
     """
+    if (assign is None) == (write is None):
+        raise TypeError("load_weights needs exactly one of assign= and write=")
     with open_checkpoint(path) as reader:
         plan = plan_load(spec, reader.keys(), reader.shape, family.base_prefix)
         plan.report(model_name, strict=strict)
-        for name, arr in read_planned(reader, spec, plan, layout, dtype=dtype):
-            assign(name, arr)
+        if write is not None:
+            fixed = np.dtype(dtype)
+            stream_planned(reader, spec, plan, layout, dtype_of or (lambda _: fixed), write, done)
+        else:
+            for name, arr in read_planned(reader, spec, plan, layout, dtype=dtype):
+                assign(name, arr)
     return plan
 
 
@@ -84,49 +104,71 @@ def save_weights(
 ) -> list[str]:
     """Write ``config.json`` + safetensors (canonical names and layout) for ``spec``.
 
-    ``arrays`` yields canonical ``(name, array)`` pairs; every declared param must appear exactly once.
+    ``arrays`` yields canonical ``(name, array)`` pairs (float32 or bfloat16); every declared param
+    must appear exactly once.  A generator is consumed shard by shard, so a backend that yields one
+    tensor at a time never holds a second full copy of its weights; a bad export raises before
+    anything in ``directory`` changes.
     """
     items = arrays.items() if isinstance(arrays, Mapping) else arrays
-    tensors: dict[str, np.ndarray] = {}
-    for name, arr in items:
-        if name not in spec:
-            raise ValueError(f"{name!r} is not a parameter of {family.class_name(spec.head)}")
-        if name in tensors:
-            raise ValueError(f"{name!r} exported twice")
-        p = spec[name]
-        if tuple(arr.shape) != p.shape:
-            raise ValueError(f"{name}: exporting shape {tuple(arr.shape)}, the spec needs {p.shape}")
-        tensors[name] = arr
-    absent = [p.name for p in spec if p.name not in tensors]
-    if absent:
-        raise ValueError(f"export is missing {absent}")
+
+    def checked() -> Iterator[tuple[str, np.ndarray]]:
+        seen: set[str] = set()
+        for name, arr in items:
+            if name not in spec:
+                raise ValueError(f"{name!r} is not a parameter of {family.class_name(spec.head)}")
+            if name in seen:
+                raise ValueError(f"{name!r} exported twice")
+            p = spec[name]
+            if tuple(arr.shape) != p.shape:
+                raise ValueError(f"{name}: exporting shape {tuple(arr.shape)}, the spec needs {p.shape}")
+            seen.add(name)
+            yield name, arr
+        absent = [p.name for p in spec if p.name not in seen]
+        if absent:
+            raise ValueError(f"export is missing {absent}")
+
     cfg = config.copy()
     cfg.architectures = [family.class_name(spec.head, "pt")]
     meta = {**FORMAT_METADATA, "family": family.key, "head": spec.head}
     return save_state_dict(
         directory,
-        tensors,
+        checked(),
         metadata=meta,
         max_shard_size=max_shard_size,
         extra_files={CONFIG_NAME: cfg.to_json_string()},
     )
 
 
-def random_weights(spec: ModelSpec, config: PretrainedConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Fresh canonical weights for ``spec`` by its init rules, from a numpy seed.
+def iter_random_weights(
+    spec: ModelSpec, config: PretrainedConfig, seed: int = 0, names: Collection[str] | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Fresh canonical float32 weights for ``spec`` by its init rules, one ``(name, array)`` at a time.
 
-    The same seed gives the same weights whatever backend later loads them, which is how
-    ``make demo`` builds one model for three frameworks.
+    Each param draws from its own stream, seeded by ``seed`` and its name, so its values do not
+    depend on which other params are drawn (``names``: only these) and nothing is held beyond the
+    tensor being yielded (large checkpoints can be generated and saved in little memory).
     """
-    rng = np.random.default_rng(seed)
-    std = float(getattr(config, "initializer_range", 0.02))
-    out: dict[str, np.ndarray] = {}
+    std = np.float32(getattr(config, "initializer_range", 0.02))
     for p in spec:
+        if names is not None and p.name not in names:
+            continue
         if p.init is Init.NORMAL:
-            arr = rng.normal(0.0, std, size=p.shape).astype(np.float32)
+            rng = np.random.default_rng([seed, zlib.crc32(p.name.encode("utf-8"))])
+            arr = rng.standard_normal(p.shape, dtype=np.float32)
+            arr *= std
             if p.padding_idx is not None:
                 arr[p.padding_idx] = 0.0
         else:
             arr = np.full(p.shape, p.fill_value, np.float32)
-        out[p.name] = arr
-    return out
+        yield p.name, arr
+
+
+def random_weights(
+    spec: ModelSpec, config: PretrainedConfig, seed: int = 0, names: Collection[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Fresh canonical weights for ``spec`` (or only ``names``) by its init rules, from a numpy seed.
+
+    The same seed gives the same weights whatever backend later loads them, which is how
+    ``make demo`` builds one model for three frameworks.  See :func:`iter_random_weights`.
+    """
+    return dict(iter_random_weights(spec, config, seed, names))

@@ -22,6 +22,12 @@ __all__ = [
 
 #: SPEC.md §5: hidden states 1e-5; logits and losses 1e-4 (float32, eval mode).
 TOLERANCES = {"hidden": 1e-5, "logits": 1e-4, "loss": 1e-4, "grad_rel": 1e-4}
+#: A bfloat16 model against the same weights in float32 (issue #5), max-abs on LayerNorm-scaled
+#: (order-1) outputs of a tiny model.  bfloat16 keeps 8 significant bits (unit roundoff 2**-8 ~ 3.9e-3)
+#: and every layer rounds its inputs, weights and outputs, so a 2-layer model is off by ~1e-2; 5e-2
+#: leaves room for that, while a real fault (a float32 mask overflowing to -inf, padding leaking into
+#: attention, a weight left in the wrong dtype) moves outputs by order 1.
+TOLERANCES["bf16"] = 5e-2
 
 
 def to_numpy(x: Any) -> Any:

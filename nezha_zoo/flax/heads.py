@@ -38,9 +38,18 @@ __all__ = [
 
 
 def classifier_dropout(config: Any) -> float:
-    """``classifier_dropout`` when set, else ``hidden_dropout_prob`` (transformers' rule)."""
+    """``classifier_dropout`` when set, else ``hidden_dropout_prob`` (transformers' rule).
+
+    A config with no ``hidden_dropout_prob`` (MPT) follows transformers' rule for those:
+    ``hidden_dropout`` when set, else 0.1.
+    """
     rate = getattr(config, "classifier_dropout", None)
-    return config.hidden_dropout_prob if rate is None else rate
+    if rate is not None:
+        return rate
+    if hasattr(config, "hidden_dropout_prob"):
+        return config.hidden_dropout_prob
+    rate = getattr(config, "hidden_dropout", None)
+    return 0.1 if rate is None else rate
 
 
 def split_qa_logits(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -283,15 +292,16 @@ def mean_pool(
     return pooled
 
 
-def tied_embedding_table(base: nn.Module, config: Any) -> jax.Array | None:
+def tied_embedding_table(base: nn.Module, config: Any, head: str = "ForMaskedLM") -> jax.Array | None:
     """The word-embedding table an LM head's output projection is tied to, found through the spec.
 
-    The family's ``ForMaskedLM`` spec says which embedding its tied alias points at; its Flax path
-    (minus the base-model prefix) locates the array among ``base``'s params.  ``base`` must have run.
-    Returns None when the config unties the head (``tie_word_embeddings=False``).
+    The family's ``head`` spec (default ``ForMaskedLM``; MPT, which has none, passes ``ForCausalLM``)
+    says which embedding its tied alias points at; its Flax path (minus the base-model prefix) locates
+    the array among ``base``'s params.  ``base`` must have run.  Returns None when the config unties
+    the head (``tie_word_embeddings=False``).
     """
     family = family_of_config(config)
-    spec = family.model_spec(config, "ForMaskedLM")
+    spec = family.model_spec(config, head)
     targets = [spec[t] for t in spec.ties.values() if spec[t].kind is Kind.EMBEDDING]
     if not targets:
         return None  # the config unties the head: it owns its decoder weight

@@ -47,6 +47,7 @@ __all__ = [
     "BertPooler",
     "cache_index",
     "cache_length",
+    "update_kv_cache",
     "relative_position_table",
     "relative_positions",
 ]
@@ -94,13 +95,15 @@ def dense(features: int, name: str, config: Any, dtype: Any, use_bias: bool = Tr
     )
 
 
-def layer_norm(name: str, config: Any, dtype: Any, eps: float | None = None) -> nn.LayerNorm:
+def layer_norm(name: str, config: Any, dtype: Any, eps: float | None = None, use_bias: bool = True) -> nn.LayerNorm:
     # Two-pass variance, as torch.nn.LayerNorm: the fast E[x^2]-E[x]^2 form drifts by ~1e-6.
+    # use_bias=False: a weight-only LayerNorm (MPT's, torch's ``bias=None``).
     return nn.LayerNorm(
         epsilon=config.layer_norm_eps if eps is None else eps,
         dtype=dtype,
         param_dtype=jnp.float32,
         use_fast_variance=False,
+        use_bias=use_bias,
         name=name,
     )
 
@@ -191,6 +194,8 @@ class BertEmbeddings(nn.Module):
         use_position (bool): absolute position table (Nezha has none).
         use_token_type (bool): token-type table (MPNet has none).
         use_norm (bool): LayerNorm after the sum (XLM-R-XL has none).
+        position_padding_idx (int | None): the position table's padding row, which lookups pass no
+            gradient to (RoBERTa-style tables, transformers' ``padding_idx``); none by default.
 
     Call args:
         input_ids: (B, L) int, or None when ``inputs_embeds`` (B, L, E) is given.
@@ -207,6 +212,7 @@ class BertEmbeddings(nn.Module):
     use_token_type: bool = True
     use_norm: bool = True
     dtype: Any = jnp.float32
+    position_padding_idx: int | None = None
 
     @nn.compact
     def __call__(self, input_ids, token_type_ids, position_ids, inputs_embeds=None, deterministic: bool = True):
@@ -226,7 +232,9 @@ class BertEmbeddings(nn.Module):
         if self.use_token_type:
             x = x + table(c.type_vocab_size, "token_type_embeddings")(token_type_ids.astype("i4"))
         if self.use_position:
-            x = x + table(c.max_position_embeddings, "position_embeddings")(position_ids.astype("i4"))
+            pos = position_ids.astype("i4")
+            positions = table(c.max_position_embeddings, "position_embeddings")(pos)
+            x = x + freeze_padding_row(positions, pos, self.position_padding_idx)
         if self.use_norm:
             x = layer_norm("LayerNorm", c, self.dtype)(x)
         return nn.Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic)
@@ -310,7 +318,8 @@ class BertSelfAttention(nn.Module):
             scores = scores + position_bias.astype(self.dtype)  # MPNet: after scaling
         if visible is not None:
             scores = scores + (1.0 - visible) * jnp.finfo(self.dtype).min
-        probs = jax.nn.softmax(scores, axis=-1)
+        # In float32, cast back: as torch's bfloat16 softmax, which accumulates in float32.
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
         probs = nn.Dropout(c.attention_probs_dropout_prob, name="dropout")(probs, deterministic=deterministic)
         if layer_head_mask is not None:
             probs = probs * layer_head_mask.astype(self.dtype)[None, :, None, None]
@@ -325,17 +334,29 @@ class BertSelfAttention(nn.Module):
 
     def _update_cache(self, k, v, initialized: bool):
         """Write this step's keys/values at ``cache_index``; return the full cache and the old index."""
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
-        if not initialized:  # init_cache: shapes only, attend like an uncached forward
-            return k, v, 0
-        past = index.value
-        start = (0, past, 0, 0)  # (B, max_length, heads, head_dim) cache, written along time
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), start)
-        index.value = past + k.shape[1]
-        return cached_key.value, cached_value.value, past
+        return update_kv_cache(self, k, v, initialized)
+
+
+def update_kv_cache(module: nn.Module, k: jax.Array, v: jax.Array, initialized: bool):
+    """A decoder attention's fixed-size cache, in ``module``'s ``"cache"`` collection.
+
+    ``cached_key``/``cached_value`` (B, max_length, kv_heads, head_dim) and ``cache_index``; call from
+    the module's compact ``__call__``.  ``k``/``v`` (B, L, kv_heads, head_dim) are written at
+    ``cache_index``.  Returns ``(keys, values, past)``: the whole cache and the index before this write;
+    while ``init_cache`` creates the collection (``initialized`` False), this step's own keys/values
+    and 0.
+    """
+    cached_key = module.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_value = module.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    index = module.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+    if not initialized:  # init_cache: shapes only, attend like an uncached forward
+        return k, v, 0
+    past = index.value
+    start = (0, past, 0, 0)  # (B, max_length, heads, head_dim) cache, written along time
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), start)
+    index.value = past + k.shape[1]
+    return cached_key.value, cached_value.value, past
 
 
 class BertAttention(nn.Module):

@@ -8,6 +8,7 @@ paths, stored shapes, initial values and the conversions to and from canonical c
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -22,8 +23,10 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from nezha_zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.dtypes import canonical_dtype
 from nezha_zoo.flax.heads import qa_head, token_classifier
 from nezha_zoo.flax.layers import dense
+from nezha_zoo.loading import CHUNK_BYTES
 from nezha_zoo.modeling import load_weights, random_weights, resolve_config, save_weights
 from nezha_zoo.outputs import (
     OUTPUT_CLASSES,
@@ -33,7 +36,7 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.spec.layouts import LAYOUTS
-from nezha_zoo.spec.param import ModelSpec, Param
+from nezha_zoo.spec.param import Kind, ModelSpec, Param
 from nezha_zoo.spec.registry import Family
 from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
 
@@ -152,6 +155,15 @@ def _trainable(spec: ModelSpec) -> list[Param]:
     return [p for p in spec if LAYOUT.collection_of(p) == "params"]
 
 
+#: The variable collection of persistent non-trainable state (``Kind.BUFFER`` params, e.g. I-BERT's
+#: quantization state); a wrapper whose spec has any holds them in ``.buffers``.
+BUFFERS = LAYOUT.collection[Kind.BUFFER]
+
+
+def _buffer_params(spec: ModelSpec) -> list[Param]:
+    return [p for p in spec if LAYOUT.collection_of(p) == BUFFERS]
+
+
 def spec_params_shape(spec: ModelSpec, dtype: Any = jnp.float32) -> dict:
     """The nested ``params`` shape tree the spec declares (``jax.ShapeDtypeStruct`` leaves)."""
     return unflatten_dict({LAYOUT.path(p): jax.ShapeDtypeStruct(LAYOUT.shape(p), dtype) for p in _trainable(spec)})
@@ -172,7 +184,8 @@ class FlaxPreTrainedModel:
         input_shape (tuple[int, ...]): shape of the dummy ids (kept for transformers compatibility;
             params come from the spec, so it does not affect them).
         seed (int): seed of ``self.key``, the rng of the initial params.
-        dtype (jnp.dtype): computation dtype (params stay float32).
+        dtype (jnp.dtype | str | None): weights and compute dtype: ``jnp.float32`` (default, also
+            None or ``"float32"``) or ``jnp.bfloat16`` (``"bfloat16"``); the params are stored in it.
         _do_init (bool): build random params now; with False only the shape tree exists and
             ``init_weights`` must be called by the user.
         gradient_checkpointing (bool): rematerialise each layer in the backward pass.
@@ -185,6 +198,8 @@ class FlaxPreTrainedModel:
     input_rank: ClassVar[int] = 2
     #: the family has absolute positions (a ``position_ids`` input and a length limit); Nezha has not.
     has_position_ids: ClassVar[bool] = True
+    #: a decoder-only family (MPT): its Model/CausalLM classes decode whatever ``config.is_decoder`` says.
+    decoder_only: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -201,18 +216,22 @@ class FlaxPreTrainedModel:
         if not isinstance(config, self.family.config_class):
             raise TypeError(f"config must be a {self.family.config_class.__name__}, got {type(config).__name__}")
         self._config = config
-        self.dtype = dtype
+        self.dtype = _JNP_DTYPES[canonical_dtype(dtype)]
+        dtype = self.dtype
         self.input_shape = tuple(input_shape)
         self.key = jax.random.PRNGKey(seed)
         self._module = self.module_class(
             config=config, dtype=dtype, gradient_checkpointing=gradient_checkpointing, **kwargs
         )
         self._spec = self.family.model_spec(config, self.head)
-        self._params_shape_tree = spec_params_shape(self._spec)
+        self._params_shape_tree = spec_params_shape(self._spec, self.dtype)
         self._required_params = {LAYOUT.path(p) for p in _trainable(self._spec)}
+        self._buffer_paths = {LAYOUT.path(p) for p in _buffer_params(self._spec)}
         self._missing_keys: set[tuple[str, ...]] = set()
         self._is_initialized = _do_init
         self._params: dict | None = None
+        # buffers are small state: always held, fresh from the spec's constants until loaded
+        self._buffers: dict = self.init_buffers()
         if _do_init:
             self.params = self.init_weights(self.key, self.input_shape)
 
@@ -287,15 +306,58 @@ class FlaxPreTrainedModel:
         """
         flat = {} if params is None else dict(flatten_dict(dict(params)))
         # The core's spec-driven init (numpy, seeded from the key): no per-shape compilation, and the
-        # values a param gets do not depend on which others were loaded.
+        # values a param gets do not depend on which others were loaded; only absent ones are drawn.
         seed = int.from_bytes(np.asarray(jax.random.key_data(rng), np.uint32).tobytes(), "little")
-        fresh = random_weights(self._spec, self.config, seed)
-        for p in _trainable(self._spec):
-            path = LAYOUT.path(p)
-            if path not in flat:
-                flat[path] = jnp.asarray(LAYOUT.to_stored(p, fresh[p.name]))
+        absent = {p.name for p in _trainable(self._spec) if LAYOUT.path(p) not in flat}
+        if absent:
+            fresh = random_weights(self._spec, self.config, seed, names=absent)
+            for p in _trainable(self._spec):
+                if p.name in fresh:
+                    flat[LAYOUT.path(p)] = jnp.asarray(LAYOUT.to_stored(p, fresh.pop(p.name)), self.dtype)
         self._missing_keys = set()
         return self._checked(unflatten_dict(flat))
+
+    # --- buffers (persistent non-trainable state) ---------------------------------------------------
+
+    @property
+    def has_buffers(self) -> bool:
+        """Whether the family's spec declares buffers (the ``"buffers"`` collection)."""
+        return bool(self._buffer_paths)
+
+    @property
+    def buffers(self) -> dict:
+        """The ``"buffers"`` collection (nested dict, float32 leaves); empty when the spec has none."""
+        return self._buffers
+
+    @buffers.setter
+    def buffers(self, buffers: Mapping) -> None:
+        self._buffers = self._checked_buffers(buffers)
+
+    def _checked_buffers(self, buffers: Mapping) -> dict:
+        """``buffers`` as a nested dict with exactly the spec's buffer paths and shapes."""
+        flat = flatten_dict(dict(buffers))
+        missing = self._buffer_paths - set(flat)
+        if missing:
+            raise ValueError(f"buffers lack {sorted(_path_str(k) for k in missing)}")
+        extra = set(flat) - self._buffer_paths
+        if extra:
+            raise ValueError(f"buffers hold unknown entries {sorted(_path_str(k) for k in extra)}")
+        for p in _buffer_params(self._spec):
+            got = tuple(np.shape(flat[LAYOUT.path(p)]))
+            if got != LAYOUT.shape(p):
+                raise ValueError(f"{LAYOUT.key(p)} ({p.name}): shape {got}, the spec needs {LAYOUT.shape(p)}")
+        return unflatten_dict(flat)
+
+    def init_buffers(self, buffers: Mapping | None = None) -> dict:
+        """The spec's initial buffers (its constants, e.g. I-BERT's ``x_min = -1e-5``); with ``buffers``,
+        only the absent ones are filled.  Buffers keep their spec dtype (float32) whatever ``dtype``."""
+        flat = {} if buffers is None else dict(flatten_dict(dict(buffers)))
+        absent = [p for p in _buffer_params(self._spec) if LAYOUT.path(p) not in flat]
+        if absent:
+            fresh = random_weights(self._spec, self.config, 0, names={p.name for p in absent})
+            for p in absent:
+                flat[LAYOUT.path(p)] = jnp.asarray(LAYOUT.to_stored(p, fresh[p.name]), np.dtype(p.dtype))
+        return self._checked_buffers(unflatten_dict(flat)) if flat else {}
 
     def enable_gradient_checkpointing(self) -> None:
         self._module = self.module_class(config=self.config, dtype=self.dtype, gradient_checkpointing=True)
@@ -305,7 +367,7 @@ class FlaxPreTrainedModel:
 
         Returns the ``"cache"`` collection to pass as ``past_key_values``.
         """
-        if not self.config.is_decoder or not self._accepts("init_cache"):
+        if not (self.decoder_only or self.config.is_decoder) or not self._accepts("init_cache"):
             raise ValueError(
                 f"{type(self).__name__}: init_cache needs a decoder class (Model/CausalLM) with config.is_decoder=True"
             )
@@ -337,6 +399,7 @@ class FlaxPreTrainedModel:
         return_dict: bool | None = None,
         past_key_values: Mapping | None = None,
         inputs_embeds=None,
+        buffers: Mapping | None = None,
     ):
         """Run the module (transformers' Flax call convention).
 
@@ -354,6 +417,10 @@ class FlaxPreTrainedModel:
             past_key_values: cache from :meth:`init_cache` or a previous call; the updated cache is
                 returned in ``past_key_values``.
             inputs_embeds: (B, L, E) embeddings instead of ``input_ids``.
+            buffers: the ``"buffers"`` collection to use instead of ``self.buffers`` (families with
+                buffers only).  With ``train=True`` such a family updates it (I-BERT calibrates its
+                activation ranges) and the call returns ``(output, {"buffers": updated})``, as
+                transformers' Flax models return mutable ``batch_stats``.
         """
         return self._forward(
             input_ids=input_ids,
@@ -371,6 +438,7 @@ class FlaxPreTrainedModel:
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
+            buffers=buffers,
         )
 
     def _forward(
@@ -391,6 +459,7 @@ class FlaxPreTrainedModel:
         past_key_values,
         inputs_embeds,
         position_ids=None,
+        buffers: Mapping | None = None,
     ):
         """The shared body of ``__call__``: checks, defaults from the config, ``module.apply``, the cache.
 
@@ -432,6 +501,13 @@ class FlaxPreTrainedModel:
         variables: dict[str, Any] = {"params": self.params if params is None else params}
         if past_key_values is not None:
             variables["cache"] = past_key_values
+        mutable = ["cache"] if past_key_values is not None else []
+        if self.has_buffers:
+            variables[BUFFERS] = self.buffers if buffers is None else buffers
+            if train:  # training mode updates the buffers (I-BERT: activation-range calibration)
+                mutable.append(BUFFERS)
+        elif buffers is not None:
+            raise InputError(f"{type(self).__name__} has no buffers; buffers= must be None")
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
         extra: dict[str, Any] = {}
         if encoder_hidden_states is not None or encoder_attention_mask is not None:
@@ -449,22 +525,28 @@ class FlaxPreTrainedModel:
             extra["position_ids"] = as_int(position_ids)
         elif position_ids is not None:
             raise InputError(f"{type(self).__name__} takes no position_ids (its positions are relative)")
+        if self._accepts("head_mask"):
+            extra["head_mask"] = None if head_mask is None else jnp.asarray(head_mask, self.dtype)
+        elif head_mask is not None:  # MPT has no head mask
+            raise InputError(f"{type(self).__name__} takes no head_mask")
         out = self.module.apply(
             variables,
             input_ids=as_int(input_ids),
             attention_mask=as_int(attention_mask),
-            head_mask=None if head_mask is None else jnp.asarray(head_mask, self.dtype),
             **extra,
             deterministic=not train,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=return_dict,
             rngs=rngs,
-            mutable=["cache"] if past_key_values is not None else False,
+            mutable=mutable or False,
         )
-        if past_key_values is None:
+        if not mutable:
             return out
         out, updated = out
+        if BUFFERS in mutable:
+            # transformers' Flax convention for mutable state (batch_stats): (output, {collection: tree})
+            return out, {BUFFERS: dict(updated[BUFFERS])}
         cache = dict(updated["cache"])
         if return_dict:
             out["past_key_values"] = cache
@@ -479,7 +561,7 @@ class FlaxPreTrainedModel:
         pretrained_model_name_or_path: str | os.PathLike,
         config: PretrainedConfig | None = None,
         *,
-        dtype: Any = jnp.float32,
+        dtype: Any = None,
         input_shape: tuple[int, ...] = (1, 1),
         seed: int = 0,
         _do_init: bool = True,
@@ -490,8 +572,10 @@ class FlaxPreTrainedModel:
     ):
         """Load a transformers-layout checkpoint directory (safetensors, sharded, or ``pytorch_model.bin``).
 
-        Params are read straight from the file (no random init first); a base checkpoint loads into a
-        head class and vice versa.  Missing params are initialised by the spec (``_do_init=True``) or
+        Params are read straight from the file in pieces into their final buffers, in ``dtype``
+        (None/float32 or bfloat16, whatever the checkpoint's dtype): no random init first, no
+        ``module.init``, no second copy of the weights.  A base checkpoint loads into a head class
+        and vice versa.  Missing params are initialised by the spec (``_do_init=True``) or
         left for ``init_weights(rng, shape, params)`` (``_do_init=False``, transformers' behaviour).
         A shape mismatch raises naming the tensor; ``strict`` also raises on missing/unexpected keys.
 
@@ -510,14 +594,51 @@ class FlaxPreTrainedModel:
             gradient_checkpointing=gradient_checkpointing,
         )
         spec = model.spec
-        flat: dict[tuple[str, ...], jax.Array] = {}
+        target = np.dtype(model.dtype)
+        flat: dict[tuple[str, ...], Any] = {}
 
-        def assign(name: str, stored: np.ndarray) -> None:
-            flat[LAYOUT.path(spec[name])] = jnp.asarray(stored)
+        def dtype_of(name: str) -> np.dtype:
+            # buffers (quantization state) keep their spec dtype whatever the model's dtype
+            p = spec[name]
+            return np.dtype(p.dtype) if LAYOUT.collection_of(p) == BUFFERS else target
+
+        def write(name: str, index: tuple[slice, ...], piece: np.ndarray) -> None:
+            p = spec[name]
+            path = LAYOUT.path(p)
+            buf = flat.get(path)
+            if buf is None:
+                shape, dt = LAYOUT.shape(p), dtype_of(name)
+                big = int(np.prod(shape, dtype=np.int64)) * dt.itemsize > CHUNK_BYTES
+                # A large tensor is filled in place on the device (a donated update per piece), so
+                # it never exists twice; a small one is assembled in numpy and copied once.
+                buf = flat[path] = jnp.zeros(shape, dt) if big else np.empty(shape, dt)
+            if isinstance(buf, np.ndarray):
+                buf[index] = piece
+            else:
+                axis = next((i for i, sl in enumerate(index) if sl != slice(None)), 0)
+                start = (index[axis].start or 0) if index else 0
+                # Wait for each update: queued ones would each keep their piece alive meanwhile.
+                flat[path] = _update_in_place(buf, piece, start, axis).block_until_ready()
+
+        def done(name: str) -> None:
+            path = LAYOUT.path(spec[name])
+            if isinstance(flat[path], np.ndarray):
+                flat[path] = jnp.asarray(flat[path])
 
         plan = load_weights(
-            pretrained_model_name_or_path, spec, cls.family, LAYOUT, assign, model_name=cls.__name__, strict=strict
+            pretrained_model_name_or_path,
+            spec,
+            cls.family,
+            LAYOUT,
+            None,
+            model_name=cls.__name__,
+            strict=strict,
+            write=write,
+            dtype_of=dtype_of,
+            done=done,
         )
+        loaded_buffers = {k: flat.pop(k) for k in list(flat) if k in model._buffer_paths}
+        model._buffers = model.init_buffers(unflatten_dict(loaded_buffers) if loaded_buffers else None)
         params = unflatten_dict(flat) if flat else {}
         missing = model._required_params - set(flat)
         if _do_init:
@@ -536,16 +657,24 @@ class FlaxPreTrainedModel:
         save_directory: str | os.PathLike,
         params: Mapping | None = None,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        buffers: Mapping | None = None,
     ) -> list[str]:
-        """Write ``config.json`` + ``model.safetensors`` in transformers' PyTorch names and layout."""
+        """Write ``config.json`` + ``model.safetensors`` in transformers' PyTorch names and layout.
+
+        Tensors are written in the params' dtype, one at a time (no full copy of the params).  A family
+        with buffers also writes them (``buffers``, default ``self.buffers``) under their state-dict names.
+        """
         flat = flatten_dict(dict(self.params if params is None else params))
+        if self.has_buffers:
+            flat.update(flatten_dict(dict(self._checked_buffers(self.buffers if buffers is None else buffers))))
 
         def arrays():
-            for p in _trainable(self._spec):
+            for p in _trainable(self._spec) + _buffer_params(self._spec):
                 path = LAYOUT.path(p)
                 if path not in flat:
                     raise ValueError(f"params lack {LAYOUT.key(p)} ({p.name})")
-                yield p.name, LAYOUT.from_stored(p, np.asarray(flat[path], dtype=np.float32))
+                # The params' own dtype (bfloat16 stays bfloat16); one tensor at a time.
+                yield p.name, LAYOUT.from_stored(p, np.asarray(flat[path]))
 
         return save_weights(save_directory, self.config, self._spec, self.family, arrays(), max_shard_size)
 
@@ -554,6 +683,15 @@ class FlaxPreTrainedModel:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+_JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _update_in_place(buf: jax.Array, piece: Any, start: int, axis: int) -> jax.Array:
+    """``buf`` with ``piece`` written at ``start`` along ``axis``; ``buf``'s memory is reused (donated)."""
+    return jax.lax.dynamic_update_slice_in_dim(buf, jnp.asarray(piece, buf.dtype), start, axis=axis)
 
 
 def cache_info(cache: Mapping | None) -> tuple[int, int | None]:

@@ -248,14 +248,15 @@ class BertEmbeddings(nn.Module):
         return self.dropout(embeddings)
 
 
-def padding_position_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
+def padding_position_ids(input_ids: torch.Tensor, padding_idx: int, past_len: int = 0) -> torch.Tensor:
     """RoBERTa-style positions: padding tokens get ``padding_idx``, the others count up from ``padding_idx + 1``.
 
-    ``(B, L)`` ids -> ``(B, L)`` long (transformers' ``create_position_ids_from_input_ids`` without a
-    cache): a left-padded row starts its real tokens at ``padding_idx + 1`` too.
+    ``(B, L)`` ids -> ``(B, L)`` long (transformers' ``create_position_ids_from_input_ids``): a
+    left-padded row starts its real tokens at ``padding_idx + 1`` too.  With ``past_len`` cached
+    positions the tokens continue from ``padding_idx + 1 + past_len``.
     """
     mask = input_ids.ne(padding_idx).long()  # (B, L): 1 for real tokens
-    return torch.cumsum(mask, dim=1) * mask + padding_idx
+    return (torch.cumsum(mask, dim=1) + past_len) * mask + padding_idx
 
 
 def sequential_position_ids(shape: Sequence[int], padding_idx: int, device: torch.device | None = None) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.dtypes import canonical_dtype, numpy_dtype
 from nezha_zoo.modeling import load_weights, resolve_config, save_weights
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
 from nezha_zoo.pt.layers import encoder_attention_bias, expand_head_mask, extended_attention_mask
@@ -125,10 +126,15 @@ class PreTrainedModel(nn.Module):
         return dict(self.state_dict(keep_vars=True))
 
     def post_init(self) -> None:
-        """Tie weights, check the module tree equals the spec, initialise by the spec's rules."""
+        """Tie weights, check the module tree equals the spec, initialise by the spec's rules.
+
+        A model built on the meta device (``from_pretrained``) has no values to initialise: its
+        weights are allocated later, in the target dtype, and filled from the checkpoint.
+        """
         self.tie_weights()
         self._check_spec()
-        self.init_weights()
+        if not any(t.is_meta for t in self._tensors().values()):
+            self.init_weights()
 
     def _check_spec(self) -> None:
         spec = self.model_spec()
@@ -149,11 +155,17 @@ class PreTrainedModel(nn.Module):
             setattr(owner, leaf, self.get_parameter(target))
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Fresh weights: N(0, initializer_range) or the ``Param.fill_value`` constant; padding row zero."""
+    def init_weights(self, names: Collection[str] | None = None) -> None:
+        """Fresh weights: N(0, initializer_range) or the ``Param.fill_value`` constant; padding row zero.
+
+        Args:
+            names: canonical names of the params to initialise (default: all of them).
+        """
         std = self.config.initializer_range
         tensors = self._tensors()
         for p in self.model_spec():
+            if names is not None and p.name not in names:
+                continue
             t = tensors[LAYOUT.key(p)]
             if p.init is Init.NORMAL:
                 t.normal_(mean=0.0, std=std)
@@ -212,6 +224,8 @@ class PreTrainedModel(nn.Module):
         config: PretrainedConfig | None = None,
         strict: bool = False,
         output_loading_info: bool = False,
+        dtype: Any = None,
+        torch_dtype: Any = None,
         **config_overrides: Any,
     ) -> PreTrainedModel | tuple[PreTrainedModel, dict[str, list[str]]]:
         """Build the model from a directory (transformers' or ours) and load its weights.
@@ -222,32 +236,71 @@ class PreTrainedModel(nn.Module):
             config: use this config instead of the directory's ``config.json``.
             strict: raise on missing or unexpected tensors instead of logging them.
             output_loading_info: also return ``{"missing_keys", "unexpected_keys", "mismatched_keys"}``.
+            dtype: weights and compute dtype: None (float32), ``"float32"``, ``"bfloat16"`` or a
+                ``torch.dtype``; a checkpoint of either dtype loads into either.
+            torch_dtype: transformers' name for ``dtype`` (give one of the two).
             **config_overrides: config fields to change (``num_labels=3``...).
 
-        Shape mismatches always raise, naming the tensor and both shapes.  The model is returned in
-        eval mode, as transformers does.
+        Low memory: the module is built on the meta device (no random init), its weights are then
+        allocated once in ``dtype`` and filled piece by piece from the file, so loading never holds
+        a second copy of the weights.  Shape mismatches always raise, naming the tensor and both
+        shapes.  The model is returned in eval mode, as transformers does.
         """
+        target = _resolve_dtype(dtype, torch_dtype)
         fam = cls.family()
         cfg = resolve_config(fam, pretrained_model_name_or_path, config, **config_overrides)
-        model = cls(cfg)
+        model = cls._empty(cfg, target)
         spec = model.model_spec()
         tensors = model._tensors()
+        views: dict[str, np.ndarray] = {}
 
-        def assign(name: str, stored: np.ndarray) -> None:
-            t = tensors[LAYOUT.key(spec[name])]
-            with torch.no_grad():
-                t.copy_(torch.from_numpy(np.ascontiguousarray(stored)).to(dtype=t.dtype))
+        def view(name: str) -> np.ndarray:
+            if name not in views:
+                views[name] = _numpy_view(tensors[LAYOUT.key(spec[name])])
+            return views[name]
+
+        def write(name: str, index: tuple[slice, ...], piece: np.ndarray) -> None:
+            view(name)[index] = piece
 
         plan = load_weights(
-            pretrained_model_name_or_path, spec, fam, LAYOUT, assign, model_name=cls.__name__, strict=strict
+            pretrained_model_name_or_path,
+            spec,
+            fam,
+            LAYOUT,
+            None,
+            model_name=cls.__name__,
+            strict=strict,
+            write=write,
+            dtype_of=lambda name: view(name).dtype,
+            done=views.pop,
         )
+        if plan.missing_keys:
+            model.init_weights(set(plan.missing_keys))
         model.eval()
         return (model, plan.info()) if output_loading_info else model
+
+    @classmethod
+    def _empty(cls, config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+        """The model with uninitialised CPU weights in ``dtype``, tied as the spec says.
+
+        Built on the meta device, so no random init is computed and each weight is allocated once;
+        a module with non-persistent buffers (values not in the checkpoint) is built normally.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        persistent = set(model.state_dict(keep_vars=True))
+        if any(name not in persistent for name, _ in model.named_buffers()):
+            model = cls(config)  # its buffers must be computed, not left empty
+        else:
+            model = model.to(dtype).to_empty(device="cpu")
+            model.tie_weights()  # to_empty gives each alias its own tensor; share them again
+        return model.to(dtype)
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[str]:
         """Write ``config.json`` + safetensors in transformers' names and layout (tied weights once).
 
-        Returns the written weight file names.
+        Weights are written in the model's dtype (bfloat16 stays bfloat16), straight from their
+        memory: no copy of the model is made.  Returns the written file names.
         """
         spec = self.model_spec()
         tensors = self._tensors()
@@ -255,9 +308,7 @@ class PreTrainedModel(nn.Module):
         def arrays():
             for p in spec:
                 t = tensors[LAYOUT.key(p)].detach().cpu()
-                if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-                    t = t.float()
-                yield p.name, LAYOUT.from_stored(p, t.contiguous().numpy())
+                yield p.name, LAYOUT.from_stored(p, _numpy_view(t.contiguous()))
 
         return save_weights(save_directory, self.config, spec, self.family(), arrays(), max_shard_size=max_shard_size)
 
@@ -311,6 +362,26 @@ class PreTrainedModel(nn.Module):
     @staticmethod
     def _finish(output: ModelOutput, return_dict: bool) -> ModelOutput | tuple[Any, ...]:
         return output if return_dict else output.to_tuple()
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _resolve_dtype(dtype: Any, torch_dtype: Any) -> torch.dtype:
+    """``dtype`` / transformers' ``torch_dtype`` (one of them) -> ``torch.float32`` or ``torch.bfloat16``."""
+    if dtype is not None and torch_dtype is not None and canonical_dtype(dtype) != canonical_dtype(torch_dtype):
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
+    if dtype is None:
+        return _TORCH_DTYPES[canonical_dtype(torch_dtype, "torch_dtype")]
+    return _TORCH_DTYPES[canonical_dtype(dtype)]
+
+
+def _numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy array sharing ``t``'s memory (bfloat16 through ``ml_dtypes``; numpy has none of its own)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
+    return t.numpy()
 
 
 def _concrete(t: torch.Tensor) -> bool:

@@ -25,7 +25,11 @@ Extension points kept deliberately small:
 * pre-LN blocks (``names.pre_attn_norm``/``pre_ffn_norm``), a final encoder norm, an embedding block
   without LayerNorm / token types / positions.
 * decoder mode: causal mask, cross-attention, key/value cache as a tuple of
-  ``(k, v[, cross_k, cross_v])`` per layer, each ``(B, heads, L, head_dim)``.
+  ``(k, v[, cross_k, cross_v])`` per layer, each ``(B, heads, L, head_dim)``, or the fixed-size
+  :class:`~nezha_zoo.tf.cache.KVCache` per layer (``TFPreTrainedModel.init_cache``): static shapes,
+  so a decoding step compiles; the attention mask then spans all ``max_length`` slots and query
+  ``i`` sits at ``cache.index + i``; cross-attention keys/values are recomputed from the encoder
+  states each call (they never change, and nothing grows).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import tensorflow as tf  # noqa: E402
 from nezha_zoo.config import PretrainedConfig  # noqa: E402
 from nezha_zoo.outputs import BaseModelOutputWithPastAndCrossAttentions  # noqa: E402
 from nezha_zoo.spec.blocks import BertLayerNames  # noqa: E402
+from nezha_zoo.tf.cache import append_kv, fixed_cache_length, is_fixed_cache  # noqa: E402
 from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length  # noqa: E402
 
 __all__ = [
@@ -227,11 +232,13 @@ class TFBertSelfAttention(Block):
 
     Call: ``hidden_states`` (B, Lq, H); ``attention_mask`` additive, broadcastable to
     (B, heads, Lq, Lk); ``head_mask`` (1, heads, 1, 1); ``encoder_hidden_states`` (B, Le, H) for
-    cross-attention; ``past_key_value`` ``(k, v)`` each (B, heads, Lp, hd); ``position_bias``
+    cross-attention; ``past_key_value`` ``(k, v)`` each (B, heads, Lp, hd) or a :class:`KVCache`
+    (self-attention only: keys/values written at its index, all ``max_length`` slots attended); ``position_bias``
     additive, broadcastable to the scores, added after scaling; ``query_offset`` (int or scalar
     tensor): absolute position of query 0 for relative-position terms (default: ``Lk - Lq`` in
     self-attention, i.e. the cached length; 0 in cross-attention).  Returns
-    ``(context (B, Lq, H), probs (B, heads, Lq, Lk), (k, v))``.
+    ``(context (B, Lq, H), probs (B, heads, Lq, Lk), (k, v))``, or the updated :class:`KVCache`
+    in place of ``(k, v)`` when one was passed.
     """
 
     def __init__(self, config: PretrainedConfig, names: BertLayerNames, name: str, **kwargs: Any) -> None:
@@ -281,7 +288,14 @@ class TFBertSelfAttention(Block):
         training=False,
     ):
         query = self._split_heads(self.query(hidden_states))
-        if encoder_hidden_states is not None and past_key_value is not None:
+        present = None
+        if encoder_hidden_states is None and is_fixed_cache(past_key_value):
+            key = self._split_heads(self.key(hidden_states))
+            value = self._split_heads(self.value(hidden_states))
+            key, value, present = append_kv(past_key_value, key, value)  # (B, heads, max_length, hd)
+            if query_offset is None:
+                query_offset = past_key_value.index
+        elif encoder_hidden_states is not None and past_key_value is not None:
             key, value = past_key_value  # cross-attention keys/values of the encoder never change
         else:
             source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -296,13 +310,15 @@ class TFBertSelfAttention(Block):
             query_offset = 0 if encoder_hidden_states is not None else k_len - q_len
         relative = self.relative_embeddings(q_len, k_len, query_offset)  # (Lq, Lk, hd) or None
         if relative is not None:
+            relative = tf.cast(relative, query.dtype)  # a fixed float32 table (Nezha) in a bf16 model
             scores = scores + self.relative_scores(query, relative)
         scores = scores / math.sqrt(self.head_dim)
         if position_bias is not None:
-            scores = scores + position_bias
+            scores = scores + tf.cast(position_bias, scores.dtype)
         if attention_mask is not None:
             scores = scores + attention_mask
-        probs = tf.nn.softmax(scores, axis=-1)
+        # In float32, cast back: as torch's bfloat16 softmax, which accumulates in float32.
+        probs = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), scores.dtype)
         probs = self.dropout(probs, training=training)
         if head_mask is not None:
             probs = probs * head_mask
@@ -312,7 +328,7 @@ class TFBertSelfAttention(Block):
         context = tf.transpose(context, (0, 2, 1, 3))  # (B, Lq, heads, hd)
         shape = tf.shape(context)
         context = tf.reshape(context, (shape[0], shape[1], self.all_head_size))  # (B, Lq, H)
-        return context, probs, (key, value)
+        return context, probs, (key, value) if present is None else present
 
 
 class TFResidualOutput(Block):
@@ -459,8 +475,12 @@ class TFBertLayer(Block):
         position_bias=None,
         training=False,
     ):
-        self_past = None if past_key_value is None else tuple(past_key_value[:2])
-        query_offset = 0 if self_past is None else past_length((self_past,))  # cached positions
+        fixed = is_fixed_cache(past_key_value)
+        if fixed:  # KVCache: keys live in max_length slots; the fill index is the query offset
+            self_past, query_offset = past_key_value, past_key_value.index
+        else:
+            self_past = None if past_key_value is None else tuple(past_key_value[:2])
+            query_offset = 0 if self_past is None else past_length((self_past,))  # cached positions
         hidden, probs, present = self.attention(
             hidden_states,
             attention_mask=attention_mask,
@@ -474,7 +494,8 @@ class TFBertLayer(Block):
         if self.is_decoder and encoder_hidden_states is not None:
             if self.crossattention is None:
                 raise ValueError("encoder_hidden_states need cross-attention layers: set config.add_cross_attention")
-            cross_past = None if past_key_value is None or len(past_key_value) < 4 else tuple(past_key_value[2:])
+            no_cross_past = fixed or past_key_value is None or len(past_key_value) < 4
+            cross_past = None if no_cross_past else tuple(past_key_value[2:])
             hidden, cross_probs, cross_present = self.crossattention(
                 hidden,
                 attention_mask=encoder_attention_mask,
@@ -484,10 +505,11 @@ class TFBertLayer(Block):
                 query_offset=query_offset,
                 training=training,
             )
-            present = tuple(present) + tuple(cross_present)
+            if not fixed:  # with a KVCache the encoder's keys are recomputed, not cached
+                present = tuple(present) + tuple(cross_present)
         ffn_in = hidden if self.pre_ffn_norm is None else self.pre_ffn_norm(hidden)
         out = self.ffn_output(self.intermediate(ffn_in), hidden, training=training)
-        return out, probs, cross_probs, tuple(present)
+        return out, probs, cross_probs, present if fixed else tuple(present)
 
 
 def _below(names: BertLayerNames) -> BertLayerNames:
@@ -648,9 +670,11 @@ def _concrete(t: Any) -> bool:
 
 
 def past_length(past_key_values: Any) -> int | tf.Tensor:
-    """Cached positions: the key length of layer 0 (0 without a cache)."""
+    """Cached positions: the key length of layer 0 (0 without a cache; a KVCache's fill index)."""
     if past_key_values is None:
         return 0
+    if is_fixed_cache(past_key_values[0]):
+        return past_key_values[0].index
     n = past_key_values[0][0].shape[-2]
     return n if n is not None else tf.shape(past_key_values[0][0])[-2]
 
@@ -727,20 +751,51 @@ def sequential_position_ids(seq_len: Any, padding_idx: int) -> tf.Tensor:
     return tf.range(padding_idx + 1, seq_len + padding_idx + 1)[None, :]  # (1, L)
 
 
-def extended_attention_mask(attention_mask, batch: Any, q_len: Any, past_len: Any, is_decoder: bool) -> tf.Tensor:
-    """Additive mask (B, 1, Lq or 1, Lk): 0 where visible, float32 min where masked (causal in decoders)."""
+def extended_attention_mask(
+    attention_mask,
+    batch: Any,
+    q_len: Any,
+    past_len: Any,
+    is_decoder: bool,
+    dtype: tf.DType = tf.float32,
+    key_length: int | None = None,
+) -> tf.Tensor:
+    """Additive mask (B, 1, Lq or 1, Lk): 0 where visible, ``dtype``'s min where masked (causal in decoders).
+
+    ``dtype`` is the scores' dtype (``finfo(dtype).min`` as transformers PyTorch: float32's min would
+    overflow to -inf in bfloat16).  The mask is built in float32 and cast at the end.
+
+    ``key_length``: the slot count of a fixed-size cache (``Lk``); query ``i`` then sits at slot
+    ``past_len + i`` (``past_len`` the cache's fill index) and sees the slots up to it.
+    """
     if attention_mask is None:
-        attention_mask = tf.ones((batch, past_len + q_len), tf.float32)
+        attention_mask = tf.ones((batch, past_len + q_len if key_length is None else key_length), tf.float32)
     mask = tf.cast(attention_mask, tf.float32)
     if mask.shape.rank == 3:
         ext = mask[:, None, :, :]  # (B, 1, Lq, Lk)
+    elif is_decoder and key_length is not None:
+        rows = tf.cast(past_len, tf.int32) + tf.range(q_len)  # (Lq,) slot of each query
+        causal = tf.cast(tf.range(key_length)[None, :] <= rows[:, None], tf.float32)  # (Lq, Lk)
+        ext = causal[None, None, :, :] * mask[:, None, None, :]  # (B, 1, Lq, Lk)
     elif is_decoder:
         causal = tf.linalg.band_part(tf.ones((q_len, q_len), tf.float32), -1, 0)  # (Lq, Lq) lower triangle
         causal = tf.concat([tf.ones((q_len, past_len), tf.float32), causal], axis=1)  # cached keys are visible
         ext = causal[None, None, :, :] * mask[:, None, None, :]  # (B, 1, Lq, Lk)
     else:
         ext = mask[:, None, None, :]  # (B, 1, 1, Lk)
-    return (1.0 - ext) * tf.float32.min
+    return tf.cast((1.0 - ext) * dtype.min, dtype)
+
+
+def check_fixed_cache_inputs(attention_mask, input_shape: tuple | None, slots: int) -> None:
+    """With a :class:`KVCache` of ``slots`` slots: the mask must be (B, slots) and the input fit."""
+    mask_shape = _shape(attention_mask)
+    if mask_shape is not None and (len(mask_shape) != 2 or mask_shape[-1] not in (None, slots)):
+        raise InputError(
+            f"attention_mask has shape {mask_shape}; with a fixed-size cache it must be (batch, {slots}): "
+            "one column per cache slot (1 = a token written before or now, 0 = padding or empty)"
+        )
+    if input_shape is not None and input_shape[1] is not None and input_shape[1] > slots:
+        raise InputError(f"{input_shape[1]} new positions do not fit the fixed cache's {slots} slots")
 
 
 def layer_head_masks(head_mask, num_layers: int) -> list | None:
@@ -812,11 +867,12 @@ class BertBackboneMixin:
         # As transformers PyTorch: a cache only when asked for (use_cache=True) and only in decoders.
         use_cache = bool(use_cache) and cfg.is_decoder
         past_len = past_length(past_key_values)
+        slots = fixed_cache_length(past_key_values)  # None unless a KVCache: then the mask spans its slots
         check_inputs(
             cfg,
             input_ids,
             inputs_embeds,
-            attention_mask,
+            attention_mask if slots is None else None,  # a KVCache's mask is checked below
             token_type_ids,
             position_ids,
             past_len,
@@ -830,14 +886,17 @@ class BertBackboneMixin:
             token_type_ids = tf.zeros((batch, seq_len), tf.int32)
         if position_ids is None:
             position_ids = self.default_position_ids(input_ids, inputs_embeds, past_len)  # (B or 1, L)
-        mask = extended_attention_mask(attention_mask, batch, seq_len, past_len, cfg.is_decoder)
+        dtype = tf.as_dtype(getattr(self, "compute_dtype", None) or "float32")  # the model's dtype policy
+        if slots is not None:
+            check_fixed_cache_inputs(attention_mask, _shape(ref), slots)
+        mask = extended_attention_mask(attention_mask, batch, seq_len, past_len, cfg.is_decoder, dtype, slots)
         enc_mask = None
         if cfg.is_decoder and encoder_hidden_states is not None:
             if encoder_attention_mask is None:
                 encoder_attention_mask = tf.ones(tf.shape(encoder_hidden_states)[:2], tf.float32)
             enc = tf.cast(encoder_attention_mask, tf.float32)
             enc = enc[:, None, :, :] if enc.shape.rank == 3 else enc[:, None, None, :]
-            enc_mask = (1.0 - enc) * tf.float32.min
+            enc_mask = tf.cast((1.0 - enc) * dtype.min, dtype)
         hidden = self.embeddings(
             input_ids=input_ids,
             token_type_ids=token_type_ids,

@@ -6,6 +6,7 @@ variables through ``LAYOUTS["keras"]`` (``variable.path`` minus the model's own 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -28,13 +29,21 @@ if keras.backend.backend() != "tensorflow":
 
 from nezha_zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE  # noqa: E402
 from nezha_zoo.config import PretrainedConfig  # noqa: E402
+from nezha_zoo.dtypes import canonical_dtype, numpy_dtype  # noqa: E402
 from nezha_zoo.modeling import load_weights, resolve_config, save_weights  # noqa: E402
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput  # noqa: E402
 from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
 from nezha_zoo.spec.param import Init, ModelSpec  # noqa: E402
 from nezha_zoo.spec.registry import Family  # noqa: E402
 
-__all__ = ["TFPreTrainedModel", "unpack_inputs", "register_outputs", "variable_key", "KERAS_LAYOUT"]
+__all__ = [
+    "TFPreTrainedModel",
+    "unpack_inputs",
+    "register_outputs",
+    "variable_key",
+    "KERAS_LAYOUT",
+    "dtype_policy_scope",
+]
 
 logger = logging.getLogger("nezha_zoo")
 
@@ -127,6 +136,68 @@ def variable_key(variable: keras.Variable) -> str:
     return variable.path.split("/", 1)[1]
 
 
+# --- dtype ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def dtype_policy_scope(dtype: Any) -> Iterator[str]:
+    """Make ``dtype`` (None/"float32" or "bfloat16", any spelling) Keras' default dtype policy inside.
+
+    Every layer created in the scope takes it (variables and compute in that dtype) unless it is given
+    a dtype of its own; Keras keeps the default per thread.  Yields the canonical dtype name.
+    """
+    canon = canonical_dtype(dtype)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(canon)
+    try:
+        yield canon
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+class _Uninitialized(keras.initializers.Initializer):
+    """Allocates a variable's memory without writing it: ``from_pretrained`` assigns every value next.
+
+    Untouched pages cost no resident memory, so creating a variable this way holds no second copy of
+    it (a random initializer builds the whole value, then the variable copies it) and computes nothing.
+    """
+
+    def __call__(self, shape, dtype=None):
+        return tf.raw_ops.Empty(shape=shape, dtype=tf.as_dtype(dtype or "float32"), init=False)
+
+
+_INITIALIZER_ATTRS = ("kernel_initializer", "bias_initializer", "embeddings_initializer")
+_INITIALIZER_ATTRS += ("gamma_initializer", "beta_initializer")
+
+
+@contextlib.contextmanager
+def _uninitialized_variables(model: keras.Layer) -> Iterator[None]:
+    """While building ``model``, its layers' initializers allocate without initialising (restored after)."""
+    saved = []
+    for layer in model._flatten_layers(include_self=False):
+        for attr in _INITIALIZER_ATTRS:
+            if getattr(layer, attr, None) is not None:
+                saved.append((layer, attr, getattr(layer, attr)))
+                setattr(layer, attr, _Uninitialized())
+    try:
+        yield
+    finally:
+        for layer, attr, value in saved:
+            setattr(layer, attr, value)
+
+
+def _scoped_init(init: Callable) -> Callable:
+    """Run a model class's ``__init__`` under the dtype policy of its ``dtype=`` argument."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        with dtype_policy_scope(kwargs.get("dtype")):
+            init(self, *args, **kwargs)
+
+    wrapper._dtype_scoped = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 # --- base model ----------------------------------------------------------------------------------
 
 
@@ -146,6 +217,9 @@ class TFPreTrainedModel(keras.Model):
         gradient_checkpointing (bool): recompute each encoder layer in the backward pass
             (``tf.recompute_grad``); same gradients, less activation memory.
         name (str | None): Keras name of the model (the first component of every variable path).
+        dtype (str | tf.DType | None): weights and compute dtype: None/``"float32"`` or
+            ``"bfloat16"``.  Every layer built by the model's constructor (a family's own layers
+            included) gets it through Keras' dtype policy; see :func:`dtype_policy_scope`.
     """
 
     family: Family
@@ -162,14 +236,27 @@ class TFPreTrainedModel(keras.Model):
         seed: int | None = None,
         gradient_checkpointing: bool = False,
         name: str | None = None,
+        dtype: Any = None,
+        _skip_init: bool = False,
         **kwargs: Any,
     ) -> None:
         if not isinstance(config, self.config_class):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
-        super().__init__(name=name or _snake(type(self).__name__), **kwargs)
+        canon = canonical_dtype(dtype)
+        super().__init__(name=name or _snake(type(self).__name__), dtype=canon, **kwargs)
         self.config = config
         self.gradient_checkpointing = gradient_checkpointing
         self._init_seed = seed
+        # from_pretrained fills every variable from the checkpoint: no spec init to compute first.
+        self._skip_init = _skip_init
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Each class's own constructor runs in its dtype's policy scope, so sub-layers created there
+        # (by shared blocks or a family's own layers) take the model's dtype without passing it on.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_dtype_scoped", False):
+            cls.__init__ = _scoped_init(init)
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -178,10 +265,12 @@ class TFPreTrainedModel(keras.Model):
 
     def _finish_init(self) -> None:
         """Create every variable (one call on dummy inputs) and initialise them as the spec says."""
-        self(**self._dummy_inputs(), training=False)
-        with keras.name_scope(self.name):  # same variable paths as inside the model's own call
-            self._build_unused()
-        self.init_weights(self._init_seed)
+        with _uninitialized_variables(self) if self._skip_init else contextlib.nullcontext():
+            self(**self._dummy_inputs(), training=False)
+            with keras.name_scope(self.name):  # same variable paths as inside the model's own call
+                self._build_unused()
+        if not self._skip_init:
+            self.init_weights(self._init_seed)
 
     def _build_unused(self) -> None:
         """Build sub-layers the dummy call does not reach: the cross-attention of a decoder config in
@@ -189,6 +278,42 @@ class TFPreTrainedModel(keras.Model):
         if self.config.add_cross_attention and self.head not in self.cross_attention_heads:
             states = tf.zeros((1, 2, self.config.hidden_size))
             getattr(self, self.base_model_prefix)(input_ids=tf.constant([[2, 3]]), encoder_hidden_states=states)
+
+    def init_cache(self, batch_size: int, max_length: int) -> tuple:
+        """An empty fixed-size key/value cache for a BERT-style decoder (``config.is_decoder``).
+
+        One :class:`~nezha_zoo.tf.cache.KVCache` per layer, key/value (batch_size, heads, max_length,
+        head_dim) zeros in the model's compute dtype, index 0.  Pass it as ``past_key_values`` with
+        ``use_cache=True`` and an ``attention_mask`` of width ``max_length`` (1 = a token written
+        before or now, 0 = padding or an empty slot); shapes never change, so decoding steps compile.
+        Families with their own attention layout (MPT) override this.
+
+        Args:
+            batch_size (int): rows.
+            max_length (int): slots (prompt + new tokens), at most the model's maximum length.
+
+        Raises:
+            ValueError: not a decoder config, a non-positive size, or ``max_length`` too long.
+        """
+        from nezha_zoo.tf.cache import init_kv_cache
+
+        cfg = self.config
+        if not getattr(cfg, "is_decoder", False):
+            raise ValueError(f"{type(self).__name__}: init_cache needs config.is_decoder=True")
+        for arg, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"init_cache: {arg} must be a positive int, got {value!r}")
+        base = getattr(self, self.base_model_prefix, self) if self.base_model_prefix else self
+        if getattr(base, "limits_length", True):
+            limit = getattr(base, "max_sequence_length", None) or cfg.max_position_embeddings
+            if max_length > limit:
+                raise ValueError(f"init_cache: max_length {max_length} exceeds the model's maximum length {limit}")
+        heads = cfg.num_attention_heads
+        dtype = tf.as_dtype(self.compute_dtype or "float32")
+        return tuple(
+            init_kv_cache(int(batch_size), heads, int(max_length), cfg.hidden_size // heads, dtype)
+            for _ in range(cfg.num_hidden_layers)
+        )
 
     def _finish(self, output: ModelOutput, return_dict: bool | None):
         """The output object, or ``output.to_tuple()`` when ``return_dict`` (else the config's) is False."""
@@ -234,11 +359,13 @@ class TFPreTrainedModel(keras.Model):
         for p in spec:
             yield p, by_key[KERAS_LAYOUT.key(p)]
 
-    def init_weights(self, seed: int | None = None) -> None:
-        """(Re)initialise every variable from its spec ``Init`` rule."""
+    def init_weights(self, seed: int | None = None, names: set[str] | None = None) -> None:
+        """(Re)initialise every variable (or those of the params ``names``) from its spec ``Init`` rule."""
         rng = np.random.default_rng(seed)
         std = float(self.config.initializer_range)
         for p, var in self._matched():
+            if names is not None and p.name not in names:
+                continue
             shape = KERAS_LAYOUT.shape(p)
             if p.init is Init.NORMAL:
                 value = rng.normal(0.0, std, size=p.shape).astype(np.float32)
@@ -260,6 +387,7 @@ class TFPreTrainedModel(keras.Model):
         strict: bool = False,
         output_loading_info: bool = False,
         gradient_checkpointing: bool = False,
+        dtype: Any = None,
         **overrides: Any,
     ):
         """Build the model from ``path`` (``config.json`` + any supported weight file).
@@ -269,22 +397,61 @@ class TFPreTrainedModel(keras.Model):
             config: use this config instead of ``path/config.json``.
             strict: raise on missing or unexpected tensors (shape mismatches always raise).
             output_loading_info: also return ``{"missing_keys", "unexpected_keys", "mismatched_keys"}``.
+            dtype: weights and compute dtype, None/``"float32"`` or ``"bfloat16"`` (or ``tf.bfloat16``);
+                a checkpoint of either dtype loads into either.
             **overrides: config fields to change (e.g. ``num_labels=3``).
+
+        Variables are created in ``dtype`` and filled piece by piece straight from the file (sliced
+        assignments), without the spec's random init and without a second copy of any weight.
         """
         cfg = resolve_config(cls.family, path, config, **overrides)
-        model = cls(cfg, gradient_checkpointing=gradient_checkpointing)
+        model = cls(cfg, gradient_checkpointing=gradient_checkpointing, dtype=dtype, _skip_init=True)
         variables = {p.name: var for p, var in model._matched()}
 
-        def assign(name: str, stored: np.ndarray) -> None:
-            variables[name].assign(stored)
+        # Under a tf.distribute strategy the variables are mirrored (one copy per replica) and have
+        # no single handle to write through: stage each tensor and assign it whole, once.
+        staged: dict[str, np.ndarray] = {}
+        mirrored = tf.distribute.has_strategy()
 
-        plan = load_weights(path, model.spec, cls.family, KERAS_LAYOUT, assign, type(model).__name__, strict=strict)
+        def write(name: str, index: tuple[slice, ...], piece: np.ndarray) -> None:
+            var = variables[name]
+            if all(sl == slice(None) for sl in index):
+                var.assign(piece)
+                return
+            if mirrored:
+                if name not in staged:
+                    staged[name] = np.empty(tuple(var.shape), piece.dtype)
+                staged[name][index] = piece
+                return
+            # In place, straight through the handle: slicing the variable first would read it, and a
+            # read value shares its buffer, making the update copy the whole variable each time.
+            shape = var.shape
+            begin = [sl.start or 0 for sl in index]
+            end = [shape[i] if sl.stop is None else sl.stop for i, sl in enumerate(index)]
+            tf.raw_ops.ResourceStridedSliceAssign(
+                ref=var.value.handle, begin=begin, end=end, strides=[1] * len(index), value=piece
+            )
+
+        plan = load_weights(
+            path,
+            model.spec,
+            cls.family,
+            KERAS_LAYOUT,
+            None,
+            type(model).__name__,
+            strict=strict,
+            write=write,
+            dtype_of=lambda name: numpy_dtype(variables[name].dtype),
+            done=lambda name: variables[name].assign(staged.pop(name)) if name in staged else None,
+        )
+        if plan.missing_keys:
+            model.init_weights(model._init_seed, names=set(plan.missing_keys))
         if output_loading_info:
             return model, plan.info()
         return model
 
     def canonical_weights(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Every param as ``(canonical name, canonical numpy array)``."""
+        """Every param as ``(canonical name, canonical numpy array)`` in the variables' dtype, one at a time."""
         for p, var in self._matched():
             yield p.name, KERAS_LAYOUT.from_stored(p, np.asarray(var.numpy()))
 

@@ -113,21 +113,21 @@ def test_resave_removes_stale_shards(tmp_path):
 
 
 def test_failed_save_leaves_previous_files_intact(tmp_path, monkeypatch):
-    import safetensors.numpy
+    import nezha_zoo.checkpoint as ckpt
 
     old = _tensors(seed=1)
     save_state_dict(tmp_path, old, max_shard_size=300, extra_files={"config.json": '{"v": 1}\n'})
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    real = safetensors.numpy.save_file
+    real = ckpt._write_safetensors  # writes each shard file
     calls = []
 
-    def failing(tensors, filename, metadata=None):
+    def failing(filename, items, metadata):
         calls.append(filename)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real(tensors, filename, metadata=metadata)
+        return real(filename, items, metadata)
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", failing)
+    monkeypatch.setattr(ckpt, "_write_safetensors", failing)
     with pytest.raises(OSError, match="disk full"):
         save_state_dict(tmp_path, _tensors(seed=2), max_shard_size=300, extra_files={"config.json": '{"v": 2}\n'})
     assert len(calls) == 2

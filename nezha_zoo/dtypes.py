@@ -1,0 +1,90 @@
+"""Weight/compute dtypes shared by the three backends: names in, canonical strings out.
+
+A model's dtype is one of :data:`SUPPORTED` (``"float32"``, ``"bfloat16"``).  Users may name it as a
+string (``"bf16"``, ``"float32"``...), as ``None`` (float32), or as any framework's dtype object
+(``torch.bfloat16``, ``tf.bfloat16``, ``jnp.bfloat16``, ``np.float32``); :func:`canonical_dtype` turns
+each into the canonical string without importing a framework, so every backend accepts the same
+spellings and rejects the same mistakes with the same message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SUPPORTED", "canonical_dtype", "numpy_dtype", "itemsize"]
+
+#: The dtypes a model's weights and compute may use.
+SUPPORTED = ("float32", "bfloat16")
+
+_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "f32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def _name_of(dtype: Any) -> str | None:
+    """The dtype's own name, for strings, numpy/ml_dtypes dtypes and framework dtype objects."""
+    if isinstance(dtype, str):
+        name = dtype
+    elif isinstance(getattr(dtype, "name", None), str):  # np.dtype, tf.DType, keras DTypePolicy
+        name = dtype.name
+    elif isinstance(dtype, type) and hasattr(dtype, "dtype"):  # jnp.float32, jnp.bfloat16 (scalar types)
+        name = getattr(dtype.dtype, "name", None) or str(np.dtype(dtype))
+    elif isinstance(dtype, type):  # np.float32 and friends
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            return None
+    elif type(dtype).__module__ == "torch":  # torch.dtype has no .name; str gives "torch.bfloat16"
+        name = str(dtype)
+    else:
+        return None
+    return name.strip().lower().removeprefix("torch.")
+
+
+def canonical_dtype(dtype: Any, argument: str = "dtype") -> str:
+    """``"float32"`` or ``"bfloat16"`` for ``dtype``; ``None`` means float32.
+
+    Args:
+        dtype: ``None``, a name (``"float32"``, ``"fp32"``, ``"bfloat16"``, ``"bf16"``) or a dtype
+            object of numpy, ml_dtypes, torch, TensorFlow/Keras or JAX.
+        argument: the argument name used in error messages.
+
+    Raises:
+        ValueError: a dtype that is not float32 or bfloat16 (e.g. float16), or an unknown name.
+        TypeError: something that is not a dtype at all.
+    """
+    if dtype is None:
+        return "float32"
+    name = _name_of(dtype)
+    if name is None:
+        raise TypeError(
+            f"{argument} must be None, a string or a dtype object (e.g. 'bfloat16'), got {type(dtype).__name__}"
+        )
+    canon = _ALIASES.get(name)
+    if canon is None:
+        raise ValueError(f"{argument}={dtype!r} is not supported; models run in one of {', '.join(SUPPORTED)}")
+    return canon
+
+
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """The numpy dtype of ``dtype`` (bfloat16 through ``ml_dtypes``)."""
+    canon = canonical_dtype(dtype)
+    if canon == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as e:  # pragma: no cover - ml_dtypes ships with jax and tensorflow
+            raise ImportError("bfloat16 weights need the ml_dtypes package (pip install ml_dtypes)") from e
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(np.float32)
+
+
+def itemsize(dtype: Any) -> int:
+    """Bytes per element of ``dtype`` (4 for float32, 2 for bfloat16)."""
+    return {"float32": 4, "bfloat16": 2}[canonical_dtype(dtype)]

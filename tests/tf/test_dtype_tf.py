@@ -1,0 +1,152 @@
+"""Keras 3 dtypes (float32 / bfloat16) and low-memory from_pretrained (issue #5)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import nezha_zoo.tf as ztf  # noqa: E402
+import nezha_zoo.tf.modeling_utils as tf_utils  # noqa: E402
+from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig  # noqa: E402
+from nezha_zoo.checkpoint import open_checkpoint  # noqa: E402
+from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs  # noqa: E402
+
+pytestmark = [pytest.mark.tf]
+
+TINY = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+)
+CONFIGS = {
+    "Electra": ElectraConfig(**TINY, embedding_size=24),
+    "Nezha": NezhaConfig(**TINY, max_relative_position=8),
+    "MPNet": MPNetConfig(**TINY),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _precision():
+    pin_precision("tf")
+
+
+def _inputs(family: str) -> dict[str, np.ndarray]:
+    arrays = tiny_inputs(batch=2, seq_len=7, vocab_size=TINY["vocab_size"], seed=1)
+    if family == "MPNet":
+        arrays.pop("token_type_ids")
+        arrays["input_ids"] = np.where(arrays["attention_mask"] == 1, arrays["input_ids"], 1)  # MPNet pads with 1
+    return arrays
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_bf16_model_is_bf16_and_close_to_float32(family, tmp_path):
+    ref = getattr(ztf, f"TF{family}ForMaskedLM")(CONFIGS[family], seed=0)
+    ref.save_pretrained(tmp_path)
+    bf = getattr(ztf, f"TF{family}ForMaskedLM").from_pretrained(tmp_path, dtype="bfloat16")
+    assert {v.dtype for v in bf.weights} == {"bfloat16"}
+    inp = _inputs(family)
+    want = ref(**inp, output_hidden_states=True)
+    got = bf(**inp, output_hidden_states=True)
+    assert got.logits.dtype == tf.bfloat16 and got.hidden_states[-1].dtype == tf.bfloat16
+    keep = inp["attention_mask"][..., None].astype(bool)
+    last = tf.cast(got.hidden_states[-1], tf.float32)
+    assert_close(last, want.hidden_states[-1], TOLERANCES["bf16"], "last hidden", mask=keep)
+    scale = float(np.abs(want.logits.numpy()).max())
+    logits = tf.cast(got.logits, tf.float32).numpy()
+    assert_close(logits / scale, want.logits.numpy() / scale, TOLERANCES["bf16"], "logits / max|logits|", keep)
+
+
+def test_constructor_dtype_reaches_every_layer_and_masks_stay_finite():
+    cfg = CONFIGS["Electra"]
+    bf = ztf.TFElectraForSequenceClassification(cfg, dtype="bfloat16", seed=0)
+    assert {v.dtype for v in bf.weights} == {"bfloat16"}
+    layers = [layer for layer in bf._flatten_layers() if layer.weights]
+    assert layers and {layer.compute_dtype for layer in layers} == {"bfloat16"}
+    assert keras.config.dtype_policy().name == "float32"  # the scope did not leak
+    ref = ztf.TFElectraForSequenceClassification(cfg, seed=0)
+    for v, w in zip(bf.weights, ref.weights):
+        w.assign(tf.cast(v, tf.float32))  # the same (bf16-representable) weights in float32
+    inp = _inputs("Electra")
+    got = bf(**inp, output_attentions=True)
+    want = ref(**inp)
+    probs = got.attentions[0].numpy().astype(np.float32)  # (B, heads, Lq, Lk)
+    pad = inp["attention_mask"] == 0
+    assert pad.any() and np.all(np.isfinite(probs))
+    # Masked keys get exactly zero probability (bfloat16's own minimum, not float32's, which is -inf there).
+    assert float(np.abs(np.transpose(probs, (0, 3, 1, 2))[pad]).max()) == 0.0
+    assert_close(tf.cast(got.logits, tf.float32), want.logits, TOLERANCES["bf16"], "logits")
+
+
+def test_bf16_save_is_bf16_and_loads_exactly(tmp_path):
+    bf = ztf.TFElectraForPreTraining(CONFIGS["Electra"], dtype=tf.bfloat16, seed=1)
+    bf.save_pretrained(tmp_path, max_shard_size="20KB")
+    with open_checkpoint(tmp_path) as reader:
+        assert reader.format == "safetensors-sharded"
+        assert {reader.dtype(k) for k in reader.keys()} == {"BF16"}
+    again = ztf.TFElectraForPreTraining.from_pretrained(tmp_path, dtype="bf16")
+    as_f32 = ztf.TFElectraForPreTraining.from_pretrained(tmp_path)
+    for v, w, x in zip(bf.weights, again.weights, as_f32.weights):
+        assert v.path == w.path == x.path and x.dtype == "float32"
+        np.testing.assert_array_equal(w.numpy().view(np.uint16), v.numpy().view(np.uint16), err_msg=v.path)
+        np.testing.assert_array_equal(x.numpy(), v.numpy().astype(np.float32), err_msg=v.path)
+
+
+def test_transformers_loads_our_bf16_checkpoint(tmp_path):
+    ours = ztf.TFElectraForMaskedLM(CONFIGS["Electra"], dtype="bfloat16", seed=2)
+    ours.save_pretrained(tmp_path)
+    hf = transformers.ElectraForMaskedLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    inp = _inputs("Electra")
+    with torch.no_grad():
+        want = hf(**{k: torch.from_numpy(v) for k, v in inp.items()}).logits.float().numpy()
+    got = tf.cast(ours(**inp).logits, tf.float32).numpy()
+    keep = inp["attention_mask"][..., None].astype(bool)
+    assert_close(got, want, TOLERANCES["bf16"], "ours (TF) vs transformers, both bf16", mask=keep)
+
+
+def test_from_pretrained_never_random_inits(tmp_path, monkeypatch):
+    ztf.TFElectraForMaskedLM(CONFIGS["Electra"], seed=0).save_pretrained(tmp_path / "full")
+    ztf.TFElectraModel(CONFIGS["Electra"], seed=0).save_pretrained(tmp_path / "base")
+    calls: list = []
+    real = tf_utils.TFPreTrainedModel.init_weights
+
+    def recording(self, seed=None, names=None):
+        calls.append(None if names is None else set(names))
+        return real(self, seed, names)
+
+    built_with: list = []
+    real_build = tf_utils._uninitialized_variables
+
+    def spying(model):
+        built_with.append(type(model).__name__)
+        return real_build(model)
+
+    monkeypatch.setattr(tf_utils.TFPreTrainedModel, "init_weights", recording)
+    monkeypatch.setattr(tf_utils, "_uninitialized_variables", spying)
+    model = ztf.TFElectraForMaskedLM.from_pretrained(tmp_path / "full", dtype="bfloat16")
+    assert calls == [] and built_with == ["TFElectraForMaskedLM"]  # variables allocated, never initialised
+    model, info = ztf.TFElectraForMaskedLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert info["missing_keys"] and calls == [set(info["missing_keys"])]  # only the head's own weights
+    # The layers' own initializers are back in place after the build.
+    dense = model.electra.encoder.layer[0].intermediate.dense
+    assert not isinstance(dense.kernel_initializer, tf_utils._Uninitialized)
+
+
+def test_bad_dtype_raises_clearly(tmp_path):
+    with pytest.raises(ValueError, match="dtype='float16' is not supported"):
+        ztf.TFElectraModel(CONFIGS["Electra"], dtype="float16")
+    ztf.TFElectraModel(CONFIGS["Electra"], seed=0).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not supported"):
+        ztf.TFElectraModel.from_pretrained(tmp_path, dtype=tf.float16)
+    assert keras.config.dtype_policy().name == "float32"  # a failed constructor leaves the policy alone
