@@ -5,7 +5,7 @@ plain linen module of ``FlaxNezhaForSequenceClassification`` (relative positions
 sequences may be longer than ``max_position_embeddings``: the batches here are); the loss is
 ``nezha_zoo.flax.losses.sequence_classification_loss``.  Runs in well under a minute on a CPU::
 
-    python examples/flax_train_nezha.py --steps 60
+    python examples/flax_train_nezha.py --steps 80
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def make_batch(rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
     }
 
 
-def main(steps: int = 60, batch: int = 32, seed: int = 0, learning_rate: float = 3e-3) -> list[float]:
+def main(steps: int = 80, batch: int = 32, seed: int = 0, learning_rate: float = 3e-3) -> list[float]:
     """Train for ``steps`` steps; return the loss of every step."""
     config = NezhaConfig(
         vocab_size=VOCAB,
@@ -94,7 +94,7 @@ def main(steps: int = 60, batch: int = 32, seed: int = 0, learning_rate: float =
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=80)
     args = parser.parse_args()
     losses = main(steps=args.steps)
     logger.info("first loss %.4f, last loss %.4f", losses[0], losses[-1])

@@ -25,7 +25,9 @@ import numpy as np
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.families.electra import ElectraConfig
 from nezha_zoo.families.mpnet import MPNetConfig
+from nezha_zoo.families.mpt import MptConfig
 from nezha_zoo.families.nezha import NezhaConfig
+from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig
 from nezha_zoo.modeling import random_weights, save_weights
 from nezha_zoo.spec.registry import Family, get_family
 from nezha_zoo.testing import TOLERANCES, max_abs_diff, tiny_inputs
@@ -63,6 +65,24 @@ DEMO_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
         num_attention_heads=4,
         intermediate_size=256,
         max_position_embeddings=130,
+        num_labels=2,
+    ),
+    "xlm_roberta_xl": lambda: XLMRobertaXLConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=130,
+        num_labels=2,
+    ),
+    "mpt": lambda: MptConfig(
+        vocab_size=1000,
+        d_model=128,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=128,
+        pad_token_id=0,
         num_labels=2,
     ),
 }

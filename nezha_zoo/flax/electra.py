@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from nezha_zoo.families.electra import ELECTRA
+from nezha_zoo.flax.generation import with_generation
 from nezha_zoo.flax.heads import (
     ClassificationHead,
     LMHeadTransform,
@@ -381,7 +382,10 @@ FlaxElectraForPreTraining = _wrapper(
     "ForPreTraining", FlaxElectraForPreTrainingModule, "Electra discriminator (replaced-token detection)."
 )
 FlaxElectraForMaskedLM = _wrapper("ForMaskedLM", FlaxElectraForMaskedLMModule, "Electra generator (masked LM).")
-FlaxElectraForCausalLM = _wrapper("ForCausalLM", FlaxElectraForCausalLMModule, "Electra causal LM (decoder).")
+# Learned absolute positions: generate numbers a left-padded row's tokens from 0 (see nezha_zoo.generation).
+FlaxElectraForCausalLM = with_generation(
+    _wrapper("ForCausalLM", FlaxElectraForCausalLMModule, "Electra causal LM (decoder)."), "cumsum"
+)
 FlaxElectraForSequenceClassification = _wrapper(
     "ForSequenceClassification", FlaxElectraForSequenceClassificationModule, "Electra sequence classifier."
 )

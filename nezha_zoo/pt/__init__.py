@@ -19,6 +19,15 @@ from nezha_zoo.pt.electra import (
     ElectraPreTrainedModel,
 )
 from nezha_zoo.pt.heads import mean_pool
+from nezha_zoo.pt.ibert import (
+    IBertForMaskedLM,
+    IBertForMultipleChoice,
+    IBertForQuestionAnswering,
+    IBertForSequenceClassification,
+    IBertForTokenClassification,
+    IBertModel,
+    IBertPreTrainedModel,
+)
 from nezha_zoo.pt.modeling_utils import PreTrainedModel
 from nezha_zoo.pt.mpnet import (
     MPNetForMaskedLM,
@@ -28,6 +37,14 @@ from nezha_zoo.pt.mpnet import (
     MPNetForTokenClassification,
     MPNetModel,
     MPNetPreTrainedModel,
+)
+from nezha_zoo.pt.mpt import (
+    MptForCausalLM,
+    MptForQuestionAnswering,
+    MptForSequenceClassification,
+    MptForTokenClassification,
+    MptModel,
+    MptPreTrainedModel,
 )
 from nezha_zoo.pt.nezha import (
     NezhaForMaskedLM,
@@ -39,6 +56,16 @@ from nezha_zoo.pt.nezha import (
     NezhaForTokenClassification,
     NezhaModel,
     NezhaPreTrainedModel,
+)
+from nezha_zoo.pt.xlm_roberta_xl import (
+    XLMRobertaXLForCausalLM,
+    XLMRobertaXLForMaskedLM,
+    XLMRobertaXLForMultipleChoice,
+    XLMRobertaXLForQuestionAnswering,
+    XLMRobertaXLForSequenceClassification,
+    XLMRobertaXLForTokenClassification,
+    XLMRobertaXLModel,
+    XLMRobertaXLPreTrainedModel,
 )
 
 __all__ = [
@@ -68,5 +95,26 @@ __all__ = [
     "MPNetForMultipleChoice",
     "MPNetForTokenClassification",
     "MPNetForQuestionAnswering",
+    "MptPreTrainedModel",
+    "MptModel",
+    "MptForCausalLM",
+    "MptForSequenceClassification",
+    "MptForTokenClassification",
+    "MptForQuestionAnswering",
+    "XLMRobertaXLPreTrainedModel",
+    "XLMRobertaXLModel",
+    "XLMRobertaXLForCausalLM",
+    "XLMRobertaXLForMaskedLM",
+    "XLMRobertaXLForSequenceClassification",
+    "XLMRobertaXLForMultipleChoice",
+    "XLMRobertaXLForTokenClassification",
+    "XLMRobertaXLForQuestionAnswering",
+    "IBertPreTrainedModel",
+    "IBertModel",
+    "IBertForMaskedLM",
+    "IBertForSequenceClassification",
+    "IBertForMultipleChoice",
+    "IBertForTokenClassification",
+    "IBertForQuestionAnswering",
     "mean_pool",
 ]

@@ -26,6 +26,7 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.pt import losses
+from nezha_zoo.pt.generation import GenerationMixin
 from nezha_zoo.pt.heads import (
     MLM_LABELS_DOC,
     QA_LABELS_DOC,
@@ -289,7 +290,7 @@ class ElectraForMaskedLM(_ElectraGenerator):
         return self._finish(masked_lm_output(self._logits(base.last_hidden_state), base, labels), return_dict)
 
 
-class ElectraForCausalLM(_ElectraGenerator):
+class ElectraForCausalLM(GenerationMixin, _ElectraGenerator):
     """Electra generator as a left-to-right LM (set ``is_decoder=True``): logits (B, L, vocab_size).
 
     Args:
@@ -307,6 +308,7 @@ class ElectraForCausalLM(_ElectraGenerator):
     )
 
     head = "ForCausalLM"
+    generation_position_rule = "cumsum"  # learned absolute positions: left pads must not shift them
 
     def __init__(self, config: ElectraConfig) -> None:
         if not config.is_decoder:

@@ -19,6 +19,15 @@ from nezha_zoo.tf.electra import (  # noqa: E402
     TFElectraPreTrainedModel,
 )
 from nezha_zoo.tf.heads import mean_pool  # noqa: E402
+from nezha_zoo.tf.ibert import (  # noqa: E402
+    TFIBertForMaskedLM,
+    TFIBertForMultipleChoice,
+    TFIBertForQuestionAnswering,
+    TFIBertForSequenceClassification,
+    TFIBertForTokenClassification,
+    TFIBertModel,
+    TFIBertPreTrainedModel,
+)
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel  # noqa: E402
 from nezha_zoo.tf.mpnet import (  # noqa: E402
     TFMPNetForMaskedLM,
@@ -28,6 +37,14 @@ from nezha_zoo.tf.mpnet import (  # noqa: E402
     TFMPNetForTokenClassification,
     TFMPNetModel,
     TFMPNetPreTrainedModel,
+)
+from nezha_zoo.tf.mpt import (  # noqa: E402
+    TFMptForCausalLM,
+    TFMptForQuestionAnswering,
+    TFMptForSequenceClassification,
+    TFMptForTokenClassification,
+    TFMptModel,
+    TFMptPreTrainedModel,
 )
 from nezha_zoo.tf.nezha import (  # noqa: E402
     TFNezhaForMaskedLM,
@@ -39,6 +56,16 @@ from nezha_zoo.tf.nezha import (  # noqa: E402
     TFNezhaForTokenClassification,
     TFNezhaModel,
     TFNezhaPreTrainedModel,
+)
+from nezha_zoo.tf.xlm_roberta_xl import (  # noqa: E402
+    TFXLMRobertaXLForCausalLM,
+    TFXLMRobertaXLForMaskedLM,
+    TFXLMRobertaXLForMultipleChoice,
+    TFXLMRobertaXLForQuestionAnswering,
+    TFXLMRobertaXLForSequenceClassification,
+    TFXLMRobertaXLForTokenClassification,
+    TFXLMRobertaXLModel,
+    TFXLMRobertaXLPreTrainedModel,
 )
 
 __all__ = [
@@ -52,6 +79,13 @@ __all__ = [
     "TFElectraForMultipleChoice",
     "TFElectraForTokenClassification",
     "TFElectraForQuestionAnswering",
+    "TFIBertPreTrainedModel",
+    "TFIBertModel",
+    "TFIBertForMaskedLM",
+    "TFIBertForSequenceClassification",
+    "TFIBertForMultipleChoice",
+    "TFIBertForTokenClassification",
+    "TFIBertForQuestionAnswering",
     "TFNezhaPreTrainedModel",
     "TFNezhaModel",
     "TFNezhaForPreTraining",
@@ -68,5 +102,19 @@ __all__ = [
     "TFMPNetForMultipleChoice",
     "TFMPNetForTokenClassification",
     "TFMPNetForQuestionAnswering",
+    "TFMptPreTrainedModel",
+    "TFMptModel",
+    "TFMptForCausalLM",
+    "TFMptForSequenceClassification",
+    "TFMptForTokenClassification",
+    "TFMptForQuestionAnswering",
+    "TFXLMRobertaXLPreTrainedModel",
+    "TFXLMRobertaXLModel",
+    "TFXLMRobertaXLForCausalLM",
+    "TFXLMRobertaXLForMaskedLM",
+    "TFXLMRobertaXLForSequenceClassification",
+    "TFXLMRobertaXLForMultipleChoice",
+    "TFXLMRobertaXLForTokenClassification",
+    "TFXLMRobertaXLForQuestionAnswering",
     "mean_pool",
 ]

@@ -22,6 +22,7 @@ from nezha_zoo.outputs import (  # noqa: E402
     ElectraForPreTrainingOutput,
 )
 from nezha_zoo.tf import losses  # noqa: E402
+from nezha_zoo.tf.generation import TFGenerationMixin  # noqa: E402
 from nezha_zoo.tf.heads import (  # noqa: E402
     TFClassificationHead,
     TFLMHeadTransform,
@@ -328,7 +329,7 @@ class TFElectraForMaskedLM(_GeneratorMixin, TFElectraPreTrainedModel):
         return self._finish(result, return_dict)
 
 
-class TFElectraForCausalLM(_GeneratorMixin, TFElectraPreTrainedModel):
+class TFElectraForCausalLM(TFGenerationMixin, _GeneratorMixin, TFElectraPreTrainedModel):
     __doc__ = (
         """Generator as a left-to-right LM (set ``config.is_decoder``): ``logits`` (B, L, V); ``labels``
     (B, L) give the next-token loss (shifted inside, -100 ignored).
@@ -344,6 +345,7 @@ class TFElectraForCausalLM(_GeneratorMixin, TFElectraPreTrainedModel):
 
     head = "ForCausalLM"
     label_names = ("labels",)
+    generation_position_rule = "cumsum"  # learned absolute positions: left pads must not shift them
 
     def __init__(self, config: ElectraConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

@@ -28,6 +28,7 @@ import nezha_zoo.tf as nz_tf
 from nezha_zoo.flax import losses as flax_losses
 from nezha_zoo.modeling import random_weights, save_weights
 from nezha_zoo.spec import LAYOUTS, get_family
+from nezha_zoo.spec.param import Kind
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs, to_numpy
 from nezha_zoo.tf.modeling_utils import variable_key
 
@@ -57,6 +58,9 @@ class Case:
     flax_loss: dict[str, Callable] = field(default_factory=dict)  # head -> (out, labels, inputs) -> loss
     long_inputs: bool = False  # the family has no length limit: run 3x max_position_embeddings
     encoder_len: int = 5  # encoder states' length in the decoder test
+    causal_cache_head: str | None = None  # decoder-only head: prefix + cached continuation vs full pass
+    # config overrides transformers does not implement: run on causal_cache_head in our three backends
+    config_variants: dict[str, dict] = field(default_factory=dict)
 
 
 def _common_labels(vocab: int, n: int) -> tuple[dict, dict]:
@@ -150,7 +154,64 @@ def _mpnet() -> Case:
     return Case("mpnet", cfg, token_types=False, labels=labels, flax_loss=losses)
 
 
-CASES = {c.key: c for c in (_electra(), _nezha(), _mpnet())}
+def _xlm_roberta_xl() -> Case:
+    labels, losses = _common_labels(99, 3)
+    cfg = dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=40,
+        # The published checkpoints have a one-row token-type table, where every type id is 0 (the
+        # default); two rows make the token_type_ids of the inputs change the numbers.
+        type_vocab_size=2,
+        num_labels=3,
+        **NO_DROPOUT,
+    )
+    return Case("xlm_roberta_xl", cfg, decoder_head="ForCausalLM", labels=labels, flax_loss=losses)
+
+
+def _mpt() -> Case:
+    labels, losses = _common_labels(99, 3)
+    cfg = dict(
+        vocab_size=99,
+        d_model=32,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=32,
+        pad_token_id=0,
+        num_labels=3,
+        # Larger weights than the default 0.02, so attention is not decided by ALiBi alone.
+        initializer_range=0.2,
+        # transformers' token-classification dropout falls back to 0.1 without this key.
+        classifier_dropout=0.0,
+    )
+    # MosaicML (llm-foundry) settings transformers ignores, and a head count that is not a power of two.
+    variants = {
+        "mosaicml": dict(
+            no_bias=False,
+            expansion_ratio=3,
+            logit_scale=0.5,
+            attn_config=dict(qk_ln=True, clip_qkv=0.5, softmax_scale=0.3, alibi_bias_max=4),
+        ),
+        "multiquery": dict(
+            logit_scale="inv_sqrt_d_model", attn_config=dict(attn_type="multiquery_attention", qk_ln=True)
+        ),
+        "six-heads": dict(d_model=48, n_heads=6),
+    }
+    return Case(
+        "mpt",
+        cfg,
+        token_types=False,
+        labels=labels,
+        flax_loss=losses,
+        causal_cache_head="ForCausalLM",
+        config_variants=variants,
+    )
+
+
+CASES = {c.key: c for c in (_electra(), _nezha(), _mpnet(), _xlm_roberta_xl(), _mpt())}
 PARAMS = [(k, h) for k, c in CASES.items() for h in get_family(k).heads]
 
 
@@ -205,7 +266,9 @@ def _forward(backend: str, model, inputs: dict, **kw) -> dict:
         out = model(**{k: tf.constant(v) for k, v in inputs.items()}, **kw, training=False)
     else:
         out = model(**{k: jnp.asarray(v) for k, v in inputs.items()}, **kw)
-    return {k: to_numpy(v) for k, v in out.items()}
+    # transformers' decoders that cache by default (XLM-R-XL) return a Cache object: its legacy tuples
+    legacy = {k: v.to_legacy_cache() for k, v in out.items() if hasattr(v, "to_legacy_cache")}
+    return {k: to_numpy(legacy.get(k, v)) for k, v in out.items()}
 
 
 def _inputs(case: Case, head: str, kind: str, seq_len: int = L) -> dict:
@@ -213,7 +276,7 @@ def _inputs(case: Case, head: str, kind: str, seq_len: int = L) -> dict:
         batch=B,
         seq_len=seq_len,
         vocab_size=case.config["vocab_size"],
-        type_vocab_size=2 if case.token_types else None,
+        type_vocab_size=case.config.get("type_vocab_size", 2) if case.token_types else None,
         pad=_config(case, head).pad_token_id,
         seed=3,
         num_choices=C if head == "ForMultipleChoice" else None,
@@ -298,6 +361,99 @@ def test_decoder_full_and_cached_agree(key, checkpoints, load):
         assert_close(
             got, full["hf"][field_name][:, k:], _tol(field_name), f"{key} {b} cached continuation vs transformers"
         )
+
+
+@pytest.mark.parametrize("key", [k for k, c in CASES.items() if c.causal_cache_head])
+def test_decoder_only_cached_continuation_agrees(key, checkpoints, load):
+    """A decoder-only LM with left padding: full pass in every backend, then a prefix + cached continuation.
+
+    Caches: PyTorch and TF growing ``(key, value)`` tuples, TF's fixed-size ``KVCache`` and Flax's
+    cache from ``init_cache``; every continuation equals transformers' full pass.
+    """
+    case = CASES[key]
+    head = case.causal_cache_head
+    path = checkpoints(key, head)
+    rng = np.random.default_rng(8)
+    ids = rng.integers(2, case.config["vocab_size"], size=(B, L), dtype=np.int64)
+    mask = np.ones((B, L), dtype=np.int64)
+    mask[1, :2] = 0  # left padding inside the cached prefix
+    ids[1, :2] = _config(case, head).pad_token_id
+    full_in = {"input_ids": ids, "attention_mask": mask}
+    full = {
+        b: _forward(b, load(b, key, head, path), full_in, output_hidden_states=True, output_attentions=True)
+        for b in BACKENDS
+    }
+    # Every position, padded ones included (a row with no visible key is uniform over all keys in each).
+    _all_pairs(full, f"{key} left-padded full pass")
+
+    k = 5  # prefix length; positions k.. come from the cache
+    for what, got in _cached_continuations(key, head, path, load, ids, mask, k).items():
+        assert_close(got, full["hf"]["logits"][:, k:], _tol("logits"), f"{key} {what} continuation vs transformers")
+
+
+def _cached_continuations(key, head, path, load, ids, mask, k) -> dict:
+    """Logits of positions k.. from a prefix of k positions and a cached continuation, per cache kind."""
+    steps = {}
+    for b in ("pt", "tf"):
+        m = load(b, key, head, path)
+        first = _raw(b, m, {"input_ids": ids[:, :k], "attention_mask": mask[:, :k]}, use_cache=True)
+        rest = _raw(
+            b,
+            m,
+            {"input_ids": ids[:, k:], "attention_mask": mask},
+            use_cache=True,
+            past_key_values=first["past_key_values"],
+        )
+        steps[f"{b} growing cache"] = to_numpy(rest["logits"])
+    tm = load("tf", key, head, path)
+    cache = tm.init_cache(ids.shape[0], ids.shape[1])  # fixed size: the mask covers every slot in both calls
+    first = _raw("tf", tm, {"input_ids": ids[:, :k], "attention_mask": mask}, use_cache=True, past_key_values=cache)
+    rest = _raw(
+        "tf",
+        tm,
+        {"input_ids": ids[:, k:], "attention_mask": mask},
+        use_cache=True,
+        past_key_values=first["past_key_values"],
+    )
+    steps["tf KVCache"] = to_numpy(rest["logits"])
+    fm = load("flax", key, head, path)
+    cache = fm.init_cache(ids.shape[0], ids.shape[1])
+    first = fm(jnp.asarray(ids[:, :k]), attention_mask=jnp.asarray(mask), past_key_values=cache)
+    rest = fm(jnp.asarray(ids[:, k:]), attention_mask=jnp.asarray(mask), past_key_values=first["past_key_values"])
+    steps["flax init_cache"] = to_numpy(rest["logits"])
+    return steps
+
+
+@pytest.mark.parametrize("key,variant", [(k, v) for k, c in CASES.items() for v in c.config_variants])
+def test_config_variants_agree_across_backends(key, variant, load, tmp_path):
+    """Settings transformers lacks (MPT's MosaicML fields): PyTorch = TF = Flax, full pass and cached.
+
+    Norm scales and biases are drawn away from their 1 / 0 initialisation so that they count.
+    """
+    case, fam = CASES[key], get_family(key)
+    head = case.causal_cache_head
+    config = _config(case, head, **case.config_variants[variant])
+    spec = fam.model_spec(config, head)
+    weights = random_weights(spec, config, seed=31)
+    rng = np.random.default_rng(32)
+    for p in spec:
+        if p.kind in (Kind.NORM_SCALE, Kind.NORM_BIAS, Kind.BIAS):
+            weights[p.name] = weights[p.name] + (0.2 * rng.standard_normal(p.shape)).astype(np.float32)
+    path = str(tmp_path)
+    save_weights(path, config, spec, fam, weights)
+    inputs = _inputs(case, head, "padded+token-types")
+    outs = {
+        b: _forward(b, load(b, key, head, path), inputs, output_hidden_states=True, output_attentions=True)
+        for b in ("pt", "tf", "flax")
+    }
+    _all_pairs(outs, f"{key}[{variant}]")
+    ids = np.random.default_rng(33).integers(2, case.config["vocab_size"], size=(B, L), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0  # left padding inside the cached prefix
+    ids[1, :2] = config.pad_token_id
+    full = _forward("pt", load("pt", key, head, path), {"input_ids": ids, "attention_mask": mask})
+    for what, got in _cached_continuations(key, head, path, load, ids, mask, 5).items():
+        assert_close(got, full["logits"][:, 5:], _tol("logits"), f"{key}[{variant}] {what} vs PyTorch full pass")
 
 
 def _raw(backend, model, inputs, **kw):

@@ -1,0 +1,434 @@
+"""XLM-RoBERTa-XL in Flax linen: the base module, six heads and their wrappers.
+
+Composition of the shared blocks (:mod:`nezha_zoo.flax.layers`, :mod:`nezha_zoo.flax.heads`); the
+family's own choices (``nezha_zoo/families/xlm_roberta_xl.py``): pre-LN layers
+(``XLM_ROBERTA_XL_NAMES``, the cross-attention pre-normed too), a final ``encoder.LayerNorm``, no
+embedding LayerNorm, RoBERTa positions (pads keep ``pad_token_id``, tokens count from
+``pad_token_id + 1``, continuing after the cache fill when decoding; ``pad_token_id + 1 ..`` with
+``inputs_embeds``), the pooler only in ``Model`` and ``ForMultipleChoice``, the tied RoBERTa
+``lm_head`` and the tanh ``classifier``.  transformers has no Flax port of this family; the numbers
+are its PyTorch ones.  Flax takes no labels: :func:`token_classification_loss` applies the family's
+rule that positions with ``attention_mask != 1`` carry no token-classification loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from nezha_zoo.families.xlm_roberta_xl import HEADS_WITH_POOLER, XLM_ROBERTA_XL
+from nezha_zoo.flax import losses
+from nezha_zoo.flax.generation import with_generation
+from nezha_zoo.flax.heads import ClassificationHead, RobertaLMHead, tied_embedding_table
+from nezha_zoo.flax.layers import BertEmbeddings, BertEncoder, BertPooler, cache_index
+from nezha_zoo.flax.modeling_utils import (
+    FlaxHeadModule,
+    FlaxPreTrainedModel,
+    cache_info,
+    finish_output,
+    make_wrapper,
+    validate_inputs,
+)
+from nezha_zoo.outputs import (
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
+from nezha_zoo.spec.blocks import XLM_ROBERTA_XL_NAMES
+from nezha_zoo.validation import check_length
+
+__all__ = [
+    "xlm_roberta_xl_position_ids",
+    "token_classification_loss",
+    "FlaxXLMRobertaXLModule",
+    "FlaxXLMRobertaXLForCausalLMModule",
+    "FlaxXLMRobertaXLForMaskedLMModule",
+    "FlaxXLMRobertaXLForSequenceClassificationModule",
+    "FlaxXLMRobertaXLForMultipleChoiceModule",
+    "FlaxXLMRobertaXLForTokenClassificationModule",
+    "FlaxXLMRobertaXLForQuestionAnsweringModule",
+    "FlaxXLMRobertaXLPreTrainedModel",
+    "FlaxXLMRobertaXLModel",
+    "FlaxXLMRobertaXLForCausalLM",
+    "FlaxXLMRobertaXLForMaskedLM",
+    "FlaxXLMRobertaXLForSequenceClassification",
+    "FlaxXLMRobertaXLForMultipleChoice",
+    "FlaxXLMRobertaXLForTokenClassification",
+    "FlaxXLMRobertaXLForQuestionAnswering",
+]
+
+
+def xlm_roberta_xl_position_ids(input_ids: jax.Array, padding_idx: int, past_length: Any = 0) -> jax.Array:
+    """RoBERTa positions of ``input_ids`` (B, L): pads -> ``padding_idx``, tokens -> ``padding_idx + 1 + past``...
+
+    Tokens are numbered by their rank among the non-pad tokens of their row (left padding included),
+    after ``past_length`` cached positions (transformers' ``create_position_ids_from_input_ids``).
+    """
+    keep = (input_ids != padding_idx).astype(jnp.int32)
+    return (jnp.cumsum(keep, axis=1) + jnp.asarray(past_length, jnp.int32)) * keep + padding_idx  # (B, L)
+
+
+def token_classification_loss(logits: jax.Array, labels: jax.Array, attention_mask: jax.Array | None = None):
+    """Mean cross-entropy of logits (B, L, n) vs labels (B, L), -100 and ``attention_mask != 1`` ignored.
+
+    transformers' XLM-R-XL token-classification loss (its PyTorch head masks by ``attention_mask``).
+    """
+    labels = jnp.asarray(labels)
+    if attention_mask is not None:
+        labels = jnp.where(jnp.asarray(attention_mask).reshape(labels.shape) == 1, labels, -100)
+    return losses.token_classification_loss(logits, labels)
+
+
+def max_input_length(config: Any) -> int:
+    """The longest input: positions ``pad_token_id + 1 .. max_position_embeddings - 1``."""
+    return config.max_position_embeddings - config.pad_token_id - 1
+
+
+_MODULE_DOC = """
+    Attributes:
+        config (XLMRobertaXLConfig): model configuration.
+        dtype (jnp.dtype): computation dtype (params are float32).
+        gradient_checkpointing (bool): rematerialise encoder layers in the backward pass.
+
+    Call args (all optional but one of ``input_ids``/``inputs_embeds``; at most
+    ``max_position_embeddings - pad_token_id - 1`` tokens):
+        input_ids: (B, L) int ids{mc}.
+        attention_mask: (B, L) 0/1, default ones; with a cache (B, cache_length).
+        token_type_ids: (B, L) int in ``[0, type_vocab_size)``, default zeros.
+        position_ids: (B, L) int, default RoBERTa-style from the ids (pads ``pad_token_id``, tokens
+            from ``pad_token_id + 1``), ``pad_token_id + 1 ..`` with ``inputs_embeds``.
+        head_mask: (heads,) or (layers, heads).
+        encoder_hidden_states: (B, Le, H) for cross-attention (Model, CausalLM, MaskedLM; decoders
+            with add_cross_attention).
+        encoder_attention_mask: (B, Le) 0/1, default ones.
+        inputs_embeds: (B, L, H) instead of ``input_ids``.
+        init_cache (bool): create the ``"cache"`` collection (Model and CausalLM; used by ``init_cache``).
+        deterministic (bool): dropout off.
+        output_attentions, output_hidden_states, return_dict (bool).
+"""
+
+
+class FlaxXLMRobertaXLModule(nn.Module):
+    """The XLM-RoBERTa-XL encoder (``roberta``): embeddings, pre-LN ``encoder``, optional ``pooler``.
+
+    Returns ``BaseModelOutputWithPoolingAndCrossAttentions``: ``last_hidden_state`` (B, L, H) after
+    the final ``encoder.LayerNorm``, ``pooler_output`` (B, H) (with ``add_pooling_layer``),
+    ``hidden_states`` (layers + 1) x (B, L, H), ``attentions`` layers x (B, heads, L, Lk),
+    ``cross_attentions``.
+    """
+
+    __doc__ += _MODULE_DOC.format(mc="") + "        add_pooling_layer (bool, attribute): build the ``pooler``.\n"
+
+    config: Any
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+    add_pooling_layer: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        init_cache: bool = False,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        inputs_embeds=None,
+    ):
+        c = self.config
+        # Direct module users get the wrapper's checks too (values only when concrete, i.e. not under jit).
+        past_len, cache_len = (0, None) if init_cache else cache_info(self.variables.get("cache"))
+        validate_inputs(
+            c,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            past_length=past_len,
+            cache_length=cache_len,
+            embed_width=c.hidden_size,
+        )
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros(shape, jnp.int32)
+        if position_ids is None:
+            limit, what = max_input_length(c), "max_position_embeddings - pad_token_id - 1"
+            if input_ids is not None:
+                check_length(shape[-1], past_len, limit, what)
+                past = None if init_cache else cache_index(self.variables)
+                start = 0 if past is None else past  # the cache fill (traced under jit)
+                position_ids = xlm_roberta_xl_position_ids(jnp.asarray(input_ids), c.pad_token_id, start)
+            else:
+                # transformers numbers embeddings from pad + 1 whatever the cache holds.
+                check_length(shape[-1], 0, limit, what)
+                start = c.pad_token_id + 1
+                position_ids = jnp.broadcast_to(jnp.arange(start, start + shape[-1], dtype=jnp.int32), shape)
+        if encoder_hidden_states is not None and encoder_attention_mask is None:
+            encoder_attention_mask = jnp.ones(encoder_hidden_states.shape[:2], jnp.int32)
+        # No embedding LayerNorm: every layer norms its own input, the encoder its output.
+        embeddings = BertEmbeddings(
+            c, use_norm=False, position_padding_idx=c.pad_token_id, dtype=self.dtype, name="embeddings"
+        )
+        h = embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, deterministic)
+        h, all_hidden, all_attn, all_cross = BertEncoder(
+            c,
+            names=XLM_ROBERTA_XL_NAMES,
+            final_norm="LayerNorm",
+            dtype=self.dtype,
+            gradient_checkpointing=self.gradient_checkpointing,
+            name="encoder",
+        )(
+            h,
+            attention_mask,
+            head_mask,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            None,
+            None,
+            init_cache,
+            deterministic,
+            output_attentions,
+            output_hidden_states,
+        )
+        pooled = BertPooler(c, dtype=self.dtype, name="pooler")(h) if self.add_pooling_layer else None
+        return finish_output(
+            BaseModelOutputWithPoolingAndCrossAttentions,
+            return_dict,
+            last_hidden_state=h,
+            pooler_output=pooled,
+            hidden_states=all_hidden,
+            attentions=all_attn,
+            cross_attentions=all_cross,
+        )
+
+
+class _XLMRobertaXLHead(FlaxHeadModule):
+    """Shared fields of the head modules; ``_backbone`` runs the ``roberta`` submodule."""
+
+    backbone_class = FlaxXLMRobertaXLModule
+    backbone_name = "roberta"
+    head_name = "Model"
+
+    def _backbone_options(self) -> dict:
+        # Only Model and ForMultipleChoice carry the pooler (transformers' add_pooling_layer).
+        return {"add_pooling_layer": self.head_name in HEADS_WITH_POOLER}
+
+    def _lm_head(self, roberta, out) -> dict:
+        """``lm_head`` (dense, GELU, layer_norm, tied decoder, bias) -> ``{"logits": (B, L, V)}``."""
+        c = self.config
+        table = tied_embedding_table(roberta, c) if c.tie_word_embeddings else None  # (V, H)
+        lm_head = RobertaLMHead(c, tied=c.tie_word_embeddings, dtype=self.dtype, name="lm_head")
+        return {"logits": lm_head(out.last_hidden_state, table)}
+
+
+class FlaxXLMRobertaXLForCausalLMModule(_XLMRobertaXLHead):
+    """Causal LM (use with ``config.is_decoder=True``): the tied ``lm_head`` over a causal encoder."""
+
+    __doc__ += _MODULE_DOC.format(mc="")
+    head_name = "ForCausalLM"
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        init_cache=False,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
+        def head(roberta, out):
+            return {**self._lm_head(roberta, out), "cross_attentions": out.cross_attentions}
+
+        return self._head_output(locals(), CausalLMOutputWithCrossAttentions, head)
+
+
+class FlaxXLMRobertaXLForMaskedLMModule(_XLMRobertaXLHead):
+    """Masked LM: ``lm_head`` (dense, GELU, ``layer_norm``, decoder tied to the word embeddings, ``bias``)."""
+
+    __doc__ += _MODULE_DOC.format(mc="")
+    head_name = "ForMaskedLM"
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
+        return self._head_output(locals(), MaskedLMOutput, self._lm_head)
+
+
+class FlaxXLMRobertaXLForSequenceClassificationModule(_XLMRobertaXLHead):
+    """Sequence classification: ``classifier`` (dense, tanh, ``out_proj``) on token 0 -> (B, num_labels)."""
+
+    __doc__ += _MODULE_DOC.format(mc="")
+    head_name = "ForSequenceClassification"
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
+        def head(_, out):
+            classifier = ClassificationHead(self.config, activation="tanh", dtype=self.dtype, name="classifier")
+            return {"logits": classifier(out.last_hidden_state, deterministic=deterministic)}
+
+        return self._head_output(locals(), SequenceClassifierOutput, head)
+
+
+class FlaxXLMRobertaXLForMultipleChoiceModule(_XLMRobertaXLHead):
+    """Multiple choice: pooler output, dropout, ``classifier`` (H -> 1) per choice -> (B, C).
+
+    Inputs are (B, C, L) and are flattened to (B * C, L); hidden states and attentions are returned
+    in that flattened form (as transformers does).
+    """
+
+    __doc__ += _MODULE_DOC.format(mc=" of shape (B, C, L); every input likewise has a choice axis")
+    head_name = "ForMultipleChoice"
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
+        def pool(out):  # dropout on the pooler output (B * C, H)
+            dropout = nn.Dropout(self.config.hidden_dropout_prob, name="dropout")
+            return dropout(out.pooler_output, deterministic=deterministic)
+
+        return self._multiple_choice(locals(), pool)
+
+
+class FlaxXLMRobertaXLForTokenClassificationModule(_XLMRobertaXLHead):
+    """Token classification: dropout + ``classifier`` -> (B, L, num_labels).
+
+    Its loss is :func:`token_classification_loss` (positions with ``attention_mask != 1`` ignored).
+    """
+
+    __doc__ += _MODULE_DOC.format(mc="")
+    head_name = "ForTokenClassification"
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
+        return self._token_classification(locals())
+
+
+class FlaxXLMRobertaXLForQuestionAnsweringModule(_XLMRobertaXLHead):
+    """Extractive QA: ``qa_outputs`` -> ``start_logits`` (B, L), ``end_logits`` (B, L)."""
+
+    __doc__ += _MODULE_DOC.format(mc="")
+    head_name = "ForQuestionAnswering"
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+        inputs_embeds=None,
+    ):
+        return self._question_answering(locals())
+
+
+# --- wrappers ------------------------------------------------------------------------------------
+
+
+class FlaxXLMRobertaXLPreTrainedModel(FlaxPreTrainedModel):
+    """Base of the XLM-RoBERTa-XL wrappers (see :class:`~nezha_zoo.flax.modeling_utils.FlaxPreTrainedModel`)."""
+
+    family = XLM_ROBERTA_XL
+    base_model_prefix = "roberta"
+
+
+def _wrapper(head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type[FlaxXLMRobertaXLPreTrainedModel]:
+    return make_wrapper(FlaxXLMRobertaXLPreTrainedModel, "XLMRobertaXL", head, module, doc, rank)
+
+
+FlaxXLMRobertaXLModel = _wrapper("Model", FlaxXLMRobertaXLModule, "The bare XLM-RoBERTa-XL encoder (with pooler).")
+# RoBERTa positions count from pad_token_id + 1: generate numbers a left-padded row from there.
+FlaxXLMRobertaXLForCausalLM = with_generation(
+    _wrapper("ForCausalLM", FlaxXLMRobertaXLForCausalLMModule, "XLM-RoBERTa-XL causal LM (decoder)."),
+    "padding_aware",
+)
+FlaxXLMRobertaXLForMaskedLM = _wrapper(
+    "ForMaskedLM", FlaxXLMRobertaXLForMaskedLMModule, "XLM-RoBERTa-XL masked language model."
+)
+FlaxXLMRobertaXLForSequenceClassification = _wrapper(
+    "ForSequenceClassification",
+    FlaxXLMRobertaXLForSequenceClassificationModule,
+    "XLM-RoBERTa-XL sequence classifier.",
+)
+FlaxXLMRobertaXLForMultipleChoice = _wrapper(
+    "ForMultipleChoice", FlaxXLMRobertaXLForMultipleChoiceModule, "XLM-RoBERTa-XL multiple choice.", rank=3
+)
+FlaxXLMRobertaXLForTokenClassification = _wrapper(
+    "ForTokenClassification", FlaxXLMRobertaXLForTokenClassificationModule, "XLM-RoBERTa-XL token classifier."
+)
+FlaxXLMRobertaXLForQuestionAnswering = _wrapper(
+    "ForQuestionAnswering",
+    FlaxXLMRobertaXLForQuestionAnsweringModule,
+    "XLM-RoBERTa-XL extractive question answering.",
+)

@@ -1,0 +1,738 @@
+"""I-BERT's integer-only kernels (PyTorch): quantized embedding, activation, linear, GELU, softmax, LayerNorm.
+
+The maths is that of the I-BERT paper as implemented in transformers 4.57.6 ``ibert/quant_modules.py``;
+this module is the reference the TensorFlow and Flax ports match bit for bit, so every rule is written
+down here.
+
+Conventions
+-----------
+Every quantized tensor is a pair ``(x, s)``: ``x = q * s`` where ``q`` is an integer tensor and ``s`` a
+float32 scaling factor of shape ``(1,)`` (per tensor) or ``(C,)`` (per channel, last axis).  Modules
+take and return such pairs, as transformers' do, so the model code reads like transformers'.  In float
+mode (``quant_mode=False``) the scaling factor is ``None`` and the modules compute plain float ops.
+
+Where this code differs from transformers (deliberately): transformers emulates the integers in
+float32 tensors, so any integer above 2**24 is rounded, and it never re-rounds ``x / s`` (so its
+"integers" carry float noise).  Here every integer ``q`` is *exact*:
+
+* ``q`` is recovered from ``(x, s)`` as ``round(x / s)`` and carried in **float64**, which holds every
+  integer below 2**53 exactly (the widest integers of the pipeline: linear accumulators < 2**32, the
+  LayerNorm variance < 2**32 after its shift, GELU products ~2**40, softmax exponentials up to ~2**52);
+* integer matrix products are exact: int8 x int8 products summed in float32 chunks of at most
+  :data:`EXACT_CHUNK` terms (every partial sum stays below 2**24, so float32 is exact), chunks summed
+  in float64 (see :func:`integer_matmul`);
+* the constants derived from a scaling factor (``floor(coeff / s)``, the bias integers, ``1 // s``)
+  are computed exactly as transformers does, in float32 elementwise IEEE arithmetic, so they are the
+  same numbers in every framework;
+* requantization (:func:`fixed_point_requantize`) is transformers' dyadic rule: the float64 ratio of
+  the scales is split by ``frexp`` into a 31-bit integer mantissa ``m`` (rounded half up) and an
+  exponent ``e``; ``q_out = round_half_even(fl64(q * m) / 2**e)``, clamped to the output bit width.
+  ``fl64(q * m)`` is exact for ``|q| < 2**22`` and rounded to 53 bits above (GELU and softmax inputs):
+  that rounding is part of the definition (float64 multiply, IEEE round to nearest even).
+
+Rounding: ``round`` is round-half-to-even (``torch.round``), ``floor`` is floor.  Both have
+straight-through gradients (identity), as in transformers, so quantization-aware training works:
+:func:`round_ste`, :func:`floor_ste`; weight quantization passes ``grad / scale``; requantization passes
+``grad / s_out`` (so ``q_out * s_out`` has an identity gradient).
+
+Consequence: at small sizes transformers' float32 emulation is exact for the requantized 8/16/22-bit
+tensors and the two agree bit for bit; at roberta-base sizes transformers' float32 rounding (sums above
+2**24 in the 3072-wide ``output.dense``, GELU products ~2**40, LayerNorm ``y * factor`` ~2**35) makes
+rare elements differ by one quantization step.  Ours is the exact integer result.
+
+Bit widths in I-BERT (``nezha_zoo/pt/ibert.py``): weights 8 (per output channel for linears, per tensor
+for embeddings), biases 32 (scale = weight scale x input scale), embedding sums 16, activations 8,
+LayerNorm inputs 22, LayerNorm outputs 32 bits before the 8-bit ``output_activation``; softmax
+exponentials requantized to 16 bits, probabilities 8 bits (scale 2**-8, values 0..256).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "EXACT_CHUNK",
+    "symmetric_scale",
+    "symmetric_quantize",
+    "round_ste",
+    "floor_ste",
+    "to_integer",
+    "frexp_multiplier",
+    "fixed_point_requantize",
+    "integer_matmul",
+    "QuantEmbedding",
+    "QuantAct",
+    "QuantLinear",
+    "IntGELU",
+    "IntSoftmax",
+    "IntLayerNorm",
+]
+
+logger = logging.getLogger("nezha_zoo")
+
+#: Largest contraction length summed in one float32 product of int8 operands: 1024 * 128 * 127 < 2**24,
+#: so every partial sum is an exactly representable float32 integer whatever the summation order.
+EXACT_CHUNK = 1024
+
+#: transformers' ``QuantAct`` initial range is +-1e-5; a range inside +-1.1e-5 means "never calibrated".
+_UNCALIBRATED = 1.1e-5
+
+
+# --- scaling factors and rounding ----------------------------------------------------------------
+
+
+def symmetric_scale(num_bits: int, x_min: torch.Tensor, x_max: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """Symmetric scaling factor ``max(|x_min|, |x_max|) / (2**(b-1) - 1)``, at least ``1e-8 / n``.
+
+    Args:
+        num_bits (int): bit width ``b``.
+        x_min, x_max (float32 Tensor (1,) or (C,)): range; per channel when ``per_channel``.
+    Returns:
+        float32 Tensor of the same shape (no gradient).
+    """
+    with torch.no_grad():
+        n = 2 ** (num_bits - 1) - 1
+        scale = torch.maximum(x_min.abs(), x_max.abs())
+        return torch.clamp(scale, min=1e-8) / n
+
+
+def _view_scale(scale: torch.Tensor, ndim: int) -> torch.Tensor:
+    # transformers' reshaping: per-row for 2-D weights, flat otherwise.
+    return scale.view(-1, 1) if ndim == 2 else scale.view(-1)
+
+
+class _SymmetricQuant(torch.autograd.Function):
+    """``clamp(round((1/s) * x), -n, n - 1)``; backward ``grad / s`` (transformers' STE)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, num_bits: int, scale: torch.Tensor) -> torch.Tensor:
+        n = 2 ** (num_bits - 1) - 1
+        s = _view_scale(scale, x.dim())
+        ctx.save_for_backward(s)
+        # float32 reciprocal times x, exactly as transformers' linear_quantize (not x / s).
+        return torch.clamp(torch.round((1.0 / s) * x), -n, n - 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (s,) = ctx.saved_tensors
+        return grad / s, None, None
+
+
+def symmetric_quantize(x: torch.Tensor, num_bits: int, scale: torch.Tensor) -> torch.Tensor:
+    """Integer image of a float tensor: ``clamp(round(fl32(1/s) * x), -(2**(b-1) - 1), 2**(b-1) - 2)``.
+
+    Args:
+        x (float32 Tensor): weights (``(out, in)`` with per-row ``scale``) or a bias/activation.
+        num_bits (int): bit width (8 for weights, 32 for biases).
+        scale (float32 Tensor (1,) or (rows,)): scaling factor.
+    Returns:
+        float32 Tensor of integers (exact: |q| < 2**31 and, for 32-bit biases, whatever float32 gives
+        for ``(1/s) * x``, an integer once it exceeds 2**23).  The clamp range is transformers'
+        asymmetric ``[-n, n - 1]``.  Gradient: ``grad / scale``.
+    """
+    return _SymmetricQuant.apply(x, num_bits, scale)
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _FloorSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.floor(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even, identity gradient."""
+    return _RoundSTE.apply(x)
+
+
+def floor_ste(x: torch.Tensor) -> torch.Tensor:
+    """Floor, identity gradient."""
+    return _FloorSTE.apply(x)
+
+
+def _attach(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Remember the exact integer ``q`` behind ``x = q * scale`` (inference only: saves recovering it)."""
+    if not x.requires_grad:
+        x._nz_int = (q, scale)
+    return x
+
+
+def to_integer(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The exact integer ``q`` of a dequantized pair: ``round(x / s)`` in float64 (gradient ``1/s``).
+
+    When ``x`` came from one of this module's kernels without autograd, the integer it was made from
+    is reused instead of recomputed (same value, fewer passes over the tensor).
+
+    Args:
+        x (Tensor (..., C)): ``q * s`` (float32 for <= 22-bit integers, float64 for wider ones).
+        scale (float32 Tensor (1,) or (C,)): its scaling factor (broadcast on the last axis).
+    Returns:
+        float64 Tensor of integers, same shape as ``x``.
+    """
+    attached = getattr(x, "_nz_int", None)
+    if attached is not None and attached[1] is scale and not x.requires_grad:
+        return attached[0].double()
+    return round_ste(x.double() / scale.double())
+
+
+def frexp_multiplier(ratio: torch.Tensor, max_bit: int = 31) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dyadic form of a positive float64 ratio: ``ratio ~= m / 2**e`` with integer ``m < 2**max_bit``.
+
+    ``ratio = f * 2**k`` with ``0.5 <= |f| < 1`` (``frexp``); ``m = sign(f) * floor(|f| * 2**max_bit + 0.5)``
+    (round half away from zero, exact in float64), ``e = max_bit - k``.  (The ratio is negative after
+    :class:`IntGELU`, whose scale is negative.)  transformers' ``batch_frexp`` does the
+    same per element in Python with ``decimal.ROUND_HALF_UP``; this is its vectorised twin.
+
+    Returns:
+        ``(m, e)``, float64 Tensors shaped like ``ratio``.
+    """
+    f, k = torch.frexp(ratio)
+    m = torch.sign(f) * torch.floor(torch.abs(f) * float(2**max_bit) + 0.5)
+    return m, float(max_bit) - k.to(torch.float64)
+
+
+def fixed_point_requantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    num_bits: int,
+    out_scale: torch.Tensor,
+    identity_q: torch.Tensor | None = None,
+    identity_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Integer rescale of ``q`` (scale ``s``) to ``out_scale``, plus an optional residual integer.
+
+    ``q_out = clamp(R(q, s) + R(q_id, s_id), -2**(b-1), 2**(b-1) - 1)`` with
+    ``R(q, s) = round_half_even(fl64(q * m) * 2**-e)`` and ``(m, e) = frexp_multiplier(fl64(s) / fl64(s_out))``.
+
+    Args:
+        q (float64 Tensor (..., C)): exact integers.
+        scale (float32 Tensor (1,) or (C,)): scale of ``q`` (per channel on the last axis).
+        num_bits (int): output bit width ``b``.
+        out_scale (float32 Tensor (1,)): output scaling factor.
+        identity_q, identity_scale: a second integer tensor and its scale, added after rescaling.
+    Returns:
+        float64 Tensor of integers (no gradient).
+    """
+    with torch.no_grad():
+        n = 2 ** (num_bits - 1) - 1
+        s_out = out_scale.double()
+        m, e = frexp_multiplier(scale.double() / s_out)
+        # fl64(q * m) * 2**-e == fl64(q * (m * 2**-e)): scaling by a power of two is exact
+        out = torch.round(q * torch.ldexp(m, -e))
+        if identity_q is not None:
+            m1, e1 = frexp_multiplier(identity_scale.double() / s_out)
+            out += torch.round(identity_q * torch.ldexp(m1, -e1))
+        return torch.clamp_(out, -n - 1, n)
+
+
+class _Requant(torch.autograd.Function):
+    """Forward: :func:`fixed_point_requantize` of dequantized inputs; backward ``grad / s_out`` (transformers)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, num_bits, out_scale, identity, identity_scale):
+        ctx.has_identity = identity is not None
+        ctx.save_for_backward(out_scale)
+        q = to_integer(x, scale)
+        q_id = None if identity is None else to_integer(identity, identity_scale)
+        return fixed_point_requantize(q, scale, num_bits, out_scale, q_id, identity_scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (s_out,) = ctx.saved_tensors
+        g = grad / s_out.double()
+        return g, None, None, None, (g if ctx.has_identity else None), None
+
+
+def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b`` of integer-valued tensors with |a|, |b| <= 128: float32 chunks, float64 sum.
+
+    ``a`` (..., K), ``b`` (K, N), both float32 holding integers of at most 8 bits.  The contraction is
+    split into chunks of :data:`EXACT_CHUNK` terms, where float32 sums are exact in any order; the
+    chunk results are added in float64.  (torch's int8 ``_int_mm`` is exact too, but on CPUs without
+    VNNI it is ~60x slower than float32 GEMM; see ``benchmarks/ibert_quant.py``.)
+
+    Returns:
+        float64 Tensor (..., N).  Differentiable (float32 matmuls).
+    """
+    K = a.shape[-1]
+    if K <= EXACT_CHUNK:
+        return torch.matmul(a, b).double()
+    out = None
+    for k0 in range(0, K, EXACT_CHUNK):
+        part = torch.matmul(a[..., k0 : k0 + EXACT_CHUNK], b[k0 : k0 + EXACT_CHUNK]).double()
+        out = part if out is None else out + part
+    return out
+
+
+# --- modules -------------------------------------------------------------------------------------
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding table with symmetric per-tensor 8-bit weight quantization.
+
+    Buffers (persistent, transformers' names): ``weight_scaling_factor`` (1,) and ``weight_integer``
+    (rows, dim), written on every quant-mode forward.
+
+    Args:
+        num_embeddings (int), embedding_dim (int), padding_idx (int | None): as ``nn.Embedding``.
+        weight_bit (int): weight bit width (8).
+        quant_mode (bool): quantize (True) or plain lookup (False).
+
+    Forward: ``ids`` (LongTensor (B, L)) -> ``(x (B, L, dim) float32, scale (1,) or None)``, with
+    ``x = weight_integer[ids] * weight_scaling_factor`` in quant mode.  Without autograd the table's
+    quantization is cached until the weight changes (transformers re-quantizes the whole table on
+    every forward).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        weight_bit: int = 8,
+        quant_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        self.padding_idx = padding_idx
+        self.weight_bit = weight_bit
+        self.quant_mode = quant_mode
+        self.weight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim))
+        self.register_buffer("weight_scaling_factor", torch.zeros(1))
+        self.register_buffer("weight_integer", torch.zeros(num_embeddings, embedding_dim))
+        self._cache: tuple | None = None  # (weight version, w_int, scale) in inference
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.quant_mode:
+            return F.embedding(ids, self.weight, self.padding_idx), None
+        differentiable = torch.is_grad_enabled() and self.weight.requires_grad
+        key = (self.weight._version, self.weight.data_ptr())
+        if not differentiable and self._cache is not None and self._cache[0] == key:
+            _, w_int, scale = self._cache  # the table's quantization is cached until the weight changes
+        else:
+            w = self.weight.detach()
+            scale = symmetric_scale(self.weight_bit, w.min().expand(1), w.max().expand(1))
+            w_int = symmetric_quantize(self.weight, self.weight_bit, scale)
+            with torch.no_grad():
+                self.weight_scaling_factor.copy_(scale)
+                self.weight_integer.copy_(w_int)
+            self._cache = None if differentiable else (key, w_int, scale)
+        q = F.embedding(ids, w_int, self.padding_idx)
+        return _attach(q * scale, q, scale), scale
+
+
+class QuantAct(nn.Module):
+    """Activation (re)quantization to ``activation_bit`` bits with a calibrated running range.
+
+    Calibration (transformers' rule): in training mode every call (float or quant mode) updates the
+    float32 buffers ``x_min``/``x_max`` from the batch min/max of ``x + identity``: the first update
+    (range still within +-1.1e-5 of the initial +-1e-5) adds the batch values to the initial ones; later
+    ones are an EMA ``r * momentum + batch * (1 - momentum)`` (momentum 0.95; -1 means running
+    min/max).  In eval mode the range is frozen.  Quant mode then sets
+    ``act_scaling_factor = symmetric_scale(bits, x_min, x_max)`` and returns
+    ``q_out * act_scaling_factor``.
+
+    Args:
+        activation_bit (int): output bit width.
+        act_range_momentum (float): EMA momentum of the range.
+        quant_mode (bool): quantize (True) or pass ``x + identity`` through (False).
+
+    Forward: ``x`` (..., C) with ``pre_act_scaling_factor`` (1,) or (C,) (None: ``x`` is a float input,
+    quantized directly with ``round(x / s)``); optional residual ``identity`` with its
+    ``identity_scaling_factor``; ``specified_min``/``specified_max`` override the range.  Returns
+    ``(x_out float32, act_scaling_factor (1,))`` (``(x + identity, None)`` in float mode).
+
+    Deliberate difference from transformers: with ``pre_act_scaling_factor=None`` and an ``identity``
+    (only ``inputs_embeds`` in quant mode), transformers quantizes ``x`` alone and drops the residual
+    (so token-type embeddings vanish); here ``x + identity`` is quantized.
+    """
+
+    def __init__(self, activation_bit: int, act_range_momentum: float = 0.95, quant_mode: bool = False) -> None:
+        super().__init__()
+        self.activation_bit = activation_bit
+        self.act_range_momentum = act_range_momentum
+        self.quant_mode = quant_mode
+        self.register_buffer("x_min", torch.full((1,), -1e-5))
+        self.register_buffer("x_max", torch.full((1,), 1e-5))
+        self.register_buffer("act_scaling_factor", torch.zeros(1))
+
+    def extra_repr(self) -> str:
+        return f"activation_bit={self.activation_bit}, quant_mode={self.quant_mode}"
+
+    @torch.no_grad()
+    def update_range(self, x_act: torch.Tensor) -> None:
+        """One calibration step from ``x_act`` (any shape); see the class docstring."""
+        lo, hi = x_act.min().float(), x_act.max().float()
+        if torch.isnan(lo) or torch.isnan(hi):
+            raise ValueError("QuantAct: NaN in the activation while calibrating its range")
+        if self.x_min.min() > -_UNCALIBRATED and self.x_max.max() < _UNCALIBRATED:
+            new_min, new_max = self.x_min + lo, self.x_max + hi
+        elif self.act_range_momentum == -1:
+            new_min, new_max = torch.minimum(self.x_min, lo), torch.maximum(self.x_max, hi)
+        else:
+            m = self.act_range_momentum
+            new_min, new_max = self.x_min * m + lo * (1 - m), self.x_max * m + hi * (1 - m)
+        self.x_min.copy_(new_min)
+        self.x_max.copy_(new_max)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pre_act_scaling_factor: torch.Tensor | None = None,
+        identity: torch.Tensor | None = None,
+        identity_scaling_factor: torch.Tensor | None = None,
+        specified_min: torch.Tensor | None = None,
+        specified_max: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x_act = x if identity is None else identity + x
+        if self.training:
+            self.update_range(x_act.detach())
+        if not self.quant_mode:
+            return x_act, None
+        x_min = self.x_min if specified_min is None else specified_min
+        x_max = self.x_max if specified_max is None else specified_max
+        scale = symmetric_scale(self.activation_bit, x_min, x_max)
+        with torch.no_grad():
+            self.act_scaling_factor.copy_(scale)
+        if pre_act_scaling_factor is None:
+            q = symmetric_quantize(x_act.float(), self.activation_bit, scale)
+        else:
+            q = _Requant.apply(
+                x, pre_act_scaling_factor, self.activation_bit, scale, identity, identity_scaling_factor
+            ).float()
+        return _attach(q * scale, q, scale), scale
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with 8-bit (per-output-channel) weights and 32-bit biases.
+
+    Quant mode: ``s_w = symmetric_scale(8, w.min(1), w.max(1))`` per output row (per tensor if not
+    ``per_channel``), ``w_int = symmetric_quantize(w, 8, s_w)``; ``s_out = s_w * s_in``;
+    ``b_int = symmetric_quantize(b, 32, s_out)``; ``acc = x_int @ w_int.T + b_int`` exactly
+    (:func:`integer_matmul`); returns ``(acc * s_out as float64, s_out (out,))``.  The buffers
+    ``weight_integer``, ``fc_scaling_factor`` and ``bias_integer`` are written on every quant-mode
+    forward; in eval mode the weight quantization is cached until the weight changes.
+
+    Args:
+        in_features (int), out_features (int), bias (bool): as ``nn.Linear``.
+        weight_bit (int), bias_bit (int): bit widths (8, 32).
+        per_channel (bool): one weight scale per output row.
+        quant_mode (bool): quantize (True) or ``F.linear`` (False).
+
+    Forward: ``x`` (..., in) and ``prev_act_scaling_factor`` (1,) (required in quant mode: the input
+    must be per-tensor quantized) -> ``(y (..., out), scale (out,) or None)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_bit: int = 8,
+        bias_bit: int = 32,
+        per_channel: bool = True,
+        quant_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_bit, self.bias_bit = weight_bit, bias_bit
+        self.per_channel = per_channel
+        self.quant_mode = quant_mode
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features))
+        self.register_buffer("weight_integer", torch.zeros(out_features, in_features))
+        self.register_buffer("fc_scaling_factor", torch.zeros(out_features))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features))
+            self.register_buffer("bias_integer", torch.zeros(out_features))
+        else:
+            self.bias = None
+        self._cache: tuple | None = None  # (weight version, w_int.T float32 (in, out), scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, quant_mode={self.quant_mode}"
+
+    def _weight_scale(self) -> torch.Tensor:
+        w = self.weight.detach()
+        if self.per_channel:
+            return symmetric_scale(self.weight_bit, w.min(dim=1).values, w.max(dim=1).values, per_channel=True)
+        return symmetric_scale(self.weight_bit, w.min().expand(1), w.max().expand(1))
+
+    def forward(
+        self, x: torch.Tensor, prev_act_scaling_factor: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.quant_mode:
+            return F.linear(x, self.weight, self.bias), None
+        if prev_act_scaling_factor is None or tuple(prev_act_scaling_factor.shape) != (1,):
+            raise ValueError(
+                "QuantLinear: prev_act_scaling_factor must be a per-tensor scale of shape (1,), got "
+                f"{None if prev_act_scaling_factor is None else tuple(prev_act_scaling_factor.shape)}"
+            )
+        differentiable = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        key = (self.weight._version, self.weight.data_ptr())
+        if not differentiable and self._cache is not None and self._cache[0] == key:
+            _, w_int_t, scale = self._cache
+        else:
+            scale = self._weight_scale()
+            w_int = symmetric_quantize(self.weight, self.weight_bit, scale)  # (out, in)
+            with torch.no_grad():
+                self.weight_integer.copy_(w_int)
+                self.fc_scaling_factor.copy_(scale)
+            w_int_t = w_int.t() if differentiable else w_int.t().contiguous()
+            self._cache = None if differentiable else (key, w_int_t, scale)
+        out_scale = scale * prev_act_scaling_factor  # (out,)
+        attached = getattr(x, "_nz_int", None)
+        if attached is not None and attached[1] is prev_act_scaling_factor and not differentiable:
+            x_int = attached[0].float()  # the requantized activation's integers (float32 already)
+        else:
+            x_int = round_ste(x / prev_act_scaling_factor).float()  # exact: |x_int| <= 2**(b-1) <= 2**21
+        b_int = None
+        if self.bias is not None:
+            b_int = symmetric_quantize(self.bias, self.bias_bit, out_scale)
+            with torch.no_grad():
+                self.bias_integer.copy_(b_int)
+        K = x_int.shape[-1]
+        fused = False
+        if b_int is not None and not differentiable:
+            bound = K * 2 ** (self.weight_bit - 1) * float(x_int.abs().max()) + float(b_int.detach().abs().max())
+            fused = bound < 2**24
+        if fused:
+            # every partial sum, bias included, is an exact float32 integer: one fused GEMM
+            acc = torch.addmm(b_int, x_int.reshape(-1, K), w_int_t).reshape(*x_int.shape[:-1], -1).double()
+        else:
+            acc = integer_matmul(x_int, w_int_t)  # (..., out) float64, exact
+            if b_int is not None:
+                acc = acc + b_int.double()
+        out_scale64 = out_scale.double()
+        return _attach(acc * out_scale64, acc, out_scale), out_scale
+
+
+class IntGELU(nn.Module):
+    """GELU, integer-only in quant mode: ``x * (1 + erf_int(x / sqrt 2)) / 2``.
+
+    ``erf`` is the second-order polynomial ``sign(x) * (a * (min(|x|, -b) + b)**2 + 1)`` with
+    ``a = -0.2888``, ``b = -1.769`` (I-BERT).  With ``q`` the exact input integer and ``s`` its scale
+    (per channel allowed):
+
+    * ``s_e = fl32(s / 1.4142)``; ``b_int = floor(fl32(b / s_e))``; ``c_int = floor(fl32((1/a) / s_e**2))``;
+    * ``y = sign(q) * ((min(|q|, -b_int) + b_int)**2 + c_int)``; ``y = floor(y / 2**14)``,
+      ``s_y = fl32(fl32(s_e**2 * a) * 2**14)``;
+    * ``one = 1.0 // s_y`` (float32 floor division, Python/numpy semantics); ``q_out = q * (y + one)``;
+      ``s_out = fl32(s * s_y / 2)``.
+
+    ``q_out`` reaches ~2**40: it is carried exactly in float64 (transformers rounds it to float32).
+
+    Args:
+        quant_mode (bool): integer GELU (True) or exact erf GELU (False).
+        force_dequant (str): ``"gelu"`` or ``"nonlinear"`` keep the float GELU in quant mode.
+
+    Forward: ``(x (..., C), s)`` -> ``(q_out * s_out as float64, s_out)``; float mode ``(gelu(x), None)``.
+    """
+
+    def __init__(self, quant_mode: bool = True, force_dequant: str = "none") -> None:
+        super().__init__()
+        self.quant_mode = quant_mode and force_dequant not in ("nonlinear", "gelu")
+        self.k = 1.4142
+        self.const = 14
+        self.coeff = [-0.2888, -1.769, 1.0 / -0.2888]  # a, b, c / a with c = 1
+
+    def int_erf(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer erf of ``q * scale``: returns ``(y float64 integers, s_y float32)``."""
+        with torch.no_grad():
+            b_int = torch.floor(self.coeff[1] / scale).double()
+            c_int = torch.floor(self.coeff[2] / scale**2).double()
+        sign = torch.sign(q)
+        abs_int = torch.minimum(torch.abs(q), -b_int)
+        y = sign * ((abs_int + b_int) ** 2 + c_int)
+        y = floor_ste(y / 2**self.const)
+        s_y = scale**2 * self.coeff[0] * 2**self.const
+        return y, s_y
+
+    def forward(self, x: torch.Tensor, scaling_factor: torch.Tensor | None = None):
+        if not self.quant_mode:
+            return F.gelu(x.float()), None
+        q = to_integer(x, scaling_factor)
+        y, s_y = self.int_erf(q, scaling_factor / self.k)
+        with torch.no_grad():
+            one = (1.0 // s_y).double()  # float32 floor division (fmod-based, as Python and numpy)
+        q = q * (y + one)
+        out_scale = scaling_factor * s_y / 2
+        return _attach(q * out_scale.double(), q, out_scale), out_scale
+
+
+class IntSoftmax(nn.Module):
+    """Softmax over the last axis, integer-only in quant mode (``output_bit``-bit probabilities).
+
+    With ``q`` the exact integer scores (masked entries very negative) and ``s`` their scale (1,):
+
+    * ``q = q - max(q)``; ``x0 = floor(fl32(-0.6931 / s))``; ``q = max(q, 30 * x0)``;
+    * ``k = floor(q / x0)``, ``r = q - x0 * k`` (so ``exp = 2**-k * exp(r)``);
+    * ``b = floor(fl32((0.96963238/0.35815147) / s))``, ``c = floor(fl32((1/0.35815147) / s**2))``:
+      ``p = (r + b) * r + c``, scale ``fl32(0.35815147 * s**2)``;
+    * ``e = max(floor(p * 2**(30 - k)), 0)``, scale ``s_e = fl32(0.35815147 * s**2) / 2**30``;
+    * ``act`` (``QuantAct(16)``, calibrated on ``e`` itself, as transformers) requantizes: its input
+      value is ``e`` with scale ``s_e``, i.e. ``round(e / s_e)`` in float64, giving 16-bit ``e16``;
+    * ``f = floor(2**32 / sum(e16))``; ``prob = floor(e16 * f / 2**(32 - output_bit))``, scale
+      ``2**-output_bit``.
+
+    Args:
+        output_bit (int): probability bit width (8).
+        quant_mode (bool): integer (True) or float softmax (False).
+        force_dequant (str): ``"softmax"`` or ``"nonlinear"`` keep the float softmax in quant mode.
+
+    Forward: ``(x (..., L) dequantized scores plus additive mask, s (1,))`` -> ``(prob * 2**-8
+    float32, tensor 2**-8)``; float mode ``(softmax(x), None)``.  :meth:`forward_int` takes the integer
+    scores directly.
+    """
+
+    def __init__(self, output_bit: int, quant_mode: bool = False, force_dequant: str = "none") -> None:
+        super().__init__()
+        self.output_bit = output_bit
+        self.max_bit = 32
+        self.quant_mode = quant_mode and force_dequant not in ("nonlinear", "softmax")
+        self.act = QuantAct(16, quant_mode=self.quant_mode)
+        self.x0 = -0.6931
+        self.const = 30
+        self.coef = [0.35815147, 0.96963238 / 0.35815147, 1.0 / 0.35815147]
+
+    def int_exp(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer ``exp`` of non-positive integer ``q`` (scale ``scale``): ``(e float64, s_e float32)``."""
+        with torch.no_grad():
+            x0 = torch.floor(self.x0 / scale).double()
+            b_int = torch.floor(self.coef[1] / scale).double()
+            c_int = torch.floor(self.coef[2] / scale**2).double()
+        q = torch.maximum(q, self.const * x0)
+        k = floor_ste(q / x0)
+        r = q - x0 * k
+        p = (r + b_int) * r + c_int
+        e = torch.clamp(floor_ste(p * 2 ** (self.const - k)), min=0)
+        return e, self.coef[0] * scale**2 / 2**self.const
+
+    @torch.no_grad()
+    def _exp16_lookup(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+        """Inference shortcut, same integers: the 16-bit exponential is a function of the clamped
+        integer score alone (``30 * x0 <= q <= 0``), so it is tabulated once per call and gathered.
+        None when the table would not be smaller than the scores."""
+        x0 = float(torch.floor(self.x0 / scale))
+        size = int(-self.const * x0) + 1
+        if size >= q.numel():
+            return None
+        table_q = -torch.arange(size, dtype=torch.float64, device=q.device)  # 0, -1, ..., 30 * x0
+        e, s_e = self.int_exp(table_q, scale)
+        e16, s16 = self.act(e, s_e)
+        table = to_integer(e16, s16)
+        idx = (-torch.clamp(q, min=-(size - 1))).long()  # the clamp of int_exp, as a table index
+        return table[idx]
+
+    def forward_int(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer softmax of float64 integer scores ``q`` (..., L), scale (1,): ``(prob float32 ints, 2**-b)``."""
+        q = q - q.max(dim=-1, keepdim=True).values
+        e16 = None
+        if not self.training and not (torch.is_grad_enabled() and q.requires_grad):
+            e16 = self._exp16_lookup(q, scale)
+        if e16 is None:
+            e, s_e = self.int_exp(q, scale)
+            e16, s16 = self.act(e, s_e)  # dequantized e16 * s16 (float32)
+            e16 = to_integer(e16, s16)
+        f = floor_ste(2**self.max_bit / e16.sum(dim=-1, keepdim=True))
+        prob = floor_ste(e16 * f / 2 ** (self.max_bit - self.output_bit))
+        return prob.float(), torch.full((1,), 2.0**-self.output_bit, device=q.device)
+
+    def forward(self, x: torch.Tensor, scaling_factor: torch.Tensor | None = None):
+        if not self.quant_mode:
+            return torch.softmax(x, dim=-1), None
+        prob, s = self.forward_int(torch.round(x.double() / scaling_factor.double()), scaling_factor)
+        return prob * s, s
+
+
+class IntLayerNorm(nn.Module):
+    """LayerNorm over the last axis, integer-only in quant mode (32-bit output, per-channel scale).
+
+    With ``q`` (22-bit) the exact input integers, ``n`` the width, ``shift`` the buffer:
+
+    * ``mu = round(sum(q) / n)``, ``y = q - mu``; ``var = sum(floor(y / 2**shift)**2)``;
+    * training only: if ``max(var) >= 2**32``, ``shift = max(shift, max(ceil(log2(sqrt(sum(y**2) /
+      2**32)))))`` and ``var`` is recomputed (transformers' overflow fallback);
+    * ``std = floor(sqrt(var)) * 2**shift``; ``f = floor(2**31 / std)``; ``y = floor(y * f / 2)``;
+    * scale ``s = fl32(sqrt(fl32(n)) / 2**30)``; ``b_int = floor(fl32(fl32(bias / weight) / s))``;
+      ``q_out = y + b_int``; output scale ``s * weight`` (C,).
+
+    All integers are exact (float64; the variance is < 2**32 and ``y * f`` < 2**37).
+
+    Args:
+        normalized_shape (int): width ``n``.
+        eps (float): float-mode epsilon.
+        output_bit (int): kept for transformers' signature (the ``activation`` buffers are saved but,
+            as in transformers, never used).
+        quant_mode (bool): integer (True) or ``F.layer_norm`` (False).
+        force_dequant (str): ``"layernorm"`` or ``"nonlinear"`` keep the float LayerNorm in quant mode.
+
+    Forward: ``(x (B, L, n), s (1,))`` -> ``(q_out * s_out as float64, s_out (n,))``; float mode
+    ``(layer_norm(x), None)``.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int,
+        eps: float,
+        output_bit: int = 8,
+        quant_mode: bool = False,
+        force_dequant: str = "none",
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = normalized_shape
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(normalized_shape))
+        self.bias = nn.Parameter(torch.zeros(normalized_shape))
+        self.quant_mode = quant_mode and force_dequant not in ("nonlinear", "layernorm")
+        self.register_buffer("shift", torch.zeros(1))
+        self.output_bit = output_bit
+        self.max_bit = 32
+        self.activation = QuantAct(output_bit, quant_mode=self.quant_mode)
+
+    def _variance(self, y: torch.Tensor) -> torch.Tensor:
+        y_shifted = floor_ste(y / 2 ** self.shift.double())
+        return (y_shifted**2).sum(dim=-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor, scaling_factor: torch.Tensor | None = None):
+        if not self.quant_mode:
+            return F.layer_norm(x.float(), (self.normalized_shape,), self.weight, self.bias, self.eps), None
+        n = x.shape[-1]
+        q = to_integer(x, scaling_factor)
+        mean = round_ste(q.sum(dim=-1, keepdim=True) / n)
+        y = q - mean
+        var = self._variance(y)
+        if self.training and var.max() >= 2**self.max_bit:
+            with torch.no_grad():
+                full = (y**2).sum(dim=-1, keepdim=True)
+                shift = torch.ceil(torch.log2(torch.sqrt(full / 2**self.max_bit))).max().float()
+                old = float(self.shift)
+                self.shift.copy_(torch.maximum(self.shift, shift))
+                logger.info("IntLayerNorm: dynamic shift %d -> %d", int(old), int(self.shift))
+            var = self._variance(y)
+            if var.max() >= 2**self.max_bit + 0.1:
+                raise RuntimeError("IntLayerNorm: variance still overflows 32 bits after the shift adjustment")
+        std = floor_ste(torch.sqrt(var)) * 2 ** self.shift.double()
+        factor = floor_ste(2**31 / std)
+        y = floor_ste(y * factor / 2)
+        scale = torch.sqrt(torch.tensor(float(n))).to(x.device) / 2**30  # float32, as transformers
+        with torch.no_grad():
+            bias_int = torch.floor((self.bias / self.weight) / scale).double()
+        y = y + bias_int
+        out_scale = scale * self.weight  # (n,): the weight's gradient flows through the scale
+        return _attach(y * out_scale.double(), y, out_scale), out_scale

@@ -1,0 +1,301 @@
+"""TensorFlow generation and the fixed-size KVCache of the shared BERT decoder layers.
+
+KVCache decoding equals a full pass (eager, and one step under XLA); ``generate`` (one
+``tf.function`` over the fixed cache) equals transformers' greedy ``generate`` on the same weights,
+with and without XLA; left padding, eos, max_new_tokens, the sampling warpers, seeds, bad arguments.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+tf = pytest.importorskip("tensorflow")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers.generation.logits_process import (  # noqa: E402
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from nezha_zoo import ElectraConfig  # noqa: E402
+from nezha_zoo.families.mpt import MptConfig  # noqa: E402
+from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig  # noqa: E402
+from nezha_zoo.generation import GenerationConfig, prompt_position_ids  # noqa: E402
+from nezha_zoo.modeling import random_weights, save_weights  # noqa: E402
+from nezha_zoo.spec.registry import get_family  # noqa: E402
+from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision  # noqa: E402
+from nezha_zoo.tf.cache import KVCache  # noqa: E402
+from nezha_zoo.tf.electra import TFElectraForCausalLM  # noqa: E402
+from nezha_zoo.tf.generation import greedy_choice, process_logits  # noqa: E402
+from nezha_zoo.tf.mpt import TFMptForCausalLM  # noqa: E402
+from nezha_zoo.tf.xlm_roberta_xl import TFXLMRobertaXLForCausalLM  # noqa: E402
+from nezha_zoo.validation import InputError  # noqa: E402
+
+pytestmark = [pytest.mark.tf, pytest.mark.hf]
+
+# initializer_range 0.3 and these weight seeds give top-2 logit margins > 1e-2 at every greedy step
+# of the prompts below (asserted in the PyTorch and cross-backend tests on the same weights).
+CASES = {
+    "electra": (
+        lambda: ElectraConfig(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=4, intermediate_size=37, max_position_embeddings=64,
+                              is_decoder=True, initializer_range=0.3),
+        1, TFElectraForCausalLM, "ElectraForCausalLM",
+    ),
+    "xlm_roberta_xl": (
+        lambda: XLMRobertaXLConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=37, max_position_embeddings=64, is_decoder=True,
+                                   initializer_range=0.3),
+        1, TFXLMRobertaXLForCausalLM, "XLMRobertaXLForCausalLM",
+    ),
+    "mpt": (
+        lambda: MptConfig(vocab_size=99, d_model=32, n_heads=4, n_layers=2, max_seq_len=64, initializer_range=0.3),
+        2, TFMptForCausalLM, "MptForCausalLM",
+    ),
+}  # fmt: skip
+NEW = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _precision():
+    pin_precision("tf")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    paths = {}
+
+    def get(key):
+        if key not in paths:
+            make_config, seed, _, _ = CASES[key]
+            cfg, family = make_config(), get_family(key)
+            spec = family.model_spec(cfg, "ForCausalLM")
+            paths[key] = tmp_path_factory.mktemp(key)
+            save_weights(paths[key], cfg, spec, family, random_weights(spec, cfg, seed))
+        return paths[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    built = {}
+
+    def get(key):
+        if key not in built:
+            built[key] = CASES[key][2].from_pretrained(checkpoint(key))
+        return built[key]
+
+    return get
+
+
+def _prompt(cfg):
+    """Three rows of 6 tokens, rows 1 and 2 left-padded by 2 and 3, pads holding pad_token_id."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, cfg.vocab_size, (3, 6))
+    mask = np.ones((3, 6), np.int64)
+    mask[1, :2] = 0
+    mask[2, :3] = 0
+    return np.where(mask == 1, ids, cfg.pad_token_id or 0), mask
+
+
+# --- the fixed-size cache of the shared BERT decoder layers ----------------------------------------
+
+
+@pytest.mark.parametrize("key", ["electra", "xlm_roberta_xl"])
+def test_kv_cache_decoding_equals_full_pass(key, models):
+    model = models(key)
+    ids, mask = _prompt(model.config)
+    positions = prompt_position_ids(mask, model.generation_position_rule, model.config)
+    full = model(ids, attention_mask=mask, position_ids=positions).logits.numpy()
+    slots = 9  # more slots than tokens: the empty ones must stay invisible
+    cache = model.init_cache(3, slots)
+    assert len(cache) == model.config.num_hidden_layers and isinstance(cache[0], KVCache)
+    wide = np.zeros((3, slots), np.int64)
+    wide[:, :4] = mask[:, :4]
+    out = model(ids[:, :4], attention_mask=wide, position_ids=positions[:, :4], past_key_values=cache, use_cache=True)
+    pieces, cache = [out.logits.numpy()], out.past_key_values
+    for t in range(4, 6):  # then one token at a time
+        wide[:, t] = 1
+        out = model(
+            ids[:, t : t + 1],
+            attention_mask=wide,
+            position_ids=positions[:, t : t + 1],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        pieces.append(out.logits.numpy())
+        cache = out.past_key_values
+    assert isinstance(cache[0], KVCache) and int(cache[0].index) == 6
+    real = np.broadcast_to(mask[:, :, None] == 1, full.shape)  # pads' own outputs are not compared
+    assert_close(np.concatenate(pieces, axis=1), full, TOLERANCES["logits"], f"{key} KVCache vs full", mask=real)
+
+
+def test_kv_cache_step_under_xla_equals_eager(models):
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+    positions = prompt_position_ids(mask, "cumsum", model.config)
+    wide = np.zeros((3, 8), np.int64)
+    wide[:, :5] = mask[:, :5]
+    prefix = model(
+        ids[:, :5],
+        attention_mask=wide,
+        position_ids=positions[:, :5],
+        past_key_values=model.init_cache(3, 8),
+        use_cache=True,
+    )
+    wide[:, 5] = 1
+    step_in = (tf.constant(ids[:, 5:6]), tf.constant(wide), tf.constant(positions[:, 5:6]))
+
+    def step(i, m, p, c):
+        out = model(i, attention_mask=m, position_ids=p, past_key_values=c, use_cache=True)
+        return out.logits, out.past_key_values
+
+    eager_logits, eager_cache = step(*step_in, prefix.past_key_values)
+    xla_logits, xla_cache = tf.function(step, jit_compile=True)(*step_in, prefix.past_key_values)
+    assert_close(xla_logits, eager_logits, TOLERANCES["logits"], "XLA step vs eager")
+    assert_close(xla_cache[1].key, eager_cache[1].key, TOLERANCES["hidden"], "XLA cache vs eager")
+    assert int(xla_cache[0].index) == 6
+
+
+def test_kv_cache_bad_input(models):
+    model = models("electra")
+    cache = model.init_cache(2, 6)
+    with pytest.raises(InputError, match=r"\(batch, 6\)"):
+        model(
+            tf.constant([[5, 6, 7], [5, 6, 7]]), attention_mask=tf.ones((2, 3)), past_key_values=cache, use_cache=True
+        )
+    with pytest.raises(InputError, match="do not fit"):
+        model(tf.ones((2, 7), tf.int32), attention_mask=tf.ones((2, 6)), past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="max_length 65 exceeds"):
+        model.init_cache(1, 65)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.init_cache(0, 4)
+
+
+# --- generate -------------------------------------------------------------------------------------
+
+
+def _transformers_greedy(key, path, ids, mask):
+    hf = getattr(transformers, CASES[key][3]).from_pretrained(path).eval()
+    out = hf.generate(
+        torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask),
+        do_sample=False,
+        max_new_tokens=NEW,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out.numpy()
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_greedy_matches_transformers(key, checkpoint, models):
+    model = models(key)
+    ids, mask = _prompt(model.config)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
+    assert got.shape == (3, 6 + NEW)
+    assert got.numpy().tolist() == _transformers_greedy(key, checkpoint(key), ids, mask).tolist()
+
+
+def test_greedy_under_xla_equals_graph_mode(models):
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+    graph = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None)
+    xla = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None, jit_compile=True)
+    assert xla.numpy().tolist() == graph.numpy().tolist()
+
+
+@pytest.mark.parametrize("key", ["electra", "mpt"])
+def test_left_padded_rows_generate_what_unpadded_prompts_do(key, models):
+    model = models(key)
+    ids, mask = _prompt(model.config)
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None).numpy()
+    for row in range(3):
+        alone = model.generate(ids[row : row + 1, mask[row] == 1], max_new_tokens=NEW, eos_token_id=None).numpy()
+        assert batch[row, 6:].tolist() == alone[0, -NEW:].tolist(), f"row {row}"
+
+
+def test_eos_finishes_rows_pads_them_and_stops(models):
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None).numpy()
+    eos = int(free[0, 7])  # row 0's second new token
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=97).numpy()
+    for row in range(3):
+        new = free[row, 6:].tolist()
+        if eos in new:
+            stop = new.index(eos)
+            want = new[: stop + 1] + [97] * (out.shape[1] - 6 - stop - 1)
+        else:
+            want = new[: out.shape[1] - 6]
+        assert out[row, 6:].tolist() == want, f"row {row}"
+    firsts = [int(t) for t in free[:, 6]]  # every row finishes at its first token: the loop stops
+    short = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=firsts, pad_token_id=97)
+    assert short.shape == (3, 7) and short.numpy()[:, 6].tolist() == firsts
+
+
+def test_max_new_tokens_and_prompt_kept(models):
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+    out = model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(max_new_tokens=3))
+    assert out.shape == (3, 9) and out.dtype == tf.int32
+    assert out.numpy()[:, :6].tolist() == ids.tolist()
+
+
+def test_warpers_match_transformers():
+    raw = np.random.default_rng(3).standard_normal((4, 50)).astype(np.float32) * 3
+    for temperature, top_k, top_p in ((1.0, 5, 1.0), (1.0, 0, 0.8), (0.7, 10, 0.9), (1.3, 1, 0.5), (1.0, 0, 0.05)):
+        gc = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+        want = torch.from_numpy(raw.copy())
+        if temperature != 1.0:
+            want = TemperatureLogitsWarper(temperature)(None, want)
+        if top_k:
+            want = TopKLogitsWarper(top_k)(None, want)
+        if top_p < 1.0:
+            want = TopPLogitsWarper(top_p)(None, want)
+        want = want.numpy()
+        got = process_logits(tf.constant(raw), gc).numpy()
+        assert (np.isinf(got) == np.isinf(want)).all()
+        kept = ~np.isinf(want)
+        np.testing.assert_allclose(got[kept], want[kept], rtol=0, atol=1e-6)
+
+
+def test_greedy_ties_go_to_the_lowest_id():
+    logits = tf.constant([[0.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0]])
+    assert greedy_choice(logits).numpy().tolist() == [1, 0]
+
+
+def test_seeded_sampling_is_reproducible(models):
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=2.0, eos_token_id=None)
+    a = model.generate(ids, seed=11, **kw).numpy()
+    assert a.tolist() == model.generate(ids, seed=11, **kw).numpy().tolist()
+    assert a.tolist() != model.generate(ids, seed=12, **kw).numpy().tolist()
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None).numpy()
+    assert model.generate(ids, seed=5, top_k=1, **kw).numpy().tolist() == greedy.tolist()
+
+
+def test_bad_arguments_raise(models):
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(ids, do_sample=True, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(ids, top_p=0.0)
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(ids, attention_mask=mask[:, ::-1].copy())
+    with pytest.raises(ValueError, match="maximum sequence length 64"):
+        model.generate(ids, max_new_tokens=60)
+    with pytest.raises(TypeError, match="jit_compile"):
+        model.generate(ids, jit_compile="yes")
+    with pytest.raises(TypeError, match="num_beams"):
+        model.generate(ids, num_beams=2)
