@@ -2,6 +2,8 @@
 
 nezha-zoo demo                 build a small Electra, load it in every backend, compare
 nezha-zoo inspect DIR [--json] family, head, parameter count, dtypes, missing/unexpected tensors
+nezha-zoo convert SRC DST --to FORMAT [--dtype D] [--max-shard-size S] [--force] [--quiet] [--json]
+nezha-zoo verify DIR [--backends pt,tf,flax] [--json]   outputs of every backend, max-abs differences
 """
 
 from __future__ import annotations
@@ -35,6 +37,73 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if info["missing_keys"] or info["unexpected_keys"] else 0
 
 
+def _progress_bar(args: argparse.Namespace):
+    """A tqdm bar on stderr, or None with --quiet/--json, off a terminal, or without tqdm."""
+    if args.quiet or args.json or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="converting", file=sys.stderr, leave=False)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from nezha_zoo.conversion.convert import convert
+
+    bar = _progress_bar(args)
+    try:
+        info = convert(
+            args.src,
+            args.dst,
+            args.to,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            force=args.force,
+            source_format=args.source_format,
+            head=args.head,
+            progress=(lambda _name, nbytes: bar.update(nbytes)) if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+    elif not args.quiet:
+        dropped = (
+            f"; dropped {', '.join(info['dropped_keys'])} (not in transformers PyTorch)" if info["dropped_keys"] else ""
+        )
+        sys.stdout.write(
+            f"{info['from']} -> {info['to']}: {info['class']}, {info['tensors']} tensors, "
+            f"{info['parameters']:,} parameters, {info['bytes'] / 2**20:.1f} MiB in {info['seconds']:.2f}s "
+            f"-> {info['destination']} ({', '.join(info['files'])}){dropped}\n"
+        )
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from nezha_zoo.conversion.verify import verify
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    info = verify(args.path, backends=backends, head=args.head)
+    if args.json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+    else:
+        lines = [f"{info['path']}: {info['format']}, {info['class']}"]
+        for b, st in info["backends"].items():
+            lines.append(f"  {b:<5} {st['status']}" + (f" ({st['detail']})" if st.get("detail") else ""))
+        if info["rows"]:
+            lines.append(f"  {'field':<28} {'backend':<8} {'vs':<5} {'max |diff|':>11} {'tolerance':>10}")
+            for r in info["rows"]:
+                d = "missing" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.3e}"
+                flag = "ok" if r["ok"] else "FAIL"
+                ref = r.get("reference", "")
+                lines.append(f"  {r['field']:<28} {r['backend']:<8} {ref:<5} {d:>11} {r['tolerance']:>10.0e} {flag}")
+        lines.append("verify: ok" if info["ok"] else "verify: FAILED (differences beyond tolerance, or < 2 backends)")
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0 if info["ok"] else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nezha_zoo.demo import main as demo_main
 
@@ -49,11 +118,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="describe a checkpoint directory against the spec")
-    p.add_argument("path", help="directory with config.json and weights")
+    p = sub.add_parser("inspect", help="describe a checkpoint directory (any format) against the spec")
+    p.add_argument("path", help="directory with config.json and weights of any format convert reads")
     p.add_argument("--head", help="head to check against (default: from config.json's architectures)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_inspect)
+
+    from nezha_zoo.conversion.convert import DTYPES
+    from nezha_zoo.conversion.formats import FORMATS, READ_FORMATS, WRITE_FORMATS
+
+    formats = "\n".join(f"  {n:<12} {f.description} ({', '.join(f.files)})" for n, f in FORMATS.items())
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint directory between PyTorch, TF/Keras and Flax formats",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Convert the checkpoint in SRC (format detected from its files) to FORMAT in DST.\n"
+            "Tensors stream one at a time; DST appears only when complete.\n\nformats:\n" + formats
+        ),
+        epilog="example: nezha-zoo convert ./electra-pt ./electra-flax --to hf-flax",
+    )
+    p.add_argument("src", help="checkpoint directory (config.json + weights)")
+    p.add_argument("dst", help="output directory (must be absent or empty unless --force)")
+    p.add_argument(
+        "--to", required=True, choices=WRITE_FORMATS, metavar="FORMAT", help=f"one of {', '.join(WRITE_FORMATS)}"
+    )
+    p.add_argument(
+        "--from", dest="source_format", choices=READ_FORMATS, metavar="FORMAT", help="read SRC as this format"
+    )
+    p.add_argument("--head", help="class head to convert as (default: from config.json / the tensor names)")
+    p.add_argument("--dtype", choices=DTYPES, help="cast floating parameters (default: keep each tensor's dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="shard limit of safetensors output (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace the weights already in DST")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("verify", help="load a checkpoint in every installed backend and compare outputs")
+    p.add_argument("path", help="checkpoint directory of any format convert reads")
+    p.add_argument("--backends", help="comma-separated subset of pt,tf,flax (default: every installed one)")
+    p.add_argument("--head", help="class head (default: detected)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("demo", help="build a small Electra and compare PyTorch, TensorFlow and Flax on it")
     p.add_argument("--out", help="directory to save the demo checkpoint in (default: a temporary one)")

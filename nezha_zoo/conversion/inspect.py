@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from nezha_zoo.auto import AutoConfig
-from nezha_zoo.checkpoint import CheckpointError, open_checkpoint
+from nezha_zoo.checkpoint import CheckpointError
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.loading import plan_load
 from nezha_zoo.spec.registry import Family, family_of_config
@@ -37,17 +37,29 @@ def detect_head(family: Family, config: PretrainedConfig, keys: list[str], shape
 
 
 def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict[str, Any]:
-    """Family, head, parameter count, dtypes and missing/unexpected tensors of a checkpoint dir."""
+    """Family, head, parameter count, dtypes and missing/unexpected tensors of a checkpoint dir.
+
+    Args:
+        path (str | os.PathLike): a checkpoint directory in any format ``nezha-zoo convert`` reads.
+        head (str | None): judge against this head instead of the detected one.
+    """
+    from nezha_zoo.conversion.formats import detect_format, droppable, open_source
+
     config = AutoConfig.from_pretrained(path)
     family = family_of_config(config)
-    with open_checkpoint(path) as reader:
+    fmt = detect_format(path)
+    reader = open_source(path, fmt, family, config)
+    try:
         keys = reader.keys()
         head = head or detect_head(family, config, keys, reader.shape)
         spec = family.model_spec(config, head)
         plan = plan_load(spec, keys, reader.shape, family.base_prefix)
         dtypes = Counter(reader.dtype(k) for k in keys)
         stored = sum(_numel(reader.shape(k)) for k in plan.sources.values())
-        fmt = reader.format
+        dropped = [k for k in plan.unexpected_keys if droppable(reader.format, family, k)]
+        fmt = reader.container
+    finally:
+        reader.close()
     return {
         "path": os.fspath(path),
         "format": fmt,
@@ -60,7 +72,8 @@ def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict
         "tensors": len(keys),
         "dtypes": dict(sorted(dtypes.items())),
         "missing_keys": plan.missing_keys,
-        "unexpected_keys": plan.unexpected_keys,
+        "unexpected_keys": [k for k in plan.unexpected_keys if k not in dropped],
+        "framework_only_keys": dropped,
         "ignored_keys": plan.ignored_keys,
     }
 

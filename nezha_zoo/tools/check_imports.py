@@ -6,25 +6,33 @@ fresh interpreter so one module's imports cannot hide another's.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "flax", "transformers")
 
-#: Modules that must stay framework-free.
-CORE_MODULES = (
-    "nezha_zoo",
-    "nezha_zoo.spec",
-    "nezha_zoo.families",
-    "nezha_zoo.checkpoint",
-    "nezha_zoo.loading",
-    "nezha_zoo.modeling",
-    "nezha_zoo.outputs",
-    "nezha_zoo.testing",
-    "nezha_zoo.validation",
-    "nezha_zoo.torch_pickle",
-    "nezha_zoo.conversion",
-)
+#: Subpackages that are allowed (meant) to import their framework.
+BACKENDS = ("pt", "tf", "flax")
+
+
+def core_modules() -> list[str]:
+    """Every module of the package outside the backends, found on disk (nothing is imported here)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../nezha_zoo
+    mods = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, os.path.dirname(root))
+        parts = rel.split(os.sep)
+        if len(parts) > 1 and parts[1] in BACKENDS:
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
+        for f in sorted(filenames):
+            if f.endswith(".py"):
+                name = parts + ([] if f == "__init__.py" else [f[:-3]])
+                mods.append(".".join(name))
+    return mods
+
 
 _PROBE = (
     "import importlib, sys\n"
@@ -36,13 +44,7 @@ _PROBE = (
 
 def main() -> int:
     failed = False
-    for mod in CORE_MODULES:
-        try:
-            __import__("importlib").util.find_spec(mod)
-        except ModuleNotFoundError:
-            continue
-        if __import__("importlib").util.find_spec(mod) is None:
-            continue
+    for mod in core_modules():
         res = subprocess.run(
             [sys.executable, "-c", _PROBE.format(mod=mod, fws=FRAMEWORKS)], capture_output=True, text=True
         )

@@ -46,7 +46,7 @@ def test_check_imports_tool_detects_a_framework_import(tmp_path):
         "import sys\n"
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "import nezha_zoo.tools.check_imports as ci\n"
-        "ci.CORE_MODULES = ('fake_fw_probe', 'fake_fw_probe.bad')\n"
+        "ci.core_modules = lambda: ['fake_fw_probe', 'fake_fw_probe.bad']\n"
         "import os\n"
         f"os.environ['PYTHONPATH'] = {str(tmp_path)!r} + os.pathsep + os.environ.get('PYTHONPATH', '')\n"
         "sys.exit(ci.main())\n"
@@ -55,3 +55,12 @@ def test_check_imports_tool_detects_a_framework_import(tmp_path):
     assert res.returncode == 1
     assert "fake_fw_probe.bad imports torch" in res.stderr
     assert "fake_fw_probe imports" not in res.stderr  # the clean module is not blamed
+
+
+def test_check_imports_covers_every_core_module_and_no_backend():
+    from nezha_zoo.tools.check_imports import core_modules
+
+    mods = core_modules()
+    for expected in ("nezha_zoo", "nezha_zoo.conversion.formats", "nezha_zoo.families.mpt", "nezha_zoo.sharding"):
+        assert expected in mods
+    assert not [m for m in mods if m.split(".")[1:2] in (["pt"], ["tf"], ["flax"])], mods

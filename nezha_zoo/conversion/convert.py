@@ -1,0 +1,178 @@
+"""Convert a checkpoint directory between formats, streaming one tensor at a time.
+
+The source is read through its canonical view (:mod:`nezha_zoo.conversion.formats`), matched to the
+family's spec for the head it was saved from (every tensor accounted for, shapes checked), and each
+param is read, cast and handed to the target's writer only when the writer asks for it.  Peak
+memory is about one tensor (one shard for safetensors output), not the model.  The output is staged
+beside ``dst`` and moved into place only when every file is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from nezha_zoo._io import staged_directory
+from nezha_zoo.auto import AutoConfig
+from nezha_zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, CheckpointError
+from nezha_zoo.config import CONFIG_NAME
+from nezha_zoo.conversion.formats import (
+    FORMATS,
+    WRITE_FORMATS,
+    detect_format,
+    droppable,
+    open_source,
+    weight_files,
+    write_format,
+)
+from nezha_zoo.conversion.inspect import detect_head
+from nezha_zoo.loading import plan_load
+from nezha_zoo.modeling import FORMAT_METADATA
+from nezha_zoo.spec.param import Kind, Param
+from nezha_zoo.spec.registry import family_of_config
+
+__all__ = ["convert", "DTYPES", "ConversionError"]
+
+
+class ConversionError(CheckpointError):
+    """A conversion was refused or its input does not match the spec; nothing was written."""
+
+
+def _dtypes() -> dict[str, Any]:
+    import ml_dtypes
+
+    return {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+#: Names accepted by ``dtype=`` / ``--dtype``.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _is_float(arr: np.ndarray) -> bool:
+    return arr.dtype.kind == "f" or arr.dtype.name == "bfloat16"
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    source_format: str | None = None,
+    head: str | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Convert the checkpoint directory ``src`` into format ``to`` at ``dst``.
+
+    Args:
+        src (str | os.PathLike): checkpoint directory with ``config.json`` and weights of any
+            readable format (detected from its files unless ``source_format`` is given).
+        dst (str | os.PathLike): output directory; must not exist or be empty unless ``force``.
+        to (str): one of ``WRITE_FORMATS``.
+        dtype (str | None): cast floating params (not buffers) to ``float32``/``bfloat16``/``float16``;
+            None keeps each tensor's dtype.
+        max_shard_size (int | str): shard limit of safetensors output.
+        force (bool): replace the weights already in ``dst``.
+        source_format (str | None): read ``src`` as this format instead of detecting it.
+        head (str | None): the head to convert as (default: from ``config.json``'s architectures, else
+            the head whose spec the tensor names fit).
+        progress (Callable[[str, int], None] | None): called with (param name, bytes) after each tensor.
+
+    Returns:
+        A summary dict (formats, family, head, tensors, parameters, bytes, files, dropped keys, seconds).
+
+    Raises:
+        ConversionError: refused (existing output, same directory, unwritable format, dtype the target
+            cannot hold) or the input does not match the spec (missing/unexpected/mis-shaped tensors).
+        CheckpointError: a corrupt or truncated input file (named).
+    """
+    start = time.perf_counter()
+    src, dst = os.fspath(src), os.fspath(dst)
+    if to not in WRITE_FORMATS:
+        raise ConversionError(f"cannot write format {to!r}; choose one of {list(WRITE_FORMATS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+    if os.path.exists(dst) and os.path.realpath(dst) == os.path.realpath(src):
+        raise ConversionError(f"source and destination are the same directory ({src!r})")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ConversionError(f"{dst!r} exists and is not a directory")
+    if os.path.isdir(dst) and os.listdir(dst) and not force:
+        raise ConversionError(f"{dst!r} exists and is not empty; pass --force (force=True) to replace its weights")
+    fmt = source_format or detect_format(src)
+    if fmt not in FORMATS:
+        raise ConversionError(f"unknown source format {fmt!r}; known: {list(FORMATS)}")
+    config = AutoConfig.from_pretrained(src)
+    family = family_of_config(config)
+    source = open_source(src, fmt, family, config)
+    try:
+        keys = source.keys()
+        head = head or detect_head(family, config, keys, source.shape)
+        spec = family.model_spec(config, head)
+        try:
+            plan = plan_load(spec, keys, source.shape, family.base_prefix)
+        except CheckpointError as e:  # name the file: the message names only the tensor
+            raise ConversionError(f"{source.path} ({fmt}): {e}") from e
+        dropped = [k for k in plan.unexpected_keys if droppable(fmt, family, k)]
+        unexpected = [k for k in plan.unexpected_keys if k not in dropped]
+        if plan.missing_keys or unexpected:
+            raise ConversionError(
+                f"{src}: the {fmt} checkpoint does not match {family.class_name(head)}: "
+                f"missing {plan.missing_keys or 'none'}; unexpected {unexpected or 'none'}"
+            )
+        cast = _dtypes()[dtype] if dtype else None
+        totals = {"tensors": 0, "bytes": 0}
+
+        def fetch(p: Param) -> np.ndarray:
+            key = plan.sources[p.name]
+            arr = np.asarray(source.get(key))
+            if tuple(arr.shape) != p.shape:
+                raise ConversionError(f"{src}: tensor {key!r} has shape {arr.shape}, the spec needs {p.shape}")
+            if p.kind is not Kind.BUFFER and not _is_float(arr):
+                raise ConversionError(f"{src}: tensor {key!r} has dtype {arr.dtype}, expected floating point")
+            if cast is not None and p.kind is not Kind.BUFFER and arr.dtype != cast:
+                arr = arr.astype(cast)
+            totals["tensors"] += 1
+            totals["bytes"] += arr.nbytes
+            if progress is not None:
+                progress(p.name, arr.nbytes)
+            return arr
+
+        cfg = config.copy()
+        cfg.architectures = [family.class_name(head, "pt")]
+        meta = {**FORMAT_METADATA, "family": family.key, "head": head}
+        stale = weight_files(dst)
+        with staged_directory(dst) as stage:
+            files = write_format(to, stage, family, spec, fetch, max_shard_size, meta, cfg)
+            with open(os.path.join(stage, CONFIG_NAME), "w", encoding="utf-8") as fh:
+                fh.write(cfg.to_json_string())
+            files.append(CONFIG_NAME)
+            if totals["tensors"] != len(spec):
+                raise ConversionError(f"internal: wrote {totals['tensors']} of {len(spec)} tensors")
+    finally:
+        source.close()
+    for name in stale:  # weights of another format left from before (only reachable with force)
+        if name not in files:
+            os.remove(os.path.join(dst, name))
+    return {
+        "source": src,
+        "destination": dst,
+        "from": fmt,
+        "to": to,
+        "family": family.key,
+        "head": head,
+        "class": family.class_name(head),
+        "tensors": totals["tensors"],
+        "parameters": spec.num_parameters(),
+        "bytes": totals["bytes"],
+        "dtype": dtype,
+        "files": sorted(files),
+        "dropped_keys": dropped,
+        "ignored_keys": plan.ignored_keys,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
