@@ -21,6 +21,18 @@ from nezha_zoo.testing import TOLERANCES
 
 pytestmark = pytest.mark.flax
 
+XL_TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+MPT_TINY = dict(vocab_size=96, d_model=32, n_heads=4, n_layers=2, max_seq_len=64)
+
 #: family -> (Flax class, loss over (output, batch), tiny config).
 FAMILIES = {
     "electra": (
@@ -30,6 +42,12 @@ FAMILIES = {
              intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
              attention_probs_dropout_prob=0.0),
     ),
+    "xlm_roberta_xl": (
+        "FlaxXLMRobertaXLForMaskedLM",
+        "losses.masked_lm_loss(out.logits, b['labels'])",
+        XL_TINY,
+    ),
+    "mpt": ("FlaxMptForCausalLM", "losses.causal_lm_loss(out.logits, b['labels'])", MPT_TINY),
 }  # fmt: skip
 
 MESHES = [("dp", 8, 1), ("fsdp", 8, 1), ("tp", 1, 8), ("fsdp+tp", 2, 4)]

@@ -22,6 +22,18 @@ from nezha_zoo.testing import TOLERANCES
 
 pytestmark = pytest.mark.pt
 
+XL_TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+MPT_TINY = dict(vocab_size=96, d_model=32, n_heads=4, n_layers=2, max_seq_len=64)
+
 #: family -> (PyTorch class, tiny config); every label row is fully real, so each rank's mean loss
 #: over its half averages to the full batch's mean.
 FAMILIES = {
@@ -31,6 +43,8 @@ FAMILIES = {
              intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
              attention_probs_dropout_prob=0.0),
     ),
+    "xlm_roberta_xl": ("XLMRobertaXLForMaskedLM", XL_TINY),
+    "mpt": ("MptForCausalLM", MPT_TINY),
 }  # fmt: skip
 
 SCRIPT = textwrap.dedent(
