@@ -221,7 +221,9 @@ class MPNetModel(MPNetPreTrainedModel):
         relative = pos[None, :] - pos[:, None]  # (Lq, Lk): key - query
         bucket = relative_position_bucket(relative, num_buckets=self.config.relative_attention_num_buckets)
         values = self.encoder.relative_attention_bias(bucket)  # (Lq, Lk, heads)
-        return values.permute(2, 0, 1)[None]  # (Lq, Lk, heads) -> (1, heads, Lq, Lk)
+        # (Lq, Lk, heads) -> (1, heads, Lq, Lk), contiguous: every layer adds it to its scores, and a
+        # permuted view there costs a strided read per layer.
+        return values.permute(2, 0, 1).contiguous()[None]
 
     def forward(
         self,
