@@ -6,14 +6,17 @@
 * ours: PyTorch eager (``pt``) and ``torch.compile`` (``pt-compile``), TensorFlow under
   ``tf.function`` without and with XLA (``tf``, ``tf-xla``), Flax under ``jax.jit`` (``flax``);
 * transformers 4.57.6 for the same framework where it has the class: ``hf-pt`` (all six families),
-  ``hf-tf`` / ``hf-tf-xla`` (Electra, MPNet; run under tf-keras in its own process) and
+  ``hf-tf`` / ``hf-tf-xla`` (Electra, MPNet; under tf-keras, which coexists with our Keras 3) and
   ``hf-flax`` (Electra).
 
-Every (family, backend) runs in a fresh process with the same thread count on one seeded checkpoint
-per family.  Shapes: batch 1 x 16 tokens (latency), 8 x 128 (throughput), 1 x 512 (long).  Warm-up
-(tracing, compilation) is timed separately and excluded; the figure is the median of repeated runs.
-The same run measures the machine's float32 matrix-multiply rate (the physical reference), and each
-model's achieved GFLOP/s is reported against it.  FLOPs are counted from the family's parameter
+Every (family, framework) runs in a fresh process with the same thread count on one seeded
+checkpoint per family, and that process holds all of the framework's backends, ours and
+transformers': they are timed call by call in turn, with a float32 matrix product after each round.
+On a shared machine whose speed drifts by tens of percent from one minute to the next, this is what
+makes "ours vs transformers" and "share of the matmul rate" comparisons of the same moment.
+Shapes: batch 1 x 16 tokens (latency), 8 x 128 (throughput), 1 x 512 (long).  Warm-up (tracing,
+compilation) is timed separately and excluded; the figure is the median of repeated runs.
+FLOPs are counted from the family's parameter
 spec: every dense weight is one multiply-add per token (per sequence for the pooler), plus the two
 attention products.
 
@@ -149,7 +152,7 @@ def forward_flops(family: str, config: PretrainedConfig, batch: int, seq: int) -
     return flops
 
 
-# --- the worker: one (family, backend) in its own process ----------------------------------------
+# --- the worker: one (family, framework) in its own process --------------------------------------
 
 
 def _set_threads(threads: int) -> None:
@@ -225,23 +228,67 @@ def _inputs(batch: int, seq: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.ones((batch, seq), dtype=np.int64)
 
 
-def _time_shape(run, materialise, batch: int, seq: int, vocab: int, min_time: float, repeats: int) -> dict[str, Any]:
+#: Side of the reference matrix product timed between the model runs (the physical reference).
+REFERENCE_N = 2048
+SMOKE_REFERENCE_N = 256
+
+
+def _reference_product(n: int) -> Callable[[], Any]:
+    """One float32 ``n x n`` matrix product in numpy (the same library in every worker process)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    return lambda: a @ b
+
+
+def _timed(runner: tuple[Callable, Callable], *inputs: Any) -> float:
+    """Seconds of one ``materialise(run(*inputs))``."""
+    run, materialise = runner
+    t = time.perf_counter()
+    materialise(run(*inputs))
+    return time.perf_counter() - t
+
+
+def _time_interleaved(
+    runners: dict[str, tuple[Callable, Callable]],
+    reference: Callable[[], Any],
+    batch: int,
+    seq: int,
+    vocab: int,
+    min_time: float,
+    repeats: int,
+) -> dict[str, Any]:
+    """Time every backend of one process at one shape, call by call in turn, with the reference product.
+
+    Each round runs every backend once (the order rotates from round to round) and then the
+    reference matrix product, so a slow spell of a shared machine lands on all of them alike: the
+    medians compare backends, and the model's rate is set against the matmul rate of the same
+    window.  Rounds go on until every backend has ``min_time`` seconds of runs (at least
+    ``repeats``, at most 200).
+    """
     ids, mask = _inputs(batch, seq, vocab)
-    t0 = time.perf_counter()
-    materialise(run(ids, mask))  # traces / compiles
-    warmup = time.perf_counter() - t0
-    materialise(run(ids, mask))
-    times: list[float] = []
+    names = list(runners)
+    out: dict[str, Any] = {"batch": batch, "seq": seq, "warmup_s": {}, "times_s": {b: [] for b in names}}
+    for b in names:
+        out["warmup_s"][b] = _timed(runners[b], ids, mask)  # traces / compiles
+        _timed(runners[b], ids, mask)
+    reference()
+    out["reference_s"] = []
     start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 200):
-        t = time.perf_counter()
-        materialise(run(ids, mask))
-        times.append(time.perf_counter() - t)
-    return {"batch": batch, "seq": seq, "warmup_s": warmup, "times_s": times}
+    k = 0
+    while k < repeats or (time.perf_counter() - start < min_time * len(names) and k < 200):
+        for b in names[k % len(names) :] + names[: k % len(names)]:
+            out["times_s"][b].append(_timed(runners[b], ids, mask))
+        out["reference_s"].append(_timed((reference, lambda out: out)))
+        k += 1
+    return out
 
 
 #: PyTorch operators that are matrix products (the FLOPs the model is counted for).
-_PT_MATMUL_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
+_PT_MATMUL_OPS = {
+    "aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+}  # fmt: skip
 
 
 def _pt_profile(run, batch: int, seq: int, vocab: int, top: int = 6) -> dict[str, Any]:
@@ -263,25 +310,105 @@ def _pt_profile(run, batch: int, seq: int, vocab: int, top: int = 6) -> dict[str
 
 
 def run_worker(
-    backend: str, family: str, path: str, shapes, smoke: bool, min_time: float, repeats: int, threads: int
-) -> dict[str, Any]:
-    """Time ``family``'s base model in ``backend`` at each shape (in this process)."""
+    backends: list[str],
+    family: str,
+    path: str,
+    shapes,
+    smoke: bool,
+    min_time: float,
+    repeats: int,
+    threads: int,
+) -> list[dict[str, Any]]:
+    """Time ``family``'s base model in each of ``backends`` (one framework) in this process, interleaved.
+
+    Returns one result per backend: ``{"family", "backend", "load_s", "shapes": [{"batch", "seq",
+    "warmup_s", "times_s", "reference_s"}], "profile"?}`` or ``{"family", "backend", "error"}``.
+    """
     config = bench_config(family, smoke)
-    t0 = time.perf_counter()
-    run, materialise = _make_runner(backend, family, path, threads)
-    load_s = time.perf_counter() - t0
-    results = [_time_shape(run, materialise, b, s, config.vocab_size, min_time, repeats) for b, s in shapes]
-    out = {"family": family, "backend": backend, "load_s": load_s, "shapes": results}
-    if BACKENDS[backend][0] == "pt" and BACKENDS[backend][2] == "eager":
-        # Where the time goes, at the throughput shape (or the largest one asked for).
-        b, s = max(shapes, key=lambda bs: (bs == PROFILE_SHAPE, bs[0] * bs[1]))
-        out["profile"] = _pt_profile(run, b, s, config.vocab_size)
-    return out
+    runners: dict[str, tuple[Callable, Callable]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for b in backends:
+        t0 = time.perf_counter()
+        try:
+            runners[b] = _make_runner(b, family, path, threads)
+        except Exception as e:  # one backend that cannot load does not stop the others
+            results[b] = {"family": family, "backend": b, "error": f"{type(e).__name__}: {e}"}
+            continue
+        results[b] = {"family": family, "backend": b, "load_s": time.perf_counter() - t0, "shapes": []}
+    reference = _reference_product(SMOKE_REFERENCE_N if smoke else REFERENCE_N)
+    for batch, seq in shapes:
+        timed = _time_interleaved(runners, reference, batch, seq, config.vocab_size, min_time, repeats)
+        for b in runners:
+            results[b]["shapes"].append(
+                {
+                    "batch": batch,
+                    "seq": seq,
+                    "warmup_s": timed["warmup_s"][b],
+                    "times_s": timed["times_s"][b],
+                    "reference_s": timed["reference_s"],
+                }
+            )
+    # Where the time goes, at the throughput shape (or the largest one asked for): the same dense
+    # products alone, as each framework and mode runs them, against the whole forward pass.
+    pb, ps = max(shapes, key=lambda bs: (bs == PROFILE_SHAPE, bs[0] * bs[1]))
+    products = dense_products(family, config, pb, ps)
+    flops = sum(2 * m * k * n for m, k, n in products)
+    by_mode: dict[tuple[str, str], dict[str, Any]] = {}
+    for b in runners:
+        fw, _, mode = BACKENDS[b]
+        if (fw, mode) not in by_mode:
+            gemms = _gemm_runner(b, products)
+            _timed(gemms)
+            median = statistics.median([_timed(gemms) for _ in range(3)])
+            by_mode[fw, mode] = {"shape": f"{pb}x{ps}", "gemm_ms": median * 1e3, "gemm_gflops": flops / median / 1e9}
+        results[b]["gemms"] = by_mode[fw, mode]
+        results[b]["reference_n"] = SMOKE_REFERENCE_N if smoke else REFERENCE_N
+        if fw == "pt" and mode == "eager":  # and operator by operator
+            results[b]["profile"] = _pt_profile(runners[b][0], pb, ps, config.vocab_size)
+    return [results[b] for b in backends]
+
+
+def dense_products(family: str, config: PretrainedConfig, batch: int, seq: int) -> list[tuple[int, int, int]]:
+    """``(rows, in, out)`` of every dense weight product of the base model's forward pass, from the spec:
+    one row per token (per sequence for the pooler)."""
+    spec = get_family(family).model_spec(config, "Model")
+    return [
+        (batch if p.name.startswith("pooler.") else batch * seq, p.shape[1], p.shape[0])
+        for p in spec
+        if p.kind is Kind.DENSE
+    ]
+
+
+def _gemm_runner(backend: str, products: list[tuple[int, int, int]]) -> tuple[Callable, Callable]:
+    """The model's dense products alone, run the way ``backend``'s framework and mode run them:
+    ``torch.mm`` one by one (eager), one ``tf.function`` (with XLA for ``-xla``), one ``jax.jit``."""
+    fw, _, mode = BACKENDS[backend]
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((m, k), dtype=np.float32) for m, k, _ in products]
+    ws = [rng.standard_normal((k, n), dtype=np.float32) for _, k, n in products]  # x (M, in) @ W^T (in, out)
+    if fw == "pt":
+        import torch
+
+        txs, tws = [torch.from_numpy(x) for x in xs], [torch.from_numpy(w) for w in ws]
+        if mode == "torch.compile":
+            fn = torch.compile(lambda a, b: [x @ w for x, w in zip(a, b)], dynamic=False)
+            return (lambda: fn(txs, tws)), (lambda out: out)
+        return (lambda: [torch.mm(x, w) for x, w in zip(txs, tws)]), (lambda out: out)
+    if fw == "tf":
+        import tensorflow as tf
+
+        fxs, fws = [tf.constant(x) for x in xs], [tf.constant(w) for w in ws]
+        tf_fn = tf.function(lambda a, b: [tf.matmul(x, w) for x, w in zip(a, b)], jit_compile=mode.endswith("XLA"))
+        return (lambda: tf_fn(fxs, fws)), (lambda out: [o.numpy() for o in out][-1])
+    import jax
+
+    jxs, jws = [jax.numpy.asarray(x) for x in xs], [jax.numpy.asarray(w) for w in ws]
+    jax_fn = jax.jit(lambda a, b: [x @ w for x, w in zip(a, b)])
+    return (lambda: jax_fn(jxs, jws)), (lambda out: jax.block_until_ready(out))
 
 
 def gemm_ceiling(family: str, config: PretrainedConfig, batch: int, seq: int, threads: int) -> dict[str, Any]:
-    """The rate of the model's own dense products alone: one ``torch.mm`` per dense weight of the spec,
-    at the forward pass's row count (tokens; sequences for the pooler), summed.
+    """The rate of the model's own dense products alone (``torch.mm`` one by one, summed).
 
     This is what a forward pass could reach if nothing but its weight products took time; shapes
     with few rows (batch 1 x 16) are bound by reading the weights from memory, not by arithmetic.
@@ -289,43 +416,36 @@ def gemm_ceiling(family: str, config: PretrainedConfig, batch: int, seq: int, th
     import torch
 
     torch.set_num_threads(threads)
-    spec = get_family(family).model_spec(config, "Model")
-    dense = [p for p in spec if p.kind is Kind.DENSE]
-    mats = []
-    for p in dense:
-        rows = batch if p.name.startswith("pooler.") else batch * seq
-        mats.append((torch.randn(rows, p.shape[1]), torch.randn(p.shape[1], p.shape[0])))  # x (M, in) @ W^T (in, out)
-    flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in mats)
-
-    def once() -> float:
-        t = time.perf_counter()
-        for a, b in mats:
-            torch.mm(a, b)
-        return time.perf_counter() - t
-
-    once()
-    times = [once() for _ in range(3)]
+    products = dense_products(family, config, batch, seq)
+    runner = _gemm_runner("pt", products)
+    _timed(runner)
+    times = [_timed(runner) for _ in range(3)]
+    flops = sum(2 * m * k * n for m, k, n in products)
     return {"gflop": flops / 1e9, "gflops": flops / statistics.median(times) / 1e9}
 
 
-def matmul_rate(threads: int, n: int = 2048, min_time: float = 3.0) -> dict[str, Any]:
-    """The machine's float32 matrix-multiply rate (GFLOP/s), PyTorch (oneDNN/MKL) and numpy, best of both."""
+def matmul_rate(threads: int, n: int = REFERENCE_N, min_time: float = 3.0) -> dict[str, Any]:
+    """The machine's float32 matrix-multiply rate (GFLOP/s): PyTorch (oneDNN/MKL) and numpy in turn, best of both.
+
+    numpy's product is also the reference every worker times between its model runs;
+    ``numpy_to_best`` (best rate / numpy's, measured here side by side) scales that reference to the
+    faster library, so a model is never set against a slower matmul than the machine has.
+    """
     import torch
 
     torch.set_num_threads(threads)
-    rates = {}
     a, b = torch.randn(n, n), torch.randn(n, n)
-    na, nb = a.numpy(), b.numpy()
-    for name, mm in (("torch", lambda: torch.mm(a, b)), ("numpy", lambda: na @ nb)):
+    products = {"torch": lambda: torch.mm(a, b), "numpy": _reference_product(n)}
+    times: dict[str, list[float]] = {name: [] for name in products}
+    for mm in products.values():
         mm()
-        times: list[float] = []
-        start = time.perf_counter()
-        while time.perf_counter() - start < min_time or len(times) < 5:
-            t = time.perf_counter()
-            mm()
-            times.append(time.perf_counter() - t)
-        rates[name] = 2 * n**3 / statistics.median(times) / 1e9
-    return {"n": n, "gflops": max(rates.values()), "by_library": rates}
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time or len(times["torch"]) < 5:
+        for name, mm in products.items():  # alternating: both see the same machine
+            times[name].append(_timed((mm, lambda out: out)))
+    rates = {name: 2 * n**3 / statistics.median(ts) / 1e9 for name, ts in times.items()}
+    best = max(rates.values())
+    return {"n": n, "gflops": best, "by_library": rates, "numpy_to_best": best / rates["numpy"]}
 
 
 # --- the orchestrator ----------------------------------------------------------------------------
@@ -351,26 +471,30 @@ def _backends_for(family: str, wanted: list[str]) -> list[str]:
     return out
 
 
-def _subprocess_worker(args: argparse.Namespace, backend: str, family: str, path: str, shapes) -> dict[str, Any]:
+def _subprocess_worker(
+    args: argparse.Namespace, backends: list[str], family: str, path: str, shapes
+) -> list[dict[str, Any]]:
+    """Run :func:`run_worker` for ``backends`` (one framework) in a fresh process."""
     env = dict(os.environ)
-    if BACKENDS[backend][:2] == ("tf", "transformers"):
-        env["TF_USE_LEGACY_KERAS"] = "1"  # transformers' TF classes need tf-keras (Keras 2)
+    if any(BACKENDS[b][:2] == ("tf", "transformers") for b in backends):
+        # transformers' TF classes need tf-keras (Keras 2) as tf.keras; ours import Keras 3 as `keras`.
+        env["TF_USE_LEGACY_KERAS"] = "1"
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = f.name
     cmd = [
-        sys.executable, "-m", "benchmarks.forward", "--worker", backend, "--family", family, "--checkpoint", path,
-        "--shapes", ",".join(f"{b}x{s}" for b, s in shapes), "--threads", str(args.threads),
+        sys.executable, "-m", "benchmarks.forward", "--worker", ",".join(backends), "--family", family,
+        "--checkpoint", path, "--shapes", ",".join(f"{b}x{s}" for b, s in shapes), "--threads", str(args.threads),
         "--min-time", str(args.min_time), "--repeats", str(args.repeats), "--result", result_path,
     ]  # fmt: skip
-    if args.smoke:
-        cmd.append("--smoke")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return {"family": family, "backend": backend, "error": " | ".join(tail)}
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            return [{"family": family, "backend": b, "error": tail} for b in backends]
         with open(result_path) as f:
             return json.load(f)
+    except subprocess.TimeoutExpired:
+        return [{"family": family, "backend": b, "error": f"timed out after {args.timeout:.0f} s"} for b in backends]
     finally:
         os.unlink(result_path)
 
@@ -400,8 +524,8 @@ def _machine(threads: int) -> dict[str, Any]:
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One (family, backend)'s results from several rounds: the timed runs pooled per shape.
 
-    Rounds run the whole list of processes one after the other, so a slow spell of a shared
-    machine lands on every backend instead of on whichever happened to run during it.
+    Within a round the backends of one framework already run call by call in turn; further rounds
+    repeat the whole list of processes, so a slow spell also spreads across families.
     """
     ok = [r for r in rounds if "error" not in r]
     if not ok:
@@ -415,6 +539,7 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 "seq": s["seq"],
                 "warmup_s": min(x["warmup_s"] for x in per_round),
                 "times_s": [t for x in per_round for t in x["times_s"]],
+                "reference_s": [t for x in per_round for t in x["reference_s"]],
                 "round_medians_s": [statistics.median(x["times_s"]) for x in per_round],
             }
         )
@@ -444,6 +569,10 @@ def summarise(
             median = statistics.median(times)
             flops = forward_flops(r["family"], config, s["batch"], s["seq"])
             gflops = flops / median / 1e9
+            # The matmul rate of the same window (numpy's product timed between the runs, scaled to
+            # the faster library); the start-of-run rate is kept beside it.
+            n = r["reference_n"]
+            reference = 2 * n**3 / statistics.median(s["reference_s"]) / 1e9 * matmul["numpy_to_best"]
             row = {
                 "family": r["family"],
                 "backend": r["backend"],
@@ -458,7 +587,9 @@ def summarise(
                 "tokens_per_s": s["batch"] * s["seq"] / median,
                 "gflop": flops / 1e9,
                 "gflops": gflops,
-                "matmul_fraction": gflops / matmul["gflops"],
+                "reference_gflops": reference,
+                "matmul_fraction": gflops / reference,
+                "start_fraction": gflops / matmul["gflops"],
             }
             ceiling = (ceilings or {}).get((r["family"], shape))
             if ceiling:
@@ -498,9 +629,47 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
             )
             lines.append(
                 f"- {r['family']} {r['backend']} {target_shape}: {r['gflops']:.0f} GFLOP/s = "
-                f"{100 * r['matmul_fraction']:.0f}% of matmul ({status}{ceiling})"
+                f"{100 * r['matmul_fraction']:.0f}% of the matmul rate in the same window, "
+                f"{r['reference_gflops']:.0f} GFLOP/s ({status}{ceiling})"
             )
     return lines
+
+
+def gemm_breakdown(results: list[dict[str, Any]], matmul: dict[str, Any]) -> list[str]:
+    """Markdown lines: each backend's forward pass at the throughput shape against its dense products alone,
+    run by the same framework and mode (so what is left is everything that is not a weight product)."""
+    lines = []
+    for r in results:
+        g = r.get("gemms")
+        if not g or "error" in r:
+            continue
+        model_ms = next(
+            (statistics.median(s["times_s"]) * 1e3 for s in r["shapes"] if f"{s['batch']}x{s['seq']}" == g["shape"]),
+            None,
+        )
+        if model_ms is None:
+            continue
+        lines.append(
+            f"| {r['family']} | {r['backend']} | {g['shape']} | {model_ms:.1f} | {g['gemm_ms']:.1f} | "
+            f"{100 * g['gemm_ms'] / model_ms:.0f}% | {model_ms - g['gemm_ms']:.1f} | {g['gemm_gflops']:.0f} | "
+            f"{100 * g['gemm_gflops'] / matmul['gflops']:.0f}% |"
+        )
+    if not lines:
+        return []
+    head = [
+        "## Where the time goes: dense products against the rest",
+        "",
+        "The model's dense weight products alone (from the spec: one per weight, at the forward pass's row "
+        "count), run as the backend's framework and mode run them (torch.mm one by one, one tf.function with "
+        "or without XLA, one jax.jit), timed in the same process right after the model. rest = model - "
+        "products: attention, softmax, GELU, LayerNorm, embeddings, copies and dispatch. The products' "
+        "own rate is set against the start-of-run matmul rate.",
+        "",
+        "| family | backend | shape | model ms | dense products ms | share | rest ms | products GFLOP/s "
+        "| products % of matmul |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    return [*head, *lines, ""]
 
 
 def profiles(results: list[dict[str, Any]]) -> list[str]:
@@ -522,7 +691,8 @@ def profiles(results: list[dict[str, Any]]) -> list[str]:
         "## Where PyTorch eager spends its time",
         "",
         "One profiled forward pass (torch.profiler, self CPU time). Matrix products are addmm, mm, bmm, "
-        "baddbmm, matmul and linear; the rest are the largest other operators, in ms.",
+        "baddbmm, matmul, linear and the fused CPU attention kernel; the rest are the largest other "
+        "operators, in ms.",
         "",
         "| family | backend | shape | total ms | matrix products | largest others (ms) |",
         "|---|---|---|---:|---:|---|",
@@ -538,22 +708,25 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads. "
         f"float32 matmul ({report['matmul']['n']}^2): {report['matmul']['gflops']:.0f} GFLOP/s.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-        f"Each (family, backend) in its own process, {report.get('rounds', 1)} round(s) interleaved; "
-        "median of the pooled timed runs; spread = interquartile range / median. "
-        "GEMM ceiling: the rate of the model's dense weight products alone at that shape, as % of matmul.",
+        f"One process per (family, framework) holds our model and transformers' and runs them call by call "
+        f"in turn, with a {report['matmul']['n']}^2 matmul after each round; "
+        f"{report.get('rounds', 1)} round(s) of all processes. Median of the timed runs; spread = interquartile "
+        "range / median. matmul = the matmul rate measured between the same runs; % of matmul = GFLOP/s over it. "
+        "GEMM ceiling: the rate of the model's dense weight products alone at that shape, as % of the "
+        "start-of-run matmul rate.",
         "",
-        "| family | backend | shape | median ms | min ms | spread | tokens/s | GFLOP/s | % of matmul "
-        "| GEMM ceiling | warm-up s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| family | backend | shape | median ms | min ms | spread | tokens/s | GFLOP/s | matmul GFLOP/s "
+        "| % of matmul | GEMM ceiling | warm-up s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         if "error" in r:
-            out.append(f"| {r['family']} | {r['backend']} | - | error: {r['error'][:80]} | | | | | | | |")
+            out.append(f"| {r['family']} | {r['backend']} | - | error: {r['error'][:80]} | | | | | | | | |")
             continue
         ceiling = f"{100 * r['gemm_ceiling_fraction']:.0f}%" if "gemm_ceiling_fraction" in r else "-"
         out.append(
             f"| {r['family']} | {r['backend']} | {r['shape']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
-            f"{100 * r['spread']:.0f}% | {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | "
+            f"{100 * r['spread']:.0f}% | {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | {r['reference_gflops']:.0f} | "
             f"{100 * r['matmul_fraction']:.0f}% | {ceiling} | {r['warmup_s']:.1f} |"
         )
     out += ["", "## Targets", "", *report["verdicts"], ""]
@@ -608,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per shape")
     parser.add_argument("--repeats", type=int, default=3, help="at least this many timed runs per shape and round")
-    parser.add_argument("--rounds", type=int, default=2, help="run every (family, backend) process this many times")
+    parser.add_argument("--rounds", type=int, default=1, help="run every (family, framework) process this many times")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per (family, backend) process")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     parser.add_argument("--workdir", help="keep the generated checkpoints here (reused across runs)")
@@ -623,11 +796,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.shapes
         else (SMOKE_SHAPES if args.smoke else SHAPES)
     )
-    if args.worker:  # one (family, backend) in this fresh process
+    if args.worker:  # one (family, framework) in this fresh process
         _set_threads(args.threads)
         result = run_worker(
-            args.worker, args.family, args.checkpoint, shapes, args.smoke, args.min_time, args.repeats, args.threads
-        )
+            args.worker.split(","), args.family, args.checkpoint, shapes, args.smoke, args.min_time, args.repeats,
+            args.threads,
+        )  # fmt: skip
         _write_atomic(args.result, json.dumps(result))
         return 0
 
@@ -650,19 +824,26 @@ def main(argv: list[str] | None = None) -> int:
         for f in families
         for b, s in shapes
     }
-    jobs = [(f, b, _checkpoint(workdir, f, args.smoke)) for f in families for b in _backends_for(f, wanted)]
-    rounds: dict[tuple[str, str], list[dict[str, Any]]] = {(f, b): [] for f, b, _ in jobs}
+    # One job per (family, framework): its backends, ours and transformers', share the process.
+    jobs = []
+    for f in families:
+        backends = _backends_for(f, wanted)
+        path = _checkpoint(workdir, f, args.smoke)
+        for fw in dict.fromkeys(BACKENDS[b][0] for b in backends):
+            jobs.append((f, [b for b in backends if BACKENDS[b][0] == fw], path))
+    rounds: dict[tuple[str, str], list[dict[str, Any]]] = {(f, b): [] for f, bs, _ in jobs for b in bs}
     for k in range(1 if args.smoke else args.rounds):
-        for family, backend, path in jobs:
+        for family, backends, path in jobs:
             if args.smoke:
-                r = run_worker(backend, family, path, shapes, True, args.min_time, args.repeats, args.threads)
+                got = run_worker(backends, family, path, shapes, True, args.min_time, args.repeats, args.threads)
             else:
-                r = _subprocess_worker(args, backend, family, path, shapes)
-            rounds[family, backend].append(r)
-            status = r.get("error") or ", ".join(
-                f"{s['batch']}x{s['seq']} {statistics.median(s['times_s']) * 1e3:.2f} ms" for s in r["shapes"]
-            )
-            sys.stdout.write(f"round {k + 1} {family:>15} {backend:<11} {status}\n")
+                got = _subprocess_worker(args, backends, family, path, shapes)
+            for r in got:
+                rounds[family, r["backend"]].append(r)
+                status = r.get("error") or ", ".join(
+                    f"{s['batch']}x{s['seq']} {statistics.median(s['times_s']) * 1e3:.2f} ms" for s in r["shapes"]
+                )
+                sys.stdout.write(f"round {k + 1} {family:>15} {r['backend']:<11} {status}\n")
             sys.stdout.flush()
     results = [merge_rounds(rs) for rs in rounds.values()]
     rows = summarise(results, matmul, args.smoke, ceilings)
@@ -676,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": {f: ("smoke" if args.smoke else BENCH_CONFIGS[f][1]) for f in families},
         "rows": rows,
         "verdicts": verdicts(rows),
-        "profiles": profiles(results),
+        "profiles": gemm_breakdown(results, matmul) + profiles(results),
         "results": results,
         "wall_s": time.perf_counter() - t0,
     }

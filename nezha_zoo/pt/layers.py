@@ -344,8 +344,10 @@ class BertSelfAttention(nn.Module):
             added to the scores before scaling (Nezha).
         relative_value: (Lq, Lk, head_dim) tensor or :class:`RelativeEmbedding`; ``sum_j p_ij R[i, j]``
             (probabilities after dropout and head mask) is added to the context (Nezha).
+        need_weights: return the probabilities.  Without them, and with no head mask or relative
+            term, attention runs as one fused ``scaled_dot_product_attention`` and ``probs`` is None.
 
-    Returns ``(context (B, Lq, H), probs (B, heads, Lq, Lk), (k, v))``.
+    Returns ``(context (B, Lq, H), probs (B, heads, Lq, Lk) or None, (k, v))``.
     """
 
     def __init__(self, config: Any, names: BertLayerNames = BertLayerNames(), kv_width: int | None = None) -> None:
@@ -376,7 +378,8 @@ class BertSelfAttention(nn.Module):
         position_bias: torch.Tensor | None = None,
         relative_key: torch.Tensor | RelativeEmbedding | None = None,
         relative_value: torch.Tensor | RelativeEmbedding | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        need_weights: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         q_proj, k_proj, v_proj = (self._modules[n] for n in self._proj)
         query = self._heads(q_proj(hidden_states))
         is_cross = key_value_states is not None
@@ -389,6 +392,11 @@ class BertSelfAttention(nn.Module):
             if past_key_value is not None:
                 key = torch.cat([past_key_value[0], key], dim=2)  # (B, heads, Lpast + Lq, head_dim)
                 value = torch.cat([past_key_value[1], value], dim=2)
+
+        if not need_weights and head_mask is None and relative_key is None and relative_value is None:
+            context = self._fused(query, key, value, attention_mask, position_bias)
+            b, _, n, _ = context.shape
+            return context.transpose(1, 2).reshape(b, n, self.all_head_size), None, (key, value)  # (B, Lq, H)
 
         scores = torch.matmul(query, key.transpose(-1, -2))  # (B, heads, Lq, Lk)
         if relative_key is not None:
@@ -409,6 +417,27 @@ class BertSelfAttention(nn.Module):
         b, _, n, _ = context.shape
         context = context.transpose(1, 2).reshape(b, n, self.all_head_size)  # (B, Lq, H)
         return context, probs, (key, value)
+
+    def _fused(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(d) + bias + mask) v`` in one fused kernel, (B, heads, Lq, head_dim).
+
+        The same sum as the unfused path (the bias and the mask are both added after scaling), without
+        materialising the probabilities; used when nobody asked for them.
+        """
+        mask = attention_mask
+        if position_bias is not None:
+            mask = position_bias if mask is None else position_bias + mask  # (B or 1, heads, Lq, Lk)
+        p = self.dropout.p if self.training else 0.0
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=p, scale=1.0 / math.sqrt(self.attention_head_size)
+        )
 
 
 def _cross_names(names: BertLayerNames) -> BertLayerNames:
@@ -455,8 +484,8 @@ class BertLayer(nn.Module):
     Forward: ``hidden_states`` (B, Lq, H); masks, head mask and hooks as
     :class:`BertSelfAttention`; ``past_key_value`` ``(k, v)`` or ``(k, v, cross_k, cross_v)``;
     ``cross_relative_key`` / ``cross_relative_value`` are the relative hooks of the cross-attention
-    (queries x encoder positions; Nezha).
-    Returns ``(hidden (B, Lq, H), self_probs, cross_probs or None, present)``.
+    (queries x encoder positions; Nezha); ``need_weights`` as :class:`BertSelfAttention`.
+    Returns ``(hidden (B, Lq, H), self_probs or None, cross_probs or None, present)``.
     """
 
     def __init__(self, config: Any, names: BertLayerNames = BertLayerNames(), cross_attention: bool = False) -> None:
@@ -498,7 +527,7 @@ class BertLayer(nn.Module):
         kv: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
         **hooks: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         h = self.get_submodule(block.pre_norm)(x) if block.pre_norm else x
         context, probs, present = self.get_submodule(block.core)(h, mask, head_mask, kv, past, **hooks)
         out = self.dropout(self.get_submodule(block.out)(context)) + x
@@ -519,7 +548,8 @@ class BertLayer(nn.Module):
         relative_value: torch.Tensor | RelativeEmbedding | None = None,
         cross_relative_key: torch.Tensor | RelativeEmbedding | None = None,
         cross_relative_value: torch.Tensor | RelativeEmbedding | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+        need_weights: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, tuple[torch.Tensor, ...]]:
         self_past = past_key_value[:2] if past_key_value is not None else None
         x, self_probs, present = self._attention(
             self._self,
@@ -531,6 +561,7 @@ class BertLayer(nn.Module):
             position_bias=position_bias,
             relative_key=relative_key,
             relative_value=relative_value,
+            need_weights=need_weights,
         )
         cross_probs = None
         if encoder_hidden_states is not None:
@@ -547,6 +578,7 @@ class BertLayer(nn.Module):
                 cross_past,
                 relative_key=cross_relative_key,
                 relative_value=cross_relative_value,
+                need_weights=need_weights,
             )
             present = present + cross_present
         pre, inter, out, post = self._ffn
@@ -631,6 +663,7 @@ class BertEncoder(nn.Module):
                 relative_value,
                 cross_relative_key,
                 cross_relative_value,
+                output_attentions,
             )
             if checkpointing:
                 hidden_states, probs, cross_probs, present = checkpoint(layer, *args, use_reentrant=False)

@@ -34,6 +34,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -62,6 +63,7 @@ logger = logging.getLogger("nezha_zoo")
 __all__ = [
     "alibi_slopes",
     "alibi_bias",
+    "alibi_mask",
     "causal_visibility",
     "MptAttention",
     "MptMLP",
@@ -108,6 +110,13 @@ def alibi_bias(slopes: torch.Tensor, key_length: int) -> torch.Tensor:
     return (offsets[None, :] * slopes[:, None])[None, :, None, :]  # (H, K) -> (1, H, 1, K)
 
 
+def alibi_mask(alibi: torch.Tensor, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi and the visibility as one additive mask (B, H, L, K) in ``dtype``: the bias where a key is
+    visible, ``finfo(dtype).min`` where not (so a row with no visible key stays uniform, as with
+    ``masked_fill``)."""
+    return torch.where(visible, alibi.to(dtype), torch.finfo(dtype).min)
+
+
 def causal_visibility(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
     """Which keys each new position may attend to: (B, 1, Lq, K) bool.
 
@@ -137,12 +146,14 @@ class MptAttention(nn.Module):
 
     Forward:
         hidden_states (Tensor (B, L, d_model)): the normalised block input.
-        alibi (Tensor (1, H, 1, K)): ALiBi bias over the ``K = past + L`` keys.
-        visible (Tensor (B, 1, L, K) bool): which keys each query may attend to.
+        alibi (Tensor (1, H, 1, K)): ALiBi bias over the ``K = past + L`` keys; or, with ``visible``
+            None, the whole additive mask (B, H, L, K): ALiBi where visible, ``finfo.min`` elsewhere
+            (see :func:`alibi_mask`), and the attention runs as one fused kernel without probabilities.
+        visible (Tensor (B, 1, L, K) bool | None): which keys each query may attend to.
         layer_past (tuple of two Tensors (B, kv_heads, past, head_dim) | None): cached key, value.
         use_cache (bool): also return the keys and values over all ``K`` positions.
 
-    Returns ``(output (B, L, d_model), probs (B, H, L, K), present (key, value) or None)``.
+    Returns ``(output (B, L, d_model), probs (B, H, L, K) or None, present (key, value) or None)``.
     """
 
     def __init__(self, config: MptConfig) -> None:
@@ -166,10 +177,10 @@ class MptAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         alibi: torch.Tensor,
-        visible: torch.Tensor,
+        visible: torch.Tensor | None,
         layer_past: LayerPast | None = None,
         use_cache: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, LayerPast | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, LayerPast | None]:
         B, L, d = hidden_states.shape
         qkv = self.Wqkv(hidden_states)  # (B, L, d + 2 * kv_width)
         if self.clip_qkv:
@@ -185,6 +196,13 @@ class MptAttention(nn.Module):
             key = torch.cat([layer_past[0], key], dim=2)  # (B, kv_heads, past + L, hd)
             value = torch.cat([layer_past[1], value], dim=2)
         present = (key, value) if use_cache else None
+        if visible is None:
+            p = self.attn_dropout.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=alibi, dropout_p=p, scale=self.softmax_scale,
+                enable_gqa=self.kv_heads != self.n_heads,
+            )  # fmt: skip
+            return self.out_proj(context.transpose(1, 2).reshape(B, L, d)), None, present  # (B, L, H * hd)
         # One key/value head broadcasts over all query heads (multi-query attention).
         scores = torch.matmul(query, key.transpose(-1, -2)) * self.softmax_scale  # (B, H, L, K)
         scores = scores + alibi
@@ -220,7 +238,7 @@ class MptBlock(nn.Module):
             ``attn_config.attn_pdrop``, as transformers).
 
     Forward: as :class:`MptAttention` with the block input ``hidden_states`` (B, L, d_model);
-    returns ``(hidden (B, L, d_model), probs (B, H, L, K), present or None)``.
+    returns ``(hidden (B, L, d_model), probs (B, H, L, K) or None, present or None)``.
     """
 
     def __init__(self, config: MptConfig) -> None:
@@ -236,10 +254,10 @@ class MptBlock(nn.Module):
         self,
         hidden_states: torch.Tensor,
         alibi: torch.Tensor,
-        visible: torch.Tensor,
+        visible: torch.Tensor | None,
         layer_past: LayerPast | None = None,
         use_cache: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, LayerPast | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, LayerPast | None]:
         attn_out, probs, present = self.attn(self.norm_1(hidden_states), alibi, visible, layer_past, use_cache)
         hidden_states = hidden_states + self.resid_dropout(attn_out)
         hidden_states = hidden_states + self.resid_dropout(self.ffn(self.norm_2(hidden_states)))
@@ -384,6 +402,8 @@ class MptModel(MptPreTrainedModel):
         visible = causal_visibility(attention_mask.to(hidden.device), seq_len)  # (B, 1, L, K)
         # float32 like transformers' table, whatever the model's dtype
         alibi = alibi_bias(alibi_slopes(cfg.n_heads, cfg.attn_config.alibi_bias_max, hidden.device), key_len)
+        if not output_attentions:  # fused attention: the mask is built once for every block
+            alibi, visible = alibi_mask(alibi, visible, hidden.dtype), None
 
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if checkpointing and use_cache:

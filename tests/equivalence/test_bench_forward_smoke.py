@@ -44,5 +44,30 @@ def test_smoke_run_writes_json_markdown_and_chart(tmp_path):
     assert {r["shape"] for r in rows} == {"1x8", "2x16"}
     # ours vs transformers in PyTorch at both shapes, and the matmul-fraction target line
     assert sum(v.startswith("- electra pt ") for v in report["verdicts"]) == 2
-    assert "| electra | flax | 2x16 |" in (tmp_path / "forward.md").read_text()
+    assert all(0 < r["reference_gflops"] and r["matmul_fraction"] > 0 for r in rows)
+    md = (tmp_path / "forward.md").read_text()
+    assert "| electra | flax | 2x16 |" in md
+    # every backend's dense products alone, in its own framework, at the largest shape
+    assert {r["backend"] for r in report["results"] if r["gemms"]["gemm_ms"] > 0} == set(backends)
+    assert "## Where the time goes" in md and "## Where PyTorch eager spends its time" in md
     assert os.path.getsize(tmp_path / "forward.png") > 1000
+
+
+def test_backends_of_a_process_are_timed_in_turn_with_the_reference():
+    calls: list[str] = []
+
+    def runner(name):
+        return (lambda ids, mask: calls.append(name)), (lambda out: out)
+
+    runners = {b: runner(b) for b in ("ours", "theirs", "compiled")}
+    out = forward._time_interleaved(runners, lambda: calls.append("matmul"), 1, 4, 10, min_time=0, repeats=4)
+    warm = calls[: 2 * len(runners) + 1]  # compile + one more call each, then the reference once
+    assert sorted(warm) == sorted([*runners, *runners, "matmul"])
+    timed = calls[len(warm) :]
+    rounds = [timed[i : i + 4] for i in range(0, len(timed), 4)]
+    assert len(rounds) == 4 and all(r[-1] == "matmul" for r in rounds)
+    # each round runs every backend once, starting from a different one
+    assert all(sorted(r[:3]) == sorted(runners) for r in rounds)
+    assert [r[0] for r in rounds] == ["ours", "theirs", "compiled", "ours"]
+    assert {b: len(t) for b, t in out["times_s"].items()} == dict.fromkeys(runners, 4)
+    assert len(out["reference_s"]) == 4
