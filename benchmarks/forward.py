@@ -231,6 +231,8 @@ def _inputs(batch: int, seq: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
 #: Side of the reference matrix product timed between the model runs (the physical reference).
 REFERENCE_N = 2048
 SMOKE_REFERENCE_N = 256
+#: Pause before the reference product, so no framework thread is still spinning from the last run.
+REFERENCE_PAUSE_S = 0.05
 
 
 def _reference_product(n: int) -> Callable[[], Any]:
@@ -279,7 +281,10 @@ def _time_interleaved(
     while k < repeats or (time.perf_counter() - start < min_time * len(names) and k < 200):
         for b in names[k % len(names) :] + names[: k % len(names)]:
             out["times_s"][b].append(_timed(runners[b], ids, mask))
-        out["reference_s"].append(_timed((reference, lambda out: out)))
+        # The frameworks' worker threads spin for a while after a call and would slow the reference:
+        # let them park first.
+        time.sleep(REFERENCE_PAUSE_S)
+        out["reference_s"] += [_timed((reference, lambda out: out)) for _ in range(2)]
         k += 1
     return out
 
@@ -336,8 +341,20 @@ def run_worker(
             continue
         results[b] = {"family": family, "backend": b, "load_s": time.perf_counter() - t0, "shapes": []}
     reference = _reference_product(SMOKE_REFERENCE_N if smoke else REFERENCE_N)
+    # Where the time goes, at the throughput shape (or the largest one asked for): the model's dense
+    # products alone, as each framework and mode runs them, timed in turn with the forward passes.
+    pb, ps = max(shapes, key=lambda bs: (bs == PROFILE_SHAPE, bs[0] * bs[1]))
+    products = dense_products(family, config, pb, ps)
+    flops = sum(2 * m * k * n for m, k, n in products)
+    product_key = {b: "dense products ({} {})".format(*BACKENDS[b][::2]) for b in runners}
+    product_runners: dict[str, tuple[Callable, Callable]] = {}
+    for b, key in product_key.items():
+        if key not in product_runners:
+            run, materialise = _gemm_runner(b, products)
+            product_runners[key] = (lambda _ids, _mask, run=run: run()), materialise
     for batch, seq in shapes:
-        timed = _time_interleaved(runners, reference, batch, seq, config.vocab_size, min_time, repeats)
+        extra = product_runners if (batch, seq) == (pb, ps) else {}
+        timed = _time_interleaved({**runners, **extra}, reference, batch, seq, config.vocab_size, min_time, repeats)
         for b in runners:
             results[b]["shapes"].append(
                 {
@@ -348,22 +365,16 @@ def run_worker(
                     "reference_s": timed["reference_s"],
                 }
             )
-    # Where the time goes, at the throughput shape (or the largest one asked for): the same dense
-    # products alone, as each framework and mode runs them, against the whole forward pass.
-    pb, ps = max(shapes, key=lambda bs: (bs == PROFILE_SHAPE, bs[0] * bs[1]))
-    products = dense_products(family, config, pb, ps)
-    flops = sum(2 * m * k * n for m, k, n in products)
-    by_mode: dict[tuple[str, str], dict[str, Any]] = {}
+            if extra:
+                median = statistics.median(timed["times_s"][product_key[b]])
+                results[b]["gemms"] = {
+                    "shape": f"{pb}x{ps}",
+                    "gemm_ms": median * 1e3,
+                    "gemm_gflops": flops / median / 1e9,
+                }
     for b in runners:
-        fw, _, mode = BACKENDS[b]
-        if (fw, mode) not in by_mode:
-            gemms = _gemm_runner(b, products)
-            _timed(gemms)
-            median = statistics.median([_timed(gemms) for _ in range(3)])
-            by_mode[fw, mode] = {"shape": f"{pb}x{ps}", "gemm_ms": median * 1e3, "gemm_gflops": flops / median / 1e9}
-        results[b]["gemms"] = by_mode[fw, mode]
         results[b]["reference_n"] = SMOKE_REFERENCE_N if smoke else REFERENCE_N
-        if fw == "pt" and mode == "eager":  # and operator by operator
+        if BACKENDS[b][0] == "pt" and BACKENDS[b][2] == "eager":  # and operator by operator
             results[b]["profile"] = _pt_profile(runners[b][0], pb, ps, config.vocab_size)
     return [results[b] for b in backends]
 
@@ -635,6 +646,59 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: the two targets at a glance (ours against transformers; share of the matmul rate)."""
+    ok = [r for r in rows if "error" not in r]
+    order = ["x".join(map(str, bs)) for bs in SHAPES]
+    shapes = sorted({r["shape"] for r in ok}, key=lambda s: (order.index(s) if s in order else len(order), s))
+    out = [
+        "## Against transformers",
+        "",
+        "transformers' median time over ours, best mode of each side in the same framework (above 1: ours is "
+        "faster; misses in bold). Both sides ran in the same process, call by call in turn.",
+        "",
+        "| framework | family | " + " | ".join(shapes) + " |",
+        "|---|---|" + "---:|" * len(shapes),
+    ]
+    for fw in ("pt", "tf", "flax"):
+        for fam in dict.fromkeys(r["family"] for r in ok):
+            cells = []
+            for shape in shapes:
+                group = [r for r in ok if (r["family"], r["framework"], r["shape"]) == (fam, fw, shape)]
+                ours = [r["median_ms"] for r in group if BACKENDS[r["backend"]][1] == "ours"]
+                theirs = [r["median_ms"] for r in group if BACKENDS[r["backend"]][1] == "transformers"]
+                if not ours or not theirs:
+                    cells.append("")
+                    continue
+                ratio = min(theirs) / min(ours)
+                cells.append(f"{ratio:.2f}x" if ratio >= 1.0 else f"**{ratio:.2f}x**")
+            if any(cells):
+                out.append(f"| {fw} | {fam} | " + " | ".join(cells) + " |")
+    target = "x".join(map(str, PROFILE_SHAPE))
+    ours_backends = [b for b, (_, impl, _) in BACKENDS.items() if impl == "ours" and any(r["backend"] == b for r in ok)]
+    out += [
+        "",
+        f"## Share of the matmul rate at {target}",
+        "",
+        f"Achieved GFLOP/s over the matmul rate measured between the same runs (target {100 * MATMUL_TARGET:.0f}%; "
+        "misses in bold).",
+        "",
+        "| family | " + " | ".join(ours_backends) + " |",
+        "|---|" + "---:|" * len(ours_backends),
+    ]
+    for fam in dict.fromkeys(r["family"] for r in ok):
+        cells = []
+        for b in ours_backends:
+            r = next((r for r in ok if (r["family"], r["backend"], r["shape"]) == (fam, b, target)), None)
+            if r is None:
+                cells.append("")
+                continue
+            pct = f"{100 * r['matmul_fraction']:.0f}%"
+            cells.append(pct if r["matmul_fraction"] >= MATMUL_TARGET else f"**{pct}**")
+        out.append(f"| {fam} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
 def gemm_breakdown(results: list[dict[str, Any]], matmul: dict[str, Any]) -> list[str]:
     """Markdown lines: each backend's forward pass at the throughput shape against its dense products alone,
     run by the same framework and mode (so what is left is everything that is not a weight product)."""
@@ -661,7 +725,7 @@ def gemm_breakdown(results: list[dict[str, Any]], matmul: dict[str, Any]) -> lis
         "",
         "The model's dense weight products alone (from the spec: one per weight, at the forward pass's row "
         "count), run as the backend's framework and mode run them (torch.mm one by one, one tf.function with "
-        "or without XLA, one jax.jit), timed in the same process right after the model. rest = model - "
+        "or without XLA, one jax.jit), timed in turn with the forward passes in the same process. rest = model - "
         "products: attention, softmax, GELU, LayerNorm, embeddings, copies and dispatch. The products' "
         "own rate is set against the start-of-run matmul rate.",
         "",
@@ -714,6 +778,9 @@ def markdown(report: dict[str, Any]) -> str:
         "range / median. matmul = the matmul rate measured between the same runs; % of matmul = GFLOP/s over it. "
         "GEMM ceiling: the rate of the model's dense weight products alone at that shape, as % of the "
         "start-of-run matmul rate.",
+        "",
+        *summary(report["rows"]),
+        "## Every measurement",
         "",
         "| family | backend | shape | median ms | min ms | spread | tokens/s | GFLOP/s | matmul GFLOP/s "
         "| % of matmul | GEMM ceiling | warm-up s |",

@@ -8,7 +8,8 @@ sinusoidal encoding of the clipped relative distance between query and key posit
 The encoding is computed, never stored: a table of ``2K + 1`` rows (``K = max_relative_position``;
 row ``p`` holds ``sin(p * w)`` in even and ``cos(p * w)`` in odd columns, ``w`` the usual inverse
 frequencies over ``head_dim``) and an ``(Lq, Lk)`` index ``clamp(j - i, -K, K) + K`` into it
-(:class:`~nezha_zoo.pt.layers.RelativeEmbedding`).  transformers 4.57.6 materialises
+(:class:`~nezha_zoo.pt.layers.RelativeEmbedding`; up to :data:`DENSE_RELATIVE_ELEMENTS` the dense
+tensor is built from it once per forward pass).  transformers 4.57.6 materialises
 ``(max_position_embeddings, max_position_embeddings, head_dim)`` per layer and so refuses longer
 inputs; here any length works and equals transformers wherever transformers runs.
 
@@ -59,6 +60,12 @@ from nezha_zoo.pt.heads import (
 from nezha_zoo.pt.layers import BertEmbeddings, BertEncoder, RelativeEmbedding
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, prepare_encoder_inputs
 from nezha_zoo.spec.param import ModelSpec
+
+#: Largest ``Lq * Lk * head_dim`` for which the relative terms use the materialised tensor (16 MiB in
+#: float32, built once per forward pass and shared by every layer): both terms are then batched matrix
+#: products, about 4x faster than the lookup's gather and scatter-add at 8 x 128 tokens.  Longer inputs
+#: use the lookup, whose memory does not grow with ``Lq * Lk * head_dim``.
+DENSE_RELATIVE_ELEMENTS = 2**22
 
 logger = logging.getLogger("nezha_zoo")
 
@@ -187,13 +194,17 @@ class NezhaModel(NezhaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings.word_embeddings = value
 
-    def _relative(self, query_len: int, key_len: int, offset: int, like: torch.Tensor) -> RelativeEmbedding:
-        """Relative-position lookup for ``query_len`` queries at ``offset ..`` against ``key_len`` keys."""
+    def _relative(
+        self, query_len: int, key_len: int, offset: int, like: torch.Tensor
+    ) -> RelativeEmbedding | torch.Tensor:
+        """Relative positions of ``query_len`` queries at ``offset ..`` against ``key_len`` keys: the dense
+        ``(Lq, Lk, head_dim)`` tensor up to :data:`DENSE_RELATIVE_ELEMENTS`, the lookup above."""
         cfg = self.config
         depth = cfg.hidden_size // cfg.num_attention_heads
         table = relative_position_table(cfg.max_relative_position, depth, device=like.device).to(like.dtype)
         index = relative_position_index(query_len, key_len, cfg.max_relative_position, offset, device=like.device)
-        return RelativeEmbedding(table, index)
+        relative = RelativeEmbedding(table, index)
+        return relative.dense() if query_len * key_len * depth <= DENSE_RELATIVE_ELEMENTS else relative
 
     def forward(
         self,

@@ -411,6 +411,7 @@ class TFPreTrainedModel(keras.Model):
         # Under a tf.distribute strategy the variables are mirrored (one copy per replica) and have
         # no single handle to write through: stage each tensor and assign it whole, once.
         staged: dict[str, np.ndarray] = {}
+        sliced: set[str] = set()
         mirrored = tf.distribute.has_strategy()
 
         def write(name: str, index: tuple[slice, ...], piece: np.ndarray) -> None:
@@ -431,6 +432,16 @@ class TFPreTrainedModel(keras.Model):
             tf.raw_ops.ResourceStridedSliceAssign(
                 ref=var.value.handle, begin=begin, end=end, strides=[1] * len(index), value=piece
             )
+            sliced.add(name)
+
+        def done(name: str) -> None:
+            if name in staged:
+                variables[name].assign(staged.pop(name))
+            if name in sliced:
+                # A sliced write puts the variable in TF's copy-on-read mode for good: every later
+                # read would copy the whole tensor (an embedding table per forward pass, ~70 ms for
+                # Electra's).  Nothing else holds its buffer now, so reads can share it again.
+                tf.raw_ops.DisableCopyOnRead(resource=variables[name].value.handle)
 
         plan = load_weights(
             path,
@@ -442,7 +453,7 @@ class TFPreTrainedModel(keras.Model):
             strict=strict,
             write=write,
             dtype_of=lambda name: numpy_dtype(variables[name].dtype),
-            done=lambda name: variables[name].assign(staged.pop(name)) if name in staged else None,
+            done=done,
         )
         if plan.missing_keys:
             model.init_weights(model._init_seed, names=set(plan.missing_keys))

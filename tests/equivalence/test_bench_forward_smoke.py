@@ -64,10 +64,10 @@ def test_backends_of_a_process_are_timed_in_turn_with_the_reference():
     warm = calls[: 2 * len(runners) + 1]  # compile + one more call each, then the reference once
     assert sorted(warm) == sorted([*runners, *runners, "matmul"])
     timed = calls[len(warm) :]
-    rounds = [timed[i : i + 4] for i in range(0, len(timed), 4)]
-    assert len(rounds) == 4 and all(r[-1] == "matmul" for r in rounds)
+    rounds = [timed[i : i + 5] for i in range(0, len(timed), 5)]  # three backends, then two products
+    assert len(rounds) == 4 and all(r[-2:] == ["matmul", "matmul"] for r in rounds)
     # each round runs every backend once, starting from a different one
     assert all(sorted(r[:3]) == sorted(runners) for r in rounds)
     assert [r[0] for r in rounds] == ["ours", "theirs", "compiled", "ours"]
     assert {b: len(t) for b, t in out["times_s"].items()} == dict.fromkeys(runners, 4)
-    assert len(out["reference_s"]) == 4
+    assert len(out["reference_s"]) == 8  # two products a round

@@ -177,15 +177,26 @@ def test_relative_embedding_terms_equal_dense_tables():
     probs = torch.softmax(torch.randn(2, 4, 5, 9, generator=g), -1)
     assert_close(rel.key_scores(q), torch.einsum("bhqd,qkd->bhqk", q, dense), 1e-6, "key scores")
     assert_close(rel.value_context(probs), torch.einsum("bhqk,qkd->bhqd", probs, dense), 1e-6, "value context")
-    # the model hands the layers the (2K + 1, d) table and an (L, L) index, never an (L, L, d) tensor
+
+
+def test_long_inputs_use_the_lookup_and_short_ones_the_dense_tensor(monkeypatch):
+    # Above DENSE_RELATIVE_ELEMENTS the layers get the (2K + 1, d) table and an (L, L) index, never an
+    # (L, L, d) tensor; below it the dense tensor, built once.  Both give the same outputs.
+    import nezha_zoo.pt.nezha as pt_nezha
+
     model = zoo.NezhaModel(NezhaConfig(**TINY)).eval()
     seen = []
     core = model.encoder.layer[1].attention.self
     core.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["relative_key"]), with_kwargs=True)
+    ids = torch.randint(2, 99, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(torch.randint(2, 99, (1, 40)))
-    assert isinstance(seen[0], RelativeEmbedding)
-    assert seen[0].table.shape == (7, 8) and seen[0].index.shape == (40, 40)
+        dense_out = model(ids).last_hidden_state
+        monkeypatch.setattr(pt_nezha, "DENSE_RELATIVE_ELEMENTS", 40 * 40 * 8 - 1)
+        lookup_out = model(ids).last_hidden_state
+    assert isinstance(seen[0], torch.Tensor) and seen[0].shape == (40, 40, 8)
+    assert isinstance(seen[1], RelativeEmbedding)
+    assert seen[1].table.shape == (7, 8) and seen[1].index.shape == (40, 40)
+    assert_close(lookup_out, dense_out, 1e-6, "lookup vs dense relative terms")
 
 
 # --- outputs equal transformers ------------------------------------------------------------------
