@@ -23,6 +23,8 @@ attention products.
 Output under ``--out`` (default ``benchmarks/results``): ``forward.json`` (machine, versions, every
 measurement), ``forward.md`` (tables and target verdicts) and ``forward.png`` (chart).
 ``--smoke`` runs tiny configs in-process in seconds; CI runs that to keep this script working.
+``--render forward.json`` writes the markdown and the chart again from saved measurements.  The last
+full run is committed in ``docs/benchmarks/``.
 """
 
 from __future__ import annotations
@@ -646,11 +648,16 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _in_shape_order(shapes: set[str]) -> list[str]:
+    """``"BxL"`` shapes in :data:`SHAPES` order (latency, throughput, long), others after them."""
+    order = ["x".join(map(str, bs)) for bs in SHAPES]
+    return sorted(shapes, key=lambda s: (order.index(s) if s in order else len(order), [int(x) for x in s.split("x")]))
+
+
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown: the two targets at a glance (ours against transformers; share of the matmul rate)."""
     ok = [r for r in rows if "error" not in r]
-    order = ["x".join(map(str, bs)) for bs in SHAPES]
-    shapes = sorted({r["shape"] for r in ok}, key=lambda s: (order.index(s) if s in order else len(order), s))
+    shapes = _in_shape_order({r["shape"] for r in ok})
     out = [
         "## Against transformers",
         "",
@@ -671,7 +678,8 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
                     cells.append("")
                     continue
                 ratio = min(theirs) / min(ours)
-                cells.append(f"{ratio:.2f}x" if ratio >= 1.0 else f"**{ratio:.2f}x**")
+                shown = f"{math.floor(ratio * 100) / 100:.2f}x"  # rounded down: 0.998 shows as a miss
+                cells.append(shown if ratio >= 1.0 else f"**{shown}**")
             if any(cells):
                 out.append(f"| {fw} | {fam} | " + " | ".join(cells) + " |")
     target = "x".join(map(str, PROFILE_SHAPE))
@@ -693,7 +701,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             if r is None:
                 cells.append("")
                 continue
-            pct = f"{100 * r['matmul_fraction']:.0f}%"
+            pct = f"{math.floor(100 * r['matmul_fraction']):.0f}%"
             cells.append(pct if r["matmul_fraction"] >= MATMUL_TARGET else f"**{pct}**")
         out.append(f"| {fam} | " + " | ".join(cells) + " |")
     return [*out, ""]
@@ -810,7 +818,7 @@ def chart(report: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["rows"] if "error" not in r]
-    shapes = sorted({r["shape"] for r in rows}, key=lambda s: [int(x) for x in s.split("x")])
+    shapes = _in_shape_order({r["shape"] for r in rows})
     families = list(dict.fromkeys(r["family"] for r in rows))
     backends = [b for b in BACKENDS if any(r["backend"] == b for r in rows)]
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
@@ -853,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     parser.add_argument("--workdir", help="keep the generated checkpoints here (reused across runs)")
     parser.add_argument("--smoke", action="store_true", help="tiny configs and shapes, in-process: seconds")
+    parser.add_argument("--render", metavar="JSON", help="only write forward.md and forward.png from a forward.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--family", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -863,6 +872,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.shapes
         else (SMOKE_SHAPES if args.smoke else SHAPES)
     )
+    if args.render:  # the report again from saved measurements, without running anything
+        with open(args.render) as f:
+            report = json.load(f)
+        report["verdicts"] = verdicts(report["rows"])
+        os.makedirs(args.out, exist_ok=True)
+        _write_atomic(os.path.join(args.out, "forward.md"), markdown(report))
+        chart(report, os.path.join(args.out, "forward.png"))
+        return 0
     if args.worker:  # one (family, framework) in this fresh process
         _set_threads(args.threads)
         result = run_worker(
