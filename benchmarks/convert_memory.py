@@ -101,7 +101,7 @@ def _available_bytes() -> int:
 def generate(directory: str, sizes: dict[str, int], max_shard_size: str) -> dict[str, Any]:
     """Write a random Electra checkpoint (canonical safetensors) a shard at a time."""
     from nezha_zoo import ElectraConfig
-    from nezha_zoo.modeling import save_weights
+    from nezha_zoo.pretrained import save_weights
     from nezha_zoo.spec import get_family
 
     family = get_family("electra")

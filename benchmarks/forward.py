@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from nezha_zoo.config import PretrainedConfig
-from nezha_zoo.modeling import random_weights, save_weights
+from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.param import Kind
 from nezha_zoo.spec.registry import get_family
 

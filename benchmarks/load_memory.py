@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from nezha_zoo.checkpoint import open_checkpoint
-from nezha_zoo.modeling import iter_random_weights, save_weights
+from nezha_zoo.io.reader import open_checkpoint
+from nezha_zoo.pretrained import iter_random_weights, save_weights
 from nezha_zoo.spec.registry import get_family
 
 BACKENDS = ("pt", "tf", "flax")

@@ -41,7 +41,7 @@ def main(
     import nezha_zoo.flax as nzf
     from nezha_zoo.flax import losses
     from nezha_zoo.flax.sharding import batch_sharding, load_sharded, make_mesh, make_train_step
-    from nezha_zoo.modeling import random_weights, save_weights
+    from nezha_zoo.pretrained import random_weights, save_weights
     from nezha_zoo.spec import get_family
 
     cls_name, fields = FAMILIES[family]

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import nezha_zoo.pt as nzp
-from nezha_zoo.modeling import random_weights, save_weights
+from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.pt.distributed import load_fsdp, wrap_ddp
 from nezha_zoo.spec import get_family
 

@@ -1,6 +1,6 @@
 """Sentence embeddings with MPNet in PyTorch, TensorFlow and Flax from one checkpoint.
 
-Saves a tiny seeded MPNet checkpoint (``nezha_zoo.modeling.random_weights`` + ``save_weights``, the
+Saves a tiny seeded MPNet checkpoint (``nezha_zoo.pretrained.random_weights`` + ``save_weights``, the
 same directory layout transformers writes), loads it in each backend, embeds a few sentences given as
 token ids with ``encode`` (mean pooling over unmasked tokens, then L2 normalisation, as
 sentence-transformers' MPNet models), prints the cosine-similarity matrix and the max-abs difference
@@ -20,7 +20,7 @@ import numpy as np
 
 from nezha_zoo import MPNetConfig
 from nezha_zoo.families.mpnet import MPNET, mpnet_spec
-from nezha_zoo.modeling import random_weights, save_weights
+from nezha_zoo.pretrained import random_weights, save_weights
 
 #: Token ids of four "sentences": <s>=0 ... </s>=2, right-padded with 1 (MPNet's padding id).
 #: The first two share most tokens, so they should be the most similar pair.

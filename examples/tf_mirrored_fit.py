@@ -37,7 +37,7 @@ def main(family: str = "electra", steps: int = 20, multi_worker: bool = False) -
     import tensorflow as tf
 
     import nezha_zoo.tf as nzt
-    from nezha_zoo.modeling import random_weights, save_weights
+    from nezha_zoo.pretrained import random_weights, save_weights
     from nezha_zoo.spec import get_family
 
     if multi_worker:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from nezha_zoo._io import atomic_write_text
+from nezha_zoo.io.atomic import atomic_write_text
 
 __all__ = [
     "CONFIG_NAME",

@@ -1,7 +1,7 @@
 """``make demo``: one seeded checkpoint, three frameworks, the same numbers.
 
 For every head of every family with a complete spec, the demo draws canonical weights from a numpy
-seed (:func:`nezha_zoo.modeling.random_weights`), saves them as a transformers-format directory,
+seed (:func:`nezha_zoo.pretrained.random_weights`), saves them as a transformers-format directory,
 loads that directory in PyTorch, TensorFlow and Flax, runs one
 padded batch, and prints the largest difference between every pair of backends and each backend's
 forward time.  It needs no network and no hub.  Run it as ``python -m nezha_zoo.demo``.
@@ -28,7 +28,7 @@ from nezha_zoo.families.mpnet import MPNetConfig
 from nezha_zoo.families.mpt import MptConfig
 from nezha_zoo.families.nezha import NezhaConfig
 from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig
-from nezha_zoo.modeling import random_weights, save_weights
+from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.registry import Family, get_family
 from nezha_zoo.testing import TOLERANCES, max_abs_diff, tiny_inputs
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from nezha_zoo.io.dtype_names import numpy_dtype_named
+
 __all__ = ["SUPPORTED", "canonical_dtype", "numpy_dtype", "itemsize"]
 
 #: The dtypes a model's weights and compute may use.
@@ -75,16 +77,9 @@ def canonical_dtype(dtype: Any, argument: str = "dtype") -> str:
 
 def numpy_dtype(dtype: Any) -> np.dtype:
     """The numpy dtype of ``dtype`` (bfloat16 through ``ml_dtypes``)."""
-    canon = canonical_dtype(dtype)
-    if canon == "bfloat16":
-        try:
-            import ml_dtypes
-        except ImportError as e:  # pragma: no cover - ml_dtypes ships with jax and tensorflow
-            raise ImportError("bfloat16 weights need the ml_dtypes package (pip install ml_dtypes)") from e
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(np.float32)
+    return numpy_dtype_named(canonical_dtype(dtype))
 
 
 def itemsize(dtype: Any) -> int:
     """Bytes per element of ``dtype`` (4 for float32, 2 for bfloat16)."""
-    return {"float32": 4, "bfloat16": 2}[canonical_dtype(dtype)]
+    return numpy_dtype(dtype).itemsize

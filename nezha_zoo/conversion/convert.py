@@ -16,9 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from nezha_zoo._io import staged_directory
 from nezha_zoo.auto import AutoConfig
-from nezha_zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, CheckpointError
 from nezha_zoo.config import CONFIG_NAME
 from nezha_zoo.conversion.formats import (
     FORMATS,
@@ -30,8 +28,12 @@ from nezha_zoo.conversion.formats import (
     write_format,
 )
 from nezha_zoo.conversion.inspect import detect_head
-from nezha_zoo.loading import plan_load
-from nezha_zoo.modeling import FORMAT_METADATA
+from nezha_zoo.io.atomic import staged_directory
+from nezha_zoo.io.dtype_names import numpy_dtype_named
+from nezha_zoo.io.errors import CheckpointError
+from nezha_zoo.io.plan import plan_load
+from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
+from nezha_zoo.pretrained import FORMAT_METADATA
 from nezha_zoo.spec.param import Kind, Param
 from nezha_zoo.spec.registry import family_of_config
 
@@ -40,12 +42,6 @@ __all__ = ["convert", "DTYPES", "ConversionError"]
 
 class ConversionError(CheckpointError):
     """A conversion was refused or its input does not match the spec; nothing was written."""
-
-
-def _dtypes() -> dict[str, Any]:
-    import ml_dtypes
-
-    return {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
 #: Names accepted by ``dtype=`` / ``--dtype``.
@@ -125,7 +121,7 @@ def convert(
                 f"{src}: the {fmt} checkpoint does not match {family.class_name(head)}: "
                 f"missing {plan.missing_keys or 'none'}; unexpected {unexpected or 'none'}"
             )
-        cast = _dtypes()[dtype] if dtype else None
+        cast = numpy_dtype_named(dtype) if dtype else None
         totals = {"tensors": 0, "bytes": 0}
 
         def fetch(p: Param) -> np.ndarray:

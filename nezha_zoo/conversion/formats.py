@@ -29,15 +29,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from nezha_zoo.checkpoint import (
-    PT_WEIGHTS_INDEX_NAME,
-    PT_WEIGHTS_NAME,
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-    CheckpointError,
-    open_checkpoint,
-)
 from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.io.dtype_names import safetensors_name
+from nezha_zoo.io.errors import CheckpointError
+from nezha_zoo.io.reader import open_checkpoint
+from nezha_zoo.io.shards import PT_WEIGHTS_INDEX_NAME, PT_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from nezha_zoo.spec.layouts import LAYOUTS, Layout
 from nezha_zoo.spec.param import ModelSpec, Param
 from nezha_zoo.spec.registry import Family
@@ -173,10 +169,8 @@ class _RawFile(Protocol):
 
 
 def _st_dtype(dtype: Any) -> str:
-    from nezha_zoo.checkpoint import _NP_TO_ST
-
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    return _NP_TO_ST.get(name, name.upper())
+    return safetensors_name(name) or name.upper()
 
 
 def stored_key(fmt: str, p: Param, scope: str = "") -> str:
@@ -361,7 +355,7 @@ def write_format(
     headers; ``config`` is the checkpoint's config (the keras writer loads a model from it).
     """
     if fmt == "safetensors":
-        from nezha_zoo.checkpoint import save_state_dict
+        from nezha_zoo.io.writer import save_state_dict
 
         return save_state_dict(
             directory, ((p.name, fetch(p)) for p in spec), metadata=metadata, max_shard_size=max_shard_size

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from nezha_zoo.checkpoint import CheckpointError
+from nezha_zoo.io.errors import CheckpointError
 
 __all__ = ["HfTfH5Reader", "write_hf_tf_h5", "tf_model_name", "HDF5_OBJECT_HEADER_LIMIT"]
 

@@ -7,9 +7,9 @@ from collections import Counter
 from typing import Any
 
 from nezha_zoo.auto import AutoConfig
-from nezha_zoo.checkpoint import CheckpointError
 from nezha_zoo.config import PretrainedConfig
-from nezha_zoo.loading import plan_load
+from nezha_zoo.io.errors import CheckpointError
+from nezha_zoo.io.plan import plan_load
 from nezha_zoo.spec.registry import Family, family_of_config
 
 __all__ = ["detect_head", "inspect_checkpoint"]

@@ -24,8 +24,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from nezha_zoo.checkpoint import CheckpointError
 from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import ModelSpec, Param
 from nezha_zoo.spec.registry import Family
@@ -129,8 +129,8 @@ def write_keras_weights(
         stored (Callable[[str], np.ndarray]): the keras-layout array of a key.
         config (PretrainedConfig): the checkpoint's config.
     """
-    from nezha_zoo.checkpoint import save_state_dict
     from nezha_zoo.config import CONFIG_NAME
+    from nezha_zoo.io.writer import save_state_dict
 
     cfg = config.copy()
     cfg.architectures = [family.class_name(spec.head, "pt")]

@@ -19,7 +19,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from nezha_zoo.checkpoint import CheckpointError
+from nezha_zoo.io.dtype_names import numpy_dtype_named
+from nezha_zoo.io.errors import CheckpointError
 
 __all__ = ["MsgpackLeaf", "scan_msgpack", "read_leaf", "write_msgpack_tree", "MAX_CHUNK_SIZE"]
 
@@ -27,14 +28,6 @@ __all__ = ["MsgpackLeaf", "scan_msgpack", "read_leaf", "write_msgpack_tree", "MA
 MAX_CHUNK_SIZE = 2**30
 _EXT_NDARRAY = 1  # flax's _MsgpackExtType.ndarray
 _CHUNKED = "__msgpack_chunked_array__"
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -144,7 +137,7 @@ class _Scanner:
         if data_at + nbytes > offset + length:
             raise CheckpointError(f"{self.path}: {where}: ndarray data overruns its record")
         try:
-            itemsize = _np_dtype(dtype).itemsize
+            itemsize = numpy_dtype_named(dtype).itemsize
         except TypeError as e:
             raise CheckpointError(f"{self.path}: {where} has unknown dtype {dtype!r}") from e
         if int(np.prod(shape, dtype=np.int64)) * itemsize != nbytes:
@@ -185,7 +178,7 @@ def scan_msgpack(path: str | os.PathLike) -> dict[tuple[str, ...], MsgpackLeaf]:
                 if len(dtypes) != 1:
                     raise CheckpointError(f"{path}: {where}: chunks of different dtypes {sorted(dtypes)}")
                 dtype = dtypes.pop()
-                if int(np.prod(shape, dtype=np.int64)) * _np_dtype(dtype).itemsize != total:
+                if int(np.prod(shape, dtype=np.int64)) * numpy_dtype_named(dtype).itemsize != total:
                     raise CheckpointError(f"{path}: {where}: chunks do not fill shape {shape}")
                 out[prefix] = MsgpackLeaf(shape, dtype, tuple(p for c in chunks for p in c.pieces))
             elif isinstance(node, dict):
@@ -207,7 +200,7 @@ def read_leaf(path: str | os.PathLike, leaf: MsgpackLeaf) -> np.ndarray:
         path (str | os.PathLike): the msgpack file.
         leaf (MsgpackLeaf): from :func:`scan_msgpack`.
     """
-    arr = np.empty(leaf.shape, dtype=_np_dtype(leaf.dtype))
+    arr = np.empty(leaf.shape, dtype=numpy_dtype_named(leaf.dtype))
     flat = arr.reshape(-1).view(np.uint8)
     pos = 0
     with open(path, "rb") as fh:

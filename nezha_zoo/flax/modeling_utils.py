@@ -21,13 +21,12 @@ import numpy as np
 from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from nezha_zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype
 from nezha_zoo.flax.heads import qa_head, token_classifier
 from nezha_zoo.flax.layers import dense
-from nezha_zoo.loading import CHUNK_BYTES
-from nezha_zoo.modeling import load_weights, random_weights, resolve_config, save_weights
+from nezha_zoo.io.plan import CHUNK_BYTES
+from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.outputs import (
     OUTPUT_CLASSES,
     ModelOutput,
@@ -35,6 +34,7 @@ from nezha_zoo.outputs import (
     QuestionAnsweringModelOutput,
     TokenClassifierOutput,
 )
+from nezha_zoo.pretrained import load_weights, random_weights, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Kind, ModelSpec, Param
 from nezha_zoo.spec.registry import Family

@@ -26,9 +26,9 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nezha_zoo.checkpoint import open_checkpoint
-from nezha_zoo.loading import plan_load
-from nezha_zoo.modeling import resolve_config
+from nezha_zoo.io.plan import plan_load
+from nezha_zoo.io.reader import open_checkpoint
+from nezha_zoo.pretrained import resolve_config
 from nezha_zoo.sharding import DATA, MODEL, Rules, get_rules, partition
 from nezha_zoo.spec.layouts import LAYOUTS
 

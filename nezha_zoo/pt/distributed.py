@@ -28,9 +28,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
-from nezha_zoo.checkpoint import open_checkpoint
-from nezha_zoo.loading import plan_load
-from nezha_zoo.modeling import resolve_config
+from nezha_zoo.io.plan import plan_load
+from nezha_zoo.io.reader import open_checkpoint
+from nezha_zoo.pretrained import resolve_config
 from nezha_zoo.spec.layouts import LAYOUTS
 
 __all__ = ["repeated_blocks", "wrap_ddp", "wrap_fsdp", "load_fsdp"]

@@ -1,7 +1,7 @@
 """The PyTorch base class: spec-driven init, ties, checkpoints, gradient checkpointing, input checks.
 
 Everything that names a weight comes from the family's :class:`~nezha_zoo.spec.param.ModelSpec` and
-``LAYOUTS["pt"]``; checkpoint reading and writing is :mod:`nezha_zoo.modeling`'s.
+``LAYOUTS["pt"]``; checkpoint reading and writing is :mod:`nezha_zoo.pretrained`'s.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from torch import nn
 
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype, numpy_dtype
-from nezha_zoo.modeling import load_weights, resolve_config, save_weights
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
+from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
 from nezha_zoo.pt.layers import encoder_attention_bias, expand_head_mask, extended_attention_mask
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec

@@ -1,6 +1,6 @@
 """Base class of every Keras 3 model of the zoo: checkpoints, input conventions, ``fit`` integration.
 
-Checkpoint logic lives in :mod:`nezha_zoo.modeling`; this module only maps spec params to Keras
+Checkpoint logic lives in :mod:`nezha_zoo.pretrained`; this module only maps spec params to Keras
 variables through ``LAYOUTS["keras"]`` (``variable.path`` minus the model's own first component).
 """
 
@@ -27,11 +27,11 @@ if keras.backend.backend() != "tensorflow":
         "set KERAS_BACKEND=tensorflow before importing keras"
     )
 
-from nezha_zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE  # noqa: E402
 from nezha_zoo.config import PretrainedConfig  # noqa: E402
 from nezha_zoo.dtypes import canonical_dtype, numpy_dtype  # noqa: E402
-from nezha_zoo.modeling import load_weights, resolve_config, save_weights  # noqa: E402
+from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE  # noqa: E402
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput  # noqa: E402
+from nezha_zoo.pretrained import load_weights, resolve_config, save_weights  # noqa: E402
 from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
 from nezha_zoo.spec.param import Init, ModelSpec  # noqa: E402
 from nezha_zoo.spec.registry import Family  # noqa: E402

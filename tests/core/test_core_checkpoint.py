@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import torch  # only writes .bin files the way users have them
 
-from nezha_zoo.checkpoint import (
+from nezha_zoo.io.errors import CheckpointError
+from nezha_zoo.io.reader import open_checkpoint
+from nezha_zoo.io.shards import (
     PT_WEIGHTS_INDEX_NAME,
     PT_WEIGHTS_NAME,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
-    CheckpointError,
-    open_checkpoint,
     parse_size,
-    save_state_dict,
 )
-from nezha_zoo.torch_pickle import UnsafePickleError, load_torch_file
+from nezha_zoo.io.torch_pickle import UnsafePickleError, load_torch_file
+from nezha_zoo.io.writer import save_state_dict
 
 
 def _tensors(n: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
@@ -113,12 +113,12 @@ def test_resave_removes_stale_shards(tmp_path):
 
 
 def test_failed_save_leaves_previous_files_intact(tmp_path, monkeypatch):
-    import nezha_zoo.checkpoint as ckpt
+    import nezha_zoo.io.writer as writer
 
     old = _tensors(seed=1)
     save_state_dict(tmp_path, old, max_shard_size=300, extra_files={"config.json": '{"v": 1}\n'})
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    real = ckpt._write_safetensors  # writes each shard file
+    real = writer.write_safetensors  # writes each shard file
     calls = []
 
     def failing(filename, items, metadata):
@@ -127,7 +127,7 @@ def test_failed_save_leaves_previous_files_intact(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(filename, items, metadata)
 
-    monkeypatch.setattr(ckpt, "_write_safetensors", failing)
+    monkeypatch.setattr(writer, "write_safetensors", failing)
     with pytest.raises(OSError, match="disk full"):
         save_state_dict(tmp_path, _tensors(seed=2), max_shard_size=300, extra_files={"config.json": '{"v": 2}\n'})
     assert len(calls) == 2

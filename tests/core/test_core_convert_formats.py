@@ -17,7 +17,6 @@ import zipfile
 import numpy as np
 import pytest
 
-from nezha_zoo.checkpoint import CheckpointError
 from nezha_zoo.conversion import msgpack_io
 from nezha_zoo.conversion.cli import main
 from nezha_zoo.conversion.convert import ConversionError, convert
@@ -29,9 +28,10 @@ from nezha_zoo.families.mpnet import MPNetConfig
 from nezha_zoo.families.mpt import MptConfig
 from nezha_zoo.families.nezha import NezhaConfig
 from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig
-from nezha_zoo.modeling import random_weights, save_weights
+from nezha_zoo.io.errors import CheckpointError
+from nezha_zoo.io.torch_pickle import UnsafePickleError
+from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec import LAYOUTS, Kind, get_family
-from nezha_zoo.torch_pickle import UnsafePickleError
 
 _BERT = dict(
     vocab_size=37,
@@ -226,7 +226,7 @@ def test_missing_and_unexpected_tensors_are_refused_by_name(tmp_path):
     partial = dict(weights)
     del partial["classifier.out_proj.bias"]
     save_weights(tmp_path / "missing", config, spec, family, weights)  # then drop one tensor by hand:
-    from nezha_zoo.checkpoint import save_state_dict
+    from nezha_zoo.io.writer import save_state_dict
 
     save_state_dict(tmp_path / "missing", partial)
     with pytest.raises(ConversionError, match="missing.*classifier.out_proj.bias"):

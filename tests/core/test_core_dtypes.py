@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from nezha_zoo import ElectraConfig
-from nezha_zoo.checkpoint import SAFE_WEIGHTS_INDEX_NAME, open_checkpoint, save_state_dict
 from nezha_zoo.dtypes import SUPPORTED, canonical_dtype, itemsize, numpy_dtype
-from nezha_zoo.loading import plan_load, stream_planned
-from nezha_zoo.modeling import iter_random_weights, load_weights, random_weights, save_weights
+from nezha_zoo.io.plan import plan_load, stream_planned
+from nezha_zoo.io.reader import open_checkpoint
+from nezha_zoo.io.shards import SAFE_WEIGHTS_INDEX_NAME
+from nezha_zoo.io.writer import save_state_dict
+from nezha_zoo.pretrained import iter_random_weights, load_weights, random_weights, save_weights
 from nezha_zoo.spec.layouts import get_layout
 from nezha_zoo.spec.registry import get_family
 

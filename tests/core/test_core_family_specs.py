@@ -4,7 +4,7 @@ For every family, head and tiny config variant: the declared tensors (params + t
 exactly transformers' PyTorch ``state_dict()`` (names and shapes; non-persistent buffers are not in it),
 parameters and persistent buffers are told apart as transformers does, tied aliases are the very same
 tensor there, initial constants match, and every key of transformers' ``save_pretrained`` safetensors
-is consumed by :func:`nezha_zoo.loading.plan_load` with nothing missing or unexpected.  MPT settings
+is consumed by :func:`nezha_zoo.io.plan.plan_load` with nothing missing or unexpected.  MPT settings
 transformers ignores (llm-foundry's ``no_bias``, ``expansion_ratio``, multi-query attention,
 ``qk_ln``) are checked against the shapes llm-foundry declares.
 
@@ -21,7 +21,7 @@ from nezha_zoo.families.mpnet import MPNetConfig, mpnet_spec
 from nezha_zoo.families.mpt import MptConfig, mpt_spec
 from nezha_zoo.families.nezha import NezhaConfig, nezha_spec
 from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig, xlm_roberta_xl_spec
-from nezha_zoo.loading import plan_load
+from nezha_zoo.io.plan import plan_load
 from nezha_zoo.spec import Kind, get_family
 from nezha_zoo.spec.param import Init, Param
 

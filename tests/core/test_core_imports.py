@@ -23,7 +23,8 @@ def test_check_imports_tool_passes():
 
 def test_import_nezha_zoo_leaves_frameworks_out():
     probe = (
-        "import sys, nezha_zoo, nezha_zoo.spec, nezha_zoo.checkpoint, nezha_zoo.loading, nezha_zoo.modeling\n"
+        "import sys, nezha_zoo, nezha_zoo.spec, nezha_zoo.pretrained\n"
+        "import nezha_zoo.io.reader, nezha_zoo.io.writer, nezha_zoo.io.plan\n"
         "from nezha_zoo import AutoConfig, MptConfig, NezhaConfig\n"
         "from nezha_zoo.spec import families\n"
         "assert len(families()) == 6\n"

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from nezha_zoo import ElectraConfig, MPNetConfig
-from nezha_zoo.checkpoint import CheckpointError, open_checkpoint, save_state_dict
 from nezha_zoo.families.electra import electra_spec
-from nezha_zoo.loading import plan_load, read_planned
-from nezha_zoo.modeling import load_weights, resolve_config, save_weights
+from nezha_zoo.io.errors import CheckpointError
+from nezha_zoo.io.plan import plan_load, read_planned
+from nezha_zoo.io.reader import open_checkpoint
+from nezha_zoo.io.writer import save_state_dict
+from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
 from nezha_zoo.spec import get_family, get_layout
 
 CFG = ElectraConfig(

@@ -26,7 +26,7 @@ import nezha_zoo.flax as nz_flax
 import nezha_zoo.pt as nz_pt
 import nezha_zoo.tf as nz_tf
 from nezha_zoo.flax import losses as flax_losses
-from nezha_zoo.modeling import random_weights, save_weights
+from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec import LAYOUTS, get_family
 from nezha_zoo.spec.param import Kind
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs, to_numpy

@@ -28,7 +28,7 @@ from nezha_zoo.flax.electra import FlaxElectraForCausalLM  # noqa: E402
 from nezha_zoo.flax.mpt import FlaxMptForCausalLM  # noqa: E402
 from nezha_zoo.flax.xlm_roberta_xl import FlaxXLMRobertaXLForCausalLM  # noqa: E402
 from nezha_zoo.generation import prompt_position_ids  # noqa: E402
-from nezha_zoo.modeling import random_weights, save_weights  # noqa: E402
+from nezha_zoo.pretrained import random_weights, save_weights  # noqa: E402
 from nezha_zoo.pt.electra import ElectraForCausalLM  # noqa: E402
 from nezha_zoo.pt.mpt import MptForCausalLM  # noqa: E402
 from nezha_zoo.pt.xlm_roberta_xl import XLMRobertaXLForCausalLM  # noqa: E402

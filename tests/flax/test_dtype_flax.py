@@ -13,7 +13,7 @@ import transformers
 import nezha_zoo.flax as nzf
 import nezha_zoo.flax.modeling_utils as flax_utils
 from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig
-from nezha_zoo.checkpoint import open_checkpoint
+from nezha_zoo.io.reader import open_checkpoint
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
 
 pytestmark = [pytest.mark.flax]
@@ -139,7 +139,7 @@ def test_from_pretrained_never_random_inits(tmp_path, monkeypatch):
 
 def test_large_tensors_are_filled_in_place(tmp_path, monkeypatch):
     monkeypatch.setattr(flax_utils, "CHUNK_BYTES", 1024)  # every tensor above 1 KB takes the in-place path
-    monkeypatch.setattr("nezha_zoo.loading.CHUNK_BYTES", 512)
+    monkeypatch.setattr("nezha_zoo.io.plan.CHUNK_BYTES", 512)
     ref = nzf.FlaxElectraForMaskedLM(CONFIGS["Electra"], seed=3)
     ref.save_pretrained(tmp_path)
     updates: list = []

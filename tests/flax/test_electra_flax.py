@@ -20,9 +20,9 @@ from flax.traverse_util import flatten_dict
 
 import nezha_zoo.flax as nzf
 from nezha_zoo import ElectraConfig
-from nezha_zoo.checkpoint import CheckpointError
 from nezha_zoo.flax import losses as L
 from nezha_zoo.flax.layers import BertLayer, BertSelfAttention
+from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.spec.blocks import MPNET_NAMES, XLM_ROBERTA_XL_NAMES, BertLayerNames, bert_layer
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs

@@ -21,7 +21,7 @@ from nezha_zoo.flax.generation import greedy_choice, process_logits
 from nezha_zoo.flax.mpt import FlaxMptForCausalLM
 from nezha_zoo.flax.xlm_roberta_xl import FlaxXLMRobertaXLForCausalLM
 from nezha_zoo.generation import GenerationConfig
-from nezha_zoo.modeling import random_weights, save_weights
+from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.registry import get_family
 from nezha_zoo.testing import pin_precision
 

@@ -24,9 +24,9 @@ from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
 
 import nezha_zoo.flax as nzf
 from nezha_zoo import MPNetConfig
-from nezha_zoo.checkpoint import CheckpointError
 from nezha_zoo.flax import losses as L
 from nezha_zoo.flax.mpnet import mpnet_position_ids, relative_position_bucket
+from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision
 from nezha_zoo.validation import InputError

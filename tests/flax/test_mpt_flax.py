@@ -26,7 +26,7 @@ from nezha_zoo.families.mpt import MPT
 from nezha_zoo.flax import losses as L
 from nezha_zoo.flax.heads import classifier_dropout
 from nezha_zoo.flax.mpt import alibi_slopes
-from nezha_zoo.modeling import random_weights, save_weights
+from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision
 from nezha_zoo.validation import InputError

@@ -25,9 +25,9 @@ from transformers.models.deprecated.nezha import modeling_nezha as hf_nezha
 
 import nezha_zoo.flax as nzf
 from nezha_zoo import NezhaConfig
-from nezha_zoo.checkpoint import CheckpointError
 from nezha_zoo.flax import losses as L
 from nezha_zoo.flax.layers import relative_position_table, relative_positions
+from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
 from nezha_zoo.validation import InputError

@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent(
     import nezha_zoo.flax as nzf
     from nezha_zoo.flax import losses
     from nezha_zoo.flax.sharding import load_sharded, make_mesh, make_train_step
-    from nezha_zoo.modeling import random_weights, save_weights
+    from nezha_zoo.pretrained import random_weights, save_weights
     from nezha_zoo.spec import get_family
 
     families, meshes = json.loads(sys.argv[1])

@@ -17,7 +17,7 @@ import nezha_zoo.flax as nzf  # noqa: E402
 from nezha_zoo import XLMRobertaXLConfig  # noqa: E402
 from nezha_zoo.flax import losses as L  # noqa: E402
 from nezha_zoo.flax.xlm_roberta_xl import token_classification_loss  # noqa: E402
-from nezha_zoo.modeling import random_weights, save_weights  # noqa: E402
+from nezha_zoo.pretrained import random_weights, save_weights  # noqa: E402
 from nezha_zoo.spec import get_family  # noqa: E402
 from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs  # noqa: E402

@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(
     import json, os, sys, tempfile
     import numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
     import nezha_zoo.pt as nzp
-    from nezha_zoo.modeling import random_weights, save_weights
+    from nezha_zoo.pretrained import random_weights, save_weights
     from nezha_zoo.pt.distributed import load_fsdp, wrap_ddp
     from nezha_zoo.spec import get_family
 

@@ -9,7 +9,7 @@ import transformers
 
 import nezha_zoo.pt as zoo
 from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig
-from nezha_zoo.checkpoint import open_checkpoint
+from nezha_zoo.io.reader import open_checkpoint
 from nezha_zoo.pt.modeling_utils import PreTrainedModel
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
 

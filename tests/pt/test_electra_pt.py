@@ -17,7 +17,7 @@ import transformers
 
 import nezha_zoo.pt as zoo
 from nezha_zoo import ElectraConfig
-from nezha_zoo.checkpoint import CheckpointError
+from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
 from nezha_zoo.validation import InputError

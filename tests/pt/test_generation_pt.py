@@ -13,7 +13,7 @@ from nezha_zoo import ElectraConfig
 from nezha_zoo.families.mpt import MptConfig
 from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig
 from nezha_zoo.generation import GenerationConfig, prompt_position_ids
-from nezha_zoo.modeling import random_weights, save_weights
+from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.pt.electra import ElectraForCausalLM
 from nezha_zoo.pt.generation import process_logits
 from nezha_zoo.pt.mpt import MptForCausalLM

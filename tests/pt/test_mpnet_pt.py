@@ -19,7 +19,7 @@ import transformers
 
 import nezha_zoo.pt as zoo
 from nezha_zoo import MPNetConfig
-from nezha_zoo.checkpoint import CheckpointError
+from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.outputs import SentenceEmbeddingOutput
 from nezha_zoo.pt.layers import padding_position_ids, sequential_position_ids
 from nezha_zoo.pt.mpnet import relative_position_bucket

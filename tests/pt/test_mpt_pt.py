@@ -21,8 +21,8 @@ import transformers
 
 import nezha_zoo.pt as zoo
 from nezha_zoo import MptConfig
-from nezha_zoo.checkpoint import CheckpointError
-from nezha_zoo.modeling import random_weights, save_weights
+from nezha_zoo.io.errors import CheckpointError
+from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.pt.mpt import alibi_bias, alibi_slopes
 from nezha_zoo.spec import get_family
 from nezha_zoo.spec.layouts import LAYOUTS

@@ -20,7 +20,7 @@ from transformers.models.deprecated.nezha import modeling_nezha as hf_nezha
 
 import nezha_zoo.pt as zoo
 from nezha_zoo import NezhaConfig
-from nezha_zoo.checkpoint import CheckpointError
+from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.pt.layers import RelativeEmbedding
 from nezha_zoo.pt.nezha import relative_position_index, relative_position_table
 from nezha_zoo.spec.layouts import LAYOUTS

@@ -14,7 +14,7 @@ import transformers
 
 import nezha_zoo.pt as zoo
 from nezha_zoo import XLMRobertaXLConfig
-from nezha_zoo.modeling import random_weights, save_weights
+from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec import get_family
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
 from nezha_zoo.validation import InputError

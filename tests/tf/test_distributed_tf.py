@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     import nezha_zoo.tf as nzt
-    from nezha_zoo.modeling import random_weights, save_weights
+    from nezha_zoo.pretrained import random_weights, save_weights
     from nezha_zoo.spec import get_family
 
 

@@ -17,7 +17,7 @@ import transformers  # noqa: E402
 import nezha_zoo.tf as ztf  # noqa: E402
 import nezha_zoo.tf.modeling_utils as tf_utils  # noqa: E402
 from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig  # noqa: E402
-from nezha_zoo.checkpoint import open_checkpoint  # noqa: E402
+from nezha_zoo.io.reader import open_checkpoint  # noqa: E402
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs  # noqa: E402
 
 pytestmark = [pytest.mark.tf]
@@ -156,7 +156,7 @@ def test_weights_loaded_in_pieces_leave_copy_on_read_mode(tmp_path, monkeypatch)
     # A sliced write puts a TF variable in copy-on-read mode for good: each later read in a graph
     # copies the whole tensor (Electra-base's embedding table: ~70 ms of a 50 ms forward pass).
     ztf.TFElectraModel(CONFIGS["Electra"], seed=0).save_pretrained(tmp_path)
-    monkeypatch.setattr("nezha_zoo.loading.CHUNK_BYTES", 512)  # every tensor above 512 bytes arrives in pieces
+    monkeypatch.setattr("nezha_zoo.io.plan.CHUNK_BYTES", 512)  # every tensor above 512 bytes arrives in pieces
     sliced, released = [], []
     real_slice, real_release = tf.raw_ops.ResourceStridedSliceAssign, tf.raw_ops.DisableCopyOnRead
 

@@ -28,7 +28,7 @@ from nezha_zoo import ElectraConfig  # noqa: E402
 from nezha_zoo.families.mpt import MptConfig  # noqa: E402
 from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig  # noqa: E402
 from nezha_zoo.generation import GenerationConfig, prompt_position_ids  # noqa: E402
-from nezha_zoo.modeling import random_weights, save_weights  # noqa: E402
+from nezha_zoo.pretrained import random_weights, save_weights  # noqa: E402
 from nezha_zoo.spec.registry import get_family  # noqa: E402
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision  # noqa: E402
 from nezha_zoo.tf.cache import KVCache  # noqa: E402

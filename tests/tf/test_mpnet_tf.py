@@ -19,7 +19,7 @@ keras = pytest.importorskip("keras")
 
 import nezha_zoo.tf as ztf  # noqa: E402
 from nezha_zoo import MPNetConfig  # noqa: E402
-from nezha_zoo.checkpoint import CheckpointError  # noqa: E402
+from nezha_zoo.io.errors import CheckpointError  # noqa: E402
 from nezha_zoo.outputs import SentenceEmbeddingOutput  # noqa: E402
 from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision  # noqa: E402

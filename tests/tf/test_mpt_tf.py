@@ -20,7 +20,7 @@ keras = pytest.importorskip("keras")
 import nezha_zoo.tf as ztf  # noqa: E402
 from nezha_zoo import MptConfig  # noqa: E402
 from nezha_zoo.families.mpt import MPT, mpt_spec  # noqa: E402
-from nezha_zoo.modeling import random_weights, save_weights  # noqa: E402
+from nezha_zoo.pretrained import random_weights, save_weights  # noqa: E402
 from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision  # noqa: E402
 from nezha_zoo.tf.cache import KVCache  # noqa: E402

@@ -16,7 +16,7 @@ keras = pytest.importorskip("keras")
 
 import nezha_zoo.tf as ztf  # noqa: E402
 from nezha_zoo import XLMRobertaXLConfig  # noqa: E402
-from nezha_zoo.modeling import random_weights, save_weights  # noqa: E402
+from nezha_zoo.pretrained import random_weights, save_weights  # noqa: E402
 from nezha_zoo.spec import get_family  # noqa: E402
 from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs  # noqa: E402

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from nezha_zoo.io.dtype_names import TORCH_STORAGE_DTYPES, numpy_dtype_named
+
 __all__ = ["load_torch_file", "UnsafePickleError"]
 
 
@@ -25,33 +27,13 @@ class UnsafePickleError(ValueError):
     """The pickle needs more than tensors (code, custom classes): refused."""
 
 
-def _bfloat16():
-    try:
-        import ml_dtypes
-    except ImportError as e:  # pragma: no cover
-        raise ValueError("checkpoint holds bfloat16 tensors; install ml_dtypes to read them") from e
-    return ml_dtypes.bfloat16
-
-
-_STORAGE_DTYPES: dict[str, Any] = {
-    "FloatStorage": np.float32,
-    "DoubleStorage": np.float64,
-    "HalfStorage": np.float16,
-    "BFloat16Storage": "bfloat16",
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
-}
-
-
 class _StorageType:
     def __init__(self, name: str):
         self.name = name
-        dt = _STORAGE_DTYPES[name]
-        self.dtype = np.dtype(_bfloat16()) if dt == "bfloat16" else np.dtype(dt)
+        try:
+            self.dtype = numpy_dtype_named(TORCH_STORAGE_DTYPES[name])
+        except ImportError as e:  # pragma: no cover - ml_dtypes ships with jax and tensorflow
+            raise ValueError(f"checkpoint holds {name} tensors; install ml_dtypes to read them") from e
 
 
 def _is_index(v: Any) -> bool:
@@ -106,7 +88,7 @@ class _Unpickler(pickle.Unpickler):
         self._storages: dict[str, np.ndarray] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and name in _STORAGE_DTYPES:
+        if module == "torch" and name in TORCH_STORAGE_DTYPES:
             return _StorageType(name)
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]

@@ -10,17 +10,19 @@ both shapes.  Backends then read each planned tensor, convert it with their layo
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from nezha_zoo.checkpoint import CheckpointError, CheckpointReader
+from nezha_zoo.io.dtype_names import from_safetensors_name
+from nezha_zoo.io.errors import CheckpointError
+from nezha_zoo.io.reader import CheckpointReader
+from nezha_zoo.io.safetensors_file import drop_cached_pages, read_exactly
 from nezha_zoo.spec.layouts import Layout
 from nezha_zoo.spec.param import Kind, ModelSpec
 
-__all__ = ["LoadPlan", "plan_load", "read_planned", "stream_planned", "CheckpointError", "CHUNK_BYTES"]
+__all__ = ["LoadPlan", "plan_load", "read_planned", "stream_planned", "CHUNK_BYTES"]
 
 logger = logging.getLogger("nezha_zoo")
 
@@ -143,8 +145,7 @@ def read_planned(
     for name, key in plan.sources.items():
         p = spec[name]
         arr = np.asarray(reader.get(key))
-        if p.kind is not Kind.BUFFER and arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
-            raise CheckpointError(f"tensor {key!r} has dtype {arr.dtype}, expected floating point")
+        _check_float(p, key, arr.dtype)
         arr = arr.astype(dtype, copy=False)
         yield name, layout.to_stored(p, arr)
 
@@ -154,15 +155,10 @@ CHUNK_BYTES = 64 * 2**20
 
 
 def _source_dtype(st_dtype: str, key: str) -> np.dtype:
-    if st_dtype == "BF16":
-        from nezha_zoo.dtypes import numpy_dtype
-
-        return numpy_dtype("bfloat16")
-    names = {"F32": "float32", "F16": "float16", "F64": "float64", "I64": "int64", "I32": "int32"}
-    names.update({"I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"})
-    if st_dtype not in names:
+    dtype = from_safetensors_name(st_dtype)
+    if dtype is None:
         raise CheckpointError(f"tensor {key!r} has dtype {st_dtype}, which cannot be loaded")
-    return np.dtype(names[st_dtype])
+    return dtype
 
 
 def stream_planned(
@@ -218,14 +214,14 @@ def stream_planned(
                     stop = min(rows, start + step)
                     piece = np.empty(((stop - start) * row_elems,), src)
                     fh.seek(offset + start * row_elems * src.itemsize)
-                    _read_exactly(fh, piece.view(np.uint8), path, key)
+                    read_exactly(fh, piece.view(np.uint8), path, key)
                     piece = piece.reshape((stop - start, *shape[1:]) if shape else ())
                     index: list[slice] = [slice(None)] * len(shape)
                     if row_axis is not None:
                         index[row_axis] = slice(start, stop)
                     write(name, tuple(index), np.transpose(piece.astype(target, copy=False), perm))
                     del piece
-            _drop_cached_pages(path, offset, rows * row_elems * src.itemsize)
+            drop_cached_pages(path, offset, rows * row_elems * src.itemsize)
         if done is not None:
             done(name)
 
@@ -233,34 +229,3 @@ def stream_planned(
 def _check_float(p, key: str, dtype: np.dtype) -> None:
     if p.kind is not Kind.BUFFER and dtype.kind != "f" and dtype.name != "bfloat16":
         raise CheckpointError(f"tensor {key!r} has dtype {dtype}, expected floating point")
-
-
-def _read_exactly(fh, out: np.ndarray, path: str, key: str) -> None:
-    view = memoryview(out)
-    got = 0
-    while got < len(view):
-        n = fh.readinto(view[got:])
-        if not n:
-            raise CheckpointError(f"{path}: truncated while reading tensor {key!r}")
-        got += n
-
-
-def _drop_cached_pages(path: str, offset: int, length: int) -> None:
-    """Tell the kernel the bytes just consumed will not be read again (page cache, not RSS).
-
-    The process never maps the data, so nothing is resident on its account; this only keeps a
-    large load from evicting other users' page cache on a small machine.
-    """
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is None or length <= 0:
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 
 from nezha_zoo.auto import AutoConfig
-from nezha_zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, open_checkpoint, save_state_dict
 from nezha_zoo.config import CONFIG_NAME, PretrainedConfig
-from nezha_zoo.loading import LoadPlan, plan_load, read_planned, stream_planned
+from nezha_zoo.io.plan import LoadPlan, plan_load, read_planned, stream_planned
+from nezha_zoo.io.reader import open_checkpoint
+from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
+from nezha_zoo.io.writer import save_state_dict
 from nezha_zoo.spec.layouts import Layout
 from nezha_zoo.spec.param import Init, ModelSpec
 from nezha_zoo.spec.registry import Family
@@ -72,10 +74,10 @@ def load_weights(
 
     * ``assign(param_name, stored_array)``: each whole tensor in ``layout`` order, cast to ``dtype``;
     * ``write(param_name, index, piece)`` (low-memory): pieces of about
-      :data:`~nezha_zoo.loading.CHUNK_BYTES` read straight from the file, cast to
+      :data:`~nezha_zoo.io.plan.CHUNK_BYTES` read straight from the file, cast to
       ``dtype_of(param_name)`` (default ``dtype``), to be stored as ``stored[index] = piece``; then
       ``done(param_name)``.  No tensor is held whole outside the model (see
-      :func:`~nezha_zoo.loading.stream_planned`).
+      :func:`~nezha_zoo.io.plan.stream_planned`).
 
     Missing and unexpected keys are logged by name (raised with ``strict``); shape mismatches always
     raise, before any tensor is read.
