@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m nezha_zoo.demo
+	$(PY) -m nezha_zoo.cli.demo
 
 check: $(STAMP)
 	@for d in $(FORBIDDEN_TOP); do \

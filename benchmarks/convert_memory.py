@@ -66,7 +66,7 @@ _CHILD = textwrap.dedent(
 
     kind, src, dst = sys.argv[1:4]
     if kind == "nezha_zoo":
-        from nezha_zoo.conversion.cli import main
+        from nezha_zoo.cli.main import main
         rss = status("VmRSS"); t0 = time.perf_counter()
         rc = main(["convert", src, dst, "--to", *sys.argv[4:], "--quiet"])
         assert rc == 0, rc

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from nezha_zoo.demo import Runner, main
+from nezha_zoo.cli.demo import Runner, main
 from nezha_zoo.spec.registry import Family
 
 

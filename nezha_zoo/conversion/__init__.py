@@ -1,4 +1,4 @@
-"""Checkpoint tools and the ``nezha-zoo`` command line (no framework imported at module level)."""
+"""Checkpoint tools: inspect, convert and verify (no framework imported at module level)."""
 
 from nezha_zoo.conversion.inspect import detect_head, inspect_checkpoint
 

@@ -15,15 +15,18 @@ FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "flax", "transformers")
 #: Subpackages that are allowed (meant) to import their framework.
 BACKENDS = ("pt", "tf", "flax")
 
+#: Programs that run the backends (the ``nezha-zoo`` command, the demo): outside the core.
+PROGRAMS = ("cli",)
+
 
 def core_modules() -> list[str]:
-    """Every module of the package outside the backends, found on disk (nothing is imported here)."""
+    """Every module of the package outside the backends and programs, found on disk (nothing is imported here)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../nezha_zoo
     mods = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, os.path.dirname(root))
         parts = rel.split(os.sep)
-        if len(parts) > 1 and parts[1] in BACKENDS:
+        if len(parts) > 1 and parts[1] in BACKENDS + PROGRAMS:
             dirnames[:] = []
             continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))

@@ -17,8 +17,8 @@ import zipfile
 import numpy as np
 import pytest
 
+from nezha_zoo.cli.main import main
 from nezha_zoo.conversion import msgpack_io
-from nezha_zoo.conversion.cli import main
 from nezha_zoo.conversion.convert import ConversionError, convert
 from nezha_zoo.conversion.formats import detect_format, open_source, spec_index
 from nezha_zoo.conversion.inspect import inspect_checkpoint

@@ -64,4 +64,6 @@ def test_check_imports_covers_every_core_module_and_no_backend():
     mods = core_modules()
     for expected in ("nezha_zoo", "nezha_zoo.conversion.formats", "nezha_zoo.families.mpt", "nezha_zoo.sharding"):
         assert expected in mods
-    assert not [m for m in mods if m.split(".")[1:2] in (["pt"], ["tf"], ["flax"])], mods
+    for expected in ("nezha_zoo.io.reader", "nezha_zoo.io.writer", "nezha_zoo.io.plan", "nezha_zoo.pretrained"):
+        assert expected in mods
+    assert not [m for m in mods if m.split(".")[1:2] in (["pt"], ["tf"], ["flax"], ["cli"])], mods

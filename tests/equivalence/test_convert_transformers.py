@@ -25,7 +25,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from nezha_zoo.conversion.cli import main
+from nezha_zoo.cli.main import main
 from nezha_zoo.conversion.convert import convert
 from nezha_zoo.spec import get_family
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs

@@ -8,7 +8,7 @@ pytest.importorskip("torch")
 pytest.importorskip("tensorflow")
 pytest.importorskip("flax")
 
-from nezha_zoo import demo
+from nezha_zoo.cli import demo
 
 pytestmark = [pytest.mark.pt, pytest.mark.tf, pytest.mark.flax]
 

@@ -4,7 +4,7 @@ For every head of every family with a complete spec, the demo draws canonical we
 seed (:func:`nezha_zoo.pretrained.random_weights`), saves them as a transformers-format directory,
 loads that directory in PyTorch, TensorFlow and Flax, runs one
 padded batch, and prints the largest difference between every pair of backends and each backend's
-forward time.  It needs no network and no hub.  Run it as ``python -m nezha_zoo.demo``.
+forward time.  It needs no network and no hub.  Run it as ``python -m nezha_zoo.cli.demo`` (``make demo``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from nezha_zoo.testing import TOLERANCES, max_abs_diff, tiny_inputs
 
 __all__ = ["DEMO_CONFIGS", "main"]
 
-logger = logging.getLogger("nezha_zoo.demo")
+logger = logging.getLogger("nezha_zoo.cli.demo")
 
 #: The embedded defaults: small models with every documented default except the sizes.
 DEMO_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
@@ -213,7 +213,7 @@ def _fmt(col: str, v: Any) -> str:
 
 
 def main(argv: list[str] | None = None, references: dict[str, RunnerFactory] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nezha_zoo.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nezha_zoo.cli.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="keep the demo checkpoints in this directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

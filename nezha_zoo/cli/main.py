@@ -105,7 +105,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from nezha_zoo.demo import main as demo_main
+    from nezha_zoo.cli.demo import main as demo_main
 
     return demo_main(["--out", args.out] if args.out else [])
 
