@@ -1,13 +1,14 @@
 """TensorFlow / Keras 3 backend of nezha_zoo (``keras.Model`` subclasses, TensorFlow backend).
 
-``KERAS_BACKEND`` defaults to ``"tensorflow"`` here; the legacy ``tf-keras`` is not used.
+``KERAS_BACKEND`` defaults to ``"tensorflow"`` here, once: importing any ``nezha_zoo.tf`` submodule runs
+this file first, before keras is imported.  The legacy ``tf-keras`` is not used.
 """
 
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from nezha_zoo.tf.electra import (  # noqa: E402
+from nezha_zoo.tf.electra import (
     TFElectraForCausalLM,
     TFElectraForMaskedLM,
     TFElectraForMultipleChoice,
@@ -18,8 +19,8 @@ from nezha_zoo.tf.electra import (  # noqa: E402
     TFElectraModel,
     TFElectraPreTrainedModel,
 )
-from nezha_zoo.tf.heads import mean_pool  # noqa: E402
-from nezha_zoo.tf.ibert import (  # noqa: E402
+from nezha_zoo.tf.heads import mean_pool
+from nezha_zoo.tf.ibert import (
     TFIBertForMaskedLM,
     TFIBertForMultipleChoice,
     TFIBertForQuestionAnswering,
@@ -28,8 +29,8 @@ from nezha_zoo.tf.ibert import (  # noqa: E402
     TFIBertModel,
     TFIBertPreTrainedModel,
 )
-from nezha_zoo.tf.modeling_utils import TFPreTrainedModel  # noqa: E402
-from nezha_zoo.tf.mpnet import (  # noqa: E402
+from nezha_zoo.tf.modeling_utils import TFPreTrainedModel
+from nezha_zoo.tf.mpnet import (
     TFMPNetForMaskedLM,
     TFMPNetForMultipleChoice,
     TFMPNetForQuestionAnswering,
@@ -38,7 +39,7 @@ from nezha_zoo.tf.mpnet import (  # noqa: E402
     TFMPNetModel,
     TFMPNetPreTrainedModel,
 )
-from nezha_zoo.tf.mpt import (  # noqa: E402
+from nezha_zoo.tf.mpt import (
     TFMptForCausalLM,
     TFMptForQuestionAnswering,
     TFMptForSequenceClassification,
@@ -46,7 +47,7 @@ from nezha_zoo.tf.mpt import (  # noqa: E402
     TFMptModel,
     TFMptPreTrainedModel,
 )
-from nezha_zoo.tf.nezha import (  # noqa: E402
+from nezha_zoo.tf.nezha import (
     TFNezhaForMaskedLM,
     TFNezhaForMultipleChoice,
     TFNezhaForNextSentencePrediction,
@@ -57,7 +58,7 @@ from nezha_zoo.tf.nezha import (  # noqa: E402
     TFNezhaModel,
     TFNezhaPreTrainedModel,
 )
-from nezha_zoo.tf.xlm_roberta_xl import (  # noqa: E402
+from nezha_zoo.tf.xlm_roberta_xl import (
     TFXLMRobertaXLForCausalLM,
     TFXLMRobertaXLForMaskedLM,
     TFXLMRobertaXLForMultipleChoice,

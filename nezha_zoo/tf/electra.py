@@ -9,21 +9,18 @@ port, ``TFElectraForPreTraining`` takes ``labels`` and there is a ``TFElectraFor
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import tensorflow as tf
 
-import tensorflow as tf  # noqa: E402
-
-from nezha_zoo.families.electra import ELECTRA, ElectraConfig  # noqa: E402
-from nezha_zoo.outputs import (  # noqa: E402
+from nezha_zoo.families.electra import ELECTRA, ElectraConfig
+from nezha_zoo.outputs import (
     CausalLMOutputWithCrossAttentions,
     ElectraForPreTrainingOutput,
 )
-from nezha_zoo.tf import losses  # noqa: E402
-from nezha_zoo.tf.generation import TFGenerationMixin  # noqa: E402
-from nezha_zoo.tf.heads import (  # noqa: E402
+from nezha_zoo.tf import losses
+from nezha_zoo.tf.generation import TFGenerationMixin
+from nezha_zoo.tf.heads import (
     TFClassificationHead,
     TFLMHeadTransform,
     TFSequenceSummary,
@@ -37,7 +34,7 @@ from nezha_zoo.tf.heads import (  # noqa: E402
     token_classification_output,
     token_classifier,
 )
-from nezha_zoo.tf.layers import (  # noqa: E402
+from nezha_zoo.tf.layers import (
     BertBackboneMixin,
     Block,
     TFBertEmbeddings,
@@ -46,7 +43,7 @@ from nezha_zoo.tf.layers import (  # noqa: E402
     dense,
     get_activation,
 )
-from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs  # noqa: E402
+from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 
 __all__ = [
     "TFElectraPreTrainedModel",

@@ -13,15 +13,12 @@ A causal-LM class mixes in :class:`TFGenerationMixin` and declares ``generation_
 
 from __future__ import annotations
 
-import os
 import secrets
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import tensorflow as tf
 
-import tensorflow as tf  # noqa: E402
-
-from nezha_zoo.generation import (  # noqa: E402
+from nezha_zoo.generation import (
     GenerationConfig,
     check_prompt,
     max_generation_length,

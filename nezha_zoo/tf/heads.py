@@ -6,24 +6,21 @@ attribute names, and anything a family changes (activation, norm name, output wi
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import keras
+import tensorflow as tf
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from nezha_zoo.config import PretrainedConfig  # noqa: E402
-from nezha_zoo.outputs import (  # noqa: E402
+from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.outputs import (
     MaskedLMOutput,
     MultipleChoiceModelOutput,
     QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from nezha_zoo.tf import losses  # noqa: E402
-from nezha_zoo.tf.layers import Block, dense, dropout, get_activation, layer_norm  # noqa: E402
+from nezha_zoo.tf import losses
+from nezha_zoo.tf.layers import Block, dense, dropout, get_activation, layer_norm
 
 __all__ = [
     "TFClassificationHead",

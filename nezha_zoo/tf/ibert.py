@@ -29,18 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import keras
+import tensorflow as tf
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from nezha_zoo.families.ibert import HEADS_WITH_POOLER, IBERT, IBertConfig  # noqa: E402
-from nezha_zoo.outputs import BaseModelOutputWithPooling  # noqa: E402
-from nezha_zoo.spec.param import ModelSpec  # noqa: E402
-from nezha_zoo.tf.heads import (  # noqa: E402
+from nezha_zoo.families.ibert import HEADS_WITH_POOLER, IBERT, IBertConfig
+from nezha_zoo.outputs import BaseModelOutputWithPooling
+from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.tf.heads import (
     TFClassificationHead,
     TFPooler,
     TFRobertaLMHead,
@@ -53,7 +50,7 @@ from nezha_zoo.tf.heads import (  # noqa: E402
     token_classification_output,
     token_classifier,
 )
-from nezha_zoo.tf.layers import (  # noqa: E402
+from nezha_zoo.tf.layers import (
     BertBackboneMixin,
     Block,
     LayerList,
@@ -63,8 +60,8 @@ from nezha_zoo.tf.layers import (  # noqa: E402
     extended_attention_mask,
     layer_head_masks,
 )
-from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs  # noqa: E402
-from nezha_zoo.tf.quant import (  # noqa: E402
+from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
+from nezha_zoo.tf.quant import (
     IntGELU,
     IntLayerNorm,
     IntSoftmax,

@@ -35,20 +35,17 @@ Extension points kept deliberately small:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import keras
+import tensorflow as tf
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from nezha_zoo.config import PretrainedConfig  # noqa: E402
-from nezha_zoo.outputs import BaseModelOutputWithPastAndCrossAttentions  # noqa: E402
-from nezha_zoo.spec.blocks import BertLayerNames  # noqa: E402
-from nezha_zoo.tf.cache import append_kv, fixed_cache_length, is_fixed_cache  # noqa: E402
-from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length  # noqa: E402
+from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.outputs import BaseModelOutputWithPastAndCrossAttentions
+from nezha_zoo.spec.blocks import BertLayerNames
+from nezha_zoo.tf.cache import append_kv, fixed_cache_length, is_fixed_cache
+from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
 
 __all__ = [
     "get_activation",

@@ -5,11 +5,7 @@ All functions take logits and labels as tensors and return a float32 scalar.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 __all__ = [
     "cross_entropy",

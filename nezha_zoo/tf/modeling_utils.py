@@ -14,12 +14,10 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import optree  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import optree
+import tensorflow as tf
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -27,14 +25,14 @@ if keras.backend.backend() != "tensorflow":
         "set KERAS_BACKEND=tensorflow before importing keras"
     )
 
-from nezha_zoo.config import PretrainedConfig  # noqa: E402
-from nezha_zoo.dtypes import canonical_dtype, numpy_dtype  # noqa: E402
-from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE  # noqa: E402
-from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput  # noqa: E402
-from nezha_zoo.pretrained import load_weights, resolve_config, save_weights  # noqa: E402
-from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
-from nezha_zoo.spec.param import Init, ModelSpec  # noqa: E402
-from nezha_zoo.spec.registry import Family  # noqa: E402
+from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.dtypes import canonical_dtype, numpy_dtype
+from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
+from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
+from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
+from nezha_zoo.spec.layouts import LAYOUTS
+from nezha_zoo.spec.param import Init, ModelSpec
+from nezha_zoo.spec.registry import Family
 
 __all__ = [
     "TFPreTrainedModel",

@@ -25,22 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import keras
+import tensorflow as tf
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNET, MPNetConfig  # noqa: E402
-from nezha_zoo.outputs import (  # noqa: E402
+from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNET, MPNetConfig
+from nezha_zoo.outputs import (
     BaseModelOutputWithPooling,
     SentenceEmbeddingOutput,
 )
-from nezha_zoo.spec.blocks import MPNET_NAMES  # noqa: E402
-from nezha_zoo.spec.param import ModelSpec  # noqa: E402
-from nezha_zoo.tf.heads import (  # noqa: E402
+from nezha_zoo.spec.blocks import MPNET_NAMES
+from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.tf.heads import (
     TFClassificationHead,
     TFPooler,
     TFRobertaLMHead,
@@ -54,8 +51,8 @@ from nezha_zoo.tf.heads import (  # noqa: E402
     token_classification_output,
     token_classifier,
 )
-from nezha_zoo.tf.layers import BertBackboneMixin, Block, TFBertEmbeddings, TFBertEncoder, check_inputs, dense  # noqa: E402
-from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs  # noqa: E402
+from nezha_zoo.tf.layers import BertBackboneMixin, Block, TFBertEmbeddings, TFBertEncoder, check_inputs, dense
+from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 
 __all__ = [
     "relative_position_bucket",

@@ -28,28 +28,25 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import keras
+import numpy as np
+import tensorflow as tf
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from nezha_zoo.families.mpt import MPT, MptConfig  # noqa: E402
-from nezha_zoo.outputs import (  # noqa: E402
+from nezha_zoo.families.mpt import MPT, MptConfig
+from nezha_zoo.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
     SequenceClassifierOutputWithPast,
 )
-from nezha_zoo.tf import losses  # noqa: E402
-from nezha_zoo.tf.cache import KVCache, append_kv, init_kv_cache, is_fixed_cache  # noqa: E402
-from nezha_zoo.tf.generation import TFGenerationMixin  # noqa: E402
-from nezha_zoo.tf.heads import question_answering_output, token_classification_output  # noqa: E402
-from nezha_zoo.tf.layers import Block, LayerList, _checkpointed, check_inputs, dense, dropout  # noqa: E402
-from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs  # noqa: E402
-from nezha_zoo.validation import InputError, check_length  # noqa: E402
+from nezha_zoo.tf import losses
+from nezha_zoo.tf.cache import KVCache, append_kv, init_kv_cache, is_fixed_cache
+from nezha_zoo.tf.generation import TFGenerationMixin
+from nezha_zoo.tf.heads import question_answering_output, token_classification_output
+from nezha_zoo.tf.layers import Block, LayerList, _checkpointed, check_inputs, dense, dropout
+from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
+from nezha_zoo.validation import InputError, check_length
 
 __all__ = [
     "alibi_slopes",

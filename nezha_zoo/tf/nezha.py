@@ -25,24 +25,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from nezha_zoo.families.nezha import NEZHA, NezhaConfig  # noqa: E402
-from nezha_zoo.outputs import (  # noqa: E402
+from nezha_zoo.families.nezha import NEZHA, NezhaConfig
+from nezha_zoo.outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     NextSentencePredictorOutput,
     NezhaForPreTrainingOutput,
 )
-from nezha_zoo.spec.blocks import BertLayerNames  # noqa: E402
-from nezha_zoo.spec.param import ModelSpec  # noqa: E402
-from nezha_zoo.tf import losses  # noqa: E402
-from nezha_zoo.tf.heads import (  # noqa: E402
+from nezha_zoo.spec.blocks import BertLayerNames
+from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.tf import losses
+from nezha_zoo.tf.heads import (
     TFBertLMPredictionHead,
     TFPooler,
     flatten_choices,
@@ -54,7 +51,7 @@ from nezha_zoo.tf.heads import (  # noqa: E402
     token_classification_output,
     token_classifier,
 )
-from nezha_zoo.tf.layers import (  # noqa: E402
+from nezha_zoo.tf.layers import (
     BertBackboneMixin,
     Block,
     TFBertAttention,
@@ -65,7 +62,7 @@ from nezha_zoo.tf.layers import (  # noqa: E402
     check_inputs,
     dense,
 )
-from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs  # noqa: E402
+from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 
 __all__ = [
     "relative_position_table",

@@ -38,15 +38,12 @@ running range, in float and quant mode alike.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import keras
+import tensorflow as tf
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from nezha_zoo.tf.layers import freeze_padding_row  # noqa: E402
+from nezha_zoo.tf.layers import freeze_padding_row
 
 __all__ = [
     "EXACT_CHUNK",

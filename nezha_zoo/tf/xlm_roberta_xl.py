@@ -14,24 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import tensorflow as tf
 
-import tensorflow as tf  # noqa: E402
-
-from nezha_zoo.families.xlm_roberta_xl import HEADS_WITH_POOLER, XLM_ROBERTA_XL, XLMRobertaXLConfig  # noqa: E402
-from nezha_zoo.outputs import (  # noqa: E402
+from nezha_zoo.families.xlm_roberta_xl import HEADS_WITH_POOLER, XLM_ROBERTA_XL, XLMRobertaXLConfig
+from nezha_zoo.outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
     TokenClassifierOutput,
 )
-from nezha_zoo.spec.blocks import XLM_ROBERTA_XL_NAMES  # noqa: E402
-from nezha_zoo.spec.param import ModelSpec  # noqa: E402
-from nezha_zoo.tf import losses  # noqa: E402
-from nezha_zoo.tf.generation import TFGenerationMixin  # noqa: E402
-from nezha_zoo.tf.heads import (  # noqa: E402
+from nezha_zoo.spec.blocks import XLM_ROBERTA_XL_NAMES
+from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.tf import losses
+from nezha_zoo.tf.generation import TFGenerationMixin
+from nezha_zoo.tf.heads import (
     TFClassificationHead,
     TFPooler,
     TFRobertaLMHead,
@@ -43,7 +40,7 @@ from nezha_zoo.tf.heads import (  # noqa: E402
     sequence_classification_output,
     token_classifier,
 )
-from nezha_zoo.tf.layers import (  # noqa: E402
+from nezha_zoo.tf.layers import (
     BertBackboneMixin,
     Block,
     TFBertEmbeddings,
@@ -52,8 +49,8 @@ from nezha_zoo.tf.layers import (  # noqa: E402
     dense,
     dropout,
 )
-from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs  # noqa: E402
-from nezha_zoo.validation import InputError  # noqa: E402
+from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
+from nezha_zoo.validation import InputError
 
 __all__ = [
     "TFXLMRobertaXLMainLayer",
