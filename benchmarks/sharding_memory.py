@@ -12,8 +12,8 @@ import json
 import os
 import sys
 
-from nezha_zoo.sharding import memory_table
 from nezha_zoo.spec import LAYOUTS, get_family
+from nezha_zoo.spec.partitioning import memory_table
 
 #: (label, config fields): the published XL and XXL sizes (facebook/xlm-roberta-xl, -xxl).
 MODELS = {

@@ -1,7 +1,7 @@
 """Train a model sharded over a JAX device mesh: data parallel, FSDP or tensor parallel by rule set.
 
 The partition of every parameter comes from the logical axes its family's spec declares
-(``nezha_zoo.sharding``); the checkpoint is read straight into the sharded arrays
+(``nezha_zoo.spec.partitioning``); the checkpoint is read straight into the sharded arrays
 (``nezha_zoo.flax.sharding.load_sharded``) and one jitted step trains on a batch split over ``data``.
 
 On a CPU-only machine, fake 8 devices (must happen before JAX starts, hence the flag)::

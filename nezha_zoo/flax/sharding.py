@@ -1,6 +1,6 @@
 """Flax models on a device mesh: shardings from the spec's named axes, sharded loading, a sharded train step.
 
-Which rule set (``"dp"``, ``"fsdp"``, ``"tp"``, ``"fsdp+tp"``; see :mod:`nezha_zoo.sharding`) decides
+Which rule set (``"dp"``, ``"fsdp"``, ``"tp"``, ``"fsdp+tp"``; see :mod:`nezha_zoo.spec.partitioning`) decides
 how each parameter is split; nothing here names a parameter.  Typical use on 8 devices::
 
     mesh = make_mesh(data=2, model=4)
@@ -29,8 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nezha_zoo.io.plan import plan_load
 from nezha_zoo.io.reader import open_checkpoint
 from nezha_zoo.pretrained import resolve_config
-from nezha_zoo.sharding import DATA, MODEL, Rules, get_rules, partition
 from nezha_zoo.spec.layouts import LAYOUTS
+from nezha_zoo.spec.partitioning import DATA, MODEL, Rules, get_rules, partition
 
 __all__ = ["make_mesh", "param_shardings", "batch_sharding", "shard_params", "load_sharded", "make_train_step"]
 

@@ -31,9 +31,6 @@ __all__ = ["CheckpointReader", "open_checkpoint"]
 _RAW_DTYPES = ("BF16", "F8_E4M3", "F8_E5M2")
 
 
-# --- reading -------------------------------------------------------------------------------------
-
-
 class CheckpointReader:
     """Lazy access to the tensors of a checkpoint directory (or a single weights file).
 
@@ -232,4 +229,6 @@ class CheckpointReader:
 
 
 def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
+    """A :class:`CheckpointReader` on ``path`` (a checkpoint directory or one weights file); use it in
+    a ``with`` block so its files are closed."""
     return CheckpointReader(path)

@@ -1,4 +1,4 @@
-"""The framework-neutral parameter spec: params, layouts and the family registry."""
+"""The framework-neutral parameter spec: params, layouts, partition rules and the family registry."""
 
 from nezha_zoo.spec.layouts import LAYOUTS, Layout, get_layout
 from nezha_zoo.spec.param import AXES, Init, Kind, ModelSpec, Param

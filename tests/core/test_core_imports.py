@@ -62,7 +62,12 @@ def test_check_imports_covers_every_core_module_and_no_backend():
     from nezha_zoo.tools.check_imports import core_modules
 
     mods = core_modules()
-    for expected in ("nezha_zoo", "nezha_zoo.conversion.formats", "nezha_zoo.families.mpt", "nezha_zoo.sharding"):
+    for expected in (
+        "nezha_zoo",
+        "nezha_zoo.conversion.formats",
+        "nezha_zoo.families.mpt",
+        "nezha_zoo.spec.partitioning",
+    ):
         assert expected in mods
     for expected in ("nezha_zoo.io.reader", "nezha_zoo.io.writer", "nezha_zoo.io.plan", "nezha_zoo.pretrained"):
         assert expected in mods

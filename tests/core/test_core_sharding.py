@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nezha_zoo.sharding import RULE_SETS, get_rules, memory_table, partition, partitions, per_device_bytes
 from nezha_zoo.spec import LAYOUTS, get_family
+from nezha_zoo.spec.partitioning import RULE_SETS, get_rules, memory_table, partition, partitions, per_device_bytes
 
 FLAX, PT = LAYOUTS["flax"], LAYOUTS["pt"]
 
