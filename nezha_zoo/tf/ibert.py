@@ -37,7 +37,18 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from nezha_zoo.families.ibert import HEADS_WITH_POOLER, IBERT, IBertConfig  # noqa: E402
+from nezha_zoo.families.ibert import (  # noqa: E402
+    ACT_BIT,
+    BIAS_BIT,
+    EMBEDDING_ACT_BIT,
+    EMBEDDING_BIT,
+    HEADS_WITH_POOLER,
+    IBERT,
+    LN_INPUT_BIT,
+    LN_OUTPUT_BIT,
+    WEIGHT_BIT,
+    IBertConfig,
+)
 from nezha_zoo.outputs import BaseModelOutputWithPooling  # noqa: E402
 from nezha_zoo.spec.param import ModelSpec  # noqa: E402
 from nezha_zoo.tf.heads import (  # noqa: E402
@@ -84,15 +95,6 @@ __all__ = [
     "TFIBertForTokenClassification",
     "TFIBertForQuestionAnswering",
 ]
-
-# Bit widths of transformers' modeling_ibert.py.
-EMBEDDING_BIT = 8
-EMBEDDING_ACT_BIT = 16
-ACT_BIT = 8
-WEIGHT_BIT = 8
-BIAS_BIT = 32
-LN_INPUT_BIT = 22
-LN_OUTPUT_BIT = 32
 
 _F64 = tf.float64
 

@@ -11,6 +11,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import tensorflow as tf  # noqa: E402
 
+from nezha_zoo.outputs import IGNORE_INDEX  # noqa: E402
+
 __all__ = [
     "cross_entropy",
     "mse",
@@ -21,8 +23,6 @@ __all__ = [
     "question_answering_loss",
     "replaced_token_detection_loss",
 ]
-
-IGNORE_INDEX = -100
 
 
 def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX) -> tf.Tensor:
