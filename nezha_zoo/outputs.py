@@ -12,7 +12,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, ClassVar
 
+#: Label value every backend's losses skip (transformers' and ``torch.nn.CrossEntropyLoss``'s
+#: ``ignore_index``); the outputs' ``loss`` fields are computed over the other labels.
+IGNORE_INDEX = -100
+
 __all__ = [
+    "IGNORE_INDEX",
     "ModelOutput",
     "BaseModelOutput",
     "BaseModelOutputWithPooling",

@@ -31,7 +31,31 @@ from nezha_zoo.spec.blocks import dense, embedding, layer_norm, pooler, roberta_
 from nezha_zoo.spec.param import Kind, ModelSpec, Param
 from nezha_zoo.spec.registry import Family, register_family
 
-__all__ = ["IBertConfig", "ibert_spec", "IBERT", "FORCE_DEQUANT", "HEADS_WITH_POOLER", "ACT_RANGE_INIT"]
+__all__ = [
+    "IBertConfig",
+    "ibert_spec",
+    "IBERT",
+    "FORCE_DEQUANT",
+    "HEADS_WITH_POOLER",
+    "ACT_RANGE_INIT",
+    "UNCALIBRATED_RANGE",
+    "EMBEDDING_BIT",
+    "EMBEDDING_ACT_BIT",
+    "ACT_BIT",
+    "WEIGHT_BIT",
+    "BIAS_BIT",
+    "LN_INPUT_BIT",
+    "LN_OUTPUT_BIT",
+    "SOFTMAX_EXP_BIT",
+    "MAX_BIT",
+    "EXACT_CHUNK",
+    "GELU_SQRT2",
+    "GELU_COEFFS",
+    "GELU_SHIFT",
+    "EXP_X0",
+    "EXP_COEFFS",
+    "EXP_SHIFT",
+]
 
 HEADS = (
     "Model",
@@ -112,6 +136,40 @@ HEADS_WITH_POOLER = ("Model", "ForMultipleChoice")
 #: transformers' ``QuantAct`` starts its running range at ``x_min = -1e-5``, ``x_max = +1e-5`` (float32),
 #: so that an uncalibrated scaling factor is never a division by zero.
 ACT_RANGE_INIT = 1e-5
+
+#: A running range inside ``+-UNCALIBRATED_RANGE`` is still the initial ``+-ACT_RANGE_INIT``: the
+#: activation was never calibrated (transformers' ``QuantAct`` test, with a margin over float32 rounding).
+UNCALIBRATED_RANGE = 1.1e-5
+
+#: Bit widths of transformers' ``modeling_ibert.py``: embedding tables, their summed activation,
+#: activations, weights, biases, and the integer LayerNorm's input and output.
+EMBEDDING_BIT = 8
+EMBEDDING_ACT_BIT = 16
+ACT_BIT = 8
+WEIGHT_BIT = 8
+BIAS_BIT = 32
+LN_INPUT_BIT = 22
+LN_OUTPUT_BIT = 32
+#: Width of the exponentials inside ``IntSoftmax`` (its ``act``).
+SOFTMAX_EXP_BIT = 16
+#: Accumulator width of the integer softmax and LayerNorm (their ``max_bit``).
+MAX_BIT = 32
+#: Longest contraction summed in one float32 product of int8 operands: ``1024 * 128 * 127 < 2**24``, so
+#: every partial sum is an exactly representable float32 integer whatever the summation order.
+EXACT_CHUNK = 1024
+
+#: I-GELU (transformers' ``IntGELU``): ``erf(x / k)`` with ``k = GELU_SQRT2`` is approximated by
+#: ``sign(x) * (a * (min(|x / k|, -b) + b)**2 + 1)``, ``(a, b) = GELU_COEFFS``, and the integer result
+#: is shifted right by ``GELU_SHIFT`` bits.
+GELU_SQRT2 = 1.4142
+GELU_COEFFS = (-0.2888, -1.769)
+GELU_SHIFT = 14
+
+#: I-exp of ``IntSoftmax``: ``x = z * EXP_X0 + p`` (``EXP_X0 ~ -ln 2``) and ``exp(p) ~ a * (p + b)**2 + c``
+#: with ``(a, b, c) = EXP_COEFFS``, scaled by ``2**EXP_SHIFT``; inputs below ``EXP_SHIFT * x0`` saturate.
+EXP_X0 = -0.6931
+EXP_COEFFS = (0.35815147, 0.96963238, 1.0)
+EXP_SHIFT = 30
 
 # --- quantization state (persistent buffers of transformers' quant_modules.py) ---------------------
 # Every buffer is float32 in transformers' state dict, the "integer" ones included.

@@ -9,6 +9,10 @@ and position ids are padding-aware from there.  Head classes hold the base model
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from nezha_zoo.config import (
     Field,
     PretrainedConfig,
@@ -31,7 +35,16 @@ from nezha_zoo.spec.blocks import (
 from nezha_zoo.spec.param import ModelSpec, Param
 from nezha_zoo.spec.registry import Family, register_family
 
-__all__ = ["MPNetConfig", "mpnet_spec", "MPNET", "HEADS_WITH_POOLER"]
+__all__ = [
+    "MPNetConfig",
+    "mpnet_spec",
+    "MPNET",
+    "HEADS_WITH_POOLER",
+    "EMBEDDING_PADDING_IDX",
+    "MAX_DISTANCE",
+    "relative_position_bucket",
+    "relative_bucket_table",
+]
 
 HEADS = (
     "Model",
@@ -44,6 +57,48 @@ HEADS = (
 
 #: transformers' MPNet embeddings use row 1 as the padding row whatever ``pad_token_id`` says.
 EMBEDDING_PADDING_IDX = 1
+
+#: T5's bucketing horizon (transformers' ``relative_position_bucket`` default): distances from here on
+#: share the last bucket of their direction.
+MAX_DISTANCE = 128
+
+
+def relative_position_bucket(relative_position, num_buckets: int = 32, max_distance: int = MAX_DISTANCE) -> np.ndarray:
+    """T5's bidirectional buckets of ``relative_position = key - query`` (int array, any shape): int32, same shape.
+
+    Half the buckets serve each direction (keys before the query: ``[0, h)``, after it: ``[h, 2h)``,
+    ``h = num_buckets // 2``); inside a half, distances below ``e = h // 2`` keep their own bucket and
+    larger ones get ``e + trunc(log(n / e) / log(max_distance / e) * (h - e))``, capped at ``h - 1``.
+    Computed in float32 in transformers' order, so the buckets equal transformers PyTorch's for every
+    ``num_buckets < 4 * max_distance`` (at or above it transformers divides by ``log(<= 1)``).  With
+    ``num_buckets < 4`` there are no exact buckets: each direction is one bucket (transformers divides
+    by zero there).  An odd count leaves its last row unused, as in transformers.
+    """
+    n = -np.asarray(relative_position, np.int64)
+    half = num_buckets // 2
+    ret = (n < 0).astype(np.int64) * half
+    n = np.abs(n)
+    max_exact = half // 2
+    if max_exact == 0:
+        return ret.astype(np.int32)
+    # maximum(n, 1): the log of the exact distances is never used (and log(0) would be -inf)
+    scaled = np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact))
+    scaled = scaled / np.float32(math.log(max_distance / max_exact)) * np.float32(half - max_exact)
+    large = np.minimum(max_exact + scaled.astype(np.int64), half - 1)  # float -> int truncates, as torch .long()
+    return (ret + np.where(n < max_exact, n, large)).astype(np.int32)
+
+
+def relative_bucket_table(config: MPNetConfig) -> np.ndarray:
+    """Bucket of every key - query distance an input can have: (2S + 1,) int32, ``S = max_position_embeddings``.
+
+    Row ``d + S`` holds ``relative_position_bucket(d)`` for ``d = -S .. S``; a backend looks the
+    (L, L) buckets of ``arange(L)`` positions up with
+    :func:`~nezha_zoo.spec.positions.relative_position_index` ``(pos, pos, S)`` and its own ops (so
+    dynamic lengths work).  Inputs hold at most ``max_position_embeddings - 2`` tokens, so no distance
+    is clipped.
+    """
+    span = config.max_position_embeddings
+    return relative_position_bucket(np.arange(-span, span + 1), config.relative_attention_num_buckets)
 
 
 class MPNetConfig(PretrainedConfig):

@@ -9,6 +9,12 @@ attention scores and the attended values.  Head classes hold the base model unde
 
 from __future__ import annotations
 
+import math
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
 from nezha_zoo.config import (
     Field,
     PretrainedConfig,
@@ -27,7 +33,13 @@ from nezha_zoo.spec.blocks import bert_encoder, dense, embedding, layer_norm, po
 from nezha_zoo.spec.param import Kind, ModelSpec, Param, prefixed
 from nezha_zoo.spec.registry import Family, register_family
 
-__all__ = ["NezhaConfig", "nezha_spec", "NEZHA", "HEADS_WITH_POOLER"]
+__all__ = [
+    "NezhaConfig",
+    "nezha_spec",
+    "NEZHA",
+    "HEADS_WITH_POOLER",
+    "relative_position_table",
+]
 
 HEADS = (
     "Model",
@@ -112,6 +124,36 @@ HEADS_WITH_POOLER = (
 #: Tensors older checkpoints may carry that hold nothing: the sinusoidal relative-position table is
 #: computed from the config (transformers 4.57.6 keeps it as a non-persistent buffer), and
 #: ``position_ids`` is a legacy BERT buffer (Nezha has no absolute positions).
+# --- functional relative positions (transformers' ``NezhaRelativePositionsEncoding``) ----------------
+
+
+def relative_position_table(max_relative_position: int, depth: int, xp: ModuleType = np) -> Any:
+    """The fixed sinusoid table over the shifted relative distances ``p = 0 .. 2K``: (2K + 1, depth) float32.
+
+    ``table[p, 0::2] = sin(p * w)``, ``table[p, 1::2] = cos(p * w)`` (interleaved columns; an odd
+    ``depth`` has one cos column fewer), ``w = exp(arange(0, depth, 2) * -ln(10000) / depth)``, computed
+    in float32 in transformers' order.  Row ``p`` encodes the clipped distance ``p - K``: query ``i``
+    and key ``j`` use row :func:`~nezha_zoo.spec.positions.relative_position_index` ``= clip(j - i, -K,
+    K) + K``.  Not a parameter: it depends on the config only, so the checkpoint holds none.
+
+    Args:
+        max_relative_position (int): ``K``, the clipping distance.
+        depth (int): the attention head size.
+        xp (module): the array library computing it, ``numpy`` (default) or ``torch`` (whose float32
+            ``exp``/``sin``/``cos`` round differently in the last bit; PyTorch builds it with torch, as
+            transformers does, so its table is bit-identical to transformers').
+    """
+    rows = 2 * max_relative_position + 1
+    position = xp.arange(rows, dtype=xp.float32)[:, None]  # (2K + 1, 1)
+    # float32 array times a Python float stays float32 in numpy and torch alike
+    div = xp.exp(xp.arange(0, depth, 2, dtype=xp.float32) * (-math.log(10000.0) / depth))  # (ceil(d/2),)
+    angles = position * div  # (2K + 1, ceil(d/2))
+    table = xp.zeros((rows, depth), dtype=xp.float32)
+    table[:, 0::2] = xp.sin(angles)
+    table[:, 1::2] = xp.cos(angles)[:, : depth // 2]
+    return table
+
+
 _LEGACY = ("encoder.layer.*.self.relative_positions_encoding.positions_encoding", "embeddings.position_ids")
 
 

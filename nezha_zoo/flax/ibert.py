@@ -39,9 +39,19 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from nezha_zoo.families.ibert import HEADS_WITH_POOLER, IBERT
+from nezha_zoo.families.ibert import (
+    ACT_BIT,
+    BIAS_BIT,
+    EMBEDDING_ACT_BIT,
+    EMBEDDING_BIT,
+    HEADS_WITH_POOLER,
+    IBERT,
+    LN_INPUT_BIT,
+    LN_OUTPUT_BIT,
+    WEIGHT_BIT,
+)
 from nezha_zoo.flax.heads import ClassificationHead, RobertaLMHead, tied_embedding_table
-from nezha_zoo.flax.layers import BertPooler
+from nezha_zoo.flax.layers import BertPooler, padding_aware_position_ids, sequential_position_ids
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
@@ -59,8 +69,8 @@ from nezha_zoo.flax.quant import (
     exact_div,
     x64_scope,
 )
-from nezha_zoo.flax.xlm_roberta_xl import max_input_length, xlm_roberta_xl_position_ids
 from nezha_zoo.outputs import BaseModelOutputWithPoolingAndCrossAttentions, MaskedLMOutput, SequenceClassifierOutput
+from nezha_zoo.spec.positions import padding_aware_max_length
 from nezha_zoo.validation import check_length
 
 __all__ = [
@@ -78,15 +88,6 @@ __all__ = [
     "FlaxIBertForTokenClassification",
     "FlaxIBertForQuestionAnswering",
 ]
-
-# Bit widths of transformers' modeling_ibert.py.
-EMBEDDING_BIT = 8
-EMBEDDING_ACT_BIT = 16
-ACT_BIT = 8
-WEIGHT_BIT = 8
-BIAS_BIT = 32
-LN_INPUT_BIT = 22
-LN_OUTPUT_BIT = 32
 
 Scaled = tuple[jax.Array, "jax.Array | None"]
 
@@ -391,12 +392,12 @@ class FlaxIBertModule(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(shape, jnp.int32)
         if position_ids is None:
-            check_length(shape[-1], 0, max_input_length(c), "max_position_embeddings - pad_token_id - 1")
+            limit = padding_aware_max_length(c.max_position_embeddings, c.pad_token_id)
+            check_length(shape[-1], 0, limit, "max_position_embeddings - pad_token_id - 1")
             if input_ids is not None:
-                position_ids = xlm_roberta_xl_position_ids(jnp.asarray(input_ids), c.pad_token_id)
+                position_ids = padding_aware_position_ids(jnp.asarray(input_ids), c.pad_token_id)
             else:
-                start = c.pad_token_id + 1
-                position_ids = jnp.broadcast_to(jnp.arange(start, start + shape[-1], dtype=jnp.int32), shape)
+                position_ids = sequential_position_ids(shape, c.pad_token_id)
         # additive mask (B, 1, 1, L), transformers PyTorch's (1 - mask) * finfo(float32).min
         mask = (1.0 - jnp.asarray(attention_mask, jnp.float32)[:, None, None, :]) * jnp.finfo(jnp.float32).min
         if head_mask is not None:

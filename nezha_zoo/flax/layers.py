@@ -12,8 +12,8 @@ Extension points (used by later families, exercised today by Electra's defaults)
   optional final LayerNorm name.
 * ``position_bias`` (B|1, heads, Lq, Lk) is added to the scores after scaling (MPNet).
 * ``relative`` = ``(rel_key, rel_value)``, each (Lq, Lk, head_dim): key terms added to the scores
-  before scaling and value terms added to the context (Nezha's functional relative positions, built by
-  :func:`relative_position_table` + :func:`relative_positions`); ``cross_relative`` is the same for
+  before scaling and value terms added to the context (Nezha's functional relative positions,
+  :func:`nezha_zoo.flax.nezha.relative_position_encoding`); ``cross_relative`` is the same for
   the cross-attention of a decoder layer.
 * Decoder mode: causal self-attention, cross-attention on ``encoder_hidden_states`` and a fixed-size
   key/value cache in the ``"cache"`` collection (transformers' Flax semantics, jit-friendly).
@@ -28,13 +28,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
-from nezha_zoo.spec.blocks import BertLayerNames
+from nezha_zoo.spec.blocks import BertLayerNames, cross_attention_names
 
 __all__ = [
     "ACT2FN",
+    "padding_aware_position_ids",
+    "sequential_position_ids",
     "get_activation",
     "dense",
     "layer_norm",
@@ -48,8 +49,6 @@ __all__ = [
     "cache_index",
     "cache_length",
     "update_kv_cache",
-    "relative_position_table",
-    "relative_positions",
 ]
 
 
@@ -137,6 +136,25 @@ def freeze_padding_row(embedded: jax.Array, ids: jax.Array, padding_idx: int | N
     return jnp.where((ids == padding_idx)[..., None], jax.lax.stop_gradient(embedded), embedded)
 
 
+def padding_aware_position_ids(input_ids: jax.Array, padding_idx: int, past_len: Any = 0) -> jax.Array:
+    """RoBERTa-style positions (:mod:`nezha_zoo.spec.positions`): ``input_ids`` (B, L) int -> (B, L) int32.
+
+    Pads get ``padding_idx``; real tokens count up from ``padding_idx + 1 + past_len`` in their row
+    (``past_len`` = the cache fill when decoding; it may be traced).
+    """
+    keep = (input_ids != padding_idx).astype(jnp.int32)
+    return (jnp.cumsum(keep, axis=1) + jnp.asarray(past_len, jnp.int32)) * keep + padding_idx  # (B, L)
+
+
+def sequential_position_ids(shape: tuple[int, ...], padding_idx: int) -> jax.Array:
+    """Positions of ``inputs_embeds`` (:mod:`nezha_zoo.spec.positions`): ``padding_idx + 1 ..`` in every row.
+
+    ``shape`` is (B, L); returns (B, L) int32.
+    """
+    start = padding_idx + 1
+    return jnp.broadcast_to(jnp.arange(start, start + shape[-1], dtype=jnp.int32), shape)
+
+
 def cache_length(variables: Any) -> int | None:
     """The static max length of a decoder's key/value cache (time axis of the first ``cached_key``), or None.
 
@@ -152,36 +170,6 @@ def cache_length(variables: Any) -> int | None:
             return int(node["cached_key"].shape[1])  # (B, max_length, heads, head_dim)
         stack.extend(v for v in node.values() if hasattr(v, "values"))
     return None
-
-
-def relative_position_table(max_relative_position: int, depth: int) -> np.ndarray:
-    """Fixed sinusoid table of the clipped relative distances: (2K + 1, depth) float32, K = max distance.
-
-    Row ``p`` encodes the *shifted* distance ``p = clip(j - i, -K, K) + K`` (0..2K): columns 0::2 hold
-    ``sin(p * div)`` and columns 1::2 ``cos(p * div)`` (interleaved), ``div = exp(arange(0, depth, 2) *
-    -ln(10000) / depth)`` -- transformers' ``NezhaRelativePositionsEncoding``, computed in float32 in the
-    same order.  Not a parameter: it depends on the config only.
-    """
-    rows = 2 * max_relative_position + 1
-    position = np.arange(rows, dtype=np.float32)[:, None]  # (2K + 1, 1)
-    div = np.exp(np.arange(0, depth, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / depth))
-    table = np.zeros((rows, depth), np.float32)
-    table[:, 0::2] = np.sin(position * div)
-    table[:, 1::2] = np.cos(position * div)[:, : depth // 2]  # odd depth: one cos column fewer
-    return table
-
-
-def relative_positions(table, max_relative_position: int, q_len: int, k_len: int, q_offset=0) -> jax.Array:
-    """Relative encodings ``R[i, j] = table[clip(j - (q_offset + i), -K, K) + K]``: (q_len, k_len, depth).
-
-    Query ``i`` sits at absolute position ``q_offset + i`` (``q_offset`` = the cache fill when decoding
-    with a cache; it may be traced) and key ``j`` at position ``j``.  Only the needed (q_len, k_len)
-    grid is gathered from the (2K + 1, depth) table, so any length works.
-    """
-    rows = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)  # absolute query positions
-    distance = jnp.arange(k_len, dtype=jnp.int32)[None, :] - rows[:, None]  # (q_len, k_len): j - i
-    index = jnp.clip(distance, -max_relative_position, max_relative_position) + max_relative_position
-    return jnp.take(jnp.asarray(table), index, axis=0)  # (q_len, k_len, depth)
 
 
 class BertEmbeddings(nn.Module):
@@ -489,7 +477,7 @@ class BertLayer(nn.Module):
         if encoder_hidden_states is not None:
             if not c.add_cross_attention:
                 raise ValueError("encoder_hidden_states needs a model built with config.add_cross_attention=True")
-            cross = BertAttention(c, names=_cross_names(n), causal=False, dtype=self.dtype, name=n.cross)
+            cross = BertAttention(c, names=cross_attention_names(n), causal=False, dtype=self.dtype, name=n.cross)
             h, cross_probs = cross(
                 h,
                 encoder_attention_mask,
@@ -503,7 +491,8 @@ class BertLayer(nn.Module):
         elif c.add_cross_attention and self.is_initializing():
             # The params exist whether or not this call attends to an encoder (as in PyTorch and the spec):
             # create them on the layer's own states and drop the result.
-            BertAttention(c, names=_cross_names(n), causal=False, dtype=self.dtype, name=n.cross)(h, key_value_states=h)
+            cross = BertAttention(c, names=cross_attention_names(n), causal=False, dtype=self.dtype, name=n.cross)
+            cross(h, key_value_states=h)
         x = h
         if n.pre_ffn_norm:
             x = layer_norm(_split(n.pre_ffn_norm)[-1], c, self.dtype)(x)
@@ -514,27 +503,6 @@ class BertLayer(nn.Module):
         if not output_attentions:
             return x, None, None
         return x, self_probs, cross_probs
-
-
-def _cross_names(n: BertLayerNames) -> BertLayerNames:
-    """Names inside ``crossattention``: the attention block's names with the block re-rooted there."""
-    from dataclasses import replace
-
-    root = _split(n.self_attn)[0]
-
-    def reroot(path: str | None) -> str | None:
-        if path is None:
-            return None
-        parts = _split(path)
-        return ".".join([n.cross, *parts[1:]]) if parts[0] == root else path
-
-    return replace(
-        n,
-        self_attn=reroot(n.self_attn),
-        attn_out=reroot(n.attn_out),
-        attn_norm=reroot(n.attn_norm),
-        pre_attn_norm=reroot(n.pre_attn_norm),  # pre-LN models norm the cross-attention input too
-    )
 
 
 class BertLayerCollection(nn.Module):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nezha_zoo.outputs import IGNORE_INDEX
+
 __all__ = [
     "cross_entropy",
     "masked_lm_loss",
@@ -23,8 +25,6 @@ __all__ = [
     "nezha_pretraining_loss",
     "binary_cross_entropy_with_logits",
 ]
-
-IGNORE_INDEX = -100
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:

@@ -23,7 +23,6 @@ more buckets transformers PyTorch leaves rows unused, with fewer it indexes past
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -31,9 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNET
+from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNET, relative_position_bucket
 from nezha_zoo.flax.heads import ClassificationHead, RobertaLMHead, mean_pool, tied_embedding_table
-from nezha_zoo.flax.layers import BertLayerCollection, BertPooler, freeze_padding_row, layer_norm
+from nezha_zoo.flax.layers import (
+    BertLayerCollection,
+    BertPooler,
+    freeze_padding_row,
+    layer_norm,
+    padding_aware_position_ids,
+    sequential_position_ids,
+)
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
@@ -48,11 +54,10 @@ from nezha_zoo.outputs import (
     SequenceClassifierOutput,
 )
 from nezha_zoo.spec.blocks import MPNET_NAMES
+from nezha_zoo.spec.positions import padding_aware_max_length
 from nezha_zoo.validation import check_length
 
 __all__ = [
-    "relative_position_bucket",
-    "mpnet_position_ids",
     "FlaxMPNetEmbeddings",
     "FlaxMPNetEncoder",
     "FlaxMPNetModule",
@@ -69,45 +74,6 @@ __all__ = [
     "FlaxMPNetForTokenClassification",
     "FlaxMPNetForQuestionAnswering",
 ]
-
-#: transformers' ``relative_position_bucket`` default: distances from this on share the last bucket.
-MAX_DISTANCE = 128
-
-
-def relative_position_bucket(relative_position: np.ndarray, num_buckets: int, max_distance: int = MAX_DISTANCE):
-    """T5-style bidirectional buckets of ``relative_position = key - query`` (int array, any shape).
-
-    Half the buckets serve each direction (keys after the query get the upper half); in each half,
-    distances below ``max_exact = num_buckets // 4`` keep their own bucket and larger ones share
-    logarithmically wider buckets up to ``max_distance``, capped at the half's last bucket.  Computed
-    in float32 exactly as transformers PyTorch does (so the buckets are identical).  With
-    ``num_buckets < 4`` there are no exact buckets: each direction is one bucket (transformers divides
-    by zero there).
-
-    Returns an int32 array of the same shape with values in ``[0, num_buckets)`` (for even counts;
-    an odd count leaves its last row unused, as in transformers).
-    """
-    n = -np.asarray(relative_position, np.int64)
-    half = num_buckets // 2
-    ret = (n < 0).astype(np.int64) * half
-    n = np.abs(n)
-    max_exact = half // 2
-    if max_exact == 0:
-        return (ret + np.minimum(0, half - 1)).astype(np.int32)
-    scaled = np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact))
-    scaled = scaled / np.float32(math.log(max_distance / max_exact)) * np.float32(half - max_exact)
-    large = np.minimum(max_exact + scaled.astype(np.int64), half - 1)  # float -> int truncates, as torch .long()
-    return (ret + np.where(n < max_exact, n, large)).astype(np.int32)
-
-
-def mpnet_position_ids(input_ids: jax.Array, padding_idx: int = EMBEDDING_PADDING_IDX) -> jax.Array:
-    """RoBERTa-style positions of ``input_ids`` (B, L): pads -> ``padding_idx``, tokens -> padding_idx + 1, +2...
-
-    Tokens are numbered by their rank among the non-pad tokens of their row (left padding included),
-    transformers' ``create_position_ids_from_input_ids``.
-    """
-    keep = (input_ids != padding_idx).astype(jnp.int32)
-    return jnp.cumsum(keep, axis=1) * keep + padding_idx  # (B, L)
 
 
 class FlaxMPNetEmbeddings(nn.Module):
@@ -275,13 +241,15 @@ class FlaxMPNetModule(nn.Module):
         if position_ids is None:
             # Real tokens take positions 2 .. L + 1, so the table holds max_position_embeddings - 2 of them.
             check_length(
-                shape[-1], 0, c.max_position_embeddings - EMBEDDING_PADDING_IDX - 1, "max_position_embeddings - 2"
+                shape[-1],
+                0,
+                padding_aware_max_length(c.max_position_embeddings, EMBEDDING_PADDING_IDX),
+                "max_position_embeddings - 2",
             )
             if input_ids is not None:
-                position_ids = mpnet_position_ids(jnp.asarray(input_ids))
+                position_ids = padding_aware_position_ids(jnp.asarray(input_ids), EMBEDDING_PADDING_IDX)
             else:
-                start = EMBEDDING_PADDING_IDX + 1
-                position_ids = jnp.broadcast_to(jnp.arange(start, start + shape[-1], dtype=jnp.int32), shape)
+                position_ids = sequential_position_ids(shape, EMBEDDING_PADDING_IDX)
         if attention_mask is None:
             attention_mask = jnp.ones(shape, jnp.int32)
         h = FlaxMPNetEmbeddings(c, dtype=self.dtype, name="embeddings")(

@@ -6,9 +6,9 @@ family's own choices are: word + token-type embeddings only (no absolute positio
 *functional relative position encoding* of every attention layer.
 
 Relative positions (transformers 4.57.6 ``NezhaRelativePositionsEncoding``): a fixed sinusoid table
-of the relative distances clipped to ``+-max_relative_position`` (:func:`~nezha_zoo.flax.layers.
+of the relative distances clipped to ``+-max_relative_position`` (:func:`~nezha_zoo.families.nezha.
 relative_position_table`), gathered over the (query, key) grid of each call
-(:func:`~nezha_zoo.flax.layers.relative_positions`) and used twice per attention: ``q_i . R[i, j]``
+(:func:`relative_position_encoding`) and used twice per attention: ``q_i . R[i, j]``
 joins the scores before the ``1/sqrt(head_dim)`` scaling, and ``sum_j p_ij R[i, j]`` (``p`` after
 dropout and ``head_mask``) joins the context.  It is computed, not stored, so:
 
@@ -27,10 +27,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from nezha_zoo.families.nezha import HEADS_WITH_POOLER, NEZHA
+from nezha_zoo.families.nezha import HEADS_WITH_POOLER, NEZHA, relative_position_table
 from nezha_zoo.flax.heads import BertLMPredictionHead, classifier_dropout, tied_embedding_table, token_classifier
 from nezha_zoo.flax.layers import (
     BertEmbeddings,
@@ -39,8 +40,6 @@ from nezha_zoo.flax.layers import (
     cache_index,
     cache_length,
     dense,
-    relative_position_table,
-    relative_positions,
 )
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
@@ -57,8 +56,10 @@ from nezha_zoo.outputs import (
     NezhaForPreTrainingOutput,
     SequenceClassifierOutput,
 )
+from nezha_zoo.spec.positions import relative_position_index
 
 __all__ = [
+    "relative_position_encoding",
     "FlaxNezhaModule",
     "FlaxNezhaForPreTrainingModule",
     "FlaxNezhaForMaskedLMModule",
@@ -98,6 +99,20 @@ _DECODER_DOC = """
         encoder_hidden_states: (B, Le, H) for cross-attention (decoders with add_cross_attention).
         encoder_attention_mask: (B, Le) 0/1, default ones.
         init_cache (bool): create the ``"cache"`` collection (used by the wrapper's ``init_cache``)."""
+
+
+def relative_position_encoding(table: Any, q_len: int, k_len: int, query_offset: Any = 0) -> jax.Array:
+    """``R`` (q_len, k_len, depth): ``table[clip(j - (query_offset + i), -K, K) + K]``, ``table`` (2K + 1, depth).
+
+    Query ``i`` sits at absolute position ``query_offset + i`` (the cache fill when decoding with a
+    cache; it may be traced) and key ``j`` at ``j``.  Only this call's (q_len, k_len) grid is gathered,
+    so any length works.
+    """
+    table = jnp.asarray(table)
+    k = (table.shape[0] - 1) // 2
+    q_pos = jnp.asarray(query_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)  # absolute query positions
+    index = relative_position_index(q_pos, jnp.arange(k_len, dtype=jnp.int32), k, jnp.clip)  # (q_len, k_len)
+    return jnp.take(table, index, axis=0)  # (q_len, k_len, depth)
 
 
 class FlaxNezhaModule(nn.Module):
@@ -155,16 +170,15 @@ class FlaxNezhaModule(nn.Module):
             encoder_attention_mask = jnp.ones(encoder_hidden_states.shape[:2], jnp.int32)
 
         # Relative encodings over this call's (query, key) grid, shared by all layers.
-        k_rel = c.max_relative_position
-        table = relative_position_table(k_rel, c.hidden_size // c.num_attention_heads)  # (2K + 1, head_dim)
+        table = relative_position_table(c.max_relative_position, c.hidden_size // c.num_attention_heads)  # (2K+1, hd)
         seq_len = shape[-1]
         past = None if init_cache else cache_index(self.variables)
         offset = 0 if past is None else past  # absolute position of query 0 (traced under jit)
         keys = seq_len if past is None else cache_length(self.variables)  # self-attention keys: the cache
-        rel = relative_positions(table, k_rel, seq_len, keys, offset)  # (L, Lk, head_dim)
+        rel = relative_position_encoding(table, seq_len, keys, offset)  # (L, Lk, head_dim)
         cross_rel = None
         if encoder_hidden_states is not None:
-            cross = relative_positions(table, k_rel, seq_len, encoder_hidden_states.shape[1], offset)  # (L, Le, d)
+            cross = relative_position_encoding(table, seq_len, encoder_hidden_states.shape[1], offset)  # (L, Le, d)
             cross_rel = (cross, cross)
 
         h = BertEmbeddings(c, use_position=False, dtype=self.dtype, name="embeddings")(

@@ -44,7 +44,18 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from nezha_zoo.families.ibert import ACT_RANGE_INIT
+from nezha_zoo.families.ibert import (
+    ACT_RANGE_INIT,
+    EXP_COEFFS,
+    EXP_SHIFT,
+    EXP_X0,
+    GELU_COEFFS,
+    GELU_SHIFT,
+    GELU_SQRT2,
+    MAX_BIT,
+    SOFTMAX_EXP_BIT,
+    UNCALIBRATED_RANGE,
+)
 from nezha_zoo.flax.layers import freeze_padding_row
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Kind
@@ -73,9 +84,6 @@ _LAYOUT = LAYOUTS["flax"]
 BUFFERS = _LAYOUT.collection[Kind.BUFFER]
 _KERNEL, _EMBEDDING = _LAYOUT.leaf[Kind.DENSE], _LAYOUT.leaf[Kind.EMBEDDING]
 _SCALE, _BIAS = _LAYOUT.leaf[Kind.NORM_SCALE], "bias"
-
-#: transformers' ``QuantAct`` treats a range inside +-1.1e-5 as "never calibrated".
-_UNCALIBRATED = 1.1e-5
 
 
 @contextlib.contextmanager
@@ -245,7 +253,7 @@ class QuantAct(nn.Module):
             lo = jax.lax.stop_gradient(jnp.min(x_act)).astype(jnp.float32)
             hi = jax.lax.stop_gradient(jnp.max(x_act)).astype(jnp.float32)
             r_min, r_max = x_min.value, x_max.value
-            fresh = (jnp.min(r_min) > -_UNCALIBRATED) & (jnp.max(r_max) < _UNCALIBRATED)
+            fresh = (jnp.min(r_min) > -UNCALIBRATED_RANGE) & (jnp.max(r_max) < UNCALIBRATED_RANGE)
             m = self.act_range_momentum
             if m == -1:
                 ema_min, ema_max = jnp.minimum(r_min, lo), jnp.maximum(r_max, hi)
@@ -394,9 +402,9 @@ class IntGELU(nn.Module):
     def __call__(self, x: jax.Array, scaling_factor: jax.Array | None = None):
         if not self.active:
             return jax.nn.gelu(x.astype(jnp.float32), approximate=False), None
-        a, b, const = -0.2888, -1.769, 14
+        (a, b), const = GELU_COEFFS, GELU_SHIFT
         q = to_integer(x, scaling_factor)
-        s_e = exact_div(scaling_factor, jnp.float32(1.4142))  # float32
+        s_e = exact_div(scaling_factor, jnp.float32(GELU_SQRT2))  # float32
         b_int = _f64(jnp.floor(rdiv(b, s_e)))
         c_int = _f64(jnp.floor(rdiv(1.0 / a, s_e**2)))
         abs_int = jnp.minimum(jnp.abs(q), -b_int)
@@ -434,15 +442,16 @@ class IntSoftmax(nn.Module):
         return self.quant_mode and self.force_dequant not in ("nonlinear", "softmax")
 
     def setup(self) -> None:
-        self.act = QuantAct(16, quant_mode=self.active)
+        self.act = QuantAct(SOFTMAX_EXP_BIT, quant_mode=self.active)
 
     def __call__(self, x: jax.Array, deterministic: bool = True) -> tuple[jax.Array, None]:
         # Float path; the act's range is still calibrated on nothing (transformers never calls it here).
         return jax.nn.softmax(x, axis=-1), None
 
     def forward_int(self, q: jax.Array, scale: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-        x0_c, const, max_bit = -0.6931, 30, 32
-        coef0, coef1, coef2 = 0.35815147, 0.96963238 / 0.35815147, 1.0 / 0.35815147
+        x0_c, const, max_bit = EXP_X0, EXP_SHIFT, MAX_BIT
+        a, b, c = EXP_COEFFS
+        coef0, coef1, coef2 = a, b / a, c / a
         q = q - jnp.max(q, axis=-1, keepdims=True)
         x0 = _f64(jnp.floor(rdiv(x0_c, scale)))
         b_int = _f64(jnp.floor(rdiv(coef1, scale)))
@@ -499,7 +508,7 @@ class IntLayerNorm(nn.Module):
             y = x - jnp.mean(x, axis=-1, keepdims=True)
             var = jnp.mean(y**2, axis=-1, keepdims=True)
             return y / jnp.sqrt(self.eps + var) * weight + bias, None
-        max_bit = 32
+        max_bit = MAX_BIT
         n = x.shape[-1]
         q = to_integer(x, scaling_factor)
         mean = jnp.round(exact_div(jnp.sum(q, axis=-1, keepdims=True), jnp.float64(n)))

@@ -23,7 +23,14 @@ from nezha_zoo.families.xlm_roberta_xl import HEADS_WITH_POOLER, XLM_ROBERTA_XL
 from nezha_zoo.flax import losses
 from nezha_zoo.flax.generation import with_generation
 from nezha_zoo.flax.heads import ClassificationHead, RobertaLMHead, tied_embedding_table
-from nezha_zoo.flax.layers import BertEmbeddings, BertEncoder, BertPooler, cache_index
+from nezha_zoo.flax.layers import (
+    BertEmbeddings,
+    BertEncoder,
+    BertPooler,
+    cache_index,
+    padding_aware_position_ids,
+    sequential_position_ids,
+)
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
@@ -33,16 +40,17 @@ from nezha_zoo.flax.modeling_utils import (
     validate_inputs,
 )
 from nezha_zoo.outputs import (
+    IGNORE_INDEX,
     BaseModelOutputWithPoolingAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
     MaskedLMOutput,
     SequenceClassifierOutput,
 )
 from nezha_zoo.spec.blocks import XLM_ROBERTA_XL_NAMES
+from nezha_zoo.spec.positions import padding_aware_max_length
 from nezha_zoo.validation import check_length
 
 __all__ = [
-    "xlm_roberta_xl_position_ids",
     "token_classification_loss",
     "FlaxXLMRobertaXLModule",
     "FlaxXLMRobertaXLForCausalLMModule",
@@ -62,16 +70,6 @@ __all__ = [
 ]
 
 
-def xlm_roberta_xl_position_ids(input_ids: jax.Array, padding_idx: int, past_length: Any = 0) -> jax.Array:
-    """RoBERTa positions of ``input_ids`` (B, L): pads -> ``padding_idx``, tokens -> ``padding_idx + 1 + past``...
-
-    Tokens are numbered by their rank among the non-pad tokens of their row (left padding included),
-    after ``past_length`` cached positions (transformers' ``create_position_ids_from_input_ids``).
-    """
-    keep = (input_ids != padding_idx).astype(jnp.int32)
-    return (jnp.cumsum(keep, axis=1) + jnp.asarray(past_length, jnp.int32)) * keep + padding_idx  # (B, L)
-
-
 def token_classification_loss(logits: jax.Array, labels: jax.Array, attention_mask: jax.Array | None = None):
     """Mean cross-entropy of logits (B, L, n) vs labels (B, L), -100 and ``attention_mask != 1`` ignored.
 
@@ -79,13 +77,8 @@ def token_classification_loss(logits: jax.Array, labels: jax.Array, attention_ma
     """
     labels = jnp.asarray(labels)
     if attention_mask is not None:
-        labels = jnp.where(jnp.asarray(attention_mask).reshape(labels.shape) == 1, labels, -100)
+        labels = jnp.where(jnp.asarray(attention_mask).reshape(labels.shape) == 1, labels, IGNORE_INDEX)
     return losses.token_classification_loss(logits, labels)
-
-
-def max_input_length(config: Any) -> int:
-    """The longest input: positions ``pad_token_id + 1 .. max_position_embeddings - 1``."""
-    return config.max_position_embeddings - config.pad_token_id - 1
 
 
 _MODULE_DOC = """
@@ -163,17 +156,17 @@ class FlaxXLMRobertaXLModule(nn.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros(shape, jnp.int32)
         if position_ids is None:
-            limit, what = max_input_length(c), "max_position_embeddings - pad_token_id - 1"
+            limit = padding_aware_max_length(c.max_position_embeddings, c.pad_token_id)
+            what = "max_position_embeddings - pad_token_id - 1"
             if input_ids is not None:
                 check_length(shape[-1], past_len, limit, what)
                 past = None if init_cache else cache_index(self.variables)
                 start = 0 if past is None else past  # the cache fill (traced under jit)
-                position_ids = xlm_roberta_xl_position_ids(jnp.asarray(input_ids), c.pad_token_id, start)
+                position_ids = padding_aware_position_ids(jnp.asarray(input_ids), c.pad_token_id, start)
             else:
                 # transformers numbers embeddings from pad + 1 whatever the cache holds.
                 check_length(shape[-1], 0, limit, what)
-                start = c.pad_token_id + 1
-                position_ids = jnp.broadcast_to(jnp.arange(start, start + shape[-1], dtype=jnp.int32), shape)
+                position_ids = sequential_position_ids(shape, c.pad_token_id)
         if encoder_hidden_states is not None and encoder_attention_mask is None:
             encoder_attention_mask = jnp.ones(encoder_hidden_states.shape[:2], jnp.int32)
         # No embedding LayerNorm: every layer norms its own input, the encoder its output.

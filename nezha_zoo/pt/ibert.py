@@ -44,7 +44,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nezha_zoo.families.ibert import HEADS_WITH_POOLER, IBertConfig
+from nezha_zoo.families.ibert import (
+    ACT_BIT,
+    BIAS_BIT,
+    EMBEDDING_ACT_BIT,
+    EMBEDDING_BIT,
+    HEADS_WITH_POOLER,
+    LN_INPUT_BIT,
+    LN_OUTPUT_BIT,
+    WEIGHT_BIT,
+    IBertConfig,
+)
 from nezha_zoo.outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
@@ -67,10 +77,11 @@ from nezha_zoo.pt.heads import (
     sequence_classification_output,
     token_classification_output,
 )
-from nezha_zoo.pt.layers import padding_position_ids, sequential_position_ids
+from nezha_zoo.pt.layers import padding_aware_position_ids, sequential_position_ids
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, prepare_encoder_inputs
 from nezha_zoo.pt.quant import IntGELU, IntLayerNorm, IntSoftmax, QuantAct, QuantEmbedding, QuantLinear, round_ste
 from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.spec.positions import padding_aware_max_length
 from nezha_zoo.validation import InputError
 
 __all__ = [
@@ -82,15 +93,6 @@ __all__ = [
     "IBertForTokenClassification",
     "IBertForQuestionAnswering",
 ]
-
-# Bit widths of transformers' modeling_ibert.py.
-EMBEDDING_BIT = 8
-EMBEDDING_ACT_BIT = 16
-ACT_BIT = 8
-WEIGHT_BIT = 8
-BIAS_BIT = 32
-LN_INPUT_BIT = 22
-LN_OUTPUT_BIT = 32
 
 Scaled = tuple[torch.Tensor, "torch.Tensor | None"]
 
@@ -381,7 +383,7 @@ class IBertPreTrainedModel(PreTrainedModel):
 
 
 def _check_length(config: IBertConfig, seq_len: int) -> None:
-    limit = config.max_position_embeddings - config.pad_token_id - 1
+    limit = padding_aware_max_length(config.max_position_embeddings, config.pad_token_id)
     if seq_len > limit:
         raise InputError(
             f"sequence of length {seq_len} exceeds the longest I-BERT input, max_position_embeddings - "
@@ -464,7 +466,7 @@ class IBertModel(IBertPreTrainedModel):
         if position_ids is None:
             _check_length(cfg, prep.seq_len)
             if input_ids is not None:
-                position_ids = padding_position_ids(input_ids, cfg.pad_token_id)  # (B, L)
+                position_ids = padding_aware_position_ids(input_ids, cfg.pad_token_id)  # (B, L)
             else:
                 position_ids = sequential_position_ids(inputs_embeds.shape, cfg.pad_token_id, device)
         if token_type_ids is None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nezha_zoo.spec.blocks import BertLayerNames
+from nezha_zoo.spec.blocks import BertLayerNames, cross_attention_names
 from nezha_zoo.validation import InputError
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
     "encoder_attention_bias",
     "expand_head_mask",
     "BertEmbeddings",
-    "padding_position_ids",
+    "padding_aware_position_ids",
     "sequential_position_ids",
     "RelativeEmbedding",
     "BertSelfAttention",
@@ -248,19 +248,17 @@ class BertEmbeddings(nn.Module):
         return self.dropout(embeddings)
 
 
-def padding_position_ids(input_ids: torch.Tensor, padding_idx: int, past_len: int = 0) -> torch.Tensor:
-    """RoBERTa-style positions: padding tokens get ``padding_idx``, the others count up from ``padding_idx + 1``.
+def padding_aware_position_ids(input_ids: torch.Tensor, padding_idx: int, past_len: int = 0) -> torch.Tensor:
+    """RoBERTa-style positions (:mod:`nezha_zoo.spec.positions`): ``(B, L)`` ids -> ``(B, L)`` long.
 
-    ``(B, L)`` ids -> ``(B, L)`` long (transformers' ``create_position_ids_from_input_ids``): a
-    left-padded row starts its real tokens at ``padding_idx + 1`` too.  With ``past_len`` cached
-    positions the tokens continue from ``padding_idx + 1 + past_len``.
+    Pads get ``padding_idx``; real tokens count up from ``padding_idx + 1 + past_len`` in their row.
     """
     mask = input_ids.ne(padding_idx).long()  # (B, L): 1 for real tokens
     return (torch.cumsum(mask, dim=1) + past_len) * mask + padding_idx
 
 
 def sequential_position_ids(shape: Sequence[int], padding_idx: int, device: torch.device | None = None) -> torch.Tensor:
-    """Positions for ``inputs_embeds`` (padding cannot be seen): ``padding_idx + 1 ..`` for every row, ``(B, L)``."""
+    """Positions of ``inputs_embeds`` (:mod:`nezha_zoo.spec.positions`): ``padding_idx + 1 ..`` in every row, (B, L)."""
     batch, seq_len = shape[0], shape[1]
     pos = torch.arange(padding_idx + 1, seq_len + padding_idx + 1, dtype=torch.long, device=device)
     return pos[None].expand(batch, seq_len)  # (L,) -> (B, L)
@@ -440,20 +438,6 @@ class BertSelfAttention(nn.Module):
         )
 
 
-def _cross_names(names: BertLayerNames) -> BertLayerNames:
-    """Names below ``crossattention``: the attention block's names without their first component."""
-    from dataclasses import replace
-
-    strip = names.self_attn.split(".", 1)[0] + "."  # "attention."
-    return replace(
-        names,
-        self_attn=names.self_attn.removeprefix(strip),
-        attn_out=names.attn_out.removeprefix(strip),
-        attn_norm=names.attn_norm.removeprefix(strip) if names.attn_norm else None,
-        pre_attn_norm=names.pre_attn_norm.split(".", 1)[-1] if names.pre_attn_norm else None,
-    )
-
-
 class _AttentionBlock:
     """Paths of one attention sub-block (self or cross) inside a layer; not a module itself."""
 
@@ -500,8 +484,8 @@ class BertLayer(nn.Module):
             attach(self, names.attn_norm, nn.LayerNorm(hidden, eps=eps))
         self._cross = None
         if cross_attention:
-            cnames = _cross_names(names)
-            self._cross = _AttentionBlock(names.cross, cnames)
+            cnames = cross_attention_names(names)  # rooted at names.cross, relative to this layer
+            self._cross = _AttentionBlock("", cnames)
             if self._cross.pre_norm:
                 attach(self, self._cross.pre_norm, nn.LayerNorm(hidden, eps=eps))
             attach(self, self._cross.core, BertSelfAttention(config, cnames))

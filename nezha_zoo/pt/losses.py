@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nezha_zoo.outputs import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX",
     "infer_problem_type",
@@ -17,9 +19,6 @@ __all__ = [
     "next_sentence_prediction_loss",
     "replaced_token_detection_loss",
 ]
-
-#: Label value skipped by every cross-entropy.
-IGNORE_INDEX = -100
 
 
 def infer_problem_type(num_labels: int, labels: torch.Tensor, problem_type: str | None = None) -> str:

@@ -32,13 +32,12 @@ Sentence embeddings: :meth:`MPNetPreTrainedModel.encode` (mean pooling + L2 norm
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNetConfig
+from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNetConfig, relative_bucket_table
 from nezha_zoo.outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
@@ -67,16 +66,16 @@ from nezha_zoo.pt.layers import (
     BertEmbeddings,
     BertEncoder,
     attach,
-    padding_position_ids,
+    padding_aware_position_ids,
     sequential_position_ids,
 )
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, prepare_encoder_inputs
 from nezha_zoo.spec.blocks import MPNET_NAMES
 from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.spec.positions import padding_aware_max_length, relative_position_index
 from nezha_zoo.validation import InputError
 
 __all__ = [
-    "relative_position_bucket",
     "MPNetPreTrainedModel",
     "MPNetModel",
     "MPNetForMaskedLM",
@@ -85,36 +84,6 @@ __all__ = [
     "MPNetForTokenClassification",
     "MPNetForQuestionAnswering",
 ]
-
-#: T5's bucketing horizon: distances from here on share the last bucket of their direction.
-MAX_DISTANCE = 128
-
-
-def relative_position_bucket(
-    relative_position: torch.Tensor, num_buckets: int = 32, max_distance: int = MAX_DISTANCE
-) -> torch.Tensor:
-    """T5's bidirectional buckets of ``relative_position = key - query`` (long tensor, any shape).
-
-    Half the buckets serve each direction (keys before the query: ``[0, nb/2)``, after it:
-    ``[nb/2, nb)``); inside a half, distances below ``max_exact = nb/4`` keep their own bucket and
-    larger ones are spaced logarithmically up to ``max_distance``, capped at the half's last bucket.
-    The arithmetic (float32 log, truncation) is transformers'.
-    """
-    half = num_buckets // 2
-    n = -relative_position
-    ret = (n < 0).to(torch.long) * half
-    n = torch.abs(n)
-    max_exact = half // 2
-    if max_exact == 0:  # 2 or 3 buckets: one bucket per direction
-        return ret
-    is_small = n < max_exact
-    # clamp(min=1): the log of the small distances is never used (and log(0) would be -inf).
-    large = max_exact + (
-        torch.log(n.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact) * (half - max_exact)
-    ).to(torch.long)
-    large = torch.clamp(large, max=half - 1)
-    return ret + torch.where(is_small, n, large)
-
 
 _ARGS_DOC = """
     Forward arguments (B = batch, L = sequence length, L <= max_position_embeddings - 2; all optional
@@ -160,7 +129,7 @@ class MPNetPreTrainedModel(PreTrainedModel):
 
 
 def _check_length(config: MPNetConfig, seq_len: int) -> None:
-    limit = config.max_position_embeddings - (EMBEDDING_PADDING_IDX + 1)
+    limit = padding_aware_max_length(config.max_position_embeddings, EMBEDDING_PADDING_IDX)
     if seq_len > limit:
         raise InputError(
             f"sequence of length {seq_len} exceeds the longest MPNet input, max_position_embeddings - 2 = {limit} "
@@ -202,6 +171,8 @@ class MPNetModel(MPNetPreTrainedModel):
             nn.Embedding(config.relative_attention_num_buckets, config.num_attention_heads),
         )
         self.pooler = BertPooler(config.hidden_size) if add_pooling_layer else None
+        # (2S + 1,) bucket of every distance; a constant of the config, not a buffer of the checkpoint
+        self._bucket_table = torch.from_numpy(relative_bucket_table(config)).long()
         self.post_init()
 
     def model_spec(self) -> ModelSpec:
@@ -218,8 +189,8 @@ class MPNetModel(MPNetPreTrainedModel):
     def compute_position_bias(self, seq_len: int, like: torch.Tensor) -> torch.Tensor:
         """The shared relative attention bias ``(1, heads, L, L)`` for ``arange(L)`` positions."""
         pos = torch.arange(seq_len, dtype=torch.long, device=like.device)
-        relative = pos[None, :] - pos[:, None]  # (Lq, Lk): key - query
-        bucket = relative_position_bucket(relative, num_buckets=self.config.relative_attention_num_buckets)
+        span = self.config.max_position_embeddings
+        bucket = self._bucket_table.to(like.device)[relative_position_index(pos, pos, span, torch.clamp)]  # (L, L)
         values = self.encoder.relative_attention_bias(bucket)  # (Lq, Lk, heads)
         # (Lq, Lk, heads) -> (1, heads, Lq, Lk), contiguous: every layer adds it to its scores, and a
         # permuted view there costs a strided read per layer.
@@ -261,7 +232,7 @@ class MPNetModel(MPNetPreTrainedModel):
         _check_length(cfg, prep.seq_len)
         if position_ids is None:
             if input_ids is not None:
-                position_ids = padding_position_ids(input_ids, EMBEDDING_PADDING_IDX)  # (B, L)
+                position_ids = padding_aware_position_ids(input_ids, EMBEDDING_PADDING_IDX)  # (B, L)
             else:
                 position_ids = sequential_position_ids(inputs_embeds.shape, EMBEDDING_PADDING_IDX, inputs_embeds.device)
         hidden = self.embeddings(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)

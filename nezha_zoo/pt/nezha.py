@@ -7,11 +7,12 @@ sinusoidal encoding of the clipped relative distance between query and key posit
 
 The encoding is computed, never stored: a table of ``2K + 1`` rows (``K = max_relative_position``;
 row ``p`` holds ``sin(p * w)`` in even and ``cos(p * w)`` in odd columns, ``w`` the usual inverse
-frequencies over ``head_dim``) and an ``(Lq, Lk)`` index ``clamp(j - i, -K, K) + K`` into it
-(:class:`~nezha_zoo.pt.layers.RelativeEmbedding`; up to :data:`DENSE_RELATIVE_ELEMENTS` the dense
-tensor is built from it once per forward pass).  transformers 4.57.6 materialises
-``(max_position_embeddings, max_position_embeddings, head_dim)`` per layer and so refuses longer
-inputs; here any length works and equals transformers wherever transformers runs.
+frequencies over ``head_dim``; :func:`nezha_zoo.families.nezha.relative_position_table`) and an
+``(Lq, Lk)`` index ``clamp(j - i, -K, K) + K`` into it (:func:`nezha_zoo.spec.positions.
+relative_position_index`, :class:`~nezha_zoo.pt.layers.RelativeEmbedding`; up to
+:data:`DENSE_RELATIVE_ELEMENTS` the dense tensor is built from it once per forward pass).
+transformers 4.57.6 materialises ``(max_position_embeddings, max_position_embeddings, head_dim)``
+per layer and so refuses longer inputs; here any length works and equals transformers wherever transformers runs.
 
 Decoding with a cache: query ``i`` of a step sits at absolute position ``past_len + i``, so cached
 decoding equals full decoding (transformers' own cached path assumes ``Lq == Lk`` and fails).
@@ -24,15 +25,15 @@ same for any lengths, with the decoder positions offset by the cache length.
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from nezha_zoo.families.nezha import NezhaConfig
+from nezha_zoo.families.nezha import NezhaConfig, relative_position_table
 from nezha_zoo.outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     MaskedLMOutput,
@@ -60,6 +61,7 @@ from nezha_zoo.pt.heads import (
 from nezha_zoo.pt.layers import BertEmbeddings, BertEncoder, RelativeEmbedding
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, prepare_encoder_inputs
 from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.spec.positions import relative_position_index
 
 #: Largest ``Lq * Lk * head_dim`` for which the relative terms use the materialised tensor (16 MiB in
 #: float32, built once per forward pass and shared by every layer): both terms are then batched matrix
@@ -70,8 +72,6 @@ DENSE_RELATIVE_ELEMENTS = 2**22
 logger = logging.getLogger("nezha_zoo")
 
 __all__ = [
-    "relative_position_table",
-    "relative_position_index",
     "NezhaPreTrainedModel",
     "NezhaModel",
     "NezhaForPreTraining",
@@ -84,46 +84,12 @@ __all__ = [
 ]
 
 
-# --- functional relative positions ---------------------------------------------------------------
-
-
-def relative_position_table(
-    max_relative_position: int, depth: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """The sinusoid table over shifted relative distances ``p = 0 .. 2K``: (2K + 1, depth) float32.
-
-    ``table[p, 0::2] = sin(p * w)``, ``table[p, 1::2] = cos(p * w)``,
-    ``w = exp(arange(0, depth, 2) * -ln(10000) / depth)`` -- interleaved columns and the shifted
-    index ``p = clamp(j - i, -K, K) + K`` as the argument, exactly as transformers' Nezha.
-    """
-    rows = 2 * max_relative_position + 1
-    position = torch.arange(rows, dtype=torch.float32, device=device)[:, None]  # (P, 1)
-    div_term = torch.exp(
-        torch.arange(0, depth, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / depth)
-    )  # (ceil(d / 2),)
-    angles = position * div_term  # (P, ceil(d / 2))
-    table = torch.zeros(rows, depth, dtype=torch.float32, device=device)
-    table[:, 0::2] = torch.sin(angles)
-    table[:, 1::2] = torch.cos(angles)[:, : depth // 2]
-    return table
-
-
-def relative_position_index(
-    query_len: int,
-    key_len: int,
-    max_relative_position: int,
-    query_offset: int = 0,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Table row of each (query, key) pair: (query_len, key_len) long.
-
-    Query ``i`` sits at absolute position ``query_offset + i`` (the cache length when decoding), key
-    ``j`` at ``j``; the row is ``clamp(j - (query_offset + i), -K, K) + K``.
-    """
-    q_pos = torch.arange(query_offset, query_offset + query_len, device=device)[:, None]  # (Lq, 1)
-    k_pos = torch.arange(key_len, device=device)[None, :]  # (1, Lk)
-    distance = (k_pos - q_pos).clamp(-max_relative_position, max_relative_position)  # (Lq, Lk)
-    return distance + max_relative_position
+@functools.lru_cache(maxsize=8)
+def _table(max_relative_position: int, depth: int) -> torch.Tensor:
+    # Built once per (K, depth) on the CPU with torch's float32 maths, as transformers' buffer is; a
+    # normal tensor even when first asked for under inference_mode, so that autograd may save it later.
+    with torch.inference_mode(False):
+        return relative_position_table(max_relative_position, depth, xp=torch)
 
 
 # --- base ----------------------------------------------------------------------------------------
@@ -201,8 +167,10 @@ class NezhaModel(NezhaPreTrainedModel):
         ``(Lq, Lk, head_dim)`` tensor up to :data:`DENSE_RELATIVE_ELEMENTS`, the lookup above."""
         cfg = self.config
         depth = cfg.hidden_size // cfg.num_attention_heads
-        table = relative_position_table(cfg.max_relative_position, depth, device=like.device).to(like.dtype)
-        index = relative_position_index(query_len, key_len, cfg.max_relative_position, offset, device=like.device)
+        table = _table(cfg.max_relative_position, depth).to(like.device, like.dtype)  # (2K + 1, depth)
+        q_pos = torch.arange(offset, offset + query_len, device=like.device)  # absolute query positions
+        k_pos = torch.arange(key_len, device=like.device)
+        index = relative_position_index(q_pos, k_pos, cfg.max_relative_position, torch.clamp)  # (Lq, Lk)
         relative = RelativeEmbedding(table, index)
         return relative.dense() if query_len * key_len * depth <= DENSE_RELATIVE_ELEMENTS else relative
 

@@ -54,6 +54,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nezha_zoo.families.ibert import (
+    EXACT_CHUNK,
+    EXP_COEFFS,
+    EXP_SHIFT,
+    EXP_X0,
+    GELU_COEFFS,
+    GELU_SHIFT,
+    GELU_SQRT2,
+    MAX_BIT,
+    SOFTMAX_EXP_BIT,
+    UNCALIBRATED_RANGE,
+)
+
 __all__ = [
     "EXACT_CHUNK",
     "symmetric_scale",
@@ -73,13 +86,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("nezha_zoo")
-
-#: Largest contraction length summed in one float32 product of int8 operands: 1024 * 128 * 127 < 2**24,
-#: so every partial sum is an exactly representable float32 integer whatever the summation order.
-EXACT_CHUNK = 1024
-
-#: transformers' ``QuantAct`` initial range is +-1e-5; a range inside +-1.1e-5 means "never calibrated".
-_UNCALIBRATED = 1.1e-5
 
 
 # --- scaling factors and rounding ----------------------------------------------------------------
@@ -381,7 +387,7 @@ class QuantAct(nn.Module):
         lo, hi = x_act.min().float(), x_act.max().float()
         if torch.isnan(lo) or torch.isnan(hi):
             raise ValueError("QuantAct: NaN in the activation while calibrating its range")
-        if self.x_min.min() > -_UNCALIBRATED and self.x_max.max() < _UNCALIBRATED:
+        if self.x_min.min() > -UNCALIBRATED_RANGE and self.x_max.max() < UNCALIBRATED_RANGE:
             new_min, new_max = self.x_min + lo, self.x_max + hi
         elif self.act_range_momentum == -1:
             new_min, new_max = torch.minimum(self.x_min, lo), torch.maximum(self.x_max, hi)
@@ -547,9 +553,9 @@ class IntGELU(nn.Module):
     def __init__(self, quant_mode: bool = True, force_dequant: str = "none") -> None:
         super().__init__()
         self.quant_mode = quant_mode and force_dequant not in ("nonlinear", "gelu")
-        self.k = 1.4142
-        self.const = 14
-        self.coeff = [-0.2888, -1.769, 1.0 / -0.2888]  # a, b, c / a with c = 1
+        self.k = GELU_SQRT2
+        self.const = GELU_SHIFT
+        self.coeff = [*GELU_COEFFS, 1.0 / GELU_COEFFS[0]]  # a, b, c / a with c = 1
 
     def int_erf(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer erf of ``q * scale``: returns ``(y float64 integers, s_y float32)``."""
@@ -603,12 +609,13 @@ class IntSoftmax(nn.Module):
     def __init__(self, output_bit: int, quant_mode: bool = False, force_dequant: str = "none") -> None:
         super().__init__()
         self.output_bit = output_bit
-        self.max_bit = 32
+        self.max_bit = MAX_BIT
         self.quant_mode = quant_mode and force_dequant not in ("nonlinear", "softmax")
-        self.act = QuantAct(16, quant_mode=self.quant_mode)
-        self.x0 = -0.6931
-        self.const = 30
-        self.coef = [0.35815147, 0.96963238 / 0.35815147, 1.0 / 0.35815147]
+        self.act = QuantAct(SOFTMAX_EXP_BIT, quant_mode=self.quant_mode)
+        self.x0 = EXP_X0
+        self.const = EXP_SHIFT
+        a, b, c = EXP_COEFFS
+        self.coef = [a, b / a, c / a]
 
     def int_exp(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer ``exp`` of non-positive integer ``q`` (scale ``scale``): ``(e float64, s_e float32)``."""
@@ -702,7 +709,7 @@ class IntLayerNorm(nn.Module):
         self.quant_mode = quant_mode and force_dequant not in ("nonlinear", "layernorm")
         self.register_buffer("shift", torch.zeros(1))
         self.output_bit = output_bit
-        self.max_bit = 32
+        self.max_bit = MAX_BIT
         self.activation = QuantAct(output_bit, quant_mode=self.quant_mode)
 
     def _variance(self, y: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from torch import nn
 
 from nezha_zoo.families.xlm_roberta_xl import HEADS_WITH_POOLER, XLMRobertaXLConfig
 from nezha_zoo.outputs import (
+    IGNORE_INDEX,
     BaseModelOutputWithPoolingAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
     MaskedLMOutput,
@@ -51,10 +52,11 @@ from nezha_zoo.pt.heads import (
     sequence_classification_output,
     token_classification_output,
 )
-from nezha_zoo.pt.layers import BertEmbeddings, BertEncoder, padding_position_ids, sequential_position_ids
+from nezha_zoo.pt.layers import BertEmbeddings, BertEncoder, padding_aware_position_ids, sequential_position_ids
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, prepare_encoder_inputs
 from nezha_zoo.spec.blocks import XLM_ROBERTA_XL_NAMES
 from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.spec.positions import padding_aware_max_length
 from nezha_zoo.validation import InputError, check_length
 
 logger = logging.getLogger("nezha_zoo")
@@ -99,11 +101,6 @@ TOKEN_LABELS_DOC = """
     """
 
 
-def max_input_length(config: XLMRobertaXLConfig) -> int:
-    """The longest input: positions ``pad_token_id + 1 .. max_position_embeddings - 1``."""
-    return config.max_position_embeddings - config.pad_token_id - 1
-
-
 def active_token_labels(labels: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """Labels (B, L) with -100 wherever ``attention_mask`` (B, L) is not 1 (transformers' XLM-R-XL rule)."""
     if labels is None or attention_mask is None:
@@ -113,7 +110,7 @@ def active_token_labels(labels: torch.Tensor | None, attention_mask: torch.Tenso
             f"token-classification labels {tuple(labels.shape)} need an attention_mask of the same shape, "
             f"got {tuple(attention_mask.shape)}"
         )
-    return torch.where(attention_mask == 1, labels, torch.full_like(labels, -100))
+    return torch.where(attention_mask == 1, labels, torch.full_like(labels, IGNORE_INDEX))
 
 
 class XLMRobertaXLPreTrainedModel(PreTrainedModel):
@@ -205,11 +202,21 @@ class XLMRobertaXLModel(XLMRobertaXLPreTrainedModel):
         if position_ids is None:
             pad = cfg.pad_token_id
             if input_ids is not None:
-                check_length(prep.seq_len, prep.past_len, max_input_length(cfg), "max_position_embeddings - pad - 1")
-                position_ids = padding_position_ids(input_ids, pad, prep.past_len)  # (B, L)
+                check_length(
+                    prep.seq_len,
+                    prep.past_len,
+                    padding_aware_max_length(cfg.max_position_embeddings, pad),
+                    "max_position_embeddings - pad - 1",
+                )
+                position_ids = padding_aware_position_ids(input_ids, pad, prep.past_len)  # (B, L)
             else:
                 # transformers numbers embeddings from pad + 1 whatever the cache holds.
-                check_length(prep.seq_len, 0, max_input_length(cfg), "max_position_embeddings - pad - 1")
+                check_length(
+                    prep.seq_len,
+                    0,
+                    padding_aware_max_length(cfg.max_position_embeddings, pad),
+                    "max_position_embeddings - pad - 1",
+                )
                 position_ids = sequential_position_ids(inputs_embeds.shape, pad, inputs_embeds.device)
         hidden = self.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds

@@ -7,7 +7,7 @@ extra tables).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nezha_zoo.spec.param import Kind, ModelSpec, Param, prefixed
 
@@ -18,6 +18,7 @@ __all__ = [
     "BertLayerNames",
     "bert_attention",
     "bert_layer",
+    "cross_attention_names",
     "bert_encoder",
     "pooler",
     "XLM_ROBERTA_XL_NAMES",
@@ -115,10 +116,10 @@ def bert_layer(
         ps += layer_norm(_join(prefix, names.pre_attn_norm), hidden)
     ps += bert_attention(prefix, hidden, names)
     if cross_attention:
-        cross = _join(prefix, names.cross)
-        if names.pre_attn_norm:
-            ps += layer_norm(_join(cross, names.pre_attn_norm.split(".", 1)[-1]), hidden)
-        ps += bert_attention(cross, hidden, _cross_names(names))
+        cross = cross_attention_names(names)
+        if cross.pre_attn_norm:
+            ps += layer_norm(_join(prefix, cross.pre_attn_norm), hidden)
+        ps += bert_attention(prefix, hidden, cross)
     if names.pre_ffn_norm:
         ps += layer_norm(_join(prefix, names.pre_ffn_norm), hidden)
     ps += dense(_join(prefix, names.intermediate), hidden, intermediate, "hidden", "mlp")
@@ -128,17 +129,28 @@ def bert_layer(
     return ps
 
 
-def _cross_names(names: BertLayerNames) -> BertLayerNames:
-    """Cross-attention reuses the attention block's names below its own ``crossattention`` module."""
-    from dataclasses import replace
+def cross_attention_names(names: BertLayerNames) -> BertLayerNames:
+    """The names of a layer's cross-attention block: the attention block's names re-rooted at ``names.cross``.
 
-    strip = names.self_attn.split(".", 1)[0] + "."  # "attention."
+    Every path under the self-attention block's first component (``attention.self`` ->
+    ``crossattention.self``, ``attention.output.dense`` -> ``crossattention.output.dense``, XLM-R-XL's
+    ``attention.self_attn_layer_norm`` -> ``crossattention.self_attn_layer_norm``) moves to the
+    ``crossattention`` module, as transformers' decoder layers name it; projection names stay.
+    """
+    root = names.self_attn.split(".", 1)[0]  # "attention"
+
+    def reroot(path: str | None) -> str | None:
+        if path is None:
+            return None
+        first, dot, rest = path.partition(".")
+        return names.cross + dot + rest if first == root else path
+
     return replace(
         names,
-        self_attn=names.self_attn.removeprefix(strip),
-        attn_out=names.attn_out.removeprefix(strip),
-        attn_norm=names.attn_norm.removeprefix(strip) if names.attn_norm else None,
-        pre_attn_norm=None,
+        self_attn=reroot(names.self_attn),
+        attn_out=reroot(names.attn_out),
+        attn_norm=reroot(names.attn_norm),
+        pre_attn_norm=reroot(names.pre_attn_norm),
     )
 
 

@@ -34,7 +34,18 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from nezha_zoo.families.ibert import HEADS_WITH_POOLER, IBERT, IBertConfig
+from nezha_zoo.families.ibert import (
+    ACT_BIT,
+    BIAS_BIT,
+    EMBEDDING_ACT_BIT,
+    EMBEDDING_BIT,
+    HEADS_WITH_POOLER,
+    IBERT,
+    LN_INPUT_BIT,
+    LN_OUTPUT_BIT,
+    WEIGHT_BIT,
+    IBertConfig,
+)
 from nezha_zoo.outputs import BaseModelOutputWithPooling
 from nezha_zoo.spec.param import ModelSpec
 from nezha_zoo.tf.heads import (
@@ -81,15 +92,6 @@ __all__ = [
     "TFIBertForTokenClassification",
     "TFIBertForQuestionAnswering",
 ]
-
-# Bit widths of transformers' modeling_ibert.py.
-EMBEDDING_BIT = 8
-EMBEDDING_ACT_BIT = 16
-ACT_BIT = 8
-WEIGHT_BIT = 8
-BIAS_BIT = 32
-LN_INPUT_BIT = 22
-LN_OUTPUT_BIT = 32
 
 _F64 = tf.float64
 

@@ -44,6 +44,7 @@ import tensorflow as tf
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.outputs import BaseModelOutputWithPastAndCrossAttentions
 from nezha_zoo.spec.blocks import BertLayerNames
+from nezha_zoo.spec.positions import padding_aware_max_length
 from nezha_zoo.tf.cache import append_kv, fixed_cache_length, is_fixed_cache
 from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
 
@@ -733,10 +734,9 @@ def check_inputs(
 
 
 def padding_aware_position_ids(input_ids, padding_idx: int, past_len: Any = 0) -> tf.Tensor:
-    """RoBERTa-style positions (transformers' ``create_position_ids_from_input_ids``).
+    """RoBERTa-style positions (:mod:`nezha_zoo.spec.positions`): ``input_ids`` (B, L) int -> (B, L) int32.
 
-    Padding tokens get ``padding_idx``; the others count up from ``padding_idx + 1 + past_len``
-    in their row, skipping pads.  ``input_ids`` (B, L) int -> (B, L) int32.
+    Pads get ``padding_idx``; real tokens count up from ``padding_idx + 1 + past_len`` in their row.
     """
     not_pad = tf.cast(tf.not_equal(tf.cast(input_ids, tf.int64), padding_idx), tf.int32)  # (B, L) 1 = token
     return (tf.cumsum(not_pad, axis=1) + tf.cast(past_len, tf.int32)) * not_pad + padding_idx
@@ -830,7 +830,7 @@ class BertBackboneMixin:
         """Longest input (cache included); ``None`` means ``config.max_position_embeddings``."""
         if self.position_padding_idx is None:
             return None
-        return self.config.max_position_embeddings - self.position_padding_idx - 1
+        return padding_aware_max_length(self.config.max_position_embeddings, self.position_padding_idx)
 
     def default_position_ids(self, input_ids, inputs_embeds, past_len: Any) -> tf.Tensor:
         """Positions when ``position_ids`` is not given: (B or 1, L) int."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from nezha_zoo.outputs import IGNORE_INDEX  # noqa: E402
+
 __all__ = [
     "cross_entropy",
     "mse",
@@ -17,8 +19,6 @@ __all__ = [
     "question_answering_loss",
     "replaced_token_detection_loss",
 ]
-
-IGNORE_INDEX = -100
 
 
 def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX) -> tf.Tensor:

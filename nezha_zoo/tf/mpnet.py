@@ -24,19 +24,25 @@ more, transformers uses only the first 32 rows; with fewer it indexes past the t
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNET, MPNetConfig
+from nezha_zoo.families.mpnet import (
+    EMBEDDING_PADDING_IDX,
+    HEADS_WITH_POOLER,
+    MPNET,
+    MPNetConfig,
+    relative_bucket_table,
+)
 from nezha_zoo.outputs import (
     BaseModelOutputWithPooling,
     SentenceEmbeddingOutput,
 )
 from nezha_zoo.spec.blocks import MPNET_NAMES
 from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.spec.positions import relative_position_index
 from nezha_zoo.tf.heads import (
     TFClassificationHead,
     TFPooler,
@@ -55,7 +61,6 @@ from nezha_zoo.tf.layers import BertBackboneMixin, Block, TFBertEmbeddings, TFBe
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 
 __all__ = [
-    "relative_position_bucket",
     "TFMPNetEncoder",
     "TFMPNetMainLayer",
     "TFMPNetPreTrainedModel",
@@ -66,34 +71,6 @@ __all__ = [
     "TFMPNetForTokenClassification",
     "TFMPNetForQuestionAnswering",
 ]
-
-MAX_DISTANCE = 128
-
-
-# --- relative attention bias ------------------------------------------------------------------------
-
-
-def relative_position_bucket(relative_position, num_buckets: int = 32, max_distance: int = MAX_DISTANCE) -> tf.Tensor:
-    """T5's bidirectional bucket of ``relative_position = key - query`` (int tensor, any shape).
-
-    Half the buckets serve keys before the query (``n = query - key > 0``), half keys after it
-    (offset ``num_buckets // 2``).  Within a half (``h = num_buckets // 2``, ``e = h // 2``):
-    distances below ``e`` keep their own bucket; larger ones get
-    ``e + floor(log(n / e) / log(max_distance / e) * (h - e))``, capped at ``h - 1``.  Computed in
-    float32 in the same order as transformers, so bucket boundaries agree bit for bit.
-    """
-    n = -tf.cast(relative_position, tf.int32)
-    half = num_buckets // 2
-    ret = tf.cast(n < 0, tf.int32) * half
-    n = tf.abs(n)
-    max_exact = half // 2
-    if max_exact == 0:  # 2 or 3 buckets: one bucket per direction (transformers divides by zero)
-        return ret
-    is_small = n < max_exact
-    safe = tf.cast(tf.maximum(n, 1), tf.float32)  # log(0) is never selected; keep it finite
-    scaled = tf.math.log(safe / float(max_exact)) / math.log(max_distance / max_exact) * float(half - max_exact)
-    large = tf.minimum(max_exact + tf.cast(scaled, tf.int32), half - 1)  # truncation toward 0, as .to(long)
-    return ret + tf.where(is_small, n, large)
 
 
 class TFMPNetEncoder(TFBertEncoder):
@@ -111,6 +88,8 @@ class TFMPNetEncoder(TFBertEncoder):
     def __init__(self, config: MPNetConfig, name: str = "encoder", **kwargs: Any) -> None:
         super().__init__(config, MPNET_NAMES, name=name, **kwargs)
         self.num_buckets = config.relative_attention_num_buckets
+        self.bucket_span = config.max_position_embeddings
+        self._bucket_table = relative_bucket_table(config)  # (2S + 1,) constant, not a weight
         self.relative_attention_bias = keras.layers.Embedding(
             config.relative_attention_num_buckets, config.num_attention_heads, name="relative_attention_bias"
         )
@@ -119,8 +98,8 @@ class TFMPNetEncoder(TFBertEncoder):
         """(1, heads, L, L) additive score bias from ``arange`` positions."""
         length = tf.shape(hidden_states)[1]
         positions = tf.range(length)
-        relative = positions[None, :] - positions[:, None]  # (L, L): key - query
-        bucket = relative_position_bucket(relative, self.num_buckets)  # (L, L)
+        index = relative_position_index(positions, positions, self.bucket_span, tf.clip_by_value)  # (L, L)
+        bucket = tf.gather(self._bucket_table, index)  # (L, L)
         values = self.relative_attention_bias(bucket)  # (L, L, heads)
         return tf.transpose(values, (2, 0, 1))[None]  # (1, heads, L, L)
 

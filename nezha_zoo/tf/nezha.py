@@ -24,13 +24,11 @@ length; here cross-attention uses them for any lengths, with query ``i`` at ``of
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
-from nezha_zoo.families.nezha import NEZHA, NezhaConfig
+from nezha_zoo.families.nezha import NEZHA, NezhaConfig, relative_position_table
 from nezha_zoo.outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     NextSentencePredictorOutput,
@@ -38,6 +36,7 @@ from nezha_zoo.outputs import (
 )
 from nezha_zoo.spec.blocks import BertLayerNames
 from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.spec.positions import relative_position_index
 from nezha_zoo.tf import losses
 from nezha_zoo.tf.heads import (
     TFBertLMPredictionHead,
@@ -65,7 +64,6 @@ from nezha_zoo.tf.layers import (
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 
 __all__ = [
-    "relative_position_table",
     "relative_position_encoding",
     "TFNezhaPreTrainedModel",
     "TFNezhaMainLayer",
@@ -83,20 +81,6 @@ __all__ = [
 # --- functional relative positions ----------------------------------------------------------------
 
 
-def relative_position_table(max_relative_position: int, depth: int) -> np.ndarray:
-    """The (2K+1, depth) float32 sinusoid table over the shifted index ``p = 0 .. 2K``.
-
-    Computed in float32 step by step as transformers does (interleaved sin/cos columns).
-    """
-    rows = 2 * max_relative_position + 1
-    position = np.arange(rows, dtype=np.float32)[:, None]  # (2K+1, 1)
-    div = np.exp(np.arange(0, depth, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / depth))  # (ceil(d/2),)
-    table = np.zeros((rows, depth), np.float32)
-    table[:, 0::2] = np.sin(position * div)
-    table[:, 1::2] = np.cos(position * div)[:, : depth // 2]
-    return table
-
-
 def relative_position_encoding(table: Any, q_len: Any, k_len: Any, query_offset: Any = 0) -> tf.Tensor:
     """``R`` (Lq, Lk, depth): ``table[clip(j - (query_offset + i), -K, K) + K]``.
 
@@ -104,9 +88,8 @@ def relative_position_encoding(table: Any, q_len: Any, k_len: Any, query_offset:
     """
     table = tf.convert_to_tensor(table, tf.float32)
     k = (tf.shape(table)[0] - 1) // 2
-    i = tf.range(q_len)[:, None] + tf.cast(query_offset, tf.int32)  # (Lq, 1) absolute query positions
-    j = tf.range(k_len)[None, :]  # (1, Lk) key positions
-    index = tf.clip_by_value(j - i, -k, k) + k  # (Lq, Lk) rows of the table
+    q_pos = tf.range(q_len) + tf.cast(query_offset, tf.int32)  # (Lq,) absolute query positions
+    index = relative_position_index(q_pos, tf.range(k_len), k, tf.clip_by_value)  # (Lq, Lk) rows of the table
     return tf.gather(table, index)  # (Lq, Lk, depth)
 
 

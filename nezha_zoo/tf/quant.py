@@ -43,6 +43,18 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from nezha_zoo.families.ibert import (
+    EXACT_CHUNK,
+    EXP_COEFFS,
+    EXP_SHIFT,
+    EXP_X0,
+    GELU_COEFFS,
+    GELU_SHIFT,
+    GELU_SQRT2,
+    MAX_BIT,
+    SOFTMAX_EXP_BIT,
+    UNCALIBRATED_RANGE,
+)
 from nezha_zoo.tf.layers import freeze_padding_row
 
 __all__ = [
@@ -67,11 +79,6 @@ __all__ = [
     "IntLayerNorm",
 ]
 
-#: Largest contraction summed in one float32 product of int8 operands (1024 * 128 * 128 = 2**24).
-EXACT_CHUNK = 1024
-
-#: transformers' ``QuantAct`` starts at +-1e-5; a range inside +-1.1e-5 means "never calibrated".
-_UNCALIBRATED = 1.1e-5
 
 _F32, _F64 = tf.float32, tf.float64
 
@@ -387,7 +394,7 @@ class QuantAct(keras.layers.Layer):
         lo = tf.debugging.check_numerics(lo, f"{self.name}: NaN/inf in the activation while calibrating")
         hi = tf.debugging.check_numerics(hi, f"{self.name}: NaN/inf in the activation while calibrating")
         x_min, x_max = tf.convert_to_tensor(self.x_min), tf.convert_to_tensor(self.x_max)
-        first = tf.logical_and(tf.reduce_min(x_min) > -_UNCALIBRATED, tf.reduce_max(x_max) < _UNCALIBRATED)
+        first = tf.logical_and(tf.reduce_min(x_min) > -UNCALIBRATED_RANGE, tf.reduce_max(x_max) < UNCALIBRATED_RANGE)
         if self.act_range_momentum == -1:
             run_min, run_max = tf.minimum(x_min, lo), tf.maximum(x_max, hi)
         else:
@@ -553,9 +560,9 @@ class IntGELU(keras.layers.Layer):
     ):
         super().__init__(name=name, autocast=False, **kwargs)
         self.quant_mode = quant_mode and force_dequant not in ("nonlinear", "gelu")
-        self.k = 1.4142
-        self.const = 14
-        self.coeff = (-0.2888, -1.769, 1.0 / -0.2888)  # a, b, c / a with c = 1
+        self.k = GELU_SQRT2
+        self.const = GELU_SHIFT
+        self.coeff = (*GELU_COEFFS, 1.0 / GELU_COEFFS[0])  # a, b, c / a with c = 1
 
     def int_erf(self, q: tf.Tensor, scale: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Integer erf of ``q * scale``: ``(y float64 integers, s_y float32)``."""
@@ -601,12 +608,13 @@ class IntSoftmax(keras.layers.Layer):
     ):
         super().__init__(name=name, autocast=False, **kwargs)
         self.output_bit = output_bit
-        self.max_bit = 32
+        self.max_bit = MAX_BIT
         self.quant_mode = quant_mode and force_dequant not in ("nonlinear", "softmax")
-        self.act = QuantAct(16, quant_mode=self.quant_mode, name="act")
-        self.x0 = -0.6931
-        self.const = 30
-        self.coef = (0.35815147, 0.96963238 / 0.35815147, 1.0 / 0.35815147)
+        self.act = QuantAct(SOFTMAX_EXP_BIT, quant_mode=self.quant_mode, name="act")
+        self.x0 = EXP_X0
+        self.const = EXP_SHIFT
+        a, b, c = EXP_COEFFS
+        self.coef = (a, b / a, c / a)
 
     def build(self, input_shape=None):
         _build_child(self.act)  # float mode never calls it; its range is saved all the same
@@ -677,7 +685,7 @@ class IntLayerNorm(keras.layers.Layer):
         self.eps = eps
         self.quant_mode = quant_mode and force_dequant not in ("nonlinear", "layernorm")
         self.output_bit = output_bit
-        self.max_bit = 32
+        self.max_bit = MAX_BIT
         self.activation = QuantAct(output_bit, quant_mode=self.quant_mode, name="activation")
 
     def build(self, input_shape=None):

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from nezha_zoo.families.xlm_roberta_xl import HEADS_WITH_POOLER, XLM_ROBERTA_XL, XLMRobertaXLConfig
 from nezha_zoo.outputs import (
+    IGNORE_INDEX,
     BaseModelOutputWithPoolingAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
     TokenClassifierOutput,
@@ -78,7 +79,7 @@ def active_token_labels(labels, attention_mask):
         )
     labels = tf.cast(labels, tf.int64)
     keep = tf.equal(tf.cast(attention_mask, tf.int64), 1)
-    return tf.where(keep, labels, tf.fill(tf.shape(labels), tf.constant(-100, tf.int64)))
+    return tf.where(keep, labels, tf.fill(tf.shape(labels), tf.constant(IGNORE_INDEX, tf.int64)))
 
 
 # --- base model -------------------------------------------------------------------------------------

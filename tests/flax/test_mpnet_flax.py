@@ -24,8 +24,9 @@ from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
 
 import nezha_zoo.flax as nzf
 from nezha_zoo import MPNetConfig
+from nezha_zoo.families.mpnet import relative_position_bucket
 from nezha_zoo.flax import losses as L
-from nezha_zoo.flax.mpnet import mpnet_position_ids, relative_position_bucket
+from nezha_zoo.flax.layers import padding_aware_position_ids
 from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision
@@ -175,7 +176,7 @@ def test_position_ids_and_inputs_embeds_paths_match_transformers(pairs):
     compare(mine, theirs, "TokCls[inputs_embeds]")
     # and the defaulted positions are RoBERTa-style: pads 1, tokens from 2 (left padding included)
     want = np.where(inputs["input_ids"] == PAD, PAD, np.cumsum(inputs["input_ids"] != PAD, axis=1) + PAD)
-    np.testing.assert_array_equal(np.asarray(mpnet_position_ids(jnp.asarray(inputs["input_ids"]))), want)
+    np.testing.assert_array_equal(np.asarray(padding_aware_position_ids(jnp.asarray(inputs["input_ids"]), 1)), want)
     # multiple choice flattens position_ids and inputs_embeds as well
     pt, _, fx = pairs["ForMultipleChoice"]
     mc = padded_inputs("ForMultipleChoice", seed=3)

@@ -25,8 +25,9 @@ from transformers.models.deprecated.nezha import modeling_nezha as hf_nezha
 
 import nezha_zoo.flax as nzf
 from nezha_zoo import NezhaConfig
+from nezha_zoo.families.nezha import relative_position_table
 from nezha_zoo.flax import losses as L
-from nezha_zoo.flax.layers import relative_position_table, relative_positions
+from nezha_zoo.flax.nezha import relative_position_encoding
 from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
@@ -143,7 +144,7 @@ def test_relative_table_matches_transformers_buffer_and_formula():
     want[:, 0::2], want[:, 1::2] = np.sin(p * div), np.cos(p * div)  # interleaved, shifted index 0..2K
     assert_close(table, want, 1e-6, "table vs formula")
     theirs = hf_nezha.NezhaRelativePositionsEncoding(length, depth, K).positions_encoding.numpy()
-    grid = relative_positions(table, K, length, length)  # (L, L, depth)
+    grid = relative_position_encoding(table, length, length)  # (L, L, depth)
     # float32 sin/exp of numpy and torch may differ in the last bit (6e-8); the gather itself is exact
     MEASURED["relative grid vs transformers"] = assert_close(grid, theirs, 1e-7, "grid vs transformers' buffer")
     assert_close(
@@ -152,7 +153,7 @@ def test_relative_table_matches_transformers_buffer_and_formula():
     assert not np.allclose(theirs[0, 1], theirs[0, 2])  # near distances differ ...
     assert_close(theirs[0, 5], theirs[0, 8], 0.0, "clipped")  # ... and far ones are clipped to K
     # a query offset (cache fill) shifts the rows; keys keep their absolute positions
-    shifted = relative_positions(table, K, 2, length, q_offset=4)
+    shifted = relative_position_encoding(table, 2, length, query_offset=4)
     assert_close(shifted, grid[4:6], 0.0, "offset rows")
 
 

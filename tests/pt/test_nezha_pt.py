@@ -20,10 +20,11 @@ from transformers.models.deprecated.nezha import modeling_nezha as hf_nezha
 
 import nezha_zoo.pt as zoo
 from nezha_zoo import NezhaConfig
+from nezha_zoo.families.nezha import relative_position_table
 from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.pt.layers import RelativeEmbedding
-from nezha_zoo.pt.nezha import relative_position_index, relative_position_table
 from nezha_zoo.spec.layouts import LAYOUTS
+from nezha_zoo.spec.positions import relative_position_index
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
 from nezha_zoo.validation import InputError
 
@@ -150,14 +151,14 @@ def compare(hf_out, our_out, what: str, skip: tuple[str, ...] = ()) -> float:
 def test_relative_encoding_equals_transformers_buffer(K, depth):
     length = 20
     ref = hf_nezha.NezhaRelativePositionsEncoding(length, depth, max_relative_position=K).positions_encoding
-    table = relative_position_table(K, depth)
+    table = relative_position_table(K, depth, xp=torch)
     assert table.shape == (2 * K + 1, depth)
     for lq in (1, 7, 20):
-        index = relative_position_index(lq, lq, K)
+        index = relative_position_index(torch.arange(lq), torch.arange(lq), K, torch.clamp)
         assert int(index.min()) >= 0 and int(index.max()) <= 2 * K
         assert torch.equal(RelativeEmbedding(table, index).dense(), ref[:lq, :lq])
     # decoding: queries at past_len + i see keys 0 .. past_len + Lq - 1
-    idx = relative_position_index(3, 12, K, query_offset=9)
+    idx = relative_position_index(torch.arange(9, 12), torch.arange(12), K, torch.clamp)
     assert torch.equal(table[idx], ref[9:12, :12])
     # independent formula: interleaved sin/cos columns over the shifted index p = 0 .. 2K
     pos = np.arange(2 * K + 1, dtype=np.float64)[:, None]
@@ -170,7 +171,7 @@ def test_relative_encoding_equals_transformers_buffer(K, depth):
 def test_relative_embedding_terms_equal_dense_tables():
     g = torch.Generator().manual_seed(1)
     table = torch.randn(7, 8, generator=g)
-    index = relative_position_index(5, 9, 3, query_offset=4)
+    index = relative_position_index(torch.arange(4, 9), torch.arange(9), 3, torch.clamp)
     rel = RelativeEmbedding(table, index)
     dense = rel.dense()  # (5, 9, 8)
     q = torch.randn(2, 4, 5, 8, generator=g)

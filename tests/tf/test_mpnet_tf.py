@@ -19,11 +19,11 @@ keras = pytest.importorskip("keras")
 
 import nezha_zoo.tf as ztf  # noqa: E402
 from nezha_zoo import MPNetConfig  # noqa: E402
-from nezha_zoo.io.errors import CheckpointError  # noqa: E402
+from nezha_zoo.families.mpnet import relative_position_bucket
+from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.outputs import SentenceEmbeddingOutput  # noqa: E402
 from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision  # noqa: E402
-from nezha_zoo.tf.mpnet import relative_position_bucket  # noqa: E402
 from nezha_zoo.validation import InputError  # noqa: E402
 
 pytestmark = [pytest.mark.tf, pytest.mark.hf]
@@ -227,12 +227,12 @@ def test_bucket_formula_equals_transformers_and_numpy():
 
     rel = np.arange(-400, 400)
     for buckets in (8, 16, 32, 64):
-        ours = relative_position_bucket(tf.constant(rel), buckets).numpy()
+        ours = relative_position_bucket(rel, buckets)
         theirs = MPNetEncoder.relative_position_bucket(torch.from_numpy(rel), num_buckets=buckets).numpy()
         np.testing.assert_array_equal(ours, theirs, err_msg=f"{buckets} buckets vs transformers")
         np.testing.assert_array_equal(ours, _numpy_bucket(rel, buckets), err_msg=f"{buckets} buckets vs numpy")
     # 32 buckets: 0..7 exact, then logarithmic up to 128, 16..31 for keys after the query.
-    assert relative_position_bucket(tf.constant([0, -7, -8, -16, -127, -128, -1000, 1, 9]), 32).numpy().tolist() == [
+    assert relative_position_bucket(np.array([0, -7, -8, -16, -127, -128, -1000, 1, 9]), 32).tolist() == [
         0,
         7,
         8,

@@ -20,10 +20,11 @@ keras = pytest.importorskip("keras")
 
 import nezha_zoo.tf as ztf  # noqa: E402
 from nezha_zoo import NezhaConfig  # noqa: E402
-from nezha_zoo.io.errors import CheckpointError  # noqa: E402
+from nezha_zoo.families.nezha import relative_position_table
+from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs  # noqa: E402
-from nezha_zoo.tf.nezha import relative_position_encoding, relative_position_table  # noqa: E402
+from nezha_zoo.tf.nezha import relative_position_encoding  # noqa: E402
 from nezha_zoo.validation import InputError  # noqa: E402
 
 pytestmark = [pytest.mark.tf, pytest.mark.hf]
