@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nezha_zoo.families.ibert import HEADS_WITH_POOLER, IBertConfig
+from nezha_zoo.families.ibert import HEADS_WITH_POOLER, IBERT, IBertConfig
 from nezha_zoo.outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
@@ -368,7 +368,7 @@ class IBertPreTrainedModel(PreTrainedModel):
     (buffers start at transformers' constants: ``x_min = -1e-5``, ``x_max = 1e-5``, zeros elsewhere).
     """
 
-    family_key = "ibert"
+    family = IBERT
     config_class = IBertConfig
 
     @property
@@ -416,8 +416,9 @@ class IBertModel(IBertPreTrainedModel):
         self.pooler = BertPooler(config.hidden_size) if add_pooling_layer else None
         self.post_init()
 
-    def model_spec(self) -> ModelSpec:
-        spec = super().model_spec()
+    @property
+    def spec(self) -> ModelSpec:
+        spec = super().spec
         if self.pooler is not None:
             return spec
         params = tuple(p for p in spec if not p.name.startswith("pooler."))

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNetConfig
+from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNET, MPNetConfig
 from nezha_zoo.outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
@@ -133,7 +133,7 @@ _ARGS_DOC = """
 class MPNetPreTrainedModel(PreTrainedModel):
     """Base of the MPNet classes (family ``"mpnet"``); adds :meth:`encode` for sentence embeddings."""
 
-    family_key = "mpnet"
+    family = MPNET
     config_class = MPNetConfig
 
     def encode(
@@ -204,8 +204,9 @@ class MPNetModel(MPNetPreTrainedModel):
         self.pooler = BertPooler(config.hidden_size) if add_pooling_layer else None
         self.post_init()
 
-    def model_spec(self) -> ModelSpec:
-        spec = super().model_spec()
+    @property
+    def spec(self) -> ModelSpec:
+        spec = super().spec
         if self.pooler is not None:
             return spec
         # MPNetModel(add_pooling_layer=False): the base of the heads without a pooler.

@@ -34,7 +34,7 @@ from nezha_zoo.modeling import load_weights, resolve_config, save_weights  # noq
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput  # noqa: E402
 from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
 from nezha_zoo.spec.param import Init, ModelSpec  # noqa: E402
-from nezha_zoo.spec.registry import Family  # noqa: E402
+from nezha_zoo.spec.registry import Family, register_model_class  # noqa: E402
 
 __all__ = [
     "TFPreTrainedModel",
@@ -257,6 +257,7 @@ class TFPreTrainedModel(keras.Model):
         init = cls.__dict__.get("__init__")
         if init is not None and not getattr(init, "_dtype_scoped", False):
             cls.__init__ = _scoped_init(init)
+        register_model_class(cls, "tf")
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -341,7 +342,22 @@ class TFPreTrainedModel(keras.Model):
 
     @property
     def spec(self) -> ModelSpec:
+        """The declaration of this class for its current config."""
         return self.family.model_spec(self.config, self.head)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each encoder layer in the backward pass (as the ``gradient_checkpointing``
+        constructor argument); a ``tf.function`` traced before keeps its old choice."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Store activations for the backward pass again (the default)."""
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether encoder layers are recomputed in the backward pass."""
+        return bool(self.gradient_checkpointing)
 
     def variables_by_key(self) -> dict[str, keras.Variable]:
         """Every weight, keyed by its ``LAYOUTS["keras"]`` key."""

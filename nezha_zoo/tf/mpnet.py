@@ -41,8 +41,8 @@ from nezha_zoo.outputs import (  # noqa: E402
 from nezha_zoo.spec.blocks import MPNET_NAMES  # noqa: E402
 from nezha_zoo.spec.param import ModelSpec  # noqa: E402
 from nezha_zoo.tf.heads import (  # noqa: E402
+    TFBertPooler,
     TFClassificationHead,
-    TFPooler,
     TFRobertaLMHead,
     flatten_choices,
     masked_lm_output,
@@ -54,7 +54,7 @@ from nezha_zoo.tf.heads import (  # noqa: E402
     token_classification_output,
     token_classifier,
 )
-from nezha_zoo.tf.layers import BertBackboneMixin, Block, TFBertEmbeddings, TFBertEncoder, check_inputs, dense  # noqa: E402
+from nezha_zoo.tf.layers import BertBackboneMixin, Block, TFBertEmbeddings, TFBertEncoder, dense, validate_inputs  # noqa: E402
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs  # noqa: E402
 
 __all__ = [
@@ -180,7 +180,7 @@ class _MPNetBackbone(BertBackboneMixin):
             name="embeddings",
         )
         self.encoder = TFMPNetEncoder(config, name="encoder")
-        self.pooler = TFPooler(config, name="pooler") if add_pooling_layer else None
+        self.pooler = TFBertPooler(config, name="pooler") if add_pooling_layer else None
 
     def mpnet_forward(
         self,
@@ -487,7 +487,7 @@ class TFMPNetForMultipleChoice(_MPNetHead):
         return_dict=None,
         training=False,
     ):
-        check_inputs(
+        validate_inputs(
             self.config,
             input_ids,
             inputs_embeds,
@@ -495,7 +495,7 @@ class TFMPNetForMultipleChoice(_MPNetHead):
             None,
             None,
             rank=3,
-            embed_dim=self.config.hidden_size,
+            embed_width=self.config.hidden_size,
             max_length=self.mpnet.max_sequence_length,
         )
         choices = num_choices(input_ids, inputs_embeds)

@@ -44,7 +44,7 @@ from nezha_zoo.spec.param import ModelSpec  # noqa: E402
 from nezha_zoo.tf import losses  # noqa: E402
 from nezha_zoo.tf.heads import (  # noqa: E402
     TFBertLMPredictionHead,
-    TFPooler,
+    TFBertPooler,
     flatten_choices,
     masked_lm_output,
     multiple_choice_output,
@@ -62,8 +62,8 @@ from nezha_zoo.tf.layers import (  # noqa: E402
     TFBertEncoder,
     TFBertLayer,
     TFBertSelfAttention,
-    check_inputs,
     dense,
+    validate_inputs,
 )
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs  # noqa: E402
 
@@ -160,7 +160,7 @@ class _NezhaBackbone(BertBackboneMixin):
         self.embedding_width = config.hidden_size
         self.embeddings = TFBertEmbeddings(config, config.hidden_size, position_embeddings=False, name="embeddings")
         self.encoder = TFBertEncoder(config, layer_class=TFNezhaLayer, name="encoder")
-        self.pooler = TFPooler(config, name="pooler") if add_pooling_layer else None
+        self.pooler = TFBertPooler(config, name="pooler") if add_pooling_layer else None
 
     def nezha_forward(
         self,
@@ -600,7 +600,7 @@ class TFNezhaForMultipleChoice(TFNezhaPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        check_inputs(
+        validate_inputs(
             self.config,
             input_ids,
             inputs_embeds,
@@ -608,8 +608,8 @@ class TFNezhaForMultipleChoice(TFNezhaPreTrainedModel):
             token_type_ids,
             None,
             rank=3,
-            embed_dim=self.config.hidden_size,
-            check_positions=False,
+            embed_width=self.config.hidden_size,
+            positions=False,
         )
         choices = num_choices(input_ids, inputs_embeds)
         out = self._base_call(locals(), flatten=flatten_choices)

@@ -32,8 +32,8 @@ from nezha_zoo.spec.param import ModelSpec  # noqa: E402
 from nezha_zoo.tf import losses  # noqa: E402
 from nezha_zoo.tf.generation import TFGenerationMixin  # noqa: E402
 from nezha_zoo.tf.heads import (  # noqa: E402
+    TFBertPooler,
     TFClassificationHead,
-    TFPooler,
     TFRobertaLMHead,
     flatten_choices,
     masked_lm_output,
@@ -48,9 +48,9 @@ from nezha_zoo.tf.layers import (  # noqa: E402
     Block,
     TFBertEmbeddings,
     TFBertEncoder,
-    check_inputs,
     dense,
     dropout,
+    validate_inputs,
 )
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs  # noqa: E402
 from nezha_zoo.validation import InputError  # noqa: E402
@@ -103,7 +103,7 @@ class _XLMRobertaXLBackbone(BertBackboneMixin):
             name="embeddings",
         )
         self.encoder = TFBertEncoder(config, XLM_ROBERTA_XL_NAMES, final_norm_name="LayerNorm", name="encoder")
-        self.pooler = TFPooler(config, name="pooler") if add_pooling_layer else None
+        self.pooler = TFBertPooler(config, name="pooler") if add_pooling_layer else None
 
     def roberta_forward(
         self,
@@ -517,7 +517,7 @@ class TFXLMRobertaXLForMultipleChoice(_XLMRobertaXLHead):
         return_dict=None,
         training=False,
     ):
-        check_inputs(
+        validate_inputs(
             self.config,
             input_ids,
             inputs_embeds,
@@ -525,7 +525,7 @@ class TFXLMRobertaXLForMultipleChoice(_XLMRobertaXLHead):
             token_type_ids,
             None,
             rank=3,
-            embed_dim=self.config.hidden_size,
+            embed_width=self.config.hidden_size,
             max_length=self.roberta.max_sequence_length,
         )
         choices = num_choices(input_ids, inputs_embeds)
