@@ -208,12 +208,14 @@ class PreTrainedModel(nn.Module):
                 m.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
+        """Store activations for the backward pass again (the default)."""
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = False
 
     @property
     def is_gradient_checkpointing(self) -> bool:
+        """Whether any layer is recomputed in the backward pass."""
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
     # --- checkpoints -----------------------------------------------------------------------------
