@@ -21,7 +21,7 @@ from typing import Any
 from nezha_zoo.conversion.convert import convert
 from nezha_zoo.conversion.formats import READ_FORMATS, WRITE_FORMATS
 from nezha_zoo.conversion.verify import verify
-from nezha_zoo.spec import get_family
+from nezha_zoo.spec import get_family, model_class
 
 _BERT = dict(
     vocab_size=37,
@@ -43,9 +43,11 @@ CASES = {
 
 
 def _has_backend(fam: str, head: str, backend: str) -> bool:
-    import importlib
-
-    return hasattr(importlib.import_module(f"nezha_zoo.{backend}"), get_family(fam).class_name(head, backend))
+    try:
+        model_class(fam, head, backend)
+    except ValueError:
+        return False
+    return True
 
 
 def _bytes(directory: str) -> bytes:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from nezha_zoo.pretrained import random_weights, save_weights
-from nezha_zoo.spec.registry import get_family
+from nezha_zoo.spec.registry import get_family, model_class
 
 BACKENDS = ("pt", "tf", "tf-xla", "flax")
 
@@ -70,12 +70,6 @@ SMOKE_CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "mpt": (dict(vocab_size=99, d_model=32, n_heads=4, n_layers=2, max_seq_len=64), "tiny"),
 }  # fmt: skip
 
-_CLASSES = {  # family -> (module suffix, class name per backend)
-    "electra": ("electra", "ElectraForCausalLM"),
-    "xlm_roberta_xl": ("xlm_roberta_xl", "XLMRobertaXLForCausalLM"),
-    "mpt": ("mpt", "MptForCausalLM"),
-}
-
 
 def build_checkpoint(family_key: str, fields: dict[str, Any], directory: str, seed: int = 0) -> str:
     """Write a seeded random ``ForCausalLM`` checkpoint of ``family_key`` with config ``fields``."""
@@ -88,13 +82,10 @@ def build_checkpoint(family_key: str, fields: dict[str, Any], directory: str, se
 
 def _generator(backend: str, family_key: str, path: str) -> Callable[[np.ndarray, int], np.ndarray]:
     """``(input_ids, max_new_tokens) -> tokens`` for one backend, model loaded from ``path``."""
-    module, name = _CLASSES[family_key]
     if backend == "pt":
-        import importlib
-
         import torch
 
-        model = getattr(importlib.import_module(f"nezha_zoo.pt.{module}"), name).from_pretrained(path).eval()
+        model = model_class(family_key, "ForCausalLM", "pt").from_pretrained(path).eval()
 
         def run_pt(ids, new):
             with torch.no_grad():
@@ -102,15 +93,11 @@ def _generator(backend: str, family_key: str, path: str) -> Callable[[np.ndarray
 
         return run_pt
     if backend in ("tf", "tf-xla"):
-        import importlib
-
-        model = getattr(importlib.import_module(f"nezha_zoo.tf.{module}"), f"TF{name}").from_pretrained(path)
+        model = model_class(family_key, "ForCausalLM", "tf").from_pretrained(path)
         xla = backend == "tf-xla"
         return lambda ids, new: model.generate(ids, max_new_tokens=new, eos_token_id=None, jit_compile=xla).numpy()
     if backend == "flax":
-        import importlib
-
-        model = getattr(importlib.import_module(f"nezha_zoo.flax.{module}"), f"Flax{name}").from_pretrained(path)
+        model = model_class(family_key, "ForCausalLM", "flax").from_pretrained(path)
         return lambda ids, new: np.asarray(model.generate(ids, max_new_tokens=new, eos_token_id=None))
     raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
 

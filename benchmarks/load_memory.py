@@ -22,7 +22,6 @@ The generated checkpoint is deleted at the end unless ``--keep``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -36,7 +35,7 @@ import numpy as np
 
 from nezha_zoo.io.reader import open_checkpoint
 from nezha_zoo.pretrained import iter_random_weights, save_weights
-from nezha_zoo.spec.registry import get_family
+from nezha_zoo.spec.registry import get_family, model_class
 
 BACKENDS = ("pt", "tf", "flax")
 DTYPES = ("float32", "bfloat16")
@@ -115,9 +114,7 @@ def _model_arrays(backend: str, model: Any):
 
 def child(backend: str, dtype: str, path: str, family: str) -> dict[str, Any]:
     """Load ``path`` with ``backend`` in ``dtype``; measure memory and time (run in a fresh process)."""
-    fam = get_family(family)
-    module = importlib.import_module(f"nezha_zoo.{backend}")
-    cls = getattr(module, fam.class_name("Model", backend))
+    cls = model_class(family, "Model", backend)  # imports nezha_zoo.<backend> before the baseline
     if backend == "flax":
         import jax.numpy as jnp  # noqa: F401  (the framework is fully imported before the baseline)
     baseline = _status_kib("VmRSS")

@@ -12,7 +12,6 @@ cannot be imported is reported and skipped; ``main()`` returns the embeddings of
 
 from __future__ import annotations
 
-import importlib
 import tempfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from nezha_zoo import MPNetConfig
 from nezha_zoo.families.mpnet import MPNET, mpnet_spec
 from nezha_zoo.pretrained import random_weights, save_weights
+from nezha_zoo.spec import model_class
 
 #: Token ids of four "sentences": <s>=0 ... </s>=2, right-padded with 1 (MPNet's padding id).
 #: The first two share most tokens, so they should be the most similar pair.
@@ -32,13 +32,10 @@ SENTENCES = [
 ]
 PAD = 1
 
-#: backend -> (module, class name).  Each class has ``from_pretrained(dir)`` and
-#: ``encode(input_ids, attention_mask=None, normalize=True)`` returning ``SentenceEmbeddingOutput``.
-BACKENDS = {
-    "pt": ("nezha_zoo.pt", "MPNetModel"),
-    "tf": ("nezha_zoo.tf", "TFMPNetModel"),
-    "flax": ("nezha_zoo.flax", "FlaxMPNetModel"),
-}
+#: the backends tried.  Each one's MPNet base class (looked up with ``nezha_zoo.spec.model_class``) has
+#: ``from_pretrained(dir)`` and ``encode(input_ids, attention_mask=None, normalize=True)`` returning
+#: ``SentenceEmbeddingOutput``.
+BACKENDS = ("pt", "tf", "flax")
 
 
 def tiny_config() -> MPNetConfig:
@@ -75,11 +72,10 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
 
 def load_class(backend: str):
     """The backend's MPNet base class, or None (with the reason printed) when it cannot be imported."""
-    module_name, class_name = BACKENDS[backend]
     try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        print(f"[{backend}] skipped: {class_name} not available ({err})")
+        return model_class(MPNET, "Model", backend)
+    except (ImportError, ValueError) as err:
+        print(f"[{backend}] skipped: {MPNET.class_name('Model', backend)} not available ({err})")
         return None
 
 

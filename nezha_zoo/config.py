@@ -27,6 +27,7 @@ __all__ = [
     "Field",
     "PretrainedConfig",
     "ACTIVATIONS",
+    "classifier_dropout_rate",
 ]
 
 CONFIG_NAME = "config.json"
@@ -408,6 +409,28 @@ class PretrainedConfig:
     def __repr__(self) -> str:
         inner = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in self.fields)
         return f"{type(self).__name__}({inner})"
+
+
+def classifier_dropout_rate(config: Any) -> float:
+    """The dropout rate before a classifier head (transformers' rule, one place for every backend).
+
+    ``classifier_dropout`` when set, else ``hidden_dropout_prob``.  A config without
+    ``hidden_dropout_prob`` (MPT) takes ``hidden_dropout`` when set (read from config.json's extra
+    keys), else 0.1, as transformers' MPT heads do.
+
+    Args:
+        config (PretrainedConfig): the family's config.
+
+    Returns:
+        float: the dropout probability.
+    """
+    rate = getattr(config, "classifier_dropout", None)
+    if rate is not None:
+        return rate
+    if hasattr(config, "hidden_dropout_prob"):
+        return config.hidden_dropout_prob
+    rate = getattr(config, "hidden_dropout", None)
+    return 0.1 if rate is None else rate
 
 
 def _jsonable(v: Any) -> Any:

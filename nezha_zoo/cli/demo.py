@@ -29,7 +29,7 @@ from nezha_zoo.families.mpt import MptConfig
 from nezha_zoo.families.nezha import NezhaConfig
 from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig
 from nezha_zoo.pretrained import random_weights, save_weights
-from nezha_zoo.spec.registry import Family, get_family
+from nezha_zoo.spec.registry import Family, get_family, model_class
 from nezha_zoo.testing import TOLERANCES, max_abs_diff, tiny_inputs
 
 __all__ = ["DEMO_CONFIGS", "main"]
@@ -107,9 +107,7 @@ RunnerFactory = Callable[[Family, str, str], Runner]
 
 def _runner(backend: str, family: Family, head: str, path: str) -> Runner:
     """Load ``path`` in ``backend`` and return ``run(inputs) -> output``."""
-    name = family.class_name(head, backend)
-    cls = getattr(importlib.import_module(f"nezha_zoo.{backend}"), name)
-    model = cls.from_pretrained(path)
+    model = model_class(family, head, backend).from_pretrained(path)
     if backend == "pt":
         torch = importlib.import_module("torch")  # only when the PyTorch backend is in use
         model.eval()

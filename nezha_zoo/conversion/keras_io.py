@@ -147,16 +147,14 @@ def write_keras_weights(
 
 def _export(directory: str, head: str, out: str) -> int:
     from nezha_zoo.auto import AutoConfig
-    from nezha_zoo.spec.registry import family_of_config
+    from nezha_zoo.spec.registry import family_of_config, model_class
 
     config = AutoConfig.from_pretrained(directory)
     family = family_of_config(config)
-    import nezha_zoo.tf as backend
-
-    name = family.class_name(head, "tf")
-    cls = getattr(backend, name, None)
-    if cls is None:
-        raise SystemExit(f"nezha_zoo.tf has no {name}; the keras format needs the family's TF classes")
+    try:
+        cls = model_class(family, head, "tf")
+    except ValueError as err:
+        raise SystemExit(f"{err}; the keras format needs the family's TF classes") from None
     model = cls.from_pretrained(directory, strict=True)
     model.save_weights(out)
     return 0

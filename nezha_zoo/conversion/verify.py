@@ -24,7 +24,7 @@ import numpy as np
 from nezha_zoo.auto import AutoConfig
 from nezha_zoo.conversion.formats import detect_format, open_source
 from nezha_zoo.conversion.inspect import detect_head
-from nezha_zoo.spec.registry import family_of_config
+from nezha_zoo.spec.registry import family_of_config, model_class
 from nezha_zoo.testing import TOLERANCES, max_abs_diff, tiny_inputs
 
 __all__ = ["verify", "BACKENDS", "installed_backends"]
@@ -145,13 +145,13 @@ def _worker(backend: str, directory: str, head: str, inputs_file: str, out: str)
 
     config = AutoConfig.from_pretrained(directory)
     family = family_of_config(config)
-    module = importlib.import_module(f"nezha_zoo.{backend}")
     name = family.class_name(head, backend)
     result: dict[str, Any] = {"status": "ok", "class": name}
-    cls = getattr(module, name, None)
-    if cls is None:
-        result = {"status": "skipped", "detail": f"nezha_zoo.{backend} has no {name}"}
-    else:
+    try:
+        cls = model_class(family, head, backend)
+    except ValueError as err:  # the backend does not define this head
+        cls, result = None, {"status": "skipped", "detail": str(err)}
+    if cls is not None:
         pin_precision(backend)
         with np.load(inputs_file) as data:
             inputs = {k: data[k] for k in data.files}

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from nezha_zoo.families.electra import ELECTRA
-from nezha_zoo.flax.generation import with_generation
+from nezha_zoo.flax.generation import FlaxGenerationMixin
 from nezha_zoo.flax.heads import (
     ClassificationHead,
     LMHeadTransform,
@@ -32,7 +32,6 @@ from nezha_zoo.flax.modeling_utils import (
     FlaxPreTrainedModel,
     cache_info,
     finish_output,
-    make_wrapper,
     validate_inputs,
 )
 from nezha_zoo.outputs import (
@@ -126,7 +125,7 @@ class FlaxElectraModule(nn.Module):
             token_type_ids,
             position_ids,
             inputs_embeds,
-            past_length=past_len,
+            past_len=past_len,
             cache_length=cache_len,
             embed_width=c.embedding_size,
         )
@@ -373,28 +372,84 @@ class FlaxElectraPreTrainedModel(FlaxPreTrainedModel):
     base_model_prefix = "electra"
 
 
-def _wrapper(head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type[FlaxElectraPreTrainedModel]:
-    return make_wrapper(FlaxElectraPreTrainedModel, "Electra", head, module, doc, rank)
+class FlaxElectraModel(FlaxElectraPreTrainedModel):
+    """The bare Electra encoder.
+
+    Wraps :class:`FlaxElectraModule`; arguments as :class:`FlaxElectraPreTrainedModel`.
+    """
+
+    head = "Model"
+    module_class = FlaxElectraModule
 
 
-FlaxElectraModel = _wrapper("Model", FlaxElectraModule, "The bare Electra encoder.")
-FlaxElectraForPreTraining = _wrapper(
-    "ForPreTraining", FlaxElectraForPreTrainingModule, "Electra discriminator (replaced-token detection)."
-)
-FlaxElectraForMaskedLM = _wrapper("ForMaskedLM", FlaxElectraForMaskedLMModule, "Electra generator (masked LM).")
+class FlaxElectraForPreTraining(FlaxElectraPreTrainedModel):
+    """Electra discriminator (replaced-token detection).
+
+    Wraps :class:`FlaxElectraForPreTrainingModule`; arguments as :class:`FlaxElectraPreTrainedModel`.
+    """
+
+    head = "ForPreTraining"
+    module_class = FlaxElectraForPreTrainingModule
+
+
+class FlaxElectraForMaskedLM(FlaxElectraPreTrainedModel):
+    """Electra generator (masked LM).
+
+    Wraps :class:`FlaxElectraForMaskedLMModule`; arguments as :class:`FlaxElectraPreTrainedModel`.
+    """
+
+    head = "ForMaskedLM"
+    module_class = FlaxElectraForMaskedLMModule
+
+
 # Learned absolute positions: generate numbers a left-padded row's tokens from 0 (see nezha_zoo.generation).
-FlaxElectraForCausalLM = with_generation(
-    _wrapper("ForCausalLM", FlaxElectraForCausalLMModule, "Electra causal LM (decoder)."), "cumsum"
-)
-FlaxElectraForSequenceClassification = _wrapper(
-    "ForSequenceClassification", FlaxElectraForSequenceClassificationModule, "Electra sequence classifier."
-)
-FlaxElectraForMultipleChoice = _wrapper(
-    "ForMultipleChoice", FlaxElectraForMultipleChoiceModule, "Electra multiple choice.", rank=3
-)
-FlaxElectraForTokenClassification = _wrapper(
-    "ForTokenClassification", FlaxElectraForTokenClassificationModule, "Electra token classifier."
-)
-FlaxElectraForQuestionAnswering = _wrapper(
-    "ForQuestionAnswering", FlaxElectraForQuestionAnsweringModule, "Electra extractive question answering."
-)
+class FlaxElectraForCausalLM(FlaxGenerationMixin, FlaxElectraPreTrainedModel):
+    """Electra causal LM (decoder).
+
+    Wraps :class:`FlaxElectraForCausalLMModule`; arguments as :class:`FlaxElectraPreTrainedModel`.
+    """
+
+    head = "ForCausalLM"
+    module_class = FlaxElectraForCausalLMModule
+    generation_position_rule = "cumsum"
+
+
+class FlaxElectraForSequenceClassification(FlaxElectraPreTrainedModel):
+    """Electra sequence classifier.
+
+    Wraps :class:`FlaxElectraForSequenceClassificationModule`; arguments as :class:`FlaxElectraPreTrainedModel`.
+    """
+
+    head = "ForSequenceClassification"
+    module_class = FlaxElectraForSequenceClassificationModule
+
+
+class FlaxElectraForMultipleChoice(FlaxElectraPreTrainedModel):
+    """Electra multiple choice.
+
+    Wraps :class:`FlaxElectraForMultipleChoiceModule`; arguments as :class:`FlaxElectraPreTrainedModel`.
+    """
+
+    head = "ForMultipleChoice"
+    module_class = FlaxElectraForMultipleChoiceModule
+    input_rank = 3
+
+
+class FlaxElectraForTokenClassification(FlaxElectraPreTrainedModel):
+    """Electra token classifier.
+
+    Wraps :class:`FlaxElectraForTokenClassificationModule`; arguments as :class:`FlaxElectraPreTrainedModel`.
+    """
+
+    head = "ForTokenClassification"
+    module_class = FlaxElectraForTokenClassificationModule
+
+
+class FlaxElectraForQuestionAnswering(FlaxElectraPreTrainedModel):
+    """Electra extractive question answering.
+
+    Wraps :class:`FlaxElectraForQuestionAnsweringModule`; arguments as :class:`FlaxElectraPreTrainedModel`.
+    """
+
+    head = "ForQuestionAnswering"
+    module_class = FlaxElectraForQuestionAnsweringModule

@@ -6,9 +6,8 @@ loop stops when every row has emitted an eos (or after ``max_new_tokens``); the 
 returns the fixed ``(B, P + max_new_tokens)`` buffer and the count, and :meth:`generate` slices it to
 ``(B, P + n)`` like the other backends.
 
-A wrapper class mixes in :class:`FlaxGenerationMixin` and declares ``generation_position_rule``
-(see :data:`nezha_zoo.generation.POSITION_RULES`); :func:`with_generation` does both for classes
-made by ``make_wrapper``.
+A causal-LM wrapper class lists :class:`FlaxGenerationMixin` as its first base and declares
+``generation_position_rule`` (see :data:`nezha_zoo.generation.POSITION_RULES`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from nezha_zoo.generation import (
 
 __all__ = [
     "FlaxGenerationMixin",
-    "with_generation",
     "top_k_filter",
     "top_p_filter",
     "process_logits",
@@ -221,15 +219,3 @@ class FlaxGenerationMixin:
             return jnp.concatenate([ids, state[3]], axis=1), state[0]
 
         return run
-
-
-def with_generation(cls: type, position_rule: str | None) -> type:
-    """``cls`` (a wrapper made by ``make_wrapper``) with :class:`FlaxGenerationMixin` mixed in and its
-    ``generation_position_rule`` declared; name, module and docs are kept."""
-    attrs = {
-        "generation_position_rule": position_rule,
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "__doc__": cls.__doc__,
-    }
-    return type(cls.__name__, (FlaxGenerationMixin, cls), attrs)

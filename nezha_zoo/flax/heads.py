@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from nezha_zoo.config import classifier_dropout_rate
 from nezha_zoo.flax.layers import dense, get_activation, layer_norm
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Kind
@@ -28,28 +29,13 @@ __all__ = [
     "BertLMPredictionHead",
     "PredictionHead",
     "split_qa_logits",
-    "classifier_dropout",
+    "BertPooler",
     "token_classifier",
     "qa_head",
     "lm_decoder",
     "RobertaLMHead",
     "mean_pool",
 ]
-
-
-def classifier_dropout(config: Any) -> float:
-    """``classifier_dropout`` when set, else ``hidden_dropout_prob`` (transformers' rule).
-
-    A config with no ``hidden_dropout_prob`` (MPT) follows transformers' rule for those:
-    ``hidden_dropout`` when set, else 0.1.
-    """
-    rate = getattr(config, "classifier_dropout", None)
-    if rate is not None:
-        return rate
-    if hasattr(config, "hidden_dropout_prob"):
-        return config.hidden_dropout_prob
-    rate = getattr(config, "hidden_dropout", None)
-    return 0.1 if rate is None else rate
 
 
 def split_qa_logits(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -64,7 +50,7 @@ def token_classifier(config: Any, hidden_states, deterministic: bool, dtype: Any
     The layers are created in the calling module, so ``classifier`` sits directly on the model as in
     PyTorch.  hidden_states (B, L, H) -> logits (B, L, num_labels).
     """
-    h = nn.Dropout(classifier_dropout(config), name="dropout")(hidden_states, deterministic=deterministic)
+    h = nn.Dropout(classifier_dropout_rate(config), name="dropout")(hidden_states, deterministic=deterministic)
     return dense(config.num_labels, name, config, dtype)(h)
 
 
@@ -108,7 +94,7 @@ class ClassificationHead(nn.Module):
     @nn.compact
     def __call__(self, hidden_states, deterministic: bool = True):
         c = self.config
-        drop = nn.Dropout(classifier_dropout(c), name="dropout")
+        drop = nn.Dropout(classifier_dropout_rate(c), name="dropout")
         x = drop(hidden_states[:, 0, :], deterministic=deterministic)
         x = get_activation(self.activation)(dense(c.hidden_size, "dense", c, self.dtype)(x))
         x = drop(x, deterministic=deterministic)
@@ -215,6 +201,17 @@ class PredictionHead(nn.Module):
         x = get_activation(c.hidden_act)(dense(c.hidden_size, "dense", c, self.dtype)(hidden_states))
         x = dense(self.out, "dense_prediction", c, self.dtype)(x)
         return x.squeeze(-1) if self.out == 1 else x
+
+
+class BertPooler(nn.Module):
+    """``pooler``: ``tanh(dense(hidden[:, 0]))``: (B, L, H) -> (B, H)."""
+
+    config: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_states):
+        return jnp.tanh(dense(self.config.hidden_size, "dense", self.config, self.dtype)(hidden_states[:, 0]))
 
 
 class BertLMPredictionHead(nn.Module):

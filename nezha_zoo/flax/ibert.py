@@ -50,13 +50,12 @@ from nezha_zoo.families.ibert import (
     LN_OUTPUT_BIT,
     WEIGHT_BIT,
 )
-from nezha_zoo.flax.heads import ClassificationHead, RobertaLMHead, tied_embedding_table
-from nezha_zoo.flax.layers import BertPooler, padding_aware_position_ids, sequential_position_ids
+from nezha_zoo.flax.heads import BertPooler, ClassificationHead, RobertaLMHead, tied_embedding_table
+from nezha_zoo.flax.layers import padding_aware_position_ids, sequential_position_ids
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
     finish_output,
-    make_wrapper,
     validate_inputs,
 )
 from nezha_zoo.flax.quant import (
@@ -591,21 +590,62 @@ class FlaxIBertPreTrainedModel(FlaxPreTrainedModel):
         raise NotImplementedError("resize_token_embeddings is not supported for I-BERT")
 
 
-def _wrapper(head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type[FlaxIBertPreTrainedModel]:
-    return make_wrapper(FlaxIBertPreTrainedModel, "IBert", head, module, doc, rank)
+class FlaxIBertModel(FlaxIBertPreTrainedModel):
+    """The bare I-BERT encoder (with pooler).
+
+    Wraps :class:`FlaxIBertModule`; arguments as :class:`FlaxIBertPreTrainedModel`.
+    """
+
+    head = "Model"
+    module_class = FlaxIBertModule
 
 
-FlaxIBertModel = _wrapper("Model", FlaxIBertModule, "The bare I-BERT encoder (with pooler).")
-FlaxIBertForMaskedLM = _wrapper("ForMaskedLM", FlaxIBertForMaskedLMModule, "I-BERT masked language model.")
-FlaxIBertForSequenceClassification = _wrapper(
-    "ForSequenceClassification", FlaxIBertForSequenceClassificationModule, "I-BERT sequence classifier."
-)
-FlaxIBertForMultipleChoice = _wrapper(
-    "ForMultipleChoice", FlaxIBertForMultipleChoiceModule, "I-BERT multiple choice.", rank=3
-)
-FlaxIBertForTokenClassification = _wrapper(
-    "ForTokenClassification", FlaxIBertForTokenClassificationModule, "I-BERT token classifier."
-)
-FlaxIBertForQuestionAnswering = _wrapper(
-    "ForQuestionAnswering", FlaxIBertForQuestionAnsweringModule, "I-BERT extractive question answering."
-)
+class FlaxIBertForMaskedLM(FlaxIBertPreTrainedModel):
+    """I-BERT masked language model.
+
+    Wraps :class:`FlaxIBertForMaskedLMModule`; arguments as :class:`FlaxIBertPreTrainedModel`.
+    """
+
+    head = "ForMaskedLM"
+    module_class = FlaxIBertForMaskedLMModule
+
+
+class FlaxIBertForSequenceClassification(FlaxIBertPreTrainedModel):
+    """I-BERT sequence classifier.
+
+    Wraps :class:`FlaxIBertForSequenceClassificationModule`; arguments as :class:`FlaxIBertPreTrainedModel`.
+    """
+
+    head = "ForSequenceClassification"
+    module_class = FlaxIBertForSequenceClassificationModule
+
+
+class FlaxIBertForMultipleChoice(FlaxIBertPreTrainedModel):
+    """I-BERT multiple choice.
+
+    Wraps :class:`FlaxIBertForMultipleChoiceModule`; arguments as :class:`FlaxIBertPreTrainedModel`.
+    """
+
+    head = "ForMultipleChoice"
+    module_class = FlaxIBertForMultipleChoiceModule
+    input_rank = 3
+
+
+class FlaxIBertForTokenClassification(FlaxIBertPreTrainedModel):
+    """I-BERT token classifier.
+
+    Wraps :class:`FlaxIBertForTokenClassificationModule`; arguments as :class:`FlaxIBertPreTrainedModel`.
+    """
+
+    head = "ForTokenClassification"
+    module_class = FlaxIBertForTokenClassificationModule
+
+
+class FlaxIBertForQuestionAnswering(FlaxIBertPreTrainedModel):
+    """I-BERT extractive question answering.
+
+    Wraps :class:`FlaxIBertForQuestionAnsweringModule`; arguments as :class:`FlaxIBertPreTrainedModel`.
+    """
+
+    head = "ForQuestionAnswering"
+    module_class = FlaxIBertForQuestionAnsweringModule

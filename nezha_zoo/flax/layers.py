@@ -45,7 +45,6 @@ __all__ = [
     "BertLayer",
     "BertLayerCollection",
     "BertEncoder",
-    "BertPooler",
     "cache_index",
     "cache_length",
     "update_kv_cache",
@@ -623,14 +622,3 @@ class BertEncoder(nn.Module):
         if output_hidden_states:
             all_hidden += (h,)
         return h, all_hidden, all_attn, all_cross
-
-
-class BertPooler(nn.Module):
-    """``pooler``: ``tanh(dense(hidden[:, 0]))`` -> (B, H)."""
-
-    config: Any
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, hidden_states):
-        return jnp.tanh(dense(self.config.hidden_size, "dense", self.config, self.dtype)(hidden_states[:, 0]))

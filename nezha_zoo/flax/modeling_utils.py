@@ -37,7 +37,7 @@ from nezha_zoo.outputs import (
 from nezha_zoo.pretrained import load_weights, random_weights, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Kind, ModelSpec, Param
-from nezha_zoo.spec.registry import Family
+from nezha_zoo.spec.registry import Family, register_model_class
 from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "backbone_fields",
     "forwarded_inputs",
     "flatten_choices",
-    "make_wrapper",
 ]
 
 logger = logging.getLogger("nezha_zoo")
@@ -106,16 +105,16 @@ def validate_inputs(
     position_ids: Any = None,
     inputs_embeds: Any = None,
     rank: int = 2,
-    past_length: int = 0,
+    past_len: int = 0,
     cache_length: int | None = None,
     embed_width: int | None = None,
-    has_positions: bool = True,
+    positions: bool = True,
 ) -> None:
     """Raise :class:`InputError` for inputs that cannot be right, before any framework op.
 
     Shapes are always checked (they are static under ``jit`` too); id ranges and lengths only when
     values are concrete.  With a key/value cache, ``attention_mask`` covers the cache
-    (``(B, cache_length)``, transformers' Flax convention) instead of the ids.  ``has_positions=False``
+    (``(B, cache_length)``, transformers' Flax convention) instead of the ids.  ``positions=False``
     (Nezha: relative positions only) drops the ``max_position_embeddings`` length limit; the cache
     size still bounds cached decoding.
     """
@@ -140,11 +139,11 @@ def validate_inputs(
     if pos is not None and pos.size and hasattr(config, "max_position_embeddings"):
         check_id_range("position_ids", int(pos.min()), int(pos.max()), config.max_position_embeddings, "positions")
     seq_len = shape[-1]
-    if has_positions and position_ids is None and hasattr(config, "max_position_embeddings"):
-        check_length(seq_len, past_length, config.max_position_embeddings)
-    if cache_length is not None and seq_len is not None and past_length + seq_len > cache_length:
+    if positions and position_ids is None and hasattr(config, "max_position_embeddings"):
+        check_length(seq_len, past_len, config.max_position_embeddings)
+    if cache_length is not None and seq_len is not None and past_len + seq_len > cache_length:
         raise InputError(
-            f"{seq_len} new token(s) after {past_length} cached ones overflow the cache of length {cache_length}"
+            f"{seq_len} new token(s) after {past_len} cached ones overflow the cache of length {cache_length}"
         )
 
 
@@ -200,6 +199,10 @@ class FlaxPreTrainedModel:
     has_position_ids: ClassVar[bool] = True
     #: a decoder-only family (MPT): its Model/CausalLM classes decode whatever ``config.is_decoder`` says.
     decoder_only: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        register_model_class(cls, "flax")  # (family, head, "flax") -> cls for nezha_zoo.spec.model_class
 
     def __init__(
         self,
@@ -359,8 +362,22 @@ class FlaxPreTrainedModel:
                 flat[LAYOUT.path(p)] = jnp.asarray(LAYOUT.to_stored(p, fresh[p.name]), np.dtype(p.dtype))
         return self._checked_buffers(unflatten_dict(flat)) if flat else {}
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Rematerialise each layer in the backward pass (``nn.remat``); the params are unchanged."""
+        self._module = self._module.clone(gradient_checkpointing=True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Store activations for the backward pass again (the default)."""
+        self._module = self._module.clone(gradient_checkpointing=False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether the linen module rematerialises its layers."""
+        return bool(self._module.gradient_checkpointing)
+
     def enable_gradient_checkpointing(self) -> None:
-        self._module = self.module_class(config=self.config, dtype=self.dtype, gradient_checkpointing=True)
+        """Alias of :meth:`gradient_checkpointing_enable` (transformers' Flax name)."""
+        self.gradient_checkpointing_enable()
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """A zero key/value cache for ``max_length`` positions (decoders; jit-friendly fixed size).
@@ -489,10 +506,10 @@ class FlaxPreTrainedModel:
             position_ids,
             inputs_embeds,
             rank=self.input_rank,
-            past_length=past_len,
+            past_len=past_len,
             cache_length=cache_len,
             embed_width=getattr(c, "embedding_size", c.hidden_size),
-            has_positions=self.has_position_ids,
+            positions=self.has_position_ids,
         )
 
         def as_int(x):
@@ -846,17 +863,3 @@ class FlaxHeadModule(nn.Module):
             return {"logits": logits.reshape(-1, num_choices)}  # (B * C, 1) -> (B, C)
 
         return self._head_output(scope, MultipleChoiceModelOutput, head, choices=True)
-
-
-def make_wrapper(base: type, prefix: str, head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type:
-    """A wrapper class ``Flax<prefix><head>`` (``Flax<prefix>Model`` for the base) of ``module``."""
-    name = f"Flax{prefix}{'Model' if head == 'Model' else head}"
-    attrs = {
-        "head": head,
-        "module_class": module,
-        "input_rank": rank,
-        "__module__": base.__module__,
-        "__qualname__": name,
-        "__doc__": f"{doc}\n\n    Wraps :class:`{module.__name__}`; arguments as {base.__name__}.",
-    }
-    return type(name, (base,), attrs)

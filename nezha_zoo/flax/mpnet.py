@@ -31,10 +31,9 @@ import numpy as np
 from flax import linen as nn
 
 from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNET, relative_position_bucket
-from nezha_zoo.flax.heads import ClassificationHead, RobertaLMHead, mean_pool, tied_embedding_table
+from nezha_zoo.flax.heads import BertPooler, ClassificationHead, RobertaLMHead, mean_pool, tied_embedding_table
 from nezha_zoo.flax.layers import (
     BertLayerCollection,
-    BertPooler,
     freeze_padding_row,
     layer_norm,
     padding_aware_position_ids,
@@ -44,7 +43,6 @@ from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
     finish_output,
-    make_wrapper,
     validate_inputs,
 )
 from nezha_zoo.outputs import (
@@ -235,7 +233,7 @@ class FlaxMPNetModule(nn.Module):
             position_ids,
             inputs_embeds,
             embed_width=c.hidden_size,
-            has_positions=False,
+            positions=False,
         )
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         if position_ids is None:
@@ -510,21 +508,62 @@ class FlaxMPNetPreTrainedModel(FlaxPreTrainedModel):
         return SentenceEmbeddingOutput(embeddings=embeddings, last_hidden_state=out.last_hidden_state)
 
 
-def _wrapper(head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type[FlaxMPNetPreTrainedModel]:
-    return make_wrapper(FlaxMPNetPreTrainedModel, "MPNet", head, module, doc, rank)
+class FlaxMPNetModel(FlaxMPNetPreTrainedModel):
+    """The bare MPNet encoder (with pooler).
+
+    Wraps :class:`FlaxMPNetModule`; arguments as :class:`FlaxMPNetPreTrainedModel`.
+    """
+
+    head = "Model"
+    module_class = FlaxMPNetModule
 
 
-FlaxMPNetModel = _wrapper("Model", FlaxMPNetModule, "The bare MPNet encoder (with pooler).")
-FlaxMPNetForMaskedLM = _wrapper("ForMaskedLM", FlaxMPNetForMaskedLMModule, "MPNet masked language model.")
-FlaxMPNetForSequenceClassification = _wrapper(
-    "ForSequenceClassification", FlaxMPNetForSequenceClassificationModule, "MPNet sequence classifier."
-)
-FlaxMPNetForMultipleChoice = _wrapper(
-    "ForMultipleChoice", FlaxMPNetForMultipleChoiceModule, "MPNet multiple choice.", rank=3
-)
-FlaxMPNetForTokenClassification = _wrapper(
-    "ForTokenClassification", FlaxMPNetForTokenClassificationModule, "MPNet token classifier."
-)
-FlaxMPNetForQuestionAnswering = _wrapper(
-    "ForQuestionAnswering", FlaxMPNetForQuestionAnsweringModule, "MPNet extractive question answering."
-)
+class FlaxMPNetForMaskedLM(FlaxMPNetPreTrainedModel):
+    """MPNet masked language model.
+
+    Wraps :class:`FlaxMPNetForMaskedLMModule`; arguments as :class:`FlaxMPNetPreTrainedModel`.
+    """
+
+    head = "ForMaskedLM"
+    module_class = FlaxMPNetForMaskedLMModule
+
+
+class FlaxMPNetForSequenceClassification(FlaxMPNetPreTrainedModel):
+    """MPNet sequence classifier.
+
+    Wraps :class:`FlaxMPNetForSequenceClassificationModule`; arguments as :class:`FlaxMPNetPreTrainedModel`.
+    """
+
+    head = "ForSequenceClassification"
+    module_class = FlaxMPNetForSequenceClassificationModule
+
+
+class FlaxMPNetForMultipleChoice(FlaxMPNetPreTrainedModel):
+    """MPNet multiple choice.
+
+    Wraps :class:`FlaxMPNetForMultipleChoiceModule`; arguments as :class:`FlaxMPNetPreTrainedModel`.
+    """
+
+    head = "ForMultipleChoice"
+    module_class = FlaxMPNetForMultipleChoiceModule
+    input_rank = 3
+
+
+class FlaxMPNetForTokenClassification(FlaxMPNetPreTrainedModel):
+    """MPNet token classifier.
+
+    Wraps :class:`FlaxMPNetForTokenClassificationModule`; arguments as :class:`FlaxMPNetPreTrainedModel`.
+    """
+
+    head = "ForTokenClassification"
+    module_class = FlaxMPNetForTokenClassificationModule
+
+
+class FlaxMPNetForQuestionAnswering(FlaxMPNetPreTrainedModel):
+    """MPNet extractive question answering.
+
+    Wraps :class:`FlaxMPNetForQuestionAnsweringModule`; arguments as :class:`FlaxMPNetPreTrainedModel`.
+    """
+
+    head = "ForQuestionAnswering"
+    module_class = FlaxMPNetForQuestionAnsweringModule

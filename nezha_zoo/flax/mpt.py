@@ -32,7 +32,7 @@ import numpy as np
 from flax import linen as nn
 
 from nezha_zoo.families.mpt import MPT
-from nezha_zoo.flax.generation import with_generation
+from nezha_zoo.flax.generation import FlaxGenerationMixin
 from nezha_zoo.flax.heads import split_qa_logits, tied_embedding_table
 from nezha_zoo.flax.layers import ACT2FN, dense, layer_norm, update_kv_cache
 from nezha_zoo.flax.modeling_utils import (
@@ -40,7 +40,6 @@ from nezha_zoo.flax.modeling_utils import (
     FlaxPreTrainedModel,
     cache_info,
     finish_output,
-    make_wrapper,
     validate_inputs,
 )
 from nezha_zoo.outputs import (
@@ -318,10 +317,10 @@ class FlaxMptModule(nn.Module):
             None,
             None,
             inputs_embeds,
-            past_length=past_len,
+            past_len=past_len,
             cache_length=cache_len,
             embed_width=c.d_model,
-            has_positions=False,
+            positions=False,
         )
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         # transformers' ALiBi table has max_seq_len columns: longer inputs fail there, clearly here.
@@ -582,19 +581,53 @@ class FlaxMptPreTrainedModel(FlaxPreTrainedModel):
         return super().init_cache(int(batch_size), int(max_length))
 
 
-def _wrapper(head: str, module: type[nn.Module], doc: str) -> type[FlaxMptPreTrainedModel]:
-    return make_wrapper(FlaxMptPreTrainedModel, "Mpt", head, module, doc)
+class FlaxMptModel(FlaxMptPreTrainedModel):
+    """The bare MPT decoder.
+
+    Wraps :class:`FlaxMptModule`; arguments as :class:`FlaxMptPreTrainedModel`.
+    """
+
+    head = "Model"
+    module_class = FlaxMptModule
 
 
-FlaxMptModel = _wrapper("Model", FlaxMptModule, "The bare MPT decoder.")
 # ALiBi: no position ids; left padding works through the mask alone.
-FlaxMptForCausalLM = with_generation(_wrapper("ForCausalLM", FlaxMptForCausalLMModule, "MPT causal LM."), None)
-FlaxMptForSequenceClassification = _wrapper(
-    "ForSequenceClassification", FlaxMptForSequenceClassificationModule, "MPT sequence classifier (last token)."
-)
-FlaxMptForTokenClassification = _wrapper(
-    "ForTokenClassification", FlaxMptForTokenClassificationModule, "MPT token classifier."
-)
-FlaxMptForQuestionAnswering = _wrapper(
-    "ForQuestionAnswering", FlaxMptForQuestionAnsweringModule, "MPT extractive question answering."
-)
+class FlaxMptForCausalLM(FlaxGenerationMixin, FlaxMptPreTrainedModel):
+    """MPT causal LM.
+
+    Wraps :class:`FlaxMptForCausalLMModule`; arguments as :class:`FlaxMptPreTrainedModel`.
+    """
+
+    head = "ForCausalLM"
+    module_class = FlaxMptForCausalLMModule
+    generation_position_rule = None
+
+
+class FlaxMptForSequenceClassification(FlaxMptPreTrainedModel):
+    """MPT sequence classifier (last token).
+
+    Wraps :class:`FlaxMptForSequenceClassificationModule`; arguments as :class:`FlaxMptPreTrainedModel`.
+    """
+
+    head = "ForSequenceClassification"
+    module_class = FlaxMptForSequenceClassificationModule
+
+
+class FlaxMptForTokenClassification(FlaxMptPreTrainedModel):
+    """MPT token classifier.
+
+    Wraps :class:`FlaxMptForTokenClassificationModule`; arguments as :class:`FlaxMptPreTrainedModel`.
+    """
+
+    head = "ForTokenClassification"
+    module_class = FlaxMptForTokenClassificationModule
+
+
+class FlaxMptForQuestionAnswering(FlaxMptPreTrainedModel):
+    """MPT extractive question answering.
+
+    Wraps :class:`FlaxMptForQuestionAnsweringModule`; arguments as :class:`FlaxMptPreTrainedModel`.
+    """
+
+    head = "ForQuestionAnswering"
+    module_class = FlaxMptForQuestionAnsweringModule

@@ -31,12 +31,17 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from nezha_zoo.config import classifier_dropout_rate
 from nezha_zoo.families.nezha import HEADS_WITH_POOLER, NEZHA, relative_position_table
-from nezha_zoo.flax.heads import BertLMPredictionHead, classifier_dropout, tied_embedding_table, token_classifier
+from nezha_zoo.flax.heads import (
+    BertLMPredictionHead,
+    BertPooler,
+    tied_embedding_table,
+    token_classifier,
+)
 from nezha_zoo.flax.layers import (
     BertEmbeddings,
     BertEncoder,
-    BertPooler,
     cache_index,
     cache_length,
     dense,
@@ -46,7 +51,6 @@ from nezha_zoo.flax.modeling_utils import (
     FlaxPreTrainedModel,
     cache_info,
     finish_output,
-    make_wrapper,
     validate_inputs,
 )
 from nezha_zoo.outputs import (
@@ -158,10 +162,10 @@ class FlaxNezhaModule(nn.Module):
             token_type_ids,
             None,
             inputs_embeds,
-            past_length=past_len,
+            past_len=past_len,
             cache_length=cache_len,
             embed_width=c.hidden_size,
-            has_positions=False,
+            positions=False,
         )
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         if token_type_ids is None:
@@ -382,7 +386,7 @@ class FlaxNezhaForMultipleChoiceModule(_NezhaHead):
         inputs_embeds=None,
     ):
         def pool(out):  # dropout on the pooler output (B * C, H)
-            dropout = nn.Dropout(classifier_dropout(self.config), name="dropout")
+            dropout = nn.Dropout(classifier_dropout_rate(self.config), name="dropout")
             return dropout(out.pooler_output, deterministic=deterministic)
 
         return self._multiple_choice(locals(), pool)
@@ -502,29 +506,82 @@ class FlaxNezhaPreTrainedModel(FlaxPreTrainedModel):
         )
 
 
-def _wrapper(head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type[FlaxNezhaPreTrainedModel]:
-    return make_wrapper(FlaxNezhaPreTrainedModel, "Nezha", head, module, doc, rank)
+class FlaxNezhaModel(FlaxNezhaPreTrainedModel):
+    """The bare Nezha encoder (a decoder with cross-attention and a cache when configured).
+
+    Wraps :class:`FlaxNezhaModule`; arguments as :class:`FlaxNezhaPreTrainedModel`.
+    """
+
+    head = "Model"
+    module_class = FlaxNezhaModule
 
 
-FlaxNezhaModel = _wrapper(
-    "Model", FlaxNezhaModule, "The bare Nezha encoder (a decoder with cross-attention and a cache when configured)."
-)
-FlaxNezhaForPreTraining = _wrapper(
-    "ForPreTraining", FlaxNezhaForPreTrainingModule, "Nezha with masked-LM and next-sentence heads."
-)
-FlaxNezhaForMaskedLM = _wrapper("ForMaskedLM", FlaxNezhaForMaskedLMModule, "Nezha masked language model.")
-FlaxNezhaForNextSentencePrediction = _wrapper(
-    "ForNextSentencePrediction", FlaxNezhaForNextSentencePredictionModule, "Nezha next-sentence prediction."
-)
-FlaxNezhaForSequenceClassification = _wrapper(
-    "ForSequenceClassification", FlaxNezhaForSequenceClassificationModule, "Nezha sequence classifier."
-)
-FlaxNezhaForMultipleChoice = _wrapper(
-    "ForMultipleChoice", FlaxNezhaForMultipleChoiceModule, "Nezha multiple choice.", rank=3
-)
-FlaxNezhaForTokenClassification = _wrapper(
-    "ForTokenClassification", FlaxNezhaForTokenClassificationModule, "Nezha token classifier."
-)
-FlaxNezhaForQuestionAnswering = _wrapper(
-    "ForQuestionAnswering", FlaxNezhaForQuestionAnsweringModule, "Nezha extractive question answering."
-)
+class FlaxNezhaForPreTraining(FlaxNezhaPreTrainedModel):
+    """Nezha with masked-LM and next-sentence heads.
+
+    Wraps :class:`FlaxNezhaForPreTrainingModule`; arguments as :class:`FlaxNezhaPreTrainedModel`.
+    """
+
+    head = "ForPreTraining"
+    module_class = FlaxNezhaForPreTrainingModule
+
+
+class FlaxNezhaForMaskedLM(FlaxNezhaPreTrainedModel):
+    """Nezha masked language model.
+
+    Wraps :class:`FlaxNezhaForMaskedLMModule`; arguments as :class:`FlaxNezhaPreTrainedModel`.
+    """
+
+    head = "ForMaskedLM"
+    module_class = FlaxNezhaForMaskedLMModule
+
+
+class FlaxNezhaForNextSentencePrediction(FlaxNezhaPreTrainedModel):
+    """Nezha next-sentence prediction.
+
+    Wraps :class:`FlaxNezhaForNextSentencePredictionModule`; arguments as :class:`FlaxNezhaPreTrainedModel`.
+    """
+
+    head = "ForNextSentencePrediction"
+    module_class = FlaxNezhaForNextSentencePredictionModule
+
+
+class FlaxNezhaForSequenceClassification(FlaxNezhaPreTrainedModel):
+    """Nezha sequence classifier.
+
+    Wraps :class:`FlaxNezhaForSequenceClassificationModule`; arguments as :class:`FlaxNezhaPreTrainedModel`.
+    """
+
+    head = "ForSequenceClassification"
+    module_class = FlaxNezhaForSequenceClassificationModule
+
+
+class FlaxNezhaForMultipleChoice(FlaxNezhaPreTrainedModel):
+    """Nezha multiple choice.
+
+    Wraps :class:`FlaxNezhaForMultipleChoiceModule`; arguments as :class:`FlaxNezhaPreTrainedModel`.
+    """
+
+    head = "ForMultipleChoice"
+    module_class = FlaxNezhaForMultipleChoiceModule
+    input_rank = 3
+
+
+class FlaxNezhaForTokenClassification(FlaxNezhaPreTrainedModel):
+    """Nezha token classifier.
+
+    Wraps :class:`FlaxNezhaForTokenClassificationModule`; arguments as :class:`FlaxNezhaPreTrainedModel`.
+    """
+
+    head = "ForTokenClassification"
+    module_class = FlaxNezhaForTokenClassificationModule
+
+
+class FlaxNezhaForQuestionAnswering(FlaxNezhaPreTrainedModel):
+    """Nezha extractive question answering.
+
+    Wraps :class:`FlaxNezhaForQuestionAnsweringModule`; arguments as :class:`FlaxNezhaPreTrainedModel`.
+    """
+
+    head = "ForQuestionAnswering"
+    module_class = FlaxNezhaForQuestionAnsweringModule

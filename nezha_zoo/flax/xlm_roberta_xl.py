@@ -21,12 +21,11 @@ from flax import linen as nn
 
 from nezha_zoo.families.xlm_roberta_xl import HEADS_WITH_POOLER, XLM_ROBERTA_XL
 from nezha_zoo.flax import losses
-from nezha_zoo.flax.generation import with_generation
-from nezha_zoo.flax.heads import ClassificationHead, RobertaLMHead, tied_embedding_table
+from nezha_zoo.flax.generation import FlaxGenerationMixin
+from nezha_zoo.flax.heads import BertPooler, ClassificationHead, RobertaLMHead, tied_embedding_table
 from nezha_zoo.flax.layers import (
     BertEmbeddings,
     BertEncoder,
-    BertPooler,
     cache_index,
     padding_aware_position_ids,
     sequential_position_ids,
@@ -36,7 +35,6 @@ from nezha_zoo.flax.modeling_utils import (
     FlaxPreTrainedModel,
     cache_info,
     finish_output,
-    make_wrapper,
     validate_inputs,
 )
 from nezha_zoo.outputs import (
@@ -148,7 +146,7 @@ class FlaxXLMRobertaXLModule(nn.Module):
             token_type_ids,
             position_ids,
             inputs_embeds,
-            past_length=past_len,
+            past_len=past_len,
             cache_length=cache_len,
             embed_width=c.hidden_size,
         )
@@ -396,32 +394,75 @@ class FlaxXLMRobertaXLPreTrainedModel(FlaxPreTrainedModel):
     base_model_prefix = "roberta"
 
 
-def _wrapper(head: str, module: type[nn.Module], doc: str, rank: int = 2) -> type[FlaxXLMRobertaXLPreTrainedModel]:
-    return make_wrapper(FlaxXLMRobertaXLPreTrainedModel, "XLMRobertaXL", head, module, doc, rank)
+class FlaxXLMRobertaXLModel(FlaxXLMRobertaXLPreTrainedModel):
+    """The bare XLM-RoBERTa-XL encoder (with pooler).
+
+    Wraps :class:`FlaxXLMRobertaXLModule`; arguments as :class:`FlaxXLMRobertaXLPreTrainedModel`.
+    """
+
+    head = "Model"
+    module_class = FlaxXLMRobertaXLModule
 
 
-FlaxXLMRobertaXLModel = _wrapper("Model", FlaxXLMRobertaXLModule, "The bare XLM-RoBERTa-XL encoder (with pooler).")
 # RoBERTa positions count from pad_token_id + 1: generate numbers a left-padded row from there.
-FlaxXLMRobertaXLForCausalLM = with_generation(
-    _wrapper("ForCausalLM", FlaxXLMRobertaXLForCausalLMModule, "XLM-RoBERTa-XL causal LM (decoder)."),
-    "padding_aware",
-)
-FlaxXLMRobertaXLForMaskedLM = _wrapper(
-    "ForMaskedLM", FlaxXLMRobertaXLForMaskedLMModule, "XLM-RoBERTa-XL masked language model."
-)
-FlaxXLMRobertaXLForSequenceClassification = _wrapper(
-    "ForSequenceClassification",
-    FlaxXLMRobertaXLForSequenceClassificationModule,
-    "XLM-RoBERTa-XL sequence classifier.",
-)
-FlaxXLMRobertaXLForMultipleChoice = _wrapper(
-    "ForMultipleChoice", FlaxXLMRobertaXLForMultipleChoiceModule, "XLM-RoBERTa-XL multiple choice.", rank=3
-)
-FlaxXLMRobertaXLForTokenClassification = _wrapper(
-    "ForTokenClassification", FlaxXLMRobertaXLForTokenClassificationModule, "XLM-RoBERTa-XL token classifier."
-)
-FlaxXLMRobertaXLForQuestionAnswering = _wrapper(
-    "ForQuestionAnswering",
-    FlaxXLMRobertaXLForQuestionAnsweringModule,
-    "XLM-RoBERTa-XL extractive question answering.",
-)
+class FlaxXLMRobertaXLForCausalLM(FlaxGenerationMixin, FlaxXLMRobertaXLPreTrainedModel):
+    """XLM-RoBERTa-XL causal LM (decoder).
+
+    Wraps :class:`FlaxXLMRobertaXLForCausalLMModule`; arguments as :class:`FlaxXLMRobertaXLPreTrainedModel`.
+    """
+
+    head = "ForCausalLM"
+    module_class = FlaxXLMRobertaXLForCausalLMModule
+    generation_position_rule = "padding_aware"
+
+
+class FlaxXLMRobertaXLForMaskedLM(FlaxXLMRobertaXLPreTrainedModel):
+    """XLM-RoBERTa-XL masked language model.
+
+    Wraps :class:`FlaxXLMRobertaXLForMaskedLMModule`; arguments as :class:`FlaxXLMRobertaXLPreTrainedModel`.
+    """
+
+    head = "ForMaskedLM"
+    module_class = FlaxXLMRobertaXLForMaskedLMModule
+
+
+class FlaxXLMRobertaXLForSequenceClassification(FlaxXLMRobertaXLPreTrainedModel):
+    """XLM-RoBERTa-XL sequence classifier.
+
+    Wraps :class:`FlaxXLMRobertaXLForSequenceClassificationModule`; arguments as
+    :class:`FlaxXLMRobertaXLPreTrainedModel`.
+    """
+
+    head = "ForSequenceClassification"
+    module_class = FlaxXLMRobertaXLForSequenceClassificationModule
+
+
+class FlaxXLMRobertaXLForMultipleChoice(FlaxXLMRobertaXLPreTrainedModel):
+    """XLM-RoBERTa-XL multiple choice.
+
+    Wraps :class:`FlaxXLMRobertaXLForMultipleChoiceModule`; arguments as :class:`FlaxXLMRobertaXLPreTrainedModel`.
+    """
+
+    head = "ForMultipleChoice"
+    module_class = FlaxXLMRobertaXLForMultipleChoiceModule
+    input_rank = 3
+
+
+class FlaxXLMRobertaXLForTokenClassification(FlaxXLMRobertaXLPreTrainedModel):
+    """XLM-RoBERTa-XL token classifier.
+
+    Wraps :class:`FlaxXLMRobertaXLForTokenClassificationModule`; arguments as :class:`FlaxXLMRobertaXLPreTrainedModel`.
+    """
+
+    head = "ForTokenClassification"
+    module_class = FlaxXLMRobertaXLForTokenClassificationModule
+
+
+class FlaxXLMRobertaXLForQuestionAnswering(FlaxXLMRobertaXLPreTrainedModel):
+    """XLM-RoBERTa-XL extractive question answering.
+
+    Wraps :class:`FlaxXLMRobertaXLForQuestionAnsweringModule`; arguments as :class:`FlaxXLMRobertaXLPreTrainedModel`.
+    """
+
+    head = "ForQuestionAnswering"
+    module_class = FlaxXLMRobertaXLForQuestionAnsweringModule

@@ -7,114 +7,14 @@
 Imports torch (and nothing from TensorFlow or JAX).
 """
 
-from nezha_zoo.pt.electra import (
-    ElectraForCausalLM,
-    ElectraForMaskedLM,
-    ElectraForMultipleChoice,
-    ElectraForPreTraining,
-    ElectraForQuestionAnswering,
-    ElectraForSequenceClassification,
-    ElectraForTokenClassification,
-    ElectraModel,
-    ElectraPreTrainedModel,
-)
+# Importing the family modules runs their class statements, which register every model class
+# (nezha_zoo.spec.model_class); the exports below are read from that registry.
+from nezha_zoo.pt import electra, ibert, mpnet, mpt, nezha, xlm_roberta_xl  # noqa: F401
 from nezha_zoo.pt.heads import mean_pool
-from nezha_zoo.pt.ibert import (
-    IBertForMaskedLM,
-    IBertForMultipleChoice,
-    IBertForQuestionAnswering,
-    IBertForSequenceClassification,
-    IBertForTokenClassification,
-    IBertModel,
-    IBertPreTrainedModel,
-)
 from nezha_zoo.pt.modeling_utils import PreTrainedModel
-from nezha_zoo.pt.mpnet import (
-    MPNetForMaskedLM,
-    MPNetForMultipleChoice,
-    MPNetForQuestionAnswering,
-    MPNetForSequenceClassification,
-    MPNetForTokenClassification,
-    MPNetModel,
-    MPNetPreTrainedModel,
-)
-from nezha_zoo.pt.mpt import (
-    MptForCausalLM,
-    MptForQuestionAnswering,
-    MptForSequenceClassification,
-    MptForTokenClassification,
-    MptModel,
-    MptPreTrainedModel,
-)
-from nezha_zoo.pt.nezha import (
-    NezhaForMaskedLM,
-    NezhaForMultipleChoice,
-    NezhaForNextSentencePrediction,
-    NezhaForPreTraining,
-    NezhaForQuestionAnswering,
-    NezhaForSequenceClassification,
-    NezhaForTokenClassification,
-    NezhaModel,
-    NezhaPreTrainedModel,
-)
-from nezha_zoo.pt.xlm_roberta_xl import (
-    XLMRobertaXLForCausalLM,
-    XLMRobertaXLForMaskedLM,
-    XLMRobertaXLForMultipleChoice,
-    XLMRobertaXLForQuestionAnswering,
-    XLMRobertaXLForSequenceClassification,
-    XLMRobertaXLForTokenClassification,
-    XLMRobertaXLModel,
-    XLMRobertaXLPreTrainedModel,
-)
+from nezha_zoo.spec.registry import model_classes
 
-__all__ = [
-    "PreTrainedModel",
-    "ElectraPreTrainedModel",
-    "ElectraModel",
-    "ElectraForPreTraining",
-    "ElectraForMaskedLM",
-    "ElectraForCausalLM",
-    "ElectraForSequenceClassification",
-    "ElectraForMultipleChoice",
-    "ElectraForTokenClassification",
-    "ElectraForQuestionAnswering",
-    "NezhaPreTrainedModel",
-    "NezhaModel",
-    "NezhaForPreTraining",
-    "NezhaForMaskedLM",
-    "NezhaForNextSentencePrediction",
-    "NezhaForSequenceClassification",
-    "NezhaForMultipleChoice",
-    "NezhaForTokenClassification",
-    "NezhaForQuestionAnswering",
-    "MPNetPreTrainedModel",
-    "MPNetModel",
-    "MPNetForMaskedLM",
-    "MPNetForSequenceClassification",
-    "MPNetForMultipleChoice",
-    "MPNetForTokenClassification",
-    "MPNetForQuestionAnswering",
-    "MptPreTrainedModel",
-    "MptModel",
-    "MptForCausalLM",
-    "MptForSequenceClassification",
-    "MptForTokenClassification",
-    "MptForQuestionAnswering",
-    "XLMRobertaXLPreTrainedModel",
-    "XLMRobertaXLModel",
-    "XLMRobertaXLForCausalLM",
-    "XLMRobertaXLForMaskedLM",
-    "XLMRobertaXLForSequenceClassification",
-    "XLMRobertaXLForMultipleChoice",
-    "XLMRobertaXLForTokenClassification",
-    "XLMRobertaXLForQuestionAnswering",
-    "IBertPreTrainedModel",
-    "IBertModel",
-    "IBertForMaskedLM",
-    "IBertForSequenceClassification",
-    "IBertForMultipleChoice",
-    "IBertForTokenClassification",
-    "IBertForQuestionAnswering",
-    "mean_pool",
-]
+_CLASSES = model_classes("pt")  # ElectraPreTrainedModel, ElectraModel, ElectraForPreTraining, ...
+globals().update(_CLASSES)
+
+__all__ = ["PreTrainedModel", *_CLASSES, "mean_pool"]

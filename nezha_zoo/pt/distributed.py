@@ -105,17 +105,17 @@ def load_fsdp(
             else the CPU).
         **config_overrides: config fields to change.
     """
-    config = resolve_config(cls.family(), pretrained_model_name_or_path, **config_overrides)
+    config = resolve_config(cls.family, pretrained_model_name_or_path, **config_overrides)
     with torch.device("meta"):
         model = cls(config)
     wrap_fsdp(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     model.to_empty(device=device)
-    spec = model.model_spec()
+    spec = model.spec
     tensors = dict(model.state_dict(keep_vars=True))
     with open_checkpoint(pretrained_model_name_or_path) as reader, torch.no_grad():
-        plan = plan_load(spec, reader.keys(), reader.shape, cls.family().base_prefix)
+        plan = plan_load(spec, reader.keys(), reader.shape, cls.family.base_prefix)
         plan.report(cls.__name__, strict=True)
         for name, key in plan.sources.items():
             t = tensors[LAYOUT.key(spec[name])]

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nezha_zoo.families.electra import ElectraConfig
+from nezha_zoo.config import classifier_dropout_rate
+from nezha_zoo.families.electra import ELECTRA, ElectraConfig
 from nezha_zoo.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -35,7 +36,6 @@ from nezha_zoo.pt.heads import (
     ClassificationHead,
     LMHeadTransform,
     SequenceSummary,
-    classifier_dropout,
     masked_lm_output,
     multiple_choice_output,
     question_answering_output,
@@ -75,7 +75,7 @@ _ARGS_DOC = """
 class ElectraPreTrainedModel(PreTrainedModel):
     """Base of the Electra classes (family ``"electra"``)."""
 
-    family_key = "electra"
+    family = ELECTRA
     config_class = ElectraConfig
 
 
@@ -452,7 +452,7 @@ class ElectraForTokenClassification(ElectraPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.electra = ElectraModel(config)
-        self.dropout = classifier_dropout(config)
+        self.dropout = nn.Dropout(classifier_dropout_rate(config))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nezha_zoo.config import classifier_dropout_rate
 from nezha_zoo.outputs import (
     MaskedLMOutput,
     ModelOutput,
@@ -26,7 +27,6 @@ from nezha_zoo.pt.layers import get_activation
 from nezha_zoo.validation import InputError
 
 __all__ = [
-    "classifier_dropout",
     "MLM_LABELS_DOC",
     "SEQUENCE_LABELS_DOC",
     "TOKEN_LABELS_DOC",
@@ -48,12 +48,6 @@ __all__ = [
 ]
 
 
-def classifier_dropout(config: Any) -> nn.Dropout:
-    """The dropout before a classifier: ``classifier_dropout``, or ``hidden_dropout_prob`` when None/absent."""
-    drop = getattr(config, "classifier_dropout", None)
-    return nn.Dropout(config.hidden_dropout_prob if drop is None else drop)
-
-
 class ClassificationHead(nn.Module):
     """Sentence classification on the first token: dropout, ``dense``, activation, dropout, ``out_proj``.
 
@@ -68,7 +62,7 @@ class ClassificationHead(nn.Module):
     def __init__(self, config: Any, activation: str = "tanh") -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = classifier_dropout(config)
+        self.dropout = nn.Dropout(classifier_dropout_rate(config))
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
         self.activation = get_activation(activation)
 

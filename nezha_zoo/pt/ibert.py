@@ -50,6 +50,7 @@ from nezha_zoo.families.ibert import (
     EMBEDDING_ACT_BIT,
     EMBEDDING_BIT,
     HEADS_WITH_POOLER,
+    IBERT,
     LN_INPUT_BIT,
     LN_OUTPUT_BIT,
     WEIGHT_BIT,
@@ -370,7 +371,7 @@ class IBertPreTrainedModel(PreTrainedModel):
     (buffers start at transformers' constants: ``x_min = -1e-5``, ``x_max = 1e-5``, zeros elsewhere).
     """
 
-    family_key = "ibert"
+    family = IBERT
     config_class = IBertConfig
 
     @property
@@ -418,8 +419,9 @@ class IBertModel(IBertPreTrainedModel):
         self.pooler = BertPooler(config.hidden_size) if add_pooling_layer else None
         self.post_init()
 
-    def model_spec(self) -> ModelSpec:
-        spec = super().model_spec()
+    @property
+    def spec(self) -> ModelSpec:
+        spec = super().spec
         if self.pooler is not None:
             return spec
         params = tuple(p for p in spec if not p.name.startswith("pooler."))

@@ -23,12 +23,12 @@ from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
 from nezha_zoo.pt.layers import encoder_attention_bias, expand_head_mask, extended_attention_mask
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
-from nezha_zoo.spec.registry import Family, get_family
+from nezha_zoo.spec.registry import Family, register_model_class
 from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
 
 __all__ = [
     "PreTrainedModel",
-    "check_inputs",
+    "validate_inputs",
     "EncoderInputs",
     "prepare_encoder_inputs",
     "flatten_choices",
@@ -84,8 +84,8 @@ _register_outputs()
 class PreTrainedModel(nn.Module):
     """Base class of every PyTorch model of the zoo.
 
-    Subclasses set ``family_key`` (``"electra"``) and ``head`` (``"Model"``, ``"ForMaskedLM"``...),
-    build their modules in ``__init__`` under transformers' names and end it with
+    Subclasses set ``family`` (a :class:`~nezha_zoo.spec.registry.Family`) and ``head``
+    (``"Model"``, ``"ForMaskedLM"``...), build their modules in ``__init__`` under transformers' names and end it with
     :meth:`post_init`, which ties weights, checks the module tree against the spec and initialises
     every parameter by its spec rule.
 
@@ -93,33 +93,34 @@ class PreTrainedModel(nn.Module):
         config (PretrainedConfig): the family's config.
     """
 
-    family_key: ClassVar[str] = ""
+    family: ClassVar[Family]
     head: ClassVar[str] = "Model"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        register_model_class(cls, "pt")  # (family, head, "pt") -> cls for nezha_zoo.spec.model_class
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
-        fam = self.family()
+        fam = self.family
         if not isinstance(config, fam.config_class):
             raise TypeError(f"{type(self).__name__} needs a {fam.config_class.__name__}, got {type(config).__name__}")
         self.config = config
 
     # --- spec ------------------------------------------------------------------------------------
 
-    @classmethod
-    def family(cls) -> Family:
-        return get_family(cls.family_key)
-
     @property
     def base_model_prefix(self) -> str:
-        return self.family().base_prefix
+        return self.family.base_prefix
 
     @property
     def base_model(self) -> nn.Module:
         return getattr(self, self.base_model_prefix, self)
 
-    def model_spec(self) -> ModelSpec:
+    @property
+    def spec(self) -> ModelSpec:
         """The declaration of this class for its current config."""
-        return self.family().model_spec(self.config, self.head)
+        return self.family.model_spec(self.config, self.head)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter and persistent buffer by PyTorch name (tied aliases included)."""
@@ -137,7 +138,7 @@ class PreTrainedModel(nn.Module):
             self.init_weights()
 
     def _check_spec(self) -> None:
-        spec = self.model_spec()
+        spec = self.spec
         want = {LAYOUT.key(p) for p in spec} | set(spec.ties)
         have = set(self.state_dict().keys())
         if want != have:
@@ -148,7 +149,7 @@ class PreTrainedModel(nn.Module):
 
     def tie_weights(self) -> None:
         """Make every tied alias of the spec the very same Parameter as its target."""
-        spec = self.model_spec()
+        spec = self.spec
         for alias, target in spec.ties.items():
             owner_path, _, leaf = alias.rpartition(".")
             owner = self.get_submodule(owner_path)
@@ -163,7 +164,7 @@ class PreTrainedModel(nn.Module):
         """
         std = self.config.initializer_range
         tensors = self._tensors()
-        for p in self.model_spec():
+        for p in self.spec:
             if names is not None and p.name not in names:
                 continue
             t = tensors[LAYOUT.key(p)]
@@ -177,7 +178,7 @@ class PreTrainedModel(nn.Module):
     # --- embeddings ------------------------------------------------------------------------------
 
     def _vocab_embedding_path(self) -> str:
-        for p in self.model_spec():
+        for p in self.spec:
             if p.kind is Kind.EMBEDDING and p.axes[0] == "vocab":
                 return p.module
         raise AttributeError(f"{type(self).__name__} has no vocabulary embedding")
@@ -188,7 +189,7 @@ class PreTrainedModel(nn.Module):
 
     def get_output_embeddings(self) -> nn.Module | None:
         """The module whose weight is tied to the word embeddings, if any."""
-        spec = self.model_spec()
+        spec = self.spec
         for alias in spec.ties:
             return self.get_submodule(alias.rpartition(".")[0])
         return None
@@ -207,12 +208,14 @@ class PreTrainedModel(nn.Module):
                 m.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
+        """Store activations for the backward pass again (the default)."""
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = False
 
     @property
     def is_gradient_checkpointing(self) -> bool:
+        """Whether any layer is recomputed in the backward pass."""
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
     # --- checkpoints -----------------------------------------------------------------------------
@@ -247,10 +250,10 @@ class PreTrainedModel(nn.Module):
         shapes.  The model is returned in eval mode, as transformers does.
         """
         target = _resolve_dtype(dtype, torch_dtype)
-        fam = cls.family()
+        fam = cls.family
         cfg = resolve_config(fam, pretrained_model_name_or_path, config, **config_overrides)
         model = cls._empty(cfg, target)
-        spec = model.model_spec()
+        spec = model.spec
         tensors = model._tensors()
         views: dict[str, np.ndarray] = {}
 
@@ -302,7 +305,7 @@ class PreTrainedModel(nn.Module):
         Weights are written in the model's dtype (bfloat16 stays bfloat16), straight from their
         memory: no copy of the model is made.  Returns the written file names.
         """
-        spec = self.model_spec()
+        spec = self.spec
         tensors = self._tensors()
 
         def arrays():
@@ -310,7 +313,7 @@ class PreTrainedModel(nn.Module):
                 t = tensors[LAYOUT.key(p)].detach().cpu()
                 yield p.name, LAYOUT.from_stored(p, _numpy_view(t.contiguous()))
 
-        return save_weights(save_directory, self.config, spec, self.family(), arrays(), max_shard_size=max_shard_size)
+        return save_weights(save_directory, self.config, spec, self.family, arrays(), max_shard_size=max_shard_size)
 
     # --- outputs ---------------------------------------------------------------------------------
 
@@ -344,7 +347,7 @@ class PreTrainedModel(nn.Module):
         (``hidden_size`` when None); ``positions=False`` skips the position checks (Nezha).
         """
         input_ids, inputs_embeds = args.get("input_ids"), args.get("inputs_embeds")
-        check_inputs(
+        validate_inputs(
             self.config,
             input_ids,
             inputs_embeds,
@@ -394,7 +397,7 @@ def _concrete(t: torch.Tensor) -> bool:
     return not torch.jit.is_tracing()
 
 
-def check_inputs(
+def validate_inputs(
     config: PretrainedConfig,
     input_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
@@ -490,7 +493,7 @@ def prepare_encoder_inputs(
     """Check a BERT-style base model's inputs and build its masks (shared by the families' base models).
 
     Raises :class:`~nezha_zoo.validation.InputError` for a cache without a decoder or with the wrong
-    number of layers, bad ids/shapes (:func:`check_inputs`), and encoder states or masks of the wrong
+    number of layers, bad ids/shapes (:func:`validate_inputs`), and encoder states or masks of the wrong
     shape.  Defaults: ``attention_mask`` ones over cached + new positions, ``encoder_attention_mask``
     ones.  ``positions=False`` (Nezha) skips the ``max_position_embeddings`` length check.
     """
@@ -499,7 +502,7 @@ def prepare_encoder_inputs(
     if past_key_values is not None and len(past_key_values) != config.num_hidden_layers:
         raise InputError(f"past_key_values has {len(past_key_values)} layers, the model has {config.num_hidden_layers}")
     past_len = past_key_values[0][0].shape[-2] if past_key_values else 0
-    batch, seq_len = check_inputs(
+    batch, seq_len = validate_inputs(
         config,
         input_ids,
         inputs_embeds,

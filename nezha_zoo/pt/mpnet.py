@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNetConfig, relative_bucket_table
+from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNET, MPNetConfig, relative_bucket_table
 from nezha_zoo.outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
@@ -102,7 +102,7 @@ _ARGS_DOC = """
 class MPNetPreTrainedModel(PreTrainedModel):
     """Base of the MPNet classes (family ``"mpnet"``); adds :meth:`encode` for sentence embeddings."""
 
-    family_key = "mpnet"
+    family = MPNET
     config_class = MPNetConfig
 
     def encode(
@@ -175,8 +175,9 @@ class MPNetModel(MPNetPreTrainedModel):
         self._bucket_table = torch.from_numpy(relative_bucket_table(config)).long()
         self.post_init()
 
-    def model_spec(self) -> ModelSpec:
-        spec = super().model_spec()
+    @property
+    def spec(self) -> ModelSpec:
+        spec = super().spec
         if self.pooler is not None:
             return spec
         # MPNetModel(add_pooling_layer=False): the base of the heads without a pooler.

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nezha_zoo.families.mpt import MptConfig
+from nezha_zoo.config import classifier_dropout_rate
+from nezha_zoo.families.mpt import MPT, MptConfig
 from nezha_zoo.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -55,7 +56,7 @@ from nezha_zoo.pt.heads import (
     question_answering_output,
     token_classification_output,
 )
-from nezha_zoo.pt.modeling_utils import PreTrainedModel, check_inputs
+from nezha_zoo.pt.modeling_utils import PreTrainedModel, validate_inputs
 from nezha_zoo.validation import InputError, check_length
 
 logger = logging.getLogger("nezha_zoo")
@@ -311,7 +312,7 @@ class MptPreTrainedModel(PreTrainedModel):
     not declare; such a config is accepted with a warning.
     """
 
-    family_key = "mpt"
+    family = MPT
     config_class = MptConfig
 
     def __init__(self, config: MptConfig) -> None:
@@ -386,7 +387,7 @@ class MptModel(MptPreTrainedModel):
             raise InputError(
                 f"attention_mask must have shape (batch, cached + new positions), got {tuple(attention_mask.shape)}"
             )
-        batch, seq_len = check_inputs(
+        batch, seq_len = validate_inputs(
             cfg, input_ids, inputs_embeds, attention_mask, past_len=past_len, embed_width=cfg.d_model, positions=False
         )
         check_length(seq_len, past_len, cfg.max_seq_len, "max_seq_len")
@@ -587,16 +588,6 @@ class MptForSequenceClassification(MptPreTrainedModel):
         return self._finish(out, return_dict)
 
 
-def _token_dropout(config: MptConfig) -> nn.Dropout:
-    # transformers' MPT rule: classifier_dropout, else hidden_dropout, else 0.1 (neither is an
-    # MptConfig field; they are read from config.json's extra keys when present).
-    for name in ("classifier_dropout", "hidden_dropout"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return nn.Dropout(value)
-    return nn.Dropout(0.1)
-
-
 class MptForTokenClassification(MptPreTrainedModel):
     """MPT with dropout and a per-token ``classifier`` (with bias): logits (B, L, num_labels).
 
@@ -613,7 +604,7 @@ class MptForTokenClassification(MptPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.transformer = MptModel(config)
-        self.dropout = _token_dropout(config)
+        self.dropout = nn.Dropout(classifier_dropout_rate(config))
         self.classifier = nn.Linear(config.d_model, config.num_labels)
         self.post_init()
 

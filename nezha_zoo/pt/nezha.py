@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nezha_zoo.families.nezha import NezhaConfig, relative_position_table
+from nezha_zoo.config import classifier_dropout_rate
+from nezha_zoo.families.nezha import NEZHA, NezhaConfig, relative_position_table
 from nezha_zoo.outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     MaskedLMOutput,
@@ -51,7 +52,6 @@ from nezha_zoo.pt.heads import (
     TOKEN_LABELS_DOC,
     BertLMPredictionHead,
     BertPooler,
-    classifier_dropout,
     masked_lm_output,
     multiple_choice_output,
     question_answering_output,
@@ -109,7 +109,7 @@ _ARGS_DOC = """
 class NezhaPreTrainedModel(PreTrainedModel):
     """Base of the Nezha classes (family ``"nezha"``)."""
 
-    family_key = "nezha"
+    family = NEZHA
     config_class = NezhaConfig
 
 
@@ -149,8 +149,9 @@ class NezhaModel(NezhaPreTrainedModel):
         self.pooler = BertPooler(config.hidden_size) if add_pooling_layer else None
         self.post_init()
 
-    def model_spec(self) -> ModelSpec:
-        spec = super().model_spec()
+    @property
+    def spec(self) -> ModelSpec:
+        spec = super().spec
         if self.pooler is not None:
             return spec
         # NezhaModel(add_pooling_layer=False): the base of the heads without a pooler.
@@ -445,7 +446,7 @@ class NezhaForSequenceClassification(NezhaPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.nezha = NezhaModel(config)
-        self.dropout = classifier_dropout(config)
+        self.dropout = nn.Dropout(classifier_dropout_rate(config))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -489,7 +490,7 @@ class NezhaForMultipleChoice(NezhaPreTrainedModel):
     def __init__(self, config: NezhaConfig) -> None:
         super().__init__(config)
         self.nezha = NezhaModel(config)
-        self.dropout = classifier_dropout(config)
+        self.dropout = nn.Dropout(classifier_dropout_rate(config))
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
@@ -527,7 +528,7 @@ class NezhaForTokenClassification(NezhaPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.nezha = NezhaModel(config, add_pooling_layer=False)
-        self.dropout = classifier_dropout(config)
+        self.dropout = nn.Dropout(classifier_dropout_rate(config))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 

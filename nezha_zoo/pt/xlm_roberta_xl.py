@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nezha_zoo.families.xlm_roberta_xl import HEADS_WITH_POOLER, XLMRobertaXLConfig
+from nezha_zoo.config import classifier_dropout_rate
+from nezha_zoo.families.xlm_roberta_xl import HEADS_WITH_POOLER, XLM_ROBERTA_XL, XLMRobertaXLConfig
 from nezha_zoo.outputs import (
     IGNORE_INDEX,
     BaseModelOutputWithPoolingAndCrossAttentions,
@@ -45,7 +46,6 @@ from nezha_zoo.pt.heads import (
     BertPooler,
     ClassificationHead,
     RobertaLMHead,
-    classifier_dropout,
     masked_lm_output,
     multiple_choice_output,
     question_answering_output,
@@ -116,7 +116,7 @@ def active_token_labels(labels: torch.Tensor | None, attention_mask: torch.Tenso
 class XLMRobertaXLPreTrainedModel(PreTrainedModel):
     """Base of the XLM-RoBERTa-XL classes (family ``"xlm_roberta_xl"``)."""
 
-    family_key = "xlm_roberta_xl"
+    family = XLM_ROBERTA_XL
     config_class = XLMRobertaXLConfig
 
 
@@ -153,8 +153,9 @@ class XLMRobertaXLModel(XLMRobertaXLPreTrainedModel):
         self.pooler = BertPooler(config.hidden_size) if add_pooling_layer else None
         self.post_init()
 
-    def model_spec(self) -> ModelSpec:
-        spec = super().model_spec()
+    @property
+    def spec(self) -> ModelSpec:
+        spec = super().spec
         if self.pooler is not None:
             return spec
         # XLMRobertaXLModel(add_pooling_layer=False): the base of the heads without a pooler.
@@ -476,7 +477,7 @@ class XLMRobertaXLForTokenClassification(XLMRobertaXLPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.roberta = _base_for(self.head, config)
-        self.dropout = classifier_dropout(config)
+        self.dropout = nn.Dropout(classifier_dropout_rate(config))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 

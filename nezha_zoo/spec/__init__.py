@@ -2,7 +2,15 @@
 
 from nezha_zoo.spec.layouts import LAYOUTS, Layout, get_layout
 from nezha_zoo.spec.param import AXES, Init, Kind, ModelSpec, Param
-from nezha_zoo.spec.registry import Family, families, family_of_config, get_family, register_family
+from nezha_zoo.spec.registry import (
+    Family,
+    families,
+    family_of_config,
+    get_family,
+    model_class,
+    model_classes,
+    register_family,
+)
 
 __all__ = [
     "AXES",
@@ -17,5 +25,7 @@ __all__ = [
     "family_of_config",
     "get_family",
     "get_layout",
+    "model_class",
+    "model_classes",
     "register_family",
 ]

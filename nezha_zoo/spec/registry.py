@@ -1,14 +1,32 @@
-"""The family registry: ``model_type`` -> config class, heads and parameter spec."""
+"""The family registry (``model_type`` -> config class, heads and parameter spec) and the model-class
+registry ((family, head, framework) -> class), both framework-free.
+
+Model classes register themselves where they are defined: each backend's base class calls
+:func:`register_model_class` from ``__init_subclass__``.  :func:`model_class` imports the backend
+package on demand, so callers never build class names or import backend modules themselves.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.spec.param import ModelSpec
 
-__all__ = ["Family", "register_family", "get_family", "families", "family_of_config"]
+__all__ = [
+    "Family",
+    "register_family",
+    "get_family",
+    "families",
+    "family_of_config",
+    "FRAMEWORKS",
+    "BASE_HEAD",
+    "register_model_class",
+    "model_class",
+    "model_classes",
+]
 
 
 @dataclass(frozen=True)
@@ -77,3 +95,94 @@ def get_family(key: str) -> Family:
 
 def family_of_config(config: PretrainedConfig) -> Family:
     return get_family(config.model_type)
+
+
+# --- model classes ---------------------------------------------------------------------------------
+
+#: framework key -> the backend package that defines (and registers) its classes.
+FRAMEWORKS: dict[str, str] = {"pt": "nezha_zoo.pt", "tf": "nezha_zoo.tf", "flax": "nezha_zoo.flax"}
+#: the pseudo-head under which a family's shared base class (``ElectraPreTrainedModel``) registers.
+BASE_HEAD = "PreTrainedModel"
+
+_CLASSES: dict[tuple[str, str, str], type] = {}
+
+
+def _check_framework(framework: str) -> None:
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"unknown framework {framework!r}; nezha_zoo has {sorted(FRAMEWORKS)}")
+
+
+def register_model_class(cls: type, framework: str) -> type:
+    """Record ``cls`` under ``(cls.family.key, head, framework)`` if it is a public model class.
+
+    Called by each backend base class's ``__init_subclass__``.  A class registers when its name is
+    the family's name for a head (``Family.class_name(head, framework)``: ``TFElectraForMaskedLM``)
+    or for the family base (``ElectraPreTrainedModel``, under :data:`BASE_HEAD`); private helpers
+    and user subclasses under other names are left out.  Another class under a taken key raises.
+
+    Args:
+        cls (type): the class being defined; it has a ``family`` attribute (a :class:`Family`).
+        framework (str): ``"pt"``, ``"tf"`` or ``"flax"``.
+
+    Returns:
+        type: ``cls`` (so this also works as a decorator).
+    """
+    _check_framework(framework)
+    family = getattr(cls, "family", None)
+    if not isinstance(family, Family):
+        return cls
+    for head in (BASE_HEAD, *family.heads):
+        if cls.__name__ != family.class_name(head, framework):
+            continue
+        key = (family.key, head, framework)
+        old = _CLASSES.get(key)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"{key} is registered twice: {old.__module__}.{old.__qualname__} and {cls.__module__}")
+        if head != BASE_HEAD and getattr(cls, "head", head) != head:
+            raise ValueError(f"{cls.__name__} declares head {cls.head!r}; its name says {head!r}")
+        _CLASSES[key] = cls
+    return cls
+
+
+def model_class(family: str | Family, head: str, framework: str) -> type:
+    """The model class of ``family`` with ``head`` in ``framework``, importing that backend when needed.
+
+    Args:
+        family (str | Family): family key or ``model_type`` (``"electra"``, ``"xlm-roberta-xl"``) or a
+            :class:`Family`.
+        head (str): ``"Model"``, ``"ForMaskedLM"``... (one of ``Family.heads``), or :data:`BASE_HEAD`.
+        framework (str): ``"pt"``, ``"tf"`` or ``"flax"``.
+
+    Returns:
+        type: e.g. ``model_class("electra", "ForMaskedLM", "tf") is nezha_zoo.tf.TFElectraForMaskedLM``.
+
+    Raises:
+        ValueError: unknown family, head or framework.
+    """
+    _check_framework(framework)
+    fam = family if isinstance(family, Family) else get_family(family)
+    if head != BASE_HEAD and head not in fam.heads:
+        raise ValueError(f"{fam.key} has no head {head!r}; heads: {list(fam.heads)}")
+    key = (fam.key, head, framework)
+    if key not in _CLASSES:
+        importlib.import_module(FRAMEWORKS[framework])  # class statements register on import
+    if key not in _CLASSES:
+        raise ValueError(f"{FRAMEWORKS[framework]} defines no {fam.class_name(head, framework)}")
+    return _CLASSES[key]
+
+
+def model_classes(framework: str) -> dict[str, type]:
+    """Every registered class of ``framework`` by class name, family by family (registration order),
+    each family's base first and then its heads in ``Family.heads`` order.
+
+    Does not import the backend: call it from the backend package (its export list) or after
+    :func:`model_class`.
+    """
+    _check_framework(framework)
+    out: dict[str, type] = {}
+    for fam in families().values():
+        for head in (BASE_HEAD, *fam.heads):
+            cls = _CLASSES.get((fam.key, head, framework))
+            if cls is not None:
+                out[cls.__name__] = cls
+    return out

@@ -8,114 +8,14 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from nezha_zoo.tf.electra import (
-    TFElectraForCausalLM,
-    TFElectraForMaskedLM,
-    TFElectraForMultipleChoice,
-    TFElectraForPreTraining,
-    TFElectraForQuestionAnswering,
-    TFElectraForSequenceClassification,
-    TFElectraForTokenClassification,
-    TFElectraModel,
-    TFElectraPreTrainedModel,
-)
+# Importing the family modules runs their class statements, which register every model class
+# (nezha_zoo.spec.model_class); the exports below are read from that registry.
+from nezha_zoo.spec.registry import model_classes
+from nezha_zoo.tf import electra, ibert, mpnet, mpt, nezha, xlm_roberta_xl  # noqa: F401
 from nezha_zoo.tf.heads import mean_pool
-from nezha_zoo.tf.ibert import (
-    TFIBertForMaskedLM,
-    TFIBertForMultipleChoice,
-    TFIBertForQuestionAnswering,
-    TFIBertForSequenceClassification,
-    TFIBertForTokenClassification,
-    TFIBertModel,
-    TFIBertPreTrainedModel,
-)
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel
-from nezha_zoo.tf.mpnet import (
-    TFMPNetForMaskedLM,
-    TFMPNetForMultipleChoice,
-    TFMPNetForQuestionAnswering,
-    TFMPNetForSequenceClassification,
-    TFMPNetForTokenClassification,
-    TFMPNetModel,
-    TFMPNetPreTrainedModel,
-)
-from nezha_zoo.tf.mpt import (
-    TFMptForCausalLM,
-    TFMptForQuestionAnswering,
-    TFMptForSequenceClassification,
-    TFMptForTokenClassification,
-    TFMptModel,
-    TFMptPreTrainedModel,
-)
-from nezha_zoo.tf.nezha import (
-    TFNezhaForMaskedLM,
-    TFNezhaForMultipleChoice,
-    TFNezhaForNextSentencePrediction,
-    TFNezhaForPreTraining,
-    TFNezhaForQuestionAnswering,
-    TFNezhaForSequenceClassification,
-    TFNezhaForTokenClassification,
-    TFNezhaModel,
-    TFNezhaPreTrainedModel,
-)
-from nezha_zoo.tf.xlm_roberta_xl import (
-    TFXLMRobertaXLForCausalLM,
-    TFXLMRobertaXLForMaskedLM,
-    TFXLMRobertaXLForMultipleChoice,
-    TFXLMRobertaXLForQuestionAnswering,
-    TFXLMRobertaXLForSequenceClassification,
-    TFXLMRobertaXLForTokenClassification,
-    TFXLMRobertaXLModel,
-    TFXLMRobertaXLPreTrainedModel,
-)
 
-__all__ = [
-    "TFPreTrainedModel",
-    "TFElectraPreTrainedModel",
-    "TFElectraModel",
-    "TFElectraForPreTraining",
-    "TFElectraForMaskedLM",
-    "TFElectraForCausalLM",
-    "TFElectraForSequenceClassification",
-    "TFElectraForMultipleChoice",
-    "TFElectraForTokenClassification",
-    "TFElectraForQuestionAnswering",
-    "TFIBertPreTrainedModel",
-    "TFIBertModel",
-    "TFIBertForMaskedLM",
-    "TFIBertForSequenceClassification",
-    "TFIBertForMultipleChoice",
-    "TFIBertForTokenClassification",
-    "TFIBertForQuestionAnswering",
-    "TFNezhaPreTrainedModel",
-    "TFNezhaModel",
-    "TFNezhaForPreTraining",
-    "TFNezhaForMaskedLM",
-    "TFNezhaForNextSentencePrediction",
-    "TFNezhaForSequenceClassification",
-    "TFNezhaForMultipleChoice",
-    "TFNezhaForTokenClassification",
-    "TFNezhaForQuestionAnswering",
-    "TFMPNetPreTrainedModel",
-    "TFMPNetModel",
-    "TFMPNetForMaskedLM",
-    "TFMPNetForSequenceClassification",
-    "TFMPNetForMultipleChoice",
-    "TFMPNetForTokenClassification",
-    "TFMPNetForQuestionAnswering",
-    "TFMptPreTrainedModel",
-    "TFMptModel",
-    "TFMptForCausalLM",
-    "TFMptForSequenceClassification",
-    "TFMptForTokenClassification",
-    "TFMptForQuestionAnswering",
-    "TFXLMRobertaXLPreTrainedModel",
-    "TFXLMRobertaXLModel",
-    "TFXLMRobertaXLForCausalLM",
-    "TFXLMRobertaXLForMaskedLM",
-    "TFXLMRobertaXLForSequenceClassification",
-    "TFXLMRobertaXLForMultipleChoice",
-    "TFXLMRobertaXLForTokenClassification",
-    "TFXLMRobertaXLForQuestionAnswering",
-    "mean_pool",
-]
+_CLASSES = model_classes("tf")  # TFElectraPreTrainedModel, TFElectraModel, TFElectraForPreTraining, ...
+globals().update(_CLASSES)
+
+__all__ = ["TFPreTrainedModel", *_CLASSES, "mean_pool"]

@@ -39,9 +39,9 @@ from nezha_zoo.tf.layers import (
     Block,
     TFBertEmbeddings,
     TFBertEncoder,
-    check_inputs,
     dense,
     get_activation,
+    validate_inputs,
 )
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 
@@ -468,7 +468,7 @@ class TFElectraForMultipleChoice(TFElectraPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        check_inputs(
+        validate_inputs(
             self.config,
             input_ids,
             inputs_embeds,
@@ -476,7 +476,7 @@ class TFElectraForMultipleChoice(TFElectraPreTrainedModel):
             token_type_ids,
             None,
             rank=3,
-            embed_dim=self.config.embedding_size,
+            embed_width=self.config.embedding_size,
         )
         choices = num_choices(input_ids, inputs_embeds)
         out = self._base_call(locals(), flatten=flatten_choices)

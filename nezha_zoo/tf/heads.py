@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.config import PretrainedConfig, classifier_dropout_rate
 from nezha_zoo.outputs import (
     MaskedLMOutput,
     MultipleChoiceModelOutput,
@@ -26,10 +26,10 @@ __all__ = [
     "TFClassificationHead",
     "TFSequenceSummary",
     "token_classifier",
-    "split_span_logits",
+    "split_qa_logits",
     "TFLMHeadTransform",
     "TFTiedLMOutput",
-    "TFPooler",
+    "TFBertPooler",
     "TFBertLMPredictionHead",
     "flatten_choices",
     "TFRobertaLMHead",
@@ -41,11 +41,6 @@ __all__ = [
     "token_classification_output",
     "question_answering_output",
 ]
-
-
-def classifier_dropout_rate(config: PretrainedConfig) -> float:
-    rate = getattr(config, "classifier_dropout", None)
-    return config.hidden_dropout_prob if rate is None else rate
 
 
 class TFClassificationHead(Block):
@@ -139,7 +134,7 @@ def flatten_choices(t: tf.Tensor | None) -> tf.Tensor | None:
     return tf.reshape(t, tf.concat([[-1], shape[2:]], axis=0))  # (B*C, L[, E])
 
 
-def split_span_logits(logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def split_qa_logits(logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """``qa_outputs`` logits (B, L, 2) -> start (B, L), end (B, L)."""
     start, end = tf.split(logits, 2, axis=-1)
     return tf.squeeze(start, -1), tf.squeeze(end, -1)
@@ -196,7 +191,7 @@ class TFTiedLMOutput(Block):
         return logits + self.bias
 
 
-class TFPooler(Block):
+class TFBertPooler(Block):
     """BERT pooler: the first token through ``dense`` (H -> H) and ``tanh``.
 
     Args:
@@ -355,7 +350,7 @@ def token_classification_output(config: PretrainedConfig, logits, labels, out) -
 
 def question_answering_output(logits, start_positions, end_positions, out) -> QuestionAnsweringModelOutput:
     """``qa_outputs`` logits (B, L, 2) -> ``start_logits``/``end_logits`` (B, L); the loss needs both positions."""
-    start_logits, end_logits = split_span_logits(logits)
+    start_logits, end_logits = split_qa_logits(logits)
     loss = None
     if start_positions is not None and end_positions is not None:
         loss = losses.question_answering_loss(start_logits, end_logits, start_positions, end_positions)

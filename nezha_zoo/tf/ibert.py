@@ -49,8 +49,8 @@ from nezha_zoo.families.ibert import (
 from nezha_zoo.outputs import BaseModelOutputWithPooling
 from nezha_zoo.spec.param import ModelSpec
 from nezha_zoo.tf.heads import (
+    TFBertPooler,
     TFClassificationHead,
-    TFPooler,
     TFRobertaLMHead,
     flatten_choices,
     masked_lm_output,
@@ -65,11 +65,11 @@ from nezha_zoo.tf.layers import (
     BertBackboneMixin,
     Block,
     LayerList,
-    check_inputs,
     dense,
     dropout,
     extended_attention_mask,
     layer_head_masks,
+    validate_inputs,
 )
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 from nezha_zoo.tf.quant import (
@@ -377,7 +377,7 @@ class _IBertBackbone(BertBackboneMixin):
         self.position_padding_idx = config.pad_token_id  # RoBERTa positions (and the length cap)
         self.embeddings = TFIBertEmbeddings(config, name="embeddings")
         self.encoder = TFIBertEncoder(config, name="encoder")
-        self.pooler = TFPooler(config, name="pooler") if add_pooling_layer else None
+        self.pooler = TFBertPooler(config, name="pooler") if add_pooling_layer else None
 
     def ibert_forward(
         self,
@@ -394,7 +394,7 @@ class _IBertBackbone(BertBackboneMixin):
         cfg = self.config
         output_attentions = cfg.output_attentions if output_attentions is None else bool(output_attentions)
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else bool(output_hidden_states)
-        check_inputs(
+        validate_inputs(
             cfg,
             input_ids,
             inputs_embeds,
@@ -402,7 +402,7 @@ class _IBertBackbone(BertBackboneMixin):
             token_type_ids,
             position_ids,
             0,
-            embed_dim=cfg.hidden_size,
+            embed_width=cfg.hidden_size,
             max_length=self.max_sequence_length,
         )
         ref = input_ids if input_ids is not None else inputs_embeds
@@ -718,7 +718,7 @@ class TFIBertForMultipleChoice(_IBertHead):
         return_dict=None,
         training=False,
     ):
-        check_inputs(
+        validate_inputs(
             self.config,
             input_ids,
             inputs_embeds,
@@ -726,7 +726,7 @@ class TFIBertForMultipleChoice(_IBertHead):
             token_type_ids,
             None,
             rank=3,
-            embed_dim=self.config.hidden_size,
+            embed_width=self.config.hidden_size,
             max_length=self.ibert.max_sequence_length,
         )
         choices = num_choices(input_ids, inputs_embeds)

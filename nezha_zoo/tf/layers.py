@@ -60,7 +60,7 @@ __all__ = [
     "TFBertLayer",
     "TFBertEncoder",
     "BertBackboneMixin",
-    "check_inputs",
+    "validate_inputs",
     "padding_aware_position_ids",
     "sequential_position_ids",
 ]
@@ -677,7 +677,7 @@ def past_length(past_key_values: Any) -> int | tf.Tensor:
     return n if n is not None else tf.shape(past_key_values[0][0])[-2]
 
 
-def check_inputs(
+def validate_inputs(
     config: PretrainedConfig,
     input_ids=None,
     inputs_embeds=None,
@@ -686,8 +686,8 @@ def check_inputs(
     position_ids=None,
     past_len: int | tf.Tensor = 0,
     rank: int = 2,
-    embed_dim: int | None = None,
-    check_positions: bool = True,
+    embed_width: int | None = None,
+    positions: bool = True,
     max_length: int | None = None,
 ) -> tuple[int | None, ...]:
     """SPEC §6 checks, before any model op: shapes always, id values when they are concrete.
@@ -703,7 +703,7 @@ def check_inputs(
     mask_shape = _shape(attention_mask)
     if mask_shape is not None and len(mask_shape) == rank and not static_past:
         others["attention_mask"] = mask_shape
-    shape = check_input_shapes(_shape(input_ids), _shape(inputs_embeds), others, embed_dim, rank)
+    shape = check_input_shapes(_shape(input_ids), _shape(inputs_embeds), others, embed_width, rank)
     if mask_shape is not None and static_past:
         want = (shape[0], static_past + shape[-1]) if shape[-1] is not None else None
         differs = want is not None and any(None not in (a, b) and a != b for a, b in zip(mask_shape, want))
@@ -717,7 +717,7 @@ def check_inputs(
     if _concrete(token_type_ids) and int(tf.size(token_type_ids)) > 0 and getattr(config, "type_vocab_size", None):
         tt = token_type_ids.numpy()
         check_id_range("token_type_ids", int(tt.min()), int(tt.max()), config.type_vocab_size, "token types")
-    if check_positions and static_past is not None:
+    if positions and static_past is not None:
         if max_length is None:
             check_length(shape[-1], static_past, config.max_position_embeddings)
         else:
@@ -727,7 +727,7 @@ def check_inputs(
                 max_length,
                 f"usable positions (max_position_embeddings {config.max_position_embeddings} minus the padding offset)",
             )
-    if _concrete(position_ids) and check_positions and int(tf.size(position_ids)) > 0:
+    if _concrete(position_ids) and positions and int(tf.size(position_ids)) > 0:
         pos = position_ids.numpy()
         check_id_range("position_ids", int(pos.min()), int(pos.max()), config.max_position_embeddings, "positions")
     return shape
@@ -865,7 +865,7 @@ class BertBackboneMixin:
         use_cache = bool(use_cache) and cfg.is_decoder
         past_len = past_length(past_key_values)
         slots = fixed_cache_length(past_key_values)  # None unless a KVCache: then the mask spans its slots
-        check_inputs(
+        validate_inputs(
             cfg,
             input_ids,
             inputs_embeds,
@@ -873,8 +873,8 @@ class BertBackboneMixin:
             token_type_ids,
             position_ids,
             past_len,
-            embed_dim=self.embedding_width,
-            check_positions=self.limits_length,
+            embed_width=self.embedding_width,
+            positions=self.limits_length,
             max_length=self.max_sequence_length,
         )
         ref = input_ids if input_ids is not None else inputs_embeds

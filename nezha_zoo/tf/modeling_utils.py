@@ -32,7 +32,7 @@ from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
 from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, ModelSpec
-from nezha_zoo.spec.registry import Family
+from nezha_zoo.spec.registry import Family, register_model_class
 
 __all__ = [
     "TFPreTrainedModel",
@@ -255,6 +255,7 @@ class TFPreTrainedModel(keras.Model):
         init = cls.__dict__.get("__init__")
         if init is not None and not getattr(init, "_dtype_scoped", False):
             cls.__init__ = _scoped_init(init)
+        register_model_class(cls, "tf")
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -339,7 +340,22 @@ class TFPreTrainedModel(keras.Model):
 
     @property
     def spec(self) -> ModelSpec:
+        """The declaration of this class for its current config."""
         return self.family.model_spec(self.config, self.head)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each encoder layer in the backward pass (as the ``gradient_checkpointing``
+        constructor argument); a ``tf.function`` traced before keeps its old choice."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Store activations for the backward pass again (the default)."""
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether encoder layers are recomputed in the backward pass."""
+        return bool(self.gradient_checkpointing)
 
     def variables_by_key(self) -> dict[str, keras.Variable]:
         """Every weight, keyed by its ``LAYOUTS["keras"]`` key."""

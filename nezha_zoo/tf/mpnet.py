@@ -44,8 +44,8 @@ from nezha_zoo.spec.blocks import MPNET_NAMES
 from nezha_zoo.spec.param import ModelSpec
 from nezha_zoo.spec.positions import relative_position_index
 from nezha_zoo.tf.heads import (
+    TFBertPooler,
     TFClassificationHead,
-    TFPooler,
     TFRobertaLMHead,
     flatten_choices,
     masked_lm_output,
@@ -57,7 +57,14 @@ from nezha_zoo.tf.heads import (
     token_classification_output,
     token_classifier,
 )
-from nezha_zoo.tf.layers import BertBackboneMixin, Block, TFBertEmbeddings, TFBertEncoder, check_inputs, dense
+from nezha_zoo.tf.layers import (
+    BertBackboneMixin,
+    Block,
+    TFBertEmbeddings,
+    TFBertEncoder,
+    dense,
+    validate_inputs,
+)
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 
 __all__ = [
@@ -156,7 +163,7 @@ class _MPNetBackbone(BertBackboneMixin):
             name="embeddings",
         )
         self.encoder = TFMPNetEncoder(config, name="encoder")
-        self.pooler = TFPooler(config, name="pooler") if add_pooling_layer else None
+        self.pooler = TFBertPooler(config, name="pooler") if add_pooling_layer else None
 
     def mpnet_forward(
         self,
@@ -463,7 +470,7 @@ class TFMPNetForMultipleChoice(_MPNetHead):
         return_dict=None,
         training=False,
     ):
-        check_inputs(
+        validate_inputs(
             self.config,
             input_ids,
             inputs_embeds,
@@ -471,7 +478,7 @@ class TFMPNetForMultipleChoice(_MPNetHead):
             None,
             None,
             rank=3,
-            embed_dim=self.config.hidden_size,
+            embed_width=self.config.hidden_size,
             max_length=self.mpnet.max_sequence_length,
         )
         choices = num_choices(input_ids, inputs_embeds)

@@ -34,6 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from nezha_zoo.config import classifier_dropout_rate
 from nezha_zoo.families.mpt import MPT, MptConfig
 from nezha_zoo.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
@@ -44,7 +45,7 @@ from nezha_zoo.tf import losses
 from nezha_zoo.tf.cache import KVCache, append_kv, init_kv_cache, is_fixed_cache
 from nezha_zoo.tf.generation import TFGenerationMixin
 from nezha_zoo.tf.heads import question_answering_output, token_classification_output
-from nezha_zoo.tf.layers import Block, LayerList, _checkpointed, check_inputs, dense, dropout
+from nezha_zoo.tf.layers import Block, LayerList, _checkpointed, dense, dropout, validate_inputs
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 from nezha_zoo.validation import InputError, check_length
 
@@ -329,7 +330,7 @@ class _MptBackbone:
         input_ids, attention_mask, inputs_embeds = (
             None if t is None else tf.convert_to_tensor(t) for t in (input_ids, attention_mask, inputs_embeds)
         )
-        shape = check_inputs(cfg, input_ids, inputs_embeds, embed_dim=cfg.d_model, check_positions=False)
+        shape = validate_inputs(cfg, input_ids, inputs_embeds, embed_width=cfg.d_model, positions=False)
         ref = input_ids if input_ids is not None else inputs_embeds
         q_len = tf.shape(ref)[1]
         fixed = past_key_values is not None and self._check_past(past_key_values)
@@ -691,10 +692,7 @@ class TFMptForTokenClassification(TFMptPreTrainedModel):
     def __init__(self, config: MptConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.transformer = TFMptMainLayer(config, name="transformer")
-        rate = getattr(config, "classifier_dropout", None)
-        if rate is None:
-            rate = getattr(config, "hidden_dropout", None)
-        self.dropout = dropout(0.1 if rate is None else rate)
+        self.dropout = dropout(classifier_dropout_rate(config))
         self.classifier = dense(config.num_labels, "classifier")
         self._finish_init()
 

@@ -40,7 +40,7 @@ from nezha_zoo.spec.positions import relative_position_index
 from nezha_zoo.tf import losses
 from nezha_zoo.tf.heads import (
     TFBertLMPredictionHead,
-    TFPooler,
+    TFBertPooler,
     flatten_choices,
     masked_lm_output,
     multiple_choice_output,
@@ -58,8 +58,8 @@ from nezha_zoo.tf.layers import (
     TFBertEncoder,
     TFBertLayer,
     TFBertSelfAttention,
-    check_inputs,
     dense,
+    validate_inputs,
 )
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 
@@ -140,7 +140,7 @@ class _NezhaBackbone(BertBackboneMixin):
         self.embedding_width = config.hidden_size
         self.embeddings = TFBertEmbeddings(config, config.hidden_size, position_embeddings=False, name="embeddings")
         self.encoder = TFBertEncoder(config, layer_class=TFNezhaLayer, name="encoder")
-        self.pooler = TFPooler(config, name="pooler") if add_pooling_layer else None
+        self.pooler = TFBertPooler(config, name="pooler") if add_pooling_layer else None
 
     def nezha_forward(
         self,
@@ -580,7 +580,7 @@ class TFNezhaForMultipleChoice(TFNezhaPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        check_inputs(
+        validate_inputs(
             self.config,
             input_ids,
             inputs_embeds,
@@ -588,8 +588,8 @@ class TFNezhaForMultipleChoice(TFNezhaPreTrainedModel):
             token_type_ids,
             None,
             rank=3,
-            embed_dim=self.config.hidden_size,
-            check_positions=False,
+            embed_width=self.config.hidden_size,
+            positions=False,
         )
         choices = num_choices(input_ids, inputs_embeds)
         out = self._base_call(locals(), flatten=flatten_choices)

@@ -30,8 +30,8 @@ from nezha_zoo.spec.param import ModelSpec
 from nezha_zoo.tf import losses
 from nezha_zoo.tf.generation import TFGenerationMixin
 from nezha_zoo.tf.heads import (
+    TFBertPooler,
     TFClassificationHead,
-    TFPooler,
     TFRobertaLMHead,
     flatten_choices,
     masked_lm_output,
@@ -46,9 +46,9 @@ from nezha_zoo.tf.layers import (
     Block,
     TFBertEmbeddings,
     TFBertEncoder,
-    check_inputs,
     dense,
     dropout,
+    validate_inputs,
 )
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 from nezha_zoo.validation import InputError
@@ -101,7 +101,7 @@ class _XLMRobertaXLBackbone(BertBackboneMixin):
             name="embeddings",
         )
         self.encoder = TFBertEncoder(config, XLM_ROBERTA_XL_NAMES, final_norm_name="LayerNorm", name="encoder")
-        self.pooler = TFPooler(config, name="pooler") if add_pooling_layer else None
+        self.pooler = TFBertPooler(config, name="pooler") if add_pooling_layer else None
 
     def roberta_forward(
         self,
@@ -515,7 +515,7 @@ class TFXLMRobertaXLForMultipleChoice(_XLMRobertaXLHead):
         return_dict=None,
         training=False,
     ):
-        check_inputs(
+        validate_inputs(
             self.config,
             input_ids,
             inputs_embeds,
@@ -523,7 +523,7 @@ class TFXLMRobertaXLForMultipleChoice(_XLMRobertaXLHead):
             token_type_ids,
             None,
             rank=3,
-            embed_dim=self.config.hidden_size,
+            embed_width=self.config.hidden_size,
             max_length=self.roberta.max_sequence_length,
         )
         choices = num_choices(input_ids, inputs_embeds)

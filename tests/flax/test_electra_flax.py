@@ -528,6 +528,20 @@ def test_outputs_are_pytrees_through_jit(pairs):
     assert_close(out.start_logits, eager.start_logits, 1e-5, "jit")
 
 
+def test_gradient_checkpointing_methods_switch_the_module():
+    # the names every backend shares, plus transformers-Flax's enable_gradient_checkpointing alias
+    model = nzf.FlaxElectraForTokenClassification(ElectraConfig(**TINY), seed=3)
+    params = model.params
+    assert not model.is_gradient_checkpointing and not model.module.gradient_checkpointing
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing and model.module.gradient_checkpointing
+    assert model.params is params and model.module.config is model.config
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing and not model.module.gradient_checkpointing
+    model.enable_gradient_checkpointing()
+    assert model.is_gradient_checkpointing
+
+
 def test_gradient_checkpointing_gives_equal_gradients():
     cfg = ElectraConfig(**TINY)
     plain = nzf.FlaxElectraForTokenClassification(cfg, seed=3)

@@ -22,9 +22,9 @@ from scipy.special import erf
 
 import nezha_zoo.flax as nzf
 from nezha_zoo import MptConfig
+from nezha_zoo.config import classifier_dropout_rate
 from nezha_zoo.families.mpt import MPT
 from nezha_zoo.flax import losses as L
-from nezha_zoo.flax.heads import classifier_dropout
 from nezha_zoo.flax.mpt import alibi_slopes
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
@@ -600,9 +600,9 @@ def test_jitted_optax_training_step_lowers_the_loss():
 
 def test_token_classification_dropout_rate_follows_transformers():
     # classifier_dropout, else hidden_dropout, else 0.1 (MptForTokenClassification)
-    assert classifier_dropout(make_config()) == 0.1
-    assert classifier_dropout(make_config(hidden_dropout=0.2)) == 0.2
-    assert classifier_dropout(make_config(hidden_dropout=0.2, classifier_dropout=0.3)) == 0.3
+    assert classifier_dropout_rate(make_config()) == 0.1
+    assert classifier_dropout_rate(make_config(hidden_dropout=0.2)) == 0.2
+    assert classifier_dropout_rate(make_config(hidden_dropout=0.2, classifier_dropout=0.3)) == 0.3
     pt = transformers.MptForTokenClassification(transformers.MptConfig(**TINY, hidden_dropout=0.2))
     assert pt.dropout.p == 0.2
 

@@ -540,7 +540,7 @@ def test_wrong_family_config_is_refused(tmp_path):
 def test_variables_equal_spec(pairs, head):
     overrides = {k: v for k, v in DECODER.items() if k not in TINY} if head == "ForCausalLM" else {}
     hf, ours, _ = pairs.get(head, **overrides)
-    spec = ours.model_spec()
+    spec = ours.spec
     layout = LAYOUTS["pt"]
     declared = {layout.key(p) for p in spec}
     assert set(dict(ours.named_parameters()).keys()) == declared

@@ -822,7 +822,7 @@ def test_bad_inputs_raise(pairs):
 @pytest.mark.parametrize("head", HEADS)
 def test_state_dict_equals_spec_and_transformers(pairs, head):
     hf, ours, _ = pairs.get(head)
-    spec = ours.model_spec()
+    spec = ours.spec
     assert set(ours.state_dict()) == set(spec.names) | set(spec.ties)
     assert set(ours.state_dict()) == set(hf.state_dict())
     for name, t in ours.state_dict().items():

@@ -446,7 +446,7 @@ def test_shape_mismatch_names_the_tensor(pairs):
 @pytest.mark.parametrize("head", HEADS)
 def test_variables_equal_spec(pairs, head):
     hf, ours, _ = pairs.get(head)
-    spec = ours.model_spec()
+    spec = ours.spec
     layout = LAYOUTS["pt"]
     declared = {layout.key(p) for p in spec}
     assert set(dict(ours.named_parameters()).keys()) == declared

@@ -632,7 +632,7 @@ VARIANTS = [{}, {"no_bias": False, "expansion_ratio": 3, "attn_config": {"qk_ln"
 def test_variables_equal_spec(head, variant):
     config = MptConfig(**{**TINY, **VARIANTS[variant]})
     ours = getattr(zoo, f"Mpt{head}")(config)
-    spec = ours.model_spec()
+    spec = ours.spec
     layout = LAYOUTS["pt"]
     declared = {layout.key(p) for p in spec}
     assert set(dict(ours.named_parameters()).keys()) == declared

@@ -550,7 +550,7 @@ def test_shape_mismatch_names_the_tensor(pairs):
 @pytest.mark.parametrize("head,overrides", [(h, {}) for h in HEADS] + [("Model", DECODER)])
 def test_variables_equal_spec(pairs, head, overrides):
     hf, ours, _ = pairs.get(head, **overrides)
-    spec = ours.model_spec()
+    spec = ours.spec
     layout = LAYOUTS["pt"]
     declared = {layout.key(p) for p in spec}
     assert set(dict(ours.named_parameters()).keys()) == declared

@@ -532,6 +532,17 @@ def test_gradient_checkpointing_gives_equal_gradients(checkpoints, monkeypatch):
     for v, a, b in zip(plain.trainable_weights, g1, g2):
         assert a is not None and b is not None, v.path
         assert_close(tf.convert_to_tensor(a), tf.convert_to_tensor(b), TOLERANCES["grad_rel"] * top, v.path)
+    # the methods every backend shares switch the same mechanism as the constructor argument
+    assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    plain.gradient_checkpointing_enable()
+    assert plain.is_gradient_checkpointing
+    l3, _ = grads(plain)
+    assert len(calls) == 4
+    assert_close(l1, l3, 1e-6, "loss after gradient_checkpointing_enable()")
+    plain.gradient_checkpointing_disable()
+    assert not plain.is_gradient_checkpointing
+    grads(plain)
+    assert len(calls) == 4
 
 
 def test_training_flag_controls_dropout():
