@@ -1,7 +1,7 @@
 """The ``nezha-zoo`` command line.
 
 nezha-zoo demo                 build a small Electra, load it in every backend, compare
-nezha-zoo inspect DIR [--json] family, head, parameter count, dtypes, missing/unexpected tensors
+nezha-zoo inspect DIR [--json] family, claimed class and the head the tensors are, parameters, dtypes
 nezha-zoo convert SRC DST --to FORMAT [--dtype D] [--max-shard-size S] [--force] [--quiet] [--json]
 nezha-zoo verify DIR [--backends pt,tf,flax] [--json]   outputs of every backend, max-abs differences
 """
