@@ -1,7 +1,7 @@
 """The ``nezha-zoo`` command line.
 
 nezha-zoo demo                 build a small Electra, load it in every backend, compare
-nezha-zoo inspect DIR [--json] family, head, parameter count, dtypes, missing/unexpected tensors
+nezha-zoo inspect DIR [--json] family, claimed class and the head the tensors are, parameters, dtypes
 nezha-zoo convert SRC DST --to FORMAT [--dtype D] [--max-shard-size S] [--force] [--quiet] [--json]
 nezha-zoo verify DIR [--backends pt,tf,flax] [--json]   outputs of every backend, max-abs differences
 """
@@ -27,6 +27,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"path        {info['path']}",
             f"format      {info['format']}",
             f"family      {info['family']} ({info['model_type']})",
+            f"config      {info['claimed_class'] or 'names no class of this family'}",
+            f"tensors are {info['tensors_class'] or 'no head exactly'}",
             f"class       {info['class']}",
             f"parameters  {info['parameters']:,} declared, {info['parameters_in_checkpoint']:,} in the checkpoint",
             f"tensors     {info['tensors']}  dtypes {info['dtypes']}",
@@ -34,7 +36,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"unexpected  {', '.join(info['unexpected_keys']) or 'none'}",
         ]
         sys.stdout.write("\n".join(lines) + "\n")
+    _note(info)
     return 1 if info["missing_keys"] or info["unexpected_keys"] else 0
+
+
+def _note(info: dict) -> None:
+    """The one line that says the tensors overrule config.json (or what fits nothing), on stderr."""
+    for key in ("head_note", "head_error"):
+        if info.get(key):
+            sys.stderr.write(f"nezha-zoo: {info[key]}\n")
 
 
 def _progress_bar(args: argparse.Namespace):
@@ -67,6 +77,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    _note(info)
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     elif not args.quiet:
@@ -86,6 +97,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
     info = verify(args.path, backends=backends, head=args.head)
+    _note(info)
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     else:
@@ -120,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="describe a checkpoint directory (any format) against the spec")
     p.add_argument("path", help="directory with config.json and weights of any format convert reads")
-    p.add_argument("--head", help="head to check against (default: from config.json's architectures)")
+    p.add_argument("--head", help="head to check against (default: the head the tensors are)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_inspect)
 
@@ -146,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from", dest="source_format", choices=READ_FORMATS, metavar="FORMAT", help="read SRC as this format"
     )
-    p.add_argument("--head", help="class head to convert as (default: from config.json / the tensor names)")
+    p.add_argument("--head", help="class head to convert as (default: the head the tensors are)")
     p.add_argument("--dtype", choices=DTYPES, help="cast floating parameters (default: keep each tensor's dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="shard limit of safetensors output (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace the weights already in DST")
@@ -157,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="load a checkpoint in every installed backend and compare outputs")
     p.add_argument("path", help="checkpoint directory of any format convert reads")
     p.add_argument("--backends", help="comma-separated subset of pt,tf,flax (default: every installed one)")
-    p.add_argument("--head", help="class head (default: detected)")
+    p.add_argument("--head", help="class head (default: the head the tensors are)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)
 

@@ -27,11 +27,10 @@ from nezha_zoo.conversion.formats import (
     weight_files,
     write_format,
 )
-from nezha_zoo.conversion.inspect import detect_head
 from nezha_zoo.io.atomic import staged_directory
 from nezha_zoo.io.dtype_names import numpy_dtype_named
 from nezha_zoo.io.errors import CheckpointError
-from nezha_zoo.io.plan import plan_load
+from nezha_zoo.io.head_resolution import resolve_head
 from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.pretrained import FORMAT_METADATA
 from nezha_zoo.spec.param import Kind, Param
@@ -76,12 +75,15 @@ def convert(
         max_shard_size (int | str): shard limit of safetensors output.
         force (bool): replace the weights already in ``dst``.
         source_format (str | None): read ``src`` as this format instead of detecting it.
-        head (str | None): the head to convert as (default: from ``config.json``'s architectures, else
-            the head whose spec the tensor names fit).
+        head (str | None): the head (or class name) to convert as (default: the head the tensors are
+            exactly, ``config.json``'s ``architectures`` when they fit it; see
+            :func:`~nezha_zoo.io.head_resolution.resolve_head`).  A base saved without its pooler is
+            written without it.
         progress (Callable[[str, int], None] | None): called with (param name, bytes) after each tensor.
 
     Returns:
-        A summary dict (formats, family, head, tensors, parameters, bytes, files, dropped keys, seconds).
+        A summary dict (formats, family, head, tensors, parameters, bytes, files, dropped keys, seconds;
+        ``head_note``: one line when the tensors overrule ``config.json``'s ``architectures``, else None).
 
     Raises:
         ConversionError: refused (existing output, same directory, unwritable format, dtype the target
@@ -108,18 +110,17 @@ def convert(
     source = open_source(src, fmt, family, config)
     try:
         keys = source.keys()
-        head = head or detect_head(family, config, keys, source.shape)
-        spec = family.model_spec(config, head)
         try:
-            plan = plan_load(spec, keys, source.shape, family.base_prefix)
+            found = resolve_head(family, config, keys, source.shape, head, lambda k: droppable(fmt, family, k))
         except CheckpointError as e:  # name the file: the message names only the tensor
             raise ConversionError(f"{source.path} ({fmt}): {e}") from e
-        dropped = [k for k in plan.unexpected_keys if droppable(fmt, family, k)]
-        unexpected = [k for k in plan.unexpected_keys if k not in dropped]
-        if plan.missing_keys or unexpected:
+        if not found.exact:
+            raise ConversionError(f"{src}: the {fmt} checkpoint: {found.mismatch_message()}")
+        head, spec, plan, dropped = found.head, found.spec, found.plan, list(found.dropped)
+        if to == "keras" and found.pooler is False:
             raise ConversionError(
-                f"{src}: the {fmt} checkpoint does not match {family.class_name(head)}: "
-                f"missing {plan.missing_keys or 'none'}; unexpected {unexpected or 'none'}"
+                f"{src}: the keras writer loads {family.class_name(head, 'tf')} with its pooler, which these "
+                f"tensors lack; write safetensors, hf-tf, hf-flax or flax instead"
             )
         cast = numpy_dtype_named(dtype) if dtype else None
         totals = {"tensors": 0, "bytes": 0}
@@ -163,6 +164,7 @@ def convert(
         "family": family.key,
         "head": head,
         "class": family.class_name(head),
+        "head_note": found.note,
         "tensors": totals["tensors"],
         "parameters": spec.num_parameters(),
         "bytes": totals["bytes"],

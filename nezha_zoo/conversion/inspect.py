@@ -8,32 +8,15 @@ from typing import Any
 
 from nezha_zoo.auto import AutoConfig
 from nezha_zoo.config import PretrainedConfig
-from nezha_zoo.io.errors import CheckpointError
-from nezha_zoo.io.plan import plan_load
+from nezha_zoo.io.head_resolution import resolve_head
 from nezha_zoo.spec.registry import Family, family_of_config
 
 __all__ = ["detect_head", "inspect_checkpoint"]
 
 
 def detect_head(family: Family, config: PretrainedConfig, keys: list[str], shape_of) -> str:
-    """The head a checkpoint was saved from: ``architectures`` in its config, else the best key match."""
-    for arch in config.architectures or []:
-        for backend in ("pt", "tf", "flax"):
-            for head in family.heads:
-                if family.class_name(head, backend) == arch:
-                    return head
-    best: tuple[int, str] | None = None
-    for head in family.heads:
-        try:
-            plan = plan_load(family.model_spec(config, head), keys, shape_of, family.base_prefix)
-        except CheckpointError:
-            continue
-        score = len(plan.missing_keys) + len(plan.unexpected_keys)
-        if best is None or score < best[0]:
-            best = (score, head)
-    if best is None:
-        raise CheckpointError("no head of this family matches the checkpoint's tensor shapes")
-    return best[1]
+    """The head a checkpoint's tensors are (see :func:`~nezha_zoo.io.head_resolution.resolve_head`)."""
+    return resolve_head(family, config, keys, shape_of).head
 
 
 def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict[str, Any]:
@@ -41,7 +24,13 @@ def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict
 
     Args:
         path (str | os.PathLike): a checkpoint directory in any format ``nezha-zoo convert`` reads.
-        head (str | None): judge against this head instead of the detected one.
+        head (str | None): judge against this head instead of the one the tensors are.
+
+    Returns:
+        A dict; ``claimed_class`` is what ``config.json`` names, ``tensors_class`` what the tensors
+        are (None when no head fits them exactly), ``head``/``class`` the head judged against (the
+        tensors', the forced one, or the closest), ``head_note`` one line when the tensors overrule
+        the config, ``head_error`` the mismatch (with the ``--head`` to pass) when nothing fits.
     """
     from nezha_zoo.conversion.formats import detect_format, droppable, open_source
 
@@ -51,12 +40,10 @@ def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict
     reader = open_source(path, fmt, family, config)
     try:
         keys = reader.keys()
-        head = head or detect_head(family, config, keys, reader.shape)
-        spec = family.model_spec(config, head)
-        plan = plan_load(spec, keys, reader.shape, family.base_prefix)
+        found = resolve_head(family, config, keys, reader.shape, head, lambda k: droppable(reader.format, family, k))
+        spec, plan = found.spec, found.plan
         dtypes = Counter(reader.dtype(k) for k in keys)
         stored = sum(_numel(reader.shape(k)) for k in plan.sources.values())
-        dropped = [k for k in plan.unexpected_keys if droppable(reader.format, family, k)]
         fmt = reader.container
     finally:
         reader.close()
@@ -65,15 +52,19 @@ def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict
         "format": fmt,
         "family": family.key,
         "model_type": family.model_type,
-        "head": head,
-        "class": family.class_name(head),
+        "head": found.head,
+        "class": family.class_name(found.head),
+        "claimed_class": found.claimed_class,
+        "tensors_class": found.tensors_class,
+        "head_note": found.note,
+        "head_error": None if found.exact else found.mismatch_message(),
         "parameters": spec.num_parameters(),
         "parameters_in_checkpoint": stored,
         "tensors": len(keys),
         "dtypes": dict(sorted(dtypes.items())),
         "missing_keys": plan.missing_keys,
-        "unexpected_keys": [k for k in plan.unexpected_keys if k not in dropped],
-        "framework_only_keys": dropped,
+        "unexpected_keys": found.unexpected_keys,
+        "framework_only_keys": list(found.dropped),
         "ignored_keys": plan.ignored_keys,
     }
 

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from nezha_zoo.auto import AutoConfig
-from nezha_zoo.conversion.formats import detect_format, open_source
-from nezha_zoo.conversion.inspect import detect_head
+from nezha_zoo.conversion.formats import detect_format, droppable, open_source
+from nezha_zoo.io.errors import CheckpointError
+from nezha_zoo.io.head_resolution import resolve_head
 from nezha_zoo.spec.registry import family_of_config, model_class
 from nezha_zoo.testing import TOLERANCES, max_abs_diff, tiny_inputs
 
@@ -55,8 +56,10 @@ def _probe_inputs(config: Any, head: str) -> dict[str, np.ndarray]:
     )
 
 
-def _run_worker(backend: str, directory: str, head: str, inputs: str, out: str) -> dict[str, Any]:
+def _run_worker(backend: str, directory: str, head: str, inputs: str, out: str, pooler: bool = True) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "nezha_zoo.conversion.verify", "--worker", backend, directory, head, inputs, out]
+    if not pooler:
+        cmd.append("--without-pooler")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -72,12 +75,16 @@ def verify(path: str | os.PathLike, backends: list[str] | None = None, head: str
     Args:
         path (str | os.PathLike): checkpoint directory of any readable format.
         backends (list[str] | None): backends to run (default: every installed one).
-        head (str | None): class head (default: detected as ``convert`` does).
+        head (str | None): class head (default: the head the tensors are, as ``convert`` decides).
 
     Returns:
-        ``{"path", "format", "family", "head", "backends": {backend: status}, "rows": [{"field",
-        "backend", "max_abs_diff", "tolerance", "ok"}], "ok"}``; ``ok`` is False when any difference
-        is beyond tolerance or fewer than two backends could load the checkpoint.
+        ``{"path", "format", "family", "head", "class", "head_note", "backends": {backend: status},
+        "rows": [{"field", "backend", "max_abs_diff", "tolerance", "ok"}], "ok"}``; ``ok`` is False
+        when any difference is beyond tolerance or fewer than two backends could load the checkpoint.
+        A base saved without its pooler is loaded without one (``pooler_output`` is not compared).
+
+    Raises:
+        CheckpointError: the tensors fit no head exactly (naming the closest and its ``--head``).
     """
     from nezha_zoo.conversion.convert import convert
 
@@ -92,9 +99,12 @@ def verify(path: str | os.PathLike, backends: list[str] | None = None, head: str
     with tempfile.TemporaryDirectory(prefix="nezha-zoo-verify-") as tmp:
         source = open_source(path, fmt, family, config)
         try:
-            head = head or detect_head(family, config, source.keys(), source.shape)
+            found = resolve_head(family, config, source.keys(), source.shape, head, lambda k: droppable(fmt, family, k))
         finally:
             source.close()
+        if not found.exact:
+            raise CheckpointError(f"{path}: {found.mismatch_message()}")
+        head, pooler = found.head, found.pooler is not False
         directory = path
         if fmt not in ("safetensors", "pytorch-bin"):
             directory = os.path.join(tmp, "canonical")
@@ -106,7 +116,7 @@ def verify(path: str | os.PathLike, backends: list[str] | None = None, head: str
         outputs: dict[str, dict[str, np.ndarray]] = {}
         for b in backends:
             out = os.path.join(tmp, f"out-{b}.npz")
-            status[b] = _run_worker(b, directory, head, inputs_file, out)
+            status[b] = _run_worker(b, directory, head, inputs_file, out, pooler)
             if status[b]["status"] == "ok":
                 with np.load(out) as data:
                     outputs[b] = {k: data[k] for k in data.files}
@@ -131,6 +141,7 @@ def verify(path: str | os.PathLike, backends: list[str] | None = None, head: str
         "family": family.key,
         "head": head,
         "class": family.class_name(head),
+        "head_note": found.note,
         "backends": status,
         "rows": rows,
         "ok": len(ran) >= 2 and all(r["ok"] for r in rows),
@@ -140,7 +151,7 @@ def verify(path: str | os.PathLike, backends: list[str] | None = None, head: str
 # --- worker (runs in a subprocess, imports one framework) -----------------------------------------
 
 
-def _worker(backend: str, directory: str, head: str, inputs_file: str, out: str) -> int:
+def _worker(backend: str, directory: str, head: str, inputs_file: str, out: str, pooler: bool = True) -> int:
     from nezha_zoo.testing import pin_precision, to_numpy
 
     config = AutoConfig.from_pretrained(directory)
@@ -155,7 +166,13 @@ def _worker(backend: str, directory: str, head: str, inputs_file: str, out: str)
         pin_precision(backend)
         with np.load(inputs_file) as data:
             inputs = {k: data[k] for k in data.files}
-        model = cls.from_pretrained(directory, strict=True)
+        if pooler:
+            model = cls.from_pretrained(directory, strict=True)
+        else:  # a base saved without its pooler: the pooler is the only thing left at initial values
+            model, info = cls.from_pretrained(directory, output_loading_info=True)
+            fresh = [k for k in info["missing_keys"] if not k.startswith("pooler.")]
+            if fresh or info["unexpected_keys"]:
+                raise CheckpointError(f"missing {fresh}; unexpected {info['unexpected_keys']}")
         if backend == "pt":
             import torch
 
@@ -167,6 +184,8 @@ def _worker(backend: str, directory: str, head: str, inputs_file: str, out: str)
         else:
             output = model(**inputs)
         arrays = {k: np.asarray(to_numpy(v), dtype=np.float32) for k, v in output.items() if _is_array(v)}
+        if not pooler:
+            arrays.pop("pooler_output", None)  # from the freshly initialised pooler, not the checkpoint
         np.savez(out, **arrays)
     with open(out + ".json", "w", encoding="utf-8") as fh:
         json.dump(result, fh)
@@ -180,8 +199,9 @@ def _is_array(v: Any) -> bool:
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nezha_zoo.conversion.verify")
     parser.add_argument("--worker", nargs=5, metavar=("BACKEND", "DIR", "HEAD", "INPUTS", "OUT"), required=True)
+    parser.add_argument("--without-pooler", action="store_true", help="the checkpoint is a base without pooler")
     args = parser.parse_args(argv)
-    return _worker(*args.worker)
+    return _worker(*args.worker, pooler=not args.without_pooler)
 
 
 if __name__ == "__main__":
