@@ -142,5 +142,6 @@ MPNET = register_family(
         base_prefix="mpnet",
         heads=HEADS,
         spec=mpnet_spec,
+        tokenizer_class="MPNetTokenizer",
     )
 )
