@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = [
     "TOKENIZER_CLASSES",
     "TOKENIZER_FILES",
     "SENTENCE_TRANSFORMERS_FILES",
+    "copy_tokenizer_files",
     "tokenizer_files",
 ]
 
@@ -162,6 +164,26 @@ def tokenizer_files(path: str | os.PathLike) -> list[str]:
     """
     path = os.fspath(path)
     return [n for n in TOKENIZER_FILES + SENTENCE_TRANSFORMERS_FILES if os.path.exists(os.path.join(path, n))]
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the files :func:`tokenizer_files` finds in ``src`` into ``dst``, unchanged.
+
+    Args:
+        src (str | os.PathLike): a checkpoint directory.
+        dst (str | os.PathLike): an existing directory (``nezha-zoo convert``'s staging directory).
+
+    Returns:
+        list[str]: the names copied (folders such as ``1_Pooling`` copied whole).
+    """
+    names = tokenizer_files(src)
+    for name in names:
+        source, target = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, target)
+        else:
+            shutil.copyfile(source, target)
+    return names
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from nezha_zoo.checkpoint import CheckpointError
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.loading import plan_load
 from nezha_zoo.spec.registry import Family, family_of_config
+from nezha_zoo.tokenization import tokenizer_files
 
 __all__ = ["detect_head", "inspect_checkpoint"]
 
@@ -37,7 +38,7 @@ def detect_head(family: Family, config: PretrainedConfig, keys: list[str], shape
 
 
 def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict[str, Any]:
-    """Family, head, parameter count, dtypes and missing/unexpected tensors of a checkpoint dir.
+    """Family, head, parameter count, dtypes, missing/unexpected tensors and tokenizer files of a checkpoint dir.
 
     Args:
         path (str | os.PathLike): a checkpoint directory in any format ``nezha-zoo convert`` reads.
@@ -75,6 +76,7 @@ def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict
         "unexpected_keys": [k for k in plan.unexpected_keys if k not in dropped],
         "framework_only_keys": dropped,
         "ignored_keys": plan.ignored_keys,
+        "tokenizer_files": tokenizer_files(path),
     }
 
 
