@@ -366,11 +366,12 @@ class Tokenizer:
                 ``vocab.json`` + ``merges.txt``, or ``sentencepiece.bpe.model`` (and optionally
                 ``tokenizer_config.json`` / ``special_tokens_map.json``).
             **overrides: values that replace ``tokenizer_config.json``'s (``model_max_length``,
-                ``padding_side``, ``do_lower_case``, special tokens...).
+                ``padding_side``, ``do_lower_case``, ``add_prefix_space``, special tokens...).
 
         Raises:
             FileNotFoundError: ``path`` is not a directory, or holds no file a tokenizer is built from.
             ValueError: an unknown ``tokenizer_class``, or malformed tokenizer files.
+            TypeError: an unknown keyword argument.
         """
         path = os.fspath(path)
         if not os.path.isdir(path):
@@ -382,6 +383,9 @@ class Tokenizer:
             config.pop("added_tokens_decoder", None)
         map_file = os.path.join(path, SPECIAL_TOKENS_MAP_FILE)
         special_map = _read_json(map_file) if os.path.isfile(map_file) else {}
+        unknown = sorted(set(overrides) - set(_OVERRIDABLE))
+        if unknown:
+            raise TypeError(f"unknown keyword arguments {unknown}; a tokenizer takes {sorted(_OVERRIDABLE)}")
         config.update(overrides)
         kind = _kind_of(path, config)
         tok_file = os.path.join(path, TOKENIZER_FILE)
@@ -777,7 +781,8 @@ class Tokenizer:
             self._configure(None, None, 0, None, None, None)
             tokenizer_json = self.backend_tokenizer.to_str(pretty=True)
         config: dict[str, Any] = {
-            "tokenizer_class": self.tokenizer_class,
+            # transformers has no slow PreTrainedTokenizer to build from tokenizer.json
+            "tokenizer_class": self.tokenizer_class + ("Fast" if self.tokenizer_class == "PreTrainedTokenizer" else ""),
             "model_max_length": self.model_max_length,
             "padding_side": self.padding_side,
             "truncation_side": self.truncation_side,
@@ -808,6 +813,11 @@ class Tokenizer:
 #: tokenizer_config keys kept as they were read and written back by save_pretrained
 _INIT_KEYS = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "add_prefix_space", "trim_offsets")
 _INIT_KEYS += ("add_bos_token", "add_eos_token")
+
+
+#: keyword arguments of from_pretrained: tokenizer_config.json fields they replace
+_OVERRIDABLE = _INIT_KEYS + _SPECIAL_ATTRS + ("additional_special_tokens", "tokenizer_class", "model_max_length")
+_OVERRIDABLE += ("padding_side", "truncation_side", "clean_up_tokenization_spaces", "model_input_names")
 
 
 def _option(value: Any, table: dict[Any, str | None], name: str) -> str | None:

@@ -21,7 +21,6 @@ import pytest
 pytestmark = pytest.mark.hf
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 from nezha_zoo import AutoTokenizer
 from nezha_zoo.tokenization import TOKENIZER_FILES, Tokenizer
@@ -362,6 +361,26 @@ def test_return_tensors_imports_only_the_framework_asked_for(dirs):
 
 
 # --- bad input ---------------------------------------------------------------------------------------
+
+
+def test_generic_tokenizer_json_and_keyword_overrides(dirs, tmp_path):
+    """A tokenizer.json with no tokenizer_class is transformers' PreTrainedTokenizerFast; kwargs override."""
+    shutil.copy(os.path.join(dirs["neox"], "tokenizer.json"), tmp_path)
+    ours = AutoTokenizer.from_pretrained(tmp_path)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert ours.tokenizer_class == "PreTrainedTokenizer" and ours.model_input_names == list(hf.model_input_names)
+    assert dict(ours(PAIRS[0][0], PAIRS[0][1])) == dict(hf(PAIRS[0][0], PAIRS[0][1]))
+    ours.save_pretrained(tmp_path / "saved")
+    assert (
+        type(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))).__name__ == "PreTrainedTokenizerFast"
+    )
+    bert = AutoTokenizer.from_pretrained(dirs["bert"], model_max_length=8, padding_side="left", do_lower_case=False)
+    assert (bert.model_max_length, bert.padding_side) == (8, "left")
+    assert bert.tokenize("Hello world") == transformers.BertTokenizerFast.from_pretrained(
+        dirs["bert"], do_lower_case=False
+    ).tokenize("Hello world")
+    with pytest.raises(TypeError, match=r"unknown keyword arguments \['lowercase'\]"):
+        AutoTokenizer.from_pretrained(dirs["bert"], lowercase=True)
 
 
 def test_a_directory_without_tokenizer_files_is_a_clear_error(tmp_path):
