@@ -377,10 +377,11 @@ class Tokenizer:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path!r} is not a directory")
         config: dict[str, Any] = {}
+        added: dict[str, Any] = {}
         cfg_file = os.path.join(path, TOKENIZER_CONFIG_FILE)
         if os.path.isfile(cfg_file):
             config = _read_json(cfg_file)
-            config.pop("added_tokens_decoder", None)
+            added = config.pop("added_tokens_decoder", None) or {}
         map_file = os.path.join(path, SPECIAL_TOKENS_MAP_FILE)
         special_map = _read_json(map_file) if os.path.isfile(map_file) else {}
         unknown = sorted(set(overrides) - set(_OVERRIDABLE))
@@ -419,6 +420,7 @@ class Tokenizer:
         backend.no_truncation()
         _sync_backend(backend, kind, config, specials)
         _add_special_tokens(backend, kind, specials)
+        _add_declared_tokens(backend, added, cfg_file)
         _add_legacy_added_tokens(backend, path)
         max_len = config.get("model_max_length", VERY_LARGE_INTEGER)
         if isinstance(max_len, float) and max_len >= VERY_LARGE_INTEGER:
@@ -1080,6 +1082,32 @@ def _add_special_tokens(backend: Any, kind: _Kind, specials: dict[str, Any]) -> 
     for token in specials.get("additional_special_tokens") or []:
         tokens.append(AddedToken(token, normalized=False, special=True))
     backend.add_special_tokens(tokens)
+
+
+def _add_declared_tokens(backend: Any, added: dict[str, Any], where: str) -> None:
+    """tokenizer_config's ``added_tokens_decoder`` (``{id: AddedToken fields}``), added in id order.
+
+    As transformers does, the file's flags (``lstrip``, ``special``...) win for tokens already in
+    the vocabulary; a token that would land on another id than declared is an error.
+    """
+    from tokenizers import AddedToken
+
+    fields = ("lstrip", "rstrip", "single_word", "normalized", "special")
+    try:
+        entries = sorted((int(i), d) for i, d in added.items())
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{where}: added_tokens_decoder must map ids to tokens: {e}") from e
+    for want, entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            raise ValueError(f"{where}: added_tokens_decoder[{want}] must be {{'content': ..., ...}}, not {entry!r}")
+        token = AddedToken(entry["content"], **{k: bool(entry[k]) for k in fields if k in entry})
+        if entry.get("special"):
+            backend.add_special_tokens([token])
+        else:
+            backend.add_tokens([token])
+        got = backend.token_to_id(entry["content"])
+        if got != want:
+            raise ValueError(f"{where}: added token {entry['content']!r} is declared with id {want} but gets {got}")
 
 
 def _add_legacy_added_tokens(backend: Any, path: str) -> None:

@@ -313,6 +313,32 @@ def test_special_tokens_and_padding_side_from_the_files(dirs, tmp_path):
     assert all(len(r) == 16 for r in enc["input_ids"]) and enc == hf(TEXTS, truncation=True, padding="max_length")
 
 
+def test_added_tokens_declared_in_tokenizer_config(dirs, tmp_path):
+    shutil.copytree(dirs["bert"], tmp_path / "b")
+    n = len(AutoTokenizer.from_pretrained(dirs["bert"]))
+    added = {
+        str(n): {"content": "<ent>", "lstrip": False, "rstrip": False, "normalized": False, "special": True},
+        str(n + 1): {"content": "newword", "lstrip": False, "rstrip": False, "normalized": True, "special": False},
+    }
+    _write_json(
+        tmp_path / "b" / "tokenizer_config.json", {"tokenizer_class": "BertTokenizer", "added_tokens_decoder": added}
+    )
+    ours = AutoTokenizer.from_pretrained(tmp_path / "b")
+    text = ["Hello <ent> world NEWWORD!", "newword <ent>"]
+    for hf in (transformers.BertTokenizer, transformers.BertTokenizerFast):
+        hf = hf.from_pretrained(str(tmp_path / "b"))
+        assert len(ours) == len(hf) == n + 2
+        assert dict(ours(text, padding=True)) == dict(hf(text, padding=True))
+    # the slow class skips only the special tokens its attributes name, so "<ent>" stays there
+    ids = ours(text)["input_ids"][0]
+    assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+    assert ours.decode(ids) == hf.decode(ids) == "[CLS] hello <ent> world newword! [SEP]"
+    added[str(n + 5)] = {"content": "<gap>", "special": True}
+    _write_json(tmp_path / "b" / "tokenizer_config.json", {"added_tokens_decoder": added})
+    with pytest.raises(ValueError, match="'<gap>' is declared with id .* but gets"):
+        AutoTokenizer.from_pretrained(tmp_path / "b")
+
+
 @pytest.mark.parametrize(
     "framework, module, dtype",
     [("np", "numpy", "int64"), ("pt", "torch", "int64"), ("tf", "tensorflow", "int32")] + [("jax", "jax", "int32")],
