@@ -387,6 +387,7 @@ class Tokenizer:
         unknown = sorted(set(overrides) - set(_OVERRIDABLE))
         if unknown:
             raise TypeError(f"unknown keyword arguments {unknown}; a tokenizer takes {sorted(_OVERRIDABLE)}")
+        file_config = dict(config)
         config.update(overrides)
         kind = _kind_of(path, config)
         tok_file = os.path.join(path, TOKENIZER_FILE)
@@ -406,8 +407,11 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"{path!r} has no tokenizer files for a {kind.name}: looked for {' or '.join(wanted)}"
             )
+        # As transformers: special_tokens_map.json overrides tokenizer_config.json only in directories
+        # saved before added_tokens_decoder existed; keyword arguments override both.
         specials: dict[str, Any] = dict(kind.specials)
-        for source, where in ((special_map, map_file), (config, cfg_file)):
+        sources = [(file_config, cfg_file)] + ([(special_map, map_file)] if not added else [])
+        for source, where in sources + [(overrides, "from_pretrained")]:
             for attr in _SPECIAL_ATTRS:
                 if attr in source:
                     specials[attr] = _token_content(source[attr], where)

@@ -309,6 +309,19 @@ def test_special_tokens_and_padding_side_from_the_files(dirs, tmp_path):
         hf.pad_token_id,
     )
     assert dict(ours(TEXTS, padding=True)) == dict(hf(TEXTS, padding=True))
+    # special_tokens_map.json wins over tokenizer_config.json unless the latter has added_tokens_decoder
+    _write_json(tmp_path / "r" / "tokenizer_config.json", {"tokenizer_class": "RobertaTokenizer", "pad_token": "</s>"})
+    assert AutoTokenizer.from_pretrained(tmp_path / "r").pad_token == "<unk>"
+    assert transformers.RobertaTokenizerFast.from_pretrained(str(tmp_path / "r")).pad_token == "<unk>"
+    declared = {"1": {"content": "<pad>", "special": True}}
+    cfg = {"tokenizer_class": "RobertaTokenizer", "pad_token": "</s>", "added_tokens_decoder": declared}
+    _write_json(tmp_path / "r" / "tokenizer_config.json", cfg)
+    for tok in (
+        AutoTokenizer.from_pretrained(tmp_path / "r"),
+        transformers.RobertaTokenizer.from_pretrained(str(tmp_path / "r")),
+    ):
+        assert tok.pad_token == "</s>"
+    assert AutoTokenizer.from_pretrained(tmp_path / "r", pad_token="<s>").pad_token == "<s>"
     enc = ours(TEXTS, truncation=True, padding="max_length")  # model_max_length is the default limit
     assert all(len(r) == 16 for r in enc["input_ids"]) and enc == hf(TEXTS, truncation=True, padding="max_length")
 
