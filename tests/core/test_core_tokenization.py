@@ -379,6 +379,18 @@ def test_return_tensors_for_each_framework(dirs, framework, module, dtype):
         ours(TEXTS[:3], return_tensors=framework)  # ragged rows
 
 
+def test_calls_from_several_threads_keep_their_own_padding_and_truncation(dirs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok = AutoTokenizer.from_pretrained(dirs["bert"])
+    calls = [dict(padding=True), dict(truncation=True, max_length=5), dict(padding="max_length", max_length=30), {}]
+    want = [tok(TEXTS, **kw) for kw in calls]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: tok(TEXTS, **calls[i % 4]), range(200)))
+    assert all(g == want[i % 4] for i, g in enumerate(got))
+    assert tok.backend_tokenizer.padding is None and tok.backend_tokenizer.truncation is None
+
+
 def test_import_nezha_zoo_imports_neither_tokenizers_nor_a_framework():
     code = (
         "import sys\nfrom nezha_zoo import AutoTokenizer\nimport nezha_zoo.tokenization\n"
