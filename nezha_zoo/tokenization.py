@@ -628,13 +628,12 @@ class Tokenizer:
                 raise ValueError(f"cannot tokenize with truncation={trunc!r}, max_length={max_length}: {e}") from e
             finally:
                 self._configure(None, None, 0, None, None, None)
-        if trunc is None:
-            limit, what = (max_length, "max_length") if max_length is not None else (self.model_max_length, "")
+        if trunc is None:  # transformers only warns; a model would fail later, deep in a framework
+            limit = self.model_max_length if max_length is None else max_length
+            what = f"the tokenizer's model_max_length ({limit})" if max_length is None else f"max_length={limit}"
             for i, enc in enumerate(encodings):
-                n = sum(enc.attention_mask)
+                n = sum(enc.attention_mask)  # without padding
                 if n > limit:
-                    what = what or f"the tokenizer's model_max_length ({limit})"
-                    what = f"max_length={limit}" if what == "max_length" else what
                     raise ValueError(
                         f"text {i} is {n} tokens long, more than {what}; pass truncation=True to cut it "
                         "(or a larger max_length)"
@@ -883,8 +882,8 @@ def _wordpiece(path: str, specials: dict[str, Any], config: dict[str, Any]) -> A
 
     vocab: dict[str, int] = {}
     with open(os.path.join(path, "vocab.txt"), encoding="utf-8") as fh:
-        for line in fh:  # one token a line; transformers keeps the first id of a repeated token
-            vocab.setdefault(line.rstrip("\n"), len(vocab))
+        for index, line in enumerate(fh):  # one token a line, id = line number (a repeated token: the last)
+            vocab[line.rstrip("\n")] = index
     unk = specials.get("unk_token")
     if unk not in vocab:
         raise ValueError(f"{path}/vocab.txt has no unk_token {unk!r}")
