@@ -288,6 +288,14 @@ def test_family_config_picks_the_tokenizer_without_tokenizer_config(dirs, tmp_pa
     hf = transformers.BertTokenizerFast.from_pretrained(str(tmp_path / "nezha"))
     assert ours.tokenizer_class == "BertTokenizer" and ours.model_input_names == list(hf.model_input_names)
     assert dict(ours(TEXTS, padding=True)) == dict(hf(TEXTS, padding=True))
+    with open(tmp_path / "nezha" / "vocab.txt", "a", encoding="utf-8") as fh:
+        fh.write("hello\n")  # a repeated token takes its last line's id, as transformers reads it
+    ours = AutoTokenizer.from_pretrained(tmp_path / "nezha")
+    for hf in (transformers.BertTokenizer, transformers.BertTokenizerFast):
+        hf = hf.from_pretrained(str(tmp_path / "nezha"))
+        assert dict(ours(TEXTS, padding=True)) == dict(hf(TEXTS, padding=True))
+        last_line = len((tmp_path / "nezha" / "vocab.txt").read_text(encoding="utf-8").splitlines()) - 1
+        assert ours.convert_tokens_to_ids("hello") == hf.convert_tokens_to_ids("hello") == last_line
     _write_json(tmp_path / "nezha" / "config.json", {"model_type": "mpnet"})
     mpnet = AutoTokenizer.from_pretrained(tmp_path / "nezha")
     assert mpnet.tokenizer_class == "MPNetTokenizer" and "token_type_ids" not in mpnet("a b")
