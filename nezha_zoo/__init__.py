@@ -17,11 +17,13 @@ from nezha_zoo.families.mpnet import MPNetConfig
 from nezha_zoo.families.mpt import MptAttentionConfig, MptConfig
 from nezha_zoo.families.nezha import NezhaConfig
 from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig
+from nezha_zoo.tokenization import AutoTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AutoConfig",
+    "AutoTokenizer",
     "ElectraConfig",
     "IBertConfig",
     "MPNetConfig",

@@ -1,8 +1,9 @@
 """The ``nezha-zoo`` command line.
 
 nezha-zoo demo                 build a small Electra, load it in every backend, compare
-nezha-zoo inspect DIR [--json] family, claimed class and the head the tensors are, parameters, dtypes
+nezha-zoo inspect DIR [--json] family, claimed class and the head the tensors are, parameters, dtypes, tokenizer files
 nezha-zoo convert SRC DST --to FORMAT [--dtype D] [--max-shard-size S] [--force] [--quiet] [--json]
+                               (tokenizer files are copied unchanged)
 nezha-zoo verify DIR [--backends pt,tf,flax] [--json]   outputs of every backend, max-abs differences
 """
 
@@ -34,6 +35,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"tensors     {info['tensors']}  dtypes {info['dtypes']}",
             f"missing     {', '.join(info['missing_keys']) or 'none'}",
             f"unexpected  {', '.join(info['unexpected_keys']) or 'none'}",
+            f"tokenizer   {', '.join(info['tokenizer_files']) or 'none'}",
         ]
         sys.stdout.write("\n".join(lines) + "\n")
     _note(info)
@@ -146,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Convert the checkpoint in SRC (format detected from its files) to FORMAT in DST.\n"
-            "Tensors stream one at a time; DST appears only when complete.\n\nformats:\n" + formats
+            "Tensors stream one at a time; DST appears only when complete.  Tokenizer files\n"
+            "(tokenizer.json, vocab.txt, ...; sentence-transformers' pooling) are copied unchanged.\n\n"
+            "formats:\n" + formats
         ),
         epilog="example: nezha-zoo convert ./electra-pt ./electra-flax --to hf-flax",
     )

@@ -35,6 +35,7 @@ from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.pretrained import FORMAT_METADATA
 from nezha_zoo.spec.param import Kind, Param
 from nezha_zoo.spec.registry import family_of_config
+from nezha_zoo.tokenization import copy_tokenizer_files
 
 __all__ = ["convert", "DTYPES", "ConversionError"]
 
@@ -64,6 +65,9 @@ def convert(
     progress: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Convert the checkpoint directory ``src`` into format ``to`` at ``dst``.
+
+    The tokenizer files of ``src`` (``TOKENIZER_FILES``, and a sentence-transformers directory's
+    pooling files) are copied unchanged.
 
     Args:
         src (str | os.PathLike): checkpoint directory with ``config.json`` and weights of any
@@ -149,6 +153,7 @@ def convert(
             with open(os.path.join(stage, CONFIG_NAME), "w", encoding="utf-8") as fh:
                 fh.write(cfg.to_json_string())
             files.append(CONFIG_NAME)
+            files += copy_tokenizer_files(src, stage)
             if totals["tensors"] != len(spec):
                 raise ConversionError(f"internal: wrote {totals['tensors']} of {len(spec)} tensors")
     finally:

@@ -10,6 +10,7 @@ from nezha_zoo.auto import AutoConfig
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.io.head_resolution import resolve_head
 from nezha_zoo.spec.registry import Family, family_of_config
+from nezha_zoo.tokenization import tokenizer_files
 
 __all__ = ["detect_head", "inspect_checkpoint"]
 
@@ -20,7 +21,7 @@ def detect_head(family: Family, config: PretrainedConfig, keys: list[str], shape
 
 
 def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict[str, Any]:
-    """Family, head, parameter count, dtypes and missing/unexpected tensors of a checkpoint dir.
+    """Family, head, parameter count, dtypes, missing/unexpected tensors and tokenizer files of a checkpoint dir.
 
     Args:
         path (str | os.PathLike): a checkpoint directory in any format ``nezha-zoo convert`` reads.
@@ -66,6 +67,7 @@ def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict
         "unexpected_keys": found.unexpected_keys,
         "framework_only_keys": list(found.dropped),
         "ignored_keys": plan.ignored_keys,
+        "tokenizer_files": tokenizer_files(path),
     }
 
 

@@ -186,5 +186,6 @@ ELECTRA = register_family(
         base_prefix="electra",
         heads=HEADS,
         spec=electra_spec,
+        tokenizer_class="ElectraTokenizer",
     )
 )

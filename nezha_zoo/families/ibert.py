@@ -270,5 +270,6 @@ IBERT = register_family(
         base_prefix="ibert",
         heads=HEADS,
         spec=ibert_spec,
+        tokenizer_class="RobertaTokenizer",
     )
 )

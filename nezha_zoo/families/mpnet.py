@@ -197,5 +197,6 @@ MPNET = register_family(
         base_prefix="mpnet",
         heads=HEADS,
         spec=mpnet_spec,
+        tokenizer_class="MPNetTokenizer",
     )
 )

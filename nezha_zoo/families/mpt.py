@@ -337,5 +337,6 @@ MPT = register_family(
         base_prefix="transformer",
         heads=HEADS,
         spec=mpt_spec,
+        tokenizer_class="GPTNeoXTokenizer",
     )
 )

@@ -216,5 +216,6 @@ NEZHA = register_family(
         base_prefix="nezha",
         heads=HEADS,
         spec=nezha_spec,
+        tokenizer_class="BertTokenizer",
     )
 )

@@ -154,5 +154,6 @@ XLM_ROBERTA_XL = register_family(
         base_prefix="roberta",
         heads=HEADS,
         spec=xlm_roberta_xl_spec,
+        tokenizer_class="XLMRobertaTokenizer",
     )
 )

@@ -69,8 +69,11 @@ def staged_directory(target: str | os.PathLike) -> Iterator[str]:
         os.makedirs(target, exist_ok=True)
         for name in sorted(os.listdir(stage)):
             staged = os.path.join(stage, name)
+            dest = os.path.join(target, name)
             if os.path.isfile(staged):
                 os.chmod(staged, _FILE_MODE)
-            os.replace(staged, os.path.join(target, name))
+            elif os.path.isdir(dest):  # a folder (sentence-transformers' 1_Pooling) replaces the old one
+                shutil.rmtree(dest)
+            os.replace(staged, dest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -41,6 +41,8 @@ class Family:
         base_prefix: base-model attribute of head classes (``"electra"``).
         heads: head names in documentation order, ``"Model"`` first.
         spec: ``spec(config, head) -> ModelSpec``; ``None`` until the family's params are declared.
+        tokenizer_class: transformers' tokenizer class of the family's checkpoints (``"ElectraTokenizer"``),
+            used when a directory's ``tokenizer_config.json`` does not name one.
     """
 
     key: str
@@ -50,6 +52,7 @@ class Family:
     base_prefix: str
     heads: tuple[str, ...]
     spec: Callable[[PretrainedConfig, str], ModelSpec] | None = None
+    tokenizer_class: str | None = None
 
     def class_name(self, head: str, backend: str = "pt") -> str:
         stem = "Model" if head == "Model" else head

@@ -326,6 +326,44 @@ def test_cli_reports_bad_input_as_an_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_convert_carries_tokenizer_files_and_inspect_lists_them(tmp_path, capsys):
+    from nezha_zoo import AutoTokenizer
+
+    _checkpoint(tmp_path / "a", "electra", "Model")
+    src = tmp_path / "a"
+    tokenizer = {
+        "vocab.txt": "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\nworld\n!\n",
+        "tokenizer_config.json": '{"tokenizer_class": "ElectraTokenizer", "model_max_length": 20}',
+        "special_tokens_map.json": '{"unk_token": "[UNK]"}',
+        "modules.json": "[]",
+    }
+    for name, text in tokenizer.items():
+        (src / name).write_text(text)
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "hf-flax", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(tokenizer) | {"1_Pooling", "config.json", "flax_model.msgpack"} == set(info["files"])
+    for name, text in tokenizer.items():
+        assert (tmp_path / "out" / name).read_text() == text  # unchanged
+    ids = AutoTokenizer.from_pretrained(tmp_path / "out")(["hello world!", "world"], padding=True)["input_ids"]
+    assert ids == AutoTokenizer.from_pretrained(src)(["hello world!", "world"], padding=True)["input_ids"]
+    assert ids == [[2, 5, 6, 7, 3], [2, 6, 3, 0, 0]]
+    (src / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "safetensors", "--force", "-q"]) == 0
+    assert (tmp_path / "out" / "1_Pooling" / "config.json").read_text() == '{"pooling_mode_cls_token": true}'
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging folder left
+    main(["inspect", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    line = "tokenizer   tokenizer_config.json, special_tokens_map.json, vocab.txt, modules.json, 1_Pooling"
+    assert line in out.splitlines()
+    main(["inspect", str(tmp_path / "out"), "--json"])
+    assert json.loads(capsys.readouterr().out)["tokenizer_files"] == line.split(None, 1)[1].split(", ")
+    _checkpoint(tmp_path / "bare", "mpt", "Model")
+    main(["inspect", str(tmp_path / "bare")])
+    assert "tokenizer   none" in capsys.readouterr().out.splitlines()
+
+
 def test_cli_help_lists_formats(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
