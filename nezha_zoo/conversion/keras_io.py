@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -25,6 +24,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.io.child import run_child
 from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import ModelSpec, Param
@@ -139,7 +139,7 @@ def write_keras_weights(
         save_state_dict(tmp, canonical, extra_files={CONFIG_NAME: cfg.to_json_string()})
         cmd = [sys.executable, "-m", "nezha_zoo.conversion.keras_io", "--export", tmp, spec.head, path]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = run_child(cmd, env=env)  # dies with us: no orphan writing into a dead run's staging
         if proc.returncode != 0 or not os.path.isfile(path):
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
             raise CheckpointError(f"writing {os.path.basename(path)} with the TF backend failed: {tail}")
