@@ -5,8 +5,10 @@ Importing this module imports no framework; :func:`pin_precision` imports the on
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ __all__ = [
     "pin_precision",
     "to_numpy",
     "tiny_inputs",
+    "foreign_destination_lock",
 ]
 
 #: SPEC.md §5: hidden states 1e-5; logits and losses 1e-4 (float32, eval mode).
@@ -124,3 +127,27 @@ def tiny_inputs(
         types[..., seq_len // 2 :] = min(1, type_vocab_size - 1)
         out["token_type_ids"] = types
     return out
+
+
+@contextlib.contextmanager
+def foreign_destination_lock(target: str | os.PathLike, pid: int = 4242) -> Iterator[None]:
+    """Hold ``target``'s write lock as another writer would (its own open file), recording ``pid``.
+
+    ``flock`` locks belong to an open file, so this conflicts with this process's own writers too:
+    ``save_pretrained``/``convert`` into ``target`` must fail at once naming ``pid`` (POSIX only).
+    """
+    import fcntl
+
+    from nezha_zoo.io.lock import lock_path
+
+    path = lock_path(target)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{pid}\n".encode("ascii"))
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)

@@ -5,6 +5,8 @@ nezha-zoo inspect DIR [--json] family, claimed class and the head the tensors ar
 nezha-zoo convert SRC DST --to FORMAT [--dtype D] [--max-shard-size S] [--force] [--quiet] [--json]
                                (tokenizer files are copied unchanged)
 nezha-zoo verify DIR [--backends pt,tf,flax] [--json]   outputs of every backend, max-abs differences
+
+Errors are one line on stderr and exit status 2 (``nezha-zoo --debug ...`` shows the traceback).
 """
 
 from __future__ import annotations

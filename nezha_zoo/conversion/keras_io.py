@@ -136,7 +136,8 @@ def write_keras_weights(
     cfg.architectures = [family.class_name(spec.head, "pt")]
     with tempfile.TemporaryDirectory(prefix=".keras-export-", dir=os.path.dirname(os.path.abspath(path))) as tmp:
         canonical = ((p.name, _LAYOUT.from_stored(p, stored(k))) for k, p in by_key.items())
-        save_state_dict(tmp, canonical, extra_files={CONFIG_NAME: cfg.to_json_string()})
+        # tmp is private to this run (inside the caller's staging directory): no lock, no staging
+        save_state_dict(tmp, canonical, extra_files={CONFIG_NAME: cfg.to_json_string()}, staged=False)
         cmd = [sys.executable, "-m", "nezha_zoo.conversion.keras_io", "--export", tmp, spec.head, path]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
         proc = run_child(cmd, env=env)  # dies with us: no orphan writing into a dead run's staging

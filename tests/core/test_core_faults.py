@@ -159,6 +159,15 @@ def test_save_pretrained_killed_mid_write_keeps_the_old_save_and_the_next_save_l
             np.testing.assert_array_equal(reader.read(name), arr)
 
 
+def test_sigterm_unwinds_a_conversion_and_leaves_nothing(tmp_path):
+    _save(tmp_path / "a", seed=0)
+    writer = _Paused(tmp_path, _convert_args(tmp_path / "a", tmp_path / "out"))
+    writer.proc.send_signal(signal.SIGTERM)
+    _, err = writer.proc.communicate(timeout=DEADLINE)
+    assert writer.proc.returncode == 143 and err == "nezha-zoo: interrupted; nothing was written\n"
+    assert not (tmp_path / "out").exists() and _hidden(tmp_path) == []  # staging and lock file gone
+
+
 # --- two writers ----------------------------------------------------------------------------------
 
 

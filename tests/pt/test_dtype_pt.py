@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +11,10 @@ import transformers
 
 import nezha_zoo.pt as zoo
 from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig
+from nezha_zoo.io.errors import DestinationLockedError
 from nezha_zoo.io.reader import open_checkpoint
 from nezha_zoo.pt.modeling_utils import PreTrainedModel
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
+from nezha_zoo.testing import TOLERANCES, assert_close, foreign_destination_lock, pin_precision, tiny_inputs
 
 pytestmark = [pytest.mark.pt]
 
@@ -92,6 +95,16 @@ def test_bf16_save_is_bf16_and_loads_exactly(tmp_path):
         assert torch.equal(again.state_dict()[name], t), name
         assert as_f32.state_dict()[name].dtype == torch.float32
         assert torch.equal(as_f32.state_dict()[name], t.float()), name  # bf16 -> f32 is exact
+
+
+def test_save_pretrained_fails_at_once_while_another_writer_holds_the_destination(tmp_path):
+    model = zoo.ElectraForPreTraining(CONFIGS["Electra"])
+    with foreign_destination_lock(tmp_path / "out", pid=4242):
+        with pytest.raises(DestinationLockedError, match="pid 4242"):
+            model.save_pretrained(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == []  # nothing staged, nothing left
+    model.save_pretrained(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_transformers_loads_our_bf16_checkpoint(tmp_path):
