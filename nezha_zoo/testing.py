@@ -21,6 +21,7 @@ __all__ = [
     "to_numpy",
     "tiny_inputs",
     "foreign_destination_lock",
+    "assert_save_pretrained_takes_the_lock",
 ]
 
 #: SPEC.md §5: hidden states 1e-5; logits and losses 1e-4 (float32, eval mode).
@@ -151,3 +152,24 @@ def foreign_destination_lock(target: str | os.PathLike, pid: int = 4242) -> Iter
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(fd)
+
+
+def assert_save_pretrained_takes_the_lock(model: Any, parent: str | os.PathLike) -> None:
+    """``model.save_pretrained(parent/"out")`` fails at once, leaving nothing, while another writer
+    holds the lock (:func:`foreign_destination_lock`), and succeeds without litter once it is free.
+
+    ``parent`` must be an empty directory.  The same check for every backend's model.
+    """
+    from nezha_zoo.io.errors import DestinationLockedError
+
+    target = os.path.join(os.fspath(parent), "out")
+    with foreign_destination_lock(target, pid=4242):
+        try:
+            model.save_pretrained(target)
+        except DestinationLockedError as e:
+            assert "pid 4242" in str(e), e
+        else:
+            raise AssertionError("save_pretrained wrote while another writer held the lock")
+    assert os.listdir(parent) == [], os.listdir(parent)  # nothing staged, nothing left
+    model.save_pretrained(target)
+    assert os.listdir(parent) == ["out"], os.listdir(parent)

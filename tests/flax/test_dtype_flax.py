@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import flax.linen
 import jax
 import jax.numpy as jnp
@@ -15,9 +13,14 @@ import transformers
 import nezha_zoo.flax as nzf
 import nezha_zoo.flax.modeling_utils as flax_utils
 from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig
-from nezha_zoo.io.errors import DestinationLockedError
 from nezha_zoo.io.reader import open_checkpoint
-from nezha_zoo.testing import TOLERANCES, assert_close, foreign_destination_lock, pin_precision, tiny_inputs
+from nezha_zoo.testing import (
+    TOLERANCES,
+    assert_close,
+    assert_save_pretrained_takes_the_lock,
+    pin_precision,
+    tiny_inputs,
+)
 
 pytestmark = [pytest.mark.flax]
 
@@ -108,13 +111,7 @@ def test_bf16_save_is_bf16_and_loads_exactly(tmp_path):
 
 
 def test_save_pretrained_fails_at_once_while_another_writer_holds_the_destination(tmp_path):
-    model = nzf.FlaxElectraForPreTraining(CONFIGS["Electra"], seed=1)
-    with foreign_destination_lock(tmp_path / "out", pid=4242):
-        with pytest.raises(DestinationLockedError, match="pid 4242"):
-            model.save_pretrained(tmp_path / "out")
-    assert sorted(os.listdir(tmp_path)) == []  # nothing staged, nothing left
-    model.save_pretrained(tmp_path / "out")
-    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert_save_pretrained_takes_the_lock(nzf.FlaxElectraForPreTraining(CONFIGS["Electra"], seed=1), tmp_path)
 
 
 def test_transformers_loads_our_bf16_checkpoint(tmp_path):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -11,10 +9,15 @@ import transformers
 
 import nezha_zoo.pt as zoo
 from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig
-from nezha_zoo.io.errors import DestinationLockedError
 from nezha_zoo.io.reader import open_checkpoint
 from nezha_zoo.pt.modeling_utils import PreTrainedModel
-from nezha_zoo.testing import TOLERANCES, assert_close, foreign_destination_lock, pin_precision, tiny_inputs
+from nezha_zoo.testing import (
+    TOLERANCES,
+    assert_close,
+    assert_save_pretrained_takes_the_lock,
+    pin_precision,
+    tiny_inputs,
+)
 
 pytestmark = [pytest.mark.pt]
 
@@ -98,13 +101,7 @@ def test_bf16_save_is_bf16_and_loads_exactly(tmp_path):
 
 
 def test_save_pretrained_fails_at_once_while_another_writer_holds_the_destination(tmp_path):
-    model = zoo.ElectraForPreTraining(CONFIGS["Electra"])
-    with foreign_destination_lock(tmp_path / "out", pid=4242):
-        with pytest.raises(DestinationLockedError, match="pid 4242"):
-            model.save_pretrained(tmp_path / "out")
-    assert sorted(os.listdir(tmp_path)) == []  # nothing staged, nothing left
-    model.save_pretrained(tmp_path / "out")
-    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert_save_pretrained_takes_the_lock(zoo.ElectraForPreTraining(CONFIGS["Electra"]), tmp_path)
 
 
 def test_transformers_loads_our_bf16_checkpoint(tmp_path):

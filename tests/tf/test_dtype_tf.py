@@ -17,9 +17,14 @@ import transformers  # noqa: E402
 import nezha_zoo.tf as ztf  # noqa: E402
 import nezha_zoo.tf.modeling_utils as tf_utils  # noqa: E402
 from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig  # noqa: E402
-from nezha_zoo.io.errors import DestinationLockedError  # noqa: E402
 from nezha_zoo.io.reader import open_checkpoint  # noqa: E402
-from nezha_zoo.testing import TOLERANCES, assert_close, foreign_destination_lock, pin_precision, tiny_inputs  # noqa: E402
+from nezha_zoo.testing import (  # noqa: E402
+    TOLERANCES,
+    assert_close,
+    assert_save_pretrained_takes_the_lock,
+    pin_precision,
+    tiny_inputs,
+)
 
 pytestmark = [pytest.mark.tf]
 
@@ -105,13 +110,7 @@ def test_bf16_save_is_bf16_and_loads_exactly(tmp_path):
 
 
 def test_save_pretrained_fails_at_once_while_another_writer_holds_the_destination(tmp_path):
-    model = ztf.TFElectraForPreTraining(CONFIGS["Electra"], seed=1)
-    with foreign_destination_lock(tmp_path / "out", pid=4242):
-        with pytest.raises(DestinationLockedError, match="pid 4242"):
-            model.save_pretrained(tmp_path / "out")
-    assert sorted(os.listdir(tmp_path)) == []  # nothing staged, nothing left
-    model.save_pretrained(tmp_path / "out")
-    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert_save_pretrained_takes_the_lock(ztf.TFElectraForPreTraining(CONFIGS["Electra"], seed=1), tmp_path)
 
 
 def test_transformers_loads_our_bf16_checkpoint(tmp_path):
