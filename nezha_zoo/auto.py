@@ -21,6 +21,8 @@ class AutoConfig:
 
     @staticmethod
     def from_dict(data: dict[str, Any], **overrides: Any) -> PretrainedConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object (a dict), got {type(data).__name__}")
         mt = data.get("model_type")
         if not mt:
             raise ValueError("config has no 'model_type'; cannot tell which family it belongs to")
@@ -37,4 +39,7 @@ class AutoConfig:
                 data = json.load(fh)
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}: not valid JSON ({e})") from e
+        if not isinstance(data, dict):  # a list or null parses, but is no config
+            kind = "null" if data is None else type(data).__name__
+            raise ValueError(f"{file}: expected a JSON object, got {kind}")
         return AutoConfig.from_dict(data, **overrides)

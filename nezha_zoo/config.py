@@ -381,7 +381,7 @@ class PretrainedConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+            raise ValueError(f"{path}: expected a JSON object, got {'null' if data is None else type(data).__name__}")
         return cls.from_dict(data, **overrides)
 
     @classmethod

@@ -5,6 +5,8 @@ nezha-zoo inspect DIR [--json] family, claimed class and the head the tensors ar
 nezha-zoo convert SRC DST --to FORMAT [--dtype D] [--max-shard-size S] [--force] [--quiet] [--json]
                                (tokenizer files are copied unchanged)
 nezha-zoo verify DIR [--backends pt,tf,flax] [--json]   outputs of every backend, max-abs differences
+
+Errors are one line on stderr and exit status 2 (``nezha-zoo --debug ...`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
+import traceback
 
 __all__ = ["main"]
 
@@ -39,7 +44,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         ]
         sys.stdout.write("\n".join(lines) + "\n")
     _note(info)
-    return 1 if info["missing_keys"] or info["unexpected_keys"] else 0
+    for error in info["errors"]:  # the same rule convert and verify apply (the mismatch is noted above)
+        if error != info.get("head_error"):
+            sys.stderr.write(f"nezha-zoo: invalid: {error}\n")
+    return 1 if info["missing_keys"] or info["unexpected_keys"] or info["errors"] else 0
 
 
 def _note(info: dict) -> None:
@@ -130,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Six transformer families for PyTorch, TensorFlow/Keras and Flax from one spec.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="describe a checkpoint directory (any format) against the spec")
@@ -183,14 +192,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so staging directories, locks and children are cleaned up."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``nezha-zoo`` command; returns its exit status.
+
+    Every error is one line on stderr (``nezha-zoo: error: ...``) and status 2, never a traceback
+    (``--debug`` prints it too).  SIGTERM and Ctrl-C unwind like an error (partial output removed,
+    the lock released, child processes killed) and exit with 143 / 130.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.stderr.write(f"nezha-zoo: error: {e}\n")
+    except (KeyboardInterrupt, _Terminated) as e:
+        sys.stderr.write("nezha-zoo: interrupted; nothing was written\n")
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__
+        sys.stderr.write(f"nezha-zoo: error: {message}\n")
         return 2
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
