@@ -130,7 +130,7 @@ class BaseAutoModel:
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
-        *args: Any,
+        *,
         config: PretrainedConfig | None = None,
         **kwargs: Any,
     ) -> Any:
@@ -138,10 +138,10 @@ class BaseAutoModel:
 
         Args:
             pretrained_model_name_or_path (str | os.PathLike): a directory with ``config.json`` and weights.
-            *args, **kwargs: passed to the model class's ``from_pretrained`` (``dtype=``, ``strict=``,
-                ``num_labels=3``...); its return value is returned (a model, or a tuple with
-                ``output_loading_info``).
             config (PretrainedConfig | None): use this config (and its family) instead of ``config.json``.
+            **kwargs: passed to the model class's ``from_pretrained`` (``dtype=``, ``strict=``,
+                ``num_labels=3``...); its return value is returned (a model, or a tuple with
+                ``output_loading_info``; Flax's ``(model, params)`` with ``_do_init=False``).
 
         Raises:
             ValueError: unknown or missing ``model_type``; the family has no such head.
@@ -155,7 +155,7 @@ class BaseAutoModel:
         note = _head_note(path, target.family, cfg)
         if note is not None:
             logger.warning("%s: %s: %s builds %s", path, note, cls.__name__, target.__name__)
-        return target.from_pretrained(path, *args, config=config, **kwargs)
+        return target.from_pretrained(path, config=config, **kwargs)
 
 
 def _head_note(path: str, family: Family, config: PretrainedConfig) -> str | None:

@@ -35,6 +35,8 @@ def test_a_family_without_the_head_is_a_clear_error(tmp_path):
     (tmp_path / CONFIG_NAME).write_text(config.to_json_string())
     with pytest.raises(ValueError, match="the MPNet family .* has no ForCausalLM head"):
         CoreAutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="the MPNet family .* has no ForCausalLM head"):
+        CoreAutoModelForCausalLM.from_pretrained(tmp_path / "absent", config=config)  # config= decides the family
 
 
 def test_unknown_or_missing_model_type_and_bad_arguments_are_clear_errors(tmp_path):
