@@ -42,7 +42,7 @@ from nezha_zoo.flax.ibert import (
     FlaxIBertModule,
     FlaxIBertPreTrainedModel,
 )
-from nezha_zoo.flax.modeling_utils import FlaxPreTrainedModel
+from nezha_zoo.flax.modeling_utils import FlaxPreTrainedModel, checked
 from nezha_zoo.flax.mpnet import (
     FlaxMPNetForMaskedLM,
     FlaxMPNetForMaskedLMModule,
@@ -109,6 +109,7 @@ from nezha_zoo.flax.xlm_roberta_xl import (
 )
 
 __all__ = [
+    "checked",
     "FlaxPreTrainedModel",
     "FlaxElectraPreTrainedModel",
     "FlaxElectraModel",

@@ -28,7 +28,7 @@ from nezha_zoo.tf.ibert import (  # noqa: E402
     TFIBertModel,
     TFIBertPreTrainedModel,
 )
-from nezha_zoo.tf.modeling_utils import TFPreTrainedModel  # noqa: E402
+from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, checked  # noqa: E402
 from nezha_zoo.tf.mpnet import (  # noqa: E402
     TFMPNetForMaskedLM,
     TFMPNetForMultipleChoice,
@@ -69,6 +69,7 @@ from nezha_zoo.tf.xlm_roberta_xl import (  # noqa: E402
 )
 
 __all__ = [
+    "checked",
     "TFPreTrainedModel",
     "TFElectraPreTrainedModel",
     "TFElectraModel",
