@@ -159,7 +159,7 @@ def validate_inputs(
 
 
 def check_id_dtypes(inputs: Mapping[str, Any]) -> None:
-    """Trace-time (and eager) check: every id input has an integer dtype (a cast would truncate 5.7 to 5)."""
+    """Every id input has an integer dtype (a cast would read 5.7 as 5); a dtype is known when tracing."""
     for name, _, _ in ID_INPUTS:
         t = inputs.get(name)
         if t is not None and hasattr(t, "dtype"):
@@ -581,8 +581,6 @@ class FlaxPreTrainedModel:
                 f"head_mask must have shape ({c.num_attention_heads},) or ({c.num_hidden_layers}, "
                 f"{c.num_attention_heads}), got {tuple(np.shape(head_mask))}"
             )
-        ids_inputs = {"input_ids": input_ids, "token_type_ids": token_type_ids, "position_ids": position_ids}
-        check_id_dtypes(ids_inputs)
         validate_inputs(
             c,
             input_ids,
@@ -596,6 +594,8 @@ class FlaxPreTrainedModel:
             embed_width=getattr(c, "embedding_size", c.hidden_size),
             has_positions=self.has_position_ids,
         )
+        ids_inputs = {"input_ids": input_ids, "token_type_ids": token_type_ids, "position_ids": position_ids}
+        check_id_dtypes(ids_inputs)  # after the shapes, as in PyTorch and TF
 
         def as_int(x):
             return None if x is None else jnp.asarray(x, jnp.int32)

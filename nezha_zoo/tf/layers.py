@@ -719,6 +719,7 @@ def check_inputs(
     if mask_shape is not None and len(mask_shape) == rank and not static_past:
         others["attention_mask"] = mask_shape
     shape = check_input_shapes(_shape(input_ids), _shape(inputs_embeds), others, embed_dim, rank)
+    check_id_dtypes({"input_ids": input_ids, "token_type_ids": token_type_ids, "position_ids": position_ids})
     if mask_shape is not None and static_past:
         want = (shape[0], static_past + shape[-1]) if shape[-1] is not None else None
         differs = want is not None and any(None not in (a, b) and a != b for a, b in zip(mask_shape, want))
@@ -749,16 +750,11 @@ def check_inputs(
 
 
 def check_id_dtypes(inputs: dict[str, Any]) -> None:
-    """Trace-time (and eager) check: every id input has an integer dtype (a cast would truncate 5.7 to 5)."""
+    """Every id input has an integer dtype (a cast would read 5.7 as 5); a dtype is known when tracing."""
     for name, _, _ in ID_INPUTS:
         t = inputs.get(name)
         if t is not None and hasattr(t, "dtype"):
             check_id_dtype(name, getattr(t.dtype, "name", t.dtype))
-
-
-def _rows_of(t: tf.Tensor, rank: int) -> tf.Tensor:
-    """(B[, C], L) -> (N,) bool "any over the last axis", N = B (or B*C)."""
-    return tf.reshape(tf.reduce_any(t, axis=-1), [-1]) if rank > 1 else tf.reshape(t, [-1])
 
 
 def graph_input_checks(config: PretrainedConfig, inputs: dict[str, Any]):
@@ -797,35 +793,31 @@ def graph_input_checks(config: PretrainedConfig, inputs: dict[str, Any]):
             tf.debugging.Assert(tf.logical_not(tf.reduce_any(out_of_range)), [id_range_message(name, size, what)])
         )
         if name != "position_ids":  # explicit positions may broadcast over the batch
-            bad = tf.logical_or(bad, _rows_of(out_of_range, rank))
+            bad = tf.logical_or(bad, tf.reshape(tf.reduce_any(out_of_range, axis=-1), [-1]))
     past = past_length(inputs.get("past_key_values"))
     limit = max_input_length(config)
-    if limit is not None and not (
-        isinstance(past, int) and ref.shape[rank - 1] is not None
-    ):  # static: checked at trace
+    static_length = isinstance(past, int) and ref.shape[rank - 1] is not None  # checked when tracing
+    if limit is not None and not static_length:
         too_long = tf.cast(past, tf.int32) + ref_shape[-1] > limit
         asserts.append(tf.debugging.Assert(tf.logical_not(too_long), [length_message(limit)]))
         bad = tf.logical_or(bad, too_long)
-    if inputs.get("past_key_values") is None:
-        for name in ("attention_mask", "token_type_ids"):
-            t = inputs.get(name)
-            if isinstance(t, tf.Tensor) and t.shape.rank == rank:
-                same = tf.reduce_all(tf.equal(tf.shape(t), ref_shape))
-                asserts.append(
-                    tf.debugging.Assert(same, [f"{name} and the ids differ in shape:", tf.shape(t), ref_shape])
-                )
+    # Inputs that must have the ids' shape (with a cache the mask spans the cache: checked elsewhere).
+    same_shape = [] if inputs.get("past_key_values") is not None else ["attention_mask", "token_type_ids"]
+    same_shape = [n for n in same_shape if isinstance(inputs.get(n), tf.Tensor) and inputs[n].shape.rank == rank]
+    for name in same_shape:
+        same = tf.reduce_all(tf.equal(tf.shape(inputs[name]), ref_shape))
+        asserts.append(
+            tf.debugging.Assert(same, [f"{name} and the ids differ in shape:", tf.shape(inputs[name]), ref_shape])
+        )
     if not asserts:
         return inputs, bad
     with tf.control_dependencies(asserts):
-        checked = {k: tf.identity(v) if isinstance(v, tf.Tensor) and k != "training" else v for k, v in inputs.items()}
-        if inputs.get("past_key_values") is None:
-            for name in ("attention_mask", "token_type_ids"):
-                t = checked.get(name)
-                static = t.shape.is_fully_defined() and ref.shape[:rank].is_fully_defined() if t is not None else True
-                if isinstance(t, tf.Tensor) and t.shape.rank == rank and not static:
-                    # XLA drops the assert: reshaping to the ids' shape makes its compilation fail instead
-                    # (static shapes are compared when tracing, by check_inputs)
-                    checked[name] = tf.reshape(t, ref_shape)
+        checked = {k: tf.identity(v) if isinstance(v, tf.Tensor) else v for k, v in inputs.items()}
+        for name in same_shape:
+            if not (checked[name].shape.is_fully_defined() and ref.shape[:rank].is_fully_defined()):
+                # XLA drops the assert: reshaped to the ids' shape, a mismatch fails its compilation
+                # instead (static shapes are compared when tracing, by check_inputs).
+                checked[name] = tf.reshape(checked[name], ref_shape)
     return checked, bad
 
 

@@ -36,7 +36,7 @@ from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput  # noqa: E402
 from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
 from nezha_zoo.spec.param import Init, ModelSpec  # noqa: E402
 from nezha_zoo.spec.registry import Family  # noqa: E402
-from nezha_zoo.tf.layers import check_id_dtypes, graph_input_checks, poison_rows  # noqa: E402
+from nezha_zoo.tf.layers import graph_input_checks, poison_rows  # noqa: E402
 from nezha_zoo.validation import ID_INPUTS, InputError  # noqa: E402
 
 __all__ = [
@@ -135,11 +135,10 @@ def unpack_inputs(call: Callable) -> Callable:
 
 
 def _checked_call(call: Callable, model: Any, inputs: dict[str, Any]):
-    """``call(model, **inputs)`` under SPEC §6 when traced: integer ids always; in graph mode (``tf.function``,
-    XLA) the value asserts of :func:`~nezha_zoo.tf.layers.graph_input_checks`, and NaN for the examples
-    they flag (what XLA, which drops asserts, returns instead of an error).  Eager calls check
-    concrete values in the model itself."""
-    check_id_dtypes(inputs)
+    """``call(model, **inputs)`` under SPEC §6 when traced (``tf.function``, XLA): the value asserts of
+    :func:`~nezha_zoo.tf.layers.graph_input_checks`, and NaN for the examples they flag (what XLA, which
+    drops asserts, returns instead of an error).  Shapes, dtypes and concrete (eager) values are checked
+    by the model's ``check_inputs``."""
     config = getattr(model, "config", None)
     if tf.executing_eagerly() or config is None:
         return call(model, **inputs)

@@ -329,7 +329,10 @@ def _outcome(fn):
 def test_fuzz_eager_same_outcome_in_all_backends(models, compiled, data):
     """Random shapes, masks and ids: valid -> the three backends agree (SPEC §5); invalid -> InputError in all."""
     key = data.draw(st.sampled_from(FAMILIES), label="family")
-    batch, seq = data.draw(st.integers(1, 3), label="batch"), data.draw(st.integers(1, 12), label="length")
+    # Few distinct shapes: each new one costs eager JAX a compilation per op.  Lengths straddle the
+    # limits (10 for MPT and the RoBERTa-style families, 12 for Electra, none for Nezha).
+    batch = data.draw(st.sampled_from([1, 3]), label="batch")
+    seq = data.draw(st.sampled_from([1, 6, 10, 11, 13]), label="length")
     x = {"input_ids": _ids(data.draw, (batch, seq), V, data.draw(st.sampled_from([0.0, 0.0, 0.1]), label="bad"))}
     keep = [data.draw(st.integers(1, seq), label="kept") for _ in range(batch)]
     mask_len = seq + data.draw(st.sampled_from([0, 0, 0, 0, 1, -1]), label="mask length delta")
