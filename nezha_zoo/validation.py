@@ -105,7 +105,7 @@ def check_id_dtype(name: str, dtype_name: str) -> None:
     """
     base = str(dtype_name).rsplit(".", 1)[-1]
     if not base.startswith(("int", "uint")):
-        raise InputError(f"{name} must have an integer dtype, got {base} (ids are never rounded or truncated)")
+        raise InputError(f"{name} must be integers, got dtype {base} (ids are never rounded or truncated)")
 
 
 def id_range_message(name: str, size: int, what: str = "vocabulary") -> str:
