@@ -330,6 +330,15 @@ class PretrainedConfig:
     def use_return_dict(self) -> bool:
         return self.return_dict
 
+    @property
+    def max_input_length(self) -> int | None:
+        """Longest input (cached positions included) the model takes; None: any length.
+
+        Default: ``max_position_embeddings`` (absolute positions ``0 .. L - 1``); families with other
+        position schemes override it.  The input checks of every backend use it (SPEC.md §6).
+        """
+        return getattr(self, "max_position_embeddings", None)
+
     # --- (de)serialisation -------------------------------------------------------------------------
 
     def field_dict(self) -> dict[str, Any]:

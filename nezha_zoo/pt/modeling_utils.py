@@ -24,7 +24,7 @@ from nezha_zoo.pt.layers import encoder_attention_bias, expand_head_mask, extend
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
 from nezha_zoo.spec.registry import Family, register_model_class
-from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
+from nezha_zoo.validation import ID_INPUTS, InputError, check_id_dtype, check_id_range, check_input_shapes, check_length
 
 __all__ = [
     "PreTrainedModel",
@@ -397,6 +397,14 @@ def _concrete(t: torch.Tensor) -> bool:
     return not torch.jit.is_tracing()
 
 
+def check_id_dtypes(inputs: dict[str, torch.Tensor | None]) -> None:
+    """Every id input has an integer dtype (an embedding lookup would fail deep in torch, a cast truncate)."""
+    for name, _, _ in ID_INPUTS:
+        t = inputs.get(name)
+        if t is not None:
+            check_id_dtype(name, str(t.dtype))
+
+
 def validate_inputs(
     config: PretrainedConfig,
     input_ids: torch.Tensor | None,
@@ -436,8 +444,7 @@ def validate_inputs(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; with {past_len} cached positions it "
                 f"must cover cached + new positions, {want}"
             )
-    if input_ids is not None and input_ids.is_floating_point():
-        raise InputError(f"input_ids must be integers, got {input_ids.dtype}")
+    check_id_dtypes({"input_ids": input_ids, "token_type_ids": token_type_ids, "position_ids": position_ids})
     for name, t, size, what in (
         ("input_ids", input_ids, config.vocab_size, "vocabulary"),
         ("token_type_ids", token_type_ids, getattr(config, "type_vocab_size", None), "token types"),

@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +34,8 @@ from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, ModelSpec
 from nezha_zoo.spec.registry import Family, register_model_class
+from nezha_zoo.tf.layers import graph_input_checks, poison_rows
+from nezha_zoo.validation import ID_INPUTS, InputError
 
 __all__ = [
     "TFPreTrainedModel",
@@ -124,9 +127,57 @@ def unpack_inputs(call: Callable) -> Callable:
                     raise TypeError(f"{k!r} given both in the packed inputs and as an argument")
                 bound[k] = v
         bound = {k: _to_tensor(v) for k, v in bound.items()}
-        return call(self, **bound)
+        return _checked_call(call, self, bound)
 
     return wrapper
+
+
+def _checked_call(call: Callable, model: Any, inputs: dict[str, Any]):
+    """``call(model, **inputs)`` under SPEC §6 when traced (``tf.function``, XLA): the value asserts of
+    :func:`~nezha_zoo.tf.layers.graph_input_checks`, and NaN for the examples they flag (what XLA, which
+    drops asserts, returns instead of an error).  Shapes, dtypes and concrete (eager) values are checked
+    by the model's ``validate_inputs``."""
+    config = getattr(model, "config", None)
+    if tf.executing_eagerly() or config is None:
+        return call(model, **inputs)
+    inputs, bad = graph_input_checks(config, inputs)
+    return poison_rows(call(model, **inputs), bad)
+
+
+_OWN_SUBJECTS = "|".join([name for name, _, _ in ID_INPUTS] + ["attention_mask", "sequence "])
+#: The text of a failed assert of graph_input_checks: "assertion failed: [<message>] <values>".
+_OWN_ASSERT = re.compile(rf"assertion failed: \[((?:{_OWN_SUBJECTS})[^\]]*)\]([^\n]*)")
+
+
+def checked(fn: Callable) -> Callable:
+    """``tf.function(fn)`` whose model calls raise :class:`InputError` for bad inputs instead of NaN.
+
+    Under XLA (``jit_compile=True``) the input asserts are dropped and a bad example's outputs are NaN
+    (docs/bad_input.md); ``checked`` runs ``fn`` as a graph without XLA, where the asserts of
+    :func:`~nezha_zoo.tf.layers.graph_input_checks` run, and raises their failure as
+    :class:`InputError`.  The same spelling exists in ``nezha_zoo.flax`` (``checkify``).
+
+    Args:
+        fn: a function calling a model (``lambda ids: model(ids)``), or a ``tf.function`` of one
+            (its Python function is run without XLA).
+
+    Returns:
+        A function with ``fn``'s arguments and outputs.
+    """
+    inner = getattr(fn, "python_function", fn)
+    graph = tf.function(inner, jit_compile=False)
+
+    @functools.wraps(inner)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return graph(*args, **kwargs)
+        except tf.errors.InvalidArgumentError as e:
+            own = _OWN_ASSERT.search(e.message)
+            if own is None:
+                raise
+            raise InputError((own.group(1) + own.group(2)).strip()) from None
+
+    return run
 
 
 def variable_key(variable: keras.Variable) -> str:
