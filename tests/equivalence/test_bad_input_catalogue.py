@@ -24,12 +24,11 @@ torch = pytest.importorskip("torch")
 tf = pytest.importorskip("tensorflow")
 jax = pytest.importorskip("jax")
 
-from nezha_zoo.pretrained import random_weights, save_weights
-
 import nezha_zoo.flax as nz_flax
 import nezha_zoo.pt as nz_pt
 import nezha_zoo.tf as nz_tf
-from nezha_zoo.spec import get_family
+from nezha_zoo.pretrained import random_weights, save_weights
+from nezha_zoo.spec import get_family, model_class
 from nezha_zoo.testing import TOLERANCES, pin_precision
 from nezha_zoo.validation import InputError, max_input_length
 
@@ -163,7 +162,7 @@ def models(tmp_path_factory):
                 config, fam = config_of(key), get_family(key)
                 spec = fam.model_spec(config, HEAD)
                 save_weights(str(path), config, spec, fam, random_weights(spec, config, seed=7))
-            model = getattr(MODULES[backend], get_family(key).class_name(HEAD, backend)).from_pretrained(str(path))
+            model = model_class(key, HEAD, backend).from_pretrained(str(path))
             cache[(key, backend)] = model.eval() if backend == "pt" else model
         return cache[(key, backend)]
 
