@@ -25,7 +25,6 @@ tf = pytest.importorskip("tensorflow")
 jax = pytest.importorskip("jax")
 
 import nezha_zoo.flax as nz_flax
-import nezha_zoo.pt as nz_pt
 import nezha_zoo.tf as nz_tf
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec import get_family, model_class
@@ -53,7 +52,6 @@ CONFIGS = {
     ),
 }
 FAMILIES = tuple(CONFIGS)
-MODULES = {"pt": nz_pt, "tf": nz_tf, "flax": nz_flax}
 
 
 def has_token_types(key: str) -> bool:
