@@ -11,6 +11,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.nezha_zoo-installed
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (0: one process).  Each test file runs whole on one worker
+# (--dist loadfile), so module-scoped models are built once; tests/conftest.py caps each worker's threads.
+TEST_WORKERS ?= 2
 BENCH_ARGS ?=
 FORBIDDEN_TOP := flax tf tensorflow torch pt jax keras conversion
 
@@ -39,7 +42,7 @@ check: $(STAMP)
 	@echo "check: ok"
 
 test: check
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 parity: $(STAMP)
 	$(PY) -m benchmarks.parity
