@@ -1,6 +1,6 @@
 # nezha_zoo -- every target installs what it needs into $(VENV) first.
 #   make demo    build a small Electra, save it, load it in PyTorch, TensorFlow and Flax, compare
-#   make test    the checks below, then the whole test suite
+#   make test    the checks below, then the whole test suite (2 pytest-xdist workers; tests/README.md)
 #   make check   `import nezha_zoo` pulls in no framework; no framework-named top-level dir; ruff lint + format
 #   make parity  the demo's table with transformers 4.57.6 PyTorch as a reference column
 #   make bench   forward-pass speed of every family and backend beside transformers (benchmarks/results/)
