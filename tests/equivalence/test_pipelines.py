@@ -290,8 +290,13 @@ def test_models_take_a_tokenizers_output_as_it_is(dirs, framework):
 
     pin_precision(framework)
     tensors = {"pt": "pt", "tf": "tf", "flax": "jax"}[framework]
-    for family, directory in (("electra", dirs["feature-extraction"]), ("mpnet", dirs["sentence-embedding"])):
-        model = model_class(family, "Model", framework).from_pretrained(directory)
+    cases = (
+        ("electra", "Model", dirs["feature-extraction"]),
+        ("mpnet", "Model", dirs["sentence-embedding"]),
+        ("mpt", "ForCausalLM", dirs["text-generation"]),
+    )
+    for family, head, directory in cases:
+        model = model_class(family, head, framework).from_pretrained(directory)
         tok = AutoTokenizer.from_pretrained(directory)
         enc = tok(TEXTS, padding=True, return_tensors=tensors, return_offsets_mapping=True)
         want = to_numpy(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])[0])
@@ -302,7 +307,7 @@ def test_models_take_a_tokenizers_output_as_it_is(dirs, framework):
         for got in (model(**enc), model(enc), model(hf_enc), model(**hf_enc)):
             np.testing.assert_allclose(to_numpy(got[0]), want, atol=1e-6)
         bad = dict(tok(TEXTS, padding=True, return_tensors=tensors, return_token_type_ids=True))
-        if family == "mpnet":  # MPNet takes no token types: a clear error, not a silent drop
+        if family != "electra":  # MPNet and MPT take no token types: a clear error, not a silent drop
             with pytest.raises(TypeError, match="token_type_ids"):
                 model(bad)
             with pytest.raises(TypeError, match="token_type_ids"):
