@@ -337,12 +337,12 @@ class FillMaskPipeline(Pipeline):
         out = []
         for chunk, enc, res in self._batches(texts):
             for i, text in enumerate(chunk):
-                ids = np.asarray(enc["input_ids"][i])
-                ids = ids[np.asarray(enc["attention_mask"][i]).astype(bool)]
+                keep = np.asarray(enc["attention_mask"][i]).astype(bool)  # padding out, on either side
+                ids = np.asarray(enc["input_ids"][i])[keep]
                 masked = np.nonzero(ids == tok.mask_token_id)[0]
                 if masked.size == 0:
                     raise ValueError(f"text {text!r} holds no mask token {tok.mask_token!r}")
-                probs = _softmax(res["logits"][i][masked].astype(np.float32))
+                probs = _softmax(res["logits"][i][keep][masked].astype(np.float32))
                 k = min(top_k, probs.shape[-1])
                 single_mask = masked.size == 1
                 rows = []
