@@ -348,3 +348,22 @@ def test_cli_run_answers_from_the_command_line(dirs, pt_results, capsys):
     assert "--context" in capsys.readouterr().err
     assert main(["run", "fill-mask", dirs["fill-mask"], ""]) == 2
     assert "empty string" in capsys.readouterr().err
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
+def test_text_classification_scores_follow_problem_type(dirs, tmp_path, problem_type):
+    """Sigmoid for multi-label, raw logits for regression, as transformers' pipeline."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    directory = shutil.copytree(dirs["text-classification"], tmp_path / "cls")
+    with open(directory / "config.json") as fh:
+        config = json.load(fh)
+    with open(directory / "config.json", "w") as fh:
+        json.dump({**config, "problem_type": problem_type}, fh)
+    ours = pipeline("text-classification", model=directory)(TEXTS, top_k=None)
+    hf = transformers.pipeline("text-classification", model=str(directory), framework="pt")
+    _assert_same(ours, _plain(hf(TEXTS, top_k=None)), problem_type)
+    softmax = pipeline("text-classification", model=dirs["text-classification"])(TEXTS, top_k=None)
+    assert [r[0]["score"] for r in ours] != [r[0]["score"] for r in softmax]
