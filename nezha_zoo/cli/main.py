@@ -5,6 +5,8 @@ nezha-zoo inspect DIR [--json] family, claimed class and the head the tensors ar
 nezha-zoo convert SRC DST --to FORMAT [--dtype D] [--max-shard-size S] [--force] [--quiet] [--json]
                                (tokenizer files are copied unchanged)
 nezha-zoo verify DIR [--backends pt,tf,flax] [--json]   outputs of every backend, max-abs differences
+nezha-zoo run TASK DIR TEXT... [--framework pt|tf|flax] [--top-k N] [--context TEXT] [--json]
+                               answer from the command line (nezha_zoo.pipeline)
 
 Errors are one line on stderr and exit status 2 (``nezha-zoo --debug ...`` shows the traceback).
 """
@@ -126,6 +128,73 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if info["ok"] else 1
 
 
+def _jsonable(x):
+    """A pipeline's result with numpy arrays and scalars as lists and Python numbers."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x.tolist() if hasattr(x, "tolist") else x
+
+
+def _run_lines(task: str, result) -> list[str]:
+    """Human-readable lines of one text's result."""
+    if task in ("feature-extraction", "sentence-embedding"):
+        head = ", ".join(f"{v:.4f}" for v in result.reshape(-1)[:8])
+        return [f"shape {tuple(result.shape)}  [{head}{', ...' if result.size > 8 else ''}]"]
+    if task == "text-generation":
+        return [r["generated_text"] for r in result]
+    rows = result if isinstance(result, list) else [result]
+    if rows and isinstance(rows[0], list):  # fill-mask with several masks: one list per mask
+        return [f"mask {i}: " + line for i, r in enumerate(rows) for line in _run_lines(task, r)]
+    lines = []
+    for r in rows:
+        if task == "fill-mask":
+            lines.append(f"{r['score']:.4f}  {r['token_str']!r}  {r['sequence']}")
+        elif task == "text-classification":
+            lines.append(f"{r['label']}  {r['score']:.4f}")
+        elif task == "token-classification":
+            label = r.get("entity_group", r.get("entity"))
+            lines.append(f"{label}  {r['score']:.4f}  {r['word']!r}  [{r['start']}:{r['end']}]")
+        else:  # question-answering
+            lines.append(f"{r['answer']!r}  [{r['start']}:{r['end']}]  {r['score']:.4f}")
+    return lines or ["(nothing)"]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from nezha_zoo.pipelines import pipeline
+
+    pipe = pipeline(args.task, model=args.path, framework=args.framework)
+    kw = {}
+    if args.task == "question-answering":
+        if args.context is None:
+            raise ValueError("question-answering needs --context TEXT (the TEXT arguments are the questions)")
+        kw["context"] = args.context
+    elif args.context is not None:
+        raise ValueError(f"--context is for question-answering, not {args.task}")
+    if args.top_k is not None:
+        if args.task not in ("fill-mask", "text-classification", "question-answering"):
+            raise ValueError(f"--top-k is for fill-mask, text-classification and question-answering, not {args.task}")
+        kw["top_k"] = args.top_k
+    if args.task == "token-classification":
+        kw["aggregation_strategy"] = args.aggregation_strategy
+    if args.task == "text-generation":
+        kw["max_new_tokens"] = args.max_new_tokens
+    texts = list(args.text)
+    results = pipe(texts, **kw)
+    if args.json:
+        out = [{"text": t, "result": _jsonable(r)} for t, r in zip(texts, results)]
+        sys.stdout.write(json.dumps(out if len(out) > 1 else out[0], indent=2, ensure_ascii=False) + "\n")
+    else:
+        lines = []
+        for t, r in zip(texts, results):
+            if len(texts) > 1:
+                lines.append(f"{t}:")
+            lines += [("  " if len(texts) > 1 else "") + line for line in _run_lines(args.task, r)]
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nezha_zoo.cli.demo import main as demo_main
 
@@ -185,6 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", help="class head (default: the head the tensors are)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)
+
+    from nezha_zoo.pipelines import TASKS
+
+    p = sub.add_parser(
+        "run",
+        help="answer from the command line: run a task pipeline on a checkpoint directory",
+        description="Run nezha_zoo.pipeline(TASK, DIR) on each TEXT and print the answers.",
+        epilog='example: nezha-zoo run question-answering ./qa "Where does John live?" --context "He lives in Paris."',
+    )
+    p.add_argument("task", choices=sorted(TASKS), metavar="TASK", help=f"one of {', '.join(sorted(TASKS))}")
+    p.add_argument("path", help="checkpoint directory with tokenizer files")
+    p.add_argument("text", nargs="+", help="input text(s); the question(s) for question-answering")
+    p.add_argument("--framework", choices=("pt", "tf", "flax"), default="pt", help="backend to run (default pt)")
+    p.add_argument("--top-k", type=int, help="answers per text (fill-mask, text-classification, question-answering)")
+    p.add_argument("--context", help="the context of question-answering")
+    p.add_argument(
+        "--aggregation-strategy",
+        choices=("none", "simple", "first"),
+        default="simple",
+        help="token-classification word grouping (default simple)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=20, help="text-generation length (default 20)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("demo", help="build a small Electra and compare PyTorch, TensorFlow and Flax on it")
     p.add_argument("--out", help="directory to save the demo checkpoint in (default: a temporary one)")

@@ -27,6 +27,7 @@ from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype
 from nezha_zoo.flax.heads import qa_head, token_classifier
 from nezha_zoo.flax.layers import dense
+from nezha_zoo.inputs import accepts_encodings
 from nezha_zoo.io.plan import CHUNK_BYTES
 from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.outputs import (
@@ -302,6 +303,8 @@ class FlaxPreTrainedModel:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__:  # model(enc) / model(**enc) with a tokenizer's output (nezha_zoo.inputs)
+            cls.__call__ = accepts_encodings(cls.__call__)
         register_model_class(cls, "flax")  # (family, head, "flax") -> cls for nezha_zoo.spec.model_class
 
     def __init__(
@@ -499,6 +502,7 @@ class FlaxPreTrainedModel:
 
     # --- forward -----------------------------------------------------------------------------------
 
+    @accepts_encodings
     def __call__(
         self,
         input_ids=None,

@@ -18,6 +18,7 @@ from torch import nn
 
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype, numpy_dtype
+from nezha_zoo.inputs import accepts_encodings
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
 from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
 from nezha_zoo.pt.layers import encoder_attention_bias, expand_head_mask, extended_attention_mask
@@ -98,6 +99,8 @@ class PreTrainedModel(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:  # model(enc) / model(**enc) with a tokenizer's output (nezha_zoo.inputs)
+            cls.forward = accepts_encodings(cls.forward)
         register_model_class(cls, "pt")  # (family, head, "pt") -> cls for nezha_zoo.spec.model_class
 
     def __init__(self, config: PretrainedConfig) -> None:

@@ -12,7 +12,7 @@ import inspect
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import keras
@@ -28,6 +28,7 @@ if keras.backend.backend() != "tensorflow":
 
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype, numpy_dtype
+from nezha_zoo.inputs import NON_MODEL_INPUTS, merge_encoding
 from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
 from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
@@ -95,8 +96,10 @@ def unpack_inputs(call: Callable) -> Callable:
     """Decorator giving ``call`` transformers' TF input conventions.
 
     The first argument may hold every input: a single tensor (``input_ids``), a list/tuple in
-    argument order, or a dict keyed by argument name (what ``model.fit`` passes).  Keyword arguments
-    work as usual.  Numpy arrays become tensors.  Unknown dict keys are logged and ignored.
+    argument order, or a Mapping keyed by argument name (what ``model.fit`` passes; a tokenizer's
+    ``BatchEncoding``).  Keyword arguments work as usual.  Numpy arrays become tensors.  Keys are
+    handled by :func:`nezha_zoo.inputs.merge_encoding`: tokenizer-only keys (``offset_mapping``...)
+    are dropped, other unknown keys raise ``TypeError``.
     """
     sig = inspect.signature(call)
     names = [n for n in sig.parameters if n != "self"]
@@ -104,28 +107,20 @@ def unpack_inputs(call: Callable) -> Callable:
 
     @functools.wraps(call)
     def wrapper(self, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k in names or k not in NON_MODEL_INPUTS}
         bound = sig.bind_partial(self, *args, **kwargs).arguments
         bound.pop("self")
         first = bound.get(main)
-        if isinstance(first, ModelOutput) or not isinstance(first, (dict, list, tuple)):
-            packed = None
-        else:
-            packed = first
-        if packed is not None:
+        if isinstance(first, (list, tuple)) and not isinstance(first, ModelOutput):
             bound.pop(main)
-            if isinstance(packed, dict):
-                unknown = [k for k in packed if k not in names]
-                if unknown:
-                    logger.warning("%s ignores unknown inputs %s", type(self).__name__, unknown)
-                items = {k: v for k, v in packed.items() if k in names}
-            else:
-                if len(packed) > len(names):
-                    raise TypeError(f"{type(self).__name__} takes at most {len(names)} inputs, got {len(packed)}")
-                items = dict(zip(names, packed))
-            for k, v in items.items():
+            if len(first) > len(names):
+                raise TypeError(f"{type(self).__name__} takes at most {len(names)} inputs, got {len(first)}")
+            for k, v in zip(names, first):
                 if k in bound and bound[k] is not None and k != "training":
                     raise TypeError(f"{k!r} given both in the packed inputs and as an argument")
                 bound[k] = v
+        else:
+            merge_encoding(type(self).__name__, names, main, bound)
         bound = {k: _to_tensor(v) for k, v in bound.items()}
         return _checked_call(call, self, bound)
 
@@ -307,6 +302,15 @@ class TFPreTrainedModel(keras.Model):
         if init is not None and not getattr(init, "_dtype_scoped", False):
             cls.__init__ = _scoped_init(init)
         register_model_class(cls, "tf")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Keras only sees through plain dicts: a tokenizer's BatchEncoding (ours, a dict subclass, or
+        # transformers', a UserDict) becomes one before Keras checks the positional inputs; Keras binds
+        # keywords to ``call``'s signature itself, so tokenizer-only keys are dropped here.
+        if args and isinstance(args[0], Mapping) and not isinstance(args[0], ModelOutput):
+            args = (dict(args[0]), *args[1:])
+        kwargs = {k: v for k, v in kwargs.items() if k not in NON_MODEL_INPUTS}
+        return super().__call__(*args, **kwargs)
 
     # -- construction ------------------------------------------------------------------------------
 
