@@ -37,4 +37,6 @@ class AutoConfig:
                 data = json.load(fh)
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}: not valid JSON ({e})") from e
+        if overrides and isinstance(data, dict) and data.get("model_type"):
+            get_family(data["model_type"]).config_class.check_override_names(overrides, "AutoConfig.from_pretrained")
         return AutoConfig.from_dict(data, **overrides)

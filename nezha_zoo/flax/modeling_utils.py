@@ -585,6 +585,7 @@ class FlaxPreTrainedModel:
         strict: bool = False,
         output_loading_info: bool = False,
         gradient_checkpointing: bool = False,
+        ignore_mismatched_sizes: bool = False,
         **config_overrides: Any,
     ):
         """Load a transformers-layout checkpoint directory (safetensors, sharded, or ``pytorch_model.bin``).
@@ -594,14 +595,19 @@ class FlaxPreTrainedModel:
         ``module.init``, no second copy of the weights.  A base checkpoint loads into a head class
         and vice versa.  Missing params are initialised by the spec (``_do_init=True``) or
         left for ``init_weights(rng, shape, params)`` (``_do_init=False``, transformers' behaviour).
-        A shape mismatch raises naming the tensor; ``strict`` also raises on missing/unexpected keys.
+        A shape mismatch raises naming the tensor, unless ``ignore_mismatched_sizes``: then the param
+        is treated as missing (initialised afresh) and logged with both shapes -- a new head on a
+        pretrained body.  ``strict`` also raises on missing/unexpected keys.  Other keywords must be
+        config fields (``num_labels=3``), else ``TypeError``.
 
         Returns:
             ``model`` (``_do_init=True``) or ``(model, params)`` (``_do_init=False``); with
             ``output_loading_info`` the dict ``{"missing_keys", "unexpected_keys", "mismatched_keys"}``
             is appended.
         """
-        cfg = resolve_config(cls.family, pretrained_model_name_or_path, config, **config_overrides)
+        cfg = resolve_config(
+            cls.family, pretrained_model_name_or_path, config, f"{cls.__name__}.from_pretrained", **config_overrides
+        )
         model = cls(
             cfg,
             input_shape=input_shape,
@@ -650,6 +656,7 @@ class FlaxPreTrainedModel:
             None,
             model_name=cls.__name__,
             strict=strict,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
             write=write,
             dtype_of=dtype_of,
             done=done,

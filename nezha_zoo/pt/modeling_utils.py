@@ -229,6 +229,7 @@ class PreTrainedModel(nn.Module):
         output_loading_info: bool = False,
         dtype: Any = None,
         torch_dtype: Any = None,
+        ignore_mismatched_sizes: bool = False,
         **config_overrides: Any,
     ) -> PreTrainedModel | tuple[PreTrainedModel, dict[str, list[str]]]:
         """Build the model from a directory (transformers' or ours) and load its weights.
@@ -242,7 +243,11 @@ class PreTrainedModel(nn.Module):
             dtype: weights and compute dtype: None (float32), ``"float32"``, ``"bfloat16"`` or a
                 ``torch.dtype``; a checkpoint of either dtype loads into either.
             torch_dtype: transformers' name for ``dtype`` (give one of the two).
-            **config_overrides: config fields to change (``num_labels=3``...).
+            ignore_mismatched_sizes: initialise afresh (by the spec) every weight whose checkpoint
+                shape differs, logging each with both shapes, instead of raising -- a new head on a
+                pretrained body: ``from_pretrained(path, num_labels=3, ignore_mismatched_sizes=True)``.
+            **config_overrides: config fields to change (``num_labels=3``...); anything else raises
+                ``TypeError`` (see :data:`nezha_zoo.pretrained.LOADER_HINTS`).
 
         Low memory: the module is built on the meta device (no random init), its weights are then
         allocated once in ``dtype`` and filled piece by piece from the file, so loading never holds
@@ -251,7 +256,9 @@ class PreTrainedModel(nn.Module):
         """
         target = _resolve_dtype(dtype, torch_dtype)
         fam = cls.family
-        cfg = resolve_config(fam, pretrained_model_name_or_path, config, **config_overrides)
+        cfg = resolve_config(
+            fam, pretrained_model_name_or_path, config, f"{cls.__name__}.from_pretrained", **config_overrides
+        )
         model = cls._empty(cfg, target)
         spec = model.spec
         tensors = model._tensors()
@@ -273,12 +280,13 @@ class PreTrainedModel(nn.Module):
             None,
             model_name=cls.__name__,
             strict=strict,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
             write=write,
             dtype_of=lambda name: view(name).dtype,
             done=views.pop,
         )
-        if plan.missing_keys:
-            model.init_weights(set(plan.missing_keys))
+        if plan.fresh_keys:
+            model.init_weights(set(plan.fresh_keys))
         model.eval()
         return (model, plan.info()) if output_loading_info else model
 

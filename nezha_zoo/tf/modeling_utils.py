@@ -402,6 +402,7 @@ class TFPreTrainedModel(keras.Model):
         output_loading_info: bool = False,
         gradient_checkpointing: bool = False,
         dtype: Any = None,
+        ignore_mismatched_sizes: bool = False,
         **overrides: Any,
     ):
         """Build the model from ``path`` (``config.json`` + any supported weight file).
@@ -413,12 +414,15 @@ class TFPreTrainedModel(keras.Model):
             output_loading_info: also return ``{"missing_keys", "unexpected_keys", "mismatched_keys"}``.
             dtype: weights and compute dtype, None/``"float32"`` or ``"bfloat16"`` (or ``tf.bfloat16``);
                 a checkpoint of either dtype loads into either.
-            **overrides: config fields to change (e.g. ``num_labels=3``).
+            ignore_mismatched_sizes: initialise afresh (by the spec) every weight whose checkpoint
+                shape differs, logging each with both shapes, instead of raising (a new head).
+            **overrides: config fields to change (e.g. ``num_labels=3``); anything else raises
+                ``TypeError`` (see :data:`nezha_zoo.pretrained.LOADER_HINTS`).
 
         Variables are created in ``dtype`` and filled piece by piece straight from the file (sliced
         assignments), without the spec's random init and without a second copy of any weight.
         """
-        cfg = resolve_config(cls.family, path, config, **overrides)
+        cfg = resolve_config(cls.family, path, config, f"{cls.__name__}.from_pretrained", **overrides)
         model = cls(cfg, gradient_checkpointing=gradient_checkpointing, dtype=dtype, _skip_init=True)
         variables = {p.name: var for p, var in model._matched()}
 
@@ -465,12 +469,13 @@ class TFPreTrainedModel(keras.Model):
             None,
             type(model).__name__,
             strict=strict,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
             write=write,
             dtype_of=lambda name: numpy_dtype(variables[name].dtype),
             done=done,
         )
-        if plan.missing_keys:
-            model.init_weights(model._init_seed, names=set(plan.missing_keys))
+        if plan.fresh_keys:
+            model.init_weights(model._init_seed, names=set(plan.fresh_keys))
         if output_loading_info:
             return model, plan.info()
         return model

@@ -1,0 +1,52 @@
+"""Fine-tuning ergonomics in Flax (issue #20): new heads, config overrides, resizing, float16, param_dtype."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from nezha_zoo import ElectraConfig
+from nezha_zoo.flax import FlaxElectraForSequenceClassification
+from nezha_zoo.io.errors import CheckpointError
+from nezha_zoo.pretrained import random_weights, save_weights
+from nezha_zoo.spec.layouts import LAYOUTS
+from nezha_zoo.spec.registry import get_family
+
+FAM = get_family("electra")
+LAYOUT = LAYOUTS["flax"]
+CFG = ElectraConfig(
+    vocab_size=40, embedding_size=8, hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+)
+
+
+@pytest.fixture(scope="module")
+def two_label_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("two_labels")
+    spec = FAM.model_spec(CFG, "ForSequenceClassification")
+    save_weights(d, CFG, spec, FAM, random_weights(spec, CFG, seed=1))
+    return d
+
+
+def test_new_head_with_ignore_mismatched_sizes(two_label_dir, caplog):
+    with pytest.raises(CheckpointError, match="ignore_mismatched_sizes=True"):
+        FlaxElectraForSequenceClassification.from_pretrained(two_label_dir, num_labels=3)
+    with caplog.at_level(logging.WARNING, logger="nezha_zoo"):
+        new, info = FlaxElectraForSequenceClassification.from_pretrained(
+            two_label_dir, num_labels=3, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+    assert "classifier.out_proj.weight (checkpoint (2, 12), model (3, 12))" in caplog.text
+    assert [k for k, _, _ in info["mismatched_keys"]] == ["classifier.out_proj.weight", "classifier.out_proj.bias"]
+    spec = new.spec
+    flat = flatten_dict(new.params)
+    got = {p.name: LAYOUT.from_stored(p, np.asarray(flat[LAYOUT.path(p)])) for p in spec if LAYOUT.path(p) in flat}
+    want = random_weights(FAM.model_spec(CFG, "ForSequenceClassification"), CFG, seed=1)
+    assert got["classifier.out_proj.weight"].shape == (3, 12) and not got["classifier.out_proj.bias"].any()
+    assert 0.005 < got["classifier.out_proj.weight"].std() < 0.05
+    for name, value in want.items():
+        if not name.startswith("classifier.out_proj"):
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+    with pytest.raises(TypeError, match="'num_label'.*did you mean 'num_labels'"):
+        FlaxElectraForSequenceClassification.from_pretrained(two_label_dir, num_label=3)

@@ -1,0 +1,47 @@
+"""Fine-tuning ergonomics in TensorFlow/Keras (issue #20): new heads, config overrides, resizing, float16."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from nezha_zoo import ElectraConfig
+from nezha_zoo.io.errors import CheckpointError
+from nezha_zoo.pretrained import random_weights, save_weights
+from nezha_zoo.spec.registry import get_family
+from nezha_zoo.tf import TFElectraForSequenceClassification
+
+FAM = get_family("electra")
+CFG = ElectraConfig(
+    vocab_size=40, embedding_size=8, hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+)
+
+
+@pytest.fixture(scope="module")
+def two_label_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("two_labels")
+    spec = FAM.model_spec(CFG, "ForSequenceClassification")
+    save_weights(d, CFG, spec, FAM, random_weights(spec, CFG, seed=1))
+    return d
+
+
+def test_new_head_with_ignore_mismatched_sizes(two_label_dir, caplog):
+    with pytest.raises(CheckpointError, match="ignore_mismatched_sizes=True"):
+        TFElectraForSequenceClassification.from_pretrained(two_label_dir, num_labels=3)
+    with caplog.at_level(logging.WARNING, logger="nezha_zoo"):
+        new, info = TFElectraForSequenceClassification.from_pretrained(
+            two_label_dir, num_labels=3, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+    assert "classifier.out_proj.weight (checkpoint (2, 12), model (3, 12))" in caplog.text
+    assert [k for k, _, _ in info["mismatched_keys"]] == ["classifier.out_proj.weight", "classifier.out_proj.bias"]
+    got = dict(new.canonical_weights())
+    want = random_weights(FAM.model_spec(CFG, "ForSequenceClassification"), CFG, seed=1)
+    assert got["classifier.out_proj.weight"].shape == (3, 12) and not got["classifier.out_proj.bias"].any()
+    assert 0.005 < got["classifier.out_proj.weight"].std() < 0.05
+    for name, value in want.items():
+        if not name.startswith("classifier.out_proj"):
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+    with pytest.raises(TypeError, match="'num_label'.*did you mean 'num_labels'"):
+        TFElectraForSequenceClassification.from_pretrained(two_label_dir, num_label=3)
