@@ -225,3 +225,53 @@ def random_weights(
     ``make demo`` builds one model for three frameworks.  See :func:`iter_random_weights`.
     """
     return dict(iter_random_weights(spec, config, seed, names))
+
+
+def resized_vocab(
+    config: PretrainedConfig,
+    family: Family,
+    head: str,
+    new_num_tokens: int,
+    old: Callable[[str], np.ndarray],
+    pad_to_multiple_of: int | None = None,
+    seed: int = 0,
+) -> tuple[PretrainedConfig, ModelSpec, dict[str, np.ndarray]]:
+    """The framework-free half of ``resize_token_embeddings``: new config, new spec, new vocab tensors.
+
+    Every param with a ``"vocab"`` axis (word embeddings, an untied output projection, an LM bias)
+    gets ``vocab_size`` rows (rounded up to ``pad_to_multiple_of``): the first ``min(old, new)`` rows
+    are the old ones (``old(name)``, canonical layout), new rows are drawn by the spec's init rule
+    (padding row zero).  Tied aliases are not params: the backend re-ties them to the new embedding.
+
+    Args:
+        config: the model's current config (not modified).
+        family: the model's family.
+        head: the model's head (``"ForMaskedLM"``...).
+        new_num_tokens: the wanted vocabulary size.
+        old: canonical name -> the param's current canonical numpy array.
+        pad_to_multiple_of: round the size up to a multiple of this (tensor-core friendly sizes).
+        seed: seed of the new rows.
+
+    Returns:
+        ``(new config, new spec, {name: canonical float32 array})`` for the vocab params only.
+
+    Raises:
+        ValueError: a size that is not a positive integer, or a ``pad_token_id`` outside the new vocabulary.
+    """
+    if isinstance(new_num_tokens, bool) or not isinstance(new_num_tokens, int) or new_num_tokens <= 0:
+        raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
+    if pad_to_multiple_of is not None:
+        if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {pad_to_multiple_of!r}")
+        new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+    new_config = config.copy(vocab_size=new_num_tokens)  # validates pad/bos/eos ids against the new size
+    new_spec = family.model_spec(new_config, head)
+    names = [p.name for p in new_spec if "vocab" in p.axes]
+    fresh = random_weights(new_spec, new_config, seed, names)
+    for name in names:
+        axis = new_spec[name].axes.index("vocab")
+        before = np.asarray(old(name), np.float32)
+        keep = min(before.shape[axis], new_num_tokens)
+        index = (slice(None),) * axis + (slice(0, keep),)
+        fresh[name][index] = before[index]
+    return new_config, new_spec, fresh

@@ -19,7 +19,7 @@ from torch import nn
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype, numpy_dtype
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
-from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
+from nezha_zoo.pretrained import load_weights, resized_vocab, resolve_config, save_weights
 from nezha_zoo.pt.layers import encoder_attention_bias, expand_head_mask, extended_attention_mask
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
@@ -95,6 +95,14 @@ class PreTrainedModel(nn.Module):
 
     family: ClassVar[Family]
     head: ClassVar[str] = "Model"
+    # What the PyTorch ecosystem (transformers' Trainer, PEFT, accelerate) looks for on a model.
+    #: the input a batch is keyed by (Trainer, pipelines).
+    main_input_name: ClassVar[str] = "input_ids"
+    #: every family's layers honour :meth:`gradient_checkpointing_enable`.
+    supports_gradient_checkpointing: ClassVar[bool] = True
+    #: no tensor-parallel ``parallelize()`` API (use :mod:`nezha_zoo.pt.distributed`).
+    is_parallelizable: ClassVar[bool] = False
+    _keys_to_ignore_on_save: ClassVar[list[str] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -116,6 +124,26 @@ class PreTrainedModel(nn.Module):
     @property
     def base_model(self) -> nn.Module:
         return getattr(self, self.base_model_prefix, self)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Class names accelerate must keep whole on one device: the repeated blocks (layers)."""
+        return sorted({type(m).__name__ for lst in self.modules() if isinstance(lst, nn.ModuleList) for m in lst})
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the first floating-point parameter (the model's weights dtype)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether the class decodes with ``generate`` (its causal-LM heads)."""
+        return callable(getattr(cls, "generate", None))
 
     @property
     def spec(self) -> ModelSpec:
@@ -187,12 +215,61 @@ class PreTrainedModel(nn.Module):
         """The word-embedding module (``nn.Embedding``)."""
         return self.get_submodule(self._vocab_embedding_path())
 
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the word-embedding module (its weight must keep the spec's shape); tied heads follow."""
+        owner, _, leaf = self._vocab_embedding_path().rpartition(".")
+        setattr(self.get_submodule(owner), leaf, value)
+        self.tie_weights()
+
     def get_output_embeddings(self) -> nn.Module | None:
-        """The module whose weight is tied to the word embeddings, if any."""
+        """The projection onto the vocabulary (an LM head's decoder), tied or not; None without one."""
         spec = self.spec
         for alias in spec.ties:
             return self.get_submodule(alias.rpartition(".")[0])
+        for p in spec:
+            if p.kind is not Kind.EMBEDDING and p.axes and p.axes[0] == "vocab" and len(p.shape) == 2:
+                return self.get_submodule(p.module)
         return None
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None):
+        """Give the vocabulary ``new_num_tokens`` rows (after adding tokens to a tokenizer).
+
+        Old rows are kept, new ones drawn by the spec's init rule; an untied output projection and
+        LM biases are resized too, tied heads follow the embedding, ``config.vocab_size`` is updated
+        (so the model saves and loads in every backend).
+
+        Args:
+            new_num_tokens: the new vocabulary size (None: keep it, only pad).
+            pad_to_multiple_of: round the size up to a multiple of this.
+
+        Returns:
+            nn.Embedding: the new word-embedding module, as transformers.
+        """
+        n = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+        tensors = self._tensors()
+        spec = self.spec
+
+        def old(name: str) -> np.ndarray:
+            t = tensors[LAYOUT.key(spec[name])].detach().float().cpu()
+            return LAYOUT.from_stored(spec[name], t.numpy())
+
+        new_config, new_spec, arrays = resized_vocab(self.config, self.family, self.head, n, old, pad_to_multiple_of)
+        for name, arr in arrays.items():
+            key = LAYOUT.key(new_spec[name])
+            before = tensors[key]
+            owner, _, leaf = key.rpartition(".")
+            value = torch.from_numpy(LAYOUT.to_stored(new_spec[name], arr)).to(before.device, before.dtype)
+            setattr(self.get_submodule(owner), leaf, nn.Parameter(value, requires_grad=before.requires_grad))
+        self.config.vocab_size = new_config.vocab_size
+        self.tie_weights()
+        for m in self.modules():  # keep the modules' size attributes truthful (repr, reshapes)
+            if isinstance(m, nn.Embedding):
+                m.num_embeddings = m.weight.shape[0]
+            elif isinstance(m, nn.Linear):
+                m.out_features = m.weight.shape[0]
+        self._check_spec()
+        return self.get_input_embeddings()
 
     # --- sizes and training helpers --------------------------------------------------------------
 
