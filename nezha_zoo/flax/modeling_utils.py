@@ -183,8 +183,11 @@ class FlaxPreTrainedModel:
         input_shape (tuple[int, ...]): shape of the dummy ids (kept for transformers compatibility;
             params come from the spec, so it does not affect them).
         seed (int): seed of ``self.key``, the rng of the initial params.
-        dtype (jnp.dtype | str | None): weights and compute dtype: ``jnp.float32`` (default, also
-            None or ``"float32"``) or ``jnp.bfloat16`` (``"bfloat16"``); the params are stored in it.
+        dtype (jnp.dtype | str | None): compute dtype: ``jnp.float32`` (default, also None or
+            ``"float32"``), ``jnp.bfloat16`` (``"bfloat16"``) or ``jnp.float16`` (``"float16"``).
+        param_dtype (jnp.dtype | str | None): dtype the params are stored in (default: ``dtype``);
+            ``param_dtype=jnp.float32, dtype=jnp.bfloat16`` is the float32-master-weights,
+            bfloat16-compute recipe (the layers cast the params to ``dtype`` when they use them).
         _do_init (bool): build random params now; with False only the shape tree exists and
             ``init_weights`` must be called by the user.
         gradient_checkpointing (bool): rematerialise each layer in the backward pass.
@@ -212,6 +215,7 @@ class FlaxPreTrainedModel:
         dtype: Any = jnp.float32,
         _do_init: bool = True,
         gradient_checkpointing: bool = False,
+        param_dtype: Any = None,
         **kwargs: Any,
     ):
         if config is None:
@@ -220,6 +224,9 @@ class FlaxPreTrainedModel:
             raise TypeError(f"config must be a {self.family.config_class.__name__}, got {type(config).__name__}")
         self._config = config
         self.dtype = _JNP_DTYPES[canonical_dtype(dtype)]
+        self.param_dtype = (
+            self.dtype if param_dtype is None else _JNP_DTYPES[canonical_dtype(param_dtype, "param_dtype")]
+        )
         dtype = self.dtype
         self.input_shape = tuple(input_shape)
         self.key = jax.random.PRNGKey(seed)
@@ -227,7 +234,7 @@ class FlaxPreTrainedModel:
             config=config, dtype=dtype, gradient_checkpointing=gradient_checkpointing, **kwargs
         )
         self._spec = self.family.model_spec(config, self.head)
-        self._params_shape_tree = spec_params_shape(self._spec, self.dtype)
+        self._params_shape_tree = spec_params_shape(self._spec, self.param_dtype)
         self._required_params = {LAYOUT.path(p) for p in _trainable(self._spec)}
         self._buffer_paths = {LAYOUT.path(p) for p in _buffer_params(self._spec)}
         self._missing_keys: set[tuple[str, ...]] = set()
@@ -316,7 +323,7 @@ class FlaxPreTrainedModel:
             fresh = random_weights(self._spec, self.config, seed, names=absent)
             for p in _trainable(self._spec):
                 if p.name in fresh:
-                    flat[LAYOUT.path(p)] = jnp.asarray(LAYOUT.to_stored(p, fresh.pop(p.name)), self.dtype)
+                    flat[LAYOUT.path(p)] = jnp.asarray(LAYOUT.to_stored(p, fresh.pop(p.name)), self.param_dtype)
         self._missing_keys = set()
         return self._checked(unflatten_dict(flat))
 
@@ -579,6 +586,7 @@ class FlaxPreTrainedModel:
         config: PretrainedConfig | None = None,
         *,
         dtype: Any = None,
+        param_dtype: Any = None,
         input_shape: tuple[int, ...] = (1, 1),
         seed: int = 0,
         _do_init: bool = True,
@@ -590,8 +598,9 @@ class FlaxPreTrainedModel:
     ):
         """Load a transformers-layout checkpoint directory (safetensors, sharded, or ``pytorch_model.bin``).
 
-        Params are read straight from the file in pieces into their final buffers, in ``dtype``
-        (None/float32 or bfloat16, whatever the checkpoint's dtype): no random init first, no
+        Params are read straight from the file in pieces into their final buffers, in ``param_dtype``
+        (default ``dtype``; None/float32, bfloat16 or float16, whatever the checkpoint's dtype), and
+        the model computes in ``dtype``: no random init first, no
         ``module.init``, no second copy of the weights.  A base checkpoint loads into a head class
         and vice versa.  Missing params are initialised by the spec (``_do_init=True``) or
         left for ``init_weights(rng, shape, params)`` (``_do_init=False``, transformers' behaviour).
@@ -615,9 +624,10 @@ class FlaxPreTrainedModel:
             dtype=dtype,
             _do_init=False,
             gradient_checkpointing=gradient_checkpointing,
+            param_dtype=param_dtype,
         )
         spec = model.spec
-        target = np.dtype(model.dtype)
+        target = np.dtype(model.param_dtype)
         flat: dict[tuple[str, ...], Any] = {}
 
         def dtype_of(name: str) -> np.dtype:
@@ -709,7 +719,7 @@ class FlaxPreTrainedModel:
         return f"{type(self).__name__}({self.config!r})"
 
 
-_JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))

@@ -317,8 +317,8 @@ class PreTrainedModel(nn.Module):
             config: use this config instead of the directory's ``config.json``.
             strict: raise on missing or unexpected tensors instead of logging them.
             output_loading_info: also return ``{"missing_keys", "unexpected_keys", "mismatched_keys"}``.
-            dtype: weights and compute dtype: None (float32), ``"float32"``, ``"bfloat16"`` or a
-                ``torch.dtype``; a checkpoint of either dtype loads into either.
+            dtype: weights and compute dtype: None (float32), ``"float32"``, ``"bfloat16"``,
+                ``"float16"`` or a ``torch.dtype``; a checkpoint of any of them loads into any.
             torch_dtype: transformers' name for ``dtype`` (give one of the two).
             ignore_mismatched_sizes: initialise afresh (by the spec) every weight whose checkpoint
                 shape differs, logging each with both shapes, instead of raising -- a new head on a
@@ -452,11 +452,11 @@ class PreTrainedModel(nn.Module):
         return output if return_dict else output.to_tuple()
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _resolve_dtype(dtype: Any, torch_dtype: Any) -> torch.dtype:
-    """``dtype`` / transformers' ``torch_dtype`` (one of them) -> ``torch.float32`` or ``torch.bfloat16``."""
+    """``dtype`` / transformers' ``torch_dtype`` (one of them) -> ``torch.float32``, ``bfloat16`` or ``float16``."""
     if dtype is not None and torch_dtype is not None and canonical_dtype(dtype) != canonical_dtype(torch_dtype):
         raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
     if dtype is None:

@@ -412,7 +412,7 @@ class TFPreTrainedModel(keras.Model):
             config: use this config instead of ``path/config.json``.
             strict: raise on missing or unexpected tensors (shape mismatches always raise).
             output_loading_info: also return ``{"missing_keys", "unexpected_keys", "mismatched_keys"}``.
-            dtype: weights and compute dtype, None/``"float32"`` or ``"bfloat16"`` (or ``tf.bfloat16``);
+            dtype: weights and compute dtype, None/``"float32"``, ``"bfloat16"`` or ``"float16"`` (or a ``tf.DType``);
                 a checkpoint of either dtype loads into either.
             ignore_mismatched_sizes: initialise afresh (by the spec) every weight whose checkpoint
                 shape differs, logging each with both shapes, instead of raising (a new head).

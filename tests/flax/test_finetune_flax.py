@@ -50,3 +50,28 @@ def test_new_head_with_ignore_mismatched_sizes(two_label_dir, caplog):
             np.testing.assert_array_equal(got[name], value, err_msg=name)
     with pytest.raises(TypeError, match="'num_label'.*did you mean 'num_labels'"):
         FlaxElectraForSequenceClassification.from_pretrained(two_label_dir, num_label=3)
+
+
+def test_float16_and_float32_master_weights_with_bfloat16_compute(two_label_dir):
+    import jax.numpy as jnp
+
+    from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision
+
+    pin_precision("flax")
+    ids = np.array([[1, 5, 7, 39, 2, 3]])
+    ref = FlaxElectraForSequenceClassification.from_pretrained(two_label_dir)
+    want = np.asarray(ref(ids).logits)
+    half = FlaxElectraForSequenceClassification.from_pretrained(two_label_dir, dtype="float16")
+    assert {x.dtype for x in flatten_dict(half.params).values()} == {jnp.dtype("float16")}
+    got = half(ids).logits
+    assert got.dtype == jnp.float16
+    assert_close(np.asarray(got, np.float32), want, TOLERANCES["bf16"], "float16 logits")
+    mixed = FlaxElectraForSequenceClassification.from_pretrained(
+        two_label_dir, dtype=jnp.bfloat16, param_dtype=jnp.float32
+    )
+    assert {x.dtype for x in flatten_dict(mixed.params).values()} == {jnp.dtype("float32")}  # master weights
+    got = mixed(ids).logits
+    assert got.dtype == jnp.bfloat16
+    assert_close(np.asarray(got, np.float32), want, TOLERANCES["bf16"], "bf16-compute logits")
+    fresh = FlaxElectraForSequenceClassification(CFG, dtype="bfloat16", param_dtype="float32")
+    assert {x.dtype for x in flatten_dict(fresh.params).values()} == {jnp.dtype("float32")}

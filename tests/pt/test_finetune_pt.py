@@ -166,3 +166,32 @@ def test_transformers_trainer_lowers_the_loss(tmp_path, batch):
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 8 and losses[-1] < losses[0]
+
+
+# --- float16 ---------------------------------------------------------------------------------------
+
+
+def test_float16_matches_transformers_float16(tmp_path, batch):
+    transformers = pytest.importorskip("transformers")
+    from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision
+
+    pin_precision("pt")
+    torch.manual_seed(0)
+    from nezha_zoo.pt import ElectraForMaskedLM
+
+    ElectraForMaskedLM(CFG).save_pretrained(tmp_path)
+    ours = ElectraForMaskedLM.from_pretrained(tmp_path, torch_dtype=torch.float16)
+    assert {p.dtype for p in ours.parameters()} == {torch.float16} and ours.dtype == torch.float16
+    theirs = transformers.ElectraForMaskedLM.from_pretrained(tmp_path, torch_dtype=torch.float16).eval()
+    ids = batch["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask, output_hidden_states=True)
+        want = theirs(ids, attention_mask=mask, output_hidden_states=True)
+    assert got.logits.dtype == torch.float16
+    assert_close(got.hidden_states[-1].float(), want.hidden_states[-1].float(), TOLERANCES["bf16"], "last hidden")
+    assert_close(got.logits.float(), want.logits.float(), TOLERANCES["bf16"], "logits")
+    ours.save_pretrained(tmp_path / "fp16")
+    again = ElectraForMaskedLM.from_pretrained(tmp_path / "fp16", dtype="fp16")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))

@@ -45,3 +45,18 @@ def test_new_head_with_ignore_mismatched_sizes(two_label_dir, caplog):
             np.testing.assert_array_equal(got[name], value, err_msg=name)
     with pytest.raises(TypeError, match="'num_label'.*did you mean 'num_labels'"):
         TFElectraForSequenceClassification.from_pretrained(two_label_dir, num_label=3)
+
+
+def test_float16_close_to_float32(two_label_dir):
+    import tensorflow as tf
+
+    from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision
+
+    pin_precision("tf")
+    ids = np.array([[1, 5, 7, 39, 2, 3]])
+    want = TFElectraForSequenceClassification.from_pretrained(two_label_dir)(ids).logits.numpy()
+    half = TFElectraForSequenceClassification.from_pretrained(two_label_dir, dtype="float16")
+    assert {v.dtype for v in half.weights} == {"float16"}
+    got = half(ids).logits
+    assert got.dtype == tf.float16
+    assert_close(got.numpy().astype(np.float32), want, TOLERANCES["bf16"], "float16 logits")
