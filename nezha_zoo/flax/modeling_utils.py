@@ -34,7 +34,7 @@ from nezha_zoo.outputs import (
     QuestionAnsweringModelOutput,
     TokenClassifierOutput,
 )
-from nezha_zoo.pretrained import load_weights, random_weights, resolve_config, save_weights
+from nezha_zoo.pretrained import load_weights, random_weights, resized_vocab, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Kind, ModelSpec, Param
 from nezha_zoo.spec.registry import Family, register_model_class
@@ -711,6 +711,41 @@ class FlaxPreTrainedModel:
                 yield p.name, LAYOUT.from_stored(p, np.asarray(flat[path]))
 
         return save_weights(save_directory, self.config, self._spec, self.family, arrays(), max_shard_size)
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, params: Mapping | None = None
+    ) -> dict:
+        """Give the vocabulary ``new_num_tokens`` rows (the same rule in every backend).
+
+        Old rows are kept, new ones drawn by the spec's init rule; an untied output projection and
+        LM biases are resized too (a tied head reads the embedding, so it follows);
+        ``config.vocab_size`` is updated.
+
+        Args:
+            new_num_tokens: the new vocabulary size (None: keep it, only pad).
+            pad_to_multiple_of: round the size up to a multiple of this.
+            params: the params to resize (default and then replaced: ``self.params``).
+
+        Returns:
+            dict: the resized params (also stored in ``self.params`` when ``params`` is None).
+        """
+        flat = dict(flatten_dict(dict(self.params if params is None else params)))
+        spec = self._spec
+        n = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+
+        def old(name: str) -> np.ndarray:
+            return LAYOUT.from_stored(spec[name], np.asarray(flat[LAYOUT.path(spec[name])], np.float32))
+
+        new_config, new_spec, arrays = resized_vocab(self.config, self.family, self.head, n, old, pad_to_multiple_of)
+        for name, arr in arrays.items():
+            flat[LAYOUT.path(new_spec[name])] = jnp.asarray(LAYOUT.to_stored(new_spec[name], arr), self.param_dtype)
+        self._config.vocab_size = new_config.vocab_size  # in place, as transformers (the module reads it)
+        self._spec = new_spec
+        self._params_shape_tree = spec_params_shape(new_spec, self.param_dtype)
+        resized = self._checked(unflatten_dict(flat))
+        if params is None:
+            self._params = resized
+        return resized
 
     def num_parameters(self) -> int:
         return self._spec.num_parameters(trainable_only=True)

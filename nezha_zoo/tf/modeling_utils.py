@@ -29,9 +29,9 @@ from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype, numpy_dtype
 from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
-from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
+from nezha_zoo.pretrained import load_weights, resized_vocab, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
-from nezha_zoo.spec.param import Init, ModelSpec
+from nezha_zoo.spec.param import Init, Kind, ModelSpec
 from nezha_zoo.spec.registry import Family, register_model_class
 
 __all__ = [
@@ -389,6 +389,47 @@ class TFPreTrainedModel(keras.Model):
             else:
                 value = np.full(shape, p.fill_value, np.float32)
             var.assign(value)
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None
+    ) -> keras.Variable:
+        """Give the vocabulary ``new_num_tokens`` rows (the same rule in every backend).
+
+        Old rows are kept, new ones drawn by the spec's init rule; an untied output projection and
+        LM biases are resized too (a tied head reads the embedding, so it follows);
+        ``config.vocab_size`` is updated.
+
+        Args:
+            new_num_tokens: the new vocabulary size (None: keep it, only pad).
+            pad_to_multiple_of: round the size up to a multiple of this.
+
+        Returns:
+            keras.Variable: the new word-embedding matrix (V', E).
+        """
+        spec = self.spec
+        variables = {p.name: var for p, var in self._matched()}
+        n = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+
+        def old(name: str) -> np.ndarray:
+            return KERAS_LAYOUT.from_stored(spec[name], np.asarray(variables[name].numpy(), np.float32))
+
+        new_config, new_spec, arrays = resized_vocab(self.config, self.family, self.head, n, old, pad_to_multiple_of)
+        for name, arr in arrays.items():
+            var = variables[name]
+            value = KERAS_LAYOUT.to_stored(new_spec[name], arr).astype(numpy_dtype(var.dtype))
+            # A Keras variable's shape is fixed: give it a new backing tf.Variable (same name, dtype,
+            # trainability), so every layer and optimizer slot keyed by the variable keeps working.
+            var._shape = tuple(value.shape)
+            var._initialize(value)
+        size = new_config.vocab_size
+        self.config.vocab_size = size
+        for layer in self._flatten_layers(include_self=False):  # size attributes read at build time
+            if isinstance(layer, keras.layers.Embedding) and any(var is layer.embeddings for var in variables.values()):
+                layer.input_dim = size
+            elif hasattr(layer, "vocab_size"):
+                layer.vocab_size = size
+        self.__dict__.pop("_nz_generate_fns", None)  # traced decoding loops captured the old variables
+        return next(variables[p.name] for p in new_spec if p.kind is Kind.EMBEDDING and p.axes[0] == "vocab")
 
     # -- checkpoints -------------------------------------------------------------------------------
 

@@ -75,3 +75,26 @@ def test_float16_and_float32_master_weights_with_bfloat16_compute(two_label_dir)
     assert_close(np.asarray(got, np.float32), want, TOLERANCES["bf16"], "bf16-compute logits")
     fresh = FlaxElectraForSequenceClassification(CFG, dtype="bfloat16", param_dtype="float32")
     assert {x.dtype for x in flatten_dict(fresh.params).values()} == {jnp.dtype("float32")}
+
+
+def test_resize_token_embeddings_keeps_rows_and_round_trips(tmp_path):
+    from nezha_zoo.flax import FlaxElectraForMaskedLM
+
+    spec = FAM.model_spec(CFG, "ForMaskedLM")
+    save_weights(tmp_path / "mlm", CFG, spec, FAM, random_weights(spec, CFG, seed=2))
+    model = FlaxElectraForMaskedLM.from_pretrained(tmp_path / "mlm")
+    ids = np.array([[1, 5, 7, 39]])
+    before = np.asarray(model(ids).logits)
+    old_emb = np.asarray(model.params["electra"]["embeddings"]["word_embeddings"]["embedding"])
+    params = model.resize_token_embeddings(45, pad_to_multiple_of=8)
+    emb = np.asarray(params["electra"]["embeddings"]["word_embeddings"]["embedding"])
+    assert emb.shape == (48, 8) and model.config.vocab_size == 48 and params is model.params
+    np.testing.assert_array_equal(emb[:40], old_emb)
+    after = np.asarray(model(ids).logits)
+    assert after.shape == (1, 4, 48)
+    np.testing.assert_allclose(after[..., :40], before, atol=1e-5)  # old tokens score as before
+    model.save_pretrained(tmp_path / "resized")
+    again = FlaxElectraForMaskedLM.from_pretrained(tmp_path / "resized", strict=True)
+    np.testing.assert_allclose(np.asarray(again(ids).logits), after, atol=1e-6)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive integer"):
+        model.resize_token_embeddings(50, pad_to_multiple_of=0)

@@ -60,3 +60,23 @@ def test_float16_close_to_float32(two_label_dir):
     got = half(ids).logits
     assert got.dtype == tf.float16
     assert_close(got.numpy().astype(np.float32), want, TOLERANCES["bf16"], "float16 logits")
+
+
+def test_resize_token_embeddings_keeps_rows_and_round_trips(tmp_path):
+    from nezha_zoo.tf import TFElectraForMaskedLM
+
+    spec = FAM.model_spec(CFG, "ForMaskedLM")
+    save_weights(tmp_path / "mlm", CFG, spec, FAM, random_weights(spec, CFG, seed=2))
+    model = TFElectraForMaskedLM.from_pretrained(tmp_path / "mlm")
+    ids = np.array([[1, 5, 7, 39]])
+    before = model(ids).logits.numpy()
+    old_emb = dict(model.canonical_weights())["electra.embeddings.word_embeddings.weight"]
+    emb = model.resize_token_embeddings(45, pad_to_multiple_of=8)
+    assert tuple(emb.shape) == (48, 8) and model.config.vocab_size == 48
+    np.testing.assert_array_equal(emb.numpy()[:40], old_emb)
+    after = model(ids).logits.numpy()
+    assert after.shape == (1, 4, 48)
+    np.testing.assert_allclose(after[..., :40], before, atol=1e-5)  # old tokens score as before
+    model.save_pretrained(tmp_path / "resized")
+    again = TFElectraForMaskedLM.from_pretrained(tmp_path / "resized", strict=True)
+    np.testing.assert_allclose(again(ids).logits.numpy(), after, atol=1e-6)
