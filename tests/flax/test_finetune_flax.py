@@ -98,3 +98,15 @@ def test_resize_token_embeddings_keeps_rows_and_round_trips(tmp_path):
     np.testing.assert_allclose(np.asarray(again(ids).logits), after, atol=1e-6)
     with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive integer"):
         model.resize_token_embeddings(50, pad_to_multiple_of=0)
+
+
+def test_swap_head_example_fine_tunes(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "swap_head.py"
+    spec = importlib.util.spec_from_file_location("swap_head_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    history = module.main("flax", steps=30)
+    assert all(np.isfinite(history)) and history[-1] < 0.8 * history[0], history

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +196,15 @@ def test_float16_matches_transformers_float16(tmp_path, batch):
     ours.save_pretrained(tmp_path / "fp16")
     again = ElectraForMaskedLM.from_pretrained(tmp_path / "fp16", dtype="fp16")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+
+
+def test_swap_head_example_fine_tunes(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "swap_head.py"
+    spec = importlib.util.spec_from_file_location("swap_head_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    history = module.main("pt", steps=30)
+    assert all(np.isfinite(history)) and history[-1] < 0.8 * history[0], history

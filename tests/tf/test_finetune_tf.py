@@ -80,3 +80,15 @@ def test_resize_token_embeddings_keeps_rows_and_round_trips(tmp_path):
     model.save_pretrained(tmp_path / "resized")
     again = TFElectraForMaskedLM.from_pretrained(tmp_path / "resized", strict=True)
     np.testing.assert_allclose(again(ids).logits.numpy(), after, atol=1e-6)
+
+
+def test_swap_head_example_fine_tunes(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "swap_head.py"
+    spec = importlib.util.spec_from_file_location("swap_head_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    history = module.main("tf", steps=30)
+    assert all(np.isfinite(history)) and history[-1] < 0.8 * history[0], history
