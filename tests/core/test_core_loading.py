@@ -271,3 +271,25 @@ def test_resolve_config_refuses_other_family_and_missing_config(tmp_path):
         resolve_config(FAM, tmp_path, config=MPNetConfig())
     assert resolve_config(FAM, tmp_path, config=CFG) is CFG
     assert resolve_config(FAM, tmp_path, config=CFG, num_labels=5).num_labels == 5
+
+
+def test_resized_vocab_keeps_rows_pads_and_validates():
+    from nezha_zoo.pretrained import random_weights, resized_vocab
+
+    spec = FAM.model_spec(CFG, "ForMaskedLM")
+    state = random_weights(spec, CFG, seed=3)
+    cfg, new_spec, arrays = resized_vocab(CFG, FAM, "ForMaskedLM", 33, state.__getitem__, pad_to_multiple_of=8)
+    assert cfg.vocab_size == 40 and CFG.vocab_size == 30  # the caller's config is not modified
+    assert sorted(arrays) == ["electra.embeddings.word_embeddings.weight", "generator_lm_head.bias"]
+    emb = arrays["electra.embeddings.word_embeddings.weight"]
+    assert emb.shape == new_spec["electra.embeddings.word_embeddings.weight"].shape == (40, 8)
+    np.testing.assert_array_equal(emb[:30], state["electra.embeddings.word_embeddings.weight"])
+    assert emb[30:].std() > 0 and not arrays["generator_lm_head.bias"][30:].any()  # the spec's init rules
+    again = resized_vocab(CFG, FAM, "ForMaskedLM", 33, state.__getitem__, pad_to_multiple_of=8)[2]
+    assert all(np.array_equal(again[k], v) for k, v in arrays.items())  # seeded: the same rows in every backend
+    _, _, small = resized_vocab(CFG, FAM, "ForMaskedLM", 10, state.__getitem__)
+    np.testing.assert_array_equal(small["generator_lm_head.bias"], state["generator_lm_head.bias"][:10])
+    with pytest.raises(ValueError, match="new_num_tokens must be a positive integer"):
+        resized_vocab(CFG, FAM, "ForMaskedLM", 0, state.__getitem__)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        resized_vocab(CFG.copy(pad_token_id=20), FAM, "ForMaskedLM", 10, state.__getitem__)
