@@ -328,8 +328,8 @@ class PreTrainedModel(nn.Module):
 
         Low memory: the module is built on the meta device (no random init), its weights are then
         allocated once in ``dtype`` and filled piece by piece from the file, so loading never holds
-        a second copy of the weights.  Shape mismatches always raise, naming the tensor and both
-        shapes.  The model is returned in eval mode, as transformers does.
+        a second copy of the weights.  Shape mismatches raise, naming the tensor and both shapes
+        (unless ``ignore_mismatched_sizes``).  The model is returned in eval mode, as transformers does.
         """
         target = _resolve_dtype(dtype, torch_dtype)
         fam = cls.family

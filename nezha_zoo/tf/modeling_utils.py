@@ -390,6 +390,30 @@ class TFPreTrainedModel(keras.Model):
                 value = np.full(shape, p.fill_value, np.float32)
             var.assign(value)
 
+    def _submodule(self, path: str) -> Any:
+        """The layer at a canonical (PyTorch) module path: the layer attributes mirror its names."""
+        obj: Any = self
+        for part in path.split("."):
+            obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+        return obj
+
+    def get_input_embeddings(self) -> keras.layers.Layer:
+        """The word-embedding layer (``keras.layers.Embedding``), as the PyTorch models' method."""
+        for p in self.spec:
+            if p.kind is Kind.EMBEDDING and p.axes[0] == "vocab":
+                return self._submodule(p.module)
+        raise AttributeError(f"{type(self).__name__} has no vocabulary embedding")
+
+    def get_output_embeddings(self) -> keras.layers.Layer | None:
+        """The projection onto the vocabulary (an LM head's decoder or tied output), or None."""
+        spec = self.spec
+        for alias in spec.ties:
+            return self._submodule(alias.rpartition(".")[0])
+        for p in spec:
+            if p.kind is not Kind.EMBEDDING and p.axes and p.axes[0] == "vocab" and len(p.shape) == 2:
+                return self._submodule(p.module)
+        return None
+
     def resize_token_embeddings(
         self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None
     ) -> keras.Variable:
@@ -451,7 +475,8 @@ class TFPreTrainedModel(keras.Model):
         Args:
             path: a directory written by transformers (PyTorch) or by any nezha_zoo backend.
             config: use this config instead of ``path/config.json``.
-            strict: raise on missing or unexpected tensors (shape mismatches always raise).
+            strict: raise on missing or unexpected tensors (shape mismatches raise unless
+                ``ignore_mismatched_sizes``).
             output_loading_info: also return ``{"missing_keys", "unexpected_keys", "mismatched_keys"}``.
             dtype: weights and compute dtype, None/``"float32"``, ``"bfloat16"`` or ``"float16"`` (or a ``tf.DType``);
                 a checkpoint of either dtype loads into either.

@@ -92,3 +92,15 @@ def test_swap_head_example_fine_tunes(tmp_path):
     spec.loader.exec_module(module)
     history = module.main("tf", steps=30)
     assert all(np.isfinite(history)) and history[-1] < 0.8 * history[0], history
+
+
+def test_input_and_output_embeddings():
+    import keras
+
+    from nezha_zoo.tf import TFElectraForMaskedLM, TFElectraModel
+
+    model = TFElectraForMaskedLM(CFG)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, keras.layers.Embedding) and tuple(emb.embeddings.shape) == (40, 8)
+    assert model.get_output_embeddings() is model.generator_lm_head
+    assert TFElectraModel(CFG).get_output_embeddings() is None
