@@ -49,6 +49,8 @@ class AutoConfig:
         if not isinstance(data, dict):  # a list or null parses, but is no config
             kind = "null" if data is None else type(data).__name__
             raise ValueError(f"{file}: expected a JSON object, got {kind}")
+        if overrides and isinstance(data, dict) and data.get("model_type"):
+            get_family(data["model_type"]).config_class.check_override_names(overrides, "AutoConfig.from_pretrained")
         return AutoConfig.from_dict(data, **overrides)
 
 

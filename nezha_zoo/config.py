@@ -12,6 +12,7 @@ Only the standard library is imported here.
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import json
 import math
@@ -172,6 +173,24 @@ COMMON_FIELDS: tuple[Field, ...] = (
 )
 
 
+#: Keys transformers' ``PretrainedConfig`` accepts for every model (generation defaults, bookkeeping):
+#: accepted as overrides and kept verbatim in ``extra`` when this project gives them no meaning.
+TRANSFORMERS_COMMON_KEYS = frozenset(
+    {
+        "torchscript", "torch_dtype", "dtype", "use_bfloat16", "tf_legacy_loss", "pruned_heads",
+        "chunk_size_feed_forward", "is_encoder_decoder", "cross_attention_hidden_size", "tie_encoder_decoder",
+        "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+        "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+        "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+        "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+        "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+        "begin_suppress_tokens", "finetuning_task", "tokenizer_class", "prefix", "sep_token_id",
+        "decoder_start_token_id", "task_specific_params", "_name_or_path", "transformers_version",
+        "id2label", "label2id", "num_labels",
+    }
+)  # fmt: skip
+
+
 class PretrainedConfig:
     """Base class of every family config.
 
@@ -280,6 +299,28 @@ class PretrainedConfig:
         """The common fields this family does not declare itself (its own declaration wins)."""
         own = {f.name for f in cls.fields}
         return tuple(f for f in COMMON_FIELDS if f.name not in own)
+
+    @classmethod
+    def check_override_names(cls, overrides: Mapping[str, Any], what: str = "from_pretrained") -> None:
+        """Raise ``TypeError`` for an override that is no config field (a typo, a loader option).
+
+        Accepted: the family's declared fields and their aliases (``attribute_map``), the common
+        fields, and :data:`TRANSFORMERS_COMMON_KEYS`.  (Keys of a ``config.json`` itself are not
+        checked: unknown ones are kept, as transformers does.)
+
+        Args:
+            overrides: the keyword arguments to check.
+            what: the call, for the message (``"ElectraModel.from_pretrained"``).
+        """
+        known = {f.name for f in (*cls.fields, *cls._common_fields())} | set(cls.attribute_map)
+        known |= TRANSFORMERS_COMMON_KEYS
+        for name in overrides:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=3)
+                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+                raise TypeError(
+                    f"{what} got an unexpected keyword argument {name!r}: not a field of {cls.__name__}{hint}"
+                )
 
     # --- validation --------------------------------------------------------------------------------
 
@@ -395,7 +436,11 @@ class PretrainedConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:
-        """Read ``config.json`` from a directory (or the file itself)."""
+        """Read ``config.json`` from a directory (or the file itself).
+
+        ``overrides`` must be config fields (else ``TypeError``, see :meth:`check_override_names`).
+        """
+        cls.check_override_names(overrides, f"{cls.__name__}.from_pretrained")
         path = os.fspath(path)
         file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
         if not os.path.isfile(file):

@@ -1,10 +1,10 @@
 """Weight/compute dtypes shared by the three backends: names in, canonical strings out.
 
-A model's dtype is one of :data:`SUPPORTED` (``"float32"``, ``"bfloat16"``).  Users may name it as a
-string (``"bf16"``, ``"float32"``...), as ``None`` (float32), or as any framework's dtype object
-(``torch.bfloat16``, ``tf.bfloat16``, ``jnp.bfloat16``, ``np.float32``); :func:`canonical_dtype` turns
-each into the canonical string without importing a framework, so every backend accepts the same
-spellings and rejects the same mistakes with the same message.
+A model's dtype is one of :data:`SUPPORTED` (``"float32"``, ``"bfloat16"``, ``"float16"``).  Users may
+name it as a string (``"bf16"``, ``"fp16"``, ``"half"``, ``"float32"``...), as ``None`` (float32), or as
+any framework's dtype object (``torch.float16``, ``tf.bfloat16``, ``jnp.bfloat16``, ``np.float32``);
+:func:`canonical_dtype` turns each into the canonical string without importing a framework, so every
+backend accepts the same spellings and rejects the same mistakes with the same message.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from nezha_zoo.io.dtype_names import numpy_dtype_named
 __all__ = ["SUPPORTED", "canonical_dtype", "numpy_dtype", "itemsize"]
 
 #: The dtypes a model's weights and compute may use.
-SUPPORTED = ("float32", "bfloat16")
+SUPPORTED = ("float32", "bfloat16", "float16")
 
 _ALIASES = {
     "float32": "float32",
@@ -27,6 +27,10 @@ _ALIASES = {
     "float": "float32",
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
 }
 
 
@@ -51,15 +55,15 @@ def _name_of(dtype: Any) -> str | None:
 
 
 def canonical_dtype(dtype: Any, argument: str = "dtype") -> str:
-    """``"float32"`` or ``"bfloat16"`` for ``dtype``; ``None`` means float32.
+    """``"float32"``, ``"bfloat16"`` or ``"float16"`` for ``dtype``; ``None`` means float32.
 
     Args:
-        dtype: ``None``, a name (``"float32"``, ``"fp32"``, ``"bfloat16"``, ``"bf16"``) or a dtype
-            object of numpy, ml_dtypes, torch, TensorFlow/Keras or JAX.
+        dtype: ``None``, a name (``"float32"``, ``"fp32"``, ``"bfloat16"``, ``"bf16"``, ``"float16"``,
+            ``"fp16"``, ``"half"``) or a dtype object of numpy, ml_dtypes, torch, TensorFlow/Keras or JAX.
         argument: the argument name used in error messages.
 
     Raises:
-        ValueError: a dtype that is not float32 or bfloat16 (e.g. float16), or an unknown name.
+        ValueError: a dtype that is not one of :data:`SUPPORTED` (e.g. float64, int8), or an unknown name.
         TypeError: something that is not a dtype at all.
     """
     if dtype is None:
@@ -81,5 +85,5 @@ def numpy_dtype(dtype: Any) -> np.dtype:
 
 
 def itemsize(dtype: Any) -> int:
-    """Bytes per element of ``dtype`` (4 for float32, 2 for bfloat16)."""
+    """Bytes per element of ``dtype`` (4 for float32, 2 for bfloat16 and float16)."""
     return numpy_dtype(dtype).itemsize

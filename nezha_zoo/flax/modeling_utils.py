@@ -37,7 +37,7 @@ from nezha_zoo.outputs import (
     QuestionAnsweringModelOutput,
     TokenClassifierOutput,
 )
-from nezha_zoo.pretrained import load_weights, random_weights, resolve_config, save_weights
+from nezha_zoo.pretrained import load_weights, random_weights, resized_vocab, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Kind, ModelSpec, Param
 from nezha_zoo.spec.registry import Family, register_model_class
@@ -284,8 +284,11 @@ class FlaxPreTrainedModel:
         input_shape (tuple[int, ...]): shape of the dummy ids (kept for transformers compatibility;
             params come from the spec, so it does not affect them).
         seed (int): seed of ``self.key``, the rng of the initial params.
-        dtype (jnp.dtype | str | None): weights and compute dtype: ``jnp.float32`` (default, also
-            None or ``"float32"``) or ``jnp.bfloat16`` (``"bfloat16"``); the params are stored in it.
+        dtype (jnp.dtype | str | None): compute dtype: ``jnp.float32`` (default, also None or
+            ``"float32"``), ``jnp.bfloat16`` (``"bfloat16"``) or ``jnp.float16`` (``"float16"``).
+        param_dtype (jnp.dtype | str | None): dtype the params are stored in (default: ``dtype``);
+            ``param_dtype=jnp.float32, dtype=jnp.bfloat16`` is the float32-master-weights,
+            bfloat16-compute recipe (the layers cast the params to ``dtype`` when they use them).
         _do_init (bool): build random params now; with False only the shape tree exists and
             ``init_weights`` must be called by the user.
         gradient_checkpointing (bool): rematerialise each layer in the backward pass.
@@ -315,6 +318,7 @@ class FlaxPreTrainedModel:
         dtype: Any = jnp.float32,
         _do_init: bool = True,
         gradient_checkpointing: bool = False,
+        param_dtype: Any = None,
         **kwargs: Any,
     ):
         if config is None:
@@ -323,6 +327,9 @@ class FlaxPreTrainedModel:
             raise TypeError(f"config must be a {self.family.config_class.__name__}, got {type(config).__name__}")
         self._config = config
         self.dtype = _JNP_DTYPES[canonical_dtype(dtype)]
+        self.param_dtype = (
+            self.dtype if param_dtype is None else _JNP_DTYPES[canonical_dtype(param_dtype, "param_dtype")]
+        )
         dtype = self.dtype
         self.input_shape = tuple(input_shape)
         self.key = jax.random.PRNGKey(seed)
@@ -330,7 +337,7 @@ class FlaxPreTrainedModel:
             config=config, dtype=dtype, gradient_checkpointing=gradient_checkpointing, **kwargs
         )
         self._spec = self.family.model_spec(config, self.head)
-        self._params_shape_tree = spec_params_shape(self._spec, self.dtype)
+        self._params_shape_tree = spec_params_shape(self._spec, self.param_dtype)
         self._required_params = {LAYOUT.path(p) for p in _trainable(self._spec)}
         self._buffer_paths = {LAYOUT.path(p) for p in _buffer_params(self._spec)}
         self._missing_keys: set[tuple[str, ...]] = set()
@@ -419,7 +426,7 @@ class FlaxPreTrainedModel:
             fresh = random_weights(self._spec, self.config, seed, names=absent)
             for p in _trainable(self._spec):
                 if p.name in fresh:
-                    flat[LAYOUT.path(p)] = jnp.asarray(LAYOUT.to_stored(p, fresh.pop(p.name)), self.dtype)
+                    flat[LAYOUT.path(p)] = jnp.asarray(LAYOUT.to_stored(p, fresh.pop(p.name)), self.param_dtype)
         self._missing_keys = set()
         return self._checked(unflatten_dict(flat))
 
@@ -687,29 +694,37 @@ class FlaxPreTrainedModel:
         config: PretrainedConfig | None = None,
         *,
         dtype: Any = None,
+        param_dtype: Any = None,
         input_shape: tuple[int, ...] = (1, 1),
         seed: int = 0,
         _do_init: bool = True,
         strict: bool = False,
         output_loading_info: bool = False,
         gradient_checkpointing: bool = False,
+        ignore_mismatched_sizes: bool = False,
         **config_overrides: Any,
     ):
         """Load a transformers-layout checkpoint directory (safetensors, sharded, or ``pytorch_model.bin``).
 
-        Params are read straight from the file in pieces into their final buffers, in ``dtype``
-        (None/float32 or bfloat16, whatever the checkpoint's dtype): no random init first, no
+        Params are read straight from the file in pieces into their final buffers, in ``param_dtype``
+        (default ``dtype``; None/float32, bfloat16 or float16, whatever the checkpoint's dtype), and
+        the model computes in ``dtype``: no random init first, no
         ``module.init``, no second copy of the weights.  A base checkpoint loads into a head class
         and vice versa.  Missing params are initialised by the spec (``_do_init=True``) or
         left for ``init_weights(rng, shape, params)`` (``_do_init=False``, transformers' behaviour).
-        A shape mismatch raises naming the tensor; ``strict`` also raises on missing/unexpected keys.
+        A shape mismatch raises naming the tensor, unless ``ignore_mismatched_sizes``: then the param
+        is treated as missing (initialised afresh) and logged with both shapes -- a new head on a
+        pretrained body.  ``strict`` also raises on missing/unexpected keys.  Other keywords must be
+        config fields (``num_labels=3``), else ``TypeError``.
 
         Returns:
             ``model`` (``_do_init=True``) or ``(model, params)`` (``_do_init=False``); with
             ``output_loading_info`` the dict ``{"missing_keys", "unexpected_keys", "mismatched_keys"}``
             is appended.
         """
-        cfg = resolve_config(cls.family, pretrained_model_name_or_path, config, **config_overrides)
+        cfg = resolve_config(
+            cls.family, pretrained_model_name_or_path, config, f"{cls.__name__}.from_pretrained", **config_overrides
+        )
         model = cls(
             cfg,
             input_shape=input_shape,
@@ -717,9 +732,10 @@ class FlaxPreTrainedModel:
             dtype=dtype,
             _do_init=False,
             gradient_checkpointing=gradient_checkpointing,
+            param_dtype=param_dtype,
         )
         spec = model.spec
-        target = np.dtype(model.dtype)
+        target = np.dtype(model.param_dtype)
         flat: dict[tuple[str, ...], Any] = {}
 
         def dtype_of(name: str) -> np.dtype:
@@ -758,6 +774,7 @@ class FlaxPreTrainedModel:
             None,
             model_name=cls.__name__,
             strict=strict,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
             write=write,
             dtype_of=dtype_of,
             done=done,
@@ -803,6 +820,41 @@ class FlaxPreTrainedModel:
 
         return save_weights(save_directory, self.config, self._spec, self.family, arrays(), max_shard_size)
 
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, params: Mapping | None = None
+    ) -> dict:
+        """Give the vocabulary ``new_num_tokens`` rows (the same rule in every backend).
+
+        Old rows are kept, new ones drawn by the spec's init rule; an untied output projection and
+        LM biases are resized too (a tied head reads the embedding, so it follows);
+        ``config.vocab_size`` is updated.
+
+        Args:
+            new_num_tokens: the new vocabulary size (None: keep it, only pad).
+            pad_to_multiple_of: round the size up to a multiple of this.
+            params: the params to resize (default and then replaced: ``self.params``).
+
+        Returns:
+            dict: the resized params (also stored in ``self.params`` when ``params`` is None).
+        """
+        flat = dict(flatten_dict(dict(self.params if params is None else params)))
+        spec = self._spec
+        n = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+
+        def old(name: str) -> np.ndarray:
+            return LAYOUT.from_stored(spec[name], np.asarray(flat[LAYOUT.path(spec[name])], np.float32))
+
+        new_config, new_spec, arrays = resized_vocab(self.config, self.family, self.head, n, old, pad_to_multiple_of)
+        for name, arr in arrays.items():
+            flat[LAYOUT.path(new_spec[name])] = jnp.asarray(LAYOUT.to_stored(new_spec[name], arr), self.param_dtype)
+        self._config.vocab_size = new_config.vocab_size  # in place, as transformers (the module reads it)
+        self._spec = new_spec
+        self._params_shape_tree = spec_params_shape(new_spec, self.param_dtype)
+        resized = self._checked(unflatten_dict(flat))
+        if params is None:
+            self._params = resized
+        return resized
+
     def num_parameters(self) -> int:
         return self._spec.num_parameters(trainable_only=True)
 
@@ -810,7 +862,7 @@ class FlaxPreTrainedModel:
         return f"{type(self).__name__}({self.config!r})"
 
 
-_JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))

@@ -4,7 +4,9 @@
 the base-model prefix in both directions (a base checkpoint into a head class, a head checkpoint into
 a base class) as transformers does.  Every checkpoint tensor is accounted for exactly once: loaded,
 a tied alias, a legacy key, or reported as unexpected.  A shape mismatch raises, naming the tensor and
-both shapes.  Backends then read each planned tensor, convert it with their layout and assign it.
+both shapes; with ``ignore_mismatched_sizes`` the param is instead left to be freshly initialised and
+reported (transformers' way of putting a new head on a pretrained body).  Backends then read each
+planned tensor, convert it with their layout and assign it.
 """
 
 from __future__ import annotations
@@ -36,22 +38,38 @@ class LoadPlan:
         missing_keys: declared params the checkpoint lacks (left at their initial values).
         unexpected_keys: checkpoint keys the model has no use for.
         ignored_keys: tied aliases and legacy buffers, consumed silently.
+        mismatched_keys: ``(checkpoint key, checkpoint shape, model shape)`` of tensors skipped for
+            their shape (only with ``ignore_mismatched_sizes``); their params are in :attr:`fresh_keys`.
     """
 
     sources: dict[str, str] = field(default_factory=dict)
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     ignored_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    mismatched_params: list[str] = field(default_factory=list)
 
-    def info(self) -> dict[str, list[str]]:
+    @property
+    def fresh_keys(self) -> list[str]:
+        """Params the backend must initialise by the spec: missing ones and size-mismatched ones."""
+        return [*self.missing_keys, *(n for n in self.mismatched_params if n not in self.missing_keys)]
+
+    def info(self) -> dict[str, list]:
         return {
             "missing_keys": list(self.missing_keys),
             "unexpected_keys": list(self.unexpected_keys),
-            "mismatched_keys": [],
+            "mismatched_keys": list(self.mismatched_keys),
         }
 
     def report(self, model_name: str, strict: bool = False) -> None:
-        """Log missing and unexpected keys by name; with ``strict``, raise instead."""
+        """Log missing, unexpected and size-mismatched keys by name; with ``strict``, raise on the first two."""
+        if self.mismatched_keys:
+            logger.warning(
+                "%s: %d weight(s) have a different shape in the checkpoint and are newly initialised: %s",
+                model_name,
+                len(self.mismatched_keys),
+                ", ".join(f"{k} (checkpoint {c}, model {m})" for k, c, m in self.mismatched_keys),
+            )
         if strict and (self.missing_keys or self.unexpected_keys):
             raise CheckpointError(
                 f"{model_name}: checkpoint does not match the model; missing {self.missing_keys}, "
@@ -74,7 +92,11 @@ class LoadPlan:
 
 
 def plan_load(
-    spec: ModelSpec, keys: Iterable[str], shape_of: Callable[[str], tuple[int, ...]], prefix: str
+    spec: ModelSpec,
+    keys: Iterable[str],
+    shape_of: Callable[[str], tuple[int, ...]],
+    prefix: str,
+    ignore_mismatched_sizes: bool = False,
 ) -> LoadPlan:
     """Plan loading checkpoint ``keys`` into ``spec``.
 
@@ -83,6 +105,8 @@ def plan_load(
         keys: every tensor name in the checkpoint.
         shape_of: canonical shape of a checkpoint tensor.
         prefix: the family's base-model prefix (``"electra"``).
+        ignore_mismatched_sizes: skip (and record in ``mismatched_keys``) a tensor whose shape differs
+            from the model's, instead of raising; its param is then initialised fresh.
     """
     keys = list(keys)
     key_set = set(keys)
@@ -106,9 +130,15 @@ def plan_load(
             continue
         got = tuple(shape_of(k))
         if got != p.shape:
+            if ignore_mismatched_sizes:
+                plan.mismatched_keys.append((k, got, p.shape))
+                plan.mismatched_params.append(p.name)
+                used.add(k)
+                continue
             raise CheckpointError(
                 f"tensor {k!r}: the checkpoint has shape {got}, the model ({spec.family} {spec.head}) needs "
-                f"{p.shape}; the checkpoint was made for a different config"
+                f"{p.shape}; the checkpoint was made for a different config (pass ignore_mismatched_sizes=True "
+                "to initialise such tensors afresh, e.g. a classifier for another num_labels)"
             )
         plan.sources[p.name] = k
         used.add(k)
@@ -117,8 +147,13 @@ def plan_load(
         if k in key_set:
             want = spec[target].shape
             if tuple(shape_of(k)) != want:
+                if ignore_mismatched_sizes:
+                    plan.mismatched_keys.append((k, tuple(shape_of(k)), want))
+                    used.add(k)
+                    continue
                 raise CheckpointError(
-                    f"tied tensor {k!r}: the checkpoint has shape {tuple(shape_of(k))}, the model needs {want}"
+                    f"tied tensor {k!r}: the checkpoint has shape {tuple(shape_of(k))}, the model needs {want} "
+                    "(pass ignore_mismatched_sizes=True to initialise it afresh)"
                 )
             if target in plan.missing_keys:
                 # Only the alias was saved: it holds the shared tensor (as transformers' tying does).

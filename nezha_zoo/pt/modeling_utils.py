@@ -20,7 +20,7 @@ from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype, numpy_dtype
 from nezha_zoo.inputs import accepts_encodings
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
-from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
+from nezha_zoo.pretrained import load_weights, resized_vocab, resolve_config, save_weights
 from nezha_zoo.pt.layers import encoder_attention_bias, expand_head_mask, extended_attention_mask
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
@@ -96,6 +96,14 @@ class PreTrainedModel(nn.Module):
 
     family: ClassVar[Family]
     head: ClassVar[str] = "Model"
+    # What the PyTorch ecosystem (transformers' Trainer, PEFT, accelerate) looks for on a model.
+    #: the input a batch is keyed by (Trainer, pipelines).
+    main_input_name: ClassVar[str] = "input_ids"
+    #: every family's layers honour :meth:`gradient_checkpointing_enable`.
+    supports_gradient_checkpointing: ClassVar[bool] = True
+    #: no tensor-parallel ``parallelize()`` API (use :mod:`nezha_zoo.pt.distributed`).
+    is_parallelizable: ClassVar[bool] = False
+    _keys_to_ignore_on_save: ClassVar[list[str] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -119,6 +127,26 @@ class PreTrainedModel(nn.Module):
     @property
     def base_model(self) -> nn.Module:
         return getattr(self, self.base_model_prefix, self)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Class names accelerate must keep whole on one device: the repeated blocks (layers)."""
+        return sorted({type(m).__name__ for lst in self.modules() if isinstance(lst, nn.ModuleList) for m in lst})
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the first floating-point parameter (the model's weights dtype)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether the class decodes with ``generate`` (its causal-LM heads)."""
+        return callable(getattr(cls, "generate", None))
 
     @property
     def spec(self) -> ModelSpec:
@@ -190,12 +218,61 @@ class PreTrainedModel(nn.Module):
         """The word-embedding module (``nn.Embedding``)."""
         return self.get_submodule(self._vocab_embedding_path())
 
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the word-embedding module (its weight must keep the spec's shape); tied heads follow."""
+        owner, _, leaf = self._vocab_embedding_path().rpartition(".")
+        setattr(self.get_submodule(owner), leaf, value)
+        self.tie_weights()
+
     def get_output_embeddings(self) -> nn.Module | None:
-        """The module whose weight is tied to the word embeddings, if any."""
+        """The projection onto the vocabulary (an LM head's decoder), tied or not; None without one."""
         spec = self.spec
         for alias in spec.ties:
             return self.get_submodule(alias.rpartition(".")[0])
+        for p in spec:
+            if p.kind is not Kind.EMBEDDING and p.axes and p.axes[0] == "vocab" and len(p.shape) == 2:
+                return self.get_submodule(p.module)
         return None
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None):
+        """Give the vocabulary ``new_num_tokens`` rows (after adding tokens to a tokenizer).
+
+        Old rows are kept, new ones drawn by the spec's init rule; an untied output projection and
+        LM biases are resized too, tied heads follow the embedding, ``config.vocab_size`` is updated
+        (so the model saves and loads in every backend).
+
+        Args:
+            new_num_tokens: the new vocabulary size (None: keep it, only pad).
+            pad_to_multiple_of: round the size up to a multiple of this.
+
+        Returns:
+            nn.Embedding: the new word-embedding module, as transformers.
+        """
+        n = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+        tensors = self._tensors()
+        spec = self.spec
+
+        def old(name: str) -> np.ndarray:
+            t = tensors[LAYOUT.key(spec[name])].detach().float().cpu()
+            return LAYOUT.from_stored(spec[name], t.numpy())
+
+        new_config, new_spec, arrays = resized_vocab(self.config, self.family, self.head, n, old, pad_to_multiple_of)
+        for name, arr in arrays.items():
+            key = LAYOUT.key(new_spec[name])
+            before = tensors[key]
+            owner, _, leaf = key.rpartition(".")
+            value = torch.from_numpy(LAYOUT.to_stored(new_spec[name], arr)).to(before.device, before.dtype)
+            setattr(self.get_submodule(owner), leaf, nn.Parameter(value, requires_grad=before.requires_grad))
+        self.config.vocab_size = new_config.vocab_size
+        self.tie_weights()
+        for m in self.modules():  # keep the modules' size attributes truthful (repr, reshapes)
+            if isinstance(m, nn.Embedding):
+                m.num_embeddings = m.weight.shape[0]
+            elif isinstance(m, nn.Linear):
+                m.out_features = m.weight.shape[0]
+        self._check_spec()
+        return self.get_input_embeddings()
 
     # --- sizes and training helpers --------------------------------------------------------------
 
@@ -232,6 +309,7 @@ class PreTrainedModel(nn.Module):
         output_loading_info: bool = False,
         dtype: Any = None,
         torch_dtype: Any = None,
+        ignore_mismatched_sizes: bool = False,
         **config_overrides: Any,
     ) -> PreTrainedModel | tuple[PreTrainedModel, dict[str, list[str]]]:
         """Build the model from a directory (transformers' or ours) and load its weights.
@@ -242,19 +320,25 @@ class PreTrainedModel(nn.Module):
             config: use this config instead of the directory's ``config.json``.
             strict: raise on missing or unexpected tensors instead of logging them.
             output_loading_info: also return ``{"missing_keys", "unexpected_keys", "mismatched_keys"}``.
-            dtype: weights and compute dtype: None (float32), ``"float32"``, ``"bfloat16"`` or a
-                ``torch.dtype``; a checkpoint of either dtype loads into either.
+            dtype: weights and compute dtype: None (float32), ``"float32"``, ``"bfloat16"``,
+                ``"float16"`` or a ``torch.dtype``; a checkpoint of any of them loads into any.
             torch_dtype: transformers' name for ``dtype`` (give one of the two).
-            **config_overrides: config fields to change (``num_labels=3``...).
+            ignore_mismatched_sizes: initialise afresh (by the spec) every weight whose checkpoint
+                shape differs, logging each with both shapes, instead of raising -- a new head on a
+                pretrained body: ``from_pretrained(path, num_labels=3, ignore_mismatched_sizes=True)``.
+            **config_overrides: config fields to change (``num_labels=3``...); anything else raises
+                ``TypeError`` (see :data:`nezha_zoo.pretrained.LOADER_HINTS`).
 
         Low memory: the module is built on the meta device (no random init), its weights are then
         allocated once in ``dtype`` and filled piece by piece from the file, so loading never holds
-        a second copy of the weights.  Shape mismatches always raise, naming the tensor and both
-        shapes.  The model is returned in eval mode, as transformers does.
+        a second copy of the weights.  Shape mismatches raise, naming the tensor and both shapes
+        (unless ``ignore_mismatched_sizes``).  The model is returned in eval mode, as transformers does.
         """
         target = _resolve_dtype(dtype, torch_dtype)
         fam = cls.family
-        cfg = resolve_config(fam, pretrained_model_name_or_path, config, **config_overrides)
+        cfg = resolve_config(
+            fam, pretrained_model_name_or_path, config, f"{cls.__name__}.from_pretrained", **config_overrides
+        )
         model = cls._empty(cfg, target)
         spec = model.spec
         tensors = model._tensors()
@@ -276,12 +360,13 @@ class PreTrainedModel(nn.Module):
             None,
             model_name=cls.__name__,
             strict=strict,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
             write=write,
             dtype_of=lambda name: view(name).dtype,
             done=views.pop,
         )
-        if plan.missing_keys:
-            model.init_weights(set(plan.missing_keys))
+        if plan.fresh_keys:
+            model.init_weights(set(plan.fresh_keys))
         model.eval()
         return (model, plan.info()) if output_loading_info else model
 
@@ -370,11 +455,11 @@ class PreTrainedModel(nn.Module):
         return output if return_dict else output.to_tuple()
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _resolve_dtype(dtype: Any, torch_dtype: Any) -> torch.dtype:
-    """``dtype`` / transformers' ``torch_dtype`` (one of them) -> ``torch.float32`` or ``torch.bfloat16``."""
+    """``dtype`` / transformers' ``torch_dtype`` (one of them) -> ``torch.float32``, ``bfloat16`` or ``float16``."""
     if dtype is not None and torch_dtype is not None and canonical_dtype(dtype) != canonical_dtype(torch_dtype):
         raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
     if dtype is None:

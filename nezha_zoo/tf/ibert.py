@@ -509,7 +509,7 @@ class TFIBertPreTrainedModel(TFPreTrainedModel):
             if isinstance(layer, (QuantLinear, QuantEmbedding)):
                 layer.freeze(frozen)
 
-    def resize_token_embeddings(self, new_num_tokens: int | None = None) -> None:
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None) -> None:
         """Not supported (as in transformers): the quantization state is tied to the table size."""
         raise NotImplementedError("resize_token_embeddings is not supported for I-BERT")
 

@@ -31,9 +31,9 @@ from nezha_zoo.dtypes import canonical_dtype, numpy_dtype
 from nezha_zoo.inputs import NON_MODEL_INPUTS, merge_encoding
 from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
-from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
+from nezha_zoo.pretrained import load_weights, resized_vocab, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
-from nezha_zoo.spec.param import Init, ModelSpec
+from nezha_zoo.spec.param import Init, Kind, ModelSpec
 from nezha_zoo.spec.registry import Family, register_model_class
 from nezha_zoo.tf.layers import graph_input_checks, poison_rows
 from nezha_zoo.validation import ID_INPUTS, InputError
@@ -445,6 +445,71 @@ class TFPreTrainedModel(keras.Model):
                 value = np.full(shape, p.fill_value, np.float32)
             var.assign(value)
 
+    def _submodule(self, path: str) -> Any:
+        """The layer at a canonical (PyTorch) module path: the layer attributes mirror its names."""
+        obj: Any = self
+        for part in path.split("."):
+            obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+        return obj
+
+    def get_input_embeddings(self) -> keras.layers.Layer:
+        """The word-embedding layer (``keras.layers.Embedding``), as the PyTorch models' method."""
+        for p in self.spec:
+            if p.kind is Kind.EMBEDDING and p.axes[0] == "vocab":
+                return self._submodule(p.module)
+        raise AttributeError(f"{type(self).__name__} has no vocabulary embedding")
+
+    def get_output_embeddings(self) -> keras.layers.Layer | None:
+        """The projection onto the vocabulary (an LM head's decoder or tied output), or None."""
+        spec = self.spec
+        for alias in spec.ties:
+            return self._submodule(alias.rpartition(".")[0])
+        for p in spec:
+            if p.kind is not Kind.EMBEDDING and p.axes and p.axes[0] == "vocab" and len(p.shape) == 2:
+                return self._submodule(p.module)
+        return None
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None
+    ) -> keras.Variable:
+        """Give the vocabulary ``new_num_tokens`` rows (the same rule in every backend).
+
+        Old rows are kept, new ones drawn by the spec's init rule; an untied output projection and
+        LM biases are resized too (a tied head reads the embedding, so it follows);
+        ``config.vocab_size`` is updated.
+
+        Args:
+            new_num_tokens: the new vocabulary size (None: keep it, only pad).
+            pad_to_multiple_of: round the size up to a multiple of this.
+
+        Returns:
+            keras.Variable: the new word-embedding matrix (V', E).
+        """
+        spec = self.spec
+        variables = {p.name: var for p, var in self._matched()}
+        n = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+
+        def old(name: str) -> np.ndarray:
+            return KERAS_LAYOUT.from_stored(spec[name], np.asarray(variables[name].numpy(), np.float32))
+
+        new_config, new_spec, arrays = resized_vocab(self.config, self.family, self.head, n, old, pad_to_multiple_of)
+        for name, arr in arrays.items():
+            var = variables[name]
+            value = KERAS_LAYOUT.to_stored(new_spec[name], arr).astype(numpy_dtype(var.dtype))
+            # A Keras variable's shape is fixed: give it a new backing tf.Variable (same name, dtype,
+            # trainability), so every layer and optimizer slot keyed by the variable keeps working.
+            var._shape = tuple(value.shape)
+            var._initialize(value)
+        size = new_config.vocab_size
+        self.config.vocab_size = size
+        for layer in self._flatten_layers(include_self=False):  # size attributes read at build time
+            if isinstance(layer, keras.layers.Embedding) and any(var is layer.embeddings for var in variables.values()):
+                layer.input_dim = size
+            elif hasattr(layer, "vocab_size"):
+                layer.vocab_size = size
+        self.__dict__.pop("_nz_generate_fns", None)  # traced decoding loops captured the old variables
+        return next(variables[p.name] for p in new_spec if p.kind is Kind.EMBEDDING and p.axes[0] == "vocab")
+
     # -- checkpoints -------------------------------------------------------------------------------
 
     @classmethod
@@ -457,6 +522,7 @@ class TFPreTrainedModel(keras.Model):
         output_loading_info: bool = False,
         gradient_checkpointing: bool = False,
         dtype: Any = None,
+        ignore_mismatched_sizes: bool = False,
         **overrides: Any,
     ):
         """Build the model from ``path`` (``config.json`` + any supported weight file).
@@ -464,16 +530,20 @@ class TFPreTrainedModel(keras.Model):
         Args:
             path: a directory written by transformers (PyTorch) or by any nezha_zoo backend.
             config: use this config instead of ``path/config.json``.
-            strict: raise on missing or unexpected tensors (shape mismatches always raise).
+            strict: raise on missing or unexpected tensors (shape mismatches raise unless
+                ``ignore_mismatched_sizes``).
             output_loading_info: also return ``{"missing_keys", "unexpected_keys", "mismatched_keys"}``.
-            dtype: weights and compute dtype, None/``"float32"`` or ``"bfloat16"`` (or ``tf.bfloat16``);
+            dtype: weights and compute dtype, None/``"float32"``, ``"bfloat16"`` or ``"float16"`` (or a ``tf.DType``);
                 a checkpoint of either dtype loads into either.
-            **overrides: config fields to change (e.g. ``num_labels=3``).
+            ignore_mismatched_sizes: initialise afresh (by the spec) every weight whose checkpoint
+                shape differs, logging each with both shapes, instead of raising (a new head).
+            **overrides: config fields to change (e.g. ``num_labels=3``); anything else raises
+                ``TypeError`` (see :data:`nezha_zoo.pretrained.LOADER_HINTS`).
 
         Variables are created in ``dtype`` and filled piece by piece straight from the file (sliced
         assignments), without the spec's random init and without a second copy of any weight.
         """
-        cfg = resolve_config(cls.family, path, config, **overrides)
+        cfg = resolve_config(cls.family, path, config, f"{cls.__name__}.from_pretrained", **overrides)
         model = cls(cfg, gradient_checkpointing=gradient_checkpointing, dtype=dtype, _skip_init=True)
         variables = {p.name: var for p, var in model._matched()}
 
@@ -520,12 +590,13 @@ class TFPreTrainedModel(keras.Model):
             None,
             type(model).__name__,
             strict=strict,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
             write=write,
             dtype_of=lambda name: numpy_dtype(variables[name].dtype),
             done=done,
         )
-        if plan.missing_keys:
-            model.init_weights(model._init_seed, names=set(plan.missing_keys))
+        if plan.fresh_keys:
+            model.init_weights(model._init_seed, names=set(plan.fresh_keys))
         if output_loading_info:
             return model, plan.info()
         return model

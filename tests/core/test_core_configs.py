@@ -666,3 +666,12 @@ def test_llm_foundry_style_mpt_config_round_trips(tmp_path):
     theirs = transformers.MptConfig.from_pretrained(tmp_path / "out")
     assert theirs.d_model == 64 and theirs.attn_config.attn_impl == "triton"
     assert theirs.auto_map == data["auto_map"]
+
+
+def test_every_transformers_common_config_key_is_an_accepted_override(tmp_path):
+    """transformers' PretrainedConfig keys are legal overrides; everything else raises (issue #20)."""
+    keys = set(transformers.PretrainedConfig().to_dict())
+    for ours in (ElectraConfig, MptConfig):
+        ours.check_override_names(dict.fromkeys(keys - {"model_type"}))
+        with pytest.raises(TypeError, match="not a field of"):
+            ours.check_override_names({"num_label": 3})

@@ -33,6 +33,10 @@ CFG = ElectraConfig(
         ("bf16", "bfloat16"),
         ("BFloat16", "bfloat16"),
         ("torch.bfloat16", "bfloat16"),
+        ("fp16", "float16"),
+        ("half", "float16"),
+        ("torch.float16", "float16"),
+        (np.float16, "float16"),
         (np.float32, "float32"),
         (np.dtype("float32"), "float32"),
         (ml_dtypes.bfloat16, "bfloat16"),
@@ -44,8 +48,10 @@ def test_canonical_dtype_spellings(given, want):
 
 
 def test_unsupported_dtypes_raise_clearly():
-    with pytest.raises(ValueError, match=r"dtype='float16' is not supported; models run in one of float32, bfloat16"):
-        canonical_dtype("float16")
+    with pytest.raises(
+        ValueError, match=r"dtype='float64' is not supported; models run in one of float32, bfloat16, float16"
+    ):
+        canonical_dtype("float64")
     with pytest.raises(ValueError, match="torch_dtype='int8'"):
         canonical_dtype("int8", argument="torch_dtype")
     with pytest.raises(ValueError, match="not supported"):
@@ -56,7 +62,8 @@ def test_unsupported_dtypes_raise_clearly():
 
 def test_numpy_dtype_and_itemsize():
     assert numpy_dtype(None) == np.float32 and numpy_dtype("bf16") == np.dtype(ml_dtypes.bfloat16)
-    assert [itemsize(d) for d in SUPPORTED] == [4, 2]
+    assert [itemsize(d) for d in SUPPORTED] == [4, 2, 2]
+    assert numpy_dtype("fp16") == np.float16
 
 
 def test_iter_random_weights_per_param_streams():

@@ -127,6 +127,47 @@ def test_shape_mismatch_names_tensor_and_both_shapes():
         _plan(electra_spec(CFG, "ForMaskedLM"), shapes)
 
 
+def test_ignore_mismatched_sizes_plans_fresh_params_and_reports_both_shapes(caplog):
+    spec = electra_spec(CFG, "ForTokenClassification")
+    shapes = _ckpt(spec)
+    shapes["classifier.weight"], shapes["classifier.bias"] = (5, 12), (5,)
+    with pytest.raises(CheckpointError, match="ignore_mismatched_sizes=True"):
+        _plan(spec, shapes)
+    plan = plan_load(spec, list(shapes), lambda k: shapes[k], "electra", ignore_mismatched_sizes=True)
+    assert plan.mismatched_keys == [("classifier.weight", (5, 12), (2, 12)), ("classifier.bias", (5,), (2,))]
+    assert plan.fresh_keys == ["classifier.weight", "classifier.bias"]
+    assert "classifier.weight" not in plan.sources and plan.missing_keys == [] and plan.unexpected_keys == []
+    assert plan.info()["mismatched_keys"] == plan.mismatched_keys
+    with caplog.at_level(logging.WARNING, logger="nezha_zoo"):
+        plan.report("ElectraForTokenClassification", strict=True)  # mismatches are reported, not raised
+    assert "classifier.weight (checkpoint (5, 12), model (2, 12))" in caplog.text
+    # A mismatched tied alias whose target is absent leaves the target to be initialised.
+    mlm = electra_spec(CFG, "ForMaskedLM")
+    shapes = _ckpt(mlm, extra={"generator_lm_head.weight": (31, 8)})
+    del shapes["electra.embeddings.word_embeddings.weight"]
+    plan = plan_load(mlm, list(shapes), lambda k: shapes[k], "electra", ignore_mismatched_sizes=True)
+    assert plan.mismatched_keys == [("generator_lm_head.weight", (31, 8), (30, 8))]
+    assert plan.fresh_keys == ["electra.embeddings.word_embeddings.weight"] and plan.unexpected_keys == []
+
+
+def test_overrides_must_be_config_fields(tmp_path):
+    CFG.save_pretrained(tmp_path)
+    assert resolve_config(FAM, tmp_path, num_labels=3, max_length=7).num_labels == 3  # transformers' common key
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'num_label'.*did you mean 'num_labels'"):
+        resolve_config(FAM, tmp_path, num_label=3)
+    with pytest.raises(TypeError, match=r"ElectraForMaskedLM.from_pretrained does not take 'device_map'"):
+        resolve_config(FAM, tmp_path, None, "ElectraForMaskedLM.from_pretrained", device_map="auto")
+    with pytest.raises(TypeError, match="'hiden_size'.*'hidden_size'"):
+        resolve_config(FAM, tmp_path, CFG, hiden_size=4)  # also with a config object
+    with pytest.raises(TypeError, match=r"ElectraConfig.from_pretrained .*'vocab_sise'.*'vocab_size'"):
+        ElectraConfig.from_pretrained(tmp_path, vocab_sise=3)
+    from nezha_zoo import AutoConfig
+
+    with pytest.raises(TypeError, match="AutoConfig.from_pretrained .*'typo'"):
+        AutoConfig.from_pretrained(tmp_path, typo=1)
+    assert "typo" not in (tmp_path / "config.json").read_text()
+
+
 def test_report_logs_and_strict_raises(caplog):
     spec = electra_spec(CFG, "ForQuestionAnswering")
     plan = _plan(spec, _ckpt(electra_spec(CFG, "Model"), extra={"junk": (1,)}))
@@ -230,3 +271,25 @@ def test_resolve_config_refuses_other_family_and_missing_config(tmp_path):
         resolve_config(FAM, tmp_path, config=MPNetConfig())
     assert resolve_config(FAM, tmp_path, config=CFG) is CFG
     assert resolve_config(FAM, tmp_path, config=CFG, num_labels=5).num_labels == 5
+
+
+def test_resized_vocab_keeps_rows_pads_and_validates():
+    from nezha_zoo.pretrained import random_weights, resized_vocab
+
+    spec = FAM.model_spec(CFG, "ForMaskedLM")
+    state = random_weights(spec, CFG, seed=3)
+    cfg, new_spec, arrays = resized_vocab(CFG, FAM, "ForMaskedLM", 33, state.__getitem__, pad_to_multiple_of=8)
+    assert cfg.vocab_size == 40 and CFG.vocab_size == 30  # the caller's config is not modified
+    assert sorted(arrays) == ["electra.embeddings.word_embeddings.weight", "generator_lm_head.bias"]
+    emb = arrays["electra.embeddings.word_embeddings.weight"]
+    assert emb.shape == new_spec["electra.embeddings.word_embeddings.weight"].shape == (40, 8)
+    np.testing.assert_array_equal(emb[:30], state["electra.embeddings.word_embeddings.weight"])
+    assert emb[30:].std() > 0 and not arrays["generator_lm_head.bias"][30:].any()  # the spec's init rules
+    again = resized_vocab(CFG, FAM, "ForMaskedLM", 33, state.__getitem__, pad_to_multiple_of=8)[2]
+    assert all(np.array_equal(again[k], v) for k, v in arrays.items())  # seeded: the same rows in every backend
+    _, _, small = resized_vocab(CFG, FAM, "ForMaskedLM", 10, state.__getitem__)
+    np.testing.assert_array_equal(small["generator_lm_head.bias"], state["generator_lm_head.bias"][:10])
+    with pytest.raises(ValueError, match="new_num_tokens must be a positive integer"):
+        resized_vocab(CFG, FAM, "ForMaskedLM", 0, state.__getitem__)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        resized_vocab(CFG.copy(pad_token_id=20), FAM, "ForMaskedLM", 10, state.__getitem__)

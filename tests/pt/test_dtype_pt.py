@@ -154,10 +154,10 @@ def test_from_pretrained_never_random_inits(tmp_path, monkeypatch):
 
 def test_bad_dtype_raises_clearly(tmp_path):
     zoo.ElectraModel(CONFIGS["Electra"]).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="dtype='float16' is not supported"):
-        zoo.ElectraModel.from_pretrained(tmp_path, dtype="float16")
-    with pytest.raises(ValueError, match="torch_dtype=torch.float16 is not supported"):
-        zoo.ElectraModel.from_pretrained(tmp_path, torch_dtype=torch.float16)
+    with pytest.raises(ValueError, match="dtype='float64' is not supported"):
+        zoo.ElectraModel.from_pretrained(tmp_path, dtype="float64")  # float16 is supported (issue #20)
+    with pytest.raises(ValueError, match="torch_dtype=torch.float64 is not supported"):
+        zoo.ElectraModel.from_pretrained(tmp_path, torch_dtype=torch.float64)
     with pytest.raises(ValueError, match="disagree"):
         zoo.ElectraModel.from_pretrained(tmp_path, dtype="float32", torch_dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="dtype must be None, a string or a dtype object"):
