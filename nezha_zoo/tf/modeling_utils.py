@@ -402,6 +402,8 @@ class TFPreTrainedModel(keras.Model):
         for layer in layers:
             if id(layer) in shapes:
                 layer.__dict__["output_shape"] = shapes[id(layer)]
+                if not layer._build_shapes_dict:  # built without input shapes (Dropout): summary would stop at "?"
+                    layer._build_shapes_dict = {"output_shape": shapes[id(layer)]}
 
     # -- construction ------------------------------------------------------------------------------
 
