@@ -1,6 +1,6 @@
 # nezha_zoo -- every target installs what it needs into $(VENV) first.
 #   make demo    build a small Electra, save it, load it in PyTorch, TensorFlow and Flax, compare
-#   make test    the checks below, then the whole test suite
+#   make test    the checks below, then the whole test suite (2 pytest-xdist workers; tests/README.md)
 #   make check   `import nezha_zoo` pulls in no framework; no framework-named top-level dir; ruff lint + format
 #   make parity  the demo's table with transformers 4.57.6 PyTorch as a reference column
 #   make bench   forward-pass speed of every family and backend beside transformers (benchmarks/results/)
@@ -11,6 +11,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.nezha_zoo-installed
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (0: one process).  Each test file runs whole on one worker
+# (--dist loadfile), so module-scoped models are built once; tests/conftest.py caps each worker's threads.
+TEST_WORKERS ?= 2
 BENCH_ARGS ?=
 FORBIDDEN_TOP := flax tf tensorflow torch pt jax keras conversion
 
@@ -39,7 +42,7 @@ check: $(STAMP)
 	@echo "check: ok"
 
 test: check
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 parity: $(STAMP)
 	$(PY) -m benchmarks.parity

@@ -2,14 +2,17 @@
 
 Launch with torchrun (one process per GPU, or CPU processes with the gloo backend)::
 
-    torchrun --nproc-per-node 2 examples/pt_distributed.py --engine fsdp        # this machine, CPU
-    torchrun --nproc-per-node 8 examples/pt_distributed.py --engine fsdp        # 8 GPUs (nccl)
+    torchrun --standalone --nproc-per-node 2 examples/pt_distributed.py --engine fsdp   # this machine, CPU
+    torchrun --standalone --nproc-per-node 8 examples/pt_distributed.py --engine fsdp   # 8 GPUs (nccl)
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29500 examples/pt_distributed.py --engine fsdp     # 2 hosts x 8 GPUs
 
 With FSDP2 the model is built on the meta device and each rank reads only its shard of every tensor
 from the checkpoint (``nezha_zoo.pt.distributed.load_fsdp``).  Each rank trains on its own slice of
-every batch; gradients are averaged across ranks.
+every batch; gradients are averaged across ranks.  ``--standalone`` lets torchrun pick a free port,
+so that several runs on one machine never share a rendezvous.  The run ends with
+``nezha_zoo.pt.distributed.destroy_process_group``, which joins the communication threads before
+the interpreter exits.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -25,7 +29,7 @@ import torch.distributed as dist
 
 import nezha_zoo.pt as nzp
 from nezha_zoo.pretrained import random_weights, save_weights
-from nezha_zoo.pt.distributed import load_fsdp, wrap_ddp
+from nezha_zoo.pt.distributed import destroy_process_group, load_fsdp, wrap_ddp
 from nezha_zoo.spec import get_family
 
 logger = logging.getLogger("pt_distributed")
@@ -43,8 +47,11 @@ def main(engine: str = "fsdp", family: str = "electra", steps: int = 20, per_ran
     cls_name, fields = FAMILIES[family]
     fam, cls = get_family(family), getattr(nzp, cls_name)
     config = fam.config_class(vocab_size=64, **fields)
-    path = tempfile.gettempdir() + f"/nezha_zoo_pt_distributed_{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
-    if rank == 0:  # one seeded checkpoint, written once, read by every rank
+    # one seeded checkpoint, written once by rank 0, read by every rank; named after this run's
+    # rendezvous (id and port), so that concurrent runs on one host never share it
+    run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}_{os.environ.get('MASTER_PORT', '0')}"
+    path = os.path.join(tempfile.gettempdir(), f"nezha_zoo_pt_distributed_{run}")
+    if rank == 0:
         spec = fam.model_spec(config, cls.head)
         save_weights(path, config, spec, fam, random_weights(spec, config, seed=0))
     dist.barrier()
@@ -69,6 +76,9 @@ def main(engine: str = "fsdp", family: str = "electra", steps: int = 20, per_ran
         history.append(float(mean) / world)
         if rank == 0:
             logger.info("step %d loss %.4f", i, history[-1])
+    dist.barrier()  # every rank has read the checkpoint
+    if rank == 0:
+        shutil.rmtree(path)
     return history
 
 
@@ -83,4 +93,4 @@ if __name__ == "__main__":
     history = main(args.engine, args.family, args.steps)
     if dist.get_rank() == 0:
         print(f"{args.engine}: first loss {history[0]:.4f}, last loss {history[-1]:.4f}")
-    dist.destroy_process_group()
+    destroy_process_group()  # not torch's alone: see its docstring (threads alive at exit abort)

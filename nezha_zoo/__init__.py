@@ -7,6 +7,11 @@ classes and checkpoint I/O need only numpy and safetensors.  Models live in the 
     from nezha_zoo.pt import ElectraForMaskedLM          # torch.nn.Module
     from nezha_zoo.tf import TFElectraForMaskedLM        # keras.Model
     from nezha_zoo.flax import FlaxElectraForMaskedLM    # linen module + params
+
+Text in, answers out (framework-free; the backend only runs the model)::
+
+    from nezha_zoo import AutoTokenizer, pipeline
+    pipeline("fill-mask", model="dir", framework="tf")("Paris is the [MASK] of France.")
 """
 
 from nezha_zoo.auto import AutoConfig
@@ -17,6 +22,7 @@ from nezha_zoo.families.mpnet import MPNetConfig
 from nezha_zoo.families.mpt import MptAttentionConfig, MptConfig
 from nezha_zoo.families.nezha import NezhaConfig
 from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig
+from nezha_zoo.pipelines import pipeline
 from nezha_zoo.tokenization import AutoTokenizer
 
 __version__ = "0.1.0"
@@ -33,4 +39,5 @@ __all__ = [
     "PretrainedConfig",
     "XLMRobertaXLConfig",
     "__version__",
+    "pipeline",
 ]

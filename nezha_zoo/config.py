@@ -330,6 +330,15 @@ class PretrainedConfig:
     def use_return_dict(self) -> bool:
         return self.return_dict
 
+    @property
+    def max_input_length(self) -> int | None:
+        """Longest input (cached positions included) the model takes; None: any length.
+
+        Default: ``max_position_embeddings`` (absolute positions ``0 .. L - 1``); families with other
+        position schemes override it.  The input checks of every backend use it (SPEC.md §6).
+        """
+        return getattr(self, "max_position_embeddings", None)
+
     # --- (de)serialisation -------------------------------------------------------------------------
 
     def field_dict(self) -> dict[str, Any]:
@@ -381,7 +390,7 @@ class PretrainedConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+            raise ValueError(f"{path}: expected a JSON object, got {'null' if data is None else type(data).__name__}")
         return cls.from_dict(data, **overrides)
 
     @classmethod

@@ -5,8 +5,10 @@ Importing this module imports no framework; :func:`pin_precision` imports the on
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,8 @@ __all__ = [
     "pin_precision",
     "to_numpy",
     "tiny_inputs",
+    "foreign_destination_lock",
+    "assert_save_pretrained_takes_the_lock",
 ]
 
 #: SPEC.md §5: hidden states 1e-5; logits and losses 1e-4 (float32, eval mode).
@@ -124,3 +128,48 @@ def tiny_inputs(
         types[..., seq_len // 2 :] = min(1, type_vocab_size - 1)
         out["token_type_ids"] = types
     return out
+
+
+@contextlib.contextmanager
+def foreign_destination_lock(target: str | os.PathLike, pid: int = 4242) -> Iterator[None]:
+    """Hold ``target``'s write lock as another writer would (its own open file), recording ``pid``.
+
+    ``flock`` locks belong to an open file, so this conflicts with this process's own writers too:
+    ``save_pretrained``/``convert`` into ``target`` must fail at once naming ``pid`` (POSIX only).
+    """
+    import fcntl
+
+    from nezha_zoo.io.lock import lock_path
+
+    path = lock_path(target)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{pid}\n".encode("ascii"))
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def assert_save_pretrained_takes_the_lock(model: Any, parent: str | os.PathLike) -> None:
+    """``model.save_pretrained(parent/"out")`` fails at once, leaving nothing, while another writer
+    holds the lock (:func:`foreign_destination_lock`), and succeeds without litter once it is free.
+
+    ``parent`` must be an empty directory.  The same check for every backend's model.
+    """
+    from nezha_zoo.io.errors import DestinationLockedError
+
+    target = os.path.join(os.fspath(parent), "out")
+    with foreign_destination_lock(target, pid=4242):
+        try:
+            model.save_pretrained(target)
+        except DestinationLockedError as e:
+            assert "pid 4242" in str(e), e
+        else:
+            raise AssertionError("save_pretrained wrote while another writer held the lock")
+    assert os.listdir(parent) == [], os.listdir(parent)  # nothing staged, nothing left
+    model.save_pretrained(target)
+    assert os.listdir(parent) == ["out"], os.listdir(parent)

@@ -292,7 +292,11 @@ class BatchEncoding(dict):
         else:
             convert = np.asarray
         for key, value in self.items():
-            lengths = {len(row) for row in value} if value and isinstance(value[0], list) else set()
+            lengths = (
+                {len(row) for row in value}
+                if isinstance(value, list) and value and isinstance(value[0], list)
+                else set()
+            )
             if len(lengths) > 1:
                 raise ValueError(
                     f"cannot make {tensor_type!r} tensors of {key!r}: the rows have lengths {sorted(lengths)}; "
@@ -515,6 +519,13 @@ class Tokenizer:
         ids = _as_id_list(ids, "ids")
         special = set(self.all_special_ids) if skip_special_tokens else set()
         return [self.convert_ids_to_tokens(i) for i in ids if i not in special]
+
+    def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
+        """Join token strings into text with the tokenizer's decoder (``["hel", "##lo"]`` -> ``"hello"``)."""
+        if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens):
+            raise TypeError("tokens must be a list of token strings")
+        decoder = self.backend_tokenizer.decoder
+        return decoder.decode(list(tokens)) if decoder is not None else " ".join(tokens)
 
     def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False) -> list[str]:
         """The token strings of ``text`` (and ``pair``), without special tokens unless asked."""

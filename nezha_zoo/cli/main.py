@@ -5,6 +5,10 @@ nezha-zoo inspect DIR [--json] family, claimed class and the head the tensors ar
 nezha-zoo convert SRC DST --to FORMAT [--dtype D] [--max-shard-size S] [--force] [--quiet] [--json]
                                (tokenizer files are copied unchanged)
 nezha-zoo verify DIR [--backends pt,tf,flax] [--json]   outputs of every backend, max-abs differences
+nezha-zoo run TASK DIR TEXT... [--framework pt|tf|flax] [--top-k N] [--context TEXT] [--json]
+                               answer from the command line (nezha_zoo.pipeline)
+
+Errors are one line on stderr and exit status 2 (``nezha-zoo --debug ...`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
+import traceback
 
 __all__ = ["main"]
 
@@ -39,7 +46,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         ]
         sys.stdout.write("\n".join(lines) + "\n")
     _note(info)
-    return 1 if info["missing_keys"] or info["unexpected_keys"] else 0
+    for error in info["errors"]:  # the same rule convert and verify apply (the mismatch is noted above)
+        if error != info.get("head_error"):
+            sys.stderr.write(f"nezha-zoo: invalid: {error}\n")
+    return 1 if info["missing_keys"] or info["unexpected_keys"] or info["errors"] else 0
 
 
 def _note(info: dict) -> None:
@@ -118,6 +128,73 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if info["ok"] else 1
 
 
+def _jsonable(x):
+    """A pipeline's result with numpy arrays and scalars as lists and Python numbers."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x.tolist() if hasattr(x, "tolist") else x
+
+
+def _run_lines(task: str, result) -> list[str]:
+    """Human-readable lines of one text's result."""
+    if task in ("feature-extraction", "sentence-embedding"):
+        head = ", ".join(f"{v:.4f}" for v in result.reshape(-1)[:8])
+        return [f"shape {tuple(result.shape)}  [{head}{', ...' if result.size > 8 else ''}]"]
+    if task == "text-generation":
+        return [r["generated_text"] for r in result]
+    rows = result if isinstance(result, list) else [result]
+    if rows and isinstance(rows[0], list):  # fill-mask with several masks: one list per mask
+        return [f"mask {i}: " + line for i, r in enumerate(rows) for line in _run_lines(task, r)]
+    lines = []
+    for r in rows:
+        if task == "fill-mask":
+            lines.append(f"{r['score']:.4f}  {r['token_str']!r}  {r['sequence']}")
+        elif task == "text-classification":
+            lines.append(f"{r['label']}  {r['score']:.4f}")
+        elif task == "token-classification":
+            label = r.get("entity_group", r.get("entity"))
+            lines.append(f"{label}  {r['score']:.4f}  {r['word']!r}  [{r['start']}:{r['end']}]")
+        else:  # question-answering
+            lines.append(f"{r['answer']!r}  [{r['start']}:{r['end']}]  {r['score']:.4f}")
+    return lines or ["(nothing)"]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from nezha_zoo.pipelines import pipeline
+
+    pipe = pipeline(args.task, model=args.path, framework=args.framework)
+    kw = {}
+    if args.task == "question-answering":
+        if args.context is None:
+            raise ValueError("question-answering needs --context TEXT (the TEXT arguments are the questions)")
+        kw["context"] = args.context
+    elif args.context is not None:
+        raise ValueError(f"--context is for question-answering, not {args.task}")
+    if args.top_k is not None:
+        if args.task not in ("fill-mask", "text-classification", "question-answering"):
+            raise ValueError(f"--top-k is for fill-mask, text-classification and question-answering, not {args.task}")
+        kw["top_k"] = args.top_k
+    if args.task == "token-classification":
+        kw["aggregation_strategy"] = args.aggregation_strategy
+    if args.task == "text-generation":
+        kw["max_new_tokens"] = args.max_new_tokens
+    texts = list(args.text)
+    results = pipe(texts, **kw)
+    if args.json:
+        out = [{"text": t, "result": _jsonable(r)} for t, r in zip(texts, results)]
+        sys.stdout.write(json.dumps(out if len(out) > 1 else out[0], indent=2, ensure_ascii=False) + "\n")
+    else:
+        lines = []
+        for t, r in zip(texts, results):
+            if len(texts) > 1:
+                lines.append(f"{t}:")
+            lines += [("  " if len(texts) > 1 else "") + line for line in _run_lines(args.task, r)]
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nezha_zoo.cli.demo import main as demo_main
 
@@ -130,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Six transformer families for PyTorch, TensorFlow/Keras and Flax from one spec.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="describe a checkpoint directory (any format) against the spec")
@@ -177,20 +255,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)
 
+    from nezha_zoo.pipelines import TASKS
+
+    p = sub.add_parser(
+        "run",
+        help="answer from the command line: run a task pipeline on a checkpoint directory",
+        description="Run nezha_zoo.pipeline(TASK, DIR) on each TEXT and print the answers.",
+        epilog='example: nezha-zoo run question-answering ./qa "Where does John live?" --context "He lives in Paris."',
+    )
+    p.add_argument("task", choices=sorted(TASKS), metavar="TASK", help=f"one of {', '.join(sorted(TASKS))}")
+    p.add_argument("path", help="checkpoint directory with tokenizer files")
+    p.add_argument("text", nargs="+", help="input text(s); the question(s) for question-answering")
+    p.add_argument("--framework", choices=("pt", "tf", "flax"), default="pt", help="backend to run (default pt)")
+    p.add_argument("--top-k", type=int, help="answers per text (fill-mask, text-classification, question-answering)")
+    p.add_argument("--context", help="the context of question-answering")
+    p.add_argument(
+        "--aggregation-strategy",
+        choices=("none", "simple", "first"),
+        default="simple",
+        help="token-classification word grouping (default simple)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=20, help="text-generation length (default 20)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_run)
+
     p = sub.add_parser("demo", help="build a small Electra and compare PyTorch, TensorFlow and Flax on it")
     p.add_argument("--out", help="directory to save the demo checkpoint in (default: a temporary one)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so staging directories, locks and children are cleaned up."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``nezha-zoo`` command; returns its exit status.
+
+    Every error is one line on stderr (``nezha-zoo: error: ...``) and status 2, never a traceback
+    (``--debug`` prints it too).  SIGTERM and Ctrl-C unwind like an error (partial output removed,
+    the lock released, child processes killed) and exit with 143 / 130.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.stderr.write(f"nezha-zoo: error: {e}\n")
+    except (KeyboardInterrupt, _Terminated) as e:
+        sys.stderr.write("nezha-zoo: interrupted; nothing was written\n")
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__
+        sys.stderr.write(f"nezha-zoo: error: {message}\n")
         return 2
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

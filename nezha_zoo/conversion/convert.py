@@ -30,7 +30,8 @@ from nezha_zoo.conversion.formats import (
 from nezha_zoo.io.atomic import staged_directory
 from nezha_zoo.io.dtype_names import numpy_dtype_named
 from nezha_zoo.io.errors import CheckpointError
-from nezha_zoo.io.head_resolution import resolve_head
+from nezha_zoo.io.head_resolution import resolve_head, validity_errors
+from nezha_zoo.io.lock import destination_lock
 from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.pretrained import FORMAT_METADATA
 from nezha_zoo.spec.param import Kind, Param
@@ -46,10 +47,6 @@ class ConversionError(CheckpointError):
 
 #: Names accepted by ``dtype=`` / ``--dtype``.
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _is_float(arr: np.ndarray) -> bool:
-    return arr.dtype.kind == "f" or arr.dtype.name == "bfloat16"
 
 
 def convert(
@@ -89,7 +86,13 @@ def convert(
         A summary dict (formats, family, head, tensors, parameters, bytes, files, dropped keys, seconds;
         ``head_note``: one line when the tensors overrule ``config.json``'s ``architectures``, else None).
 
+    The whole run holds ``dst``'s :func:`~nezha_zoo.io.lock.destination_lock`, taken before any work:
+    a second conversion (or ``save_pretrained``) into ``dst`` fails at once, an unwritable ``dst``
+    fails before anything is read, and staging directories of killed runs are removed.
+
     Raises:
+        DestinationLockedError: another process is writing ``dst``.
+        DestinationError: ``dst`` or its parent is not writable.
         ConversionError: refused (existing output, same directory, unwritable format, dtype the target
             cannot hold) or the input does not match the spec (missing/unexpected/mis-shaped tensors).
         CheckpointError: a corrupt or truncated input file (named).
@@ -104,6 +107,23 @@ def convert(
         raise ConversionError(f"source and destination are the same directory ({src!r})")
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise ConversionError(f"{dst!r} exists and is not a directory")
+    with destination_lock(dst):
+        return _convert_locked(src, dst, to, dtype, max_shard_size, force, source_format, head, progress, start)
+
+
+def _convert_locked(
+    src: str,
+    dst: str,
+    to: str,
+    dtype: str | None,
+    max_shard_size: int | str,
+    force: bool,
+    source_format: str | None,
+    head: str | None,
+    progress: Callable[[str, int], None] | None,
+    start: float,
+) -> dict[str, Any]:
+    """:func:`convert` once ``dst`` is locked (the emptiness check included, so no writer races it)."""
     if os.path.isdir(dst) and os.listdir(dst) and not force:
         raise ConversionError(f"{dst!r} exists and is not empty; pass --force (force=True) to replace its weights")
     fmt = source_format or detect_format(src)
@@ -118,8 +138,9 @@ def convert(
             found = resolve_head(family, config, keys, source.shape, head, lambda k: droppable(fmt, family, k))
         except CheckpointError as e:  # name the file: the message names only the tensor
             raise ConversionError(f"{source.path} ({fmt}): {e}") from e
-        if not found.exact:
-            raise ConversionError(f"{src}: the {fmt} checkpoint: {found.mismatch_message()}")
+        errors = validity_errors(found, source.dtype)
+        if errors:
+            raise ConversionError(f"{src}: the {fmt} checkpoint: {'; '.join(errors)}")
         head, spec, plan, dropped = found.head, found.spec, found.plan, list(found.dropped)
         if to == "keras" and found.pooler is False:
             raise ConversionError(
@@ -134,8 +155,6 @@ def convert(
             arr = np.asarray(source.get(key))
             if tuple(arr.shape) != p.shape:
                 raise ConversionError(f"{src}: tensor {key!r} has shape {arr.shape}, the spec needs {p.shape}")
-            if p.kind is not Kind.BUFFER and not _is_float(arr):
-                raise ConversionError(f"{src}: tensor {key!r} has dtype {arr.dtype}, expected floating point")
             if cast is not None and p.kind is not Kind.BUFFER and arr.dtype != cast:
                 arr = arr.astype(cast)
             totals["tensors"] += 1

@@ -358,7 +358,11 @@ def write_format(
         from nezha_zoo.io.writer import save_state_dict
 
         return save_state_dict(
-            directory, ((p.name, fetch(p)) for p in spec), metadata=metadata, max_shard_size=max_shard_size
+            directory,
+            ((p.name, fetch(p)) for p in spec),
+            metadata=metadata,
+            max_shard_size=max_shard_size,
+            staged=False,  # ``directory`` is the caller's staging directory already
         )
     if fmt not in WRITE_FORMATS:
         raise ValueError(f"cannot write {fmt!r}; writable formats: {list(WRITE_FORMATS)}")

@@ -8,7 +8,7 @@ from typing import Any
 
 from nezha_zoo.auto import AutoConfig
 from nezha_zoo.config import PretrainedConfig
-from nezha_zoo.io.head_resolution import resolve_head
+from nezha_zoo.io.head_resolution import resolve_head, validity_errors
 from nezha_zoo.spec.registry import Family, family_of_config
 from nezha_zoo.tokenization import tokenizer_files
 
@@ -31,7 +31,9 @@ def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict
         A dict; ``claimed_class`` is what ``config.json`` names, ``tensors_class`` what the tensors
         are (None when no head fits them exactly), ``head``/``class`` the head judged against (the
         tensors', the forced one, or the closest), ``head_note`` one line when the tensors overrule
-        the config, ``head_error`` the mismatch (with the ``--head`` to pass) when nothing fits.
+        the config, ``head_error`` the mismatch (with the ``--head`` to pass) when nothing fits,
+        ``errors`` why ``convert`` and ``verify`` would refuse it (empty for a valid checkpoint; see
+        :func:`~nezha_zoo.io.head_resolution.validity_errors`).
     """
     from nezha_zoo.conversion.formats import detect_format, droppable, open_source
 
@@ -43,6 +45,7 @@ def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict
         keys = reader.keys()
         found = resolve_head(family, config, keys, reader.shape, head, lambda k: droppable(reader.format, family, k))
         spec, plan = found.spec, found.plan
+        errors = validity_errors(found, reader.dtype)
         dtypes = Counter(reader.dtype(k) for k in keys)
         stored = sum(_numel(reader.shape(k)) for k in plan.sources.values())
         fmt = reader.container
@@ -68,6 +71,7 @@ def inspect_checkpoint(path: str | os.PathLike, head: str | None = None) -> dict
         "framework_only_keys": list(found.dropped),
         "ignored_keys": plan.ignored_keys,
         "tokenizer_files": tokenizer_files(path),
+        "errors": errors,
     }
 
 

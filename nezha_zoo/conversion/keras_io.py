@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -25,6 +24,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.io.child import run_child
 from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import ModelSpec, Param
@@ -136,10 +136,11 @@ def write_keras_weights(
     cfg.architectures = [family.class_name(spec.head, "pt")]
     with tempfile.TemporaryDirectory(prefix=".keras-export-", dir=os.path.dirname(os.path.abspath(path))) as tmp:
         canonical = ((p.name, _LAYOUT.from_stored(p, stored(k))) for k, p in by_key.items())
-        save_state_dict(tmp, canonical, extra_files={CONFIG_NAME: cfg.to_json_string()})
+        # tmp is private to this run (inside the caller's staging directory): no lock, no staging
+        save_state_dict(tmp, canonical, extra_files={CONFIG_NAME: cfg.to_json_string()}, staged=False)
         cmd = [sys.executable, "-m", "nezha_zoo.conversion.keras_io", "--export", tmp, spec.head, path]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = run_child(cmd, env=env)  # dies with us: no orphan writing into a dead run's staging
         if proc.returncode != 0 or not os.path.isfile(path):
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
             raise CheckpointError(f"writing {os.path.basename(path)} with the TF backend failed: {tail}")

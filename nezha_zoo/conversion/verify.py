@@ -14,7 +14,6 @@ import importlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -23,8 +22,9 @@ import numpy as np
 
 from nezha_zoo.auto import AutoConfig
 from nezha_zoo.conversion.formats import detect_format, droppable, open_source
+from nezha_zoo.io.child import run_child
 from nezha_zoo.io.errors import CheckpointError
-from nezha_zoo.io.head_resolution import resolve_head
+from nezha_zoo.io.head_resolution import resolve_head, validity_errors
 from nezha_zoo.spec.registry import family_of_config, model_class
 from nezha_zoo.testing import TOLERANCES, max_abs_diff, tiny_inputs
 
@@ -61,7 +61,7 @@ def _run_worker(backend: str, directory: str, head: str, inputs: str, out: str, 
     if not pooler:
         cmd.append("--without-pooler")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = run_child(cmd, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         return {"status": "error", "detail": tail[0]}
@@ -84,7 +84,8 @@ def verify(path: str | os.PathLike, backends: list[str] | None = None, head: str
         A base saved without its pooler is loaded without one (``pooler_output`` is not compared).
 
     Raises:
-        CheckpointError: the tensors fit no head exactly (naming the closest and its ``--head``).
+        CheckpointError: the checkpoint is not valid (:func:`~nezha_zoo.io.head_resolution.validity_errors`:
+            the tensors fit no head exactly, naming the closest and its ``--head``; integer weights).
     """
     from nezha_zoo.conversion.convert import convert
 
@@ -100,10 +101,11 @@ def verify(path: str | os.PathLike, backends: list[str] | None = None, head: str
         source = open_source(path, fmt, family, config)
         try:
             found = resolve_head(family, config, source.keys(), source.shape, head, lambda k: droppable(fmt, family, k))
+            errors = validity_errors(found, source.dtype)
         finally:
             source.close()
-        if not found.exact:
-            raise CheckpointError(f"{path}: {found.mismatch_message()}")
+        if errors:
+            raise CheckpointError(f"{path}: {'; '.join(errors)}")
         head, pooler = found.head, found.pooler is not False
         directory = path
         if fmt not in ("safetensors", "pytorch-bin"):

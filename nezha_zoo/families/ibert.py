@@ -124,6 +124,11 @@ class IBertConfig(PretrainedConfig):
         Field("force_dequant", "none", one_of(*FORCE_DEQUANT)),
     )
 
+    @property
+    def max_input_length(self) -> int | None:
+        """RoBERTa positions ``pad_token_id + 1 .. max_position_embeddings - 1``."""
+        return self.max_position_embeddings - self.pad_token_id - 1
+
     def check(self) -> None:
         check_divisible(self, "hidden_size", "num_attention_heads")
         check_index(self, "pad_token_id", "vocab_size", required=True)

@@ -147,6 +147,11 @@ class MPNetConfig(PretrainedConfig):
         Field("eos_token_id", 2, optional_int),
     )
 
+    @property
+    def max_input_length(self) -> int | None:
+        """Positions ``EMBEDDING_PADDING_IDX + 1 .. max_position_embeddings - 1`` (transformers' MPNet)."""
+        return self.max_position_embeddings - EMBEDDING_PADDING_IDX - 1
+
     def check(self) -> None:
         check_divisible(self, "hidden_size", "num_attention_heads")
         check_index(self, "pad_token_id", "vocab_size")

@@ -251,6 +251,11 @@ class MptConfig(PretrainedConfig):
         elif not isinstance(ac, MptAttentionConfig):
             raise ValueError(f"MptConfig.attn_config must be an MptAttentionConfig, a dict or None, got {ac!r}")
 
+    @property
+    def max_input_length(self) -> int | None:
+        """Longest input: ``max_seq_len`` (the ALiBi table's size)."""
+        return self.max_seq_len
+
     def check(self) -> None:
         check_divisible(self, "d_model", "n_heads")
         self.attn_config.validate()

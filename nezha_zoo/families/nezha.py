@@ -107,6 +107,11 @@ class NezhaConfig(PretrainedConfig):
         Field("use_cache", True, boolean),
     )
 
+    @property
+    def max_input_length(self) -> int | None:
+        """None: relative positions only, so any length works."""
+        return None
+
     def check(self) -> None:
         check_divisible(self, "hidden_size", "num_attention_heads")
         check_index(self, "pad_token_id", "vocab_size")

@@ -112,6 +112,11 @@ class XLMRobertaXLConfig(PretrainedConfig):
         Field("classifier_dropout", None, optional_probability),
     )
 
+    @property
+    def max_input_length(self) -> int | None:
+        """RoBERTa positions ``pad_token_id + 1 .. max_position_embeddings - 1``."""
+        return self.max_position_embeddings - self.pad_token_id - 1
+
     def check(self) -> None:
         check_divisible(self, "hidden_size", "num_attention_heads")
         # Padding-aware position ids need a pad id inside both tables.

@@ -9,9 +9,10 @@ and ``.config`` that loads and saves transformers-layout checkpoints.  Losses ar
 # Importing the family modules runs their class statements, which register every wrapper class
 # (nezha_zoo.spec.model_class); the exports below (wrappers and their linen modules) are read from
 # that registry.
-from nezha_zoo.flax import electra, ibert, losses, mpnet, mpt, nezha, xlm_roberta_xl  # noqa: F401
+from nezha_zoo.flax import auto, electra, ibert, losses, mpnet, mpt, nezha, xlm_roberta_xl  # noqa: F401
+from nezha_zoo.flax.auto import *  # noqa: F403  (the Auto classes, listed in auto.__all__)
 from nezha_zoo.flax.heads import mean_pool
-from nezha_zoo.flax.modeling_utils import FlaxPreTrainedModel
+from nezha_zoo.flax.modeling_utils import FlaxPreTrainedModel, checked
 from nezha_zoo.spec.registry import model_classes
 
 _CLASSES = model_classes("flax")  # FlaxElectraPreTrainedModel, FlaxElectraModel, FlaxElectraForPreTraining, ...
@@ -20,4 +21,4 @@ _MODULES = {c.module_class.__name__: c.module_class for c in _CLASSES.values() i
 globals().update(_CLASSES)
 globals().update(_MODULES)
 
-__all__ = ["FlaxPreTrainedModel", *_CLASSES, *_MODULES, "mean_pool", "losses"]
+__all__ = ["FlaxPreTrainedModel", *_CLASSES, *auto.__all__, *_MODULES, "mean_pool", "losses", "checked"]

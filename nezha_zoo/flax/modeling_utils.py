@@ -8,11 +8,12 @@ paths, stored shapes, initial values and the conversions to and from canonical c
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -20,11 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.experimental import checkify
 
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype
 from nezha_zoo.flax.heads import qa_head, token_classifier
 from nezha_zoo.flax.layers import dense
+from nezha_zoo.inputs import accepts_encodings
 from nezha_zoo.io.plan import CHUNK_BYTES
 from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.outputs import (
@@ -38,7 +41,15 @@ from nezha_zoo.pretrained import load_weights, random_weights, resolve_config, s
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Kind, ModelSpec, Param
 from nezha_zoo.spec.registry import Family, register_model_class
-from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
+from nezha_zoo.validation import (
+    ID_INPUTS,
+    InputError,
+    check_id_dtype,
+    check_id_range,
+    check_input_shapes,
+    check_length,
+    id_range_message,
+)
 
 __all__ = [
     "FlaxPreTrainedModel",
@@ -147,6 +158,96 @@ def validate_inputs(
         )
 
 
+def check_id_dtypes(inputs: Mapping[str, Any]) -> None:
+    """Every id input has an integer dtype (a cast would read 5.7 as 5); a dtype is known when tracing."""
+    for name, _, _ in ID_INPUTS:
+        t = inputs.get(name)
+        if t is not None and hasattr(t, "dtype"):
+            check_id_dtype(name, np.dtype(t.dtype).name)
+
+
+#: Set by :func:`checked` while it traces: the traced input checks then also raise (checkify).
+_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("nezha_zoo_flax_checked", default=False)
+
+
+def graph_input_checks(config: PretrainedConfig, inputs: Mapping[str, Any]) -> jax.Array | None:
+    """SPEC §6 for traced inputs (``jax.jit``), where id values are unknown and nothing can raise.
+
+    Returns ``bad`` (N,) bool, N = B (B*C for multiple choice): True for an example with an id outside
+    its table, whose outputs :func:`poison_rows` turns to NaN; None when no id is traced.  Inside
+    :func:`checked` the same conditions are ``checkify`` checks that raise :class:`InputError`.
+    (Shapes and lengths are static under ``jit``: :func:`validate_inputs` checks them at trace time.)
+    """
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, jax.core.Tracer):
+        return None
+    bad = jnp.zeros(int(np.prod(ids.shape[:-1])), bool)  # (N,)
+    for name, size_field, what in ID_INPUTS:
+        t = inputs.get(name)
+        size = getattr(config, size_field, None)
+        if t is None or size is None or jnp.ndim(t) != ids.ndim:
+            continue
+        t = jnp.asarray(t)
+        out_of_range = (t < 0) | (t >= size)
+        if _CHECKED.get():
+            checkify.check(~jnp.any(out_of_range), id_range_message(name, size, what))
+        if name != "position_ids":  # explicit positions may broadcast over the batch
+            bad = bad | jnp.any(out_of_range, axis=-1).reshape(-1)
+    return bad
+
+
+def poison_rows(output: Any, bad: jax.Array | None) -> Any:
+    """NaN in every float output of the examples flagged in ``bad`` (N,) bool; the others unchanged.
+
+    A leaf's row ``i`` of ``n`` belongs to the examples ``i * N/n .. (i+1) * N/n - 1`` (``n = N``
+    per example, ``n = B`` for multiple-choice logits over ``N = B*C``); a scalar, or a leaf whose
+    leading size does not divide N, is poisoned when any example is bad.  Integer leaves pass.
+    """
+    if bad is None:
+        return output
+
+    def poison(x):
+        if not isinstance(x, jax.Array) or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        n, total = (x.shape[0] if x.ndim else 0), bad.shape[0]
+        rows = jnp.any(bad.reshape(n, -1), axis=1) if n and total % n == 0 else jnp.full((max(n, 1),), jnp.any(bad))
+        rows = rows.reshape(x.shape[:1] + (1,) * (x.ndim - 1)) if x.ndim else rows[0]
+        return jnp.where(rows, jnp.asarray(jnp.nan, x.dtype), x)
+
+    return jax.tree_util.tree_map(poison, output)
+
+
+def checked(fn: Callable) -> Callable:
+    """``jax.jit(fn)`` whose model calls raise :class:`InputError` for bad id values instead of NaN.
+
+    Under plain ``jax.jit`` an id outside its table cannot raise, so the model poisons that example's
+    outputs with NaN (docs/bad_input.md); ``checked`` traces ``fn`` with ``jax.experimental.checkify``
+    checks in the model call instead, and raises after the compiled call.  The same spelling exists
+    in ``nezha_zoo.tf`` (graph mode with the asserts on).
+
+    Args:
+        fn: a function calling a model wrapper (``lambda ids: model(ids, params=p)``).
+
+    Returns:
+        A function with ``fn``'s arguments and outputs (compiled once per shape, as ``jax.jit``).
+    """
+    compiled = jax.jit(checkify.checkify(fn, errors=checkify.user_checks))
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        token = _CHECKED.set(True)  # read while ``fn`` is traced (first call per shape)
+        try:
+            err, out = compiled(*args, **kwargs)
+        finally:
+            _CHECKED.reset(token)
+        message = err.get()
+        if message is not None:
+            raise InputError(message.split(" (`check`", 1)[0].strip())
+        return out
+
+    return run
+
+
 # --- params from the spec -----------------------------------------------------------------------
 
 
@@ -202,6 +303,8 @@ class FlaxPreTrainedModel:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__:  # model(enc) / model(**enc) with a tokenizer's output (nezha_zoo.inputs)
+            cls.__call__ = accepts_encodings(cls.__call__)
         register_model_class(cls, "flax")  # (family, head, "flax") -> cls for nezha_zoo.spec.model_class
 
     def __init__(
@@ -399,6 +502,7 @@ class FlaxPreTrainedModel:
 
     # --- forward -----------------------------------------------------------------------------------
 
+    @accepts_encodings
     def __call__(
         self,
         input_ids=None,
@@ -511,6 +615,8 @@ class FlaxPreTrainedModel:
             embed_width=getattr(c, "embedding_size", c.hidden_size),
             positions=self.has_position_ids,
         )
+        ids_inputs = {"input_ids": input_ids, "token_type_ids": token_type_ids, "position_ids": position_ids}
+        check_id_dtypes(ids_inputs)  # after the shapes, as in PyTorch and TF
 
         def as_int(x):
             return None if x is None else jnp.asarray(x, jnp.int32)
@@ -558,9 +664,11 @@ class FlaxPreTrainedModel:
             rngs=rngs,
             mutable=mutable or False,
         )
+        bad = graph_input_checks(c, ids_inputs)  # jit: NaN for bad examples (SPEC §8)
         if not mutable:
-            return out
+            return poison_rows(out, bad)
         out, updated = out
+        out = poison_rows(out, bad)
         if BUFFERS in mutable:
             # transformers' Flax convention for mutable state (batch_stats): (output, {collection: tree})
             return out, {BUFFERS: dict(updated[BUFFERS])}

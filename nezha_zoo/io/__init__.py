@@ -14,6 +14,8 @@ module                holds
 ``torch_pickle``      the restricted unpickler for ``pytorch_model.bin`` (tensors only, no torch)
 ``dtype_names``       the one table of dtype names (safetensors, torch storages, numpy)
 ``atomic``            atomic file writes and staged directories
-``errors``            :class:`CheckpointError`
+``lock``              one writer per destination (``flock``), stale staging directories removed
+``child``             subprocesses that die with their parent
+``errors``            :class:`CheckpointError`, :class:`DestinationError`
 ====================  ===========================================================================
 """

@@ -8,7 +8,29 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_path", "staged_directory"]
+from nezha_zoo.io.lock import destination_lock, staging_prefix
+
+__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_path", "staged_directory", "pause_point", "PAUSE_ENV"]
+
+#: Test hook: ``"<point>:<fifo>"`` makes the writer stop at ``<point>`` (see :func:`pause_point`).
+PAUSE_ENV = "NEZHA_ZOO_TEST_PAUSE"
+
+
+def pause_point(point: str) -> None:
+    """Stop here when ``$NEZHA_ZOO_TEST_PAUSE`` is ``"<point>:<fifo>"`` (fault-injection tests only).
+
+    The writer writes its pid into the FIFO (the test reads it: the writer is now paused at
+    ``point``, e.g. ``"commit"``: every file staged, none moved into place), then waits until the
+    test opens the FIFO for writing and closes it, or kills the writer.  A rendezvous, no timing.
+    """
+    spec = os.environ.get(PAUSE_ENV, "")
+    name, _, fifo = spec.partition(":")
+    if name != point or not fifo:
+        return
+    with open(fifo, "w", encoding="ascii") as fh:
+        fh.write(f"{os.getpid()}\n")
+    with open(fifo, encoding="ascii") as fh:
+        fh.read()
 
 
 def _umask_file_mode() -> int:
@@ -58,22 +80,31 @@ def staged_directory(target: str | os.PathLike) -> Iterator[str]:
     """Yield an empty staging directory; on success its files are moved into ``target``.
 
     Files are written to the staging directory first, so a failure part-way leaves ``target`` as it
-    was.  Each file then moves into place with an atomic rename (same filesystem).
+    was.  Each file then moves into place with an atomic rename (same filesystem).  The whole block
+    holds ``target``'s :func:`~nezha_zoo.io.lock.destination_lock` (a second writer fails at once;
+    staging directories of dead runs are removed); the staging directory's name records this
+    process's pid (``.NAME.<pid>.XXXXXXXX.staging``).
     """
     target = os.fspath(target)
     parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(target))}.", suffix=".staging", dir=parent)
-    try:
-        yield stage
-        os.makedirs(target, exist_ok=True)
-        for name in sorted(os.listdir(stage)):
-            staged = os.path.join(stage, name)
-            dest = os.path.join(target, name)
-            if os.path.isfile(staged):
-                os.chmod(staged, _FILE_MODE)
-            elif os.path.isdir(dest):  # a folder (sentence-transformers' 1_Pooling) replaces the old one
-                shutil.rmtree(dest)
-            os.replace(staged, dest)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with destination_lock(target):
+        stage = tempfile.mkdtemp(prefix=staging_prefix(target), suffix=".staging", dir=parent)
+        try:
+            yield stage
+            pause_point("commit")
+            _commit(stage, target)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _commit(stage: str, target: str) -> None:
+    """Move every entry of ``stage`` into ``target`` (created if absent), one rename each."""
+    os.makedirs(target, exist_ok=True)
+    for name in sorted(os.listdir(stage)):
+        staged = os.path.join(stage, name)
+        dest = os.path.join(target, name)
+        if os.path.isfile(staged):
+            os.chmod(staged, _FILE_MODE)
+        elif os.path.isdir(dest):  # a folder (sentence-transformers' 1_Pooling) replaces the old one
+            shutil.rmtree(dest)
+        os.replace(staged, dest)

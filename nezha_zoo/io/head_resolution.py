@@ -15,12 +15,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.io.dtype_names import SAFETENSORS_DTYPES
 from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.io.plan import LoadPlan, plan_load
-from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.spec.param import Kind, ModelSpec
 from nezha_zoo.spec.registry import Family
 
-__all__ = ["HeadResolution", "resolve_head", "claimed_head", "head_of_name", "describe", "without_pooler"]
+__all__ = [
+    "HeadResolution",
+    "resolve_head",
+    "claimed_head",
+    "head_of_name",
+    "describe",
+    "without_pooler",
+    "validity_errors",
+]
 
 _POOLER = "pooler."
 
@@ -104,6 +113,32 @@ class HeadResolution:
             f"{said}; the tensors match no {self.family.class_prefix} head exactly; the closest is {name} "
             f"(--head {self.head}): {diff}"
         )
+
+
+def validity_errors(found: HeadResolution, dtype_of: Callable[[str], str]) -> list[str]:
+    """Why a checkpoint is not a valid ``found.head``: an empty list when it is.
+
+    The one rule ``inspect``, ``verify`` and ``convert`` share: the tensors fit the head exactly
+    (:meth:`HeadResolution.mismatch_message` otherwise), and every parameter (buffers aside: they
+    may be integer) is stored as floating point, so int64 weights are refused, not cast.
+
+    Args:
+        found (HeadResolution): the outcome of :func:`resolve_head` for the checkpoint.
+        dtype_of (Callable[[str], str]): the safetensors dtype name (``F32``, ``I64``...) of a stored key.
+    """
+    errors = [] if found.exact else [found.mismatch_message()]
+    for p in found.spec:
+        key = found.plan.sources.get(p.name)
+        if key is None or p.kind is Kind.BUFFER:
+            continue
+        st = dtype_of(key)
+        if not _is_float_name(SAFETENSORS_DTYPES.get(st, st.lower())):
+            errors.append(f"tensor {key!r} has dtype {st}, expected floating point")
+    return errors
+
+
+def _is_float_name(numpy_name: str) -> bool:
+    return numpy_name.startswith(("float", "bfloat"))
 
 
 def describe(family: Family, head: str, pooler: bool | None = None) -> str:

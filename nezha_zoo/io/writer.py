@@ -6,12 +6,14 @@ place only when all are complete (:func:`~nezha_zoo.io.atomic.staged_directory`)
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from nezha_zoo.io.atomic import atomic_write_text, staged_directory
+from nezha_zoo.io.lock import destination_lock
 from nezha_zoo.io.safetensors_file import nbytes, write_safetensors
 from nezha_zoo.io.shards import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -32,6 +34,8 @@ def save_state_dict(
     metadata: Mapping[str, str] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     extra_files: Mapping[str, str] | None = None,
+    *,
+    staged: bool = True,
 ) -> list[str]:
     """Write ``tensors`` as ``model.safetensors`` (or shards + index) into ``directory``.
 
@@ -41,6 +45,9 @@ def save_state_dict(
     full copy of its weights in memory.  An exception raised by the iterable leaves ``directory`` as
     it was.  ``extra_files`` (name -> text, e.g. ``config.json``) are written in the same staged commit.
     Weight files from an earlier save that the new one does not use are removed afterwards.
+    The whole save holds ``directory``'s :func:`~nezha_zoo.io.lock.destination_lock`: a second
+    writer fails at once.  ``staged=False`` writes straight into ``directory``: for a caller that
+    already stages (``nezha-zoo convert``), so no staging directory nests in another.
     Returns the file names written.
     """
     directory = os.fspath(directory)
@@ -48,47 +55,49 @@ def save_state_dict(
     meta = {"format": "pt", **dict(metadata or {})}
     pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
     written: list[str] = []
-    with staged_directory(directory) as stage:
-        parts: list[tuple[str, list[str], int]] = []  # (staged file, its keys, its bytes)
-        shard: list[tuple[str, np.ndarray]] = []
-        size = 0
+    with destination_lock(directory) if staged else contextlib.nullcontext():
+        with staged_directory(directory) if staged else contextlib.nullcontext(directory) as stage:
+            parts: list[tuple[str, list[str], int]] = []  # (staged file, its keys, its bytes)
+            shard: list[tuple[str, np.ndarray]] = []
+            size = 0
 
-        def flush() -> None:
-            part = os.path.join(stage, f".part-{len(parts):05d}")
-            write_safetensors(part, shard, meta)
-            parts.append((part, [k for k, _ in shard], size))
+            def flush() -> None:
+                part = os.path.join(stage, f".part-{len(parts):05d}")
+                write_safetensors(part, shard, meta)
+                parts.append((part, [k for k, _ in shard], size))
 
-        seen: set[str] = set()
-        for key, arr in pairs:
-            if key in seen:
-                raise ValueError(f"tensor {key!r} given twice")
-            seen.add(key)
-            arr = np.asarray(arr)
-            if not arr.flags.c_contiguous:
-                arr = arr.copy(order="C")  # (np.ascontiguousarray would turn a 0-d tensor into shape (1,))
-            if shard and size + nbytes(arr) > limit:
+            seen: set[str] = set()
+            for key, arr in pairs:
+                if key in seen:
+                    raise ValueError(f"tensor {key!r} given twice")
+                seen.add(key)
+                arr = np.asarray(arr)
+                if not arr.flags.c_contiguous:
+                    arr = arr.copy(order="C")  # (np.ascontiguousarray would turn a 0-d tensor into shape (1,))
+                if shard and size + nbytes(arr) > limit:
+                    flush()
+                    shard, size = [], 0
+                shard.append((key, arr))
+                size += nbytes(arr)
+            if shard or not parts:
                 flush()
-                shard, size = [], 0
-            shard.append((key, arr))
-            size += nbytes(arr)
-        if shard or not parts:
-            flush()
-        shard = []
-        if len(parts) == 1:
-            os.replace(parts[0][0], os.path.join(stage, SAFE_WEIGHTS_NAME))
-            written.append(SAFE_WEIGHTS_NAME)
-        else:
-            weight_map: dict[str, str] = {}
-            for i, (part, keys, _) in enumerate(parts, 1):
-                name = shard_name(i, len(parts))
-                os.replace(part, os.path.join(stage, name))
+            shard = []
+            if len(parts) == 1:
+                os.replace(parts[0][0], os.path.join(stage, SAFE_WEIGHTS_NAME))
+                written.append(SAFE_WEIGHTS_NAME)
+            else:
+                weight_map: dict[str, str] = {}
+                for i, (part, keys, _) in enumerate(parts, 1):
+                    name = shard_name(i, len(parts))
+                    os.replace(part, os.path.join(stage, name))
+                    written.append(name)
+                    weight_map.update(dict.fromkeys(keys, name))
+                total = sum(n for _, _, n in parts)
+                atomic_write_text(os.path.join(stage, SAFE_WEIGHTS_INDEX_NAME), index_json(weight_map, total))
+                written.append(SAFE_WEIGHTS_INDEX_NAME)
+            for name, text in (extra_files or {}).items():
+                atomic_write_text(os.path.join(stage, name), text)
                 written.append(name)
-                weight_map.update(dict.fromkeys(keys, name))
-            total = sum(n for _, _, n in parts)
-            atomic_write_text(os.path.join(stage, SAFE_WEIGHTS_INDEX_NAME), index_json(weight_map, total))
-            written.append(SAFE_WEIGHTS_INDEX_NAME)
-        for name, text in (extra_files or {}).items():
-            atomic_write_text(os.path.join(stage, name), text)
-            written.append(name)
-    remove_stale_weights(directory, keep=set(written))
+        if staged:
+            remove_stale_weights(directory, keep=set(written))
     return written

@@ -8,7 +8,8 @@ two things a user would otherwise write per family:
   parameters are gathered only while it runs;
 * :func:`load_fsdp` builds the model on the meta device, shards it, and fills each rank's local shard
   straight from the checkpoint -- each process reads only the rows it holds (a slice of each tensor),
-  never the whole model.
+  never the whole model;
+* :func:`destroy_process_group` ends the run so that no communication thread outlives it.
 
 Launch with ``torchrun --nproc-per-node N script.py`` (see ``examples/pt_distributed.py``); on CPU the
 process group backend is ``gloo``, on GPUs ``nccl``.
@@ -16,6 +17,7 @@ process group backend is ``gloo``, on GPUs ``nccl``.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from typing import Any
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
@@ -33,7 +36,7 @@ from nezha_zoo.io.reader import open_checkpoint
 from nezha_zoo.pretrained import resolve_config
 from nezha_zoo.spec.layouts import LAYOUTS
 
-__all__ = ["repeated_blocks", "wrap_ddp", "wrap_fsdp", "load_fsdp"]
+__all__ = ["repeated_blocks", "wrap_ddp", "wrap_fsdp", "load_fsdp", "destroy_process_group"]
 
 LAYOUT = LAYOUTS["pt"]
 
@@ -127,6 +130,31 @@ def load_fsdp(
                 t.copy_(torch.from_numpy(np.asarray(reader.get(key))))
     model.eval()
     return model
+
+
+def destroy_process_group() -> None:
+    """End the distributed run: destroy every process group and join its communication threads.
+
+    Call it on every rank once the last collective has returned and the models are no longer used
+    (e.g. after ``main()`` returns), in place of ``torch.distributed.destroy_process_group()``.
+
+    Why not torch's alone: after FSDP2, that leaves a Gloo group alive -- with its worker threads
+    (``pt_gloo_runloop``) and transport thread (``gloo_tcp_loop``) -- because each ``DeviceMesh``
+    keeps its groups (``_pg_registry``) and DTensor's global caches (sharding propagation,
+    redistribute plans, mesh topology) keep the meshes until the interpreter exits; the sharded
+    model's hooks form reference cycles that hold the groups too.  Those threads then run while
+    the interpreter finalizes, and a C++ thread that touches Python then (to release a tensor it
+    still held) aborts the process: ``terminate called without an active exception``, SIGABRT, on
+    a run that had finished.  Here the cycles are collected and the meshes drop their groups
+    first, so destroying the group frees it and its threads are joined now, while Python is alive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()  # the FSDP2 modules of finished models (hook cycles) still reference the group
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh):
+            getattr(obj, "_pg_registry", {}).clear()  # meshes outlive the run in DTensor's caches
+    dist.destroy_process_group()
 
 
 def _require_process_group() -> None:

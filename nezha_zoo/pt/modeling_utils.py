@@ -18,13 +18,14 @@ from torch import nn
 
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype, numpy_dtype
+from nezha_zoo.inputs import accepts_encodings
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
 from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
 from nezha_zoo.pt.layers import encoder_attention_bias, expand_head_mask, extended_attention_mask
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
 from nezha_zoo.spec.registry import Family, register_model_class
-from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
+from nezha_zoo.validation import ID_INPUTS, InputError, check_id_dtype, check_id_range, check_input_shapes, check_length
 
 __all__ = [
     "PreTrainedModel",
@@ -98,6 +99,8 @@ class PreTrainedModel(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:  # model(enc) / model(**enc) with a tokenizer's output (nezha_zoo.inputs)
+            cls.forward = accepts_encodings(cls.forward)
         register_model_class(cls, "pt")  # (family, head, "pt") -> cls for nezha_zoo.spec.model_class
 
     def __init__(self, config: PretrainedConfig) -> None:
@@ -397,6 +400,14 @@ def _concrete(t: torch.Tensor) -> bool:
     return not torch.jit.is_tracing()
 
 
+def check_id_dtypes(inputs: dict[str, torch.Tensor | None]) -> None:
+    """Every id input has an integer dtype (an embedding lookup would fail deep in torch, a cast truncate)."""
+    for name, _, _ in ID_INPUTS:
+        t = inputs.get(name)
+        if t is not None:
+            check_id_dtype(name, str(t.dtype))
+
+
 def validate_inputs(
     config: PretrainedConfig,
     input_ids: torch.Tensor | None,
@@ -436,8 +447,7 @@ def validate_inputs(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; with {past_len} cached positions it "
                 f"must cover cached + new positions, {want}"
             )
-    if input_ids is not None and input_ids.is_floating_point():
-        raise InputError(f"input_ids must be integers, got {input_ids.dtype}")
+    check_id_dtypes({"input_ids": input_ids, "token_type_ids": token_type_ids, "position_ids": position_ids})
     for name, t, size, what in (
         ("input_ids", input_ids, config.vocab_size, "vocabulary"),
         ("token_type_ids", token_type_ids, getattr(config, "type_vocab_size", None), "token types"),

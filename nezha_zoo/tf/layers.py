@@ -42,11 +42,21 @@ import keras
 import tensorflow as tf
 
 from nezha_zoo.config import PretrainedConfig
-from nezha_zoo.outputs import BaseModelOutputWithPastAndCrossAttentions
+from nezha_zoo.outputs import BaseModelOutputWithPastAndCrossAttentions, ModelOutput
 from nezha_zoo.spec.blocks import BertLayerNames
 from nezha_zoo.spec.positions import padding_aware_max_length
 from nezha_zoo.tf.cache import append_kv, fixed_cache_length, is_fixed_cache
-from nezha_zoo.validation import InputError, check_id_range, check_input_shapes, check_length
+from nezha_zoo.validation import (
+    ID_INPUTS,
+    InputError,
+    check_id_dtype,
+    check_id_range,
+    check_input_shapes,
+    check_length,
+    id_range_message,
+    length_message,
+    max_input_length,
+)
 
 __all__ = [
     "get_activation",
@@ -61,6 +71,9 @@ __all__ = [
     "TFBertEncoder",
     "BertBackboneMixin",
     "validate_inputs",
+    "check_id_dtypes",
+    "graph_input_checks",
+    "poison_rows",
     "padding_aware_position_ids",
     "sequential_position_ids",
 ]
@@ -704,6 +717,7 @@ def validate_inputs(
     if mask_shape is not None and len(mask_shape) == rank and not static_past:
         others["attention_mask"] = mask_shape
     shape = check_input_shapes(_shape(input_ids), _shape(inputs_embeds), others, embed_width, rank)
+    check_id_dtypes({"input_ids": input_ids, "token_type_ids": token_type_ids, "position_ids": position_ids})
     if mask_shape is not None and static_past:
         want = (shape[0], static_past + shape[-1]) if shape[-1] is not None else None
         differs = want is not None and any(None not in (a, b) and a != b for a, b in zip(mask_shape, want))
@@ -731,6 +745,105 @@ def validate_inputs(
         pos = position_ids.numpy()
         check_id_range("position_ids", int(pos.min()), int(pos.max()), config.max_position_embeddings, "positions")
     return shape
+
+
+def check_id_dtypes(inputs: dict[str, Any]) -> None:
+    """Every id input has an integer dtype (a cast would read 5.7 as 5); a dtype is known when tracing."""
+    for name, _, _ in ID_INPUTS:
+        t = inputs.get(name)
+        if t is not None and hasattr(t, "dtype"):
+            check_id_dtype(name, getattr(t.dtype, "name", t.dtype))
+
+
+def graph_input_checks(config: PretrainedConfig, inputs: dict[str, Any]):
+    """SPEC §6 for traced inputs (``tf.function``, XLA), where values and dynamic shapes are unknown.
+
+    Adds ``tf.debugging`` asserts (they raise ``InvalidArgumentError`` with the library's wording in
+    graph mode; XLA drops them) for ids outside their tables, a too-long input and an
+    ``attention_mask``/``token_type_ids`` whose dynamic shape differs from the ids'.  The id inputs
+    are passed on behind the asserts, so no lookup runs before them.
+
+    Args:
+        config: the model's config (table sizes, :func:`~nezha_zoo.validation.max_input_length`).
+        inputs: the call's keyword arguments (``input_ids`` (B, L) or (B, C, L) int...).
+
+    Returns:
+        ``(inputs, bad)``: the inputs with the ids behind the asserts, and ``bad`` (N,) bool, N = B
+        (B*C for multiple choice): True for an example that breaks a value rule, whose outputs
+        :func:`poison_rows` turns to NaN (what XLA gives instead of the error).  None without ids or
+        embeddings to check.
+    """
+    ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if not isinstance(ref, tf.Tensor) or ref.shape.rank is None:
+        return inputs, None
+    rank = ref.shape.rank - (1 if ids is None else 0)
+    ref_shape = tf.shape(ref)[:rank]  # (B[, C], L)
+    bad = tf.zeros(tf.reduce_prod(ref_shape[:-1])[None], tf.bool)  # (N,)
+    asserts = []
+    for name, size_field, what in ID_INPUTS:
+        t = inputs.get(name)
+        size = getattr(config, size_field, None)
+        if not isinstance(t, tf.Tensor) or size is None or t.shape.rank != rank:
+            continue
+        out_of_range = tf.logical_or(t < 0, t >= tf.cast(size, t.dtype))
+        asserts.append(
+            tf.debugging.Assert(tf.logical_not(tf.reduce_any(out_of_range)), [id_range_message(name, size, what)])
+        )
+        if name != "position_ids":  # explicit positions may broadcast over the batch
+            bad = tf.logical_or(bad, tf.reshape(tf.reduce_any(out_of_range, axis=-1), [-1]))
+    past = past_length(inputs.get("past_key_values"))
+    limit = max_input_length(config)
+    static_length = isinstance(past, int) and ref.shape[rank - 1] is not None  # checked when tracing
+    if limit is not None and not static_length:
+        too_long = tf.cast(past, tf.int32) + ref_shape[-1] > limit
+        asserts.append(tf.debugging.Assert(tf.logical_not(too_long), [length_message(limit)]))
+        bad = tf.logical_or(bad, too_long)
+    # Inputs that must have the ids' shape (with a cache the mask spans the cache: checked elsewhere).
+    same_shape = [] if inputs.get("past_key_values") is not None else ["attention_mask", "token_type_ids"]
+    same_shape = [n for n in same_shape if isinstance(inputs.get(n), tf.Tensor) and inputs[n].shape.rank == rank]
+    for name in same_shape:
+        same = tf.reduce_all(tf.equal(tf.shape(inputs[name]), ref_shape))
+        asserts.append(
+            tf.debugging.Assert(same, [f"{name} and the ids differ in shape:", tf.shape(inputs[name]), ref_shape])
+        )
+    if not asserts:
+        return inputs, bad
+    with tf.control_dependencies(asserts):
+        checked = {k: tf.identity(v) if isinstance(v, tf.Tensor) else v for k, v in inputs.items()}
+        for name in same_shape:
+            if not (checked[name].shape.is_fully_defined() and ref.shape[:rank].is_fully_defined()):
+                # XLA drops the assert: reshaped to the ids' shape, a mismatch fails its compilation
+                # instead (static shapes are compared when tracing, by validate_inputs).
+                checked[name] = tf.reshape(checked[name], ref_shape)
+    return checked, bad
+
+
+def poison_rows(output: Any, bad: tf.Tensor | None) -> Any:
+    """NaN in every float output of the examples flagged in ``bad`` (N,) bool; the others unchanged.
+
+    A tensor's row ``i`` of ``n`` belongs to the examples ``i * N/n .. (i+1) * N/n - 1`` (``n = N``
+    per example, ``n = B`` for multiple-choice logits over ``N = B*C``, ``n = 1`` for a pooled loss);
+    a scalar is poisoned when any example is bad.  Non-float leaves (cache indices) pass unchanged.
+    """
+    if bad is None:
+        return output
+    if isinstance(output, ModelOutput):
+        return type(output)(**{k: poison_rows(v, bad) for k, v in output.items()})
+    if isinstance(output, (tuple, list)) and not hasattr(output, "_fields"):
+        return type(output)(poison_rows(v, bad) for v in output)
+    if not isinstance(output, tf.Tensor) or not output.dtype.is_floating:
+        return output
+    nan = tf.constant(float("nan"), output.dtype)
+    if output.shape.rank == 0:
+        return tf.where(tf.reduce_any(bad), nan, output)
+    n, total = output.shape[0], bad.shape[0]
+    if n is not None and total is not None and (n == 0 or total % n):
+        rows = tf.fill([n], tf.reduce_any(bad))  # not per example: poison all if any is bad
+    else:
+        rows = tf.reduce_any(tf.reshape(bad, [tf.shape(output)[0], -1]), axis=1)  # (n,)
+    rows = tf.reshape(rows, tf.concat([tf.shape(rows), tf.ones([output.shape.rank - 1], tf.int32)], 0))
+    return tf.where(rows, nan, output)
 
 
 def padding_aware_position_ids(input_ids, padding_idx: int, past_len: Any = 0) -> tf.Tensor:

@@ -11,7 +11,8 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import keras
@@ -27,12 +28,15 @@ if keras.backend.backend() != "tensorflow":
 
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype, numpy_dtype
+from nezha_zoo.inputs import NON_MODEL_INPUTS, merge_encoding
 from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
 from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, ModelSpec
 from nezha_zoo.spec.registry import Family, register_model_class
+from nezha_zoo.tf.layers import graph_input_checks, poison_rows
+from nezha_zoo.validation import ID_INPUTS, InputError
 
 __all__ = [
     "TFPreTrainedModel",
@@ -97,8 +101,10 @@ def unpack_inputs(call: Callable) -> Callable:
     """Decorator giving ``call`` transformers' TF input conventions.
 
     The first argument may hold every input: a single tensor (``input_ids``), a list/tuple in
-    argument order, or a dict keyed by argument name (what ``model.fit`` passes).  Keyword arguments
-    work as usual.  Numpy arrays become tensors.  Unknown dict keys are logged and ignored.
+    argument order, or a Mapping keyed by argument name (what ``model.fit`` passes; a tokenizer's
+    ``BatchEncoding``).  Keyword arguments work as usual.  Numpy arrays become tensors.  Keys are
+    handled by :func:`nezha_zoo.inputs.merge_encoding`: tokenizer-only keys (``offset_mapping``...)
+    are dropped, other unknown keys raise ``TypeError``.
     """
     sig = inspect.signature(call)
     names = [n for n in sig.parameters if n != "self"]
@@ -106,32 +112,72 @@ def unpack_inputs(call: Callable) -> Callable:
 
     @functools.wraps(call)
     def wrapper(self, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k in names or k not in NON_MODEL_INPUTS}
         bound = sig.bind_partial(self, *args, **kwargs).arguments
         bound.pop("self")
         first = bound.get(main)
-        if isinstance(first, ModelOutput) or not isinstance(first, (dict, list, tuple)):
-            packed = None
-        else:
-            packed = first
-        if packed is not None:
+        if isinstance(first, (list, tuple)) and not isinstance(first, ModelOutput):
             bound.pop(main)
-            if isinstance(packed, dict):
-                unknown = [k for k in packed if k not in names]
-                if unknown:
-                    logger.warning("%s ignores unknown inputs %s", type(self).__name__, unknown)
-                items = {k: v for k, v in packed.items() if k in names}
-            else:
-                if len(packed) > len(names):
-                    raise TypeError(f"{type(self).__name__} takes at most {len(names)} inputs, got {len(packed)}")
-                items = dict(zip(names, packed))
-            for k, v in items.items():
+            if len(first) > len(names):
+                raise TypeError(f"{type(self).__name__} takes at most {len(names)} inputs, got {len(first)}")
+            for k, v in zip(names, first):
                 if k in bound and bound[k] is not None and k != "training":
                     raise TypeError(f"{k!r} given both in the packed inputs and as an argument")
                 bound[k] = v
+        else:
+            merge_encoding(type(self).__name__, names, main, bound)
         bound = {k: _to_tensor(v) for k, v in bound.items()}
-        return call(self, **bound)
+        return _checked_call(call, self, bound)
 
     return wrapper
+
+
+def _checked_call(call: Callable, model: Any, inputs: dict[str, Any]):
+    """``call(model, **inputs)`` under SPEC §6 when traced (``tf.function``, XLA): the value asserts of
+    :func:`~nezha_zoo.tf.layers.graph_input_checks`, and NaN for the examples they flag (what XLA, which
+    drops asserts, returns instead of an error).  Shapes, dtypes and concrete (eager) values are checked
+    by the model's ``validate_inputs``."""
+    config = getattr(model, "config", None)
+    if tf.executing_eagerly() or config is None:
+        return call(model, **inputs)
+    inputs, bad = graph_input_checks(config, inputs)
+    return poison_rows(call(model, **inputs), bad)
+
+
+_OWN_SUBJECTS = "|".join([name for name, _, _ in ID_INPUTS] + ["attention_mask", "sequence "])
+#: The text of a failed assert of graph_input_checks: "assertion failed: [<message>] <values>".
+_OWN_ASSERT = re.compile(rf"assertion failed: \[((?:{_OWN_SUBJECTS})[^\]]*)\]([^\n]*)")
+
+
+def checked(fn: Callable) -> Callable:
+    """``tf.function(fn)`` whose model calls raise :class:`InputError` for bad inputs instead of NaN.
+
+    Under XLA (``jit_compile=True``) the input asserts are dropped and a bad example's outputs are NaN
+    (docs/bad_input.md); ``checked`` runs ``fn`` as a graph without XLA, where the asserts of
+    :func:`~nezha_zoo.tf.layers.graph_input_checks` run, and raises their failure as
+    :class:`InputError`.  The same spelling exists in ``nezha_zoo.flax`` (``checkify``).
+
+    Args:
+        fn: a function calling a model (``lambda ids: model(ids)``), or a ``tf.function`` of one
+            (its Python function is run without XLA).
+
+    Returns:
+        A function with ``fn``'s arguments and outputs.
+    """
+    inner = getattr(fn, "python_function", fn)
+    graph = tf.function(inner, jit_compile=False)
+
+    @functools.wraps(inner)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return graph(*args, **kwargs)
+        except tf.errors.InvalidArgumentError as e:
+            own = _OWN_ASSERT.search(e.message)
+            if own is None:
+                raise
+            raise InputError((own.group(1) + own.group(2)).strip()) from None
+
+    return run
 
 
 def variable_key(variable: keras.Variable) -> str:
@@ -404,6 +450,15 @@ class TFPreTrainedModel(keras.Model):
                 layer.__dict__["output_shape"] = shapes[id(layer)]
                 if not layer._build_shapes_dict:  # built without input shapes (Dropout): summary would stop at "?"
                     layer._build_shapes_dict = {"output_shape": shapes[id(layer)]}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Keras only sees through plain dicts: a tokenizer's BatchEncoding (ours, a dict subclass, or
+        # transformers', a UserDict) becomes one before Keras checks the positional inputs; Keras binds
+        # keywords to ``call``'s signature itself, so tokenizer-only keys are dropped here.
+        if args and isinstance(args[0], Mapping) and not isinstance(args[0], ModelOutput):
+            args = (dict(args[0]), *args[1:])
+        kwargs = {k: v for k, v in kwargs.items() if k not in NON_MODEL_INPUTS}
+        return super().__call__(*args, **kwargs)
 
     # -- construction ------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from nezha_zoo.auto import AUTO_MODEL_HEADS
 from nezha_zoo.families.electra import ELECTRA
 from nezha_zoo.spec import registry
 from nezha_zoo.spec.registry import BASE_HEAD, FRAMEWORKS, families, model_class, register_model_class
@@ -37,6 +38,8 @@ EXTRAS = {
     "tf": {"TFPreTrainedModel", "mean_pool"},
     "flax": {"FlaxPreTrainedModel", "mean_pool", "losses"},
 }
+for _fw, _prefix in (("pt", ""), ("tf", "TF"), ("flax", "Flax")):
+    EXTRAS[_fw] |= {_prefix + name for name in AUTO_MODEL_HEADS}  # the Auto classes (<backend>/auto.py)
 
 # Runs in a fresh interpreter per framework: the lookup must import the backend itself.
 PROBE = """
@@ -103,6 +106,11 @@ def test_every_public_class_is_a_class_statement(framework):
         for head in (BASE_HEAD, *fam.heads):
             name = fam.class_name(head, framework)
             assert re.search(rf"^class {name}\(", source, re.M), f"no `class {name}(` in {framework}/{fam.key}.py"
+    source = (REPO / "nezha_zoo" / framework / "auto.py").read_text(encoding="utf-8")
+    prefix = {"pt": "", "tf": "TF", "flax": "Flax"}[framework]
+    for name, head in AUTO_MODEL_HEADS.items():
+        declaration = f'class {prefix}{name}(BaseAutoModel, framework="{framework}", head="{head}"):'
+        assert declaration in source, f"no `{declaration}` in {framework}/auto.py"
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,13 @@ import nezha_zoo.flax as nzf
 import nezha_zoo.flax.modeling_utils as flax_utils
 from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig
 from nezha_zoo.io.reader import open_checkpoint
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
+from nezha_zoo.testing import (
+    TOLERANCES,
+    assert_close,
+    assert_save_pretrained_takes_the_lock,
+    pin_precision,
+    tiny_inputs,
+)
 
 pytestmark = [pytest.mark.flax]
 
@@ -102,6 +108,10 @@ def test_bf16_save_is_bf16_and_loads_exactly(tmp_path):
         assert b.dtype == jnp.bfloat16 and c.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(b).view(np.uint16), np.asarray(a).view(np.uint16))
         np.testing.assert_array_equal(np.asarray(c), np.asarray(a).astype(np.float32))
+
+
+def test_save_pretrained_fails_at_once_while_another_writer_holds_the_destination(tmp_path):
+    assert_save_pretrained_takes_the_lock(nzf.FlaxElectraForPreTraining(CONFIGS["Electra"], seed=1), tmp_path)
 
 
 def test_transformers_loads_our_bf16_checkpoint(tmp_path):

@@ -11,7 +11,13 @@ import nezha_zoo.pt as zoo
 from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig
 from nezha_zoo.io.reader import open_checkpoint
 from nezha_zoo.pt.modeling_utils import PreTrainedModel
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
+from nezha_zoo.testing import (
+    TOLERANCES,
+    assert_close,
+    assert_save_pretrained_takes_the_lock,
+    pin_precision,
+    tiny_inputs,
+)
 
 pytestmark = [pytest.mark.pt]
 
@@ -92,6 +98,10 @@ def test_bf16_save_is_bf16_and_loads_exactly(tmp_path):
         assert torch.equal(again.state_dict()[name], t), name
         assert as_f32.state_dict()[name].dtype == torch.float32
         assert torch.equal(as_f32.state_dict()[name], t.float()), name  # bf16 -> f32 is exact
+
+
+def test_save_pretrained_fails_at_once_while_another_writer_holds_the_destination(tmp_path):
+    assert_save_pretrained_takes_the_lock(zoo.ElectraForPreTraining(CONFIGS["Electra"]), tmp_path)
 
 
 def test_transformers_loads_our_bf16_checkpoint(tmp_path):

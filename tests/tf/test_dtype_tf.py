@@ -18,7 +18,13 @@ import nezha_zoo.tf as ztf  # noqa: E402
 import nezha_zoo.tf.modeling_utils as tf_utils  # noqa: E402
 from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig  # noqa: E402
 from nezha_zoo.io.reader import open_checkpoint  # noqa: E402
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs  # noqa: E402
+from nezha_zoo.testing import (  # noqa: E402
+    TOLERANCES,
+    assert_close,
+    assert_save_pretrained_takes_the_lock,
+    pin_precision,
+    tiny_inputs,
+)
 
 pytestmark = [pytest.mark.tf]
 
@@ -101,6 +107,10 @@ def test_bf16_save_is_bf16_and_loads_exactly(tmp_path):
         assert v.path == w.path == x.path and x.dtype == "float32"
         np.testing.assert_array_equal(w.numpy().view(np.uint16), v.numpy().view(np.uint16), err_msg=v.path)
         np.testing.assert_array_equal(x.numpy(), v.numpy().astype(np.float32), err_msg=v.path)
+
+
+def test_save_pretrained_fails_at_once_while_another_writer_holds_the_destination(tmp_path):
+    assert_save_pretrained_takes_the_lock(ztf.TFElectraForPreTraining(CONFIGS["Electra"], seed=1), tmp_path)
 
 
 def test_transformers_loads_our_bf16_checkpoint(tmp_path):
