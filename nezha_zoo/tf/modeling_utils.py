@@ -45,11 +45,16 @@ __all__ = [
     "variable_key",
     "KERAS_LAYOUT",
     "dtype_policy_scope",
+    "resolve_dtype_policy",
+    "MIXED_POLICIES",
 ]
 
 logger = logging.getLogger("nezha_zoo")
 
 KERAS_LAYOUT = LAYOUTS["keras"]
+
+#: The package name every model class is registered under with Keras (``"nezha_zoo>TFElectraModel"``).
+KERAS_PACKAGE = "nezha_zoo"
 
 
 # --- output classes through Keras' tree utilities (optree, namespace "keras") ----------------------
@@ -183,18 +188,58 @@ def variable_key(variable: keras.Variable) -> str:
 # --- dtype ---------------------------------------------------------------------------------------
 
 
+#: Keras mixed-precision policies a model accepts: float32 variables, compute in the low dtype.
+MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
+
+
+def resolve_dtype_policy(dtype: Any) -> str:
+    """The Keras dtype policy name a model runs under: ``"float32"``, ``"bfloat16"`` or a mixed one.
+
+    Args:
+        dtype: ``None`` (Keras' global policy, ``keras.mixed_precision.set_global_policy``), a
+            :data:`MIXED_POLICIES` name or ``keras.DTypePolicy``, or any spelling of float32 /
+            bfloat16 that :func:`~nezha_zoo.dtypes.canonical_dtype` accepts.
+
+    Raises:
+        ValueError: an unsupported dtype or policy (float16, float64, quantized policies...),
+            also when it is the global policy.
+        TypeError: something that is not a dtype.
+    """
+    if dtype is None:
+        policy = keras.config.dtype_policy()
+        if policy.name in MIXED_POLICIES:
+            return policy.name
+        try:
+            return canonical_dtype(policy.name)
+        except ValueError:
+            raise ValueError(
+                f"Keras' global dtype policy {policy.name!r} is not supported; models run in float32, bfloat16, "
+                f"{' or '.join(MIXED_POLICIES)} (keras.mixed_precision.set_global_policy or the dtype= argument)"
+            ) from None
+    name = getattr(dtype, "name", dtype) if isinstance(dtype, keras.DTypePolicy) else dtype
+    if isinstance(name, str) and name.strip().lower() in MIXED_POLICIES:
+        return name.strip().lower()
+    try:
+        return canonical_dtype(name)
+    except ValueError:
+        raise ValueError(
+            f"dtype={dtype!r} is not supported; models run in float32, bfloat16, {' or '.join(MIXED_POLICIES)}"
+        ) from None
+
+
 @contextlib.contextmanager
 def dtype_policy_scope(dtype: Any) -> Iterator[str]:
-    """Make ``dtype`` (None/"float32" or "bfloat16", any spelling) Keras' default dtype policy inside.
+    """Make ``dtype``'s policy (see :func:`resolve_dtype_policy`) Keras' default dtype policy inside.
 
-    Every layer created in the scope takes it (variables and compute in that dtype) unless it is given
-    a dtype of its own; Keras keeps the default per thread.  Yields the canonical dtype name.
+    Every layer created in the scope takes it (variables in the policy's variable dtype, compute in
+    its compute dtype) unless it is given a dtype of its own; Keras keeps the default per thread.
+    ``None`` keeps the global policy.  Yields the policy name.
     """
-    canon = canonical_dtype(dtype)
+    policy = resolve_dtype_policy(dtype)
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(canon)
+    keras.config.set_dtype_policy(policy)
     try:
-        yield canon
+        yield policy
     finally:
         keras.config.set_dtype_policy(previous)
 
@@ -231,10 +276,21 @@ def _uninitialized_variables(model: keras.Layer) -> Iterator[None]:
 
 
 def _scoped_init(init: Callable) -> Callable:
-    """Run a model class's ``__init__`` under the dtype policy of its ``dtype=`` argument."""
+    """Run a model class's ``__init__`` under the dtype policy of its ``dtype=`` argument.
+
+    The outermost constructor call also records its arguments for :meth:`TFPreTrainedModel.get_config`.
+    """
+    signature = inspect.signature(init)
 
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
+        if "_init_arguments" not in self.__dict__:
+            bound = signature.bind(self, *args, **kwargs).arguments
+            bound.pop(next(iter(signature.parameters)))  # self
+            varkw = next((n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+            bound.update(bound.pop(varkw, {}))
+            # Plain data, kept out of Keras' attribute tracking.
+            self.__dict__["_init_arguments"] = bound
         with dtype_policy_scope(kwargs.get("dtype")):
             init(self, *args, **kwargs)
 
@@ -261,9 +317,17 @@ class TFPreTrainedModel(keras.Model):
         gradient_checkpointing (bool): recompute each encoder layer in the backward pass
             (``tf.recompute_grad``); same gradients, less activation memory.
         name (str | None): Keras name of the model (the first component of every variable path).
-        dtype (str | tf.DType | None): weights and compute dtype: None/``"float32"`` or
-            ``"bfloat16"``.  Every layer built by the model's constructor (a family's own layers
-            included) gets it through Keras' dtype policy; see :func:`dtype_policy_scope`.
+        dtype (str | tf.DType | keras.DTypePolicy | None): weights and compute dtype:
+            ``"float32"`` or ``"bfloat16"``, or a Keras mixed policy (``"mixed_float16"``,
+            ``"mixed_bfloat16"``: float32 variables, compute in the low dtype; ``compile`` adds loss
+            scaling for float16).  None follows Keras' global policy.  Every layer built by the
+            model's constructor (a family's own layers included) gets it through Keras' dtype
+            policy; see :func:`dtype_policy_scope`.
+
+    Keras lifecycle: every subclass is registered with Keras (package ``"nezha_zoo"``), and
+    :meth:`get_config` carries the model config as a plain dict, so ``model.save("x.keras")`` /
+    ``keras.models.load_model``, ``ModelCheckpoint`` and ``keras.models.clone_model`` work without
+    ``custom_objects``.
     """
 
     family: Family
@@ -286,8 +350,8 @@ class TFPreTrainedModel(keras.Model):
     ) -> None:
         if not isinstance(config, self.config_class):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
-        canon = canonical_dtype(dtype)
-        super().__init__(name=name or _snake(type(self).__name__), dtype=canon, **kwargs)
+        policy = resolve_dtype_policy(dtype)
+        super().__init__(name=name or _snake(type(self).__name__), dtype=policy, **kwargs)
         self.config = config
         self.gradient_checkpointing = gradient_checkpointing
         self._init_seed = seed
@@ -302,6 +366,90 @@ class TFPreTrainedModel(keras.Model):
         if init is not None and not getattr(init, "_dtype_scoped", False):
             cls.__init__ = _scoped_init(init)
         register_model_class(cls, "tf")
+        # load_model / clone_model find the class by this name, without custom_objects.
+        keras.saving.register_keras_serializable(package=KERAS_PACKAGE, name=cls.__name__)(cls)
+
+    # -- Keras serialization -----------------------------------------------------------------------
+
+    def get_config(self) -> dict[str, Any]:
+        """Everything :meth:`from_config` needs to rebuild this model (JSON-ready).
+
+        ``"config"`` is the model config as a plain dict (``config.json``'s layout); the other keys
+        are the constructor's arguments (``seed``, ``add_pooling_layer``...), ``name``, ``dtype``
+        (the dtype policy's name) and ``trainable``.  The weights are not in it.
+        """
+        arguments = dict(self.__dict__.get("_init_arguments", {}))
+        for internal in ("config", "_skip_init"):
+            arguments.pop(internal, None)
+        arguments.update(
+            config=self.config.to_dict(),
+            name=self.name,
+            dtype=self.dtype_policy.name,
+            trainable=self.trainable,
+            gradient_checkpointing=bool(self.gradient_checkpointing),
+        )
+        return arguments
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None):
+        """A new model (spec-initialised weights) from :meth:`get_config`'s dict.
+
+        Raises:
+            ValueError: ``config`` has no ``"config"`` entry (the model config).
+        """
+        config = dict(config)
+        if "config" not in config:
+            raise ValueError(f"{cls.__name__}.from_config needs the model config under 'config', got {sorted(config)}")
+        model_config = config.pop("config")
+        if not isinstance(model_config, PretrainedConfig):
+            model_config = cls.config_class.from_dict(model_config)
+        return cls(model_config, **config)
+
+    def summary(self, *args: Any, **kwargs: Any) -> None:
+        """Keras' ``summary`` (same arguments), with every layer's output shape for inputs of any
+        batch size and length: ``(None, None, hidden)`` rather than ``?``."""
+        self._record_output_shapes()
+        return super().summary(*args, **kwargs)
+
+    def _record_output_shapes(self) -> None:
+        """Trace one call on (batch, length)-dynamic inputs; give each sub-layer the static shape of
+        its (first) output as ``output_shape``, where Keras' summary reads it.
+
+        Subclassed layers have no symbolic output Keras could show; tracing once costs no compute.
+        """
+        specs = {}
+        for key, value in self._dummy_inputs().items():
+            value = tf.convert_to_tensor(value)
+            shape = [None] * value.shape.rank
+            if value.dtype.is_floating:  # encoder_hidden_states (B, L, H): the width is fixed
+                shape[-1] = value.shape[-1]
+            specs[key] = tf.TensorSpec(shape, value.dtype, name=key)
+        shapes: dict[int, tuple] = {}
+
+        def recording(layer: keras.Layer, call: Callable) -> Callable:
+            @functools.wraps(call)
+            def wrapped(*args, **kwargs):
+                out = call(*args, **kwargs)
+                first = next((t for t in tf.nest.flatten(out) if hasattr(t, "shape")), None)
+                if first is not None:
+                    shapes.setdefault(id(layer), tuple(first.shape.as_list()))
+                return out
+
+            return wrapped
+
+        layers = list(self._flatten_layers(include_self=False))
+        for layer in layers:  # an instance attribute wins over the class's call (Keras calls self.call)
+            layer.__dict__["call"] = recording(layer, layer.call)
+        try:
+            tf.function(lambda inputs: self(**inputs, training=False)).get_concrete_function(specs)
+        finally:
+            for layer in layers:
+                del layer.__dict__["call"]
+        for layer in layers:
+            if id(layer) in shapes:
+                layer.__dict__["output_shape"] = shapes[id(layer)]
+                if not layer._build_shapes_dict:  # built without input shapes (Dropout): summary would stop at "?"
+                    layer._build_shapes_dict = {"output_shape": shapes[id(layer)]}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Keras only sees through plain dicts: a tokenizer's BatchEncoding (ours, a dict subclass, or

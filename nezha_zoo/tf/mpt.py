@@ -197,7 +197,8 @@ class TFMptAttention(Block):
         if position_bias is not None:
             scores = scores + position_bias
         if attention_mask is not None:  # masked_fill, as transformers: a fully masked row is uniform
-            scores = tf.where(attention_mask, tf.constant(tf.float32.min, scores.dtype), scores)
+            # The scores' own minimum (torch.finfo(dtype).min): float32's overflows to -inf in float16.
+            scores = tf.where(attention_mask, tf.constant(scores.dtype.min, scores.dtype), scores)
         probs = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), value.dtype)
         probs = self.attn_dropout(probs, training=training)
         if head_mask is not None:
