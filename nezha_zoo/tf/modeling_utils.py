@@ -33,6 +33,7 @@ from nezha_zoo.pretrained import load_weights, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, ModelSpec
 from nezha_zoo.spec.registry import Family, register_model_class
+from nezha_zoo.tf.lora import LoraMixin, is_lora_key
 
 __all__ = [
     "TFPreTrainedModel",
@@ -199,7 +200,7 @@ def _scoped_init(init: Callable) -> Callable:
 # --- base model ----------------------------------------------------------------------------------
 
 
-class TFPreTrainedModel(keras.Model):
+class TFPreTrainedModel(LoraMixin, keras.Model):
     """Base of every TF model: spec-driven variables, ``from_pretrained``/``save_pretrained``, ``fit``.
 
     Subclasses set ``family`` (a :class:`~nezha_zoo.spec.registry.Family`), ``head`` (``"Model"``,
@@ -362,7 +363,7 @@ class TFPreTrainedModel(keras.Model):
         return {variable_key(v): v for v in self.weights}
 
     def _matched(self) -> Iterator[tuple[Any, keras.Variable]]:
-        by_key = self.variables_by_key()
+        by_key = {k: v for k, v in self.variables_by_key().items() if not is_lora_key(k)}  # adapter: not spec
         spec = self.spec
         want = {KERAS_LAYOUT.key(p) for p in spec}
         if set(by_key) != want:
