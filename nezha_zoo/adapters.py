@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "ROLES",
     "LoraConfig",
+    "LoraMethods",
     "LoraTarget",
     "lora_targets",
     "peft_key",
@@ -349,3 +350,75 @@ def read_adapter(
     finally:
         reader.close()
     return config, out
+
+
+class LoraMethods:
+    """The LoRA methods every backend's base class shares; a backend supplies the tensor work.
+
+    A backend implements ``_attach_lora(config, targets, weights)`` (``weights`` None: a fresh
+    adapter, B zero), ``lora_weights()``, ``merge_lora()``, ``unmerge_lora()`` and
+    ``trainable_parameter_count()``; the model provides ``spec`` and ``family``.
+    """
+
+    lora_config: LoraConfig | None = None
+
+    def enable_lora(
+        self,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        target_modules: Sequence[str] | str | None = None,
+    ) -> int:
+        """Add a fresh LoRA adapter (A random as PEFT's kaiming init, B zero) and freeze the base weights.
+
+        Args:
+            rank (int): r >= 1.
+            alpha (float | None): scale numerator (default ``rank``): scaling ``alpha / rank``.
+            dropout (float): dropout on the adapter input while training (PyTorch; TF and Flax apply
+                LoRA as a kernel delta and only record it).
+            target_modules (list[str] | str | None): module names (PEFT's suffix rule) or roles
+                (``"qkv"``, ``"attention_output"``, ``"ffn_in"``, ``"ffn_out"``, ``"ffn"``); a string
+                is a regular expression over module paths; default the query/key/value projections.
+        Returns:
+            int: the number of trainable parameters (the adapter's).
+        Raises:
+            ValueError: a bad rank, alpha or dropout, targets that match nothing, or an adapter already
+                attached; the model is unchanged.
+        """
+        config = LoraConfig.create(rank, alpha, dropout, target_modules)
+        self._check_no_lora()
+        self._attach_lora(config, lora_targets(self.spec, config.target_modules), None)
+        return self.trainable_parameter_count()
+
+    def load_adapter(self, adapter_directory: str | os.PathLike) -> int:
+        """Attach a PEFT-format LoRA adapter (ours or PEFT's) and freeze the base weights.
+
+        Everything is read and checked first: an error leaves the model unchanged.
+        Returns:
+            int: the number of trainable parameters (the adapter's).
+        """
+        self._check_no_lora()
+        config, weights = read_adapter(adapter_directory, self.spec, self.family.base_prefix)
+        targets = [t for t in lora_targets(self.spec, sorted(weights)) if t.module in weights]
+        self._attach_lora(config, targets, weights)
+        return self.trainable_parameter_count()
+
+    def save_adapter(self, save_directory: str | os.PathLike) -> list[str]:
+        """Write the adapter in PEFT's format (``adapter_config.json``, ``adapter_model.safetensors``).
+
+        Returns the written file names.
+        """
+        weights = self.lora_weights()
+        return write_adapter(save_directory, self.lora_config, self.spec, self.family.base_prefix, weights)
+
+    def _check_no_lora(self) -> None:
+        if self.lora_config is not None:
+            raise ValueError(
+                f"{type(self).__name__} already has a LoRA adapter (r={self.lora_config.r}); "
+                "save or merge it and start from a model without one to add another"
+            )
+
+    def _require_lora(self) -> LoraConfig:
+        if self.lora_config is None:
+            raise ValueError(f"{type(self).__name__} has no LoRA adapter; call enable_lora or load_adapter first")
+        return self.lora_config

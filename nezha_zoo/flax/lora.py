@@ -24,7 +24,6 @@ Targets, file format and checks are :mod:`nezha_zoo.adapters`'.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from nezha_zoo.adapters import LoraConfig, LoraTarget, lora_targets, read_adapter, write_adapter
+from nezha_zoo.adapters import LoraConfig, LoraMethods, LoraTarget
 from nezha_zoo.spec.layouts import LAYOUTS
 
 __all__ = ["LoraMixin"]
@@ -41,56 +40,27 @@ __all__ = ["LoraMixin"]
 _FLAX = LAYOUTS["flax"]
 
 
-class LoraMixin:
+class LoraMixin(LoraMethods):
     """LoRA methods of the Flax base class (enable, merge, unmerge, save, load, the adapter tree)."""
 
-    lora_config: LoraConfig | None = None
     _lora_targets: tuple[LoraTarget, ...] = ()
     _lora_params: dict | None = None
     _lora_merged: bool = False
-
-    def enable_lora(
-        self,
-        rank: int,
-        alpha: float | None = None,
-        dropout: float = 0.0,
-        target_modules: list[str] | tuple[str, ...] | str | None = None,
-        seed: int = 0,
-    ) -> int:
-        """Add a fresh LoRA adapter (A he-uniform as PEFT's kaiming init, B zero).
-
-        Args:
-            rank (int): r >= 1.
-            alpha (float | None): scale numerator (default ``rank``): scaling ``alpha / rank``.
-            dropout (float): recorded in the saved config (applied as a kernel delta, no dropout).
-            target_modules: module names (PEFT's suffix rule) or roles; default the query/key/value
-                projections.  See :mod:`nezha_zoo.adapters`.
-            seed (int): PRNG seed of A.
-        Returns:
-            int: the number of trainable parameters (the adapter tree's).
-        """
-        config = LoraConfig.create(rank, alpha, dropout, target_modules)
-        self._check_no_lora()
-        targets = lora_targets(self.spec, config.target_modules)
-        rng = np.random.default_rng(seed)
-        weights = {}
-        for t in targets:
-            bound = 1.0 / np.sqrt(t.in_features)  # kaiming_uniform(a=sqrt(5)) as torch / PEFT
-            a = rng.uniform(-bound, bound, size=(config.r, t.in_features)).astype(np.float32)
-            weights[t.module] = (a, np.zeros((t.out_features, config.r), np.float32))
-        self._attach_lora(config, targets, weights)
-        return self.trainable_parameter_count()
-
-    def _check_no_lora(self) -> None:
-        if self.lora_config is not None:
-            raise ValueError(
-                f"{type(self).__name__} already has a LoRA adapter (r={self.lora_config.r}); "
-                "merge it and build a new model, or save it, before adding another"
-            )
+    lora_seed: int = 0  # PRNG seed of a fresh adapter's A
 
     def _attach_lora(
-        self, config: LoraConfig, targets: list[LoraTarget], weights: Mapping[str, tuple[np.ndarray, np.ndarray]]
+        self,
+        config: LoraConfig,
+        targets: list[LoraTarget],
+        weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None,
     ) -> None:
+        if weights is None:  # fresh: A kaiming_uniform(a=sqrt(5)) as torch / PEFT, B zero
+            rng = np.random.default_rng(self.lora_seed)
+            weights = {}
+            for t in targets:
+                bound = 1.0 / np.sqrt(t.in_features)
+                a = rng.uniform(-bound, bound, size=(config.r, t.in_features)).astype(np.float32)
+                weights[t.module] = (a, np.zeros((t.out_features, config.r), np.float32))
         flat = {}
         for t in targets:
             a, b = weights[t.module]
@@ -101,11 +71,6 @@ class LoraMixin:
         self._lora_params = unflatten_dict(flat)
         self._lora_merged = False
         self.lora_config = config
-
-    def _require_lora(self) -> LoraConfig:
-        if self.lora_config is None:
-            raise ValueError(f"{type(self).__name__} has no LoRA adapter; call enable_lora or load_adapter first")
-        return self.lora_config
 
     @property
     def lora_params(self) -> dict:
@@ -177,19 +142,3 @@ class LoraMixin:
                 np.asarray(lora[(*module, which, "kernel")], np.float32).T for which in ("lora_A", "lora_B")
             )
         return out
-
-    def save_adapter(self, save_directory: str | os.PathLike) -> list[str]:
-        """Write the adapter in PEFT's format (``adapter_config.json``, ``adapter_model.safetensors``)."""
-        weights = self.lora_weights()
-        return write_adapter(save_directory, self.lora_config, self.spec, self.family.base_prefix, weights)
-
-    def load_adapter(self, adapter_directory: str | os.PathLike) -> int:
-        """Attach a PEFT-format LoRA adapter; everything is checked first (an error changes nothing).
-
-        Returns the number of trainable parameters (the adapter tree's).
-        """
-        self._check_no_lora()
-        config, weights = read_adapter(adapter_directory, self.spec, self.family.base_prefix)
-        targets = [t for t in lora_targets(self.spec, sorted(weights)) if t.module in weights]
-        self._attach_lora(config, targets, weights)
-        return self.trainable_parameter_count()

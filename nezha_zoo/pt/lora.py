@@ -11,14 +11,13 @@ Targets, file format and checks are :mod:`nezha_zoo.adapters`'.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from nezha_zoo.adapters import LoraConfig, LoraTarget, lora_targets, read_adapter, write_adapter
+from nezha_zoo.adapters import LoraConfig, LoraMethods, LoraTarget
 
 __all__ = ["LoraMixin"]
 
@@ -30,40 +29,8 @@ def _lora_hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Te
     return output + delta * module.lora_scaling
 
 
-class LoraMixin:
+class LoraMixin(LoraMethods):
     """LoRA methods of the PyTorch base class (enable, merge, unmerge, save, load)."""
-
-    lora_config: LoraConfig | None = None
-
-    def enable_lora(
-        self,
-        rank: int,
-        alpha: float | None = None,
-        dropout: float = 0.0,
-        target_modules: list[str] | tuple[str, ...] | str | None = None,
-    ) -> int:
-        """Add a fresh LoRA adapter (A random as PEFT's kaiming init, B zero) and freeze the base weights.
-
-        Args:
-            rank (int): r >= 1.
-            alpha (float | None): scale numerator (default ``rank``): scaling ``alpha / rank``.
-            dropout (float): dropout on the adapter input in training mode.
-            target_modules: module names (PEFT's suffix rule) or roles (``"qkv"``, ``"attention_output"``,
-                ``"ffn"``...); default the query/key/value projections.  See :mod:`nezha_zoo.adapters`.
-        Returns:
-            int: the number of trainable parameters (the adapter's).
-        """
-        config = LoraConfig.create(rank, alpha, dropout, target_modules)
-        self._check_no_lora()
-        self._attach_lora(config, lora_targets(self.spec, config.target_modules), None)
-        return self.trainable_parameter_count()
-
-    def _check_no_lora(self) -> None:
-        if self.lora_config is not None:
-            raise ValueError(
-                f"{type(self).__name__} already has a LoRA adapter (r={self.lora_config.r}); "
-                "merge it and build a new model, or save it, before adding another"
-            )
 
     def _lora_layers(self) -> dict[str, nn.Linear]:
         return {name: m for name, m in self.named_modules() if hasattr(m, "lora_A")}
@@ -99,15 +66,14 @@ class LoraMixin:
             layer.lora_hook = layer.register_forward_hook(_lora_hook)
         self.lora_config = config
 
-    def _require_lora(self) -> dict[str, nn.Linear]:
-        if self.lora_config is None:
-            raise ValueError(f"{type(self).__name__} has no LoRA adapter; call enable_lora or load_adapter first")
+    def _adapted(self) -> dict[str, nn.Linear]:
+        self._require_lora()
         return self._lora_layers()
 
     @torch.no_grad()
     def merge_lora(self) -> None:
         """Add ``scaling * B @ A`` into each adapted weight; the forward pass then skips the adapter."""
-        for layer in self._require_lora().values():
+        for layer in self._adapted().values():
             if not layer.lora_merged:
                 layer.weight += (layer.lora_B.weight @ layer.lora_A.weight) * layer.lora_scaling
                 layer.lora_merged = True
@@ -115,7 +81,7 @@ class LoraMixin:
     @torch.no_grad()
     def unmerge_lora(self) -> None:
         """Undo :meth:`merge_lora` (subtract the same product)."""
-        for layer in self._require_lora().values():
+        for layer in self._adapted().values():
             if layer.lora_merged:
                 layer.weight -= (layer.lora_B.weight @ layer.lora_A.weight) * layer.lora_scaling
                 layer.lora_merged = False
@@ -128,22 +94,5 @@ class LoraMixin:
         """Module path -> (A (r, in), B (out, r)) as float32 numpy arrays."""
         return {
             name: tuple(w.detach().cpu().float().numpy() for w in (layer.lora_A.weight, layer.lora_B.weight))
-            for name, layer in self._require_lora().items()
+            for name, layer in self._adapted().items()
         }
-
-    def save_adapter(self, save_directory: str | os.PathLike) -> list[str]:
-        """Write the adapter in PEFT's format (``adapter_config.json``, ``adapter_model.safetensors``)."""
-        weights = self.lora_weights()
-        return write_adapter(save_directory, self.lora_config, self.spec, self.base_model_prefix, weights)
-
-    def load_adapter(self, adapter_directory: str | os.PathLike) -> int:
-        """Attach a PEFT-format LoRA adapter (ours or PEFT's) and freeze the base weights.
-
-        Everything is read and checked first: an error leaves the model unchanged.  Returns the
-        number of trainable parameters.
-        """
-        self._check_no_lora()
-        config, weights = read_adapter(adapter_directory, self.spec, self.base_model_prefix)
-        targets = [t for t in lora_targets(self.spec, sorted(weights)) if t.module in weights]
-        self._attach_lora(config, targets, weights)
-        return self.trainable_parameter_count()

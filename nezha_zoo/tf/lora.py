@@ -9,13 +9,12 @@ Targets, file format and checks are :mod:`nezha_zoo.adapters`'.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import keras
 import numpy as np
 
-from nezha_zoo.adapters import LoraConfig, LoraTarget, lora_targets, read_adapter, write_adapter
+from nezha_zoo.adapters import LoraConfig, LoraMethods, LoraTarget
 from nezha_zoo.spec.layouts import LAYOUTS
 
 __all__ = ["LoraMixin", "is_lora_key"]
@@ -28,40 +27,8 @@ def is_lora_key(key: str) -> bool:
     return key.rpartition("/")[2].startswith("lora_kernel_")
 
 
-class LoraMixin:
+class LoraMixin(LoraMethods):
     """LoRA methods of the Keras base class (enable, merge, unmerge, save, load)."""
-
-    lora_config: LoraConfig | None = None
-
-    def enable_lora(
-        self,
-        rank: int,
-        alpha: float | None = None,
-        dropout: float = 0.0,
-        target_modules: list[str] | tuple[str, ...] | str | None = None,
-    ) -> int:
-        """Add a fresh LoRA adapter (A he-uniform, B zero) and make every other variable non-trainable.
-
-        Args:
-            rank (int): r >= 1.
-            alpha (float | None): scale numerator (default ``rank``): scaling ``alpha / rank``.
-            dropout (float): recorded in the saved config (Keras applies LoRA as a kernel delta).
-            target_modules: module names (PEFT's suffix rule) or roles; default the query/key/value
-                projections.  See :mod:`nezha_zoo.adapters`.
-        Returns:
-            int: the number of trainable parameters (the adapter's).
-        """
-        config = LoraConfig.create(rank, alpha, dropout, target_modules)
-        self._check_no_lora()
-        self._attach_lora(config, lora_targets(self.spec, config.target_modules), None)
-        return self.trainable_parameter_count()
-
-    def _check_no_lora(self) -> None:
-        if self.lora_config is not None:
-            raise ValueError(
-                f"{type(self).__name__} already has a LoRA adapter (r={self.lora_config.r}); "
-                "merge it and build a new model, or save it, before adding another"
-            )
 
     def _dense_layers(self, targets: list[LoraTarget]) -> dict[str, keras.layers.Dense]:
         by_kernel = {
@@ -97,9 +64,8 @@ class LoraMixin:
         object.__setattr__(self, "_lora_layer_map", layers)
         object.__setattr__(self, "lora_config", config)
 
-    def _require_lora(self) -> dict[str, keras.layers.Dense]:
-        if self.lora_config is None:
-            raise ValueError(f"{type(self).__name__} has no LoRA adapter; call enable_lora or load_adapter first")
+    def _adapted(self) -> dict[str, keras.layers.Dense]:
+        self._require_lora()
         return self._lora_layer_map
 
     @staticmethod
@@ -109,7 +75,7 @@ class LoraMixin:
 
     def merge_lora(self) -> None:
         """Add ``scaling * B @ A`` into each adapted kernel; the forward pass then skips the adapter."""
-        for layer in self._require_lora().values():
+        for layer in self._adapted().values():
             if not layer.nz_lora_merged:
                 kernel = layer._kernel
                 kernel.assign((np.asarray(kernel.numpy(), np.float32) + self._delta(layer)).astype(kernel.dtype))
@@ -118,7 +84,7 @@ class LoraMixin:
 
     def unmerge_lora(self) -> None:
         """Undo :meth:`merge_lora` (subtract the same product)."""
-        for layer in self._require_lora().values():
+        for layer in self._adapted().values():
             if layer.nz_lora_merged:
                 kernel = layer._kernel
                 kernel.assign((np.asarray(kernel.numpy(), np.float32) - self._delta(layer)).astype(kernel.dtype))
@@ -136,21 +102,5 @@ class LoraMixin:
                 np.asarray(layer.lora_kernel_a.numpy(), np.float32).T,
                 np.asarray(layer.lora_kernel_b.numpy(), np.float32).T,
             )
-            for module, layer in self._require_lora().items()
+            for module, layer in self._adapted().items()
         }
-
-    def save_adapter(self, save_directory: str | os.PathLike) -> list[str]:
-        """Write the adapter in PEFT's format (``adapter_config.json``, ``adapter_model.safetensors``)."""
-        weights = self.lora_weights()
-        return write_adapter(save_directory, self.lora_config, self.spec, self.family.base_prefix, weights)
-
-    def load_adapter(self, adapter_directory: str | os.PathLike) -> int:
-        """Attach a PEFT-format LoRA adapter; everything is checked first (an error changes nothing).
-
-        Returns the number of trainable parameters.
-        """
-        self._check_no_lora()
-        config, weights = read_adapter(adapter_directory, self.spec, self.family.base_prefix)
-        targets = [t for t in lora_targets(self.spec, sorted(weights)) if t.module in weights]
-        self._attach_lora(config, targets, weights)
-        return self.trainable_parameter_count()
