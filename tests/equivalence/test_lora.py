@@ -31,7 +31,14 @@ from nezha_zoo import ElectraConfig, MPNetConfig, MptConfig  # noqa: E402
 from nezha_zoo.adapters import ADAPTER_CONFIG_NAME, LoraConfig, lora_targets, write_adapter  # noqa: E402
 from nezha_zoo.io.errors import CheckpointError  # noqa: E402
 from nezha_zoo.spec import get_family  # noqa: E402
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs, to_numpy  # noqa: E402
+from nezha_zoo.testing import (  # noqa: E402
+    TOLERANCES,
+    assert_close,
+    foreign_destination_lock,
+    pin_precision,
+    tiny_inputs,
+    to_numpy,
+)
 
 pytestmark = [pytest.mark.pt, pytest.mark.tf, pytest.mark.flax, pytest.mark.hf]
 
@@ -330,3 +337,22 @@ def test_flax_grad_and_optax_state_hold_only_the_adapter(base_dir):
     assert len(new_b) == 2 and all(not np.array_equal(a, b) for a, b in zip(old_b, new_b))  # B starts at 0
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: np.array_equal(a, b), params, model.params))
     assert np.isfinite(float(loss_fn(model.lora_params)))
+
+
+# --- nezha-zoo merge ------------------------------------------------------------------------------
+
+
+def test_merge_command_writes_the_merged_checkpoint(saved, base_dir, tmp_path, capsys):
+    from nezha_zoo.cli.main import main
+
+    adapter, want, _ = saved["flax"]
+    out = tmp_path / "merged"
+    with foreign_destination_lock(out):
+        assert main(["merge", str(base_dir), str(adapter), str(out), "-q"]) == 2
+    assert "nezha-zoo: error:" in capsys.readouterr().err and not os.path.exists(out / "model.safetensors")
+    assert main(["merge", str(base_dir), str(tmp_path / "nothing"), str(out), "-q"]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err and not os.path.exists(out / "model.safetensors")
+    assert main(["merge", str(base_dir), str(adapter), str(out), "-q"]) == 0
+    merged = nz_pt.ElectraModel.from_pretrained(out, strict=True)
+    assert merged.lora_config is None
+    assert_close(hidden("pt", merged), want, TOL, "nezha-zoo merge")
