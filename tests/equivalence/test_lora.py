@@ -356,3 +356,26 @@ def test_merge_command_writes_the_merged_checkpoint(saved, base_dir, tmp_path, c
     merged = nz_pt.ElectraModel.from_pretrained(out, strict=True)
     assert merged.lora_config is None
     assert_close(hidden("pt", merged), want, TOL, "nezha-zoo merge")
+
+
+def test_mpt_fused_wqkv_adapter_pt_flax_peft(tmp_path):
+    """MPT's fused ``Wqkv`` (role ``qkv``): PyTorch's adapter in Flax and in PEFT over transformers."""
+    torch.manual_seed(0)
+    cfg = MptConfig(d_model=16, n_heads=2, n_layers=2, vocab_size=99, max_seq_len=16, pad_token_id=0)
+    nz_pt.MptModel(cfg).save_pretrained(tmp_path / "base")
+    inputs = {k: INPUTS[k] for k in ("input_ids", "attention_mask")}
+    model = nz_pt.MptModel.from_pretrained(tmp_path / "base")
+    model.enable_lora(2, alpha=3)
+    assert sorted(model._lora_layers()) == ["blocks.0.attn.Wqkv", "blocks.1.attn.Wqkv"]
+    randomize_b("pt", model, seed=5)
+    with torch.no_grad():
+        want = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).last_hidden_state.numpy()
+    model.save_adapter(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_NAME).read_text())["target_modules"] == ["Wqkv"]
+    flax_model = nz_flax.FlaxMptModel.from_pretrained(tmp_path / "base")
+    flax_model.load_adapter(tmp_path / "adapter")
+    assert_close(to_numpy(flax_model(**inputs).last_hidden_state), want, TOL, "MPT adapter in Flax")
+    hf = peft.PeftModel.from_pretrained(transformers.MptModel.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    with torch.no_grad():
+        got = hf.eval()(**{k: torch.from_numpy(v) for k, v in inputs.items()}).last_hidden_state.numpy()
+    assert_close(got, want, TOL, "MPT adapter in PEFT")
