@@ -379,3 +379,17 @@ def test_mpt_fused_wqkv_adapter_pt_flax_peft(tmp_path):
     with torch.no_grad():
         got = hf.eval()(**{k: torch.from_numpy(v) for k, v in inputs.items()}).last_hidden_state.numpy()
     assert_close(got, want, TOL, "MPT adapter in PEFT")
+
+
+def test_example_flax_trained_adapter_served_by_pytorch_and_peft(tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "lora_flax_to_pt.py")
+    spec = importlib.util.spec_from_file_location("lora_flax_to_pt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(steps=30, workdir=str(tmp_path))
+    assert np.mean(result["losses"][-3:]) < np.mean(result["losses"][:3]), result["losses"]
+    for server in ("pt", "peft"):
+        assert_close(result[server], result["flax"], TOLERANCES["logits"], f"Flax-trained adapter in {server}")
+        np.testing.assert_array_equal(result[server].argmax(-1), result["flax"].argmax(-1))
