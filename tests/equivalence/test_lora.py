@@ -393,3 +393,18 @@ def test_example_flax_trained_adapter_served_by_pytorch_and_peft(tmp_path):
     for server in ("pt", "peft"):
         assert_close(result[server], result["flax"], TOLERANCES["logits"], f"Flax-trained adapter in {server}")
         np.testing.assert_array_equal(result[server].argmax(-1), result["flax"].argmax(-1))
+
+
+def test_flax_generate_uses_the_adapter(tmp_path):
+    torch.manual_seed(0)
+    cfg = MptConfig(d_model=16, n_heads=2, n_layers=2, vocab_size=99, max_seq_len=16, pad_token_id=0)
+    nz_pt.MptForCausalLM(cfg).save_pretrained(tmp_path)
+    model = nz_flax.FlaxMptForCausalLM.from_pretrained(tmp_path)
+    prompt = INPUTS["input_ids"][:, :3]
+    plain = np.asarray(model.generate(prompt, max_new_tokens=6))
+    model.enable_lora(4, alpha=64, target_modules=["qkv", "ffn"])
+    randomize_b("flax", model, seed=2)
+    adapted = np.asarray(model.generate(prompt, max_new_tokens=6))
+    assert not np.array_equal(adapted, plain)  # the adapter changes the greedy tokens
+    model.merge_lora()
+    np.testing.assert_array_equal(np.asarray(model.generate(prompt, max_new_tokens=6)), adapted)
