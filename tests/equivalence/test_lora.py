@@ -408,3 +408,15 @@ def test_flax_generate_uses_the_adapter(tmp_path):
     assert not np.array_equal(adapted, plain)  # the adapter changes the greedy tokens
     model.merge_lora()
     np.testing.assert_array_equal(np.asarray(model.generate(prompt, max_new_tokens=6)), adapted)
+
+
+@pytest.mark.parametrize("fw", ["pt", "tf", "flax"])
+def test_save_pretrained_with_an_adapter_writes_base_then_merged_weights(fw, saved, base_dir, tmp_path):
+    _, want, plain = saved[fw]
+    model = load(fw, base_dir)
+    model.load_adapter(saved[fw][0])
+    model.save_pretrained(tmp_path / "base")
+    assert_close(hidden("pt", nz_pt.ElectraModel.from_pretrained(tmp_path / "base", strict=True)), plain, TOL, fw)
+    model.merge_lora()
+    model.save_pretrained(tmp_path / "merged")
+    assert_close(hidden("pt", nz_pt.ElectraModel.from_pretrained(tmp_path / "merged", strict=True)), want, TOL, fw)
