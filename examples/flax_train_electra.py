@@ -35,9 +35,9 @@ def make_batch(rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32)}
 
 
-def main(steps: int = 60, batch: int = 32, seed: int = 0, learning_rate: float = 3e-3) -> list[float]:
-    """Train for ``steps`` steps; return the loss of every step."""
-    config = ElectraConfig(
+def toy_config(dropout: float = 0.1) -> ElectraConfig:
+    """The tiny Electra classifier of the toy task."""
+    return ElectraConfig(
         vocab_size=VOCAB,
         embedding_size=32,
         hidden_size=32,
@@ -46,9 +46,14 @@ def main(steps: int = 60, batch: int = 32, seed: int = 0, learning_rate: float =
         intermediate_size=64,
         max_position_embeddings=SEQ_LEN,
         num_labels=2,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
+
+
+def main(steps: int = 60, batch: int = 32, seed: int = 0, learning_rate: float = 3e-3) -> list[float]:
+    """Train for ``steps`` steps; return the loss of every step."""
+    config = toy_config()
     model = FlaxElectraForSequenceClassification(config, seed=seed)
     module, params = model.module, model.params
     tx = optax.adamw(learning_rate, weight_decay=0.01)

@@ -4,6 +4,8 @@ nezha-zoo demo                 build a small Electra, load it in every backend, 
 nezha-zoo inspect DIR [--json] family, claimed class and the head the tensors are, parameters, dtypes, tokenizer files
 nezha-zoo convert SRC DST --to FORMAT [--dtype D] [--max-shard-size S] [--force] [--quiet] [--json]
                                (tokenizer files are copied unchanged)
+nezha-zoo merge BASE ADAPTER DST [--to FORMAT] [--dtype D] [--force] [--json]
+                               BASE with a LoRA adapter (PEFT format) merged in, streamed like convert
 nezha-zoo verify DIR [--backends pt,tf,flax] [--json]   outputs of every backend, max-abs differences
 nezha-zoo run TASK DIR TEXT... [--framework pt|tf|flax] [--top-k N] [--context TEXT] [--json]
                                answer from the command line (nezha_zoo.pipeline)
@@ -85,6 +87,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             source_format=args.source_format,
             head=args.head,
             progress=(lambda _name, nbytes: bar.update(nbytes)) if bar is not None else None,
+            adapter=getattr(args, "adapter", None),
         )
     finally:
         if bar is not None:
@@ -247,6 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser(
+        "merge",
+        help="write BASE with a LoRA adapter merged in (W + scaling * B @ A), streamed like convert",
+        epilog="example: nezha-zoo merge ./electra-pt ./my-adapter ./electra-merged",
+    )
+    p.add_argument("src", metavar="base", help="checkpoint directory (config.json + weights of any format)")
+    p.add_argument("adapter", help="LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("dst", help="output directory (must be absent or empty unless --force)")
+    p.add_argument("--to", default="safetensors", choices=WRITE_FORMATS, metavar="FORMAT", help="default safetensors")
+    p.add_argument("--dtype", choices=DTYPES, help="cast floating parameters (default: keep each tensor's dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="shard limit of safetensors output (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace the weights already in DST")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_convert, source_format=None, head=None)
 
     p = sub.add_parser("verify", help="load a checkpoint in every installed backend and compare outputs")
     p.add_argument("path", help="checkpoint directory of any format convert reads")

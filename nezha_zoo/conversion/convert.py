@@ -34,7 +34,7 @@ from nezha_zoo.io.head_resolution import resolve_head, validity_errors
 from nezha_zoo.io.lock import destination_lock
 from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
 from nezha_zoo.pretrained import FORMAT_METADATA
-from nezha_zoo.spec.param import Kind, Param
+from nezha_zoo.spec.param import Kind, ModelSpec, Param
 from nezha_zoo.spec.registry import family_of_config
 from nezha_zoo.tokenization import copy_tokenizer_files
 
@@ -60,6 +60,7 @@ def convert(
     source_format: str | None = None,
     head: str | None = None,
     progress: Callable[[str, int], None] | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Convert the checkpoint directory ``src`` into format ``to`` at ``dst``.
 
@@ -81,6 +82,8 @@ def convert(
             :func:`~nezha_zoo.io.head_resolution.resolve_head`).  A base saved without its pooler is
             written without it.
         progress (Callable[[str, int], None] | None): called with (param name, bytes) after each tensor.
+        adapter (str | os.PathLike | None): a LoRA adapter directory (PEFT format) merged into the
+            weights as they stream (``nezha-zoo merge``); checked against the spec before writing.
 
     Returns:
         A summary dict (formats, family, head, tensors, parameters, bytes, files, dropped keys, seconds;
@@ -108,7 +111,9 @@ def convert(
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise ConversionError(f"{dst!r} exists and is not a directory")
     with destination_lock(dst):
-        return _convert_locked(src, dst, to, dtype, max_shard_size, force, source_format, head, progress, start)
+        return _convert_locked(
+            src, dst, to, dtype, max_shard_size, force, source_format, head, progress, start, adapter
+        )
 
 
 def _convert_locked(
@@ -122,6 +127,7 @@ def _convert_locked(
     head: str | None,
     progress: Callable[[str, int], None] | None,
     start: float,
+    adapter: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """:func:`convert` once ``dst`` is locked (the emptiness check included, so no writer races it)."""
     if os.path.isdir(dst) and os.listdir(dst) and not force:
@@ -149,12 +155,15 @@ def _convert_locked(
             )
         cast = numpy_dtype_named(dtype) if dtype else None
         totals = {"tensors": 0, "bytes": 0}
+        deltas = _lora_deltas(adapter, spec, family.base_prefix) if adapter is not None else {}
 
         def fetch(p: Param) -> np.ndarray:
             key = plan.sources[p.name]
             arr = np.asarray(source.get(key))
             if tuple(arr.shape) != p.shape:
                 raise ConversionError(f"{src}: tensor {key!r} has shape {arr.shape}, the spec needs {p.shape}")
+            if p.name in deltas:  # W + scaling * B @ A, computed in float32, stored in W's dtype
+                arr = (arr.astype(np.float32) + deltas.pop(p.name)).astype(arr.dtype)
             if cast is not None and p.kind is not Kind.BUFFER and arr.dtype != cast:
                 arr = arr.astype(cast)
             totals["tensors"] += 1
@@ -195,6 +204,15 @@ def _convert_locked(
         "dtype": dtype,
         "files": sorted(files),
         "dropped_keys": dropped,
+        "adapter": None if adapter is None else os.fspath(adapter),
         "ignored_keys": plan.ignored_keys,
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _lora_deltas(adapter: str | os.PathLike, spec: ModelSpec, base_prefix: str) -> dict[str, np.ndarray]:
+    """Canonical param name -> ``scaling * B @ A`` of each layer the LoRA adapter adapts."""
+    from nezha_zoo.adapters import read_adapter
+
+    config, weights = read_adapter(adapter, spec, base_prefix)
+    return {f"{module}.weight": config.scaling * (b @ a) for module, (a, b) in weights.items()}

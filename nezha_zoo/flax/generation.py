@@ -144,7 +144,9 @@ class FlaxGenerationMixin:
         cache = self.init_cache(batch, prompt_len + gc.max_new_tokens)
         key = jax.random.PRNGKey(gc.seed if gc.seed is not None else secrets.randbelow(2**31))
         fn = self._compiled_generate(gc, rule)
-        tokens, steps = fn(self.params if params is None else params, jnp.asarray(ids), jnp.asarray(mask), cache, key)
+        tokens, steps = fn(
+            self.apply_lora(self.params) if params is None else params, jnp.asarray(ids), jnp.asarray(mask), cache, key
+        )
         return tokens[:, : prompt_len + int(steps)]
 
     def _compiled_generate(self, gc: GenerationConfig, rule: str | None):

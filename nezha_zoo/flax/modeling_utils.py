@@ -27,6 +27,7 @@ from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype
 from nezha_zoo.flax.heads import qa_head, token_classifier
 from nezha_zoo.flax.layers import dense
+from nezha_zoo.flax.lora import LoraMixin
 from nezha_zoo.inputs import accepts_encodings
 from nezha_zoo.io.plan import CHUNK_BYTES
 from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
@@ -273,7 +274,7 @@ def _path_str(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
 
-class FlaxPreTrainedModel:
+class FlaxPreTrainedModel(LoraMixin):
     """Wrapper around a linen module with params, checkpoints and transformers' Flax call convention.
 
     Subclasses set ``family`` (a registered :class:`Family`), ``head`` (``"Model"``,
@@ -628,7 +629,8 @@ class FlaxPreTrainedModel:
         def as_int(x):
             return None if x is None else jnp.asarray(x, jnp.int32)
 
-        variables: dict[str, Any] = {"params": self.params if params is None else params}
+        # self.params carries the LoRA adapter, if any; given params are used as they are (nezha_zoo.flax.lora)
+        variables: dict[str, Any] = {"params": self.apply_lora(self.params) if params is None else params}
         if past_key_values is not None:
             variables["cache"] = past_key_values
         mutable = ["cache"] if past_key_values is not None else []

@@ -22,6 +22,7 @@ from nezha_zoo.inputs import accepts_encodings
 from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
 from nezha_zoo.pretrained import load_weights, resized_vocab, resolve_config, save_weights
 from nezha_zoo.pt.layers import encoder_attention_bias, expand_head_mask, extended_attention_mask
+from nezha_zoo.pt.lora import LoraMixin
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
 from nezha_zoo.spec.registry import Family, register_model_class
@@ -82,7 +83,7 @@ def _register_outputs() -> None:
 _register_outputs()
 
 
-class PreTrainedModel(nn.Module):
+class PreTrainedModel(LoraMixin, nn.Module):
     """Base class of every PyTorch model of the zoo.
 
     Subclasses set ``family`` (a :class:`~nezha_zoo.spec.registry.Family`) and ``head``

@@ -36,6 +36,7 @@ from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
 from nezha_zoo.spec.registry import Family, register_model_class
 from nezha_zoo.tf.layers import graph_input_checks, poison_rows
+from nezha_zoo.tf.lora import LoraMixin, is_lora_key
 from nezha_zoo.validation import ID_INPUTS, InputError
 
 __all__ = [
@@ -301,7 +302,7 @@ def _scoped_init(init: Callable) -> Callable:
 # --- base model ----------------------------------------------------------------------------------
 
 
-class TFPreTrainedModel(keras.Model):
+class TFPreTrainedModel(LoraMixin, keras.Model):
     """Base of every TF model: spec-driven variables, ``from_pretrained``/``save_pretrained``, ``fit``.
 
     Subclasses set ``family`` (a :class:`~nezha_zoo.spec.registry.Family`), ``head`` (``"Model"``,
@@ -565,7 +566,7 @@ class TFPreTrainedModel(keras.Model):
         return {variable_key(v): v for v in self.weights}
 
     def _matched(self) -> Iterator[tuple[Any, keras.Variable]]:
-        by_key = self.variables_by_key()
+        by_key = {k: v for k, v in self.variables_by_key().items() if not is_lora_key(k)}  # adapter: not spec
         spec = self.spec
         want = {KERAS_LAYOUT.key(p) for p in spec}
         if set(by_key) != want:
