@@ -177,3 +177,111 @@ def test_flax_jax_export_in_a_fresh_process(tmp_path):
     for (key, i), (sig, want) in expected.items():
         got = dict(np.load(tmp_path / f"{key}_out{i}.npz"))
         _check(sig, got, want, f"{key} jax {SHAPES[i]}")
+
+
+# --- the nezha-zoo export command ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def electra_dir(tmp_path_factory):
+    """A saved tiny Electra sequence classifier (transformers PyTorch layout), and its live PyTorch model."""
+    torch = pytest.importorskip("torch")
+    from nezha_zoo.spec.registry import model_class
+
+    torch.manual_seed(0)
+    model = model_class("electra", "ForSequenceClassification", "pt")(_config("electra")).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "electra"
+    model.save_pretrained(path)
+    return str(path), model
+
+
+def _run(argv, capsys):
+    from nezha_zoo.cli.main import main
+
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.pt
+def test_cli_export_onnx_writes_a_checked_artifact(electra_dir, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    ort = pytest.importorskip("onnxruntime")
+    src, model = electra_dir
+    out = tmp_path / "onnx"
+    code, stdout, err = _run(["export", src, str(out), "--to", "onnx", "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["class"] == "ElectraForSequenceClassification" and info["max_abs_diff"] <= EXPORT_TOLERANCE
+    assert sorted(os.listdir(out)) == ["model.onnx", "serving.json"]
+    assert sorted(os.listdir(tmp_path)) == ["onnx"]  # no staging or lock left beside it
+    described = json.loads((out / "serving.json").read_text())
+    assert described["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert described["outputs"] == ["logits"] and described["dtype"] == "int32"
+    sig = serving_signature(model.family, model.config, model.head)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for shape in SHAPES:
+        x = _inputs(sig, shape, seed=3)
+        with torch.no_grad():
+            want = model(**{k: torch.from_numpy(v).long() for k, v in x.items()})
+        _check(sig, dict(zip(sig.outputs, session.run(None, x))), want, f"cli onnx {shape}")
+
+
+@pytest.mark.pt
+@pytest.mark.parametrize(
+    "argv_tail, message",
+    [
+        (["--to", "torchscript"], "unknown export format 'torchscript'"),
+        (["--to", "tflite"], "Select TF ops"),
+    ],
+)
+def test_cli_export_refuses_bad_formats(electra_dir, tmp_path, capsys, argv_tail, message):
+    src, _ = electra_dir
+    out = tmp_path / "out"
+    code, _, err = _run(["export", src, str(out), *argv_tail], capsys)
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and err.startswith("nezha-zoo: error:"), err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.pt
+def test_cli_export_refuses_an_existing_path(electra_dir, tmp_path, capsys):
+    src, _ = electra_dir
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = _run(["export", src, str(out), "--to", "onnx"], capsys)
+    assert code == 2 and "exists" in err and err.count("\n") == 1, err
+    assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.pt
+def test_cli_export_leaves_nothing_when_the_check_fails(electra_dir, tmp_path, capsys, monkeypatch):
+    """An artifact that disagrees with the live model is never moved into place."""
+    from nezha_zoo.conversion import export as export_module
+
+    def wrong(model, sig, path):
+        with open(path, "wb") as fh:
+            fh.write(b"half an artifact")
+        return 0.5  # the max-abs difference a broken exporter would give
+
+    monkeypatch.setitem(export_module._WRITERS, "onnx", wrong)
+    code, _, err = _run(["export", src := electra_dir[0], str(tmp_path / "out"), "--to", "onnx"], capsys)
+    assert code == 2 and "differs from the live model" in err and "5.000e-01" in err, (src, err)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.pt
+@pytest.mark.tf
+@pytest.mark.flax
+@pytest.mark.parametrize("to, files", [("saved-model", "saved_model.pb"), ("jax", "model.jax")])
+def test_cli_export_tf_and_jax(electra_dir, tmp_path, capsys, to, files):
+    """The command's TF and JAX artifacts (checked inside against the live model of that backend)."""
+    pytest.importorskip("tensorflow" if to == "saved-model" else "jax")
+    src, _ = electra_dir
+    out = tmp_path / "out"
+    code, stdout, err = _run(["export", src, str(out), "--to", to, "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["max_abs_diff"] <= EXPORT_TOLERANCE and files in info["files"] and "serving.json" in info["files"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
