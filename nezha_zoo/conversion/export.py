@@ -35,8 +35,9 @@ EXPORT_FORMATS: dict[str, tuple[str, str]] = {
 }
 #: Formats the command refuses, with the reason.
 _UNSUPPORTED = {
-    "tflite": "tflite export is not supported yet: the converted graphs still need Select TF ops "
-    "(StridedSlice with dynamic shapes), which builtin-only TFLite runtimes lack; export a saved-model instead",
+    "tflite": "tflite export is not supported yet: the models' graphs use StridedSlice with new axes on "
+    "dynamic shapes (the attention mask's mask[:, None, None, :]), which TFLite's builtin ops lack "
+    "(only Select TF ops run it); export a saved-model instead",
 }
 
 
