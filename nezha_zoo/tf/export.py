@@ -52,6 +52,7 @@ def export_saved_model(model: Any, filepath: str | os.PathLike, verbose: bool | 
     import keras
 
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    # No archive.track(model): add_endpoint tracks the variables the endpoint uses, and tracking the
+    # model as well stores every variable twice (Keras 3.15).
     archive.add_endpoint("serve", _serve(model), input_signature=[serving_input_signature(model)])
     archive.write_out(os.fspath(filepath), verbose=True if verbose is None else verbose)

@@ -92,7 +92,11 @@ def test_tf_saved_model(key, tmp_path):
     sig = serving_signature(model.family, model.config, model.head)
     model.export(tmp_path / "export", verbose=False)
     tf.saved_model.save(model, str(tmp_path / "saved"))
+    weights = sum(v.numpy().nbytes for v in model.variables)
     for kind in ("export", "saved"):
+        variables = tmp_path / kind / "variables"
+        stored = sum(f.stat().st_size for f in variables.iterdir())
+        assert stored < 1.5 * weights, (kind, stored, weights)  # each variable stored once (not 2x)
         served = tf.saved_model.load(str(tmp_path / kind)).signatures["serving_default"]
         specs = served.structured_input_signature[1]
         assert sorted(specs) == sorted(sig.inputs), (kind, specs)
