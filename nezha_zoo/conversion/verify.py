@@ -69,6 +69,24 @@ def _run_worker(backend: str, directory: str, head: str, inputs: str, out: str, 
         return json.load(fh)
 
 
+def checked_head(path: str, fmt: str, family: Any, config: Any, head: str | None) -> Any:
+    """The head the checkpoint at ``path`` (format ``fmt``) is loaded as (``head``, or the head its
+    tensors are), as :func:`~nezha_zoo.io.head_resolution.resolve_head` finds it.
+
+    Raises:
+        CheckpointError: the checkpoint is not valid (the tensors fit no head exactly; integer weights).
+    """
+    source = open_source(path, fmt, family, config)
+    try:
+        found = resolve_head(family, config, source.keys(), source.shape, head, lambda k: droppable(fmt, family, k))
+        errors = validity_errors(found, source.dtype)
+    finally:
+        source.close()
+    if errors:
+        raise CheckpointError(f"{path}: {'; '.join(errors)}")
+    return found
+
+
 def verify(path: str | os.PathLike, backends: list[str] | None = None, head: str | None = None) -> dict[str, Any]:
     """Load the checkpoint at ``path`` in each backend, run probe inputs, compare the outputs.
 
@@ -98,14 +116,7 @@ def verify(path: str | os.PathLike, backends: list[str] | None = None, head: str
     config = AutoConfig.from_pretrained(path)
     family = family_of_config(config)
     with tempfile.TemporaryDirectory(prefix="nezha-zoo-verify-") as tmp:
-        source = open_source(path, fmt, family, config)
-        try:
-            found = resolve_head(family, config, source.keys(), source.shape, head, lambda k: droppable(fmt, family, k))
-            errors = validity_errors(found, source.dtype)
-        finally:
-            source.close()
-        if errors:
-            raise CheckpointError(f"{path}: {'; '.join(errors)}")
+        found = checked_head(path, fmt, family, config, head)
         head, pooler = found.head, found.pooler is not False
         directory = path
         if fmt not in ("safetensors", "pytorch-bin"):

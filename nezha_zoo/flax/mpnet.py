@@ -30,7 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from nezha_zoo.families.mpnet import EMBEDDING_PADDING_IDX, HEADS_WITH_POOLER, MPNET, relative_position_bucket
+from nezha_zoo.families.mpnet import (
+    EMBEDDING_PADDING_IDX,
+    HEADS_WITH_POOLER,
+    MPNET,
+    relative_bucket_table,
+    relative_position_bucket,
+)
 from nezha_zoo.flax.heads import BertPooler, ClassificationHead, RobertaLMHead, mean_pool, tied_embedding_table
 from nezha_zoo.flax.layers import (
     BertLayerCollection,
@@ -149,8 +155,15 @@ class FlaxMPNetEncoder(nn.Module):
             embedding_init=jax.nn.initializers.normal(c.initializer_range),
             name="relative_attention_bias",
         )
-        positions = np.arange(seq_len)
-        buckets = relative_position_bucket(positions[None, :] - positions[:, None], c.relative_attention_num_buckets)
+        if isinstance(seq_len, int):
+            positions = np.arange(seq_len)
+            buckets = relative_position_bucket(
+                positions[None, :] - positions[:, None], c.relative_attention_num_buckets
+            )
+        else:  # symbolic length (jax.export): look the distances up in the static table of every one
+            positions = jnp.arange(seq_len)
+            table = jnp.asarray(relative_bucket_table(c))  # (2S + 1,), row d + S
+            buckets = table[positions[None, :] - positions[:, None] + c.max_position_embeddings]
         # (L, L, heads) -> (1, heads, L, L), broadcast over the batch
         position_bias = jnp.transpose(bias_table(jnp.asarray(buckets)), (2, 0, 1))[None]
         if head_mask is not None:

@@ -11,6 +11,7 @@ Imports torch (and nothing from TensorFlow or JAX).
 # (nezha_zoo.spec.model_class); the exports below are read from that registry.
 from nezha_zoo.pt import auto, electra, ibert, mpnet, mpt, nezha, xlm_roberta_xl  # noqa: F401
 from nezha_zoo.pt.auto import *  # noqa: F403  (the Auto classes, listed in auto.__all__)
+from nezha_zoo.pt.export import export_onnx
 from nezha_zoo.pt.heads import mean_pool
 from nezha_zoo.pt.modeling_utils import PreTrainedModel
 from nezha_zoo.spec.registry import model_classes
@@ -18,4 +19,4 @@ from nezha_zoo.spec.registry import model_classes
 _CLASSES = model_classes("pt")  # ElectraPreTrainedModel, ElectraModel, ElectraForPreTraining, ...
 globals().update(_CLASSES)
 
-__all__ = ["PreTrainedModel", *_CLASSES, *auto.__all__, "mean_pool"]
+__all__ = ["PreTrainedModel", *_CLASSES, *auto.__all__, "mean_pool", "export_onnx"]

@@ -761,6 +761,30 @@ class TFPreTrainedModel(LoraMixin, keras.Model):
         """Write ``config.json`` + ``model.safetensors`` in transformers' PyTorch names and layout."""
         return save_weights(directory, self.config, self.spec, self.family, self.canonical_weights(), max_shard_size)
 
+    # -- serving export (nezha_zoo/tf/export.py) ---------------------------------------------------
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Keras' ``export``; a SavedModel without ``input_signature`` serves the model's default
+        signature: integer ``input_ids``/``attention_mask`` (``token_type_ids`` where used), every
+        axis dynamic (see :func:`nezha_zoo.spec.serving.serving_signature`)."""
+        if format == "tf_saved_model" and input_signature is None and not kwargs:
+            from nezha_zoo.tf.export import export_saved_model
+
+            return export_saved_model(self, filepath, verbose=verbose)
+        return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+
+    @functools.cached_property
+    def _default_save_signature(self):
+        """``tf.saved_model.save``'s ``serving_default``: the same integer-id signature as ``export``.
+
+        TF looks for a ``tf.function`` attribute of this name on the saved object (Keras 3 defines a
+        plain method there, so a Keras model saved that way has no signature at all); cached so every
+        look-up during one save sees the same function.
+        """
+        from nezha_zoo.tf.export import serving_function
+
+        return serving_function(self)
+
     # -- Keras training integration ----------------------------------------------------------------
 
     def _merge_labels(self, data: Any) -> tuple[Any, Any]:

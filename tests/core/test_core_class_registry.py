@@ -34,7 +34,7 @@ MATRIX = {
 
 #: names each backend exports besides the registry's classes (and, for Flax, their linen modules).
 EXTRAS = {
-    "pt": {"PreTrainedModel", "mean_pool"},
+    "pt": {"PreTrainedModel", "mean_pool", "export_onnx"},  # export_onnx: issue #19
     "tf": {"TFPreTrainedModel", "mean_pool"},
     "flax": {"FlaxPreTrainedModel", "mean_pool", "losses"},
 }
