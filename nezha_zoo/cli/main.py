@@ -197,6 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 lines.append(f"{t}:")
             lines += [("  " if len(texts) > 1 else "") + line for line in _run_lines(args.task, r)]
         sys.stdout.write("\n".join(lines) + "\n")
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

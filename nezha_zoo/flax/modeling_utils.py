@@ -12,6 +12,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -182,7 +183,7 @@ def graph_input_checks(config: PretrainedConfig, inputs: Mapping[str, Any]) -> j
     ids = inputs.get("input_ids")
     if not isinstance(ids, jax.core.Tracer):
         return None
-    bad = jnp.zeros(int(np.prod(ids.shape[:-1])), bool)  # (N,)
+    bad = jnp.zeros((math.prod(ids.shape[:-1]),), bool)  # (N,); a symbolic size under jax.export
     for name, size_field, what in ID_INPUTS:
         t = inputs.get(name)
         size = getattr(config, size_field, None)

@@ -40,6 +40,7 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+from keras.src.backend.common.symbolic_scope import in_symbolic_scope  # no public spelling
 
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.outputs import BaseModelOutputWithPastAndCrossAttentions, ModelOutput
@@ -748,7 +749,14 @@ def validate_inputs(
 
 
 def check_id_dtypes(inputs: dict[str, Any]) -> None:
-    """Every id input has an integer dtype (a cast would read 5.7 as 5); a dtype is known when tracing."""
+    """Every id input has an integer dtype (a cast would read 5.7 as 5); a dtype is known when tracing.
+
+    Not inside Keras' own shape inference (``SymbolicScope``): ``fit`` under a ``tf.distribute``
+    strategy builds the model once on placeholders that describe the integer batch as float32
+    (``Trainer._symbolic_build``); nothing is computed there, and the real steps are checked.
+    """
+    if in_symbolic_scope():
+        return
     for name, _, _ in ID_INPUTS:
         t = inputs.get(name)
         if t is not None and hasattr(t, "dtype"):

@@ -194,15 +194,15 @@ MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
 
 
 def resolve_dtype_policy(dtype: Any) -> str:
-    """The Keras dtype policy name a model runs under: ``"float32"``, ``"bfloat16"`` or a mixed one.
+    """The Keras dtype policy name a model runs under: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a mixed one.
 
     Args:
         dtype: ``None`` (Keras' global policy, ``keras.mixed_precision.set_global_policy``), a
             :data:`MIXED_POLICIES` name or ``keras.DTypePolicy``, or any spelling of float32 /
-            bfloat16 that :func:`~nezha_zoo.dtypes.canonical_dtype` accepts.
+            bfloat16 / float16 that :func:`~nezha_zoo.dtypes.canonical_dtype` accepts.
 
     Raises:
-        ValueError: an unsupported dtype or policy (float16, float64, quantized policies...),
+        ValueError: an unsupported dtype or policy (float64, quantized policies...),
             also when it is the global policy.
         TypeError: something that is not a dtype.
     """
@@ -215,7 +215,8 @@ def resolve_dtype_policy(dtype: Any) -> str:
         except ValueError:
             raise ValueError(
                 f"Keras' global dtype policy {policy.name!r} is not supported; models run in float32, bfloat16, "
-                f"{' or '.join(MIXED_POLICIES)} (keras.mixed_precision.set_global_policy or the dtype= argument)"
+                f"float16, {' or '.join(MIXED_POLICIES)} "
+                "(keras.mixed_precision.set_global_policy or the dtype= argument)"
             ) from None
     name = getattr(dtype, "name", dtype) if isinstance(dtype, keras.DTypePolicy) else dtype
     if isinstance(name, str) and name.strip().lower() in MIXED_POLICIES:
@@ -224,7 +225,7 @@ def resolve_dtype_policy(dtype: Any) -> str:
         return canonical_dtype(name)
     except ValueError:
         raise ValueError(
-            f"dtype={dtype!r} is not supported; models run in float32, bfloat16, {' or '.join(MIXED_POLICIES)}"
+            f"dtype={dtype!r} is not supported; models run in float32, bfloat16, float16, {' or '.join(MIXED_POLICIES)}"
         ) from None
 
 

@@ -35,8 +35,8 @@ MATRIX = {
 #: names each backend exports besides the registry's classes (and, for Flax, their linen modules).
 EXTRAS = {
     "pt": {"PreTrainedModel", "mean_pool", "export_onnx"},  # export_onnx: issue #19
-    "tf": {"TFPreTrainedModel", "mean_pool"},
-    "flax": {"FlaxPreTrainedModel", "mean_pool", "losses"},
+    "tf": {"TFPreTrainedModel", "mean_pool", "checked"},  # checked: issue #22 (compiled bad input)
+    "flax": {"FlaxPreTrainedModel", "mean_pool", "losses", "checked"},
 }
 for _fw, _prefix in (("pt", ""), ("tf", "TF"), ("flax", "Flax")):
     EXTRAS[_fw] |= {_prefix + name for name in AUTO_MODEL_HEADS}  # the Auto classes (<backend>/auto.py)

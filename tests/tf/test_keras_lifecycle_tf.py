@@ -228,11 +228,12 @@ def test_unsupported_dtypes_and_policies_are_refused():
     assert resolve_dtype_policy(None) == "float32"
     assert resolve_dtype_policy(keras.DTypePolicy("mixed_float16")) == "mixed_float16"
     assert resolve_dtype_policy(tf.bfloat16) == "bfloat16"
-    for bad in ("float16", "mixed_float64", keras.DTypePolicy("float64"), "int8"):
+    assert resolve_dtype_policy("float16") == "float16"  # a plain dtype since issue #20 (all backends)
+    for bad in ("float64", "mixed_float64", keras.DTypePolicy("float64"), "int8"):
         with pytest.raises(ValueError, match="not supported"):
             resolve_dtype_policy(bad)
     with pytest.raises(TypeError):
         resolve_dtype_policy(3.5)
-    keras.mixed_precision.set_global_policy("float16")
-    with pytest.raises(ValueError, match="global dtype policy 'float16' is not supported"):
+    keras.mixed_precision.set_global_policy("float64")
+    with pytest.raises(ValueError, match="global dtype policy 'float64' is not supported"):
         ztf.TFElectraModel(CONFIGS["electra"]())
