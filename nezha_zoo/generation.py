@@ -2,8 +2,9 @@
 the position-id rules of left-padded prompts.
 
 Each backend (``nezha_zoo.{pt,tf,flax}.generation``) has a ``GenerationMixin`` whose ``generate``
-resolves a :class:`GenerationConfig` here, checks the prompt with :func:`check_prompt` and runs its
-own loop.  Numpy only.
+resolves a :class:`GenerationConfig` here, checks the prompt with :func:`check_prompt`, turns the
+length settings into a :class:`DecodingLengths` with :func:`decoding_lengths` and runs its own loop.
+Numpy only.
 
 Output contract of every backend: ``(B, P + n)`` ids, the prompt (with its left padding) first, then
 ``n`` new tokens, ``n <= max_new_tokens``; the loop stops early once every row has emitted an
@@ -20,10 +21,15 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "DecodingLengths",
     "GenerationConfig",
+    "as_streamer",
+    "decoding_lengths",
     "POSITION_RULES",
     "check_prompt",
     "max_generation_length",
+    "prepare_generation",
     "position_offsets",
     "prompt_position_ids",
     "resolve_generation_config",
@@ -38,6 +44,11 @@ __all__ = [
 #:   ``pad_token_id`` (transformers' ``create_position_ids_from_input_ids``).
 POSITION_RULES = ("cumsum", "padding_aware")
 
+#: New tokens a call decodes when neither ``max_new_tokens`` nor ``max_length`` is given.  (transformers
+#: falls back to ``max_length=20`` in all, prompt included, and warns that it is a poor default; a
+#: count of new tokens does not depend on the prompt's length.)
+DEFAULT_MAX_NEW_TOKENS = 20
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
@@ -47,60 +58,166 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+def _check_int(value: Any, name: str, low: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_number(value: Any, name: str) -> None:
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def _token_sequences(value: Any, name: str) -> tuple[tuple[int, ...], ...]:
+    """``[[ids...], ...]`` as a tuple of non-empty tuples of non-negative ints."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(f"{name} must be a non-empty list of lists of token ids, got {value!r}")
+    out = []
+    for seq in value:
+        if not isinstance(seq, (list, tuple)) or not seq or not all(_is_int(i) for i in seq):
+            raise TypeError(f"{name} entries must be non-empty lists of int token ids, got {seq!r}")
+        if any(i < 0 for i in seq):
+            raise ValueError(f"{name} holds a negative token id: {seq!r}")
+        out.append(tuple(int(i) for i in seq))
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
     """Decoding settings (transformers' names and meanings).
 
-    Args:
-        max_new_tokens (int): at most this many tokens are appended to the prompt (>= 1).
-        do_sample (bool): sample from the processed distribution; False: greedy (argmax, ties to the
-            lowest token id; temperature/top-k/top-p are then not applied).
+    Lengths (resolved against the prompt by :func:`decoding_lengths`):
+        max_new_tokens (int | None): at most this many tokens are appended to the prompt (>= 1).
+        max_length (int | None): at most this many tokens in all, prompt included.  Neither set:
+            :data:`DEFAULT_MAX_NEW_TOKENS` new tokens.  Both set, they must agree for the prompt.
+        min_new_tokens (int | None): eos is forbidden before this many new tokens (>= 0).
+        min_length (int | None): eos is forbidden before the sequence, prompt included, is this
+            long (>= 0).  Both min settings set, they must agree for the prompt.
+
+    Choosing tokens:
+        do_sample (bool): sample from the processed distribution; False: greedy or beam search
+            (argmax, ties to the lowest token id; temperature/top-k/top-p are then not applied).
         temperature (float): logits are divided by it before top-k/top-p (> 0).
         top_k (int): keep the ``top_k`` highest logits (ties at the k-th value kept); 0 = off.
         top_p (float): nucleus filtering: keep the smallest set of most likely tokens whose
             probability reaches ``top_p`` (at least one token); 1.0 = off.  In (0, 1].
         seed (int | None): seeds the sampler (same seed, same tokens within a backend); None draws
             a fresh seed.  Non-negative, below 2**31.
+
+    Beam search (``num_beams > 1``, ``do_sample=False``):
+        num_beams (int): beams per prompt row (>= 1; 1 = no beam search).
+        length_penalty (float): a finished hypothesis scores ``sum_logprobs / length **
+            length_penalty`` (length: its generated tokens); > 0 favours longer ones.
+        early_stopping (bool | "never"): True: a row is done once it holds ``num_beams`` finished
+            hypotheses; False: also once no running beam can still beat the worst of them
+            (estimated at the current length); "never": only when that holds at the best possible
+            length (the canonical beam-search stop).
+        num_return_sequences (int): hypotheses returned per prompt row, best first (<= num_beams
+            under beam search; under sampling, independent samples; 1 under greedy decoding).
+
+    Logits processors (transformers' order: repetition penalty, n-gram ban, bad words, min length):
+        repetition_penalty (float): scores of tokens already in the sequence (prompt included) are
+            divided by it when positive and multiplied when negative (> 0; 1.0 = off).
+        no_repeat_ngram_size (int): no n-gram of this size occurs twice in a sequence (0 = off).
+        bad_words_ids (tuple[tuple[int, ...], ...] | None): token sequences never generated: a
+            one-token entry is banned always, a longer one when the sequence ends with its prefix.
+
+    Stopping and outputs:
         eos_token_id (int | tuple[int, ...] | None): token id(s) that finish a row.
         pad_token_id (int | None): what a finished row receives after its eos.
+        return_dict_in_generate (bool): return a ``GenerateDecoderOnlyOutput`` (beam search:
+            ``GenerateBeamDecoderOnlyOutput``) instead of the ids alone.
+        output_scores (bool): with ``return_dict_in_generate``, the processed scores of each step.
+        output_logits (bool): with ``return_dict_in_generate``, the raw logits of each step.
 
     Raises:
-        ValueError / TypeError naming the field, for out-of-range or wrongly typed values.
+        ValueError / TypeError naming the field, for out-of-range, wrongly typed or contradictory
+        values.
     """
 
-    max_new_tokens: int = 20
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    min_new_tokens: int | None = None
+    min_length: int | None = None
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    return_dict_in_generate: bool = False
+    output_scores: bool = False
+    output_logits: bool = False
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens):
-            raise TypeError(f"max_new_tokens must be an int, got {type(self.max_new_tokens).__name__}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not isinstance(self.do_sample, (bool, np.bool_)):
-            raise TypeError(f"do_sample must be a bool, got {type(self.do_sample).__name__}")
-        if not _is_number(self.temperature):
-            raise TypeError(f"temperature must be a number, got {type(self.temperature).__name__}")
-        if not (float(self.temperature) > 0.0 and np.isfinite(self.temperature)):
+        _check_int(self.max_new_tokens, "max_new_tokens", low=1, optional=True)
+        _check_int(self.max_length, "max_length", low=1, optional=True)
+        _check_int(self.min_new_tokens, "min_new_tokens", low=0, optional=True)
+        _check_int(self.min_length, "min_length", low=0, optional=True)
+        if self.max_new_tokens is not None and self.min_new_tokens is not None:
+            if self.min_new_tokens > self.max_new_tokens:
+                raise ValueError(
+                    f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
+                )
+        if self.max_length is not None and self.min_length is not None and self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) exceeds max_length ({self.max_length})")
+        for flag in ("do_sample", "return_dict_in_generate", "output_scores", "output_logits"):
+            if not isinstance(getattr(self, flag), (bool, np.bool_)):
+                raise TypeError(f"{flag} must be a bool, got {type(getattr(self, flag)).__name__}")
+            object.__setattr__(self, flag, bool(getattr(self, flag)))
+        _check_number(self.temperature, "temperature")
+        if not float(self.temperature) > 0.0:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
-        if not _is_int(self.top_k):
-            raise TypeError(f"top_k must be an int (0 = off), got {type(self.top_k).__name__}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not _is_number(self.top_p):
-            raise TypeError(f"top_p must be a number, got {type(self.top_p).__name__}")
+        _check_int(self.top_k, "top_k (0 = off)", low=0)
+        _check_number(self.top_p, "top_p")
         if not 0.0 < float(self.top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.seed is not None:
-            if not _is_int(self.seed):
-                raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
-            if not 0 <= self.seed < 2**31:
+            _check_int(self.seed, "seed", low=0)
+            if self.seed >= 2**31:
                 raise ValueError(f"seed must be in [0, 2**31), got {self.seed}")
+        _check_int(self.num_beams, "num_beams", low=1)
+        _check_number(self.length_penalty, "length_penalty")
+        if not (isinstance(self.early_stopping, (bool, np.bool_)) or self.early_stopping == "never"):
+            raise ValueError(f'early_stopping must be True, False or "never", got {self.early_stopping!r}')
+        if self.early_stopping != "never":
+            object.__setattr__(self, "early_stopping", bool(self.early_stopping))
+        _check_int(self.num_return_sequences, "num_return_sequences", low=1)
+        if self.num_beams > 1:
+            if self.do_sample:
+                raise ValueError(
+                    "beam sampling (num_beams > 1 with do_sample=True) is not supported; use "
+                    "num_beams=1 to sample or do_sample=False for beam search"
+                )
+            if self.num_return_sequences > self.num_beams:
+                raise ValueError(
+                    f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})"
+                )
+        elif self.num_return_sequences > 1 and not self.do_sample:
+            raise ValueError(
+                f"greedy decoding returns one sequence per row; num_return_sequences="
+                f"{self.num_return_sequences} needs num_beams >= {self.num_return_sequences} or do_sample=True"
+            )
+        _check_number(self.repetition_penalty, "repetition_penalty")
+        if not float(self.repetition_penalty) > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        _check_int(self.no_repeat_ngram_size, "no_repeat_ngram_size (0 = off)", low=0)
+        if self.bad_words_ids is not None:
+            object.__setattr__(self, "bad_words_ids", _token_sequences(self.bad_words_ids, "bad_words_ids"))
         eos = self.eos_token_id
         if eos is not None:
             ids = (eos,) if _is_int(eos) else tuple(eos) if isinstance(eos, (list, tuple)) else None
@@ -109,14 +226,14 @@ class GenerationConfig:
             if any(i < 0 for i in ids):
                 raise ValueError(f"eos_token_id must be >= 0, got {eos!r}")
             object.__setattr__(self, "eos_token_id", int(ids[0]) if len(ids) == 1 else tuple(int(i) for i in ids))
-        if self.pad_token_id is not None:
-            if not _is_int(self.pad_token_id):
-                raise TypeError(f"pad_token_id must be an int or None, got {type(self.pad_token_id).__name__}")
-            if self.pad_token_id < 0:
-                raise ValueError(f"pad_token_id must be >= 0, got {self.pad_token_id}")
-        object.__setattr__(self, "temperature", float(self.temperature))
-        object.__setattr__(self, "top_p", float(self.top_p))
-        object.__setattr__(self, "do_sample", bool(self.do_sample))
+        _check_int(self.pad_token_id, "pad_token_id", low=0, optional=True)
+        for name in ("temperature", "top_p", "length_penalty", "repetition_penalty"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @property
+    def is_beam_search(self) -> bool:
+        """True when ``num_beams > 1`` (beam search replaces greedy decoding)."""
+        return self.num_beams > 1
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -169,22 +286,16 @@ def resolve_generation_config(
     return gc.with_model_defaults()
 
 
-def check_prompt(
-    input_ids: Any,
-    attention_mask: Any,
-    vocab_size: int,
-    max_new_tokens: int,
-    max_length: int | None,
-) -> tuple[np.ndarray, np.ndarray]:
+def check_prompt(input_ids: Any, attention_mask: Any, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate a prompt before any framework op; returns ``(ids, mask)`` as int32 numpy (B, P).
 
     Args:
-        input_ids: (B, P) integer ids (numpy, list, or any tensor with ``numpy()``/``__array__``).
+        input_ids: (B, P) integer ids (numpy, list, or any tensor with ``numpy()``/``__array__``);
+            ``B >= 1`` and ``P >= 1`` (an empty prompt is refused: these models have no BOS
+            convention to start from).
         attention_mask: (B, P) 0/1 or None (all ones).  Padding must be on the left: each row is
             zeros then ones, with at least one token.
         vocab_size (int): ids must lie in ``[0, vocab_size)``.
-        max_new_tokens (int): tokens to be appended.
-        max_length (int | None): the longest sequence the model takes (prompt + new tokens).
 
     Raises:
         ValueError / TypeError naming the argument.
@@ -209,13 +320,138 @@ def check_prompt(
             raise ValueError(
                 "attention_mask must be left-padded for generation: each row zeros then ones, ending with a token"
             )
-    total = ids.shape[1] + max_new_tokens
-    if max_length is not None and total > max_length:
-        raise ValueError(
-            f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds the "
-            f"model's maximum sequence length {max_length}"
-        )
     return ids.astype(np.int32), mask
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingLengths:
+    """How many tokens a call appends: at least ``min_new_tokens`` before an eos may end a row, at
+    most ``max_new_tokens`` (>= 1)."""
+
+    min_new_tokens: int
+    max_new_tokens: int
+
+
+def decoding_lengths(gc: GenerationConfig, prompt_length: int, context_length: int | None) -> DecodingLengths:
+    """Resolve ``gc``'s length settings for a prompt of ``prompt_length`` tokens.
+
+    Args:
+        gc: the settings (``max_new_tokens`` / ``max_length``, ``min_new_tokens`` / ``min_length``).
+        prompt_length (int): P, the prompt's columns (left padding included, as in transformers).
+        context_length (int | None): the longest sequence the model takes (None: unbounded); see
+            :func:`max_generation_length`.
+
+    Raises:
+        ValueError: ``max_length`` leaves no room after the prompt; ``max_length`` and
+            ``max_new_tokens`` (or the two min settings) disagree for this prompt; the prompt fills
+            or exceeds the model's context; prompt plus new tokens exceed it.
+    """
+    max_new = gc.max_new_tokens
+    if gc.max_length is not None:
+        if gc.max_length <= prompt_length:
+            raise ValueError(
+                f"max_length={gc.max_length} leaves no room for new tokens after the prompt of length "
+                f"{prompt_length}; use max_new_tokens (tokens after the prompt) or a larger max_length"
+            )
+        if max_new is not None and prompt_length + max_new != gc.max_length:
+            raise ValueError(
+                f"conflicting lengths: max_new_tokens={max_new} after a prompt of length {prompt_length} gives "
+                f"{prompt_length + max_new} tokens, but max_length={gc.max_length}; pass only one of them"
+            )
+        max_new = gc.max_length - prompt_length
+    if max_new is None:
+        max_new = DEFAULT_MAX_NEW_TOKENS
+    min_new = gc.min_new_tokens
+    if gc.min_length is not None:
+        from_length = max(gc.min_length - prompt_length, 0)
+        if min_new is not None and min_new != from_length:
+            raise ValueError(
+                f"conflicting lengths: min_new_tokens={min_new} but min_length={gc.min_length} after a prompt of "
+                f"length {prompt_length} means {from_length} new tokens; pass only one of them"
+            )
+        min_new = from_length
+    min_new = 0 if min_new is None else min_new
+    if min_new > max_new:
+        raise ValueError(f"at least {min_new} new tokens are required but at most {max_new} may be generated")
+    if context_length is not None:
+        if prompt_length >= context_length:
+            raise ValueError(
+                f"the prompt ({prompt_length} tokens) leaves no room in the model's context of {context_length} "
+                "tokens; shorten it"
+            )
+        if prompt_length + max_new > context_length:
+            raise ValueError(
+                f"prompt length {prompt_length} + max_new_tokens {max_new} = {prompt_length + max_new} exceeds the "
+                f"model's maximum sequence length {context_length}"
+            )
+    return DecodingLengths(min_new_tokens=min_new, max_new_tokens=max_new)
+
+
+def prepare_generation(
+    model_config: Any,
+    rule: str | None,
+    generation_config: GenerationConfig | None,
+    input_ids: Any,
+    attention_mask: Any,
+    **overrides: Any,
+) -> tuple[GenerationConfig, np.ndarray, np.ndarray]:
+    """Everything a backend's ``generate`` checks before its first framework op, in one place.
+
+    Resolves the settings (:func:`resolve_generation_config`), checks the prompt
+    (:func:`check_prompt`), the token ids the settings name (eos, pad, bad words: inside the
+    vocabulary) and the lengths (:func:`decoding_lengths`).
+
+    Returns:
+        ``(gc, ids, mask)``: ``gc`` with concrete ``max_new_tokens`` and ``min_new_tokens`` for
+        this prompt (``max_length``/``min_length`` cleared), ``ids`` and ``mask`` int32 (B, P).
+    """
+    gc = resolve_generation_config(model_config, generation_config, **overrides)
+    vocab_size = int(model_config.vocab_size)
+    ids, mask = check_prompt(input_ids, attention_mask, vocab_size)
+    named = [("eos_token_id", i) for i in gc.eos_ids] + [("pad_token_id", gc.pad_token_id)]
+    named += [("bad_words_ids", i) for seq in gc.bad_words_ids or () for i in seq]
+    for name, token in named:
+        if token is not None and token >= vocab_size:
+            raise ValueError(f"{name} holds {token}, outside the vocabulary [0, {vocab_size})")
+    lengths = decoding_lengths(gc, ids.shape[1], max_generation_length(model_config, rule))
+    gc = dataclasses.replace(
+        gc,
+        max_new_tokens=lengths.max_new_tokens,
+        min_new_tokens=lengths.min_new_tokens,
+        max_length=None,
+        min_length=None,
+    )
+    return gc, ids, mask
+
+
+class _CallbackStreamer:
+    """``put``/``end`` around a plain callable (called with each new (B,) int32 numpy column)."""
+
+    def __init__(self, callback: Any) -> None:
+        self._callback = callback
+
+    def put(self, value: np.ndarray) -> None:
+        self._callback(value)
+
+    def end(self) -> None:
+        pass
+
+
+def as_streamer(streamer: Any) -> Any:
+    """A streamer with transformers' protocol, or None.
+
+    ``streamer`` may be None, an object with ``put(value)`` and ``end()`` (transformers'
+    ``BaseStreamer``, e.g. its ``TextStreamer``), or a callable taking each new column of tokens.
+    Every backend calls ``put`` once with the prompt ids (B, P) and then once per step with the
+    new tokens (B,), as int32 numpy arrays, and ``end()`` after the last one.
+    """
+    if streamer is None:
+        return None
+    if callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None)):
+        return streamer
+    if callable(streamer):
+        return _CallbackStreamer(streamer)
+    raise TypeError(f"streamer must have put()/end() or be callable, got {type(streamer).__name__}")
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:

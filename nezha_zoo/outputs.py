@@ -34,6 +34,8 @@ __all__ = [
     "ElectraForPreTrainingOutput",
     "NezhaForPreTrainingOutput",
     "SentenceEmbeddingOutput",
+    "GenerateDecoderOnlyOutput",
+    "GenerateBeamDecoderOnlyOutput",
     "OUTPUT_CLASSES",
 ]
 
@@ -186,6 +188,22 @@ NezhaForPreTrainingOutput = _output(
 )
 SentenceEmbeddingOutput = _output(
     "SentenceEmbeddingOutput", ("embeddings", "last_hidden_state"), "``embeddings`` (B, H), L2-normalised."
+)
+
+GenerateDecoderOnlyOutput = _output(
+    "GenerateDecoderOnlyOutput",
+    ("sequences", "scores", "logits"),
+    "``generate(..., return_dict_in_generate=True)`` without beams: ``sequences`` (B*R, P+n) ids; "
+    "``scores`` (``output_scores``) n tensors (B*R, V), the processed scores each token was chosen "
+    "from; ``logits`` (``output_logits``) n tensors (B*R, V), the raw model logits.",
+)
+GenerateBeamDecoderOnlyOutput = _output(
+    "GenerateBeamDecoderOnlyOutput",
+    ("sequences", "sequences_scores", "scores", "logits", "beam_indices"),
+    "As GenerateDecoderOnlyOutput for beam search (``R = num_return_sequences``): "
+    "``sequences_scores`` (B*R,) the length-penalised beam scores; ``scores`` n tensors "
+    "(B*num_beams, V), the processed log-probabilities plus each beam's running score; "
+    "``beam_indices`` (B*R, n) which beam each token came from (-1 after the end).",
 )
 
 #: Every output class, for backends that register them with their tree utilities.

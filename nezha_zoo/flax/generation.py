@@ -20,10 +20,8 @@ import jax.numpy as jnp
 
 from nezha_zoo.generation import (
     GenerationConfig,
-    check_prompt,
-    max_generation_length,
     position_offsets,
-    resolve_generation_config,
+    prepare_generation,
 )
 
 __all__ = [
@@ -121,9 +119,12 @@ class FlaxGenerationMixin:
         if kwargs:
             raise TypeError(f"generate() got unexpected keyword arguments {sorted(kwargs)}")
         rule = self._generation_rule()
-        gc = resolve_generation_config(
+        gc, ids, mask = prepare_generation(
             self.config,
+            rule,
             generation_config,
+            input_ids,
+            attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
@@ -132,13 +133,6 @@ class FlaxGenerationMixin:
             seed=seed,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
-        )
-        ids, mask = check_prompt(
-            input_ids,
-            attention_mask,
-            self.config.vocab_size,
-            gc.max_new_tokens,
-            max_generation_length(self.config, rule),
         )
         batch, prompt_len = ids.shape
         cache = self.init_cache(batch, prompt_len + gc.max_new_tokens)

@@ -13,10 +13,8 @@ import torch
 
 from nezha_zoo.generation import (
     GenerationConfig,
-    check_prompt,
-    max_generation_length,
     position_offsets,
-    resolve_generation_config,
+    prepare_generation,
 )
 
 __all__ = ["GenerationMixin", "top_k_filter", "top_p_filter", "process_logits", "greedy_choice"]
@@ -113,9 +111,12 @@ class GenerationMixin:
         if kwargs:
             raise TypeError(f"generate() got unexpected keyword arguments {sorted(kwargs)}")
         rule = self._generation_rule()
-        gc = resolve_generation_config(
+        gc, ids_np, mask_np = prepare_generation(
             self.config,
+            rule,
             generation_config,
+            input_ids,
+            attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
@@ -124,13 +125,6 @@ class GenerationMixin:
             seed=seed,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
-        )
-        ids_np, mask_np = check_prompt(
-            input_ids,
-            attention_mask,
-            self.config.vocab_size,
-            gc.max_new_tokens,
-            max_generation_length(self.config, rule),
         )
         device = next(self.parameters()).device
         ids = torch.from_numpy(ids_np.astype(np.int64)).to(device)  # (B, P)

@@ -20,10 +20,8 @@ import tensorflow as tf
 
 from nezha_zoo.generation import (
     GenerationConfig,
-    check_prompt,
-    max_generation_length,
     position_offsets,
-    resolve_generation_config,
+    prepare_generation,
 )
 
 __all__ = ["TFGenerationMixin", "top_k_filter", "top_p_filter", "process_logits", "greedy_choice"]
@@ -121,9 +119,12 @@ class TFGenerationMixin:
         if not isinstance(jit_compile, bool):
             raise TypeError(f"jit_compile must be a bool, got {type(jit_compile).__name__}")
         rule = self._generation_rule()
-        gc = resolve_generation_config(
+        gc, ids, mask = prepare_generation(
             self.config,
+            rule,
             generation_config,
+            input_ids,
+            attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
@@ -132,13 +133,6 @@ class TFGenerationMixin:
             seed=seed,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
-        )
-        ids, mask = check_prompt(
-            input_ids,
-            attention_mask,
-            self.config.vocab_size,
-            gc.max_new_tokens,
-            max_generation_length(self.config, rule),
         )
         fn = self._compiled_generate(gc, rule, jit_compile)
         seed_value = gc.seed if gc.seed is not None else secrets.randbelow(2**31)

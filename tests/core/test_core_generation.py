@@ -7,9 +7,14 @@ import pytest
 
 from nezha_zoo import ElectraConfig
 from nezha_zoo.generation import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DecodingLengths,
     GenerationConfig,
+    as_streamer,
     check_prompt,
+    decoding_lengths,
     max_generation_length,
+    prepare_generation,
     prompt_position_ids,
     resolve_generation_config,
 )
@@ -17,15 +22,12 @@ from nezha_zoo.generation import (
 
 def test_defaults_follow_transformers():
     gc = GenerationConfig()
-    assert (gc.max_new_tokens, gc.do_sample, gc.temperature, gc.top_k, gc.top_p, gc.seed) == (
-        20,
-        False,
-        1.0,
-        0,
-        1.0,
-        None,
-    )
-    assert gc.eos_ids == () and gc.pad_token_id is None
+    assert (gc.do_sample, gc.temperature, gc.top_k, gc.top_p, gc.seed) == (False, 1.0, 0, 1.0, None)
+    assert (gc.num_beams, gc.length_penalty, gc.early_stopping, gc.num_return_sequences) == (1, 1.0, False, 1)
+    assert (gc.repetition_penalty, gc.no_repeat_ngram_size, gc.bad_words_ids) == (1.0, 0, None)
+    assert (gc.return_dict_in_generate, gc.output_scores, gc.output_logits) == (False, False, False)
+    assert gc.eos_ids == () and gc.pad_token_id is None and not gc.is_beam_search
+    assert decoding_lengths(gc, 5, None) == DecodingLengths(0, DEFAULT_MAX_NEW_TOKENS)
 
 
 @pytest.mark.parametrize(
@@ -48,6 +50,21 @@ def test_defaults_follow_transformers():
         ("eos_token_id", -1, ValueError),
         ("eos_token_id", [1, "2"], TypeError),
         ("pad_token_id", -2, ValueError),
+        ("max_length", 0, ValueError),
+        ("min_new_tokens", -1, ValueError),
+        ("min_length", 1.5, TypeError),
+        ("num_beams", 0, ValueError),
+        ("num_beams", 2.0, TypeError),
+        ("length_penalty", float("inf"), ValueError),
+        ("early_stopping", "sometimes", ValueError),
+        ("num_return_sequences", 0, ValueError),
+        ("num_return_sequences", 2, ValueError),  # greedy returns one sequence per row
+        ("repetition_penalty", 0.0, ValueError),
+        ("no_repeat_ngram_size", -1, ValueError),
+        ("bad_words_ids", [5], TypeError),
+        ("bad_words_ids", [[]], TypeError),
+        ("bad_words_ids", [[1, -2]], ValueError),
+        ("output_scores", "yes", TypeError),
     ],
 )
 def test_bad_values_name_the_field(field, value, error):
@@ -65,8 +82,8 @@ def test_eos_list_and_pad_default_from_model_config():
     assert resolve_generation_config(no_pad, None).pad_token_id == 9  # as transformers: pad <- eos
     base = GenerationConfig(max_new_tokens=4, top_k=3)
     assert resolve_generation_config(cfg, base, top_p=0.5) == GenerationConfig(max_new_tokens=4, top_k=3, top_p=0.5)
-    with pytest.raises(TypeError, match="max_length"):
-        resolve_generation_config(cfg, None, max_length=3)
+    with pytest.raises(TypeError, match="max_lenght"):
+        resolve_generation_config(cfg, None, max_lenght=3)
     with pytest.raises(TypeError, match="generation_config"):
         resolve_generation_config(cfg, {"max_new_tokens": 3})
 
@@ -74,24 +91,90 @@ def test_eos_list_and_pad_default_from_model_config():
 def test_prompt_checks():
     ids = np.array([[0, 5, 6], [4, 5, 6]])
     mask = np.array([[0, 1, 1], [1, 1, 1]])
-    got_ids, got_mask = check_prompt(ids, mask, vocab_size=10, max_new_tokens=2, max_length=5)
+    got_ids, got_mask = check_prompt(ids, mask, vocab_size=10)
     assert got_ids.dtype == np.int32 and got_mask.tolist() == mask.tolist()
     with pytest.raises(ValueError, match="left-padded"):
-        check_prompt(ids, np.array([[1, 1, 0], [1, 1, 1]]), 10, 2, None)
+        check_prompt(ids, np.array([[1, 1, 0], [1, 1, 1]]), 10)
     with pytest.raises(ValueError, match="left-padded"):
-        check_prompt(ids, np.array([[0, 0, 0], [1, 1, 1]]), 10, 2, None)  # a row with no token
+        check_prompt(ids, np.array([[0, 0, 0], [1, 1, 1]]), 10)  # a row with no token
     with pytest.raises(ValueError, match="only 0 and 1"):
-        check_prompt(ids, mask * 2, 10, 2, None)
+        check_prompt(ids, mask * 2, 10)
     with pytest.raises(ValueError, match="attention_mask must have the shape"):
-        check_prompt(ids, mask[:, 1:], 10, 2, None)
+        check_prompt(ids, mask[:, 1:], 10)
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 6\)"):
-        check_prompt(ids, mask, 6, 2, None)
+        check_prompt(ids, mask, 6)
     with pytest.raises(ValueError, match="input_ids must have shape"):
-        check_prompt(ids[0], None, 10, 2, None)
+        check_prompt(ids[0], None, 10)
+    with pytest.raises(ValueError, match="input_ids must have shape"):
+        check_prompt(np.zeros((2, 0), np.int64), None, 10)  # an empty prompt
     with pytest.raises(TypeError, match="integer"):
-        check_prompt(ids.astype(np.float32), None, 10, 2, None)
-    with pytest.raises(ValueError, match="exceeds the model's maximum sequence length 4"):
-        check_prompt(ids, mask, 10, 2, 4)
+        check_prompt(ids.astype(np.float32), None, 10)
+
+
+def test_lengths_resolve_against_the_prompt():
+    assert decoding_lengths(GenerationConfig(max_length=10), 4, None) == DecodingLengths(0, 6)
+    assert decoding_lengths(GenerationConfig(max_length=10, max_new_tokens=6), 4, 12) == DecodingLengths(0, 6)
+    assert decoding_lengths(GenerationConfig(max_new_tokens=5, min_length=6), 4, None) == DecodingLengths(2, 5)
+    assert decoding_lengths(GenerationConfig(max_new_tokens=5, min_length=2), 4, None) == DecodingLengths(0, 5)
+    assert decoding_lengths(GenerationConfig(max_new_tokens=5, min_new_tokens=5), 4, None) == DecodingLengths(5, 5)
+    with pytest.raises(ValueError, match="max_length=4 leaves no room"):
+        decoding_lengths(GenerationConfig(max_length=4), 4, None)
+    with pytest.raises(ValueError, match="conflicting lengths: max_new_tokens=3"):
+        decoding_lengths(GenerationConfig(max_length=10, max_new_tokens=3), 4, None)
+    with pytest.raises(ValueError, match="conflicting lengths: min_new_tokens=1"):
+        decoding_lengths(GenerationConfig(min_length=10, min_new_tokens=1), 4, None)
+    with pytest.raises(ValueError, match="at least 8 new tokens"):
+        decoding_lengths(GenerationConfig(max_new_tokens=3, min_length=12), 4, None)
+    with pytest.raises(ValueError, match="min_new_tokens \\(4\\) exceeds max_new_tokens \\(3\\)"):
+        GenerationConfig(max_new_tokens=3, min_new_tokens=4)
+    with pytest.raises(ValueError, match="leaves no room in the model's context of 4"):
+        decoding_lengths(GenerationConfig(max_new_tokens=1), 5, 4)
+    with pytest.raises(ValueError, match="exceeds the model's maximum sequence length 8"):
+        decoding_lengths(GenerationConfig(max_new_tokens=5), 4, 8)
+
+
+def test_beam_settings():
+    gc = GenerationConfig(num_beams=4, num_return_sequences=4, early_stopping="never", length_penalty=-0.5)
+    assert gc.is_beam_search and gc.early_stopping == "never" and gc.length_penalty == -0.5
+    with pytest.raises(ValueError, match="num_return_sequences \\(5\\) must be <= num_beams \\(4\\)"):
+        GenerationConfig(num_beams=4, num_return_sequences=5)
+    with pytest.raises(ValueError, match="beam sampling"):
+        GenerationConfig(num_beams=2, do_sample=True)
+    assert GenerationConfig(do_sample=True, num_return_sequences=3).num_return_sequences == 3
+    assert GenerationConfig(bad_words_ids=[[3], (4, 5)]).bad_words_ids == ((3,), (4, 5))
+
+
+def test_prepare_generation_checks_everything_before_any_work():
+    cfg = ElectraConfig(vocab_size=10, max_position_embeddings=8, pad_token_id=0, eos_token_id=None)
+    gc, ids, mask = prepare_generation(cfg, "cumsum", None, [[1, 2, 3]], None, max_length=6, min_length=5)
+    assert (gc.max_new_tokens, gc.min_new_tokens, gc.max_length, gc.min_length) == (3, 2, None, None)
+    assert ids.shape == (1, 3) and mask.tolist() == [[1, 1, 1]]
+    with pytest.raises(ValueError, match="eos_token_id holds 12, outside the vocabulary"):
+        prepare_generation(cfg, "cumsum", None, [[1]], None, eos_token_id=[3, 12])
+    with pytest.raises(ValueError, match="bad_words_ids holds 10"):
+        prepare_generation(cfg, "cumsum", None, [[1]], None, bad_words_ids=[[1, 10]])
+    with pytest.raises(ValueError, match="leaves no room in the model's context of 8"):
+        prepare_generation(cfg, "cumsum", None, [[1] * 9], None)
+
+
+def test_streamer_protocol():
+    seen = []
+    streamer = as_streamer(seen.append)
+    streamer.put(np.array([1, 2]))
+    streamer.end()
+    assert [v.tolist() for v in seen] == [[1, 2]]
+
+    class Own:
+        def put(self, value):
+            pass
+
+        def end(self):
+            pass
+
+    own = Own()
+    assert as_streamer(own) is own and as_streamer(None) is None
+    with pytest.raises(TypeError, match="streamer must have put"):
+        as_streamer(42)
 
 
 def test_position_rules_number_real_tokens_like_an_unpadded_row():
