@@ -16,6 +16,7 @@ shapes agree across backends.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "GenerationConfig",
     "as_streamer",
     "decoding_lengths",
+    "effective_bad_words",
     "POSITION_RULES",
     "check_prompt",
     "max_generation_length",
@@ -259,7 +261,13 @@ class GenerationConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise TypeError(f"unknown generation settings {unknown}; known: {sorted(known)}")
+            hints = [
+                f"{name!r} (did you mean {' or '.join(map(repr, close))}?)"
+                if (close := difflib.get_close_matches(name, known, n=2))
+                else repr(name)
+                for name in unknown
+            ]
+            raise TypeError(f"unknown generation settings {', '.join(hints)}; known: {sorted(known)}")
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def with_model_defaults(self) -> GenerationConfig:
@@ -267,6 +275,12 @@ class GenerationConfig:
         if self.pad_token_id is None and self.eos_ids:
             return dataclasses.replace(self, pad_token_id=self.eos_ids[0])
         return self
+
+
+def effective_bad_words(gc: GenerationConfig) -> tuple[tuple[int, ...], ...]:
+    """``gc.bad_words_ids`` without the one-token entries that are an eos id (transformers drops
+    them, so that banning a word never forbids ending); empty when unset."""
+    return tuple(w for w in gc.bad_words_ids or () if not (len(w) == 1 and w[0] in gc.eos_ids))
 
 
 def resolve_generation_config(

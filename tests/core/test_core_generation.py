@@ -13,6 +13,7 @@ from nezha_zoo.generation import (
     as_streamer,
     check_prompt,
     decoding_lengths,
+    effective_bad_words,
     max_generation_length,
     prepare_generation,
     prompt_position_ids,
@@ -82,8 +83,10 @@ def test_eos_list_and_pad_default_from_model_config():
     assert resolve_generation_config(no_pad, None).pad_token_id == 9  # as transformers: pad <- eos
     base = GenerationConfig(max_new_tokens=4, top_k=3)
     assert resolve_generation_config(cfg, base, top_p=0.5) == GenerationConfig(max_new_tokens=4, top_k=3, top_p=0.5)
-    with pytest.raises(TypeError, match="max_lenght"):
+    with pytest.raises(TypeError, match="'max_lenght' \\(did you mean 'max_length'"):
         resolve_generation_config(cfg, None, max_lenght=3)
+    with pytest.raises(TypeError, match="'beams'"):
+        resolve_generation_config(cfg, None, beams=3)
     with pytest.raises(TypeError, match="generation_config"):
         resolve_generation_config(cfg, {"max_new_tokens": 3})
 
@@ -142,6 +145,9 @@ def test_beam_settings():
         GenerationConfig(num_beams=2, do_sample=True)
     assert GenerationConfig(do_sample=True, num_return_sequences=3).num_return_sequences == 3
     assert GenerationConfig(bad_words_ids=[[3], (4, 5)]).bad_words_ids == ((3,), (4, 5))
+    # as transformers, a one-token bad word that is an eos is not banned (ending stays possible)
+    gc = GenerationConfig(bad_words_ids=[[3], [4], (4, 5)], eos_token_id=[4, 9])
+    assert effective_bad_words(gc) == ((3,), (4, 5)) and effective_bad_words(GenerationConfig()) == ()
 
 
 def test_prepare_generation_checks_everything_before_any_work():

@@ -1,5 +1,6 @@
-"""PyTorch generation: greedy equals transformers' generate on the same weights, left padding, eos,
-max_new_tokens, the sampling warpers against transformers', seeded sampling and bad arguments."""
+"""PyTorch generation: greedy, beam search and the logits processors equal transformers' generate on
+the same weights (tokens, scores, logits, beam indices), left padding, eos, lengths, the sampling
+warpers against transformers', seeded sampling, the streamer and bad arguments."""
 
 from __future__ import annotations
 
@@ -12,10 +13,17 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from nezha_zoo import ElectraConfig
 from nezha_zoo.families.mpt import MptConfig
 from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig
-from nezha_zoo.generation import GenerationConfig, prompt_position_ids
+from nezha_zoo.generation import GenerationConfig, effective_bad_words, prompt_position_ids
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.pt.electra import ElectraForCausalLM
-from nezha_zoo.pt.generation import process_logits
+from nezha_zoo.pt.generation import (
+    apply_processors,
+    apply_repetition_penalty,
+    ban_bad_words,
+    ban_repeated_ngrams,
+    process_logits,
+    suppress_eos,
+)
 from nezha_zoo.pt.mpt import MptForCausalLM
 from nezha_zoo.pt.xlm_roberta_xl import XLMRobertaXLForCausalLM
 from nezha_zoo.spec.registry import get_family
@@ -200,5 +208,183 @@ def test_bad_arguments_raise(electra):
         model.generate(ids + 200)
     with pytest.raises(ValueError, match="maximum sequence length 64"):
         model.generate(ids, max_new_tokens=60)
-    with pytest.raises(TypeError, match="max_length"):
-        model.generate(ids, max_length=10)
+
+
+def test_processors_match_transformers():
+    from transformers.generation.logits_process import (
+        MinNewTokensLengthLogitsProcessor,
+        NoBadWordsLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    rng = np.random.default_rng(4)
+    scores = torch.from_numpy(rng.standard_normal((5, 20)).astype(np.float32))
+    # short alphabet so that n-grams and bad-word prefixes recur
+    seqs = torch.from_numpy(rng.integers(0, 6, (5, 9)))
+    for length in (1, 2, 5, 9):
+        seq = seqs[:, :length]
+        for penalty in (1.4, 0.6):
+            want = RepetitionPenaltyLogitsProcessor(penalty)(seq, scores.clone())
+            assert torch.equal(apply_repetition_penalty(scores, seq, penalty), want)
+        for n in (1, 2, 3):
+            want = NoRepeatNGramLogitsProcessor(n)(seq, scores.clone())
+            assert torch.equal(ban_repeated_ngrams(scores, seqs, length, n), want), (length, n)
+        bad = [[3], [2, 4], [1, 1, 5], [0, 2, 3, 4, 5, 1, 2, 3, 4, 5]]
+        gc = GenerationConfig(bad_words_ids=bad, eos_token_id=3)
+        want = NoBadWordsLogitsProcessor(bad, eos_token_id=3)(seq, scores.clone())
+        assert torch.equal(ban_bad_words(scores, seqs, length, effective_bad_words(gc)), want), length
+    want = MinNewTokensLengthLogitsProcessor(4, 2, [7, 9])(seqs[:, :5], scores.clone())
+    assert torch.equal(suppress_eos(scores, (7, 9)), want)
+    gc = GenerationConfig(min_new_tokens=2, eos_token_id=[7, 9], repetition_penalty=1.2, no_repeat_ngram_size=2)
+    assert torch.isinf(apply_processors(scores, seqs, 9, 1, gc)[:, [7, 9]]).all()
+    assert not torch.isinf(apply_processors(scores, seqs, 9, 2, gc)[:, [7, 9]]).all()
+
+
+def _assert_same_output(got, want, key, mode):
+    """Our return_dict output equals transformers' (tokens and beam indices exactly; scores, logits and
+    sequence scores to 1e-5, absolute or relative: float32 kernels differ by a few ulps, ~1e-6 at
+    the magnitude ~10 of penalised log-probabilities)."""
+    assert got.sequences.tolist() == want.sequences.tolist(), f"{key} {mode}: tokens differ"
+    for field in ("scores", "logits"):
+        assert len(got[field]) == len(want[field]), f"{key} {mode}: {field}"
+        for step, (a, b) in enumerate(zip(got[field], want[field])):
+            np.testing.assert_allclose(
+                a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{key} {mode} {field} {step}"
+            )
+    if "beam_indices" in want:
+        assert got.beam_indices.tolist() == want.beam_indices.tolist(), f"{key} {mode}: beam_indices"
+        np.testing.assert_allclose(got.sequences_scores.numpy(), want.sequences_scores.numpy(), rtol=1e-5, atol=1e-5)
+    else:
+        assert "beam_indices" not in got and "sequences_scores" not in got
+
+
+#: decoding modes checked against transformers for every family (eos ids are picked per model from a
+#: free run so that they really occur; see test_decoding_matches_transformers)
+MODES = {
+    "greedy_processors": dict(repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids="auto"),
+    "greedy_min_new_tokens": dict(min_new_tokens=5, eos_token_id="late"),
+    "greedy_max_length": dict(max_length=12, max_new_tokens=None, eos_token_id="auto", repetition_penalty=0.8),
+    "beam_early_true": dict(num_beams=4, num_return_sequences=2, early_stopping=True, length_penalty=0.7,
+                            eos_token_id="auto"),
+    "beam_early_false": dict(num_beams=3, num_return_sequences=2, early_stopping=False, length_penalty=1.5,
+                             eos_token_id="auto", no_repeat_ngram_size=2),
+    "beam_never": dict(num_beams=4, num_return_sequences=2, early_stopping="never", length_penalty=-0.5,
+                       eos_token_id="auto", repetition_penalty=1.2, bad_words_ids="auto", min_new_tokens=2),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("key", list(CASES))
+def test_decoding_matches_transformers(key, mode, checkpoint):
+    path = checkpoint(key)
+    _, _, cls, hf_name = CASES[key]
+    ours = cls.from_pretrained(path).eval()
+    hf = getattr(transformers, hf_name).from_pretrained(path).eval()
+    ids, mask = _prompt(ours.config)
+    free = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None)[:, 6:].tolist()
+    settings = dict(max_new_tokens=NEW, pad_token_id=97)
+    settings.update(MODES[mode])
+    if settings["max_new_tokens"] is None:  # max_length alone
+        del settings["max_new_tokens"]
+    if settings.get("bad_words_ids") == "auto":  # a token and a pair the free greedy run emits
+        settings["bad_words_ids"] = [[free[1][0]], [free[0][3], free[0][4]]]
+    eos = settings.pop("eos_token_id", None)
+    settings["eos_token_id"] = None
+    # eos ids that the same decoding emits, so that rows (hypotheses) really finish
+    probe = ours.generate(ids, attention_mask=mask, **settings)
+    probe, unstopped = probe[:, 6:].tolist(), probe.tolist()
+    if eos == "auto":
+        settings["eos_token_id"] = [probe[0][2], probe[-1][1]]
+    elif eos == "late":  # one suppressed by min_new_tokens, one emitted after it
+        least = settings["min_new_tokens"]
+        held = ours.generate(ids, attention_mask=mask, **{**settings, "eos_token_id": probe[0][2]})[:, 6:].tolist()
+        early = {t for row in held for t in row[:least]}  # a second eos never seen there changes nothing before
+        settings["eos_token_id"] = [probe[0][2], next(t for row in held for t in row[least:] if t not in early)]
+    out = dict(return_dict_in_generate=True, output_scores=True, output_logits=True)
+    got = ours.generate(ids, attention_mask=mask, **settings, **out)
+    want = hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False, **settings, **out)
+    _assert_same_output(got, want, key, mode)
+    rows = 3 * settings.get("num_return_sequences", 1)
+    assert got.sequences.shape[0] == rows and got.sequences[:, :6].tolist() == np.repeat(ids, rows // 3, 0).tolist()
+    assert ours.generate(ids, attention_mask=mask, **settings).tolist() == got.sequences.tolist()  # ids alone
+    if isinstance(settings["eos_token_id"], list):
+        new = got.sequences[:, 6:]
+        emitted = torch.isin(new, torch.tensor(settings["eos_token_id"])).any()
+        # greedy: a row ended; beams: ended hypotheses changed the search (they may lose to longer ones)
+        assert emitted or got.sequences.tolist() != unstopped, f"{key} {mode}: the eos ids changed nothing"
+        if "min_new_tokens" in settings:
+            assert not torch.isin(new[:, : settings["min_new_tokens"]], torch.tensor(settings["eos_token_id"])).any()
+
+
+def test_greedy_scores_without_processors_are_the_logits(electra):
+    ids, mask = _prompt(electra.config)
+    out = electra.generate(
+        ids, attention_mask=mask, max_new_tokens=3, eos_token_id=None, return_dict_in_generate=True, output_scores=True
+    )
+    assert set(out) == {"sequences", "scores"} and len(out.scores) == 3 and out.scores[0].shape == (3, 99)
+    assert out.sequences[:, 6].tolist() == out.scores[0].argmax(-1).tolist()
+    assert electra.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True).scores is None
+
+
+def test_streamer_gets_prompt_then_each_column(electra):
+    ids, mask = _prompt(electra.config)
+    columns = []
+    out = electra.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=None, streamer=columns.append)
+    assert columns[0].shape == (3, 6) and columns[0].dtype == np.int32 and columns[0].tolist() == ids.tolist()
+    assert len(columns) == 5 and all(c.shape == (3,) for c in columns[1:])
+    assert np.stack(columns[1:], axis=1).tolist() == out[:, 6:].tolist()
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(("put", value.tolist()))
+
+        def end(self):
+            self.calls.append(("end", None))
+
+    rec = Recorder()
+    electra.generate(ids[:1], max_new_tokens=2, eos_token_id=None, streamer=rec)
+    assert [c[0] for c in rec.calls] == ["put", "put", "put", "end"]
+
+
+def test_sampling_returns_several_sequences_per_row(electra):
+    ids, mask = _prompt(electra.config)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=2.0, eos_token_id=None)
+    out = electra.generate(ids, num_return_sequences=3, seed=3, **kw)
+    assert out.shape == (9, 12) and out[:, :6].tolist() == np.repeat(ids, 3, 0).tolist()
+    assert out.tolist() == electra.generate(ids, num_return_sequences=3, seed=3, **kw).tolist()
+    assert len({tuple(r) for r in out[:3, 6:].tolist()}) > 1  # independent samples of row 0
+
+
+def test_bad_input_fails_before_any_work(electra):
+    model = electra
+    ids, mask = _prompt(model.config)
+
+    def no_forward(*_):
+        raise AssertionError("the model ran before the input was refused")
+
+    hook = model.register_forward_pre_hook(no_forward)
+    try:
+        with pytest.raises(ValueError, match="num_beams must be >= 1"):
+            model.generate(ids, num_beams=0)
+        with pytest.raises(ValueError, match="max_length=5 leaves no room"):
+            model.generate(ids, max_length=5)
+        with pytest.raises(ValueError, match="conflicting lengths"):
+            model.generate(ids, max_length=10, max_new_tokens=2)
+        with pytest.raises(ValueError, match="input_ids must have shape"):
+            model.generate(np.zeros((2, 0), np.int64))
+        with pytest.raises(ValueError, match="leaves no room in the model's context of 64"):
+            model.generate(np.ones((1, 64), np.int64))
+        with pytest.raises(ValueError, match="streamer cannot be used with beam search"):
+            model.generate(ids, num_beams=2, streamer=lambda column: None)
+        with pytest.raises(ValueError, match="num_return_sequences \\(3\\) must be <= num_beams \\(2\\)"):
+            model.generate(ids, num_beams=2, num_return_sequences=3)
+        with pytest.raises(TypeError, match="did you mean 'num_beams'"):
+            model.generate(ids, num_beam=2)
+        with pytest.raises(TypeError, match="streamer must have put"):
+            model.generate(ids, streamer=42)
+    finally:
+        hook.remove()
