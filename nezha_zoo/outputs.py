@@ -201,9 +201,10 @@ GenerateBeamDecoderOnlyOutput = _output(
     "GenerateBeamDecoderOnlyOutput",
     ("sequences", "sequences_scores", "scores", "logits", "beam_indices"),
     "As GenerateDecoderOnlyOutput for beam search (``R = num_return_sequences``): "
-    "``sequences_scores`` (B*R,) the length-penalised beam scores; ``scores`` n tensors "
-    "(B*num_beams, V), the processed log-probabilities plus each beam's running score; "
-    "``beam_indices`` (B*R, n) which beam each token came from (-1 after the end).",
+    "``sequences_scores`` (B*R,) the length-penalised beam scores (with ``output_scores``); ``scores`` n "
+    "tensors (B*num_beams, V), the processed log-probabilities of each step (transformers 4.57: without "
+    "the beams' running scores); ``logits`` n raw (B*num_beams, V); ``beam_indices`` (B*R, n) which row "
+    "(``b * num_beams + beam``) each token came from (-1 after the end).",
 )
 
 #: Every output class, for backends that register them with their tree utilities.

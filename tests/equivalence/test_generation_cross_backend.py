@@ -1,5 +1,8 @@
-"""Greedy continuations are identical in PyTorch, TensorFlow (graph and XLA), Flax and transformers,
-for every causal-LM class of the zoo, on a left-padded batch.
+"""Greedy and beam-search continuations are identical in PyTorch, TensorFlow (graph and XLA), Flax and
+transformers, for every causal-LM class of the zoo, on a left-padded batch: plain greedy decoding,
+greedy with the logits processors and eos lists, and beam search with ``num_return_sequences`` and
+each ``early_stopping`` mode, their ``return_dict_in_generate`` scores, logits, sequence scores and
+beam indices included.
 
 Tiny random models can have near-tied logits, where float noise could legitimately flip an argmax;
 the weights below were chosen so that the top-2 logit margin at every generated position is above
@@ -120,3 +123,91 @@ def test_greedy_tokens_identical_across_backends(key, tmp_path):
         assert got == tokens["hf"], f"{key}: {backend} greedy tokens differ from transformers"
     margin = _top2_margin(pt_model, np.asarray(tokens["pt"]), mask, 6)
     assert margin > MIN_MARGIN, f"{key}: top-2 margin {margin:.2e} too small for a meaningful identity check"
+
+
+BACKENDS = ("pt", "tf", "tf-xla", "flax")
+
+#: decoding modes (eos ids: two that transformers' own run of the mode emits early, so rows finish)
+MODES = {
+    "greedy_processors": dict(repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[5], [7, 8]],
+                              min_new_tokens=2),
+    "beam_early_true": dict(num_beams=4, num_return_sequences=2, early_stopping=True, length_penalty=0.7),
+    "beam_never": dict(num_beams=3, num_return_sequences=2, early_stopping="never", length_penalty=-0.5,
+                       repetition_penalty=1.2, no_repeat_ngram_size=3, bad_words_ids=[[9], [11, 12]]),
+}  # fmt: skip
+RETURN = dict(return_dict_in_generate=True, output_scores=True, output_logits=True)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> checkpoint directory (built on first use)."""
+    paths = {}
+
+    def get(key):
+        if key not in paths:
+            make_config, seed = CASES[key][:2]
+            cfg, family = make_config(), get_family(key)
+            spec = family.model_spec(cfg, "ForCausalLM")
+            paths[key] = tmp_path_factory.mktemp(key)
+            save_weights(paths[key], cfg, spec, family, random_weights(spec, cfg, seed))
+        return paths[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def oracle(saved):
+    """(family, mode) -> (settings, transformers' return_dict output as numpy), computed once."""
+    cache = {}
+
+    def get(key, mode):
+        if (key, mode) not in cache:
+            hf = getattr(transformers, CASES[key][5]).from_pretrained(saved(key)).eval()
+            ids, mask = _prompt(hf.config)
+            settings = dict(max_new_tokens=NEW, pad_token_id=97, eos_token_id=None, **MODES[mode])
+            inputs = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False)
+            probe = hf.generate(**inputs, **settings)[:, 6:].tolist()
+            settings["eos_token_id"] = [probe[0][2], probe[-1][1]]
+            out = hf.generate(**inputs, **settings, **RETURN)
+            cache[(key, mode)] = settings, {k: _as_numpy(v) for k, v in out.items() if k != "past_key_values"}
+        return cache[(key, mode)]
+
+    return get
+
+
+def _as_numpy(value):
+    if isinstance(value, (tuple, list)):
+        return [_as_numpy(v) for v in value]
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+
+def _generate(backend, key, path, ids, mask, settings):
+    """Our ``generate`` of ``backend`` with ``settings`` and every output, as numpy."""
+    _, _, pt_cls, tf_cls, flax_cls, _ = CASES[key]
+    if backend == "pt":
+        out = pt_cls.from_pretrained(path).eval().generate(ids, attention_mask=mask, **settings, **RETURN)
+    elif backend in ("tf", "tf-xla"):
+        model = tf_cls.from_pretrained(path)
+        out = model.generate(ids, attention_mask=mask, jit_compile=backend == "tf-xla", **settings, **RETURN)
+    else:
+        out = flax_cls.from_pretrained(path).generate(ids, attention_mask=mask, **settings, **RETURN)
+    return {k: _as_numpy(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("key", list(CASES))
+def test_decoding_with_processors_and_beams_identical_across_backends(key, mode, backend, saved, oracle):
+    settings, want = oracle(key, mode)
+    ids, mask = _prompt(CASES[key][0]())
+    got = _generate(backend, key, saved(key), ids, mask, settings)
+    where = f"{key} {mode} {backend}"
+    assert sorted(got) == sorted(want), f"{where}: output fields {sorted(got)} != transformers' {sorted(want)}"
+    assert got["sequences"].tolist() == want["sequences"].tolist(), f"{where}: tokens differ from transformers"
+    if "beam_indices" in want:
+        assert got["beam_indices"].tolist() == want["beam_indices"].tolist(), f"{where}: beam_indices"
+        np.testing.assert_allclose(got["sequences_scores"], want["sequences_scores"], rtol=1e-5, atol=1e-5)
+    for field in ("scores", "logits"):  # per step (rows, V); -inf where a processor banned a token
+        assert len(got[field]) == len(want[field]), f"{where}: {field} has {len(got[field])} steps"
+        for step, (a, b) in enumerate(zip(got[field], want[field])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{where}: {field} step {step}")
