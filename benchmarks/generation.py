@@ -1,21 +1,26 @@
-"""Decoding speed of every causal-LM family in every backend, and their greedy tokens side by side.
+"""Decoding speed of every causal-LM family in every backend beside transformers, and their tokens side by side.
 
 ``python -m benchmarks.generation`` builds one seeded checkpoint per causal-LM family at a small but
-real size (:data:`BENCH_CONFIGS`) and, for each backend, times ``generate`` (greedy, prompt of 16
-tokens, 64 new tokens, no eos so every run decodes all of them) at batch 1 and 8:
+real size (:data:`BENCH_CONFIGS`) and, for each backend, times ``generate`` in each decoding mode
+(:data:`MODES`: greedy, sampling with ``top_k=50`` and a seed, 4-beam search; prompt of 16 tokens, 64
+new tokens, no eos so every run decodes all of them) at batch 1 and 8:
 
-* ``pt``: PyTorch eager loop over the growing cache;
-* ``tf`` / ``tf-xla``: the whole loop in one ``tf.function`` over the fixed-size KVCache, without
-  and with XLA (``jit_compile``);
-* ``flax``: the whole loop under one ``jax.jit`` over the fixed-size cache.
+* ``pt``: PyTorch eager loop over the key/value cache;
+* ``tf`` / ``tf-xla``: the whole loop (beams included) in one ``tf.function`` over the fixed-size
+  KVCache, without and with XLA (``jit_compile``);
+* ``flax``: the whole loop under one ``jax.jit`` over the fixed-size cache;
+* ``hf``: transformers' PyTorch class on the same weights, ``generate(..., use_cache=True)``.
 
 The first call (tracing and compilation included) is timed separately as ``warmup_s``; the figure
 is the median of ``--repeats`` timed calls after it, as tokens/s = batch x new tokens / median.  The
-same run checks that the greedy continuations of all backends are identical and says so per row.
+same run checks that the greedy and beam-search continuations of all backends (transformers
+included) are identical and says so per row; the "Against transformers" table gives each of our
+backends' tokens/s over transformers' (``N.NNx``, above 1: ours is faster).
 
 Output under ``--out`` (default ``benchmarks/results``): ``generation.json`` (machine, versions,
 every measurement, the tokens' agreement) and ``generation.md``.  ``--smoke`` runs tiny configs in
 seconds of decoding (plus compilation); ``tests/equivalence/test_bench_generation_smoke.py`` runs that.
+A backend or mode that fails is reported as an ``error`` row (exit status 1), not fatal to the run.
 """
 
 from __future__ import annotations
@@ -36,7 +41,16 @@ import numpy as np
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.registry import get_family, model_class
 
-BACKENDS = ("pt", "tf", "tf-xla", "flax")
+BACKENDS = ("pt", "tf", "tf-xla", "flax", "hf")
+
+#: decoding mode -> generate settings (besides max_new_tokens and eos_token_id=None)
+MODES: dict[str, dict[str, Any]] = {
+    "greedy": {},
+    "sample": dict(do_sample=True, top_k=50, seed=0),
+    "beam4": dict(num_beams=4),
+}
+#: modes whose tokens must agree across backends (sampling draws from each framework's own RNG)
+DETERMINISTIC = ("greedy", "beam4")
 
 #: family key -> (config fields, what the size stands for).  No eos: every run decodes all tokens.
 BENCH_CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
@@ -80,39 +94,60 @@ def build_checkpoint(family_key: str, fields: dict[str, Any], directory: str, se
     return directory
 
 
-def _generator(backend: str, family_key: str, path: str) -> Callable[[np.ndarray, int], np.ndarray]:
-    """``(input_ids, max_new_tokens) -> tokens`` for one backend, model loaded from ``path``."""
-    if backend == "pt":
+def _generator(backend: str, family_key: str, path: str) -> Callable[[np.ndarray, int, dict], np.ndarray]:
+    """``(input_ids, max_new_tokens, settings) -> tokens`` for one backend, model loaded from ``path``."""
+    if backend in ("pt", "hf"):
         import torch
 
-        model = model_class(family_key, "ForCausalLM", "pt").from_pretrained(path).eval()
+        if backend == "pt":
+            model = model_class(family_key, "ForCausalLM", "pt").from_pretrained(path).eval()
+        else:
+            import transformers
 
-        def run_pt(ids, new):
+            transformers.logging.set_verbosity_error()
+            name = get_family(family_key).class_name("ForCausalLM", "pt")
+            model = getattr(transformers, name).from_pretrained(path).eval()
+
+        def run_pt(ids, new, settings):
+            settings = dict(settings)
+            if backend == "hf":  # transformers samples from torch's global generator
+                torch.manual_seed(settings.pop("seed", 0))
+                settings.update(use_cache=True, pad_token_id=model.config.pad_token_id or 0)
+                ids = torch.from_numpy(ids)
             with torch.no_grad():
-                return model.generate(ids, max_new_tokens=new, eos_token_id=None).numpy()
+                return model.generate(ids, max_new_tokens=new, eos_token_id=None, **settings).numpy()
 
         return run_pt
     if backend in ("tf", "tf-xla"):
         model = model_class(family_key, "ForCausalLM", "tf").from_pretrained(path)
         xla = backend == "tf-xla"
-        return lambda ids, new: model.generate(ids, max_new_tokens=new, eos_token_id=None, jit_compile=xla).numpy()
+        return lambda ids, new, settings: model.generate(
+            ids, max_new_tokens=new, eos_token_id=None, jit_compile=xla, **settings
+        ).numpy()
     if backend == "flax":
         model = model_class(family_key, "ForCausalLM", "flax").from_pretrained(path)
-        return lambda ids, new: np.asarray(model.generate(ids, max_new_tokens=new, eos_token_id=None))
+        return lambda ids, new, settings: np.asarray(
+            model.generate(ids, max_new_tokens=new, eos_token_id=None, **settings)
+        )
     raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
 
 
 def measure(
-    run: Callable[[np.ndarray, int], np.ndarray], ids: np.ndarray, new: int, repeats: int
+    run: Callable[[np.ndarray, int, dict], np.ndarray],
+    ids: np.ndarray,
+    new: int,
+    repeats: int,
+    settings: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Warm-up call (timed apart), then the median of ``repeats`` calls; returns (figures, tokens)."""
+    settings = settings or {}
     start = time.perf_counter()
-    tokens = run(ids, new)
+    tokens = run(ids, new, settings)
     warmup = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        tokens = run(ids, new)
+        tokens = run(ids, new, settings)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     generated = tokens.shape[1] - ids.shape[1]
@@ -149,7 +184,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "tensorflow-cpu", "tensorflow", "keras", "jax", "flax", "numpy"):
+    for pkg in ("torch", "tensorflow-cpu", "tensorflow", "keras", "jax", "flax", "transformers", "numpy"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -159,28 +194,47 @@ def _versions() -> dict[str, str]:
 
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
-        "# Generation speed (greedy, compiled decoding)",
+        "# Generation speed",
         "",
-        f"Prompt {report['prompt_len']} tokens, {report['new_tokens']} new tokens; warm-up (tracing and "
-        f"compilation) excluded and listed apart; median of {report['repeats']} runs.  "
+        f"Prompt {report['prompt_len']} tokens, {report['new_tokens']} new tokens, no eos; modes: "
+        + ", ".join(f"{m} {MODES[m] or '(argmax)'}" for m in report["modes"])
+        + f".  Warm-up (tracing and compilation) excluded and listed apart; median of {report['repeats']} runs.  "
+        f"`hf` is transformers' PyTorch class on the same weights (`use_cache=True`).  "
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, shared with other jobs "
         f"while measured; threads: {report['threads']}.",
         "",
-        "| family | backend | batch | tokens/s | median s | warm-up s |",
-        "|---|---|---|---|---|---|",
+        "| family | mode | batch | backend | tokens/s | median s | warm-up s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
+        head = f"| {r['family']} | {r['mode']} | {r['batch']} | {r['backend']} |"
         if "error" in r:
-            lines.append(f"| {r['family']} | {r['backend']} | {r['batch']} | error: {r['error']} | | |")
+            lines.append(f"{head} error: {r['error']} | | |")
         else:
-            lines.append(
-                f"| {r['family']} | {r['backend']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
-                f"{r['median_s']:.3f} | {r['warmup_s']:.2f} |"
-            )
-    lines += ["", "## Greedy continuations", ""]
+            lines.append(f"{head} {r['tokens_per_s']:.1f} | {r['median_s']:.3f} | {r['warmup_s']:.2f} |")
+    ours = [b for b in report["backends"] if b != "hf"]
+    if "hf" in report["backends"] and ours:
+        lines += [
+            "",
+            "## Against transformers",
+            "",
+            "Our tokens/s over transformers PyTorch's in the same run (above 1: ours is faster).",
+            "",
+            "| family | mode | batch | " + " | ".join(ours) + " |",
+            "|---|---|---|" + "---|" * len(ours),
+        ]
+        speed = {(r["family"], r["mode"], r["batch"], r["backend"]): r.get("tokens_per_s") for r in report["rows"]}
+        for family, mode, batch in dict.fromkeys((r["family"], r["mode"], r["batch"]) for r in report["rows"]):
+            theirs = speed.get((family, mode, batch, "hf"))
+            cells = []
+            for b in ours:
+                mine = speed.get((family, mode, batch, b))
+                cells.append(f"{mine / theirs:.2f}x" if mine and theirs else "n/a")
+            lines.append(f"| {family} | {mode} | {batch} | " + " | ".join(cells) + " |")
+    lines += ["", "## Continuations (greedy and beam search)", ""]
     for a in report["agreement"]:
         verdict = "identical in " + ", ".join(a["backends"]) if a["identical"] else "DIFFER: " + a["detail"]
-        lines.append(f"- {a['family']} batch {a['batch']}: {verdict}; row 0 continues with {a['row0']}")
+        lines.append(f"- {a['family']} {a['mode']} batch {a['batch']}: {verdict}; row 0 continues with {a['row0']}")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
 
@@ -189,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default=",".join(BENCH_CONFIGS), help="comma-separated family keys")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated: " + ", ".join(BACKENDS))
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -208,9 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt_len, args.new_tokens, args.repeats, args.batches = 4, 4, 1, "2"
     families = [f for f in args.families.split(",") if f]
     backends = [b for b in args.backends.split(",") if b]
-    unknown = sorted(set(families) - set(configs)) + sorted(set(backends) - set(BACKENDS))
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = (
+        sorted(set(families) - set(configs)) + sorted(set(backends) - set(BACKENDS)) + sorted(set(modes) - set(MODES))
+    )
     if unknown:
-        parser.error(f"unknown families/backends {unknown}")
+        parser.error(f"unknown families/backends/modes {unknown}")
     batches = [int(b) for b in args.batches.split(",")]
     threads = _set_threads(args.threads)
 
@@ -225,45 +283,56 @@ def main(argv: list[str] | None = None) -> int:
             fields, _ = configs[family_key]
             path = build_checkpoint(family_key, fields, os.path.join(tmp, family_key))
             prompts = {b: rng.integers(3, fields["vocab_size"], (b, args.prompt_len)) for b in batches}
-            outputs: dict[tuple[str, int], np.ndarray] = {}
+            outputs: dict[tuple[str, str, int], np.ndarray] = {}
             for backend in backends:
                 try:
                     run = _generator(backend, family_key, path)
                 except Exception as err:  # noqa: BLE001  (a backend that cannot load is reported, not fatal)
                     rows += [
-                        {"family": family_key, "backend": backend, "batch": b, "error": repr(err)} for b in batches
+                        {"family": family_key, "backend": backend, "mode": m, "batch": b, "error": repr(err)}
+                        for m in modes
+                        for b in batches
                     ]
                     continue
+                for mode in modes:
+                    for b in batches:
+                        row = {"family": family_key, "backend": backend, "mode": mode, "batch": b}
+                        try:
+                            figures, tokens = measure(run, prompts[b], args.new_tokens, args.repeats, MODES[mode])
+                        except Exception as err:  # noqa: BLE001  (e.g. a backend without this mode: reported)
+                            rows.append({**row, "error": repr(err)[:300]})
+                            sys.stdout.write(f"{family_key:15s} {backend:7s} {mode:7s} batch {b}: error {err!r:.200}\n")
+                            continue
+                        outputs[(backend, mode, b)] = tokens
+                        rows.append({**row, **figures})
+                        sys.stdout.write(
+                            f"{family_key:15s} {backend:7s} {mode:7s} batch {b}: {figures['tokens_per_s']:9.1f} "
+                            f"tokens/s (warm-up {figures['warmup_s']:.1f} s)\n"
+                        )
+                        sys.stdout.flush()
+            for mode in (m for m in modes if m in DETERMINISTIC):
                 for b in batches:
-                    figures, tokens = measure(run, prompts[b], args.new_tokens, args.repeats)
-                    outputs[(backend, b)] = tokens
-                    rows.append({"family": family_key, "backend": backend, "batch": b, **figures})
-                    sys.stdout.write(
-                        f"{family_key:15s} {backend:7s} batch {b}: {figures['tokens_per_s']:9.1f} tokens/s "
-                        f"(warm-up {figures['warmup_s']:.1f} s)\n"
+                    got = {be: outputs[(be, mode, b)] for be in backends if (be, mode, b) in outputs}
+                    if not got:
+                        continue
+                    first = next(iter(got.values()))
+                    differ = [be for be, t in got.items() if t.shape != first.shape or not np.array_equal(t, first)]
+                    agreement.append(
+                        {
+                            "family": family_key,
+                            "mode": mode,
+                            "batch": b,
+                            "backends": list(got),
+                            "identical": not differ,
+                            "detail": "" if not differ else f"{differ} differ from {next(iter(got))}",
+                            "row0": first[0, args.prompt_len :].tolist(),
+                        }
                     )
-                    sys.stdout.flush()
-            for b in batches:
-                got = {be: outputs[(be, b)] for be in backends if (be, b) in outputs}
-                if not got:
-                    continue
-                first = next(iter(got.values()))
-                differ = [be for be, t in got.items() if t.shape != first.shape or not np.array_equal(t, first)]
-                agreement.append(
-                    {
-                        "family": family_key,
-                        "batch": b,
-                        "backends": list(got),
-                        "identical": not differ,
-                        "detail": "" if not differ else f"{differ} differ from {next(iter(got))}",
-                        "row0": first[0, args.prompt_len :].tolist(),
-                    }
-                )
-            _write(args, configs, families, rows, agreement, threads)
+            _write(args, configs, families, backends, modes, rows, agreement, threads)
     return 0 if all("error" not in r for r in rows) and all(a["identical"] for a in agreement) else 1
 
 
-def _write(args: argparse.Namespace, configs, families, rows, agreement, threads) -> None:
+def _write(args: argparse.Namespace, configs, families, backends, modes, rows, agreement, threads) -> None:
     """Write the report so far (after each family, so a long run leaves its finished part behind)."""
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -274,6 +343,8 @@ def _write(args: argparse.Namespace, configs, families, rows, agreement, threads
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "backends": backends,
+        "modes": modes,
         "configs": {f: configs[f][0] for f in families},
         "rows": rows,
         "agreement": agreement,
