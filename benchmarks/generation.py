@@ -11,8 +11,10 @@ new tokens, no eos so every run decodes all of them) at batch 1 and 8:
 * ``flax``: the whole loop under one ``jax.jit`` over the fixed-size cache;
 * ``hf``: transformers' PyTorch class on the same weights, ``generate(..., use_cache=True)``.
 
-The first call (tracing and compilation included) is timed separately as ``warmup_s``; the figure
-is the median of ``--repeats`` timed calls after it, as tokens/s = batch x new tokens / median.  The
+The first call (tracing and compilation included) is timed separately as ``warmup_s``; then
+``--repeats`` rounds call every backend once in turn (so the backends compared, transformers
+included, share the loaded machine's moment), and the figure is each backend's median, as tokens/s
+= batch x new tokens / median.  The
 same run checks that the greedy and beam-search continuations of all backends (transformers
 included) are identical and says so per row; the "Against transformers" table gives each of our
 backends' tokens/s over transformers' (``N.NNx``, above 1: ours is faster).
@@ -133,31 +135,51 @@ def _generator(backend: str, family_key: str, path: str) -> Callable[[np.ndarray
 
 
 def measure(
-    run: Callable[[np.ndarray, int, dict], np.ndarray],
+    runs: dict[str, Callable[[np.ndarray, int, dict], np.ndarray]],
     ids: np.ndarray,
     new: int,
     repeats: int,
     settings: dict[str, Any] | None = None,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Warm-up call (timed apart), then the median of ``repeats`` calls; returns (figures, tokens)."""
+) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """Time every backend of ``runs`` on the same call, in turn.
+
+    Each backend's warm-up call is timed apart; then ``repeats`` rounds call every backend once, so
+    that the backends compared share the machine's moment (a loaded host drifts by tens of percent
+    from one minute to the next); the figure is each backend's median.  A backend whose call raises
+    gets ``{"error": ...}`` and leaves the rounds.
+
+    Returns:
+        ``(figures, tokens)``: per backend its figures (or error) and its last tokens.
+    """
     settings = settings or {}
-    start = time.perf_counter()
-    tokens = run(ids, new, settings)
-    warmup = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
+    figures: dict[str, dict[str, Any]] = {}
+    tokens: dict[str, np.ndarray] = {}
+    warmup: dict[str, float] = {}
+    for backend, run in runs.items():
         start = time.perf_counter()
-        tokens = run(ids, new, settings)
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    generated = tokens.shape[1] - ids.shape[1]
-    return {
-        "warmup_s": warmup,
-        "median_s": median,
-        "repeats": repeats,
-        "new_tokens": int(generated),
-        "tokens_per_s": ids.shape[0] * generated / median,
-    }, tokens
+        try:
+            tokens[backend] = run(ids, new, settings)
+        except Exception as err:  # noqa: BLE001  (e.g. a backend without this mode: reported, not fatal)
+            figures[backend] = {"error": repr(err)[:300]}
+            continue
+        warmup[backend] = time.perf_counter() - start
+    times: dict[str, list[float]] = {b: [] for b in warmup}
+    for _ in range(repeats):
+        for backend in warmup:
+            start = time.perf_counter()
+            tokens[backend] = runs[backend](ids, new, settings)
+            times[backend].append(time.perf_counter() - start)
+    for backend in warmup:
+        median = statistics.median(times[backend])
+        generated = tokens[backend].shape[1] - ids.shape[1]
+        figures[backend] = {
+            "warmup_s": warmup[backend],
+            "median_s": median,
+            "repeats": repeats,
+            "new_tokens": int(generated),
+            "tokens_per_s": ids.shape[0] * generated / median,
+        }
+    return figures, tokens
 
 
 def _set_threads(threads: int) -> dict[str, Any]:
@@ -284,32 +306,28 @@ def main(argv: list[str] | None = None) -> int:
             path = build_checkpoint(family_key, fields, os.path.join(tmp, family_key))
             prompts = {b: rng.integers(3, fields["vocab_size"], (b, args.prompt_len)) for b in batches}
             outputs: dict[tuple[str, str, int], np.ndarray] = {}
+            runs = {}
             for backend in backends:
                 try:
-                    run = _generator(backend, family_key, path)
+                    runs[backend] = _generator(backend, family_key, path)
                 except Exception as err:  # noqa: BLE001  (a backend that cannot load is reported, not fatal)
                     rows += [
                         {"family": family_key, "backend": backend, "mode": m, "batch": b, "error": repr(err)}
                         for m in modes
                         for b in batches
                     ]
-                    continue
-                for mode in modes:
-                    for b in batches:
-                        row = {"family": family_key, "backend": backend, "mode": mode, "batch": b}
-                        try:
-                            figures, tokens = measure(run, prompts[b], args.new_tokens, args.repeats, MODES[mode])
-                        except Exception as err:  # noqa: BLE001  (e.g. a backend without this mode: reported)
-                            rows.append({**row, "error": repr(err)[:300]})
-                            sys.stdout.write(f"{family_key:15s} {backend:7s} {mode:7s} batch {b}: error {err!r:.200}\n")
-                            continue
-                        outputs[(backend, mode, b)] = tokens
-                        rows.append({**row, **figures})
-                        sys.stdout.write(
-                            f"{family_key:15s} {backend:7s} {mode:7s} batch {b}: {figures['tokens_per_s']:9.1f} "
-                            f"tokens/s (warm-up {figures['warmup_s']:.1f} s)\n"
-                        )
-                        sys.stdout.flush()
+            for mode in modes:
+                for b in batches:
+                    figures, tokens = measure(runs, prompts[b], args.new_tokens, args.repeats, MODES[mode])
+                    for backend, fig in figures.items():
+                        rows.append({"family": family_key, "backend": backend, "mode": mode, "batch": b, **fig})
+                        if backend in tokens and "error" not in fig:
+                            outputs[(backend, mode, b)] = tokens[backend]
+                            said = f"{fig['tokens_per_s']:9.1f} tokens/s (warm-up {fig['warmup_s']:.1f} s)"
+                        else:
+                            said = f"error {fig['error']:.200}"
+                        sys.stdout.write(f"{family_key:15s} {backend:7s} {mode:7s} batch {b}: {said}\n")
+                    sys.stdout.flush()
             for mode in (m for m in modes if m in DETERMINISTIC):
                 for b in batches:
                     got = {be: outputs[(be, mode, b)] for be in backends if (be, mode, b) in outputs}
