@@ -231,6 +231,13 @@ def _record(buffer: tf.Tensor, step: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
     return tf.tensor_scatter_nd_update(buffer, tf.reshape(step, (1, 1)), values[None])
 
 
+def _per_step_outputs(gc: GenerationConfig) -> tuple[str, ...]:
+    """Which per-step tensors a call returns: ``"scores"`` and/or ``"logits"``."""
+    if not gc.return_dict_in_generate:
+        return ()
+    return tuple(name for name, flag in (("scores", gc.output_scores), ("logits", gc.output_logits)) if flag)
+
+
 class TFGenerationMixin:
     """``generate`` for a Keras causal LM with ``init_cache`` (the class sets ``generation_position_rule``)."""
 
@@ -325,10 +332,7 @@ class TFGenerationMixin:
     def _generate_output(gc: GenerationConfig, prompt_len: int, out: dict) -> Any:
         """Slice the traced loop's fixed-size buffers to what was generated."""
         steps = int(out["steps"])
-        per_step = {}
-        for name, flag in (("scores", gc.output_scores), ("logits", gc.output_logits)):
-            if gc.return_dict_in_generate and flag:
-                per_step[name] = tuple(out[name][i] for i in range(steps))
+        per_step = {name: tuple(out[name][i] for i in range(steps)) for name in _per_step_outputs(gc)}
         if not gc.is_beam_search:
             sequences = out["sequences"][:, : prompt_len + steps]
             if not gc.return_dict_in_generate:
@@ -409,10 +413,7 @@ class TFGenerationMixin:
         pad = 0 if gc.pad_token_id is None else gc.pad_token_id
         eos = list(gc.eos_ids)
         forward, stream = self._forward_fn(offsets), self._stream_fn(cell)
-        keep = {
-            "scores": gc.return_dict_in_generate and gc.output_scores,
-            "logits": gc.return_dict_in_generate and gc.output_logits,
-        }
+        kept = _per_step_outputs(gc)
 
         def run(ids, mask, seed):
             rows, prompt_len = int(ids.shape[0]), int(ids.shape[1])
@@ -428,9 +429,8 @@ class TFGenerationMixin:
                 "mask": full_mask,
                 "count": count,  # (R,) real tokens so far, for the next position id
             }
-            for name, wanted in keep.items():
-                if wanted:
-                    state[name + "_buffer"] = tf.zeros((new, rows, vocab), tf.float32)
+            for name in kept:
+                state[name + "_buffer"] = tf.zeros((new, rows, vocab), tf.float32)
             if stream is not None:
                 state["ticket"] = tf.constant(0, tf.int32)
             eos_ids = tf.constant(eos if eos else [-1], tf.int32)
@@ -448,9 +448,9 @@ class TFGenerationMixin:
                     token = draw[:, 0]
                 else:
                     token = greedy_choice(scores)
-                if keep["scores"]:
+                if "scores" in kept:
                     state["scores_buffer"] = _record(state["scores_buffer"], step, scores)
-                if keep["logits"]:
+                if "logits" in kept:
                     state["logits_buffer"] = _record(state["logits_buffer"], step, raw)
                 token = tf.where(state["finished"], tf.constant(pad, tf.int32), token)
                 if stream is not None:
@@ -474,9 +474,7 @@ class TFGenerationMixin:
 
             (state,) = tf.while_loop(cond, body, (state,))
             out = {"sequences": tf.where(state["sequences"] < 0, pad, state["sequences"]), "steps": state["step"]}
-            for name, wanted in keep.items():
-                if wanted:
-                    out[name] = state[name + "_buffer"]
+            out.update({name: state[name + "_buffer"] for name in kept})
             return out
 
         return run
@@ -502,10 +500,7 @@ class TFGenerationMixin:
         eos = list(gc.eos_ids)
         candidates = max(2, 1 + len(eos)) * beams
         forward = self._forward_fn(offsets)
-        keep = {
-            "scores": gc.return_dict_in_generate and gc.output_scores,
-            "logits": gc.return_dict_in_generate and gc.output_logits,
-        }
+        kept = _per_step_outputs(gc)
 
         def run(ids, mask, seed):
             del seed  # beam search is deterministic
@@ -532,9 +527,8 @@ class TFGenerationMixin:
                 "can_improve": tf.ones((batch, 1), tf.bool),  # transformers' early-stop heuristic
                 "go": tf.constant(True),
             }
-            for name, wanted in keep.items():
-                if wanted:
-                    state[name + "_buffer"] = tf.zeros((new, rows, vocab), tf.float32)
+            for name in kept:
+                state[name + "_buffer"] = tf.zeros((new, rows, vocab), tf.float32)
             eos_ids = tf.constant(eos if eos else [-1], tf.int32)
             is_top = tf.range(candidates) < beams  # (C,) only these may finish
             row_offset = (tf.range(batch) * beams)[:, None]  # (B, 1)
@@ -548,9 +542,9 @@ class TFGenerationMixin:
                 cur = prompt_len + step
                 flat = tf.reshape(state["running"], (rows, total))
                 log_probs = apply_processors(tf.nn.log_softmax(raw, axis=-1), flat, cur, step, gc)
-                if keep["scores"]:
+                if "scores" in kept:
                     state["scores_buffer"] = _record(state["scores_buffer"], step, log_probs)
-                if keep["logits"]:
+                if "logits" in kept:
                     state["logits_buffer"] = _record(state["logits_buffer"], step, raw)
                 totals = tf.reshape(log_probs, (batch, beams, vocab)) + state["running_scores"][:, :, None]
                 top_scores, top = tf.math.top_k(tf.reshape(totals, (batch, beams * vocab)), k=candidates)
@@ -629,9 +623,7 @@ class TFGenerationMixin:
                 "beam_indices": tf.reshape(state["finished_beams"][:, :returned], (batch * returned, new)),
                 "steps": state["step"],
             }
-            for name, wanted in keep.items():
-                if wanted:
-                    out[name] = state[name + "_buffer"]
+            out.update({name: state[name + "_buffer"] for name in kept})
             return out
 
         return run
