@@ -16,7 +16,15 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-__all__ = ["KVCache", "init_kv_cache", "append_kv", "is_fixed_cache", "fixed_cache_index", "fixed_cache_length"]
+__all__ = [
+    "KVCache",
+    "init_kv_cache",
+    "append_kv",
+    "is_fixed_cache",
+    "fixed_cache_index",
+    "fixed_cache_length",
+    "reorder_cache",
+]
 
 
 class KVCache(NamedTuple):
@@ -93,3 +101,12 @@ def append_kv(cache: KVCache, key: tf.Tensor, value: tf.Tensor) -> tuple[tf.Tens
         back,
     )
     return new_key, new_value, KVCache(new_key, new_value, cache.index + n)
+
+
+def reorder_cache(past_key_values: tuple[KVCache, ...], beam_idx: tf.Tensor) -> tuple[KVCache, ...]:
+    """Rows of every layer's cache taken in the order ``beam_idx`` (R,) int32 (beam search: the
+    row each surviving beam came from); the fill index is shared and kept."""
+    return tuple(
+        KVCache(tf.gather(layer.key, beam_idx, axis=0), tf.gather(layer.value, beam_idx, axis=0), layer.index)
+        for layer in past_key_values
+    )

@@ -1,8 +1,11 @@
 """TensorFlow generation and the fixed-size KVCache of the shared BERT decoder layers.
 
 KVCache decoding equals a full pass (eager, and one step under XLA); ``generate`` (one
-``tf.function`` over the fixed cache) equals transformers' greedy ``generate`` on the same weights,
-with and without XLA; left padding, eos, max_new_tokens, the sampling warpers, seeds, bad arguments.
+``tf.function`` over the fixed cache) equals transformers' ``generate`` on the same weights, with
+and without XLA: greedy and beam search (early_stopping True/False/"never", length_penalty,
+num_return_sequences, eos lists), the logits processors (repetition penalty, n-gram ban, bad words,
+min_new_tokens), max_length, return_dict_in_generate with scores/logits/sequences_scores/
+beam_indices; left padding, the sampling warpers, seeds, the streamer, bad arguments.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from transformers.generation.logits_process import (  # noqa: E402
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -33,7 +40,15 @@ from nezha_zoo.spec.registry import get_family  # noqa: E402
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision  # noqa: E402
 from nezha_zoo.tf.cache import KVCache  # noqa: E402
 from nezha_zoo.tf.electra import TFElectraForCausalLM  # noqa: E402
-from nezha_zoo.tf.generation import greedy_choice, process_logits  # noqa: E402
+from nezha_zoo.tf.generation import (  # noqa: E402
+    apply_processors,
+    apply_repetition_penalty,
+    ban_bad_words,
+    ban_repeated_ngrams,
+    greedy_choice,
+    process_logits,
+    suppress_eos,
+)
 from nezha_zoo.tf.mpt import TFMptForCausalLM  # noqa: E402
 from nezha_zoo.tf.xlm_roberta_xl import TFXLMRobertaXLForCausalLM  # noqa: E402
 from nezha_zoo.validation import InputError  # noqa: E402
@@ -297,5 +312,246 @@ def test_bad_arguments_raise(models):
         model.generate(ids, max_new_tokens=60)
     with pytest.raises(TypeError, match="jit_compile"):
         model.generate(ids, jit_compile="yes")
-    with pytest.raises(TypeError, match="num_beams"):
-        model.generate(ids, num_beams=2)
+    with pytest.raises(TypeError, match="num_beam"):
+        model.generate(ids, num_beam=2)  # a typo: unknown settings are refused
+
+
+# --- logits processors against transformers' (eager, no model) ------------------------------------
+
+
+def _processor_case():
+    """Scores (4, 30) and a (4, 12) buffer whose first 9 columns are filled (-1 after), with repeats."""
+    rng = np.random.default_rng(7)
+    scores = (rng.standard_normal((4, 30)) * 3).astype(np.float32)
+    filled = rng.integers(0, 6, (4, 9))  # few distinct ids: n-grams repeat
+    filled[2, -3:] = [4, 1, 2]  # row 2 ends with a bad word's prefix
+    return scores, np.concatenate([filled, -np.ones((4, 3), np.int64)], axis=1), filled
+
+
+def _assert_same_scores(got, want, what):
+    got, want = np.asarray(got), want.numpy()
+    assert (np.isinf(got) == np.isinf(want)).all(), what
+    kept = ~np.isinf(want)
+    np.testing.assert_allclose(got[kept], want[kept], rtol=0, atol=1e-6, err_msg=what)
+
+
+def test_processors_match_transformers():
+    scores, buffer, filled = _processor_case()
+    oracle_ids, tf_scores = torch.from_numpy(filled), tf.constant(scores)
+
+    def oracle(processor):
+        return processor(oracle_ids, torch.from_numpy(scores.copy()))
+
+    for penalty in (1.7, 0.6):
+        got = apply_repetition_penalty(tf_scores, tf.constant(buffer, tf.int32), penalty)
+        _assert_same_scores(got, oracle(RepetitionPenaltyLogitsProcessor(penalty)), f"repetition {penalty}")
+    for n in (1, 2, 3, 9, 10):
+        got = ban_repeated_ngrams(tf_scores, tf.constant(buffer, tf.int32), 9, n)
+        _assert_same_scores(got, oracle(NoRepeatNGramLogitsProcessor(n)), f"ngram {n}")
+    bad = [[3], [1, 2, 7], [2, 11], [5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 9]]  # the last is longer than the rows
+    got = ban_bad_words(tf_scores, tf.constant(buffer, tf.int32), 9, bad)
+    _assert_same_scores(got, oracle(NoBadWordsLogitsProcessor(bad)), "bad words")
+    assert np.isinf(got.numpy()[2, 7]) and np.isinf(got.numpy()[:, 3]).all()
+    _assert_same_scores(
+        suppress_eos(tf_scores, (4, 17)), oracle(MinNewTokensLengthLogitsProcessor(5, 5, [4, 17])), "min new"
+    )
+    # apply_processors: the same in order; eos suppression only before min_new_tokens; an eos that is
+    # also a one-token bad word stays allowed (transformers drops it from the ban list)
+    gc = GenerationConfig(
+        repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[3], [17]], eos_token_id=17, min_new_tokens=2
+    )
+    for step in (1, 2):
+        want = torch.from_numpy(scores.copy())
+        processors = [
+            RepetitionPenaltyLogitsProcessor(1.3),
+            NoRepeatNGramLogitsProcessor(2),
+            NoBadWordsLogitsProcessor([[3], [17]], eos_token_id=17),
+            MinNewTokensLengthLogitsProcessor(9 - step, 2, 17),
+        ]
+        for processor in processors:
+            want = processor(oracle_ids, want)
+        got = apply_processors(tf_scores, tf.constant(buffer, tf.int32), 9, step, gc)
+        _assert_same_scores(got, want, f"apply_processors step {step}")
+        assert np.isinf(got.numpy()[:, 17]).all() == (step < 2)
+
+
+# --- generate against transformers ----------------------------------------------------------------
+
+
+def _hf(key, path):
+    return getattr(transformers, CASES[key][3]).from_pretrained(path).eval()
+
+
+def _hf_generate(hf, ids, mask, **settings):
+    with torch.no_grad():
+        return hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False, **settings)
+
+
+def _assert_same_output(got, want, what):
+    """Our return_dict output against transformers': ids and beam indices exactly, sequence scores
+    to 1e-5, per-step scores/logits (model logits across frameworks) to the SPEC's logits tolerance."""
+    assert type(got).__name__ == type(want).__name__, what
+    assert got.sequences.numpy().tolist() == want.sequences.numpy().tolist(), f"{what}: sequences"
+    if "beam_indices" in want:
+        assert got.beam_indices.numpy().tolist() == want.beam_indices.numpy().tolist(), f"{what}: beam_indices"
+    for field in ("scores", "logits"):
+        if want.get(field) is None:
+            assert got.get(field) is None, f"{what}: {field}"
+            continue
+        assert len(got[field]) == len(want[field]), f"{what}: {field} steps"
+        for step, (a, b) in enumerate(zip(got[field], want[field])):
+            a, b = a.numpy(), b.numpy()
+            assert (np.isinf(a) == np.isinf(b)).all(), f"{what}: {field} -inf at step {step}"
+            banned = np.isinf(b)
+            assert_close(np.where(banned, 0.0, a), np.where(banned, 0.0, b), TOLERANCES["logits"], f"{what}: {field}")
+    if want.get("sequences_scores") is not None:
+        assert_close(got.sequences_scores, want.sequences_scores, 1e-5, f"{what}: sequences_scores")
+    else:
+        assert got.get("sequences_scores") is None
+
+
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+@pytest.mark.parametrize("key", list(CASES))
+def test_beam_search_matches_transformers(key, early_stopping, checkpoint, models):
+    model, hf = models(key), _hf(key, checkpoint(key))
+    ids, mask = _prompt(model.config)
+    free = _hf_generate(hf, ids, mask, max_new_tokens=NEW, num_beams=4, eos_token_id=None, pad_token_id=0).numpy()
+    eos = sorted({int(free[0, 7]), int(free[1, 9])})  # hypotheses finish early, at different lengths
+    settings = dict(
+        max_new_tokens=NEW,
+        num_beams=4,
+        num_return_sequences=2,
+        early_stopping=early_stopping,
+        length_penalty={True: 0.6, False: 1.7, "never": 1.3}[early_stopping],
+        eos_token_id=eos,
+        pad_token_id=3,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    want = _hf_generate(hf, ids, mask, **settings)
+    got = model.generate(ids, attention_mask=mask, **settings)
+    assert got.sequences.shape[0] == 6 and got.sequences_scores.shape == (6,)
+    _assert_same_output(got, want, f"{key} early_stopping={early_stopping}")
+    ids_only = model.generate(ids, attention_mask=mask, **{**settings, "return_dict_in_generate": False})
+    assert ids_only.numpy().tolist() == want.sequences.numpy().tolist()
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_logits_processors_and_lengths_match_transformers(key, checkpoint, models):
+    model, hf = models(key), _hf(key, checkpoint(key))
+    ids, mask = _prompt(model.config)
+    free = _hf_generate(hf, ids, mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0).numpy()
+    # repetition penalty and the n-gram ban (scores compared step by step)
+    settings = dict(
+        max_new_tokens=NEW,
+        repetition_penalty=1.8,
+        no_repeat_ngram_size=2,
+        eos_token_id=None,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    _assert_same_output(
+        model.generate(ids, attention_mask=mask, **settings), _hf_generate(hf, ids, mask, **settings), f"{key} rep"
+    )
+    # bad words (one token, and two tokens that greedy decoding emits), min_new_tokens over an eos
+    # list that greedy decoding would emit early, and max_length instead of max_new_tokens
+    banned = int(free[0, 6])
+    eos = [int(t) for t in (free[2, 6], free[0, 9], free[2, 7], free[1, 6]) if t != banned][:2]  # eos is never banned
+    settings = dict(
+        max_length=6 + NEW,
+        bad_words_ids=[[banned], [int(free[1, 7]), int(free[1, 8])]],
+        min_new_tokens=3,
+        eos_token_id=eos,
+        pad_token_id=2,
+    )
+    want = _hf_generate(hf, ids, mask, **settings).numpy()
+    got = model.generate(ids, attention_mask=mask, **settings).numpy()
+    assert got.tolist() == want.tolist()
+    assert banned not in got[:, 6:]
+
+
+def test_beam_search_with_processors_under_xla(checkpoint, models):
+    """One tf.function with XLA: beams, processors, eos list and scores as transformers'."""
+    model, hf = models("electra"), _hf("electra", checkpoint("electra"))
+    ids, mask = _prompt(model.config)
+    free = _hf_generate(hf, ids, mask, max_new_tokens=NEW, num_beams=3, eos_token_id=None, pad_token_id=0).numpy()
+    settings = dict(
+        max_new_tokens=NEW,
+        num_beams=3,
+        num_return_sequences=2,
+        length_penalty=1.5,
+        repetition_penalty=1.5,
+        no_repeat_ngram_size=2,
+        bad_words_ids=[[int(free[0, 6])], [int(free[1, 6]), int(free[1, 7])]],
+        min_new_tokens=2,
+        eos_token_id=[int(free[2, 8]), int(free[0, 8])],
+        pad_token_id=4,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    want = _hf_generate(hf, ids, mask, **settings)
+    _assert_same_output(model.generate(ids, attention_mask=mask, jit_compile=True, **settings), want, "xla beams")
+
+
+def test_sampling_returns_independent_rows(models):
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=2.0, eos_token_id=None, seed=3)
+    out = model.generate(ids, num_return_sequences=2, return_dict_in_generate=True, output_scores=True, **kw)
+    seqs = out.sequences.numpy()
+    assert seqs.shape == (6, 12) and len(out.scores) == 6 and out.scores[0].shape == (6, 99)
+    assert (seqs[:, :6] == np.repeat(ids, 2, axis=0)).all()
+    assert seqs[0, 6:].tolist() != seqs[1, 6:].tolist()  # copies of a prompt draw their own tokens
+
+
+class _Recorder:
+    def __init__(self):
+        self.values, self.ended = [], 0
+
+    def put(self, value):
+        assert not self.ended
+        self.values.append(np.array(value))
+
+    def end(self):
+        self.ended += 1
+
+
+def test_streamer_gets_prompt_then_each_column(models):
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+    recorder = _Recorder()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None, streamer=recorder).numpy()
+    assert recorder.ended == 1 and len(recorder.values) == 1 + NEW
+    assert recorder.values[0].tolist() == ids.tolist() and recorder.values[0].dtype == np.int32
+    assert np.stack(recorder.values[1:], axis=1).tolist() == out[:, 6:].tolist()
+    columns = []  # a plain callable works too; a finished row streams pad after its eos
+    short = model.generate(
+        ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=int(out[0, 7]), streamer=columns.append
+    )
+    assert np.stack(columns[1:], axis=1).tolist() == short.numpy()[:, 6:].tolist()
+
+
+def test_bad_generation_input_raises_before_any_work(models):
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+    traced = dict(model.__dict__.get("_nz_generate_fns", {}))
+    cases = [
+        (ValueError, "num_beams", dict(num_beams=0)),
+        (ValueError, "max_length=5 leaves no room", dict(max_length=5)),
+        (ValueError, "conflicting lengths", dict(max_length=12, max_new_tokens=3)),
+        (ValueError, "num_return_sequences", dict(num_beams=2, num_return_sequences=3)),
+        (ValueError, "streamer cannot be used with beam search", dict(num_beams=2, streamer=print)),
+        (ValueError, "XLA", dict(streamer=print, jit_compile=True)),
+        (TypeError, "streamer", dict(streamer=3)),
+    ]
+    for error, match, settings in cases:
+        with pytest.raises(error, match=match):
+            model.generate(ids, attention_mask=mask, **settings)
+    with pytest.raises(ValueError, match="input_ids must have shape"):
+        model.generate(np.zeros((2, 0), np.int32))
+    with pytest.raises(ValueError, match="leaves no room in the model's context"):
+        model.generate(np.ones((1, 64), np.int32), max_new_tokens=1)
+    assert dict(model.__dict__.get("_nz_generate_fns", {})) == traced  # nothing was traced
