@@ -104,10 +104,10 @@ def serialize_tflite(model: Any) -> tuple[bytes, ServingSignature]:
 
 
 def _converter_summary(error: Exception) -> str:
-    """The converter's line naming the ops it could not lower (its message is an MLIR dump)."""
-    lines = str(error).splitlines()
-    ops = [line.strip() for line in lines if line.strip().startswith("TF Select ops:")]
-    return ops[0] if ops else (lines[-1].strip() if lines else type(error).__name__)
+    """The converter's lines naming the ops it could not lower (its message is an MLIR dump)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    ops = [line for line in lines if line.startswith(("TF Select ops:", "Custom ops:"))]
+    return "; ".join(ops) if ops else (lines[-1] if lines else type(error).__name__)
 
 
 def export_tflite(model: Any, path: str | os.PathLike) -> ServingSignature:

@@ -154,6 +154,26 @@ def test_tf_tflite_refuses_ibert_quant_mode(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.tf
+def test_tf_tflite_names_the_ops_builtins_lack(tmp_path, monkeypatch):
+    """A graph with an op outside TFLite's builtins: ValueError naming it, no file written."""
+    tf = pytest.importorskip("tensorflow")
+    from nezha_zoo.spec.registry import model_class
+    from nezha_zoo.tf import export as tf_export
+
+    serve = tf_export._serve
+
+    def with_a_custom_op(model):
+        inner = serve(model)
+        return lambda inputs: {k: v + 0.0 * tf.math.bessel_i1e(v) for k, v in inner(inputs).items()}
+
+    monkeypatch.setattr(tf_export, "_serve", with_a_custom_op)
+    model = model_class("electra", CASES["electra"][0], "tf")(_config("electra"), seed=0)
+    with pytest.raises(ValueError, match="does not convert to TFLite with builtin ops only: Custom ops: BesselI1e$"):
+        tf_export.export_tflite(model, tmp_path / "model.tflite")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.pt
 @pytest.mark.parametrize("key", sorted(CASES))
 def test_pt_onnx(key, tmp_path):
