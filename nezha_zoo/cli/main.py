@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="write a serving artifact (TF SavedModel, ONNX, jax.export) checked against the live model",
+        help="write a serving artifact (TF SavedModel, TFLite, ONNX, jax.export) checked against the live model",
         description=(
             "Export the checkpoint in SRC to a new directory OUT.  The artifact takes int32 input_ids, "
             "attention_mask (and token_type_ids where the family uses them) with dynamic batch and length; "

@@ -1,4 +1,5 @@
-"""``nezha-zoo export``: a checkpoint directory -> a checked serving artifact (SavedModel, ONNX, jax.export).
+"""``nezha-zoo export``: a checkpoint directory -> a checked serving artifact (SavedModel, TFLite, ONNX,
+jax.export).
 
 The artifact is written into a staging directory under the destination lock, reloaded and run on
 probe inputs of two shapes against the live model (max-abs <= :data:`EXPORT_TOLERANCE`), and only
@@ -33,12 +34,6 @@ EXPORT_FORMATS: dict[str, tuple[str, str]] = {
     "onnx": ("pt", "model.onnx"),
     "jax": ("flax", "model.jax"),
 }
-#: Formats the command refuses, with the reason.
-_UNSUPPORTED = {
-    "tflite": "tflite export is not supported yet: the models' graphs use StridedSlice with new axes on "
-    "dynamic shapes (the attention mask's mask[:, None, None, :]), which TFLite's builtin ops lack "
-    "(only Select TF ops run it); export a saved-model instead",
-}
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, to: str, head: str | None = None) -> dict[str, Any]:
@@ -55,14 +50,13 @@ def export(src: str | os.PathLike, out: str | os.PathLike, to: str, head: str | 
         "seconds", "max_abs_diff", "signature"}``.
 
     Raises:
-        ValueError: unknown or unsupported format, or an artifact that differs from the live model.
+        ValueError: unknown format, a model the format cannot hold (I-BERT quant mode to tflite), or
+            an artifact that differs from the live model.
         FileExistsError: ``out`` exists.
         CheckpointError: ``src`` fits no head of its family.
     """
     if to not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {to!r}; choose from {', '.join(EXPORT_FORMATS)}")
-    if to in _UNSUPPORTED:
-        raise ValueError(_UNSUPPORTED[to])
     src, out = os.fspath(src), os.fspath(out)
     if os.path.lexists(out):
         raise FileExistsError(f"{out!r} exists; export writes a new directory")
@@ -164,6 +158,19 @@ def _saved_model(model: Any, sig: ServingSignature, path: str) -> float:
     return worst
 
 
+def _tflite(model: Any, sig: ServingSignature, path: str) -> float:
+    from nezha_zoo.testing import pin_precision
+    from nezha_zoo.tf.export import export_tflite, load_tflite
+
+    pin_precision("tf")
+    export_tflite(model, path)
+    served = load_tflite(path)  # the written file in the TFLite interpreter, as a device would run it
+    worst = 0.0
+    for x in probe_inputs(sig, model.config.vocab_size):
+        worst = max(worst, _worst(sig, served(**x), model(**x, training=False)))
+    return worst
+
+
 def _onnx(model: Any, sig: ServingSignature, path: str) -> float:
     try:
         import onnxruntime as ort
@@ -200,4 +207,4 @@ def _jax(model: Any, sig: ServingSignature, path: str) -> float:
     return worst
 
 
-_WRITERS = {"saved-model": _saved_model, "onnx": _onnx, "jax": _jax}
+_WRITERS = {"saved-model": _saved_model, "tflite": _tflite, "onnx": _onnx, "jax": _jax}

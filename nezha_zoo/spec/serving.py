@@ -14,7 +14,14 @@ from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.spec.positions import padding_aware_max_length
 from nezha_zoo.spec.registry import Family
 
-__all__ = ["ServingSignature", "serving_signature", "model_serving_signature", "SERVING_INT_DTYPE", "EXPORT_TOLERANCE"]
+__all__ = [
+    "ServingSignature",
+    "serving_signature",
+    "model_serving_signature",
+    "tflite_refusal",
+    "SERVING_INT_DTYPE",
+    "EXPORT_TOLERANCE",
+]
 
 #: Integer dtype of every serving input: int32 is native to TFLite and JAX (without x64) and ONNX
 #: runtimes accept it; exporters cast to the framework's own index dtype inside the graph.
@@ -106,3 +113,18 @@ def serving_signature(family: Family, config: PretrainedConfig, head: str) -> Se
 def model_serving_signature(model: Any) -> ServingSignature:
     """The serving signature of a model instance of any backend (its ``family``, ``config``, ``head``)."""
     return serving_signature(model.family, model.config, model.head)
+
+
+def tflite_refusal(family: str, config: PretrainedConfig) -> str | None:
+    """Why ``family``'s model with ``config`` cannot be exported to TFLite with builtin ops only, or None.
+
+    I-BERT's quant mode computes its integer kernels in float64 (transformers' numerics), which
+    TFLite's builtin kernels lack.
+    """
+    if family == "ibert" and getattr(config, "quant_mode", False):
+        return (
+            "I-BERT in quant mode cannot be exported to TFLite with builtin ops only: its integer kernels "
+            "compute in float64, which TFLite's builtin ops lack; export the float model "
+            "(quant_mode=False) to tflite, or a saved-model"
+        )
+    return None

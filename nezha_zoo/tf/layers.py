@@ -889,18 +889,19 @@ def extended_attention_mask(
     if attention_mask is None:
         attention_mask = tf.ones((batch, past_len + q_len if key_length is None else key_length), tf.float32)
     mask = tf.cast(attention_mask, tf.float32)
+    # expand_dims, not [:, None, ...]: TFLite's builtin StridedSlice lacks new axes on dynamic shapes.
     if mask.shape.rank == 3:
-        ext = mask[:, None, :, :]  # (B, 1, Lq, Lk)
+        ext = tf.expand_dims(mask, 1)  # (B, 1, Lq, Lk)
     elif is_decoder and key_length is not None:
         rows = tf.cast(past_len, tf.int32) + tf.range(q_len)  # (Lq,) slot of each query
         causal = tf.cast(tf.range(key_length)[None, :] <= rows[:, None], tf.float32)  # (Lq, Lk)
-        ext = causal[None, None, :, :] * mask[:, None, None, :]  # (B, 1, Lq, Lk)
+        ext = causal * tf.expand_dims(tf.expand_dims(mask, 1), 1)  # (B, 1, Lq, Lk)
     elif is_decoder:
         causal = tf.linalg.band_part(tf.ones((q_len, q_len), tf.float32), -1, 0)  # (Lq, Lq) lower triangle
         causal = tf.concat([tf.ones((q_len, past_len), tf.float32), causal], axis=1)  # cached keys are visible
-        ext = causal[None, None, :, :] * mask[:, None, None, :]  # (B, 1, Lq, Lk)
+        ext = causal * tf.expand_dims(tf.expand_dims(mask, 1), 1)  # (B, 1, Lq, Lk)
     else:
-        ext = mask[:, None, None, :]  # (B, 1, 1, Lk)
+        ext = tf.expand_dims(tf.expand_dims(mask, 1), 1)  # (B, 1, 1, Lk)
     return tf.cast((1.0 - ext) * dtype.min, dtype)
 
 
@@ -1013,7 +1014,7 @@ class BertBackboneMixin:
             if encoder_attention_mask is None:
                 encoder_attention_mask = tf.ones(tf.shape(encoder_hidden_states)[:2], tf.float32)
             enc = tf.cast(encoder_attention_mask, tf.float32)
-            enc = enc[:, None, :, :] if enc.shape.rank == 3 else enc[:, None, None, :]
+            enc = tf.expand_dims(enc, 1) if enc.shape.rank == 3 else tf.expand_dims(tf.expand_dims(enc, 1), 1)
             enc_mask = tf.cast((1.0 - enc) * dtype.min, dtype)
         hidden = self.embeddings(
             input_ids=input_ids,

@@ -108,10 +108,11 @@ def mpt_attention_mask(attention_mask, q_len: Any, k_len: Any, query_offset: Any
     """
     q_pos = tf.cast(query_offset, tf.int32) + tf.range(q_len)  # (Lq,)
     causal = tf.range(k_len)[None, :] <= q_pos[:, None]  # (Lq, Lk)
-    visible = causal[None, None, :, :]  # (1, 1, Lq, Lk)
+    # expand_dims, not [None, ...]: TFLite's builtin StridedSlice lacks new axes on dynamic shapes.
+    visible = tf.expand_dims(tf.expand_dims(causal, 0), 0)  # (1, 1, Lq, Lk)
     if attention_mask is not None:
         keep = tf.not_equal(tf.cast(attention_mask, tf.float32), 0.0)  # (B, Lk)
-        visible = tf.logical_and(visible, keep[:, None, None, :])  # (B, 1, Lq, Lk)
+        visible = tf.logical_and(visible, tf.expand_dims(tf.expand_dims(keep, 1), 1))  # (B, 1, Lq, Lk)
     return tf.logical_not(visible)
 
 

@@ -1,6 +1,7 @@
 """Serving export (issue #19): every family's exported artifact against the live model, in each framework.
 
-TF: ``model.export`` and ``tf.saved_model.save`` reloaded with ``tf.saved_model.load``; PyTorch:
+TF: ``model.export`` and ``tf.saved_model.save`` reloaded with ``tf.saved_model.load``, and TFLite
+(builtin ops only) run in ``tf.lite.Interpreter``; PyTorch:
 ``export_onnx`` run in onnxruntime; Flax: ``jax.export`` bytes reloaded in a fresh process.  Each
 artifact takes int32 ids with dynamic batch and length (two shapes are run through one artifact) and
 must match the live model within SPEC.md §5 (max-abs <= 1e-4 on logits, float32).
@@ -106,6 +107,71 @@ def test_tf_saved_model(key, tmp_path):
             x = _inputs(sig, shape)
             got = served(**{k: tf.constant(v) for k, v in x.items()})
             _check(sig, got, model(**x, training=False), f"{key} {kind} {shape}")
+
+
+#: Ops a flatbuffer of builtin ops only never holds: Select TF ops (Flex*), custom ops, and the resource
+#: variables a live-function conversion would leave uninitialised (weights must be constants).
+_NOT_BUILTIN = ("CUSTOM", "DELEGATE", "VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE")
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_tf_tflite_builtin_ops_in_the_interpreter(key, tmp_path):
+    pytest.importorskip("tensorflow")
+    pin_precision("tf")
+    from nezha_zoo.spec.registry import model_class
+    from nezha_zoo.tf.export import export_tflite, load_tflite, tflite_interpreter
+
+    model = model_class(key, CASES[key][0], "tf")(_config(key), seed=0)
+    path = tmp_path / "model.tflite"
+    sig = export_tflite(model, path)
+    interpreter = tflite_interpreter(path)
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert not [op for op in ops if op.startswith("Flex") or op in _NOT_BUILTIN], sorted(ops)
+    runner = interpreter.get_signature_runner("serving_default")
+    inputs, outputs = runner.get_input_details(), runner.get_output_details()
+    assert sorted(inputs) == sorted(sig.inputs) and sorted(outputs) == sorted(sig.outputs), (inputs, outputs)
+    for detail in inputs.values():  # every axis dynamic, int32
+        assert detail["dtype"] == np.int32 and list(detail["shape_signature"]) == [-1] * len(sig.dims), detail
+    served = load_tflite(path)
+    # Several (batch, length) shapes through one interpreter: it resizes the dynamic inputs per call.
+    for shape in (*SHAPES, (1, 5), *SHAPES[:1]):
+        x = _inputs(sig, shape, seed=sum(shape))
+        _check(sig, served(**x), model(**x, training=False), f"{key} tflite {shape}")
+
+
+@pytest.mark.tf
+def test_tf_tflite_refuses_ibert_quant_mode(tmp_path):
+    pytest.importorskip("tensorflow")
+    from nezha_zoo.spec.registry import model_class
+    from nezha_zoo.tf.export import export_tflite
+
+    config = _config("ibert")
+    config.quant_mode = True
+    model = model_class("ibert", CASES["ibert"][0], "tf")(config, seed=0)
+    with pytest.raises(ValueError, match="quant mode cannot be exported to TFLite with builtin ops only"):
+        export_tflite(model, tmp_path / "model.tflite")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.tf
+def test_tf_tflite_names_the_ops_builtins_lack(tmp_path, monkeypatch):
+    """A graph with an op outside TFLite's builtins: ValueError naming it, no file written."""
+    tf = pytest.importorskip("tensorflow")
+    from nezha_zoo.spec.registry import model_class
+    from nezha_zoo.tf import export as tf_export
+
+    serve = tf_export._serve
+
+    def with_a_custom_op(model):
+        inner = serve(model)
+        return lambda inputs: {k: v + 0.0 * tf.math.bessel_i1e(v) for k, v in inner(inputs).items()}
+
+    monkeypatch.setattr(tf_export, "_serve", with_a_custom_op)
+    model = model_class("electra", CASES["electra"][0], "tf")(_config("electra"), seed=0)
+    with pytest.raises(ValueError, match="does not convert to TFLite with builtin ops only: Custom ops: BesselI1e$"):
+        tf_export.export_tflite(model, tmp_path / "model.tflite")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.pt
@@ -236,7 +302,7 @@ def test_cli_export_onnx_writes_a_checked_artifact(electra_dir, tmp_path, capsys
     "argv_tail, message",
     [
         (["--to", "torchscript"], "unknown export format 'torchscript'"),
-        (["--to", "tflite"], "Select TF ops"),
+        (["--to", ""], "unknown export format ''"),
     ],
 )
 def test_cli_export_refuses_bad_formats(electra_dir, tmp_path, capsys, argv_tail, message):
@@ -278,10 +344,12 @@ def test_cli_export_leaves_nothing_when_the_check_fails(electra_dir, tmp_path, c
 @pytest.mark.pt
 @pytest.mark.tf
 @pytest.mark.flax
-@pytest.mark.parametrize("to, files", [("saved-model", "saved_model.pb"), ("jax", "model.jax")])
+@pytest.mark.parametrize(
+    "to, files", [("saved-model", "saved_model.pb"), ("tflite", "model.tflite"), ("jax", "model.jax")]
+)
 def test_cli_export_tf_and_jax(electra_dir, tmp_path, capsys, to, files):
-    """The command's TF and JAX artifacts (checked inside against the live model of that backend)."""
-    pytest.importorskip("tensorflow" if to == "saved-model" else "jax")
+    """The command's TF, TFLite and JAX artifacts (checked inside against the live model of that backend)."""
+    pytest.importorskip("jax" if to == "jax" else "tensorflow")
     src, _ = electra_dir
     out = tmp_path / "out"
     code, stdout, err = _run(["export", src, str(out), "--to", to, "--json"], capsys)
@@ -289,3 +357,22 @@ def test_cli_export_tf_and_jax(electra_dir, tmp_path, capsys, to, files):
     info = json.loads(stdout)
     assert info["max_abs_diff"] <= EXPORT_TOLERANCE and files in info["files"] and "serving.json" in info["files"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.pt
+@pytest.mark.tf
+def test_cli_export_tflite_refuses_ibert_quant_mode(tmp_path, capsys):
+    """A model the format cannot hold: a one-line error, exit 2, nothing written."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("tensorflow")
+    from nezha_zoo.spec.registry import model_class
+
+    config = _config("ibert")
+    config.quant_mode = True
+    torch.manual_seed(0)
+    src = tmp_path / "ibert"
+    model_class("ibert", CASES["ibert"][0], "pt")(config).save_pretrained(src)
+    out = tmp_path / "out"
+    code, _, err = _run(["export", str(src), str(out), "--to", "tflite"], capsys)
+    assert code == 2 and "quant mode cannot be exported to TFLite" in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["ibert"]
