@@ -274,9 +274,11 @@ PROCESSORS = dict(repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=
         ("electra", True, 1.5, False),
         ("electra", False, 1.5, True),
         ("electra", "never", 1.5, False),
+        ("xlm_roberta_xl", True, 1.5, False),
         ("xlm_roberta_xl", False, 0.7, False),
         ("xlm_roberta_xl", "never", 1.5, True),
         ("mpt", True, 1.5, True),
+        ("mpt", False, 0.7, False),
         ("mpt", "never", -0.5, False),
     ],
 )
