@@ -1,7 +1,10 @@
 """Flax generation: the whole decoding loop under one ``jax.jit`` over the fixed-size cache.
 
-Greedy equals transformers' ``generate`` on the same weights; left padding, eos, max_new_tokens, the
-sampling warpers against transformers', seeded sampling and bad arguments.
+Greedy and beam search (tokens, ``sequences_scores``, ``beam_indices``, per-step scores and logits)
+equal transformers' PyTorch ``generate`` on the same weights, with the logits processors
+(repetition penalty, n-gram ban, bad words, min new tokens), eos lists, ``max_length`` and
+left-padded batches; the processors one by one against transformers' classes; the sampling
+warpers; seeded sampling with several sequences per prompt; the streamer; bad arguments.
 """
 
 from __future__ import annotations
@@ -11,13 +14,28 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from nezha_zoo import ElectraConfig
 from nezha_zoo.families.mpt import MptConfig
 from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig
 from nezha_zoo.flax.electra import FlaxElectraForCausalLM
-from nezha_zoo.flax.generation import greedy_choice, process_logits
+from nezha_zoo.flax.generation import (
+    apply_processors,
+    apply_repetition_penalty,
+    ban_bad_words,
+    ban_repeated_ngrams,
+    greedy_choice,
+    process_logits,
+)
 from nezha_zoo.flax.mpt import FlaxMptForCausalLM
 from nezha_zoo.flax.xlm_roberta_xl import FlaxXLMRobertaXLForCausalLM
 from nezha_zoo.generation import GenerationConfig
@@ -212,5 +230,242 @@ def test_bad_arguments_raise(models):
         model.generate(ids, attention_mask=mask[:, ::-1].copy())
     with pytest.raises(ValueError, match="maximum sequence length 64"):
         model.generate(ids, max_new_tokens=60)
-    with pytest.raises(TypeError, match="num_beams"):
-        model.generate(ids, num_beams=2)
+    with pytest.raises(TypeError, match="num_beam"):
+        model.generate(ids, num_beam=2)  # a misspelt setting
+
+
+# --- beam search and processors against transformers ----------------------------------------------
+
+SCORE_ATOL = 1e-5
+
+
+def _hf(key, checkpoint):
+    return getattr(transformers, CASES[key][3]).from_pretrained(checkpoint(key)).eval()
+
+
+def _hf_generate(hf, ids, mask, **settings):
+    with torch.no_grad():
+        return hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False, **settings)
+
+
+def _assert_steps_close(got, want, what):
+    """Per-step (rows, V) arrays equal within SCORE_ATOL, -inf where transformers has -inf."""
+    assert len(got) == len(want), f"{what}: {len(got)} steps, transformers {len(want)}"
+    for step, (a, b) in enumerate(zip(got, want)):
+        a, b = np.asarray(a), b.numpy()
+        assert a.shape == b.shape, f"{what} step {step}: shape {a.shape} vs {b.shape}"
+        assert (np.isneginf(a) == np.isneginf(b)).all(), f"{what} step {step}: -inf entries differ"
+        finite = ~np.isneginf(b)
+        np.testing.assert_allclose(a[finite], b[finite], rtol=0, atol=SCORE_ATOL, err_msg=f"{what} step {step}")
+
+
+def _eos_seen_in_beams(hf, ids, mask, **settings):
+    """Two token ids transformers' beams emit early (so that hypotheses finish before the limit)."""
+    free = _hf_generate(hf, ids, mask, eos_token_id=None, **settings).numpy()
+    return sorted({int(free[0, ids.shape[1] + 1]), int(free[-1, ids.shape[1] + 3])})
+
+
+PROCESSORS = dict(repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[7], [11, 12]])
+
+
+@pytest.mark.parametrize(
+    "key, early_stopping, length_penalty, processors",
+    [
+        ("electra", True, 1.5, False),
+        ("electra", False, 1.5, True),
+        ("electra", "never", 1.5, False),
+        ("xlm_roberta_xl", True, 1.5, False),
+        ("xlm_roberta_xl", False, 0.7, False),
+        ("xlm_roberta_xl", "never", 1.5, True),
+        ("mpt", True, 1.5, True),
+        ("mpt", False, 0.7, False),
+        ("mpt", "never", -0.5, False),
+    ],
+)
+def test_beam_search_matches_transformers(key, early_stopping, length_penalty, processors, checkpoint, models):
+    model, hf = models(key), _hf(key, checkpoint)
+    ids, mask = _prompt(model.config)
+    settings = dict(
+        max_new_tokens=7,
+        num_beams=3,
+        num_return_sequences=2,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+    )
+    if processors:
+        settings.update(PROCESSORS)
+    settings["eos_token_id"] = _eos_seen_in_beams(hf, ids, mask, **settings)
+    settings.update(pad_token_id=4, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    want = _hf_generate(hf, ids, mask, **settings)
+    got = model.generate(ids, attention_mask=mask, **settings)
+    assert type(got).__name__ == "GenerateBeamDecoderOnlyOutput"
+    assert np.asarray(got.sequences).tolist() == want.sequences.tolist()
+    assert np.asarray(got.beam_indices).tolist() == want.beam_indices.tolist()
+    np.testing.assert_allclose(np.asarray(got.sequences_scores), want.sequences_scores.numpy(), atol=SCORE_ATOL)
+    _assert_steps_close(got.scores, want.scores, "scores")
+    _assert_steps_close(got.logits, want.logits, "logits")
+    # Some returned hypothesis ended with an eos, so the finished-hypothesis bookkeeping was exercised.
+    assert np.isin(np.asarray(got.sequences)[:, 6:], settings["eos_token_id"]).any()
+    # The same call returning ids only.
+    plain = {
+        k: v for k, v in settings.items() if k not in ("return_dict_in_generate", "output_scores", "output_logits")
+    }
+    assert np.asarray(model.generate(ids, attention_mask=mask, **plain)).tolist() == want.sequences.tolist()
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_greedy_processors_and_scores_match_transformers(key, checkpoint, models):
+    """Repetition penalty, n-gram ban, bad words (one and two tokens), min_new_tokens with an eos list."""
+    model, hf = models(key), _hf(key, checkpoint)
+    ids, mask = _prompt(model.config)
+    free = _hf_generate(hf, ids, mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0).numpy()
+    # Ban row 0's first new token outright and, after row 1's first new token, its second one.
+    bad = [[int(free[0, 6])], [int(free[1, 6]), int(free[1, 7])]]
+    eos = [int(free[2, 6]), int(free[0, 8])]  # would end row 2 at once: min_new_tokens holds it off
+    settings = dict(
+        max_new_tokens=NEW,
+        repetition_penalty=1.5,
+        no_repeat_ngram_size=2,
+        bad_words_ids=bad,
+        min_new_tokens=3,
+        eos_token_id=eos,
+        pad_token_id=3,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    want = _hf_generate(hf, ids, mask, **settings)
+    got = model.generate(ids, attention_mask=mask, **settings)
+    assert type(got).__name__ == "GenerateDecoderOnlyOutput"
+    assert np.asarray(got.sequences).tolist() == want.sequences.tolist()
+    _assert_steps_close(got.scores, want.scores, "scores")
+    _assert_steps_close(got.logits, want.logits, "logits")
+    new = np.asarray(got.sequences)[:, 6:]
+    assert not np.isin(new[:, :3], eos).any()  # no eos before min_new_tokens
+    assert int(free[0, 6]) not in new.tolist()[0]
+
+
+def test_max_length_matches_transformers(checkpoint, models):
+    model, hf = models("electra"), _hf("electra", checkpoint)
+    ids, mask = _prompt(model.config)
+    want = _hf_generate(hf, ids, mask, max_length=10, eos_token_id=None, pad_token_id=0)
+    got = model.generate(ids, attention_mask=mask, max_length=10, eos_token_id=None, pad_token_id=0)
+    assert got.shape == (3, 10) and np.asarray(got).tolist() == want.tolist()
+    again = model.generate(ids, attention_mask=mask, max_length=10, max_new_tokens=4, eos_token_id=None)
+    assert np.asarray(again).tolist() == want.tolist()  # agreeing lengths are fine
+
+
+def _random_ids(rng, rows, width, vocab):
+    return rng.integers(0, vocab, (rows, width)).astype(np.int32)
+
+
+def test_processors_match_transformers_one_by_one():
+    """Each processor against transformers' own class on random scores, over a fixed buffer whose
+    unfilled columns (-1) must count for nothing."""
+    rng = np.random.default_rng(7)
+    vocab, rows, width = 12, 5, 9
+    scores = rng.standard_normal((rows, vocab)).astype(np.float32) * 3
+    buffer = _random_ids(rng, rows, width, 4)  # a small alphabet: many repeats
+    for length in (1, 2, 4, 7):
+        seq = np.where(np.arange(width) < length, buffer, -1).astype(np.int32)
+        ids = torch.from_numpy(buffer[:, :length].astype(np.int64))
+        want = RepetitionPenaltyLogitsProcessor(1.7)(ids, torch.from_numpy(scores)).numpy()
+        np.testing.assert_allclose(np.asarray(apply_repetition_penalty(jnp.asarray(scores), seq, 1.7)), want)
+        for n in (1, 2, 3):
+            want = NoRepeatNGramLogitsProcessor(n)(ids, torch.from_numpy(scores)).numpy()
+            got = np.asarray(ban_repeated_ngrams(jnp.asarray(scores), jnp.asarray(seq), jnp.int32(length), n))
+            np.testing.assert_array_equal(got, want, err_msg=f"n={n} length={length}")
+        words = ((3,), (1, 2), (0, 0, 1), (2, 3, 0, 1, 2))
+        want = NoBadWordsLogitsProcessor([list(w) for w in words])(ids, torch.from_numpy(scores)).numpy()
+        got = np.asarray(ban_bad_words(jnp.asarray(scores), jnp.asarray(seq), jnp.int32(length), words))
+        np.testing.assert_array_equal(got, want, err_msg=f"length={length}")
+        # apply_processors: min_new_tokens with an eos list, and an eos-only bad word that transformers drops.
+        gc = GenerationConfig(min_new_tokens=3, eos_token_id=[5, 9], bad_words_ids=[[9], [4]])
+        for step in [s for s in (0, 2, 3) if s < length]:  # the prompt has >= 1 token
+            expected = torch.from_numpy(scores)
+            expected = NoBadWordsLogitsProcessor([[9], [4]], eos_token_id=[5, 9])(ids, expected)
+            expected = MinNewTokensLengthLogitsProcessor(length - step, 3, [5, 9])(ids, expected).numpy()
+            got = apply_processors(jnp.asarray(scores), jnp.asarray(seq), jnp.int32(length), jnp.int32(step), gc)
+            np.testing.assert_array_equal(np.asarray(got), expected, err_msg=f"step={step}")
+
+
+def test_beam_search_is_one_compiled_loop(models):
+    """Beams too run under one jax.jit, traced once per (shape, settings)."""
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+    kw = dict(attention_mask=mask, max_new_tokens=4, num_beams=2, eos_token_id=None)
+    before = set(model.__dict__.get("_generate_fns", {}))
+    model.generate(ids, **kw)
+    added = [f for k, f in model.__dict__["_generate_fns"].items() if k not in before]
+    assert len(added) == 1
+    size = added[0]._cache_size()
+    model.generate(ids[::-1].copy(), attention_mask=mask[::-1].copy(), max_new_tokens=4, num_beams=2, eos_token_id=None)
+    assert added[0]._cache_size() == size and len(model.__dict__["_generate_fns"]) == len(before) + 1
+
+
+def test_sampling_several_sequences_per_prompt(models):
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=2.0, num_return_sequences=2)
+    a = np.asarray(model.generate(ids, seed=3, eos_token_id=None, **kw))
+    assert a.shape == (6, 12)
+    assert a[:, :6].tolist() == np.repeat(ids, 2, axis=0).tolist()  # each prompt's samples adjacent
+    assert a[0, 6:].tolist() != a[1, 6:].tolist()
+    assert a.tolist() == np.asarray(model.generate(ids, seed=3, eos_token_id=None, **kw)).tolist()
+
+
+class _Recorder:
+    def __init__(self):
+        self.values, self.ended = [], 0
+
+    def put(self, value):
+        assert self.ended == 0
+        self.values.append(np.array(value))
+
+    def end(self):
+        self.ended += 1
+
+
+def test_streamer_gets_prompt_then_each_column(models):
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+    free = np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None))
+    eos = int(free[0, 8])
+    streamer = _Recorder()
+    out = np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, streamer=streamer))
+    assert streamer.ended == 1
+    assert streamer.values[0].tolist() == ids.tolist() and streamer.values[0].dtype == np.int32
+    columns = streamer.values[1:]
+    assert len(columns) == out.shape[1] - 6
+    assert np.stack(columns, axis=1).tolist() == out[:, 6:].tolist()
+    seen = []  # a plain callable gets the same calls
+    model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, streamer=seen.append)
+    assert seen[0].tolist() == ids.tolist() and np.stack(seen[1:], axis=1).tolist() == out[:, 6:].tolist()
+    assert model.__dict__["_generation_sink"] == [None]  # nothing left behind
+
+
+def test_bad_input_raises_before_any_work(models, monkeypatch):
+    model = models("electra")
+    ids, mask = _prompt(model.config)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(model, "init_cache", no_work)
+    cases = [
+        (ValueError, "num_beams", dict(num_beams=0)),
+        (ValueError, "max_length=6 leaves no room", dict(max_length=6)),
+        (ValueError, "conflicting lengths", dict(max_length=12, max_new_tokens=3)),
+        (ValueError, "conflicting lengths", dict(min_length=9, min_new_tokens=1)),
+        (ValueError, "num_return_sequences", dict(num_beams=2, num_return_sequences=3)),
+        (ValueError, "streamer cannot be used with beam search", dict(num_beams=2, streamer=lambda col: None)),
+        (TypeError, "streamer", dict(streamer=3)),
+        (ValueError, "outside the vocabulary", dict(bad_words_ids=[[200]])),
+    ]
+    for error, match, kw in cases:
+        with pytest.raises(error, match=match):
+            model.generate(ids, attention_mask=mask, **kw)
+    with pytest.raises(ValueError, match="both >= 1"):
+        model.generate(np.zeros((1, 0), np.int32))
+    with pytest.raises(ValueError, match="leaves no room in the model's context"):
+        model.generate(np.ones((1, 64), np.int32), max_new_tokens=1)
