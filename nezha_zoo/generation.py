@@ -440,7 +440,8 @@ def prepare_generation(
 
 
 class _CallbackStreamer:
-    """``put``/``end`` around a plain callable (called with each new (B,) int32 numpy column)."""
+    """``put``/``end`` around a plain callable (called with whatever ``put`` receives: the prompt, then
+    each new column)."""
 
     def __init__(self, callback: Any) -> None:
         self._callback = callback
@@ -456,9 +457,10 @@ def as_streamer(streamer: Any) -> Any:
     """A streamer with transformers' protocol, or None.
 
     ``streamer`` may be None, an object with ``put(value)`` and ``end()`` (transformers'
-    ``BaseStreamer``, e.g. its ``TextStreamer``), or a callable taking each new column of tokens.
-    Every backend calls ``put`` once with the prompt ids (B, P) and then once per step with the
-    new tokens (B,), as int32 numpy arrays, and ``end()`` after the last one.
+    ``BaseStreamer``, e.g. its ``TextStreamer``), or a callable, which receives what ``put``
+    receives.  Every backend calls ``put`` once with the prompt ids (B, P) and then once per step
+    with the new tokens (rows,), as int32 numpy arrays, and ``end()`` after the last one (rows:
+    B, or B * num_return_sequences when sampling several sequences per prompt).
     """
     if streamer is None:
         return None
