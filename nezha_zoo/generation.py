@@ -26,7 +26,6 @@ __all__ = [
     "DecodingLengths",
     "GenerationConfig",
     "as_streamer",
-    "banned_word_sequences",
     "decoding_lengths",
     "effective_bad_words",
     "POSITION_RULES",
@@ -522,10 +521,3 @@ def max_generation_length(model_config: Any, rule: str | None) -> int | None:
     if rule == "padding_aware":
         return int(mpe) - int(model_config.pad_token_id) - 1
     return int(mpe)
-
-
-def banned_word_sequences(gc: GenerationConfig) -> tuple[tuple[int, ...], ...]:
-    """The ``bad_words_ids`` a processor bans: all of them except one-token entries that are an eos
-    id (transformers drops those, so that a row can still finish)."""
-    eos = set(gc.eos_ids)
-    return tuple(w for w in gc.bad_words_ids or () if not (len(w) == 1 and w[0] in eos))

@@ -31,7 +31,7 @@ from jax.experimental import io_callback
 from nezha_zoo.generation import (
     GenerationConfig,
     as_streamer,
-    banned_word_sequences,
+    effective_bad_words,
     position_offsets,
     prepare_generation,
 )
@@ -158,7 +158,7 @@ def ban_bad_words(scores: jax.Array, sequences: jax.Array, length: Any, bad_word
         sequences: (R, T) int32; the first ``length`` columns are the ids so far.
         length: int or int32 scalar (traced in compiled loops).
         bad_words_ids (tuple[tuple[int, ...], ...]): the token sequences (see
-            :func:`nezha_zoo.generation.banned_word_sequences`).
+            :func:`nezha_zoo.generation.effective_bad_words`).
 
     Returns:
         (R, V) float32.
@@ -201,7 +201,7 @@ def apply_processors(scores: jax.Array, sequences: jax.Array, length: Any, step:
         scores = apply_repetition_penalty(scores, sequences, gc.repetition_penalty)
     if gc.no_repeat_ngram_size > 0:
         scores = ban_repeated_ngrams(scores, sequences, length, gc.no_repeat_ngram_size)
-    words = banned_word_sequences(gc)
+    words = effective_bad_words(gc)
     if words:
         scores = ban_bad_words(scores, sequences, length, words)
     if gc.min_new_tokens and gc.eos_ids:

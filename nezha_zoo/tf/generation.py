@@ -28,6 +28,7 @@ import tensorflow as tf
 from nezha_zoo.generation import (
     GenerationConfig,
     as_streamer,
+    effective_bad_words,
     position_offsets,
     prepare_generation,
 )
@@ -206,8 +207,7 @@ def apply_processors(scores: tf.Tensor, sequences: tf.Tensor, length: Any, step:
     if gc.no_repeat_ngram_size > 0:
         scores = ban_repeated_ngrams(scores, sequences, length, gc.no_repeat_ngram_size)
     if gc.bad_words_ids:
-        # As transformers: a one-token bad word that is an eos id is not banned (eos stays reachable).
-        words = [w for w in gc.bad_words_ids if not (len(w) == 1 and w[0] in gc.eos_ids)]
+        words = effective_bad_words(gc)
         if words:
             scores = ban_bad_words(scores, sequences, length, words)
     if gc.min_new_tokens and gc.eos_ids:

@@ -200,11 +200,8 @@ def test_position_rules_number_real_tokens_like_an_unpadded_row():
     assert max_generation_length(electra, "cumsum") == electra.max_position_embeddings
 
 
-def test_banned_word_sequences_drops_eos_only_entries():
+def test_effective_bad_words_drops_eos_only_entries():
     """As transformers' NoBadWordsLogitsProcessor: a one-token bad word that is an eos id is not banned."""
-    from nezha_zoo.generation import banned_word_sequences
-
     gc = GenerationConfig(eos_token_id=[5, 9], bad_words_ids=[[9], [4], [9, 4], [5, 5]])
-    assert banned_word_sequences(gc) == ((4,), (9, 4), (5, 5))
-    assert banned_word_sequences(GenerationConfig(bad_words_ids=[[9]])) == ((9,),)
-    assert banned_word_sequences(GenerationConfig()) == ()
+    assert effective_bad_words(gc) == ((4,), (9, 4), (5, 5))
+    assert effective_bad_words(GenerationConfig(bad_words_ids=[[9]])) == ((9,),)
