@@ -433,6 +433,31 @@ def summarise(results: list[dict[str, Any]], memory: dict[tuple[str, str], dict]
     return rows
 
 
+def merge_reports(paths: list[str]) -> dict[str, Any]:
+    """One report from the json of one or more runs of the same kind (say, one run per framework).
+
+    The first run's header (machine, versions, matmul rate) is kept, each run's own in ``runs``;
+    rows and results are concatenated in order.
+    """
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    kinds = {r["kind"] for r in reports}
+    if len(kinds) != 1:
+        raise ValueError(f"cannot merge reports of different kinds: {sorted(kinds)}")
+    if len(reports) == 1:
+        return reports[0]
+    merged = {**reports[0], "rows": [], "results": [], "sizes": {}, "runs": []}
+    for r in reports:
+        merged["rows"] += r["rows"]
+        merged["results"] += r["results"]
+        merged["sizes"].update(r["sizes"])
+        merged["runs"].append({k: r[k] for k in ("machine", "matmul", "wall_s") if k in r})
+    merged["wall_s"] = sum(r.get("wall_s", 0.0) for r in reports)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--lora", action="store_true", help="LoRA adapters against full fine-tuning (Electra)")
@@ -448,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     parser.add_argument("--workdir", help="keep the generated checkpoints here (reused across runs)")
     parser.add_argument("--smoke", action="store_true", help="tiny configs, in-process (memory in fresh processes)")
-    parser.add_argument("--render", metavar="JSON", help="only write the markdown (and chart) from saved json")
+    parser.add_argument(
+        "--render", metavar="JSON", help="only write the report from saved json (several, comma-separated: merged)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     parser.add_argument("--family", help=argparse.SUPPRESS)
@@ -457,9 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split("x")) if args.shape else (SMOKE_SHAPE if args.smoke else SHAPE)
     if args.render:
-        with open(args.render) as f:
-            report = json.load(f)
-        _write_report(report, args.out)
+        _write_report(merge_reports(args.render.split(",")), args.out)
         return 0
     if args.worker:  # one (family, framework) in this fresh process
         set_threads(args.threads)
@@ -581,6 +606,12 @@ def _header(report: dict[str, Any], title: str) -> list[str]:
         "'first steps' includes compilation and the optimizer state's creation, 'step' is a later steady step "
         "(peak reset in between). RSS counts what the allocators keep, not only live tensors."
         + (" Smoke run: tiny configs." if report.get("smoke") else ""),
+        "",
+        *(
+            f"- run {i + 1}: load average {' / '.join(map(str, run['machine'].get('load_average', [])))}, "
+            f"matmul {run['matmul']['gflops']:.0f} GFLOP/s at its start, {run.get('wall_s', 0) / 60:.0f} min"
+            for i, run in enumerate(report.get("runs", []))
+        ),
         "",
     ]
 

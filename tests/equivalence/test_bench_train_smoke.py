@@ -81,3 +81,39 @@ def test_bad_arguments_are_refused(tmp_path):
         train.main(["--smoke", "--backends", "pt,onnx", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         train.main(["--smoke", "--families", "bert", "--out", str(tmp_path)])
+
+
+def _row(family, backend, median_ms):
+    return {
+        "family": family, "backend": backend, "framework": train._framework(backend), "mode": "m",
+        "shape": "8x128", "median_ms": median_ms, "min_ms": median_ms, "max_ms": median_ms, "spread": 0.0,
+        "runs": 3, "warmup_s": 1.0, "reference_gflops": 100.0, "loss": 0.7, "trainable_params": 10,
+        "optimizer_state_bytes": 80, "optimizer_state_tensors": 3,
+    }  # fmt: skip
+
+
+def test_render_merges_runs_and_sets_ours_against_transformers(tmp_path):
+    header = {
+        "kind": "train", "machine": {"cpu": "cpu", "cpu_flags": ["avx2"], "cores": 2, "threads": 2,
+        "load_average": [1.0, 1.0, 1.0]}, "versions": {}, "matmul": {"n": 2048, "gflops": 100.0}, "smoke": False,
+        "shape": "8x128", "lora": {"rank": 8, "target_modules": ["query", "value"]}, "results": [], "wall_s": 60.0,
+    }  # fmt: skip
+    runs = {
+        "pt.json": [_row("electra", "pt", 100.0), _row("electra", "pt-compile", 90.0), _row("electra", "hf-pt", 99.0)],
+        "tf.json": [_row("electra", "tf", 120.0), _row("electra", "hf-tf", 100.0), _row("mpnet", "tf", 50.0)],
+    }
+    for name, rows in runs.items():
+        (tmp_path / name).write_text(json.dumps({**header, "rows": rows, "sizes": {"electra": "base"}}))
+    paths = ",".join(str(tmp_path / name) for name in runs)
+    assert train.main(["--render", paths, "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "train.md").read_text()
+    # best of ours against best of transformers per framework: 99 / 90 = 1.10x; 100 / 120 = 0.83x (a miss)
+    assert "| electra | 1.10x | **0.83x** |  |" in md
+    assert "| mpnet |  |  |  |" in md  # transformers has no TF MPNet row in this run
+    assert "- electra pt: 100.0 ms vs hf-pt 99.0 ms -> **0.99x**" in md
+    assert md.count("- run ") == 2
+    merged = json.loads((tmp_path / "out" / "train.json").read_text())
+    assert len(merged["rows"]) == 6 and merged["wall_s"] == 120.0
+    (tmp_path / "lora.json").write_text(json.dumps({**header, "kind": "lora", "rows": [], "sizes": {}}))
+    with pytest.raises(ValueError, match="different kinds"):
+        train.merge_reports([str(tmp_path / "pt.json"), str(tmp_path / "lora.json")])
