@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.forward import BACKENDS as FORWARD_BACKENDS
 from benchmarks.forward import BENCH_CONFIGS, SMOKE_CONFIGS, TRANSFORMERS_HAS
 from benchmarks.harness import (
     REFERENCE_N,
@@ -85,17 +86,11 @@ TRAIN_FIELDS: dict[str, dict[str, Any]] = {
     "mpt": dict(attn_config=dict(attn_pdrop=0.1), pad_token_id=0),
 }
 
-#: Backend -> (framework, implementation, mode).  ``NAME+lora``: the same with a LoRA adapter.
+#: Backend -> (framework, implementation, mode): the forward benchmark's backends, Keras stepping with
+#: ``train_on_batch`` where the forward pass was a ``tf.function``.  ``NAME+lora``: ours with a LoRA adapter.
 BACKENDS: dict[str, tuple[str, str, str]] = {
-    "pt": ("pt", "ours", "eager"),
-    "pt-compile": ("pt", "ours", "torch.compile"),
-    "tf": ("tf", "ours", "train_on_batch"),
-    "tf-xla": ("tf", "ours", "train_on_batch+XLA"),
-    "flax": ("flax", "ours", "jax.jit"),
-    "hf-pt": ("pt", "transformers", "eager"),
-    "hf-tf": ("tf", "transformers", "train_on_batch"),
-    "hf-tf-xla": ("tf", "transformers", "train_on_batch+XLA"),
-    "hf-flax": ("flax", "transformers", "jax.jit"),
+    name: (fw, impl, mode.replace("tf.function", "train_on_batch"))
+    for name, (fw, impl, mode) in FORWARD_BACKENDS.items()
 }
 LORA_BACKENDS = ("pt", "pt+lora", "tf", "tf+lora", "flax", "flax+lora")
 
