@@ -3,7 +3,8 @@
 #   make test    the checks below, then the whole test suite (2 pytest-xdist workers; tests/README.md)
 #   make check   `import nezha_zoo` pulls in no framework; no framework-named top-level dir; ruff lint + format
 #   make parity  the demo's table with transformers 4.57.6 PyTorch as a reference column
-#   make bench   forward-pass speed of every family and backend beside transformers (benchmarks/results/)
+#   make bench   forward-pass speed and one training step of every family and backend beside transformers,
+#                and LoRA against full fine-tuning (benchmarks/results/)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -48,8 +49,12 @@ parity: $(STAMP)
 	$(PY) -m benchmarks.parity
 
 # BENCH_ARGS="--smoke" for a seconds-long check; see benchmarks/README.md for the other benchmarks.
+# TRAIN_ARGS: the training-step benchmark's own (default BENCH_ARGS; it has no --shapes, but --shape).
+TRAIN_ARGS ?= $(BENCH_ARGS)
 bench: $(STAMP)
 	$(PY) -m benchmarks.forward $(BENCH_ARGS)
+	$(PY) -m benchmarks.train $(TRAIN_ARGS)
+	$(PY) -m benchmarks.train --lora $(TRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -33,9 +33,7 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +42,20 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.harness import (
+    REFERENCE_N,
+    SMOKE_REFERENCE_N,
+    machine_line,
+    matmul_rate,
+    run_in_fresh_process,
+    time_interleaved,
+)
+from benchmarks.harness import machine as _machine
+from benchmarks.harness import reference_product as _reference_product
+from benchmarks.harness import set_threads as _set_threads
+from benchmarks.harness import timed as _timed
+from benchmarks.harness import versions as _versions
+from benchmarks.harness import write_atomic as _write_atomic
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.param import Kind
@@ -157,15 +169,6 @@ def forward_flops(family: str, config: PretrainedConfig, batch: int, seq: int) -
 # --- the worker: one (family, framework) in its own process --------------------------------------
 
 
-def _set_threads(threads: int) -> None:
-    """Same thread count for every framework; must run before any framework is imported."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
 def _make_runner(
     backend: str, family: str, path: str, threads: int
 ) -> tuple[Callable[[np.ndarray, np.ndarray], Any], Callable]:
@@ -230,29 +233,6 @@ def _inputs(batch: int, seq: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.ones((batch, seq), dtype=np.int64)
 
 
-#: Side of the reference matrix product timed between the model runs (the physical reference).
-REFERENCE_N = 2048
-SMOKE_REFERENCE_N = 256
-#: Pause before the reference product, so no framework thread is still spinning from the last run.
-REFERENCE_PAUSE_S = 0.05
-
-
-def _reference_product(n: int) -> Callable[[], Any]:
-    """One float32 ``n x n`` matrix product in numpy (the same library in every worker process)."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    return lambda: a @ b
-
-
-def _timed(runner: tuple[Callable, Callable], *inputs: Any) -> float:
-    """Seconds of one ``materialise(run(*inputs))``."""
-    run, materialise = runner
-    t = time.perf_counter()
-    materialise(run(*inputs))
-    return time.perf_counter() - t
-
-
 def _time_interleaved(
     runners: dict[str, tuple[Callable, Callable]],
     reference: Callable[[], Any],
@@ -270,25 +250,8 @@ def _time_interleaved(
     window.  Rounds go on until every backend has ``min_time`` seconds of runs (at least
     ``repeats``, at most 200).
     """
-    ids, mask = _inputs(batch, seq, vocab)
-    names = list(runners)
-    out: dict[str, Any] = {"batch": batch, "seq": seq, "warmup_s": {}, "times_s": {b: [] for b in names}}
-    for b in names:
-        out["warmup_s"][b] = _timed(runners[b], ids, mask)  # traces / compiles
-        _timed(runners[b], ids, mask)
-    reference()
-    out["reference_s"] = []
-    start = time.perf_counter()
-    k = 0
-    while k < repeats or (time.perf_counter() - start < min_time * len(names) and k < 200):
-        for b in names[k % len(names) :] + names[: k % len(names)]:
-            out["times_s"][b].append(_timed(runners[b], ids, mask))
-        # The frameworks' worker threads spin for a while after a call and would slow the reference:
-        # let them park first.
-        time.sleep(REFERENCE_PAUSE_S)
-        out["reference_s"] += [_timed((reference, lambda out: out)) for _ in range(2)]
-        k += 1
-    return out
+    timed = time_interleaved(runners, reference, _inputs(batch, seq, vocab), min_time, repeats)
+    return {"batch": batch, "seq": seq, **timed}
 
 
 #: PyTorch operators that are matrix products (the FLOPs the model is counted for).
@@ -437,30 +400,6 @@ def gemm_ceiling(family: str, config: PretrainedConfig, batch: int, seq: int, th
     return {"gflop": flops / 1e9, "gflops": flops / statistics.median(times) / 1e9}
 
 
-def matmul_rate(threads: int, n: int = REFERENCE_N, min_time: float = 3.0) -> dict[str, Any]:
-    """The machine's float32 matrix-multiply rate (GFLOP/s): PyTorch (oneDNN/MKL) and numpy in turn, best of both.
-
-    numpy's product is also the reference every worker times between its model runs;
-    ``numpy_to_best`` (best rate / numpy's, measured here side by side) scales that reference to the
-    faster library, so a model is never set against a slower matmul than the machine has.
-    """
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    products = {"torch": lambda: torch.mm(a, b), "numpy": _reference_product(n)}
-    times: dict[str, list[float]] = {name: [] for name in products}
-    for mm in products.values():
-        mm()
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times["torch"]) < 5:
-        for name, mm in products.items():  # alternating: both see the same machine
-            times[name].append(_timed((mm, lambda out: out)))
-    rates = {name: 2 * n**3 / statistics.median(ts) / 1e9 for name, ts in times.items()}
-    best = max(rates.values())
-    return {"n": n, "gflops": best, "by_library": rates, "numpy_to_best": best / rates["numpy"]}
-
-
 # --- the orchestrator ----------------------------------------------------------------------------
 
 
@@ -488,50 +427,16 @@ def _subprocess_worker(
     args: argparse.Namespace, backends: list[str], family: str, path: str, shapes
 ) -> list[dict[str, Any]]:
     """Run :func:`run_worker` for ``backends`` (one framework) in a fresh process."""
-    env = dict(os.environ)
-    if any(BACKENDS[b][:2] == ("tf", "transformers") for b in backends):
-        # transformers' TF classes need tf-keras (Keras 2) as tf.keras; ours import Keras 3 as `keras`.
-        env["TF_USE_LEGACY_KERAS"] = "1"
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        result_path = f.name
-    cmd = [
-        sys.executable, "-m", "benchmarks.forward", "--worker", ",".join(backends), "--family", family,
-        "--checkpoint", path, "--shapes", ",".join(f"{b}x{s}" for b, s in shapes), "--threads", str(args.threads),
-        "--min-time", str(args.min_time), "--repeats", str(args.repeats), "--result", result_path,
+    worker = [
+        "--worker", ",".join(backends), "--family", family, "--checkpoint", path,
+        "--shapes", ",".join(f"{b}x{s}" for b, s in shapes), "--threads", str(args.threads),
+        "--min-time", str(args.min_time), "--repeats", str(args.repeats),
     ]  # fmt: skip
+    legacy_keras = any(BACKENDS[b][:2] == ("tf", "transformers") for b in backends)
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-        if proc.returncode != 0:
-            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-            return [{"family": family, "backend": b, "error": tail} for b in backends]
-        with open(result_path) as f:
-            return json.load(f)
-    except subprocess.TimeoutExpired:
-        return [{"family": family, "backend": b, "error": f"timed out after {args.timeout:.0f} s"} for b in backends]
-    finally:
-        os.unlink(result_path)
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("nezha-zoo", "torch", "tensorflow-cpu", "tf-keras", "keras", "jax", "flax", "transformers", "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
-def _machine(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform()}
+        return run_in_fresh_process("benchmarks.forward", worker, args.timeout, legacy_keras)
+    except RuntimeError as e:
+        return [{"family": family, "backend": b, "error": str(e)} for b in backends]
 
 
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -777,7 +682,7 @@ def markdown(report: dict[str, Any]) -> str:
     out = [
         "# Forward-pass benchmark",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads. "
+        machine_line(m),
         f"float32 matmul ({report['matmul']['n']}^2): {report['matmul']['gflops']:.0f} GFLOP/s.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         f"One process per (family, framework) holds our model and transformers' and runs them call by call "
@@ -839,13 +744,6 @@ def chart(report: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.harness import reset_peak_rss as _reset_peak
 from nezha_zoo.io.reader import open_checkpoint
 from nezha_zoo.pretrained import iter_random_weights, save_weights
 from nezha_zoo.spec.registry import get_family, model_class
@@ -66,16 +67,6 @@ def _status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # --- the child process: one backend, one dtype ------------------------------------------------------
