@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.hardware import machine_info
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.param import Kind
 from nezha_zoo.spec.registry import get_family
@@ -525,13 +526,7 @@ def _versions() -> dict[str, str]:
 
 
 def _machine(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform()}
+    return machine_info(threads)  # model, cores, platform and the CPU's int8/bf16 units
 
 
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -777,7 +772,8 @@ def markdown(report: dict[str, Any]) -> str:
     out = [
         "# Forward-pass benchmark",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads. "
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, "
+        f"CPU flags: {', '.join(m.get('cpu_flags', [])) or 'none'}. "
         f"float32 matmul ({report['matmul']['n']}^2): {report['matmul']['gflops']:.0f} GFLOP/s.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         f"One process per (family, framework) holds our model and transformers' and runs them call by call "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nezha_zoo.hardware import machine_info
 
 BASE = dict(
     vocab_size=1000,
@@ -225,11 +226,12 @@ BACKENDS: dict[str, Callable[[dict, Any, int], Timings]] = {
 
 
 def _markdown(result: dict) -> str:
-    shapes = result["shapes"]
+    shapes, m = result["shapes"], result["machine"]
     lines = [
         f"# I-BERT quant-mode vs float-mode forward ({result['model']})",
         "",
-        f"Median of {result['repeats']} forwards after a warm-up, {THREADS} threads, {result['machine']}.",
+        f"Median of {result['repeats']} forwards after a warm-up, {THREADS} threads, {m['cpu']} ({m['cores']} cores), "
+        f"CPU flags: {', '.join(m['cpu_flags']) or 'none'}.",
         "",
         "| backend | " + " | ".join(f"float {s} (ms) | quant {s} (ms) | quant/float {s}" for s in shapes) + " |",
         "|---|" + "---|---|---|" * len(shapes),
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": [f"{b}x{L}" for b, L in shapes],
         "repeats": repeats,
         "threads": THREADS,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": machine_info(THREADS),
         "backends": {},
     }
     for name in names:
