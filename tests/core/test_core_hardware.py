@@ -118,3 +118,34 @@ def test_unreadable_cpuinfo_is_all_false(monkeypatch):
     finally:
         monkeypatch.undo()
         hardware.cpu_features.cache_clear()
+
+
+def test_int8_products_policy(monkeypatch):
+    # I-BERT's quant mode uses int8 units: forced by set_int8_products, else the env switch, else the CPU
+    from nezha_zoo.families import ibert
+
+    monkeypatch.delenv(ibert.INT8_PRODUCTS_ENV, raising=False)
+    assert ibert.int8_products() == cpu_features().int8_dot
+    monkeypatch.setenv(ibert.INT8_PRODUCTS_ENV, "0")
+    assert ibert.int8_products() is False
+    monkeypatch.setenv(ibert.INT8_PRODUCTS_ENV, "1")
+    assert ibert.int8_products() is True
+    previous = ibert.set_int8_products(False)
+    try:
+        assert previous is None and ibert.int8_products() is False
+    finally:
+        ibert.set_int8_products(previous)
+    monkeypatch.setenv(ibert.INT8_PRODUCTS_ENV, "yes")
+    with pytest.raises(ValueError, match=ibert.INT8_PRODUCTS_ENV):
+        ibert.int8_products()
+    with pytest.raises(TypeError):
+        ibert.set_int8_products(1)
+
+
+def test_int8_ranges_are_proved_by_the_bit_widths():
+    from nezha_zoo.families import ibert
+
+    act = 2 ** (ibert.ACT_BIT - 1)  # QuantAct output: [-act, act - 1]
+    weight = 2 ** (ibert.WEIGHT_BIT - 1) - 1  # weights: [-weight, weight - 1]
+    assert ibert.INT8_MIN <= -act and act - 1 <= ibert.INT8_MAX and -weight >= ibert.INT8_MIN
+    assert 128 * 128 * ibert.INT32_EXACT_TERMS <= 2**31 - 1 < 128 * 128 * (ibert.INT32_EXACT_TERMS + 1)
