@@ -189,7 +189,7 @@ _int8_override: list[bool | None] = [None]
 
 
 def int8_products() -> bool:
-    """Whether quant mode computes its 8-bit integer products on int8 units (the backends' ``integer_matmul``).
+    """Whether quant mode computes its 8-bit integer products on int8 units (the backends' ``int8_matmul``).
 
     Order: :func:`set_int8_products`, then the environment variable :data:`INT8_PRODUCTS_ENV`
     (``"0"``/``"1"``), then the CPU: True where it has an int8 dot-product unit (AVX512-VNNI, AVX-VNNI,

@@ -24,7 +24,8 @@ Width and exactness (why float64, and where):
   (:func:`nezha_zoo.families.ibert.int8_products`, read at trace time): ``jax.lax.dot_general`` of
   int8 operands with int32 accumulation (:func:`int8_matmul`, exact below 2**17 terms); elsewhere
   float32 chunks summed in float64 (:func:`integer_matmul`), the same integers.  The attention
-  products use float32, exact for integer operands (|.| <= 256 * 128 * L < 2**24 for L < 512).
+  scores are int8 dots too (``_int_bmm`` in ``ibert.py``); the probability x value product uses
+  float32, exact for integer operands (|.| <= 256 * 128 * L < 2**24 for L < 512).
 * scale-derived constants (``floor(coeff / s)``, bias integers, ``1 // s``) are float32 elementwise
   IEEE operations, the same numbers in every framework.
 
