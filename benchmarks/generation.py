@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from nezha_zoo.hardware import machine_info
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.registry import get_family, model_class
 
@@ -223,7 +224,8 @@ def _markdown(report: dict[str, Any]) -> str:
         + f".  Warm-up (tracing and compilation) excluded and listed apart; median of {report['repeats']} runs.  "
         f"`hf` is transformers' PyTorch class on the same weights (`use_cache=True`).  "
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, shared with other jobs "
-        f"while measured; threads: {report['threads']}.",
+        f"while measured; threads: {report['threads']}; "
+        f"CPU flags: {', '.join(report['machine'].get('cpu_flags', [])) or 'none'}.",
         "",
         "| family | mode | batch | backend | tokens/s | median s | warm-up s |",
         "|---|---|---|---|---|---|---|",
@@ -353,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write(args: argparse.Namespace, configs, families, backends, modes, rows, agreement, threads) -> None:
     """Write the report so far (after each family, so a long run leaves its finished part behind)."""
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "platform": platform.platform()},
+        "machine": machine_info(threads),
         "versions": _versions(),
         "threads": threads,
         "smoke": args.smoke,

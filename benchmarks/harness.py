@@ -22,17 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from nezha_zoo.hardware import machine_info
+
 #: Side of the reference matrix product timed between the model runs (the physical reference).
 REFERENCE_N = 2048
 SMOKE_REFERENCE_N = 256
 #: Pause before the reference product, so no framework thread is still spinning from the last run.
 REFERENCE_PAUSE_S = 0.05
-
-#: CPU flags worth recording: the vector, int8 (VNNI) and bfloat16 / AMX units a framework may use.
-CPU_FLAGS = (
-    "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
-    "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
-)  # fmt: skip
 
 
 def set_threads(threads: int) -> None:
@@ -139,29 +135,13 @@ def versions() -> dict[str, str]:
 
 
 def machine(threads: int) -> dict[str, Any]:
-    """The CPU's name, its vector / int8 / bf16 flags (from ``/proc/cpuinfo``), cores, threads and the load average."""
-    cpu = platform.processor() or platform.machine()
-    flags: list[str] = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
-        have = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
-        flags = [f for f in CPU_FLAGS if f in have]
-    except OSError:
-        pass
+    """:func:`nezha_zoo.hardware.machine_info` (CPU name, its vector / int8 / bf16 flags, cores,
+    threads, platform) plus the load average when the run started."""
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = []
-    return {
-        "cpu": cpu,
-        "cpu_flags": flags,
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "load_average": load,
-        "platform": platform.platform(),
-    }
+    return {**machine_info(threads), "load_average": load}
 
 
 def machine_line(m: dict[str, Any]) -> str:

@@ -1,12 +1,19 @@
 """I-BERT: integer-only (quant-mode) forward time against float-mode forward time, per backend.
 
-``python -m benchmarks.ibert_quant [--smoke] [--out DIR] [--repeats N] [--backends pt,transformers]``
+``python -m benchmarks.ibert_quant [--smoke] [--out DIR] [--repeats N] [--layers N] [--backends pt,transformers]``
 
 One roberta-base-size model (hidden 768, 12 layers, 12 heads, intermediate 3072; vocabulary reduced to
 1000, which changes only the embedding lookup), random weights calibrated by two training-mode
 forwards, run in eval mode under ``torch.inference_mode`` / the backend's equivalent, at batch x length
-1 x 128 and 8 x 128.  Each figure is the median of ``--repeats`` timed forwards after one untimed
+1 x 128 and 8 x 128 (``--layers`` reduces the depth, for loaded machines).  The modes of one backend
+and shape run call by call in turn (float, quant, ...), so a slow spell of a shared machine lands on
+all of them alike; each figure is the median of ``--repeats`` timed forwards after one untimed
 warm-up; torch uses 2 threads.  ``--smoke`` runs a tiny model in seconds (used by the tests).
+
+Where the CPU has int8 units (:func:`nezha_zoo.families.ibert.int8_products`), the backends with an
+int8 path (pt, tf-xla, flax) also time quant mode with the exact float32 products instead
+(``set_int8_products(False)``, the path of CPUs without them): ``float_products`` in the report.
+The report's machine section lists the CPU flags (:func:`nezha_zoo.hardware.machine_info`).
 
 Each backend is one function ``bench_<name>(config_kwargs, shapes, repeats) -> {mode: {shape: s}}``
 registered in :data:`BACKENDS`; the TensorFlow and Flax columns are added the same way.  Results go
@@ -17,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nezha_zoo.families.ibert import int8_products, set_int8_products
+from nezha_zoo.hardware import machine_info
 
 BASE = dict(
     vocab_size=1000,
@@ -53,47 +62,83 @@ def _inputs(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up (weight quantization caches, allocator)
-    times = []
+def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed call by call in turn after one warm-up call each."""
+    for fn in fns.values():
+        fn()  # warm-up (traces, weight quantization caches, allocator)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _torch_timings(make_model: Callable[[bool], Any], config_kwargs: dict, shapes, repeats: int) -> Timings:
-    """Shared driver for the two PyTorch implementations: calibrate once, time both modes."""
+def _products(enabled: bool | None, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with the int8-product switch set (traced functions read it when first called)."""
+
+    def run():
+        previous = set_int8_products(enabled)
+        try:
+            return fn()
+        finally:
+            set_int8_products(previous)
+
+    return run
+
+
+def _modes(fns: dict[str, Callable[[], Any]], has_int8_path: bool) -> dict[str, Callable[[], Any]]:
+    """``{"float": f, "quant": q}`` plus ``quant_float_products`` where the int8 path is in use here."""
+    out = {"float": fns["float"], "quant": _products(None, fns["quant"])}
+    if has_int8_path and int8_products():
+        out["quant_float_products"] = _products(False, fns["quant_float_products"])
+    return out
+
+
+def _by_mode(per_shape: dict[str, dict[str, float]]) -> Timings:
+    """``{shape: {mode: s}}`` -> ``{mode: {shape: s}}``."""
+    out: Timings = {}
+    for shape, modes in per_shape.items():
+        for mode, t in modes.items():
+            out.setdefault(mode, {})[shape] = t
+    return out
+
+
+def _torch_timings(
+    make_model: Callable[[bool], Any], config_kwargs: dict, shapes, repeats: int, has_int8_path: bool = False
+) -> Timings:
+    """Shared driver for the two PyTorch implementations: calibrate once, time the modes in turn."""
     import torch
 
     torch.set_num_threads(THREADS)
-    out: Timings = {}
-    state = None
+    # calibrate once (train-mode forwards, dropout off); both modes then load the same state
+    calib = make_model(True)
+    calib.train()
+    with torch.no_grad():
+        for s in range(2):
+            x = _inputs(*shapes[-1], config_kwargs["vocab_size"], seed=10 + s)
+            calib(**{k: torch.from_numpy(v) for k, v in x.items()})
+    state = calib.state_dict()
+    models = {}
     for quant in (False, True):
         model = make_model(quant)
-        if state is None:
-            # calibrate once (train-mode forwards, dropout off); both modes then load the same state
-            calib = make_model(True)
-            calib.train()
-            with torch.no_grad():
-                for s in range(2):
-                    x = _inputs(*shapes[-1], config_kwargs["vocab_size"], seed=10 + s)
-                    calib(**{k: torch.from_numpy(v) for k, v in x.items()})
-            state = calib.state_dict()
         model.load_state_dict(state)
-        model.eval()
-        times = {}
-        for b, L in shapes:
-            x = {k: torch.from_numpy(v) for k, v in _inputs(b, L, config_kwargs["vocab_size"]).items()}
+        models[quant] = model.eval()
+    per_shape = {}
+    for b, L in shapes:
+        x = {k: torch.from_numpy(v) for k, v in _inputs(b, L, config_kwargs["vocab_size"]).items()}
 
-            def run(model=model, x=x):
+        def run(model, x=x):
+            def call():
                 with torch.inference_mode():
                     model(**x)
 
-            times[f"{b}x{L}"] = _median_time(run, repeats)
-        out["quant" if quant else "float"] = times
-    return out
+            return call
+
+        fns = {"float": run(models[False]), "quant": run(models[True]), "quant_float_products": run(models[True])}
+        per_shape[f"{b}x{L}"] = _interleaved(_modes(fns, has_int8_path), repeats)
+    return _by_mode(per_shape)
 
 
 def bench_pt(config_kwargs: dict, shapes, repeats: int) -> Timings:
@@ -107,7 +152,7 @@ def bench_pt(config_kwargs: dict, shapes, repeats: int) -> Timings:
         torch.manual_seed(0)
         return IBertModel(IBertConfig(**config_kwargs, quant_mode=quant))
 
-    return _torch_timings(make, config_kwargs, shapes, repeats)
+    return _torch_timings(make, config_kwargs, shapes, repeats, has_int8_path=True)
 
 
 def bench_transformers(config_kwargs: dict, shapes, repeats: int) -> Timings:
@@ -154,19 +199,21 @@ def _tf_timings(config_kwargs: dict, shapes, repeats: int, jit_compile: bool) ->
     for key, var in floating.variables_by_key().items():
         var.assign(source[key])
     quant.freeze_integer_weights()  # inference: integer weights computed once (same numbers)
-    out: Timings = {}
-    for mode, model in (("float", floating), ("quant", quant)):
-        fn = tf.function(
-            lambda ids, mask, model=model: model(input_ids=ids, attention_mask=mask).last_hidden_state,
-            jit_compile=jit_compile,
-        )
-        times = {}
-        for b, L in shapes:
-            x = _inputs(b, L, config_kwargs["vocab_size"])
-            ids, mask = tf.constant(x["input_ids"], tf.int32), tf.constant(x["attention_mask"], tf.int32)
-            times[f"{b}x{L}"] = _median_time(lambda fn=fn, ids=ids, mask=mask: fn(ids, mask).numpy(), repeats)
-        out[mode] = times
-    return out
+    per_shape = {}
+    for b, L in shapes:
+        x = _inputs(b, L, config_kwargs["vocab_size"])
+        ids, mask = tf.constant(x["input_ids"], tf.int32), tf.constant(x["attention_mask"], tf.int32)
+
+        def run(model, ids=ids, mask=mask):
+            fn = tf.function(
+                lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state,
+                jit_compile=jit_compile,
+            )
+            return lambda: fn(ids, mask).numpy()
+
+        fns = {"float": run(floating), "quant": run(quant), "quant_float_products": run(quant)}
+        per_shape[f"{b}x{L}"] = _interleaved(_modes(fns, has_int8_path=jit_compile), repeats)
+    return _by_mode(per_shape)
 
 
 def bench_tf(config_kwargs: dict, shapes, repeats: int) -> Timings:
@@ -198,21 +245,20 @@ def bench_flax(config_kwargs: dict, shapes, repeats: int) -> Timings:
         x = _inputs(*shapes[-1], config_kwargs["vocab_size"], seed=10 + s)
         _, state = quant(**x, buffers=buffers, train=True)
         buffers = state["buffers"]
-    out: Timings = {}
-    for mode in ("float", "quant"):
-        model = quant if mode == "quant" else FlaxIBertModel(IBertConfig(**config_kwargs), _do_init=False)
-        fwd = jax.jit(lambda p, b, ids, m, model=model: model(ids, m, params=p, buffers=b).last_hidden_state)
-        times = {}
-        for b, L in shapes:
-            x = _inputs(b, L, config_kwargs["vocab_size"])
-            ids, mask = jax.numpy.asarray(x["input_ids"]), jax.numpy.asarray(x["attention_mask"])
+    floating = FlaxIBertModel(IBertConfig(**config_kwargs), _do_init=False)
+    per_shape = {}
+    for b, L in shapes:
+        x = _inputs(b, L, config_kwargs["vocab_size"])
+        ids, mask = jax.numpy.asarray(x["input_ids"]), jax.numpy.asarray(x["attention_mask"])
 
-            def run(fwd=fwd, ids=ids, mask=mask):
-                fwd(quant.params, buffers, ids, mask).block_until_ready()
+        def run(model, ids=ids, mask=mask):
+            # a new function per mode: jax.jit caches traces per function, the switch is read when tracing
+            fwd = jax.jit(lambda p, bufs, ids, m: model(ids, m, params=p, buffers=bufs).last_hidden_state)
+            return lambda: fwd(quant.params, buffers, ids, mask).block_until_ready()
 
-            times[f"{b}x{L}"] = _median_time(run, repeats)
-        out[mode] = times
-    return out
+        fns = {"float": run(floating), "quant": run(quant), "quant_float_products": run(quant)}
+        per_shape[f"{b}x{L}"] = _interleaved(_modes(fns, has_int8_path=True), repeats)
+    return _by_mode(per_shape)
 
 
 BACKENDS: dict[str, Callable[[dict, Any, int], Timings]] = {
@@ -225,11 +271,12 @@ BACKENDS: dict[str, Callable[[dict, Any, int], Timings]] = {
 
 
 def _markdown(result: dict) -> str:
-    shapes = result["shapes"]
+    shapes, m = result["shapes"], result["machine"]
     lines = [
         f"# I-BERT quant-mode vs float-mode forward ({result['model']})",
         "",
-        f"Median of {result['repeats']} forwards after a warm-up, {THREADS} threads, {result['machine']}.",
+        f"Median of {result['repeats']} forwards after a warm-up, {THREADS} threads, {m['cpu']} ({m['cores']} cores), "
+        f"CPU flags: {', '.join(m['cpu_flags']) or 'none'}.",
         "",
         "| backend | " + " | ".join(f"float {s} (ms) | quant {s} (ms) | quant/float {s}" for s in shapes) + " |",
         "|---|" + "---|---|---|" * len(shapes),
@@ -240,6 +287,21 @@ def _markdown(result: dict) -> str:
             f, q = t["float"][s], t["quant"][s]
             cells += [f"{f * 1e3:.1f}", f"{q * 1e3:.1f}", f"{q / f:.2f}x"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if result.get("float_products"):
+        lines += [
+            "",
+            "Quant mode with the exact float32 products instead of the int8 units (the path of CPUs "
+            "without VNNI/AMX), timed in turn with the rows above:",
+            "",
+            "| backend | " + " | ".join(f"quant, float products {s} (ms) | its quant/float {s}" for s in shapes) + " |",
+            "|---|" + "---|---|" * len(shapes),
+        ]
+        for name, t in result["float_products"].items():
+            cells = []
+            for s in shapes:
+                q, f = t[s], result["backends"][name]["float"][s]
+                cells += [f"{q * 1e3:.1f}", f"{q / f:.2f}x"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -248,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny model, seconds")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output directory")
     p.add_argument("--repeats", type=int, default=None, help="timed forwards per figure")
+    p.add_argument("--layers", type=int, default=None, help="encoder layers (default: the model's)")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of " + ",".join(BACKENDS))
     args = p.parse_args(argv)
     names = [n for n in args.backends.split(",") if n]
@@ -255,20 +318,29 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown backends {unknown}; known: {sorted(BACKENDS)}")
     cfg = SMOKE if args.smoke else BASE
+    if args.layers is not None:
+        if args.layers < 1:
+            p.error("--layers must be positive")
+        cfg = dict(cfg, num_hidden_layers=args.layers)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     repeats = args.repeats or (3 if args.smoke else 5)
     result: dict[str, Any] = {
-        "model": "tiny (smoke)" if args.smoke else "roberta-base size, vocab 1000",
+        "model": ("tiny (smoke)" if args.smoke else "roberta-base size, vocab 1000")
+        + ("" if args.layers is None else f", {args.layers} layers"),
         "config": cfg,
         "shapes": [f"{b}x{L}" for b, L in shapes],
         "repeats": repeats,
         "threads": THREADS,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": machine_info(THREADS),
         "backends": {},
+        "float_products": {},
     }
     for name in names:
-        result["backends"][name] = BACKENDS[name](cfg, shapes, repeats)
-        sys.stdout.write(f"{name}: {json.dumps(result['backends'][name])}\n")
+        timings = BACKENDS[name](cfg, shapes, repeats)
+        if "quant_float_products" in timings:
+            result["float_products"][name] = timings.pop("quant_float_products")
+        result["backends"][name] = timings
+        sys.stdout.write(f"{name}: {json.dumps(timings)}\n")
         sys.stdout.flush()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ of such a ``config.json``) instead of deferring the error to the model.
 
 from __future__ import annotations
 
+import os
+
 from nezha_zoo.config import (
     Field,
     PretrainedConfig,
@@ -27,6 +29,7 @@ from nezha_zoo.config import (
     positive_int,
     probability,
 )
+from nezha_zoo.hardware import cpu_features
 from nezha_zoo.spec.blocks import dense, embedding, layer_norm, pooler, roberta_family_spec
 from nezha_zoo.spec.param import Kind, ModelSpec, Param
 from nezha_zoo.spec.registry import Family, register_family
@@ -49,6 +52,12 @@ __all__ = [
     "SOFTMAX_EXP_BIT",
     "MAX_BIT",
     "EXACT_CHUNK",
+    "INT8_MIN",
+    "INT8_MAX",
+    "INT32_EXACT_TERMS",
+    "INT8_PRODUCTS_ENV",
+    "int8_products",
+    "set_int8_products",
     "GELU_SQRT2",
     "GELU_COEFFS",
     "GELU_SHIFT",
@@ -162,6 +171,53 @@ MAX_BIT = 32
 #: Longest contraction summed in one float32 product of int8 operands: ``1024 * 128 * 127 < 2**24``, so
 #: every partial sum is an exactly representable float32 integer whatever the summation order.
 EXACT_CHUNK = 1024
+
+#: int8 operands of the integer products.  A ``QuantAct(ACT_BIT)`` output is clamped to
+#: ``[-2**(ACT_BIT-1), 2**(ACT_BIT-1) - 1] = [-128, 127]`` and a ``WEIGHT_BIT`` weight to transformers'
+#: ``[-(2**(b-1) - 1), 2**(b-1) - 2] = [-127, 126]``: both are int8 values, so ``QuantLinear``'s product
+#: (and the attention scores ``q_int @ k_int.T``) can run on int8 x int8 -> int32 units.  The softmax
+#: probabilities (0..256, 9 bits) cannot: ``prob @ v`` stays an exact float32 product.
+INT8_MIN, INT8_MAX = -128, 127
+#: An int8 x int8 product is at most ``128 * 128 = 2**14`` in magnitude, so an int32 accumulator is exact
+#: (no wrap-around, any summation order) for contractions of at most ``2**17 - 1`` terms:
+#: ``2**14 * (2**17 - 1) < 2**31``.  Longer contractions take the float path.
+INT32_EXACT_TERMS = 2**17 - 1
+#: Environment switch for :func:`int8_products`: ``"1"`` forces the int8 path, ``"0"`` the float one.
+INT8_PRODUCTS_ENV = "NEZHA_ZOO_INT8_PRODUCTS"
+
+_int8_override: list[bool | None] = [None]
+
+
+def int8_products() -> bool:
+    """Whether quant mode computes its 8-bit integer products on int8 units (the backends' ``int8_matmul``).
+
+    Order: :func:`set_int8_products`, then the environment variable :data:`INT8_PRODUCTS_ENV`
+    (``"0"``/``"1"``), then the CPU: True where it has an int8 dot-product unit (AVX512-VNNI, AVX-VNNI,
+    AMX-INT8; :func:`nezha_zoo.hardware.cpu_features`).  Without one, int8 GEMMs are slower than float32
+    ones (torch's ``_int_mm`` ~60x on AVX2), and the exact float32 path is used.  Both paths give the
+    same integers, so this only changes speed.
+    """
+    if _int8_override[0] is not None:
+        return _int8_override[0]
+    env = os.environ.get(INT8_PRODUCTS_ENV)
+    if env is not None:
+        if env not in ("0", "1"):
+            raise ValueError(f"{INT8_PRODUCTS_ENV} must be '0' or '1', got {env!r}")
+        return env == "1"
+    return cpu_features().int8_dot
+
+
+def set_int8_products(enabled: bool | None) -> bool | None:
+    """Force the int8 product path on (True) or off (False), or back to automatic (None).
+
+    Read when a kernel runs (or, under ``tf.function`` / ``jax.jit``, when it is traced).
+    Returns the previous setting.
+    """
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"set_int8_products expects True, False or None, got {enabled!r}")
+    previous, _int8_override[0] = _int8_override[0], enabled
+    return previous
+
 
 #: I-GELU (transformers' ``IntGELU``): ``erf(x / k)`` with ``k = GELU_SQRT2`` is approximated by
 #: ``sign(x) * (a * (min(|x / k|, -b) + b)**2 + 1)``, ``(a, b) = GELU_COEFFS``, and the integer result

@@ -20,8 +20,11 @@ Width and exactness (why float64, and where):
   the PyTorch backend; outside it every array stays 32-bit (params, outputs, float mode).  This works
   inside ``jax.jit`` (the switch is read at trace time).  Backends without float64 (TPU) cannot run
   quant mode this way.
-* matrix products are real integer products: ``jax.lax.dot_general`` of int8 operands with int32
-  accumulation (exact for any contraction length below 2**17); the probability x value product uses
+* the linear layers' matrix products are real integer products where the CPU has int8 units
+  (:func:`nezha_zoo.families.ibert.int8_products`, read at trace time): ``jax.lax.dot_general`` of
+  int8 operands with int32 accumulation (:func:`int8_matmul`, exact below 2**17 terms); elsewhere
+  float32 chunks summed in float64 (:func:`integer_matmul`), the same integers.  The attention
+  scores are int8 dots too (``_int_bmm`` in ``ibert.py``); the probability x value product uses
   float32, exact for integer operands (|.| <= 256 * 128 * L < 2**24 for L < 512).
 * scale-derived constants (``floor(coeff / s)``, bias integers, ``1 // s``) are float32 elementwise
   IEEE operations, the same numbers in every framework.
@@ -46,15 +49,18 @@ from flax import linen as nn
 
 from nezha_zoo.families.ibert import (
     ACT_RANGE_INIT,
+    EXACT_CHUNK,
     EXP_COEFFS,
     EXP_SHIFT,
     EXP_X0,
     GELU_COEFFS,
     GELU_SHIFT,
     GELU_SQRT2,
+    INT32_EXACT_TERMS,
     MAX_BIT,
     SOFTMAX_EXP_BIT,
     UNCALIBRATED_RANGE,
+    int8_products,
 )
 from nezha_zoo.flax.layers import freeze_padding_row
 from nezha_zoo.spec.layouts import LAYOUTS
@@ -71,6 +77,7 @@ __all__ = [
     "frexp_multiplier",
     "fixed_point_requantize",
     "integer_matmul",
+    "int8_matmul",
     "QuantEmbedding",
     "QuantAct",
     "QuantLinear",
@@ -192,13 +199,38 @@ def fixed_point_requantize(
 
 
 def integer_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Exact ``a @ b`` of 8-bit integers: int8 x int8 ``dot_general`` with int32 accumulation.
+    """Exact ``a @ b`` of 8-bit integers without int8 units: float32 chunks, float64 sum (in :func:`x64_scope`).
+
+    The contraction is split into chunks of :data:`EXACT_CHUNK` terms, whose float32 sums are exact
+    in any order; the chunk results are added in float64.
 
     Args:
         a (..., K), b (K, N): integer-valued arrays within [-128, 127] (any dtype).
     Returns:
+        float64 (..., N).
+    """
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    K = a.shape[-1]
+    out = None
+    for k0 in range(0, K, EXACT_CHUNK):
+        part = jnp.matmul(a[..., k0 : k0 + EXACT_CHUNK], b[k0 : k0 + EXACT_CHUNK]).astype(jnp.float64)
+        out = part if out is None else out + part
+    return out
+
+
+def int8_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Exact ``a @ b`` on int8 units: int8 x int8 ``dot_general`` with int32 accumulation.
+
+    Args:
+        a (..., K), b (K, N): integer-valued arrays within [-128, 127] (any dtype; cast to int8),
+            ``K <= INT32_EXACT_TERMS`` so the int32 sums cannot wrap.
+    Returns:
         int32 (..., N).
     """
+    if a.shape[-1] > INT32_EXACT_TERMS:
+        raise ValueError(
+            f"int8_matmul: {a.shape[-1]} terms may overflow the int32 accumulator (limit {INT32_EXACT_TERMS})"
+        )
     dims = (((a.ndim - 1,), (0,)), ((), ()))
     return jax.lax.dot_general(a.astype(jnp.int8), b.astype(jnp.int8), dims, preferred_element_type=jnp.int32)
 
@@ -375,7 +407,11 @@ class QuantLinear(nn.Module):
         if not deterministic and self.is_mutable_collection(BUFFERS):
             w_int_buf.value, fc_scale.value, b_int_buf.value = w_int, w_scale, b_int
         x_int = jnp.round(x.astype(jnp.float32) / prev_act_scaling_factor)  # |x_int| <= 128: exact
-        acc = integer_matmul(x_int, w_int.T).astype(jnp.float64) + _f64(b_int)
+        if int8_products() and self.in_features <= INT32_EXACT_TERMS:
+            acc = int8_matmul(x_int, w_int.T).astype(jnp.float64)  # int8 units, exact int32 sums
+        else:
+            acc = integer_matmul(x_int, w_int.T)
+        acc = acc + _f64(b_int)
         return acc * _f64(out_scale), out_scale
 
 

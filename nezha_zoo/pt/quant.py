@@ -18,9 +18,12 @@ float32 tensors, so any integer above 2**24 is rounded, and it never re-rounds `
 * ``q`` is recovered from ``(x, s)`` as ``round(x / s)`` and carried in **float64**, which holds every
   integer below 2**53 exactly (the widest integers of the pipeline: linear accumulators < 2**32, the
   LayerNorm variance < 2**32 after its shift, GELU products ~2**40, softmax exponentials up to ~2**52);
-* integer matrix products are exact: int8 x int8 products summed in float32 chunks of at most
+* integer matrix products are exact: on CPUs with int8 dot-product units (VNNI/AMX,
+  :func:`nezha_zoo.families.ibert.int8_products`) the linear layers' int8 x int8 products run as
+  ``torch._int_mm`` with int32 accumulation (:func:`int8_matmul`; exact below 2**17 terms); otherwise
+  (and with autograd) int8 x int8 products are summed in float32 chunks of at most
   :data:`EXACT_CHUNK` terms (every partial sum stays below 2**24, so float32 is exact), chunks summed
-  in float64 (see :func:`integer_matmul`);
+  in float64 (see :func:`integer_matmul`).  Same integers either way;
 * the constants derived from a scaling factor (``floor(coeff / s)``, the bias integers, ``1 // s``)
   are computed exactly as transformers does, in float32 elementwise IEEE arithmetic, so they are the
   same numbers in every framework;
@@ -62,9 +65,13 @@ from nezha_zoo.families.ibert import (
     GELU_COEFFS,
     GELU_SHIFT,
     GELU_SQRT2,
+    INT8_MAX,
+    INT8_MIN,
+    INT32_EXACT_TERMS,
     MAX_BIT,
     SOFTMAX_EXP_BIT,
     UNCALIBRATED_RANGE,
+    int8_products,
 )
 
 __all__ = [
@@ -77,6 +84,8 @@ __all__ = [
     "frexp_multiplier",
     "fixed_point_requantize",
     "integer_matmul",
+    "as_int8",
+    "int8_matmul",
     "QuantEmbedding",
     "QuantAct",
     "QuantLinear",
@@ -271,8 +280,9 @@ def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     ``a`` (..., K), ``b`` (K, N), both float32 holding integers of at most 8 bits.  The contraction is
     split into chunks of :data:`EXACT_CHUNK` terms, where float32 sums are exact in any order; the
-    chunk results are added in float64.  (torch's int8 ``_int_mm`` is exact too, but on CPUs without
-    VNNI it is ~60x slower than float32 GEMM; see ``benchmarks/ibert_quant.py``.)
+    chunk results are added in float64.  (:func:`int8_matmul` is the int8-unit path, taken by
+    :class:`QuantLinear` in inference where the CPU has VNNI/AMX; without them torch's ``_int_mm`` is
+    ~60x slower than float32 GEMM.)
 
     Returns:
         float64 Tensor (..., N).  Differentiable (float32 matmuls).
@@ -285,6 +295,37 @@ def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         part = torch.matmul(a[..., k0 : k0 + EXACT_CHUNK], b[k0 : k0 + EXACT_CHUNK]).double()
         out = part if out is None else out + part
     return out
+
+
+def as_int8(x: torch.Tensor) -> torch.Tensor | None:
+    """int8 copy of an integer-valued tensor when every value lies in ``[-128, 127]``, else None.
+
+    Args:
+        x (float Tensor): integers (e.g. a requantized 8-bit activation).
+    Returns:
+        int8 Tensor shaped like ``x``, or None (empty tensors included: nothing to gain).
+    """
+    if x.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(x)
+    if float(lo) < INT8_MIN or float(hi) > INT8_MAX:
+        return None
+    return x.to(torch.int8)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b`` on int8 units: ``torch._int_mm``, int32 accumulation (no autograd).
+
+    Args:
+        a (int8 Tensor (..., K)), b (int8 Tensor (K, N)), on the CPU; ``K <= INT32_EXACT_TERMS`` so
+            the int32 sums cannot wrap (see :mod:`nezha_zoo.families.ibert`).
+    Returns:
+        int32 Tensor (..., N).
+    """
+    K = a.shape[-1]
+    if K > INT32_EXACT_TERMS:
+        raise ValueError(f"int8_matmul: {K} terms may overflow the int32 accumulator (limit {INT32_EXACT_TERMS})")
+    return torch._int_mm(a.reshape(-1, K), b).reshape(*a.shape[:-1], b.shape[-1])
 
 
 # --- modules -------------------------------------------------------------------------------------
@@ -468,7 +509,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias_integer", torch.zeros(out_features))
         else:
             self.bias = None
-        self._cache: tuple | None = None  # (weight version, w_int.T float32 (in, out), scale)
+        # (weight version, w_int.T float32 (in, out), scale, w_int.T int8 or None) in inference
+        self._cache: tuple | None = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, quant_mode={self.quant_mode}"
@@ -492,7 +534,7 @@ class QuantLinear(nn.Module):
         differentiable = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         key = (self.weight._version, self.weight.data_ptr())
         if not differentiable and self._cache is not None and self._cache[0] == key:
-            _, w_int_t, scale = self._cache
+            _, w_int_t, scale, w8_t = self._cache
         else:
             scale = self._weight_scale()
             w_int = symmetric_quantize(self.weight, self.weight_bit, scale)  # (out, in)
@@ -500,7 +542,8 @@ class QuantLinear(nn.Module):
                 self.weight_integer.copy_(w_int)
                 self.fc_scaling_factor.copy_(scale)
             w_int_t = w_int.t() if differentiable else w_int.t().contiguous()
-            self._cache = None if differentiable else (key, w_int_t, scale)
+            w8_t = None  # int8 copy, made on first use by the int8 path
+            self._cache = None if differentiable else (key, w_int_t, scale, w8_t)
         out_scale = scale * prev_act_scaling_factor  # (out,)
         attached = getattr(x, "_nz_int", None)
         if attached is not None and attached[1] is prev_act_scaling_factor and not differentiable:
@@ -513,6 +556,18 @@ class QuantLinear(nn.Module):
             with torch.no_grad():
                 self.bias_integer.copy_(b_int)
         K = x_int.shape[-1]
+        x8 = None
+        if not differentiable and x.device.type == "cpu" and K <= INT32_EXACT_TERMS and int8_products():
+            if w8_t is None:
+                w8_t = as_int8(w_int_t)  # 8-bit weights always fit ([-127, 126])
+                self._cache = (key, w_int_t, scale, w8_t)
+            x8 = None if w8_t is None else as_int8(x_int)
+        if x8 is not None:
+            # int8 x int8 -> int32 on the CPU's int8 units (exact); the 32-bit bias is added in float64
+            acc = int8_matmul(x8, w8_t).double()
+            if b_int is not None:
+                acc = acc + b_int.double()
+            return _attach(acc * out_scale.double(), acc, out_scale), out_scale
         fused = False
         if b_int is not None and not differentiable:
             bound = K * 2 ** (self.weight_bit - 1) * float(x_int.abs().max()) + float(b_int.detach().abs().max())

@@ -21,8 +21,11 @@ Where the bits come from
   onto it, a case no realistic variance hits).
 * ``tf.round`` rounds half to even, as ``torch.round``.
 * Integer matrix products: int8 x int8 terms summed in float32 chunks of :data:`EXACT_CHUNK`
-  (every partial sum < 2**24, exact in any order), chunks added in float64 (:func:`integer_matmul`);
-  ``int32`` matmuls give the same integers (see ``benchmarks/ibert_quant.py`` for their speed).
+  (every partial sum < 2**24, exact in any order), chunks added in float64 (:func:`integer_matmul`).
+  Under XLA (``tf.function(jit_compile=True)``), in inference, on CPUs with int8 units
+  (:func:`nezha_zoo.families.ibert.int8_products`), the linear layers use int8 x int8 -> int32 matmuls
+  instead (:func:`int8_matmul`, the same integers).  Outside XLA TensorFlow runs int8 (and int32)
+  matmuls with generic Eigen kernels, ~2.5x slower than float32 GEMM, so the float path stays.
 
 Gradients are straight-through, as in transformers: ``round``/``floor`` pass the gradient unchanged,
 weight quantization passes ``grad / s``, requantization ``grad / s_out``.
@@ -51,9 +54,11 @@ from nezha_zoo.families.ibert import (
     GELU_COEFFS,
     GELU_SHIFT,
     GELU_SQRT2,
+    INT32_EXACT_TERMS,
     MAX_BIT,
     SOFTMAX_EXP_BIT,
     UNCALIBRATED_RANGE,
+    int8_products,
 )
 from nezha_zoo.tf.layers import freeze_padding_row
 
@@ -71,6 +76,8 @@ __all__ = [
     "frexp_multiplier",
     "fixed_point_requantize",
     "integer_matmul",
+    "int8_matmul",
+    "in_xla_context",
     "QuantEmbedding",
     "QuantAct",
     "QuantLinear",
@@ -258,6 +265,34 @@ def integer_matmul(a: tf.Tensor, b: tf.Tensor, transpose_b: bool = False) -> tf.
         part = tf.cast(tf.matmul(a[..., k0 : k0 + EXACT_CHUNK], part_b, transpose_b=transpose_b), _F64)
         out = part if out is None else out + part
     return out
+
+
+def int8_matmul(a: tf.Tensor, b: tf.Tensor, transpose_b: bool = False) -> tf.Tensor:
+    """Exact ``a @ b`` on int8 units: int8 x int8 matmul with int32 accumulation (no gradient).
+
+    Args:
+        a (..., K), b (K, N) (or (N, K) with ``transpose_b``): integer-valued tensors within [-128, 127]
+            (any dtype; cast to int8), ``K <= INT32_EXACT_TERMS`` so the int32 sums cannot wrap.
+    Returns:
+        int32 Tensor (..., N).
+    """
+    k = a.shape[-1]
+    if k is not None and k > INT32_EXACT_TERMS:
+        raise ValueError(f"int8_matmul: {k} terms may overflow the int32 accumulator (limit {INT32_EXACT_TERMS})")
+    return tf.linalg.matmul(tf.cast(a, tf.int8), tf.cast(b, tf.int8), transpose_b=transpose_b, output_type=tf.int32)
+
+
+def in_xla_context() -> bool:
+    """True while a function is traced for XLA (``tf.function(jit_compile=True)``), False otherwise.
+
+    Uses TensorFlow's own test (``control_flow_util.GraphOrParentsInXlaContext``, what its XLA-only
+    code paths ask); False if that internal API is missing.
+    """
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - TensorFlow moved its internals
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
 def _buffer(layer: keras.layers.Layer, name: str, shape: tuple[int, ...], value: float = 0.0) -> keras.Variable:
@@ -527,7 +562,15 @@ class QuantLinear(keras.layers.Layer):
                 f"got {shape}"
             )
         x_int = round_ste(tf.cast(x, _F32) / prev_act_scaling_factor)  # |x_int| <= 2**21: exact in float32
-        if self.frozen and not training:
+        int8 = not training and self.in_features <= INT32_EXACT_TERMS and int8_products() and in_xla_context()
+        if int8 and self.frozen:
+            # int8 units under XLA (8-bit activations and weights, int32 sums: exact), inference only
+            scale = tf.convert_to_tensor(self.fc_scaling_factor)
+            acc = tf.cast(int8_matmul(x_int, tf.convert_to_tensor(self.weight_integer), transpose_b=True), _F64)
+        elif int8:
+            w_int, scale = self.quantized_weight()
+            acc = tf.cast(int8_matmul(x_int, w_int), _F64)
+        elif self.frozen and not training:
             scale = tf.convert_to_tensor(self.fc_scaling_factor)
             acc = integer_matmul(x_int, tf.convert_to_tensor(self.weight_integer), transpose_b=True)  # (..., out)
         else:

@@ -265,6 +265,37 @@ def test_quant_mode_jit_equals_eager(pairs):
     assert_close(got, fx(**x).logits, 0.0, "jit vs eager")
 
 
+@pytest.mark.parametrize("head", ["Model", "ForMaskedLM"])
+def test_int8_products_equal_the_float_path(pairs, head, monkeypatch):
+    # int8 x int8 -> int32 dot_general when int8 units are in use, float32 chunks otherwise: same integers
+    from nezha_zoo.families import ibert as family
+
+    calls = []
+    int8_matmul = fq.int8_matmul
+    monkeypatch.setattr(fq, "int8_matmul", lambda a, b: calls.append(a.shape) or int8_matmul(a, b))
+    _, fx, _ = pairs.get(head, quant_mode=True)
+    x = inputs_for(head, seed=3)
+    outs, texts = {}, {}
+    for enabled in (False, True):
+
+        def fwd(p, b, ids, m):  # a new function each time: JAX caches traces per function
+            return fx(ids, m, params=p, buffers=b, output_hidden_states=True)
+
+        previous = family.set_int8_products(enabled)  # read at trace time
+        try:
+            args = (fx.params, fx.buffers, x["input_ids"], x["attention_mask"])
+            n0 = len(calls)
+            texts[enabled] = str(jax.make_jaxpr(fwd)(*args))
+            # 6 linear layers per encoder layer trace the int8 path, none the float path
+            assert len(calls) - n0 == (6 * fx.config.num_hidden_layers if enabled else 0)
+            outs[enabled] = jax.jit(fwd)(*args)
+        finally:
+            family.set_int8_products(previous)
+    # the attention scores are int8 dots on both paths; the linear layers add theirs
+    assert texts[True].count("preferred_element_type=int32") > texts[False].count("preferred_element_type=int32")
+    compare(outs[True], outs[False], f"{head} int8 vs float products", exact=True)
+
+
 def test_quant_mode_one_layer_matches_unpatched_transformers(pairs):
     # with one layer transformers' scale propagation bug has no effect: it is the oracle as it is
     hf, fx, _ = pairs.get("ForSequenceClassification", quant_mode=True, num_hidden_layers=1)

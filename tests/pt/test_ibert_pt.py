@@ -556,6 +556,59 @@ def test_integer_matmul_is_exact_where_float32_is_not():
     assert torch.equal(quant.integer_matmul(a, b).long(), exact)
 
 
+def test_int8_matmul_is_exact_at_the_int8_extremes():
+    # -128 * -128 products over many terms: int32 accumulation must be exact (no wrap, no rounding)
+    K = 4096
+    a = torch.full((3, 5, K), -128, dtype=torch.int8)
+    a[..., ::3] = 127
+    b = torch.full((K, 7), -128, dtype=torch.int8)
+    b[::5] = 126
+    got = quant.int8_matmul(a, b)
+    assert got.dtype == torch.int32 and got.shape == (3, 5, 7)
+    assert torch.equal(got.long(), a.long() @ b.long())
+    assert torch.equal(got.double(), quant.integer_matmul(a.float(), b.float()))
+    too_long = torch.zeros(1, quant.INT32_EXACT_TERMS + 1, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int32 accumulator"):
+        quant.int8_matmul(too_long, too_long.t())
+
+
+def test_as_int8_refuses_values_outside_int8():
+    x = torch.tensor([[-128.0, 0.0, 127.0]])
+    assert torch.equal(quant.as_int8(x), x.to(torch.int8))
+    assert quant.as_int8(torch.tensor([128.0])) is None
+    assert quant.as_int8(torch.tensor([-129.0])) is None
+    assert quant.as_int8(torch.zeros(0)) is None
+
+
+@pytest.mark.parametrize("head", ["Model", "ForMaskedLM"])
+def test_int8_products_equal_the_float_path(head, monkeypatch):
+    # the int8 path (torch._int_mm) is taken when enabled and gives the float path's integers bit for bit
+    from nezha_zoo.families import ibert as family
+
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or int_mm(a, b))
+    torch.manual_seed(5)
+    model = getattr(zoo, f"IBert{head}")(IBertConfig(**dict(QUANT, intermediate_size=300)))
+    calibrate(model, head)
+    model.eval()
+    inp = inputs_for(head, seed=11, batch=3)
+    outs = {}
+    for enabled in (False, True, False):
+        previous = family.set_int8_products(enabled)
+        try:
+            n0 = len(calls)
+            with torch.inference_mode():
+                outs.setdefault(enabled, []).append(model(**inp, output_hidden_states=True))
+            taken = len(calls) - n0
+        finally:
+            family.set_int8_products(previous)
+        # 6 linear layers per encoder layer on the int8 path, none on the float path
+        assert taken == (6 * QUANT["num_hidden_layers"] if enabled else 0)
+    for other in (outs[True][0], outs[False][1]):
+        compare(outs[False][0], other, f"{head} int8 vs float products", exact=True)
+
+
 # --- calibration and the quantization state ------------------------------------------------------
 
 

@@ -325,6 +325,62 @@ def test_quant_forward_under_tf_function_equals_eager(pairs):
     np.testing.assert_array_equal(fn(inp).numpy(), eager.numpy())
 
 
+def test_in_xla_context():
+    assert not quant.in_xla_context()
+    assert not tf.function(lambda: tf.constant(quant.in_xla_context()))().numpy()
+    assert tf.function(lambda: tf.constant(quant.in_xla_context()), jit_compile=True)().numpy()
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_int8_products_under_xla_equal_the_float_path(pairs, frozen, monkeypatch):
+    # XLA in inference with int8 units: int8 x int8 -> int32 matmuls; elsewhere float32 chunks; same integers
+    from nezha_zoo.families import ibert as family
+
+    calls = []
+    int8_matmul = quant.int8_matmul
+    monkeypatch.setattr(quant, "int8_matmul", lambda *a, **k: calls.append(1) or int8_matmul(*a, **k))
+    _, ours, _ = pairs.get("ForMaskedLM", quant_mode=True)
+    inp = {k: tf.constant(v) for k, v in inputs_for("ForMaskedLM", seed=13).items()}
+    want = ours(**inp, output_hidden_states=True)  # eager: the float path
+    assert not calls
+    ours.freeze_integer_weights(frozen)
+    logits = []
+    try:
+        for enabled in (False, True):
+            previous = family.set_int8_products(enabled)  # read at trace time
+            try:
+                n0 = len(calls)
+                got = tf.function(lambda x: ours(**x, output_hidden_states=True), jit_compile=True)(inp)
+                # 6 linear layers per encoder layer take the int8 path when it is on
+                assert len(calls) - n0 == (6 * ours.config.num_hidden_layers if enabled else 0)
+            finally:
+                family.set_int8_products(previous)
+            for x, y in zip(want.hidden_states, got.hidden_states):
+                np.testing.assert_array_equal(y.numpy(), x.numpy())
+            # the float head on top is compiled by XLA: close to eager, equal between the two XLA runs
+            assert_close(got.logits, want.logits.numpy(), LOGITS, "XLA logits")
+            logits.append(got.logits.numpy())
+    finally:
+        ours.freeze_integer_weights(False)
+    np.testing.assert_array_equal(logits[1], logits[0])
+
+
+def test_int8_matmul_is_exact_at_the_int8_extremes():
+    a = np.full((2, 3, 4096), -128, np.int8)
+    a[..., ::3] = 127
+    b = np.full((4096, 5), -128, np.int8)
+    b[::5] = 126
+    exact = a.astype(np.int64) @ b.astype(np.int64)
+    got = tf.function(lambda x, y: quant.int8_matmul(x, y), jit_compile=True)(tf.constant(a), tf.constant(b))
+    assert got.dtype == tf.int32
+    np.testing.assert_array_equal(got.numpy(), exact)
+    np.testing.assert_array_equal(quant.int8_matmul(a, b.T, transpose_b=True).numpy(), exact)  # eager too
+    with pytest.raises(ValueError, match="int32 accumulator"):
+        quant.int8_matmul(
+            np.zeros((1, quant.INT32_EXACT_TERMS + 1), np.int8), np.zeros((quant.INT32_EXACT_TERMS + 1, 1), np.int8)
+        )
+
+
 # --- kernels ------------------------------------------------------------------------------------
 
 
