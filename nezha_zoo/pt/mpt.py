@@ -56,6 +56,7 @@ from nezha_zoo.pt.heads import (
     question_answering_output,
     token_classification_output,
 )
+from nezha_zoo.pt.layers import append_to_cache
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, validate_inputs
 from nezha_zoo.validation import InputError, check_length
 
@@ -194,8 +195,8 @@ class MptAttention(nn.Module):
         key = key.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, L, hd)
         value = value.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         if layer_past is not None:
-            key = torch.cat([layer_past[0], key], dim=2)  # (B, kv_heads, past + L, hd)
-            value = torch.cat([layer_past[1], value], dim=2)
+            key = append_to_cache(layer_past[0], key)  # (B, kv_heads, past + L, hd)
+            value = append_to_cache(layer_past[1], value)
         present = (key, value) if use_cache else None
         if visible is None:
             p = self.attn_dropout.p if self.training else 0.0
