@@ -335,8 +335,8 @@ def append_to_cache(past: torch.Tensor, new: torch.Tensor, dim: int = 2) -> torc
     step copies only its own keys/values instead of the whole cache.  Writes only ever go past the
     longest view handed out of a buffer: a shorter (older) view, continued again, is copied into a new
     buffer, so every returned tensor keeps the values it had (the ``past_key_values`` contract of a
-    tuple of plain tensors per layer is unchanged).  With gradients on it is ``torch.cat`` (an
-    in-place write would bump the version of views autograd saved).
+    tuple of plain tensors per layer is unchanged).  With gradients on, or under ``torch.compile`` or tracing, it
+    is ``torch.cat`` (an in-place write would bump the version of views autograd saved).
 
     Args:
         past: (B, heads, P, head_dim) cached keys or values (any layout; ``dim`` is the position axis).
@@ -347,7 +347,14 @@ def append_to_cache(past: torch.Tensor, new: torch.Tensor, dim: int = 2) -> torc
         (B, heads, P + L, head_dim), equal to ``torch.cat([past, new], dim)``.
     """
     same_rest = past.shape[:dim] == new.shape[:dim] and past.shape[dim + 1 :] == new.shape[dim + 1 :]
-    if torch.is_grad_enabled() or not same_rest or past.dtype != new.dtype or past.device != new.device:
+    if (
+        torch.is_grad_enabled()
+        or torch.compiler.is_compiling()  # a traced graph has no buffers to reuse across calls
+        or torch.jit.is_tracing()
+        or not same_rest
+        or past.dtype != new.dtype
+        or past.device != new.device
+    ):
         return torch.cat([past, new], dim)
     n, added = past.shape[dim], new.shape[dim]
     base = past._base
