@@ -343,6 +343,8 @@ class FlaxPreTrainedModel(LoraMixin):
         self._required_params = {LAYOUT.path(p) for p in _trainable(self._spec)}
         self._buffer_paths = {LAYOUT.path(p) for p in _buffer_params(self._spec)}
         self._missing_keys: set[tuple[str, ...]] = set()
+        #: (batch, max_length, dtype) -> the cache collection's shapes (see :meth:`init_cache`)
+        self._cache_shapes: dict[tuple[int, int, str], Any] = {}
         self._is_initialized = _do_init
         self._params: dict | None = None
         # buffers are small state: always held, fresh from the spec's constants until loaded
@@ -500,11 +502,15 @@ class FlaxPreTrainedModel(LoraMixin):
             raise ValueError(
                 f"{type(self).__name__}: init_cache needs a decoder class (Model/CausalLM) with config.is_decoder=True"
             )
-        ids = jnp.ones((batch_size, max_length), jnp.int32)
-        shapes = jax.eval_shape(
-            lambda: self.module.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), init_cache=True)
-        )
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes["cache"]))
+        key = (batch_size, max_length, jnp.dtype(self.dtype).name)
+        shapes = self._cache_shapes.get(key)
+        if shapes is None:  # trace the module once per (batch, length, dtype): generate calls this every time
+            ids = jnp.ones(key[:2], jnp.int32)
+            shapes = jax.eval_shape(
+                lambda: self.module.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), init_cache=True)
+            )["cache"]
+            self._cache_shapes[key] = shapes
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes))
 
     def _accepts(self, argument: str) -> bool:
         return argument in inspect.signature(self.module_class.__call__).parameters

@@ -44,6 +44,8 @@ __all__ = [
     "padding_aware_position_ids",
     "sequential_position_ids",
     "RelativeEmbedding",
+    "append_to_cache",
+    "fused_attention",
     "BertSelfAttention",
     "BertLayer",
     "BertEncoder",
@@ -320,6 +322,102 @@ def _relative_value_context(probs: torch.Tensor, relative: torch.Tensor | Relati
     return torch.einsum("bhqk,qkd->bhqd", probs, relative)
 
 
+#: Attribute on a cache buffer: how many positions along the cache axis hold keys/values so far.
+_FILLED = "_nezha_zoo_cache_filled"
+
+
+def append_to_cache(past: torch.Tensor, new: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """``torch.cat([past, new], dim)`` for a growing key/value cache, without copying ``past`` each step.
+
+    Outside autograd (``torch.no_grad`` / ``inference_mode``, as in ``generate``) the result is a view
+    of the first positions of a larger buffer whose capacity along ``dim`` doubles when it fills up; the
+    next call with that view as ``past`` writes ``new`` into the free slots behind it, so a decoding
+    step copies only its own keys/values instead of the whole cache.  Writes only ever go past the
+    longest view handed out of a buffer: a shorter (older) view, continued again, is copied into a new
+    buffer, so every returned tensor keeps the values it had (the ``past_key_values`` contract of a
+    tuple of plain tensors per layer is unchanged).  With gradients on, or under ``torch.compile`` or tracing, it
+    is ``torch.cat`` (an in-place write would bump the version of views autograd saved).
+
+    Args:
+        past: (B, heads, P, head_dim) cached keys or values (any layout; ``dim`` is the position axis).
+        new: (B, heads, L, head_dim) this step's keys or values, same dtype and device.
+        dim: the position axis.
+
+    Returns:
+        (B, heads, P + L, head_dim), equal to ``torch.cat([past, new], dim)``.
+    """
+    same_rest = past.shape[:dim] == new.shape[:dim] and past.shape[dim + 1 :] == new.shape[dim + 1 :]
+    if (
+        torch.is_grad_enabled()
+        or torch.compiler.is_compiling()  # a traced graph has no buffers to reuse across calls
+        or torch.jit.is_tracing()
+        or not same_rest
+        or past.dtype != new.dtype
+        or past.device != new.device
+    ):
+        return torch.cat([past, new], dim)
+    n, added = past.shape[dim], new.shape[dim]
+    base = past._base
+    in_place = (
+        base is not None
+        and getattr(base, _FILLED, None) == n  # past is the longest view of its buffer: the rest is free
+        and base.shape[dim] >= n + added
+        and past.data_ptr() == base.data_ptr()
+        and past.stride() == base.stride()
+        and past.shape[:dim] == base.shape[:dim]
+        and past.shape[dim + 1 :] == base.shape[dim + 1 :]
+    )
+    if not in_place:
+        shape = list(past.shape)
+        shape[dim] = 2 * (n + added)  # geometric growth: amortised O(L) copying over a decode
+        base = past.new_empty(shape)
+        base.narrow(dim, 0, n).copy_(past)
+    base.narrow(dim, n, added).copy_(new)
+    setattr(base, _FILLED, n + added)
+    return base.narrow(dim, 0, n + added)
+
+
+def fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float = 0.0,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``dropout(softmax(q k^T * scale + mask), dropout_p) v`` without returning the probabilities.
+
+    ``scaled_dot_product_attention`` unless dropout is on for a float32 CPU tensor: PyTorch has no fused CPU
+    kernel with dropout, and its fallback scales ``q`` and ``k`` apart and runs a "safe" softmax
+    (``isneginf``, ``all``, ``where`` over every score) forward and backward; the four plain ops here
+    are the same sum (the masks use ``finfo.min``, never a row of ``-inf``) at about 0.85x its time,
+    and draw the dropout mask as ``nn.Dropout`` on the probabilities does (transformers' eager path).
+
+    Args:
+        query: (B, heads, Lq, head_dim).
+        key, value: (B, kv_heads, Lk, head_dim); ``kv_heads`` divides ``heads`` with ``enable_gqa``
+            (1: multi-query attention, broadcast over the heads).
+        mask: additive, broadcastable to (B, heads, Lq, Lk), or None.
+        scale: the factor of the scores.
+        dropout_p: dropout rate of the probabilities (0 in eval mode).
+        enable_gqa: key/value heads are shared by groups of query heads.
+
+    Returns:
+        (B, heads, Lq, head_dim).
+    """
+    plain = dropout_p > 0.0 and query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64)
+    if plain and (not enable_gqa or key.shape[1] in (1, query.shape[1])):
+        scores = torch.matmul(query * scale, key.transpose(-1, -2))  # (B, heads, Lq, Lk)
+        if mask is not None:
+            scores = scores + mask
+        probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p, training=True)
+        return torch.matmul(probs, value)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa
+    )
+
+
 class BertSelfAttention(nn.Module):
     """Multi-head scaled dot-product attention with separate q/k/v projections.
 
@@ -388,8 +486,8 @@ class BertSelfAttention(nn.Module):
             key = self._heads(k_proj(source))
             value = self._heads(v_proj(source))
             if past_key_value is not None:
-                key = torch.cat([past_key_value[0], key], dim=2)  # (B, heads, Lpast + Lq, head_dim)
-                value = torch.cat([past_key_value[1], value], dim=2)
+                key = append_to_cache(past_key_value[0], key)  # (B, heads, Lpast + Lq, head_dim)
+                value = append_to_cache(past_key_value[1], value)
 
         if not need_weights and head_mask is None and relative_key is None and relative_value is None:
             context = self._fused(query, key, value, attention_mask, position_bias)
@@ -433,9 +531,7 @@ class BertSelfAttention(nn.Module):
         if position_bias is not None:
             mask = position_bias if mask is None else position_bias + mask  # (B or 1, heads, Lq, Lk)
         p = self.dropout.p if self.training else 0.0
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=p, scale=1.0 / math.sqrt(self.attention_head_size)
-        )
+        return fused_attention(query, key, value, mask, 1.0 / math.sqrt(self.attention_head_size), p)
 
 
 class _AttentionBlock:

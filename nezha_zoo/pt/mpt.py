@@ -34,7 +34,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -56,6 +55,7 @@ from nezha_zoo.pt.heads import (
     question_answering_output,
     token_classification_output,
 )
+from nezha_zoo.pt.layers import append_to_cache, fused_attention
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, validate_inputs
 from nezha_zoo.validation import InputError, check_length
 
@@ -194,15 +194,14 @@ class MptAttention(nn.Module):
         key = key.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, L, hd)
         value = value.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         if layer_past is not None:
-            key = torch.cat([layer_past[0], key], dim=2)  # (B, kv_heads, past + L, hd)
-            value = torch.cat([layer_past[1], value], dim=2)
+            key = append_to_cache(layer_past[0], key)  # (B, kv_heads, past + L, hd)
+            value = append_to_cache(layer_past[1], value)
         present = (key, value) if use_cache else None
         if visible is None:
             p = self.attn_dropout.p if self.training else 0.0
-            context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=alibi, dropout_p=p, scale=self.softmax_scale,
-                enable_gqa=self.kv_heads != self.n_heads,
-            )  # fmt: skip
+            context = fused_attention(
+                query, key, value, alibi, self.softmax_scale, p, enable_gqa=self.kv_heads != self.n_heads
+            )  # (B, H, L, hd)
             return self.out_proj(context.transpose(1, 2).reshape(B, L, d)), None, present  # (B, L, H * hd)
         # One key/value head broadcasts over all query heads (multi-query attention).
         scores = torch.matmul(query, key.transpose(-1, -2)) * self.softmax_scale  # (B, H, L, K)

@@ -421,6 +421,23 @@ def test_model_and_seqcls_take_a_cache(pairs):
         assert int(tree["blocks"]["1"]["attn"]["cache_index"]) == 3  # (output, cache, ...)
 
 
+def test_init_cache_traces_the_module_once_per_shape(monkeypatch):
+    """generate calls init_cache every time: the template is traced once per (batch, length, dtype)."""
+    fx = nzf.FlaxMptForCausalLM(MptConfig(**TINY), seed=0)
+    first = fx.init_cache(2, 8)
+    traced = []
+    real = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: traced.append(1) or real(*a, **k))
+    again = fx.init_cache(2, 8)
+    assert traced == []
+    assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(first)
+    for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(again)):
+        assert a.shape == b.shape and a.dtype == b.dtype and not np.any(np.asarray(b))
+    other = fx.init_cache(1, 6)  # another shape traces again
+    assert traced  # (flax calls eval_shape inside init too)
+    assert flatten_dict(other)[("transformer", "blocks", "0", "attn", "cached_key")].shape[:2] == (1, 6)
+
+
 # --- sequence classification pooling -----------------------------------------------------------------
 
 

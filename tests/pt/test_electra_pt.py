@@ -596,6 +596,33 @@ def test_gradient_checkpointing_same_gradients():
         assert_close(ckpt[n] / scale, plain[n] / scale, 1e-6, f"grad {n}")
 
 
+def test_training_dropout_draws_the_masks_transformers_draws(pairs):
+    """Dropout on (training), one seed: ours equals transformers' eager attention, outputs and gradients.
+
+    The attention then runs without its probabilities (``fused_attention``'s dropout path on CPU); its
+    dropout must draw what ``nn.Dropout`` on transformers' probabilities draws, in the same order.
+    """
+    hf, ours, _ = pairs.get("Model", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.3)
+    inp = inputs_for("Model", seed=40)
+    with torch.no_grad():
+        plain = hf(**inp).last_hidden_state
+    outs = []
+    for model in (hf, ours):
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(41)
+        out = model(**inp).last_hidden_state
+        out.pow(2).sum().backward()
+        outs.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        model.eval()
+    (ref, ref_grads), (got, grads) = outs
+    assert (ref - plain).abs().max() > 0.1  # dropout really was on
+    assert_close(got, ref, TOLERANCES["hidden"], "training-mode output with dropout")
+    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    for n, g in ref_grads.items():
+        assert_close(grads[n] / scale, g / scale, TOLERANCES["grad_rel"], f"training-mode grad {n}")
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 

@@ -482,6 +482,39 @@ def test_cached_decoding_equals_full(tmp_path, attn_type):
         assert_close(rest.logits, model(ids[:1]).logits[:, 3:], TOLERANCES["logits"], f"{attn_type} chunk vs full")
 
 
+def test_append_to_cache_writes_in_place_and_keeps_every_returned_tensor():
+    from nezha_zoo.pt.layers import append_to_cache
+
+    gen = torch.Generator().manual_seed(7)
+    steps = [torch.randn(2, 3, n, 4, generator=gen) for n in (5, 1, 1, 2, 1)]
+    with torch.no_grad():
+        past, ref, outs = steps[0], steps[0], []
+        for new in steps[1:]:
+            past, ref = append_to_cache(past, new), torch.cat([ref, new], dim=2)
+            assert torch.equal(past, ref)
+            outs.append((past, ref.clone()))
+        # after the first append the steps write into one buffer: no copy of the cache per step
+        assert outs[1][0].data_ptr() == outs[2][0].data_ptr() == outs[0][0].data_ptr()
+        # continuing an older view (a branch) copies: every tensor handed out keeps its values
+        branch = append_to_cache(outs[0][0], torch.ones(2, 3, 1, 4))
+        again = append_to_cache(outs[0][0], torch.zeros(2, 3, 1, 4))
+        assert torch.equal(branch[:, :, -1], torch.ones(2, 3, 4)) and torch.equal(again[:, :, -1], torch.zeros(2, 3, 4))
+        for got, want in outs:
+            assert torch.equal(got, want)
+        # the latest view continues in place past its capacity (the buffer regrows), still equal to cat
+        long = outs[-1][0]
+        for _ in range(20):
+            new = torch.randn(2, 3, 1, 4, generator=gen)
+            ref, long = torch.cat([long, new], dim=2), append_to_cache(long, new)
+            assert torch.equal(long, ref)
+        with pytest.raises(RuntimeError):  # a shape torch.cat rejects is rejected, not broadcast
+            append_to_cache(long, torch.zeros(1, 3, 1, 4))
+    # with gradients on it is torch.cat (autograd's saved views must not change version)
+    grad = torch.randn(2, 3, 1, 4, requires_grad=True)
+    out = append_to_cache(outs[-1][0], grad)
+    assert out._base is None and out.requires_grad
+
+
 def test_cache_interoperates_with_transformers(pairs):
     from transformers.cache_utils import DynamicCache
 

@@ -1,0 +1,196 @@
+"""Latency of one small forward pass (1 x 16 by default) in every framework, interleaved in one process.
+
+``python -m benchmarks.small_shapes`` saves one seeded base checkpoint (Electra-base unless
+``--family``), loads it into every backend below in the same process, and then times one call of each
+in turn, the order rotating every round, so that a slow spell of a shared machine lands on all of
+them alike.  The figure is the median over the rounds (with the minimum and the interquartile spread).
+
+Backends, each the way a user calls it:
+
+* ``pt``: ``model(input_ids=..., attention_mask=...)`` under ``torch.inference_mode`` (eager);
+* ``tf``: ``model(...)`` called directly (Keras eager);
+* ``tf-function``: the same call inside one ``tf.function`` (no XLA);
+* ``flax``: ``model(...)`` called directly (no ``jax.jit`` of the user's own);
+* ``flax-jit``: ``jax.jit(lambda params, ids, mask: model(ids, attention_mask=mask, params=params))``;
+* ``hf-pt``: transformers' PyTorch class on the same checkpoint (the oracle, when installed).
+
+``--clock cpu`` times the process's CPU seconds (``time.process_time``) instead of the wall clock;
+with ``--threads 1`` that measures the work of a call on a shared machine whose wall clock measures
+the neighbours (an idle worker thread that spins is counted, so keep one thread).
+
+Inputs arrive as numpy arrays (int64, as a tokenizer returns them) and the conversion to each
+framework's tensor is part of the timed call.  Output: a markdown table on stdout and, with
+``--out DIR``, ``small_shapes.json`` and ``small_shapes.md`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from benchmarks.forward import BENCH_CONFIGS, SMOKE_CONFIGS, _set_threads
+from nezha_zoo.pretrained import random_weights, save_weights
+from nezha_zoo.spec.registry import get_family
+
+BACKENDS = ("pt", "tf", "tf-function", "flax", "flax-jit", "hf-pt")
+#: Pause before each timed call: three frameworks' thread pools share the cores, and one that is
+#: still spinning after its call would be timed as part of the next backend's.
+PAUSE_S = 0.1
+
+
+def _runner(backend: str, family: str, path: str, threads: int) -> Callable[[np.ndarray, np.ndarray], Any]:
+    """Load ``path`` into ``backend``; returns ``call(ids, mask)`` that runs one pass to completion."""
+    name = get_family(family).class_name("Model", backend.split("-")[0] if backend != "hf-pt" else "pt")
+    if backend in ("pt", "hf-pt"):
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        if backend == "pt":
+            import nezha_zoo.pt as module
+        else:
+            import transformers as module
+
+            module.logging.set_verbosity_error()
+        model = getattr(module, name).from_pretrained(path).eval()
+
+        def run_pt(ids, mask):
+            with torch.inference_mode():
+                return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0]
+
+        return run_pt
+    if backend.startswith("tf"):
+        import tensorflow as tf
+
+        import nezha_zoo.tf as module
+
+        model = getattr(module, name).from_pretrained(path)
+        if backend == "tf":
+            return lambda ids, mask: model(input_ids=ids, attention_mask=mask)[0].numpy()
+        fn = tf.function(lambda ids, mask: model(input_ids=ids, attention_mask=mask, training=False)[0])
+        return lambda ids, mask: fn(tf.constant(ids), tf.constant(mask)).numpy()
+    import jax
+
+    import nezha_zoo.flax as module
+
+    model = getattr(module, name).from_pretrained(path)
+    if backend == "flax":
+        return lambda ids, mask: model(ids, attention_mask=mask)[0].block_until_ready()
+    fn = jax.jit(lambda params, ids, mask: model(ids, attention_mask=mask, params=params)[0])
+    params = model.params
+    return lambda ids, mask: fn(params, ids, mask).block_until_ready()
+
+
+def measure(
+    family: str,
+    path: str,
+    backends: list[str],
+    batch: int,
+    seq: int,
+    rounds: int,
+    threads: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Warm every backend up, then ``rounds`` rotating rounds of one call each; times in seconds."""
+    vocab = get_family(family).config_class.from_pretrained(path).vocab_size
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, vocab, size=(batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), np.int64)
+    runners, warmup = {}, {}
+    for b in backends:
+        runners[b] = _runner(b, family, path, threads)
+        t = time.perf_counter()
+        runners[b](ids, mask)  # traces / compiles
+        warmup[b] = time.perf_counter() - t
+        runners[b](ids, mask)
+    times: dict[str, list[float]] = {b: [] for b in backends}
+    for k in range(rounds):
+        for b in backends[k % len(backends) :] + backends[: k % len(backends)]:
+            time.sleep(PAUSE_S)  # let the last framework's worker threads park (they spin a while)
+            t = clock()
+            runners[b](ids, mask)
+            times[b].append(clock() - t)
+    return {"family": family, "batch": batch, "seq": seq, "warmup_s": warmup, "times_s": times}
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: median, min, spread (IQR / median) in ms and the ratio to the fastest median."""
+    stats = {}
+    for b, ts in result["times_s"].items():
+        q1, med, q3 = np.percentile(ts, [25, 50, 75])
+        stats[b] = (med, min(ts), (q3 - q1) / med)
+    best = min(s[0] for s in stats.values())
+    lines = [
+        f"{result['family']} {result['batch']}x{result['seq']}, {len(next(iter(result['times_s'].values())))} rounds, "
+        f"{result.get('clock', 'wall')} clock, {result.get('machine', {}).get('threads', '?')} thread(s)",
+        "",
+        "| backend | median ms | min ms | spread | / fastest |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for b, (med, lo, spread) in stats.items():
+        lines.append(f"| {b} | {med * 1e3:.1f} | {lo * 1e3:.1f} | {spread:.0%} | {med / best:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="electra")
+    parser.add_argument("--shape", default="1x16", help="BATCHxSEQ")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2, help="per framework; 0 leaves them alone")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--smoke", action="store_true", help="tiny config (seconds)")
+    parser.add_argument("--workdir", help="keep the checkpoint here (reused across runs)")
+    parser.add_argument("--out", help="write small_shapes.json and small_shapes.md here")
+    args = parser.parse_args(argv)
+    if args.threads > 0:  # 0: leave the frameworks' (or the caller's) thread settings alone
+        _set_threads(args.threads)
+    if args.threads == 1:  # XLA's CPU client ignores the OpenMP variables
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        )
+    batch, seq = (int(x) for x in args.shape.split("x"))
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        parser.error(f"unknown backends {sorted(unknown)}; choose from {BACKENDS}")
+    if "hf-pt" in backends:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            backends.remove("hf-pt")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="nezha_small_")
+    path = os.path.join(workdir, f"{args.family}-{'smoke' if args.smoke else 'base'}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        fam = get_family(args.family)
+        fields = SMOKE_CONFIGS[args.family] if args.smoke else BENCH_CONFIGS[args.family][0]
+        config = fam.config_class(**fields)
+        spec = fam.model_spec(config, "Model")
+        save_weights(path, config, spec, fam, random_weights(spec, config, seed=0))
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    result = measure(args.family, path, backends, batch, seq, args.rounds, args.threads, clock)
+    result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads}
+    result["clock"] = args.clock
+    text = table(result)
+    sys.stdout.write(text + "\n")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "small_shapes.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(args.out, "small_shapes.md"), "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
