@@ -273,8 +273,9 @@ def _subprocess_worker(args: argparse.Namespace, framework: str, path: str) -> d
     ]  # fmt: skip
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        if proc.returncode != 0:
-            return {"framework": framework, "error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])}
+        if proc.returncode != 0:  # a negative code is a signal (-9: killed, e.g. out of memory)
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            return {"framework": framework, "error": f"exit code {proc.returncode}: {tail}"}
         with open(result_path) as f:
             return json.load(f)
     except subprocess.TimeoutExpired:
@@ -311,6 +312,10 @@ def summarise(result: dict[str, Any], smoke: bool, numpy_to_best: float) -> list
     return rows
 
 
+#: What each run of a merged report keeps of its own (the machine's state while it ran).
+PART_KEYS = ("frameworks", "load_before", "load_after", "matmul", "wall_s")
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report: machine line, the ratio table, the dot dtypes XLA compiled."""
     m = report["machine"]
@@ -318,9 +323,15 @@ def markdown(report: dict[str, Any]) -> str:
         "# bfloat16 against float32 (Electra-base, 8 x 128)" + (" (smoke)" if report["smoke"] else ""),
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; unit flags: "
-        f"{', '.join(report['cpu_flags']) or 'none'}; load average {report['load_before'][0]:.1f} before, "
-        f"{report['load_after'][0]:.1f} after (1 min).  float32 matmul at the start: "
-        f"{report['matmul']['gflops']:.1f} GFLOP/s.",
+        f"{', '.join(report['cpu_flags']) or 'none'}.",
+        "",
+    ]
+    for part in report.get("parts", [report]):
+        lines.append(
+            f"- {', '.join(part['frameworks'])}: load average (1 min) {part['load_before'][0]:.1f} before, "
+            f"{part['load_after'][0]:.1f} after; float32 matmul at the start {part['matmul']['gflops']:.1f} GFLOP/s."
+        )
+    lines += [
         "",
         "bf16/f32 = median bfloat16 time / median float32 time, timed call by call in turn in one process "
         "(< 1.00: bfloat16 is faster).  `share` = GFLOP/s over the float32 matmul rate of the same window.  "
@@ -360,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--parallel", action="store_true", help="run the framework processes at once (ratios stay in-process)"
     )
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="only combine reports of separate runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -368,6 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         forward._set_threads(args.threads)
         result = run_worker(args.worker, args.checkpoint, False, args.min_time, args.repeats)
         forward._write_atomic(args.result, json.dumps(result))
+        return 0
+    if args.merge:  # reports of runs made one framework at a time, into one
+        parts = []
+        for name in args.merge:
+            with open(name) as f:
+                parts.append(json.load(f))
+        report = {**parts[0], "parts": [{k: p[k] for k in PART_KEYS} for p in parts]}
+        for key in ("frameworks", "rows", "results"):
+            report[key] = [x for p in parts for x in p[key]]
+        _write_report(report, args.out)
         return 0
     frameworks = [f for f in args.frameworks.split(",") if f]
     unknown = [f for f in frameworks if f not in RUNNERS]
@@ -392,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": forward._machine(args.threads),
         "cpu_flags": cpu_flags(),
+        "frameworks": frameworks,
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "versions": forward._versions(),
@@ -402,10 +425,15 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "wall_s": time.perf_counter() - t0,
     }
-    forward._write_atomic(os.path.join(args.out, "precision.json"), json.dumps(report, indent=1))
-    forward._write_atomic(os.path.join(args.out, "precision.md"), markdown(report))
+    _write_report(report, args.out)
     sys.stdout.write(markdown(report))
     return 0
+
+
+def _write_report(report: dict[str, Any], out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    forward._write_atomic(os.path.join(out, "precision.json"), json.dumps(report, indent=1))
+    forward._write_atomic(os.path.join(out, "precision.md"), markdown(report))
 
 
 if __name__ == "__main__":

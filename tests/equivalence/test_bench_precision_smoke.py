@@ -52,3 +52,22 @@ def test_hlo_dot_dtypes_are_read_from_the_defining_instructions():
 def test_unknown_framework_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         precision.main(["--smoke", "--frameworks", "pt,onnx", "--out", str(tmp_path)])
+
+
+def test_runs_of_single_frameworks_merge_into_one_report(tmp_path):
+    def part(fw, load):
+        report = {
+            "machine": {"cpu": "cpu", "cores": 2, "threads": 2}, "cpu_flags": ["avx512_bf16"], "smoke": True,
+            "frameworks": [fw], "load_before": [load, 0, 0], "load_after": [load + 1, 0, 0],
+            "matmul": {"gflops": 10.0 * load}, "wall_s": 1.0, "rows": [{"framework": fw, "error": "x"}],
+            "results": [{"framework": fw, "error": "x"}],
+        }  # fmt: skip
+        (tmp_path / f"{fw}.json").write_text(json.dumps(report))
+        return str(tmp_path / f"{fw}.json")
+
+    out = tmp_path / "merged"
+    assert precision.main(["--merge", part("pt", 3), part("flax", 5), "--out", str(out)]) == 0
+    merged = json.loads((out / "precision.json").read_text())
+    assert merged["frameworks"] == ["pt", "flax"] and [r["framework"] for r in merged["rows"]] == ["pt", "flax"]
+    md = (out / "precision.md").read_text()
+    assert "- pt: load average (1 min) 3.0 before, 4.0 after" in md and "- flax: load average (1 min) 5.0" in md
