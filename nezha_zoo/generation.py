@@ -21,13 +21,18 @@ from typing import Any
 
 import numpy as np
 
+from nezha_zoo.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
     "DecodingLengths",
+    "GENERATION_FUNCTIONS",
     "GenerationConfig",
     "as_streamer",
+    "check_streamer",
     "decoding_lengths",
     "effective_bad_words",
+    "generate_outputs",
     "POSITION_RULES",
     "check_prompt",
     "max_generation_length",
@@ -36,6 +41,20 @@ __all__ = [
     "prompt_position_ids",
     "resolve_generation_config",
 ]
+
+#: The module-level functions every backend's ``generation`` module defines under these names (its
+#: ``__all__`` adds the mixin): the sampling warpers and the logits processors.
+GENERATION_FUNCTIONS = (
+    "top_k_filter",
+    "top_p_filter",
+    "process_logits",
+    "greedy_choice",
+    "apply_repetition_penalty",
+    "ban_repeated_ngrams",
+    "ban_bad_words",
+    "suppress_eos",
+    "apply_processors",
+)
 
 #: How a class with learned absolute positions numbers the tokens of a left-padded row, so that it
 #: generates what the same prompt generates unpadded (declared per class as
@@ -236,6 +255,12 @@ class GenerationConfig:
     def is_beam_search(self) -> bool:
         """True when ``num_beams > 1`` (beam search replaces greedy decoding)."""
         return self.num_beams > 1
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Rows each prompt row becomes in the loop: ``num_beams`` under beam search, else
+        ``num_return_sequences`` (transformers repeats each row in place: b -> b*R .. b*R + R - 1)."""
+        return self.num_beams if self.is_beam_search else self.num_return_sequences
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -468,6 +493,73 @@ def as_streamer(streamer: Any) -> Any:
     if callable(streamer):
         return _CallbackStreamer(streamer)
     raise TypeError(f"streamer must have put()/end() or be callable, got {type(streamer).__name__}")
+
+
+def check_streamer(streamer: Any, gc: GenerationConfig) -> Any:
+    """:func:`as_streamer`, refusing a streamer with beam search (``ValueError``, as transformers).
+
+    Returns None or an object with ``put``/``end``; the backend then puts the prompt (B, P) once,
+    each new column (B * num_return_sequences,) per step, and calls ``end()``.
+    """
+    if streamer is not None and gc.is_beam_search:
+        raise ValueError("a streamer cannot be used with beam search (num_beams > 1), as in transformers")
+    return as_streamer(streamer)
+
+
+def generate_outputs(
+    gc: GenerationConfig,
+    prompt_len: int,
+    sequences: Any,
+    steps: int,
+    scores: Any = None,
+    logits: Any = None,
+    sequences_scores: Any = None,
+    beam_indices: Any = None,
+    generated: int | None = None,
+) -> Any:
+    """What every backend's ``generate`` returns, from its loop's (possibly fixed-size) buffers.
+
+    Works on any backend's tensors (only slicing and indexing).
+
+    Args:
+        gc: the settings of the call.
+        prompt_len (int): P.
+        sequences: (rows, >= P + n) ids.
+        steps (int): loop iterations run (the length of ``scores``/``logits``).
+        scores, logits: None or a buffer/list whose first ``steps`` entries are (rows', V) tensors;
+            kept when ``return_dict_in_generate`` and ``output_scores`` / ``output_logits``.
+        sequences_scores: beam search: (rows,) final hypothesis scores.
+        beam_indices: beam search: (rows, >= n) source beam per new token, -1 after the end.
+        generated (int | None): beam search: new tokens of the longest returned hypothesis;
+            default counted from ``beam_indices`` (which must then convert to numpy).
+
+    Returns:
+        ``sequences[:, :P + n]`` (greedy/sampling: ``n = steps``), or with
+        ``return_dict_in_generate`` a ``GenerateDecoderOnlyOutput`` / ``GenerateBeamDecoderOnlyOutput``.
+    """
+
+    def per_step(buffer: Any, flag: bool) -> tuple | None:
+        return None if buffer is None or not flag else tuple(buffer[i] for i in range(steps))
+
+    if not gc.is_beam_search:
+        sequences = sequences[:, : prompt_len + steps]
+        if not gc.return_dict_in_generate:
+            return sequences
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences, scores=per_step(scores, gc.output_scores), logits=per_step(logits, gc.output_logits)
+        )
+    if generated is None:  # the longest returned hypothesis: its tokens have a source beam, the rest -1
+        generated = int(np.max(np.sum(np.asarray(beam_indices) >= 0, axis=1)))
+    sequences = sequences[:, : prompt_len + generated]
+    if not gc.return_dict_in_generate:
+        return sequences
+    return GenerateBeamDecoderOnlyOutput(
+        sequences=sequences,
+        sequences_scores=sequences_scores if gc.output_scores else None,
+        scores=per_step(scores, gc.output_scores),
+        logits=per_step(logits, gc.output_logits),
+        beam_indices=beam_indices[:, :generated],
+    )
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:

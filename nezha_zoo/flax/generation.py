@@ -29,26 +29,16 @@ import numpy as np
 from jax.experimental import io_callback
 
 from nezha_zoo.generation import (
+    GENERATION_FUNCTIONS,
     GenerationConfig,
-    as_streamer,
+    check_streamer,
     effective_bad_words,
+    generate_outputs,
     position_offsets,
     prepare_generation,
 )
-from nezha_zoo.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
-__all__ = [
-    "FlaxGenerationMixin",
-    "top_k_filter",
-    "top_p_filter",
-    "process_logits",
-    "greedy_choice",
-    "apply_repetition_penalty",
-    "ban_repeated_ngrams",
-    "ban_bad_words",
-    "suppress_eos",
-    "apply_processors",
-]
+__all__ = ["FlaxGenerationMixin", *GENERATION_FUNCTIONS]
 
 _NEG_INF = float("-inf")
 #: transformers' "impossible" beam score (added, not -inf, so that sums stay ordered).
@@ -276,11 +266,9 @@ class FlaxGenerationMixin:
         """
         rule = self._generation_rule()
         gc, ids, mask = prepare_generation(self.config, rule, generation_config, input_ids, attention_mask, **settings)
-        streamer = as_streamer(streamer)
-        if streamer is not None and gc.is_beam_search:
-            raise ValueError("a streamer cannot be used with beam search (num_beams > 1); use num_beams=1")
+        streamer = check_streamer(streamer, gc)
         prompt_len = ids.shape[1]
-        expand = gc.num_beams if gc.is_beam_search else gc.num_return_sequences
+        expand = gc.rows_per_prompt
         rows_ids, rows_mask = np.repeat(ids, expand, axis=0), np.repeat(mask, expand, axis=0)
         cache = self.init_cache(rows_ids.shape[0], prompt_len + gc.max_new_tokens)
         params = self.apply_lora(self.params) if params is None else params
@@ -557,31 +545,9 @@ def _beam_search(forward, gc: GenerationConfig, offsets: tuple[int, int] | None,
 
 
 def _outputs(gc: GenerationConfig, prompt_len: int, out: tuple) -> Any:
-    """Crop the compiled loop's fixed buffers to what was generated and wrap them as asked."""
-
-    def steps_of(buffer, steps):
-        return None if buffer is None else tuple(buffer[i] for i in range(steps))
-
+    """The compiled loop's tuple (see :func:`_decode` / :func:`_beam_search`) as ``generate`` returns it."""
     if not gc.is_beam_search:
         sequences, steps, scores, logits = out
-        steps = int(steps)
-        sequences = sequences[:, : prompt_len + steps]
-        if not gc.return_dict_in_generate:
-            return sequences
-        return GenerateDecoderOnlyOutput(
-            sequences=sequences, scores=steps_of(scores, steps), logits=steps_of(logits, steps)
-        )
+        return generate_outputs(gc, prompt_len, sequences, int(steps), scores, logits)
     sequences, sequences_scores, beam_indices, steps, scores, logits = out
-    # Output length: the longest returned hypothesis (its tokens have a source beam, the rest -1).
-    generated = int(np.max(np.sum(np.asarray(beam_indices) >= 0, axis=1)))
-    sequences, beam_indices = sequences[:, : prompt_len + generated], beam_indices[:, :generated]
-    if not gc.return_dict_in_generate:
-        return sequences
-    steps = int(steps)
-    return GenerateBeamDecoderOnlyOutput(
-        sequences=sequences,
-        sequences_scores=sequences_scores if gc.output_scores else None,
-        scores=steps_of(scores, steps),
-        logits=steps_of(logits, steps),
-        beam_indices=beam_indices,
-    )
+    return generate_outputs(gc, prompt_len, sequences, int(steps), scores, logits, sequences_scores, beam_indices)

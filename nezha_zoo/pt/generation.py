@@ -17,26 +17,17 @@ import numpy as np
 import torch
 
 from nezha_zoo.generation import (
+    GENERATION_FUNCTIONS,
     GenerationConfig,
-    as_streamer,
+    check_streamer,
     effective_bad_words,
+    generate_outputs,
     position_offsets,
     prepare_generation,
 )
 from nezha_zoo.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
-__all__ = [
-    "GenerationMixin",
-    "top_k_filter",
-    "top_p_filter",
-    "process_logits",
-    "greedy_choice",
-    "apply_repetition_penalty",
-    "ban_repeated_ngrams",
-    "ban_bad_words",
-    "suppress_eos",
-    "apply_processors",
-]
+__all__ = ["GenerationMixin", *GENERATION_FUNCTIONS]
 
 #: transformers' beam search marks impossible candidates by adding this (not -inf, so sums stay finite).
 _NEG = -1.0e9
@@ -229,7 +220,7 @@ class GenerationMixin:
             generation_config (GenerationConfig | None): the base settings (default: the model
                 config's eos/pad).
             streamer: transformers' streamer protocol (``put``/``end``) or a callable: receives the
-                prompt (B*R, P) once, then each new column (B*R,) (int32 numpy), then ``end()``.
+                prompt (B, P) once, then each new column (B*R,) (int32 numpy), then ``end()``.
                 Not with beam search (``ValueError``, as transformers).
             **settings: :class:`nezha_zoo.generation.GenerationConfig` fields overriding
                 ``generation_config`` (``max_new_tokens``, ``max_length``, ``min_new_tokens``,
@@ -255,20 +246,20 @@ class GenerationMixin:
         gc, ids_np, mask_np = prepare_generation(
             self.config, rule, generation_config, input_ids, attention_mask, **settings
         )
-        if streamer is not None and gc.is_beam_search:
-            raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in transformers")
-        streamer = as_streamer(streamer)
+        streamer = check_streamer(streamer, gc)
         device = next(self.parameters()).device
         ids = torch.from_numpy(ids_np.astype(np.int64)).to(device)  # (B, P)
         mask = torch.from_numpy(mask_np.astype(np.int64)).to(device)  # (B, P)
-        rows = gc.num_beams if gc.is_beam_search else gc.num_return_sequences
-        if rows > 1:  # transformers expands each prompt row in place (row b -> rows b*R .. b*R + R - 1)
+        rows = gc.rows_per_prompt
+        if rows > 1:
             ids, mask = ids.repeat_interleave(rows, dim=0), mask.repeat_interleave(rows, dim=0)
         was_training = self.training
         self.eval()
         try:
             if gc.is_beam_search:
                 return self._beam_search(ids, mask, gc, rule)
+            if streamer is not None:
+                streamer.put(ids_np.copy())  # the prompt (B, P), before the rows are repeated
             return self._sample(ids, mask, gc, rule, streamer)
         finally:
             self.train(was_training)
@@ -296,8 +287,6 @@ class GenerationMixin:
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         all_scores: list[torch.Tensor] = []
         all_logits: list[torch.Tensor] = []
-        if streamer is not None:
-            streamer.put(ids.cpu().numpy().astype(np.int32))
         past, step_ids, out_ids = None, ids, ids
         for step in range(gc.max_new_tokens):
             logits, past = self._step(step_ids, mask, past, offsets)  # (R, V)
@@ -323,13 +312,8 @@ class GenerationMixin:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if streamer is not None:
             streamer.end()
-        if not gc.return_dict_in_generate:
-            return out_ids
-        return GenerateDecoderOnlyOutput(
-            sequences=out_ids,
-            scores=tuple(all_scores) if gc.output_scores else None,
-            logits=tuple(all_logits) if gc.output_logits else None,
-        )
+        steps = out_ids.shape[1] - ids.shape[1]
+        return generate_outputs(gc, ids.shape[1], out_ids, steps, all_scores, all_logits)
 
     def _beam_search(self, ids: torch.Tensor, mask: torch.Tensor, gc: GenerationConfig, rule: str | None) -> Any:
         """transformers' ``_beam_search`` over (B*K, P) rows (each prompt row repeated K = num_beams times).
@@ -425,14 +409,7 @@ class GenerationMixin:
         sequences = done_seqs[:, :count].reshape(batch * count, max_len)
         seq_scores = done_scores[:, :count].reshape(batch * count)
         beam_indices = done_beams[:, :count].reshape(batch * count, gc.max_new_tokens)
-        generated = int((beam_indices != -1).sum(dim=1).max())
-        sequences, beam_indices = sequences[:, : prompt_len + generated], beam_indices[:, :generated]
-        if not gc.return_dict_in_generate:
-            return sequences
-        return GenerateBeamDecoderOnlyOutput(
-            sequences=sequences,
-            sequences_scores=seq_scores if gc.output_scores else None,
-            scores=tuple(all_scores) if gc.output_scores else None,
-            logits=tuple(all_logits) if gc.output_logits else None,
-            beam_indices=beam_indices,
+        generated = int((beam_indices != -1).sum(dim=1).max())  # counted here: the tensor may be on a GPU
+        return generate_outputs(
+            gc, prompt_len, sequences, len(all_logits), all_scores, all_logits, seq_scores, beam_indices, generated
         )

@@ -26,27 +26,18 @@ import numpy as np
 import tensorflow as tf
 
 from nezha_zoo.generation import (
+    GENERATION_FUNCTIONS,
     GenerationConfig,
-    as_streamer,
+    check_streamer,
     effective_bad_words,
+    generate_outputs,
     position_offsets,
     prepare_generation,
 )
 from nezha_zoo.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from nezha_zoo.tf.cache import reorder_cache
 
-__all__ = [
-    "TFGenerationMixin",
-    "top_k_filter",
-    "top_p_filter",
-    "process_logits",
-    "greedy_choice",
-    "apply_repetition_penalty",
-    "ban_repeated_ngrams",
-    "ban_bad_words",
-    "suppress_eos",
-    "apply_processors",
-]
+__all__ = ["TFGenerationMixin", *GENERATION_FUNCTIONS]
 
 _NEG_INF = float("-inf")
 #: transformers' "impossible" beam score (finite, so sums and comparisons stay ordered).
@@ -300,15 +291,13 @@ class TFGenerationMixin:
             raise TypeError(f"jit_compile must be a bool, got {type(jit_compile).__name__}")
         rule = self._generation_rule()
         gc, ids, mask = prepare_generation(self.config, rule, generation_config, input_ids, attention_mask, **settings)
-        streamer = as_streamer(streamer)
-        if streamer is not None and gc.is_beam_search:
-            raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in transformers")
+        streamer = check_streamer(streamer, gc)
         if streamer is not None and jit_compile:
             raise ValueError(
                 "streamer needs a host callback inside the decoding loop, which XLA (jit_compile=True) cannot "
                 "compile; use jit_compile=False to stream"
             )
-        copies = gc.num_beams if gc.is_beam_search else gc.num_return_sequences
+        copies = gc.rows_per_prompt
         fn, stream_cell = self._compiled_generate(gc, rule, jit_compile, streamer is not None)
         seed_value = gc.seed if gc.seed is not None else secrets.randbelow(2**31)
         inputs = (
@@ -326,28 +315,15 @@ class TFGenerationMixin:
             streamer.end()
         else:
             out = fn(*inputs)
-        return self._generate_output(gc, ids.shape[1], out)
-
-    @staticmethod
-    def _generate_output(gc: GenerationConfig, prompt_len: int, out: dict) -> Any:
-        """Slice the traced loop's fixed-size buffers to what was generated."""
-        steps = int(out["steps"])
-        per_step = {name: tuple(out[name][i] for i in range(steps)) for name in _per_step_outputs(gc)}
-        if not gc.is_beam_search:
-            sequences = out["sequences"][:, : prompt_len + steps]
-            if not gc.return_dict_in_generate:
-                return sequences
-            return GenerateDecoderOnlyOutput(sequences=sequences, **per_step)
-        beam_indices = out["beam_indices"]
-        generated = int(tf.reduce_max(tf.reduce_sum(tf.cast(beam_indices >= 0, tf.int32), axis=1)))
-        sequences = out["sequences"][:, : prompt_len + generated]
-        if not gc.return_dict_in_generate:
-            return sequences
-        return GenerateBeamDecoderOnlyOutput(
-            sequences=sequences,
-            sequences_scores=out["sequences_scores"] if gc.output_scores else None,
-            beam_indices=beam_indices[:, :generated],
-            **per_step,
+        return generate_outputs(
+            gc,
+            ids.shape[1],
+            out["sequences"],
+            int(out["steps"]),
+            out.get("scores"),
+            out.get("logits"),
+            out.get("sequences_scores"),
+            out.get("beam_indices"),
         )
 
     def _compiled_generate(self, gc: GenerationConfig, rule: str | None, jit_compile: bool, stream: bool):

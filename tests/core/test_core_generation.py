@@ -205,3 +205,22 @@ def test_effective_bad_words_drops_eos_only_entries():
     gc = GenerationConfig(eos_token_id=[5, 9], bad_words_ids=[[9], [4], [9, 4], [5, 5]])
     assert effective_bad_words(gc) == ((4,), (9, 4), (5, 5))
     assert effective_bad_words(GenerationConfig(bad_words_ids=[[9]])) == ((9,),)
+
+
+def test_generate_outputs_crops_the_loop_buffers():
+    """The shared output assembly: fixed buffers cropped to the steps run / the longest hypothesis."""
+    from nezha_zoo.generation import GenerationConfig, generate_outputs
+    from nezha_zoo.outputs import GenerateBeamDecoderOnlyOutput
+
+    seqs, buf = np.arange(4 * 8).reshape(4, 8), np.ones((5, 4, 3), np.float32)
+    plain = GenerationConfig(max_new_tokens=5)
+    assert generate_outputs(plain, 3, seqs, 2, buf, buf).tolist() == seqs[:, :5].tolist()
+    out = generate_outputs(GenerationConfig(return_dict_in_generate=True, output_logits=True), 3, seqs, 2, buf, buf)
+    assert out.scores is None and len(out.logits) == 2 and out.logits[0].shape == (4, 3)
+    beams = np.array([[0, 1, -1, -1, -1], [2, 3, 3, -1, -1], [0, -1, -1, -1, -1], [1, 1, -1, -1, -1]])
+    gc = GenerationConfig(num_beams=2, return_dict_in_generate=True, output_scores=True)
+    out = generate_outputs(gc, 3, seqs, 4, buf, None, np.zeros(4), beams)
+    assert isinstance(out, GenerateBeamDecoderOnlyOutput) and out.sequences.shape == (4, 6)
+    assert out.beam_indices.tolist() == beams[:, :3].tolist() and len(out.scores) == 4 and out.logits is None
+    assert GenerationConfig(num_beams=3, num_return_sequences=2).rows_per_prompt == 3
+    assert GenerationConfig(num_return_sequences=2, do_sample=True).rows_per_prompt == 2

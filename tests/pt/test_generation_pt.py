@@ -349,6 +349,13 @@ def test_streamer_gets_prompt_then_each_column(electra):
     electra.generate(ids[:1], max_new_tokens=2, eos_token_id=None, streamer=rec)
     assert [c[0] for c in rec.calls] == ["put", "put", "put", "end"]
 
+    # several sequences per prompt: the prompt is put as given (B, P), the columns cover every row
+    columns.clear()
+    kw = dict(max_new_tokens=2, eos_token_id=None, do_sample=True, seed=0, num_return_sequences=2)
+    out = electra.generate(ids, attention_mask=mask, streamer=columns.append, **kw)
+    assert columns[0].tolist() == ids.tolist() and [c.shape for c in columns[1:]] == [(6,), (6,)]
+    assert np.stack(columns[1:], axis=1).tolist() == out[:, 6:].tolist()
+
 
 def test_sampling_returns_several_sequences_per_row(electra):
     ids, mask = _prompt(electra.config)
