@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ __all__ = [
     "tiny_inputs",
     "foreign_destination_lock",
     "assert_save_pretrained_takes_the_lock",
+    "random_checkpoints",
 ]
 
 #: SPEC.md §5: hidden states 1e-5; logits and losses 1e-4 (float32, eval mode).
@@ -173,3 +175,30 @@ def assert_save_pretrained_takes_the_lock(model: Any, parent: str | os.PathLike)
     assert os.listdir(parent) == [], os.listdir(parent)  # nothing staged, nothing left
     model.save_pretrained(target)
     assert os.listdir(parent) == ["out"], os.listdir(parent)
+
+
+def random_checkpoints(
+    make_dir: Callable[[str], Path], head: str, config_and_seed: Callable[[str], tuple[Any, int]]
+) -> Callable[[str], Path]:
+    """family key -> directory of a seeded random ``head`` checkpoint, written on first use.
+
+    Args:
+        make_dir: a fresh directory per key (e.g. pytest's ``tmp_path_factory.mktemp``).
+        head (str): the head of every checkpoint (``"ForCausalLM"``...).
+        config_and_seed: key -> ``(config, seed)`` of its weights.
+    """
+    from nezha_zoo.pretrained import random_weights, save_weights
+    from nezha_zoo.spec.registry import get_family
+
+    paths: dict[str, Path] = {}
+
+    def get(key: str) -> Path:
+        if key not in paths:
+            cfg, seed = config_and_seed(key)
+            family = get_family(key)
+            spec = family.model_spec(cfg, head)
+            paths[key] = Path(make_dir(key))
+            save_weights(paths[key], cfg, spec, family, random_weights(spec, cfg, seed))
+        return paths[key]
+
+    return get

@@ -36,7 +36,7 @@ from nezha_zoo.pt.electra import ElectraForCausalLM  # noqa: E402
 from nezha_zoo.pt.mpt import MptForCausalLM  # noqa: E402
 from nezha_zoo.pt.xlm_roberta_xl import XLMRobertaXLForCausalLM  # noqa: E402
 from nezha_zoo.spec.registry import get_family  # noqa: E402
-from nezha_zoo.testing import TOLERANCES, pin_precision  # noqa: E402
+from nezha_zoo.testing import TOLERANCES, pin_precision, random_checkpoints  # noqa: E402
 from nezha_zoo.tf.electra import TFElectraForCausalLM  # noqa: E402
 from nezha_zoo.tf.mpt import TFMptForCausalLM  # noqa: E402
 from nezha_zoo.tf.xlm_roberta_xl import TFXLMRobertaXLForCausalLM  # noqa: E402
@@ -141,18 +141,7 @@ RETURN = dict(return_dict_in_generate=True, output_scores=True, output_logits=Tr
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """family -> checkpoint directory (built on first use)."""
-    paths = {}
-
-    def get(key):
-        if key not in paths:
-            make_config, seed = CASES[key][:2]
-            cfg, family = make_config(), get_family(key)
-            spec = family.model_spec(cfg, "ForCausalLM")
-            paths[key] = tmp_path_factory.mktemp(key)
-            save_weights(paths[key], cfg, spec, family, random_weights(spec, cfg, seed))
-        return paths[key]
-
-    return get
+    return random_checkpoints(tmp_path_factory.mktemp, "ForCausalLM", lambda key: (CASES[key][0](), CASES[key][1]))
 
 
 @pytest.fixture(scope="module")

@@ -39,9 +39,7 @@ from nezha_zoo.flax.generation import (
 from nezha_zoo.flax.mpt import FlaxMptForCausalLM
 from nezha_zoo.flax.xlm_roberta_xl import FlaxXLMRobertaXLForCausalLM
 from nezha_zoo.generation import GenerationConfig
-from nezha_zoo.pretrained import random_weights, save_weights
-from nezha_zoo.spec.registry import get_family
-from nezha_zoo.testing import pin_precision
+from nezha_zoo.testing import pin_precision, random_checkpoints
 
 pytestmark = [pytest.mark.flax, pytest.mark.hf]
 
@@ -75,18 +73,8 @@ def _precision():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    paths = {}
-
-    def get(key):
-        if key not in paths:
-            make_config, seed, _, _ = CASES[key]
-            cfg, family = make_config(), get_family(key)
-            spec = family.model_spec(cfg, "ForCausalLM")
-            paths[key] = tmp_path_factory.mktemp(key)
-            save_weights(paths[key], cfg, spec, family, random_weights(spec, cfg, seed))
-        return paths[key]
-
-    return get
+    """family -> checkpoint directory (built on first use)."""
+    return random_checkpoints(tmp_path_factory.mktemp, "ForCausalLM", lambda key: (CASES[key][0](), CASES[key][1]))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from nezha_zoo import ElectraConfig
 from nezha_zoo.families.mpt import MptConfig
 from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig
 from nezha_zoo.generation import GenerationConfig, effective_bad_words, prompt_position_ids
-from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.pt.electra import ElectraForCausalLM
 from nezha_zoo.pt.generation import (
     apply_processors,
@@ -26,8 +25,7 @@ from nezha_zoo.pt.generation import (
 )
 from nezha_zoo.pt.mpt import MptForCausalLM
 from nezha_zoo.pt.xlm_roberta_xl import XLMRobertaXLForCausalLM
-from nezha_zoo.spec.registry import get_family
-from nezha_zoo.testing import pin_precision
+from nezha_zoo.testing import pin_precision, random_checkpoints
 
 pytestmark = pytest.mark.pt
 
@@ -62,18 +60,8 @@ def _precision():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    paths = {}
-
-    def get(key):
-        if key not in paths:
-            make_config, seed, _, _ = CASES[key]
-            cfg, family = make_config(), get_family(key)
-            spec = family.model_spec(cfg, "ForCausalLM")
-            paths[key] = tmp_path_factory.mktemp(key)
-            save_weights(paths[key], cfg, spec, family, random_weights(spec, cfg, seed))
-        return paths[key]
-
-    return get
+    """family -> checkpoint directory (built on first use)."""
+    return random_checkpoints(tmp_path_factory.mktemp, "ForCausalLM", lambda key: (CASES[key][0](), CASES[key][1]))
 
 
 @pytest.fixture(scope="module")

@@ -35,9 +35,7 @@ from nezha_zoo import ElectraConfig  # noqa: E402
 from nezha_zoo.families.mpt import MptConfig  # noqa: E402
 from nezha_zoo.families.xlm_roberta_xl import XLMRobertaXLConfig  # noqa: E402
 from nezha_zoo.generation import GenerationConfig, prompt_position_ids  # noqa: E402
-from nezha_zoo.pretrained import random_weights, save_weights  # noqa: E402
-from nezha_zoo.spec.registry import get_family  # noqa: E402
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision  # noqa: E402
+from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, random_checkpoints  # noqa: E402
 from nezha_zoo.tf.cache import KVCache  # noqa: E402
 from nezha_zoo.tf.electra import TFElectraForCausalLM  # noqa: E402
 from nezha_zoo.tf.generation import (  # noqa: E402
@@ -85,18 +83,8 @@ def _precision():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    paths = {}
-
-    def get(key):
-        if key not in paths:
-            make_config, seed, _, _ = CASES[key]
-            cfg, family = make_config(), get_family(key)
-            spec = family.model_spec(cfg, "ForCausalLM")
-            paths[key] = tmp_path_factory.mktemp(key)
-            save_weights(paths[key], cfg, spec, family, random_weights(spec, cfg, seed))
-        return paths[key]
-
-    return get
+    """family -> checkpoint directory (built on first use)."""
+    return random_checkpoints(tmp_path_factory.mktemp, "ForCausalLM", lambda key: (CASES[key][0](), CASES[key][1]))
 
 
 @pytest.fixture(scope="module")
