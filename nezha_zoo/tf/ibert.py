@@ -68,7 +68,9 @@ from nezha_zoo.tf.layers import (
     dense,
     dropout,
     extended_attention_mask,
+    from_rows,
     layer_head_masks,
+    to_rows,
     validate_inputs,
 )
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
@@ -299,9 +301,11 @@ class TFIBertIntermediate(Block):
         self.output_activation = _act(config, "output_activation")
 
     def call(self, x, scale=None, training=False):
-        x, scale = self.dense(x, prev_act_scaling_factor=scale, training=training)
-        x, scale = self.intermediate_act_fn(x, scaling_factor=scale)
-        return self.output_activation(x, pre_act_scaling_factor=scale, training=training)
+        # As rows (elementwise and per-tensor maths only): float mode runs one fused MatMul + BiasAdd + GELU.
+        rows, scale = self.dense(to_rows(x), prev_act_scaling_factor=scale, training=training)
+        rows, scale = self.intermediate_act_fn(rows, scaling_factor=scale)
+        rows, scale = self.output_activation(rows, pre_act_scaling_factor=scale, training=training)
+        return from_rows(rows, x), scale
 
 
 class TFIBertLayer(Block):

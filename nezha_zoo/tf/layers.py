@@ -61,6 +61,8 @@ from nezha_zoo.validation import (
 
 __all__ = [
     "get_activation",
+    "to_rows",
+    "from_rows",
     "Block",
     "LayerList",
     "TFBertEmbeddings",
@@ -107,6 +109,27 @@ def get_activation(name: str | None) -> Callable[[tf.Tensor], tf.Tensor]:
         return _ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}") from None
+
+
+def to_rows(x: tf.Tensor) -> tf.Tensor:
+    """``x`` (..., d) as a matrix (N, d), N the product of the leading dims (see :func:`from_rows`).
+
+    A dense layer fed rows runs one rank-2 ``MatMul`` + ``BiasAdd``, which TensorFlow's CPU graph
+    optimiser fuses with a following activation (GELU, ReLU...) into one oneDNN call; a rank-3
+    input goes through Tensordot's reshapes (Keras ``Dense``) or a broadcasting ``BatchMatMulV2``
+    instead, and the activation then makes its own passes over the (B, L, intermediate) tensor.
+    The values are the same products and sums.
+    """
+    return x if x.shape.rank == 2 else tf.reshape(x, (-1, x.shape[-1]))
+
+
+def from_rows(rows: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    """``rows`` (N, k) back to ``like``'s leading dims: (..., k), the inverse of :func:`to_rows`."""
+    if like.shape.rank == 2:
+        return rows
+    out = tf.reshape(rows, tf.concat([tf.shape(like)[:-1], tf.shape(rows)[-1:]], 0))
+    out.set_shape(like.shape[:-1].concatenate(rows.shape[-1:]))  # keep the static dims for later layers
+    return out
 
 
 def _leaf(dotted: str | None) -> str | None:
@@ -440,7 +463,8 @@ class TFBertIntermediate(Block):
         self.act = get_activation(config.hidden_act)
 
     def call(self, hidden_states):
-        return self.act(self.dense(hidden_states))
+        # As rows: one fused MatMul + BiasAdd + activation on CPU (to_rows).
+        return from_rows(self.act(self.dense(to_rows(hidden_states))), hidden_states)
 
 
 class TFBertLayer(Block):
