@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from nezha_zoo.config import classifier_dropout_rate
-from nezha_zoo.flax.layers import dense, get_activation, layer_norm
+from nezha_zoo.flax.layers import Dropout, dense, get_activation, layer_norm
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Kind
 from nezha_zoo.spec.registry import family_of_config
@@ -50,7 +50,7 @@ def token_classifier(config: Any, hidden_states, deterministic: bool, dtype: Any
     The layers are created in the calling module, so ``classifier`` sits directly on the model as in
     PyTorch.  hidden_states (B, L, H) -> logits (B, L, num_labels).
     """
-    h = nn.Dropout(classifier_dropout_rate(config), name="dropout")(hidden_states, deterministic=deterministic)
+    h = Dropout(classifier_dropout_rate(config), name="dropout")(hidden_states, deterministic=deterministic)
     return dense(config.num_labels, name, config, dtype)(h)
 
 
@@ -94,7 +94,7 @@ class ClassificationHead(nn.Module):
     @nn.compact
     def __call__(self, hidden_states, deterministic: bool = True):
         c = self.config
-        drop = nn.Dropout(classifier_dropout_rate(c), name="dropout")
+        drop = Dropout(classifier_dropout_rate(c), name="dropout")
         x = drop(hidden_states[:, 0, :], deterministic=deterministic)
         x = get_activation(self.activation)(dense(c.hidden_size, "dense", c, self.dtype)(x))
         x = drop(x, deterministic=deterministic)
@@ -134,14 +134,14 @@ class SequenceSummary(nn.Module):
             raise ValueError(f"summary_type {kind!r} is not supported")
         first = getattr(c, "summary_first_dropout", 0.0) or 0.0
         if first > 0:
-            x = nn.Dropout(first, name="first_dropout")(x, deterministic=deterministic)
+            x = Dropout(first, name="first_dropout")(x, deterministic=deterministic)
         if getattr(c, "summary_use_proj", False):
             to_labels = getattr(c, "summary_proj_to_labels", False) and c.num_labels > 0
             x = dense(c.num_labels if to_labels else c.hidden_size, "summary", c, self.dtype)(x)
         x = get_activation(getattr(c, "summary_activation", None) or None)(x)
         last = getattr(c, "summary_last_dropout", 0.0) or 0.0
         if last > 0:
-            x = nn.Dropout(last, name="last_dropout")(x, deterministic=deterministic)
+            x = Dropout(last, name="last_dropout")(x, deterministic=deterministic)
         return x
 
 

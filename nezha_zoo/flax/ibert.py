@@ -51,7 +51,7 @@ from nezha_zoo.families.ibert import (
     WEIGHT_BIT,
 )
 from nezha_zoo.flax.heads import BertPooler, ClassificationHead, RobertaLMHead, tied_embedding_table
-from nezha_zoo.flax.layers import padding_aware_position_ids, sequential_position_ids
+from nezha_zoo.flax.layers import Dropout, padding_aware_position_ids, sequential_position_ids
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
@@ -155,7 +155,7 @@ class FlaxIBertEmbeddings(nn.Module):
         positions, positions_scale = positions_table(position_ids, deterministic)
         x, s = act1(x, s, positions, positions_scale, deterministic)
         x, s = _layer_norm(c)(x, s, deterministic)
-        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
         return _act(c, "output_activation")(x, s, deterministic=deterministic)
 
 
@@ -198,7 +198,7 @@ class FlaxIBertSelfAttention(nn.Module):
         else:
             scores = jnp.matmul(q, k.transpose(0, 1, 3, 2)) / root + mask
             probs, s_p = softmax(scores, deterministic)
-        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         if head_mask is not None:
             probs = probs * head_mask
         if s_p is not None and s_v is not None:
@@ -228,7 +228,7 @@ class FlaxIBertResidualOutput(nn.Module):
     def __call__(self, x, scale, residual, residual_scale, deterministic: bool = True):
         c = self.config
         x, scale = _linear(c, self.in_dim, c.hidden_size, "dense", self.dtype)(x, scale, deterministic)
-        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
         x, scale = _act(c, "ln_input_act", LN_INPUT_BIT)(x, scale, residual, residual_scale, deterministic)
         x, scale = _layer_norm(c)(x, scale, deterministic)
         return _act(c, "output_activation")(x, scale, deterministic=deterministic)
@@ -515,7 +515,7 @@ class FlaxIBertForMultipleChoiceModule(_IBertHead):
         return_dict=True,
     ):
         def pool(out):  # dropout on the pooler output (B * C, H)
-            dropout = nn.Dropout(self.config.hidden_dropout_prob, name="dropout")
+            dropout = Dropout(self.config.hidden_dropout_prob, name="dropout")
             return dropout(out.pooler_output, deterministic=deterministic)
 
         return self._multiple_choice(locals(), pool)

@@ -39,6 +39,7 @@ __all__ = [
     "get_activation",
     "dense",
     "layer_norm",
+    "Dropout",
     "BertEmbeddings",
     "BertSelfAttention",
     "BertAttention",
@@ -104,6 +105,63 @@ def layer_norm(name: str, config: Any, dtype: Any, eps: float | None = None, use
         use_bias=use_bias,
         name=name,
     )
+
+
+#: Dropout draws this many random bits per element (see :class:`Dropout`).
+DROPOUT_BITS = 16
+
+
+def _random_uint16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform ``uint16`` of ``shape``: each 32-bit random word gives two.
+
+    ``jax.random.bits`` with ``uint16`` hashes one counter per element (threefry in its partitionable
+    mode, JAX's default) and drops the other bits; halving the words halves the hashing.
+    """
+    n = math.prod(shape)
+    words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)  # (words, 2) -> (2 * words,)
+    return halves[:n].reshape(shape)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout with one mask element per input element, drawn from 16-bit random integers.
+
+    ``flax.linen.Dropout`` draws a float32 uniform (32 random bits) per element; this draws
+    ``jax.random.bits`` of ``uint16`` (half the random words: a quarter of the threefry work per
+    element, half the bytes) and keeps an element when its bits are ``>= round(rate * 2**16)``.  The keep
+    probability is thus ``1 - rate`` rounded to a multiple of ``2**-16`` (within ``2**-17``; float32
+    uniforms round it to ``2**-23``); kept elements are scaled by ``1 / (1 - rate)``, as torch and flax do.
+    The mask is per element (PyTorch's semantics; transformers' Flax attention broadcasts one over batch
+    and heads).  The random stream differs from ``flax.linen.Dropout``'s: same key, other mask.
+
+    Attributes:
+        rate (float): drop probability in [0, 1].
+        rng_collection (str): the rng stream the mask is drawn from.
+
+    Call args:
+        x: array of any shape.
+        deterministic (bool): True = identity (eval mode).
+
+    Returns:
+        array of ``x``'s shape and dtype.
+    """
+
+    rate: float
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1], got {self.rate!r}")
+        if deterministic or self.rate == 0.0:
+            return x
+        drop = round(self.rate * (1 << DROPOUT_BITS))  # integer threshold: P(bits < drop) = drop / 2**16
+        if drop >= 1 << DROPOUT_BITS:
+            return jnp.zeros_like(x)
+        if drop == 0:  # rate < 2**-17: the rounded keep probability is 1
+            return x / jnp.asarray(1.0 - self.rate, x.dtype)
+        keep = _random_uint16(self.make_rng(self.rng_collection), x.shape) >= jnp.uint16(drop)
+        return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 def _split(path: str) -> list[str]:
@@ -224,7 +282,7 @@ class BertEmbeddings(nn.Module):
             x = x + freeze_padding_row(positions, pos, self.position_padding_idx)
         if self.use_norm:
             x = layer_norm("LayerNorm", c, self.dtype)(x)
-        return nn.Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic)
+        return Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -307,7 +365,7 @@ class BertSelfAttention(nn.Module):
             scores = scores + (1.0 - visible) * jnp.finfo(self.dtype).min
         # In float32, cast back: as torch's bfloat16 softmax, which accumulates in float32.
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
-        probs = nn.Dropout(c.attention_probs_dropout_prob, name="dropout")(probs, deterministic=deterministic)
+        probs = Dropout(c.attention_probs_dropout_prob, name="dropout")(probs, deterministic=deterministic)
         if layer_head_mask is not None:
             probs = probs * layer_head_mask.astype(self.dtype)[None, :, None, None]
 
@@ -400,7 +458,7 @@ class BertAttention(nn.Module):
             out_block = _Projection(c, out_path[-1], norm_path[-1] if norm_path else None, self.dtype, name=out_path[0])
             out = out_block(context, hidden_states, deterministic)
             return out, probs
-        out = nn.Dropout(c.hidden_dropout_prob, name="dropout")(out, deterministic=deterministic) + hidden_states
+        out = Dropout(c.hidden_dropout_prob, name="dropout")(out, deterministic=deterministic) + hidden_states
         return (norm(out) if norm is not None else out), probs
 
 
@@ -417,7 +475,7 @@ class _Projection(nn.Module):
     def __call__(self, x, residual, deterministic: bool = True):
         c = self.config
         x = dense(self.features or c.hidden_size, self.dense_name, c, self.dtype)(x)
-        x = nn.Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic) + residual
+        x = Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic) + residual
         if self.norm_name:
             x = layer_norm(self.norm_name, c, self.dtype)(x)
         return x

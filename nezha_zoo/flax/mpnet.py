@@ -40,6 +40,7 @@ from nezha_zoo.families.mpnet import (
 from nezha_zoo.flax.heads import BertPooler, ClassificationHead, RobertaLMHead, mean_pool, tied_embedding_table
 from nezha_zoo.flax.layers import (
     BertLayerCollection,
+    Dropout,
     freeze_padding_row,
     layer_norm,
     padding_aware_position_ids,
@@ -115,7 +116,7 @@ class FlaxMPNetEmbeddings(nn.Module):
             table(c.max_position_embeddings, "position_embeddings")(pos), pos, EMBEDDING_PADDING_IDX
         )
         x = layer_norm("LayerNorm", c, self.dtype)(x)
-        return nn.Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic)
+        return Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic)
 
 
 class FlaxMPNetEncoder(nn.Module):
@@ -375,7 +376,7 @@ class FlaxMPNetForMultipleChoiceModule(_MPNetHead):
         inputs_embeds=None,
     ):
         def pool(out):  # dropout on the pooler output (B * C, H)
-            dropout = nn.Dropout(self.config.hidden_dropout_prob, name="dropout")
+            dropout = Dropout(self.config.hidden_dropout_prob, name="dropout")
             return dropout(out.pooler_output, deterministic=deterministic)
 
         return self._multiple_choice(locals(), pool)

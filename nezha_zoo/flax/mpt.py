@@ -34,7 +34,7 @@ from flax import linen as nn
 from nezha_zoo.families.mpt import MPT
 from nezha_zoo.flax.generation import FlaxGenerationMixin
 from nezha_zoo.flax.heads import split_qa_logits, tied_embedding_table
-from nezha_zoo.flax.layers import ACT2FN, dense, layer_norm, update_kv_cache
+from nezha_zoo.flax.layers import ACT2FN, Dropout, dense, layer_norm, update_kv_cache
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
@@ -181,7 +181,7 @@ class FlaxMptAttention(nn.Module):
         # key (a left-pad query) becomes uniform, exactly as there.
         scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-        probs = nn.Dropout(ac.attn_pdrop, name="attn_dropout")(probs, deterministic=deterministic)
+        probs = Dropout(ac.attn_pdrop, name="attn_dropout")(probs, deterministic=deterministic)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(bsz, q_len, d)  # merge heads: (B, L, d)
         return _linear(d, "out_proj", c, self.dtype)(context), probs
 
@@ -222,9 +222,9 @@ class FlaxMptBlock(nn.Module):
         attn_out, probs = FlaxMptAttention(c, self.dtype, name="attn")(
             _norm("norm_1", c, self.dtype)(hidden_states), attention_mask, init_cache, deterministic
         )
-        h = nn.Dropout(rate, name="resid_attn_dropout")(attn_out, deterministic=deterministic) + hidden_states
+        h = Dropout(rate, name="resid_attn_dropout")(attn_out, deterministic=deterministic) + hidden_states
         ffn_out = FlaxMptMLP(c, self.dtype, name="ffn")(_norm("norm_2", c, self.dtype)(h))
-        return nn.Dropout(rate, name="ffn_dropout")(ffn_out, deterministic=deterministic) + h, probs
+        return Dropout(rate, name="ffn_dropout")(ffn_out, deterministic=deterministic) + h, probs
 
 
 class _FlaxMptBlocks(nn.Module):

@@ -42,6 +42,7 @@ from nezha_zoo.flax.heads import (
 from nezha_zoo.flax.layers import (
     BertEmbeddings,
     BertEncoder,
+    Dropout,
     cache_index,
     cache_length,
     dense,
@@ -386,7 +387,7 @@ class FlaxNezhaForMultipleChoiceModule(_NezhaHead):
         inputs_embeds=None,
     ):
         def pool(out):  # dropout on the pooler output (B * C, H)
-            dropout = nn.Dropout(classifier_dropout_rate(self.config), name="dropout")
+            dropout = Dropout(classifier_dropout_rate(self.config), name="dropout")
             return dropout(out.pooler_output, deterministic=deterministic)
 
         return self._multiple_choice(locals(), pool)

@@ -26,6 +26,7 @@ from nezha_zoo.flax.heads import BertPooler, ClassificationHead, RobertaLMHead, 
 from nezha_zoo.flax.layers import (
     BertEmbeddings,
     BertEncoder,
+    Dropout,
     cache_index,
     padding_aware_position_ids,
     sequential_position_ids,
@@ -329,7 +330,7 @@ class FlaxXLMRobertaXLForMultipleChoiceModule(_XLMRobertaXLHead):
         inputs_embeds=None,
     ):
         def pool(out):  # dropout on the pooler output (B * C, H)
-            dropout = nn.Dropout(self.config.hidden_dropout_prob, name="dropout")
+            dropout = Dropout(self.config.hidden_dropout_prob, name="dropout")
             return dropout(out.pooler_output, deterministic=deterministic)
 
         return self._multiple_choice(locals(), pool)
