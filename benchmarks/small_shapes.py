@@ -10,7 +10,12 @@ Backends, each the way a user calls it:
 * ``pt``: ``model(input_ids=..., attention_mask=...)`` under ``torch.inference_mode`` (eager);
 * ``tf``: ``model(...)`` called directly (Keras eager);
 * ``tf-function``: the same call inside one ``tf.function`` (no XLA);
-* ``flax``: ``model(...)`` called directly (no ``jax.jit`` of the user's own);
+* ``tf-predict``: ``model.predict({...}, verbose=0)``, Keras' own inference loop (a ``tf.function``,
+  XLA only off-CPU: Keras' ``jit_compile="auto"``), its per-call data handling included;
+* ``flax``: ``model(...)`` called directly (no ``jax.jit`` of the user's own): the wrapper runs a
+  repeated call signature through its cached ``jax.jit`` (``jit_after_calls``);
+* ``flax-op-by-op``: the same call with ``model.jit_after_calls = None`` (op by op, as transformers'
+  Flax classes; what ``flax`` was before the cached ``jax.jit``);
 * ``flax-jit``: ``jax.jit(lambda params, ids, mask: model(ids, attention_mask=mask, params=params))``;
 * ``hf-pt``: transformers' PyTorch class on the same checkpoint (the oracle, when installed).
 
@@ -41,7 +46,7 @@ from benchmarks.forward import BENCH_CONFIGS, SMOKE_CONFIGS, _set_threads
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.registry import get_family
 
-BACKENDS = ("pt", "tf", "tf-function", "flax", "flax-jit", "hf-pt")
+BACKENDS = ("pt", "tf", "tf-function", "tf-predict", "flax", "flax-op-by-op", "flax-jit", "hf-pt")
 #: Pause before each timed call: three frameworks' thread pools share the cores, and one that is
 #: still spinning after its call would be timed as part of the next backend's.
 PAUSE_S = 0.1
@@ -76,6 +81,8 @@ def _runner(backend: str, family: str, path: str, threads: int) -> Callable[[np.
         model = getattr(module, name).from_pretrained(path)
         if backend == "tf":
             return lambda ids, mask: model(input_ids=ids, attention_mask=mask)[0].numpy()
+        if backend == "tf-predict":
+            return lambda ids, mask: model.predict({"input_ids": ids, "attention_mask": mask}, verbose=0)[0]
         fn = tf.function(lambda ids, mask: model(input_ids=ids, attention_mask=mask, training=False)[0])
         return lambda ids, mask: fn(tf.constant(ids), tf.constant(mask)).numpy()
     import jax
@@ -83,7 +90,9 @@ def _runner(backend: str, family: str, path: str, threads: int) -> Callable[[np.
     import nezha_zoo.flax as module
 
     model = getattr(module, name).from_pretrained(path)
-    if backend == "flax":
+    if backend in ("flax", "flax-op-by-op"):
+        if backend == "flax-op-by-op":
+            model.jit_after_calls = None
         return lambda ids, mask: model(ids, attention_mask=mask)[0].block_until_ready()
     fn = jax.jit(lambda params, ids, mask: model(ids, attention_mask=mask, params=params)[0])
     params = model.params

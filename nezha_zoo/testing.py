@@ -19,6 +19,7 @@ __all__ = [
     "assert_close",
     "max_abs_diff",
     "pin_precision",
+    "op_by_op",
     "to_numpy",
     "tiny_inputs",
     "foreign_destination_lock",
@@ -99,6 +100,26 @@ def pin_precision(framework: str) -> None:
         importlib.import_module("jax").config.update("jax_default_matmul_precision", "highest")
     else:
         raise ValueError(f"unknown framework {framework!r}")
+
+
+@contextlib.contextmanager
+def op_by_op(model: Any) -> Iterator[Any]:
+    """Inside the block, a Flax wrapper's eager calls run op by op (``jit_after_calls = None``).
+
+    For checks that two different calls give bit-identical outputs: once a call signature repeats,
+    the wrapper runs it compiled (``FlaxPreTrainedModel.jit_after_calls``), and XLA's fused program
+    may round differently in the last bit from the op-by-op one.  A model of another framework (one
+    path only) passes unchanged, so framework-parametrised tests can use it.  Yields ``model``.
+    """
+    if not hasattr(model, "jit_after_calls"):
+        yield model
+        return
+    before = model.jit_after_calls
+    model.jit_after_calls = None
+    try:
+        yield model
+    finally:
+        model.jit_after_calls = before
 
 
 def tiny_inputs(

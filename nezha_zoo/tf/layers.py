@@ -256,6 +256,20 @@ class TFBertEmbeddings(Block):
 # --- attention -----------------------------------------------------------------------------------
 
 
+def shape_list(x: tf.Tensor) -> list[int | tf.Tensor]:
+    """``x``'s shape, a Python int for every dimension known statically (all of them in eager mode)
+    and a scalar ``tf.shape`` entry for the others (a graph traced with unknown batch or length).
+
+    Why: an eager ``tf.reshape`` to a shape mixing ints and tensors misses TF's fast path and packs
+    the shape op by op (about a dozen extra conversions per attention layer and call).
+    """
+    static = x.shape.as_list()
+    if None not in static:
+        return static
+    dynamic = tf.shape(x)
+    return [dynamic[i] if d is None else d for i, d in enumerate(static)]
+
+
 class TFBertSelfAttention(Block):
     """Multi-head scaled dot-product attention with separate q/k/v projections.
 
@@ -287,8 +301,8 @@ class TFBertSelfAttention(Block):
         self.dropout = dropout(config.attention_probs_dropout_prob)
 
     def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
-        shape = tf.shape(x)
-        x = tf.reshape(x, (shape[0], shape[1], self.num_heads, self.head_dim))  # (B, L, heads, hd)
+        batch, length = shape_list(x)[:2]
+        x = tf.reshape(x, (batch, length, self.num_heads, self.head_dim))  # (B, L, heads, hd)
         return tf.transpose(x, (0, 2, 1, 3))  # (B, heads, L, hd)
 
     def relative_embeddings(self, q_len: Any, k_len: Any, query_offset: Any) -> tf.Tensor | None:
@@ -340,7 +354,7 @@ class TFBertSelfAttention(Block):
                 key = tf.concat([past_key_value[0], key], axis=2)  # (B, heads, Lp + Lq, hd)
                 value = tf.concat([past_key_value[1], value], axis=2)
         scores = tf.matmul(query, key, transpose_b=True)  # (B, heads, Lq, Lk)
-        q_len, k_len = tf.shape(query)[2], tf.shape(key)[2]
+        q_len, k_len = shape_list(query)[2], shape_list(key)[2]
         if query_offset is None:
             query_offset = 0 if encoder_hidden_states is not None else k_len - q_len
         relative = self.relative_embeddings(q_len, k_len, query_offset)  # (Lq, Lk, hd) or None
@@ -361,8 +375,8 @@ class TFBertSelfAttention(Block):
         if relative is not None:
             context = context + self.relative_context(probs, relative)
         context = tf.transpose(context, (0, 2, 1, 3))  # (B, Lq, heads, hd)
-        shape = tf.shape(context)
-        context = tf.reshape(context, (shape[0], shape[1], self.all_head_size))  # (B, Lq, H)
+        batch, q_len = shape_list(context)[:2]
+        context = tf.reshape(context, (batch, q_len, self.all_head_size))  # (B, Lq, H)
         return context, probs, (key, value) if present is None else present
 
 

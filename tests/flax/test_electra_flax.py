@@ -25,7 +25,7 @@ from nezha_zoo.flax.layers import BertLayer, BertSelfAttention
 from nezha_zoo.io.errors import CheckpointError
 from nezha_zoo.spec.blocks import MPNET_NAMES, XLM_ROBERTA_XL_NAMES, BertLayerNames, bert_layer
 from nezha_zoo.spec.layouts import LAYOUTS
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
+from nezha_zoo.testing import TOLERANCES, assert_close, op_by_op, pin_precision, tiny_inputs
 from nezha_zoo.validation import InputError
 
 pytestmark = [pytest.mark.flax, pytest.mark.hf]
@@ -144,7 +144,8 @@ def test_optional_inputs_left_out_match_transformers(pairs, head):
     compare(fx(**ids), run_pt(pt, ids), f"{head}[ids only]")
     # token_type_ids omitted means zeros (PyTorch), not transformers Flax's ones.
     zeros = {**ids, "token_type_ids": np.zeros_like(ids["input_ids"])}
-    assert_close(fx(**ids)[0], fx(**zeros)[0], 0.0, f"{head}: omitted token types are zeros")
+    with op_by_op(fx):  # two signatures: compare them on one path (compiled may round differently)
+        assert_close(fx(**ids)[0], fx(**zeros)[0], 0.0, f"{head}: omitted token types are zeros")
 
 
 def test_head_mask_and_return_tuple(pairs):
@@ -389,7 +390,8 @@ def test_do_init_false_returns_params_without_random_init(pairs):
     with pytest.raises(ValueError, match="_do_init=False"):
         model.params  # noqa: B018
     inputs = inputs_for("ForTokenClassification", seed=10)
-    assert_close(model(**inputs, params=params).logits, fx(**inputs).logits, 0.0, "_do_init=False")
+    with op_by_op(fx):  # fx ran these inputs before: compiled by now, and the new model's call is op by op
+        assert_close(model(**inputs, params=params).logits, fx(**inputs).logits, 0.0, "_do_init=False")
     # a base checkpoint: the head's params are missing until init_weights fills them
     _, base_dir, _ = pairs["Model"]
     model, partial = nzf.FlaxElectraForTokenClassification.from_pretrained(base_dir, _do_init=False)

@@ -28,7 +28,7 @@ from nezha_zoo.flax import losses as L
 from nezha_zoo.flax.mpt import alibi_slopes
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision
+from nezha_zoo.testing import TOLERANCES, assert_close, op_by_op, pin_precision
 from nezha_zoo.validation import InputError
 
 pytestmark = [pytest.mark.flax, pytest.mark.hf]
@@ -175,13 +175,15 @@ def test_optional_inputs_left_out_match_transformers(pairs, head):
     pt, _, fx = pairs[head]
     ids = IDS[:, :5] + 1  # no padding id: every position real
     compare(fx(ids), run_pt(pt, input_ids=ids), f"{head}[ids only]")
-    assert_close(fx(ids)[0], fx(ids, np.ones_like(ids))[0], 0.0, "omitted mask is ones")
+    with op_by_op(fx):  # two signatures: compare them on one path (compiled may round differently)
+        assert_close(fx(ids)[0], fx(ids, np.ones_like(ids))[0], 0.0, "omitted mask is ones")
 
 
 def test_return_tuple_and_inputs_embeds(pairs):
     _, _, fx = pairs["ForCausalLM"]
-    out = fx(IDS, MASK, output_attentions=True)
-    as_tuple = fx(IDS, MASK, output_attentions=True, return_dict=False)
+    with op_by_op(fx):  # two signatures: compare them on one path (compiled may round differently)
+        out = fx(IDS, MASK, output_attentions=True)
+        as_tuple = fx(IDS, MASK, output_attentions=True, return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
     assert_close(as_tuple[0], out.logits, 0.0, "tuple output")
     embeds = jnp.take(fx.params["transformer"]["wte"]["embedding"], IDS, axis=0)
@@ -612,7 +614,8 @@ def test_jitted_optax_training_step_lowers_the_loss():
     a = fx(IDS, MASK, dropout_rng=jax.random.key(1, impl="rbg"), train=True).logits
     b = fx(IDS, MASK, dropout_rng=jax.random.key(2, impl="rbg"), train=True).logits
     assert float(jnp.abs(a - b).max()) > 0
-    assert_close(fx(IDS, MASK).logits, fx(IDS, MASK).logits, 0.0, "eval is deterministic")
+    with op_by_op(fx):  # one path for both calls: the wrapper compiles a signature at its second call
+        assert_close(fx(IDS, MASK).logits, fx(IDS, MASK).logits, 0.0, "eval is deterministic")
 
 
 def test_token_classification_dropout_rate_follows_transformers():
