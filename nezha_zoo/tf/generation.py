@@ -64,7 +64,9 @@ def top_p_filter(logits: tf.Tensor, top_p: float) -> tf.Tensor:
     remove = cumulative <= (1.0 - top_p)
     keep_last = tf.range(tf.shape(logits)[-1]) == tf.shape(logits)[-1] - 1  # the most likely token stays
     remove = tf.logical_and(remove, tf.logical_not(keep_last)[None, :])
-    remove = tf.gather(remove, tf.argsort(order, axis=-1, stable=True), batch_dims=1)  # vocabulary order
+    # Back to vocabulary order by scattering through the permutation (a second argsort cost a sort).
+    rows = tf.broadcast_to(tf.range(tf.shape(order)[0])[:, None], tf.shape(order))
+    remove = tf.scatter_nd(tf.stack([rows, order], axis=-1), remove, tf.shape(remove))
     return tf.where(remove, tf.constant(_NEG_INF, logits.dtype), logits)
 
 

@@ -37,6 +37,7 @@ from nezha_zoo.flax.generation import (
     greedy_choice,
     process_logits,
     top_k_filter,
+    top_p_filter,
 )
 from nezha_zoo.flax.mpt import FlaxMptForCausalLM
 from nezha_zoo.flax.xlm_roberta_xl import FlaxXLMRobertaXLForCausalLM
@@ -204,6 +205,16 @@ def test_top_k_filter_under_jit_is_exact_and_sorts_nothing():
     np.testing.assert_array_equal(np.asarray(compiled(jnp.asarray(raw))), want)
     hlo = compiled.lower(jnp.asarray(raw)).compile().as_text()
     assert " sort(" not in hlo
+
+
+def test_top_p_filter_under_jit_matches_transformers():
+    raw = np.random.default_rng(6).standard_normal((3, 997)).astype(np.float32) * 3
+    raw[0, :30] = 2.5  # ties
+    raw[1, 4:] = -np.inf
+    for top_p in (0.05, 0.5, 0.9):
+        want = TopPLogitsWarper(top_p)(None, torch.from_numpy(raw.copy())).numpy()
+        got = np.asarray(jax.jit(lambda x, p=top_p: top_p_filter(x, p))(jnp.asarray(raw)))
+        np.testing.assert_array_equal(got, want)
 
 
 def test_greedy_ties_go_to_the_lowest_id():

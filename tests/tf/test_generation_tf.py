@@ -47,6 +47,7 @@ from nezha_zoo.tf.generation import (  # noqa: E402
     process_logits,
     suppress_eos,
     top_k_filter,
+    top_p_filter,
 )
 from nezha_zoo.tf.mpt import TFMptForCausalLM  # noqa: E402
 from nezha_zoo.tf.xlm_roberta_xl import TFXLMRobertaXLForCausalLM  # noqa: E402
@@ -284,6 +285,17 @@ def test_top_k_filter_under_xla_is_exact_and_sorts_nothing():
     np.testing.assert_array_equal(top_k_filter(tf.constant(raw), 7).numpy(), want)
     hlo = compiled.experimental_get_compiler_ir(tf.constant(raw))(stage="optimized_hlo")
     assert " sort(" not in hlo
+
+
+def test_top_p_filter_under_xla_matches_transformers():
+    raw = np.random.default_rng(6).standard_normal((3, 997)).astype(np.float32) * 3
+    raw[0, :30] = 2.5  # ties
+    raw[1, 4:] = -np.inf
+    for top_p in (0.05, 0.5, 0.9):
+        want = TopPLogitsWarper(top_p)(None, torch.from_numpy(raw.copy())).numpy()
+        compiled = tf.function(lambda x, p=top_p: top_p_filter(x, p), jit_compile=True)
+        np.testing.assert_array_equal(compiled(tf.constant(raw)).numpy(), want)
+        np.testing.assert_array_equal(top_p_filter(tf.constant(raw), top_p).numpy(), want)
 
 
 def test_greedy_ties_go_to_the_lowest_id():
