@@ -997,7 +997,7 @@ class IntLayerNorm(nn.Module):
         if q_max * n >= 2**53:
             return None
         mean = torch.round(q.sum(dim=-1, keepdim=True, dtype=torch.int64).double() / n)
-        y = q.to(torch.int64).sub_(mean.to(torch.int64))  # |y| <= 2 * q_max
+        y = q.to(torch.int64, copy=True).sub_(mean.to(torch.int64))  # |y| <= 2 * q_max; q untouched
         y_shifted = torch.bitwise_right_shift(y, int(shift))
         # squares <= (2 * q_max)**2 < 2**46, their int64 sum cannot wrap; a float64 sum of
         # non-negative exact terms is exact when the total is below 2**53
