@@ -271,7 +271,7 @@ def fixed_point_requantize(
     ``R(q, s) = round_half_even(fl64(q * m) * 2**-e)`` and ``(m, e) = frexp_multiplier(fl64(s) / fl64(s_out))``.
 
     Args:
-        q (float64 Tensor (..., C)): exact integers.
+        q (float64 or integer-dtype Tensor (..., C)): exact integers (below 2**53).
         scale (float32 Tensor (1,) or (C,)): scale of ``q`` (per channel on the last axis).
         num_bits (int): output bit width ``b``.
         out_scale (float32 Tensor (1,)): output scaling factor.
@@ -283,12 +283,13 @@ def fixed_point_requantize(
         n = 2 ** (num_bits - 1) - 1
         s_out = out_scale.double()
         m, e = frexp_multiplier(scale.double() / s_out)
-        # fl64(q * m) * 2**-e == fl64(q * (m * 2**-e)): scaling by a power of two is exact
-        out = torch.round(q * torch.ldexp(m, -e))
+        # fl64(q * m) * 2**-e == fl64(q * (m * 2**-e)): scaling by a power of two is exact; an integer
+        # dtype q converts exactly (|q| < 2**53) in a fresh float64 copy, rescaled in place
+        out = q.to(torch.float64, copy=True).mul_(torch.ldexp(m, -e)).round_()
         if identity_q is not None:
             m1, e1 = frexp_multiplier(identity_scale.double() / s_out)
-            out += torch.round(identity_q * torch.ldexp(m1, -e1))
-        return torch.clamp_(out, -n - 1, n)
+            out.add_(identity_q.to(torch.float64, copy=True).mul_(torch.ldexp(m1, -e1)).round_())
+        return out.clamp_(-n - 1, n)
 
 
 @torch.no_grad()
@@ -313,14 +314,7 @@ def requantize_int(
     Returns:
         int8 Tensor when ``num_bits <= 8``, else int32 (``num_bits <= 32``).
     """
-    n = 2 ** (num_bits - 1) - 1
-    s_out = out_scale.double()
-    m, e = frexp_multiplier(scale.double() / s_out)
-    out = q.to(torch.float64, copy=True).mul_(torch.ldexp(m, -e)).round_()
-    if identity_q is not None:
-        m1, e1 = frexp_multiplier(identity_scale.double() / s_out)
-        out.add_(identity_q.to(torch.float64, copy=True).mul_(torch.ldexp(m1, -e1)).round_())
-    out.clamp_(-n - 1, n)
+    out = fixed_point_requantize(q, scale, num_bits, out_scale, identity_q, identity_scale)
     return out.to(torch.int8 if num_bits <= 8 else torch.int32)
 
 

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.ibert import quant_modules as hf_quant
 
 import nezha_zoo.pt as zoo
+from benchmarks.ibert_quant import SMOKE
 from nezha_zoo import IBertConfig
 from nezha_zoo.pt import quant
 from nezha_zoo.testing import pin_precision
@@ -198,20 +199,7 @@ FLOAT64_OPS = {"to", "_to_copy", "mul_", "round_", "add_", "clamp_", "dropout"}
 
 def test_quant_forward_computes_in_integer_dtypes():
     torch.manual_seed(0)
-    kw = dict(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-        layer_norm_eps=1e-5,
-        initializer_range=0.2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        quant_mode=True,
-    )
-    model = zoo.IBertModel(IBertConfig(**kw))
+    model = zoo.IBertModel(IBertConfig(**SMOKE, initializer_range=0.2, quant_mode=True))
     ids = torch.randint(3, 99, (2, 16))
     mask = torch.ones_like(ids)
     mask[1, 12:] = 0
@@ -231,7 +219,7 @@ def test_quant_forward_computes_in_integer_dtypes():
             m.register_forward_hook(hook)
     with torch.inference_mode():
         want = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        spy = _Float64Ops(min_numel=ids.numel() * 32)  # activation-sized (B, L, H) and larger
+        spy = _Float64Ops(min_numel=ids.numel() * SMOKE["hidden_size"])  # activation-sized (B, L, H) and larger
         with spy:
             got = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.equal(got, want)
