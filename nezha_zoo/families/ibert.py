@@ -55,6 +55,7 @@ __all__ = [
     "INT8_MIN",
     "INT8_MAX",
     "INT32_EXACT_TERMS",
+    "MASKED_SCORE",
     "INT8_PRODUCTS_ENV",
     "int8_products",
     "set_int8_products",
@@ -64,6 +65,7 @@ __all__ = [
     "EXP_X0",
     "EXP_COEFFS",
     "EXP_SHIFT",
+    "EXP_TABLE_SIZE",
 ]
 
 HEADS = (
@@ -182,6 +184,11 @@ INT8_MIN, INT8_MAX = -128, 127
 #: (no wrap-around, any summation order) for contractions of at most ``2**17 - 1`` terms:
 #: ``2**14 * (2**17 - 1) < 2**31``.  Longer contractions take the float path.
 INT32_EXACT_TERMS = 2**17 - 1
+#: Integer stand-in for a masked attention score in the integer-dtype softmax: ``-MASKED_SCORE`` is
+#: added where the additive mask is very negative.  Scores are below ``2**24`` in magnitude, so a
+#: masked one stays below its row's maximum by more than ``2**30 - 2**25``, past the exponent clamp
+#: ``EXP_SHIFT * x0`` whenever ``EXP_SHIFT * |x0| <= 2**30 - 2**25``, and int32 cannot wrap.
+MASKED_SCORE = 2**30
 #: Environment switch for :func:`int8_products`: ``"1"`` forces the int8 path, ``"0"`` the float one.
 INT8_PRODUCTS_ENV = "NEZHA_ZOO_INT8_PRODUCTS"
 
@@ -231,6 +238,10 @@ GELU_SHIFT = 14
 EXP_X0 = -0.6931
 EXP_COEFFS = (0.35815147, 0.96963238, 1.0)
 EXP_SHIFT = 30
+#: Inference tabulates the 16-bit exponential of every clamped integer score (``EXP_SHIFT * |x0| + 1``
+#: entries, kept while the scales stay the same) when the table is smaller than the scores or than
+#: this many entries (4 MiB of int32).
+EXP_TABLE_SIZE = 2**20
 
 # --- quantization state (persistent buffers of transformers' quant_modules.py) ---------------------
 # Every buffer is float32 in transformers' state dict, the "integer" ones included.

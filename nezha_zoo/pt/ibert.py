@@ -80,7 +80,17 @@ from nezha_zoo.pt.heads import (
 )
 from nezha_zoo.pt.layers import padding_aware_position_ids, sequential_position_ids
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, prepare_encoder_inputs
-from nezha_zoo.pt.quant import IntGELU, IntLayerNorm, IntSoftmax, QuantAct, QuantEmbedding, QuantLinear, round_ste
+from nezha_zoo.pt.quant import (
+    IntGELU,
+    IntLayerNorm,
+    IntSoftmax,
+    QuantAct,
+    QuantEmbedding,
+    QuantLinear,
+    attach_integer,
+    integer_of,
+    round_ste,
+)
 from nezha_zoo.spec.param import ModelSpec
 from nezha_zoo.spec.positions import padding_aware_max_length
 from nezha_zoo.validation import InputError
@@ -200,13 +210,20 @@ class IBertSelfAttention(nn.Module):
         q, s_q = self.query_activation(*self.query(hidden, scale))
         k, s_k = self.key_activation(*self.key(hidden, scale))
         v, s_v = self.value_activation(*self.value(hidden, scale))
+        # inference: the activations' exact integers (int8), reused instead of recovered from q, k, v
+        q_i, k_i, v_i = integer_of(q, s_q), integer_of(k, s_k), integer_of(v, s_v)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         root = math.sqrt(self.attention_head_size)
         if self.softmax.quant_mode:
             s_scores = s_q * s_k / root
-            # exact integers: |q_int . k_int| <= head_dim * 2**14 < 2**24
-            scores_int = torch.matmul(round_ste(q / s_q), round_ste(k / s_k).transpose(-1, -2)).double()
-            scores_int = scores_int + attention_mask.double() / s_scores.double()
+            scores_int = None
+            if q_i is not None and k_i is not None:
+                # exact integers: |q_int . k_int| <= head_dim * 2**14 < 2**24 (float32 product)
+                prods = torch.matmul(self._heads(q_i).float(), self._heads(k_i).float().transpose(-1, -2))
+                scores_int = self.softmax.mask_scores_int(prods.to(torch.int32), attention_mask, s_scores)
+            if scores_int is None:
+                scores_int = torch.matmul(round_ste(q / s_q), round_ste(k / s_k).transpose(-1, -2)).double()
+                scores_int = scores_int + attention_mask.double() / s_scores.double()
             prob_int, s_p = self.softmax.forward_int(scores_int, s_scores)
             probs = prob_int * s_p  # (B, h, L, L) dequantized probabilities
         else:
@@ -218,6 +235,12 @@ class IBertSelfAttention(nn.Module):
         if s_p is not None and s_v is not None:
             # prob_int @ v_int is exact in float32 (|.| <= 256 * 128); dropout/head_mask may make it fractional
             ctx_scale = s_p * s_v
+            if v_i is not None and not self.training and head_mask is None:
+                # probs unchanged by dropout: exact integers |prob_int @ v_int| <= 256 * 128, kept for
+                # output_activation's integer requantization
+                ctx_int = torch.matmul(prob_int, self._heads(v_i).float()).to(torch.int32)
+                ctx_int = ctx_int.transpose(1, 2).reshape(ctx_int.shape[0], ctx_int.shape[2], -1)  # (B, L, H)
+                return self.output_activation(attach_integer(ctx_int, ctx_scale), ctx_scale), probs
             context = torch.matmul(probs / s_p, round_ste(v / s_v)) * ctx_scale
         else:
             ctx_scale = None

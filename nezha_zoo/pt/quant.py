@@ -15,9 +15,20 @@ Where this code differs from transformers (deliberately): transformers emulates 
 float32 tensors, so any integer above 2**24 is rounded, and it never re-rounds ``x / s`` (so its
 "integers" carry float noise).  Here every integer ``q`` is *exact*:
 
-* ``q`` is recovered from ``(x, s)`` as ``round(x / s)`` and carried in **float64**, which holds every
-  integer below 2**53 exactly (the widest integers of the pipeline: linear accumulators < 2**32, the
-  LayerNorm variance < 2**32 after its shift, GELU products ~2**40, softmax exponentials up to ~2**52);
+* with autograd (and for inputs that do not come from these kernels) ``q`` is recovered from
+  ``(x, s)`` as ``round(x / s)`` and carried in **float64**, which holds every integer below 2**53
+  exactly (the widest integers of the pipeline: linear accumulators < 2**32, the LayerNorm variance
+  < 2**32 after its shift, GELU products ~2**40, softmax exponentials up to ~2**52);
+* in inference the kernels compute in **integer dtypes** instead (issue #23): each output ``x``
+  carries the exact integers it was made from (:func:`integer_of`: int8 for 8-bit activations, int32
+  for 16/22-bit ones and int8 products, int64 for GELU products, LayerNorm outputs and sums that may
+  pass 2**31), and the next kernel takes them.  ``floor(v / 2**k)`` is an arithmetic right shift,
+  the GELU/LayerNorm/softmax polynomials run in int64, the softmax exponentials come from an int32
+  table.  Each kernel first checks that the float64 rule is exact for its operands (every
+  intermediate integer below 2**53; else it takes the float64 path), so both paths give the same
+  integers bit for bit.  Float64 remains where it is the definition: the dyadic product of a
+  requantization (:func:`requantize_int`) and the per-row scalars (mean, ``sqrt`` of the variance);
+  the dequantized outputs keep their dtypes (float64 for linear, GELU and LayerNorm outputs);
 * integer matrix products are exact: on CPUs with int8 dot-product units (VNNI/AMX,
   :func:`nezha_zoo.families.ibert.int8_products`) the linear layers' int8 x int8 products run as
   ``torch._int_mm`` with int32 accumulation (:func:`int8_matmul`; exact below 2**17 terms); otherwise
@@ -61,6 +72,7 @@ from nezha_zoo.families.ibert import (
     EXACT_CHUNK,
     EXP_COEFFS,
     EXP_SHIFT,
+    EXP_TABLE_SIZE,
     EXP_X0,
     GELU_COEFFS,
     GELU_SHIFT,
@@ -68,6 +80,7 @@ from nezha_zoo.families.ibert import (
     INT8_MAX,
     INT8_MIN,
     INT32_EXACT_TERMS,
+    MASKED_SCORE,
     MAX_BIT,
     SOFTMAX_EXP_BIT,
     UNCALIBRATED_RANGE,
@@ -81,6 +94,9 @@ __all__ = [
     "round_ste",
     "floor_ste",
     "to_integer",
+    "integer_of",
+    "attach_integer",
+    "requantize_int",
     "frexp_multiplier",
     "fixed_point_requantize",
     "integer_matmul",
@@ -207,6 +223,24 @@ def to_integer(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return round_ste(x.double() / scale.double())
 
 
+def integer_of(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """The exact integer tensor (an integer dtype) a kernel attached to ``x = q * scale``, or None.
+
+    Inference only (a tensor that requires grad has none): the kernels below then compute on these
+    integers in int8/int32/int64 instead of recovering float64 ones.
+    """
+    attached = getattr(x, "_nz_int", None)
+    if attached is None or attached[1] is not scale or x.requires_grad:
+        return None
+    q = attached[0]
+    return None if q.is_floating_point() else q
+
+
+def _inference(*xs: torch.Tensor | None) -> bool:
+    """No autograd graph is recorded for these tensors (eval and no_grad/inference_mode forwards)."""
+    return not torch.is_grad_enabled() or not any(x is not None and x.requires_grad for x in xs)
+
+
 def frexp_multiplier(ratio: torch.Tensor, max_bit: int = 31) -> tuple[torch.Tensor, torch.Tensor]:
     """Dyadic form of a positive float64 ratio: ``ratio ~= m / 2**e`` with integer ``m < 2**max_bit``.
 
@@ -237,7 +271,7 @@ def fixed_point_requantize(
     ``R(q, s) = round_half_even(fl64(q * m) * 2**-e)`` and ``(m, e) = frexp_multiplier(fl64(s) / fl64(s_out))``.
 
     Args:
-        q (float64 Tensor (..., C)): exact integers.
+        q (float64 or integer-dtype Tensor (..., C)): exact integers (below 2**53).
         scale (float32 Tensor (1,) or (C,)): scale of ``q`` (per channel on the last axis).
         num_bits (int): output bit width ``b``.
         out_scale (float32 Tensor (1,)): output scaling factor.
@@ -249,12 +283,61 @@ def fixed_point_requantize(
         n = 2 ** (num_bits - 1) - 1
         s_out = out_scale.double()
         m, e = frexp_multiplier(scale.double() / s_out)
-        # fl64(q * m) * 2**-e == fl64(q * (m * 2**-e)): scaling by a power of two is exact
-        out = torch.round(q * torch.ldexp(m, -e))
+        # fl64(q * m) * 2**-e == fl64(q * (m * 2**-e)): scaling by a power of two is exact; an integer
+        # dtype q converts exactly (|q| < 2**53) in a fresh float64 copy, rescaled in place
+        out = q.to(torch.float64, copy=True).mul_(torch.ldexp(m, -e)).round_()
         if identity_q is not None:
             m1, e1 = frexp_multiplier(identity_scale.double() / s_out)
-            out += torch.round(identity_q * torch.ldexp(m1, -e1))
-        return torch.clamp_(out, -n - 1, n)
+            out.add_(identity_q.to(torch.float64, copy=True).mul_(torch.ldexp(m1, -e1)).round_())
+        return out.clamp_(-n - 1, n)
+
+
+@torch.no_grad()
+def requantize_int(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    num_bits: int,
+    out_scale: torch.Tensor,
+    identity_q: torch.Tensor | None = None,
+    identity_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`fixed_point_requantize` of integer-dtype tensors, to the narrowest integer dtype.
+
+    The same integers: ``q`` (int8/int32, or int64 below 2**53) converts exactly to float64 inside
+    the one fused multiply ``fl64(q) * (m * 2**-e)`` (the float64 product's rounding is part of the
+    definition), rounded and clamped in place.
+
+    Args:
+        q (integer Tensor (..., C)): exact integers, ``|q| < 2**53``.
+        scale, num_bits, out_scale, identity_q, identity_scale: as :func:`fixed_point_requantize`
+            (``identity_q`` an integer Tensor too).
+    Returns:
+        int8 Tensor when ``num_bits <= 8``, else int32 (``num_bits <= 32``).
+    """
+    out = fixed_point_requantize(q, scale, num_bits, out_scale, identity_q, identity_scale)
+    return out.to(torch.int8 if num_bits <= 8 else torch.int32)
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q * scale`` in ``scale``'s dtype (float32 or float64) for an integer-dtype ``q``: one conversion,
+    then an in-place multiply (a mixed-dtype ``q * scale`` would make a converted temporary too)."""
+    return q.to(scale.dtype).mul_(scale)
+
+
+def attach_integer(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The dequantized ``q * scale`` (float32) of an integer-dtype ``q``, carrying ``q`` (see :func:`integer_of`).
+
+    Args:
+        q (integer Tensor (..., C)): exact integers below 2**24 in magnitude (exact in float32).
+        scale (float32 Tensor (1,) or (C,)): their scale.
+    """
+    return _attach(_dequantize(q, scale), q, scale)
+
+
+def _integer_or_recover(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`integer_of` ``x``, else its integers recovered as float64 (:func:`to_integer`)."""
+    q = integer_of(x, scale)
+    return to_integer(x, scale) if q is None else q
 
 
 class _Requant(torch.autograd.Function):
@@ -328,6 +411,19 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a.reshape(-1, K), b).reshape(*a.shape[:-1], b.shape[-1])
 
 
+def _add_bias_int(acc: torch.Tensor, b_int: torch.Tensor | None, acc_bound: int) -> torch.Tensor:
+    """int32 accumulator ``acc`` (``|acc| <= acc_bound``) plus the float32-held integer bias, exact.
+
+    In place in int32 when the sum provably fits (``acc_bound + max|b_int| < 2**31``), else in int64.
+    """
+    if b_int is None:
+        return acc
+    b = b_int.detach()
+    if acc_bound + float(b.abs().max()) < 2**31:
+        return acc.add_(b.to(torch.int32))
+    return acc.to(torch.int64).add_(b.to(torch.int64))
+
+
 # --- modules -------------------------------------------------------------------------------------
 
 
@@ -379,9 +475,11 @@ class QuantEmbedding(nn.Module):
             with torch.no_grad():
                 self.weight_scaling_factor.copy_(scale)
                 self.weight_integer.copy_(w_int)
+            if not differentiable and self.weight_bit <= 8:
+                w_int = w_int.to(torch.int8)  # inference: the downstream kernels take integer dtypes
             self._cache = None if differentiable else (key, w_int, scale)
         q = F.embedding(ids, w_int, self.padding_idx)
-        return _attach(q * scale, q, scale), scale
+        return _attach(_dequantize(q, scale), q, scale), scale
 
 
 class QuantAct(nn.Module):
@@ -447,7 +545,10 @@ class QuantAct(nn.Module):
         specified_min: torch.Tensor | None = None,
         specified_max: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x_act = x if identity is None else identity + x
+        # the sum is needed to calibrate, in float mode and for a float input; an eval-mode
+        # requantization adds the two integer tensors instead
+        lazy = identity is not None and not self.training and self.quant_mode and pre_act_scaling_factor is not None
+        x_act = x if identity is None or lazy else identity + x
         if self.training:
             self.update_range(x_act.detach())
         if not self.quant_mode:
@@ -459,6 +560,18 @@ class QuantAct(nn.Module):
             self.act_scaling_factor.copy_(scale)
         if pre_act_scaling_factor is None:
             q = symmetric_quantize(x_act.float(), self.activation_bit, scale)
+        elif _inference(x, identity) and self.activation_bit <= 32:
+            # integer dtypes end to end (same integers as _Requant's float64 path)
+            q_id = None if identity is None else _integer_or_recover(identity, identity_scaling_factor)
+            q = requantize_int(
+                _integer_or_recover(x, pre_act_scaling_factor),
+                pre_act_scaling_factor,
+                self.activation_bit,
+                scale,
+                q_id,
+                identity_scaling_factor,
+            )
+            return _attach(_dequantize(q, scale), q, scale), scale
         else:
             q = _Requant.apply(
                 x, pre_act_scaling_factor, self.activation_bit, scale, identity, identity_scaling_factor
@@ -545,9 +658,12 @@ class QuantLinear(nn.Module):
             w8_t = None  # int8 copy, made on first use by the int8 path
             self._cache = None if differentiable else (key, w_int_t, scale, w8_t)
         out_scale = scale * prev_act_scaling_factor  # (out,)
-        attached = getattr(x, "_nz_int", None)
-        if attached is not None and attached[1] is prev_act_scaling_factor and not differentiable:
-            x_int = attached[0].float()  # the requantized activation's integers (float32 already)
+        attached = None if differentiable else integer_of(x, prev_act_scaling_factor)
+        if attached is None:
+            attached = getattr(x, "_nz_int", None)
+            attached = attached[0] if attached is not None and attached[1] is prev_act_scaling_factor else None
+        if attached is not None and not differentiable:
+            x_int = attached  # the requantized activation's integers (an integer dtype or float32)
         else:
             x_int = round_ste(x / prev_act_scaling_factor).float()  # exact: |x_int| <= 2**(b-1) <= 2**21
         b_int = None
@@ -561,26 +677,28 @@ class QuantLinear(nn.Module):
             if w8_t is None:
                 w8_t = as_int8(w_int_t)  # 8-bit weights always fit ([-127, 126])
                 self._cache = (key, w_int_t, scale, w8_t)
-            x8 = None if w8_t is None else as_int8(x_int)
+            # an int8 activation (QuantAct of <= 8 bits) is used as it is; others are range-checked
+            x8 = None if w8_t is None else (x_int if x_int.dtype == torch.int8 else as_int8(x_int))
         if x8 is not None:
-            # int8 x int8 -> int32 on the CPU's int8 units (exact); the 32-bit bias is added in float64
-            acc = int8_matmul(x8, w8_t).double()
-            if b_int is not None:
-                acc = acc + b_int.double()
-            return _attach(acc * out_scale.double(), acc, out_scale), out_scale
+            # int8 x int8 -> int32 on the CPU's int8 units (exact), then the 32-bit bias in integers
+            acc = _add_bias_int(int8_matmul(x8, w8_t), b_int, K * 2 ** (self.weight_bit - 1) * -INT8_MIN)
+            return _attach(_dequantize(acc, out_scale.double()), acc, out_scale), out_scale
+        x_int = x_int.float()
         fused = False
         if b_int is not None and not differentiable:
             bound = K * 2 ** (self.weight_bit - 1) * float(x_int.abs().max()) + float(b_int.detach().abs().max())
             fused = bound < 2**24
         if fused:
             # every partial sum, bias included, is an exact float32 integer: one fused GEMM
-            acc = torch.addmm(b_int, x_int.reshape(-1, K), w_int_t).reshape(*x_int.shape[:-1], -1).double()
+            acc = torch.addmm(b_int, x_int.reshape(-1, K), w_int_t).reshape(*x_int.shape[:-1], -1)
+            acc = acc.to(torch.int32)  # |acc| < 2**24 (inference only): the next kernels use integers
         else:
             acc = integer_matmul(x_int, w_int_t)  # (..., out) float64, exact
             if b_int is not None:
                 acc = acc + b_int.double()
-        out_scale64 = out_scale.double()
-        return _attach(acc * out_scale64, acc, out_scale), out_scale
+            if not differentiable:
+                acc = acc.to(torch.int64)  # exact: |acc| <= K * 2**14 + 2**31
+        return _attach(_dequantize(acc, out_scale.double()), acc, out_scale), out_scale
 
 
 class IntGELU(nn.Module):
@@ -624,9 +742,44 @@ class IntGELU(nn.Module):
         s_y = scale**2 * self.coeff[0] * 2**self.const
         return y, s_y
 
+    @torch.no_grad()
+    def _forward_int(self, q: torch.Tensor, scaling_factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The quant-mode forward on an integer-dtype ``q`` (int32/int64 accumulators), in int32/int64.
+
+        The same integers as the float64 path whenever that path is exact, which is checked first
+        (None otherwise, and the caller takes the float64 path): ``b_int**2 + |c_int| < 2**53`` bounds
+        the polynomial, ``max|q| * max|y + one| < 2**53`` the output.  ``floor(y / 2**14)`` is an
+        arithmetic right shift; ``sign(0) = 0`` needs no care since ``q = 0`` gives ``q_out = 0``.
+        """
+        scale = scaling_factor / self.k
+        b_f = torch.floor(self.coeff[1] / scale)  # float32, <= 0
+        c_f = torch.floor(self.coeff[2] / scale**2)  # float32, <= 0
+        s_y = scale**2 * self.coeff[0] * 2**self.const
+        one_f = 1.0 // s_y
+        b_max, c_max = float(b_f.abs().max()), float(c_f.abs().max())
+        one_max = float(one_f.abs().max())
+        if not (b_max * b_max + c_max < 2**53 and one_max < 2**53) or q.numel() == 0:
+            return None
+        y_max = (b_max * b_max + c_max) / 2**self.const + 1 + one_max
+        lo, hi = torch.aminmax(q)
+        if max(-float(lo), float(hi)) * y_max >= 2**53:
+            return None
+        q = q.to(torch.int64)  # one conversion; every step below is in place in int64
+        b_int = b_f.to(torch.int64)
+        t = q.abs()
+        t = torch.minimum(t, -b_int, out=t).add_(b_int)  # in [b_int, 0]
+        y = t.mul_(t).add_(c_f.to(torch.int64)).mul_(torch.sign(q))
+        y.bitwise_right_shift_(self.const).add_(one_f.to(torch.int64))
+        return y.mul_(q), scaling_factor * s_y / 2
+
     def forward(self, x: torch.Tensor, scaling_factor: torch.Tensor | None = None):
         if not self.quant_mode:
             return F.gelu(x.float()), None
+        q_int = integer_of(x, scaling_factor) if _inference(x, scaling_factor) else None
+        done = None if q_int is None else self._forward_int(q_int, scaling_factor)
+        if done is not None:
+            q, out_scale = done
+            return _attach(_dequantize(q, out_scale.double()), q, out_scale), out_scale
         q = to_integer(x, scaling_factor)
         y, s_y = self.int_erf(q, scaling_factor / self.k)
         with torch.no_grad():
@@ -671,6 +824,7 @@ class IntSoftmax(nn.Module):
         self.const = EXP_SHIFT
         a, b, c = EXP_COEFFS
         self.coef = [a, b / a, c / a]
+        self._table: tuple | None = None  # (key, int32 exponential table, its scale): see _exp16_lookup
 
     def int_exp(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer ``exp`` of non-positive integer ``q`` (scale ``scale``): ``(e float64, s_e float32)``."""
@@ -688,18 +842,56 @@ class IntSoftmax(nn.Module):
     @torch.no_grad()
     def _exp16_lookup(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
         """Inference shortcut, same integers: the 16-bit exponential is a function of the clamped
-        integer score alone (``30 * x0 <= q <= 0``), so it is tabulated once per call and gathered.
-        None when the table would not be smaller than the scores."""
+        integer score alone (``30 * x0 <= q <= 0``), so it is tabulated and gathered; the table is
+        kept while the scale and ``act``'s range stay the same.  None when the table would be larger
+        than both the scores and :data:`EXP_TABLE_SIZE`.  Returns int32 (the 16-bit exponentials), shaped like ``q``."""
         x0 = float(torch.floor(self.x0 / scale))
         size = int(-self.const * x0) + 1
-        if size >= q.numel():
+        if size >= max(q.numel(), EXP_TABLE_SIZE):
             return None
-        table_q = -torch.arange(size, dtype=torch.float64, device=q.device)  # 0, -1, ..., 30 * x0
-        e, s_e = self.int_exp(table_q, scale)
-        e16, s16 = self.act(e, s_e)
-        table = to_integer(e16, s16)
-        idx = (-torch.clamp(q, min=-(size - 1))).long()  # the clamp of int_exp, as a table index
-        return table[idx]
+        act = self.act
+        key = (float(scale), float(act.x_min), float(act.x_max), act.training, q.device)
+        if self._table is not None and self._table[0] == key:
+            _, table, s16 = self._table  # same scale and frozen range: the same table
+            act.act_scaling_factor.copy_(s16)
+        else:
+            table_q = -torch.arange(size, dtype=torch.float64, device=q.device)  # 0, -1, ..., 30 * x0
+            e, s_e = self.int_exp(table_q, scale)
+            e16, s16 = act(e, s_e)
+            table = to_integer(e16, s16).to(torch.int32)  # 16-bit integers
+            self._table = (key, table, s16)
+        idx = torch.clamp(q, min=-(size - 1)).neg_()  # the clamp of int_exp, as a table index
+        idx = idx.to(torch.int32 if q.dtype == torch.int32 else torch.int64)
+        return table.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+    @torch.no_grad()
+    def mask_scores_int(
+        self, scores: torch.Tensor, attention_mask: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Integer scores plus an additive 0 / very-negative mask, in int32, for :meth:`forward_int`.
+
+        The float64 rule adds ``mask / s`` to the scores; a masked score then lies so far below its
+        row's maximum (an unmasked score) that the exponent clamp at ``30 * x0`` takes it, whatever
+        its value.  So where every mask value is 0 or below ``-MASKED_SCORE`` (in score units) and
+        every row has an unmasked entry, adding ``-2**30`` instead gives the same probabilities.
+        Otherwise (None) the caller takes the float64 rule.
+
+        Args:
+            scores (int32 Tensor (B, h, Lq, Lk)): ``q_int @ k_int^T``, ``|.| < 2**24``.
+            attention_mask (float Tensor broadcastable to ``scores``): additive mask.
+            scale (float32 Tensor (1,)): scale of the scores.
+        Returns:
+            ``scores`` itself (updated in place), or None.
+        """
+        x0 = float(torch.floor(self.x0 / scale))
+        masked = attention_mask.double() / scale.double()
+        visible = masked == 0
+        # |score| < 2**24 on both sides of the subtraction of the row maximum: 2**25 of slack
+        if -self.const * x0 >= MASKED_SCORE - 2**25 or not bool(visible.any(dim=-1).all()):
+            return None
+        if not bool((visible | (masked <= -MASKED_SCORE)).all()):
+            return None
+        return scores.add_(torch.where(visible, 0, -MASKED_SCORE).to(torch.int32))
 
     def forward_int(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer softmax of float64 integer scores ``q`` (..., L), scale (1,): ``(prob float32 ints, 2**-b)``."""
@@ -708,9 +900,19 @@ class IntSoftmax(nn.Module):
         if not self.training and not (torch.is_grad_enabled() and q.requires_grad):
             e16 = self._exp16_lookup(q, scale)
         if e16 is None:
+            q = q if q.is_floating_point() else q.double()
             e, s_e = self.int_exp(q, scale)
             e16, s16 = self.act(e, s_e)  # dequantized e16 * s16 (float32)
             e16 = to_integer(e16, s16)
+        if not e16.is_floating_point():
+            # integer dtypes: e16 <= sum(e16) < 2**53, so e16 * f <= 2**32 is exact in int64 and
+            # floor(v / 2**k) is a right shift (the same integers as the float64 rule below)
+            total = e16.sum(dim=-1, keepdim=True, dtype=torch.int64)
+            if bool((total > 0).all()):
+                f = torch.floor(2**self.max_bit / total.double()).to(torch.int64)
+                prob = e16.to(torch.int64).mul_(f).bitwise_right_shift_(self.max_bit - self.output_bit)
+                return prob.float(), torch.full((1,), 2.0**-self.output_bit, device=q.device)
+            e16 = e16.double()
         f = floor_ste(2**self.max_bit / e16.sum(dim=-1, keepdim=True))
         prob = floor_ste(e16 * f / 2 ** (self.max_bit - self.output_bit))
         return prob.float(), torch.full((1,), 2.0**-self.output_bit, device=q.device)
@@ -771,9 +973,52 @@ class IntLayerNorm(nn.Module):
         y_shifted = floor_ste(y / 2 ** self.shift.double())
         return (y_shifted**2).sum(dim=-1, keepdim=True)
 
+    @torch.no_grad()
+    def _forward_int(self, q: torch.Tensor, scaling_factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The eval-mode quant forward on an integer-dtype ``q`` (22-bit), in int32/int64.
+
+        Same integers as the float64 path where that one is exact (checked, else None): the sums and
+        ``sum(y_shifted**2)`` below 2**53 (exact in int64 in any order), ``|y| * factor < 2**53``
+        and the bias integers below 2**53.  ``floor(v / 2**k)`` is an arithmetic right shift; the
+        per-row scalars (mean, std, factor) stay in float64, as in the float64 path.
+        """
+        n = q.shape[-1]
+        shift = float(self.shift)
+        if q.numel() == 0 or shift != int(shift) or not 0 <= shift < 62:
+            return None
+        lo, hi = torch.aminmax(q)
+        q_max = max(-int(lo), int(hi))
+        if q_max * n >= 2**53:
+            return None
+        mean = torch.round(q.sum(dim=-1, keepdim=True, dtype=torch.int64).double() / n)
+        y = q.to(torch.int64, copy=True).sub_(mean.to(torch.int64))  # |y| <= 2 * q_max; q untouched
+        y_shifted = torch.bitwise_right_shift(y, int(shift))
+        # squares <= (2 * q_max)**2 < 2**46, their int64 sum cannot wrap; a float64 sum of
+        # non-negative exact terms is exact when the total is below 2**53
+        var = y_shifted.mul_(y_shifted).sum(dim=-1, keepdim=True)
+        if int(var.max()) >= 2**53 or int(var.min()) < 1:
+            return None
+        var = var.double()
+        std = torch.floor(torch.sqrt(var)) * 2**shift
+        factor = torch.floor(2**31 / std)
+        scale = torch.sqrt(torch.tensor(float(n))).to(q.device) / 2**30  # float32, as transformers
+        bias_f = torch.floor((self.bias / self.weight) / scale)
+        # std >= 1 bounds |y| * factor: |y| < (sqrt(var) + 1) * 2**shift, so |y * factor| < 3 * 2**31
+        b_max = float(bias_f.abs().max())
+        if not b_max < 2**53 - 2**33:
+            return None
+        y.mul_(factor.to(torch.int64)).bitwise_right_shift_(1).add_(bias_f.to(torch.int64))
+        return y, scale * self.weight
+
     def forward(self, x: torch.Tensor, scaling_factor: torch.Tensor | None = None):
         if not self.quant_mode:
             return F.layer_norm(x.float(), (self.normalized_shape,), self.weight, self.bias, self.eps), None
+        inference = not self.training and _inference(x, scaling_factor, self.weight, self.bias)
+        q_int = integer_of(x, scaling_factor) if inference else None
+        done = None if q_int is None else self._forward_int(q_int, scaling_factor)
+        if done is not None:
+            y, out_scale = done
+            return _attach(_dequantize(y, out_scale.double()), y, out_scale), out_scale
         n = x.shape[-1]
         q = to_integer(x, scaling_factor)
         mean = round_ste(q.sum(dim=-1, keepdim=True) / n)

@@ -1,0 +1,230 @@
+"""PyTorch I-BERT quant mode in integer dtypes (issue #23): inference computes the integer kernels'
+elementwise maths in int8/int32/int64, bit for bit the float64 rules it replaces and transformers'
+``quant_modules`` evaluated exactly.
+
+Each kernel has two paths in :mod:`nezha_zoo.pt.quant`: a dequantized input ``x`` that carries its
+exact integers (``_nz_int``, attached by the kernel that made it) takes the integer-dtype path in
+inference; the same ``x`` without them (a copy) takes the float64 path.  The adversarial inputs below
+sit on the rounding boundaries of each rule: ties of the round-half-even requantization, the clamp of
+the GELU polynomial, odd products before ``floor(/ 2)``, negative values under ``floor`` (an
+arithmetic right shift), mean ties in LayerNorm, the exponent boundaries ``k * x0`` of the softmax.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.models.ibert import quant_modules as hf_quant
+
+import nezha_zoo.pt as zoo
+from benchmarks.ibert_quant import SMOKE
+from nezha_zoo import IBertConfig
+from nezha_zoo.pt import quant
+from nezha_zoo.testing import pin_precision
+
+pytestmark = [pytest.mark.pt, pytest.mark.hf]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _precision():
+    pin_precision("pt")
+
+
+def _carrying(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q * scale`` carrying the integer-dtype ``q``, as a kernel output does in inference."""
+    return quant._attach(q.to(scale.dtype) * scale, q, scale)
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()  # no attached integers: the float64 path
+
+
+def _both(module, x: torch.Tensor, scale: torch.Tensor):
+    """(integer-dtype path, float64 path) outputs of ``module`` on the same dequantized input."""
+    with torch.no_grad():
+        y_int, s_int = module(x, scale)
+        y_f64, s_f64 = module(_plain(x), scale)
+    assert torch.equal(s_int, s_f64)
+    return y_int, y_f64, s_int
+
+
+def _hf_exact(module, x: torch.Tensor, scale: torch.Tensor):
+    """transformers' kernel evaluated on the exact integers in float64 (its float32 rounds them)."""
+    s = scale.double()
+    with torch.no_grad():
+        return module(torch.round(x.double() / s) * s, scale)
+
+
+def test_requantization_ties_and_wide_inputs():
+    # ratio 2**-3 exactly: every odd multiple of 4 is a tie of round-half-even; wide |q| up to 2**31
+    # (the float64 product rounds there, by definition) and per-channel scales
+    q = torch.cat([torch.arange(-64, 65, dtype=torch.int32), torch.tensor([2**31 - 1, -(2**31) + 1, 2**22 + 3])])
+    q = q.reshape(1, -1).expand(3, -1).contiguous()
+    for s_in, s_out in ((torch.tensor([2.0**-3]), torch.tensor([1.0])), (torch.tensor([3e-5]), torch.tensor([0.011]))):
+        for bits in (8, 16, 22):
+            want = quant.fixed_point_requantize(q.double(), s_in, bits, s_out)
+            got = quant.requantize_int(q, s_in, bits, s_out)
+            assert not got.is_floating_point() and torch.equal(got.double(), want)
+    ident = torch.randint(-(2**21), 2**21, q.shape, dtype=torch.int32)
+    s_in, s_id, s_out = torch.tensor([2e-5]), torch.tensor([7e-6]), torch.tensor([4e-3])
+    want = quant.fixed_point_requantize(q.double(), s_in, 8, s_out, ident.double(), s_id)
+    got = quant.requantize_int(q, s_in, 8, s_out, ident, s_id)
+    assert got.dtype == torch.int8 and torch.equal(got.double(), want)
+
+
+def test_quant_act_integer_path_matches_transformers():
+    torch.manual_seed(0)
+    s_in = torch.tensor([1e-4])
+    q = torch.randint(-(2**20), 2**20, (4, 9, 16), dtype=torch.int32)
+    q[0, 0, :8] = torch.tensor([0, 1, -1, 2**20 - 1, -(2**20), 127, -128, 64])
+    x = _carrying(q, s_in)
+    ha, za = hf_quant.QuantAct(8, quant_mode=True), quant.QuantAct(8, quant_mode=True)
+    ha.train()
+    with torch.no_grad():
+        ha(x.float(), s_in)
+    ha.eval()
+    za.load_state_dict(ha.state_dict())
+    za.eval()
+    y_int, y_f64, s = _both(za, x, s_in)
+    assert y_int._nz_int[0].dtype == torch.int8
+    assert torch.equal(y_int, y_f64)
+    with torch.no_grad():
+        assert torch.equal(ha(x.float(), s_in)[0], y_int)  # 20-bit inputs: transformers' float32 is exact
+
+
+@pytest.mark.parametrize("s_val", [3e-4, 2.0**-9, 0.05])
+def test_int_gelu_boundaries(s_val):
+    s = torch.full((24,), s_val) * torch.linspace(0.5, 2.0, 24)  # per channel, as after a QuantLinear
+    zg, hg = quant.IntGELU(quant_mode=True), hf_quant.IntGELU(quant_mode=True)
+    b_int = torch.floor(-1.769 / (s / 1.4142)).to(torch.int64)  # the polynomial's clamp, per channel
+    rows = [b_int, b_int + 1, b_int - 1, -b_int, -b_int + 1, -b_int - 1, torch.zeros_like(b_int)]
+    rows += [torch.full_like(b_int, v) for v in (1, -1, 2**20, -(2**20), 2**24, -(2**24))]
+    q = torch.stack(rows).to(torch.int32)  # (13, 24)
+    y_int, y_f64, s_out = _both(zg, _carrying(q, s), s)
+    assert y_int._nz_int[0].dtype == torch.int64
+    assert torch.equal(y_int, y_f64)
+    assert torch.equal(_hf_exact(hg, q.double() * s.double(), s)[0], y_f64)
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+def test_int_layer_norm_boundaries(shift):
+    torch.manual_seed(shift)
+    n = 24
+    zn = quant.IntLayerNorm(n, 1e-5, output_bit=32, quant_mode=True)
+    with torch.no_grad():
+        zn.weight.normal_(1.0, 0.2)
+        zn.bias.normal_(0.0, 0.3)
+        zn.shift.fill_(shift)
+    zn.eval()
+    hn = hf_quant.IntLayerNorm(n, 1e-5, output_bit=32, quant_mode=True)
+    hn.load_state_dict(zn.state_dict())
+    hn.eval()
+    s = torch.tensor([3e-6])
+    q = torch.randint(-(2**21), 2**21, (6, n), dtype=torch.int32)
+    q[0] = torch.arange(n) - n // 2  # small row: sum / n = -0.5, a tie of the mean's round-half-even
+    q[1] = torch.tensor([2**21 - 1] * (n // 2) + [-(2**21)] * (n // 2))  # extremes, mean tie again
+    q[2] = -q[2].abs()  # all negative: floor on negatives (right shifts)
+    q[3, :] = 5
+    q[3, 0] = 6 + n  # one outlier: the smallest non-zero variance
+    q[4] = (q[4] // 2) * 2 + 1  # odd values: odd y * factor before floor(/ 2)
+    q = q[None]  # (1, 6, n): transformers' kernel wants (B, L, n)
+    y_int, y_f64, _ = _both(zn, _carrying(q, s), s)
+    assert y_int._nz_int[0].dtype == torch.int64
+    assert torch.equal(y_int, y_f64)
+    with torch.no_grad():
+        assert torch.equal(_hf_exact(hn, q.double() * s.double(), s)[0], y_f64)
+
+
+def test_int_softmax_boundaries_and_masks():
+    s = torch.tensor([2.0**-7])  # x0 = floor(-0.6931 / s) = -89: scores at multiples of x0 are exponent boundaries
+    x0 = -89
+    L = 64
+    base = torch.arange(0, -L, -1, dtype=torch.int64) * 7
+    rows = [base, torch.arange(L) * x0, torch.arange(L) * x0 + 1, torch.arange(L) * x0 - 1, base * 0]
+    rows.append(torch.full((L,), 30 * x0).index_fill_(0, torch.tensor([0]), 0))  # at the exponent clamp
+    q = torch.stack(rows)[None].expand(2, -1, -1).contiguous()  # (2, 6, L)
+    zs, hs = quant.IntSoftmax(8, quant_mode=True), quant.IntSoftmax(8, quant_mode=True)
+    hf = hf_quant.IntSoftmax(8, quant_mode=True)
+    hf.train()
+    with torch.no_grad():
+        hf(q.double() * s.double(), s)
+    hf.eval()
+    for m in (zs, hs):
+        m.load_state_dict(hf.state_dict())
+        m.eval()
+    mask = torch.zeros(2, 1, L)
+    mask[1, :, L // 2 :] = torch.finfo(torch.float32).min
+    with torch.no_grad():
+        scores = zs.mask_scores_int(q.to(torch.int32), mask, s)
+        assert scores is not None and scores.dtype == torch.int32
+        p_int, _ = zs.forward_int(scores, s)
+        p_f64, _ = hs.forward_int(q.double() + mask.double() / s.double(), s)
+        # transformers' int_exp and 16-bit act on the exact integers; its normalisation, whose
+        # ``exp / s`` it leaves unrounded (float noise), on the rounded 16-bit integers
+        x = q.double() + mask.double() / s.double()
+        e, s_e = hf.int_exp(x - x.max(dim=-1, keepdim=True).values, s)
+        e16, s16 = hf.act(e, s_e)
+        e16 = torch.round(e16.double() / s16.double())
+        p_hf = torch.floor(e16 * torch.floor(2**32 / e16.sum(dim=-1, keepdim=True)) / 2**24)
+    assert torch.equal(p_int, p_f64) and torch.equal(p_hf.float(), p_f64)
+    assert p_int[1, :, L // 2 :].max() == 0
+    # a row with no visible key, or a mask that is neither 0 nor very negative: the float64 rule
+    full = mask.clone()
+    full[1] = torch.finfo(torch.float32).min
+    assert zs.mask_scores_int(q.to(torch.int32), full, s) is None
+    assert zs.mask_scores_int(q.to(torch.int32), mask * 1e-35, s) is None  # -3.4e3: a score offset
+
+
+class _Float64Ops(TorchDispatchMode):
+    """Names of the ops with a float64 output of at least ``min_numel`` elements."""
+
+    def __init__(self, min_numel: int) -> None:
+        super().__init__()
+        self.min_numel, self.names = min_numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.numel() >= self.min_numel:
+                self.names.append((func.__name__.split(".")[0], tuple(t.shape)))
+        return out
+
+
+#: float64 ops an inference forward still runs on activation-sized tensors: the dyadic rescaling of a
+#: requantization (an IEEE float64 product, rounded: its definition) and the dequantized outputs of the
+#: linear, GELU and LayerNorm kernels (float64 values by their API).
+FLOAT64_OPS = {"to", "_to_copy", "mul_", "round_", "add_", "clamp_", "dropout"}
+
+
+def test_quant_forward_computes_in_integer_dtypes():
+    torch.manual_seed(0)
+    model = zoo.IBertModel(IBertConfig(**SMOKE, initializer_range=0.2, quant_mode=True))
+    ids = torch.randint(3, 99, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)  # calibrate
+    model.eval()
+    dtypes: dict[str, torch.dtype] = {}
+
+    def hook(module, args, out):
+        x, s = out
+        if s is not None and getattr(x, "_nz_int", None) is not None:
+            dtypes[module.__class__.__name__] = x._nz_int[0].dtype
+
+    for m in model.modules():
+        if isinstance(m, (quant.QuantLinear, quant.QuantAct, quant.IntGELU, quant.IntLayerNorm)):
+            m.register_forward_hook(hook)
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        spy = _Float64Ops(min_numel=ids.numel() * SMOKE["hidden_size"])  # activation-sized (B, L, H) and larger
+        with spy:
+            got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(got, want)
+    assert set(dtypes) == {"QuantLinear", "QuantAct", "IntGELU", "IntLayerNorm"}
+    assert all(not torch.empty(0, dtype=d).is_floating_point() for d in dtypes.values()), dtypes
+    # no float64 polynomial, floor, division, sign, max or subtraction: those run in integers now
+    names = {name for name, _ in spy.names}
+    assert names and names <= FLOAT64_OPS, sorted({n for n in spy.names if n[0] not in FLOAT64_OPS})
