@@ -22,10 +22,12 @@ dict, so ``state_dict()`` keys are the spec's canonical names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +51,8 @@ __all__ = [
     "RelativeEmbedding",
     "PackedLinear",
     "set_packed_linear",
+    "packed_linear",
+    "PACKED_LINEAR_ENV",
     "append_to_cache",
     "fused_attention",
     "BertSelfAttention",
@@ -185,15 +189,47 @@ def expand_head_mask(
 
 # --- linear layers ---------------------------------------------------------------------------------
 
+#: Environment switch read once, when this module is imported: ``"1"`` turns :class:`PackedLinear`'s packed
+#: inference path on for the process, ``"0"`` (or unset) leaves it off; :func:`set_packed_linear` overrides it.
+PACKED_LINEAR_ENV = "NEZHA_ZOO_PACKED_LINEAR"
+
+#: How many elements of ``weight`` :class:`PackedLinear` compares on each packed call (its stale-weight check).
+FINGERPRINT_SIZE = 256
+
+
+def _packing_from_env() -> bool:
+    value = os.environ.get(PACKED_LINEAR_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{PACKED_LINEAR_ENV} must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
 #: Whether :class:`PackedLinear` may use oneDNN's packed weights (see :func:`set_packed_linear`).
-_PACKING = {"enabled": True, "available": None}
+_PACKING: dict[str, bool | None] = {"enabled": _packing_from_env(), "available": None}
 
 
 def set_packed_linear(enabled: bool) -> bool:
-    """Turn the packed-weight inference path of :class:`PackedLinear` on or off; returns the previous setting."""
-    previous = _PACKING["enabled"]
+    """Turn the packed-weight inference path of :class:`PackedLinear` on or off for the whole process.
+
+    Off by default (or as :data:`PACKED_LINEAR_ENV` says at import).  On, every ``PackedLinear`` of a
+    model in eval mode keeps a second, oneDNN-reordered copy of its weight after its first inference call:
+    faster CPU float32 inference at the cost of one more copy of the block weights in memory.
+    Returns the previous setting.
+    """
+    previous = bool(_PACKING["enabled"])
     _PACKING["enabled"] = bool(enabled)
     return previous
+
+
+@contextlib.contextmanager
+def packed_linear(enabled: bool = True) -> Iterator[None]:
+    """``with packed_linear(): ...`` runs the block with :func:`set_packed_linear` set to ``enabled``, then
+    restores the previous setting (a process-wide switch, not a per-thread one)."""
+    previous = set_packed_linear(enabled)
+    try:
+        yield
+    finally:
+        set_packed_linear(previous)
 
 
 def _packing_available() -> bool:
@@ -205,27 +241,42 @@ def _packing_available() -> bool:
         except (AttributeError, RuntimeError):
             ok = False
         _PACKING["available"] = ok
-    return _PACKING["available"]
+    return bool(_PACKING["available"])
+
+
+def _fingerprint_index(numel: int) -> torch.Tensor:
+    """``FINGERPRINT_SIZE`` flat indices spread over a weight of ``numel`` elements, first and last included.
+
+    The step is rarely a whole number of rows, so the samples fall in many rows and many columns."""
+    return torch.linspace(0, numel - 1, min(FINGERPRINT_SIZE, numel)).long()
 
 
 class PackedLinear(nn.Linear):
-    """``nn.Linear`` (same ``weight`` / ``bias`` parameters and state-dict names) with a faster inference path.
+    """``nn.Linear`` (same ``weight`` / ``bias`` parameters and state-dict names) with an opt-in faster
+    inference path.
 
-    With autograd off (``torch.no_grad`` / ``inference_mode``), a float32 CPU input and a oneDNN build of
-    PyTorch, the product runs on a copy of ``weight`` reordered once into oneDNN's blocked layout
-    (``mkldnn._linear_pointwise``): 1.2-1.6x the speed of ``F.linear`` on the products of a base model at
-    16 and 1024 rows on an AVX512 machine, 1.0-1.3x with oneDNN held to AVX2.  The copy is made on first use
-    and made again whenever ``weight`` is replaced or changed in place (its version counter: optimizer
-    steps, ``load_state_dict``, LoRA merges); writes through ``weight.data`` bypass that counter, so call
-    :meth:`drop_packed_weight` after them.  It costs one more copy of the weight in memory while the model
-    is in eval mode; ``train()`` drops it.  With gradients on, under ``torch.compile`` / tracing, or with
-    packing off (:func:`set_packed_linear`) this is ``F.linear``.  The two paths sum in different orders:
-    results agree to float32 rounding, not bit for bit.
+    Off by default; :func:`set_packed_linear`, ``with packed_linear():`` or ``NEZHA_ZOO_PACKED_LINEAR=1``
+    turn it on.  Then, with autograd off (``torch.no_grad`` / ``inference_mode``), a float32 CPU input and a
+    oneDNN build of PyTorch, the product runs on a copy of ``weight`` reordered once into oneDNN's blocked
+    layout (``mkldnn._linear_pointwise``): 1.2-1.6x the speed of ``F.linear`` on the products of a base
+    model at 16 and 1024 rows on an AVX512 machine, 1.0-1.3x with oneDNN held to AVX2.  The copy costs one
+    more copy of the weight in memory while the model is in eval mode; ``train()`` and
+    :meth:`drop_packed_weight` free it.
+
+    The copy is made again whenever ``weight`` is replaced, changed in place (its version counter:
+    optimizer steps, ``load_state_dict``, LoRA merges) or written through ``weight.data`` (EMA updates,
+    ``.data.normal_()``), which bypasses the counter: each packed call compares a fingerprint of
+    :data:`FINGERPRINT_SIZE` elements spread over ``weight`` with the one taken at packing time.  A write
+    through ``.data`` that leaves all of those elements bit for bit unchanged (a few rows or columns, say)
+    is not seen; call :meth:`drop_packed_weight` after such a write.  With gradients on, under
+    ``torch.compile`` / tracing, or with packing off this is ``F.linear``.  The two paths sum in different
+    orders: results agree to float32 rounding, not bit for bit.
 
     Forward: ``input`` (..., in_features) -> (..., out_features).
     """
 
-    _packed: tuple[Any, int, int, torch.Tensor] | None = None
+    #: (weakref to the weight, its version, its data_ptr, fingerprint indices, fingerprint, packed weight).
+    _packed: tuple[Any, int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def drop_packed_weight(self) -> None:
         """Forget the packed copy of ``weight`` (it is rebuilt on the next inference call)."""
@@ -243,13 +294,22 @@ class PackedLinear(nn.Linear):
 
     def _packed_weight(self) -> torch.Tensor | None:
         w = self.weight
-        if w.is_inference():  # no version counter to watch
+        if w.is_inference() or not w.is_contiguous():  # no version counter to watch / no flat view to sample
             return None
+        flat = w.detach().view(-1)
         cached = self._packed
-        if cached is not None and cached[0]() is w and cached[1] == w._version and cached[2] == w.data_ptr():
-            return cached[3]
+        if (
+            cached is not None
+            and cached[0]() is w
+            and cached[1] == w._version
+            and cached[2] == w.data_ptr()
+            and torch.equal(flat[cached[3]].view(torch.int32), cached[4])  # bits: NaN and -0.0 compare too
+        ):
+            return cached[5]
+        index = _fingerprint_index(flat.numel())
+        fingerprint = flat[index].view(torch.int32)
         packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
-        self._packed = (weakref.ref(w), w._version, w.data_ptr(), packed)
+        self._packed = (weakref.ref(w), w._version, w.data_ptr(), index, fingerprint, packed)
         return packed
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""PackedLinear (issue #23): oneDNN-packed weights for inference products, re-packed when the weight changes."""
+"""PackedLinear (issue #23): opt-in oneDNN-packed weights for inference products, re-packed when the weight changes
+(version counter, replacement, or writes through ``.data`` seen by the fingerprint)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nezha_zoo.pt.layers import PackedLinear, _packing_available, set_packed_linear
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision
+import nezha_zoo.pt as zoo
+from nezha_zoo.pt import layers
+from nezha_zoo.pt.layers import PackedLinear, _packing_available, packed_linear, set_packed_linear
+from nezha_zoo.spec.registry import get_family, model_class
+from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
 
 pytestmark = [pytest.mark.pt]
 
@@ -29,8 +33,36 @@ def _x() -> torch.Tensor:
 needs_packing = pytest.mark.skipif(not _packing_available(), reason="this PyTorch build has no oneDNN")
 
 
+@pytest.fixture
+def packing():
+    """Packing on for one test (it is off by default), restored afterwards."""
+    with packed_linear():
+        yield
+
+
+def test_off_by_default_and_switches_restore(monkeypatch):
+    assert zoo.set_packed_linear is set_packed_linear and zoo.packed_linear is packed_linear
+    monkeypatch.delenv(layers.PACKED_LINEAR_ENV, raising=False)
+    assert layers._packing_from_env() is False
+    monkeypatch.setenv(layers.PACKED_LINEAR_ENV, "1")
+    assert layers._packing_from_env() is True
+    monkeypatch.setenv(layers.PACKED_LINEAR_ENV, "yes")
+    with pytest.raises(ValueError, match="NEZHA_ZOO_PACKED_LINEAR must be '0' or '1'"):
+        layers._packing_from_env()
+    before = layers._PACKING["enabled"]
+    with packed_linear():
+        assert layers._PACKING["enabled"] is True
+        with packed_linear(False):
+            assert layers._PACKING["enabled"] is False
+        assert layers._PACKING["enabled"] is True
+    assert layers._PACKING["enabled"] is before
+    with pytest.raises(RuntimeError), packed_linear():
+        raise RuntimeError("restored on the way out")
+    assert layers._PACKING["enabled"] is before
+
+
 @needs_packing
-def test_inference_path_packs_and_matches_f_linear():
+def test_inference_path_packs_and_matches_f_linear(packing):
     layer, x = _layer(), _x()
     with torch.inference_mode():
         got = layer(x)
@@ -43,7 +75,7 @@ def test_inference_path_packs_and_matches_f_linear():
 
 
 @needs_packing
-def test_weight_changes_repack():
+def test_weight_changes_repack(packing):
     layer, x = _layer(), _x()
     with torch.no_grad():
         layer(x)
@@ -53,9 +85,39 @@ def test_weight_changes_repack():
         assert_close(layer(x), F.linear(x, layer.weight, layer.bias), TOLERANCES["hidden"], "after load")
         layer.weight = torch.nn.Parameter(torch.randn(40, 48))  # replaced
         assert_close(layer(x), F.linear(x, layer.weight, layer.bias), TOLERANCES["hidden"], "after replace")
-        layer.weight.data.copy_(torch.randn(40, 48))  # bypasses the counter: the documented escape hatch
         layer.drop_packed_weight()
         assert_close(layer(x), F.linear(x, layer.weight, layer.bias), TOLERANCES["hidden"], "after drop")
+
+
+@needs_packing
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda w: w.data.mul_(0.9).add_(0.1),  # an EMA update
+        lambda w: w.data.normal_(0.0, 0.02),  # transformers-style _init_weights
+        lambda w: w.data.copy_(torch.randn(w.shape)),
+        lambda w: w.data.view(-1)[-1:].add_(1.0),  # the last element alone: sampled
+    ],
+    ids=["mul_add", "normal", "copy", "last_element"],
+)
+def test_writes_through_data_are_caught(packing, write):
+    # .data writes leave the version counter alone; the fingerprint sees them and the layer re-packs
+    layer, x = _layer(), _x()
+    with torch.no_grad():
+        layer(x)
+        version, packed = layer.weight._version, layer._packed[-1]
+        write(layer.weight)
+        assert layer.weight._version == version, "this write should bypass the version counter"
+        assert_close(layer(x), F.linear(x, layer.weight, layer.bias), TOLERANCES["hidden"], "after .data write")
+    assert layer._packed[-1] is not packed
+
+
+def test_the_fingerprint_spans_rows_and_columns():
+    index = layers._fingerprint_index(768 * 768)
+    assert index.numel() == layers.FINGERPRINT_SIZE and index[0] == 0 and index[-1] == 768 * 768 - 1
+    assert len(set((index // 768).tolist())) == layers.FINGERPRINT_SIZE  # every sample in its own row
+    assert len(set((index % 768).tolist())) > 100  # and not one column
+    assert layers._fingerprint_index(10).tolist() == list(range(10))  # small weights: every element
 
 
 def test_autograd_and_switch_use_f_linear_exactly():
@@ -66,8 +128,12 @@ def test_autograd_and_switch_use_f_linear_exactly():
     out.sum().backward()
     assert layer.weight.grad is not None and layer._packed is None
     layer.eval()
-    previous = set_packed_linear(False)
+    with torch.no_grad():  # off by default
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer._packed is None
+    previous = set_packed_linear(True)
     try:
+        assert set_packed_linear(False) is True
         with torch.no_grad():
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
         assert layer._packed is None
@@ -76,7 +142,7 @@ def test_autograd_and_switch_use_f_linear_exactly():
 
 
 @needs_packing
-def test_copies_drop_the_packed_weight_and_train_frees_it():
+def test_copies_drop_the_packed_weight_and_train_frees_it(packing):
     layer, x = _layer(), _x()
     with torch.no_grad():
         want = layer(x)
@@ -87,3 +153,34 @@ def test_copies_drop_the_packed_weight_and_train_frees_it():
             assert_close(clone(x), want, TOLERANCES["hidden"], "copy")
     layer.train()
     assert layer._packed is None
+
+
+#: Tiny configs of the families whose blocks use PackedLinear (the BERT blocks, MPT).
+FAMILY_CONFIGS = {
+    "electra": dict(vocab_size=99, embedding_size=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=37, max_position_embeddings=64),
+    "nezha": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  max_position_embeddings=64, max_relative_position=8),
+    "mpt": dict(vocab_size=99, d_model=32, n_heads=4, n_layers=2, max_seq_len=64),
+}  # fmt: skip
+
+
+@needs_packing
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_models_give_the_same_outputs_packed_and_after_an_ema_update(family):
+    fam = get_family(family)
+    torch.manual_seed(0)
+    model = model_class(fam, "Model", "pt")(fam.config_class(**FAMILY_CONFIGS[family])).eval()
+    inp = tiny_inputs(vocab_size=99, type_vocab_size=None, seed=3)
+    inp = {k: torch.from_numpy(v) for k, v in inp.items()}
+    for step in range(2):
+        with torch.no_grad():
+            want = model(**inp)[0]
+            with packed_linear():
+                got = model(**inp)[0]
+        packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        assert packed and all(m._packed is not None for m in packed), "not every block product took the packed path"
+        assert_close(got, want, TOLERANCES["hidden"], f"{family} packed, step {step}")
+        with torch.no_grad():  # an EMA step through .data: invisible to the version counter
+            for p in model.parameters():
+                p.data.mul_(0.5).add_(0.5 * torch.randn_like(p))
