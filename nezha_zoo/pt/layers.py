@@ -195,6 +195,8 @@ PACKED_LINEAR_ENV = "NEZHA_ZOO_PACKED_LINEAR"
 
 #: How many elements of ``weight`` :class:`PackedLinear` compares on each packed call (its stale-weight check).
 FINGERPRINT_SIZE = 256
+#: ... read as runs of this many neighbours (one 64-byte cache line of float32).
+FINGERPRINT_RUN = 16
 
 
 def _packing_from_env() -> bool:
@@ -244,11 +246,23 @@ def _packing_available() -> bool:
     return bool(_PACKING["available"])
 
 
-def _fingerprint_index(numel: int) -> torch.Tensor:
-    """``FINGERPRINT_SIZE`` flat indices spread over a weight of ``numel`` elements, first and last included.
+def _fingerprint_view(weight: torch.Tensor) -> torch.Tensor:
+    """:data:`FINGERPRINT_SIZE` elements of a contiguous ``weight`` (out, in), as a strided view of its storage
+    (no copy) holding their bits (int32: NaN and -0.0 compare too); all of it when it is that small.
 
-    The step is rarely a whole number of rows, so the samples fall in many rows and many columns."""
-    return torch.linspace(0, numel - 1, min(FINGERPRINT_SIZE, numel)).long()
+    The elements are runs of :data:`FINGERPRINT_RUN` neighbours spread evenly from the first element to
+    the last: the check reads a few cache lines of a weight that inference no longer keeps in cache, not
+    one line per element.  The step is nudged off a whole number of rows, so the runs fall in many columns.
+    """
+    flat = weight.detach().view(torch.int32).view(-1)
+    n = flat.numel()
+    if n <= FINGERPRINT_SIZE:
+        return flat.view(1, n)
+    runs = FINGERPRINT_SIZE // FINGERPRINT_RUN
+    step = (n - FINGERPRINT_RUN) // (runs - 1)
+    if step % weight.shape[-1] == 0:
+        step -= 1
+    return flat.as_strided((runs, FINGERPRINT_RUN), (step, 1), flat.storage_offset())
 
 
 class PackedLinear(nn.Linear):
@@ -266,7 +280,8 @@ class PackedLinear(nn.Linear):
     The copy is made again whenever ``weight`` is replaced, changed in place (its version counter:
     optimizer steps, ``load_state_dict``, LoRA merges) or written through ``weight.data`` (EMA updates,
     ``.data.normal_()``), which bypasses the counter: each packed call compares a fingerprint of
-    :data:`FINGERPRINT_SIZE` elements spread over ``weight`` with the one taken at packing time.  A write
+    :data:`FINGERPRINT_SIZE` elements spread over ``weight`` (16 runs of 16) with the one taken at packing
+    time.  A write
     through ``.data`` that leaves all of those elements bit for bit unchanged (a few rows or columns, say)
     is not seen; call :meth:`drop_packed_weight` after such a write.  With gradients on, under
     ``torch.compile`` / tracing, or with packing off this is ``F.linear``.  The two paths sum in different
@@ -275,7 +290,8 @@ class PackedLinear(nn.Linear):
     Forward: ``input`` (..., in_features) -> (..., out_features).
     """
 
-    #: (weakref to the weight, its version, its data_ptr, fingerprint indices, fingerprint, packed weight).
+    #: (weakref to the weight, its version, its data_ptr, a view of its sampled elements, their values when
+    #: packed, the packed weight).
     _packed: tuple[Any, int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def drop_packed_weight(self) -> None:
@@ -296,20 +312,18 @@ class PackedLinear(nn.Linear):
         w = self.weight
         if w.is_inference() or not w.is_contiguous():  # no version counter to watch / no flat view to sample
             return None
-        flat = w.detach().view(-1)
         cached = self._packed
         if (
             cached is not None
             and cached[0]() is w
             and cached[1] == w._version
             and cached[2] == w.data_ptr()
-            and torch.equal(flat[cached[3]].view(torch.int32), cached[4])  # bits: NaN and -0.0 compare too
+            and torch.equal(cached[3], cached[4])  # the weight's sampled bits now vs at packing time
         ):
             return cached[5]
-        index = _fingerprint_index(flat.numel())
-        fingerprint = flat[index].view(torch.int32)
+        sample = _fingerprint_view(w)
         packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
-        self._packed = (weakref.ref(w), w._version, w.data_ptr(), index, fingerprint, packed)
+        self._packed = (weakref.ref(w), w._version, w.data_ptr(), sample, sample.clone(), packed)
         return packed
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -96,9 +96,9 @@ def test_weight_changes_repack(packing):
         lambda w: w.data.mul_(0.9).add_(0.1),  # an EMA update
         lambda w: w.data.normal_(0.0, 0.02),  # transformers-style _init_weights
         lambda w: w.data.copy_(torch.randn(w.shape)),
-        lambda w: w.data.view(-1)[-1:].add_(1.0),  # the last element alone: sampled
+        lambda w: w.data.view(-1)[:1].add_(1.0),  # the first element alone: sampled
     ],
-    ids=["mul_add", "normal", "copy", "last_element"],
+    ids=["mul_add", "normal", "copy", "first_element"],
 )
 def test_writes_through_data_are_caught(packing, write):
     # .data writes leave the version counter alone; the fingerprint sees them and the layer re-packs
@@ -113,11 +113,16 @@ def test_writes_through_data_are_caught(packing, write):
 
 
 def test_the_fingerprint_spans_rows_and_columns():
-    index = layers._fingerprint_index(768 * 768)
-    assert index.numel() == layers.FINGERPRINT_SIZE and index[0] == 0 and index[-1] == 768 * 768 - 1
-    assert len(set((index // 768).tolist())) == layers.FINGERPRINT_SIZE  # every sample in its own row
-    assert len(set((index % 768).tolist())) > 100  # and not one column
-    assert layers._fingerprint_index(10).tolist() == list(range(10))  # small weights: every element
+    weight = torch.arange(768 * 768, dtype=torch.float32).view(768, 768)
+    sample = layers._fingerprint_view(weight)  # int32 bits of the sampled elements, a view
+    assert sample.numel() == layers.FINGERPRINT_SIZE and sample.dtype == torch.int32
+    index = sample.view(torch.float32).flatten().long()  # the flat positions they were taken from
+    assert index[0] == 0 and index.unique().numel() == layers.FINGERPRINT_SIZE and index.max() < 768 * 768
+    rows, cols = (index // 768).unique().numel(), (index % 768)[:: layers.FINGERPRINT_RUN].unique().numel()
+    runs = layers.FINGERPRINT_SIZE // layers.FINGERPRINT_RUN
+    assert rows >= runs and cols == runs  # every run in its own row(s), starting at its own column
+    small = torch.arange(10, dtype=torch.float32).view(2, 5)
+    assert layers._fingerprint_view(small).view(torch.float32).flatten().tolist() == list(range(10))  # all of it
 
 
 def test_autograd_and_switch_use_f_linear_exactly():
