@@ -13,8 +13,8 @@ here are parameterised so a family declares only its differences:
 * :class:`BertEmbeddings` can drop the position table (Nezha) or the LayerNorm (XLM-R-XL);
 * :class:`BertEncoder` takes an optional final LayerNorm (XLM-R-XL) and runs as a decoder with
   cross-attention and a key/value cache.
-* the blocks' products are :class:`PackedLinear` (an ``nn.Linear`` whose inference calls run on
-  oneDNN-packed weights; MPT's blocks use it too).
+* the blocks' products are :class:`PackedLinear` (an ``nn.Linear`` whose inference calls can run on
+  oneDNN-packed weights, opt-in: :func:`set_packed_linear`; MPT's blocks use it too).
 
 Every parameterised module is attached under the exact dotted path of transformers' PyTorch state
 dict, so ``state_dict()`` keys are the spec's canonical names.
