@@ -3,7 +3,8 @@
 ``make bench`` (or ``python -m benchmarks.forward``) measures, for each family at its base size
 (XLM-R-XL and MPT on reduced configs, see :data:`BENCH_CONFIGS`), the base model's forward pass:
 
-* ours: PyTorch eager (``pt``) and ``torch.compile`` (``pt-compile``), TensorFlow under
+* ours: PyTorch eager (``pt``), eager with the opt-in packed weights (``pt-packed``,
+  :func:`nezha_zoo.pt.set_packed_linear`) and ``torch.compile`` (``pt-compile``), TensorFlow under
   ``tf.function`` without and with XLA (``tf``, ``tf-xla``), Flax under ``jax.jit`` (``flax``);
 * transformers 4.57.6 for the same framework where it has the class: ``hf-pt`` (all six families),
   ``hf-tf`` / ``hf-tf-xla`` (Electra, MPNet; under tf-keras, which coexists with our Keras 3) and
@@ -120,6 +121,7 @@ SMOKE_SHAPES = ((1, 8), (2, 16))
 #: Backend -> (framework, implementation, compile mode).
 BACKENDS: dict[str, tuple[str, str, str]] = {
     "pt": ("pt", "ours", "eager"),
+    "pt-packed": ("pt", "ours", "eager+packed"),
     "pt-compile": ("pt", "ours", "torch.compile"),
     "tf": ("tf", "ours", "tf.function"),
     "tf-xla": ("tf", "ours", "tf.function+XLA"),
@@ -186,11 +188,14 @@ def _make_runner(
             import transformers as module
 
             module.logging.set_verbosity_error()
+        from nezha_zoo.pt import packed_linear
+
         model = getattr(module, name).from_pretrained(path).eval()
         call = torch.compile(model, dynamic=False) if mode == "torch.compile" else model
+        packed = mode.endswith("+packed")  # a process-wide switch: set around each call, as backends take turns
 
         def run_pt(ids, mask):
-            with torch.inference_mode():
+            with torch.inference_mode(), packed_linear(packed):
                 return call(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0]
 
         return run_pt, lambda out: out
@@ -357,7 +362,8 @@ def dense_products(family: str, config: PretrainedConfig, batch: int, seq: int) 
 
 def _gemm_runner(backend: str, products: list[tuple[int, int, int]]) -> tuple[Callable, Callable]:
     """The model's dense products alone, run the way ``backend``'s framework and mode run them:
-    ``torch.mm`` one by one (eager), one ``tf.function`` (with XLA for ``-xla``), one ``jax.jit``."""
+    ``torch.mm`` one by one (eager; on oneDNN-packed weights for ``pt-packed``), one ``tf.function`` (with XLA
+    for ``-xla``), one ``jax.jit``."""
     fw, _, mode = BACKENDS[backend]
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((m, k), dtype=np.float32) for m, k, _ in products]
@@ -369,6 +375,10 @@ def _gemm_runner(backend: str, products: list[tuple[int, int, int]]) -> tuple[Ca
         if mode == "torch.compile":
             fn = torch.compile(lambda a, b: [x @ w for x, w in zip(a, b)], dynamic=False)
             return (lambda: fn(txs, tws)), (lambda out: out)
+        if mode.endswith("+packed") and torch.backends.mkldnn.is_available():  # PackedLinear's kernel
+            pws = [torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous()) for w in tws]
+            run = torch.ops.mkldnn._linear_pointwise
+            return (lambda: [run(x, w, None, "none", [], "") for x, w in zip(txs, pws)]), (lambda out: out)
         return (lambda: [torch.mm(x, w) for x, w in zip(txs, tws)]), (lambda out: out)
     if fw == "tf":
         import tensorflow as tf

@@ -8,6 +8,7 @@ them alike.  The figure is the median over the rounds (with the minimum and the 
 Backends, each the way a user calls it:
 
 * ``pt``: ``model(input_ids=..., attention_mask=...)`` under ``torch.inference_mode`` (eager);
+* ``pt-packed``: the same with the opt-in packed weights on (``nezha_zoo.pt.packed_linear()``);
 * ``tf``: ``model(...)`` called directly (Keras eager);
 * ``tf-function``: the same call inside one ``tf.function`` (no XLA);
 * ``tf-predict``: ``model.predict({...}, verbose=0)``, Keras' own inference loop (a ``tf.function``,
@@ -46,7 +47,8 @@ from benchmarks.forward import BENCH_CONFIGS, SMOKE_CONFIGS, _set_threads
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.registry import get_family
 
-BACKENDS = ("pt", "tf", "tf-function", "tf-predict", "flax", "flax-op-by-op", "flax-jit", "hf-pt")
+#: ``pt-packed``: PyTorch eager with the opt-in packed weights (:func:`nezha_zoo.pt.set_packed_linear`).
+BACKENDS = ("pt", "pt-packed", "tf", "tf-function", "tf-predict", "flax", "flax-op-by-op", "flax-jit", "hf-pt")
 #: Pause before each timed call: three frameworks' thread pools share the cores, and one that is
 #: still spinning after its call would be timed as part of the next backend's.
 PAUSE_S = 0.1
@@ -55,12 +57,14 @@ PAUSE_S = 0.1
 def _runner(backend: str, family: str, path: str, threads: int) -> Callable[[np.ndarray, np.ndarray], Any]:
     """Load ``path`` into ``backend``; returns ``call(ids, mask)`` that runs one pass to completion."""
     name = get_family(family).class_name("Model", backend.split("-")[0] if backend != "hf-pt" else "pt")
-    if backend in ("pt", "hf-pt"):
+    if backend in ("pt", "pt-packed", "hf-pt"):
         import torch
+
+        from nezha_zoo.pt import packed_linear
 
         if threads > 0:
             torch.set_num_threads(threads)
-        if backend == "pt":
+        if backend in ("pt", "pt-packed"):
             import nezha_zoo.pt as module
         else:
             import transformers as module
@@ -68,8 +72,10 @@ def _runner(backend: str, family: str, path: str, threads: int) -> Callable[[np.
             module.logging.set_verbosity_error()
         model = getattr(module, name).from_pretrained(path).eval()
 
+        packed = backend == "pt-packed"  # a process-wide switch: set around each call, as backends take turns
+
         def run_pt(ids, mask):
-            with torch.inference_mode():
+            with torch.inference_mode(), packed_linear(packed):
                 return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0]
 
         return run_pt

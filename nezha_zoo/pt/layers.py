@@ -13,6 +13,8 @@ here are parameterised so a family declares only its differences:
 * :class:`BertEmbeddings` can drop the position table (Nezha) or the LayerNorm (XLM-R-XL);
 * :class:`BertEncoder` takes an optional final LayerNorm (XLM-R-XL) and runs as a decoder with
   cross-attention and a key/value cache.
+* the blocks' products are :class:`PackedLinear` (an ``nn.Linear`` whose inference calls can run on
+  oneDNN-packed weights, opt-in: :func:`set_packed_linear`; MPT's blocks use it too).
 
 Every parameterised module is attached under the exact dotted path of transformers' PyTorch state
 dict, so ``state_dict()`` keys are the spec's canonical names.
@@ -20,9 +22,12 @@ dict, so ``state_dict()`` keys are the spec's canonical names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+import os
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +49,10 @@ __all__ = [
     "padding_aware_position_ids",
     "sequential_position_ids",
     "RelativeEmbedding",
+    "PackedLinear",
+    "set_packed_linear",
+    "packed_linear",
+    "PACKED_LINEAR_ENV",
     "append_to_cache",
     "fused_attention",
     "BertSelfAttention",
@@ -176,6 +185,166 @@ def expand_head_mask(
         )
     head_mask = head_mask.to(dtype)
     return [head_mask[i][None, :, None, None] for i in range(num_layers)]  # each (1, heads, 1, 1)
+
+
+# --- linear layers ---------------------------------------------------------------------------------
+
+#: Environment switch read once, when this module is imported: ``"1"`` turns :class:`PackedLinear`'s packed
+#: inference path on for the process, ``"0"`` (or unset) leaves it off; :func:`set_packed_linear` overrides it.
+PACKED_LINEAR_ENV = "NEZHA_ZOO_PACKED_LINEAR"
+
+#: How many elements of ``weight`` :class:`PackedLinear` compares on each packed call (its stale-weight check).
+FINGERPRINT_SIZE = 256
+#: ... read as runs of this many neighbours (one 64-byte cache line of float32).
+FINGERPRINT_RUN = 16
+
+
+def _packing_from_env() -> bool:
+    value = os.environ.get(PACKED_LINEAR_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{PACKED_LINEAR_ENV} must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
+#: Whether :class:`PackedLinear` may use oneDNN's packed weights (see :func:`set_packed_linear`).
+_PACKING: dict[str, bool | None] = {"enabled": _packing_from_env(), "available": None}
+
+
+def set_packed_linear(enabled: bool) -> bool:
+    """Turn the packed-weight inference path of :class:`PackedLinear` on or off for the whole process.
+
+    Off by default (or as :data:`PACKED_LINEAR_ENV` says at import).  On, every ``PackedLinear`` of a
+    model in eval mode keeps a second, oneDNN-reordered copy of its weight after its first inference call:
+    faster CPU float32 inference at the cost of one more copy of the block weights in memory.
+    Returns the previous setting.
+    """
+    previous = bool(_PACKING["enabled"])
+    _PACKING["enabled"] = bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def packed_linear(enabled: bool = True) -> Iterator[None]:
+    """``with packed_linear(): ...`` runs the block with :func:`set_packed_linear` set to ``enabled``, then
+    restores the previous setting (a process-wide switch, not a per-thread one)."""
+    previous = set_packed_linear(enabled)
+    try:
+        yield
+    finally:
+        set_packed_linear(previous)
+
+
+def _packing_available() -> bool:
+    if _PACKING["available"] is None:
+        try:  # the ops exist only in builds with oneDNN (mkldnn)
+            ok = torch.backends.mkldnn.is_available() and bool(
+                torch.ops.mkldnn._reorder_linear_weight and torch.ops.mkldnn._linear_pointwise
+            )
+        except (AttributeError, RuntimeError):
+            ok = False
+        _PACKING["available"] = ok
+    return bool(_PACKING["available"])
+
+
+def _fingerprint_view(weight: torch.Tensor) -> torch.Tensor:
+    """:data:`FINGERPRINT_SIZE` elements of a contiguous ``weight`` (out, in), as a strided view of its storage
+    (no copy) holding their bits (int32: NaN and -0.0 compare too); all of it when it is that small.
+
+    The elements are runs of :data:`FINGERPRINT_RUN` neighbours spread evenly from the first element to
+    the last: the check reads a few cache lines of a weight that inference no longer keeps in cache, not
+    one line per element.  The step is nudged off a whole number of rows, so the runs fall in many columns.
+    """
+    flat = weight.detach().view(torch.int32).view(-1)
+    n = flat.numel()
+    if n <= FINGERPRINT_SIZE:
+        return flat.view(1, n)
+    runs = FINGERPRINT_SIZE // FINGERPRINT_RUN
+    step = (n - FINGERPRINT_RUN) // (runs - 1)
+    if step % weight.shape[-1] == 0:
+        step -= 1
+    return flat.as_strided((runs, FINGERPRINT_RUN), (step, 1), flat.storage_offset())
+
+
+class PackedLinear(nn.Linear):
+    """``nn.Linear`` (same ``weight`` / ``bias`` parameters and state-dict names) with an opt-in faster
+    inference path.
+
+    Off by default; :func:`set_packed_linear`, ``with packed_linear():`` or ``NEZHA_ZOO_PACKED_LINEAR=1``
+    turn it on.  Then, with autograd off (``torch.no_grad`` / ``inference_mode``), a float32 CPU input and a
+    oneDNN build of PyTorch, the product runs on a copy of ``weight`` reordered once into oneDNN's blocked
+    layout (``mkldnn._linear_pointwise``): 1.2-1.6x the speed of ``F.linear`` on the products of a base
+    model at 16 and 1024 rows on an AVX512 machine, 1.0-1.3x with oneDNN held to AVX2.  The copy costs one
+    more copy of the weight in memory while the model is in eval mode; ``train()`` and
+    :meth:`drop_packed_weight` free it.
+
+    The copy is made again whenever ``weight`` is replaced, changed in place (its version counter:
+    optimizer steps, ``load_state_dict``, LoRA merges) or written through ``weight.data`` (EMA updates,
+    ``.data.normal_()``), which bypasses the counter: each packed call compares a fingerprint of
+    :data:`FINGERPRINT_SIZE` elements spread over ``weight`` (16 runs of 16) with the one taken at packing
+    time.  A write
+    through ``.data`` that leaves all of those elements bit for bit unchanged (a few rows or columns, say)
+    is not seen; call :meth:`drop_packed_weight` after such a write.  With gradients on, under
+    ``torch.compile`` / tracing, or with packing off this is ``F.linear``.  The two paths sum in different
+    orders: results agree to float32 rounding, not bit for bit.
+
+    Forward: ``input`` (..., in_features) -> (..., out_features).
+    """
+
+    #: (weakref to the weight, its version, its data_ptr, a view of its sampled elements, their values when
+    #: packed, the packed weight).
+    _packed: tuple[Any, int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def drop_packed_weight(self) -> None:
+        """Forget the packed copy of ``weight`` (it is rebuilt on the next inference call)."""
+        self._packed = None
+
+    def train(self, mode: bool = True) -> PackedLinear:
+        if mode:
+            self._packed = None
+        return super().train(mode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_packed", None)  # an opaque oneDNN tensor: neither picklable nor worth copying
+        return state
+
+    def _packed_weight(self) -> torch.Tensor | None:
+        w = self.weight
+        if w.is_inference() or not w.is_contiguous():  # no version counter to watch / no flat view to sample
+            return None
+        cached = self._packed
+        if (
+            cached is not None
+            and cached[0]() is w
+            and cached[1] == w._version
+            and cached[2] == w.data_ptr()
+            and torch.equal(cached[3], cached[4])  # the weight's sampled bits now vs at packing time
+        ):
+            return cached[5]
+        sample = _fingerprint_view(w)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        self._packed = (weakref.ref(w), w._version, w.data_ptr(), sample, sample.clone(), packed)
+        return packed
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            _PACKING["enabled"]
+            and not torch.is_grad_enabled()
+            and input.dim() >= 2
+            and input.dtype == torch.float32
+            and w.dtype == torch.float32
+            and input.device.type == "cpu"
+            and w.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting()
+            and _packing_available()
+        ):
+            packed = self._packed_weight()
+            if packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(input, packed, self.bias, "none", [], "")
+        return F.linear(input, w, self.bias)
 
 
 # --- embeddings ----------------------------------------------------------------------------------
@@ -454,9 +623,9 @@ class BertSelfAttention(nn.Module):
         self.all_head_size = self.num_attention_heads * self.attention_head_size
         kv_width = hidden if kv_width is None else kv_width
         self._proj = (names.query, names.key, names.value)
-        self.add_module(names.query, nn.Linear(hidden, self.all_head_size))
-        self.add_module(names.key, nn.Linear(kv_width, self.all_head_size))
-        self.add_module(names.value, nn.Linear(kv_width, self.all_head_size))
+        self.add_module(names.query, PackedLinear(hidden, self.all_head_size))
+        self.add_module(names.key, PackedLinear(kv_width, self.all_head_size))
+        self.add_module(names.value, PackedLinear(kv_width, self.all_head_size))
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -575,7 +744,7 @@ class BertLayer(nn.Module):
         if names.pre_attn_norm:
             attach(self, names.pre_attn_norm, nn.LayerNorm(hidden, eps=eps))
         attach(self, names.self_attn, BertSelfAttention(config, names))
-        attach(self, names.attn_out, nn.Linear(hidden, hidden))
+        attach(self, names.attn_out, PackedLinear(hidden, hidden))
         if names.attn_norm:
             attach(self, names.attn_norm, nn.LayerNorm(hidden, eps=eps))
         self._cross = None
@@ -585,14 +754,14 @@ class BertLayer(nn.Module):
             if self._cross.pre_norm:
                 attach(self, self._cross.pre_norm, nn.LayerNorm(hidden, eps=eps))
             attach(self, self._cross.core, BertSelfAttention(config, cnames))
-            attach(self, self._cross.out, nn.Linear(hidden, hidden))
+            attach(self, self._cross.out, PackedLinear(hidden, hidden))
             if self._cross.post_norm:
                 attach(self, self._cross.post_norm, nn.LayerNorm(hidden, eps=eps))
         self._ffn = (names.pre_ffn_norm, names.intermediate, names.output, names.out_norm)
         if names.pre_ffn_norm:
             attach(self, names.pre_ffn_norm, nn.LayerNorm(hidden, eps=eps))
-        attach(self, names.intermediate, nn.Linear(hidden, config.intermediate_size))
-        attach(self, names.output, nn.Linear(config.intermediate_size, hidden))
+        attach(self, names.intermediate, PackedLinear(hidden, config.intermediate_size))
+        attach(self, names.output, PackedLinear(config.intermediate_size, hidden))
         if names.out_norm:
             attach(self, names.out_norm, nn.LayerNorm(hidden, eps=eps))
         self.act = get_activation(config.hidden_act)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from nezha_zoo.adapters import LoraConfig, LoraMethods, LoraTarget
+from nezha_zoo.pt.layers import PackedLinear
 
 __all__ = ["LoraMixin"]
 
@@ -43,8 +44,8 @@ class LoraMixin(LoraMethods):
     ) -> None:
         layers = {t.module: self.get_submodule(t.module) for t in targets}
         for name, layer in layers.items():
-            if type(layer) is not nn.Linear:
-                raise ValueError(f"{name} is a {type(layer).__name__}, LoRA adapts plain nn.Linear layers only")
+            if type(layer) not in (nn.Linear, PackedLinear):
+                raise ValueError(f"{name} is a {type(layer).__name__}, LoRA adapts plain linear layers only")
         for p in self.parameters():
             p.requires_grad_(False)
         for t in targets:

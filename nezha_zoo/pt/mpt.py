@@ -55,7 +55,7 @@ from nezha_zoo.pt.heads import (
     question_answering_output,
     token_classification_output,
 )
-from nezha_zoo.pt.layers import append_to_cache, fused_attention
+from nezha_zoo.pt.layers import PackedLinear, append_to_cache, fused_attention
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, validate_inputs
 from nezha_zoo.validation import InputError, check_length
 
@@ -167,11 +167,11 @@ class MptAttention(nn.Module):
         self.kv_width = self.kv_heads * self.head_dim
         self.softmax_scale = ac.softmax_scale if ac.softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.clip_qkv = ac.clip_qkv
-        self.Wqkv = nn.Linear(d, d + 2 * self.kv_width, bias=bias)
+        self.Wqkv = PackedLinear(d, d + 2 * self.kv_width, bias=bias)
         if ac.qk_ln:
             self.q_ln = nn.LayerNorm(d, eps=config.layer_norm_epsilon, bias=bias)
             self.k_ln = nn.LayerNorm(self.kv_width, eps=config.layer_norm_epsilon, bias=bias)
-        self.out_proj = nn.Linear(d, d, bias=bias)
+        self.out_proj = PackedLinear(d, d, bias=bias)
         self.attn_dropout = nn.Dropout(ac.attn_pdrop)
 
     def forward(
@@ -223,8 +223,8 @@ class MptMLP(nn.Module):
     def __init__(self, config: MptConfig) -> None:
         super().__init__()
         width, bias = config.expansion_ratio * config.d_model, not config.no_bias
-        self.up_proj = nn.Linear(config.d_model, width, bias=bias)
-        self.down_proj = nn.Linear(width, config.d_model, bias=bias)
+        self.up_proj = PackedLinear(config.d_model, width, bias=bias)
+        self.down_proj = PackedLinear(width, config.d_model, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.gelu(self.up_proj(hidden_states)))

@@ -34,7 +34,7 @@ MATRIX = {
 
 #: names each backend exports besides the registry's classes (and, for Flax, their linen modules).
 EXTRAS = {
-    "pt": {"PreTrainedModel", "mean_pool", "export_onnx"},  # export_onnx: issue #19
+    "pt": {"PreTrainedModel", "mean_pool", "export_onnx", "set_packed_linear", "packed_linear"},  # #19, #23
     "tf": {"TFPreTrainedModel", "mean_pool", "checked"},  # checked: issue #22 (compiled bad input)
     "flax": {"FlaxPreTrainedModel", "mean_pool", "losses", "checked"},
 }

@@ -30,7 +30,7 @@ def test_flop_count_matches_a_hand_count():
 
 
 def test_smoke_run_writes_json_markdown_and_chart(tmp_path):
-    backends = ["pt", "tf", "flax", "hf-pt"]
+    backends = ["pt", "pt-packed", "tf", "flax", "hf-pt"]
     rc = forward.main(
         ["--smoke", "--families", "electra", "--backends", ",".join(backends), "--out", str(tmp_path),
          "--min-time", "0", "--repeats", "1", "--workdir", str(tmp_path / "ckpt")]
@@ -71,3 +71,15 @@ def test_backends_of_a_process_are_timed_in_turn_with_the_reference():
     assert [r[0] for r in rounds] == ["ours", "theirs", "compiled", "ours"]
     assert {b: len(t) for b, t in out["times_s"].items()} == dict.fromkeys(runners, 4)
     assert len(out["reference_s"]) == 8  # two products a round
+
+
+def test_against_transformers_takes_the_best_mode_of_each_side_packed_included():
+    # pt-packed (the opt-in PackedLinear path) is one of our modes: when it is the fastest, it is ours
+    assert forward.BACKENDS["pt-packed"] == ("pt", "ours", "eager+packed")
+    rows = [
+        {"family": "electra", "framework": "pt", "shape": "1x16", "backend": b, "median_ms": ms}
+        for b, ms in (("pt", 3.0), ("pt-packed", 2.0), ("pt-compile", 2.5), ("hf-pt", 4.0), ("hf-pt", 5.0))
+    ]
+    (line,) = forward.verdicts(rows)
+    assert line.startswith("- electra pt 1x16: ours pt-packed 2.00 ms vs transformers hf-pt 4.00 ms -> 2.00x (met)")
+    assert "| pt | electra | 2.00x |" in forward.summary(rows)

@@ -18,6 +18,7 @@ import transformers
 import nezha_zoo.pt as zoo
 from nezha_zoo import ElectraConfig
 from nezha_zoo.io.errors import CheckpointError
+from nezha_zoo.pt.layers import PackedLinear, _packing_available
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
 from nezha_zoo.validation import InputError
@@ -157,6 +158,22 @@ def test_outputs_match_transformers(pairs, head):
     assert out[0] is out.to_tuple()[0] and out[0] is out[list(out.keys())[0]]
     leaves, spec = torch.utils._pytree.tree_flatten(out)  # outputs are torch pytrees
     assert type(torch.utils._pytree.tree_unflatten(leaves, spec)) is type(out) and len(leaves) == len(out)
+
+
+@pytest.mark.skipif(not _packing_available(), reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("head", ["Model", "ForMaskedLM"])
+def test_outputs_match_transformers_with_packed_linear(pairs, head):
+    # issue #23: the opt-in packed inference path (zoo.set_packed_linear) gives transformers' outputs too
+    hf, ours, _ = pairs.get(head)
+    full = dict(inputs_for(head), output_hidden_states=True, output_attentions=True)
+    try:
+        with torch.no_grad(), zoo.packed_linear():
+            compare(hf(**full), ours(**full), f"{head} packed")
+        assert all(m._packed is not None for m in ours.modules() if isinstance(m, PackedLinear))
+    finally:
+        for m in ours.modules():
+            if isinstance(m, PackedLinear):
+                m.drop_packed_weight()
 
 
 @pytest.mark.parametrize("summary_type", ["first", "last", "mean", "cls_index"])

@@ -1,0 +1,191 @@
+"""PackedLinear (issue #23): opt-in oneDNN-packed weights for inference products, re-packed when the weight changes
+(version counter, replacement, or writes through ``.data`` seen by the fingerprint)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nezha_zoo.pt as zoo
+from nezha_zoo.pt import layers
+from nezha_zoo.pt.layers import PackedLinear, _packing_available, packed_linear, set_packed_linear
+from nezha_zoo.spec.registry import get_family, model_class
+from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
+
+pytestmark = [pytest.mark.pt]
+
+pin_precision("pt")
+
+
+def _layer() -> PackedLinear:
+    torch.manual_seed(0)
+    return PackedLinear(48, 40).eval()
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(1))
+
+
+needs_packing = pytest.mark.skipif(not _packing_available(), reason="this PyTorch build has no oneDNN")
+
+
+@pytest.fixture
+def packing():
+    """Packing on for one test (it is off by default), restored afterwards."""
+    with packed_linear():
+        yield
+
+
+def test_off_by_default_and_switches_restore(monkeypatch):
+    assert zoo.set_packed_linear is set_packed_linear and zoo.packed_linear is packed_linear
+    monkeypatch.delenv(layers.PACKED_LINEAR_ENV, raising=False)
+    assert layers._packing_from_env() is False
+    monkeypatch.setenv(layers.PACKED_LINEAR_ENV, "1")
+    assert layers._packing_from_env() is True
+    monkeypatch.setenv(layers.PACKED_LINEAR_ENV, "yes")
+    with pytest.raises(ValueError, match="NEZHA_ZOO_PACKED_LINEAR must be '0' or '1'"):
+        layers._packing_from_env()
+    before = layers._PACKING["enabled"]
+    with packed_linear():
+        assert layers._PACKING["enabled"] is True
+        with packed_linear(False):
+            assert layers._PACKING["enabled"] is False
+        assert layers._PACKING["enabled"] is True
+    assert layers._PACKING["enabled"] is before
+    with pytest.raises(RuntimeError), packed_linear():
+        raise RuntimeError("restored on the way out")
+    assert layers._PACKING["enabled"] is before
+
+
+@needs_packing
+def test_inference_path_packs_and_matches_f_linear(packing):
+    layer, x = _layer(), _x()
+    with torch.inference_mode():
+        got = layer(x)
+    assert layer._packed is not None, "the inference call did not take the packed path"
+    assert got.shape == (2, 5, 40)
+    assert_close(got, F.linear(x, layer.weight, layer.bias), TOLERANCES["hidden"], "packed vs F.linear")
+    no_bias = PackedLinear(48, 40, bias=False).eval()
+    with torch.no_grad():
+        assert_close(no_bias(x), F.linear(x, no_bias.weight), TOLERANCES["hidden"], "packed, no bias")
+
+
+@needs_packing
+def test_weight_changes_repack(packing):
+    layer, x = _layer(), _x()
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(-3.0)  # in place: the version counter moves
+        assert_close(layer(x), F.linear(x, layer.weight, layer.bias), TOLERANCES["hidden"], "after in-place")
+        layer.load_state_dict({"weight": torch.randn(40, 48), "bias": torch.randn(40)})
+        assert_close(layer(x), F.linear(x, layer.weight, layer.bias), TOLERANCES["hidden"], "after load")
+        layer.weight = torch.nn.Parameter(torch.randn(40, 48))  # replaced
+        assert_close(layer(x), F.linear(x, layer.weight, layer.bias), TOLERANCES["hidden"], "after replace")
+        layer.drop_packed_weight()
+        assert_close(layer(x), F.linear(x, layer.weight, layer.bias), TOLERANCES["hidden"], "after drop")
+
+
+@needs_packing
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda w: w.data.mul_(0.9).add_(0.1),  # an EMA update
+        lambda w: w.data.normal_(0.0, 0.02),  # transformers-style _init_weights
+        lambda w: w.data.copy_(torch.randn(w.shape)),
+        lambda w: w.data.view(-1)[:1].add_(1.0),  # the first element alone: sampled
+    ],
+    ids=["mul_add", "normal", "copy", "first_element"],
+)
+def test_writes_through_data_are_caught(packing, write):
+    # .data writes leave the version counter alone; the fingerprint sees them and the layer re-packs
+    layer, x = _layer(), _x()
+    with torch.no_grad():
+        layer(x)
+        version, packed = layer.weight._version, layer._packed[-1]
+        write(layer.weight)
+        assert layer.weight._version == version, "this write should bypass the version counter"
+        assert_close(layer(x), F.linear(x, layer.weight, layer.bias), TOLERANCES["hidden"], "after .data write")
+    assert layer._packed[-1] is not packed
+
+
+def test_the_fingerprint_spans_rows_and_columns():
+    weight = torch.arange(768 * 768, dtype=torch.float32).view(768, 768)
+    sample = layers._fingerprint_view(weight)  # int32 bits of the sampled elements, a view
+    assert sample.numel() == layers.FINGERPRINT_SIZE and sample.dtype == torch.int32
+    index = sample.view(torch.float32).flatten().long()  # the flat positions they were taken from
+    assert index[0] == 0 and index.unique().numel() == layers.FINGERPRINT_SIZE and index.max() < 768 * 768
+    rows, cols = (index // 768).unique().numel(), (index % 768)[:: layers.FINGERPRINT_RUN].unique().numel()
+    runs = layers.FINGERPRINT_SIZE // layers.FINGERPRINT_RUN
+    assert rows >= runs and cols == runs  # every run in its own row(s), starting at its own column
+    small = torch.arange(10, dtype=torch.float32).view(2, 5)
+    assert layers._fingerprint_view(small).view(torch.float32).flatten().tolist() == list(range(10))  # all of it
+
+
+def test_autograd_and_switch_use_f_linear_exactly():
+    layer, x = _layer(), _x()
+    layer.train()
+    out = layer(x)  # gradients on: plain F.linear, bit for bit
+    assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+    out.sum().backward()
+    assert layer.weight.grad is not None and layer._packed is None
+    layer.eval()
+    with torch.no_grad():  # off by default
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer._packed is None
+    previous = set_packed_linear(True)
+    try:
+        assert set_packed_linear(False) is True
+        with torch.no_grad():
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert layer._packed is None
+    finally:
+        set_packed_linear(previous)
+
+
+@needs_packing
+def test_copies_drop_the_packed_weight_and_train_frees_it(packing):
+    layer, x = _layer(), _x()
+    with torch.no_grad():
+        want = layer(x)
+    assert layer._packed is not None
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone._packed is None
+        with torch.no_grad():
+            assert_close(clone(x), want, TOLERANCES["hidden"], "copy")
+    layer.train()
+    assert layer._packed is None
+
+
+#: Tiny configs of the families whose blocks use PackedLinear (the BERT blocks, MPT).
+FAMILY_CONFIGS = {
+    "electra": dict(vocab_size=99, embedding_size=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=37, max_position_embeddings=64),
+    "nezha": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  max_position_embeddings=64, max_relative_position=8),
+    "mpt": dict(vocab_size=99, d_model=32, n_heads=4, n_layers=2, max_seq_len=64),
+}  # fmt: skip
+
+
+@needs_packing
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_models_give_the_same_outputs_packed_and_after_an_ema_update(family):
+    fam = get_family(family)
+    torch.manual_seed(0)
+    model = model_class(fam, "Model", "pt")(fam.config_class(**FAMILY_CONFIGS[family])).eval()
+    inp = tiny_inputs(vocab_size=99, type_vocab_size=None, seed=3)
+    inp = {k: torch.from_numpy(v) for k, v in inp.items()}
+    for step in range(2):
+        with torch.no_grad():
+            want = model(**inp)[0]
+            with packed_linear():
+                got = model(**inp)[0]
+        packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        assert packed and all(m._packed is not None for m in packed), "not every block product took the packed path"
+        assert_close(got, want, TOLERANCES["hidden"], f"{family} packed, step {step}")
+        with torch.no_grad():  # an EMA step through .data: invisible to the version counter
+            for p in model.parameters():
+                p.data.mul_(0.5).add_(0.5 * torch.randn_like(p))
