@@ -60,6 +60,16 @@ SMOKE_SHAPE = (2, 16)
 GEMM = (1024, 768, 3072)
 SMOKE_GEMM = (32, 32, 37)
 LEARNING_RATE = 1e-5
+#: Why the XLA rows widen bf16 dots (probed with jax 0.10.2 and TF 2.21; details in docs/benchmarks/README.md).
+XLA_BF16_NOTE = (
+    "No XLA flag makes these dots native (the oneDNN, XNNPACK/YNNPACK, ISA and precision flags were each "
+    "tried): XLA's CPU compiler keeps a bf16 dot only in the form its YNNPACK fusion runs, bf16 operands with "
+    "a float32 result, and widens a `bf16 x bf16 -> bf16` dot whole.  Written as `bf16 x bf16 -> f32` "
+    "(`preferred_element_type=jnp.float32` in JAX, `tf.linalg.matmul(..., output_type=tf.float32)` under "
+    "XLA) and cast back, the 1024 x 768 x 3072 product took 0.57-0.64x and a Flax Electra-base bf16 forward "
+    '0.56x the float32 time in a probe; see docs/benchmarks/README.md, "Why XLA widens bfloat16 dots '
+    'on the CPU".'
+)
 
 
 def _ids(batch: int, seq: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -343,6 +353,7 @@ def markdown(report: dict[str, Any]) -> str:
     if info:
         lines += ["", "## What the frameworks compile", ""]
         lines += [f"- {k}: {json.dumps(v)}" for k, v in info.items()]
+    lines += ["", "## XLA and bfloat16 dots", "", XLA_BF16_NOTE]
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from nezha_zoo.config import classifier_dropout_rate
-from nezha_zoo.flax.layers import Dropout, dense, get_activation, layer_norm
+from nezha_zoo.flax.layers import Dropout, bf16_einsum, dense, get_activation, layer_norm
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Kind
 from nezha_zoo.spec.registry import family_of_config
@@ -71,7 +71,7 @@ def lm_decoder(head: nn.Module, hidden_states, table=None) -> jax.Array:
     c = head.config
     bias = head.param("bias", jax.nn.initializers.zeros, (c.vocab_size,), jnp.float32)
     if head.tied:
-        logits = jnp.einsum("blh,vh->blv", hidden_states, jnp.asarray(table, head.dtype))  # h @ table.T
+        logits = bf16_einsum("blh,vh->blv", hidden_states, jnp.asarray(table, head.dtype))  # h @ table.T
     else:
         logits = dense(c.vocab_size, "decoder", c, head.dtype, use_bias=False)(hidden_states)
     return logits + jnp.asarray(bias, head.dtype)
@@ -181,7 +181,7 @@ class TiedLMBias(nn.Module):
     def __call__(self, x, table):
         bias = self.param("bias", jax.nn.initializers.zeros, (self.vocab_size,), jnp.float32)
         x = jnp.asarray(x, self.dtype)
-        return jnp.einsum("ble,ve->blv", x, jnp.asarray(table, self.dtype)) + jnp.asarray(bias, self.dtype)
+        return bf16_einsum("ble,ve->blv", x, jnp.asarray(table, self.dtype)) + jnp.asarray(bias, self.dtype)
 
 
 class PredictionHead(nn.Module):

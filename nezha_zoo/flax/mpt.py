@@ -34,7 +34,7 @@ from flax import linen as nn
 from nezha_zoo.families.mpt import MPT
 from nezha_zoo.flax.generation import FlaxGenerationMixin
 from nezha_zoo.flax.heads import split_qa_logits, tied_embedding_table
-from nezha_zoo.flax.layers import ACT2FN, Dropout, dense, layer_norm, update_kv_cache
+from nezha_zoo.flax.layers import ACT2FN, Dropout, bf16_einsum, dense, layer_norm, update_kv_cache
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
@@ -169,7 +169,7 @@ class FlaxMptAttention(nn.Module):
             v = jnp.broadcast_to(v, (bsz, k_len, heads, head_dim))
 
         scale = ac.softmax_scale if ac.softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, self.dtype)
+        scores = bf16_einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, self.dtype)
         last = jnp.asarray(past, jnp.int32) + q_len - 1  # the newest key's index
         scores = scores + alibi_bias(alibi_slopes(heads, ac.alibi_bias_max), k_len, last, self.dtype)
         # Query i sits at index past + i and sees keys j <= past + i that the mask keeps.
@@ -182,7 +182,7 @@ class FlaxMptAttention(nn.Module):
         scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
         probs = Dropout(ac.attn_pdrop, name="attn_dropout")(probs, deterministic=deterministic)
-        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(bsz, q_len, d)  # merge heads: (B, L, d)
+        context = bf16_einsum("bhqk,bkhd->bqhd", probs, v).reshape(bsz, q_len, d)  # merge heads: (B, L, d)
         return _linear(d, "out_proj", c, self.dtype)(context), probs
 
 
@@ -393,7 +393,7 @@ class FlaxMptForCausalLMModule(_MptHead):
             if table is None:
                 logits = dense(c.vocab_size, "lm_head", c, self.dtype, use_bias=False)(h)
             else:
-                logits = jnp.einsum("bld,vd->blv", h, jnp.asarray(table, self.dtype))  # h @ wte.T
+                logits = bf16_einsum("bld,vd->blv", h, jnp.asarray(table, self.dtype))  # h @ wte.T
             scale = logit_scale(c)
             if scale is not None:
                 logits = logits * jnp.asarray(scale, logits.dtype)

@@ -72,3 +72,4 @@ def test_runs_of_single_frameworks_merge_into_one_report(tmp_path):
     assert merged["frameworks"] == ["pt", "flax"] and [r["framework"] for r in merged["rows"]] == ["pt", "flax"]
     md = (out / "precision.md").read_text()
     assert "- pt: load average (1 min) 3.0 before, 4.0 after" in md and "- flax: load average (1 min) 5.0" in md
+    assert md.rstrip().endswith(precision.XLA_BF16_NOTE)  # why XLA widens bf16 dots, under the tables

@@ -12,6 +12,7 @@ import transformers
 
 import nezha_zoo.flax as nzf
 import nezha_zoo.flax.modeling_utils as flax_utils
+from benchmarks.precision import _hlo_dots
 from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig
 from nezha_zoo.io.reader import open_checkpoint
 from nezha_zoo.testing import (
@@ -94,6 +95,37 @@ def test_constructor_dtype_stores_and_computes_bf16():
     # Under jit and grad too: gradients come back in the params' dtype.
     grads = jax.jit(jax.grad(lambda p: bf(**inp, params=p).logits.astype(jnp.float32).sum()))(bf.params)
     assert {g.dtype for g in _leaves(grads)} == {jnp.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("family", ["Electra", "Nezha"])
+def test_bf16_products_compile_as_bf16_operands_with_f32_result(family):
+    # XLA's CPU compiler widens a bf16 x bf16 -> bf16 dot whole to float32, but runs bf16 x bf16 -> f32
+    # natively: every product of a bf16 model (dense, attention, Nezha's relative terms, tied decoder)
+    # must reach XLA in that form, with no convert of its operands to f32, and run; float32 models unchanged.
+    cls = getattr(nzf, f"Flax{family}ForMaskedLM")
+    bf = cls(CONFIGS[family], seed=0, dtype=jnp.bfloat16)
+    ref = cls(CONFIGS[family], seed=0)
+    inp = _inputs(family)
+
+    def compiled(model):
+        return jax.jit(lambda p: model(**inp, params=p).logits).lower(model.params).compile()
+
+    bf_fwd, ref_fwd = compiled(bf), compiled(ref)
+    bf_dots, ref_dots = _hlo_dots(bf_fwd.as_text()), _hlo_dots(ref_fwd.as_text())
+    assert set(ref_dots) == {"f32 x f32 -> f32"}
+    # Nezha's relative-value product stays widened: XLA cannot run its bf16 x bf16 -> f32 form.
+    widened = CONFIGS[family].num_hidden_layers if family == "Nezha" else 0  # one per layer
+    want_dots = {"bf16 x bf16 -> f32": ref_dots["f32 x f32 -> f32"] - widened, "f32 x f32 -> f32": widened}
+    assert bf_dots == {k: n for k, n in want_dots.items() if n}
+    got = bf_fwd(bf.params)
+    assert got.dtype == jnp.bfloat16
+    want = ref_fwd(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), bf.params))
+    scale = float(np.abs(np.asarray(want)).max())
+    keep = inp["attention_mask"][..., None].astype(bool)
+    assert_close(np.asarray(got, np.float32) / scale, np.asarray(want) / scale, TOLERANCES["bf16"], "logits", keep)
+    # Training compiles and runs (the backward products stay in JAX's transpose form).
+    grads = jax.jit(jax.grad(lambda p: bf(**inp, params=p).logits.astype(jnp.float32).sum()))(bf.params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in _leaves(grads))
 
 
 def test_bf16_save_is_bf16_and_loads_exactly(tmp_path):
