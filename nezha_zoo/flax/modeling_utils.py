@@ -712,8 +712,9 @@ class FlaxPreTrainedModel(LoraMixin):
         program (the eager op-by-op call of Electra-base at 1x16 is ~5x slower than compiled, half
         of it in Flax's per-parameter shape checks).  A loop over ever new shapes therefore never
         compiles, and at most ``jit_cache_size`` compiled signatures are kept (least recently used
-        dropped).  The module and the config are read when a signature compiles: after changing
-        ``model.config`` in place, call :meth:`clear_jit_cache`.
+        dropped).  Calls that update buffers (calibration) always run op by op.  The module and the
+        config are read when a signature compiles: after changing ``model.config`` in place, call
+        :meth:`clear_jit_cache`.
         """
         deterministic, output_attentions, output_hidden_states, return_dict, mutable = static
         module = self.module
@@ -733,7 +734,9 @@ class FlaxPreTrainedModel(LoraMixin):
         args = (variables, inputs, rngs)
         leaves, treedef = jax.tree_util.tree_flatten(args)
         no_jit = self.jit_after_calls is None or self.jit_cache_size < 1
-        if no_jit or any(isinstance(x, jax.core.Tracer) for x in leaves):
+        # A call that updates buffers (I-BERT's calibration) stays op by op: the calibrated ranges
+        # define the integer model, and XLA's fused rounding would move them off PyTorch's and TF's.
+        if no_jit or BUFFERS in mutable or any(isinstance(x, jax.core.Tracer) for x in leaves):
             return apply(*args)
         avals = tuple((np.shape(x), str(getattr(x, "dtype", type(x))), getattr(x, "weak_type", False)) for x in leaves)
         key = (id(module), static, treedef, avals)

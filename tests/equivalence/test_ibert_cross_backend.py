@@ -225,6 +225,7 @@ def test_quant_calibration_identical_across_backends(tmp_path):
         _, state = fx(**x, buffers=buffers, train=True)
         buffers = state["buffers"]
     fx.buffers = buffers
+    assert not fx._jit_compiled  # calibration runs op by op, never through the wrapper's cached jit
     for name, model in (("pt", pt), ("tf", tfm), ("flax", fx)):
         model.save_pretrained(tmp_path / name)
     ref = _state(tmp_path / "pt")

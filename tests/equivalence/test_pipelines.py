@@ -302,6 +302,8 @@ def test_models_take_a_tokenizers_output_as_it_is(dirs, framework):
     )
     for family, head, directory in cases:
         model = model_class(family, head, framework).from_pretrained(directory)
+        if hasattr(model, "jit_after_calls"):  # one path for every call: Flax compiles a repeated one
+            model.jit_after_calls = None  # (XLA's fused rounding differs from op by op in the last bit)
         tok = AutoTokenizer.from_pretrained(directory)
         enc = tok(TEXTS, padding=True, return_tensors=tensors, return_offsets_mapping=True)
         want = to_numpy(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])[0])
