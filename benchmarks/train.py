@@ -250,7 +250,10 @@ def _flax_step(impl: str, mode: str, lora: bool, family: str, path: str, loaded:
     tx = optax.adamw(LEARNING_RATE)
 
     def loss_fn(trained, base, rng, ids, mask, labels):
-        logits = model(ids, attention_mask=mask, params=params_of(trained, base), dropout_rng=rng, train=True).logits
+        out = model(ids, attention_mask=mask, params=params_of(trained, base), dropout_rng=rng, train=True)
+        if type(out) is tuple:  # I-BERT's buffers are mutable in training: (output, {"buffers": ...})
+            out = out[0]
+        logits = out.logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     # The trained tree and the optimizer state are donated (updated in place); base params are an
