@@ -5,7 +5,8 @@ transformers; with ``--lora``, LoRA adapters against full fine-tuning.
 model at base size (the sizes of :data:`benchmarks.forward.BENCH_CONFIGS`: XLM-R-XL at its layer width
 with 2 of 36 layers, MPT as a 125M GPT-2-small shape), dropout on, at batch 8 x 128 tokens:
 
-* ours: PyTorch eager (``pt``) and ``torch.compile`` (``pt-compile``), both with ``torch.optim.AdamW``;
+* ours: PyTorch eager (``pt``), eager with the opt-in oneDNN products (``pt-packed``,
+  :func:`nezha_zoo.pt.set_packed_linear`) and ``torch.compile`` (``pt-compile``), all with ``torch.optim.AdamW``;
   Keras ``train_on_batch`` as ``compile()`` sets it up by default (``tf``: ``jit_compile="auto"``,
   which is no XLA on a CPU-only TensorFlow) and with XLA (``tf-xla``), ``keras.optimizers.AdamW``;
   Flax under ``jax.jit`` with ``optax.adamw`` (``flax``);
@@ -141,6 +142,8 @@ def _variable_bytes(v) -> int:
 def _pt_step(impl: str, mode: str, lora: bool, family: str, path: str, loaded: Callable[[], None]):
     import torch
 
+    from nezha_zoo.pt import packed_linear
+
     fam = get_family(family)
     if impl == "ours":
         import nezha_zoo.pt as module
@@ -156,16 +159,18 @@ def _pt_step(impl: str, mode: str, lora: bool, family: str, path: str, loaded: C
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
     call = torch.compile(model, dynamic=False) if mode == "torch.compile" else model
+    packed = mode.endswith("+packed")  # a process-wide switch: set around each step, as backends take turns
     tensors: dict[int, Any] = {}
 
     def step(ids, mask, labels):
         if id(ids) not in tensors:  # the same numpy inputs every call: convert once
             tensors[id(ids)] = [torch.from_numpy(x) for x in (ids, mask, labels)]
         t_ids, t_mask, t_labels = tensors[id(ids)]
-        optimizer.zero_grad(set_to_none=True)
-        loss = call(input_ids=t_ids, attention_mask=t_mask, labels=t_labels).loss
-        loss.backward()
-        optimizer.step()
+        with packed_linear(packed):
+            optimizer.zero_grad(set_to_none=True)
+            loss = call(input_ids=t_ids, attention_mask=t_mask, labels=t_labels).loss
+            loss.backward()
+            optimizer.step()
         return loss
 
     def info():

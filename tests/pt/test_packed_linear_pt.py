@@ -170,14 +170,20 @@ FAMILY_CONFIGS = {
 }  # fmt: skip
 
 
+def _tiny_model(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The seeded base model of ``family`` at its tiny config and its inputs (tensors by argument name)."""
+    fam = get_family(family)
+    torch.manual_seed(0)
+    model = model_class(fam, "Model", "pt")(fam.config_class(**FAMILY_CONFIGS[family]))
+    inp = tiny_inputs(vocab_size=99, type_vocab_size=None, seed=3)
+    return model, {k: torch.from_numpy(v) for k, v in inp.items()}
+
+
 @needs_packing
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_models_give_the_same_outputs_packed_and_after_an_ema_update(family):
-    fam = get_family(family)
-    torch.manual_seed(0)
-    model = model_class(fam, "Model", "pt")(fam.config_class(**FAMILY_CONFIGS[family])).eval()
-    inp = tiny_inputs(vocab_size=99, type_vocab_size=None, seed=3)
-    inp = {k: torch.from_numpy(v) for k, v in inp.items()}
+    model, inp = _tiny_model(family)
+    model.eval()
     for step in range(2):
         with torch.no_grad():
             want = model(**inp)[0]
@@ -189,3 +195,51 @@ def test_models_give_the_same_outputs_packed_and_after_an_ema_update(family):
         with torch.no_grad():  # an EMA step through .data: invisible to the version counter
             for p in model.parameters():
                 p.data.mul_(0.5).add_(0.5 * torch.randn_like(p))
+
+
+@needs_packing
+def test_training_path_runs_the_forward_on_onednn_and_the_backward_of_f_linear(packing):
+    layer, x = _layer(), _x().requires_grad_()
+    layer.train()
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_OneDNNLinearBackward", "the training call did not take the oneDNN path"
+    want = F.linear(x, layer.weight, layer.bias)
+    assert_close(out, want, TOLERANCES["hidden"], "oneDNN training forward vs F.linear")
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad(out, (x, layer.weight, layer.bias), g)
+    ref = torch.autograd.grad(want, (x, layer.weight, layer.bias), g)
+    for name, a, b in zip(("input", "weight", "bias"), got, ref):
+        assert torch.equal(a, b), f"the {name} gradient differs from F.linear's backward"
+    gx = torch.autograd.grad((layer(x) * g).sum(), x, create_graph=True)[0]  # a double backward still works
+    (gx**2).sum().backward()
+    gx_ref = torch.autograd.grad((F.linear(x, layer.weight, layer.bias) * g).sum(), x, create_graph=True)[0]
+    w_grad = layer.weight.grad.clone()
+    layer.weight.grad = None
+    (gx_ref**2).sum().backward()
+    assert torch.equal(w_grad, layer.weight.grad), "double backward differs from F.linear's"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps F.linear's casts
+        assert layer(x).dtype == torch.bfloat16
+    no_bias = PackedLinear(48, 40, bias=False).train()
+    assert_close(no_bias(x), F.linear(x, no_bias.weight), TOLERANCES["hidden"], "oneDNN training forward, no bias")
+
+
+@needs_packing
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_models_train_the_same_with_onednn_products(family):
+    """One training step's loss and gradients with packing on match packing off (same dropout masks)."""
+    model, inp = _tiny_model(family)
+    model.train()
+    runs = []
+    for packed in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        with packed_linear(packed):
+            out = model(**inp)[0]
+        out.pow(2).mean().backward()
+        runs.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = runs
+    assert_close(got, want, TOLERANCES["hidden"], f"{family} training output, oneDNN products")
+    assert got_grads.keys() == want_grads.keys() and want_grads
+    for name, grad in want_grads.items():
+        scale = max(float(grad.abs().max()), 1e-12)
+        assert_close(got_grads[name] / scale, grad / scale, TOLERANCES["grad_rel"], f"{family} gradient of {name}")
