@@ -215,7 +215,8 @@ def set_packed_linear(enabled: bool) -> bool:
 
     Off by default (or as :data:`PACKED_LINEAR_ENV` says at import).  On, every ``PackedLinear`` of a
     model in eval mode keeps a second, oneDNN-reordered copy of its weight after its first inference call:
-    faster CPU float32 inference at the cost of one more copy of the block weights in memory.
+    faster CPU float32 inference at the cost of one more copy of the block weights in memory.  With
+    gradients on, the forward products of training run on oneDNN too (a per-call copy, none kept).
     Returns the previous setting.
     """
     previous = bool(_PACKING["enabled"])
