@@ -162,3 +162,27 @@ def test_bad_dtype_raises_clearly(tmp_path):
         zoo.ElectraModel.from_pretrained(tmp_path, dtype="float32", torch_dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="dtype must be None, a string or a dtype object"):
         zoo.ElectraModel.from_pretrained(tmp_path, dtype=16)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_large_weights_load_exactly_and_stay_tied(tmp_path, dtype):
+    # A word table of >= HUGE_PAGE_BYTES takes the huge-page allocation of _on_huge_pages (float32 and bfloat16).
+    from nezha_zoo.pt.modeling_utils import HUGE_PAGE_BYTES
+
+    config = ElectraConfig(**{**TINY, "vocab_size": 8400}, embedding_size=256)
+    torch.manual_seed(0)
+    saved = zoo.ElectraForMaskedLM(config).to(dtype or torch.float32)
+    saved.save_pretrained(tmp_path)
+    m = zoo.ElectraForMaskedLM.from_pretrained(tmp_path, dtype=dtype)
+    word = m.electra.embeddings.word_embeddings.weight
+    assert word.numel() * word.element_size() >= HUGE_PAGE_BYTES
+    assert word.dtype == (dtype or torch.float32) and word.is_contiguous() and isinstance(word, torch.nn.Parameter)
+    assert m.generator_lm_head.weight is word  # the tie survives the allocation
+    for name, t in saved.state_dict().items():
+        assert torch.equal(m.state_dict()[name], t), name
+    inputs = _inputs("Electra")
+    with torch.no_grad():
+        torch.testing.assert_close(m(**inputs).logits, saved.eval()(**inputs).logits, rtol=0, atol=0)
+    m.train()
+    m(**inputs, labels=inputs["input_ids"]).loss.backward()  # trainable as any parameter
+    assert word.grad is not None and word.grad.shape == word.shape
