@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import nezha_zoo.flax as nzf
-from nezha_zoo import ElectraConfig, packing
+from nezha_zoo import ElectraConfig, MptConfig, packing
 from nezha_zoo.flax.layers import (
     PACKED,
     PACKED_COMPILER_OPTIONS,
@@ -168,3 +168,21 @@ def test_unmerged_lora_is_not_packed():
             got = model(ids).last_hidden_state
     assert not model._packed
     assert_close(got, want, HID, "LoRA, packing on")
+
+
+def test_bias_free_cached_decoding_steps_run_packed():
+    # MPT: bias-free products (no_bias), one-row steps on a mutable "cache" collection
+    model = nzf.FlaxMptForCausalLM(MptConfig(vocab_size=99, d_model=64, n_layers=2, n_heads=4, max_seq_len=64), seed=2)
+    ids, nxt = _ids((1, 4)), _ids((1, 3), seed=9)
+    full = _eager(model, np.concatenate([ids, nxt], axis=1)).logits
+    mask = np.zeros((1, 8), np.int64)
+    mask[:, :4] = 1
+    with packed_linear():
+        out = model(ids, attention_mask=mask, past_key_values=model.init_cache(1, 8))
+        steps = [out.logits[:, -1]]
+        for k in range(3):
+            mask[:, 4 + k] = 1
+            out = model(nxt[:, k : k + 1], attention_mask=mask, past_key_values=out.past_key_values)
+            steps.append(out.logits[:, -1])
+    assert len(model._packed) == 4 * 2  # Wqkv, out_proj, up_proj, down_proj per block
+    assert_close(jnp.stack(steps, 1), full[:, 3:], TOLERANCES["logits"], "packed cached steps vs full forward")
