@@ -15,6 +15,8 @@ Backends, each the way a user calls it:
   XLA only off-CPU: Keras' ``jit_compile="auto"``), its per-call data handling included;
 * ``flax``: ``model(...)`` called directly (no ``jax.jit`` of the user's own): the wrapper runs a
   repeated call signature through its cached ``jax.jit`` (``jit_after_calls``);
+* ``flax-packed``: the same with packed kernels on (``nezha_zoo.flax.packed_linear()``: blocked copies of
+  the block kernels, :class:`nezha_zoo.flax.layers.Dense`);
 * ``flax-op-by-op``: the same call with ``model.jit_after_calls = None`` (op by op, as transformers'
   Flax classes; what ``flax`` was before the cached ``jax.jit``);
 * ``flax-jit``: ``jax.jit(lambda params, ids, mask: model(ids, attention_mask=mask, params=params))``;
@@ -48,7 +50,18 @@ from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.registry import get_family
 
 #: ``pt-packed``: PyTorch eager with the opt-in packed weights (:func:`nezha_zoo.pt.set_packed_linear`).
-BACKENDS = ("pt", "pt-packed", "tf", "tf-function", "tf-predict", "flax", "flax-op-by-op", "flax-jit", "hf-pt")
+BACKENDS = (
+    "pt",
+    "pt-packed",
+    "tf",
+    "tf-function",
+    "tf-predict",
+    "flax",
+    "flax-packed",
+    "flax-op-by-op",
+    "flax-jit",
+    "hf-pt",
+)
 #: Pause before each timed call: three frameworks' thread pools share the cores, and one that is
 #: still spinning after its call would be timed as part of the next backend's.
 PAUSE_S = 0.1
@@ -96,10 +109,16 @@ def _runner(backend: str, family: str, path: str, threads: int) -> Callable[[np.
     import nezha_zoo.flax as module
 
     model = getattr(module, name).from_pretrained(path)
-    if backend in ("flax", "flax-op-by-op"):
+    if backend in ("flax", "flax-packed", "flax-op-by-op"):
         if backend == "flax-op-by-op":
             model.jit_after_calls = None
-        return lambda ids, mask: model(ids, attention_mask=mask)[0].block_until_ready()
+        packed = backend == "flax-packed"  # a process-wide switch: set around each call, as backends take turns
+
+        def run_flax(ids, mask):
+            with module.packed_linear(packed):
+                return model(ids, attention_mask=mask)[0].block_until_ready()
+
+        return run_flax
     fn = jax.jit(lambda params, ids, mask: model(ids, attention_mask=mask, params=params)[0])
     params = model.params
     return lambda ids, mask: fn(params, ids, mask).block_until_ready()

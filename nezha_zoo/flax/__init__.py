@@ -13,6 +13,7 @@ from nezha_zoo.flax import auto, electra, ibert, losses, mpnet, mpt, nezha, xlm_
 from nezha_zoo.flax.auto import *  # noqa: F403  (the Auto classes, listed in auto.__all__)
 from nezha_zoo.flax.heads import mean_pool
 from nezha_zoo.flax.modeling_utils import FlaxPreTrainedModel, checked
+from nezha_zoo.packing import packed_linear, set_packed_linear
 from nezha_zoo.spec.registry import model_classes
 
 _CLASSES = model_classes("flax")  # FlaxElectraPreTrainedModel, FlaxElectraModel, FlaxElectraForPreTraining, ...
@@ -22,3 +23,4 @@ globals().update(_CLASSES)
 globals().update(_MODULES)
 
 __all__ = ["FlaxPreTrainedModel", *_CLASSES, *auto.__all__, *_MODULES, "mean_pool", "losses", "checked"]
+__all__ += ["set_packed_linear", "packed_linear"]

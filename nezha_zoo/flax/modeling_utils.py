@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -28,7 +29,7 @@ from jax.experimental import checkify
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype
 from nezha_zoo.flax.heads import qa_head, token_classifier
-from nezha_zoo.flax.layers import dense
+from nezha_zoo.flax.layers import PACKED, dense, pack_kernel, packable, packed_compiler_options
 from nezha_zoo.flax.lora import LoraMixin
 from nezha_zoo.inputs import accepts_encodings
 from nezha_zoo.io.plan import CHUNK_BYTES
@@ -40,6 +41,7 @@ from nezha_zoo.outputs import (
     QuestionAnsweringModelOutput,
     TokenClassifierOutput,
 )
+from nezha_zoo.packing import PACKED_MAX_ROWS, packed_linear_enabled
 from nezha_zoo.pretrained import load_weights, random_weights, resized_vocab, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Kind, ModelSpec, Param
@@ -278,6 +280,14 @@ def _path_str(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
 
+def _rows(inputs: Mapping) -> int:
+    """Token rows of a call: ``input_ids`` (..., L) or ``inputs_embeds`` (..., L, E)."""
+    ids = inputs.get("input_ids")
+    if ids is not None:
+        return math.prod(np.shape(ids))
+    return math.prod(np.shape(inputs["inputs_embeds"])[:-1])
+
+
 class FlaxPreTrainedModel(LoraMixin):
     """Wrapper around a linen module with params, checkpoints and transformers' Flax call convention.
 
@@ -357,6 +367,8 @@ class FlaxPreTrainedModel(LoraMixin):
         #: call signature -> compiled ``module.apply`` / eager calls so far (see :meth:`_apply`)
         self._jit_compiled: OrderedDict[tuple, Callable] = OrderedDict()
         self._jit_seen: OrderedDict[tuple, int] = OrderedDict()
+        #: params path -> (weakref to the kernel, its packed copy) (see :meth:`_packed_kernels`)
+        self._packed: dict[tuple[str, ...], tuple[weakref.ref, jax.Array]] = {}
         self._is_initialized = _do_init
         self._params: dict | None = None
         # buffers are small state: always held, fresh from the spec's constants until loaded
@@ -739,7 +751,17 @@ class FlaxPreTrainedModel(LoraMixin):
         if no_jit or BUFFERS in mutable or any(isinstance(x, jax.core.Tracer) for x in leaves):
             return apply(*args)
         avals = tuple((np.shape(x), str(getattr(x, "dtype", type(x))), getattr(x, "weak_type", False)) for x in leaves)
-        key = (id(module), static, treedef, avals)
+        # packed kernels (nezha_zoo.packing): compiled float32 inference on CPU only; not with an unmerged LoRA
+        # adapter, whose merged kernels are new arrays on every call (each would be packed again)
+        packing = (
+            packed_linear_enabled()
+            and jax.default_backend() == "cpu"
+            and deterministic
+            and self.dtype == jnp.float32
+            and _rows(inputs) <= PACKED_MAX_ROWS  # more rows: the plain program, bit for bit
+            and (getattr(self, "lora_config", None) is None or self._lora_merged)
+        )
+        key = (id(module), static, treedef, avals, packing)
         compiled = self._jit_compiled.get(key)
         if compiled is None:
             seen = self._jit_seen.pop(key, 0)
@@ -749,18 +771,40 @@ class FlaxPreTrainedModel(LoraMixin):
                     self._jit_seen.popitem(last=False)
                 return apply(*args)
             # the closure holds ``module``: its id cannot be reused while the entry lives
-            compiled = jax.jit(apply)
+            compiled = jax.jit(apply, compiler_options=packed_compiler_options()) if packing else jax.jit(apply)
             self._jit_compiled[key] = compiled
             while len(self._jit_compiled) > self.jit_cache_size:
                 self._jit_compiled.popitem(last=False)
         else:
             self._jit_compiled.move_to_end(key)
+        if packing:
+            args = ({**variables, PACKED: self._packed_kernels(variables["params"])}, inputs, rngs)
         return compiled(*args)
 
+    def _packed_kernels(self, params: Mapping) -> dict:
+        """The ``"packed"`` collection for ``params``: :func:`~nezha_zoo.flax.layers.pack_kernel` of every
+        packable ``kernel``, on its params path.
+
+        A kernel is packed once and its copy kept while the same array is passed (jax arrays are
+        immutable, so the copy cannot go stale); a new array (``model.params = ...``, another ``params=``)
+        is packed again on its first call and the old copy dropped.
+        """
+        previous = self._packed
+        self._packed = {}
+        for path, leaf in flatten_dict(dict(params)).items():
+            if path[-1] != "kernel" or not packable(leaf):
+                continue
+            held = previous.get(path)
+            packed = held[1] if held is not None and held[0]() is leaf else pack_kernel(leaf)
+            self._packed[path] = (weakref.ref(leaf), packed)
+        return unflatten_dict({path: held[1] for path, held in self._packed.items()})
+
     def clear_jit_cache(self) -> None:
-        """Drop the compiled calls and the call counts of :meth:`__call__` (see ``jit_after_calls``)."""
+        """Drop the compiled calls, the call counts of :meth:`__call__` (see ``jit_after_calls``) and the
+        packed kernels (:func:`nezha_zoo.packing.set_packed_linear`)."""
         self._jit_compiled.clear()
         self._jit_seen.clear()
+        self._packed = {}
 
     # --- checkpoints -------------------------------------------------------------------------------
 

@@ -22,12 +22,10 @@ dict, so ``state_dict()`` keys are the spec's canonical names.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nezha_zoo.packing import PACKED_LINEAR_ENV, packed_linear, packed_linear_enabled, set_packed_linear
 from nezha_zoo.spec.blocks import BertLayerNames, cross_attention_names
 from nezha_zoo.validation import InputError
 
@@ -189,50 +188,14 @@ def expand_head_mask(
 
 # --- linear layers ---------------------------------------------------------------------------------
 
-#: Environment switch read once, when this module is imported: ``"1"`` turns :class:`PackedLinear`'s packed
-#: inference path on for the process, ``"0"`` (or unset) leaves it off; :func:`set_packed_linear` overrides it.
-PACKED_LINEAR_ENV = "NEZHA_ZOO_PACKED_LINEAR"
-
 #: How many elements of ``weight`` :class:`PackedLinear` compares on each packed call (its stale-weight check).
 FINGERPRINT_SIZE = 256
 #: ... read as runs of this many neighbours (one 64-byte cache line of float32).
 FINGERPRINT_RUN = 16
 
-
-def _packing_from_env() -> bool:
-    value = os.environ.get(PACKED_LINEAR_ENV, "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{PACKED_LINEAR_ENV} must be '0' or '1', got {value!r}")
-    return value == "1"
-
-
-#: Whether :class:`PackedLinear` may use oneDNN's packed weights (see :func:`set_packed_linear`).
-_PACKING: dict[str, bool | None] = {"enabled": _packing_from_env(), "available": None}
-
-
-def set_packed_linear(enabled: bool) -> bool:
-    """Turn the packed-weight inference path of :class:`PackedLinear` on or off for the whole process.
-
-    Off by default (or as :data:`PACKED_LINEAR_ENV` says at import).  On, every ``PackedLinear`` of a
-    model in eval mode keeps a second, oneDNN-reordered copy of its weight after its first inference call:
-    faster CPU float32 inference at the cost of one more copy of the block weights in memory.  With
-    gradients on, the forward products of training run on oneDNN too (a per-call copy, none kept).
-    Returns the previous setting.
-    """
-    previous = bool(_PACKING["enabled"])
-    _PACKING["enabled"] = bool(enabled)
-    return previous
-
-
-@contextlib.contextmanager
-def packed_linear(enabled: bool = True) -> Iterator[None]:
-    """``with packed_linear(): ...`` runs the block with :func:`set_packed_linear` set to ``enabled``, then
-    restores the previous setting (a process-wide switch, not a per-thread one)."""
-    previous = set_packed_linear(enabled)
-    try:
-        yield
-    finally:
-        set_packed_linear(previous)
+#: Whether this PyTorch build has oneDNN's packed-weight ops (probed once, see :func:`_packing_available`).
+#: The on/off switch itself is process-wide and shared by every backend: :mod:`nezha_zoo.packing`.
+_PACKING: dict[str, bool | None] = {"available": None}
 
 
 def _packing_available() -> bool:
@@ -335,7 +298,7 @@ class PackedLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (
-            _PACKING["enabled"]
+            packed_linear_enabled()
             and input.dim() >= 2
             and input.dtype == torch.float32
             and w.dtype == torch.float32

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.pt, pytest.mark.flax, pytest.mark.hf]
 
 
 def test_small_shapes_smoke_times_every_backend(tmp_path):
-    backends = ["pt", "pt-packed", "flax", "flax-op-by-op", "flax-jit"]
+    backends = ["pt", "pt-packed", "flax", "flax-packed", "flax-op-by-op", "flax-jit"]
     argv = ["--smoke", "--threads", "0", "--rounds", "2", "--backends", ",".join(backends)]
     assert small_shapes.main([*argv, "--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "small_shapes.json").read_text())

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nezha_zoo.packing as shared_switch
 import nezha_zoo.pt as zoo
 from nezha_zoo.pt import layers
 from nezha_zoo.pt.layers import PackedLinear, _packing_available, packed_linear, set_packed_linear
@@ -40,25 +41,15 @@ def packing():
         yield
 
 
-def test_off_by_default_and_switches_restore(monkeypatch):
-    assert zoo.set_packed_linear is set_packed_linear and zoo.packed_linear is packed_linear
-    monkeypatch.delenv(layers.PACKED_LINEAR_ENV, raising=False)
-    assert layers._packing_from_env() is False
-    monkeypatch.setenv(layers.PACKED_LINEAR_ENV, "1")
-    assert layers._packing_from_env() is True
-    monkeypatch.setenv(layers.PACKED_LINEAR_ENV, "yes")
-    with pytest.raises(ValueError, match="NEZHA_ZOO_PACKED_LINEAR must be '0' or '1'"):
-        layers._packing_from_env()
-    before = layers._PACKING["enabled"]
+def test_switch_is_the_shared_process_wide_one():
+    """``nezha_zoo.pt``'s switch is :mod:`nezha_zoo.packing`'s (tested in tests/core), and PackedLinear reads it."""
+    assert zoo.set_packed_linear is set_packed_linear is shared_switch.set_packed_linear
+    assert zoo.packed_linear is packed_linear is shared_switch.packed_linear
+    assert layers.PACKED_LINEAR_ENV == shared_switch.PACKED_LINEAR_ENV
+    before = shared_switch.packed_linear_enabled()
     with packed_linear():
-        assert layers._PACKING["enabled"] is True
-        with packed_linear(False):
-            assert layers._PACKING["enabled"] is False
-        assert layers._PACKING["enabled"] is True
-    assert layers._PACKING["enabled"] is before
-    with pytest.raises(RuntimeError), packed_linear():
-        raise RuntimeError("restored on the way out")
-    assert layers._PACKING["enabled"] is before
+        assert shared_switch.packed_linear_enabled() is True
+    assert shared_switch.packed_linear_enabled() is before
 
 
 @needs_packing
