@@ -187,7 +187,18 @@ def bf16_matmul(a: tf.Tensor, b: tf.Tensor, transpose_a: bool = False, transpose
     if b.shape.rank == 2 and a.shape.rank > 2 and not transpose_a:
         # (B, L, K) @ (K, N) as one (B*L, K) product: a batched one would sum B weight gradients.
         return from_rows(_native_bf16_matmul(to_rows(a), b, False, transpose_b), a)
+    batch = a.shape[:-2]
+    if a.shape.rank > 3 and batch.is_fully_defined() and batch == b.shape[:-2]:
+        # One batch dim: XLA folds a transposed operand (attention heads (B, L, h, d) -> (B, h, L, d))
+        # into a dot's batch dims and then widens it; merged, the transpose is materialised first.
+        out = _native_bf16_matmul(_merge_batch(a), _merge_batch(b), transpose_a, transpose_b)
+        return tf.reshape(out, tf.concat([batch.as_list(), tf.shape(out)[-2:]], 0))
     return _native_bf16_matmul(a, b, transpose_a, transpose_b)
+
+
+def _merge_batch(x: tf.Tensor) -> tf.Tensor:
+    """(..., M, K) -> (prod(...), M, K)."""
+    return tf.reshape(x, tf.concat([[-1], tf.shape(x)[-2:]], 0))
 
 
 class Dense(keras.layers.Dense):
