@@ -20,7 +20,7 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.tf import losses
-from nezha_zoo.tf.layers import Block, dense, dropout, get_activation, layer_norm
+from nezha_zoo.tf.layers import Block, bf16_matmul, dense, dropout, get_activation, layer_norm
 
 __all__ = [
     "TFClassificationHead",
@@ -187,7 +187,7 @@ class TFTiedLMOutput(Block):
         self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer="zeros")
 
     def call(self, hidden_states, embedding_matrix):
-        logits = tf.matmul(hidden_states, embedding_matrix, transpose_b=True)  # (B, L, V)
+        logits = bf16_matmul(hidden_states, embedding_matrix, transpose_b=True)  # (B, L, V)
         return logits + self.bias
 
 
@@ -235,7 +235,7 @@ class TFBertLMPredictionHead(Block):
     def call(self, hidden_states, embedding_matrix=None):
         hidden_states = self.transform(hidden_states)
         if self.decoder is None:
-            logits = tf.matmul(hidden_states, embedding_matrix, transpose_b=True)  # (B, L, V)
+            logits = bf16_matmul(hidden_states, embedding_matrix, transpose_b=True)  # (B, L, V)
         else:
             logits = self.decoder(hidden_states)
         return logits + self.bias
@@ -269,7 +269,7 @@ class TFRobertaLMHead(TFLMHeadTransform):
     def call(self, features, embedding_matrix=None):
         x = super().call(features)  # (B, L, H)
         if self.decoder is None:
-            logits = tf.matmul(x, embedding_matrix, transpose_b=True)  # (B, L, V)
+            logits = bf16_matmul(x, embedding_matrix, transpose_b=True)  # (B, L, V)
         else:
             logits = self.decoder(x)
         return logits + self.bias

@@ -61,6 +61,9 @@ from nezha_zoo.validation import (
 
 __all__ = [
     "get_activation",
+    "in_xla_context",
+    "bf16_matmul",
+    "Dense",
     "to_rows",
     "from_rows",
     "Block",
@@ -109,6 +112,109 @@ def get_activation(name: str | None) -> Callable[[tf.Tensor], tf.Tensor]:
         return _ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}") from None
+
+
+def in_xla_context() -> bool:
+    """True while a function is traced for XLA (``tf.function(jit_compile=True)``, Keras ``fit`` /
+    ``predict`` with ``jit_compile=True``, a function nested in one), False otherwise.
+
+    Uses TensorFlow's own test (``control_flow_util.GraphOrParentsInXlaContext``, what its XLA-only
+    code paths ask); False if that internal API is missing.
+    """
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - TensorFlow moved its internals
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def _f32_product(a: tf.Tensor, b: tf.Tensor, transpose_a: bool, transpose_b: bool) -> tf.Tensor:
+    # bf16 x bf16 -> f32 (BatchMatMulV3): a kernel exists only under XLA, which runs this form natively.
+    out = tf.linalg.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b, output_type=tf.float32)
+    return tf.cast(out, tf.bfloat16)
+
+
+def _unbroadcast(grad: tf.Tensor, like: tf.Tensor, other: tf.Tensor) -> tf.Tensor:
+    """``grad`` (output batch dims, ...) summed over the batch dims ``like`` was broadcast along."""
+    if like.shape[:-2].is_fully_defined() and like.shape[:-2] == other.shape[:-2]:
+        return grad
+    reduce, _ = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(like)[:-2], s1=tf.shape(other)[:-2])
+    return tf.reshape(tf.reduce_sum(grad, reduce), tf.shape(like))
+
+
+def _native_bf16_matmul(a: tf.Tensor, b: tf.Tensor, transpose_a: bool, transpose_b: bool) -> tf.Tensor:
+    @tf.custom_gradient
+    def product(a, b):
+        def grad(dy):
+            # TensorFlow's own gradient of BatchMatMulV3 mixes f32 and bf16 operands (an error when
+            # batched, f32 SparseMatMul otherwise): the two backward products take the same native form.
+            dy = tf.cast(dy, tf.bfloat16)
+            if transpose_a:
+                da = _f32_product(b, dy, transpose_b, True)
+            else:
+                da = _f32_product(dy, b, False, not transpose_b)
+            if transpose_b:
+                db = _f32_product(dy, a, True, transpose_a)
+            else:
+                db = _f32_product(a, dy, not transpose_a, False)
+            return _unbroadcast(da, a, b), _unbroadcast(db, b, a)
+
+        return _f32_product(a, b, transpose_a, transpose_b), grad
+
+    return product(a, b)
+
+
+def bf16_matmul(a: tf.Tensor, b: tf.Tensor, transpose_a: bool = False, transpose_b: bool = False) -> tf.Tensor:
+    """``tf.matmul`` whose ``bf16 x bf16`` products, when compiled by XLA, accumulate in float32 and
+    round back to bfloat16 (the TF twin of Flax's ``bf16_dot_general`` / ``bf16_einsum``).
+
+    XLA's CPU compiler widens a ``bf16 x bf16 -> bf16`` dot whole to float32 but runs
+    ``bf16 x bf16 -> f32`` natively; the result is the same f32-accumulated product rounded once to
+    bf16.  That form (``output_type=tf.float32``) has no kernel outside XLA, so it is taken only
+    while :func:`in_xla_context`; any other call (float32 operands, eager, a graph without XLA) is
+    ``tf.matmul`` unchanged.  Its gradient takes the same form for both backward products.
+
+    Args:
+        a (..., M, K), b (..., K, N): operands (transposed first as ``transpose_a``/``transpose_b``
+            say); batch dims broadcast as ``tf.matmul``'s; a rank-2 ``b`` under a higher-rank ``a``
+            is one (rows, K) product.
+    Returns:
+        Tensor (..., M, N) in the operands' dtype.
+    """
+    if not (tf.as_dtype(a.dtype) == tf.as_dtype(b.dtype) == tf.bfloat16 and in_xla_context()):
+        return tf.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    a, b = tf.convert_to_tensor(a), tf.convert_to_tensor(b)  # Keras variables (a tied embedding table)
+    if b.shape.rank == 2 and a.shape.rank > 2 and not transpose_a:
+        # (B, L, K) @ (K, N) as one (B*L, K) product: a batched one would sum B weight gradients.
+        return from_rows(_native_bf16_matmul(to_rows(a), b, False, transpose_b), a)
+    batch = a.shape[:-2]
+    if a.shape.rank > 3 and batch.is_fully_defined() and batch == b.shape[:-2]:
+        # One batch dim: XLA folds a transposed operand (attention heads (B, L, h, d) -> (B, h, L, d))
+        # into a dot's batch dims and then widens it; merged, the transpose is materialised first.
+        out = _native_bf16_matmul(_merge_batch(a), _merge_batch(b), transpose_a, transpose_b)
+        return tf.reshape(out, tf.concat([batch.as_list(), tf.shape(out)[-2:]], 0))
+    return _native_bf16_matmul(a, b, transpose_a, transpose_b)
+
+
+def _merge_batch(x: tf.Tensor) -> tf.Tensor:
+    """(..., M, K) -> (prod(...), M, K)."""
+    return tf.reshape(x, tf.concat([[-1], tf.shape(x)[-2:]], 0))
+
+
+class Dense(keras.layers.Dense):
+    """``keras.layers.Dense`` whose bfloat16 product, when compiled by XLA, is :func:`bf16_matmul`'s
+    native form; float32, eager and graph-without-XLA calls are ``keras.layers.Dense``'s own.
+
+    Call: ``inputs`` (..., in) -> (..., units).
+    """
+
+    def call(self, inputs, training=None):
+        if self.compute_dtype != "bfloat16" or self.quantization_mode or not in_xla_context():
+            return super().call(inputs, training=training)
+        x = bf16_matmul(inputs, tf.cast(self.kernel, self.compute_dtype))  # a mixed policy keeps f32 weights
+        if self.bias is not None:
+            x = x + tf.cast(self.bias, x.dtype)
+        return x if self.activation is None else self.activation(x)
 
 
 def to_rows(x: tf.Tensor) -> tf.Tensor:
@@ -162,9 +268,9 @@ class LayerList(Block):
         return self.items[i]
 
 
-def dense(units: int, name: str, use_bias: bool = True) -> keras.layers.Dense:
+def dense(units: int, name: str, use_bias: bool = True) -> Dense:
     # Values are set from the spec after building (TFPreTrainedModel.init_weights).
-    return keras.layers.Dense(units, use_bias=use_bias, name=name)
+    return Dense(units, use_bias=use_bias, name=name)
 
 
 def layer_norm(config: PretrainedConfig, name: str) -> keras.layers.LayerNormalization:
@@ -353,7 +459,7 @@ class TFBertSelfAttention(Block):
             if past_key_value is not None:
                 key = tf.concat([past_key_value[0], key], axis=2)  # (B, heads, Lp + Lq, hd)
                 value = tf.concat([past_key_value[1], value], axis=2)
-        scores = tf.matmul(query, key, transpose_b=True)  # (B, heads, Lq, Lk)
+        scores = bf16_matmul(query, key, transpose_b=True)  # (B, heads, Lq, Lk)
         q_len, k_len = shape_list(query)[2], shape_list(key)[2]
         if query_offset is None:
             query_offset = 0 if encoder_hidden_states is not None else k_len - q_len
@@ -371,7 +477,7 @@ class TFBertSelfAttention(Block):
         probs = self.dropout(probs, training=training)
         if head_mask is not None:
             probs = probs * head_mask
-        context = tf.matmul(probs, value)  # (B, heads, Lq, hd)
+        context = bf16_matmul(probs, value)  # (B, heads, Lq, hd)
         if relative is not None:
             context = context + self.relative_context(probs, relative)
         context = tf.transpose(context, (0, 2, 1, 3))  # (B, Lq, heads, hd)

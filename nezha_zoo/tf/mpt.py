@@ -45,7 +45,7 @@ from nezha_zoo.tf import losses
 from nezha_zoo.tf.cache import KVCache, append_kv, init_kv_cache, is_fixed_cache
 from nezha_zoo.tf.generation import TFGenerationMixin
 from nezha_zoo.tf.heads import question_answering_output, token_classification_output
-from nezha_zoo.tf.layers import Block, LayerList, _checkpointed, dense, dropout, validate_inputs
+from nezha_zoo.tf.layers import Block, LayerList, _checkpointed, bf16_matmul, dense, dropout, validate_inputs
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 from nezha_zoo.validation import InputError, check_length
 
@@ -194,7 +194,7 @@ class TFMptAttention(Block):
                 value = tf.concat([past_key_value[1], value], axis=2)
             present = (key, value)
         # One key/value head broadcasts over the query heads (batched matmul broadcasts its batch dims).
-        scores = tf.matmul(query, key, transpose_b=True) * self.softmax_scale  # (B, H, Lq, Lk)
+        scores = bf16_matmul(query, key, transpose_b=True) * self.softmax_scale  # (B, H, Lq, Lk)
         if position_bias is not None:
             scores = scores + position_bias
         if attention_mask is not None:  # masked_fill, as transformers: a fully masked row is uniform
@@ -204,7 +204,7 @@ class TFMptAttention(Block):
         probs = self.attn_dropout(probs, training=training)
         if head_mask is not None:
             probs = probs * head_mask
-        context = tf.matmul(probs, value)  # (B, H, Lq, hd)
+        context = bf16_matmul(probs, value)  # (B, H, Lq, hd)
         context = tf.transpose(context, (0, 2, 1, 3))  # (B, Lq, H, hd)
         shape = tf.shape(context)
         context = tf.reshape(context, (shape[0], shape[1], self.d_model))  # (B, Lq, d_model)
@@ -578,7 +578,7 @@ class TFMptForCausalLM(TFGenerationMixin, TFMptPreTrainedModel):
         out = self._base_call(locals())
         hidden = out.last_hidden_state
         if self.lm_head is None:
-            logits = tf.matmul(hidden, self.transformer.wte.embeddings, transpose_b=True)  # (B, L, V)
+            logits = bf16_matmul(hidden, self.transformer.wte.embeddings, transpose_b=True)  # (B, L, V)
         else:
             logits = self.lm_head(hidden)
         if self.logit_scale is not None:

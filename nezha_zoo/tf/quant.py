@@ -60,7 +60,7 @@ from nezha_zoo.families.ibert import (
     UNCALIBRATED_RANGE,
     int8_products,
 )
-from nezha_zoo.tf.layers import freeze_padding_row, from_rows, to_rows
+from nezha_zoo.tf.layers import freeze_padding_row, from_rows, in_xla_context, to_rows
 
 __all__ = [
     "EXACT_CHUNK",
@@ -280,19 +280,6 @@ def int8_matmul(a: tf.Tensor, b: tf.Tensor, transpose_b: bool = False) -> tf.Ten
     if k is not None and k > INT32_EXACT_TERMS:
         raise ValueError(f"int8_matmul: {k} terms may overflow the int32 accumulator (limit {INT32_EXACT_TERMS})")
     return tf.linalg.matmul(tf.cast(a, tf.int8), tf.cast(b, tf.int8), transpose_b=transpose_b, output_type=tf.int32)
-
-
-def in_xla_context() -> bool:
-    """True while a function is traced for XLA (``tf.function(jit_compile=True)``), False otherwise.
-
-    Uses TensorFlow's own test (``control_flow_util.GraphOrParentsInXlaContext``, what its XLA-only
-    code paths ask); False if that internal API is missing.
-    """
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - TensorFlow moved its internals
-        return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
 def _buffer(layer: keras.layers.Layer, name: str, shape: tuple[int, ...], value: float = 0.0) -> keras.Variable:

@@ -16,6 +16,7 @@ import transformers  # noqa: E402
 
 import nezha_zoo.tf as ztf  # noqa: E402
 import nezha_zoo.tf.modeling_utils as tf_utils  # noqa: E402
+from benchmarks.precision import _hlo_dots  # noqa: E402
 from nezha_zoo import ElectraConfig, MPNetConfig, NezhaConfig  # noqa: E402
 from nezha_zoo.io.reader import open_checkpoint  # noqa: E402
 from nezha_zoo.testing import (  # noqa: E402
@@ -25,6 +26,7 @@ from nezha_zoo.testing import (  # noqa: E402
     pin_precision,
     tiny_inputs,
 )
+from nezha_zoo.tf.layers import in_xla_context  # noqa: E402
 
 pytestmark = [pytest.mark.tf]
 
@@ -93,6 +95,86 @@ def test_constructor_dtype_reaches_every_layer_and_masks_stay_finite():
     # Masked keys get exactly zero probability (bfloat16's own minimum, not float32's, which is -inf there).
     assert float(np.abs(np.transpose(probs, (0, 3, 1, 2))[pad]).max()) == 0.0
     assert_close(tf.cast(got.logits, tf.float32), want.logits, TOLERANCES["bf16"], "logits")
+
+
+def _dots(fn, stage: str) -> dict[str, int]:
+    """Dots of an argument-free ``tf.function(jit_compile=True)`` by ``"lhs x rhs -> out"`` dtypes:
+    as emitted (``stage="hlo"``) or as XLA compiled them (``"optimized_hlo"``)."""
+    return _hlo_dots(fn.experimental_get_compiler_ir()(stage=stage))
+
+
+@pytest.mark.parametrize("family", ["Electra", "Nezha"])
+def test_bf16_products_compile_as_bf16_operands_with_f32_result(family):
+    # XLA's CPU compiler widens a bf16 x bf16 -> bf16 dot whole to float32, but runs bf16 x bf16 -> f32
+    # natively: under XLA every matmul of a bf16 model (dense, attention, tied decoder) and both of its
+    # backward products reach XLA in that form; float32 models, eager calls and graphs without XLA unchanged.
+    cls = getattr(ztf, f"TF{family}ForMaskedLM")
+    bf = cls(CONFIGS[family], dtype="bfloat16", seed=0)
+    ref = cls(CONFIGS[family], seed=0)
+    for v, w in zip(bf.weights, ref.weights):
+        w.assign(tf.cast(v, tf.float32))  # the same (bf16-representable) weights in float32
+    inp = {k: tf.constant(v) for k, v in _inputs(family).items()}
+
+    def forward(model, xla):
+        return tf.function(lambda: model(**inp).logits, jit_compile=xla)
+
+    bf_fwd, ref_fwd = forward(bf, True), forward(ref, True)
+    ref_dots = _dots(ref_fwd, "hlo")
+    assert set(ref_dots) == {"f32 x f32 -> f32"} and _dots(ref_fwd, "optimized_hlo") == ref_dots
+    total, layers = ref_dots["f32 x f32 -> f32"], CONFIGS[family].num_hidden_layers
+    relative = 2 * layers if family == "Nezha" else 0  # Nezha's relative-position einsums keep their form
+    emitted = {k: n for k, n in {"bf16 x bf16 -> f32": total - relative, "bf16 x bf16 -> bf16": relative}.items() if n}
+    assert _dots(bf_fwd, "hlo") == emitted
+    if "xla_cpu_multi_thread_eigen=false" not in os.environ.get("XLA_FLAGS", ""):
+        # XLA's default CPU runtime keeps them native (its single-threaded one, as in the suite's xdist
+        # workers, is not checked here, as in the Flax test), the relative-position einsums widened.
+        compiled = {"bf16 x bf16 -> f32": total - relative, "f32 x f32 -> f32": relative}
+        assert _dots(bf_fwd, "optimized_hlo") == {k: n for k, n in compiled.items() if n}
+    want = ref(**inp).logits.numpy()
+    scale = float(np.abs(want).max())
+    keep = inp["attention_mask"].numpy()[..., None].astype(bool)
+    for how, got in [("XLA", bf_fwd()), ("eager", bf(**inp).logits), ("tf.function", forward(bf, False)())]:
+        assert got.dtype == tf.bfloat16, how
+        got = tf.cast(got, tf.float32).numpy()
+        assert_close(got / scale, want / scale, TOLERANCES["bf16"], f"{how} logits / max|logits|", keep)
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(bf(**inp, training=True).logits, tf.float32))
+        return tape.gradient(loss, bf.trainable_variables)
+
+    xla_step = tf.function(step, jit_compile=True)
+    # TensorFlow's own gradient of a bf16 x bf16 -> f32 matmul mixes f32 and bf16 operands; ours emits
+    # both backward products in the forward's form.
+    assert _dots(xla_step, "hlo") == {k: 3 * n for k, n in emitted.items()}
+    grads = xla_step()
+    assert all(g.dtype == tf.bfloat16 and bool(tf.reduce_all(tf.math.is_finite(tf.cast(g, tf.float32)))) for g in grads)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_keras_fit_and_predict_of_a_bf16_model_take_the_xla_products_only_when_compiled(jit_compile, monkeypatch):
+    # bf16_matmul's native form has no kernel outside XLA: it must see XLA in Keras' compiled steps, never elsewhere.
+    seen: list[bool] = []
+    real = ztf.layers.in_xla_context
+
+    def recording():
+        seen.append(real())
+        return seen[-1]
+
+    model = ztf.TFElectraForSequenceClassification(CONFIGS["Electra"], dtype="bfloat16", seed=0)
+    model.compile(
+        optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile
+    )
+    monkeypatch.setattr(ztf.layers, "in_xla_context", recording)  # from here: the steps fit and predict trace
+    inp = _inputs("Electra")
+    x, y = {"input_ids": inp["input_ids"], "attention_mask": inp["attention_mask"]}, np.array([0, 1])
+    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    logits = model.predict(x, batch_size=2, verbose=0)
+    logits = logits["logits"] if isinstance(logits, dict) else getattr(logits, "logits", logits)
+    assert np.all(np.isfinite(np.asarray(logits, np.float32)))
+    assert seen and set(seen) == {jit_compile}
+    assert not in_xla_context()
 
 
 def test_bf16_save_is_bf16_and_loads_exactly(tmp_path):

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 keras = pytest.importorskip("keras")
 
 import nezha_zoo.tf as ztf  # noqa: E402
+from benchmarks.precision import _hlo_dots  # noqa: E402
 from nezha_zoo import MptConfig  # noqa: E402
 from nezha_zoo.families.mpt import MPT, mpt_spec  # noqa: E402
 from nezha_zoo.pretrained import random_weights, save_weights  # noqa: E402
@@ -684,3 +685,43 @@ def test_bad_inputs_raise(checkpoints):
         model(ids[:, :1], past_key_values=((np.zeros((2, 4, 3, 5), np.float32),) * 2,) * 2)
     with pytest.raises(TypeError, match="MptConfig"):
         ztf.TFMptModel(transformers.MptConfig())
+
+
+def test_bf16_multiquery_products_under_xla_are_native_and_their_gradients_reduce_the_shared_head():
+    # One key/value head broadcasts over the query heads in bf16_matmul's native form: the backward
+    # products must sum the broadcast batch dims back to the key/value shape (B, 1, L, hd).
+    cfg = _config(attn_config={"attn_type": "multiquery_attention"})
+    bf = ztf.TFMptForCausalLM(cfg, dtype="bfloat16", seed=0)
+    ref = ztf.TFMptForCausalLM(cfg, seed=0)
+    for v, w in zip(bf.weights, ref.weights):
+        w.assign(tf.cast(v, tf.float32))  # the same (bf16-representable) weights in float32
+    ids = tf.constant(np.random.default_rng(0).integers(1, TINY["vocab_size"], (2, 7)), tf.int32)
+    forward = tf.function(lambda: bf(input_ids=ids).logits, jit_compile=True)
+
+    def loss():
+        return tf.reduce_sum(tf.cast(bf(input_ids=ids, training=True).logits, tf.float32))
+
+    def step():
+        with tf.GradientTape() as tape:
+            value = loss()
+        return tape.gradient(value, bf.trainable_variables)
+
+    xla_step = tf.function(step, jit_compile=True)
+    dots = _hlo_dots(forward.experimental_get_compiler_ir()(stage="hlo"))
+    assert set(dots) == {"bf16 x bf16 -> f32"}  # every product: q/k/v/out, FFN, attention, tied decoder
+    assert _hlo_dots(xla_step.experimental_get_compiler_ir()(stage="hlo")) == {
+        "bf16 x bf16 -> f32": 3 * sum(dots.values())
+    }
+    want = ref(input_ids=ids).logits.numpy()
+    scale = float(np.abs(want).max())
+    got = tf.cast(forward(), tf.float32).numpy()
+    assert_close(got / scale, want / scale, TOLERANCES["bf16"], "XLA bf16 logits / max|logits|")
+    grads = xla_step()
+    with tf.GradientTape() as tape:  # eager: tf.matmul and TensorFlow's own gradients
+        value = loss()
+    eager = tape.gradient(value, bf.trainable_variables)
+    for g, e, v in zip(grads, eager, bf.trainable_variables):
+        assert g.shape == v.shape and g.dtype == tf.bfloat16, v.path
+        g, e = tf.cast(g, tf.float32).numpy(), tf.cast(e, tf.float32).numpy()
+        scale = float(np.abs(e).max()) or 1.0
+        assert_close(g / scale, e / scale, TOLERANCES["bf16"], f"XLA vs eager bf16 gradient of {v.path} / max|grad|")
