@@ -40,8 +40,9 @@ some operands, a cheap scalar predicate on the scales, the per-row sums or the m
 integer or the float64 rule (:func:`exact_or`: a Python branch in eager mode, ``tf.cond`` in graphs
 and under XLA), so outputs are bit for bit those of the float64 rules.  The GELU and LayerNorm
 kernels hand on float64-held integers (the dtype both rules share); the dequantized outputs no
-kernel reads are pruned from ``tf.function`` graphs.  Under XLA the softmax keeps the float64 rule
-(its table has a data-dependent size; XLA fuses the float64 chain).  A ``tf.function`` traced
+kernel reads are pruned from ``tf.function`` graphs.  Under XLA the kernels keep the float64 rules
+(XLA fuses their chains; the integer rules and their predicates measured 1.1x slower there), with
+int8 products.  A ``tf.function`` traced
 without a tape and differentiated later has no gradient through these kernels: quantization-aware
 training calls the model with ``training=True`` (as ``fit`` does) or under a tape in eager mode.
 
@@ -260,8 +261,10 @@ def attach_integer(q: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
 
 
 def _inference(training: Any) -> bool:
-    """The integer-dtype paths apply: not training, and no gradient tape records (eager; at trace time)."""
-    if training:
+    """The integer-dtype paths apply: not training, no gradient tape recording (eager; at trace time),
+    and not under XLA, which fuses the float64 rules' chains (measured: the integer rules, with their
+    exactness predicates, are 1.1x slower there)."""
+    if training or in_xla_context():
         return False
     try:
         from tensorflow.python.eager import record
@@ -1024,13 +1027,14 @@ class IntLayerNorm(keras.layers.Layer):
             return (x - mean) * tf.math.rsqrt(var + self.eps) * self.gamma + self.beta, None
         q_int = integer_of(x, scaling_factor) if _inference(training) else None
         if q_int is not None:
-            y, out_scale = self._forward_int(q_int)
+            y, out_scale = self._forward_int(q_int, scaling_factor)
             return _attach(y * tf.cast(out_scale, _F64), y, out_scale), out_scale
         y, out_scale = self._integer_rule(to_integer(x, scaling_factor), training)
         return y * tf.cast(out_scale, _F64), out_scale
 
-    def _forward_int(self, q: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Inference on exact integers ``q`` (int32, 22-bit): ``(q_out float64 integers, s_out (n,))``.
+    def _forward_int(self, q: tf.Tensor, scaling_factor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Inference on exact integers ``q`` (int32, 22-bit) at scale ``scaling_factor`` (which the
+        rule does not read): ``(q_out float64 integers, s_out (n,))``.
 
         int64 where the float64 rule is exact (checked on per-row and per-channel values: the sums
         and ``sum(y_shifted**2)`` below 2**53, a variance of at least 1, an integral shift in [0, 62),

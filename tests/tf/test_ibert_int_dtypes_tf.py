@@ -66,18 +66,23 @@ def _run(mode: str, fn, *args):
     return tf.nest.map_structure(lambda t: t.numpy(), out)
 
 
-def _pair(module, q: tf.Tensor, scale: tf.Tensor, **kwargs):
-    """(integer path, float64 path) outputs of ``module`` on ``q * scale``, with and without ``q`` attached.
+def _pair(module, q: tf.Tensor, scale: tf.Tensor):
+    """(integer rule, float64 rule) outputs of ``module`` on ``q * scale``, and the integer rule's integers.
 
+    The integer rule: ``module._forward_int`` on the integers (what a call with ``q`` attached runs in
+    eager and graph mode; XLA calls keep the float64 rule, which the module's call on a copy runs).
     The dequantized input is float64 for int64 ``q`` (as a QuantLinear output), float32 otherwise.
     """
     if q.dtype == tf.int64:
         x = quant._attach(tf.cast(q, tf.float64) * tf.cast(scale, tf.float64), q, scale)
     else:
         x = quant.attach_integer(q, scale)
-    y_int, s_int = module(x, scale, **kwargs)
-    y_f64, s_f64 = module(tf.identity(x), scale, **kwargs)  # a copy carries nothing: the float64 rule
-    carried = quant.integer_of(y_int, s_int)
+    y_call, s_call = module(x, scale)
+    carried, s_int = module._forward_int(q, scale)
+    y_f64, s_f64 = module(tf.identity(x), scale)  # a copy carries nothing: the float64 rule
+    y_int = carried * tf.cast(s_int, tf.float64)
+    tf.debugging.assert_equal(y_call, y_int)
+    tf.debugging.assert_equal(s_call, s_int)
     return y_int, y_f64, s_int, s_f64, carried
 
 
@@ -123,7 +128,7 @@ def test_int_gelu_boundaries(mode, s_val, branches):
     np.testing.assert_array_equal(y_int, y_f64)
     np.testing.assert_array_equal(carried * s_int.astype(np.float64), y_int)
     if mode == "eager":
-        assert branches == [True]  # the int64 rule ran
+        assert branches == [True, True]  # the int64 rule ran (call, then _forward_int)
     # transformers' kernel on the exact integers in float64, and the PyTorch integer kernel
     st, qt = torch.from_numpy(s), torch.from_numpy(q)
     with torch.no_grad():
@@ -157,7 +162,7 @@ def test_int_layer_norm_boundaries(mode, shift, branches):
     np.testing.assert_array_equal(s_int, s_f64)
     np.testing.assert_array_equal(y_int, y_f64)
     if mode == "eager":
-        assert branches == [True]
+        assert branches == [True, True]
     hn = hf_quant.IntLayerNorm(n, 1e-5, output_bit=32, quant_mode=True)
     pn = pt_quant.IntLayerNorm(n, 1e-5, output_bit=32, quant_mode=True)
     for m in (hn, pn):
