@@ -81,6 +81,10 @@ from nezha_zoo.tf.quant import (
     QuantAct,
     QuantEmbedding,
     QuantLinear,
+    attach_integer,
+    exact_or,
+    in_xla_context,
+    integer_of,
     round_ste,
 )
 
@@ -219,14 +223,37 @@ class TFIBertSelfAttention(Block):
             x, s = proj(hidden, prev_act_scaling_factor=scale, training=training)
             projected.append(act(x, pre_act_scaling_factor=s, training=training))
         (q, s_q), (k, s_k), (v, s_v) = projected
+        # inference: the activations' exact integers (int8), reused instead of recovered from q, k, v
+        q_i, k_i, v_i = integer_of(q, s_q), integer_of(k, s_k), integer_of(v, s_v)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         root = math.sqrt(self.head_dim)
+        prob_int = None
         if self.softmax.quant_mode:
             s_scores = s_q * s_k / root
+            if q_i is not None and k_i is not None:
+                q_f, k_f = self._split_heads(tf.cast(q_i, tf.float32)), self._split_heads(tf.cast(k_i, tf.float32))
+            else:
+                q_f, k_f = round_ste(q / s_q), round_ste(k / s_k)
             # exact in float32: |q_int . k_int| <= head_dim * 2**14 < 2**24
-            scores = tf.matmul(round_ste(q / s_q), round_ste(k / s_k), transpose_b=True)  # (B, heads, L, L)
-            scores = tf.cast(scores, _F64) + tf.cast(attention_mask, _F64) / tf.cast(s_scores, _F64)
-            probs, s_p = self.softmax(scores, scaling_factor=s_scores, integer_scores=True, training=training)
+            prods = tf.matmul(q_f, k_f, transpose_b=True)  # (B, heads, L, L)
+
+            def scores():  # the float64 rule's scores (inside the branch that reads them, under tf.cond)
+                return tf.cast(prods, _F64) + tf.cast(attention_mask, _F64) / tf.cast(s_scores, _F64)
+
+            if q_i is not None and k_i is not None and not in_xla_context():
+                # integer softmax on int32 scores where it gives the float64 rule's integers (not under
+                # XLA, which fuses the float64 rule's chain into one pass)
+                if not self.softmax.built:
+                    self.softmax.build(None)  # called by method below: its act's variables under ".../softmax/act"
+                scores_int, ok = self.softmax.mask_scores_int(tf.cast(prods, tf.int32), attention_mask, s_scores)
+                prob_int, s_p = exact_or(
+                    ok,
+                    lambda: self.softmax.forward_int(scores_int, s_scores),
+                    lambda: self.softmax.forward_int(scores(), s_scores),
+                )
+                probs = prob_int * s_p  # (B, heads, L, L) dequantized probabilities
+            else:
+                probs, s_p = self.softmax(scores(), scaling_factor=s_scores, integer_scores=True, training=training)
         else:
             scores = tf.matmul(q, k, transpose_b=True) / root + attention_mask
             probs, s_p = self.softmax(scores, training=training)
@@ -235,6 +262,15 @@ class TFIBertSelfAttention(Block):
             probs = probs * head_mask
         if s_p is not None and s_v is not None:
             ctx_scale = s_p * s_v
+            if prob_int is not None and v_i is not None and head_mask is None and not training:
+                # probs unchanged by dropout: exact integers |prob_int @ v_int| <= 256 * 128 (a row's
+                # probabilities sum to at most 2**8), kept for output_activation's integer requantization
+                ctx_int = tf.cast(tf.matmul(prob_int, self._split_heads(tf.cast(v_i, tf.float32))), tf.int32)
+                ctx_int = tf.transpose(ctx_int, (0, 2, 1, 3))  # (B, L, heads, hd)
+                shape = tf.shape(ctx_int)
+                ctx_int = tf.reshape(ctx_int, (shape[0], shape[1], self.num_heads * self.head_dim))  # (B, L, H)
+                context = attach_integer(ctx_int, ctx_scale)
+                return self.output_activation(context, pre_act_scaling_factor=ctx_scale, training=training), probs
             # exact in float32: |prob_int @ v_int| <= 256 * 128 (dropout / head_mask may make it fractional)
             context = tf.matmul(probs / s_p, round_ste(v / s_v)) * ctx_scale
         else:
@@ -301,9 +337,13 @@ class TFIBertIntermediate(Block):
         self.output_activation = _act(config, "output_activation")
 
     def call(self, x, scale=None, training=False):
+        if scale is not None:  # quant mode: the kernels reshape nothing, and x keeps its attached integers
+            x, scale = self.dense(x, prev_act_scaling_factor=scale, training=training)
+            x, scale = self.intermediate_act_fn(x, scaling_factor=scale, training=training)
+            return self.output_activation(x, pre_act_scaling_factor=scale, training=training)
         # As rows (elementwise and per-tensor maths only): float mode runs one fused MatMul + BiasAdd + GELU.
         rows, scale = self.dense(to_rows(x), prev_act_scaling_factor=scale, training=training)
-        rows, scale = self.intermediate_act_fn(rows, scaling_factor=scale)
+        rows, scale = self.intermediate_act_fn(rows, scaling_factor=scale, training=training)
         rows, scale = self.output_activation(rows, pre_act_scaling_factor=scale, training=training)
         return from_rows(rows, x), scale
 

@@ -27,6 +27,25 @@ Where the bits come from
   instead (:func:`int8_matmul`, the same integers).  Outside XLA TensorFlow runs int8 (and int32)
   matmuls with generic Eigen kernels, ~2.5x slower than float32 GEMM, so the float path stays.
 
+Integer dtypes in inference (issue #23, the twin of the PyTorch port): with ``training=False`` and no
+gradient tape recording, each kernel's dequantized output carries the exact integers it was made from
+(:func:`attach_integer` / :func:`integer_of`: int8 for 8-bit activations, int32 for 16/22-bit ones and
+the attention scores, int64 for linear accumulators plus their 32-bit bias), and the next kernel
+computes on those instead of recovering ``round(x / s)`` in float64: requantization casts them once
+into its float64 dyadic product (:func:`requantize_int`; that IEEE product is the definition), the
+GELU and LayerNorm polynomials run in int64 with arithmetic right shifts (``tf.bitwise.right_shift``
+on signed integers) for ``floor(v / 2**k)``, the softmax gathers its 16-bit exponentials from an
+int32 table of the clamped scores and normalises in int64.  Where the float64 rule is exact only for
+some operands, a cheap scalar predicate on the scales, the per-row sums or the mask picks the
+integer or the float64 rule (:func:`exact_or`: a Python branch in eager mode, ``tf.cond`` in graphs
+and under XLA), so outputs are bit for bit those of the float64 rules.  The GELU and LayerNorm
+kernels hand on float64-held integers (the dtype both rules share); the dequantized outputs no
+kernel reads are pruned from ``tf.function`` graphs.  Under XLA the kernels keep the float64 rules
+(XLA fuses their chains; the integer rules and their predicates measured 1.1x slower there), with
+int8 products.  A ``tf.function`` traced
+without a tape and differentiated later has no gradient through these kernels: quantization-aware
+training calls the model with ``training=True`` (as ``fit`` does) or under a tape in eager mode.
+
 Gradients are straight-through, as in transformers: ``round``/``floor`` pass the gradient unchanged,
 weight quantization passes ``grad / s``, requantization ``grad / s_out``.
 
@@ -50,11 +69,13 @@ from nezha_zoo.families.ibert import (
     EXACT_CHUNK,
     EXP_COEFFS,
     EXP_SHIFT,
+    EXP_TABLE_SIZE,
     EXP_X0,
     GELU_COEFFS,
     GELU_SHIFT,
     GELU_SQRT2,
     INT32_EXACT_TERMS,
+    MASKED_SCORE,
     MAX_BIT,
     SOFTMAX_EXP_BIT,
     UNCALIBRATED_RANGE,
@@ -73,6 +94,10 @@ __all__ = [
     "round_ste",
     "floor_ste",
     "to_integer",
+    "integer_of",
+    "attach_integer",
+    "exact_or",
+    "requantize_int",
     "frexp_multiplier",
     "fixed_point_requantize",
     "integer_matmul",
@@ -206,6 +231,62 @@ def to_integer(x: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
     return round_ste(tf.cast(x, _F64) / tf.cast(scale, _F64))
 
 
+def integer_of(x: tf.Tensor, scale: tf.Tensor) -> tf.Tensor | None:
+    """The exact integers a kernel attached to its dequantized output ``x = q * scale``, or None.
+
+    Inference only (see the module docstring): an integer-dtype tensor (int8/int32/int64), or a
+    float64 tensor of exact integers (the GELU and LayerNorm outputs), shaped like ``x``.  None when
+    ``x`` carries nothing or carries integers at another scale than ``scale`` (the same object).
+    """
+    attached = getattr(x, "_nz_int", None)
+    if attached is None or attached[1] is not scale:
+        return None
+    return attached[0]
+
+
+def _attach(x: tf.Tensor, q: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+    x._nz_int = (q, scale)  # a plain Python attribute: eager and graph tensors both take it
+    return x
+
+
+def attach_integer(q: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+    """The dequantized ``q * scale`` (in ``scale``'s dtype) of exact integers ``q``, carrying ``q``.
+
+    Args:
+        q (integer or float64 Tensor (..., C)): exact integers, exactly representable in
+            ``scale``'s dtype (below 2**24 for a float32 scale).
+        scale (float Tensor (1,) or (C,)): their scale.
+    """
+    return _attach(tf.cast(q, scale.dtype) * scale, q, scale)
+
+
+def _inference(training: Any) -> bool:
+    """The integer-dtype paths apply: not training, no gradient tape recording (eager; at trace time),
+    and not under XLA, which fuses the float64 rules' chains (measured: the integer rules, with their
+    exactness predicates, are 1.1x slower there)."""
+    if training or in_xla_context():
+        return False
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:  # pragma: no cover - TensorFlow moved its internals: keep the differentiable path
+        return False
+    return not record.could_possibly_record()
+
+
+def exact_or(pred: Any, int_fn, float_fn):
+    """``int_fn()`` where the scalar predicate ``pred`` holds, else ``float_fn()`` (same structure and dtypes).
+
+    Eager: a Python branch on ``bool(pred)``; in graphs and under XLA: ``tf.cond`` (one branch runs).
+    """
+    return _choose(pred, int_fn, float_fn)
+
+
+def _choose(pred: Any, true_fn, false_fn):
+    if tf.executing_eagerly():
+        return true_fn() if bool(pred) else false_fn()
+    return tf.cond(pred, true_fn, false_fn)
+
+
 def frexp_multiplier(ratio: tf.Tensor, max_bit: int = 31) -> tuple[tf.Tensor, tf.Tensor]:
     """Dyadic ``ratio ~= m / 2**e``: ``m = sign(f) * floor(|f| * 2**max_bit + 0.5)``, ``e = max_bit - k``.
 
@@ -219,7 +300,9 @@ def frexp_multiplier(ratio: tf.Tensor, max_bit: int = 31) -> tuple[tf.Tensor, tf
 
 def _rescale(q: tf.Tensor, ratio: tf.Tensor) -> tf.Tensor:
     m, e = frexp_multiplier(ratio)
-    return tf.round(q * m * pow2(-e))  # ldexp(q * m, -e): exact power-of-two scaling
+    # fl64(q * m) * 2**-e == fl64(q * (m * 2**-e)): a power-of-two scaling is exact, and the small
+    # (C,) multiplier is scaled once instead of the activation-sized product
+    return tf.round(q * (m * pow2(-e)))
 
 
 def fixed_point_requantize(
@@ -246,6 +329,46 @@ def fixed_point_requantize(
     if identity_q is not None:
         out = out + _rescale(identity_q, tf.cast(identity_scale, _F64) / s_out)
     return tf.stop_gradient(tf.clip_by_value(out, -n - 1, n))
+
+
+def requantize_int(
+    q: tf.Tensor,
+    scale: tf.Tensor,
+    num_bits: int,
+    out_scale: tf.Tensor,
+    identity_q: tf.Tensor | None = None,
+    identity_scale: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """:func:`fixed_point_requantize` of exact integers in any dtype, to the narrowest integer dtype.
+
+    ``q`` (and ``identity_q``): integer-dtype or float64 exact integers, ``|q| < 2**53``; each is cast
+    once to float64 (exact) inside the dyadic product, whose float64 rounding is the definition.
+
+    Returns:
+        int8 Tensor when ``num_bits <= 8``, else int32 (``num_bits <= 32``); no gradient.
+    """
+    q_id = None if identity_q is None else tf.cast(identity_q, _F64)
+    out = fixed_point_requantize(tf.cast(q, _F64), scale, num_bits, out_scale, q_id, identity_scale)
+    return tf.cast(out, tf.int8 if num_bits <= 8 else tf.int32)
+
+
+def _integer_matmul_int32(a: tf.Tensor, b: tf.Tensor, transpose_b: bool = False) -> tf.Tensor:
+    """:func:`integer_matmul` in inference: the same exact float32 chunks, summed in int32 (no gradient).
+
+    ``|a|, |b| <= 128`` and at most :data:`INT32_EXACT_TERMS` terms, so every chunk (< 2**24) and the
+    total (< 2**31) are exact.  Returns int32 (..., N).
+    """
+    k = a.shape[-1]
+    if k is not None and k > INT32_EXACT_TERMS:
+        raise ValueError(f"integer matmul: {k} terms may overflow the int32 accumulator (limit {INT32_EXACT_TERMS})")
+    if k is None or k <= EXACT_CHUNK:
+        return tf.cast(tf.matmul(a, b, transpose_b=transpose_b), tf.int32)
+    out = None
+    for k0 in range(0, k, EXACT_CHUNK):
+        part_b = b[:, k0 : k0 + EXACT_CHUNK] if transpose_b else b[k0 : k0 + EXACT_CHUNK]
+        part = tf.cast(tf.matmul(a[..., k0 : k0 + EXACT_CHUNK], part_b, transpose_b=transpose_b), tf.int32)
+        out = part if out is None else out + part
+    return out
 
 
 def integer_matmul(a: tf.Tensor, b: tf.Tensor, transpose_b: bool = False) -> tf.Tensor:
@@ -363,6 +486,9 @@ class QuantEmbedding(keras.layers.Layer):
             w_int, scale = tf.convert_to_tensor(self.weight_integer), tf.convert_to_tensor(self.weight_scaling_factor)
         else:
             w_int, scale = self.quantized_weight()
+        if _inference(training) and self.weight_bit <= 8:
+            q = tf.gather(w_int, ids)  # no gradient to freeze: the padding row's lookups are values only
+            return _attach(q * scale, tf.cast(q, tf.int8), scale), scale
         out = freeze_padding_row(tf.gather(w_int, ids), ids, self.padding_idx)
         return out * scale, scale
 
@@ -436,8 +562,9 @@ class QuantAct(keras.layers.Layer):
         specified_max=None,
         training=False,
     ):
-        if identity is None:
-            x_act = x
+        inference = _inference(training) and self.quant_mode and pre_act_scaling_factor is not None
+        if identity is None or inference:
+            x_act = x  # an inference requantization adds the two integer tensors instead
         else:
             wide = _F64 if _F64 in (x.dtype, identity.dtype) else x.dtype  # torch's type promotion
             x_act = tf.cast(identity, wide) + tf.cast(x, wide)
@@ -451,8 +578,20 @@ class QuantAct(keras.layers.Layer):
         self.act_scaling_factor.assign(scale)
         if pre_act_scaling_factor is None:
             q = symmetric_quantize(tf.cast(x_act, _F32), self.activation_bit, scale)
+            if _inference(training) and self.activation_bit <= 32:
+                return _attach(q * scale, tf.cast(q, tf.int8 if self.activation_bit <= 8 else tf.int32), scale), scale
             return q * scale, scale
         bits, s_in, s_id = self.activation_bit, pre_act_scaling_factor, identity_scaling_factor
+        if inference and bits <= 32:
+            # integer dtypes end to end (the same integers as the float64 path below)
+            q_in = integer_of(x, s_in)
+            q_in = to_integer(x, s_in) if q_in is None else q_in
+            q_id = None
+            if identity is not None:
+                q_id = integer_of(identity, s_id)
+                q_id = to_integer(identity, s_id) if q_id is None else q_id
+            q = requantize_int(q_in, s_in, bits, scale, q_id, s_id)
+            return attach_integer(q, scale), scale
 
         # straight-through: d q / d x = 1 / s_out (and for the residual), as transformers' FixedPointMul
         @tf.custom_gradient
@@ -549,6 +688,8 @@ class QuantLinear(keras.layers.Layer):
                 f"QuantLinear {self.name}: prev_act_scaling_factor must be a per-tensor scale of shape (1,), "
                 f"got {shape}"
             )
+        if _inference(training):
+            return self._call_int(x, prev_act_scaling_factor)
         x_int = round_ste(tf.cast(x, _F32) / prev_act_scaling_factor)  # |x_int| <= 2**21: exact in float32
         int8 = not training and self.in_features <= INT32_EXACT_TERMS and int8_products() and in_xla_context()
         if int8 and self.frozen:
@@ -569,6 +710,32 @@ class QuantLinear(keras.layers.Layer):
         self.bias_integer.assign(tf.stop_gradient(b_int))
         acc = acc + tf.cast(b_int, _F64)
         return acc * tf.cast(out_scale, _F64), out_scale
+
+    def _call_int(self, x: tf.Tensor, s_in: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Inference: the same integers in integer dtypes; ``(acc * s_out float64 carrying int64 acc, s_out)``.
+
+        The int8 (or other) integers ``x`` carries are used as they are, else recovered (float32,
+        exact).  The product is int32 (int8 units under XLA, or exact float32 chunks summed in int32);
+        the 32-bit bias is added in int64, since ``K * 2**14 + 2**31`` may pass 2**31.
+        """
+        x_int = integer_of(x, s_in)
+        if x_int is None:
+            x_int = tf.round(tf.cast(x, _F32) / s_in)  # |x_int| <= 2**21: exact in float32
+        if self.frozen:
+            scale = tf.convert_to_tensor(self.fc_scaling_factor)
+            w_int, transpose_b = tf.convert_to_tensor(self.weight_integer), True  # (out, in)
+        else:
+            w_int, scale = self.quantized_weight()
+            transpose_b = False
+        if self.in_features <= INT32_EXACT_TERMS and int8_products() and in_xla_context():
+            acc = int8_matmul(x_int, w_int, transpose_b=transpose_b)  # int8 units under XLA
+        else:
+            acc = _integer_matmul_int32(tf.cast(x_int, _F32), w_int, transpose_b=transpose_b)
+        out_scale = scale * s_in  # (out,)
+        b_int = symmetric_quantize(tf.cast(self.bias, _F32), self.bias_bit, out_scale)
+        self.bias_integer.assign(b_int)
+        acc = tf.cast(acc, tf.int64) + tf.cast(b_int, tf.int64)  # |acc| <= K * 2**14 + 2**31: int64
+        return _attach(tf.cast(acc, _F64) * tf.cast(out_scale, _F64), acc, out_scale), out_scale
 
 
 class IntGELU(keras.layers.Layer):
@@ -606,9 +773,51 @@ class IntGELU(keras.layers.Layer):
         s_y = tf.square(scale) * self.coeff[0] * 2.0**self.const
         return y, s_y
 
-    def call(self, x, scaling_factor=None):
+    def _forward_int(self, q: tf.Tensor, scaling_factor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Inference on exact integers ``q`` (int64 accumulators): ``(q_out float64 integers, s_out)``.
+
+        int64 with an arithmetic right shift for ``floor(y / 2**14)`` where the float64 rule is exact
+        (checked on the per-channel constants and ``max|q|``: ``b_int**2 + |c_int| < 2**53`` bounds
+        the polynomial, ``max|q| * max|y + one| < 2**53`` the output), else that float64 rule;
+        ``sign(0) = 0`` needs no care since ``q = 0`` gives ``q_out = 0``.
+        """
+        scale = tf.stop_gradient(scaling_factor) / self.k
+        b_f = tf.floor(_rdiv(self.coeff[1], scale))  # float32, <= 0
+        c_f = tf.floor(_rdiv(self.coeff[2], tf.square(scale)))  # float32, <= 0
+        s_y = tf.square(scale) * self.coeff[0] * 2.0**self.const
+        one_f = python_floordiv(1.0, s_y)
+        b_max = tf.cast(tf.reduce_max(tf.abs(b_f)), _F64)
+        c_max = tf.cast(tf.reduce_max(tf.abs(c_f)), _F64)
+        one_max = tf.cast(tf.reduce_max(tf.abs(one_f)), _F64)
+        y_max = (b_max * b_max + c_max) / 2.0**self.const + 1.0 + one_max
+        q_max = tf.cast(tf.reduce_max(tf.abs(q)), _F64)
+        exact = (b_max * b_max + c_max < 2.0**53) & (one_max < 2.0**53) & (q_max * y_max < 2.0**53)
+        if q.dtype not in (tf.int8, tf.int32, tf.int64):
+            exact = tf.constant(False)  # float64-held integers: the float64 rule
+
+        def int_rule():
+            q64 = tf.cast(q, tf.int64)
+            b_int = tf.cast(b_f, tf.int64)
+            t = tf.minimum(tf.abs(q64), -b_int) + b_int  # in [b_int, 0]
+            y = (t * t + tf.cast(c_f, tf.int64)) * tf.sign(q64)
+            y = tf.bitwise.right_shift(y, tf.constant(self.const, tf.int64)) + tf.cast(one_f, tf.int64)
+            return tf.cast(y * q64, _F64)
+
+        def float_rule():
+            q64 = tf.cast(q, _F64)
+            y, _ = self.int_erf(q64, scale)
+            return q64 * (y + tf.cast(one_f, _F64))
+
+        q_out = exact_or(exact, int_rule, float_rule)
+        return q_out, scaling_factor * s_y / 2
+
+    def call(self, x, scaling_factor=None, training=False):
         if not self.quant_mode:
             return tf.nn.gelu(tf.cast(x, _F32), approximate=False), None
+        q_int = integer_of(x, scaling_factor) if _inference(training) else None
+        if q_int is not None:
+            q, out_scale = self._forward_int(q_int, scaling_factor)
+            return _attach(q * tf.cast(out_scale, _F64), q, out_scale), out_scale
         q = to_integer(x, scaling_factor)
         y, s_y = self.int_erf(q, tf.stop_gradient(scaling_factor) / self.k)
         one = tf.cast(tf.stop_gradient(python_floordiv(1.0, s_y)), _F64)
@@ -663,8 +872,76 @@ class IntSoftmax(keras.layers.Layer):
         e = tf.maximum(floor_ste(p * exp2(self.const - k)), 0.0)
         return e, self.coef[0] * tf.square(scale) / 2.0**self.const
 
+    def _exp16_lookup(self, q: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+        """Inference, same integers: the 16-bit exponentials of non-positive int32 scores ``q``, gathered
+        from an int32 table of every clamped score ``0, -1, ..., 30 * x0`` (the exponential is a function
+        of the clamped integer score alone).  The table has ``-30 * x0 + 1`` entries, a data-dependent
+        size (so not under XLA); :meth:`forward_int` takes it when that is at most the scores' size
+        and :data:`EXP_TABLE_SIZE` (graphs keep no table between calls, so a larger one costs more
+        than it saves)."""
+        x0 = tf.floor(_rdiv(self.x0, tf.stop_gradient(scale)))  # float32 (1,)
+        size = tf.cast(tf.reshape(-self.const * x0, ()), tf.int32) + 1
+        e, s_e = self.int_exp(-tf.cast(tf.range(size), _F64), scale)
+        e16, s16 = self.act(e, pre_act_scaling_factor=s_e, training=False)
+        table = tf.cast(to_integer(e16, s16), tf.int32) if integer_of(e16, s16) is None else integer_of(e16, s16)
+        return tf.gather(table, -tf.maximum(q, -(size - 1)))  # the clamp of int_exp, as a table index
+
+    def mask_scores_int(
+        self, scores: tf.Tensor, attention_mask: tf.Tensor, scale: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Integer scores plus an additive 0 / very-negative mask, in int32, for :meth:`forward_int`.
+
+        The float64 rule adds ``mask / s`` to the scores; a masked score then lies so far below its
+        row's maximum that the exponent clamp at ``30 * x0`` takes it, whatever its value.  So where
+        every mask value is 0 or below ``-MASKED_SCORE`` (in score units), every row has an unmasked
+        entry and ``30 * |x0| < MASKED_SCORE - 2**25``, adding ``-2**30`` gives the same probabilities
+        (``nezha_zoo.pt.quant.IntSoftmax.mask_scores_int``).
+
+        Args:
+            scores (int32 Tensor (B, h, Lq, Lk)): ``q_int @ k_int^T``, ``|.| < 2**24``.
+            attention_mask (float Tensor broadcastable to ``scores``): additive mask.
+            scale (float32 Tensor (1,)): scale of the scores.
+        Returns:
+            ``(masked int32 scores, ok)``: ``ok`` a scalar bool Tensor, False where the caller must
+            take the float64 rule (:func:`exact_or`).
+        """
+        x0 = tf.reshape(tf.floor(_rdiv(self.x0, tf.stop_gradient(scale))), ())
+        masked = tf.cast(attention_mask, _F64) / tf.cast(scale, _F64)
+        visible = tf.equal(masked, 0.0)
+        reach = -self.const * x0  # |30 * x0|, float32
+        ok = reach < MASKED_SCORE - 2**25
+        ok = ok & tf.reduce_all(tf.reduce_any(visible, axis=-1))
+        ok = ok & tf.reduce_all(visible | (masked <= -MASKED_SCORE))
+        return scores + tf.where(visible, 0, -MASKED_SCORE), ok
+
     def forward_int(self, q: tf.Tensor, scale: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
-        """Integer softmax of float64 integer scores ``q`` (..., L): ``(prob float32 integers, 2**-b (1,))``."""
+        """Integer softmax of integer scores ``q`` (..., L): ``(prob float32 integers, 2**-b (1,))``.
+
+        ``q`` float64 integers: the float64 rule.  ``q`` int32 (inference, from :meth:`mask_scores_int`
+        where it is ``ok``): the table of :meth:`_exp16_lookup` and an int64 normalisation, the same
+        integers (``e16 <= sum(e16) < 2**53``, so ``e16 * f <= 2**32`` is exact in int64 and
+        ``floor(v / 2**k)`` is a right shift; a zero sum gives NaN rows, as the float64 rule).
+        """
+        if q.dtype.is_integer:
+            q = q - tf.reduce_max(q, axis=-1, keepdims=True)
+            x0 = tf.reshape(tf.floor(_rdiv(self.x0, tf.stop_gradient(scale))), ())
+            size = -self.const * tf.cast(x0, _F64) + 1.0
+            small = size <= tf.minimum(tf.cast(tf.size(q), _F64), float(EXP_TABLE_SIZE))
+
+            def direct():  # the float64 exponential of every score, requantized to 16-bit integers
+                e, s_e = self.int_exp(tf.cast(q, _F64), scale)
+                e16, s16 = self.act(e, pre_act_scaling_factor=s_e, training=False)
+                return integer_of(e16, s16)
+
+            e16 = direct() if in_xla_context() else _choose(small, lambda: self._exp16_lookup(q, scale), direct)
+            e16 = tf.cast(e16, tf.int64)
+            total = tf.reduce_sum(e16, axis=-1, keepdims=True)
+            positive = total > 0
+            f = tf.floor(2.0**self.max_bit / tf.cast(total, _F64))
+            f = tf.cast(tf.where(positive, f, 0.0), tf.int64)
+            prob = tf.bitwise.right_shift(e16 * f, tf.constant(self.max_bit - self.output_bit, tf.int64))
+            prob = tf.where(positive, tf.cast(prob, _F32), float("nan"))
+            return prob, tf.constant([2.0**-self.output_bit], _F32)
         q = q - tf.reduce_max(q, axis=-1, keepdims=True)
         e, s_e = self.int_exp(q, scale)
         e16, s16 = self.act(e, pre_act_scaling_factor=s_e, training=training)
@@ -735,8 +1012,55 @@ class IntLayerNorm(keras.layers.Layer):
             mean = tf.reduce_mean(x, axis=-1, keepdims=True)
             var = tf.reduce_mean(tf.square(x - mean), axis=-1, keepdims=True)
             return (x - mean) * tf.math.rsqrt(var + self.eps) * self.gamma + self.beta, None
-        n = x.shape[-1]
-        q = to_integer(x, scaling_factor)
+        q_int = integer_of(x, scaling_factor) if _inference(training) else None
+        if q_int is not None:
+            y, out_scale = self._forward_int(q_int, scaling_factor)
+            return _attach(y * tf.cast(out_scale, _F64), y, out_scale), out_scale
+        y, out_scale = self._integer_rule(to_integer(x, scaling_factor), training)
+        return y * tf.cast(out_scale, _F64), out_scale
+
+    def _forward_int(self, q: tf.Tensor, scaling_factor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Inference on exact integers ``q`` (int32, 22-bit) at scale ``scaling_factor`` (which the
+        rule does not read): ``(q_out float64 integers, s_out (n,))``.
+
+        int64 where the float64 rule is exact (checked on per-row and per-channel values: the sums
+        and ``sum(y_shifted**2)`` below 2**53, a variance of at least 1, an integral shift in [0, 62),
+        bias integers below ``2**53 - 2**33``; ``|y| * factor < 3 * 2**31`` follows), else that rule.
+        ``floor(v / 2**k)`` is an arithmetic right shift; the per-row scalars (mean, std, factor) stay
+        in float64, as in the float64 rule.  int32 inputs make ``max|q| * n < 2**53`` hold for
+        ``n < 2**22``.
+        """
+        n = q.shape[-1]
+        shift = tf.reshape(tf.convert_to_tensor(self.shift), ())  # float32
+        scale = tf.sqrt(tf.constant(float(n), _F32)) / 2.0**30
+        gamma, beta = tf.cast(self.gamma, _F32), tf.cast(self.beta, _F32)
+        bias_f = tf.floor((beta / gamma) / scale)
+        shift_i = tf.clip_by_value(tf.cast(shift, tf.int64), 0, 62)
+        q64 = tf.cast(q, tf.int64)
+        mean = tf.round(tf.cast(tf.reduce_sum(q64, axis=-1, keepdims=True), _F64) / float(n))
+        y = q64 - tf.cast(mean, tf.int64)
+        y_shifted = tf.bitwise.right_shift(y, shift_i)
+        var = tf.reduce_sum(y_shifted * y_shifted, axis=-1, keepdims=True)  # squares < 2**46: no wrap
+        exact = tf.constant(q.dtype in (tf.int8, tf.int32) and n < 2**22)
+        exact = exact & tf.equal(shift, tf.round(shift)) & (shift >= 0) & (shift < 62)
+        exact = exact & (tf.reduce_max(var) < 2**53) & (tf.reduce_min(var) >= 1)
+        exact = exact & (tf.cast(tf.reduce_max(tf.abs(bias_f)), _F64) < 2.0**53 - 2.0**33)
+
+        def int_rule():
+            std = tf.floor(tf.sqrt(tf.cast(var, _F64))) * pow2(tf.cast(shift, _F64))
+            factor = tf.cast(tf.floor(2.0**31 / std), tf.int64)
+            out = tf.bitwise.right_shift(y * factor, tf.constant(1, tf.int64)) + tf.cast(bias_f, tf.int64)
+            return tf.cast(out, _F64)
+
+        def float_rule():
+            return self._integer_rule(tf.cast(q, _F64), training=False)[0]
+
+        return exact_or(exact, int_rule, float_rule), scale * gamma
+
+    def _integer_rule(self, q: tf.Tensor, training: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """The float64 rule on float64 integers ``q`` (..., n): ``(q_out float64 integers, s_out (n,))``;
+        ``training`` raises the shift on overflow."""
+        n = q.shape[-1]
         mean = round_ste(tf.reduce_sum(q, axis=-1, keepdims=True) / float(n))
         y = q - mean
         shift = tf.convert_to_tensor(self.shift)
@@ -763,4 +1087,4 @@ class IntLayerNorm(keras.layers.Layer):
         bias_int = tf.cast(tf.stop_gradient(tf.floor((beta / gamma) / scale)), _F64)
         y = y + bias_int
         out_scale = scale * gamma  # (n,): gamma's gradient flows through the scale
-        return y * tf.cast(out_scale, _F64), out_scale
+        return y, out_scale
