@@ -29,6 +29,7 @@ __all__ = [
     "split_qa_logits",
     "TFLMHeadTransform",
     "TFTiedLMOutput",
+    "tied_vocab_logits",
     "TFBertPooler",
     "TFBertLMPredictionHead",
     "flatten_choices",
@@ -169,6 +170,25 @@ class TFLMHeadTransform(Block):
         return self.norm(self.act(self.dense(hidden_states)))
 
 
+def tied_vocab_logits(hidden_states: tf.Tensor, embedding_matrix: tf.Tensor) -> tf.Tensor:
+    """Vocabulary logits through a tied embedding table: (..., E) x (V, E) -> (..., V), no bias.
+
+    ``hidden_states @ embedding_matrix^T``.  A single row (static shape, e.g. a batch-1 decoding
+    step) goes through ``matvec(embedding_matrix, row)`` instead: XLA rewrites ``row @ table^T``
+    with the table as a transposed right operand and, once the head's bias add is fused into that
+    product, materialises the transposed (E, V) table on every call -- inside a decoding loop, every
+    step (3x the whole step at XLM-R-XL's 32000 x 512 table).  With the table on the left no copy
+    is made.  The same dot products (a different kernel may round their sums differently in the
+    last bit, as any two matmul kernels do).
+    """
+    rows = hidden_states.shape[:-1].num_elements()
+    if rows == 1:
+        row = tf.reshape(hidden_states, (-1,))  # (E,)
+        logits = tf.linalg.matvec(embedding_matrix, row)  # (V,)
+        return tf.reshape(logits, hidden_states.shape[:-1].concatenate(logits.shape))
+    return tf.matmul(hidden_states, embedding_matrix, transpose_b=True)
+
+
 class TFTiedLMOutput(Block):
     """Vocabulary logits through the (tied) word-embedding matrix plus this layer's own ``bias``.
 
@@ -187,7 +207,7 @@ class TFTiedLMOutput(Block):
         self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer="zeros")
 
     def call(self, hidden_states, embedding_matrix):
-        logits = tf.matmul(hidden_states, embedding_matrix, transpose_b=True)  # (B, L, V)
+        logits = tied_vocab_logits(hidden_states, embedding_matrix)  # (B, L, V)
         return logits + self.bias
 
 
@@ -235,7 +255,7 @@ class TFBertLMPredictionHead(Block):
     def call(self, hidden_states, embedding_matrix=None):
         hidden_states = self.transform(hidden_states)
         if self.decoder is None:
-            logits = tf.matmul(hidden_states, embedding_matrix, transpose_b=True)  # (B, L, V)
+            logits = tied_vocab_logits(hidden_states, embedding_matrix)  # (B, L, V)
         else:
             logits = self.decoder(hidden_states)
         return logits + self.bias
@@ -269,7 +289,7 @@ class TFRobertaLMHead(TFLMHeadTransform):
     def call(self, features, embedding_matrix=None):
         x = super().call(features)  # (B, L, H)
         if self.decoder is None:
-            logits = tf.matmul(x, embedding_matrix, transpose_b=True)  # (B, L, V)
+            logits = tied_vocab_logits(x, embedding_matrix)  # (B, L, V)
         else:
             logits = self.decoder(x)
         return logits + self.bias
