@@ -26,6 +26,7 @@ from nezha_zoo.generation import (
     prepare_generation,
 )
 from nezha_zoo.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+from nezha_zoo.pt.layers import select_cache_rows
 
 __all__ = ["GenerationMixin", *GENERATION_FUNCTIONS]
 
@@ -167,8 +168,8 @@ def _reorder_cache(past: Any, rows: torch.Tensor) -> Any:
     """The cache with its batch rows picked by ``rows`` (beam search): every tensor along dim 0."""
     if past is None:
         return None
-    if isinstance(past, torch.Tensor):
-        return past.index_select(0, rows)
+    if isinstance(past, torch.Tensor):  # (B, H, L, D): into a buffer the next step appends to in place
+        return select_cache_rows(past, rows) if past.dim() == 4 else past.index_select(0, rows)
     if isinstance(past, (tuple, list)):
         return type(past)(_reorder_cache(p, rows) for p in past)
     if callable(getattr(past, "reorder_cache", None)):  # a cache object that reorders itself

@@ -53,6 +53,7 @@ __all__ = [
     "packed_linear",
     "PACKED_LINEAR_ENV",
     "append_to_cache",
+    "select_cache_rows",
     "fused_attention",
     "BertSelfAttention",
     "BertLayer",
@@ -527,9 +528,7 @@ def append_to_cache(past: torch.Tensor, new: torch.Tensor, dim: int = 2) -> torc
     """
     same_rest = past.shape[:dim] == new.shape[:dim] and past.shape[dim + 1 :] == new.shape[dim + 1 :]
     if (
-        torch.is_grad_enabled()
-        or torch.compiler.is_compiling()  # a traced graph has no buffers to reuse across calls
-        or torch.jit.is_tracing()
+        not _reuses_buffers()  # a traced graph has no buffers to reuse across calls
         or not same_rest
         or past.dtype != new.dtype
         or past.device != new.device
@@ -554,6 +553,43 @@ def append_to_cache(past: torch.Tensor, new: torch.Tensor, dim: int = 2) -> torc
     base.narrow(dim, n, added).copy_(new)
     setattr(base, _FILLED, n + added)
     return base.narrow(dim, 0, n + added)
+
+
+def _reuses_buffers() -> bool:
+    """Whether the cache helpers may write into buffers they handed out (not under autograd, compile, tracing)."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def select_cache_rows(past: torch.Tensor, rows: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """``past.index_select(0, rows)`` for a growing key/value cache (beam search's reorder), with room to grow.
+
+    The picked rows are written straight into the first positions of a new buffer that has free slots
+    along ``dim`` (as many as ``past``'s own buffer, else twice the length plus one), registered like
+    :func:`append_to_cache`'s, so that the next step's append writes into it in place: a beam step
+    copies the cache once (the gather) instead of gathering it and then copying it again into a
+    larger buffer.  ``past`` itself is not modified.  With gradients on, or under ``torch.compile``
+    or tracing, it is ``index_select``.
+
+    Args:
+        past: (B, heads, P, head_dim) cached keys or values (``dim`` is the position axis).
+        rows: (R,) int64 row indices into ``past``'s first axis.
+        dim: the position axis.
+
+    Returns:
+        (R, heads, P, head_dim), equal to ``past.index_select(0, rows)``.
+    """
+    if not _reuses_buffers() or dim == 0:
+        return past.index_select(0, rows)
+    n = past.shape[dim]
+    base = past._base
+    capacity = base.shape[dim] if base is not None and base.dim() == past.dim() and base.shape[dim] > n else 2 * n + 2
+    shape = list(past.shape)
+    shape[0], shape[dim] = rows.numel(), capacity
+    buffer = past.new_empty(shape)
+    picked = buffer.narrow(dim, 0, n)
+    torch.index_select(past, 0, rows, out=picked)  # writes through the view: one gather, no second copy
+    setattr(buffer, _FILLED, n)
+    return picked
 
 
 def fused_attention(

@@ -29,6 +29,7 @@ __all__ = [
     "split_qa_logits",
     "TFLMHeadTransform",
     "TFTiedLMOutput",
+    "tied_vocab_logits",
     "TFBertPooler",
     "TFBertLMPredictionHead",
     "flatten_choices",
@@ -169,6 +170,26 @@ class TFLMHeadTransform(Block):
         return self.norm(self.act(self.dense(hidden_states)))
 
 
+def tied_vocab_logits(hidden_states: tf.Tensor, embedding_matrix: tf.Tensor) -> tf.Tensor:
+    """Vocabulary logits through a tied embedding table: (..., E) x (V, E) -> (..., V), no bias.
+
+    ``hidden_states @ embedding_matrix^T``.  A single row (static shape, e.g. a batch-1 decoding
+    step) goes through ``matvec(embedding_matrix, row)`` instead: XLA rewrites ``row @ table^T``
+    with the table as a transposed right operand and, once the head's bias add is fused into that
+    product, materialises the transposed (E, V) table on every call -- inside a decoding loop, every
+    step (3x the whole step at XLM-R-XL's 32000 x 512 table).  With the table on the left no copy
+    is made.  The same dot products (a different kernel may round their sums differently in the
+    last bit, as any two matmul kernels do).  Both forms go through :func:`bf16_matmul`, so bf16
+    products stay native under XLA.
+    """
+    rows = hidden_states.shape[:-1].num_elements()
+    if rows == 1:
+        column = tf.reshape(hidden_states, (-1, 1))  # (E, 1)
+        logits = bf16_matmul(embedding_matrix, column)  # (V, 1): ``matvec``, native bf16 under XLA
+        return tf.reshape(logits, hidden_states.shape[:-1].concatenate(logits.shape[:1]))
+    return bf16_matmul(hidden_states, embedding_matrix, transpose_b=True)
+
+
 class TFTiedLMOutput(Block):
     """Vocabulary logits through the (tied) word-embedding matrix plus this layer's own ``bias``.
 
@@ -187,7 +208,7 @@ class TFTiedLMOutput(Block):
         self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer="zeros")
 
     def call(self, hidden_states, embedding_matrix):
-        logits = bf16_matmul(hidden_states, embedding_matrix, transpose_b=True)  # (B, L, V)
+        logits = tied_vocab_logits(hidden_states, embedding_matrix)  # (B, L, V)
         return logits + self.bias
 
 
@@ -235,7 +256,7 @@ class TFBertLMPredictionHead(Block):
     def call(self, hidden_states, embedding_matrix=None):
         hidden_states = self.transform(hidden_states)
         if self.decoder is None:
-            logits = bf16_matmul(hidden_states, embedding_matrix, transpose_b=True)  # (B, L, V)
+            logits = tied_vocab_logits(hidden_states, embedding_matrix)  # (B, L, V)
         else:
             logits = self.decoder(hidden_states)
         return logits + self.bias
@@ -269,7 +290,7 @@ class TFRobertaLMHead(TFLMHeadTransform):
     def call(self, features, embedding_matrix=None):
         x = super().call(features)  # (B, L, H)
         if self.decoder is None:
-            logits = bf16_matmul(x, embedding_matrix, transpose_b=True)  # (B, L, V)
+            logits = tied_vocab_logits(x, embedding_matrix)  # (B, L, V)
         else:
             logits = self.decoder(x)
         return logits + self.bias

@@ -515,6 +515,29 @@ def test_append_to_cache_writes_in_place_and_keeps_every_returned_tensor():
     assert out._base is None and out.requires_grad
 
 
+def test_select_cache_rows_gathers_into_a_buffer_the_next_append_fills_in_place():
+    from nezha_zoo.pt.layers import append_to_cache, select_cache_rows
+
+    gen = torch.Generator().manual_seed(11)
+    rows = torch.tensor([2, 0, 0, 1])
+    with torch.no_grad():
+        first = torch.randn(3, 2, 5, 4, generator=gen)
+        grown = append_to_cache(first, torch.randn(3, 2, 1, 4, generator=gen))  # a view of a larger buffer
+        for past in (first, grown):  # a plain tensor (after the prompt) and a cache buffer's view
+            before = past.clone()
+            picked = select_cache_rows(past, rows)
+            assert torch.equal(picked, past.index_select(0, rows)) and torch.equal(past, before)
+            new = torch.randn(4, 2, 1, 4, generator=gen)
+            longer = append_to_cache(picked, new)
+            assert torch.equal(longer, torch.cat([past.index_select(0, rows), new], dim=2))
+            assert longer.data_ptr() == picked.data_ptr()  # appended in place: no second copy of the cache
+            assert torch.equal(picked, past.index_select(0, rows))  # the gathered view kept its values
+    # with gradients on it is index_select
+    grad = torch.randn(3, 2, 5, 4, requires_grad=True)
+    out = select_cache_rows(grad, rows)
+    assert out._base is None and out.requires_grad
+
+
 def test_cache_interoperates_with_transformers(pairs):
     from transformers.cache_utils import DynamicCache
 

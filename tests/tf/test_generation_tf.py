@@ -287,6 +287,26 @@ def test_top_k_filter_under_xla_is_exact_and_sorts_nothing():
     assert " sort(" not in hlo
 
 
+def test_tied_vocab_logits_of_one_row_copy_no_table_under_xla():
+    # A batch-1 decoding step: `row @ table^T + bias` made XLA copy the transposed (V, E) table on
+    # every call (3x the step at XLM-R-XL's 32000 x 512); the one-row product keeps the table as it is.
+    from nezha_zoo.tf.heads import tied_vocab_logits
+
+    rng = np.random.default_rng(6)
+    table = tf.constant(rng.standard_normal((997, 24)).astype(np.float32))
+    bias = tf.constant(rng.standard_normal(997).astype(np.float32))
+    for shape in ((1, 1, 24), (3, 2, 24)):  # one row (the matrix-vector form), several rows
+        hidden = tf.constant(rng.standard_normal(shape).astype(np.float32))
+        want = np.einsum("ble,ve->blv", hidden.numpy().astype(np.float64), table.numpy()) + bias.numpy()
+        compiled = tf.function(lambda h: tied_vocab_logits(h, table) + bias, jit_compile=True)
+        for got in (compiled(hidden), tied_vocab_logits(hidden, table) + bias):
+            assert got.shape == shape[:-1] + (997,)
+            assert_close(got.numpy(), want, TOLERANCES["logits"], f"tied logits {shape}")
+    one = tf.constant(rng.standard_normal((1, 1, 24)).astype(np.float32))
+    hlo = compiled.experimental_get_compiler_ir(one)(stage="optimized_hlo")
+    assert "transpose(" not in hlo
+
+
 def test_top_p_filter_under_xla_matches_transformers():
     raw = np.random.default_rng(6).standard_normal((3, 997)).astype(np.float32) * 3
     raw[0, :30] = 2.5  # ties
