@@ -236,13 +236,13 @@ class Dense(keras.layers.Dense):
 
     When :func:`nezha_zoo.packing.set_packed_linear` is on and a call is float32 inference (``training``
     not true) of at most :data:`~nezha_zoo.packing.PACKED_MAX_ROWS` rows (static shape), on a machine
-    without GPU/TPU, outside XLA (``jit_compile``), with a packable kernel (:func:`packable`), no unmerged
-    LoRA and no Keras quantization, the product runs on a blocked copy of the kernel (:func:`pack_kernel`,
-    held in an untracked, non-trainable ``tf.Variable`` made on the first such call): 1.1-1.35x faster
-    products at 16 rows on one AVX512 core.  Otherwise the call is ``keras.layers.Dense``'s, bit for bit.
-    The two paths sum in different orders: results agree to float32 rounding, not bit for bit.  The switch
-    is read when a call is traced: a ``tf.function`` (or ``model.predict``'s) traced before the switch
-    changed keeps the path it traced.
+    without GPU/TPU, outside XLA (``jit_compile``: 3.6x slower there) and distribution strategies, with a
+    packable kernel (:func:`packable`), no unmerged LoRA and no Keras quantization, the product runs on a
+    blocked copy of the kernel (:func:`pack_kernel`, held in an untracked, non-trainable ``tf.Variable``
+    made on the first such call): 1.1-1.35x faster products at 16 rows on one AVX512 core.  Otherwise the call is
+    ``keras.layers.Dense``'s, bit for bit.  The two paths sum in different orders: results agree to float32
+    rounding, not bit for bit.  The switch is read when a call is traced: a ``tf.function`` (or
+    ``model.predict``'s) traced before the switch changed keeps the path it traced.
 
     The copy never outlives the kernel's values as far as the guard sees: every packed call (eager,
     ``tf.function``, ``predict``) compares the bits of :data:`~nezha_zoo.packing.FINGERPRINT_SIZE` elements
@@ -283,6 +283,7 @@ class Dense(keras.layers.Dense):
             and not self.lora_enabled
             and packable(self._kernel)
             and not _accelerators()
+            and not tf.distribute.has_strategy()  # the copy is one plain variable, not a mirrored one
             and not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
         )
 
