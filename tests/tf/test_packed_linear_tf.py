@@ -153,6 +153,8 @@ def test_writes_to_the_kernels_are_seen_in_eager_and_traced_calls(tmp_path):
         assert_close(_hidden(model(input_ids=ids)), want_doubled, HID, "set_weights, eager")
     model.set_weights(original)
     want = _hidden(model(input_ids=ids))
+    with packed_linear():  # packed afresh: the writes below are seen by the fingerprints alone
+        assert_close(fn(tf.constant(ids)).numpy(), want, HID, "set_weights back, traced")
     path = str(tmp_path / "model.weights.h5")
     model.save_weights(path)
     # kernel.assign (as an optimizer step or a user's edit): every packed kernel scaled
