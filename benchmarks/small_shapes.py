@@ -11,6 +11,8 @@ Backends, each the way a user calls it:
 * ``pt-packed``: the same with the opt-in packed weights on (``nezha_zoo.pt.packed_linear()``);
 * ``tf``: ``model(...)`` called directly (Keras eager);
 * ``tf-function``: the same call inside one ``tf.function`` (no XLA);
+* ``tf-packed``: the same ``tf.function`` with packed kernels on (``nezha_zoo.tf.packed_linear()``: blocked
+  copies of the kernels, :class:`nezha_zoo.tf.layers.Dense`; the switch is read when the function traces);
 * ``tf-predict``: ``model.predict({...}, verbose=0)``, Keras' own inference loop (a ``tf.function``,
   XLA only off-CPU: Keras' ``jit_compile="auto"``), its per-call data handling included;
 * ``flax``: ``model(...)`` called directly (no ``jax.jit`` of the user's own): the wrapper runs a
@@ -55,6 +57,7 @@ BACKENDS = (
     "pt-packed",
     "tf",
     "tf-function",
+    "tf-packed",
     "tf-predict",
     "flax",
     "flax-packed",
@@ -103,7 +106,13 @@ def _runner(backend: str, family: str, path: str, threads: int) -> Callable[[np.
         if backend == "tf-predict":
             return lambda ids, mask: model.predict({"input_ids": ids, "attention_mask": mask}, verbose=0)[0]
         fn = tf.function(lambda ids, mask: model(input_ids=ids, attention_mask=mask, training=False)[0])
-        return lambda ids, mask: fn(tf.constant(ids), tf.constant(mask)).numpy()
+        packed = backend == "tf-packed"  # read at trace time; set around each call all the same
+
+        def run_tf(ids, mask):
+            with module.packed_linear(packed):
+                return fn(tf.constant(ids), tf.constant(mask)).numpy()
+
+        return run_tf
     import jax
 
     import nezha_zoo.flax as module

@@ -1,9 +1,10 @@
 """The process-wide switch for packed (blocked) weight layouts in inference products (issue #23).
 
 Framework-neutral: a backend whose products can run on a second, blocked copy of a layer's weight
-reads :func:`packed_linear_enabled` (PyTorch: :class:`nezha_zoo.pt.layers.PackedLinear`; Flax:
-:class:`nezha_zoo.flax.layers.Dense`).  Each backend re-exports :func:`set_packed_linear` and
-:func:`packed_linear`; they are these functions, so one call switches every backend of the process.
+reads :func:`packed_linear_enabled` (PyTorch: :class:`nezha_zoo.pt.layers.PackedLinear`; TF:
+:class:`nezha_zoo.tf.layers.Dense`; Flax: :class:`nezha_zoo.flax.layers.Dense`).  Each backend re-exports
+:func:`set_packed_linear` and :func:`packed_linear`; they are these functions, so one call switches every
+backend of the process.
 Off by default, because the copy costs one more copy of the block weights in memory.
 """
 
@@ -13,10 +14,16 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+import numpy as np
+
 __all__ = [
     "PACKED_LINEAR_ENV",
     "PACK_BLOCK",
     "PACKED_MAX_ROWS",
+    "FINGERPRINT_SIZE",
+    "FINGERPRINT_RUN",
+    "fingerprint_step",
+    "fingerprint_indices",
     "set_packed_linear",
     "packed_linear",
     "packed_linear_enabled",
@@ -31,6 +38,41 @@ PACK_BLOCK = 64
 #: Products with more rows than this run on the plain kernel: the blocked product is faster only
 #: while the weight read dominates (1.37x at 16 rows, 1.12x at 32, 0.73x at 64 on AVX512, XLA CPU).
 PACKED_MAX_ROWS = 32
+
+
+#: How many elements of a weight a backend with mutable weights (PyTorch's ``PackedLinear``, TF's
+#: ``Dense``) compares on each packed call, its stale-copy check ...
+FINGERPRINT_SIZE = 256
+#: ... read as runs of this many neighbours (one 64-byte cache line of float32).
+FINGERPRINT_RUN = 16
+
+
+def fingerprint_step(shape: tuple[int, ...]) -> int | None:
+    """The flat distance between the starts of consecutive runs of a weight's stale-copy sample
+    (:func:`fingerprint_indices`); ``None`` when the weight has at most :data:`FINGERPRINT_SIZE`
+    elements and every element is compared.
+
+    Spread evenly from the first element to the last, the step nudged off a whole number of rows so
+    the runs fall in many columns.
+    """
+    n = int(np.prod(shape))
+    if n <= FINGERPRINT_SIZE:
+        return None
+    step = (n - FINGERPRINT_RUN) // (FINGERPRINT_SIZE // FINGERPRINT_RUN - 1)
+    return step - 1 if step % shape[-1] == 0 else step
+
+
+def fingerprint_indices(shape: tuple[int, ...]) -> np.ndarray:
+    """Flat (row-major) indices, int64, of the :data:`FINGERPRINT_SIZE` elements of a weight of ``shape``
+    that a stale-copy check compares: :data:`FINGERPRINT_SIZE` / :data:`FINGERPRINT_RUN` runs of
+    neighbours (a few cache lines, not one per element) :func:`fingerprint_step` apart; every element
+    when the weight is that small.  PyTorch's ``PackedLinear`` reads the same elements as a strided view.
+    """
+    step = fingerprint_step(shape)
+    if step is None:
+        return np.arange(int(np.prod(shape)), dtype=np.int64)
+    runs = FINGERPRINT_SIZE // FINGERPRINT_RUN
+    return (np.arange(runs)[:, None] * step + np.arange(FINGERPRINT_RUN)[None, :]).reshape(-1).astype(np.int64)
 
 
 def _from_env() -> bool:
@@ -52,9 +94,10 @@ def set_packed_linear(enabled: bool) -> bool:
     """Turn packed products on or off for the whole process; returns the previous setting.
 
     On, PyTorch's ``PackedLinear`` runs float32 CPU inference on a oneDNN-reordered copy of its weight
-    (and training forward products on a per-call reorder), and a Flax wrapper's compiled float32
-    inference call keeps a blocked copy of each block kernel (see :class:`nezha_zoo.flax.layers.Dense`)
-    and runs products of at most :data:`PACKED_MAX_ROWS` rows on it.
+    (and training forward products on a per-call reorder); a TF ``Dense`` in float32 inference on CPU
+    without XLA (see :class:`nezha_zoo.tf.layers.Dense`; read when a ``tf.function`` traces) and a Flax
+    wrapper's compiled float32 inference call (see :class:`nezha_zoo.flax.layers.Dense`) keep a blocked
+    copy of each block kernel and run products of at most :data:`PACKED_MAX_ROWS` rows on it.
     """
     previous = _STATE["enabled"]
     _STATE["enabled"] = bool(enabled)

@@ -33,7 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nezha_zoo.packing import PACKED_LINEAR_ENV, packed_linear, packed_linear_enabled, set_packed_linear
+from nezha_zoo.packing import (
+    FINGERPRINT_RUN,
+    FINGERPRINT_SIZE,
+    PACKED_LINEAR_ENV,
+    fingerprint_step,
+    packed_linear,
+    packed_linear_enabled,
+    set_packed_linear,
+)
 from nezha_zoo.spec.blocks import BertLayerNames, cross_attention_names
 from nezha_zoo.validation import InputError
 
@@ -189,11 +197,6 @@ def expand_head_mask(
 
 # --- linear layers ---------------------------------------------------------------------------------
 
-#: How many elements of ``weight`` :class:`PackedLinear` compares on each packed call (its stale-weight check).
-FINGERPRINT_SIZE = 256
-#: ... read as runs of this many neighbours (one 64-byte cache line of float32).
-FINGERPRINT_RUN = 16
-
 #: Whether this PyTorch build has oneDNN's packed-weight ops (probed once, see :func:`_packing_available`).
 #: The on/off switch itself is process-wide and shared by every backend: :mod:`nezha_zoo.packing`.
 _PACKING: dict[str, bool | None] = {"available": None}
@@ -212,21 +215,15 @@ def _packing_available() -> bool:
 
 
 def _fingerprint_view(weight: torch.Tensor) -> torch.Tensor:
-    """:data:`FINGERPRINT_SIZE` elements of a contiguous ``weight`` (out, in), as a strided view of its storage
-    (no copy) holding their bits (int32: NaN and -0.0 compare too); all of it when it is that small.
-
-    The elements are runs of :data:`FINGERPRINT_RUN` neighbours spread evenly from the first element to
-    the last: the check reads a few cache lines of a weight that inference no longer keeps in cache, not
-    one line per element.  The step is nudged off a whole number of rows, so the runs fall in many columns.
+    """The :data:`~nezha_zoo.packing.FINGERPRINT_SIZE` elements of a contiguous ``weight`` (out, in) that
+    :func:`~nezha_zoo.packing.fingerprint_indices` names, as a strided view of its storage (no copy) holding
+    their bits (int32: NaN and -0.0 compare too); all of it when it is that small.
     """
     flat = weight.detach().view(torch.int32).view(-1)
-    n = flat.numel()
-    if n <= FINGERPRINT_SIZE:
-        return flat.view(1, n)
+    step = fingerprint_step(tuple(weight.shape))
+    if step is None:
+        return flat.view(1, flat.numel())
     runs = FINGERPRINT_SIZE // FINGERPRINT_RUN
-    step = (n - FINGERPRINT_RUN) // (runs - 1)
-    if step % weight.shape[-1] == 0:
-        step -= 1
     return flat.as_strided((runs, FINGERPRINT_RUN), (step, 1), flat.storage_offset())
 
 

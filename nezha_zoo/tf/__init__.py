@@ -10,6 +10,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 # Importing the family modules runs their class statements, which register every model class
 # (nezha_zoo.spec.model_class); the exports below are read from that registry.
+from nezha_zoo.packing import packed_linear, set_packed_linear
 from nezha_zoo.spec.registry import model_classes
 from nezha_zoo.tf import auto, electra, ibert, mpnet, mpt, nezha, xlm_roberta_xl  # noqa: F401
 from nezha_zoo.tf.auto import *  # noqa: F403  (the Auto classes, listed in auto.__all__)
@@ -20,3 +21,4 @@ _CLASSES = model_classes("tf")  # TFElectraPreTrainedModel, TFElectraModel, TFEl
 globals().update(_CLASSES)
 
 __all__ = ["TFPreTrainedModel", *_CLASSES, *auto.__all__, "mean_pool", "checked"]
+__all__ += ["set_packed_linear", "packed_linear"]

@@ -81,6 +81,7 @@ class LoraMixin(LoraMethods):
                 kernel.assign((np.asarray(kernel.numpy(), np.float32) + self._delta(layer)).astype(kernel.dtype))
                 layer.lora_enabled = False  # Dense.kernel stops adding a @ b
                 layer.nz_lora_merged = True
+        self.drop_packed_weights()
 
     def unmerge_lora(self) -> None:
         """Undo :meth:`merge_lora` (subtract the same product)."""
@@ -90,6 +91,7 @@ class LoraMixin(LoraMethods):
                 kernel.assign((np.asarray(kernel.numpy(), np.float32) - self._delta(layer)).astype(kernel.dtype))
                 layer.lora_enabled = True
                 layer.nz_lora_merged = False
+        self.drop_packed_weights()
 
     def trainable_parameter_count(self) -> int:
         """Number of parameters in ``trainable_weights`` (what ``fit`` updates)."""

@@ -35,7 +35,7 @@ from nezha_zoo.pretrained import load_weights, resized_vocab, resolve_config, sa
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
 from nezha_zoo.spec.registry import Family, register_model_class
-from nezha_zoo.tf.layers import graph_input_checks, poison_rows
+from nezha_zoo.tf.layers import Dense, graph_input_checks, poison_rows
 from nezha_zoo.tf.lora import LoraMixin, is_lora_key
 from nezha_zoo.validation import ID_INPUTS, InputError
 
@@ -561,6 +561,25 @@ class TFPreTrainedModel(LoraMixin, keras.Model):
     def is_gradient_checkpointing(self) -> bool:
         """Whether encoder layers are recomputed in the backward pass."""
         return bool(self.gradient_checkpointing)
+
+    def drop_packed_weights(self) -> None:
+        """Mark every packed kernel copy stale (:meth:`nezha_zoo.tf.layers.Dense.drop_packed_weight`): the next
+        packed call packs again.  ``set_weights``, ``load_weights`` and LoRA merges call it; needed only after
+        a write its fingerprint cannot see (see :class:`~nezha_zoo.tf.layers.Dense`)."""
+        for layer in self._flatten_layers(include_self=False):
+            if isinstance(layer, Dense):
+                layer.drop_packed_weight()
+
+    def set_weights(self, weights: list) -> None:
+        """Keras' ``set_weights``, then :meth:`drop_packed_weights`."""
+        super().set_weights(weights)
+        self.drop_packed_weights()
+
+    def load_weights(self, filepath: Any, *args: Any, **kwargs: Any) -> Any:
+        """Keras' ``load_weights``, then :meth:`drop_packed_weights`."""
+        out = super().load_weights(filepath, *args, **kwargs)
+        self.drop_packed_weights()
+        return out
 
     def variables_by_key(self) -> dict[str, keras.Variable]:
         """Every weight, keyed by its ``LAYOUTS["keras"]`` key."""

@@ -112,6 +112,8 @@ def test_the_fingerprint_spans_rows_and_columns():
     rows, cols = (index // 768).unique().numel(), (index % 768)[:: layers.FINGERPRINT_RUN].unique().numel()
     runs = layers.FINGERPRINT_SIZE // layers.FINGERPRINT_RUN
     assert rows >= runs and cols == runs  # every run in its own row(s), starting at its own column
+    # the same elements TF's Dense compares (one sample rule, nezha_zoo.packing)
+    assert index.tolist() == shared_switch.fingerprint_indices((768, 768)).tolist()
     small = torch.arange(10, dtype=torch.float32).view(2, 5)
     assert layers._fingerprint_view(small).view(torch.float32).flatten().tolist() == list(range(10))  # all of it
 
