@@ -65,7 +65,10 @@ from nezha_zoo.flax.quant import (
     QuantAct,
     QuantEmbedding,
     QuantLinear,
+    dequantize,
     exact_div,
+    integer_of,
+    standalone_dot,
     x64_scope,
 )
 from nezha_zoo.outputs import BaseModelOutputWithPoolingAndCrossAttentions, MaskedLMOutput, SequenceClassifierOutput
@@ -119,10 +122,27 @@ def _layer_norm(config: Any, name: str = "LayerNorm") -> IntLayerNorm:
     )
 
 
+def _as_float(x: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """The float values of ``x``: the dequantized ``q * s`` of quant mode's integer-dtype tensors."""
+    return x if integer_of(x) is None else dequantize(x, scale)
+
+
+def _dropout(rate: float, x: jax.Array, scale: jax.Array | None, deterministic: bool) -> jax.Array:
+    """``Dropout(rate)`` of the float values of ``x`` (integers stay integers when it is the identity)."""
+    if deterministic or rate == 0.0:
+        return x
+    return Dropout(rate)(_as_float(x, scale), deterministic=deterministic)
+
+
+def _integers8(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """The 8-bit integers of an activation: ``x`` itself in quant mode's integer form, else ``round(x / s)``."""
+    return x if integer_of(x) is not None else jnp.round(x / scale)
+
+
 def _int_bmm(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a @ b^T`` per (batch, head) of 8-bit integers: (B, h, Lq, d) x (B, h, Lk, d) -> int32 (B, h, Lq, Lk)."""
     dims = (((3,), (3,)), ((0, 1), (0, 1)))
-    return jax.lax.dot_general(a.astype(jnp.int8), b.astype(jnp.int8), dims, preferred_element_type=jnp.int32)
+    return standalone_dot(a.astype(jnp.int8), b.astype(jnp.int8), dims, jnp.int32)
 
 
 class FlaxIBertEmbeddings(nn.Module):
@@ -139,8 +159,10 @@ class FlaxIBertEmbeddings(nn.Module):
         c = self.config
         H, q, std = c.hidden_size, c.quant_mode, c.initializer_range
 
-        def table(rows: int, pad: int | None, name: str) -> QuantEmbedding:
-            return QuantEmbedding(rows, H, pad, std, EMBEDDING_BIT, q, name=name)
+        def table(rows: int, pad: int | None, name: str):
+            module = QuantEmbedding(rows, H, pad, std, EMBEDDING_BIT, q, name=name)
+            # quant mode: the int8 integers travel to the next kernels (see ``quant.integer_of``)
+            return lambda ids, deterministic: module(ids, deterministic, integer_output=True)
 
         words_table = table(c.vocab_size, c.pad_token_id, "word_embeddings")
         types_table = table(c.type_vocab_size, None, "token_type_embeddings")
@@ -155,7 +177,7 @@ class FlaxIBertEmbeddings(nn.Module):
         positions, positions_scale = positions_table(position_ids, deterministic)
         x, s = act1(x, s, positions, positions_scale, deterministic)
         x, s = _layer_norm(c)(x, s, deterministic)
-        x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = _dropout(c.hidden_dropout_prob, x, s, deterministic)
         return _act(c, "output_activation")(x, s, deterministic=deterministic)
 
 
@@ -190,24 +212,31 @@ class FlaxIBertSelfAttention(nn.Module):
         root = math.sqrt(d)
         softmax = IntSoftmax(ACT_BIT, quant_mode=c.quant_mode, force_dequant=c.force_dequant, name="softmax")
         if softmax.active:
+            # q, k are the int8 integers of their activations; the mask is added in the softmax
             s_scores = exact_div(s_q * s_k, jnp.float32(root))
-            scores = _int_bmm(jnp.round(q / s_q), jnp.round(k / s_k)).astype(jnp.float64)
-            scores = scores + mask.astype(jnp.float64) / s_scores.astype(jnp.float64)
-            prob_int, s_p = softmax.forward_int(scores, s_scores, deterministic)
+            scores = _int_bmm(_integers8(q, s_q), _integers8(k, s_k))
+            prob_int, s_p = softmax.forward_int(scores, s_scores, deterministic, mask=mask)
             probs = prob_int * s_p
         else:
+            q, k = _as_float(q, s_q), _as_float(k, s_k)
             scores = jnp.matmul(q, k.transpose(0, 1, 3, 2)) / root + mask
             probs, s_p = softmax(scores, deterministic)
         probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         if head_mask is not None:
             probs = probs * head_mask
         if s_p is not None and s_v is not None:
-            # integer probabilities (<= 256) times 8-bit values: exact in float32
             ctx_scale = s_p * s_v
-            context = jnp.matmul(probs / s_p, jnp.round(v / s_v)) * ctx_scale
+            if head_mask is None and (deterministic or c.attention_probs_dropout_prob == 0.0):
+                # integer probabilities (<= 256, summing to <= 2**8) times 8-bit values: exact in
+                # float32, |context| <= 2**15: int32 integers
+                dims = (((3,), (2,)), ((0, 1), (0, 1)))
+                v_int = _integers8(v, s_v).astype(jnp.float32)
+                context = standalone_dot(prob_int, v_int, dims, jnp.float32).astype(jnp.int32)
+            else:
+                context = jnp.matmul(probs / s_p, _integers8(v, s_v).astype(jnp.float32)) * ctx_scale
         else:
             ctx_scale = None
-            context = jnp.matmul(probs, v)
+            context = jnp.matmul(probs, _as_float(v, s_v))
         B, _, L, _ = context.shape
         context = context.transpose(0, 2, 1, 3).reshape(B, L, H)  # (B, h, L, d) -> (B, L, H)
         out = _act(c, "output_activation")(context, ctx_scale, deterministic=deterministic)
@@ -228,7 +257,7 @@ class FlaxIBertResidualOutput(nn.Module):
     def __call__(self, x, scale, residual, residual_scale, deterministic: bool = True):
         c = self.config
         x, scale = _linear(c, self.in_dim, c.hidden_size, "dense", self.dtype)(x, scale, deterministic)
-        x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = _dropout(c.hidden_dropout_prob, x, scale, deterministic)
         x, scale = _act(c, "ln_input_act", LN_INPUT_BIT)(x, scale, residual, residual_scale, deterministic)
         x, scale = _layer_norm(c)(x, scale, deterministic)
         return _act(c, "output_activation")(x, scale, deterministic=deterministic)
@@ -289,8 +318,8 @@ class FlaxIBertLayer(nn.Module):
 class FlaxIBertLayerCollection(nn.Module):
     """``layer``: ``num_hidden_layers`` :class:`FlaxIBertLayer` named ``"0"``, ``"1"``...
 
-    Call: ``(hidden, s)``, mask, ``head_mask`` (layers, heads) or None -> ``(hidden, all_hidden,
-    all_attentions)`` (tuples or None by the output flags).
+    Call: ``(hidden, s)``, mask, ``head_mask`` (layers, heads) or None -> ``((hidden, s), all_hidden,
+    all_attentions)`` (tuples or None by the output flags; ``hidden`` holds quant mode's integers).
     """
 
     config: Any
@@ -306,7 +335,7 @@ class FlaxIBertLayerCollection(nn.Module):
         all_attn = () if output_attentions else None
         for i in range(c.num_hidden_layers):
             if output_hidden_states:
-                all_hidden += (hidden.astype(jnp.float32),)
+                all_hidden += (_as_float(hidden, scale).astype(jnp.float32),)
             layer_mask = None if head_mask is None else head_mask[i][None, :, None, None]  # (1, h, 1, 1)
             (hidden, scale), probs = layer_cls(c, self.dtype, name=str(i))(
                 hidden, scale, mask, layer_mask, deterministic
@@ -314,8 +343,8 @@ class FlaxIBertLayerCollection(nn.Module):
             if output_attentions:
                 all_attn += (probs.astype(jnp.float32),)
         if output_hidden_states:
-            all_hidden += (hidden.astype(jnp.float32),)
-        return hidden, all_hidden, all_attn
+            all_hidden += (_as_float(hidden, scale).astype(jnp.float32),)
+        return (hidden, scale), all_hidden, all_attn
 
 
 class FlaxIBertEncoder(nn.Module):
@@ -408,10 +437,10 @@ class FlaxIBertModule(nn.Module):
             h, s = FlaxIBertEmbeddings(c, name="embeddings")(
                 input_ids, token_type_ids, position_ids, inputs_embeds, deterministic
             )
-            h, all_hidden, all_attn = FlaxIBertEncoder(c, self.dtype, self.gradient_checkpointing, name="encoder")(
+            (h, s), all_hidden, all_attn = FlaxIBertEncoder(c, self.dtype, self.gradient_checkpointing, name="encoder")(
                 h, s, mask, head_mask, deterministic, output_attentions, output_hidden_states
             )
-            h = h.astype(jnp.float32)
+            h = _as_float(h, s).astype(jnp.float32)
         pooled = BertPooler(c, dtype=self.dtype, name="pooler")(h) if self.add_pooling_layer else None
         return finish_output(
             BaseModelOutputWithPoolingAndCrossAttentions,

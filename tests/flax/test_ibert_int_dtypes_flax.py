@@ -1,0 +1,229 @@
+"""Flax I-BERT quant mode in integer dtypes (issue #23): the Flax twin of ``tests/pt/test_ibert_int_dtypes_pt.py``.
+
+Inside the model the quantized tensors travel as their integers (int8/int16/int32/int64,
+:func:`nezha_zoo.flax.quant.integer_of`) and the kernels compute on them in integer dtypes; a kernel
+given the dequantized float ``x`` instead (its public form, the path of every earlier release)
+recovers the integers in float64 and follows the float64 rules.  The adversarial inputs below sit on
+the rounding boundaries of each rule (requantization ties, the GELU clamp, negative values under
+``floor`` as right shifts, LayerNorm mean ties, the softmax exponent boundaries ``k * x0``, masks); the
+integer path must give the float64 path's integers bit for bit, PyTorch's, and transformers'
+``quant_modules`` evaluated exactly, op by op and under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.ibert import quant_modules as hf_quant
+
+from benchmarks.ibert_quant import SMOKE
+from nezha_zoo import IBertConfig
+from nezha_zoo.flax import FlaxIBertModel
+from nezha_zoo.flax import quant as fq
+from nezha_zoo.pt import quant as pq
+from nezha_zoo.testing import pin_precision
+
+pytestmark = [pytest.mark.flax, pytest.mark.pt, pytest.mark.hf]
+
+pin_precision("flax")
+pin_precision("pt")
+
+
+def _both_ways(fn):
+    """``fn()`` op by op and under ``jax.jit``, inside the 64-bit scope, as numpy trees (must agree)."""
+    with fq.x64_scope():
+        eager = jax.tree_util.tree_map(np.asarray, fn())
+        jitted = jax.tree_util.tree_map(np.asarray, jax.jit(fn)())
+    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
+    return eager
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def test_requantization_ties_and_wide_inputs():
+    # ratio 2**-3 exactly: every odd multiple of 4 is a tie of round-half-even; wide |q| up to 2**31
+    q = torch.cat([torch.arange(-64, 65, dtype=torch.int32), torch.tensor([2**31 - 1, -(2**31) + 1, 2**22 + 3])])
+    q = q.reshape(1, -1).expand(3, -1).contiguous()
+    for s_in, s_out in ((torch.tensor([2.0**-3]), torch.tensor([1.0])), (torch.tensor([3e-5]), torch.tensor([0.011]))):
+        for bits in (8, 16, 22):
+            want = _np(pq.fixed_point_requantize(q.double(), s_in, bits, s_out))
+            got = _both_ways(lambda: fq.requantize_int(jnp.asarray(_np(q)), _np(s_in), bits, _np(s_out)))  # noqa: B023
+            assert got.dtype == {8: np.int8, 16: np.int16, 22: np.int32}[bits]
+            assert np.array_equal(got.astype(np.float64), want)
+    ident = torch.randint(-(2**21), 2**21, q.shape, dtype=torch.int32)
+    s_in, s_id, s_out = torch.tensor([2e-5]), torch.tensor([7e-6]), torch.tensor([4e-3])
+    want = _np(pq.fixed_point_requantize(q.double(), s_in, 8, s_out, ident.double(), s_id))
+    got = _both_ways(lambda: fq.requantize_int(_np(q), _np(s_in), 8, _np(s_out), _np(ident), _np(s_id)))
+    assert got.dtype == np.int8 and np.array_equal(got.astype(np.float64), want)
+
+
+@pytest.mark.parametrize(("s_val", "wide"), [(3e-4, False), (2.0**-9, False), (0.05, False), (3e-4, True)])
+def test_int_gelu_boundaries(s_val, wide):
+    s = torch.full((24,), s_val) * torch.linspace(0.5, 2.0, 24)  # per channel, as after a QuantLinear
+    b_int = torch.floor(-1.769 / (s / 1.4142)).to(torch.int64)  # the polynomial's clamp, per channel
+    rows = [b_int, b_int + 1, b_int - 1, -b_int, -b_int + 1, -b_int - 1, torch.zeros_like(b_int)]
+    rows += [torch.full_like(b_int, v) for v in (1, -1, 2**20, -(2**20), 2**24, -(2**24))]
+    if wide:  # q * (y + one) passes 2**53: the kernel takes the float64 rule (lax.cond), which rounds
+        rows += [torch.full_like(b_int, v) for v in (2**45 + 1, -(2**45) - 3)]
+    q = torch.stack(rows)  # (13 or 15, 24)
+    gelu = fq.IntGELU(quant_mode=True)
+    q_out, s_out = _both_ways(lambda: gelu(jnp.asarray(_np(q)), _np(s)))  # int64 in, int64 out
+    y_f64, s_f64 = _both_ways(lambda: gelu(_np(q.double() * s.double()), _np(s)))  # the float64 rule
+    assert q_out.dtype == np.int64 and np.array_equal(s_out, s_f64)
+    assert np.array_equal(q_out * s_out.astype(np.float64), y_f64)
+    with torch.no_grad():
+        y_pt, _ = pq.IntGELU(quant_mode=True)(q.double() * s.double(), s)
+        y_hf, _ = hf_quant.IntGELU(quant_mode=True)(q.double() * s.double(), s)
+    assert np.array_equal(y_f64, _np(y_pt))
+    assert np.array_equal(y_f64, _np(y_hf))
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+def test_int_layer_norm_boundaries(shift):
+    torch.manual_seed(shift)
+    n = 24
+    pn = pq.IntLayerNorm(n, 1e-5, output_bit=32, quant_mode=True)
+    with torch.no_grad():
+        pn.weight.normal_(1.0, 0.2)
+        pn.bias.normal_(0.0, 0.3)
+        pn.shift.fill_(shift)
+    pn.eval()
+    hn = hf_quant.IntLayerNorm(n, 1e-5, output_bit=32, quant_mode=True)
+    hn.load_state_dict(pn.state_dict())
+    hn.eval()
+    s = torch.tensor([3e-6])
+    q = torch.randint(-(2**21), 2**21, (7, n), dtype=torch.int32)
+    q[0] = torch.arange(n) - n // 2  # small row: sum / n = -0.5, a tie of the mean's round-half-even
+    q[1] = torch.tensor([2**21 - 1] * (n // 2) + [-(2**21)] * (n // 2))  # extremes, mean tie again
+    q[2] = -q[2].abs()  # all negative: floor on negatives (right shifts)
+    q[3, :] = 5
+    q[3, 0] = 6 + n  # one outlier: the smallest non-zero variance
+    q[4] = (q[4] // 2) * 2 + 1  # odd values: odd y * factor before floor(/ 2)
+    q = q[None]  # (1, 7, n)
+    ln = fq.IntLayerNorm(n, 1e-5, quant_mode=True)
+    variables = {
+        "params": {"scale": _np(pn.weight), "bias": _np(pn.bias)},
+        "buffers": {"shift": np.full((1,), shift, np.float32)},
+    }
+    q_out, s_out = _both_ways(lambda: ln.apply(variables, jnp.asarray(_np(q)), _np(s)))
+    y_f64, s_f64 = _both_ways(lambda: ln.apply(variables, _np(q.double() * s.double()), _np(s)))
+    assert q_out.dtype == np.int64 and np.array_equal(s_out, s_f64)
+    assert np.array_equal(q_out * s_out.astype(np.float64), y_f64)
+    with torch.no_grad():
+        y_pt, _ = pn(q.double() * s.double(), s)
+        y_hf, _ = hn(q.double() * s.double(), s)
+    assert np.array_equal(y_f64, _np(y_pt)) and np.array_equal(y_f64, _np(y_hf))
+    # bias integers past 2**53 - 2**33: the float64 rule (lax.cond), whose sum rounds
+    wide = {**variables, "params": {**variables["params"], "bias": _np(pn.bias) + np.float32(1e8)}}
+    q_wide, s_wide = _both_ways(lambda: ln.apply(wide, jnp.asarray(_np(q)), _np(s)))
+    y_wide, _ = _both_ways(lambda: ln.apply(wide, _np(q.double() * s.double()), _np(s)))
+    assert np.array_equal(q_wide * s_wide.astype(np.float64), y_wide)
+
+
+def test_int_softmax_boundaries_and_masks():
+    s = torch.tensor([2.0**-7])  # x0 = floor(-0.6931 / s) = -89: scores at multiples of x0 are exponent boundaries
+    x0, L = -89, 64
+    base = torch.arange(0, -L, -1, dtype=torch.int64) * 7
+    rows = [base, torch.arange(L) * x0, torch.arange(L) * x0 + 1, torch.arange(L) * x0 - 1, base * 0]
+    rows.append(torch.full((L,), 30 * x0).index_fill_(0, torch.tensor([0]), 0))  # at the exponent clamp
+    q = torch.stack(rows)[None].expand(2, -1, -1).contiguous()  # (2, 6, L)
+    hf = hf_quant.IntSoftmax(8, quant_mode=True)
+    hf.train()
+    with torch.no_grad():
+        hf(q.double() * s.double(), s)
+    hf.eval()
+    ps = pq.IntSoftmax(8, quant_mode=True)
+    ps.load_state_dict(hf.state_dict())
+    ps.eval()
+    mask = torch.zeros(2, 1, L)
+    mask[1, :, L // 2 :] = torch.finfo(torch.float32).min
+    sm = fq.IntSoftmax(8, quant_mode=True)
+    buffers = {"buffers": {"act": {k: _np(v) for k, v in hf.act.state_dict().items()}}}
+
+    def ours(scores, m=None):
+        return _both_ways(lambda: sm.apply(buffers, scores, _np(s), True, m, method=fq.IntSoftmax.forward_int))[0]
+
+    x = q.double() + mask.double() / s.double()
+    p_int = ours(jnp.asarray(_np(q).astype(np.int32)), _np(mask))
+    p_f64 = ours(_np(x))  # the float64 rule on the masked scores
+    with torch.no_grad():
+        p_pt, _ = ps.forward_int(x, s)
+        e, s_e = hf.int_exp(x - x.max(dim=-1, keepdim=True).values, s)
+        e16, s16 = hf.act(e, s_e)
+        e16 = torch.round(e16.double() / s16.double())
+        p_hf = torch.floor(e16 * torch.floor(2**32 / e16.sum(dim=-1, keepdim=True)) / 2**24)
+    assert np.array_equal(p_int, p_f64) and np.array_equal(p_int, _np(p_pt)) and np.array_equal(p_int, _np(p_hf))
+    assert p_int[1, :, L // 2 :].max() == 0
+    # no visible key in a row, or a mask that is neither 0 nor very negative: the float64 rule (lax.cond)
+    for m in (mask.clone().index_fill_(0, torch.tensor([1]), torch.finfo(torch.float32).min), mask * 1e-35):
+        want = ours(_np(q.double() + m.double() / s.double()))
+        assert np.array_equal(ours(jnp.asarray(_np(q).astype(np.int32)), _np(m)), want, equal_nan=True)
+
+
+def _f64_eqns(jaxpr, min_size: int, out: list) -> None:
+    """(primitive, shape) of equations with a float64 output of ``min_size``+ elements; of a
+    ``cond``, only the branch taken when the kernel's exactness test holds (the last one)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond":
+            _f64_eqns(eqn.params["branches"][-1].jaxpr, min_size, out)
+            continue
+        subs = [
+            getattr(sub, "jaxpr", None)
+            for p in eqn.params.values()
+            for sub in (p if isinstance(p, (tuple, list)) else (p,))
+        ]
+        subs = [getattr(inner, "jaxpr", inner) for inner in subs if inner is not None]
+        if subs:  # a call (jit, custom_jvp...): its equations, not its outputs
+            for inner in subs:
+                _f64_eqns(inner, min_size, out)
+            continue
+        for v in eqn.outvars:
+            aval = v.aval
+            if getattr(aval, "dtype", None) == jnp.float64 and np.prod(aval.shape, dtype=int) >= min_size:
+                out.append((eqn.primitive.name, tuple(aval.shape)))
+
+
+#: float64 ops a quant forward still runs on activation-sized arrays: the requantization's dyadic
+#: product (convert, multiply, round, clamp, add the residual's), and the softmax exponentials, which
+#: ``act`` divides by their scale (its definition; the divisor is materialised, see ``exact_div``).
+FLOAT64_OPS = {"convert_element_type", "mul", "round", "max", "min", "clamp", "add", "div", "optimization_barrier"}
+FLOAT64_OPS |= {"broadcast_in_dim"}
+
+
+def test_quant_forward_computes_in_integer_dtypes(monkeypatch):
+    model = FlaxIBertModel(IBertConfig(**SMOKE, initializer_range=0.2, quant_mode=True), seed=0)
+    ids = np.random.default_rng(0).integers(3, 99, (2, 16))
+    mask = np.ones_like(ids)
+    mask[1, 12:] = 0
+    _, state = model(ids, mask, train=True)  # calibrate
+    buffers = state["buffers"]
+
+    def forward(p, b, i, m):
+        return model(i, m, params=p, buffers=b).last_hidden_state
+
+    # every exactness test holds here, so the integer branches run (op by op: concrete predicates)
+    taken = []
+    cond = jax.lax.cond
+    monkeypatch.setattr(jax.lax, "cond", lambda pred, *a, **k: taken.append(bool(pred)) or cond(pred, *a, **k))
+    eager = np.asarray(forward(model.params, buffers, ids, mask))
+    monkeypatch.undo()
+    assert taken and all(taken), taken
+    jitted = np.asarray(jax.jit(forward)(model.params, buffers, ids, mask))
+    assert np.array_equal(eager, jitted)
+    with fq.x64_scope():
+        closed = jax.make_jaxpr(lambda p, b: model.module.apply({"params": p, "buffers": b}, ids, mask))(
+            model.params, buffers
+        )
+    found: list = []
+    _f64_eqns(closed.jaxpr, ids.size * SMOKE["hidden_size"], found)
+    names = {name for name, _ in found}
+    # no float64 polynomial, floor, sign, subtraction, shift or sum: those run in integers now
+    assert names <= FLOAT64_OPS, sorted(names - FLOAT64_OPS)
+    text = str(closed)
+    assert "int64" in text and "preferred_element_type=int32" in text
