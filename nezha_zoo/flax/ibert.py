@@ -7,8 +7,10 @@ activations 8, weights 8, biases 32, LayerNorm input 22 and output 32 bits); ``c
 keeps GELU, softmax, LayerNorm or all three (``"nonlinear"``) in float.  Between modules a tensor is a
 pair ``(x, s)`` with ``x = q * s`` (``s`` None in float mode), as in transformers.
 
-The quant-mode forward of the base module runs inside :func:`nezha_zoo.flax.quant.x64_scope` (float64
-for the wide intermediate integers only; see that module); its outputs are float32.
+The quant-mode forward of the base module runs inside :func:`nezha_zoo.flax.quant.x64_scope` (int64 for
+the wide intermediate integers, float64 only where the rules define it; see that module); between the
+kernels the quantized tensors are their integer-dtype integers (``quant.integer_of``), dequantized for
+the outputs, which are float32.
 
 The module tree is transformers' PyTorch one, so the params and the ``buffers`` collection (the
 quantization state: activation ranges, integer weights, scales, LayerNorm shifts) have the spec's
@@ -65,8 +67,8 @@ from nezha_zoo.flax.quant import (
     QuantAct,
     QuantEmbedding,
     QuantLinear,
-    dequantize,
     exact_div,
+    float_values,
     integer_of,
     standalone_dot,
     x64_scope,
@@ -122,16 +124,11 @@ def _layer_norm(config: Any, name: str = "LayerNorm") -> IntLayerNorm:
     )
 
 
-def _as_float(x: jax.Array, scale: jax.Array | None) -> jax.Array:
-    """The float values of ``x``: the dequantized ``q * s`` of quant mode's integer-dtype tensors."""
-    return x if integer_of(x) is None else dequantize(x, scale)
-
-
 def _dropout(rate: float, x: jax.Array, scale: jax.Array | None, deterministic: bool) -> jax.Array:
     """``Dropout(rate)`` of the float values of ``x`` (integers stay integers when it is the identity)."""
     if deterministic or rate == 0.0:
         return x
-    return Dropout(rate)(_as_float(x, scale), deterministic=deterministic)
+    return Dropout(rate)(float_values(x, scale), deterministic=deterministic)
 
 
 def _integers8(x: jax.Array, scale: jax.Array) -> jax.Array:
@@ -218,7 +215,7 @@ class FlaxIBertSelfAttention(nn.Module):
             prob_int, s_p = softmax.forward_int(scores, s_scores, deterministic, mask=mask)
             probs = prob_int * s_p
         else:
-            q, k = _as_float(q, s_q), _as_float(k, s_k)
+            q, k = float_values(q, s_q), float_values(k, s_k)
             scores = jnp.matmul(q, k.transpose(0, 1, 3, 2)) / root + mask
             probs, s_p = softmax(scores, deterministic)
         probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
@@ -236,7 +233,7 @@ class FlaxIBertSelfAttention(nn.Module):
                 context = jnp.matmul(probs / s_p, _integers8(v, s_v).astype(jnp.float32)) * ctx_scale
         else:
             ctx_scale = None
-            context = jnp.matmul(probs, _as_float(v, s_v))
+            context = jnp.matmul(probs, float_values(v, s_v))
         B, _, L, _ = context.shape
         context = context.transpose(0, 2, 1, 3).reshape(B, L, H)  # (B, h, L, d) -> (B, L, H)
         out = _act(c, "output_activation")(context, ctx_scale, deterministic=deterministic)
@@ -335,7 +332,7 @@ class FlaxIBertLayerCollection(nn.Module):
         all_attn = () if output_attentions else None
         for i in range(c.num_hidden_layers):
             if output_hidden_states:
-                all_hidden += (_as_float(hidden, scale).astype(jnp.float32),)
+                all_hidden += (float_values(hidden, scale).astype(jnp.float32),)
             layer_mask = None if head_mask is None else head_mask[i][None, :, None, None]  # (1, h, 1, 1)
             (hidden, scale), probs = layer_cls(c, self.dtype, name=str(i))(
                 hidden, scale, mask, layer_mask, deterministic
@@ -343,7 +340,7 @@ class FlaxIBertLayerCollection(nn.Module):
             if output_attentions:
                 all_attn += (probs.astype(jnp.float32),)
         if output_hidden_states:
-            all_hidden += (_as_float(hidden, scale).astype(jnp.float32),)
+            all_hidden += (float_values(hidden, scale).astype(jnp.float32),)
         return (hidden, scale), all_hidden, all_attn
 
 
@@ -440,7 +437,7 @@ class FlaxIBertModule(nn.Module):
             (h, s), all_hidden, all_attn = FlaxIBertEncoder(c, self.dtype, self.gradient_checkpointing, name="encoder")(
                 h, s, mask, head_mask, deterministic, output_attentions, output_hidden_states
             )
-            h = _as_float(h, s).astype(jnp.float32)
+            h = float_values(h, s).astype(jnp.float32)
         pooled = BertPooler(c, dtype=self.dtype, name="pooler")(h) if self.add_pooling_layer else None
         return finish_output(
             BaseModelOutputWithPoolingAndCrossAttentions,

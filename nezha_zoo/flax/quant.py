@@ -6,26 +6,37 @@ PyTorch backend's, bit for bit.  Conventions as there: a quantized tensor travel
 ``(x, s)`` with ``x = q * s`` (``q`` integer, ``s`` a float32 scale of shape (1,) or per channel
 (C,)); float mode passes ``s = None`` and computes the plain float op.
 
-Width and exactness (why float64, and where):
+Width and exactness (integer dtypes, and where float64 remains):
 
-* every requantized tensor fits float32 / int32 (8, 16 and 22 bits), but several intermediate integers
-  do not: linear accumulators plus 32-bit biases (~2**32), LayerNorm outputs (``2**30 * sqrt(n)`` plus
-  the folded bias, ~2**35), GELU products (~2**40), softmax exponentials (up to ~2**52) and the dyadic
-  requantization products ``q * m`` (``m`` a 31-bit mantissa, so up to ~2**83, rounded to 53 bits by
-  definition, as in transformers' ``FixedPointMul`` and :func:`nezha_zoo.pt.quant.fixed_point_requantize`).
-  Reproducing those, including the float64 rounding that is part of the definition, needs float64.
-* JAX computes in 32 bits unless ``jax_enable_x64`` is on.  Instead of turning it on globally, the
+* every requantized tensor fits int8/int16/int32 (8, 16 and 22 bits), but several intermediate integers
+  do not fit 32 bits: linear accumulators plus 32-bit biases (~2**32), LayerNorm outputs
+  (``2**30 * sqrt(n)`` plus the folded bias, ~2**35), GELU products (~2**40), softmax exponentials (up
+  to ~2**52) and the dyadic requantization products ``q * m`` (``m`` a 31-bit mantissa, so up to
+  ~2**83, rounded to 53 bits by definition, as in transformers' ``FixedPointMul`` and
+  :func:`nezha_zoo.pt.quant.fixed_point_requantize`).
+* JAX has no 64-bit types unless ``jax_enable_x64`` is on.  Instead of turning it on globally, the
   quant-mode forward of an I-BERT module runs inside the scoped switch :func:`x64_scope`
-  (``jax.enable_x64(True)``): within it the kernels below hold those integers in float64, exactly as
-  the PyTorch backend; outside it every array stays 32-bit (params, outputs, float mode).  This works
-  inside ``jax.jit`` (the switch is read at trace time).  Backends without float64 (TPU) cannot run
-  quant mode this way.
+  (``jax.enable_x64(True)``, read at trace time, so it works inside ``jax.jit`` and costs nothing once
+  traced); outside it every array stays 32-bit (params, outputs, float mode).
+* inference in integer dtypes (issue #23): inside the model a quantized tensor travels as its
+  integers (:func:`integer_of`: int8/int16/int32 requantized activations, int32 contexts, int64 linear,
+  GELU and LayerNorm outputs) and the kernels compute on them: the linear bias in int64, the GELU and
+  LayerNorm polynomials in int64 with arithmetic right shifts for ``floor(/ 2**k)``, the softmax
+  exponent steps in int32/int64 and its normalisation in int64.  Each of those kernels tests (scalar
+  tests on the scales and maxima) that the float64 rule is exact for its operands and otherwise takes
+  that rule through :func:`jax.lax.cond`, so the integers are the float64 rule's bit for bit (and the
+  PyTorch backend's).  Float64 remains where it is the definition: the dyadic product of a
+  requantization (one multiply and round per element, :func:`requantize_int`), the softmax ``act``'s
+  division of the exponentials by their scale, and per-row / per-channel scalars.  A kernel given the
+  dequantized float ``x`` (its public form) recovers the integers in float64 (:func:`to_integer`) and
+  follows the float64 rules, returning float64 ``q * s`` as before.
 * the linear layers' matrix products are real integer products where the CPU has int8 units
   (:func:`nezha_zoo.families.ibert.int8_products`, read at trace time): ``jax.lax.dot_general`` of
   int8 operands with int32 accumulation (:func:`int8_matmul`, exact below 2**17 terms); elsewhere
-  float32 chunks summed in float64 (:func:`integer_matmul`), the same integers.  The attention
-  scores are int8 dots too (``_int_bmm`` in ``ibert.py``); the probability x value product uses
-  float32, exact for integer operands (|.| <= 256 * 128 * L < 2**24 for L < 512).
+  float32 chunks summed in int32 (:func:`integer_matmul`), the same integers.  The attention scores
+  are int8 dots too (``_int_bmm`` in ``ibert.py``); the probability x value product uses float32,
+  exact for integer operands (|.| <= 256 * 128 < 2**24: the probabilities sum to at most 2**8).  Every
+  such product is a :func:`standalone_dot` (XLA's fused dots are not GEMMs).
 * scale-derived constants (``floor(coeff / s)``, bias integers, ``1 // s``) are float32 elementwise
   IEEE operations, the same numbers in every framework.
 
@@ -75,6 +86,7 @@ __all__ = [
     "to_integer",
     "integer_of",
     "dequantize",
+    "float_values",
     "exact_div",
     "rdiv",
     "frexp_multiplier",
@@ -181,8 +193,9 @@ def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
     return q.astype(jnp.float32) * scale
 
 
-def _as_float(x: jax.Array, scale: jax.Array | None) -> jax.Array:
-    """``x`` as its dequantized float values (see :func:`dequantize`)."""
+def float_values(x: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """``x`` itself when it is a float array, else the dequantized float values of integer-dtype ``x``
+    (:func:`dequantize`: what the kernel that made them returned before, float32 or float64)."""
     return x if integer_of(x) is None else dequantize(x, scale)
 
 
@@ -377,9 +390,9 @@ class QuantAct(nn.Module):
         if update or not self.quant_mode or pre_act_scaling_factor is None:
             # the float values (as dequantized by the kernels that made them): calibration, float mode,
             # and a float input quantized directly
-            x_act = _as_float(x, pre_act_scaling_factor)
+            x_act = float_values(x, pre_act_scaling_factor)
             if identity is not None:
-                x_act = _as_float(identity, identity_scaling_factor) + x_act
+                x_act = float_values(identity, identity_scaling_factor) + x_act
         if update:
             lo = jax.lax.stop_gradient(jnp.min(x_act)).astype(jnp.float32)
             hi = jax.lax.stop_gradient(jnp.max(x_act)).astype(jnp.float32)
@@ -550,7 +563,7 @@ class IntGELU(nn.Module):
 
     def __call__(self, x: jax.Array, scaling_factor: jax.Array | None = None):
         if not self.active:
-            return jax.nn.gelu(_as_float(x, scaling_factor).astype(jnp.float32), approximate=False), None
+            return jax.nn.gelu(float_values(x, scaling_factor).astype(jnp.float32), approximate=False), None
         (a, b), const = GELU_COEFFS, GELU_SHIFT
         integers = integer_of(x) is not None
         q = _integers(x, scaling_factor)
@@ -725,7 +738,7 @@ class IntLayerNorm(nn.Module):
         shift = self.variable(BUFFERS, "shift", lambda: jnp.zeros((1,), jnp.float32))
         QuantAct(self.output_bit, quant_mode=self.active, name="activation")  # declared, never applied
         if not self.active:
-            x = _as_float(x, scaling_factor).astype(jnp.float32)
+            x = float_values(x, scaling_factor).astype(jnp.float32)
             y = x - jnp.mean(x, axis=-1, keepdims=True)
             var = jnp.mean(y**2, axis=-1, keepdims=True)
             return y / jnp.sqrt(self.eps + var) * weight + bias, None
