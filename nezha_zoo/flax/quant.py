@@ -331,6 +331,17 @@ def standalone_dot(a: jax.Array, b: jax.Array, dims: Any, out_dtype: Any) -> jax
     return jax.lax.optimization_barrier(out)
 
 
+def _exact_or_rule(exact: jax.Array, in_integers: Any, in_float64: Any) -> jax.Array:
+    """``in_integers()`` where the scalar test ``exact`` holds, else ``in_float64()`` (the float64 rule).
+
+    Under tracing (``jax.jit``) a :func:`jax.lax.cond`; op by op a Python branch on the concrete test
+    (a ``lax.cond`` of fresh closures would be traced and compiled again on every call).
+    """
+    if isinstance(exact, jax.core.Tracer):
+        return jax.lax.cond(exact, in_integers, in_float64)
+    return in_integers() if bool(exact) else in_float64()
+
+
 def _below(bound: jax.Array, limit: float) -> jax.Array:
     """Scalar predicate ``all(bound < limit)`` of a (float) bound, for :func:`jax.lax.cond`."""
     return jnp.all(bound < limit)
@@ -596,7 +607,7 @@ class IntGELU(nn.Module):
         poly = b_max * b_max + c_max
         q_max = jnp.max(jnp.abs(q)).astype(jnp.float64)
         exact = _below(jnp.stack([poly, one_max, q_max * (poly / 2**const + 1 + one_max)]), 2.0**53)
-        return jax.lax.cond(exact, in_int64, lambda: in_float64().astype(jnp.int64)), out_scale
+        return _exact_or_rule(exact, in_int64, lambda: in_float64().astype(jnp.int64)), out_scale
 
 
 class IntSoftmax(nn.Module):
@@ -689,7 +700,7 @@ class IntSoftmax(nn.Module):
                 masked = _f64(mask) / _f64(scale)
                 visible = masked == 0
                 exact = exact & jnp.all(visible | (masked <= -MASKED_SCORE)) & jnp.all(jnp.any(visible, axis=-1))
-            e = jax.lax.cond(exact, in_integers, in_float64)
+            e = _exact_or_rule(exact, in_integers, in_float64)
         s_e = coef0 * scale**2 / 2**const  # float32
         e16, _ = self.act(e, s_e, deterministic=deterministic, integer_output=True)  # int16
         total = jnp.sum(e16.astype(jnp.int64), axis=-1, keepdims=True)
@@ -802,4 +813,4 @@ class IntLayerNorm(nn.Module):
             & _below(jnp.max(jnp.abs(_f64(bias_f))), 2.0**53 - 2.0**33)
             & _below(jnp.max(jnp.abs(_f64(total))), 2.0**53)
         )
-        return jax.lax.cond(exact, in_int64, lambda: in_float64(s_val).astype(jnp.int64)), out_scale
+        return _exact_or_rule(exact, in_int64, lambda: in_float64(s_val).astype(jnp.int64)), out_scale
