@@ -342,6 +342,24 @@ def _exact_or_rule(exact: jax.Array, in_integers: Any, in_float64: Any) -> jax.A
     return in_integers() if bool(exact) else in_float64()
 
 
+def _rule_as_int64(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The float64 rule's integers ``v`` (..., C) as int64, and its ``bad`` rows (..., 1) bool.
+
+    int64 cannot hold what the rule gives in a bad row: NaN (a LayerNorm row of zero variance, a GELU
+    ``0 * inf`` under scales whose constants overflow float32), an infinity or a value beyond int64
+    (which the next requantization turns into a clamped value, or NaN when its ratio of scales is 0).
+    Such a row is ``bad`` (its integers 0 here) and the model poisons it (NaN, see
+    ``nezha_zoo.flax.ibert``) rather than carry a plausible number.
+    """
+    bad = jnp.any(~(jnp.abs(v) < 2.0**63), axis=-1, keepdims=True)  # NaN compares False
+    return jnp.where(bad, 0.0, v).astype(jnp.int64), bad
+
+
+def _no_bad_rows(q: jax.Array) -> jax.Array:
+    """``bad`` (..., 1) all False for integers ``q`` (..., C) of an exact integer branch."""
+    return jnp.zeros(q.shape[:-1] + (1,), bool)
+
+
 def _below(bound: jax.Array, limit: float) -> jax.Array:
     """Scalar predicate ``all(bound < limit)`` of a (float) bound, for :func:`jax.lax.cond`."""
     return jnp.all(bound < limit)
@@ -562,7 +580,9 @@ class IntGELU(nn.Module):
         force_dequant (str): config value.
 
     Call: ``(x (..., C), s)`` -> ``(q_out * s_out as float64, s_out)`` or ``(gelu(x) float32, None)``;
-    an integer-dtype ``x`` (:func:`integer_of`) gives the int64 ``q_out``.
+    an integer-dtype ``x`` (:func:`integer_of`) gives the int64 ``q_out``; ``with_bad_rows=True``
+    appends ``bad`` (..., 1) bool, the rows where the float64 rule gives NaN or values beyond int64 (None unless
+    ``x`` is integer-dtype in quant mode), as :class:`IntLayerNorm`.
     """
 
     quant_mode: bool = True
@@ -572,9 +592,10 @@ class IntGELU(nn.Module):
     def active(self) -> bool:
         return self.quant_mode and self.force_dequant not in ("nonlinear", "gelu")
 
-    def __call__(self, x: jax.Array, scaling_factor: jax.Array | None = None):
+    def __call__(self, x: jax.Array, scaling_factor: jax.Array | None = None, with_bad_rows: bool = False):
         if not self.active:
-            return jax.nn.gelu(float_values(x, scaling_factor).astype(jnp.float32), approximate=False), None
+            out = jax.nn.gelu(float_values(x, scaling_factor).astype(jnp.float32), approximate=False), None
+            return (*out, None) if with_bad_rows else out
         (a, b), const = GELU_COEFFS, GELU_SHIFT
         integers = integer_of(x) is not None
         q = _integers(x, scaling_factor)
@@ -601,13 +622,17 @@ class IntGELU(nn.Module):
 
         out_scale = scaling_factor * s_y / 2
         if not integers:
-            return in_float64() * _f64(out_scale), out_scale  # the dequantized form: the float64 rule
+            out = in_float64() * _f64(out_scale), out_scale  # the dequantized form: the float64 rule
+            return (*out, None) if with_bad_rows else out
         # float64 bounds of the rule's intermediates: the polynomial, then q * (y + one)
         b_max, c_max, one_max = (jnp.max(jnp.abs(_f64(v))) for v in (b_f, c_f, one_f))
         poly = b_max * b_max + c_max
         q_max = jnp.max(jnp.abs(q)).astype(jnp.float64)
         exact = _below(jnp.stack([poly, one_max, q_max * (poly / 2**const + 1 + one_max)]), 2.0**53)
-        return _exact_or_rule(exact, in_int64, lambda: in_float64().astype(jnp.int64)), out_scale
+        q_out, bad = _exact_or_rule(
+            exact, lambda: (q_int := in_int64(), _no_bad_rows(q_int)), lambda: _rule_as_int64(in_float64())
+        )
+        return (q_out, out_scale, bad) if with_bad_rows else (q_out, out_scale)
 
 
 class IntSoftmax(nn.Module):
@@ -730,6 +755,9 @@ class IntLayerNorm(nn.Module):
 
     Call: ``(x (B, L, n), s (1,))``, ``deterministic`` -> ``(q_out * s_out as float64, s_out (n,))`` or
     ``(layer_norm(x), None)``; an integer-dtype ``x`` (:func:`integer_of`) gives the int64 ``q_out``.
+    ``with_bad_rows=True`` appends ``bad`` (B, L, 1) bool, the rows where the float64 rule gives NaN
+    (a zero variance) or values beyond int64, which ``q_out`` cannot hold (:func:`_rule_as_int64`); None unless
+    ``x`` is integer-dtype in quant mode (float values carry their NaN).
     """
 
     features: int
@@ -743,7 +771,18 @@ class IntLayerNorm(nn.Module):
         return self.quant_mode and self.force_dequant not in ("nonlinear", "layernorm")
 
     @nn.compact
-    def __call__(self, x: jax.Array, scaling_factor: jax.Array | None = None, deterministic: bool = True):
+    def __call__(
+        self,
+        x: jax.Array,
+        scaling_factor: jax.Array | None = None,
+        deterministic: bool = True,
+        with_bad_rows: bool = False,
+    ):
+        out = self._layer_norm(x, scaling_factor, deterministic)
+        return out if with_bad_rows else out[:2]
+
+    def _layer_norm(self, x: jax.Array, scaling_factor: jax.Array | None, deterministic: bool):
+        """``(y, s_out, bad)``: ``bad`` (..., 1) bool for integer-dtype ``x`` (:func:`_rule_as_int64`), else None."""
         weight = self.param(_SCALE, nn.initializers.ones, (self.features,), jnp.float32)
         bias = self.param(_BIAS, nn.initializers.zeros, (self.features,), jnp.float32)
         shift = self.variable(BUFFERS, "shift", lambda: jnp.zeros((1,), jnp.float32))
@@ -752,7 +791,7 @@ class IntLayerNorm(nn.Module):
             x = float_values(x, scaling_factor).astype(jnp.float32)
             y = x - jnp.mean(x, axis=-1, keepdims=True)
             var = jnp.mean(y**2, axis=-1, keepdims=True)
-            return y / jnp.sqrt(self.eps + var) * weight + bias, None
+            return y / jnp.sqrt(self.eps + var) * weight + bias, None, None
         max_bit = MAX_BIT
         n = x.shape[-1]
         integers = integer_of(x) is not None
@@ -792,9 +831,12 @@ class IntLayerNorm(nn.Module):
             shift.value = s_val
             var = jnp.where(overflow, variance(s_val), var)
             y = in_float64(s_val, var)
-            return (y.astype(jnp.int64) if integers else y * _f64(out_scale)), out_scale
+            if not integers:
+                return y * _f64(out_scale), out_scale, None
+            q_out, bad = _rule_as_int64(y)
+            return q_out, out_scale, bad
         if not integers:
-            return in_float64(s_val) * _f64(out_scale), out_scale  # the dequantized form: the float64 rule
+            return in_float64(s_val) * _f64(out_scale), out_scale, None  # the dequantized form: the float64 rule
         y = q.astype(jnp.int64) - mean.astype(jnp.int64)  # |y| <= 2 * max|q|
         shift_ok = (s_val >= 0) & (s_val < 62) & (jnp.floor(s_val) == s_val)
         s_int = jnp.where(shift_ok, s_val, 0).astype(jnp.int64)
@@ -813,4 +855,7 @@ class IntLayerNorm(nn.Module):
             & _below(jnp.max(jnp.abs(_f64(bias_f))), 2.0**53 - 2.0**33)
             & _below(jnp.max(jnp.abs(_f64(total))), 2.0**53)
         )
-        return _exact_or_rule(exact, in_int64, lambda: in_float64(s_val).astype(jnp.int64)), out_scale
+        q_out, bad = _exact_or_rule(
+            exact, lambda: (q_int := in_int64(), _no_bad_rows(q_int)), lambda: _rule_as_int64(in_float64(s_val))
+        )
+        return q_out, out_scale, bad

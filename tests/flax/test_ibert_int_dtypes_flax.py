@@ -227,3 +227,100 @@ def test_quant_forward_computes_in_integer_dtypes(monkeypatch):
     assert names <= FLOAT64_OPS, sorted(names - FLOAT64_OPS)
     text = str(closed)
     assert "int64" in text and "preferred_element_type=int32" in text
+
+
+# --- rows where the float64 rule gives NaN: int64 cannot hold it, the model poisons them ---------
+
+
+def test_layer_norm_zero_variance_rows_are_bad():
+    n = 24
+    rng = np.random.default_rng(0)
+    q = rng.integers(-(2**21), 2**21, (1, 5, n))
+    q[0, 1] = 7  # zero variance: the rule's std is 0, its factor inf, its output 0 * inf = NaN
+    q[0, 3] = -(2**20)
+    s = np.array([3e-6], np.float32)
+    ln = fq.IntLayerNorm(n, 1e-5, quant_mode=True)
+    variables = {
+        "params": {"scale": rng.normal(1.0, 0.2, n).astype(np.float32), "bias": np.zeros(n, np.float32)},
+        "buffers": {"shift": np.zeros((1,), np.float32)},
+    }
+    q_out, s_out, bad = _both_ways(lambda: ln.apply(variables, jnp.asarray(q), s, with_bad_rows=True))
+    y_f64, _ = _both_ways(lambda: ln.apply(variables, q.astype(np.float64) * s.astype(np.float64), s))
+    nan_rows = np.isnan(y_f64).any(axis=-1, keepdims=True)
+    assert nan_rows[0, :, 0].tolist() == [False, True, False, True, False]
+    assert bad.dtype == np.bool_ and np.array_equal(bad, nan_rows)
+    ok = ~nan_rows[..., 0]
+    assert np.array_equal((q_out * s_out.astype(np.float64))[ok], y_f64[ok])  # the other rows: unchanged
+    pn = pq.IntLayerNorm(n, 1e-5, output_bit=32, quant_mode=True)
+    with torch.no_grad():
+        pn.weight.copy_(torch.from_numpy(variables["params"]["scale"]))
+        pn.bias.zero_()
+        y_pt, _ = pn.eval()(torch.from_numpy(q).double() * float(s[0]), torch.from_numpy(s))
+    assert np.array_equal(np.isnan(_np(y_pt)).any(axis=-1, keepdims=True), nan_rows)
+
+
+def test_gelu_nan_rows_are_bad():
+    # one channel's scale so small that the rule's constant floor(1 / (a * s_e**2)) is -inf and its
+    # output scale 0: the rule gives NaN (0 * inf) or -inf in that channel, of every row
+    s = np.array([3e-4, 2e-3, 1e-20, 5e-4], np.float32)
+    q = np.array([[3, -5, 7, 1], [0, 4, 0, 4], [-2, -2, -2, -2]], np.int64)
+    gelu = fq.IntGELU(quant_mode=True)
+    _, _, bad = _both_ways(lambda: gelu(jnp.asarray(q), s, with_bad_rows=True))
+    y_f64, _ = _both_ways(lambda: gelu(q.astype(np.float64) * s.astype(np.float64), s))
+    with torch.no_grad():
+        y_pt, _ = pq.IntGELU(quant_mode=True)(
+            torch.from_numpy(q).double() * torch.from_numpy(s).double(), torch.from_numpy(s)
+        )
+    nan_rows = np.isnan(y_f64).any(axis=-1, keepdims=True)
+    assert nan_rows.all() and np.array_equal(np.isnan(_np(y_pt)).any(axis=-1, keepdims=True), nan_rows)
+    assert bad.dtype == np.bool_ and np.array_equal(bad, nan_rows)
+    # and none where the rule is finite (here past 2**53, so the float64 branch runs)
+    wide = np.array([[2**45 + 1, -(2**45) - 3]], np.int64)
+    _, _, bad = _both_ways(lambda: gelu(jnp.asarray(wide), s[:2], with_bad_rows=True))
+    assert not bad.any()
+
+
+def test_model_poisons_the_rows_the_float64_rule_makes_nan(tmp_path):
+    """A word whose embedding row is constant (zero token-type and position tables): the embedding
+    LayerNorm's variance is 0, NaN in the float64 rule (and in PyTorch); the NaN reaches every row of
+    its sequence through the next attention.  Flax (op by op and jitted) gives NaN in the same rows of
+    every output as the float64 rule; the other sequence is what it is alone, bit for bit."""
+    import transformers
+
+    from nezha_zoo.pt import IBertModel
+
+    model = FlaxIBertModel(IBertConfig(**SMOKE, initializer_range=0.2, quant_mode=True), seed=0)
+    emb = model.params["embeddings"]
+    for table in ("token_type_embeddings", "position_embeddings"):
+        emb[table]["embedding"] = jnp.zeros_like(emb[table]["embedding"])
+    emb["word_embeddings"]["embedding"] = emb["word_embeddings"]["embedding"].at[5].set(0.3)
+    ids = np.random.default_rng(0).integers(6, 99, (2, 12))
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    _, state = model(ids, mask, train=True)  # calibrate without the constant word
+    model.buffers = state["buffers"]
+    ids[0, 4] = 5
+    kw = dict(output_hidden_states=True, output_attentions=True)
+    eager = model(ids, mask, **kw)
+    jitted = jax.jit(lambda i, m: model(i, m, **kw))(ids, mask)
+    alone = model(ids[1:], mask[1:], **kw)
+    model.save_pretrained(str(tmp_path))
+    # the float64 rule end to end: our PyTorch with autograd on (its float path; the no-grad integer
+    # path casts the NaN away as this one did) and transformers (float32 emulation)
+    refs = [m.from_pretrained(str(tmp_path)).eval() for m in (IBertModel, transformers.IBertModel)]
+    refs = [m(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kw) for m in refs]
+    for field in ("last_hidden_state", "hidden_states", "attentions"):
+        # batch axis first: (B, ...) of the stacked layer tuples
+        mine, theirs, one = (
+            np.asarray(o[field]) if field == "last_hidden_state" else np.moveaxis(np.stack(o[field]), 1, 0)
+            for o in (eager, jitted, alone)
+        )
+        for ref in refs:
+            out = ref[field] if field == "last_hidden_state" else torch.stack(ref[field]).transpose(0, 1)
+            ref_nan = np.isnan(_np(out)).any(axis=-1)
+            assert ref_nan[0].any() and not ref_nan[1].any(), field  # the first sequence only
+            assert np.array_equal(np.isnan(mine).any(axis=-1), ref_nan), field
+        assert np.array_equal(mine, theirs, equal_nan=True), field
+        assert np.array_equal(mine[1:], one), field
+    hidden = np.asarray(eager.hidden_states[0])
+    assert np.isnan(hidden[0, 4]).all() and not np.isnan(np.delete(hidden, 4, axis=1)).any()  # before attention
