@@ -24,7 +24,7 @@ from nezha_zoo import IBertConfig
 from nezha_zoo.flax import FlaxIBertModel
 from nezha_zoo.flax import quant as fq
 from nezha_zoo.pt import quant as pq
-from nezha_zoo.testing import pin_precision
+from nezha_zoo.testing import ibert_layer_norm_rows, pin_precision
 
 pytestmark = [pytest.mark.flax, pytest.mark.pt, pytest.mark.hf]
 
@@ -98,14 +98,7 @@ def test_int_layer_norm_boundaries(shift):
     hn.load_state_dict(pn.state_dict())
     hn.eval()
     s = torch.tensor([3e-6])
-    q = torch.randint(-(2**21), 2**21, (7, n), dtype=torch.int32)
-    q[0] = torch.arange(n) - n // 2  # small row: sum / n = -0.5, a tie of the mean's round-half-even
-    q[1] = torch.tensor([2**21 - 1] * (n // 2) + [-(2**21)] * (n // 2))  # extremes, mean tie again
-    q[2] = -q[2].abs()  # all negative: floor on negatives (right shifts)
-    q[3, :] = 5
-    q[3, 0] = 6 + n  # one outlier: the smallest non-zero variance
-    q[4] = (q[4] // 2) * 2 + 1  # odd values: odd y * factor before floor(/ 2)
-    q = q[None]  # (1, 7, n)
+    q = torch.from_numpy(ibert_layer_norm_rows(n, 7, seed=shift))  # (1, 7, n): the rule's edges
     ln = fq.IntLayerNorm(n, 1e-5, quant_mode=True)
     variables = {
         "params": {"scale": _np(pn.weight), "bias": _np(pn.bias)},
