@@ -14,7 +14,7 @@ the outputs, which are float32.  Integers cannot hold the NaN that the float64 r
 (a LayerNorm row of zero variance, a GELU under overflowing scales): the kernels report those rows
 (``with_bad_rows``), the model ORs them along (a bad row reaches its whole sequence through the next
 attention, as NaN does) and poisons them in the outputs (hidden states, attentions), so such an input
-gives NaN where the float64 rule does (or passes int64), never a plausible number.
+gives NaN where the float64 rule does, never a plausible number.
 
 The module tree is transformers' PyTorch one, so the params and the ``buffers`` collection (the
 quantization state: activation ranges, integer weights, scales, LayerNorm shifts) have the spec's

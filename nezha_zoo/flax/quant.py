@@ -346,13 +346,16 @@ def _rule_as_int64(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The float64 rule's integers ``v`` (..., C) as int64, and its ``bad`` rows (..., 1) bool.
 
     int64 cannot hold what the rule gives in a bad row: NaN (a LayerNorm row of zero variance, a GELU
-    ``0 * inf`` under scales whose constants overflow float32), an infinity or a value beyond int64
-    (which the next requantization turns into a clamped value, or NaN when its ratio of scales is 0).
-    Such a row is ``bad`` (its integers 0 here) and the model poisons it (NaN, see
-    ``nezha_zoo.flax.ibert``) rather than carry a plausible number.
+    ``0 * inf`` under scales whose constants overflow float32) or an infinity (which the next
+    requantization turns into NaN when its ratio of scales is 0, as after such a GELU).  Such a row is
+    ``bad`` (its integers 0 here) and the model poisons it (NaN, see ``nezha_zoo.flax.ibert``) rather
+    than carry a plausible number.  Finite values beyond int64 (an uncalibrated GELU) saturate at
+    +-2**63: the next requantization clamps them as it clamps the rule's values (its ratio of scales
+    is far above 2**-56).
     """
-    bad = jnp.any(~(jnp.abs(v) < 2.0**63), axis=-1, keepdims=True)  # NaN compares False
-    return jnp.where(bad, 0.0, v).astype(jnp.int64), bad
+    bad = jnp.any(~jnp.isfinite(v), axis=-1, keepdims=True)
+    v = jnp.clip(jnp.where(bad, 0.0, v), -(2.0**63), 2.0**63 - 1024)  # the largest float64 below 2**63
+    return v.astype(jnp.int64), bad
 
 
 def _no_bad_rows(q: jax.Array) -> jax.Array:
@@ -581,7 +584,7 @@ class IntGELU(nn.Module):
 
     Call: ``(x (..., C), s)`` -> ``(q_out * s_out as float64, s_out)`` or ``(gelu(x) float32, None)``;
     an integer-dtype ``x`` (:func:`integer_of`) gives the int64 ``q_out``; ``with_bad_rows=True``
-    appends ``bad`` (..., 1) bool, the rows where the float64 rule gives NaN or values beyond int64 (None unless
+    appends ``bad`` (..., 1) bool, the rows where the float64 rule gives NaN or an infinity (None unless
     ``x`` is integer-dtype in quant mode), as :class:`IntLayerNorm`.
     """
 
@@ -756,7 +759,7 @@ class IntLayerNorm(nn.Module):
     Call: ``(x (B, L, n), s (1,))``, ``deterministic`` -> ``(q_out * s_out as float64, s_out (n,))`` or
     ``(layer_norm(x), None)``; an integer-dtype ``x`` (:func:`integer_of`) gives the int64 ``q_out``.
     ``with_bad_rows=True`` appends ``bad`` (B, L, 1) bool, the rows where the float64 rule gives NaN
-    (a zero variance) or values beyond int64, which ``q_out`` cannot hold (:func:`_rule_as_int64`); None unless
+    (a zero variance) or an infinity, which ``q_out`` cannot hold (:func:`_rule_as_int64`); None unless
     ``x`` is integer-dtype in quant mode (float values carry their NaN).
     """
 

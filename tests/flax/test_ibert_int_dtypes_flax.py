@@ -267,10 +267,14 @@ def test_gelu_nan_rows_are_bad():
     nan_rows = np.isnan(y_f64).any(axis=-1, keepdims=True)
     assert nan_rows.all() and np.array_equal(np.isnan(_np(y_pt)).any(axis=-1, keepdims=True), nan_rows)
     assert bad.dtype == np.bool_ and np.array_equal(bad, nan_rows)
-    # and none where the rule is finite (here past 2**53, so the float64 branch runs)
-    wide = np.array([[2**45 + 1, -(2**45) - 3]], np.int64)
-    _, _, bad = _both_ways(lambda: gelu(jnp.asarray(wide), s[:2], with_bad_rows=True))
-    assert not bad.any()
+    # none where the rule is finite: past 2**53 (the float64 branch runs), and past int64 (an
+    # uncalibrated model's GELU), which saturates: the next requantization clamps it alike
+    wide = np.array([[2**45 + 1, -(2**45) - 3], [2**52, 3]], np.int64)
+    q_out, _, bad = _both_ways(lambda: gelu(jnp.asarray(wide), s[:2], with_bad_rows=True))
+    y_f64, s_out = _both_ways(lambda: gelu(wide.astype(np.float64) * s[:2].astype(np.float64), s[:2]))
+    rule = y_f64 / s_out.astype(np.float64)  # the rule's integers
+    assert not bad.any() and np.isfinite(rule).all() and abs(rule[1, 0]) >= 2.0**63
+    assert abs(int(q_out[1, 0])) >= 2**63 - 1024 and np.sign(q_out[1, 0]) == np.sign(rule[1, 0])
 
 
 def test_model_poisons_the_rows_the_float64_rule_makes_nan(tmp_path):
