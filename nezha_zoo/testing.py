@@ -25,6 +25,7 @@ __all__ = [
     "foreign_destination_lock",
     "assert_save_pretrained_takes_the_lock",
     "random_checkpoints",
+    "ibert_layer_norm_rows",
 ]
 
 #: SPEC.md §5: hidden states 1e-5; logits and losses 1e-4 (float32, eval mode).
@@ -223,3 +224,21 @@ def random_checkpoints(
         return paths[key]
 
     return get
+
+
+def ibert_layer_norm_rows(n: int, rows: int, seed: int = 0) -> np.ndarray:
+    """int32 (1, rows, n) inputs of I-BERT's integer LayerNorm at its rule's edges (22-bit integers).
+
+    Row 0: small values whose sum / n is -0.5 (a tie of the mean's round-half-even); 1: the 22-bit
+    extremes, a tie again; 2: all negative (floor on negatives: right shifts); 3: one outlier (the
+    smallest non-zero variance); 4: odd values (odd ``y * factor`` before ``floor(/ 2)``); rows 5+
+    random.  Shaped (B, L, n) as transformers' kernel wants; ``rows >= 5``, ``n`` even.
+    """
+    q = np.random.default_rng(seed).integers(-(2**21), 2**21, (rows, n)).astype(np.int32)
+    q[0] = np.arange(n) - n // 2
+    q[1] = [2**21 - 1] * (n // 2) + [-(2**21)] * (n // 2)
+    q[2] = -np.abs(q[2])
+    q[3, :] = 5
+    q[3, 0] = 6 + n
+    q[4] = (q[4] // 2) * 2 + 1
+    return q[None]

@@ -7,8 +7,14 @@ activations 8, weights 8, biases 32, LayerNorm input 22 and output 32 bits); ``c
 keeps GELU, softmax, LayerNorm or all three (``"nonlinear"``) in float.  Between modules a tensor is a
 pair ``(x, s)`` with ``x = q * s`` (``s`` None in float mode), as in transformers.
 
-The quant-mode forward of the base module runs inside :func:`nezha_zoo.flax.quant.x64_scope` (float64
-for the wide intermediate integers only; see that module); its outputs are float32.
+The quant-mode forward of the base module runs inside :func:`nezha_zoo.flax.quant.x64_scope` (int64 for
+the wide intermediate integers, float64 only where the rules define it; see that module); between the
+kernels the quantized tensors are their integer-dtype integers (``quant.integer_of``), dequantized for
+the outputs, which are float32.  Integers cannot hold the NaN that the float64 rule gives in some rows
+(a LayerNorm row of zero variance, a GELU under overflowing scales): the kernels report those rows
+(``with_bad_rows``), the model ORs them along (a bad row reaches its whole sequence through the next
+attention, as NaN does) and poisons them in the outputs (hidden states, attentions), so such an input
+gives NaN where the float64 rule does, never a plausible number.
 
 The module tree is transformers' PyTorch one, so the params and the ``buffers`` collection (the
 quantization state: activation ranges, integer weights, scales, LayerNorm shifts) have the spec's
@@ -66,6 +72,9 @@ from nezha_zoo.flax.quant import (
     QuantEmbedding,
     QuantLinear,
     exact_div,
+    float_values,
+    integer_of,
+    standalone_dot,
     x64_scope,
 )
 from nezha_zoo.outputs import BaseModelOutputWithPoolingAndCrossAttentions, MaskedLMOutput, SequenceClassifierOutput
@@ -119,10 +128,32 @@ def _layer_norm(config: Any, name: str = "LayerNorm") -> IntLayerNorm:
     )
 
 
+def _dropout(rate: float, x: jax.Array, scale: jax.Array | None, deterministic: bool) -> jax.Array:
+    """``Dropout(rate)`` of the float values of ``x`` (integers stay integers when it is the identity)."""
+    if deterministic or rate == 0.0:
+        return x
+    return Dropout(rate)(float_values(x, scale), deterministic=deterministic)
+
+
+def _integers8(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """The 8-bit integers of an activation: ``x`` itself in quant mode's integer form, else ``round(x / s)``."""
+    return x if integer_of(x) is not None else jnp.round(x / scale)
+
+
+def _either(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    """``a | b`` of two ``bad`` row masks (broadcasting), either of which may be None (no bad rows)."""
+    return b if a is None else a if b is None else a | b
+
+
+def _poison(x: jax.Array, bad: jax.Array | None) -> jax.Array:
+    """NaN in the rows of float ``x`` flagged in ``bad`` (broadcastable bool), as the float64 rule gives."""
+    return x if bad is None else jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x)
+
+
 def _int_bmm(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a @ b^T`` per (batch, head) of 8-bit integers: (B, h, Lq, d) x (B, h, Lk, d) -> int32 (B, h, Lq, Lk)."""
     dims = (((3,), (3,)), ((0, 1), (0, 1)))
-    return jax.lax.dot_general(a.astype(jnp.int8), b.astype(jnp.int8), dims, preferred_element_type=jnp.int32)
+    return standalone_dot(a.astype(jnp.int8), b.astype(jnp.int8), dims, jnp.int32)
 
 
 class FlaxIBertEmbeddings(nn.Module):
@@ -139,8 +170,10 @@ class FlaxIBertEmbeddings(nn.Module):
         c = self.config
         H, q, std = c.hidden_size, c.quant_mode, c.initializer_range
 
-        def table(rows: int, pad: int | None, name: str) -> QuantEmbedding:
-            return QuantEmbedding(rows, H, pad, std, EMBEDDING_BIT, q, name=name)
+        def table(rows: int, pad: int | None, name: str):
+            module = QuantEmbedding(rows, H, pad, std, EMBEDDING_BIT, q, name=name)
+            # quant mode: the int8 integers travel to the next kernels (see ``quant.integer_of``)
+            return lambda ids, deterministic: module(ids, deterministic, integer_output=True)
 
         words_table = table(c.vocab_size, c.pad_token_id, "word_embeddings")
         types_table = table(c.type_vocab_size, None, "token_type_embeddings")
@@ -154,9 +187,9 @@ class FlaxIBertEmbeddings(nn.Module):
         x, s = act1(words, words_scale, types, types_scale, deterministic)
         positions, positions_scale = positions_table(position_ids, deterministic)
         x, s = act1(x, s, positions, positions_scale, deterministic)
-        x, s = _layer_norm(c)(x, s, deterministic)
-        x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
-        return _act(c, "output_activation")(x, s, deterministic=deterministic)
+        x, s, bad = _layer_norm(c)(x, s, deterministic, with_bad_rows=True)
+        x = _dropout(c.hidden_dropout_prob, x, s, deterministic)
+        return (*_act(c, "output_activation")(x, s, deterministic=deterministic), bad)
 
 
 class FlaxIBertSelfAttention(nn.Module):
@@ -175,7 +208,7 @@ class FlaxIBertSelfAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden, scale, mask, head_mask=None, deterministic: bool = True):
+    def __call__(self, hidden, scale, mask, head_mask=None, deterministic: bool = True, bad=None):
         c = self.config
         H, h = c.hidden_size, c.num_attention_heads
         d = H // h
@@ -187,31 +220,45 @@ class FlaxIBertSelfAttention(nn.Module):
             return y.reshape(B, L, h, d).transpose(0, 2, 1, 3), s  # (B, L, H) -> (B, h, L, d)
 
         (q, s_q), (k, s_k), (v, s_v) = project("query"), project("key"), project("value")
+        if bad is not None:
+            # a row that is NaN in the float64 rule NaNs every score of its sequence (its key),
+            # hence the whole attention of that sequence
+            bad = jnp.broadcast_to(jnp.any(bad, axis=1, keepdims=True), bad.shape)
         root = math.sqrt(d)
         softmax = IntSoftmax(ACT_BIT, quant_mode=c.quant_mode, force_dequant=c.force_dequant, name="softmax")
         if softmax.active:
+            # q, k are the int8 integers of their activations; the mask is added in the softmax
             s_scores = exact_div(s_q * s_k, jnp.float32(root))
-            scores = _int_bmm(jnp.round(q / s_q), jnp.round(k / s_k)).astype(jnp.float64)
-            scores = scores + mask.astype(jnp.float64) / s_scores.astype(jnp.float64)
-            prob_int, s_p = softmax.forward_int(scores, s_scores, deterministic)
+            scores = _int_bmm(_integers8(q, s_q), _integers8(k, s_k))
+            prob_int, s_p = softmax.forward_int(scores, s_scores, deterministic, mask=mask)
             probs = prob_int * s_p
+            # the rule's zero-sum softmax row is NaN (integer contexts cannot say so): its query row
+            bad = _either(bad, jnp.any(jnp.isnan(prob_int[..., :1]), axis=1))  # (B, L, 1)
         else:
+            q, k = float_values(q, s_q), float_values(k, s_k)
             scores = jnp.matmul(q, k.transpose(0, 1, 3, 2)) / root + mask
             probs, s_p = softmax(scores, deterministic)
+        probs = _poison(probs, None if bad is None else bad[:, None])  # (B, 1, L, 1): query rows
         probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         if head_mask is not None:
             probs = probs * head_mask
         if s_p is not None and s_v is not None:
-            # integer probabilities (<= 256) times 8-bit values: exact in float32
             ctx_scale = s_p * s_v
-            context = jnp.matmul(probs / s_p, jnp.round(v / s_v)) * ctx_scale
+            if head_mask is None and (deterministic or c.attention_probs_dropout_prob == 0.0):
+                # integer probabilities (<= 256, summing to <= 2**8) times 8-bit values: exact in
+                # float32, |context| <= 2**15: int32 integers
+                dims = (((3,), (2,)), ((0, 1), (0, 1)))
+                v_int = _integers8(v, s_v).astype(jnp.float32)
+                context = standalone_dot(prob_int, v_int, dims, jnp.float32).astype(jnp.int32)
+            else:
+                context = jnp.matmul(probs / s_p, _integers8(v, s_v).astype(jnp.float32)) * ctx_scale
         else:
             ctx_scale = None
-            context = jnp.matmul(probs, v)
+            context = jnp.matmul(probs, float_values(v, s_v))
         B, _, L, _ = context.shape
         context = context.transpose(0, 2, 1, 3).reshape(B, L, H)  # (B, h, L, d) -> (B, L, H)
         out = _act(c, "output_activation")(context, ctx_scale, deterministic=deterministic)
-        return out, probs
+        return (*out, bad), probs
 
 
 class FlaxIBertResidualOutput(nn.Module):
@@ -225,13 +272,13 @@ class FlaxIBertResidualOutput(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, scale, residual, residual_scale, deterministic: bool = True):
+    def __call__(self, x, scale, residual, residual_scale, deterministic: bool = True, bad=None):
         c = self.config
         x, scale = _linear(c, self.in_dim, c.hidden_size, "dense", self.dtype)(x, scale, deterministic)
-        x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = _dropout(c.hidden_dropout_prob, x, scale, deterministic)
         x, scale = _act(c, "ln_input_act", LN_INPUT_BIT)(x, scale, residual, residual_scale, deterministic)
-        x, scale = _layer_norm(c)(x, scale, deterministic)
-        return _act(c, "output_activation")(x, scale, deterministic=deterministic)
+        x, scale, ln_bad = _layer_norm(c)(x, scale, deterministic, with_bad_rows=True)
+        return (*_act(c, "output_activation")(x, scale, deterministic=deterministic), _either(bad, ln_bad))
 
 
 class FlaxIBertAttention(nn.Module):
@@ -241,12 +288,12 @@ class FlaxIBertAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden, scale, mask, head_mask=None, deterministic: bool = True):
-        (context, context_scale), probs = FlaxIBertSelfAttention(self.config, self.dtype, name="self")(
-            hidden, scale, mask, head_mask, deterministic
+    def __call__(self, hidden, scale, mask, head_mask=None, deterministic: bool = True, bad=None):
+        (context, context_scale, ctx_bad), probs = FlaxIBertSelfAttention(self.config, self.dtype, name="self")(
+            hidden, scale, mask, head_mask, deterministic, bad
         )
         output = FlaxIBertResidualOutput(self.config, self.config.hidden_size, self.dtype, name="output")
-        return output(context, context_scale, hidden, scale, deterministic), probs
+        return output(context, context_scale, hidden, scale, deterministic, ctx_bad), probs
 
 
 class FlaxIBertIntermediate(nn.Module):
@@ -256,11 +303,13 @@ class FlaxIBertIntermediate(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, scale, deterministic: bool = True):
+    def __call__(self, x, scale, deterministic: bool = True, bad=None):
         c = self.config
         x, scale = _linear(c, c.hidden_size, c.intermediate_size, "dense", self.dtype)(x, scale, deterministic)
-        x, scale = IntGELU(quant_mode=c.quant_mode, force_dequant=c.force_dequant)(x, scale)
-        return _act(c, "output_activation")(x, scale, deterministic=deterministic)
+        x, scale, gelu_bad = IntGELU(quant_mode=c.quant_mode, force_dequant=c.force_dequant)(
+            x, scale, with_bad_rows=True
+        )
+        return (*_act(c, "output_activation")(x, scale, deterministic=deterministic), _either(bad, gelu_bad))
 
 
 class FlaxIBertLayer(nn.Module):
@@ -274,23 +323,25 @@ class FlaxIBertLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden, scale, mask, head_mask=None, deterministic: bool = True):
+    def __call__(self, hidden, scale, mask, head_mask=None, deterministic: bool = True, bad=None):
         c = self.config
-        (attn, attn_scale), probs = FlaxIBertAttention(c, self.dtype, name="attention")(
-            hidden, scale, mask, head_mask, deterministic
+        (attn, attn_scale, bad), probs = FlaxIBertAttention(c, self.dtype, name="attention")(
+            hidden, scale, mask, head_mask, deterministic, bad
         )
         attn, attn_scale = _act(c, "pre_intermediate_act")(attn, attn_scale, deterministic=deterministic)
-        inter, inter_scale = FlaxIBertIntermediate(c, self.dtype, name="intermediate")(attn, attn_scale, deterministic)
+        inter, inter_scale, bad = FlaxIBertIntermediate(c, self.dtype, name="intermediate")(
+            attn, attn_scale, deterministic, bad
+        )
         inter, inter_scale = _act(c, "pre_output_act")(inter, inter_scale, deterministic=deterministic)
         output = FlaxIBertResidualOutput(c, c.intermediate_size, self.dtype, name="output")
-        return output(inter, inter_scale, attn, attn_scale, deterministic), probs
+        return output(inter, inter_scale, attn, attn_scale, deterministic, bad), probs
 
 
 class FlaxIBertLayerCollection(nn.Module):
     """``layer``: ``num_hidden_layers`` :class:`FlaxIBertLayer` named ``"0"``, ``"1"``...
 
-    Call: ``(hidden, s)``, mask, ``head_mask`` (layers, heads) or None -> ``(hidden, all_hidden,
-    all_attentions)`` (tuples or None by the output flags).
+    Call: ``(hidden, s)``, mask, ``head_mask`` (layers, heads) or None -> ``((hidden, s), all_hidden,
+    all_attentions)`` (tuples or None by the output flags; ``hidden`` holds quant mode's integers).
     """
 
     config: Any
@@ -298,7 +349,9 @@ class FlaxIBertLayerCollection(nn.Module):
     gradient_checkpointing: bool = False
 
     @nn.compact
-    def __call__(self, hidden, scale, mask, head_mask, deterministic, output_attentions, output_hidden_states):
+    def __call__(
+        self, hidden, scale, mask, head_mask, deterministic, output_attentions, output_hidden_states, bad=None
+    ):
         c = self.config
         # deterministic is a Python bool: static under remat (argument 5, self being 0)
         layer_cls = nn.remat(FlaxIBertLayer, static_argnums=(5,)) if self.gradient_checkpointing else FlaxIBertLayer
@@ -306,16 +359,16 @@ class FlaxIBertLayerCollection(nn.Module):
         all_attn = () if output_attentions else None
         for i in range(c.num_hidden_layers):
             if output_hidden_states:
-                all_hidden += (hidden.astype(jnp.float32),)
+                all_hidden += (_poison(float_values(hidden, scale).astype(jnp.float32), bad),)
             layer_mask = None if head_mask is None else head_mask[i][None, :, None, None]  # (1, h, 1, 1)
-            (hidden, scale), probs = layer_cls(c, self.dtype, name=str(i))(
-                hidden, scale, mask, layer_mask, deterministic
+            (hidden, scale, bad), probs = layer_cls(c, self.dtype, name=str(i))(
+                hidden, scale, mask, layer_mask, deterministic, bad
             )
             if output_attentions:
                 all_attn += (probs.astype(jnp.float32),)
         if output_hidden_states:
-            all_hidden += (hidden.astype(jnp.float32),)
-        return hidden, all_hidden, all_attn
+            all_hidden += (_poison(float_values(hidden, scale).astype(jnp.float32), bad),)
+        return (hidden, scale, bad), all_hidden, all_attn
 
 
 class FlaxIBertEncoder(nn.Module):
@@ -326,9 +379,11 @@ class FlaxIBertEncoder(nn.Module):
     gradient_checkpointing: bool = False
 
     @nn.compact
-    def __call__(self, hidden, scale, mask, head_mask, deterministic, output_attentions, output_hidden_states):
+    def __call__(
+        self, hidden, scale, mask, head_mask, deterministic, output_attentions, output_hidden_states, bad=None
+    ):
         layers = FlaxIBertLayerCollection(self.config, self.dtype, self.gradient_checkpointing, name="layer")
-        return layers(hidden, scale, mask, head_mask, deterministic, output_attentions, output_hidden_states)
+        return layers(hidden, scale, mask, head_mask, deterministic, output_attentions, output_hidden_states, bad)
 
 
 _MODULE_DOC = """
@@ -405,13 +460,14 @@ class FlaxIBertModule(nn.Module):
                 head_mask = jnp.broadcast_to(head_mask, (c.num_hidden_layers, head_mask.shape[0]))
         # quant mode: float64 for the wide intermediate integers, inside this scope only
         with x64_scope() if c.quant_mode else contextlib.nullcontext():
-            h, s = FlaxIBertEmbeddings(c, name="embeddings")(
+            h, s, bad = FlaxIBertEmbeddings(c, name="embeddings")(
                 input_ids, token_type_ids, position_ids, inputs_embeds, deterministic
             )
-            h, all_hidden, all_attn = FlaxIBertEncoder(c, self.dtype, self.gradient_checkpointing, name="encoder")(
-                h, s, mask, head_mask, deterministic, output_attentions, output_hidden_states
-            )
-            h = h.astype(jnp.float32)
+            (h, s, bad), all_hidden, all_attn = FlaxIBertEncoder(
+                c, self.dtype, self.gradient_checkpointing, name="encoder"
+            )(h, s, mask, head_mask, deterministic, output_attentions, output_hidden_states, bad)
+            # rows where the float64 rule gives NaN, which the integers cannot hold (quant.IntLayerNorm)
+            h = _poison(float_values(h, s).astype(jnp.float32), bad)
         pooled = BertPooler(c, dtype=self.dtype, name="pooler")(h) if self.add_pooling_layer else None
         return finish_output(
             BaseModelOutputWithPoolingAndCrossAttentions,

@@ -21,7 +21,7 @@ import nezha_zoo.pt as zoo
 from benchmarks.ibert_quant import SMOKE
 from nezha_zoo import IBertConfig
 from nezha_zoo.pt import quant
-from nezha_zoo.testing import pin_precision
+from nezha_zoo.testing import ibert_layer_norm_rows, pin_precision
 
 pytestmark = [pytest.mark.pt, pytest.mark.hf]
 
@@ -121,14 +121,7 @@ def test_int_layer_norm_boundaries(shift):
     hn.load_state_dict(zn.state_dict())
     hn.eval()
     s = torch.tensor([3e-6])
-    q = torch.randint(-(2**21), 2**21, (6, n), dtype=torch.int32)
-    q[0] = torch.arange(n) - n // 2  # small row: sum / n = -0.5, a tie of the mean's round-half-even
-    q[1] = torch.tensor([2**21 - 1] * (n // 2) + [-(2**21)] * (n // 2))  # extremes, mean tie again
-    q[2] = -q[2].abs()  # all negative: floor on negatives (right shifts)
-    q[3, :] = 5
-    q[3, 0] = 6 + n  # one outlier: the smallest non-zero variance
-    q[4] = (q[4] // 2) * 2 + 1  # odd values: odd y * factor before floor(/ 2)
-    q = q[None]  # (1, 6, n): transformers' kernel wants (B, L, n)
+    q = torch.from_numpy(ibert_layer_norm_rows(n, 6, seed=shift))  # (1, 6, n): the rule's edges
     y_int, y_f64, _ = _both(zn, _carrying(q, s), s)
     assert y_int._nz_int[0].dtype == torch.int64
     assert torch.equal(y_int, y_f64)
