@@ -340,6 +340,15 @@ def _integer_or_recover(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return to_integer(x, scale) if q is None else q
 
 
+def _has_integers(x: torch.Tensor | None, scale: torch.Tensor | None) -> bool:
+    """Whether ``x`` (None counts) has an integer form: attached integers, or only finite values.
+
+    A float64 rule can give NaN or an infinity (a LayerNorm row of zero variance); an integer dtype
+    cannot hold it, so such a tensor must take the float path, which carries it on as transformers does.
+    """
+    return x is None or integer_of(x, scale) is not None or bool(torch.isfinite(x).all())
+
+
 class _Requant(torch.autograd.Function):
     """Forward: :func:`fixed_point_requantize` of dequantized inputs; backward ``grad / s_out`` (transformers)."""
 
@@ -391,7 +400,7 @@ def as_int8(x: torch.Tensor) -> torch.Tensor | None:
     if x.numel() == 0:
         return None
     lo, hi = torch.aminmax(x)
-    if float(lo) < INT8_MIN or float(hi) > INT8_MAX:
+    if not (float(lo) >= INT8_MIN and float(hi) <= INT8_MAX):  # NaN fails too: int8 cannot hold it
         return None
     return x.to(torch.int8)
 
@@ -560,7 +569,12 @@ class QuantAct(nn.Module):
             self.act_scaling_factor.copy_(scale)
         if pre_act_scaling_factor is None:
             q = symmetric_quantize(x_act.float(), self.activation_bit, scale)
-        elif _inference(x, identity) and self.activation_bit <= 32:
+        elif (
+            _inference(x, identity)
+            and self.activation_bit <= 32
+            and _has_integers(x, pre_act_scaling_factor)
+            and _has_integers(identity, identity_scaling_factor)
+        ):
             # integer dtypes end to end (same integers as _Requant's float64 path)
             q_id = None if identity is None else _integer_or_recover(identity, identity_scaling_factor)
             q = requantize_int(
@@ -696,8 +710,10 @@ class QuantLinear(nn.Module):
             acc = integer_matmul(x_int, w_int_t)  # (..., out) float64, exact
             if b_int is not None:
                 acc = acc + b_int.double()
-            if not differentiable:
-                acc = acc.to(torch.int64)  # exact: |acc| <= K * 2**14 + 2**31
+            # exact: |acc| <= K * 2**14 + 2**31; a NaN/inf input row (a float64 rule upstream can give
+            # one) has no int64 form and stays float64, carried on as transformers carries it
+            if not differentiable and bool(torch.isfinite(acc).all()):
+                acc = acc.to(torch.int64)
         return _attach(_dequantize(acc, out_scale.double()), acc, out_scale), out_scale
 
 
@@ -849,6 +865,8 @@ class IntSoftmax(nn.Module):
         size = int(-self.const * x0) + 1
         if size >= max(q.numel(), EXP_TABLE_SIZE):
             return None
+        if q.is_floating_point() and not bool(torch.isfinite(q).all()):
+            return None  # a NaN score (from a NaN row upstream) has no table index; the rule carries it
         act = self.act
         key = (float(scale), float(act.x_min), float(act.x_max), act.training, q.device)
         if self._table is not None and self._table[0] == key:

@@ -302,10 +302,12 @@ def test_model_poisons_the_rows_the_float64_rule_makes_nan(tmp_path):
     jitted = jax.jit(lambda i, m: model(i, m, **kw))(ids, mask)
     alone = model(ids[1:], mask[1:], **kw)
     model.save_pretrained(str(tmp_path))
-    # the float64 rule end to end: our PyTorch with autograd on (its float path; the no-grad integer
-    # path casts the NaN away as this one did) and transformers (float32 emulation)
-    refs = [m.from_pretrained(str(tmp_path)).eval() for m in (IBertModel, transformers.IBertModel)]
-    refs = [m(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kw) for m in refs]
+    # the float64 rule end to end: our PyTorch with autograd on (its float path) and without (its
+    # integer path, which hands such a tensor to the float path) and transformers (float32 emulation)
+    refs = [m.from_pretrained(str(tmp_path)).eval() for m in (IBertModel, IBertModel, transformers.IBertModel)]
+    with torch.no_grad():
+        no_grad = refs[1](torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kw)
+    refs = [m(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kw) for m in refs[::2]] + [no_grad]
     for field in ("last_hidden_state", "hidden_states", "attentions"):
         # batch axis first: (B, ...) of the stacked layer tuples
         mine, theirs, one = (
