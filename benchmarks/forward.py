@@ -5,7 +5,8 @@
 
 * ours: PyTorch eager (``pt``), eager with the opt-in packed weights (``pt-packed``,
   :func:`nezha_zoo.pt.set_packed_linear`) and ``torch.compile`` (``pt-compile``), TensorFlow under
-  ``tf.function`` without and with XLA (``tf``, ``tf-xla``), Flax under ``jax.jit`` (``flax``);
+  ``tf.function`` without and with XLA (``tf``, ``tf-xla``), Flax under
+  :func:`nezha_zoo.flax.inference_jit` (``jax.jit`` with our XLA CPU options; ``flax``);
 * transformers 4.57.6 for the same framework where it has the class: ``hf-pt`` (all six families),
   ``hf-tf`` / ``hf-tf-xla`` (Electra, MPNet; under tf-keras, which coexists with our Keras 3) and
   ``hf-flax`` (Electra).
@@ -227,7 +228,10 @@ def _make_runner(
 
         module.logging.set_verbosity_error()
         model = getattr(module, name).from_pretrained(path, from_pt=True)
-    fn = jax.jit(lambda params, ids, mask: model(ids, attention_mask=mask, params=params)[0])
+    # ours: the documented helper for a user's own jitted forward (our XLA CPU options for float32
+    # inference, nezha_zoo.flax.inference_jit); transformers: plain jax.jit, as its users write it
+    jit = module.inference_jit if impl == "ours" else jax.jit
+    fn = jit(lambda params, ids, mask: model(ids, attention_mask=mask, params=params)[0])
     params = model.params
     return (lambda ids, mask: fn(params, ids, mask)), (lambda out: out.block_until_ready())
 

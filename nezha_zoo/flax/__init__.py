@@ -12,6 +12,7 @@ and ``.config`` that loads and saves transformers-layout checkpoints.  Losses ar
 from nezha_zoo.flax import auto, electra, ibert, losses, mpnet, mpt, nezha, xlm_roberta_xl  # noqa: F401
 from nezha_zoo.flax.auto import *  # noqa: F403  (the Auto classes, listed in auto.__all__)
 from nezha_zoo.flax.heads import mean_pool
+from nezha_zoo.flax.layers import inference_jit
 from nezha_zoo.flax.modeling_utils import FlaxPreTrainedModel, checked
 from nezha_zoo.packing import packed_linear, set_packed_linear
 from nezha_zoo.spec.registry import model_classes
@@ -23,4 +24,4 @@ globals().update(_CLASSES)
 globals().update(_MODULES)
 
 __all__ = ["FlaxPreTrainedModel", *_CLASSES, *auto.__all__, *_MODULES, "mean_pool", "losses", "checked"]
-__all__ += ["set_packed_linear", "packed_linear"]
+__all__ += ["set_packed_linear", "packed_linear", "inference_jit"]

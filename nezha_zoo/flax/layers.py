@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from nezha_zoo.hardware import CpuFeatures, cpu_features
 from nezha_zoo.packing import PACK_BLOCK, PACKED_MAX_ROWS
 from nezha_zoo.spec.blocks import BertLayerNames, cross_attention_names
 
@@ -46,6 +47,9 @@ __all__ = [
     "pack_kernel",
     "PACKED_COMPILER_OPTIONS",
     "packed_compiler_options",
+    "DENSE_COMPILER_OPTIONS",
+    "dense_compiler_options",
+    "inference_jit",
     "Dense",
     "dense",
     "layer_norm",
@@ -174,6 +178,59 @@ def packed_compiler_options() -> dict[str, str]:
     except (RuntimeError, ValueError, TypeError):
         return {}
     return dict(PACKED_COMPILER_OPTIONS)
+
+
+#: XLA options for a float32 inference program on CPU whose products have many rows (the wrapper's
+#: compiled forward above ``PACKED_MAX_ROWS`` rows, and :func:`inference_jit`).  This jaxlib hands each
+#: dot, with the elementwise ops around it, to a YNNPACK fusion by default; with no YNNPACK fusion
+#: types XLA runs its own (Eigen) dots and loop fusions, which on an AVX-512 core is faster for the
+#: forward products ((1024, K) x (K, N), one thread: 5-10%; Electra-base width forward 1.10-1.12x at
+#: 8x128 and 1x512) but not for the backward ``dY @ W.T`` products (3-5% slower), so a training step
+#: gains nothing (0.98-0.99x) and keeps XLA's defaults.
+DENSE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def dense_compiler_options(features: CpuFeatures | None = None) -> dict[str, str]:
+    """:data:`DENSE_COMPILER_OPTIONS` where they were measured to win, else ``{}`` (XLA's defaults).
+
+    They apply on JAX's CPU backend, on a CPU with AVX-512 (``features``, default
+    :func:`nezha_zoo.hardware.cpu_features`; elsewhere unmeasured, so left alone: the options only
+    choose which correct kernel runs a dot), and when this jaxlib's XLA accepts them (an
+    experimental option a later jaxlib may rename).
+
+    Args:
+        features (CpuFeatures | None): the CPU to decide for; ``None`` reads this machine's.
+    Returns:
+        dict[str, str]: ``compiler_options`` for ``jax.jit``.
+    """
+    features = cpu_features() if features is None else features
+    if jax.default_backend() != "cpu" or not features.avx512f:
+        return {}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=DENSE_COMPILER_OPTIONS)(jnp.zeros((), jnp.float32))
+    except (RuntimeError, ValueError, TypeError):
+        return {}
+    return dict(DENSE_COMPILER_OPTIONS)
+
+
+def inference_jit(fun: Callable, **jit_kwargs: Any) -> Callable:
+    """``jax.jit(fun, **jit_kwargs)`` compiled with :func:`dense_compiler_options` (user options win).
+
+    For a user's own jitted float32 forward, e.g.
+    ``inference_jit(lambda params, ids: model(ids, params=params).last_hidden_state)``: the options the
+    wrapper's own compiled forward uses (:meth:`FlaxPreTrainedModel.__call__`), which a plain
+    ``jax.jit`` does not get.  Not for training steps (no gain measured: use ``jax.jit``) nor
+    bfloat16 / integer programs (measured on float32 products only).
+
+    Args:
+        fun (Callable): the function to compile, as for ``jax.jit``.
+        **jit_kwargs: ``jax.jit`` arguments (``static_argnums``, ``donate_argnums``, ``compiler_options``...).
+    Returns:
+        Callable: the jitted function.
+    """
+    options = {**dense_compiler_options(), **(jit_kwargs.pop("compiler_options", None) or {})}
+    return jax.jit(fun, compiler_options=options or None, **jit_kwargs)
 
 
 class Dense(nn.Dense):

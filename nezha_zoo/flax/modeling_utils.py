@@ -29,7 +29,14 @@ from jax.experimental import checkify
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.dtypes import canonical_dtype
 from nezha_zoo.flax.heads import qa_head, token_classifier
-from nezha_zoo.flax.layers import PACKED, dense, pack_kernel, packable, packed_compiler_options
+from nezha_zoo.flax.layers import (
+    PACKED,
+    dense,
+    dense_compiler_options,
+    pack_kernel,
+    packable,
+    packed_compiler_options,
+)
 from nezha_zoo.flax.lora import LoraMixin
 from nezha_zoo.inputs import accepts_encodings
 from nezha_zoo.io.plan import CHUNK_BYTES
@@ -771,7 +778,13 @@ class FlaxPreTrainedModel(LoraMixin):
                     self._jit_seen.popitem(last=False)
                 return apply(*args)
             # the closure holds ``module``: its id cannot be reused while the entry lives
-            compiled = jax.jit(apply, compiler_options=packed_compiler_options()) if packing else jax.jit(apply)
+            if packing:
+                options = packed_compiler_options()
+            elif self._float_inference(deterministic):  # XLA's own dots for many rows (dense_compiler_options)
+                options = dense_compiler_options()
+            else:
+                options = {}
+            compiled = jax.jit(apply, compiler_options=options or None)
             self._jit_compiled[key] = compiled
             while len(self._jit_compiled) > self.jit_cache_size:
                 self._jit_compiled.popitem(last=False)
@@ -780,6 +793,12 @@ class FlaxPreTrainedModel(LoraMixin):
         if packing:
             args = ({**variables, PACKED: self._packed_kernels(variables["params"])}, inputs, rngs)
         return compiled(*args)
+
+    def _float_inference(self, deterministic: bool) -> bool:
+        """Whether a compiled call is a float32 inference program (not training, bfloat16 or I-BERT's
+        integer-only mode): the programs :func:`~nezha_zoo.flax.layers.dense_compiler_options` was
+        measured on."""
+        return deterministic and self.dtype == jnp.float32 and not getattr(self.config, "quant_mode", False)
 
     def _packed_kernels(self, params: Mapping) -> dict:
         """The ``"packed"`` collection for ``params``: :func:`~nezha_zoo.flax.layers.pack_kernel` of every
