@@ -363,6 +363,21 @@ def _no_bad_rows(q: jax.Array) -> jax.Array:
     return jnp.zeros(q.shape[:-1] + (1,), bool)
 
 
+def _fl32_exact(v: jax.Array) -> jax.Array:
+    """The float32 rounding of float64 ``v`` with IEEE gradual underflow, as float64 (call inside :func:`x64_scope`).
+
+    XLA's CPU code runs with denormals flushed to zero, so a float32 scale below ``2**-126`` (the
+    softmax exponentials' ``0.358 * s**2 / 2**30`` of an uncalibrated model) is 0 there, while torch
+    keeps the subnormal; the integer rules divide by such scales.  Computed in float64 (exact for a
+    float32 product, and a float64 quotient rounded again to float32 is the correctly rounded float32
+    quotient: 53 >= 2 * 24 + 2), then rounded here: to float32's subnormal grid ``2**-149`` (half to
+    even, exact in float64) below ``2**-126``, by the float32 conversion above (infinities on overflow).
+    """
+    v = _f64(v)
+    subnormal = jnp.round(v * 2.0**149) * 2.0**-149
+    return jnp.where(jnp.abs(v) < 2.0**-126, subnormal, v.astype(jnp.float32).astype(jnp.float64))
+
+
 def _below(bound: jax.Array, limit: float) -> jax.Array:
     """Scalar predicate ``all(bound < limit)`` of a (float) bound, for :func:`jax.lax.cond`."""
     return jnp.all(bound < limit)
@@ -582,7 +597,8 @@ class IntGELU(nn.Module):
         quant_mode (bool): integer GELU; False, or ``force_dequant`` in ("gelu", "nonlinear"): exact erf GELU.
         force_dequant (str): config value.
 
-    Call: ``(x (..., C), s)`` -> ``(q_out * s_out as float64, s_out)`` or ``(gelu(x) float32, None)``;
+    Call: ``(x (..., C), s)`` -> ``(q_out * s_out as float64, s_out)`` (``s_out`` float32 values held in
+    float64, subnormals included: :func:`_fl32_exact`) or ``(gelu(x) float32, None)``;
     an integer-dtype ``x`` (:func:`integer_of`) gives the int64 ``q_out``; ``with_bad_rows=True``
     appends ``bad`` (..., 1) bool, the rows where the float64 rule gives NaN or an infinity (None unless
     ``x`` is integer-dtype in quant mode), as :class:`IntLayerNorm`.
@@ -623,7 +639,9 @@ class IntGELU(nn.Module):
             y = jnp.sign(qi) * (t * t + c_f.astype(jnp.int64))
             return qi * (jnp.right_shift(y, const) + one_f.astype(jnp.int64))
 
-        out_scale = scaling_factor * s_y / 2
+        # torch's float32 ``s * s_y / 2``, subnormal for tiny input scales (an uncalibrated layer whose
+        # weight row is ~1e-4): in float64 (_fl32_exact), as the softmax's exponential scale
+        out_scale = _fl32_exact(_fl32_exact(_f64(scaling_factor) * _f64(s_y)) / 2)
         if not integers:
             out = in_float64() * _f64(out_scale), out_scale  # the dequantized form: the float64 rule
             return (*out, None) if with_bad_rows else out
@@ -729,7 +747,10 @@ class IntSoftmax(nn.Module):
                 visible = masked == 0
                 exact = exact & jnp.all(visible | (masked <= -MASKED_SCORE)) & jnp.all(jnp.any(visible, axis=-1))
             e = _exact_or_rule(exact, in_integers, in_float64)
-        s_e = coef0 * scale**2 / 2**const  # float32
+        # torch's float32 ``coef0 * s**2 / 2**30``, subnormal for an uncalibrated model's scores: held
+        # in float64 (_fl32_exact), since XLA's CPU flushes float32 subnormals to zero
+        s64 = _f64(scale)
+        s_e = _fl32_exact(_fl32_exact(jnp.float32(coef0) * _fl32_exact(s64 * s64)) / 2.0**const)
         e16, _ = self.act(e, s_e, deterministic=deterministic, integer_output=True)  # int16
         total = jnp.sum(e16.astype(jnp.int64), axis=-1, keepdims=True)
         # floor(fl64(1 / total) * 2**32) == 2**32 // total (the float64 error is far below 1 / total)
