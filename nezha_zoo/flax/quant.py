@@ -88,6 +88,7 @@ __all__ = [
     "dequantize",
     "float_values",
     "exact_div",
+    "computed_once",
     "rdiv",
     "frexp_multiplier",
     "fixed_point_requantize",
@@ -132,6 +133,21 @@ def exact_div(a: Any, b: Any) -> jax.Array:
     """
     a, b = jnp.broadcast_arrays(jnp.asarray(a), jnp.asarray(b))
     return a / jax.lax.optimization_barrier(b)
+
+
+def computed_once(x: jax.Array) -> jax.Array:
+    """``x`` itself (a float per-tensor / per-channel / per-row array), evaluated in an XLA kernel of its own.
+
+    XLA's CPU fusion re-evaluates the cheap producers of a broadcast operand for every element of the
+    consumer (optimization barriers are gone by then): a per-channel dyadic multiplier (``frexp`` and
+    ``ldexp``, ~100 ops) or a kernel's scale-derived constants would cost their whole expression per
+    element of the activation (7x on a 128 x 3072 requantization).  A float division is an expensive op
+    to the fusion pass, never duplicated into a consumer that reuses its elements, so ``x / 1`` (the
+    ``1`` behind :func:`exact_div`'s barrier, not folded) ends the chain in its own kernel: exact for
+    every ``x``, infinities and NaN included.
+    """
+    x = jnp.asarray(x)
+    return exact_div(x, jnp.ones_like(x))
 
 
 def rdiv(c: float, t: jax.Array) -> jax.Array:
@@ -222,9 +238,10 @@ def frexp_multiplier(ratio: jax.Array, max_bit: int = 31) -> tuple[jax.Array, ja
 
 
 def _dyadic(scale: jax.Array, out_scale: jax.Array) -> jax.Array:
-    """``m * 2**-e`` (float64, exact: a 31-bit ``m`` times a power of two) of ``frexp_multiplier(s / s_out)``."""
+    """``m * 2**-e`` (float64, exact: a 31-bit ``m`` times a power of two) of ``frexp_multiplier(s / s_out)``,
+    :func:`computed_once` (it multiplies every element of a requantization)."""
     m, e = frexp_multiplier(exact_div(_f64(scale), _f64(out_scale)))
-    return jnp.ldexp(m, (-e).astype(jnp.int32))
+    return computed_once(jnp.ldexp(m, (-e).astype(jnp.int32)))
 
 
 def fixed_point_requantize(
@@ -361,6 +378,21 @@ def _rule_as_int64(v: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _no_bad_rows(q: jax.Array) -> jax.Array:
     """``bad`` (..., 1) all False for integers ``q`` (..., C) of an exact integer branch."""
     return jnp.zeros(q.shape[:-1] + (1,), bool)
+
+
+def _fl32_exact(v: jax.Array) -> jax.Array:
+    """The float32 rounding of float64 ``v`` with IEEE gradual underflow, as float64 (call inside :func:`x64_scope`).
+
+    XLA's CPU code runs with denormals flushed to zero, so a float32 scale below ``2**-126`` (the
+    softmax exponentials' ``0.358 * s**2 / 2**30`` of an uncalibrated model) is 0 there, while torch
+    keeps the subnormal; the integer rules divide by such scales.  Computed in float64 (exact for a
+    float32 product, and a float64 quotient rounded again to float32 is the correctly rounded float32
+    quotient: 53 >= 2 * 24 + 2), then rounded here: to float32's subnormal grid ``2**-149`` (half to
+    even, exact in float64) below ``2**-126``, by the float32 conversion above (infinities on overflow).
+    """
+    v = _f64(v)
+    subnormal = jnp.round(v * 2.0**149) * 2.0**-149
+    return jnp.where(jnp.abs(v) < 2.0**-126, subnormal, v.astype(jnp.float32).astype(jnp.float64))
 
 
 def _below(bound: jax.Array, limit: float) -> jax.Array:
@@ -554,7 +586,7 @@ class QuantLinear(nn.Module):
         w_scale = symmetric_scale(self.weight_bit, jnp.min(k, axis=0), jnp.max(k, axis=0))  # (out,)
         w_int_t = symmetric_quantize(k[None], self.weight_bit, w_scale)[0]  # (in, out) = W_int.T
         out_scale = w_scale * prev_act_scaling_factor  # (out,) float32
-        b_int = symmetric_quantize(bias, self.bias_bit, out_scale)
+        b_int = computed_once(symmetric_quantize(bias, self.bias_bit, out_scale))
         if not deterministic and self.is_mutable_collection(BUFFERS):
             w_int_buf.value, fc_scale.value, b_int_buf.value = w_int_t.T, w_scale, b_int
         x_int = integer_of(x)
@@ -582,7 +614,8 @@ class IntGELU(nn.Module):
         quant_mode (bool): integer GELU; False, or ``force_dequant`` in ("gelu", "nonlinear"): exact erf GELU.
         force_dequant (str): config value.
 
-    Call: ``(x (..., C), s)`` -> ``(q_out * s_out as float64, s_out)`` or ``(gelu(x) float32, None)``;
+    Call: ``(x (..., C), s)`` -> ``(q_out * s_out as float64, s_out)`` (``s_out`` float32 values held in
+    float64, subnormals included: :func:`_fl32_exact`) or ``(gelu(x) float32, None)``;
     an integer-dtype ``x`` (:func:`integer_of`) gives the int64 ``q_out``; ``with_bad_rows=True``
     appends ``bad`` (..., 1) bool, the rows where the float64 rule gives NaN or an infinity (None unless
     ``x`` is integer-dtype in quant mode), as :class:`IntLayerNorm`.
@@ -603,10 +636,11 @@ class IntGELU(nn.Module):
         integers = integer_of(x) is not None
         q = _integers(x, scaling_factor)
         s_e = exact_div(scaling_factor, jnp.float32(GELU_SQRT2))  # float32
-        b_f = jnp.floor(rdiv(b, s_e))  # float32 integers, <= 0
-        c_f = jnp.floor(rdiv(1.0 / a, s_e**2))
+        # per-channel constants, each computed once (not per element by XLA's fusion: computed_once)
+        b_f = computed_once(jnp.floor(rdiv(b, s_e)))  # float32 integers, <= 0
+        c_f = computed_once(jnp.floor(rdiv(1.0 / a, s_e**2)))
         s_y = s_e**2 * a * 2**const  # float32
-        one_f = jnp.floor_divide(jnp.float32(1.0), s_y)  # float32 floor division, as Python/torch
+        one_f = computed_once(jnp.floor_divide(jnp.float32(1.0), s_y))  # float32 floor division, as Python/torch
 
         def in_float64():
             b_int, c_int = _f64(b_f), _f64(c_f)
@@ -623,7 +657,9 @@ class IntGELU(nn.Module):
             y = jnp.sign(qi) * (t * t + c_f.astype(jnp.int64))
             return qi * (jnp.right_shift(y, const) + one_f.astype(jnp.int64))
 
-        out_scale = scaling_factor * s_y / 2
+        # torch's float32 ``s * s_y / 2``, subnormal for tiny input scales (an uncalibrated layer whose
+        # weight row is ~1e-4): in float64 (_fl32_exact), as the softmax's exponential scale
+        out_scale = _fl32_exact(_fl32_exact(_f64(scaling_factor) * _f64(s_y)) / 2)
         if not integers:
             out = in_float64() * _f64(out_scale), out_scale  # the dequantized form: the float64 rule
             return (*out, None) if with_bad_rows else out
@@ -683,9 +719,10 @@ class IntSoftmax(nn.Module):
         x0_c, const, max_bit = EXP_X0, EXP_SHIFT, MAX_BIT
         a, b, c = EXP_COEFFS
         coef0, coef1, coef2 = a, b / a, c / a
-        x0_f = jnp.floor(rdiv(x0_c, scale))  # float32 integers, < 0
-        b_f = jnp.floor(rdiv(coef1, scale))
-        c_f = jnp.floor(rdiv(coef2, scale**2))
+        # float32 integers (1,), < 0 for x0, each computed once (computed_once)
+        x0_f, b_f, c_f = (
+            computed_once(jnp.floor(rdiv(c, t))) for c, t in ((x0_c, scale), (coef1, scale), (coef2, scale**2))
+        )
 
         def in_float64():
             x = _f64(q)
@@ -729,7 +766,10 @@ class IntSoftmax(nn.Module):
                 visible = masked == 0
                 exact = exact & jnp.all(visible | (masked <= -MASKED_SCORE)) & jnp.all(jnp.any(visible, axis=-1))
             e = _exact_or_rule(exact, in_integers, in_float64)
-        s_e = coef0 * scale**2 / 2**const  # float32
+        # torch's float32 ``coef0 * s**2 / 2**30``, subnormal for an uncalibrated model's scores: held
+        # in float64 (_fl32_exact), since XLA's CPU flushes float32 subnormals to zero
+        s64 = _f64(scale)
+        s_e = _fl32_exact(_fl32_exact(jnp.float32(coef0) * _fl32_exact(s64 * s64)) / 2.0**const)
         e16, _ = self.act(e, s_e, deterministic=deterministic, integer_output=True)  # int16
         total = jnp.sum(e16.astype(jnp.int64), axis=-1, keepdims=True)
         # floor(fl64(1 / total) * 2**32) == 2**32 // total (the float64 error is far below 1 / total)
@@ -800,7 +840,7 @@ class IntLayerNorm(nn.Module):
         integers = integer_of(x) is not None
         q = _integers(x, scaling_factor)
         scale = jnp.sqrt(jnp.float32(n)) / jnp.float32(2**30)
-        bias_f = jnp.floor(exact_div(bias / weight, scale))  # float32 integers (n,)
+        bias_f = computed_once(jnp.floor(exact_div(bias / weight, scale)))  # float32 integers (n,)
         out_scale = scale * weight  # (n,)
         # the per-row mean in float64, as the rule (an integer-dtype sum is exact; checked below 2**53)
         total = jnp.sum(q.astype(jnp.int64) if integers else q, axis=-1, keepdims=True)

@@ -323,3 +323,57 @@ def test_model_poisons_the_rows_the_float64_rule_makes_nan(tmp_path):
         assert np.array_equal(mine[1:], one), field
     hidden = np.asarray(eager.hidden_states[0])
     assert np.isnan(hidden[0, 4]).all() and not np.isnan(np.delete(hidden, 4, axis=1)).any()  # before attention
+
+
+# --- float32 scales below 2**-126: XLA's CPU flushes them to zero, torch keeps them ---------------
+
+
+def test_uncalibrated_quant_model_is_finite_and_equals_pytorch(tmp_path):
+    """A fresh quant-mode model, never calibrated (activation ranges +-1e-5): the softmax exponentials'
+    scale ``0.358 * s**2 / 2**30`` is a float32 subnormal (~1e-39).  Flax (op by op and jitted) must
+    give PyTorch's finite outputs bit for bit, not the NaN of a scale flushed to zero."""
+    from nezha_zoo.pt import IBertModel
+
+    model = FlaxIBertModel(IBertConfig(**SMOKE, quant_mode=True), seed=0)
+    ids = np.random.default_rng(0).integers(3, 99, (2, 8))
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    kw = dict(output_hidden_states=True, output_attentions=True)
+    eager = model(ids, mask, **kw)
+    jitted = jax.jit(lambda i, m: model(i, m, **kw))(ids, mask)
+    model.save_pretrained(str(tmp_path))
+    ref = IBertModel.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kw)
+    for field in ("last_hidden_state", "hidden_states", "attentions"):
+        theirs = [want[field]] if field == "last_hidden_state" else list(want[field])
+        for out in (eager, jitted):
+            mine = [out[field]] if field == "last_hidden_state" else list(out[field])
+            assert len(mine) == len(theirs), field
+            for a, b in zip(mine, theirs, strict=True):
+                a, b = np.asarray(a), _np(b)
+                assert np.isfinite(b).all() and np.isfinite(a).all(), field
+                assert a.dtype == b.dtype and np.array_equal(a, b), field
+
+
+def test_subnormal_scales_are_torchs():
+    """The kernels' float32 scales that can fall below 2**-126 are torch's (gradual underflow), not 0."""
+    # the softmax exponentials' scale of uncalibrated scores (s_q = s_k = 1e-5 / 127, head size 8)
+    s = (torch.tensor([1e-5]) / 127) ** 2 / 8**0.5
+    a = pq.IntSoftmax(8).coef[0]
+    want = a * s**2 / 2**30
+    assert 0 < float(want) < 2.0**-126  # a subnormal
+    got = _both_ways(lambda: fq._fl32_exact(fq._fl32_exact(jnp.float32(a) * fq._fl32_exact(_np(s**2))) / 2.0**30))
+    assert got.dtype == np.float64 and np.array_equal(got, _np(want).astype(np.float64))
+    # the integer GELU's output scale for input scales ~1e-14 (a weight row of ~1e-4, uncalibrated input)
+    s = torch.tensor([1e-14, 5e-15, 2e-14, 3e-4])
+    q = np.array([[3, -5, 7, 1], [0, 4, -9, 4]], np.int64)
+    with torch.no_grad():
+        y_pt, s_pt = pq.IntGELU(quant_mode=True)(torch.from_numpy(q).double() * s.double(), s)
+    assert (np.abs(_np(s_pt[:3])) > 0).all() and (np.abs(_np(s_pt[:3])) < 2.0**-126).all()
+    gelu = fq.IntGELU(quant_mode=True)
+    _, s_int = _both_ways(lambda: gelu(jnp.asarray(q), _np(s)))  # integers beyond int64 here: saturated
+    y, s_out = _both_ways(lambda: gelu(q.astype(np.float64) * _np(s.double()), _np(s)))  # the float64 rule
+    for got in (s_int, s_out):
+        assert np.array_equal(got, _np(s_pt).astype(np.float64))
+    assert np.isfinite(_np(y_pt)).all() and np.array_equal(y, _np(y_pt))
