@@ -247,10 +247,10 @@ class PackedLinear(nn.Linear):
     through ``.data`` that leaves all of those elements bit for bit unchanged (a few rows or columns, say)
     is not seen; call :meth:`drop_packed_weight` after such a write.
 
-    With packing on and gradients on (training), the forward product runs on a oneDNN-reordered copy of
-    ``weight`` made for that call (no copy is kept: the weight changes every optimizer step) and the
-    backward is ``F.linear``'s (:class:`_OneDNNLinear`): the forward products of a base model at 1024 rows
-    take 0.85-0.98x ``F.linear``'s time, reorder included.  Under ``torch.compile`` / tracing / autocast, for tensor
+    With packing on and gradients on (training), the forward product and both backward products run on
+    oneDNN on the plain ``weight`` (no copy is kept: the weight changes every optimizer step;
+    :class:`_OneDNNLinear`): an Electra-base width training step took 0.93x ``F.linear``'s time, one thread
+    (``docs/benchmarks/train.md``).  Under ``torch.compile`` / tracing / autocast, for tensor
     subclasses (FSDP's ``DTensor``), or with packing off this is ``F.linear``.  The paths sum in different
     orders: results agree to float32 rounding, not bit for bit.
 
@@ -323,13 +323,20 @@ def _plain_tensors(*tensors: torch.Tensor | None) -> bool:
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """``F.linear`` for training whose forward product runs on oneDNN; its backward is ``F.linear``'s.
+    """``F.linear`` for training whose three products run on oneDNN.
 
-    Forward: ``x W^T + b`` on a copy of ``W`` reordered for this call into oneDNN's blocked layout (the
-    weight changes every optimizer step, so nothing is kept), which costs less than it saves at the row
-    counts of a training batch.  Backward: ``g W``, ``g^T x`` and ``sum(g)`` by the ops ``F.linear``'s own
-    backward runs (oneDNN on a reordered ``W^T`` was no faster for ``g W``); being differentiable ops, they
-    also serve a double backward (``create_graph=True``).
+    On this project's AVX512 machine oneDNN's float32 kernels ran a base model's training products at
+    1.05-1.2x MKL's rate (which ``F.linear`` and its backward use), one thread, 1024 rows:
+
+    * forward ``x W^T + b``: ``mkldnn._linear_pointwise`` on the plain ``W`` (oneDNN lays it out itself;
+      no copy is kept, the weight changes every optimizer step);
+    * ``g W``: the same op with ``W^T`` (a view) as its weight;
+    * ``g^T x``: the same op on the views ``g^T`` (out, N) and ``x^T`` (in, N), giving (out, in) directly;
+    * ``sum(g)`` for the bias.
+
+    Under ``create_graph=True`` (a double backward) the backward runs ``F.linear``'s own differentiable
+    ops instead, as oneDNN's op has no derivative.  Results agree with ``F.linear``'s to float32 rounding
+    (different summation orders), not bit for bit.
 
     Shapes: ``input`` (..., in), ``weight`` (out, in), ``bias`` (out,) or None -> (..., out).
     """
@@ -338,18 +345,26 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(input, weight)
         ctx.has_bias = bias is not None
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-        return torch.ops.mkldnn._linear_pointwise(input.contiguous(), packed, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(input.contiguous(), weight, bias, "none", [], "")
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         input, weight = ctx.saved_tensors
         grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_input = grad.matmul(weight)  # (..., out) -> (..., in)
         flat = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        rows = input.reshape(-1, input.shape[-1])  # (N, in)
+        onednn = not torch.is_grad_enabled()  # with create_graph, differentiable ops
+        if ctx.needs_input_grad[0]:
+            if onednn:  # (N, out) x (out, in): W^T is the op's (in, out) "weight"
+                grad_input = torch.ops.mkldnn._linear_pointwise(flat, weight.t(), None, "none", [], "")
+                grad_input = grad_input.view(*grad.shape[:-1], input.shape[-1])
+            else:
+                grad_input = grad.matmul(weight)  # (..., out) -> (..., in)
         if ctx.needs_input_grad[1]:
-            grad_weight = flat.t().mm(input.reshape(-1, input.shape[-1]))  # (out, in)
+            if onednn:  # (out, N) x (N, in), both transposed views
+                grad_weight = torch.ops.mkldnn._linear_pointwise(flat.t(), rows.t(), None, "none", [], "")
+            else:
+                grad_weight = flat.t().mm(rows)  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = flat.sum(0)
         return grad_input, grad_weight, grad_bias
@@ -811,6 +826,7 @@ class BertLayer(nn.Module):
             attach(self, names.out_norm, nn.LayerNorm(hidden, eps=eps))
         self.act = get_activation(config.hidden_act)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self._output_dropout = names.output_dropout
 
     def _attention(
         self,
@@ -877,8 +893,8 @@ class BertLayer(nn.Module):
             present = present + cross_present
         pre, inter, out, post = self._ffn
         h = self.get_submodule(pre)(x) if pre else x
-        h = self.act(self.get_submodule(inter)(h))
-        h = self.dropout(self.get_submodule(out)(h)) + x
+        h = self.get_submodule(out)(self.act(self.get_submodule(inter)(h)))
+        h = (self.dropout(h) if self._output_dropout else h) + x
         if post:
             h = self.get_submodule(post)(h)
         return h, self_probs, cross_probs, present

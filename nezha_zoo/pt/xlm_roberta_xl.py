@@ -4,7 +4,8 @@ Differences from BERT (``nezha_zoo/families/xlm_roberta_xl.py``):
 
 * pre-LayerNorm layers (``XLM_ROBERTA_XL_NAMES``: ``attention.self_attn_layer_norm`` before self-
   and ``crossattention.self_attn_layer_norm`` before cross-attention, the layer's ``LayerNorm``
-  before the feed-forward), a final ``encoder.LayerNorm`` and no embedding LayerNorm;
+  before the feed-forward), a final ``encoder.LayerNorm`` and no embedding LayerNorm; no dropout on the
+  feed-forward's output (``output_dropout=False``), as transformers' ``XLMRobertaXLOutput``;
 * RoBERTa positions: pads keep ``pad_token_id``, tokens count from ``pad_token_id + 1`` (after left
   padding too, and after the cached length when decoding); with ``inputs_embeds`` they are
   ``pad_token_id + 1 ..``.  So the longest input is ``max_position_embeddings - pad_token_id - 1``;

@@ -68,13 +68,19 @@ class BertLayerNames:
     output: str = "output.dense"
     out_norm: str | None = "output.LayerNorm"  # post-LN after the FFN
     pre_ffn_norm: str | None = None  # pre-LN before the FFN (XLM-R-XL)
+    output_dropout: bool = True  # dropout on the FFN output before its residual add (not XLM-R-XL)
 
 
 #: XLM-RoBERTa-XL: pre-LN.  ``attention.self_attn_layer_norm`` before self-attention (and
 #: ``crossattention.self_attn_layer_norm`` before cross-attention), the layer's own ``LayerNorm`` before
-#: the feed-forward, no norm after either residual add.
+#: the feed-forward, no norm after either residual add, and no dropout on the feed-forward's output
+#: (transformers' ``XLMRobertaXLOutput`` is ``dense`` + residual; its attention output keeps its dropout).
 XLM_ROBERTA_XL_NAMES = BertLayerNames(
-    attn_norm=None, pre_attn_norm="attention.self_attn_layer_norm", out_norm=None, pre_ffn_norm="LayerNorm"
+    attn_norm=None,
+    pre_attn_norm="attention.self_attn_layer_norm",
+    out_norm=None,
+    pre_ffn_norm="LayerNorm",
+    output_dropout=False,
 )
 
 #: MPNet: projections ``q``/``k``/``v`` and the output projection ``o`` all inside ``attention.attn``;

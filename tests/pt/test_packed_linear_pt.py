@@ -191,7 +191,8 @@ def test_models_give_the_same_outputs_packed_and_after_an_ema_update(family):
 
 
 @needs_packing
-def test_training_path_runs_the_forward_on_onednn_and_the_backward_of_f_linear(packing):
+def test_training_path_runs_all_three_products_on_onednn(packing):
+    """Forward, ``g W`` and ``g^T x`` run on oneDNN and match float64 ``F.linear`` to float32 rounding."""
     layer, x = _layer(), _x().requires_grad_()
     layer.train()
     out = layer(x)
@@ -199,10 +200,15 @@ def test_training_path_runs_the_forward_on_onednn_and_the_backward_of_f_linear(p
     want = F.linear(x, layer.weight, layer.bias)
     assert_close(out, want, TOLERANCES["hidden"], "oneDNN training forward vs F.linear")
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    got = torch.autograd.grad(out, (x, layer.weight, layer.bias), g)
-    ref = torch.autograd.grad(want, (x, layer.weight, layer.bias), g)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = torch.autograd.grad(out, (x, layer.weight, layer.bias), g)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    assert calls == 2, f"the backward ran {calls} oneDNN products, not g W and g^T x"
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, layer.weight, layer.bias))
+    ref = torch.autograd.grad(F.linear(x64, w64, b64), (x64, w64, b64), g.double())
     for name, a, b in zip(("input", "weight", "bias"), got, ref):
-        assert torch.equal(a, b), f"the {name} gradient differs from F.linear's backward"
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert_close(a, b, TOLERANCES["hidden"], f"the {name} gradient vs float64 F.linear")
     gx = torch.autograd.grad((layer(x) * g).sum(), x, create_graph=True)[0]  # a double backward still works
     (gx**2).sum().backward()
     gx_ref = torch.autograd.grad((F.linear(x, layer.weight, layer.bias) * g).sum(), x, create_graph=True)[0]

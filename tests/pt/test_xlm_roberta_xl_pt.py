@@ -373,6 +373,35 @@ def test_gradient_checkpointing_gives_equal_gradients(pairs):
         assert_close(grads[1][n], g, 1e-6, f"checkpointed grad {n}")
 
 
+def test_training_dropout_draws_the_masks_transformers_draws(pairs):
+    """Dropout on (training), one seed: ours equals transformers' eager model, outputs and gradients.
+
+    transformers' XLM-R-XL has no dropout on the feed-forward output (``XLMRobertaXLOutput`` is ``dense`` +
+    residual) but keeps it on the embeddings, the attention probabilities and the attention output; a dropout
+    more or less draws other masks from the same seed.
+    """
+    hf, ours, _ = pairs.get("Model", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.3)
+    inp = inputs_for("Model", seed=40)
+    with torch.no_grad():
+        plain = hf(**inp).last_hidden_state
+    outs = []
+    for model in (hf, ours):
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(41)
+        out = model(**inp).last_hidden_state
+        out.pow(2).sum().backward()
+        outs.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        model.eval()
+    (ref, ref_grads), (got, grads) = outs
+    assert (ref - plain).abs().max() > 0.1  # dropout really was on
+    assert_close(got, ref, TOLERANCES["hidden"], "training-mode output with dropout")
+    assert grads.keys() == ref_grads.keys() and ref_grads
+    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    for n, g in ref_grads.items():
+        assert_close(grads[n] / scale, g / scale, TOLERANCES["grad_rel"], f"training-mode grad {n}")
+
+
 def test_training_step_lowers_the_loss(pairs):
     _, _, path = pairs.get("ForMaskedLM")
     model = zoo.XLMRobertaXLForMaskedLM.from_pretrained(path).train()
