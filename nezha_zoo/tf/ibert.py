@@ -86,6 +86,7 @@ from nezha_zoo.tf.quant import (
     in_xla_context,
     integer_of,
     round_ste,
+    xla_in_graph,
 )
 
 __all__ = [
@@ -371,6 +372,23 @@ class TFIBertLayer(Block):
         return out, probs
 
 
+def _xla_layer_call(layer: TFIBertLayer, hidden, scale, attention_mask, head_mask):
+    """A quant-mode inference call of ``layer`` compiled by XLA inside a graph (:func:`xla_in_graph`).
+
+    The cluster takes the dequantized ``hidden`` (B, L, H) and recovers its integers exactly (the
+    float64 rules run under XLA), so NaN or out-of-range values reach the kernels as they would op by
+    op.  Returns ``(hidden (B, L, H), scale (1,), probs (B, heads, L, L))``.
+    """
+
+    def body(hidden, scale, attention_mask, head_mask):
+        (out, out_scale), probs = layer(
+            hidden, scale=scale, attention_mask=attention_mask, head_mask=head_mask, training=False
+        )
+        return out, out_scale, probs
+
+    return tf.function(body, jit_compile=True, autograph=False)(hidden, scale, attention_mask, head_mask)
+
+
 class TFIBertEncoder(Block):
     """``layer``: ``num_hidden_layers`` :class:`TFIBertLayer` (each fed the previous layer's output scale).
 
@@ -399,9 +417,12 @@ class TFIBertEncoder(Block):
                 if all_hidden is not None:
                     all_hidden.append(hidden)
                 layer_mask = None if head_mask is None else head_mask[i]
-                (hidden, scale), probs = layer(
-                    hidden, scale=scale, attention_mask=attention_mask, head_mask=layer_mask, training=training
-                )
+                if scale is not None and xla_in_graph(training):
+                    hidden, scale, probs = _xla_layer_call(layer, hidden, scale, attention_mask, layer_mask)
+                else:
+                    (hidden, scale), probs = layer(
+                        hidden, scale=scale, attention_mask=attention_mask, head_mask=layer_mask, training=training
+                    )
                 if all_attn is not None:
                     all_attn.append(probs)
         if all_hidden is not None:

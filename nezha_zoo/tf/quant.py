@@ -60,6 +60,7 @@ running range, in float and quant mode alike.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import keras
@@ -97,6 +98,8 @@ __all__ = [
     "integer_of",
     "attach_integer",
     "exact_or",
+    "xla_in_graph",
+    "XLA_IN_GRAPH_ENV",
     "requantize_int",
     "frexp_multiplier",
     "fixed_point_requantize",
@@ -271,6 +274,26 @@ def _inference(training: Any) -> bool:
     except ImportError:  # pragma: no cover - TensorFlow moved its internals: keep the differentiable path
         return False
     return not record.could_possibly_record()
+
+
+#: Environment switch of :func:`xla_in_graph` (``"0"``: graph-mode quant inference runs its kernels op by op).
+XLA_IN_GRAPH_ENV = "NEZHA_ZOO_TF_QUANT_XLA"
+
+
+def xla_in_graph(training: Any) -> bool:
+    """Whether a quant-mode block should run as one XLA cluster (``tf.function(jit_compile=True)``) here.
+
+    True in inference (as :func:`_inference`) inside a ``tf.function`` graph traced without XLA, unless
+    :data:`XLA_IN_GRAPH_ENV` is ``"0"``.  There TensorFlow runs one kernel per op, and its integer and
+    float64 elementwise kernels and int8 matmuls are generic (measured: the integer kernels op by op
+    1.6-1.8x float time, against ~1.0x compiled, with int8 units); XLA fuses the float64 rules' chains
+    and runs the int8 products on int8 units: the same integers (``tests/tf/test_ibert_int_dtypes_tf.py``).
+    Eager calls keep the integer kernels op by op (no compilation per call or per new shape).
+    """
+    env = os.environ.get(XLA_IN_GRAPH_ENV)
+    if env is not None and env not in ("0", "1"):
+        raise ValueError(f"{XLA_IN_GRAPH_ENV} must be '0' or '1', got {env!r}")
+    return env != "0" and not tf.executing_eagerly() and _inference(training)
 
 
 def exact_or(pred: Any, int_fn, float_fn):
@@ -650,6 +673,7 @@ class QuantLinear(keras.layers.Layer):
         self.per_channel = per_channel
         self.quant_mode = quant_mode
         self.frozen = False  # see freeze()
+        self._kernel_int8 = None  # int8 copy of the frozen kernel (see freeze())
 
     def freeze(self, frozen: bool = True) -> None:
         """Quantize the kernel now and reuse ``weight_integer`` / ``fc_scaling_factor`` in later inference
@@ -658,6 +682,16 @@ class QuantLinear(keras.layers.Layer):
         if frozen and self.quant_mode:
             self.quantized_weight()
         self.frozen = frozen and self.quant_mode
+        # int8 copy for the int8 units (eager freeze only): casting the float32 buffer costs a pass
+        # over the whole kernel on every call, as long as the product itself at 1x128
+        self._kernel_int8 = None
+        if self.frozen and tf.executing_eagerly():
+            self._kernel_int8 = tf.cast(tf.convert_to_tensor(self.weight_integer), tf.int8)  # (out, in)
+
+    def _frozen_int8_kernel(self) -> tf.Tensor:
+        """The frozen integer kernel (out, in) as int8 (the cached copy, else cast from the buffer)."""
+        cached = getattr(self, "_kernel_int8", None)
+        return cached if cached is not None else tf.cast(tf.convert_to_tensor(self.weight_integer), tf.int8)
 
     def build(self, input_shape=None):
         self.kernel = self.add_weight(name="kernel", shape=(self.in_features, self.out_features), initializer="zeros")
@@ -695,7 +729,7 @@ class QuantLinear(keras.layers.Layer):
         if int8 and self.frozen:
             # int8 units under XLA (8-bit activations and weights, int32 sums: exact), inference only
             scale = tf.convert_to_tensor(self.fc_scaling_factor)
-            acc = tf.cast(int8_matmul(x_int, tf.convert_to_tensor(self.weight_integer), transpose_b=True), _F64)
+            acc = tf.cast(int8_matmul(x_int, self._frozen_int8_kernel(), transpose_b=True), _F64)
         elif int8:
             w_int, scale = self.quantized_weight()
             acc = tf.cast(int8_matmul(x_int, w_int), _F64)
@@ -728,6 +762,7 @@ class QuantLinear(keras.layers.Layer):
             w_int, scale = self.quantized_weight()
             transpose_b = False
         if self.in_features <= INT32_EXACT_TERMS and int8_products() and in_xla_context():
+            w_int = self._frozen_int8_kernel() if self.frozen else w_int
             acc = int8_matmul(x_int, w_int, transpose_b=transpose_b)  # int8 units under XLA
         else:
             acc = _integer_matmul_int32(tf.cast(x_int, _F32), w_int, transpose_b=transpose_b)

@@ -245,7 +245,7 @@ FLOAT64_OPS = {"Cast", "Mul", "Round", "AddV2", "Minimum", "Maximum", "ClipByVal
 FLOAT64_OPS |= {"Identity", "StopGradient"}
 
 
-def test_quant_forward_computes_in_integer_dtypes(branches):
+def test_quant_forward_computes_in_integer_dtypes(branches, monkeypatch):
     model = ztf.TFIBertModel(IBertConfig(**SMOKE, initializer_range=0.2, quant_mode=True), seed=0)
     rng = np.random.default_rng(0)
     ids = tf.constant(rng.integers(3, 99, (2, 16)), tf.int32)
@@ -267,10 +267,20 @@ def test_quant_forward_computes_in_integer_dtypes(branches):
     def call(ids, mask):
         return model(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
 
+    monkeypatch.setenv(quant.XLA_IN_GRAPH_ENV, "0")  # read at trace time: the graph runs the kernels op by op
     graph = tf.function(call)
-    for out in (got, graph(ids, mask), tf.function(call, jit_compile=True)(ids, mask)):
+    graph_out = graph(ids, mask)
+    monkeypatch.setenv(quant.XLA_IN_GRAPH_ENV, "1")  # the default: each encoder layer one XLA cluster
+    layers_xla = tf.function(call)
+    for out in (got, graph_out, layers_xla(ids, mask), tf.function(call, jit_compile=True)(ids, mask)):
         for x, y in zip(fields(want), fields(out)):
             np.testing.assert_array_equal(y, x)
+    compiled = [
+        op
+        for op in layers_xla.get_concrete_function(ids, mask).graph.get_operations()
+        if op.type in ("PartitionedCall", "StatefulPartitionedCall") and op.node_def.attr["_XlaMustCompile"].b
+    ]
+    assert len(compiled) == SMOKE["num_hidden_layers"]
     # the graph's float64 ops on activation-sized tensors are requantizations and dequantized outputs only
     min_numel = 2 * 16 * SMOKE["hidden_size"]
     ops = graph.get_concrete_function(ids, mask).graph.get_operations()
