@@ -204,12 +204,8 @@ def apply_processors(scores: jax.Array, sequences: jax.Array, length: Any, step:
 
 
 def _reorder_cache(cache: Any, order: jax.Array) -> Any:
-    """Take rows ``order`` of every cache leaf with a batch axis (the ``cache_index`` scalars stay).
-
-    ``order`` (R,) int32 lies in ``[0, rows)`` by construction, so indices are clamped (a no-op on R
-    scalars): jnp.take's default out-of-bounds fill adds a select over the whole cache to every reorder.
-    """
-    return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else jnp.take(x, order, axis=0, mode="clip"), cache)
+    """Take rows ``order`` of every cache leaf with a batch axis (the ``cache_index`` scalars stay)."""
+    return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else jnp.take(x, order, axis=0), cache)
 
 
 class FlaxGenerationMixin:
