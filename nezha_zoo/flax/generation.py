@@ -274,7 +274,10 @@ class FlaxGenerationMixin:
         prompt_len = ids.shape[1]
         expand = gc.rows_per_prompt
         rows_ids, rows_mask = np.repeat(ids, expand, axis=0), np.repeat(mask, expand, axis=0)
-        cache = self.init_cache(rows_ids.shape[0], prompt_len + gc.max_new_tokens)
+        # beam search runs the prompt once per prompt row (its K beams are alike until the first choice)
+        cache = self.init_cache(
+            ids.shape[0] if gc.is_beam_search else rows_ids.shape[0], prompt_len + gc.max_new_tokens
+        )
         params = self.apply_lora(self.params) if params is None else params
         fn = self._compiled_generate(gc, rule, streamer is not None)
         sink = self.__dict__.setdefault("_generation_sink", [None])
@@ -408,8 +411,8 @@ def _decode(forward, gc: GenerationConfig, offsets: tuple[int, int] | None, emit
 
 def _beam_search(forward, gc: GenerationConfig, offsets: tuple[int, int] | None, emit):
     """transformers' beam search with static shapes: ``run(params, ids (B*K, P), mask (B*K, P), cache)``
-    (each prompt repeated ``K = num_beams`` times) -> (sequences (B*R, P+N), sequences_scores (B*R,),
-    beam_indices (B*R, N), steps, scores (N, B*K, V) | None, logits (N, B*K, V) | None).
+    (each prompt repeated ``K = num_beams`` times; ``cache`` for B rows) -> (sequences (B*R, P+N),
+    sequences_scores (B*R,), beam_indices (B*R, N), steps, scores (N, B*K, V) | None, logits (N, B*K, V) | None).
 
     Per prompt it keeps ``K`` running beams and the ``K`` best finished hypotheses; each step takes
     the top ``keep = max(2, 1 + #eos) * K`` continuations of all beams, the best ``K`` of those that did
@@ -438,7 +441,12 @@ def _beam_search(forward, gc: GenerationConfig, offsets: tuple[int, int] | None,
         rows, prompt_len = ids.shape
         batch, width = rows // beams, prompt_len + new
         full_mask = jnp.zeros((rows, width), jnp.int32).at[:, :prompt_len].set(mask)
-        logits, cache = forward(params, cache, ids, _prompt_positions(mask, offsets), full_mask)
+        # The K copies of a prompt row are alike until the first choice: the prompt runs once per
+        # row (``cache`` has B rows) and its logits and cache rows are copied K times.
+        first = slice(None, None, beams)
+        logits, cache = forward(params, cache, ids[first], _prompt_positions(mask[first], offsets), full_mask[first])
+        copies = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), beams)  # (B*K,)
+        logits, cache = jnp.take(logits, copies, axis=0), _reorder_cache(cache, copies)
         vocab = logits.shape[-1]
         running = (
             jnp.full((batch, beams, width), -1, jnp.int32)

@@ -572,7 +572,9 @@ def _reuses_buffers() -> bool:
     return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
-def select_cache_rows(past: torch.Tensor, rows: torch.Tensor, dim: int = 2) -> torch.Tensor:
+def select_cache_rows(
+    past: torch.Tensor, rows: torch.Tensor, dim: int = 2, into: torch.Tensor | None = None
+) -> torch.Tensor:
     """``past.index_select(0, rows)`` for a growing key/value cache (beam search's reorder), with room to grow.
 
     The picked rows are written straight into the first positions of a new buffer that has free slots
@@ -586,21 +588,40 @@ def select_cache_rows(past: torch.Tensor, rows: torch.Tensor, dim: int = 2) -> t
         past: (B, heads, P, head_dim) cached keys or values (``dim`` is the position axis).
         rows: (R,) int64 row indices into ``past``'s first axis.
         dim: the position axis.
+        into: None, or the buffer to write into instead of a new one: contiguous, ``past``'s shape
+            but ``R`` rows and at least ``P`` positions along ``dim``, not sharing memory with
+            ``past``; whatever it held is overwritten (the caller owns it).
 
     Returns:
         (R, heads, P, head_dim), equal to ``past.index_select(0, rows)``.
+
+    Raises:
+        ValueError: ``into`` has the wrong shape, dtype, device or layout.
     """
+    n = past.shape[dim]
+    if into is not None:
+        want = list(past.shape)
+        want[0] = rows.numel()
+        got = list(into.shape)
+        fits = len(got) == len(want) and got[dim] >= n and got[:dim] + got[dim + 1 :] == want[:dim] + want[dim + 1 :]
+        if not fits or into.dtype != past.dtype or into.device != past.device or not into.is_contiguous():
+            raise ValueError(
+                f"into must be a contiguous {past.dtype} buffer on {past.device} of shape {tuple(want)} with at least "
+                f"{n} positions along dim {dim}, got {into.dtype} {tuple(into.shape)} on {into.device}"
+            )
     if not _reuses_buffers() or dim == 0:
         return past.index_select(0, rows)
-    n = past.shape[dim]
-    base = past._base
-    capacity = base.shape[dim] if base is not None and base.dim() == past.dim() and base.shape[dim] > n else 2 * n + 2
-    shape = list(past.shape)
-    shape[0], shape[dim] = rows.numel(), capacity
-    buffer = past.new_empty(shape)
-    picked = buffer.narrow(dim, 0, n)
+    if into is None:
+        base = past._base
+        capacity = (
+            base.shape[dim] if base is not None and base.dim() == past.dim() and base.shape[dim] > n else 2 * n + 2
+        )
+        shape = list(past.shape)
+        shape[0], shape[dim] = rows.numel(), capacity
+        into = past.new_empty(shape)
+    picked = into.narrow(dim, 0, n)
     torch.index_select(past, 0, rows, out=picked)  # writes through the view: one gather, no second copy
-    setattr(buffer, _FILLED, n)
+    setattr(into, _FILLED, n)
     return picked
 
 

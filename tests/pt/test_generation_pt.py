@@ -383,3 +383,27 @@ def test_bad_input_fails_before_any_work(electra):
             model.generate(ids, streamer=42)
     finally:
         hook.remove()
+
+
+def test_beam_search_with_a_large_vocabulary_matches_transformers(tmp_path):
+    """4 beams over 3 left-padded rows of an XLM-R-XL-like model with a large vocabulary (the prompt
+    runs once per row and the cache rows are copied per beam, then reordered through pooled buffers):
+    tokens, beam indices and scores equal transformers'."""
+    from nezha_zoo.pretrained import random_weights, save_weights
+    from nezha_zoo.spec.registry import get_family
+
+    cfg = XLMRobertaXLConfig(vocab_size=5000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=37, max_position_embeddings=64, is_decoder=True,
+                             initializer_range=0.3)  # fmt: skip
+    family = get_family("xlm_roberta_xl")
+    spec = family.model_spec(cfg, "ForCausalLM")
+    save_weights(tmp_path, cfg, spec, family, random_weights(spec, cfg, 3))
+    ours = XLMRobertaXLForCausalLM.from_pretrained(tmp_path).eval()
+    hf = transformers.XLMRobertaXLForCausalLM.from_pretrained(tmp_path).eval()
+    ids, mask = _prompt(cfg)
+    settings = dict(num_beams=4, num_return_sequences=2, max_new_tokens=NEW, eos_token_id=None, pad_token_id=1)
+    out = dict(return_dict_in_generate=True, output_scores=True, output_logits=True)
+    got = ours.generate(ids, attention_mask=mask, **settings, **out)
+    want = hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False, **settings, **out)
+    _assert_same_output(got, want, "xlm_roberta_xl vocab 5000", "beam4")
+    assert got.sequences.shape == (6, 6 + NEW)

@@ -538,6 +538,37 @@ def test_select_cache_rows_gathers_into_a_buffer_the_next_append_fills_in_place(
     assert out._base is None and out.requires_grad
 
 
+def test_select_cache_rows_into_a_given_buffer_and_the_beam_pool_alternates_two():
+    from nezha_zoo.pt.generation import _CachePool
+    from nezha_zoo.pt.layers import append_to_cache, select_cache_rows
+
+    gen = torch.Generator().manual_seed(12)
+    rows = torch.tensor([1, 1, 0])
+    with torch.no_grad():
+        past = torch.randn(3, 2, 5, 4, generator=gen)
+        into = torch.full((3, 2, 7, 4), 7.0)
+        picked = select_cache_rows(past, rows, into=into)
+        assert torch.equal(picked, past.index_select(0, rows)) and picked.data_ptr() == into.data_ptr()
+        longer = append_to_cache(picked, torch.randn(3, 2, 1, 4, generator=gen))
+        assert longer.data_ptr() == into.data_ptr()  # the next append writes into the given buffer
+        for bad in (torch.zeros(3, 2, 4, 4), torch.zeros(2, 2, 7, 4), torch.zeros(3, 2, 7, 4, dtype=torch.float64),
+                    torch.zeros(3, 2, 4, 7).transpose(2, 3)):  # fmt: skip
+            with pytest.raises(ValueError, match="into must be"):
+                select_cache_rows(past, rows, into=bad)
+
+        # beam search's pool: a step gathers into a free buffer and frees the one the cache lived in
+        pool, ref, cache, buffers = _CachePool(capacity=10), past, past, []
+        for _ in range(5):
+            order = torch.randint(0, 3, (3,), generator=gen)
+            cache, ref = pool.select(cache, order), ref.index_select(0, order)
+            assert torch.equal(cache, ref) and cache._base.shape == (3, 2, 10, 4)
+            buffers.append(cache.data_ptr())
+            new = torch.randn(3, 2, 1, 4, generator=gen)
+            cache, ref = append_to_cache(cache, new), torch.cat([ref, new], dim=2)
+            assert torch.equal(cache, ref) and cache.data_ptr() == buffers[-1]  # appended in place
+        assert len(set(buffers)) == 2 and buffers[0] == buffers[2] == buffers[4]  # two buffers, alternating
+
+
 def test_cache_interoperates_with_transformers(pairs):
     from transformers.cache_utils import DynamicCache
 
