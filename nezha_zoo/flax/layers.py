@@ -661,19 +661,26 @@ class BertAttention(nn.Module):
 
 
 class _Projection(nn.Module):
-    """``dense`` -> dropout -> residual add -> optional ``LayerNorm`` (BERT's SelfOutput / Output)."""
+    """``dense`` -> optional dropout -> residual add -> optional ``LayerNorm`` (BERT's SelfOutput / Output).
+
+    ``use_dropout=False``: no dropout before the residual add (XLM-R-XL's feed-forward output,
+    ``BertLayerNames.output_dropout``).
+    """
 
     config: Any
     dense_name: str = "dense"
     norm_name: str | None = "LayerNorm"
     dtype: Any = jnp.float32
     features: int | None = None
+    use_dropout: bool = True
 
     @nn.compact
     def __call__(self, x, residual, deterministic: bool = True):
         c = self.config
         x = dense(self.features or c.hidden_size, self.dense_name, c, self.dtype)(x)
-        x = Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic) + residual
+        if self.use_dropout:
+            x = Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic)
+        x = x + residual
         if self.norm_name:
             x = layer_norm(self.norm_name, c, self.dtype)(x)
         return x
@@ -754,7 +761,8 @@ class BertLayer(nn.Module):
         inter_path, out_path = _split(n.intermediate), _split(n.output)
         x = _Intermediate(c, inter_path[-1], self.dtype, name=inter_path[0])(x)
         out_norm = _split(n.out_norm)[-1] if n.out_norm else None
-        x = _Projection(c, out_path[-1], out_norm, self.dtype, name=out_path[0])(x, h, deterministic)
+        ffn_out = _Projection(c, out_path[-1], out_norm, self.dtype, use_dropout=n.output_dropout, name=out_path[0])
+        x = ffn_out(x, h, deterministic)
         if not output_attentions:
             return x, None, None
         return x, self_probs, cross_probs

@@ -2,13 +2,14 @@
 
 Composition of the shared blocks (:mod:`nezha_zoo.flax.layers`, :mod:`nezha_zoo.flax.heads`); the
 family's own choices (``nezha_zoo/families/xlm_roberta_xl.py``): pre-LN layers
-(``XLM_ROBERTA_XL_NAMES``, the cross-attention pre-normed too), a final ``encoder.LayerNorm``, no
-embedding LayerNorm, RoBERTa positions (pads keep ``pad_token_id``, tokens count from
-``pad_token_id + 1``, continuing after the cache fill when decoding; ``pad_token_id + 1 ..`` with
-``inputs_embeds``), the pooler only in ``Model`` and ``ForMultipleChoice``, the tied RoBERTa
-``lm_head`` and the tanh ``classifier``.  transformers has no Flax port of this family; the numbers
-are its PyTorch ones.  Flax takes no labels: :func:`token_classification_loss` applies the family's
-rule that positions with ``attention_mask != 1`` carry no token-classification loss.
+(``XLM_ROBERTA_XL_NAMES``, the cross-attention pre-normed too, no dropout on the feed-forward's output:
+``output_dropout=False``), a final ``encoder.LayerNorm``, no embedding LayerNorm, RoBERTa positions
+(pads keep ``pad_token_id``, tokens count from ``pad_token_id + 1``, continuing after the cache fill
+when decoding; ``pad_token_id + 1 ..`` with ``inputs_embeds``), the pooler only in ``Model`` and
+``ForMultipleChoice``, the tied RoBERTa ``lm_head`` and the tanh ``classifier``.  transformers has no
+Flax port of this family; the numbers are its PyTorch ones.  Flax takes no labels:
+:func:`token_classification_loss` applies the family's rule that positions with
+``attention_mask != 1`` carry no token-classification loss.
 """
 
 from __future__ import annotations

@@ -637,26 +637,36 @@ class TFBertSelfAttention(Block):
 
 
 class TFResidualOutput(Block):
-    """``dense`` -> dropout -> residual add -> optional ``LayerNorm`` (BERT's SelfOutput / Output).
+    """``dense`` -> optional dropout -> residual add -> optional ``LayerNorm`` (BERT's SelfOutput / Output).
 
     Args:
         config (PretrainedConfig): ``hidden_size``, ``hidden_dropout_prob``, ``layer_norm_eps``.
         dense_name (str): name of the projection (``"dense"``).
         norm_name (str | None): name of the post-LN (``"LayerNorm"``); ``None`` for pre-LN blocks.
+        use_dropout (bool): dropout on the projection before the residual add (``False`` for
+            XLM-R-XL's feed-forward output: ``BertLayerNames.output_dropout``).
 
     Call: ``hidden_states`` (B, L, in), ``input_tensor`` (B, L, H) -> (B, L, H).
     """
 
     def __init__(
-        self, config: PretrainedConfig, dense_name: str, norm_name: str | None, name: str, **kwargs: Any
+        self,
+        config: PretrainedConfig,
+        dense_name: str,
+        norm_name: str | None,
+        name: str,
+        use_dropout: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
         self.dense = dense(config.hidden_size, dense_name)
         self.LayerNorm = layer_norm(config, norm_name) if norm_name else None
-        self.dropout = dropout(config.hidden_dropout_prob)
+        self.dropout = dropout(config.hidden_dropout_prob) if use_dropout else None
 
     def call(self, hidden_states, input_tensor, training=False):
-        hidden_states = self.dropout(self.dense(hidden_states), training=training)
+        hidden_states = self.dense(hidden_states)
+        if self.dropout is not None:
+            hidden_states = self.dropout(hidden_states, training=training)
         hidden_states = hidden_states + input_tensor
         return hidden_states if self.LayerNorm is None else self.LayerNorm(hidden_states)
 
@@ -768,7 +778,9 @@ class TFBertLayer(Block):
         inter = names.intermediate.split(".")
         self.intermediate = TFBertIntermediate(config, inter[-1], name=inter[0])
         out = names.output.split(".")
-        self.ffn_output = TFResidualOutput(config, out[-1], _leaf(names.out_norm), name=out[0])
+        self.ffn_output = TFResidualOutput(
+            config, out[-1], _leaf(names.out_norm), name=out[0], use_dropout=names.output_dropout
+        )
 
     def call(
         self,

@@ -1,13 +1,13 @@
 """XLM-RoBERTa-XL for Keras 3: the seven transformers heads, composed from the shared BERT-style blocks.
 
 The family's own choices (``nezha_zoo/families/xlm_roberta_xl.py``): pre-LN layers
-(``XLM_ROBERTA_XL_NAMES``, cross-attention pre-normed too), a final ``encoder.LayerNorm``, no
-embedding LayerNorm, RoBERTa positions from ``pad_token_id`` (pads keep it, tokens count from
-``pad_token_id + 1``, continuing after the cached length), the pooler only in ``Model`` and
-``ForMultipleChoice``, the tied RoBERTa ``lm_head`` and the tanh ``classifier``.  Token
-classification ignores the labels where ``attention_mask`` is not 1, and decoders return a cache by
-default (``config.use_cache``), as transformers' PyTorch XLM-R-XL does.  transformers has no TF port
-of this family; the behaviour is its PyTorch one.
+(``XLM_ROBERTA_XL_NAMES``, cross-attention pre-normed too, no dropout on the feed-forward's output:
+``output_dropout=False``), a final ``encoder.LayerNorm``, no embedding LayerNorm, RoBERTa positions
+from ``pad_token_id`` (pads keep it, tokens count from ``pad_token_id + 1``, continuing after the
+cached length), the pooler only in ``Model`` and ``ForMultipleChoice``, the tied RoBERTa ``lm_head``
+and the tanh ``classifier``.  Token classification ignores the labels where ``attention_mask`` is not
+1, and decoders return a cache by default (``config.use_cache``), as transformers' PyTorch XLM-R-XL
+does.  transformers has no TF port of this family; the behaviour is its PyTorch one.
 """
 
 from __future__ import annotations

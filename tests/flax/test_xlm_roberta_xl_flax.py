@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -11,14 +13,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
-from flax.traverse_util import flatten_dict  # noqa: E402
+from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
 import nezha_zoo.flax as nzf  # noqa: E402
 from nezha_zoo import XLMRobertaXLConfig  # noqa: E402
 from nezha_zoo.flax import losses as L  # noqa: E402
+from nezha_zoo.flax.layers import BertLayer  # noqa: E402
 from nezha_zoo.flax.xlm_roberta_xl import token_classification_loss  # noqa: E402
 from nezha_zoo.pretrained import random_weights, save_weights  # noqa: E402
 from nezha_zoo.spec import get_family  # noqa: E402
+from nezha_zoo.spec.blocks import XLM_ROBERTA_XL_NAMES  # noqa: E402
 from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs  # noqa: E402
 from nezha_zoo.validation import InputError  # noqa: E402
@@ -308,3 +312,33 @@ def test_bad_inputs_raise_input_error(pairs):
         pairs["ForMultipleChoice"][2](ids)
     with pytest.raises(InputError, match="encoder_hidden_states"):
         pairs["ForSequenceClassification"][2](ids, encoder_hidden_states=np.zeros((1, 3, 32), np.float32))
+
+
+def test_layer_drops_nothing_on_the_feed_forward_output():
+    """XLM-R-XL's layer has no dropout on its feed-forward output (``XLM_ROBERTA_XL_NAMES.output_dropout``).
+
+    transformers' ``XLMRobertaXLOutput`` is ``dense`` + residual.  With ``hidden_dropout_prob`` 0.9, no
+    attention-probability dropout and the attention's output projection zeroed, the attention block adds
+    exactly 0 (dropped or not) to its input, so only a feed-forward output dropout could make a training
+    call (``deterministic=False``) differ from an inference call; with ``output_dropout=True`` (the
+    control) it does.
+    """
+    config = XLMRobertaXLConfig(**{**TINY, "hidden_dropout_prob": 0.9})
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, TINY["hidden_size"]))
+
+    def training_and_inference(names):
+        layer = BertLayer(config, names=names)
+        params = flatten_dict(layer.init(jax.random.PRNGKey(1), x)["params"])
+        projection = ("attention", "output", "dense")
+        assert {k[-1] for k in params if k[:3] == projection} == {"kernel", "bias"}
+        params = {k: jnp.zeros_like(v) if k[:3] == projection else v for k, v in params.items()}
+        variables = {"params": unflatten_dict(params)}
+        train = layer.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})[0]
+        return train, layer.apply(variables, x, deterministic=True)[0]
+
+    train, infer = training_and_inference(XLM_ROBERTA_XL_NAMES)
+    assert_close(train, infer, TOLERANCES["hidden"], "training vs inference call (no feed-forward dropout)")
+    train, infer = training_and_inference(dataclasses.replace(XLM_ROBERTA_XL_NAMES, output_dropout=True))
+    # The control: that dropout changes the output by more than half the feed-forward's whole contribution.
+    contribution = float(jnp.abs(infer - x).max())
+    assert float(jnp.abs(train - infer).max()) > 0.5 * contribution > 0

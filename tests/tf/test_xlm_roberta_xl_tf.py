@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -18,8 +19,10 @@ import nezha_zoo.tf as ztf  # noqa: E402
 from nezha_zoo import XLMRobertaXLConfig  # noqa: E402
 from nezha_zoo.pretrained import random_weights, save_weights  # noqa: E402
 from nezha_zoo.spec import get_family  # noqa: E402
+from nezha_zoo.spec.blocks import XLM_ROBERTA_XL_NAMES  # noqa: E402
 from nezha_zoo.spec.layouts import LAYOUTS  # noqa: E402
 from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs  # noqa: E402
+from nezha_zoo.tf.layers import TFBertLayer  # noqa: E402
 from nezha_zoo.tf.modeling_utils import variable_key  # noqa: E402
 from nezha_zoo.validation import InputError  # noqa: E402
 
@@ -298,3 +301,30 @@ def test_gradient_checkpointing_in_a_decoder_gives_equal_gradients(decoder, monk
             assert b is None and "pooler" in v.path, v.path
             continue
         assert_close(tf.convert_to_tensor(a), tf.convert_to_tensor(b), TOLERANCES["grad_rel"] * top, v.path)
+
+
+def test_layer_drops_nothing_on_the_feed_forward_output():
+    """XLM-R-XL's layer has no dropout on its feed-forward output (``XLM_ROBERTA_XL_NAMES.output_dropout``).
+
+    transformers' ``XLMRobertaXLOutput`` is ``dense`` + residual.  With ``hidden_dropout_prob`` 0.9, no
+    attention-probability dropout and the attention's output projection zeroed, the attention block adds
+    exactly 0 (dropped or not) to its input, so only a feed-forward output dropout could make a training
+    call differ from an inference call; with ``output_dropout=True`` (the control) it does.
+    """
+    config = XLMRobertaXLConfig(**{**TINY, "hidden_dropout_prob": 0.9})
+    x = tf.random.stateless_normal((2, 7, TINY["hidden_size"]), seed=(0, 1))
+
+    def training_and_inference(names):
+        layer = TFBertLayer(config, names, name="0")
+        layer(x)  # builds the variables
+        projection = layer.attention.dense_output.dense
+        for v in (projection.kernel, projection.bias):
+            v.assign(tf.zeros_like(v))
+        return layer(x, training=True)[0], layer(x, training=False)[0]
+
+    train, infer = training_and_inference(XLM_ROBERTA_XL_NAMES)
+    assert_close(train, infer, TOLERANCES["hidden"], "training vs inference call (no feed-forward dropout)")
+    train, infer = training_and_inference(dataclasses.replace(XLM_ROBERTA_XL_NAMES, output_dropout=True))
+    # The control: that dropout changes the output by more than half the feed-forward's whole contribution.
+    contribution = float(tf.reduce_max(tf.abs(infer - x)))
+    assert float(tf.reduce_max(tf.abs(train - infer))) > 0.5 * contribution > 0
