@@ -48,7 +48,9 @@ if _n is not None:
 # collection order, and the workers collect the longest files first (longest-processing-time first): the
 # files that come last are short, and both workers end together.  The table is a file's seconds in a
 # full ``pytest -n 2 --dist loadfile --durations=0`` run (setup + call + teardown of its tests, rounded);
-# only the order it gives matters.  A file not in it counts ``DEFAULT_FILE_SECONDS``.
+# only the order it gives matters (tests/README.md prints a fresh one).  The first table is an estimate
+# (the slowest tests of an earlier quiet run, and each file's mix of tests), to be replaced by a measured
+# one.  A file not in it counts ``DEFAULT_FILE_SECONDS``.
 FILE_SECONDS: dict[str, int] = {
     # fresh interpreters, benchmark smoke runs, the demo
     "test_sharding_flax.py": 95,
