@@ -13,7 +13,8 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.nezha_zoo-installed
 PYTEST_ARGS ?=
 # pytest-xdist workers for `make test` (0: one process).  Each test file runs whole on one worker
-# (--dist loadfile), so module-scoped models are built once; tests/conftest.py caps each worker's threads.
+# (--dist loadfile), so module-scoped models are built once; tests/conftest.py caps each worker's threads
+# and orders the files longest first, which --no-loadscope-reorder keeps (tests/README.md).
 TEST_WORKERS ?= 2
 BENCH_ARGS ?=
 FORBIDDEN_TOP := flax tf tensorflow torch pt jax keras conversion
@@ -43,7 +44,7 @@ check: $(STAMP)
 	@echo "check: ok"
 
 test: check
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 parity: $(STAMP)
 	$(PY) -m benchmarks.parity

@@ -5,7 +5,8 @@ on one worker, so its module-scoped models and transformers oracles are built on
 cores must not each start a thread pool per core, so a worker caps the threads of every framework to its
 share of the cores.  The caps are environment variables that the frameworks read when they are first
 imported, which is why this file imports no framework and sets them at import, before any test module.
-Subprocesses (torchrun ranks, TF and JAX interpreters) inherit them.
+Subprocesses (torchrun ranks, TF and JAX interpreters) inherit them.  Each worker also collects the files
+longest first (``FILE_SECONDS`` below), so that both workers end together.
 """
 
 from __future__ import annotations
@@ -36,3 +37,126 @@ def _cap_threads(n: int) -> None:
 _n = _threads_per_worker()
 if _n is not None:
     _cap_threads(_n)
+
+
+# --- scheduling: longest files first ------------------------------------------------------------------
+#
+# With ``--dist loadfile`` the run lasts as long as the busier worker, and a worker that picks up a long
+# file last leaves the other idle.  xdist's default hands files out by their number of tests, which puts
+# the one- and two-test files last, and those are the longest (the demo, the benchmarks' --smoke runs,
+# fresh interpreters).  ``make test`` passes ``--no-loadscope-reorder``, so xdist hands files out in
+# collection order, and the workers collect the longest files first (longest-processing-time first): the
+# files that come last are short, and both workers end together.  The table is a file's seconds in a
+# full ``pytest -n 2 --dist loadfile --durations=0`` run (setup + call + teardown of its tests, rounded);
+# only the order it gives matters (tests/README.md prints a fresh one).  The first table is an estimate
+# (the slowest tests of an earlier quiet run, and each file's mix of tests), to be replaced by a measured
+# one.  A file not in it counts ``DEFAULT_FILE_SECONDS``.
+FILE_SECONDS: dict[str, int] = {
+    # fresh interpreters, benchmark smoke runs, the demo
+    "test_sharding_flax.py": 95,
+    "test_demo_runs.py": 62,
+    "test_distributed_tf.py": 50,
+    "test_distributed_pt.py": 50,
+    "test_bench_generation_smoke.py": 40,
+    "test_bench_train_smoke.py": 40,
+    "test_bench_precision_smoke.py": 40,
+    "test_bench_forward_smoke.py": 40,
+    "test_bench_small_shapes_smoke.py": 30,
+    "test_core_faults.py": 30,
+    "test_bench_ibert_smoke_pt.py": 30,
+    "test_core_imports.py": 25,
+    "test_bench_load_memory_smoke.py": 23,
+    "test_convert_memory_smoke.py": 21,
+    "test_fit_from_text_tf.py": 15,
+    "test_verify_head_resolution.py": 10,
+    # every backend together
+    "test_bad_input_catalogue.py": 120,
+    "test_convert_transformers.py": 110,
+    "test_cross_backend.py": 100,
+    "test_export.py": 90,
+    "test_ibert_cross_backend.py": 80,
+    "test_generation_cross_backend.py": 70,
+    "test_pipelines.py": 60,
+    "test_lora.py": 50,
+    "test_auto_classes.py": 30,
+    # TensorFlow
+    "test_ibert_tf.py": 80,
+    "test_keras_lifecycle_tf.py": 80,
+    "test_electra_tf.py": 70,
+    "test_mpt_tf.py": 70,
+    "test_ibert_int_dtypes_tf.py": 56,
+    "test_nezha_tf.py": 55,
+    "test_mpnet_tf.py": 55,
+    "test_generation_tf.py": 50,
+    "test_xlm_roberta_xl_tf.py": 45,
+    "test_packed_linear_tf.py": 40,
+    "test_dtype_tf.py": 25,
+    "test_finetune_tf.py": 20,
+    # Flax
+    "test_electra_flax.py": 80,
+    "test_ibert_flax.py": 80,
+    "test_mpt_flax.py": 70,
+    "test_ibert_int_dtypes_flax.py": 60,
+    "test_nezha_flax.py": 55,
+    "test_mpnet_flax.py": 50,
+    "test_xlm_roberta_xl_flax.py": 50,
+    "test_generation_flax.py": 50,
+    "test_finetune_flax.py": 30,
+    "test_packed_linear_flax.py": 30,
+    "test_call_jit_flax.py": 25,
+    "test_dtype_flax.py": 25,
+    "test_dropout_flax.py": 15,
+    # PyTorch
+    "test_electra_pt.py": 45,
+    "test_ibert_pt.py": 45,
+    "test_mpt_pt.py": 40,
+    "test_nezha_pt.py": 35,
+    "test_mpnet_pt.py": 30,
+    "test_xlm_roberta_xl_pt.py": 30,
+    "test_generation_pt.py": 30,
+    "test_finetune_pt.py": 20,
+    "test_dtype_pt.py": 15,
+    "test_packed_linear_pt.py": 15,
+    "test_ibert_int_dtypes_pt.py": 15,
+    # framework-free core (torch or tf inside a few tests)
+    "test_core_convert_formats.py": 30,
+    "test_core_head_resolution.py": 15,
+    "test_core_tokenization.py": 15,
+    "test_core_family_specs.py": 10,
+    "test_core_checkpoint.py": 10,
+    "test_core_dtypes.py": 10,
+    "test_core_loading.py": 10,
+    "test_core_configs.py": 8,
+    "test_core_spec.py": 5,
+    "test_core_generation.py": 5,
+    "test_core_class_registry.py": 5,
+    "test_core_outputs.py": 3,
+    "test_core_family_maths.py": 3,
+    "test_core_sharding.py": 3,
+    "test_core_auto_classes.py": 3,
+    "test_core_packing.py": 3,
+    "test_core_hardware.py": 2,
+}
+#: a new file's weight until the table is refreshed: mid-table, so it neither leads nor trails the run
+DEFAULT_FILE_SECONDS = 30
+
+
+def _file_of(item) -> str:
+    """The test file's name (file names are unique across the test folders)."""
+    return os.path.basename(item.nodeid.split("::", 1)[0])
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """On an xdist worker, order the files longest first (stable: a file's tests keep their order)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the order does not change the run's length
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        first.setdefault(_file_of(item), index)
+
+    def key(pair):
+        index, item = pair
+        name = _file_of(item)
+        return (-FILE_SECONDS.get(name, DEFAULT_FILE_SECONDS), first[name], index)
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=key)]

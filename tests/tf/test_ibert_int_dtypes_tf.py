@@ -58,10 +58,17 @@ def branches(monkeypatch):
     return seen
 
 
-def _run(mode: str, fn, *args):
-    """``fn(*args)`` eagerly or compiled by XLA; numpy results."""
+#: compiled XLA functions shared by the cases of a test (key -> ``tf.function``): the cases differ
+#: only in the values of their tensor arguments, so one compile serves them all
+_XLA: dict = {}
+
+
+def _run(mode: str, fn, *args, key=None):
+    """``fn(*args)`` eagerly or compiled by XLA (the compile kept under ``key`` when given); numpy results."""
     if mode == "xla":
-        fn = tf.function(fn, jit_compile=True)
+        fn = _XLA[key] if key in _XLA else tf.function(fn, jit_compile=True)
+        if key is not None:
+            _XLA[key] = fn
     out = fn(*(tf.constant(a) for a in args))
     return tf.nest.map_structure(lambda t: t.numpy(), out)
 
@@ -98,7 +105,9 @@ def test_requantization_ties_and_wide_inputs(mode):
             want = pt_quant.fixed_point_requantize(
                 torch.from_numpy(q).double(), torch.from_numpy(s_in_t), bits, torch.from_numpy(s_out_t)
             ).numpy()
-            got = _run(mode, lambda q, a, b, bits=bits: quant.requantize_int(q, a, bits, b), q, s_in_t, s_out_t)
+            got = _run(
+                mode, lambda q, a, b, bits=bits: quant.requantize_int(q, a, bits, b), q, s_in_t, s_out_t, key=bits
+            )
             assert got.dtype == (np.int8 if bits <= 8 else np.int32)
             np.testing.assert_array_equal(got.astype(np.float64), want)
             f64 = quant.fixed_point_requantize(tf.constant(q, tf.float64), s_in_t, bits, s_out_t).numpy()
@@ -114,6 +123,9 @@ def test_requantization_ties_and_wide_inputs(mode):
     np.testing.assert_array_equal(got.astype(np.float64), want)
 
 
+GELU = quant.IntGELU(quant_mode=True)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("s_val", [3e-4, 2.0**-9, 0.05])
 def test_int_gelu_boundaries(mode, s_val, branches):
@@ -122,8 +134,8 @@ def test_int_gelu_boundaries(mode, s_val, branches):
     rows = [b_int, b_int + 1, b_int - 1, -b_int, -b_int + 1, -b_int - 1, np.zeros_like(b_int)]
     rows += [np.full_like(b_int, v) for v in (1, -1, 2**20, -(2**20), 2**24, -(2**24), 2**31 + 5, -(2**32))]
     q = np.stack(rows)  # (15, 24) int64, as a QuantLinear accumulator
-    zg = quant.IntGELU(quant_mode=True)
-    y_int, y_f64, s_int, s_f64, carried = _run(mode, lambda q, s: _pair(zg, q, s), q, s)
+    zg = GELU  # no state: every case may share one XLA compile
+    y_int, y_f64, s_int, s_f64, carried = _run(mode, lambda q, s: _pair(zg, q, s), q, s, key="gelu")
     np.testing.assert_array_equal(s_int, s_f64)
     np.testing.assert_array_equal(y_int, y_f64)
     np.testing.assert_array_equal(carried * s_int.astype(np.float64), y_int)
