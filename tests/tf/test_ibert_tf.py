@@ -763,3 +763,56 @@ def test_frozen_integer_weights_give_the_same_numbers(pairs):
     finally:
         ours.freeze_integer_weights(False)
     assert not ours.ibert.embeddings.word_embeddings.frozen
+
+
+#: Wider than the tiny models, a head size (48) whose ``1 / sqrt(d)`` is not a power of two: scales
+#: whose float32 quotients Grappler / XLA would round differently from eager if a division were
+#: left as one (the smallest such model found to diverge before ``quant.exact_div``).
+WIDE_QUANT = dict(
+    vocab_size=1000,
+    hidden_size=384,
+    num_hidden_layers=1,
+    num_attention_heads=8,
+    intermediate_size=1536,
+    max_position_embeddings=514,
+    layer_norm_eps=1e-5,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    quant_mode=True,
+)
+
+
+@pytest.mark.pt
+@pytest.mark.parametrize("frozen", [False, True])
+def test_quant_graph_and_xla_equal_eager_and_pytorch_at_width(tmp_path, frozen):
+    import nezha_zoo.pt as zoo
+
+    def batch(seed: int) -> dict:
+        rng = np.random.default_rng(seed)
+        mask = np.ones((2, 32), np.int32)
+        mask[1, 16:] = 0
+        return {"input_ids": rng.integers(3, 1000, (2, 32)).astype(np.int32), "attention_mask": mask}
+
+    ours = ztf.TFIBertModel(IBertConfig(**WIDE_QUANT), seed=0)
+    for s in range(2):  # calibration: every scale a random float32, no power of two
+        ours(**batch(10 + s), training=True)
+    ours.save_pretrained(tmp_path)
+    pt = zoo.IBertModel.from_pretrained(tmp_path).eval()
+    inp = batch(0)
+    with torch.no_grad():
+        want = pt(**_pt(inp), output_hidden_states=True).hidden_states
+    ours.freeze_integer_weights(frozen)
+    x = {k: tf.constant(v) for k, v in inp.items()}
+
+    def forward(x):
+        return ours(**x, output_hidden_states=True).hidden_states
+
+    for name, fn in (
+        ("eager", forward),
+        ("graph", tf.function(forward)),
+        ("xla", tf.function(forward, jit_compile=True)),
+    ):
+        got = fn(x)
+        assert len(got) == len(want) == 2
+        for i, (w, g) in enumerate(zip(want, got)):
+            np.testing.assert_array_equal(g.numpy(), w.numpy(), err_msg=f"{name}: hidden_states[{i}]")
