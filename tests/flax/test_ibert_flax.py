@@ -266,6 +266,53 @@ def test_quant_mode_jit_equals_eager(pairs):
     assert_close(got, fx(**x).logits, 0.0, "jit vs eager")
 
 
+#: Wider than the tiny models, a head size (48) whose ``1 / sqrt(d)`` is not a power of two: XLA
+#: rewrites a division by a broadcast scale into a product with its reciprocal, which moved a
+#: requantization by one step under jit before every such division went through ``quant.exact_div``.
+WIDE_QUANT = dict(
+    vocab_size=1000,
+    hidden_size=384,
+    num_hidden_layers=1,
+    num_attention_heads=8,
+    intermediate_size=1536,
+    max_position_embeddings=514,
+    layer_norm_eps=1e-5,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    quant_mode=True,
+)
+
+
+def test_quant_jit_equals_eager_and_pytorch_at_width(tmp_path):
+    import nezha_zoo.pt as zoo
+
+    def batch(seed: int) -> dict:
+        rng = np.random.default_rng(seed)
+        mask = np.ones((2, 32), np.int32)
+        mask[1, 16:] = 0
+        return {"input_ids": rng.integers(3, 1000, (2, 32)).astype(np.int32), "attention_mask": mask}
+
+    fx = nzf.FlaxIBertModel(IBertConfig(**WIDE_QUANT), seed=0)
+    buffers = fx.buffers
+    for s in range(2):  # calibration: every scale a random float32, no power of two
+        _, state = fx(**batch(10 + s), buffers=buffers, train=True)
+        buffers = state["buffers"]
+    fx.buffers = buffers
+    fx.save_pretrained(tmp_path)
+    pt = zoo.IBertModel.from_pretrained(tmp_path).eval()
+    x = batch(0)
+    with torch.no_grad():
+        want = pt(**{k: torch.from_numpy(v) for k, v in x.items()}, output_hidden_states=True).hidden_states
+    jitted = jax.jit(lambda p, b, ids, m: fx(ids, m, params=p, buffers=b, output_hidden_states=True).hidden_states)
+    for name, got in (
+        ("eager", fx(x["input_ids"], x["attention_mask"], output_hidden_states=True).hidden_states),
+        ("jit", jitted(fx.params, fx.buffers, x["input_ids"], x["attention_mask"])),
+    ):
+        assert len(got) == len(want) == 2
+        for i, (w, g) in enumerate(zip(want, got)):
+            np.testing.assert_array_equal(np.asarray(g), w.numpy(), err_msg=f"{name}: hidden_states[{i}]")
+
+
 @pytest.mark.parametrize("head", ["Model", "ForMaskedLM"])
 def test_int8_products_equal_the_float_path(pairs, head, monkeypatch):
     # int8 x int8 -> int32 dot_general when int8 units are in use, float32 chunks otherwise: same integers
