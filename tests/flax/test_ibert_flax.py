@@ -266,33 +266,16 @@ def test_quant_mode_jit_equals_eager(pairs):
     assert_close(got, fx(**x).logits, 0.0, "jit vs eager")
 
 
-#: Wider than the tiny models, a head size (48) whose ``1 / sqrt(d)`` is not a power of two: XLA
-#: rewrites a division by a broadcast scale into a product with its reciprocal, which moved a
-#: requantization by one step under jit before every such division went through ``quant.exact_div``.
-WIDE_QUANT = dict(
-    vocab_size=1000,
-    hidden_size=384,
-    num_hidden_layers=1,
-    num_attention_heads=8,
-    intermediate_size=1536,
-    max_position_embeddings=514,
-    layer_norm_eps=1e-5,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    quant_mode=True,
-)
-
-
 def test_quant_jit_equals_eager_and_pytorch_at_width(tmp_path):
+    # head size 48, calibrated scales no power of two: before every division by a broadcast scale went
+    # through quant.exact_div, XLA turned them into reciprocal products (78 outputs one step off here)
     import nezha_zoo.pt as zoo
+    from benchmarks.ibert_quant import WIDE, padded_inputs
 
     def batch(seed: int) -> dict:
-        rng = np.random.default_rng(seed)
-        mask = np.ones((2, 32), np.int32)
-        mask[1, 16:] = 0
-        return {"input_ids": rng.integers(3, 1000, (2, 32)).astype(np.int32), "attention_mask": mask}
+        return padded_inputs(2, 32, WIDE["vocab_size"], seed)
 
-    fx = nzf.FlaxIBertModel(IBertConfig(**WIDE_QUANT), seed=0)
+    fx = nzf.FlaxIBertModel(IBertConfig(**WIDE, quant_mode=True), seed=0)
     buffers = fx.buffers
     for s in range(2):  # calibration: every scale a random float32, no power of two
         _, state = fx(**batch(10 + s), buffers=buffers, train=True)

@@ -765,35 +765,18 @@ def test_frozen_integer_weights_give_the_same_numbers(pairs):
     assert not ours.ibert.embeddings.word_embeddings.frozen
 
 
-#: Wider than the tiny models, a head size (48) whose ``1 / sqrt(d)`` is not a power of two: scales
-#: whose float32 quotients Grappler / XLA would round differently from eager if a division were
-#: left as one (the smallest such model found to diverge before ``quant.exact_div``).
-WIDE_QUANT = dict(
-    vocab_size=1000,
-    hidden_size=384,
-    num_hidden_layers=1,
-    num_attention_heads=8,
-    intermediate_size=1536,
-    max_position_embeddings=514,
-    layer_norm_eps=1e-5,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    quant_mode=True,
-)
-
-
 @pytest.mark.pt
 @pytest.mark.parametrize("frozen", [False, True])
 def test_quant_graph_and_xla_equal_eager_and_pytorch_at_width(tmp_path, frozen):
+    # head size 48, calibrated scales no power of two: before quant.exact_div, Grappler and XLA turned
+    # divisions by scales into reciprocal products and moved integers one step (19683 outputs here)
     import nezha_zoo.pt as zoo
+    from benchmarks.ibert_quant import WIDE, padded_inputs
 
     def batch(seed: int) -> dict:
-        rng = np.random.default_rng(seed)
-        mask = np.ones((2, 32), np.int32)
-        mask[1, 16:] = 0
-        return {"input_ids": rng.integers(3, 1000, (2, 32)).astype(np.int32), "attention_mask": mask}
+        return padded_inputs(2, 32, WIDE["vocab_size"], seed)
 
-    ours = ztf.TFIBertModel(IBertConfig(**WIDE_QUANT), seed=0)
+    ours = ztf.TFIBertModel(IBertConfig(**WIDE, quant_mode=True), seed=0)
     for s in range(2):  # calibration: every scale a random float32, no power of two
         ours(**batch(10 + s), training=True)
     ours.save_pretrained(tmp_path)
