@@ -49,6 +49,10 @@ BASE = dict(
     attention_probs_dropout_prob=0.0,
 )
 SMOKE = dict(BASE, vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+#: For the exactness tests: wider than SMOKE, with a head size (48) whose ``1 / sqrt(d)`` is not a power
+#: of two; the smallest model found whose graph-mode / XLA quant integers differed from eager while
+#: divisions by broadcast scales were left to Grappler / XLA (which turn them into reciprocal products).
+WIDE = dict(BASE, hidden_size=384, num_hidden_layers=1, num_attention_heads=8, intermediate_size=1536)
 SHAPES = ((1, 128), (8, 128))
 # one shape: every backend traces (TF, XLA, jax.jit) each mode once per shape, and those traces are
 # nearly all of a smoke run's time
@@ -62,6 +66,13 @@ def _inputs(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, vocab, size=(batch, seq_len), dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def padded_inputs(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random ids ``(batch, seq_len)`` int64 whose last row masks its second half (a padded sequence)."""
+    x = _inputs(batch, seq_len, vocab, seed)
+    x["attention_mask"][-1, seq_len // 2 :] = 0
+    return x
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:

@@ -137,7 +137,7 @@ def _dropout(rate: float, x: jax.Array, scale: jax.Array | None, deterministic: 
 
 def _integers8(x: jax.Array, scale: jax.Array) -> jax.Array:
     """The 8-bit integers of an activation: ``x`` itself in quant mode's integer form, else ``round(x / s)``."""
-    return x if integer_of(x) is not None else jnp.round(x / scale)
+    return x if integer_of(x) is not None else jnp.round(exact_div(x, scale))
 
 
 def _either(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
@@ -251,7 +251,7 @@ class FlaxIBertSelfAttention(nn.Module):
                 v_int = _integers8(v, s_v).astype(jnp.float32)
                 context = standalone_dot(prob_int, v_int, dims, jnp.float32).astype(jnp.int32)
             else:
-                context = jnp.matmul(probs / s_p, _integers8(v, s_v).astype(jnp.float32)) * ctx_scale
+                context = jnp.matmul(exact_div(probs, s_p), _integers8(v, s_v).astype(jnp.float32)) * ctx_scale
         else:
             ctx_scale = None
             context = jnp.matmul(probs, float_values(v, s_v))

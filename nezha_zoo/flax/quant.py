@@ -156,7 +156,7 @@ def rdiv(c: float, t: jax.Array) -> jax.Array:
     (torch's ``Tensor.__rtruediv__`` is ``reciprocal(t) * c``: two roundings, not one; transformers'
     constants ``floor(coeff / s)`` are defined by it.)
     """
-    return (1.0 / t) * jnp.asarray(c, t.dtype)
+    return exact_div(jnp.asarray(1.0, t.dtype), t) * jnp.asarray(c, t.dtype)
 
 
 # --- scaling factors and rounding ----------------------------------------------------------------
@@ -179,7 +179,7 @@ def symmetric_quantize(x: jax.Array, num_bits: int, scale: jax.Array) -> jax.Arr
     """
     n = 2 ** (num_bits - 1) - 1
     s = scale.reshape(-1, 1) if x.ndim == 2 and scale.shape[0] != 1 else scale
-    q = jnp.round((jnp.float32(1.0) / s) * x.astype(jnp.float32))
+    q = jnp.round(exact_div(jnp.float32(1.0), s) * x.astype(jnp.float32))
     return jnp.clip(q, -n, n - 1)
 
 
@@ -592,7 +592,7 @@ class QuantLinear(nn.Module):
         x_int = integer_of(x)
         integers = x_int is not None
         if not integers:
-            x_int = jnp.round(x.astype(jnp.float32) / prev_act_scaling_factor)  # |x_int| <= 128: exact
+            x_int = jnp.round(exact_div(x.astype(jnp.float32), prev_act_scaling_factor))  # |x_int| <= 128: exact
         if int8_products() and self.in_features <= INT32_EXACT_TERMS:
             acc = int8_matmul(x_int, w_int_t)  # int8 units, exact int32 sums
         else:

@@ -82,6 +82,7 @@ from nezha_zoo.tf.quant import (
     QuantEmbedding,
     QuantLinear,
     attach_integer,
+    exact_div,
     exact_or,
     in_xla_context,
     integer_of,
@@ -230,11 +231,11 @@ class TFIBertSelfAttention(Block):
         root = math.sqrt(self.head_dim)
         prob_int = None
         if self.softmax.quant_mode:
-            s_scores = s_q * s_k / root
+            s_scores = exact_div(s_q * s_k, root)
             if q_i is not None and k_i is not None:
                 q_f, k_f = self._split_heads(tf.cast(q_i, tf.float32)), self._split_heads(tf.cast(k_i, tf.float32))
             else:
-                q_f, k_f = round_ste(q / s_q), round_ste(k / s_k)
+                q_f, k_f = round_ste(exact_div(q, s_q)), round_ste(exact_div(k, s_k))
             # exact in float32: |q_int . k_int| <= head_dim * 2**14 < 2**24
             prods = tf.matmul(q_f, k_f, transpose_b=True)  # (B, heads, L, L)
 
@@ -273,7 +274,7 @@ class TFIBertSelfAttention(Block):
                 context = attach_integer(ctx_int, ctx_scale)
                 return self.output_activation(context, pre_act_scaling_factor=ctx_scale, training=training), probs
             # exact in float32: |prob_int @ v_int| <= 256 * 128 (dropout / head_mask may make it fractional)
-            context = tf.matmul(probs / s_p, round_ste(v / s_v)) * ctx_scale
+            context = tf.matmul(exact_div(probs, s_p), round_ste(exact_div(v, s_v))) * ctx_scale
         else:
             ctx_scale = None
             context = tf.matmul(probs, v)

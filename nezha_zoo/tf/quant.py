@@ -90,6 +90,8 @@ __all__ = [
     "exp2",
     "frexp",
     "python_floordiv",
+    "exact_div",
+    "reciprocal",
     "symmetric_scale",
     "symmetric_quantize",
     "round_ste",
@@ -121,14 +123,41 @@ _F32, _F64 = tf.float32, tf.float64
 # --- exact float64 helpers -----------------------------------------------------------------------
 
 
+def exact_div(a: Any, b: Any) -> tf.Tensor:
+    """IEEE-correct float32 ``a / b`` (broadcasting) whatever Grappler or XLA do to the graph.
+
+    Both rewrite a float32 division by a constant or broadcast divisor into a product with its
+    rounded reciprocal, one ulp off for ~5% of quotients (the flax twin, :func:`nezha_zoo.flax.quant.exact_div`,
+    hides the divisor behind an optimization barrier; TensorFlow has none).  The quotient of two
+    float32 numbers computed in float64 rounds to the correctly rounded float32 quotient even when
+    the float64 division itself is such a product (its error, ~2**-53, is far below the distance,
+    >= ~2**-49 relative, of such a quotient from a float32 rounding boundary).
+
+    Args:
+        a, b (float32 Tensor or Python number): dividend and divisor (values exact in float32).
+
+    Returns:
+        float32 Tensor: ``fl32(a / b)``, broadcast shape.
+    """
+    return tf.cast(tf.cast(a, _F64) / tf.cast(b, _F64), _F32)
+
+
+def reciprocal(t: tf.Tensor) -> tf.Tensor:
+    """``fl32(1 / t)`` for float32 ``t``, correctly rounded under any graph rewrite (:func:`exact_div`)."""
+    return exact_div(1.0, t)
+
+
 def _rdiv(c: float, t: tf.Tensor) -> tf.Tensor:
-    """``c / t`` for a Python number ``c`` as torch computes it: ``fl(fl(1 / t) * c)`` in ``t``'s dtype.
+    """``c / t`` for a Python number ``c`` as torch computes it: ``fl32(fl32(1 / t) * fl32(c))`` (float32 ``t``).
 
     torch's ``Tensor.__rtruediv__`` is ``reciprocal(t) * c`` (two roundings), and transformers'
     integer constants ``floor(coeff / s)`` are defined by it; a true division differs by one ulp
-    for some ``s``, which moves ``floor`` by one.
+    for some ``s``, which moves ``floor`` by one.  Grappler refolds ``(1 / t) * c`` into ``c / t``
+    (one rounding), so the product is formed in float64 (exact: two 24-bit significands) and
+    rounded once to float32, from a reciprocal no rewrite can change.
     """
-    return (1.0 / t) * tf.constant(c, t.dtype)
+    c32 = tf.cast(tf.constant(c, _F32), _F64)
+    return tf.cast(tf.cast(reciprocal(t), _F64) * c32, _F32)
 
 
 def pow2(k: tf.Tensor) -> tf.Tensor:
@@ -192,7 +221,7 @@ def symmetric_scale(num_bits: int, x_min: tf.Tensor, x_max: tf.Tensor) -> tf.Ten
     """
     n = float(2 ** (num_bits - 1) - 1)
     scale = tf.maximum(tf.abs(tf.cast(x_min, _F32)), tf.abs(tf.cast(x_max, _F32)))
-    return tf.stop_gradient(tf.maximum(scale, 1e-8) / n)
+    return tf.stop_gradient(exact_div(tf.maximum(scale, 1e-8), n))
 
 
 def symmetric_quantize(x: tf.Tensor, num_bits: int, scale: tf.Tensor) -> tf.Tensor:
@@ -207,7 +236,7 @@ def symmetric_quantize(x: tf.Tensor, num_bits: int, scale: tf.Tensor) -> tf.Tens
     The clamp range is transformers' asymmetric ``[-n, n - 1]``.  Gradient ``grad / s`` (STE).
     """
     n = float(2 ** (num_bits - 1) - 1)
-    inv = 1.0 / scale  # the float32 reciprocal times x, as transformers' linear_quantize
+    inv = reciprocal(scale)  # the float32 reciprocal times x, as transformers' linear_quantize
 
     @tf.custom_gradient
     def quantize(x):
@@ -724,7 +753,7 @@ class QuantLinear(keras.layers.Layer):
             )
         if _inference(training):
             return self._call_int(x, prev_act_scaling_factor)
-        x_int = round_ste(tf.cast(x, _F32) / prev_act_scaling_factor)  # |x_int| <= 2**21: exact in float32
+        x_int = round_ste(exact_div(x, prev_act_scaling_factor))  # |x_int| <= 2**21: exact in float32
         int8 = not training and self.in_features <= INT32_EXACT_TERMS and int8_products() and in_xla_context()
         if int8 and self.frozen:
             # int8 units under XLA (8-bit activations and weights, int32 sums: exact), inference only
@@ -754,7 +783,7 @@ class QuantLinear(keras.layers.Layer):
         """
         x_int = integer_of(x, s_in)
         if x_int is None:
-            x_int = tf.round(tf.cast(x, _F32) / s_in)  # |x_int| <= 2**21: exact in float32
+            x_int = tf.round(exact_div(x, s_in))  # |x_int| <= 2**21: exact in float32
         if self.frozen:
             scale = tf.convert_to_tensor(self.fc_scaling_factor)
             w_int, transpose_b = tf.convert_to_tensor(self.weight_integer), True  # (out, in)
@@ -816,7 +845,7 @@ class IntGELU(keras.layers.Layer):
         the polynomial, ``max|q| * max|y + one| < 2**53`` the output), else that float64 rule;
         ``sign(0) = 0`` needs no care since ``q = 0`` gives ``q_out = 0``.
         """
-        scale = tf.stop_gradient(scaling_factor) / self.k
+        scale = exact_div(tf.stop_gradient(scaling_factor), self.k)
         b_f = tf.floor(_rdiv(self.coeff[1], scale))  # float32, <= 0
         c_f = tf.floor(_rdiv(self.coeff[2], tf.square(scale)))  # float32, <= 0
         s_y = tf.square(scale) * self.coeff[0] * 2.0**self.const
@@ -854,7 +883,7 @@ class IntGELU(keras.layers.Layer):
             q, out_scale = self._forward_int(q_int, scaling_factor)
             return _attach(q * tf.cast(out_scale, _F64), q, out_scale), out_scale
         q = to_integer(x, scaling_factor)
-        y, s_y = self.int_erf(q, tf.stop_gradient(scaling_factor) / self.k)
+        y, s_y = self.int_erf(q, exact_div(tf.stop_gradient(scaling_factor), self.k))
         one = tf.cast(tf.stop_gradient(python_floordiv(1.0, s_y)), _F64)
         q = q * (y + one)
         out_scale = scaling_factor * s_y / 2
@@ -1069,7 +1098,7 @@ class IntLayerNorm(keras.layers.Layer):
         shift = tf.reshape(tf.convert_to_tensor(self.shift), ())  # float32
         scale = tf.sqrt(tf.constant(float(n), _F32)) / 2.0**30
         gamma, beta = tf.cast(self.gamma, _F32), tf.cast(self.beta, _F32)
-        bias_f = tf.floor((beta / gamma) / scale)
+        bias_f = tf.floor(exact_div(exact_div(beta, gamma), scale))
         shift_i = tf.clip_by_value(tf.cast(shift, tf.int64), 0, 62)
         q64 = tf.cast(q, tf.int64)
         mean = tf.round(tf.cast(tf.reduce_sum(q64, axis=-1, keepdims=True), _F64) / float(n))

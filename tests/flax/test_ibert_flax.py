@@ -266,6 +266,36 @@ def test_quant_mode_jit_equals_eager(pairs):
     assert_close(got, fx(**x).logits, 0.0, "jit vs eager")
 
 
+def test_quant_jit_equals_eager_and_pytorch_at_width(tmp_path):
+    # head size 48, calibrated scales no power of two: before every division by a broadcast scale went
+    # through quant.exact_div, XLA turned them into reciprocal products (78 outputs one step off here)
+    import nezha_zoo.pt as zoo
+    from benchmarks.ibert_quant import WIDE, padded_inputs
+
+    def batch(seed: int) -> dict:
+        return padded_inputs(2, 32, WIDE["vocab_size"], seed)
+
+    fx = nzf.FlaxIBertModel(IBertConfig(**WIDE, quant_mode=True), seed=0)
+    buffers = fx.buffers
+    for s in range(2):  # calibration: every scale a random float32, no power of two
+        _, state = fx(**batch(10 + s), buffers=buffers, train=True)
+        buffers = state["buffers"]
+    fx.buffers = buffers
+    fx.save_pretrained(tmp_path)
+    pt = zoo.IBertModel.from_pretrained(tmp_path).eval()
+    x = batch(0)
+    with torch.no_grad():
+        want = pt(**{k: torch.from_numpy(v) for k, v in x.items()}, output_hidden_states=True).hidden_states
+    jitted = jax.jit(lambda p, b, ids, m: fx(ids, m, params=p, buffers=b, output_hidden_states=True).hidden_states)
+    for name, got in (
+        ("eager", fx(x["input_ids"], x["attention_mask"], output_hidden_states=True).hidden_states),
+        ("jit", jitted(fx.params, fx.buffers, x["input_ids"], x["attention_mask"])),
+    ):
+        assert len(got) == len(want) == 2
+        for i, (w, g) in enumerate(zip(want, got)):
+            np.testing.assert_array_equal(np.asarray(g), w.numpy(), err_msg=f"{name}: hidden_states[{i}]")
+
+
 @pytest.mark.parametrize("head", ["Model", "ForMaskedLM"])
 def test_int8_products_equal_the_float_path(pairs, head, monkeypatch):
     # int8 x int8 -> int32 dot_general when int8 units are in use, float32 chunks otherwise: same integers

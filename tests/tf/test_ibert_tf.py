@@ -763,3 +763,39 @@ def test_frozen_integer_weights_give_the_same_numbers(pairs):
     finally:
         ours.freeze_integer_weights(False)
     assert not ours.ibert.embeddings.word_embeddings.frozen
+
+
+@pytest.mark.pt
+@pytest.mark.parametrize("frozen", [False, True])
+def test_quant_graph_and_xla_equal_eager_and_pytorch_at_width(tmp_path, frozen):
+    # head size 48, calibrated scales no power of two: before quant.exact_div, Grappler and XLA turned
+    # divisions by scales into reciprocal products and moved integers one step (19683 outputs here)
+    import nezha_zoo.pt as zoo
+    from benchmarks.ibert_quant import WIDE, padded_inputs
+
+    def batch(seed: int) -> dict:
+        return padded_inputs(2, 32, WIDE["vocab_size"], seed)
+
+    ours = ztf.TFIBertModel(IBertConfig(**WIDE, quant_mode=True), seed=0)
+    for s in range(2):  # calibration: every scale a random float32, no power of two
+        ours(**batch(10 + s), training=True)
+    ours.save_pretrained(tmp_path)
+    pt = zoo.IBertModel.from_pretrained(tmp_path).eval()
+    inp = batch(0)
+    with torch.no_grad():
+        want = pt(**_pt(inp), output_hidden_states=True).hidden_states
+    ours.freeze_integer_weights(frozen)
+    x = {k: tf.constant(v) for k, v in inp.items()}
+
+    def forward(x):
+        return ours(**x, output_hidden_states=True).hidden_states
+
+    for name, fn in (
+        ("eager", forward),
+        ("graph", tf.function(forward)),
+        ("xla", tf.function(forward, jit_compile=True)),
+    ):
+        got = fn(x)
+        assert len(got) == len(want) == 2
+        for i, (w, g) in enumerate(zip(want, got)):
+            np.testing.assert_array_equal(g.numpy(), w.numpy(), err_msg=f"{name}: hidden_states[{i}]")
