@@ -81,6 +81,7 @@ from nezha_zoo.flax.quant import (
     float_values,
     integer_of,
     quantize_kernel,
+    quantize_table,
     standalone_dot,
     x64_scope,
 )
@@ -643,7 +644,7 @@ class FlaxIBertPreTrainedModel(FlaxPreTrainedModel):
 
     family = IBERT
     base_model_prefix = "ibert"
-    #: params path of each QuantLinear -> (weakref to its kernel, its QUANTIZED entries)
+    #: module path of each QuantLinear / QuantEmbedding -> (weakref to its weight, its QUANTIZED entries)
     _quantized: dict = {}  # replaced, never mutated (per_array returns a new dict)
 
     @property
@@ -652,19 +653,25 @@ class FlaxIBertPreTrainedModel(FlaxPreTrainedModel):
 
     def _inference_collections(self, variables: Mapping) -> dict:
         """Quant mode: the :data:`~nezha_zoo.flax.quant.QUANTIZED` collection, :func:`quantize_kernel` of
-        every :class:`QuantLinear` kernel (the modules with a ``fc_scaling_factor`` buffer), computed once
-        per kernel array and kept while the same array is passed (as the packed kernels), so the compiled
+        every :class:`QuantLinear` kernel (the modules with a ``fc_scaling_factor`` buffer) and
+        :func:`quantize_table` of every :class:`QuantEmbedding` table (``weight_scaling_factor``), computed
+        once per weight array and kept while the same array is passed (as the packed kernels), so the compiled
         forward does not quantize the weights again in every call (PyTorch's cached ``QuantLinear``
         quantization, TF's frozen int8 kernel)."""
         if not self.quant_mode:
             return {}
         params = flatten_dict(dict(variables["params"]))
-        kernels = {
-            path[:-1]: params[path[:-1] + ("kernel",)]
-            for path in flatten_dict(dict(variables[BUFFERS]))
-            if path[-1] == "fc_scaling_factor"
+        kernels, tables = {}, {}  # module path -> its QuantLinear kernel / QuantEmbedding table
+        for path in flatten_dict(dict(variables[BUFFERS])):
+            if path[-1] == "fc_scaling_factor":
+                kernels[path[:-1]] = params[path[:-1] + ("kernel",)]
+            elif path[-1] == "weight_scaling_factor":
+                tables[path[:-1]] = params[path[:-1] + ("embedding",)]
+        held = self._quantized
+        self._quantized = {
+            **per_array(held, kernels, functools.partial(quantize_kernel, weight_bit=WEIGHT_BIT)),
+            **per_array(held, tables, functools.partial(quantize_table, weight_bit=EMBEDDING_BIT)),
         }
-        self._quantized = per_array(self._quantized, kernels, functools.partial(quantize_kernel, weight_bit=WEIGHT_BIT))
         return {QUANTIZED: unflatten_dict({path: held[1] for path, held in self._quantized.items()})}
 
     def clear_jit_cache(self) -> None:

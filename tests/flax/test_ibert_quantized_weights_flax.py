@@ -26,6 +26,8 @@ pin_precision("flax")
 
 #: QuantLinear layers of the SMOKE encoder: 6 a layer (query, key, value, two outputs, intermediate)
 LINEARS = 6 * SMOKE["num_hidden_layers"]
+#: QuantEmbedding tables: words, token types, positions
+TABLES = 3
 
 
 def _calibrated(cls=FlaxIBertModel, seed: int = 0):
@@ -44,10 +46,11 @@ def _inputs():
 
 
 def _counting(monkeypatch) -> list:
-    """Count the inline weight quantizations (one per QuantLinear call or trace)."""
+    """Count the inline weight quantizations (one per QuantLinear / QuantEmbedding call or trace)."""
     calls: list = []
-    inline = fq._kernel_quantization
-    monkeypatch.setattr(fq, "_kernel_quantization", lambda *a: calls.append(1) or inline(*a))
+    for name in ("_kernel_quantization", "_table_quantization"):
+        inline = getattr(fq, name)
+        monkeypatch.setattr(fq, name, lambda *a, inline=inline: calls.append(1) or inline(*a))
     return calls
 
 
@@ -59,17 +62,17 @@ def test_compiled_call_uses_the_quantized_weights(monkeypatch):
     # the inline path: op by op and under the user's jax.jit (traced params: nothing to precompute)
     calls = _counting(monkeypatch)
     eager = np.asarray(model(ids, mask).last_hidden_state)
-    assert len(calls) == LINEARS
+    assert len(calls) == LINEARS + TABLES
     jitted = np.asarray(jax.jit(lambda p: model(ids, mask, params=p).last_hidden_state)(model.params))
-    assert len(calls) == 2 * LINEARS  # the spy sees a trace
+    assert len(calls) == 2 * (LINEARS + TABLES)  # the spy sees a trace
     # the wrapper's compiled call (the second of this signature) quantizes nothing in the program
     compiled = [np.asarray(model(ids, mask).last_hidden_state) for _ in range(2)]
-    assert len(calls) == 2 * LINEARS and len(model._jit_compiled) == 1
+    assert len(calls) == 2 * (LINEARS + TABLES) and len(model._jit_compiled) == 1
     for out in (jitted, *compiled):
         assert out.dtype == eager.dtype and np.array_equal(out, eager)
     # the collection: each QuantLinear's integers and scale, on its params path
     held = model._quantized
-    assert len(held) == LINEARS
+    assert len(held) == LINEARS + TABLES
     path = ("encoder", "layer", "0", "intermediate", "dense")
     kernel = model.params
     for name in path:
@@ -80,6 +83,12 @@ def test_compiled_call_uses_the_quantized_weights(monkeypatch):
     w_int_t, w_scale = fq._kernel_quantization(kernel, 8)
     assert np.array_equal(np.asarray(entry["kernel_int8"], np.float32), np.asarray(w_int_t))
     assert np.array_equal(np.asarray(entry["fc_scaling_factor"]), np.asarray(w_scale))
+    path = ("embeddings", "word_embeddings")
+    entry = held[path][1]
+    assert held[path][0]() is model.params[path[0]][path[1]]["embedding"] and entry["weight_integer"].dtype == jnp.int8
+    w_int, w_scale = fq._table_quantization(model.params[path[0]][path[1]]["embedding"], 8)
+    assert np.array_equal(np.asarray(entry["weight_integer"], np.float32), np.asarray(w_int))
+    assert np.array_equal(np.asarray(entry["weight_scaling_factor"]), np.asarray(w_scale))
 
 
 def test_module_program_has_no_weight_quantization_with_the_collection():
@@ -88,23 +97,23 @@ def test_module_program_has_no_weight_quantization_with_the_collection():
     variables = {"params": model.params, "buffers": model.buffers}
     quantized = model._inference_collections(variables)
     assert set(quantized) == {fq.QUANTIZED}
-    kernel_shapes = {
+    weight_shapes = {
         tuple(leaf.shape)
         for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]
-        if path[-1].key == "kernel"
+        if path[-1].key in ("kernel", "embedding")
     }
 
-    def kernel_reductions(extra: dict) -> int:
+    def weight_reductions(extra: dict) -> int:
         with fq.x64_scope():
             jaxpr = jax.make_jaxpr(lambda v: model.module.apply(v, ids, mask))({**variables, **extra})
         count = 0
-        for eqn in jaxpr.jaxpr.eqns:  # the per-channel min/max over a kernel (in, out) -> (out,)
-            if eqn.primitive.name in ("reduce_min", "reduce_max") and eqn.params.get("axes") == (0,):
-                count += tuple(eqn.invars[0].aval.shape) in kernel_shapes
+        for eqn in jaxpr.jaxpr.eqns:  # min/max over a kernel's channels (in, out) -> (out,) or a whole table
+            if eqn.primitive.name in ("reduce_min", "reduce_max") and eqn.params.get("axes") in ((0,), (0, 1)):
+                count += tuple(eqn.invars[0].aval.shape) in weight_shapes
         return count
 
-    assert kernel_reductions({}) == 2 * LINEARS
-    assert kernel_reductions(quantized) == 0
+    assert weight_reductions({}) == 2 * (LINEARS + TABLES)
+    assert weight_reductions(quantized) == 0
 
 
 def test_new_params_are_quantized_again():
