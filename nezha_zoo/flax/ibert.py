@@ -38,12 +38,15 @@ quant mode, the sum of word and token-type embeddings is quantized (transformers
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from nezha_zoo.families.ibert import (
     ACT_BIT,
@@ -62,9 +65,12 @@ from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
     finish_output,
+    per_array,
     validate_inputs,
 )
 from nezha_zoo.flax.quant import (
+    BUFFERS,
+    QUANTIZED,
     IntGELU,
     IntLayerNorm,
     IntSoftmax,
@@ -74,6 +80,8 @@ from nezha_zoo.flax.quant import (
     exact_div,
     float_values,
     integer_of,
+    quantize_kernel,
+    quantize_table,
     standalone_dot,
     x64_scope,
 )
@@ -636,10 +644,41 @@ class FlaxIBertPreTrainedModel(FlaxPreTrainedModel):
 
     family = IBERT
     base_model_prefix = "ibert"
+    #: module path of each QuantLinear / QuantEmbedding -> (weakref to its weight, its QUANTIZED entries)
+    _quantized: dict = {}  # replaced, never mutated (per_array returns a new dict)
 
     @property
     def quant_mode(self) -> bool:
         return self.config.quant_mode
+
+    def _inference_collections(self, variables: Mapping) -> dict:
+        """Quant mode: the :data:`~nezha_zoo.flax.quant.QUANTIZED` collection, :func:`quantize_kernel` of
+        every :class:`QuantLinear` kernel (the modules with a ``fc_scaling_factor`` buffer) and
+        :func:`quantize_table` of every :class:`QuantEmbedding` table (``weight_scaling_factor``), computed
+        once per weight array and kept while the same array is passed (as the packed kernels), so the compiled
+        forward does not quantize the weights again in every call (PyTorch's cached ``QuantLinear``
+        quantization, TF's frozen int8 kernel)."""
+        if not self.quant_mode:
+            return {}
+        params = flatten_dict(dict(variables["params"]))
+        kernels, tables = {}, {}  # module path -> its QuantLinear kernel / QuantEmbedding table
+        for path in flatten_dict(dict(variables[BUFFERS])):
+            if path[-1] == "fc_scaling_factor":
+                kernels[path[:-1]] = params[path[:-1] + ("kernel",)]
+            elif path[-1] == "weight_scaling_factor":
+                tables[path[:-1]] = params[path[:-1] + ("embedding",)]
+        held = self._quantized
+        self._quantized = {
+            **per_array(held, kernels, functools.partial(quantize_kernel, weight_bit=WEIGHT_BIT)),
+            **per_array(held, tables, functools.partial(quantize_table, weight_bit=EMBEDDING_BIT)),
+        }
+        return {QUANTIZED: unflatten_dict({path: held[1] for path, held in self._quantized.items()})}
+
+    def clear_jit_cache(self) -> None:
+        """As :meth:`FlaxPreTrainedModel.clear_jit_cache`, and the quantized weights (see
+        :meth:`_inference_collections`)."""
+        super().clear_jit_cache()
+        self._quantized = {}
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None) -> None:
         """Not supported (as in transformers): the quantization state is tied to the table size."""

@@ -283,6 +283,17 @@ def spec_params_shape(spec: ModelSpec, dtype: Any = jnp.float32) -> dict:
     return unflatten_dict({LAYOUT.path(p): jax.ShapeDtypeStruct(LAYOUT.shape(p), dtype) for p in _trainable(spec)})
 
 
+def per_array(previous: Mapping[Any, tuple[weakref.ref, Any]], arrays: Mapping[Any, Any], make: Callable) -> dict:
+    """``{key: (weakref to array, make(array))}`` for ``arrays``, reusing ``previous``'s value of a key
+    while it holds the same array object (jax arrays are immutable: the value cannot go stale); a new
+    array is made again and the entries of absent keys are dropped."""
+    out = {}
+    for key, array in arrays.items():
+        held = previous.get(key)
+        out[key] = (weakref.ref(array), held[1] if held is not None and held[0]() is array else make(array))
+    return out
+
+
 def _path_str(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
@@ -791,14 +802,22 @@ class FlaxPreTrainedModel(LoraMixin):
         else:
             self._jit_compiled.move_to_end(key)
         if packing:
-            args = ({**variables, PACKED: self._packed_kernels(variables["params"])}, inputs, rngs)
-        return compiled(*args)
+            variables = {**variables, PACKED: self._packed_kernels(variables["params"])}
+        if deterministic:
+            variables = {**variables, **self._inference_collections(variables)}
+        return compiled(variables, inputs, rngs)
 
     def _float_inference(self, deterministic: bool) -> bool:
         """Whether a compiled call is a float32 inference program (not training, bfloat16 or I-BERT's
         integer-only mode): the programs :func:`~nezha_zoo.flax.layers.dense_compiler_options` was
         measured on."""
         return deterministic and self.dtype == jnp.float32 and not getattr(self.config, "quant_mode", False)
+
+    def _inference_collections(self, variables: Mapping) -> dict:
+        """Variable collections a compiled deterministic call adds to ``variables``: values the module
+        would compute from the params in every forward, computed once per params array outside the
+        program (I-BERT's quantized weights); none by default."""
+        return {}
 
     def _packed_kernels(self, params: Mapping) -> dict:
         """The ``"packed"`` collection for ``params``: :func:`~nezha_zoo.flax.layers.pack_kernel` of every
@@ -808,14 +827,8 @@ class FlaxPreTrainedModel(LoraMixin):
         immutable, so the copy cannot go stale); a new array (``model.params = ...``, another ``params=``)
         is packed again on its first call and the old copy dropped.
         """
-        previous = self._packed
-        self._packed = {}
-        for path, leaf in flatten_dict(dict(params)).items():
-            if path[-1] != "kernel" or not packable(leaf):
-                continue
-            held = previous.get(path)
-            packed = held[1] if held is not None and held[0]() is leaf else pack_kernel(leaf)
-            self._packed[path] = (weakref.ref(leaf), packed)
+        kernels = {path: leaf for path, leaf in flatten_dict(dict(params)).items() if path[-1] == "kernel"}
+        self._packed = per_array(self._packed, {path: k for path, k in kernels.items() if packable(k)}, pack_kernel)
         return unflatten_dict({path: held[1] for path, held in self._packed.items()})
 
     def clear_jit_cache(self) -> None:

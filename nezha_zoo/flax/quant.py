@@ -51,6 +51,7 @@ backend's); float mode trains normally.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,6 +81,7 @@ from nezha_zoo.spec.param import Kind
 
 __all__ = [
     "BUFFERS",
+    "QUANTIZED",
     "x64_scope",
     "symmetric_scale",
     "symmetric_quantize",
@@ -96,6 +98,8 @@ __all__ = [
     "integer_matmul",
     "int8_matmul",
     "standalone_dot",
+    "quantize_table",
+    "quantize_kernel",
     "QuantEmbedding",
     "QuantAct",
     "QuantLinear",
@@ -109,6 +113,12 @@ _LAYOUT = LAYOUTS["flax"]
 BUFFERS = _LAYOUT.collection[Kind.BUFFER]
 _KERNEL, _EMBEDDING = _LAYOUT.leaf[Kind.DENSE], _LAYOUT.leaf[Kind.EMBEDDING]
 _SCALE, _BIAS = _LAYOUT.leaf[Kind.NORM_SCALE], "bias"
+#: Variable collection of the weight quantizations of inference calls (:func:`quantize_kernel` of each
+#: :class:`QuantLinear` kernel, on its params path: ``kernel_int8``, ``fc_scaling_factor``;
+#: :func:`quantize_table` of each :class:`QuantEmbedding` table: ``weight_integer``,
+#: ``weight_scaling_factor``), computed once per params array by the wrapper outside the compiled
+#: forward, as the packed kernels.
+QUANTIZED = "quantized"
 
 
 @contextlib.contextmanager
@@ -506,6 +516,9 @@ class QuantEmbedding(nn.Module):
 
     Call: ``ids`` int (...,) -> ``(x float32 (..., dim), s (1,) or None)``; quant mode
     ``x = weight_integer[ids] * s``, or with ``integer_output`` the int8 ``weight_integer[ids]``.
+    When the :data:`QUANTIZED` collection holds this table's ``weight_integer`` and
+    ``weight_scaling_factor`` (:func:`quantize_table`; the wrapper's compiled inference calls), they are
+    used instead of quantizing the table in the call.
     """
 
     num_embeddings: int
@@ -524,13 +537,65 @@ class QuantEmbedding(nn.Module):
         w_int_buf = self.variable(BUFFERS, "weight_integer", lambda: jnp.zeros(table.shape, jnp.float32))
         if not self.quant_mode:
             return freeze_padding_row(jnp.take(table, ids, axis=0), ids, self.padding_idx), None
-        w = jax.lax.stop_gradient(table)
-        scale = symmetric_scale(self.weight_bit, jnp.min(w)[None], jnp.max(w)[None])
-        w_int = symmetric_quantize(w, self.weight_bit, scale)
+        if self.has_variable(QUANTIZED, "weight_integer"):  # the wrapper's inference calls: quantized once
+            w_int = self.get_variable(QUANTIZED, "weight_integer")
+            scale = self.get_variable(QUANTIZED, "weight_scaling_factor")
+        else:
+            w_int, scale = _table_quantization(jax.lax.stop_gradient(table), self.weight_bit)
         if not deterministic and self.is_mutable_collection(BUFFERS):
-            w_scale.value, w_int_buf.value = scale, w_int
+            w_scale.value, w_int_buf.value = scale, w_int.astype(jnp.float32)
         q = jnp.take(w_int, ids, axis=0)
         return (q.astype(_int_dtype(self.weight_bit)), scale) if integer_output else (q * scale, scale)
+
+
+def _table_quantization(table: jax.Array, weight_bit: int) -> tuple[jax.Array, jax.Array]:
+    """``(W_int, s)`` of a :class:`QuantEmbedding` table (rows, dim), per tensor: float32 integers
+    (rows, dim), float32 (1,)."""
+    scale = symmetric_scale(weight_bit, jnp.min(table)[None], jnp.max(table)[None])
+    return symmetric_quantize(table, weight_bit, scale), scale
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def quantize_table(table: jax.Array, weight_bit: int = 8) -> dict[str, jax.Array]:
+    """The :data:`QUANTIZED` entries of a :class:`QuantEmbedding` table: what its quant-mode call computes
+    from ``table`` when they are absent, done once outside the forward.
+
+    Args:
+        table: float32 (rows, dim).
+        weight_bit (int): the table's bit width (8 for I-BERT).
+    Returns:
+        ``{"weight_integer": W_int (rows, dim) in the narrowest signed integer dtype of ``weight_bit``
+        bits, "weight_scaling_factor": s float32 (1,)}``.
+    """
+    w_int, scale = _table_quantization(jnp.asarray(table, jnp.float32), weight_bit)
+    return {"weight_integer": w_int.astype(_int_dtype(weight_bit)), "weight_scaling_factor": scale}
+
+
+def _kernel_quantization(kernel: jax.Array, weight_bit: int) -> tuple[jax.Array, jax.Array]:
+    """``(W_int.T, s_w)`` of a :class:`QuantLinear` kernel (in, out): per output channel, in the kernel's
+    own layout (no transposes; the scale broadcasts on the last axis of the (1, in, out) view).
+
+    Returns:
+        float32 integers (in, out), float32 (out,).
+    """
+    w_scale = symmetric_scale(weight_bit, jnp.min(kernel, axis=0), jnp.max(kernel, axis=0))
+    return symmetric_quantize(kernel[None], weight_bit, w_scale)[0], w_scale
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def quantize_kernel(kernel: jax.Array, weight_bit: int = 8) -> dict[str, jax.Array]:
+    """The :data:`QUANTIZED` entries of a :class:`QuantLinear` kernel: what its quant-mode call computes
+    from ``kernel`` when they are absent (the same integers and scale), done once outside the forward.
+
+    Args:
+        kernel: float32 (in, out).
+        weight_bit (int): the layer's weight bit width (8 for I-BERT).
+    Returns:
+        ``{"kernel_int8": W_int.T (in, out) in the narrowest signed integer dtype of ``weight_bit`` bits,
+        "fc_scaling_factor": s_w float32 (out,)}``.
+    """
+    w_int_t, w_scale = _kernel_quantization(jnp.asarray(kernel, jnp.float32), weight_bit)
+    return {"kernel_int8": w_int_t.astype(_int_dtype(weight_bit)), "fc_scaling_factor": w_scale}
 
 
 class QuantLinear(nn.Module):
@@ -541,7 +606,10 @@ class QuantLinear(nn.Module):
     ``W = kernel.T``, ``W_int = symmetric_quantize(W, 8, s_w)``, ``s_out = s_w * s_in``,
     ``b_int = symmetric_quantize(b, 32, s_out)``, ``acc = x_int @ W_int.T + b_int`` (int8 x int8 ->
     int32 product, exact, plus the bias in int64); returns ``(acc * s_out as float64, s_out (out,))``,
-    or the int64 ``acc`` itself for integer-dtype ``x`` (call inside :func:`x64_scope`).
+    or the int64 ``acc`` itself for integer-dtype ``x`` (call inside :func:`x64_scope`).  When the
+    :data:`QUANTIZED` collection holds this layer's ``kernel_int8`` and ``fc_scaling_factor``
+    (:func:`quantize_kernel`; the wrapper's compiled inference calls), they are used instead of
+    quantizing ``kernel`` in the call.
 
     Attributes:
         in_features (int), features (int): input and output widths.
@@ -580,15 +648,15 @@ class QuantLinear(nn.Module):
                 "QuantLinear: prev_act_scaling_factor must be a per-tensor scale of shape (1,), got "
                 f"{None if prev_act_scaling_factor is None else tuple(prev_act_scaling_factor.shape)}"
             )
-        # per output channel, in the kernel's own (in, out) layout (no transposes): the scale broadcasts
-        # on the last axis of the (1, in, out) view
-        k = jax.lax.stop_gradient(kernel)
-        w_scale = symmetric_scale(self.weight_bit, jnp.min(k, axis=0), jnp.max(k, axis=0))  # (out,)
-        w_int_t = symmetric_quantize(k[None], self.weight_bit, w_scale)[0]  # (in, out) = W_int.T
+        if self.has_variable(QUANTIZED, "kernel_int8"):  # the wrapper's inference calls: quantized once
+            w_int_t = self.get_variable(QUANTIZED, "kernel_int8")
+            w_scale = self.get_variable(QUANTIZED, "fc_scaling_factor")
+        else:
+            w_int_t, w_scale = _kernel_quantization(jax.lax.stop_gradient(kernel), self.weight_bit)
         out_scale = w_scale * prev_act_scaling_factor  # (out,) float32
         b_int = computed_once(symmetric_quantize(bias, self.bias_bit, out_scale))
         if not deterministic and self.is_mutable_collection(BUFFERS):
-            w_int_buf.value, fc_scale.value, b_int_buf.value = w_int_t.T, w_scale, b_int
+            w_int_buf.value, fc_scale.value, b_int_buf.value = w_int_t.T.astype(jnp.float32), w_scale, b_int
         x_int = integer_of(x)
         integers = x_int is not None
         if not integers:
