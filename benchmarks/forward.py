@@ -5,8 +5,10 @@
 
 * ours: PyTorch eager (``pt``), eager with the opt-in packed weights (``pt-packed``,
   :func:`nezha_zoo.pt.set_packed_linear`) and ``torch.compile`` (``pt-compile``), TensorFlow under
-  ``tf.function`` without and with XLA (``tf``, ``tf-xla``), Flax under
-  :func:`nezha_zoo.flax.inference_jit` (``jax.jit`` with our XLA CPU options; ``flax``);
+  ``tf.function`` without and with XLA (``tf``, ``tf-xla``) and with the packed weights (``tf-packed``),
+  Flax under :func:`nezha_zoo.flax.inference_jit` (``jax.jit`` with our XLA CPU options; ``flax``) and
+  the wrapper's own compiled call with the packed weights (``flax-packed``): the one switch of
+  :mod:`nezha_zoo.packing`, which acts at 32 token rows or fewer;
 * transformers 4.57.6 for the same framework where it has the class: ``hf-pt`` (all six families),
   ``hf-tf`` / ``hf-tf-xla`` (Electra, MPNet; under tf-keras, which coexists with our Keras 3) and
   ``hf-flax`` (Electra).
@@ -126,7 +128,9 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     "pt-compile": ("pt", "ours", "torch.compile"),
     "tf": ("tf", "ours", "tf.function"),
     "tf-xla": ("tf", "ours", "tf.function+XLA"),
+    "tf-packed": ("tf", "ours", "tf.function+packed"),
     "flax": ("flax", "ours", "jax.jit"),
+    "flax-packed": ("flax", "ours", "jax.jit+packed"),
     "hf-pt": ("pt", "transformers", "eager"),
     "hf-tf": ("tf", "transformers", "tf.function"),
     "hf-tf-xla": ("tf", "transformers", "tf.function+XLA"),
@@ -212,11 +216,19 @@ def _make_runner(
 
             module.logging.set_verbosity_error()
             model = getattr(module, name).from_pretrained(path, from_pt=True)
+        from nezha_zoo.tf import packed_linear
+
         fn = tf.function(
             lambda ids, mask: model(input_ids=ids, attention_mask=mask, training=False)[0],
             jit_compile=mode.endswith("XLA"),
         )
-        return (lambda ids, mask: fn(tf.constant(ids), tf.constant(mask))), (lambda out: out.numpy())
+        packed = mode.endswith("+packed")  # read at trace time; set around each call all the same
+
+        def run_tf(ids, mask):
+            with packed_linear(packed):
+                return fn(tf.constant(ids), tf.constant(mask))
+
+        return run_tf, (lambda out: out.numpy())
     import jax
 
     if impl == "ours":
@@ -228,6 +240,16 @@ def _make_runner(
 
         module.logging.set_verbosity_error()
         model = getattr(module, name).from_pretrained(path, from_pt=True)
+    if mode.endswith("+packed"):
+        # the packed kernels live in the wrapper's own compiled call (a params tree traced by an outer
+        # jax.jit cannot be packed ahead): call the wrapper, compiled from its first call, switch on
+        model.jit_after_calls = 0
+
+        def run_flax_packed(ids, mask):
+            with module.packed_linear(True):
+                return model(ids, attention_mask=mask)[0]
+
+        return run_flax_packed, (lambda out: out.block_until_ready())
     # ours: the documented helper for a user's own jitted forward (our XLA CPU options for float32
     # inference, nezha_zoo.flax.inference_jit); transformers: plain jax.jit, as its users write it
     jit = module.inference_jit if impl == "ours" else jax.jit

@@ -30,7 +30,7 @@ def test_flop_count_matches_a_hand_count():
 
 
 def test_smoke_run_writes_json_markdown_and_chart(tmp_path):
-    backends = ["pt", "pt-packed", "tf", "flax", "hf-pt"]
+    backends = ["pt", "pt-packed", "tf", "tf-packed", "flax", "flax-packed", "hf-pt"]
     rc = forward.main(
         ["--smoke", "--families", "electra", "--backends", ",".join(backends), "--out", str(tmp_path),
          "--min-time", "0", "--repeats", "1", "--workdir", str(tmp_path / "ckpt")]
@@ -76,6 +76,9 @@ def test_backends_of_a_process_are_timed_in_turn_with_the_reference():
 def test_against_transformers_takes_the_best_mode_of_each_side_packed_included():
     # pt-packed (the opt-in PackedLinear path) is one of our modes: when it is the fastest, it is ours
     assert forward.BACKENDS["pt-packed"] == ("pt", "ours", "eager+packed")
+    # the same switch in every framework (nezha_zoo.packing): TF and Flax packed modes are ours too
+    assert forward.BACKENDS["tf-packed"] == ("tf", "ours", "tf.function+packed")
+    assert forward.BACKENDS["flax-packed"] == ("flax", "ours", "jax.jit+packed")
     rows = [
         {"family": "electra", "framework": "pt", "shape": "1x16", "backend": b, "median_ms": ms}
         for b, ms in (("pt", 3.0), ("pt-packed", 2.0), ("pt-compile", 2.5), ("hf-pt", 4.0), ("hf-pt", 5.0))
