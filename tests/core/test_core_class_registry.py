@@ -37,7 +37,15 @@ EXTRAS = {
     "pt": {"PreTrainedModel", "mean_pool", "export_onnx", "set_packed_linear", "packed_linear"},  # #19, #23
     # checked: issue #22 (compiled bad input); the packed-products switch: #23
     "tf": {"TFPreTrainedModel", "mean_pool", "checked", "set_packed_linear", "packed_linear"},
-    "flax": {"FlaxPreTrainedModel", "mean_pool", "losses", "checked", "set_packed_linear", "packed_linear"},
+    "flax": {
+        "FlaxPreTrainedModel",
+        "mean_pool",
+        "losses",
+        "checked",
+        "set_packed_linear",
+        "packed_linear",
+        "inference_jit",
+    },
 }
 for _fw, _prefix in (("pt", ""), ("tf", "TF"), ("flax", "Flax")):
     EXTRAS[_fw] |= {_prefix + name for name in AUTO_MODEL_HEADS}  # the Auto classes (<backend>/auto.py)
