@@ -15,10 +15,16 @@ import numpy as np
 
 from nezha_zoo.io.dtype_names import numpy_dtype_named
 
-__all__ = ["SUPPORTED", "canonical_dtype", "numpy_dtype", "itemsize"]
+__all__ = ["SUPPORTED", "SATURATING_MASK_DTYPES", "canonical_dtype", "numpy_dtype", "itemsize", "saturates_mask_sum"]
 
 #: The dtypes a model's weights and compute may use.
 SUPPORTED = ("float32", "bfloat16", "float16")
+
+#: The dtypes whose attention ``scores + additive mask`` saturates at ``finfo.min`` instead of overflowing.
+#: float16's min (-65504) sits where neighbours are 32 apart, so a masked score below -16 rounds to -inf, and a
+#: row with no visible key turns into NaN (which a later layer's ``0 * value`` spreads to real tokens).  In
+#: float32 and bfloat16 (min about -3.4e38) no real score overflows, so their sums are left as they are.
+SATURATING_MASK_DTYPES = ("float16",)
 
 _ALIASES = {
     "float32": "float32",
@@ -87,3 +93,9 @@ def numpy_dtype(dtype: Any) -> np.dtype:
 def itemsize(dtype: Any) -> int:
     """Bytes per element of ``dtype`` (4 for float32, 2 for bfloat16 and float16)."""
     return numpy_dtype(dtype).itemsize
+
+
+def saturates_mask_sum(dtype: Any) -> bool:
+    """Whether attention in ``dtype`` clamps ``scores + mask`` at ``finfo(dtype).min`` (see
+    :data:`SATURATING_MASK_DTYPES`); ``dtype`` as :func:`canonical_dtype` accepts it."""
+    return canonical_dtype(dtype) in SATURATING_MASK_DTYPES

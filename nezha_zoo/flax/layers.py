@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from nezha_zoo.dtypes import saturates_mask_sum
 from nezha_zoo.hardware import CpuFeatures, cpu_features
 from nezha_zoo.packing import PACK_BLOCK, PACKED_MAX_ROWS
 from nezha_zoo.spec.blocks import BertLayerNames, cross_attention_names
@@ -54,6 +55,7 @@ __all__ = [
     "dense",
     "layer_norm",
     "Dropout",
+    "add_attention_mask",
     "BertEmbeddings",
     "BertSelfAttention",
     "BertAttention",
@@ -425,6 +427,15 @@ def cache_length(variables: Any) -> int | None:
     return None
 
 
+def add_attention_mask(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """``scores`` (B, heads, Lq, Lk) plus an additive ``mask`` broadcastable to them, saturating at the dtype's
+    min in :data:`nezha_zoo.dtypes.SATURATING_MASK_DTYPES` (float16: no -inf, so no NaN row); else the plain sum."""
+    total = scores + mask
+    if saturates_mask_sum(total.dtype):
+        total = jnp.maximum(total, jnp.finfo(total.dtype).min)
+    return total
+
+
 class BertEmbeddings(nn.Module):
     """Word + (absolute position) + (token type) embeddings, LayerNorm, dropout.
 
@@ -558,7 +569,7 @@ class BertSelfAttention(nn.Module):
         if position_bias is not None:
             scores = scores + position_bias.astype(self.dtype)  # MPNet: after scaling
         if visible is not None:
-            scores = scores + (1.0 - visible) * jnp.finfo(self.dtype).min
+            scores = add_attention_mask(scores, (1.0 - visible) * jnp.finfo(self.dtype).min)
         # In float32, cast back: as torch's bfloat16 softmax, which accumulates in float32.
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
         probs = Dropout(c.attention_probs_dropout_prob, name="dropout")(probs, deterministic=deterministic)

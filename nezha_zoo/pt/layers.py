@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nezha_zoo.dtypes import saturates_mask_sum
 from nezha_zoo.packing import (
     FINGERPRINT_RUN,
     FINGERPRINT_SIZE,
@@ -51,6 +52,7 @@ __all__ = [
     "attach",
     "extended_attention_mask",
     "encoder_attention_bias",
+    "add_attention_mask",
     "expand_head_mask",
     "BertEmbeddings",
     "padding_aware_position_ids",
@@ -177,6 +179,19 @@ def encoder_attention_bias(encoder_attention_mask: torch.Tensor, dtype: torch.dt
     else:
         mask = encoder_attention_mask[:, None, None, :].to(dtype)
     return (1.0 - mask) * torch.finfo(dtype).min
+
+
+def add_attention_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``scores + mask`` for an additive ``mask`` (or bias) broadcastable to ``scores`` (B, heads, Lq, Lk).
+
+    In float16 (:data:`nezha_zoo.dtypes.SATURATING_MASK_DTYPES`) the sum saturates at ``finfo.min``: a masked
+    score no longer overflows to -inf, so a row with no visible key is uniform, not NaN.  Other dtypes: the
+    plain sum.
+    """
+    total = scores + mask
+    if saturates_mask_sum(total.dtype):
+        total = total.clamp_min_(torch.finfo(total.dtype).min)  # -inf -> min; a fresh tensor, safe in place
+    return total
 
 
 def expand_head_mask(
@@ -658,7 +673,7 @@ def fused_attention(
     if plain and (not enable_gqa or key.shape[1] in (1, query.shape[1])):
         scores = torch.matmul(query * scale, key.transpose(-1, -2))  # (B, heads, Lq, Lk)
         if mask is not None:
-            scores = scores + mask
+            scores = add_attention_mask(scores, mask)
         probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p, training=True)
         return torch.matmul(probs, value)
     return F.scaled_dot_product_attention(
@@ -751,7 +766,7 @@ class BertSelfAttention(nn.Module):
         if position_bias is not None:
             scores = scores + position_bias
         if attention_mask is not None:
-            scores = scores + attention_mask
+            scores = add_attention_mask(scores, attention_mask)
         probs = F.softmax(scores, dim=-1)
         probs = self.dropout(probs)
         if head_mask is not None:
@@ -779,7 +794,7 @@ class BertSelfAttention(nn.Module):
         """
         mask = attention_mask
         if position_bias is not None:
-            mask = position_bias if mask is None else position_bias + mask  # (B or 1, heads, Lq, Lk)
+            mask = position_bias if mask is None else add_attention_mask(position_bias, mask)  # (B|1, heads, Lq, Lk)
         p = self.dropout.p if self.training else 0.0
         return fused_attention(query, key, value, mask, 1.0 / math.sqrt(self.attention_head_size), p)
 

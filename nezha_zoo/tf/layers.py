@@ -47,6 +47,7 @@ from keras.src.backend.common.symbolic_scope import in_symbolic_scope  # no publ
 from tensorflow.python.ops import control_flow_util, resource_variable_ops  # no public spelling
 
 from nezha_zoo.config import PretrainedConfig
+from nezha_zoo.dtypes import saturates_mask_sum
 from nezha_zoo.outputs import BaseModelOutputWithPastAndCrossAttentions, ModelOutput
 from nezha_zoo.packing import (
     PACK_BLOCK,
@@ -92,6 +93,7 @@ __all__ = [
     "check_id_dtypes",
     "graph_input_checks",
     "poison_rows",
+    "add_attention_mask",
     "padding_aware_position_ids",
     "sequential_position_ids",
 ]
@@ -621,7 +623,7 @@ class TFBertSelfAttention(Block):
         if position_bias is not None:
             scores = scores + tf.cast(position_bias, scores.dtype)
         if attention_mask is not None:
-            scores = scores + attention_mask
+            scores = add_attention_mask(scores, attention_mask)
         # In float32, cast back: as torch's bfloat16 softmax, which accumulates in float32.
         probs = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), scores.dtype)
         probs = self.dropout(probs, training=training)
@@ -1209,6 +1211,15 @@ def extended_attention_mask(
     else:
         ext = tf.expand_dims(tf.expand_dims(mask, 1), 1)  # (B, 1, 1, Lk)
     return tf.cast((1.0 - ext) * dtype.min, dtype)
+
+
+def add_attention_mask(scores: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """``scores`` (B, heads, Lq, Lk) plus an additive ``mask`` broadcastable to them, saturating at the dtype's
+    min in :data:`nezha_zoo.dtypes.SATURATING_MASK_DTYPES` (float16: no -inf, so no NaN row); else the plain sum."""
+    total = scores + mask
+    if saturates_mask_sum(total.dtype.name):
+        total = tf.maximum(total, tf.constant(total.dtype.min, total.dtype))
+    return total
 
 
 def check_fixed_cache_inputs(attention_mask, input_shape: tuple | None, slots: int) -> None:

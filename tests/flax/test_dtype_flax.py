@@ -232,3 +232,30 @@ def test_bad_dtype_raises_clearly(tmp_path):
         nzf.FlaxElectraModel.from_pretrained(tmp_path, dtype="int8")
     with pytest.raises(TypeError, match="dtype must be None, a string or a dtype object"):
         nzf.FlaxElectraModel.from_pretrained(tmp_path, dtype=2.0)
+
+
+def test_float16_fully_masked_row_is_finite_and_matches_float32(tmp_path):
+    # float16's min + a score below -16 rounds to -inf: a row whose keys are all masked became NaN.  The sum now
+    # saturates at finfo.min (one rule in every backend, nezha_zoo.dtypes.SATURATING_MASK_DTYPES): the row is
+    # uniform, as in float32.  Zero query/key kernels and biases +-8 make every score about -181.
+    ref = nzf.FlaxElectraModel(CONFIGS["Electra"], seed=0)
+    params = jax.tree_util.tree_map(lambda x: x, ref.params)  # a copy to edit
+    for layer in params["encoder"]["layer"].values():
+        attn = layer["attention"]["self"]
+        attn["query"] = {
+            "kernel": jnp.zeros_like(attn["query"]["kernel"]),
+            "bias": jnp.full_like(attn["query"]["bias"], 8.0),
+        }
+        attn["key"] = {
+            "kernel": jnp.zeros_like(attn["key"]["kernel"]),
+            "bias": jnp.full_like(attn["key"]["bias"], -8.0),
+        }
+    ref.params = params
+    ref.save_pretrained(tmp_path)
+    half = nzf.FlaxElectraModel.from_pretrained(tmp_path, dtype="float16")
+    ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]], np.int32)
+    mask = np.array([[1, 1, 1, 0], [0, 0, 0, 0]], np.int32)  # the second row sees no key at all
+    want = ref(ids, attention_mask=mask).last_hidden_state
+    got = half(ids, attention_mask=mask).last_hidden_state
+    assert got.dtype == jnp.float16 and bool(jnp.isfinite(got).all())
+    assert_close(np.asarray(got, np.float32), np.asarray(want), TOLERANCES["bf16"], "float16 against float32")

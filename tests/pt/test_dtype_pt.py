@@ -186,3 +186,39 @@ def test_large_weights_load_exactly_and_stay_tied(tmp_path, dtype):
     m.train()
     m(**inputs, labels=inputs["input_ids"]).loss.backward()  # trainable as any parameter
     assert word.grad is not None and word.grad.shape == word.shape
+
+
+def _all_scores_negative(model: torch.nn.Module, value: float = 8.0) -> None:
+    """Zero the query/key kernels and set their biases to ``+-value``: every attention score is the same
+    large negative number (``-value**2 * head_dim / sqrt(head_dim)``, about -181 here)."""
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            attn = layer.attention.self
+            attn.query.weight.zero_()
+            attn.key.weight.zero_()
+            attn.query.bias.fill_(value)
+            attn.key.bias.fill_(-value)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_float16_fully_masked_row_is_finite_and_matches_float32(need_weights, tmp_path):
+    # float16's min + a score below -16 rounds to -inf; a row whose keys are all masked then became NaN on the
+    # unfused path (transformers' eager attention too).  The sum now saturates at finfo.min: the row is uniform,
+    # as in float32, and the rows transformers computes finitely are unchanged.
+    torch.manual_seed(0)
+    ref = zoo.ElectraModel(CONFIGS["Electra"]).eval()
+    _all_scores_negative(ref)
+    ref.save_pretrained(tmp_path)
+    half = zoo.ElectraModel.from_pretrained(tmp_path).to(torch.float16).eval()
+    hf = transformers.ElectraModel.from_pretrained(tmp_path, attn_implementation="eager").to(torch.float16).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0]])  # the second row sees no key at all
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).last_hidden_state
+        got = half(ids, attention_mask=mask, output_attentions=need_weights).last_hidden_state
+        theirs = hf(ids, attention_mask=mask).last_hidden_state
+    assert got.dtype == torch.float16 and bool(torch.isfinite(got).all())
+    assert_close(got.float(), want, TOLERANCES["bf16"], "float16 against float32 hidden states")
+    finite = torch.isfinite(theirs).all(dim=-1)  # (B, L): rows transformers computes without overflow
+    assert bool(finite[0].all())
+    assert_close(got[finite].float(), theirs[finite].float(), TOLERANCES["bf16"], "against transformers (finite rows)")

@@ -270,3 +270,23 @@ def test_weights_loaded_in_pieces_leave_copy_on_read_mode(tmp_path, monkeypatch)
     want = ztf.TFElectraModel(CONFIGS["Electra"], seed=0)
     ids = tf.constant(_inputs("Electra")["input_ids"])
     np.testing.assert_array_equal(model(input_ids=ids)[0].numpy(), want(input_ids=ids)[0].numpy())
+
+
+def test_float16_fully_masked_row_is_finite_and_matches_float32(tmp_path):
+    # float16's min + a score below -16 rounds to -inf: a row whose keys are all masked became NaN.  The sum now
+    # saturates at the dtype's min (one rule in every backend, nezha_zoo.dtypes.SATURATING_MASK_DTYPES): the row
+    # is uniform, as in float32.  Zero query/key kernels and biases +-8 make every score about -181.
+    ref = ztf.TFElectraModel(CONFIGS["Electra"], seed=0)
+    for v in ref.weights:
+        if "/attention/self/" in v.path and v.path.endswith("/kernel") and "/value/" not in v.path:
+            v.assign(tf.zeros_like(v))
+        elif v.path.endswith("/attention/self/query/bias") or v.path.endswith("/attention/self/key/bias"):
+            v.assign(tf.fill(v.shape, 8.0 if "/query/" in v.path else -8.0))
+    ref.save_pretrained(tmp_path)
+    half = ztf.TFElectraModel.from_pretrained(tmp_path, dtype="float16")
+    ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]], np.int32)
+    mask = np.array([[1, 1, 1, 0], [0, 0, 0, 0]], np.int32)  # the second row sees no key at all
+    want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = half(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert got.dtype == tf.float16 and bool(tf.reduce_all(tf.math.is_finite(got)))
+    assert_close(tf.cast(got, tf.float32).numpy(), want.numpy(), TOLERANCES["bf16"], "float16 against float32")
