@@ -674,6 +674,12 @@ class FlaxIBertPreTrainedModel(FlaxPreTrainedModel):
         }
         return {QUANTIZED: unflatten_dict({path: held[1] for path, held in self._quantized.items()})}
 
+    def _unread_kernels(self, variables: Mapping) -> frozenset[tuple[str, ...]]:
+        """Every :class:`QuantLinear` kernel (the modules with a ``fc_scaling_factor`` buffer): in either mode it
+        computes its own product (float: ``x @ kernel``; quant: the int8 kernel), never from a packed copy."""
+        buffers = flatten_dict(dict(variables.get(BUFFERS, {})))
+        return frozenset(path[:-1] + ("kernel",) for path in buffers if path[-1] == "fc_scaling_factor")
+
     def clear_jit_cache(self) -> None:
         """As :meth:`FlaxPreTrainedModel.clear_jit_cache`, and the quantized weights (see
         :meth:`_inference_collections`)."""

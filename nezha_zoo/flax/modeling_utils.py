@@ -802,7 +802,10 @@ class FlaxPreTrainedModel(LoraMixin):
         else:
             self._jit_compiled.move_to_end(key)
         if packing:
-            variables = {**variables, PACKED: self._packed_kernels(variables["params"])}
+            variables = {
+                **variables,
+                PACKED: self._packed_kernels(variables["params"], self._unread_kernels(variables)),
+            }
         if deterministic:
             variables = {**variables, **self._inference_collections(variables)}
         return compiled(variables, inputs, rngs)
@@ -819,16 +822,23 @@ class FlaxPreTrainedModel(LoraMixin):
         program (I-BERT's quantized weights); none by default."""
         return {}
 
-    def _packed_kernels(self, params: Mapping) -> dict:
+    def _unread_kernels(self, variables: Mapping) -> frozenset[tuple[str, ...]]:
+        """Params paths of the ``kernel`` leaves whose module never reads the ``"packed"`` collection (its
+        product is not a :class:`~nezha_zoo.flax.layers.Dense`), so packing them would only cost memory;
+        none by default."""
+        return frozenset()
+
+    def _packed_kernels(self, params: Mapping, unread: frozenset[tuple[str, ...]] = frozenset()) -> dict:
         """The ``"packed"`` collection for ``params``: :func:`~nezha_zoo.flax.layers.pack_kernel` of every
-        packable ``kernel``, on its params path.
+        packable ``kernel``, on its params path, except the ``unread`` paths (:meth:`_unread_kernels`).
 
         A kernel is packed once and its copy kept while the same array is passed (jax arrays are
         immutable, so the copy cannot go stale); a new array (``model.params = ...``, another ``params=``)
         is packed again on its first call and the old copy dropped.
         """
         kernels = {path: leaf for path, leaf in flatten_dict(dict(params)).items() if path[-1] == "kernel"}
-        self._packed = per_array(self._packed, {path: k for path, k in kernels.items() if packable(k)}, pack_kernel)
+        packed = {path: k for path, k in kernels.items() if path not in unread and packable(k)}
+        self._packed = per_array(self._packed, packed, pack_kernel)
         return unflatten_dict({path: held[1] for path, held in self._packed.items()})
 
     def clear_jit_cache(self) -> None:

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 import nezha_zoo.flax as nzf
-from nezha_zoo import ElectraConfig, MptConfig, packing
+from nezha_zoo import ElectraConfig, IBertConfig, MptConfig, packing
 from nezha_zoo.flax.layers import (
     PACKED,
     PACKED_COMPILER_OPTIONS,
@@ -172,3 +173,20 @@ def test_bias_free_cached_decoding_steps_run_packed():
             steps.append(out.logits[:, -1])
     assert len(model._packed) == 4 * 2  # Wqkv, out_proj, up_proj, down_proj per block
     assert_close(jnp.stack(steps, 1), full[:, 3:], TOLERANCES["logits"], "packed cached steps vs full forward")
+
+
+@pytest.mark.parametrize("quant_mode", [False, True])
+def test_ibert_packs_no_quant_linear_kernel(quant_mode):
+    # QuantLinear computes its own product in both modes (float: x @ kernel; quant: the int8 kernel of the
+    # "quantized" collection) and never reads "packed": a copy of its kernel would only cost memory.  The
+    # classification head's Dense still gets its packed copy.
+    widths = {k: v for k, v in ELECTRA.items() if k != "embedding_size"}
+    cfg = IBertConfig(**widths, quant_mode=quant_mode)
+    model = nzf.FlaxIBertForSequenceClassification(cfg, seed=0)
+    quant_linear = {path[:-1] + ("kernel",) for path in flatten_dict(model.buffers) if path[-1] == "fc_scaling_factor"}
+    assert len(quant_linear) == 6 * ELECTRA["num_hidden_layers"]
+    assert all(packable(flatten_dict(model.params)[path]) for path in quant_linear)  # packable, yet not packed
+    with packed_linear():
+        for _ in range(3):  # eager, compiled + packed, reused
+            model(_ids())
+    assert set(model._packed) == {("classifier", "dense", "kernel")}
