@@ -70,6 +70,7 @@ from nezha_zoo.tf.layers import (
     extended_attention_mask,
     from_rows,
     layer_head_masks,
+    sublayers,
     to_rows,
     validate_inputs,
 )
@@ -571,7 +572,7 @@ class TFIBertPreTrainedModel(TFPreTrainedModel):
         Training-mode calls still requantize (and refresh the buffers).  Call it again after the
         weights change (loading, an optimizer step); ``frozen=False`` restores the default.
         """
-        for layer in self._flatten_layers(include_self=False, recursive=True):
+        for layer in sublayers(self):
             if isinstance(layer, (QuantLinear, QuantEmbedding)):
                 layer.freeze(frozen)
 

@@ -93,6 +93,7 @@ __all__ = [
     "check_id_dtypes",
     "graph_input_checks",
     "poison_rows",
+    "sublayers",
     "add_attention_mask",
     "padding_aware_position_ids",
     "sequential_position_ids",
@@ -937,7 +938,7 @@ def _checkpointed(layer, hidden, mask, head_mask, enc, enc_mask, position_bias, 
     The dropout seed states are rewound before the recomputation so it draws the same masks as the
     forward pass (as PyTorch's checkpoint preserves the RNG state).
     """
-    generators = [getattr(sub, "seed_generator", None) for sub in layer._flatten_layers()]
+    generators = [getattr(sub, "seed_generator", None) for sub in sublayers(layer, include_self=True)]
     seeds = [g.state for g in generators if g is not None]  # rate-0 dropouts have none
     saved = [tf.identity(v.value) for v in seeds] if training else []
 
@@ -1211,6 +1212,12 @@ def extended_attention_mask(
     else:
         ext = tf.expand_dims(tf.expand_dims(mask, 1), 1)  # (B, 1, 1, Lk)
     return tf.cast((1.0 - ext) * dtype.min, dtype)
+
+
+def sublayers(layer: keras.Layer, include_self: bool = False) -> list[keras.Layer]:
+    """Every layer under ``layer`` (depth first, each once), and ``layer`` itself first if ``include_self``."""
+    # Keras 3 has no public recursive walk (``Model.layers`` is one level): its private walker, called only here.
+    return list(layer._flatten_layers(include_self=include_self))
 
 
 def add_attention_mask(scores: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:

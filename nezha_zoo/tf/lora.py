@@ -16,6 +16,7 @@ import numpy as np
 
 from nezha_zoo.adapters import LoraConfig, LoraMethods, LoraTarget
 from nezha_zoo.spec.layouts import LAYOUTS
+from nezha_zoo.tf.layers import sublayers
 
 __all__ = ["LoraMixin", "is_lora_key"]
 
@@ -31,8 +32,9 @@ class LoraMixin(LoraMethods):
     """LoRA methods of the Keras base class (enable, merge, unmerge, save, load)."""
 
     def _dense_layers(self, targets: list[LoraTarget]) -> dict[str, keras.layers.Dense]:
+        # ``_kernel``: the variable itself; the public ``kernel`` is the merged product once Keras's LoRA is on.
         by_kernel = {
-            id(layer._kernel): layer for layer in self._flatten_layers() if isinstance(layer, keras.layers.Dense)
+            id(layer._kernel): layer for layer in sublayers(self, True) if isinstance(layer, keras.layers.Dense)
         }
         by_key = {k: v for k, v in self.variables_by_key().items() if not is_lora_key(k)}
         out = {}

@@ -35,7 +35,7 @@ from nezha_zoo.pretrained import load_weights, resized_vocab, resolve_config, sa
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
 from nezha_zoo.spec.registry import Family, register_model_class
-from nezha_zoo.tf.layers import Dense, graph_input_checks, poison_rows
+from nezha_zoo.tf.layers import Dense, graph_input_checks, poison_rows, sublayers
 from nezha_zoo.tf.lora import LoraMixin, is_lora_key
 from nezha_zoo.validation import ID_INPUTS, InputError
 
@@ -265,7 +265,7 @@ _INITIALIZER_ATTRS += ("gamma_initializer", "beta_initializer")
 def _uninitialized_variables(model: keras.Layer) -> Iterator[None]:
     """While building ``model``, its layers' initializers allocate without initialising (restored after)."""
     saved = []
-    for layer in model._flatten_layers(include_self=False):
+    for layer in sublayers(model):
         for attr in _INITIALIZER_ATTRS:
             if getattr(layer, attr, None) is not None:
                 saved.append((layer, attr, getattr(layer, attr)))
@@ -439,7 +439,7 @@ class TFPreTrainedModel(LoraMixin, keras.Model):
 
             return wrapped
 
-        layers = list(self._flatten_layers(include_self=False))
+        layers = sublayers(self)
         for layer in layers:  # an instance attribute wins over the class's call (Keras calls self.call)
             layer.__dict__["call"] = recording(layer, layer.call)
         try:
@@ -450,7 +450,9 @@ class TFPreTrainedModel(LoraMixin, keras.Model):
         for layer in layers:
             if id(layer) in shapes:
                 layer.__dict__["output_shape"] = shapes[id(layer)]
-                if not layer._build_shapes_dict:  # built without input shapes (Dropout): summary would stop at "?"
+                # Built without input shapes (Dropout): summary would print "?".  Keras's summary tests this private
+                # attribute itself, and its only public writer, build(), would build the layer again.
+                if not layer._build_shapes_dict:
                     layer._build_shapes_dict = {"output_shape": shapes[id(layer)]}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -566,7 +568,7 @@ class TFPreTrainedModel(LoraMixin, keras.Model):
         """Mark every packed kernel copy stale (:meth:`nezha_zoo.tf.layers.Dense.drop_packed_weight`): the next
         packed call packs again.  ``set_weights``, ``load_weights`` and LoRA merges call it; needed only after
         a write its fingerprint cannot see (see :class:`~nezha_zoo.tf.layers.Dense`)."""
-        for layer in self._flatten_layers(include_self=False):
+        for layer in sublayers(self):
             if isinstance(layer, Dense):
                 layer.drop_packed_weight()
 
@@ -667,11 +669,12 @@ class TFPreTrainedModel(LoraMixin, keras.Model):
             value = KERAS_LAYOUT.to_stored(new_spec[name], arr).astype(numpy_dtype(var.dtype))
             # A Keras variable's shape is fixed: give it a new backing tf.Variable (same name, dtype,
             # trainability), so every layer and optimizer slot keyed by the variable keeps working.
+            # No public API: assign() requires the old shape, and a new keras.Variable would be unknown to them.
             var._shape = tuple(value.shape)
             var._initialize(value)
         size = new_config.vocab_size
         self.config.vocab_size = size
-        for layer in self._flatten_layers(include_self=False):  # size attributes read at build time
+        for layer in sublayers(self):  # size attributes read at build time
             if isinstance(layer, keras.layers.Embedding) and any(var is layer.embeddings for var in variables.values()):
                 layer.input_dim = size
             elif hasattr(layer, "vocab_size"):
