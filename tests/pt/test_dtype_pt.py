@@ -222,3 +222,21 @@ def test_float16_fully_masked_row_is_finite_and_matches_float32(need_weights, tm
     finite = torch.isfinite(theirs).all(dim=-1)  # (B, L): rows transformers computes without overflow
     assert bool(finite[0].all())
     assert_close(got[finite].float(), theirs[finite].float(), TOLERANCES["bf16"], "against transformers (finite rows)")
+
+
+def test_float16_left_padded_decoder_keeps_nan_out_of_real_tokens(tmp_path):
+    # A causal decoder with left padding: the first (padding) query sees only masked keys.  In float16 its row
+    # overflowed to NaN and, one layer later, reached every real token through probability 0 x value NaN
+    # (transformers' eager attention does the same).  With the saturating sum every token is finite and, as in
+    # float32, the real tokens are what they are without the padding.
+    torch.manual_seed(0)
+    ref = zoo.ElectraModel(ElectraConfig(**TINY, embedding_size=24, is_decoder=True)).eval()
+    _all_scores_negative(ref)
+    ref.save_pretrained(tmp_path)
+    half = zoo.ElectraModel.from_pretrained(tmp_path).to(torch.float16).eval()
+    ids, mask = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[0, 0, 1, 1]])
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).last_hidden_state
+        got = half(ids, attention_mask=mask, output_attentions=True).last_hidden_state
+    assert bool(torch.isfinite(got).all())
+    assert_close(got.float(), want, TOLERANCES["bf16"], "float16 against float32 hidden states")
