@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nezha_zoo.dtypes import saturates_mask_sum
+from nezha_zoo.dtypes import SATURATING_MASK_DTYPES
 from nezha_zoo.packing import (
     FINGERPRINT_RUN,
     FINGERPRINT_SIZE,
@@ -181,6 +181,10 @@ def encoder_attention_bias(encoder_attention_mask: torch.Tensor, dtype: torch.dt
     return (1.0 - mask) * torch.finfo(dtype).min
 
 
+#: The torch dtypes of :data:`nezha_zoo.dtypes.SATURATING_MASK_DTYPES` (a set lookup per eager call).
+_SATURATING = frozenset(getattr(torch, name) for name in SATURATING_MASK_DTYPES)
+
+
 def add_attention_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``scores + mask`` for an additive ``mask`` (or bias) broadcastable to ``scores`` (B, heads, Lq, Lk).
 
@@ -189,7 +193,7 @@ def add_attention_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     plain sum.
     """
     total = scores + mask
-    if saturates_mask_sum(total.dtype):
+    if total.dtype in _SATURATING:
         total = total.clamp_min_(torch.finfo(total.dtype).min)  # -inf -> min; a fresh tensor, safe in place
     return total
 
