@@ -198,8 +198,15 @@ def test_transformers_tf_files_convert_and_ours_load_in_transformers_tf(tmp_path
                 out=str(d / "tf_out.npz"),
             )
         )
-    _run_tf(tmp_path, jobs)
+    # our hf-tf, from transformers PyTorch's own file, for transformers TF to read: converted up
+    # front so that one TF process runs both job lists (a TF + transformers import costs seconds)
     load_jobs = []
+    for (fam, head), job in zip(TF_CASES, jobs):
+        d = tmp_path / f"{fam}-{head}"
+        _hf_pt(fam, head, seed=1).save_pretrained(d / "pt")
+        convert(d / "pt", d / "ours-tf", "hf-tf")
+        load_jobs.append(dict(job, mode="load", dir=str(d / "ours-tf"), out=str(d / "ours_tf_out.npz")))
+    _run_tf(tmp_path, jobs + load_jobs)
     for (fam, head), job in zip(TF_CASES, jobs):
         d = tmp_path / f"{fam}-{head}"
         tf_out = _load_npz(job["out"])
@@ -209,11 +216,6 @@ def test_transformers_tf_files_convert_and_ours_load_in_transformers_tf(tmp_path
             assert info["dropped_keys"] == ["mpnet.pooler.dense.weight", "mpnet.pooler.dense.bias"]
         pt = getattr(transformers, get_family(fam).class_name(head)).from_pretrained(d / "st").eval()
         _compare(tf_out, _run_pt(pt, _load_npz(d / "inputs.npz")), f"TF {fam} {head} -> transformers PT")
-        # our hf-tf, from transformers PyTorch's own file, read by transformers TF
-        _hf_pt(fam, head, seed=1).save_pretrained(d / "pt")
-        convert(d / "pt", d / "ours-tf", "hf-tf")
-        load_jobs.append(dict(job, mode="load", dir=str(d / "ours-tf"), out=str(d / "ours_tf_out.npz")))
-    _run_tf(tmp_path, load_jobs)
     for (fam, head), job in zip(TF_CASES, load_jobs):
         d = tmp_path / f"{fam}-{head}"
         info = json.loads(open(job["out"] + ".json").read())

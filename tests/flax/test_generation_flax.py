@@ -9,6 +9,8 @@ warpers; seeded sampling with several sequences per prompt; the streamer; bad ar
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +94,12 @@ def models(checkpoint):
     return get
 
 
+@pytest.fixture(scope="module")
+def hf_models(checkpoint):
+    """family -> transformers' PyTorch model on the same weights (loaded once; generate leaves it unchanged)."""
+    return functools.cache(lambda key: getattr(transformers, CASES[key][3]).from_pretrained(checkpoint(key)).eval())
+
+
 def _prompt(cfg):
     """Three rows of 6 tokens, rows 1 and 2 left-padded by 2 and 3, pads holding pad_token_id."""
     rng = np.random.default_rng(0)
@@ -105,26 +113,9 @@ def _prompt(cfg):
 # --- generate -------------------------------------------------------------------------------------
 
 
-def _transformers_greedy(key, path, ids, mask):
-    hf = getattr(transformers, CASES[key][3]).from_pretrained(path).eval()
-    out = hf.generate(
-        torch.from_numpy(ids),
-        attention_mask=torch.from_numpy(mask),
-        do_sample=False,
-        max_new_tokens=NEW,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out
-
-
-@pytest.mark.parametrize("key", list(CASES))
-def test_greedy_matches_transformers(key, checkpoint, models):
-    model = models(key)
-    ids, mask = _prompt(model.config)
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
-    assert got.shape == (3, 6 + NEW)
-    assert np.asarray(got).tolist() == _transformers_greedy(key, checkpoint(key), ids, mask).tolist()
+# Plain greedy decoding against transformers, every family (the same weights, prompt and settings as
+# here, and the top-2 logit margin asserted): test_generation_cross_backend.py's
+# test_greedy_tokens_identical_across_backends, which runs Flax beside PyTorch and TensorFlow.
 
 
 def test_generate_is_one_compiled_loop(models):
@@ -171,8 +162,11 @@ def test_eos_finishes_rows_pads_them_and_stops(models):
 def test_max_new_tokens_and_prompt_kept(models):
     model = models("electra")
     ids, mask = _prompt(model.config)
-    out = model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(max_new_tokens=3))
-    assert out.shape == (3, 9) and out.dtype == jnp.int32
+    # the greedy settings of the tests above (left padding, eos), so that their compiled loop serves
+    out = model.generate(
+        ids, attention_mask=mask, generation_config=GenerationConfig(max_new_tokens=NEW, pad_token_id=0)
+    )
+    assert out.shape == (3, 6 + NEW) and out.dtype == jnp.int32
     assert out[:, :6].tolist() == ids.tolist()
 
 
@@ -225,11 +219,11 @@ def test_greedy_ties_go_to_the_lowest_id():
 def test_seeded_sampling_is_reproducible(models):
     model = models("electra")
     ids, mask = _prompt(model.config)
-    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=2.0, eos_token_id=None)
+    kw = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=True, temperature=2.0, eos_token_id=None)
     a = np.asarray(model.generate(ids, seed=11, **kw))
     assert a.tolist() == model.generate(ids, seed=11, **kw).tolist()
     assert a.tolist() != model.generate(ids, seed=12, **kw).tolist()
-    greedy = np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None))
+    greedy = np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None))
     assert model.generate(ids, seed=5, top_k=1, **kw).tolist() == greedy.tolist()
 
 
@@ -251,10 +245,6 @@ def test_bad_arguments_raise(models):
 # --- beam search and processors against transformers ----------------------------------------------
 
 SCORE_ATOL = 1e-5
-
-
-def _hf(key, checkpoint):
-    return getattr(transformers, CASES[key][3]).from_pretrained(checkpoint(key)).eval()
 
 
 def _hf_generate(hf, ids, mask, **settings):
@@ -296,8 +286,8 @@ PROCESSORS = dict(repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=
         ("mpt", "never", -0.5, False),
     ],
 )
-def test_beam_search_matches_transformers(key, early_stopping, length_penalty, processors, checkpoint, models):
-    model, hf = models(key), _hf(key, checkpoint)
+def test_beam_search_matches_transformers(key, early_stopping, length_penalty, processors, hf_models, models):
+    model, hf = models(key), hf_models(key)
     ids, mask = _prompt(model.config)
     settings = dict(
         max_new_tokens=7,
@@ -328,9 +318,9 @@ def test_beam_search_matches_transformers(key, early_stopping, length_penalty, p
 
 
 @pytest.mark.parametrize("key", list(CASES))
-def test_greedy_processors_and_scores_match_transformers(key, checkpoint, models):
+def test_greedy_processors_and_scores_match_transformers(key, hf_models, models):
     """Repetition penalty, n-gram ban, bad words (one and two tokens), min_new_tokens with an eos list."""
-    model, hf = models(key), _hf(key, checkpoint)
+    model, hf = models(key), hf_models(key)
     ids, mask = _prompt(model.config)
     free = _hf_generate(hf, ids, mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0).numpy()
     # Ban row 0's first new token outright and, after row 1's first new token, its second one.
@@ -359,13 +349,14 @@ def test_greedy_processors_and_scores_match_transformers(key, checkpoint, models
     assert int(free[0, 6]) not in new.tolist()[0]
 
 
-def test_max_length_matches_transformers(checkpoint, models):
-    model, hf = models("electra"), _hf("electra", checkpoint)
+def test_max_length_matches_transformers(hf_models, models):
+    model, hf = models("electra"), hf_models("electra")
     ids, mask = _prompt(model.config)
-    want = _hf_generate(hf, ids, mask, max_length=10, eos_token_id=None, pad_token_id=0)
-    got = model.generate(ids, attention_mask=mask, max_length=10, eos_token_id=None, pad_token_id=0)
-    assert got.shape == (3, 10) and np.asarray(got).tolist() == want.tolist()
-    again = model.generate(ids, attention_mask=mask, max_length=10, max_new_tokens=4, eos_token_id=None)
+    # max_length = 6 + NEW: the loop the greedy tests compiled serves (lengths are resolved before the key)
+    want = _hf_generate(hf, ids, mask, max_length=6 + NEW, eos_token_id=None, pad_token_id=0)
+    got = model.generate(ids, attention_mask=mask, max_length=6 + NEW, eos_token_id=None, pad_token_id=0)
+    assert got.shape == (3, 6 + NEW) and np.asarray(got).tolist() == want.tolist()
+    again = model.generate(ids, attention_mask=mask, max_length=6 + NEW, max_new_tokens=NEW, eos_token_id=None)
     assert np.asarray(again).tolist() == want.tolist()  # agreeing lengths are fine
 
 
