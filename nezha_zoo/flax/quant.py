@@ -91,6 +91,7 @@ __all__ = [
     "float_values",
     "exact_div",
     "computed_once",
+    "materialized",
     "rdiv",
     "frexp_multiplier",
     "fixed_point_requantize",
@@ -158,6 +159,24 @@ def computed_once(x: jax.Array) -> jax.Array:
     """
     x = jnp.asarray(x)
     return exact_div(x, jnp.ones_like(x))
+
+
+def materialized(x: jax.Array) -> jax.Array:
+    """``x`` itself (an activation-sized array), written to memory once under ``jax.jit``.
+
+    XLA's CPU fusion duplicates a cheap elementwise producer into every fusion that reads it: a
+    requantization (dyadic multiply, round, clamp, conversions; for the embeddings also the gathers and
+    the position ids) read by a LayerNorm's sum, variance and output fusions was recomputed in each of
+    them, per element.  A conditional's operands and results are buffers, never fused, so a
+    :func:`jax.lax.cond` that returns ``x`` ends the producer's chain in one kernel and its consumers
+    read the result.  Its predicate (True) sits behind an optimisation barrier and its other branch
+    (zeros, never taken) differs from the first, so XLA neither folds nor removes it (same numbers).
+    Op by op (no tracer) it is ``x``.
+    """
+    if not isinstance(x, jax.core.Tracer):
+        return x
+    keep = jax.lax.optimization_barrier(jnp.bool_(True))
+    return jax.lax.cond(keep, lambda v: v, jnp.zeros_like, x)
 
 
 def rdiv(c: float, t: jax.Array) -> jax.Array:
@@ -498,6 +517,8 @@ class QuantAct(nn.Module):
             q_id,
             identity_scaling_factor,
         )
+        # read by several kernels (a LayerNorm's sum, variance and output; a linear and a residual)
+        q = materialized(q)
         return (q, scale) if integers else (q.astype(jnp.float32) * scale, scale)
 
 
