@@ -91,6 +91,7 @@ __all__ = [
     "float_values",
     "exact_div",
     "computed_once",
+    "materialized",
     "rdiv",
     "frexp_multiplier",
     "fixed_point_requantize",
@@ -158,6 +159,24 @@ def computed_once(x: jax.Array) -> jax.Array:
     """
     x = jnp.asarray(x)
     return exact_div(x, jnp.ones_like(x))
+
+
+def materialized(x: jax.Array) -> jax.Array:
+    """``x`` itself (an activation-sized array), written to memory once under ``jax.jit``.
+
+    XLA's CPU fusion duplicates a cheap elementwise producer into every fusion that reads it: a
+    requantization (dyadic multiply, round, clamp, conversions; for the embeddings also the gathers and
+    the position ids) read by a LayerNorm's sum, variance and output fusions was recomputed in each of
+    them, per element.  A conditional's operands and results are buffers, never fused, so a
+    :func:`jax.lax.cond` that returns ``x`` ends the producer's chain in one kernel and its consumers
+    read the result.  Its predicate (True) sits behind an optimisation barrier and its other branch
+    (zeros, never taken) differs from the first, so XLA neither folds nor removes it (same numbers).
+    Op by op (no tracer) it is ``x``.
+    """
+    if not isinstance(x, jax.core.Tracer):
+        return x
+    keep = jax.lax.optimization_barrier(jnp.bool_(True))
+    return jax.lax.cond(keep, lambda v: v, jnp.zeros_like, x)
 
 
 def rdiv(c: float, t: jax.Array) -> jax.Array:
@@ -498,6 +517,8 @@ class QuantAct(nn.Module):
             q_id,
             identity_scaling_factor,
         )
+        # read by several kernels (a LayerNorm's sum, variance and output; a linear and a residual)
+        q = materialized(q)
         return (q, scale) if integers else (q.astype(jnp.float32) * scale, scale)
 
 
@@ -812,7 +833,12 @@ class IntSoftmax(nn.Module):
             x = x - jnp.max(x, axis=-1, keepdims=True)
             x0 = x0_f.astype(jnp.int32)
             x = jnp.maximum(x, const * x0)  # 30 * |x0| < 2**30: no wrap
-            k = jnp.floor_divide(x, x0)  # in [0, 30]; the float64 quotient floors alike (|x0| << 2**47)
+            # k = floor(x / x0) in [0, 30] without an int32 floor_divide (a scalar division per element on
+            # x86): a float32 estimate, within one of k (relative error ~2**-22 on a quotient <= 30),
+            # corrected by the remainder x - k * x0, which lies in (x0, 0] for the exact k (x0 < 0)
+            k = jnp.floor(x.astype(jnp.float32) * (1.0 / x0_f)).astype(jnp.int32)
+            rest = x - x0 * k  # |k| <= 31: no wrap
+            k = k - (rest > 0).astype(jnp.int32) + (rest <= x0).astype(jnp.int32)
             r = (x - x0 * k).astype(jnp.int64)
             p = (r + b_f.astype(jnp.int64)) * r + c_f.astype(jnp.int64)
             # p * 2**(30 - k): an exact float64 product by a power of two (as ldexp), > 0
