@@ -700,6 +700,10 @@ class FlaxPreTrainedModel(LoraMixin):
         check_id_dtypes(ids_inputs)  # after the shapes, as in PyTorch and TF
 
         def as_int(x):
+            if isinstance(x, np.ndarray):
+                # numpy (a tokenizer's int64): cast on the host and copy once; jnp.asarray(x, int32) runs
+                # a device conversion op per input (0.23 against 0.05 ms each, of a 1x16 call's ~48)
+                return jnp.asarray(x.astype(np.int32, copy=False))
             return None if x is None else jnp.asarray(x, jnp.int32)
 
         # self.params carries the LoRA adapter, if any; given params are used as they are (nezha_zoo.flax.lora)
