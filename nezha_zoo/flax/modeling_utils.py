@@ -302,7 +302,10 @@ def _aval(x: Any) -> tuple:
     the general path.
     """
     if isinstance(x, jax.Array):
-        return x.shape, x.dtype, x.weak_type
+        try:
+            return x.shape, x.dtype, x.weak_type
+        except AttributeError:  # a typed PRNG key array (jax.random.key) has no weak_type
+            pass
     return np.shape(x), str(getattr(x, "dtype", type(x))), getattr(x, "weak_type", False)
 
 

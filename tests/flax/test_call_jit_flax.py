@@ -117,6 +117,15 @@ def test_dropout_with_the_same_key_equals_eager(model):
     assert not np.allclose(np.asarray(other), np.asarray(want.last_hidden_state))
 
 
+def test_typed_key_dropout_compiles_and_equals_eager(model):
+    # a typed key (jax.random.key) is a jax.Array without weak_type: it is part of the call signature too
+    ids, key = _ids(), jax.random.key(5)
+    want = _eager(model, ids, train=True, dropout_rng=key)
+    got = [model(ids, train=True, dropout_rng=key) for _ in range(3)]
+    assert len(model._jit_compiled) == 1
+    assert_close(got[-1].last_hidden_state, want.last_hidden_state, HID, "compiled dropout, typed key")
+
+
 def test_given_params_are_used(model):
     ids = _ids()
     doubled = jax.tree_util.tree_map(lambda p: p * 2, model.params)
