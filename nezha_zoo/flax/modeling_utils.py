@@ -294,6 +294,27 @@ def per_array(previous: Mapping[Any, tuple[weakref.ref, Any]], arrays: Mapping[A
     return out
 
 
+def _aval(x: Any) -> tuple:
+    """A leaf's part of a call signature: ``(shape, dtype, weak_type)``.
+
+    A jax array's attributes are read directly (~0.3 us a leaf; ``np.shape`` + ``str(dtype)`` took
+    ~3.6 us, 0.7 ms of a 1x16 Electra-base call's 199 leaves); numpy arrays and Python scalars take
+    the general path.
+    """
+    if isinstance(x, jax.Array):
+        try:
+            return x.shape, x.dtype, x.weak_type
+        except AttributeError:  # a typed PRNG key array (jax.random.key) has no weak_type
+            pass
+    return np.shape(x), str(getattr(x, "dtype", type(x))), getattr(x, "weak_type", False)
+
+
+@functools.cache
+def _call_arguments(module_class: type) -> frozenset[str]:
+    """The argument names of a linen module class's ``__call__`` (read once per class)."""
+    return frozenset(inspect.signature(module_class.__call__).parameters)
+
+
 def _path_str(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
@@ -387,6 +408,8 @@ class FlaxPreTrainedModel(LoraMixin):
         self._jit_seen: OrderedDict[tuple, int] = OrderedDict()
         #: params path -> (weakref to the kernel, its packed copy) (see :meth:`_packed_kernels`)
         self._packed: dict[tuple[str, ...], tuple[weakref.ref, jax.Array]] = {}
+        #: (``_packed`` it was built from, params treedef, weakrefs to the params leaves, the collection)
+        self._packed_last: tuple | None = None
         self._is_initialized = _do_init
         self._params: dict | None = None
         # buffers are small state: always held, fresh from the spec's constants until loaded
@@ -555,7 +578,7 @@ class FlaxPreTrainedModel(LoraMixin):
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes))
 
     def _accepts(self, argument: str) -> bool:
-        return argument in inspect.signature(self.module_class.__call__).parameters
+        return argument in _call_arguments(self.module_class)
 
     # --- forward -----------------------------------------------------------------------------------
 
@@ -680,6 +703,10 @@ class FlaxPreTrainedModel(LoraMixin):
         check_id_dtypes(ids_inputs)  # after the shapes, as in PyTorch and TF
 
         def as_int(x):
+            if isinstance(x, np.ndarray):
+                # numpy (a tokenizer's int64): cast on the host and copy once; jnp.asarray(x, int32) runs
+                # a device conversion op per input (0.23 against 0.05 ms each, of a 1x16 call's ~48)
+                return jnp.asarray(x.astype(np.int32, copy=False))
             return None if x is None else jnp.asarray(x, jnp.int32)
 
         # self.params carries the LoRA adapter, if any; given params are used as they are (nezha_zoo.flax.lora)
@@ -768,7 +795,7 @@ class FlaxPreTrainedModel(LoraMixin):
         # define the integer model, and XLA's fused rounding would move them off PyTorch's and TF's.
         if no_jit or BUFFERS in mutable or any(isinstance(x, jax.core.Tracer) for x in leaves):
             return apply(*args)
-        avals = tuple((np.shape(x), str(getattr(x, "dtype", type(x))), getattr(x, "weak_type", False)) for x in leaves)
+        avals = tuple(map(_aval, leaves))
         # packed kernels (nezha_zoo.packing): compiled float32 inference on CPU only; not with an unmerged LoRA
         # adapter, whose merged kernels are new arrays on every call (each would be packed again)
         packing = (
@@ -836,10 +863,26 @@ class FlaxPreTrainedModel(LoraMixin):
         immutable, so the copy cannot go stale); a new array (``model.params = ...``, another ``params=``)
         is packed again on its first call and the old copy dropped.
         """
+        # Fast path, every call of an unchanged params tree: the same structure and the same leaf
+        # objects as the last call (weakly held) give the same collection (Electra-base: 0.1 ms against
+        # 1.4 ms for walking the tree by paths).  A new leaf anywhere takes the per-kernel path below.
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        last = self._packed_last
+        if (
+            last is not None
+            and last[0] is self._packed
+            and last[1] == treedef
+            and len(last[2]) == len(leaves)
+            and all(ref() is leaf for ref, leaf in zip(last[2], leaves))
+        ):
+            return last[3]
         kernels = {path: leaf for path, leaf in flatten_dict(dict(params)).items() if path[-1] == "kernel"}
         packed = {path: k for path, k in kernels.items() if path not in unread and packable(k)}
         self._packed = per_array(self._packed, packed, pack_kernel)
-        return unflatten_dict({path: held[1] for path, held in self._packed.items()})
+        collection = unflatten_dict({path: held[1] for path, held in self._packed.items()})
+        refs = [weakref.ref(leaf) if isinstance(leaf, jax.Array) else (lambda: None) for leaf in leaves]
+        self._packed_last = (self._packed, treedef, refs, collection)
+        return collection
 
     def clear_jit_cache(self) -> None:
         """Drop the compiled calls, the call counts of :meth:`__call__` (see ``jit_after_calls``) and the
@@ -847,6 +890,7 @@ class FlaxPreTrainedModel(LoraMixin):
         self._jit_compiled.clear()
         self._jit_seen.clear()
         self._packed = {}
+        self._packed_last = None
 
     # --- checkpoints -------------------------------------------------------------------------------
 

@@ -107,13 +107,15 @@ def test_compiled_call_equals_eager(model, kwargs):
         assert_close(a, b, HID, "compiled vs eager")
 
 
-def test_dropout_with_the_same_key_equals_eager(model):
-    ids, key = _ids(), jax.random.PRNGKey(5)
+# a typed key (jax.random.key) is a jax.Array without weak_type: part of the call signature all the same
+@pytest.mark.parametrize("make_key", [jax.random.PRNGKey, jax.random.key], ids=["raw-key", "typed-key"])
+def test_dropout_with_the_same_key_equals_eager(model, make_key):
+    ids, key = _ids(), make_key(5)
     want = _eager(model, ids, train=True, dropout_rng=key)
     got = [model(ids, train=True, dropout_rng=key) for _ in range(3)]
     assert len(model._jit_compiled) == 1
     assert_close(got[-1].last_hidden_state, want.last_hidden_state, HID, "compiled dropout")
-    other = model(ids, train=True, dropout_rng=jax.random.PRNGKey(6)).last_hidden_state
+    other = model(ids, train=True, dropout_rng=make_key(6)).last_hidden_state
     assert not np.allclose(np.asarray(other), np.asarray(want.last_hidden_state))
 
 

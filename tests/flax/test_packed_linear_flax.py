@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 import nezha_zoo.flax as nzf
 from nezha_zoo import ElectraConfig, IBertConfig, MptConfig, packing
@@ -120,6 +120,30 @@ def test_new_params_are_packed_again(model):
             model(ids)
         got = model(ids, params=doubled).last_hidden_state  # same signature, new arrays: packed again
     assert_close(got, want, HID, "params= packed")
+    assert not np.allclose(np.asarray(_eager(model, ids).last_hidden_state), np.asarray(want))
+
+
+def test_one_new_kernel_is_packed_again_and_the_others_reused(model):
+    # a params tree that repeats the last one's leaves reuses its collection; one new leaf anywhere
+    # takes the per-kernel path, which packs that kernel alone
+    ids = _ids()
+    path = ("encoder", "layer", "1", "intermediate", "dense", "kernel")
+    with packed_linear():
+        for _ in range(3):
+            model(ids)
+        held = {p: copy for p, (_, copy) in model._packed.items()}
+        flat = flatten_dict(model.params)
+        flat[path] = flat[path] * 2
+        params = unflatten_dict(flat)
+        got = model(ids, params=params).last_hidden_state
+        assert model._packed[path][1] is not held[path]
+        assert all(model._packed[p][1] is copy for p, copy in held.items() if p != path)
+        packed = model._packed
+        again = model(ids, params=unflatten_dict(flatten_dict(params))).last_hidden_state  # new dicts, same leaves
+        assert model._packed is packed  # the fast path: not walked again (per_array would build a new dict)
+    want = _eager(model, ids, params=params).last_hidden_state
+    assert_close(got, want, HID, "one new kernel, packed")
+    assert_close(again, got, 0.0, "same leaves, new dicts")
     assert not np.allclose(np.asarray(_eager(model, ids).last_hidden_state), np.asarray(want))
 
 
