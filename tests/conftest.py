@@ -49,10 +49,11 @@ if _n is not None:
 # files that come last are short, and both workers end together.  The table is a file's seconds in a
 # full ``pytest -n 2 --dist loadfile --durations=0`` run (setup + call + teardown of its tests, rounded);
 # only the order it gives matters.  Measured: the quiet fresh-clone run of session 9 (``.ci/run``, 2662
-# tests, 2298 s summed over the two workers); a file changed since: its figure times the CPU-time
-# ratio measured back to back (test_demo_runs.py 93 s x 0.86; test_distributed_tf.py's strategy tests
-# 45 s x 0.78).  Refresh after a quiet full run: ``python tests/file_seconds.py LOG`` prints the rows
-# (tests/README.md).  A file not in it counts
+# tests, 2298 s summed over the two workers); a file changed since: its figure times the CPU-time ratio
+# measured back to back before and after the change (test_demo_runs.py 93 s x 0.86;
+# test_distributed_tf.py's strategy tests 45 s x 0.78; test_sharding_flax.py's fixture 55 s x 0.83;
+# test_bench_generation_smoke.py 64 s x 0.72).  Refresh after a quiet full run: ``python
+# tests/file_seconds.py LOG`` prints the rows (tests/README.md).  A file not in it counts
 # ``DEFAULT_FILE_SECONDS``.
 FILE_SECONDS: dict[str, int] = {
     "test_generation_flax.py": 128,
@@ -64,15 +65,15 @@ FILE_SECONDS: dict[str, int] = {
     "test_demo_runs.py": 80,
     "test_export.py": 73,
     "test_electra_flax.py": 66,
-    "test_bench_generation_smoke.py": 64,
-    "test_sharding_flax.py": 64,
     "test_convert_transformers.py": 62,
     "test_generation_tf.py": 61,
     "test_mpt_flax.py": 60,
     "test_keras_lifecycle_tf.py": 55,
+    "test_sharding_flax.py": 54,
     "test_ibert_cross_backend.py": 52,
     "test_bench_ibert_smoke_pt.py": 47,
     "test_distributed_tf.py": 47,
+    "test_bench_generation_smoke.py": 46,
     "test_mpnet_flax.py": 46,
     "test_electra_tf.py": 44,
     "test_dtype_tf.py": 43,
