@@ -21,24 +21,27 @@ from nezha_zoo.testing import TOLERANCES
 
 pytestmark = pytest.mark.flax
 
+# One layer: the rule sets shard by logical axis (nezha_zoo.spec.partitioning), so layer 0 holds every
+# kind of parameter a deeper model has, and each extra layer only adds compile time (the fixture is
+# compile-bound: a training step per family and rule set, on 8 devices).
 XL_TINY = dict(
     vocab_size=96,
     hidden_size=32,
-    num_hidden_layers=2,
+    num_hidden_layers=1,
     num_attention_heads=4,
     intermediate_size=64,
     max_position_embeddings=64,
     hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0,
 )
-MPT_TINY = dict(vocab_size=96, d_model=32, n_heads=4, n_layers=2, max_seq_len=64)
+MPT_TINY = dict(vocab_size=96, d_model=32, n_heads=4, n_layers=1, max_seq_len=64)
 
 #: family -> (Flax class, loss over (output, batch), tiny config).
 FAMILIES = {
     "electra": (
         "FlaxElectraForMaskedLM",
         "losses.masked_lm_loss(out.logits, b['labels'])",
-        dict(vocab_size=96, embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        dict(vocab_size=96, embedding_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
              intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
              attention_probs_dropout_prob=0.0),
     ),

@@ -67,6 +67,9 @@ SCRIPT = textwrap.dedent(
 
 
     report = {}
+    # One strategy for every family: models trained one after another under successive
+    # MirroredStrategy instances in one process collide (mismatched collective shapes).
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     for family, (cls_name, cfg) in json.loads(sys.argv[1]).items():
         fam, cls = get_family(family), getattr(nzt, cls_name)
         config = fam.config_class(**cfg)
@@ -76,7 +79,6 @@ SCRIPT = textwrap.dedent(
         ids = np.random.default_rng(0).integers(2, cfg["vocab_size"], (8, 12))
         data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
         one = train(cls, path, data, tf.distribute.OneDeviceStrategy("/cpu:0"))
-        mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         two = train(cls, path, data, mirrored)
         report[family] = {
             "replicas": mirrored.num_replicas_in_sync,
@@ -91,19 +93,19 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _report(family: str) -> dict:
-    """One fresh interpreter per family: collectives of models trained one after another under
-    successive MirroredStrategy instances in one process collide (mismatched collective shapes)."""
+@pytest.fixture(scope="module")
+def reports():
+    """One 2-CPU interpreter runs every family (TensorFlow's start-up is the expensive part)."""
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    arg = json.dumps({family: FAMILIES[family]})
+    arg = json.dumps(FAMILIES)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, arg], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])[family]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_mirrored_strategy_matches_one_device(family):
-    r = _report(family)
+def test_mirrored_strategy_matches_one_device(family, reports):
+    r = reports[family]
     assert r["replicas"] == 2
     assert r["logits"] <= TOLERANCES["logits"], r
     # the per-replica losses are scaled by 1/replicas: the reported loss is the batch mean, not a sum
