@@ -19,11 +19,11 @@ import pytest
 import torch
 from transformers.models.ibert import quant_modules as hf_quant
 
-from benchmarks.ibert_quant import SMOKE
 from nezha_zoo import IBertConfig
 from nezha_zoo.flax import FlaxIBertModel
 from nezha_zoo.flax import quant as fq
 from nezha_zoo.pt import quant as pq
+from nezha_zoo.testing import IBERT_SMOKE as SMOKE
 from nezha_zoo.testing import ibert_layer_norm_rows, pin_precision
 
 pytestmark = [pytest.mark.flax, pytest.mark.pt, pytest.mark.hf]

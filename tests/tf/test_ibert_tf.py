@@ -771,7 +771,8 @@ def test_quant_graph_and_xla_equal_eager_and_pytorch_at_width(tmp_path, frozen):
     # head size 48, calibrated scales no power of two: before quant.exact_div, Grappler and XLA turned
     # divisions by scales into reciprocal products and moved integers one step (19683 outputs here)
     import nezha_zoo.pt as zoo
-    from benchmarks.ibert_quant import WIDE, padded_inputs
+    from nezha_zoo.testing import IBERT_WIDE as WIDE
+    from nezha_zoo.testing import ibert_padded_inputs as padded_inputs
 
     def batch(seed: int) -> dict:
         return padded_inputs(2, 32, WIDE["vocab_size"], seed)
