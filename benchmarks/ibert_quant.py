@@ -8,7 +8,8 @@ forwards, run in eval mode under ``torch.inference_mode`` / the backend's equiva
 1 x 128 and 8 x 128 (``--layers`` reduces the depth, for loaded machines).  The modes of one backend
 and shape run call by call in turn (float, quant, ...), so a slow spell of a shared machine lands on
 all of them alike; each figure is the median of ``--repeats`` timed forwards after one untimed
-warm-up; torch uses 2 threads.  ``--smoke`` runs a tiny model in seconds (used by the tests).
+warm-up; torch uses 2 threads.  ``--smoke`` runs a tiny model in seconds (used by the tests).  The
+configs are the tests' (``nezha_zoo.testing.IBERT_BASE``, ``IBERT_SMOKE``).
 
 Where the CPU has int8 units (:func:`nezha_zoo.families.ibert.int8_products`), the backends with an
 int8 path (pt, tf-xla, flax) also time quant mode with the exact float32 products instead
@@ -36,23 +37,10 @@ import numpy as np
 
 from nezha_zoo.families.ibert import int8_products, set_int8_products
 from nezha_zoo.hardware import machine_info
+from nezha_zoo.testing import IBERT_BASE as BASE
+from nezha_zoo.testing import IBERT_SMOKE as SMOKE
+from nezha_zoo.testing import ibert_inputs
 
-BASE = dict(
-    vocab_size=1000,
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
-    max_position_embeddings=514,
-    layer_norm_eps=1e-5,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
-SMOKE = dict(BASE, vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
-#: For the exactness tests: wider than SMOKE, with a head size (48) whose ``1 / sqrt(d)`` is not a power
-#: of two; the smallest model found whose graph-mode / XLA quant integers differed from eager while
-#: divisions by broadcast scales were left to Grappler / XLA (which turn them into reciprocal products).
-WIDE = dict(BASE, hidden_size=384, num_hidden_layers=1, num_attention_heads=8, intermediate_size=1536)
 SHAPES = ((1, 128), (8, 128))
 # one shape: every backend traces (TF, XLA, jax.jit) each mode once per shape, and those traces are
 # nearly all of a smoke run's time
@@ -60,19 +48,6 @@ SMOKE_SHAPES = ((2, 8),)
 THREADS = 2
 
 Timings = dict[str, dict[str, float]]
-
-
-def _inputs(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, vocab, size=(batch, seq_len), dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-
-
-def padded_inputs(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random ids ``(batch, seq_len)`` int64 whose last row masks its second half (a padded sequence)."""
-    x = _inputs(batch, seq_len, vocab, seed)
-    x["attention_mask"][-1, seq_len // 2 :] = 0
-    return x
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -130,7 +105,7 @@ def _torch_timings(
     calib.train()
     with torch.no_grad():
         for s in range(2):
-            x = _inputs(*shapes[-1], config_kwargs["vocab_size"], seed=10 + s)
+            x = ibert_inputs(*shapes[-1], config_kwargs["vocab_size"], seed=10 + s)
             calib(**{k: torch.from_numpy(v) for k, v in x.items()})
     state = calib.state_dict()
     models = {}
@@ -140,7 +115,7 @@ def _torch_timings(
         models[quant] = model.eval()
     per_shape = {}
     for b, L in shapes:
-        x = {k: torch.from_numpy(v) for k, v in _inputs(b, L, config_kwargs["vocab_size"]).items()}
+        x = {k: torch.from_numpy(v) for k, v in ibert_inputs(b, L, config_kwargs["vocab_size"]).items()}
 
         def run(model, x=x):
             def call():
@@ -205,7 +180,7 @@ def _tf_timings(config_kwargs: dict, shapes, repeats: int, jit_compile: bool) ->
 
     quant = TFIBertModel(IBertConfig(**config_kwargs, quant_mode=True), seed=0)
     for s in range(2):
-        x = _inputs(*shapes[-1], config_kwargs["vocab_size"], seed=10 + s)
+        x = ibert_inputs(*shapes[-1], config_kwargs["vocab_size"], seed=10 + s)
         quant(input_ids=x["input_ids"].astype(np.int32), attention_mask=x["attention_mask"], training=True)
     floating = TFIBertModel(IBertConfig(**config_kwargs, quant_mode=False), seed=0)
     source = quant.variables_by_key()
@@ -214,7 +189,7 @@ def _tf_timings(config_kwargs: dict, shapes, repeats: int, jit_compile: bool) ->
     quant.freeze_integer_weights()  # inference: integer weights computed once (same numbers)
     per_shape = {}
     for b, L in shapes:
-        x = _inputs(b, L, config_kwargs["vocab_size"])
+        x = ibert_inputs(b, L, config_kwargs["vocab_size"])
         ids, mask = tf.constant(x["input_ids"], tf.int32), tf.constant(x["attention_mask"], tf.int32)
 
         def run(model, ids=ids, mask=mask):
@@ -257,7 +232,7 @@ def bench_flax(config_kwargs: dict, shapes, repeats: int) -> Timings:
     quant = FlaxIBertModel(IBertConfig(**config_kwargs, quant_mode=True), seed=0)
     buffers = quant.buffers
     for s in range(2):
-        x = _inputs(*shapes[-1], config_kwargs["vocab_size"], seed=10 + s)
+        x = ibert_inputs(*shapes[-1], config_kwargs["vocab_size"], seed=10 + s)
         _, state = quant(**x, buffers=buffers, train=True)
         buffers = state["buffers"]
     params = quant.params
@@ -271,7 +246,7 @@ def bench_flax(config_kwargs: dict, shapes, repeats: int) -> Timings:
         model.jit_after_calls = 0
     per_shape = {}
     for b, L in shapes:
-        x = _inputs(b, L, config_kwargs["vocab_size"])
+        x = ibert_inputs(b, L, config_kwargs["vocab_size"])
         ids, mask = np.asarray(x["input_ids"]), np.asarray(x["attention_mask"])
 
         def run(model, ids=ids, mask=mask):

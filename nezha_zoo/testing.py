@@ -26,6 +26,11 @@ __all__ = [
     "assert_save_pretrained_takes_the_lock",
     "random_checkpoints",
     "ibert_layer_norm_rows",
+    "IBERT_BASE",
+    "IBERT_SMOKE",
+    "IBERT_WIDE",
+    "ibert_inputs",
+    "ibert_padded_inputs",
 ]
 
 #: SPEC.md §5: hidden states 1e-5; logits and losses 1e-4 (float32, eval mode).
@@ -242,3 +247,41 @@ def ibert_layer_norm_rows(n: int, rows: int, seed: int = 0) -> np.ndarray:
     q[3, 0] = 6 + n
     q[4] = (q[4] // 2) * 2 + 1
     return q[None]
+
+
+#: I-BERT at roberta-base size (hidden 768, 12 layers, 12 heads, intermediate 3072; vocabulary reduced
+#: to 1000, which changes only the embedding lookup): ``IBertConfig(**IBERT_BASE)``, dropout off.
+IBERT_BASE = dict(
+    vocab_size=1000,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=514,
+    layer_norm_eps=1e-5,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+#: The tiny I-BERT of the tests and of the benchmark's ``--smoke`` run.
+IBERT_SMOKE = dict(
+    IBERT_BASE, vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+)
+#: For the exactness tests: wider than IBERT_SMOKE, with a head size (48) whose ``1 / sqrt(d)`` is not a
+#: power of two; the smallest model found whose graph-mode / XLA quant integers differed from eager
+#: while divisions by broadcast scales were left to Grappler / XLA (which turn them into reciprocal
+#: products).  Keep its width: power-of-two tiny scales hid that bug.
+IBERT_WIDE = dict(IBERT_BASE, hidden_size=384, num_hidden_layers=1, num_attention_heads=8, intermediate_size=1536)
+
+
+def ibert_inputs(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random ids ``(batch, seq_len)`` int64 in ``[3, vocab)`` and an all-ones attention mask."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(batch, seq_len), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def ibert_padded_inputs(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """:func:`ibert_inputs` whose last row masks its second half (a padded sequence)."""
+    x = ibert_inputs(batch, seq_len, vocab, seed)
+    x["attention_mask"][-1, seq_len // 2 :] = 0
+    return x

@@ -156,6 +156,20 @@ def load(backend: str, head: str, path: str, quant_mode: bool):
     return model
 
 
+@pytest.fixture(scope="module")
+def loaded(checkpoints):
+    """(backend, head, quant_mode) -> that backend's model of the head's checkpoint, loaded once."""
+    cache: dict = {}
+
+    def get(backend: str, head: str, quant_mode: bool):
+        key = (backend, head, quant_mode)
+        if key not in cache:
+            cache[key] = load(backend, head, checkpoints(head), quant_mode)
+        return cache[key]
+
+    return get
+
+
 def _pairs_of(a: dict, b: dict, what: str):
     assert set(a) == set(b), f"{what}: fields {sorted(a)} vs {sorted(b)}"
     for k in a:
@@ -170,12 +184,11 @@ def _pairs_of(a: dict, b: dict, what: str):
 
 @pytest.mark.parametrize("kind", ["padded+token-types", "ids-only"])
 @pytest.mark.parametrize("head", HEADS)
-def test_float_mode_every_backend_agrees(head, kind, checkpoints):
-    path = checkpoints(head)
+def test_float_mode_every_backend_agrees(head, kind, loaded):
     x = inputs_for(head)
     x = {"input_ids": x["input_ids"]} if kind == "ids-only" else x
     kw = dict(output_hidden_states=True, output_attentions=True)
-    outs = {b: forward(b, load(b, head, path, False), x, **kw) for b in ("hf", "pt", "tf", "flax")}
+    outs = {b: forward(b, loaded(b, head, False), x, **kw) for b in ("hf", "pt", "tf", "flax")}
     for other in ("pt", "tf", "flax"):
         for name, field, a, b in _pairs_of(outs[other], outs["hf"], f"float {head} {other}"):
             tol = TOLERANCES["hidden"] if field in QUANTIZED + ("pooler_output",) else TOLERANCES["logits"]

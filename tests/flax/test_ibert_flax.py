@@ -270,7 +270,8 @@ def test_quant_jit_equals_eager_and_pytorch_at_width(tmp_path):
     # head size 48, calibrated scales no power of two: before every division by a broadcast scale went
     # through quant.exact_div, XLA turned them into reciprocal products (78 outputs one step off here)
     import nezha_zoo.pt as zoo
-    from benchmarks.ibert_quant import WIDE, padded_inputs
+    from nezha_zoo.testing import IBERT_WIDE as WIDE
+    from nezha_zoo.testing import ibert_padded_inputs as padded_inputs
 
     def batch(seed: int) -> dict:
         return padded_inputs(2, 32, WIDE["vocab_size"], seed)

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks.ibert_quant import SMOKE
 from nezha_zoo import IBertConfig
 from nezha_zoo.flax import FlaxIBertForSequenceClassification, FlaxIBertModel
 from nezha_zoo.flax import quant as fq
+from nezha_zoo.testing import IBERT_SMOKE as SMOKE
 from nezha_zoo.testing import pin_precision
 
 pytestmark = pytest.mark.flax

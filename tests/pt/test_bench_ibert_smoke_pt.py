@@ -12,8 +12,10 @@ pytestmark = [pytest.mark.pt, pytest.mark.hf]
 
 
 def test_smoke_benchmark_writes_positive_timings(tmp_path):
-    assert ibert_quant.main(["--smoke", "--out", str(tmp_path), "--repeats", "1"]) == 0
+    # one layer: the run is nearly all traces and compiles, per layer; --layers is a path of its own
+    assert ibert_quant.main(["--smoke", "--out", str(tmp_path), "--repeats", "1", "--layers", "1"]) == 0
     result = json.loads((tmp_path / "ibert_quant_smoke.json").read_text())
+    assert result["config"]["num_hidden_layers"] == 1 and result["model"].endswith(", 1 layers")
     assert set(result["backends"]) == set(ibert_quant.BACKENDS)
     for name, timings in result["backends"].items():
         assert set(timings) == {"float", "quant"}, name

@@ -18,9 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.ibert import quant_modules as hf_quant
 
 import nezha_zoo.pt as zoo
-from benchmarks.ibert_quant import SMOKE
 from nezha_zoo import IBertConfig
 from nezha_zoo.pt import quant
+from nezha_zoo.testing import IBERT_SMOKE as SMOKE
 from nezha_zoo.testing import ibert_layer_norm_rows, pin_precision
 
 pytestmark = [pytest.mark.pt, pytest.mark.hf]

@@ -25,9 +25,9 @@ from transformers.models.ibert import quant_modules as hf_quant  # noqa: E402
 
 import nezha_zoo.tf as ztf  # noqa: E402
 import nezha_zoo.tf.ibert as tf_ibert  # noqa: E402
-from benchmarks.ibert_quant import SMOKE  # noqa: E402
 from nezha_zoo import IBertConfig  # noqa: E402
 from nezha_zoo.pt import quant as pt_quant  # noqa: E402
+from nezha_zoo.testing import IBERT_SMOKE as SMOKE  # noqa: E402
 from nezha_zoo.testing import pin_precision  # noqa: E402
 from nezha_zoo.tf import quant  # noqa: E402
 

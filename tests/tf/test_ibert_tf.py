@@ -765,13 +765,12 @@ def test_frozen_integer_weights_give_the_same_numbers(pairs):
     assert not ours.ibert.embeddings.word_embeddings.frozen
 
 
-@pytest.mark.pt
-@pytest.mark.parametrize("frozen", [False, True])
-def test_quant_graph_and_xla_equal_eager_and_pytorch_at_width(tmp_path, frozen):
-    # head size 48, calibrated scales no power of two: before quant.exact_div, Grappler and XLA turned
-    # divisions by scales into reciprocal products and moved integers one step (19683 outputs here)
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """(calibrated WIDE quant model, its padded inputs, PyTorch's hidden states on them), built once."""
     import nezha_zoo.pt as zoo
-    from benchmarks.ibert_quant import WIDE, padded_inputs
+    from nezha_zoo.testing import IBERT_WIDE as WIDE
+    from nezha_zoo.testing import ibert_padded_inputs as padded_inputs
 
     def batch(seed: int) -> dict:
         return padded_inputs(2, 32, WIDE["vocab_size"], seed)
@@ -779,23 +778,36 @@ def test_quant_graph_and_xla_equal_eager_and_pytorch_at_width(tmp_path, frozen):
     ours = ztf.TFIBertModel(IBertConfig(**WIDE, quant_mode=True), seed=0)
     for s in range(2):  # calibration: every scale a random float32, no power of two
         ours(**batch(10 + s), training=True)
-    ours.save_pretrained(tmp_path)
-    pt = zoo.IBertModel.from_pretrained(tmp_path).eval()
+    path = tmp_path_factory.mktemp("ibert_wide")
+    ours.save_pretrained(path)
+    pt = zoo.IBertModel.from_pretrained(path).eval()
     inp = batch(0)
     with torch.no_grad():
         want = pt(**_pt(inp), output_hidden_states=True).hidden_states
+    return ours, inp, want
+
+
+@pytest.mark.pt
+@pytest.mark.parametrize("frozen", [False, True])
+def test_quant_graph_and_xla_equal_eager_and_pytorch_at_width(wide, frozen):
+    # head size 48, calibrated scales no power of two: before quant.exact_div, Grappler and XLA turned
+    # divisions by scales into reciprocal products and moved integers one step (19683 outputs here)
+    ours, inp, want = wide
     ours.freeze_integer_weights(frozen)
     x = {k: tf.constant(v) for k, v in inp.items()}
 
     def forward(x):
         return ours(**x, output_hidden_states=True).hidden_states
 
-    for name, fn in (
-        ("eager", forward),
-        ("graph", tf.function(forward)),
-        ("xla", tf.function(forward, jit_compile=True)),
-    ):
-        got = fn(x)
-        assert len(got) == len(want) == 2
-        for i, (w, g) in enumerate(zip(want, got)):
-            np.testing.assert_array_equal(g.numpy(), w.numpy(), err_msg=f"{name}: hidden_states[{i}]")
+    try:
+        for name, fn in (
+            ("eager", forward),
+            ("graph", tf.function(forward)),
+            ("xla", tf.function(forward, jit_compile=True)),
+        ):
+            got = fn(x)
+            assert len(got) == len(want) == 2
+            for i, (w, g) in enumerate(zip(want, got)):
+                np.testing.assert_array_equal(g.numpy(), w.numpy(), err_msg=f"{name}: hidden_states[{i}]")
+    finally:
+        ours.freeze_integer_weights(False)
