@@ -12,11 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks.ibert_quant import SMOKE
 from nezha_zoo import IBertConfig
 from nezha_zoo.flax import FlaxIBertModel
 from nezha_zoo.flax import quant as fq
-from nezha_zoo.testing import pin_precision
+from nezha_zoo.testing import IBERT_SMOKE, pin_precision
 
 pytestmark = pytest.mark.flax
 
@@ -54,7 +53,7 @@ def test_materialized_is_the_array_itself_op_by_op():
 
 
 def test_quant_model_compiled_with_materialized_is_bit_identical(monkeypatch):
-    model = FlaxIBertModel(IBertConfig(**SMOKE, initializer_range=0.2, quant_mode=True), seed=0)
+    model = FlaxIBertModel(IBertConfig(**IBERT_SMOKE, initializer_range=0.2, quant_mode=True), seed=0)
     ids = np.random.default_rng(0).integers(3, 99, (2, 16))
     _, state = model(ids, train=True)
     model.buffers = state["buffers"]
