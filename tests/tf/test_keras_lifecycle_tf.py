@@ -138,6 +138,17 @@ def test_train_step_traces_once(monkeypatch):
     assert all(np.any(v.numpy() != b) for v, b in zip(model.trainable_variables, before))
 
 
+def test_word_embedding_gradient_stays_sparse():
+    """The word table's gradient is the looked-up rows (``IndexedSlices``), not a dense (vocab, E)
+    table: padding-row freezing must not densify it."""
+    x, y = _data()
+    model = _classifier("electra")
+    with tf.GradientTape() as tape:
+        loss = model(**x, labels=y, training=True).loss
+    grad = tape.gradient(loss, model.electra.embeddings.word_embeddings.embeddings)
+    assert isinstance(grad, tf.IndexedSlices) and grad.values.shape == (BATCH * LENGTH, 24)
+
+
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_fit_checkpoint_load_model_clone_summary(family, tmp_path):
     x, y = _data()
