@@ -826,6 +826,22 @@ class TFPreTrainedModel(LoraMixin, keras.Model):
             x[self.label_names[0]] = y
         return x, sample_weight
 
+    def make_train_function(self, force: bool = False) -> Callable:
+        """Keras' train function, with the optimizer's state created first, eagerly.
+
+        Without a distribution strategy Keras 3 creates the optimizer's variables inside the first
+        trace of its train step; a ``tf.function`` that creates variables is traced a second time
+        on its next call and keeps both graphs, which costs resident memory in every later step
+        (``docs/benchmarks/train.md``, session 11).  Built here, the step traces once.  Every model
+        variable exists from construction (:meth:`_finish_init`; LoRA adds its own eagerly), so the
+        trainable variables are the ones Keras would build the optimizer with.
+        """
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and not optimizer.built and self.built:
+            with self.distribute_strategy.scope():  # where Keras' own symbolic build creates them
+                optimizer.build(self.trainable_variables)
+        return super().make_train_function(force)
+
     def train_step(self, data):
         if self._compile_loss is not None:  # a Keras loss was compiled in: the standard (x, y) path
             return super().train_step(data)

@@ -117,6 +117,38 @@ def test_constructor_arguments_travel_in_the_config():
         ztf.TFMPNetModel.from_config({"seed": 0})
 
 
+def test_train_step_traces_once(monkeypatch):
+    """The optimizer's state exists before Keras traces the train step, so the step is traced once
+    (Keras 3 alone creates it inside the first trace, and a ``tf.function`` that creates variables
+    is traced again on its next call).  Each trace runs ``train_step`` in Python once.  No compiled
+    metrics: Keras creates their variables in the first trace too."""
+    cls = model_class("electra", "ForSequenceClassification", "tf")
+    traced = []
+    train_step = cls.train_step
+    monkeypatch.setattr(cls, "train_step", lambda self, data: traced.append(1) or train_step(self, data))
+    x, y = _data()
+    model = _classifier("electra")
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), jit_compile=False)
+    assert not model.optimizer.built
+    before = [v.numpy() for v in model.trainable_variables]
+    for _ in range(3):
+        model.train_on_batch(x, y)
+    assert len(traced) == 1
+    assert len(model.optimizer.variables) == 2 + 2 * len(model.trainable_variables)  # iterations, lr; m, v
+    assert all(np.any(v.numpy() != b) for v, b in zip(model.trainable_variables, before))
+
+
+def test_word_embedding_gradient_stays_sparse():
+    """The word table's gradient is the looked-up rows (``IndexedSlices``), not a dense (vocab, E)
+    table: padding-row freezing must not densify it."""
+    x, y = _data()
+    model = _classifier("electra")
+    with tf.GradientTape() as tape:
+        loss = model(**x, labels=y, training=True).loss
+    grad = tape.gradient(loss, model.electra.embeddings.word_embeddings.embeddings)
+    assert isinstance(grad, tf.IndexedSlices) and grad.values.shape == (BATCH * LENGTH, 24)
+
+
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_fit_checkpoint_load_model_clone_summary(family, tmp_path):
     x, y = _data()
