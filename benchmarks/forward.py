@@ -9,7 +9,8 @@
   Flax under :func:`nezha_zoo.flax.inference_jit` (``jax.jit`` with our XLA CPU options; ``flax``) and
   the wrapper's own compiled call with the packed weights (``flax-packed``): the one switch of
   :mod:`nezha_zoo.packing`, which acts at 32 token rows or fewer;
-* transformers 4.57.6 for the same framework where it has the class: ``hf-pt`` (all six families),
+* transformers 4.57.6 for the same framework where it has the class: ``hf-pt`` (all six families) and
+  ``hf-pt-compile`` (its model under the same ``torch.compile``: a compiling user compiles both),
   ``hf-tf`` / ``hf-tf-xla`` (Electra, MPNet; under tf-keras, which coexists with our Keras 3) and
   ``hf-flax`` (Electra).
 
@@ -132,6 +133,7 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     "flax": ("flax", "ours", "jax.jit"),
     "flax-packed": ("flax", "ours", "jax.jit+packed"),
     "hf-pt": ("pt", "transformers", "eager"),
+    "hf-pt-compile": ("pt", "transformers", "torch.compile"),
     "hf-tf": ("tf", "transformers", "tf.function"),
     "hf-tf-xla": ("tf", "transformers", "tf.function+XLA"),
     "hf-flax": ("flax", "transformers", "jax.jit"),

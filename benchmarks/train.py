@@ -10,7 +10,8 @@ with 2 of 36 layers, MPT as a 125M GPT-2-small shape), dropout on, at batch 8 x 
   Keras ``train_on_batch`` as ``compile()`` sets it up by default (``tf``: ``jit_compile="auto"``,
   which is no XLA on a CPU-only TensorFlow) and with XLA (``tf-xla``), ``keras.optimizers.AdamW``;
   Flax under ``jax.jit`` with ``optax.adamw`` (``flax``);
-* transformers 4.57.6 where it has the class: ``hf-pt`` (all six), ``hf-tf`` / ``hf-tf-xla``
+* transformers 4.57.6 where it has the class: ``hf-pt`` (all six) and ``hf-pt-compile`` (the same
+  ``torch.compile(model, dynamic=False)`` as ours), ``hf-tf`` / ``hf-tf-xla``
   (Electra, MPNet; tf-keras ``train_on_batch``) and ``hf-flax`` (Electra).
 
 ``--lora`` instead times Electra-base in each framework with full fine-tuning (``pt``, ``tf``,

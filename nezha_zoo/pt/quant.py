@@ -533,17 +533,19 @@ class QuantAct(nn.Module):
     def update_range(self, x_act: torch.Tensor) -> None:
         """One calibration step from ``x_act`` (any shape); see the class docstring."""
         lo, hi = x_act.min().float(), x_act.max().float()
-        if torch.isnan(lo) or torch.isnan(hi):
+        # reading the values is a graph break under torch.compile: the check is eager's
+        if not torch.compiler.is_compiling() and (torch.isnan(lo) or torch.isnan(hi)):
             raise ValueError("QuantAct: NaN in the activation while calibrating its range")
-        if self.x_min.min() > -UNCALIBRATED_RANGE and self.x_max.max() < UNCALIBRATED_RANGE:
-            new_min, new_max = self.x_min + lo, self.x_max + hi
-        elif self.act_range_momentum == -1:
+        if self.act_range_momentum == -1:
             new_min, new_max = torch.minimum(self.x_min, lo), torch.maximum(self.x_max, hi)
         else:
             m = self.act_range_momentum
             new_min, new_max = self.x_min * m + lo * (1 - m), self.x_max * m + hi * (1 - m)
-        self.x_min.copy_(new_min)
-        self.x_max.copy_(new_max)
+        # the first update adds the batch range to the initial one; a select, not a branch on values,
+        # so that a compiled training step stays one graph
+        fresh = (self.x_min.min() > -UNCALIBRATED_RANGE) & (self.x_max.max() < UNCALIBRATED_RANGE)
+        self.x_min.copy_(torch.where(fresh, self.x_min + lo, new_min))
+        self.x_max.copy_(torch.where(fresh, self.x_max + hi, new_max))
 
     def forward(
         self,
