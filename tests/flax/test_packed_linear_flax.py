@@ -204,12 +204,11 @@ def test_ibert_packs_no_quant_linear_kernel(quant_mode):
     # QuantLinear computes its own product in both modes (float: x @ kernel; quant: the int8 kernel of the
     # "quantized" collection) and never reads "packed": a copy of its kernel would only cost memory.  The
     # classification head's Dense still gets its packed copy.
-    # one layer holds every QuantLinear kind; each more only adds x64 op-by-op and compile time
     widths = {k: v for k, v in ELECTRA.items() if k != "embedding_size"}
-    cfg = IBertConfig(**{**widths, "num_hidden_layers": 1}, quant_mode=quant_mode)
+    cfg = IBertConfig(**widths, quant_mode=quant_mode)
     model = nzf.FlaxIBertForSequenceClassification(cfg, seed=0)
     quant_linear = {path[:-1] + ("kernel",) for path in flatten_dict(model.buffers) if path[-1] == "fc_scaling_factor"}
-    assert len(quant_linear) == 6 * cfg.num_hidden_layers
+    assert len(quant_linear) == 6 * ELECTRA["num_hidden_layers"]
     assert all(packable(flatten_dict(model.params)[path]) for path in quant_linear)  # packable, yet not packed
     with packed_linear():
         for _ in range(3):  # eager, compiled + packed, reused
