@@ -31,11 +31,9 @@ from nezha_zoo.flax.electra import FlaxElectraForCausalLM  # noqa: E402
 from nezha_zoo.flax.mpt import FlaxMptForCausalLM  # noqa: E402
 from nezha_zoo.flax.xlm_roberta_xl import FlaxXLMRobertaXLForCausalLM  # noqa: E402
 from nezha_zoo.generation import prompt_position_ids  # noqa: E402
-from nezha_zoo.pretrained import random_weights, save_weights  # noqa: E402
 from nezha_zoo.pt.electra import ElectraForCausalLM  # noqa: E402
 from nezha_zoo.pt.mpt import MptForCausalLM  # noqa: E402
 from nezha_zoo.pt.xlm_roberta_xl import XLMRobertaXLForCausalLM  # noqa: E402
-from nezha_zoo.spec.registry import get_family  # noqa: E402
 from nezha_zoo.testing import TOLERANCES, pin_precision, random_checkpoints  # noqa: E402
 from nezha_zoo.tf.electra import TFElectraForCausalLM  # noqa: E402
 from nezha_zoo.tf.mpt import TFMptForCausalLM  # noqa: E402
@@ -97,19 +95,38 @@ def _top2_margin(model, tokens, mask, prompt_len):
     return float((top[..., -1] - top[..., -2]).min())
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> checkpoint directory (built on first use)."""
+    return random_checkpoints(tmp_path_factory.mktemp, "ForCausalLM", lambda key: (CASES[key][0](), CASES[key][1]))
+
+
+@pytest.fixture(scope="module")
+def models(saved):
+    """(family, "pt" / "tf" / "flax" / "hf") -> that model of the family's checkpoint, loaded once for the
+    file (the TF model serves graph mode and XLA: ``jit_compile`` is a ``generate`` argument)."""
+    cache = {}
+
+    def get(key, framework):
+        if (key, framework) not in cache:
+            if framework == "hf":
+                cls = getattr(transformers, CASES[key][5])
+            else:
+                cls = CASES[key][{"pt": 2, "tf": 3, "flax": 4}[framework]]
+            model = cls.from_pretrained(saved(key))
+            cache[key, framework] = model.eval() if framework in ("pt", "hf") else model
+        return cache[key, framework]
+
+    return get
+
+
 @pytest.mark.parametrize("key", list(CASES))
-def test_greedy_tokens_identical_across_backends(key, tmp_path):
-    make_config, seed, pt_cls, tf_cls, flax_cls, hf_name = CASES[key]
-    cfg, family = make_config(), get_family(key)
-    spec = family.model_spec(cfg, "ForCausalLM")
-    save_weights(tmp_path, cfg, spec, family, random_weights(spec, cfg, seed))
+def test_greedy_tokens_identical_across_backends(key, models):
+    cfg = CASES[key][0]()
     ids, mask = _prompt(cfg)
     settings = dict(max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
 
-    pt_model = pt_cls.from_pretrained(tmp_path).eval()
-    hf = getattr(transformers, hf_name).from_pretrained(tmp_path).eval()
-    tf_model = tf_cls.from_pretrained(tmp_path)
-    flax_model = flax_cls.from_pretrained(tmp_path)
+    pt_model, hf, tf_model, flax_model = (models(key, f) for f in ("pt", "hf", "tf", "flax"))
     tokens = {
         "hf": hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False, **settings),
         "pt": pt_model.generate(ids, attention_mask=mask, **settings),
@@ -139,19 +156,13 @@ RETURN = dict(return_dict_in_generate=True, output_scores=True, output_logits=Tr
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """family -> checkpoint directory (built on first use)."""
-    return random_checkpoints(tmp_path_factory.mktemp, "ForCausalLM", lambda key: (CASES[key][0](), CASES[key][1]))
-
-
-@pytest.fixture(scope="module")
-def oracle(saved):
+def oracle(models):
     """(family, mode) -> (settings, transformers' return_dict output as numpy), computed once."""
     cache = {}
 
     def get(key, mode):
         if (key, mode) not in cache:
-            hf = getattr(transformers, CASES[key][5]).from_pretrained(saved(key)).eval()
+            hf = models(key, "hf")
             ids, mask = _prompt(hf.config)
             settings = dict(max_new_tokens=NEW, pad_token_id=97, eos_token_id=None, **MODES[mode])
             inputs = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False)
@@ -170,26 +181,22 @@ def _as_numpy(value):
     return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
 
 
-def _generate(backend, key, path, ids, mask, settings):
-    """Our ``generate`` of ``backend`` with ``settings`` and every output, as numpy."""
-    _, _, pt_cls, tf_cls, flax_cls, _ = CASES[key]
-    if backend == "pt":
-        out = pt_cls.from_pretrained(path).eval().generate(ids, attention_mask=mask, **settings, **RETURN)
-    elif backend in ("tf", "tf-xla"):
-        model = tf_cls.from_pretrained(path)
+def _generate(backend, model, ids, mask, settings):
+    """Our ``generate`` of ``backend`` (``model`` its framework's) with ``settings`` and every output, as numpy."""
+    if backend in ("tf", "tf-xla"):
         out = model.generate(ids, attention_mask=mask, jit_compile=backend == "tf-xla", **settings, **RETURN)
     else:
-        out = flax_cls.from_pretrained(path).generate(ids, attention_mask=mask, **settings, **RETURN)
+        out = model.generate(ids, attention_mask=mask, **settings, **RETURN)
     return {k: _as_numpy(v) for k, v in out.items()}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("key", list(CASES))
-def test_decoding_with_processors_and_beams_identical_across_backends(key, mode, backend, saved, oracle):
+def test_decoding_with_processors_and_beams_identical_across_backends(key, mode, backend, models, oracle):
     settings, want = oracle(key, mode)
     ids, mask = _prompt(CASES[key][0]())
-    got = _generate(backend, key, saved(key), ids, mask, settings)
+    got = _generate(backend, models(key, backend.removesuffix("-xla")), ids, mask, settings)
     where = f"{key} {mode} {backend}"
     assert sorted(got) == sorted(want), f"{where}: output fields {sorted(got)} != transformers' {sorted(want)}"
     assert got["sequences"].tolist() == want["sequences"].tolist(), f"{where}: tokens differ from transformers"

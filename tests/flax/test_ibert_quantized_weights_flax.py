@@ -17,13 +17,14 @@ import pytest
 from nezha_zoo import IBertConfig
 from nezha_zoo.flax import FlaxIBertForSequenceClassification, FlaxIBertModel
 from nezha_zoo.flax import quant as fq
-from nezha_zoo.testing import IBERT_SMOKE as SMOKE
-from nezha_zoo.testing import pin_precision
+from nezha_zoo.testing import IBERT_SMOKE, pin_precision
 
 pytestmark = pytest.mark.flax
 
 pin_precision("flax")
 
+#: One layer: it holds every QuantLinear kind, and each more only adds x64 tracing and compile time.
+SMOKE = dict(IBERT_SMOKE, num_hidden_layers=1)
 #: QuantLinear layers of the SMOKE encoder: 6 a layer (query, key, value, two outputs, intermediate)
 LINEARS = 6 * SMOKE["num_hidden_layers"]
 #: QuantEmbedding tables: words, token types, positions
