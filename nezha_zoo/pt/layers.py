@@ -185,14 +185,27 @@ def encoder_attention_bias(encoder_attention_mask: torch.Tensor, dtype: torch.dt
 _SATURATING = frozenset(getattr(torch, name) for name in SATURATING_MASK_DTYPES)
 
 
-def add_attention_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _fits_in_place(target: torch.Tensor, other: torch.Tensor) -> bool:
+    """``target + other`` has ``target``'s shape and dtype, so ``target.add_(other)`` gives the same tensor."""
+    return (
+        torch.broadcast_shapes(target.shape, other.shape) == target.shape
+        and torch.result_type(target, other) == target.dtype
+    )
+
+
+def add_attention_mask(scores: torch.Tensor, mask: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """``scores + mask`` for an additive ``mask`` (or bias) broadcastable to ``scores`` (B, heads, Lq, Lk).
 
     In float16 (:data:`nezha_zoo.dtypes.SATURATING_MASK_DTYPES`) the sum saturates at ``finfo.min``: a masked
     score no longer overflows to -inf, so a row with no visible key is uniform, not NaN.  Other dtypes: the
-    plain sum.
+    plain sum.  ``in_place``: the caller owns ``scores`` (a fresh product no backward needs), so the sum
+    overwrites it unless the mask widens its shape or dtype; the same values without a new (B, heads, Lq, Lk)
+    tensor.
     """
-    total = scores + mask
+    if in_place and _fits_in_place(scores, mask):
+        total = scores.add_(mask)
+    else:
+        total = scores + mask
     if total.dtype in _SATURATING:
         total = total.clamp_min_(torch.finfo(total.dtype).min)  # -inf -> min; a fresh tensor, safe in place
     return total
@@ -455,7 +468,13 @@ class BertEmbeddings(nn.Module):
                 position_ids = torch.arange(
                     past_key_values_length, past_key_values_length + seq_len, dtype=torch.long, device=ref.device
                 )[None]  # (1, L), broadcast over the batch
-            embeddings = embeddings + self.position_embeddings(position_ids)
+            positions = self.position_embeddings(position_ids)
+            if embeddings is not inputs_embeds and _fits_in_place(embeddings, positions):
+                # The sum above is ours and no backward needs it: add in place (as transformers' ``+=``),
+                # no second (B, L, width) tensor.
+                embeddings = embeddings.add_(positions)
+            else:
+                embeddings = embeddings + positions
         if hasattr(self, "LayerNorm"):
             embeddings = self.LayerNorm(embeddings)
         return self.dropout(embeddings)
@@ -677,7 +696,7 @@ def fused_attention(
     if plain and (not enable_gqa or key.shape[1] in (1, query.shape[1])):
         scores = torch.matmul(query * scale, key.transpose(-1, -2))  # (B, heads, Lq, Lk)
         if mask is not None:
-            scores = add_attention_mask(scores, mask)
+            scores = add_attention_mask(scores, mask, in_place=True)  # the product's backward needs q, k only
         probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p, training=True)
         return torch.matmul(probs, value)
     return F.scaled_dot_product_attention(
