@@ -407,3 +407,21 @@ def test_beam_search_with_a_large_vocabulary_matches_transformers(tmp_path):
     want = hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False, **settings, **out)
     _assert_same_output(got, want, "xlm_roberta_xl vocab 5000", "beam4")
     assert got.sequences.shape == (6, 6 + NEW)
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_logits_to_keep_is_the_last_positions_of_the_full_logits(key, checkpoint):
+    """``generate``'s prompt pass runs the LM head on the last position only (``logits_to_keep=1``)."""
+    model = CASES[key][2].from_pretrained(checkpoint(key)).eval()
+    ids = torch.from_numpy(_prompt(model.config)[0].astype(np.int64))  # (3, 6)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits  # (3, 6, V)
+        for keep, want in ((0, full), (1, full[:, -1:]), (4, full[:, -4:]), (9, full)):
+            got = model(input_ids=ids, logits_to_keep=keep).logits
+            assert got.shape == want.shape, keep
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for bad in (-1, 1.5, True):
+            with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+                model(input_ids=ids, logits_to_keep=bad)
+        with pytest.raises(ValueError, match="the loss needs every position"):
+            model(input_ids=ids, labels=ids, logits_to_keep=1)
