@@ -36,6 +36,7 @@ from nezha_zoo.pt.heads import (
     ClassificationHead,
     LMHeadTransform,
     SequenceSummary,
+    VocabProjection,
     masked_lm_output,
     multiple_choice_output,
     question_answering_output,
@@ -253,7 +254,7 @@ class _ElectraGenerator(ElectraPreTrainedModel):
         super().__init__(config)
         self.electra = ElectraModel(config)
         self.generator_predictions = _generator_transform(config)
-        self.generator_lm_head = nn.Linear(config.embedding_size, config.vocab_size)
+        self.generator_lm_head = VocabProjection(config.embedding_size, config.vocab_size)
         self.post_init()
 
     def _logits(self, sequence_output: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ from nezha_zoo.pt.heads import (
     QA_LABELS_DOC,
     SEQUENCE_LABELS_DOC,
     TOKEN_LABELS_DOC,
+    VocabProjection,
     question_answering_output,
     token_classification_output,
 )
@@ -472,7 +473,7 @@ class MptForCausalLM(GenerationMixin, MptPreTrainedModel):
     def __init__(self, config: MptConfig) -> None:
         super().__init__(config)
         self.transformer = MptModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = VocabProjection(config.d_model, config.vocab_size, bias=False)
         self.logit_scale = _logit_scale(config)
         self.post_init()
 

@@ -425,3 +425,25 @@ def test_logits_to_keep_is_the_last_positions_of_the_full_logits(key, checkpoint
                 model(input_ids=ids, logits_to_keep=bad)
         with pytest.raises(ValueError, match="the loss needs every position"):
             model(input_ids=ids, labels=ids, logits_to_keep=1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_vocab_projection_is_linear(bias):
+    """The LM heads' ``VocabProjection`` equals ``F.linear`` at every row count: its ``W x^T`` product for 2-16
+    rows without autograd to float32 rounding, ``F.linear`` itself (bit for bit) otherwise."""
+    from nezha_zoo.pt.heads import SKINNY_ROWS, VocabProjection
+
+    torch.manual_seed(0)
+    proj = VocabProjection(48, 301, bias=bias)
+    for shape in [(1, 48), (2, 48), (3, 1, 48), (8, 1, 48), (2, 8, 48), (17, 48), (4, 6, 48)]:
+        x = torch.randn(shape)
+        want = torch.nn.functional.linear(x, proj.weight, proj.bias)
+        with torch.no_grad():
+            got = proj(x)
+        assert got.shape == want.shape and got.is_contiguous(), shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        rows = x.numel() // 48
+        if not 1 < rows <= SKINNY_ROWS:
+            assert torch.equal(got, want), shape
+        with torch.enable_grad():
+            assert torch.equal(proj(x), want), shape  # training: F.linear
