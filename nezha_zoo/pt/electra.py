@@ -27,7 +27,7 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.pt import losses
-from nezha_zoo.pt.generation import GenerationMixin
+from nezha_zoo.pt.generation import GenerationMixin, keep_last_positions
 from nezha_zoo.pt.heads import (
     MLM_LABELS_DOC,
     QA_LABELS_DOC,
@@ -36,6 +36,7 @@ from nezha_zoo.pt.heads import (
     ClassificationHead,
     LMHeadTransform,
     SequenceSummary,
+    VocabProjection,
     masked_lm_output,
     multiple_choice_output,
     question_answering_output,
@@ -253,7 +254,7 @@ class _ElectraGenerator(ElectraPreTrainedModel):
         super().__init__(config)
         self.electra = ElectraModel(config)
         self.generator_predictions = _generator_transform(config)
-        self.generator_lm_head = nn.Linear(config.embedding_size, config.vocab_size)
+        self.generator_lm_head = VocabProjection(config.embedding_size, config.vocab_size)
         self.post_init()
 
     def _logits(self, sequence_output: torch.Tensor) -> torch.Tensor:
@@ -303,6 +304,7 @@ class ElectraForCausalLM(GenerationMixin, _ElectraGenerator):
         + """
         encoder_hidden_states, encoder_attention_mask, past_key_values, use_cache: as ElectraModel.
         labels (LongTensor (B, L)): next-token targets (not shifted by the caller), -100 ignored.
+        logits_to_keep (int): the LM head on the last this many positions only (0: all), without ``labels``.
         **kwargs: ``num_items_in_batch``, ``ignore_index``, ``shift_labels`` for the loss.
     """
     )
@@ -331,13 +333,14 @@ class ElectraForCausalLM(GenerationMixin, _ElectraGenerator):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithCrossAttentions | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
         if labels is not None:
             use_cache = False
         base = self._run_base(locals())
-        logits = self._logits(base.last_hidden_state)
+        logits = self._logits(keep_last_positions(base.last_hidden_state, logits_to_keep, labels))
         loss = None
         if labels is not None:
             known = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nezha_zoo.config import classifier_dropout_rate
@@ -23,7 +24,7 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.pt import losses
-from nezha_zoo.pt.layers import get_activation
+from nezha_zoo.pt.layers import _plain_tensors, get_activation
 from nezha_zoo.validation import InputError
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "ClassificationHead",
     "SequenceSummary",
     "LMHeadTransform",
+    "VocabProjection",
     "BertPooler",
     "BertLMPredictionHead",
     "RobertaLMHead",
@@ -157,6 +159,43 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(hidden_states[:, 0]))  # (B, H): the first ([CLS]) token
 
 
+#: Most rows for which :class:`VocabProjection` runs its product as ``W x^T`` (one decoding step's batch
+#: times beams; past it MKL's ``x W^T`` is as fast or faster).
+SKINNY_ROWS = 16
+
+
+class VocabProjection(nn.Linear):
+    """``nn.Linear(in, vocab)`` of an LM head (same ``weight`` / ``bias`` and state-dict names), with a
+    faster product for the few rows of a decoding step.
+
+    With autograd off and 2 to :data:`SKINNY_ROWS` float32 CPU rows, the product runs as
+    ``(W x^T)^T`` (``addmm`` with the (vocab, in) weight on the left) instead of ``F.linear``'s
+    ``x W^T``: for a (vocab, in) = (32000, 512) weight MKL's ``x W^T`` took 13 / 11 / 12.6 ms at
+    2 / 4 / 8 rows against 6.3 ms at one row, ``W x^T`` 3.3 / 5.4 / 8.1 ms (one thread, AVX512; both
+    16 ms at 16 rows).  The two sum in different orders: results agree to float32 rounding, not bit
+    for bit.  Otherwise (one row, more rows, training, autocast, other dtypes or devices, tensor
+    subclasses, ``torch.compile`` / tracing) this is ``F.linear``.
+
+    Forward: ``input`` (..., in_features) -> (..., out_features), contiguous.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        rows = input.numel() // max(input.shape[-1], 1) if input.dim() >= 2 else 0
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+        if (
+            1 < rows <= SKINNY_ROWS
+            and not (torch.is_grad_enabled() or traced or torch.is_autocast_enabled("cpu"))
+            and input.dtype == w.dtype == torch.float32
+            and input.device.type == w.device.type == "cpu"
+            and _plain_tensors(input, w, self.bias)
+        ):
+            flat = input.reshape(rows, self.in_features).t()  # (in, rows)
+            out = torch.mm(w, flat) if self.bias is None else torch.addmm(self.bias[:, None], w, flat)  # (vocab, rows)
+            return out.t().contiguous().view(*input.shape[:-1], self.out_features)
+        return F.linear(input, w, self.bias)
+
+
 class BertLMPredictionHead(nn.Module):
     """BERT's ``cls.predictions``: ``transform`` (dense, activation, LayerNorm), ``decoder``, ``bias``.
 
@@ -174,7 +213,7 @@ class BertLMPredictionHead(nn.Module):
         super().__init__()
         H = config.hidden_size
         self.transform = LMHeadTransform(H, H, config.layer_norm_eps, activation=activation)
-        self.decoder = nn.Linear(H, config.vocab_size, bias=False)
+        self.decoder = VocabProjection(H, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder.bias = self.bias  # one Parameter under both names
 
@@ -199,7 +238,7 @@ class RobertaLMHead(LMHeadTransform):
     def __init__(self, config: Any, activation: str = "gelu") -> None:
         H = config.hidden_size
         super().__init__(H, H, config.layer_norm_eps, activation=activation, norm_name="layer_norm")
-        self.decoder = nn.Linear(H, config.vocab_size, bias=False)
+        self.decoder = VocabProjection(H, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder.bias = self.bias  # one Parameter under both names
 

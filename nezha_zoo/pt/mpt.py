@@ -47,11 +47,12 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.pt import losses
-from nezha_zoo.pt.generation import GenerationMixin
+from nezha_zoo.pt.generation import GenerationMixin, keep_last_positions
 from nezha_zoo.pt.heads import (
     QA_LABELS_DOC,
     SEQUENCE_LABELS_DOC,
     TOKEN_LABELS_DOC,
+    VocabProjection,
     question_answering_output,
     token_classification_output,
 )
@@ -459,6 +460,7 @@ class MptForCausalLM(GenerationMixin, MptPreTrainedModel):
         + _ARGS_DOC
         + """
         labels (LongTensor (B, L)): next-token targets (not shifted by the caller), -100 ignored.
+        logits_to_keep (int): the LM head on the last this many positions only (0: all), without ``labels``.
         **kwargs: ``num_items_in_batch``, ``ignore_index``, ``shift_labels`` for the loss.
 
     Returns CausalLMOutputWithCrossAttentions (logits multiplied by ``logit_scale`` when set).
@@ -471,7 +473,7 @@ class MptForCausalLM(GenerationMixin, MptPreTrainedModel):
     def __init__(self, config: MptConfig) -> None:
         super().__init__(config)
         self.transformer = MptModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = VocabProjection(config.d_model, config.vocab_size, bias=False)
         self.logit_scale = _logit_scale(config)
         self.post_init()
 
@@ -489,6 +491,7 @@ class MptForCausalLM(GenerationMixin, MptPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithCrossAttentions | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
@@ -496,7 +499,7 @@ class MptForCausalLM(GenerationMixin, MptPreTrainedModel):
         if unknown:
             raise TypeError(f"MptForCausalLM.forward got unexpected keyword arguments {sorted(unknown)}")
         base = self._run_base(locals())
-        logits = self.lm_head(base.last_hidden_state)  # (B, L, vocab)
+        logits = self.lm_head(keep_last_positions(base.last_hidden_state, logits_to_keep, labels))  # (B, L, vocab)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         loss = losses.causal_lm_loss(logits, labels, **kwargs) if labels is not None else None

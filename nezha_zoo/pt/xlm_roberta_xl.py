@@ -39,7 +39,7 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.pt import losses
-from nezha_zoo.pt.generation import GenerationMixin
+from nezha_zoo.pt.generation import GenerationMixin, keep_last_positions
 from nezha_zoo.pt.heads import (
     MLM_LABELS_DOC,
     QA_LABELS_DOC,
@@ -275,6 +275,7 @@ class XLMRobertaXLForCausalLM(GenerationMixin, _LMHeadModel):
         + _DECODER_DOC
         + """
         labels (LongTensor (B, L)): next-token targets (not shifted by the caller), -100 ignored.
+        logits_to_keep (int): the LM head on the last this many positions only (0: all), without ``labels``.
         **kwargs: ``num_items_in_batch``, ``ignore_index``, ``shift_labels`` for the loss.
     """
     )
@@ -303,13 +304,14 @@ class XLMRobertaXLForCausalLM(GenerationMixin, _LMHeadModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithCrossAttentions | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
         if labels is not None:
             use_cache = False  # as transformers: no cache when computing the loss
         base = self._run_base(locals())
-        logits = self.lm_head(base.last_hidden_state)  # (B, L, vocab)
+        logits = self.lm_head(keep_last_positions(base.last_hidden_state, logits_to_keep, labels))  # (B, L, vocab)
         loss = None
         if labels is not None:
             known = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}

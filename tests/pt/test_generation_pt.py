@@ -407,3 +407,43 @@ def test_beam_search_with_a_large_vocabulary_matches_transformers(tmp_path):
     want = hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False, **settings, **out)
     _assert_same_output(got, want, "xlm_roberta_xl vocab 5000", "beam4")
     assert got.sequences.shape == (6, 6 + NEW)
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_logits_to_keep_is_the_last_positions_of_the_full_logits(key, checkpoint):
+    """``generate``'s prompt pass runs the LM head on the last position only (``logits_to_keep=1``)."""
+    model = CASES[key][2].from_pretrained(checkpoint(key)).eval()
+    ids = torch.from_numpy(_prompt(model.config)[0].astype(np.int64))  # (3, 6)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits  # (3, 6, V)
+        for keep, want in ((0, full), (1, full[:, -1:]), (4, full[:, -4:]), (9, full)):
+            got = model(input_ids=ids, logits_to_keep=keep).logits
+            assert got.shape == want.shape, keep
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for bad in (-1, 1.5, True):
+            with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+                model(input_ids=ids, logits_to_keep=bad)
+        with pytest.raises(ValueError, match="the loss needs every position"):
+            model(input_ids=ids, labels=ids, logits_to_keep=1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_vocab_projection_is_linear(bias):
+    """The LM heads' ``VocabProjection`` equals ``F.linear`` at every row count: its ``W x^T`` product for 2-16
+    rows without autograd to float32 rounding, ``F.linear`` itself (bit for bit) otherwise."""
+    from nezha_zoo.pt.heads import SKINNY_ROWS, VocabProjection
+
+    torch.manual_seed(0)
+    proj = VocabProjection(48, 301, bias=bias)
+    for shape in [(1, 48), (2, 48), (3, 1, 48), (8, 1, 48), (2, 8, 48), (17, 48), (4, 6, 48)]:
+        x = torch.randn(shape)
+        want = torch.nn.functional.linear(x, proj.weight, proj.bias)
+        with torch.no_grad():
+            got = proj(x)
+        assert got.shape == want.shape and got.is_contiguous(), shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        rows = x.numel() // 48
+        if not 1 < rows <= SKINNY_ROWS:
+            assert torch.equal(got, want), shape
+        with torch.enable_grad():
+            assert torch.equal(proj(x), want), shape  # training: F.linear
