@@ -677,7 +677,12 @@ def fused_attention(
     if plain and (not enable_gqa or key.shape[1] in (1, query.shape[1])):
         scores = torch.matmul(query * scale, key.transpose(-1, -2))  # (B, heads, Lq, Lk)
         if mask is not None:
-            scores = add_attention_mask(scores, mask)
+            if mask.dtype == scores.dtype and torch.broadcast_shapes(mask.shape, scores.shape) == scores.shape:
+                # In place: the product is fresh and not saved for backward (matmul keeps its inputs), and
+                # float32/64 need no saturation; a new (B, heads, Lq, Lk) tensor per layer costs more than the add.
+                scores = scores.add_(mask)
+            else:
+                scores = add_attention_mask(scores, mask)
         probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p, training=True)
         return torch.matmul(probs, value)
     return F.scaled_dot_product_attention(
