@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from nezha_zoo.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+from nezha_zoo.validation import InputError
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -29,10 +30,12 @@ __all__ = [
     "GENERATION_FUNCTIONS",
     "GenerationConfig",
     "as_streamer",
+    "check_logits_to_keep",
     "check_streamer",
     "decoding_lengths",
     "effective_bad_words",
     "generate_outputs",
+    "keep_last_positions",
     "POSITION_RULES",
     "check_prompt",
     "max_generation_length",
@@ -323,6 +326,47 @@ def resolve_generation_config(
     else:
         raise TypeError(f"generation_config must be a GenerationConfig or None, got {type(generation_config).__name__}")
     return gc.with_model_defaults()
+
+
+def check_logits_to_keep(logits_to_keep: Any, has_labels: bool) -> int:
+    """Validate a causal LM's ``logits_to_keep`` (transformers' argument); returns it as an int.
+
+    Args:
+        logits_to_keep (int): run the LM head on the last this many positions only; 0 keeps all.
+        has_labels (bool): the call computes a loss, which reads every position's logits.
+
+    Raises:
+        InputError: not an int >= 0 (a bool is not one), or not 0 with labels.
+    """
+    if not _is_int(logits_to_keep) or logits_to_keep < 0:
+        raise InputError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
+    if logits_to_keep and has_labels:
+        raise InputError(f"logits_to_keep={logits_to_keep} with labels: the loss needs every position's logits")
+    return int(logits_to_keep)
+
+
+def keep_last_positions(hidden: Any, logits_to_keep: Any, labels: Any = None) -> Any:
+    """The positions a causal LM's head runs on, by its ``logits_to_keep`` (every backend's helper).
+
+    ``generate`` needs the logits of the last position only; at the prompt's forward pass the head
+    over every position is the largest matmul of the call (a (B * P, H) x (H, vocab) product for
+    one (B, H) x (H, vocab) row block), so the causal LMs take ``logits_to_keep=1`` there.  The
+    slice is basic indexing, the same in torch, TensorFlow and JAX (all clamp ``-n`` to the
+    length); ``logits_to_keep`` is a Python int, so it is static under ``tf.function``/``jax.jit``.
+
+    Args:
+        hidden: (B, L, H) final hidden states (a torch, TF or JAX array).
+        logits_to_keep (int): keep the last this many positions; 0 (the default) keeps all of them.
+        labels: the forward's ``labels`` (None when there are none); the loss needs ``logits_to_keep=0``.
+
+    Returns:
+        (B, min(L, logits_to_keep) or L, H): ``hidden`` itself for 0, else its last positions.
+
+    Raises:
+        InputError: as :func:`check_logits_to_keep`.
+    """
+    keep = check_logits_to_keep(logits_to_keep, labels is not None)
+    return hidden if keep == 0 else hidden[:, -keep:]
 
 
 def check_prompt(input_ids: Any, attention_mask: Any, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ from nezha_zoo.flax.modeling_utils import (
     finish_output,
     validate_inputs,
 )
+from nezha_zoo.generation import keep_last_positions
 from nezha_zoo.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -202,12 +203,13 @@ class FlaxElectraForPreTrainingModule(_ElectraHead):
 
 
 class _GeneratorHead(_ElectraHead):
-    def _lm_head(self, electra, out) -> dict:
-        """``generator_predictions`` + ``generator_lm_head`` -> ``{"logits": (B, L, V)}``."""
+    def _lm_head(self, electra, out, logits_to_keep: int = 0) -> dict:
+        """``generator_predictions`` + ``generator_lm_head`` -> ``{"logits": (B, L, V)}`` (the last
+        ``logits_to_keep`` positions only when not 0: :func:`nezha_zoo.generation.keep_last_positions`)."""
         c = self.config
         # The generator transform always uses exact GELU (transformers' Flax port uses hidden_act: a bug).
         transform = LMHeadTransform(c, c.embedding_size, "gelu", dtype=self.dtype, name="generator_predictions")
-        h = transform(out.last_hidden_state)
+        h = transform(keep_last_positions(out.last_hidden_state, logits_to_keep))
         table = tied_embedding_table(electra, c)  # (V, E)
         return {"logits": TiedLMBias(c.vocab_size, self.dtype, name="generator_lm_head")(h, table)}
 
@@ -235,7 +237,8 @@ class FlaxElectraForMaskedLMModule(_GeneratorHead):
 
 
 class FlaxElectraForCausalLMModule(_GeneratorHead):
-    """Causal LM (use with ``config.is_decoder=True``): the generator head over a causal encoder."""
+    """Causal LM (use with ``config.is_decoder=True``): the generator head over a causal encoder;
+    ``logits_to_keep`` (static int): the head on the last this many positions only (0: all)."""
 
     __doc__ += _MODULE_DOC.format(mc="")
 
@@ -255,9 +258,10 @@ class FlaxElectraForCausalLMModule(_GeneratorHead):
         output_hidden_states=False,
         return_dict=True,
         inputs_embeds=None,
+        logits_to_keep: int = 0,
     ):
         def head(electra, out):
-            return {**self._lm_head(electra, out), "cross_attentions": out.cross_attentions}
+            return {**self._lm_head(electra, out, logits_to_keep), "cross_attentions": out.cross_attentions}
 
         return self._head_output(locals(), CausalLMOutputWithCrossAttentions, head)
 

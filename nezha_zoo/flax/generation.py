@@ -324,7 +324,9 @@ def _forward_fn(module: Any, offsets: tuple[int, int] | None):
         inputs = {"input_ids": tokens, "attention_mask": mask}
         if offsets is not None:
             inputs["position_ids"] = positions
-        out, updated = module.apply({"params": params, "cache": cache}, **inputs, deterministic=True, mutable=["cache"])
+        variables = {"params": params, "cache": cache}
+        # logits_to_keep=1: the LM head on the last position only (the prompt's pass computes P of them)
+        out, updated = module.apply(variables, **inputs, deterministic=True, mutable=["cache"], logits_to_keep=1)
         return out["logits"][:, -1, :].astype(jnp.float32), updated["cache"]
 
     return forward

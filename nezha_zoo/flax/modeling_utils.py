@@ -38,6 +38,7 @@ from nezha_zoo.flax.layers import (
     packed_compiler_options,
 )
 from nezha_zoo.flax.lora import LoraMixin
+from nezha_zoo.generation import check_logits_to_keep
 from nezha_zoo.inputs import accepts_encodings
 from nezha_zoo.io.plan import CHUNK_BYTES
 from nezha_zoo.io.shards import DEFAULT_MAX_SHARD_SIZE
@@ -601,6 +602,7 @@ class FlaxPreTrainedModel(LoraMixin):
         past_key_values: Mapping | None = None,
         inputs_embeds=None,
         buffers: Mapping | None = None,
+        logits_to_keep: int = 0,
     ):
         """Run the module (transformers' Flax call convention).
 
@@ -626,6 +628,9 @@ class FlaxPreTrainedModel(LoraMixin):
                 buffers only).  With ``train=True`` such a family updates it (I-BERT calibrates its
                 activation ranges) and the call returns ``(output, {"buffers": updated})``, as
                 transformers' Flax models return mutable ``batch_stats``.
+            logits_to_keep (int): causal LMs only: the LM head on the last this many positions
+                (logits (B, min(L, logits_to_keep), V)); 0, the default, keeps all.  A Python int,
+                static (part of the compiled signature).
         """
         return self._forward(
             input_ids=input_ids,
@@ -644,6 +649,7 @@ class FlaxPreTrainedModel(LoraMixin):
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             buffers=buffers,
+            logits_to_keep=logits_to_keep,
         )
 
     def _forward(
@@ -665,6 +671,7 @@ class FlaxPreTrainedModel(LoraMixin):
         inputs_embeds,
         position_ids=None,
         buffers: Mapping | None = None,
+        logits_to_keep: int = 0,
     ):
         """The shared body of ``__call__``: checks, defaults from the config, ``module.apply``, the cache.
 
@@ -686,6 +693,10 @@ class FlaxPreTrainedModel(LoraMixin):
                 f"head_mask must have shape ({c.num_attention_heads},) or ({c.num_hidden_layers}, "
                 f"{c.num_attention_heads}), got {tuple(np.shape(head_mask))}"
             )
+        # Flax computes the loss outside the model (nezha_zoo.flax.losses): no labels here
+        logits_to_keep = check_logits_to_keep(logits_to_keep, has_labels=False)
+        if logits_to_keep and not self._accepts("logits_to_keep"):
+            raise InputError(f"{type(self).__name__} takes no logits_to_keep (only the causal LMs do)")
         validate_inputs(
             c,
             input_ids,
@@ -742,7 +753,14 @@ class FlaxPreTrainedModel(LoraMixin):
         elif head_mask is not None:  # MPT has no head mask
             raise InputError(f"{type(self).__name__} takes no head_mask")
         inputs = {"input_ids": as_int(input_ids), "attention_mask": as_int(attention_mask), **extra}
-        static = (not train, bool(output_attentions), bool(output_hidden_states), bool(return_dict), tuple(mutable))
+        static = (
+            not train,
+            bool(output_attentions),
+            bool(output_hidden_states),
+            bool(return_dict),
+            tuple(mutable),
+            logits_to_keep,
+        )
         out = self._apply(variables, inputs, rngs, static)
         bad = graph_input_checks(c, ids_inputs)  # jit: NaN for bad examples (SPEC §8)
         if not mutable:
@@ -761,7 +779,8 @@ class FlaxPreTrainedModel(LoraMixin):
     def _apply(self, variables: dict, inputs: dict, rngs: dict, static: tuple) -> Any:
         """``module.apply``, through a cached ``jax.jit`` once a call signature repeats (eager calls only).
 
-        ``static`` is ``(deterministic, output_attentions, output_hidden_states, return_dict, mutable)``.
+        ``static`` is ``(deterministic, output_attentions, output_hidden_states, return_dict, mutable,
+        logits_to_keep)``; ``logits_to_keep`` reaches the module only when not 0 (other heads lack it).
         A call with a traced argument (inside the user's ``jax.jit`` / ``grad`` / ``vmap``) runs the
         module as it is, into the user's trace.  An eager call runs op by op for the first
         ``jit_after_calls`` calls of its signature (static settings, tree structure, shapes and
@@ -773,13 +792,15 @@ class FlaxPreTrainedModel(LoraMixin):
         config are read when a signature compiles: after changing ``model.config`` in place, call
         :meth:`clear_jit_cache`.
         """
-        deterministic, output_attentions, output_hidden_states, return_dict, mutable = static
+        deterministic, output_attentions, output_hidden_states, return_dict, mutable, logits_to_keep = static
         module = self.module
+        keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
 
         def apply(variables, inputs, rngs):
             return module.apply(
                 variables,
                 **inputs,
+                **keep,
                 deterministic=deterministic,
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,

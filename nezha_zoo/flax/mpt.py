@@ -42,6 +42,7 @@ from nezha_zoo.flax.modeling_utils import (
     finish_output,
     validate_inputs,
 )
+from nezha_zoo.generation import keep_last_positions
 from nezha_zoo.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -367,7 +368,8 @@ def logit_scale(config: Any) -> float | None:
 class FlaxMptForCausalLMModule(_MptHead):
     """Causal LM: ``lm_head`` (tied to ``transformer.wte`` unless ``tie_word_embeddings=False``) -> (B, L, V).
 
-    The logits are multiplied by ``logit_scale`` when the config sets one (llm-foundry).
+    The logits are multiplied by ``logit_scale`` when the config sets one (llm-foundry);
+    ``logits_to_keep`` (static int): the head on the last this many positions only (0: all).
     Returns ``CausalLMOutputWithCrossAttentions``.
     """
 
@@ -384,11 +386,12 @@ class FlaxMptForCausalLMModule(_MptHead):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool = True,
+        logits_to_keep: int = 0,
     ):
         c = self.config
 
         def head(base, out):
-            h = out.last_hidden_state
+            h = keep_last_positions(out.last_hidden_state, logits_to_keep)  # (B, L', d)
             table = tied_embedding_table(base, c, "ForCausalLM")  # (V, d) or None when untied
             if table is None:
                 logits = dense(c.vocab_size, "lm_head", c, self.dtype, use_bias=False)(h)
@@ -528,6 +531,7 @@ class FlaxMptPreTrainedModel(FlaxPreTrainedModel):
         params=None,
         dropout_rng: jax.Array | None = None,
         train: bool = False,
+        logits_to_keep: int = 0,
     ):
         """Run the module (transformers' MPT arguments plus the Flax extras).
 
@@ -542,6 +546,8 @@ class FlaxMptPreTrainedModel(FlaxPreTrainedModel):
             params: params tree to use instead of ``self.params``.
             dropout_rng: PRNG key for dropout (needed with ``train=True``).
             train (bool): dropout on.
+            logits_to_keep (int): ``FlaxMptForCausalLM`` only: the LM head on the last this many
+                positions (logits (B, min(L, logits_to_keep), V)); 0, the default, keeps all.
         """
         if past_key_values is not None and not self._accepts("init_cache"):
             raise InputError(
@@ -563,6 +569,7 @@ class FlaxMptPreTrainedModel(FlaxPreTrainedModel):
             return_dict=return_dict,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            logits_to_keep=logits_to_keep,
         )
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:

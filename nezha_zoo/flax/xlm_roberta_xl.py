@@ -39,6 +39,7 @@ from nezha_zoo.flax.modeling_utils import (
     finish_output,
     validate_inputs,
 )
+from nezha_zoo.generation import keep_last_positions
 from nezha_zoo.outputs import (
     IGNORE_INDEX,
     BaseModelOutputWithPoolingAndCrossAttentions,
@@ -217,16 +218,18 @@ class _XLMRobertaXLHead(FlaxHeadModule):
         # Only Model and ForMultipleChoice carry the pooler (transformers' add_pooling_layer).
         return {"add_pooling_layer": self.head_name in HEADS_WITH_POOLER}
 
-    def _lm_head(self, roberta, out) -> dict:
-        """``lm_head`` (dense, GELU, layer_norm, tied decoder, bias) -> ``{"logits": (B, L, V)}``."""
+    def _lm_head(self, roberta, out, logits_to_keep: int = 0) -> dict:
+        """``lm_head`` (dense, GELU, layer_norm, tied decoder, bias) -> ``{"logits": (B, L, V)}`` (the last
+        ``logits_to_keep`` positions only when not 0: :func:`nezha_zoo.generation.keep_last_positions`)."""
         c = self.config
         table = tied_embedding_table(roberta, c) if c.tie_word_embeddings else None  # (V, H)
         lm_head = RobertaLMHead(c, tied=c.tie_word_embeddings, dtype=self.dtype, name="lm_head")
-        return {"logits": lm_head(out.last_hidden_state, table)}
+        return {"logits": lm_head(keep_last_positions(out.last_hidden_state, logits_to_keep), table)}
 
 
 class FlaxXLMRobertaXLForCausalLMModule(_XLMRobertaXLHead):
-    """Causal LM (use with ``config.is_decoder=True``): the tied ``lm_head`` over a causal encoder."""
+    """Causal LM (use with ``config.is_decoder=True``): the tied ``lm_head`` over a causal encoder;
+    ``logits_to_keep`` (static int): the head on the last this many positions only (0: all)."""
 
     __doc__ += _MODULE_DOC.format(mc="")
     head_name = "ForCausalLM"
@@ -247,9 +250,10 @@ class FlaxXLMRobertaXLForCausalLMModule(_XLMRobertaXLHead):
         output_hidden_states=False,
         return_dict=True,
         inputs_embeds=None,
+        logits_to_keep: int = 0,
     ):
         def head(roberta, out):
-            return {**self._lm_head(roberta, out), "cross_attentions": out.cross_attentions}
+            return {**self._lm_head(roberta, out, logits_to_keep), "cross_attentions": out.cross_attentions}
 
         return self._head_output(locals(), CausalLMOutputWithCrossAttentions, head)
 

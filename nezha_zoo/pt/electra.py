@@ -16,6 +16,7 @@ from torch import nn
 
 from nezha_zoo.config import classifier_dropout_rate
 from nezha_zoo.families.electra import ELECTRA, ElectraConfig
+from nezha_zoo.generation import keep_last_positions
 from nezha_zoo.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -27,7 +28,7 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.pt import losses
-from nezha_zoo.pt.generation import GenerationMixin, keep_last_positions
+from nezha_zoo.pt.generation import GenerationMixin
 from nezha_zoo.pt.heads import (
     MLM_LABELS_DOC,
     QA_LABELS_DOC,

@@ -27,39 +27,11 @@ from nezha_zoo.generation import (
 )
 from nezha_zoo.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from nezha_zoo.pt.layers import select_cache_rows
-from nezha_zoo.validation import InputError
 
 __all__ = ["GenerationMixin", *GENERATION_FUNCTIONS]
 
 #: transformers' beam search marks impossible candidates by adding this (not -inf, so sums stay finite).
 _NEG = -1.0e9
-
-
-def keep_last_positions(hidden: torch.Tensor, logits_to_keep: int, labels: Any = None) -> torch.Tensor:
-    """A causal LM's ``logits_to_keep`` (transformers' argument): the positions its LM head runs on.
-
-    ``generate`` needs the logits of the last position only; at the prompt's forward pass the head
-    over every position is the largest matmul of the call (a (B * P, H) x (H, vocab) product for
-    one (B, H) x (H, vocab) row block), so the causal LMs take ``logits_to_keep=1`` there.
-
-    Args:
-        hidden: (B, L, H) final hidden states.
-        logits_to_keep (int): keep the last this many positions; 0 (the default) keeps all of them.
-        labels: the forward's ``labels``; the loss reads every position, so only with 0.
-
-    Returns:
-        (B, min(L, logits_to_keep) or L, H), a view of ``hidden``.
-
-    Raises:
-        InputError: ``logits_to_keep`` is not an int >= 0, or is not 0 with ``labels``.
-    """
-    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-        raise InputError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
-    if logits_to_keep and labels is not None:
-        raise InputError(f"logits_to_keep={logits_to_keep} with labels: the loss needs every position's logits")
-    if logits_to_keep == 0 or logits_to_keep >= hidden.shape[1]:
-        return hidden
-    return hidden[:, -logits_to_keep:]
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -259,8 +231,8 @@ class GenerationMixin:
     """``generate`` for a PyTorch causal LM (the class sets ``generation_position_rule``).
 
     The model's ``forward`` must take ``input_ids``, ``attention_mask``, ``past_key_values``,
-    ``use_cache``, ``logits_to_keep`` (:func:`keep_last_positions`; and ``position_ids`` unless the
-    rule is None) and return ``logits`` and
+    ``use_cache``, ``logits_to_keep`` (:func:`nezha_zoo.generation.keep_last_positions`; and
+    ``position_ids`` unless the rule is None) and return ``logits`` and
     ``past_key_values`` (a tuple per layer of (B, H, L, D) tensors, reordered along dim 0 for beams).
     """
 

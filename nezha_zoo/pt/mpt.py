@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nezha_zoo.config import classifier_dropout_rate
 from nezha_zoo.families.mpt import MPT, MptConfig
+from nezha_zoo.generation import keep_last_positions
 from nezha_zoo.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -47,7 +48,7 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.pt import losses
-from nezha_zoo.pt.generation import GenerationMixin, keep_last_positions
+from nezha_zoo.pt.generation import GenerationMixin
 from nezha_zoo.pt.heads import (
     QA_LABELS_DOC,
     SEQUENCE_LABELS_DOC,

@@ -28,6 +28,7 @@ from torch import nn
 
 from nezha_zoo.config import classifier_dropout_rate
 from nezha_zoo.families.xlm_roberta_xl import HEADS_WITH_POOLER, XLM_ROBERTA_XL, XLMRobertaXLConfig
+from nezha_zoo.generation import keep_last_positions
 from nezha_zoo.outputs import (
     IGNORE_INDEX,
     BaseModelOutputWithPoolingAndCrossAttentions,
@@ -39,7 +40,7 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.pt import losses
-from nezha_zoo.pt.generation import GenerationMixin, keep_last_positions
+from nezha_zoo.pt.generation import GenerationMixin
 from nezha_zoo.pt.heads import (
     MLM_LABELS_DOC,
     QA_LABELS_DOC,

@@ -14,6 +14,7 @@ from typing import Any
 import tensorflow as tf
 
 from nezha_zoo.families.electra import ELECTRA, ElectraConfig
+from nezha_zoo.generation import keep_last_positions
 from nezha_zoo.outputs import (
     CausalLMOutputWithCrossAttentions,
     ElectraForPreTrainingOutput,
@@ -337,6 +338,8 @@ class TFElectraForCausalLM(TFGenerationMixin, _GeneratorMixin, TFElectraPreTrain
         + _BASE_DOC
         + """
         encoder_hidden_states, encoder_attention_mask, past_key_values, use_cache: as TFElectraModel.
+        logits_to_keep (int): the LM head on the last this many positions only (0: all; logits
+        (B, min(L, logits_to_keep), V)), without ``labels``.
 """
     )
 
@@ -370,11 +373,12 @@ class TFElectraForCausalLM(TFGenerationMixin, _GeneratorMixin, TFElectraPreTrain
         output_hidden_states=None,
         return_dict=None,
         training=False,
+        logits_to_keep: int = 0,
     ):
         if labels is not None:
             use_cache = False  # as transformers: no cache when computing the loss
         out = self._base_call(locals())
-        logits = self._lm_logits(out.last_hidden_state)
+        logits = self._lm_logits(keep_last_positions(out.last_hidden_state, logits_to_keep, labels))  # (B, L', V)
         loss = None if labels is None else losses.causal_lm_loss(logits, labels)
         result = CausalLMOutputWithCrossAttentions(
             loss=loss,

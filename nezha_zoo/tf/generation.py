@@ -356,7 +356,8 @@ class TFGenerationMixin:
             inputs = {"attention_mask": mask, "past_key_values": cache}
             if offsets is not None:
                 inputs["position_ids"] = positions
-            out = self(tokens, **inputs, use_cache=True, return_dict=True, training=False)
+            # logits_to_keep=1: the LM head on the last position only (the prompt's pass computes P of them)
+            out = self(tokens, **inputs, use_cache=True, return_dict=True, training=False, logits_to_keep=1)
             return tf.cast(out.logits[:, -1, :], tf.float32), out.past_key_values
 
         return forward

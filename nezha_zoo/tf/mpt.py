@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from nezha_zoo.config import classifier_dropout_rate
 from nezha_zoo.families.mpt import MPT, MptConfig
+from nezha_zoo.generation import keep_last_positions
 from nezha_zoo.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -548,6 +549,9 @@ class TFMptForCausalLM(TFGenerationMixin, TFMptPreTrainedModel):
         seed, gradient_checkpointing, name: see :class:`~nezha_zoo.tf.modeling_utils.TFPreTrainedModel`.
 """
         + _BASE_DOC
+        + """        logits_to_keep (int): the LM head on the last this many positions only (0: all; logits
+        (B, min(L, logits_to_keep), V)), without ``labels``.
+"""
     )
 
     head = "ForCausalLM"
@@ -574,9 +578,10 @@ class TFMptForCausalLM(TFGenerationMixin, TFMptPreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         training=False,
+        logits_to_keep: int = 0,
     ):
         out = self._base_call(locals())
-        hidden = out.last_hidden_state
+        hidden = keep_last_positions(out.last_hidden_state, logits_to_keep, labels)  # (B, L', d)
         if self.lm_head is None:
             logits = bf16_matmul(hidden, self.transformer.wte.embeddings, transpose_b=True)  # (B, L, V)
         else:

@@ -19,6 +19,7 @@ from typing import Any
 import tensorflow as tf
 
 from nezha_zoo.families.xlm_roberta_xl import HEADS_WITH_POOLER, XLM_ROBERTA_XL, XLMRobertaXLConfig
+from nezha_zoo.generation import keep_last_positions
 from nezha_zoo.outputs import (
     IGNORE_INDEX,
     BaseModelOutputWithPoolingAndCrossAttentions,
@@ -332,6 +333,9 @@ class TFXLMRobertaXLForCausalLM(TFGenerationMixin, _XLMRobertaXLHead):
 """
         + _BASE_DOC
         + _DECODER_DOC
+        + """        logits_to_keep (int): the LM head on the last this many positions only (0: all; logits
+        (B, min(L, logits_to_keep), V)), without ``labels``.
+"""
     )
 
     head = "ForCausalLM"
@@ -364,11 +368,12 @@ class TFXLMRobertaXLForCausalLM(TFGenerationMixin, _XLMRobertaXLHead):
         output_hidden_states=None,
         return_dict=None,
         training=False,
+        logits_to_keep: int = 0,
     ):
         if labels is not None:
             use_cache = False  # as transformers: no cache when computing the loss
         out = self._base_call(locals())
-        logits = self._lm_logits(out.last_hidden_state)
+        logits = self._lm_logits(keep_last_positions(out.last_hidden_state, logits_to_keep, labels))  # (B, L', V)
         loss = None if labels is None else losses.causal_lm_loss(logits, labels)
         result = CausalLMOutputWithCrossAttentions(
             loss=loss,

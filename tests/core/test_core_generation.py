@@ -11,14 +11,17 @@ from nezha_zoo.generation import (
     DecodingLengths,
     GenerationConfig,
     as_streamer,
+    check_logits_to_keep,
     check_prompt,
     decoding_lengths,
     effective_bad_words,
+    keep_last_positions,
     max_generation_length,
     prepare_generation,
     prompt_position_ids,
     resolve_generation_config,
 )
+from nezha_zoo.validation import InputError
 
 
 def test_defaults_follow_transformers():
@@ -224,3 +227,20 @@ def test_generate_outputs_crops_the_loop_buffers():
     assert out.beam_indices.tolist() == beams[:, :3].tolist() and len(out.scores) == 4 and out.logits is None
     assert GenerationConfig(num_beams=3, num_return_sequences=2).rows_per_prompt == 3
     assert GenerationConfig(num_return_sequences=2, do_sample=True).rows_per_prompt == 2
+
+
+def test_logits_to_keep_is_a_non_negative_int_and_not_with_labels():
+    assert check_logits_to_keep(0, True) == 0
+    got = check_logits_to_keep(np.int64(3), False)
+    assert got == 3 and type(got) is int  # a static value: a plain int keys compiled calls
+    for bad in (-1, 1.5, True, None, "2", np.float32(1)):
+        with pytest.raises(InputError, match="logits_to_keep must be an int >= 0"):
+            check_logits_to_keep(bad, False)
+    with pytest.raises(InputError, match="the loss needs every position"):
+        check_logits_to_keep(1, True)
+    hidden = np.arange(2 * 5 * 3).reshape(2, 5, 3)  # (B, L, H): plain basic slicing, numpy too
+    assert keep_last_positions(hidden, 0) is hidden
+    assert keep_last_positions(hidden, 2).tolist() == hidden[:, 3:].tolist()
+    assert keep_last_positions(hidden, 7).tolist() == hidden.tolist()
+    with pytest.raises(InputError):
+        keep_last_positions(hidden, 1, labels=hidden[..., 0])

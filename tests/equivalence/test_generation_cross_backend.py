@@ -207,3 +207,47 @@ def test_decoding_with_processors_and_beams_identical_across_backends(key, mode,
         assert len(got[field]) == len(want[field]), f"{where}: {field} has {len(got[field])} steps"
         for step, (a, b) in enumerate(zip(got[field], want[field])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{where}: {field} step {step}")
+
+
+def _forward_logits(framework, model, ids, mask, **kwargs):
+    """(B, L', V) numpy logits of one forward call of ``model`` (a ``framework`` causal LM)."""
+    if framework == "pt":
+        with torch.no_grad():
+            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kwargs)
+        return out.logits.numpy()
+    return np.asarray(model(ids, attention_mask=mask, **kwargs).logits)
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_logits_to_keep_is_the_last_positions_in_every_backend(key, models):
+    """``logits_to_keep`` (``generate``'s prompt pass takes 1): the LM head on the last positions only,
+    the same slice of the full logits in PyTorch, TF and Flax; bad values raise ``InputError`` everywhere."""
+    from nezha_zoo.spec.registry import model_class
+    from nezha_zoo.validation import InputError
+
+    ids, mask = _prompt(CASES[key][0]())  # (3, 6), left-padded
+    backends = {f: models(key, f) for f in ("pt", "tf", "flax")}
+    full = {f: _forward_logits(f, m, ids, mask) for f, m in backends.items()}  # (3, 6, V) each
+    for framework, model in backends.items():
+        np.testing.assert_allclose(full[framework], full["pt"], rtol=0, atol=TOLERANCES["logits"], err_msg=framework)
+        # the Flax wrapper compiles a signature at its second call: run each twice (eager, then jitted)
+        for keep in (0, 1, 3, 1, 3, 9):
+            want, want_pt = (
+                (full[framework][:, -keep:], full["pt"][:, -keep:]) if keep else (full[framework], full["pt"])
+            )
+            got = _forward_logits(framework, model, ids, mask, logits_to_keep=keep)
+            where = f"{key} {framework} logits_to_keep={keep}"
+            assert got.shape == want.shape, f"{where}: {got.shape}"
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=where)
+            np.testing.assert_allclose(got, want_pt, rtol=0, atol=TOLERANCES["logits"], err_msg=f"{where} vs pt")
+        for bad in (-1, 1.5, True, "1"):
+            with pytest.raises(InputError, match="logits_to_keep must be an int >= 0"):
+                _forward_logits(framework, model, ids, mask, logits_to_keep=bad)
+    for framework in ("pt", "tf"):  # Flax computes the loss outside the model
+        labels = torch.from_numpy(ids) if framework == "pt" else ids
+        with pytest.raises(InputError, match="the loss needs every position"):
+            _forward_logits(framework, backends[framework], ids, mask, labels=labels, logits_to_keep=1)
+    # the Flax call signature is shared by every head: the others refuse a nonzero value
+    base = model_class(key, "Model", "flax")(backends["flax"].config)
+    with pytest.raises(InputError, match="takes no logits_to_keep"):
+        base(ids, attention_mask=mask, logits_to_keep=1)

@@ -428,16 +428,17 @@ def test_signatures_follow_transformers_flax():
 
     ours = list(inspect.signature(nzf.FlaxElectraPreTrainedModel.__call__).parameters)
     theirs = list(inspect.signature(hf.FlaxElectraPreTrainedModel.__call__).parameters)
-    # transformers' arguments in its order, then ours: inputs_embeds, and the quantization-state
-    # collection of families that have one (I-BERT; the wrapper is shared)
-    assert ours[: len(theirs)] == theirs and ours[len(theirs) :] == ["inputs_embeds", "buffers"]
+    # transformers' arguments in its order, then ours: inputs_embeds, the quantization-state
+    # collection of families that have one (I-BERT; the wrapper is shared), the causal LMs' logits_to_keep
+    assert ours[: len(theirs)] == theirs and ours[len(theirs) :] == ["inputs_embeds", "buffers", "logits_to_keep"]
     init = list(inspect.signature(nzf.FlaxElectraPreTrainedModel.__init__).parameters)
     assert init[:7] == list(inspect.signature(hf.FlaxElectraPreTrainedModel.__init__).parameters)[:7]
     for head in HEADS:
         name = f"FlaxElectra{'' if head == 'Model' else head}Module"
         mine = list(inspect.signature(getattr(nzf, name).__call__).parameters)
         ref = list(inspect.signature(getattr(hf, name).__call__).parameters)
-        assert mine[: len(ref)] == ref and mine[len(ref) :] == ["inputs_embeds"], name
+        extra = ["inputs_embeds", "logits_to_keep"] if head == "ForCausalLM" else ["inputs_embeds"]
+        assert mine[: len(ref)] == ref and mine[len(ref) :] == extra, name
 
 
 def test_params_tree_equals_spec_exactly():

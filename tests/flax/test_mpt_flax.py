@@ -575,6 +575,7 @@ def test_signatures_follow_transformers_mpt():
         "params",
         "dropout_rng",
         "train",
+        "logits_to_keep",
     ]
     # every argument of transformers' forward that has a meaning here (labels -> nezha_zoo.flax.losses)
     dropped = {"self", "labels", "start_positions", "end_positions", "use_cache", "cache_position", "kwargs"}
