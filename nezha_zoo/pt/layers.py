@@ -186,11 +186,14 @@ _SATURATING = frozenset(getattr(torch, name) for name in SATURATING_MASK_DTYPES)
 
 
 def _fits_in_place(target: torch.Tensor, other: torch.Tensor) -> bool:
-    """``target + other`` has ``target``'s shape and dtype, so ``target.add_(other)`` gives the same tensor."""
-    return (
-        torch.broadcast_shapes(target.shape, other.shape) == target.shape
-        and torch.result_type(target, other) == target.dtype
-    )
+    """``target + other`` has ``target``'s shape and dtype, so ``target.add_(other)`` gives the same tensor.
+
+    Plain shape and dtype comparisons: ``torch.broadcast_shapes`` / ``torch.result_type`` return
+    non-tensors, which break a ``torch.compile`` graph at every call.
+    """
+    if other.dtype != target.dtype or other.dim() > target.dim():
+        return False
+    return all(o in (1, t) for o, t in zip(reversed(other.shape), reversed(target.shape)))
 
 
 def add_attention_mask(scores: torch.Tensor, mask: torch.Tensor, in_place: bool = False) -> torch.Tensor:
