@@ -49,7 +49,8 @@ if _n is not None:
 # files that come last are short, and both workers end together.  The table is a file's seconds in a
 # full ``pytest -n 2 --dist loadfile --durations=0`` run (setup + call + teardown of its tests, rounded);
 # only the order it gives matters.  Measured: the quiet fresh-clone run of session 10 (``.ci/run``, 2671
-# tests, 2188 s summed over the two workers, 18 min 43 s).  Refresh after a quiet full run: ``python
+# tests, 2188 s summed over the two workers, 18 min 43 s); ``test_compile_pt.py`` (new) and ``test_demo_runs.py``
+# (cut to one layer) from session 11's first fresh-clone run.  Refresh after a quiet full run: ``python
 # tests/file_seconds.py LOG`` prints the rows (tests/README.md).  A file not in it counts
 # ``DEFAULT_FILE_SECONDS``.
 FILE_SECONDS: dict[str, int] = {
@@ -62,13 +63,14 @@ FILE_SECONDS: dict[str, int] = {
     "test_convert_transformers.py": 82,
     "test_electra_flax.py": 76,
     "test_keras_lifecycle_tf.py": 72,
-    "test_demo_runs.py": 70,
     "test_generation_tf.py": 62,
     "test_sharding_flax.py": 62,
     "test_ibert_cross_backend.py": 56,
     "test_bench_generation_smoke.py": 50,
     "test_ibert_int_dtypes_flax.py": 49,
     "test_nezha_flax.py": 45,
+    "test_compile_pt.py": 45,
+    "test_demo_runs.py": 40,
     "test_bench_precision_smoke.py": 43,
     "test_dtype_tf.py": 43,
     "test_mpnet_flax.py": 42,
