@@ -35,6 +35,7 @@ from nezha_zoo.config import (
 )
 from nezha_zoo.spec.blocks import dense, embedding, layer_norm
 from nezha_zoo.spec.param import ModelSpec, Param, prefixed
+from nezha_zoo.spec.pooling import LAST_NON_PAD
 from nezha_zoo.spec.registry import Family, register_family
 
 __all__ = ["MptConfig", "MptAttentionConfig", "mpt_spec", "MPT"]
@@ -343,5 +344,6 @@ MPT = register_family(
         heads=HEADS,
         spec=mpt_spec,
         tokenizer_class="GPTNeoXTokenizer",
+        pooling=LAST_NON_PAD,  # a causal model: each row's last token has seen the whole row
     )
 )

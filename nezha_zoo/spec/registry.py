@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from nezha_zoo.config import PretrainedConfig
 from nezha_zoo.spec.param import ModelSpec
+from nezha_zoo.spec.pooling import FIRST, POOLING_RULES
 
 __all__ = [
     "Family",
@@ -43,6 +44,8 @@ class Family:
         spec: ``spec(config, head) -> ModelSpec``; ``None`` until the family's params are declared.
         tokenizer_class: transformers' tokenizer class of the family's checkpoints (``"ElectraTokenizer"``),
             used when a directory's ``tokenizer_config.json`` does not name one.
+        pooling: the position of the last layer that the sequence-level heads (sequence classification,
+            multiple choice) read, one of :data:`nezha_zoo.spec.pooling.POOLING_RULES`.
     """
 
     key: str
@@ -53,6 +56,11 @@ class Family:
     heads: tuple[str, ...]
     spec: Callable[[PretrainedConfig, str], ModelSpec] | None = None
     tokenizer_class: str | None = None
+    pooling: str = FIRST
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLING_RULES:
+            raise ValueError(f"{self.key}: pooling {self.pooling!r} is not one of {POOLING_RULES}")
 
     def class_name(self, head: str, backend: str = "pt") -> str:
         stem = "Model" if head == "Model" else head
