@@ -44,7 +44,7 @@ from nezha_zoo.pt.heads import (
     sequence_classification_output,
     token_classification_output,
 )
-from nezha_zoo.pt.layers import BertEmbeddings, BertEncoder, get_activation
+from nezha_zoo.pt.layers import BertEmbeddings, BertEncoder, PackedLinear, get_activation
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, prepare_encoder_inputs
 
 logger = logging.getLogger("nezha_zoo")
@@ -109,7 +109,7 @@ class ElectraModel(ElectraPreTrainedModel):
         super().__init__(config)
         self.embeddings = BertEmbeddings(config, config.embedding_size)
         if config.embedding_size != config.hidden_size:
-            self.embeddings_project = nn.Linear(config.embedding_size, config.hidden_size)
+            self.embeddings_project = PackedLinear(config.embedding_size, config.hidden_size)
         self.encoder = BertEncoder(config, cross_attention=config.add_cross_attention)
         self.post_init()
 
@@ -186,7 +186,7 @@ class ElectraDiscriminatorPredictions(nn.Module):
 
     def __init__(self, config: ElectraConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = PackedLinear(config.hidden_size, config.hidden_size)  # every token: the blocks' path
         self.activation = get_activation(config.hidden_act)
         self.dense_prediction = nn.Linear(config.hidden_size, 1)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nezha_zoo.config import classifier_dropout_rate
@@ -24,7 +23,7 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.pt import losses
-from nezha_zoo.pt.layers import _plain_tensors, get_activation
+from nezha_zoo.pt.layers import PackedLinear, _plain_tensors, get_activation, linear
 from nezha_zoo.validation import InputError
 
 __all__ = [
@@ -136,7 +135,7 @@ class LMHeadTransform(nn.Module):
         self, in_width: int, width: int, eps: float, activation: str = "gelu", norm_name: str = "LayerNorm"
     ) -> None:
         super().__init__()
-        self.dense = nn.Linear(in_width, width)
+        self.dense = PackedLinear(in_width, width)  # every position's product: the blocks' path
         self.activation = get_activation(activation)
         self._norm = norm_name
         self.add_module(norm_name, nn.LayerNorm(width, eps=eps))
@@ -173,8 +172,9 @@ class VocabProjection(nn.Linear):
     ``x W^T``: for a (vocab, in) = (32000, 512) weight MKL's ``x W^T`` took 13 / 11 / 12.6 ms at
     2 / 4 / 8 rows against 6.3 ms at one row, ``W x^T`` 3.3 / 5.4 / 8.1 ms (one thread, AVX512; both
     16 ms at 16 rows).  The two sum in different orders: results agree to float32 rounding, not bit
-    for bit.  Otherwise (one row, more rows, training, autocast, other dtypes or devices, tensor
-    subclasses, ``torch.compile`` / tracing) this is ``F.linear``.
+    for bit.  In training (autograd on) the products run as the blocks' do (:func:`~nezha_zoo.pt.layers.linear`:
+    on oneDNN where that is faster).  Otherwise (one row, more rows, autocast, other dtypes or devices,
+    tensor subclasses, ``torch.compile`` / tracing) this is ``F.linear``.
 
     Forward: ``input`` (..., in_features) -> (..., out_features), contiguous.
     """
@@ -193,7 +193,7 @@ class VocabProjection(nn.Linear):
             flat = input.reshape(rows, self.in_features).t()  # (in, rows)
             out = torch.mm(w, flat) if self.bias is None else torch.addmm(self.bias[:, None], w, flat)  # (vocab, rows)
             return out.t().contiguous().view(*input.shape[:-1], self.out_features)
-        return F.linear(input, w, self.bias)
+        return linear(input, w, self.bias)
 
 
 class BertLMPredictionHead(nn.Module):

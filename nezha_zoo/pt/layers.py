@@ -13,8 +13,10 @@ here are parameterised so a family declares only its differences:
 * :class:`BertEmbeddings` can drop the position table (Nezha) or the LayerNorm (XLM-R-XL);
 * :class:`BertEncoder` takes an optional final LayerNorm (XLM-R-XL) and runs as a decoder with
   cross-attention and a key/value cache.
-* the blocks' products are :class:`PackedLinear` (an ``nn.Linear`` whose inference calls can run on
-  oneDNN-packed weights, opt-in: :func:`set_packed_linear`; MPT's blocks use it too).
+* the blocks' products are :class:`PackedLinear` (an ``nn.Linear`` whose training products run on
+  oneDNN where that is faster, and whose inference calls can run on oneDNN-packed weights, opt-in:
+  :func:`set_packed_linear`; MPT's blocks use it too); other large products (LM heads, I-BERT's float
+  mode) call :func:`linear`, the same training path.
 
 Every parameterised module is attached under the exact dotted path of transformers' PyTorch state
 dict, so ``state_dict()`` keys are the spec's canonical names.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nezha_zoo.dtypes import SATURATING_MASK_DTYPES
+from nezha_zoo.hardware import cpu_features
 from nezha_zoo.packing import (
     FINGERPRINT_RUN,
     FINGERPRINT_SIZE,
@@ -41,6 +45,7 @@ from nezha_zoo.packing import (
     fingerprint_step,
     packed_linear,
     packed_linear_enabled,
+    packed_linear_setting,
     set_packed_linear,
 )
 from nezha_zoo.spec.blocks import BertLayerNames, cross_attention_names
@@ -59,6 +64,8 @@ __all__ = [
     "sequential_position_ids",
     "RelativeEmbedding",
     "PackedLinear",
+    "linear",
+    "onednn_training",
     "set_packed_linear",
     "packed_linear",
     "PACKED_LINEAR_ENV",
@@ -232,9 +239,14 @@ def expand_head_mask(
 
 # --- linear layers ---------------------------------------------------------------------------------
 
-#: Whether this PyTorch build has oneDNN's packed-weight ops (probed once, see :func:`_packing_available`).
+#: Whether this PyTorch build has oneDNN's packed-weight ops (probed once, see :func:`_packing_available`),
+#: and whether oneDNN's training products are the default on this machine (see :func:`onednn_training`).
 #: The on/off switch itself is process-wide and shared by every backend: :mod:`nezha_zoo.packing`.
-_PACKING: dict[str, bool | None] = {"available": None}
+_PACKING: dict[str, bool | None] = {"available": None, "training_default": None}
+
+#: oneDNN's own ISA cap (``ONEDNN_MAX_CPU_ISA``, formerly ``DNNL_...``): a value below AVX-512 makes an
+#: AVX-512 CPU an AVX2 one for oneDNN, where its training products are slower than MKL's.
+_ONEDNN_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
 def _packing_available() -> bool:
@@ -247,6 +259,63 @@ def _packing_available() -> bool:
             ok = False
         _PACKING["available"] = ok
     return bool(_PACKING["available"])
+
+
+def _onednn_training_default() -> bool:
+    """oneDNN's training products beat ``F.linear``'s (MKL) on AVX-512 CPUs, not on AVX2-only ones.
+
+    Electra-base width, 1024 rows, one thread, float32, on an AMD EPYC with AVX-512 (session 12):
+    oneDNN ran the forward / ``g W`` / ``g^T x`` products 2.2 / 1.9-2.3 / 1.3-2.0x as fast as MKL and a
+    whole training step 1.81x (7 rounds, 1.66-1.94x); with oneDNN held to AVX2 the forward was 1.12-1.15x
+    but the backward products 0.52-0.91x and the step 0.91x (0.87-0.93x).  Session 9's AVX-512 machine: a
+    step 1.07x.
+    """
+    if _PACKING["training_default"] is None:
+        cap = next((os.environ[k] for k in _ONEDNN_ISA_ENV if os.environ.get(k)), "ALL").upper()
+        capped = cap not in ("ALL", "DEFAULT") and not cap.startswith(("AVX512", "AVX10"))
+        _PACKING["training_default"] = cpu_features().avx512f and not capped
+    return bool(_PACKING["training_default"])
+
+
+def onednn_training() -> bool:
+    """Whether training products (autograd on) of :class:`PackedLinear` and :func:`linear` run on oneDNN
+    (:class:`_OneDNNLinear`): the switch :func:`set_packed_linear` when set, else (``None``, the default)
+    whether this machine is one where oneDNN's are faster (an AVX-512 CPU, oneDNN not capped below it)."""
+    setting = packed_linear_setting()
+    return _onednn_training_default() if setting is None else setting
+
+
+def _onednn_ready(input: torch.Tensor, weight: torch.Tensor) -> bool:
+    """float32 CPU operands outside ``torch.compile`` / tracing / scripting, in a build with oneDNN."""
+    return (
+        input.dim() >= 2
+        and input.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and input.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and _packing_available()
+    )
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, whose three training products run on oneDNN (:class:`_OneDNNLinear`) when
+    :func:`onednn_training` says so, autograd is on, the operands are plain float32 CPU tensors (no
+    ``DTensor`` or other subclass), not under autocast, ``torch.compile`` or tracing.
+
+    Shapes: ``input`` (..., in), ``weight`` (out, in), ``bias`` (out,) or None -> (..., out).
+    """
+    if (
+        torch.is_grad_enabled()
+        and _onednn_ready(input, weight)  # first: under torch.compile it is False before any switch is read
+        and onednn_training()
+        and _plain_tensors(input, weight, bias)
+        and not torch.is_autocast_enabled("cpu")
+    ):
+        return _OneDNNLinear.apply(input, weight, bias)
+    return F.linear(input, weight, bias)
 
 
 def _fingerprint_view(weight: torch.Tensor) -> torch.Tensor:
@@ -263,16 +332,16 @@ def _fingerprint_view(weight: torch.Tensor) -> torch.Tensor:
 
 
 class PackedLinear(nn.Linear):
-    """``nn.Linear`` (same ``weight`` / ``bias`` parameters and state-dict names) with an opt-in faster
-    inference path.
+    """``nn.Linear`` (same ``weight`` / ``bias`` parameters and state-dict names) with faster training
+    products where oneDNN's are faster (the default) and an opt-in faster inference path.
 
-    Off by default; :func:`set_packed_linear`, ``with packed_linear():`` or ``NEZHA_ZOO_PACKED_LINEAR=1``
-    turn it on.  Then, with autograd off (``torch.no_grad`` / ``inference_mode``), a float32 CPU input and a
-    oneDNN build of PyTorch, the product runs on a copy of ``weight`` reordered once into oneDNN's blocked
-    layout (``mkldnn._linear_pointwise``): 1.2-1.6x the speed of ``F.linear`` on the products of a base
-    model at 16 and 1024 rows on an AVX512 machine, 1.0-1.3x with oneDNN held to AVX2.  The copy costs one
-    more copy of the weight in memory while the model is in eval mode; ``train()`` and
-    :meth:`drop_packed_weight` free it.
+    The inference path is off by default; :func:`set_packed_linear`, ``with packed_linear():`` or
+    ``NEZHA_ZOO_PACKED_LINEAR=1`` turn it on.  Then, with autograd off (``torch.no_grad`` /
+    ``inference_mode``), a float32 CPU input and a oneDNN build of PyTorch, the product runs on a copy
+    of ``weight`` reordered once into oneDNN's blocked layout (``mkldnn._linear_pointwise``): 1.2-1.6x
+    the speed of ``F.linear`` on the products of a base model at 16 and 1024 rows on an AVX512 machine,
+    1.0-1.3x with oneDNN held to AVX2.  The copy costs one more copy of the weight in memory while the
+    model is in eval mode; ``train()`` and :meth:`drop_packed_weight` free it.
 
     The copy is made again whenever ``weight`` is replaced, changed in place (its version counter:
     optimizer steps, ``load_state_dict``, LoRA merges) or written through ``weight.data`` (EMA updates,
@@ -282,12 +351,14 @@ class PackedLinear(nn.Linear):
     through ``.data`` that leaves all of those elements bit for bit unchanged (a few rows or columns, say)
     is not seen; call :meth:`drop_packed_weight` after such a write.
 
-    With packing on and gradients on (training), the forward product and both backward products run on
-    oneDNN on the plain ``weight`` (no copy is kept: the weight changes every optimizer step;
-    :class:`_OneDNNLinear`): an Electra-base width training step took 0.93x ``F.linear``'s time, one thread
-    (``docs/benchmarks/train.md``).  Under ``torch.compile`` / tracing / autocast, for tensor
-    subclasses (FSDP's ``DTensor``), or with packing off this is ``F.linear``.  The paths sum in different
-    orders: results agree to float32 rounding, not bit for bit.
+    With gradients on (training), the forward product and both backward products run on oneDNN on the
+    plain ``weight`` (:func:`linear`; no copy is kept: the weight changes every optimizer step) by default
+    on CPUs where that is faster (AVX-512: an Electra-base training step 1.8x as fast as on ``F.linear``,
+    one thread; not on AVX2-only CPUs, where it was 0.91x: :func:`onednn_training`), and everywhere with
+    the switch on; ``set_packed_linear(False)`` / ``NEZHA_ZOO_PACKED_LINEAR=0`` keep ``F.linear``.  Under
+    ``torch.compile`` / tracing / autocast, for tensor subclasses (FSDP's ``DTensor``), or with the switch
+    off this is ``F.linear``.  The paths sum in different orders: results agree to float32 rounding, not
+    bit for bit.
 
     Forward: ``input`` (..., in_features) -> (..., out_features).
     """
@@ -330,25 +401,12 @@ class PackedLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (
-            packed_linear_enabled()
-            and input.dim() >= 2
-            and input.dtype == torch.float32
-            and w.dtype == torch.float32
-            and input.device.type == "cpu"
-            and w.device.type == "cpu"
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting()
-            and _packing_available()
-        ):
+        if packed_linear_enabled() and _onednn_ready(input, w):
             if not torch.is_grad_enabled():
                 packed = self._packed_weight()
                 if packed is not None:
                     return torch.ops.mkldnn._linear_pointwise(input, packed, self.bias, "none", [], "")
-            elif _plain_tensors(input, w, self.bias) and not torch.is_autocast_enabled("cpu"):
-                return _OneDNNLinear.apply(input, w, self.bias)
-        return F.linear(input, w, self.bias)
+        return linear(input, w, self.bias)  # training products: oneDNN where faster (onednn_training)
 
 
 def _plain_tensors(*tensors: torch.Tensor | None) -> bool:
@@ -360,8 +418,9 @@ def _plain_tensors(*tensors: torch.Tensor | None) -> bool:
 class _OneDNNLinear(torch.autograd.Function):
     """``F.linear`` for training whose three products run on oneDNN.
 
-    On this project's AVX512 machine oneDNN's float32 kernels ran a base model's training products at
-    1.05-1.2x MKL's rate (which ``F.linear`` and its backward use), one thread, 1024 rows:
+    On this project's AVX512 machines oneDNN's float32 kernels ran a base model's training products at
+    1.05-1.2x (session 9) and 1.3-2.3x (session 12) MKL's rate (which ``F.linear`` and its backward use),
+    one thread, 1024 rows (see :func:`_onednn_training_default`):
 
     * forward ``x W^T + b``: ``mkldnn._linear_pointwise`` on the plain ``W`` (oneDNN lays it out itself;
       no copy is kept, the weight changes every optimizer step);

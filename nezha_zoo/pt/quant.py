@@ -86,6 +86,7 @@ from nezha_zoo.families.ibert import (
     UNCALIBRATED_RANGE,
     int8_products,
 )
+from nezha_zoo.pt.layers import linear
 
 __all__ = [
     "EXACT_CHUNK",
@@ -609,7 +610,7 @@ class QuantLinear(nn.Module):
         in_features (int), out_features (int), bias (bool): as ``nn.Linear``.
         weight_bit (int), bias_bit (int): bit widths (8, 32).
         per_channel (bool): one weight scale per output row.
-        quant_mode (bool): quantize (True) or ``F.linear`` (False).
+        quant_mode (bool): quantize (True) or the float product :func:`nezha_zoo.pt.layers.linear` (False).
 
     Forward: ``x`` (..., in) and ``prev_act_scaling_factor`` (1,) (required in quant mode: the input
     must be per-tensor quantized) -> ``(y (..., out), scale (out,) or None)``.
@@ -653,8 +654,8 @@ class QuantLinear(nn.Module):
     def forward(
         self, x: torch.Tensor, prev_act_scaling_factor: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.quant_mode:
-            return F.linear(x, self.weight, self.bias), None
+        if not self.quant_mode:  # float mode: the blocks' product (training on oneDNN where faster)
+            return linear(x, self.weight, self.bias), None
         if prev_act_scaling_factor is None or tuple(prev_act_scaling_factor.shape) != (1,):
             raise ValueError(
                 "QuantLinear: prev_act_scaling_factor must be a per-tensor scale of shape (1,), got "

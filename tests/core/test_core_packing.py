@@ -11,7 +11,7 @@ from nezha_zoo.packing import packed_linear
 
 def test_environment_switch_is_parsed_strictly(monkeypatch):
     monkeypatch.delenv(packing.PACKED_LINEAR_ENV, raising=False)
-    assert packing._from_env() is False
+    assert packing._from_env() is None  # the default: no packed inference copy, oneDNN training where faster
     monkeypatch.setenv(packing.PACKED_LINEAR_ENV, "0")
     assert packing._from_env() is False
     monkeypatch.setenv(packing.PACKED_LINEAR_ENV, "1")
@@ -32,7 +32,13 @@ def test_context_manager_nests_and_restores():
     with pytest.raises(RuntimeError), packed_linear():
         raise RuntimeError("restored on the way out")
     assert packing.packed_linear_enabled() is before
-    assert packing.set_packed_linear(before) is before
+    setting = packing.packed_linear_setting()
+    with packed_linear(None):  # the default: packed inference products stay off
+        assert packing.packed_linear_setting() is None and packing.packed_linear_enabled() is False
+        with packed_linear(False):
+            assert packing.packed_linear_setting() is False
+        assert packing.packed_linear_setting() is None
+    assert packing.set_packed_linear(setting) is setting
 
 
 def test_importing_the_switch_imports_no_framework():

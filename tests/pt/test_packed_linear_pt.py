@@ -1,5 +1,6 @@
 """PackedLinear (issue #23): opt-in oneDNN-packed weights for inference products, re-packed when the weight changes
-(version counter, replacement, or writes through ``.data`` seen by the fingerprint)."""
+(version counter, replacement, or writes through ``.data`` seen by the fingerprint); training products on oneDNN by
+default where that is faster (AVX-512), with the switch's ``False`` / ``NEZHA_ZOO_PACKED_LINEAR=0`` keeping F.linear."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import torch.nn.functional as F
 
 import nezha_zoo.packing as shared_switch
 import nezha_zoo.pt as zoo
+from nezha_zoo.hardware import cpu_features
 from nezha_zoo.pt import layers
+from nezha_zoo.pt.heads import VocabProjection
 from nezha_zoo.pt.layers import PackedLinear, _packing_available, packed_linear, set_packed_linear
+from nezha_zoo.pt.quant import QuantLinear
 from nezha_zoo.spec.registry import get_family, model_class
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
+from nezha_zoo.testing import IBERT_SMOKE, TOLERANCES, assert_close, pin_precision, tiny_inputs
 
 pytestmark = [pytest.mark.pt]
 
@@ -118,15 +122,17 @@ def test_the_fingerprint_spans_rows_and_columns():
     assert layers._fingerprint_view(small).view(torch.float32).flatten().tolist() == list(range(10))  # all of it
 
 
-def test_autograd_and_switch_use_f_linear_exactly():
+def test_switch_off_and_default_inference_use_f_linear_exactly():
     layer, x = _layer(), _x()
     layer.train()
-    out = layer(x)  # gradients on: plain F.linear, bit for bit
+    with packed_linear(False):
+        out = layer(x)  # gradients on, switch off: plain F.linear, bit for bit
+    assert type(out.grad_fn).__name__ != "_OneDNNLinearBackward"
     assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
     out.sum().backward()
     assert layer.weight.grad is not None and layer._packed is None
     layer.eval()
-    with torch.no_grad():  # off by default
+    with torch.no_grad(), packed_linear(None):  # no packed inference copy by default
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     assert layer._packed is None
     previous = set_packed_linear(True)
@@ -222,23 +228,109 @@ def test_training_path_runs_all_three_products_on_onednn(packing):
     assert_close(no_bias(x), F.linear(x, no_bias.weight), TOLERANCES["hidden"], "oneDNN training forward, no bias")
 
 
+def test_default_training_products_are_onednn_where_faster(monkeypatch):
+    """Unset, the switch puts training products on oneDNN on AVX-512 CPUs, unless oneDNN is capped below AVX-512
+    (where they were slower than F.linear's); ``True`` / ``False`` override the machine's default."""
+    avx512 = cpu_features().avx512f
+    monkeypatch.setitem(layers._PACKING, "training_default", None)  # restored after the test
+    for cap, want in ((None, avx512), ("AVX2", False), ("avx2_vnni", False), ("AVX512_CORE", avx512), ("ALL", avx512)):
+        for name in layers._ONEDNN_ISA_ENV:
+            monkeypatch.delenv(name, raising=False)
+        if cap is not None:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        layers._PACKING["training_default"] = None  # probed again
+        assert layers._onednn_training_default() is want, cap
+        with packed_linear(None):
+            assert layers.onednn_training() is want
+        with packed_linear(True):
+            assert layers.onednn_training() is True
+        with packed_linear(False):
+            assert layers.onednn_training() is False
+
+
+def test_environment_zero_keeps_f_linear_in_training(monkeypatch):
+    """``NEZHA_ZOO_PACKED_LINEAR=0`` (read at import: re-read here) gives plain F.linear training products."""
+    layer, x = _layer(), _x()
+    layer.train()
+    monkeypatch.setenv(shared_switch.PACKED_LINEAR_ENV, "0")
+    monkeypatch.setitem(shared_switch._STATE, "enabled", shared_switch._from_env())
+    assert shared_switch.packed_linear_setting() is False and layers.onednn_training() is False
+    out = layer(x)
+    assert type(out.grad_fn).__name__ != "_OneDNNLinearBackward"
+    assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+
+
+def _train_step(model, inp, setting, products=(PackedLinear,)):
+    """Output, loss, gradients by name and the backward node of every ``products`` call of one training step run
+    with the switch at ``setting`` (dropout masks seeded alike)."""
+    nodes = []
+    hooks = [
+        m.register_forward_hook(
+            lambda m, a, out: nodes.append(type((out[0] if isinstance(out, tuple) else out).grad_fn))
+        )
+        for m in model.modules()
+        if isinstance(m, products)
+    ]
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    try:
+        with packed_linear(setting):
+            out = model(**inp)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    loss = out.pow(2).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), loss.detach(), grads, nodes
+
+
+def _assert_same_step(label, got, want):
+    """(output, loss, gradients by name) of two training steps agree: output and loss to float32 rounding, every
+    gradient relative to its largest element."""
+    assert_close(got[1], want[1], TOLERANCES["hidden"], f"{label} training loss, oneDNN products")
+    assert_close(got[0], want[0], TOLERANCES["hidden"], f"{label} training output, oneDNN products")
+    assert got[2].keys() == want[2].keys() and want[2]
+    for name, grad in want[2].items():
+        scale = max(float(grad.abs().max()), 1e-12)
+        assert_close(got[2][name] / scale, grad / scale, TOLERANCES["grad_rel"], f"{label} gradient of {name}")
+
+
 @needs_packing
+@pytest.mark.parametrize("setting", [True, None], ids=["switch-on", "default"])
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
-def test_models_train_the_same_with_onednn_products(family):
-    """One training step's loss and gradients with packing on match packing off (same dropout masks)."""
+def test_models_train_the_same_with_onednn_products(family, setting):
+    """One training step's loss and gradients with oneDNN products (switch on, and the default on a machine where
+    it picks them) match the switch off's F.linear (same dropout masks)."""
     model, inp = _tiny_model(family)
     model.train()
-    runs = []
-    for packed in (False, True):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(7)  # the same dropout masks in both runs
-        with packed_linear(packed):
-            out = model(**inp)[0]
-        out.pow(2).mean().backward()
-        runs.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (want, want_grads), (got, got_grads) = runs
-    assert_close(got, want, TOLERANCES["hidden"], f"{family} training output, oneDNN products")
-    assert got_grads.keys() == want_grads.keys() and want_grads
-    for name, grad in want_grads.items():
-        scale = max(float(grad.abs().max()), 1e-12)
-        assert_close(got_grads[name] / scale, grad / scale, TOLERANCES["grad_rel"], f"{family} gradient of {name}")
+    want, want_loss, want_grads, plain_nodes = _train_step(model, inp, False)
+    got, got_loss, got_grads, nodes = _train_step(model, inp, setting)
+    onednn = setting or layers._onednn_training_default()
+    assert plain_nodes and not any(n.__name__ == "_OneDNNLinearBackward" for n in plain_nodes)
+    assert nodes and all((n.__name__ == "_OneDNNLinearBackward") is onednn for n in nodes), nodes
+    _assert_same_step(family, (got, got_loss, got_grads), (want, want_loss, want_grads))
+
+
+#: Large products outside the blocks that take the same training path (``layers.linear``): the LM heads'
+#: ``VocabProjection`` and transform ``dense``, Electra's discriminator ``dense``, I-BERT's float-mode QuantLinear.
+OTHER_PRODUCTS = {
+    "electra-ForMaskedLM": ("electra", "ForMaskedLM", (VocabProjection,)),
+    "electra-ForPreTraining": ("electra", "ForPreTraining", (PackedLinear,)),
+    "ibert-ForMaskedLM": ("ibert", "ForMaskedLM", (QuantLinear, VocabProjection)),
+}
+
+
+@needs_packing
+@pytest.mark.parametrize("case", sorted(OTHER_PRODUCTS))
+def test_heads_and_ibert_float_products_train_on_the_same_path(case):
+    family, head, products = OTHER_PRODUCTS[case]
+    fields = IBERT_SMOKE if family == "ibert" else FAMILY_CONFIGS[family]
+    torch.manual_seed(0)
+    model = model_class(get_family(family), head, "pt")(get_family(family).config_class(**fields)).train()
+    inp = {k: torch.from_numpy(v) for k, v in tiny_inputs(vocab_size=99, type_vocab_size=None, seed=3).items()}
+    want, want_loss, want_grads, plain_nodes = _train_step(model, inp, False, products)
+    got, got_loss, got_grads, nodes = _train_step(model, inp, True, products)
+    assert plain_nodes and not any(n.__name__ == "_OneDNNLinearBackward" for n in plain_nodes)
+    assert nodes and all(n.__name__ == "_OneDNNLinearBackward" for n in nodes), nodes
+    _assert_same_step(case, (got, got_loss, got_grads), (want, want_loss, want_grads))
