@@ -5,8 +5,10 @@ transformers; with ``--lora``, LoRA adapters against full fine-tuning.
 model at base size (the sizes of :data:`benchmarks.forward.BENCH_CONFIGS`: XLM-R-XL at its layer width
 with 2 of 36 layers, MPT as a 125M GPT-2-small shape), dropout on, at batch 8 x 128 tokens:
 
-* ours: PyTorch eager (``pt``), eager with the opt-in oneDNN products (``pt-packed``,
-  :func:`nezha_zoo.pt.set_packed_linear`) and ``torch.compile`` (``pt-compile``), all with ``torch.optim.AdamW``;
+* ours: PyTorch eager as a user gets it (``pt``: training products on oneDNN where that is faster, the
+  default of :func:`nezha_zoo.pt.set_packed_linear`), eager with the switch off (``pt-plain``: ``F.linear``
+  products), eager with the switch on (``pt-packed``: oneDNN products everywhere) and ``torch.compile``
+  (``pt-compile``), all with ``torch.optim.AdamW``;
   Keras ``train_on_batch`` as ``compile()`` sets it up by default (``tf``: ``jit_compile="auto"``,
   which is no XLA on a CPU-only TensorFlow) and with XLA (``tf-xla``), ``keras.optimizers.AdamW``;
   Flax under ``jax.jit`` with ``optax.adamw`` (``flax``);
@@ -94,6 +96,9 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     name: (fw, impl, mode.replace("tf.function", "train_on_batch"))
     for name, (fw, impl, mode) in FORWARD_BACKENDS.items()
 }
+#: Training only: ours with the switch off (``F.linear`` products), the path ``pt`` left before it took
+#: oneDNN's training products by default.
+BACKENDS["pt-plain"] = ("pt", "ours", "eager+plain")
 LORA_BACKENDS = ("pt", "pt+lora", "tf", "tf+lora", "flax", "flax+lora")
 
 
@@ -160,14 +165,15 @@ def _pt_step(impl: str, mode: str, lora: bool, family: str, path: str, loaded: C
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
     call = torch.compile(model, dynamic=False) if mode == "torch.compile" else model
-    packed = mode.endswith("+packed")  # a process-wide switch: set around each step, as backends take turns
+    # a process-wide switch: set around each step, as backends take turns; None is its default
+    setting = True if mode.endswith("+packed") else False if mode.endswith("+plain") else None
     tensors: dict[int, Any] = {}
 
     def step(ids, mask, labels):
         if id(ids) not in tensors:  # the same numpy inputs every call: convert once
             tensors[id(ids)] = [torch.from_numpy(x) for x in (ids, mask, labels)]
         t_ids, t_mask, t_labels = tensors[id(ids)]
-        with packed_linear(packed):
+        with packed_linear(setting):
             optimizer.zero_grad(set_to_none=True)
             loss = call(input_ids=t_ids, attention_mask=t_mask, labels=t_labels).loss
             loss.backward()

@@ -57,13 +57,15 @@ def test_lora_smoke_reports_times_state_and_memory(tmp_path):
 
 
 def test_train_smoke_sets_ours_against_transformers(tmp_path):
-    backends = ["pt", "hf-pt", "tf", "flax", "flax+lora"]
+    backends = ["pt", "pt-plain", "hf-pt", "tf", "flax", "flax+lora"]
     out = _run(tmp_path, "--families", "electra", "--backends", ",".join(backends), "--no-memory")
     report = json.loads((out / "train.json").read_text())
     rows = {r["backend"]: r for r in report["rows"]}
     assert set(rows) == set(backends) and all("error" not in r for r in rows.values()), rows
     assert all(r["median_ms"] > 0 and r["warmup_s"] > 0 and r["trainable_params"] > 0 for r in rows.values())
     assert rows["hf-pt"]["trainable_params"] == rows["pt"]["trainable_params"] == FULL_PARAMS
+    # pt is our default (oneDNN training products where faster), pt-plain the switch off (F.linear)
+    assert (rows["pt"]["mode"], rows["pt-plain"]["mode"]) == ("eager", "eager+plain")
     # optax adamw: mu and nu of the adapter tree and one int32 count
     assert rows["flax+lora"]["trainable_params"] == LORA_PARAMS
     assert rows["flax+lora"]["optimizer_state_bytes"] == 2 * 4 * LORA_PARAMS + 4
