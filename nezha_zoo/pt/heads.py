@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nezha_zoo.config import classifier_dropout_rate
@@ -24,7 +23,7 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.pt import losses
-from nezha_zoo.pt.layers import _plain_tensors, get_activation
+from nezha_zoo.pt.layers import fast_linear, get_activation
 from nezha_zoo.validation import InputError
 
 __all__ = [
@@ -159,41 +158,22 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(hidden_states[:, 0]))  # (B, H): the first ([CLS]) token
 
 
-#: Most rows for which :class:`VocabProjection` runs its product as ``W x^T`` (one decoding step's batch
-#: times beams; past it MKL's ``x W^T`` is as fast or faster).
-SKINNY_ROWS = 16
-
-
 class VocabProjection(nn.Linear):
-    """``nn.Linear(in, vocab)`` of an LM head (same ``weight`` / ``bias`` and state-dict names), with a
-    faster product for the few rows of a decoding step.
+    """``nn.Linear(in, vocab)`` of an LM head (same ``weight`` / ``bias`` and state-dict names), with faster
+    products for the few rows of a decoding step.
 
-    With autograd off and 2 to :data:`SKINNY_ROWS` float32 CPU rows, the product runs as
-    ``(W x^T)^T`` (``addmm`` with the (vocab, in) weight on the left) instead of ``F.linear``'s
-    ``x W^T``: for a (vocab, in) = (32000, 512) weight MKL's ``x W^T`` took 13 / 11 / 12.6 ms at
-    2 / 4 / 8 rows against 6.3 ms at one row, ``W x^T`` 3.3 / 5.4 / 8.1 ms (one thread, AVX512; both
-    16 ms at 16 rows).  The two sum in different orders: results agree to float32 rounding, not bit
-    for bit.  Otherwise (one row, more rows, training, autocast, other dtypes or devices, tensor
+    With autograd off and float32 CPU tensors the product is :func:`nezha_zoo.pt.layers.fast_linear`'s:
+    ``(W x^T)^T`` for 2-4 rows (2.0-2.9x ``F.linear``'s speed for (vocab, in) = (32000, 512), (30522, 768),
+    (50368, 768), one thread), oneDNN on the plain weight for one row (1.5-2.0x) and, where oneDNN has
+    AVX-512, for more rows (1.7-1.95x at 8-32 rows).  The products sum in different orders: results agree
+    to float32 rounding, not bit for bit.  Otherwise (training, autocast, other dtypes or devices, tensor
     subclasses, ``torch.compile`` / tracing) this is ``F.linear``.
 
     Forward: ``input`` (..., in_features) -> (..., out_features), contiguous.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        rows = input.numel() // max(input.shape[-1], 1) if input.dim() >= 2 else 0
-        traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
-        if (
-            1 < rows <= SKINNY_ROWS
-            and not (torch.is_grad_enabled() or traced or torch.is_autocast_enabled("cpu"))
-            and input.dtype == w.dtype == torch.float32
-            and input.device.type == w.device.type == "cpu"
-            and _plain_tensors(input, w, self.bias)
-        ):
-            flat = input.reshape(rows, self.in_features).t()  # (in, rows)
-            out = torch.mm(w, flat) if self.bias is None else torch.addmm(self.bias[:, None], w, flat)  # (vocab, rows)
-            return out.t().contiguous().view(*input.shape[:-1], self.out_features)
-        return F.linear(input, w, self.bias)
+        return fast_linear(input, self.weight, self.bias)
 
 
 class BertLMPredictionHead(nn.Module):

@@ -22,8 +22,10 @@ dict, so ``state_dict()`` keys are the spec's canonical names.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nezha_zoo.dtypes import SATURATING_MASK_DTYPES
+from nezha_zoo.hardware import cpu_features
 from nezha_zoo.packing import (
     FINGERPRINT_RUN,
     FINGERPRINT_SIZE,
@@ -59,6 +62,8 @@ __all__ = [
     "sequential_position_ids",
     "RelativeEmbedding",
     "PackedLinear",
+    "fast_linear",
+    "linear_route",
     "set_packed_linear",
     "packed_linear",
     "PACKED_LINEAR_ENV",
@@ -262,11 +267,129 @@ def _fingerprint_view(weight: torch.Tensor) -> torch.Tensor:
     return flat.as_strided((runs, FINGERPRINT_RUN), (step, 1), flat.storage_offset())
 
 
-class PackedLinear(nn.Linear):
-    """``nn.Linear`` (same ``weight`` / ``bias`` parameters and state-dict names) with an opt-in faster
-    inference path.
+# Thresholds of :func:`linear_route`, measured one thread, no grad, each weight read from DRAM (copies
+# cycled through 400 MB, as in a base model's forward) on Electra-base's and MPT-125M's block products
+# (768->768, 768->2304, 768->3072, 3072->768) and vocabulary projections, with oneDNN's AVX-512 kernels
+# and held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``), speeds against ``F.linear``'s (MKL) on an AMD EPYC
+# (session 12, docs/benchmarks/small_shapes.md).
 
-    Off by default; :func:`set_packed_linear`, ``with packed_linear():`` or ``NEZHA_ZOO_PACKED_LINEAR=1``
+#: Most rows for which a product with at most :data:`WX_MAX_IN_FEATURES` inputs runs as ``addmm`` with the
+#: weight on the left, ``(W x^T)^T``: 1.6-2.1x at 2-4 rows on the block products and 1.9-2.9x on vocabulary
+#: projections (512->32000, 768->30522, 768->50368), either ISA; at 5 rows it ties oneDNN, at 8 it is 0.6-0.9x.
+WX_MAX_ROWS = 4
+#: Widest input for the ``addmm`` ``(W x^T)^T`` product: with 3072 inputs it took 0.65x ``F.linear``'s speed at
+#: 4 rows, while every product with 512 or 768 inputs won at 2-4 rows.
+WX_MAX_IN_FEATURES = 1024
+#: Most rows for oneDNN's product with the weight as its left operand (``_linear_pointwise(W, x)``, then
+#: transposed): held to AVX2 it ran the block products at 1.3-1.6x at 8-32 rows, 1.1-1.2x at 64 rows, where
+#: oneDNN's ``x W^T`` took 0.92-1.13x; with AVX-512 1.9-2.2x at 16-32 rows against 1.5-1.8x for ``x W^T``.
+ONEDNN_WX_MAX_ROWS = 64
+#: Fewest rows for the left-weight oneDNN product where oneDNN has AVX-512: below it oneDNN's ``x W^T`` is as
+#: fast or faster (3072->768 at 2-6 rows: 1.5-2.1x against 1.4-1.8x; the two tie at 8 rows).
+ONEDNN_WX_MIN_ROWS_AVX512 = 9
+
+#: ``ONEDNN_MAX_CPU_ISA`` (or its old name ``DNNL_MAX_CPU_ISA``) values that hold oneDNN below AVX-512.
+_ONEDNN_BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_avx512() -> bool:
+    """True when oneDNN runs AVX-512 kernels here: the CPU has AVX-512F (:func:`nezha_zoo.hardware.cpu_features`)
+    and ``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA`` does not hold oneDNN to an older ISA."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    return cpu_features().avx512f and cap not in _ONEDNN_BELOW_AVX512
+
+
+def linear_route(rows: int, in_features: int) -> str:
+    """Which product :func:`fast_linear` runs for a float32 CPU inference call of ``rows`` rows.
+
+    * ``"onednn"``, oneDNN's ``_linear_pointwise(x, W)`` on the plain weight (oneDNN reads the (out, in)
+      layout as it is: no packed copy): one row (1.1-2.0x ``F.linear``'s speed, either ISA), and where
+      oneDNN has AVX-512 (:func:`_onednn_avx512`) every row count not named below (1.5-2.1x at 2-8 rows,
+      2.0-2.3x at 64-4096 rows; the EPYC's MKL runs AVX2 code);
+    * ``"wx"``, ``addmm`` with the weight on the left, ``(W x^T)^T``: 2 to :data:`WX_MAX_ROWS` rows with at
+      most :data:`WX_MAX_IN_FEATURES` inputs;
+    * ``"onednn_wx"``, ``_linear_pointwise(W, x)`` transposed: up to :data:`ONEDNN_WX_MAX_ROWS` rows, from
+      :data:`ONEDNN_WX_MIN_ROWS_AVX512` where oneDNN has AVX-512, from 2 where it has AVX2 only;
+    * ``"linear"``, ``F.linear``: more rows where oneDNN has AVX2 only, or no oneDNN in this build.
+
+    Args:
+        rows (int): the product's rows (the input's elements over ``in_features``), >= 1.
+        in_features (int): the weight's input width.
+    Returns:
+        str: ``"onednn"``, ``"wx"``, ``"onednn_wx"`` or ``"linear"``.
+    """
+    if 1 < rows <= WX_MAX_ROWS and in_features <= WX_MAX_IN_FEATURES:
+        return "wx"
+    if not _packing_available():
+        return "linear"
+    if rows == 1:
+        return "onednn"
+    avx512 = _onednn_avx512()
+    if rows <= ONEDNN_WX_MAX_ROWS and (rows >= ONEDNN_WX_MIN_ROWS_AVX512 or not avx512):
+        return "onednn_wx"
+    return "onednn" if avx512 else "linear"
+
+
+def fast_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(input, weight, bias)``, with a faster product for float32 CPU inference.
+
+    With autograd off, float32 CPU tensors (plain ones: no ``DTensor`` or fake tensors), a contiguous
+    ``weight``, no autocast and no ``torch.compile`` / tracing, the product is the one
+    :func:`linear_route` picks for the call's row count; otherwise (training, other dtypes or devices,
+    compiled code) it is ``F.linear`` bit for bit.  The products sum in different orders: they agree with
+    ``F.linear`` to float32 rounding, not bit for bit.  No copy of the weight is made or kept.
+
+    Args:
+        input (Tensor (..., in)): float32.
+        weight (Tensor (out, in)).
+        bias (Tensor (out,) or None).
+    Returns:
+        Tensor (..., out), contiguous.
+    """
+    in_features = weight.shape[-1] if weight.dim() == 2 else -1
+    if (
+        torch.is_grad_enabled()
+        or input.dim() < 2
+        or input.shape[-1] != in_features
+        or input.numel() == 0
+        or not input.dtype == weight.dtype == torch.float32
+        or not input.device.type == weight.device.type == "cpu"
+        or (bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"))
+        or not weight.is_contiguous()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.is_autocast_enabled("cpu")
+        or not _plain_tensors(input, weight, bias)
+    ):
+        return F.linear(input, weight, bias)
+    rows = input.numel() // in_features
+    route = linear_route(rows, in_features)
+    if route == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(input.contiguous(), weight, bias, "none", [], "")
+    if route == "linear":
+        return F.linear(input, weight, bias)
+    flat = input.reshape(rows, in_features)
+    if route == "wx":
+        flat = flat.t()  # (in, rows)
+        out = torch.mm(weight, flat) if bias is None else torch.addmm(bias[:, None], weight, flat)  # (out, rows)
+        out = out.t().contiguous()
+    else:  # "onednn_wx": the weight as oneDNN's input, the rows as its weight: (out, rows)
+        out = torch.ops.mkldnn._linear_pointwise(weight, flat.contiguous(), None, "none", [], "").t().contiguous()
+        if bias is not None:
+            out.add_(bias)
+    return out.view(*input.shape[:-1], weight.shape[0])
+
+
+class PackedLinear(nn.Linear):
+    """``nn.Linear`` (same ``weight`` / ``bias`` parameters and state-dict names) with faster inference paths.
+
+    By default an inference call (autograd off) is :func:`fast_linear`: a float32 CPU product runs on the
+    plain ``weight`` as :func:`linear_route` picks for its row count (``(W x^T)^T`` or oneDNN; no copy of the
+    weight), anything else is ``F.linear``.
+
+    Packing is off by default; :func:`set_packed_linear`, ``with packed_linear():`` or ``NEZHA_ZOO_PACKED_LINEAR=1``
     turn it on.  Then, with autograd off (``torch.no_grad`` / ``inference_mode``), a float32 CPU input and a
     oneDNN build of PyTorch, the product runs on a copy of ``weight`` reordered once into oneDNN's blocked
     layout (``mkldnn._linear_pointwise``): 1.2-1.6x the speed of ``F.linear`` on the products of a base
@@ -286,8 +409,8 @@ class PackedLinear(nn.Linear):
     oneDNN on the plain ``weight`` (no copy is kept: the weight changes every optimizer step;
     :class:`_OneDNNLinear`): an Electra-base width training step took 0.93x ``F.linear``'s time, one thread
     (``docs/benchmarks/train.md``).  Under ``torch.compile`` / tracing / autocast, for tensor
-    subclasses (FSDP's ``DTensor``), or with packing off this is ``F.linear``.  The paths sum in different
-    orders: results agree to float32 rounding, not bit for bit.
+    subclasses (FSDP's ``DTensor``), or with packing off and autograd on this is ``F.linear``.  The paths
+    sum in different orders: results agree to float32 rounding, not bit for bit.
 
     Forward: ``input`` (..., in_features) -> (..., out_features).
     """
@@ -348,7 +471,7 @@ class PackedLinear(nn.Linear):
                     return torch.ops.mkldnn._linear_pointwise(input, packed, self.bias, "none", [], "")
             elif _plain_tensors(input, w, self.bias) and not torch.is_autocast_enabled("cpu"):
                 return _OneDNNLinear.apply(input, w, self.bias)
-        return F.linear(input, w, self.bias)
+        return fast_linear(input, w, self.bias)  # F.linear with autograd on; no copy of the weight off
 
 
 def _plain_tensors(*tensors: torch.Tensor | None) -> bool:

@@ -126,14 +126,15 @@ def test_autograd_and_switch_use_f_linear_exactly():
     out.sum().backward()
     assert layer.weight.grad is not None and layer._packed is None
     layer.eval()
-    with torch.no_grad():  # off by default
-        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    with torch.no_grad():  # packing off by default: the plain-weight inference product, no packed copy
+        assert torch.equal(layer(x), layers.fast_linear(x, layer.weight, layer.bias))
+        assert_close(layer(x), F.linear(x, layer.weight, layer.bias), TOLERANCES["hidden"], "default inference")
     assert layer._packed is None
     previous = set_packed_linear(True)
     try:
         assert set_packed_linear(False) is True
         with torch.no_grad():
-            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+            assert torch.equal(layer(x), layers.fast_linear(x, layer.weight, layer.bias))
         assert layer._packed is None
     finally:
         set_packed_linear(previous)
@@ -242,3 +243,122 @@ def test_models_train_the_same_with_onednn_products(family):
     for name, grad in want_grads.items():
         scale = max(float(grad.abs().max()), 1e-12)
         assert_close(got_grads[name] / scale, grad / scale, TOLERANCES["grad_rel"], f"{family} gradient of {name}")
+
+
+# --- fast_linear: the default inference product on the plain weight (no packed copy) -------------------
+
+
+def _route_taken(fn, weight_shape: tuple[int, int] | None = None) -> str | None:
+    """Which of ``linear_route``'s products ``fn()`` ran, read from the ops it dispatched (its profile); a oneDNN
+    product whose first operand has ``weight_shape`` (out, in) is ``W x^T``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    events = prof.key_averages(group_by_input_shape=True)
+    ops = {e.key for e in events}
+    if "mkldnn::_linear_pointwise" in ops:
+        firsts = [list(e.input_shapes[0]) for e in events if e.key == "mkldnn::_linear_pointwise"]
+        return "onednn_wx" if weight_shape and all(f == list(weight_shape) for f in firsts) else "onednn"
+    if "aten::linear" in ops:
+        return "linear"
+    if ops & {"aten::mm", "aten::addmm"}:
+        return "wx"  # a bare product: W x^T
+    return None
+
+
+@pytest.fixture(params=[True, False], ids=["avx512", "avx2"])
+def onednn_isa(request, monkeypatch):
+    """Both CPU-specific routes on any machine: oneDNN with AVX-512 or held to AVX2."""
+    monkeypatch.setattr(layers, "_onednn_avx512", lambda: request.param)
+    return request.param
+
+
+def test_linear_route_thresholds(onednn_isa):
+    wide = layers.WX_MAX_IN_FEATURES + 1
+    if not _packing_available():
+        assert {layers.linear_route(r, i) for r in (1, 16, 4096) for i in (48, wide)} == {"linear"}
+        return
+    assert layers.linear_route(1, 768) == layers.linear_route(1, wide) == "onednn"  # one row, either ISA
+    for rows in range(2, layers.WX_MAX_ROWS + 1):
+        assert layers.linear_route(rows, 768) == layers.linear_route(rows, layers.WX_MAX_IN_FEATURES) == "wx"
+        assert layers.linear_route(rows, wide) == ("onednn" if onednn_isa else "onednn_wx")
+    low = layers.ONEDNN_WX_MIN_ROWS_AVX512
+    assert layers.linear_route(low - 1, 768) == ("onednn" if onednn_isa else "onednn_wx")
+    for rows in (low, layers.ONEDNN_WX_MAX_ROWS):
+        assert layers.linear_route(rows, 768) == "onednn_wx"
+    for rows in (layers.ONEDNN_WX_MAX_ROWS + 1, 4096):
+        assert layers.linear_route(rows, 768) == ("onednn" if onednn_isa else "linear")
+
+
+def test_onednn_isa_follows_cpu_flags_and_the_isa_cap(monkeypatch):
+    layers._onednn_avx512.cache_clear()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    try:
+        assert layers._onednn_avx512() is False
+        layers._onednn_avx512.cache_clear()
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+        assert layers._onednn_avx512() is layers.cpu_features().avx512f
+    finally:
+        layers._onednn_avx512.cache_clear()
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("in_features", [48, layers.WX_MAX_IN_FEATURES + 8])
+def test_fast_linear_matches_f_linear_and_takes_its_route(onednn_isa, bias, in_features):
+    """Every row count around the thresholds, 2-D, 3-D and non-contiguous input: the route
+    ``linear_route`` names is the one taken, and it agrees with ``F.linear`` to float32 rounding."""
+    torch.manual_seed(0)
+    layer = PackedLinear(in_features, 97, bias=bias).eval()  # 97 outputs: no row count below is 97
+    w, b = layer.weight, layer.bias
+    edges = (layers.WX_MAX_ROWS, layers.ONEDNN_WX_MIN_ROWS_AVX512, layers.ONEDNN_WX_MAX_ROWS)
+    for rows in sorted({1, 2, *edges, *(e + 1 for e in edges)}):
+        for x in (
+            torch.randn(rows, in_features),
+            torch.randn(1, rows, in_features),
+            torch.randn(in_features, rows).t(),  # non-contiguous
+            torch.randn(rows, 2 * in_features)[:, ::2],  # non-contiguous, strided last dim
+        ):
+            want = F.linear(x, w, b)
+            with torch.no_grad():
+                got = layer(x)
+                taken = _route_taken(lambda: layer(x), tuple(w.shape))  # noqa: B023 (called at once)
+            route = layers.linear_route(rows, in_features)
+            where = f"{rows} rows, input {tuple(x.shape)} {x.stride()}, route {route}"
+            assert got.shape == want.shape and got.is_contiguous(), where
+            assert_close(got, want, TOLERANCES["hidden"], where)
+            assert taken == route, f"{where}: ran {taken}"
+            assert layer._packed is None, where  # no copy of the weight
+
+
+def test_fast_linear_keeps_f_linear_for_training_autocast_compile_and_other_dtypes(onednn_isa):
+    torch.manual_seed(0)
+    layer = PackedLinear(48, 40).eval()
+    x = torch.randn(16, 48)
+    want = F.linear(x, layer.weight, layer.bias)
+    assert torch.equal(layer(x), want)  # autograd on: F.linear, bit for bit
+    assert _route_taken(lambda: layer(x)) == "linear"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, F.linear(x, layer.weight, layer.bias))
+    with torch.no_grad():
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)  # traced: F.linear
+        assert torch.equal(compiled(x), want)
+        x64, l64 = x.double(), copy.deepcopy(layer).double()
+        assert torch.equal(l64(x64), F.linear(x64, l64.weight, l64.bias))
+        assert _route_taken(lambda: l64(x64)) == "linear"
+        with pytest.raises(RuntimeError):  # a bad width still fails with F.linear's error
+            layer(torch.randn(16, 47))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_models_infer_as_they_train_with_the_default_products(family):
+    """A model's no-grad forward (the default fast_linear products) matches its autograd forward (F.linear)."""
+    model, inp = _tiny_model(family)
+    model.eval()
+    want = model(**inp)[0]
+    with torch.no_grad():
+        got = model(**inp)[0]
+        taken = _route_taken(lambda: model(**inp))
+    assert_close(got, want, TOLERANCES["hidden"], f"{family} inference vs autograd forward")
+    if _packing_available():
+        assert taken in ("onednn", "onednn_wx"), f"the block products took {taken}, not a oneDNN product"
