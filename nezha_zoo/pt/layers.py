@@ -273,6 +273,10 @@ def _fingerprint_view(weight: torch.Tensor) -> torch.Tensor:
 # and held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``), speeds against ``F.linear``'s (MKL) on an AMD EPYC
 # (session 12, docs/benchmarks/small_shapes.md).
 
+#: Fewest weight elements (out x in) for which :func:`fast_linear` leaves ``F.linear``: a oneDNN call costs about
+#: 13 us more than MKL's, and at 128x128 and 256x256 every other product took 0.35-1.0x ``F.linear``'s speed
+#: at 1-16 rows; from 256x1024 and 512x512 on they win.
+FAST_MIN_WEIGHT_ELEMENTS = 1 << 18
 #: Most rows for which a product with at most :data:`WX_MAX_IN_FEATURES` inputs runs as ``addmm`` with the
 #: weight on the left, ``(W x^T)^T``: 1.6-2.1x at 2-4 rows on the block products and 1.9-2.9x on vocabulary
 #: projections (512->32000, 768->30522, 768->50368), either ISA; at 5 rows it ties oneDNN, at 8 it is 0.6-0.9x.
@@ -287,6 +291,10 @@ ONEDNN_WX_MAX_ROWS = 64
 #: Fewest rows for the left-weight oneDNN product where oneDNN has AVX-512: below it oneDNN's ``x W^T`` is as
 #: fast or faster (3072->768 at 2-6 rows: 1.5-2.1x against 1.4-1.8x; the two tie at 8 rows).
 ONEDNN_WX_MIN_ROWS_AVX512 = 9
+#: Narrowest input for the left-weight oneDNN product: with 256 inputs (256->1024) it took 0.73-1.14x at 2-16
+#: rows against 1.05-1.39x for oneDNN's ``x W^T``; with 512 or more it is as fast or faster (512->512 at
+#: 16 rows: 1.47x against 1.31x).
+ONEDNN_WX_MIN_IN_FEATURES = 512
 
 #: ``ONEDNN_MAX_CPU_ISA`` (or its old name ``DNNL_MAX_CPU_ISA``) values that hold oneDNN below AVX-512.
 _ONEDNN_BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
@@ -300,7 +308,7 @@ def _onednn_avx512() -> bool:
     return cpu_features().avx512f and cap not in _ONEDNN_BELOW_AVX512
 
 
-def linear_route(rows: int, in_features: int) -> str:
+def linear_route(rows: int, in_features: int, out_features: int) -> str:
     """Which product :func:`fast_linear` runs for a float32 CPU inference call of ``rows`` rows.
 
     * ``"onednn"``, oneDNN's ``_linear_pointwise(x, W)`` on the plain weight (oneDNN reads the (out, in)
@@ -309,16 +317,21 @@ def linear_route(rows: int, in_features: int) -> str:
       2.0-2.3x at 64-4096 rows; the EPYC's MKL runs AVX2 code);
     * ``"wx"``, ``addmm`` with the weight on the left, ``(W x^T)^T``: 2 to :data:`WX_MAX_ROWS` rows with at
       most :data:`WX_MAX_IN_FEATURES` inputs;
-    * ``"onednn_wx"``, ``_linear_pointwise(W, x)`` transposed: up to :data:`ONEDNN_WX_MAX_ROWS` rows, from
-      :data:`ONEDNN_WX_MIN_ROWS_AVX512` where oneDNN has AVX-512, from 2 where it has AVX2 only;
-    * ``"linear"``, ``F.linear``: more rows where oneDNN has AVX2 only, or no oneDNN in this build.
+    * ``"onednn_wx"``, ``_linear_pointwise(W, x)`` transposed: at least :data:`ONEDNN_WX_MIN_IN_FEATURES`
+      inputs, up to :data:`ONEDNN_WX_MAX_ROWS` rows, from :data:`ONEDNN_WX_MIN_ROWS_AVX512` where oneDNN has
+      AVX-512, from 2 where it has AVX2 only;
+    * ``"linear"``, ``F.linear``: weights under :data:`FAST_MIN_WEIGHT_ELEMENTS` elements, other products
+      where oneDNN has AVX2 only, or no oneDNN in this build.
 
     Args:
         rows (int): the product's rows (the input's elements over ``in_features``), >= 1.
         in_features (int): the weight's input width.
+        out_features (int): the weight's output width.
     Returns:
         str: ``"onednn"``, ``"wx"``, ``"onednn_wx"`` or ``"linear"``.
     """
+    if in_features * out_features < FAST_MIN_WEIGHT_ELEMENTS:
+        return "linear"
     if 1 < rows <= WX_MAX_ROWS and in_features <= WX_MAX_IN_FEATURES:
         return "wx"
     if not _packing_available():
@@ -326,7 +339,8 @@ def linear_route(rows: int, in_features: int) -> str:
     if rows == 1:
         return "onednn"
     avx512 = _onednn_avx512()
-    if rows <= ONEDNN_WX_MAX_ROWS and (rows >= ONEDNN_WX_MIN_ROWS_AVX512 or not avx512):
+    wide = in_features >= ONEDNN_WX_MIN_IN_FEATURES
+    if wide and rows <= ONEDNN_WX_MAX_ROWS and (rows >= ONEDNN_WX_MIN_ROWS_AVX512 or not avx512):
         return "onednn_wx"
     return "onednn" if avx512 else "linear"
 
@@ -365,7 +379,7 @@ def fast_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     ):
         return F.linear(input, weight, bias)
     rows = input.numel() // in_features
-    route = linear_route(rows, in_features)
+    route = linear_route(rows, in_features, weight.shape[0])
     if route == "onednn":
         return torch.ops.mkldnn._linear_pointwise(input.contiguous(), weight, bias, "none", [], "")
     if route == "linear":

@@ -446,7 +446,7 @@ def test_vocab_projection_is_linear(bias):
         assert got.shape == want.shape and got.is_contiguous(), shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         rows = x.numel() // 48
-        if linear_route(rows, 48) == "linear":
+        if linear_route(rows, 48, 301) == "linear":
             assert torch.equal(got, want), shape
         with torch.enable_grad():
             assert torch.equal(proj(x), want), shape  # training: F.linear

@@ -273,20 +273,25 @@ def onednn_isa(request, monkeypatch):
 
 
 def test_linear_route_thresholds(onednn_isa):
+    route = layers.linear_route
     wide = layers.WX_MAX_IN_FEATURES + 1
+    out = layers.FAST_MIN_WEIGHT_ELEMENTS // layers.ONEDNN_WX_MIN_IN_FEATURES  # the smallest weight that qualifies
+    assert {route(r, 256, 255) for r in (1, 2, 16, 4096)} == {"linear"}  # small weights: F.linear
     if not _packing_available():
-        assert {layers.linear_route(r, i) for r in (1, 16, 4096) for i in (48, wide)} == {"linear"}
+        assert {route(r, i, 768) for r in (1, 16, 4096) for i in (768, wide)} == {"linear"}
         return
-    assert layers.linear_route(1, 768) == layers.linear_route(1, wide) == "onednn"  # one row, either ISA
+    assert route(1, 768, 768) == route(1, wide, 768) == route(1, 512, out) == "onednn"  # one row, either ISA
+    assert route(2, 512, out - 1) == "linear"
     for rows in range(2, layers.WX_MAX_ROWS + 1):
-        assert layers.linear_route(rows, 768) == layers.linear_route(rows, layers.WX_MAX_IN_FEATURES) == "wx"
-        assert layers.linear_route(rows, wide) == ("onednn" if onednn_isa else "onednn_wx")
+        assert route(rows, 768, 768) == route(rows, layers.WX_MAX_IN_FEATURES, 768) == route(rows, 512, out) == "wx"
+        assert route(rows, wide, 768) == ("onednn" if onednn_isa else "onednn_wx")
     low = layers.ONEDNN_WX_MIN_ROWS_AVX512
-    assert layers.linear_route(low - 1, 768) == ("onednn" if onednn_isa else "onednn_wx")
+    assert route(low - 1, 768, 768) == ("onednn" if onednn_isa else "onednn_wx")
     for rows in (low, layers.ONEDNN_WX_MAX_ROWS):
-        assert layers.linear_route(rows, 768) == "onednn_wx"
+        assert route(rows, 768, 768) == route(rows, 512, out) == "onednn_wx"
+        assert route(rows, 511, 4096) == ("onednn" if onednn_isa else "linear")  # narrow input: x W^T
     for rows in (layers.ONEDNN_WX_MAX_ROWS + 1, 4096):
-        assert layers.linear_route(rows, 768) == ("onednn" if onednn_isa else "linear")
+        assert route(rows, 768, 768) == ("onednn" if onednn_isa else "linear")
 
 
 def test_onednn_isa_follows_cpu_flags_and_the_isa_cap(monkeypatch):
@@ -303,12 +308,15 @@ def test_onednn_isa_follows_cpu_flags_and_the_isa_cap(monkeypatch):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("in_features", [48, layers.WX_MAX_IN_FEATURES + 8])
-def test_fast_linear_matches_f_linear_and_takes_its_route(onednn_isa, bias, in_features):
+@pytest.mark.parametrize(
+    "in_features, out_features",
+    [(48, 97), (layers.ONEDNN_WX_MIN_IN_FEATURES, 515), (layers.WX_MAX_IN_FEATURES + 8, 257), (300, 900)],
+)  # no row count below equals out_features
+def test_fast_linear_matches_f_linear_and_takes_its_route(onednn_isa, bias, in_features, out_features):
     """Every row count around the thresholds, 2-D, 3-D and non-contiguous input: the route
     ``linear_route`` names is the one taken, and it agrees with ``F.linear`` to float32 rounding."""
     torch.manual_seed(0)
-    layer = PackedLinear(in_features, 97, bias=bias).eval()  # 97 outputs: no row count below is 97
+    layer = PackedLinear(in_features, out_features, bias=bias).eval()
     w, b = layer.weight, layer.bias
     edges = (layers.WX_MAX_ROWS, layers.ONEDNN_WX_MIN_ROWS_AVX512, layers.ONEDNN_WX_MAX_ROWS)
     for rows in sorted({1, 2, *edges, *(e + 1 for e in edges)}):
@@ -321,13 +329,15 @@ def test_fast_linear_matches_f_linear_and_takes_its_route(onednn_isa, bias, in_f
             want = F.linear(x, w, b)
             with torch.no_grad():
                 got = layer(x)
-                taken = _route_taken(lambda: layer(x), tuple(w.shape))  # noqa: B023 (called at once)
-            route = layers.linear_route(rows, in_features)
+            route = layers.linear_route(rows, in_features, out_features)
             where = f"{rows} rows, input {tuple(x.shape)} {x.stride()}, route {route}"
             assert got.shape == want.shape and got.is_contiguous(), where
             assert_close(got, want, TOLERANCES["hidden"], where)
-            assert taken == route, f"{where}: ran {taken}"
             assert layer._packed is None, where  # no copy of the weight
+            if x.dim() == 3:  # the route depends on the row count only: one profile per count
+                with torch.no_grad():
+                    taken = _route_taken(lambda: layer(x), tuple(w.shape))  # noqa: B023 (called at once)
+                assert taken == route, f"{where}: ran {taken}"
 
 
 def test_fast_linear_keeps_f_linear_for_training_autocast_compile_and_other_dtypes(onednn_isa):
@@ -351,8 +361,10 @@ def test_fast_linear_keeps_f_linear_for_training_autocast_compile_and_other_dtyp
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
-def test_models_infer_as_they_train_with_the_default_products(family):
+def test_models_infer_as_they_train_with_the_default_products(family, monkeypatch):
     """A model's no-grad forward (the default fast_linear products) matches its autograd forward (F.linear)."""
+    monkeypatch.setattr(layers, "FAST_MIN_WEIGHT_ELEMENTS", 0)  # the tiny weights take a base model's routes
+    monkeypatch.setattr(layers, "ONEDNN_WX_MIN_IN_FEATURES", 0)
     model, inp = _tiny_model(family)
     model.eval()
     want = model(**inp)[0]
