@@ -63,7 +63,7 @@ def _products(torch, weights, biases, x) -> dict[str, Callable]:
     return found
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="in:out:b|n (with or without bias), comma-separated")
     parser.add_argument("--rows", default="1,2,4,8,16,32")
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--hot", action="store_true", help="one weight copy, read from the cache")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     parser.add_argument("--out", help="write the medians (microseconds) here as json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     set_threads(1)
     import torch
 
@@ -114,7 +114,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

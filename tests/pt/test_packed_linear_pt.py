@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -374,3 +375,14 @@ def test_models_infer_as_they_train_with_the_default_products(family, monkeypatc
     assert_close(got, want, TOLERANCES["hidden"], f"{family} inference vs autograd forward")
     if _packing_available():
         assert taken in ("onednn", "onednn_wx"), f"the block products took {taken}, not a oneDNN product"
+
+
+@needs_packing
+def test_linear_rows_benchmark_smoke(tmp_path):
+    """``benchmarks.linear_rows`` times every candidate product and checks each against ``F.linear``."""
+    linear_rows = pytest.importorskip("benchmarks.linear_rows")
+    out = tmp_path / "rows.json"
+    argv = ["--shapes", "32:24:b,16:8:n", "--rows", "1,3", "--rounds", "1", "--hot", "--out", str(out)]
+    assert linear_rows.main(argv) == 0
+    medians = json.loads(out.read_text())
+    assert {"32->24|1|mv", "32->24|3|onednn_wx", "16->8|3|wx", "16->8|1|F.linear"} <= medians.keys()
