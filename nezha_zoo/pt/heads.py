@@ -164,10 +164,11 @@ class VocabProjection(nn.Linear):
 
     With autograd off and float32 CPU tensors the product is :func:`nezha_zoo.pt.layers.fast_linear`'s:
     ``(W x^T)^T`` for 2-4 rows (2.0-2.9x ``F.linear``'s speed for (vocab, in) = (32000, 512), (30522, 768),
-    (50368, 768), one thread), oneDNN on the plain weight for one row (1.5-2.0x) and, where oneDNN has
-    AVX-512, for more rows (1.7-1.95x at 8-32 rows).  The products sum in different orders: results agree
-    to float32 rounding, not bit for bit.  Otherwise (training, autocast, other dtypes or devices, tensor
-    subclasses, ``torch.compile`` / tracing) this is ``F.linear``.
+    (50368, 768), one thread), oneDNN on the plain weight for one row (1.5-2.0x) and for more rows
+    (1.7-2.2x at 8-32 rows with AVX-512; held to AVX2, 1.3-1.8x with 512 or more inputs, else
+    ``F.linear``), as :func:`~nezha_zoo.pt.layers.linear_route` picks.  The products sum in different
+    orders: results agree to float32 rounding, not bit for bit.  Otherwise (training, autocast, other
+    dtypes or devices, tensor subclasses, ``torch.compile`` / tracing) this is ``F.linear``.
 
     Forward: ``input`` (..., in_features) -> (..., out_features), contiguous.
     """
