@@ -23,7 +23,7 @@ from nezha_zoo.outputs import (
     TokenClassifierOutput,
 )
 from nezha_zoo.pt import losses
-from nezha_zoo.pt.layers import PackedLinear, _plain_tensors, get_activation, linear
+from nezha_zoo.pt.layers import PackedLinear, get_activation, linear
 from nezha_zoo.validation import InputError
 
 __all__ = [
@@ -158,42 +158,25 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(hidden_states[:, 0]))  # (B, H): the first ([CLS]) token
 
 
-#: Most rows for which :class:`VocabProjection` runs its product as ``W x^T`` (one decoding step's batch
-#: times beams; past it MKL's ``x W^T`` is as fast or faster).
-SKINNY_ROWS = 16
-
-
 class VocabProjection(nn.Linear):
-    """``nn.Linear(in, vocab)`` of an LM head (same ``weight`` / ``bias`` and state-dict names), with a
-    faster product for the few rows of a decoding step.
+    """``nn.Linear(in, vocab)`` of an LM head (same ``weight`` / ``bias`` and state-dict names), with faster
+    products for the few rows of a decoding step.
 
-    With autograd off and 2 to :data:`SKINNY_ROWS` float32 CPU rows, the product runs as
-    ``(W x^T)^T`` (``addmm`` with the (vocab, in) weight on the left) instead of ``F.linear``'s
-    ``x W^T``: for a (vocab, in) = (32000, 512) weight MKL's ``x W^T`` took 13 / 11 / 12.6 ms at
-    2 / 4 / 8 rows against 6.3 ms at one row, ``W x^T`` 3.3 / 5.4 / 8.1 ms (one thread, AVX512; both
-    16 ms at 16 rows).  The two sum in different orders: results agree to float32 rounding, not bit
-    for bit.  In training (autograd on) the products run as the blocks' do (:func:`~nezha_zoo.pt.layers.linear`:
-    on oneDNN where that is faster).  Otherwise (one row, more rows, autocast, other dtypes or devices,
-    tensor subclasses, ``torch.compile`` / tracing) this is ``F.linear``.
+    With autograd off and float32 CPU tensors the product is the one :func:`nezha_zoo.pt.layers.linear`
+    picks by row count (:func:`~nezha_zoo.pt.layers.linear_route`; no copy of the weight): ``(W x^T)^T`` for
+    2-4 rows (2.0-2.9x ``F.linear``'s speed for (vocab, in) = (32000, 512), (30522, 768), (50368, 768), one
+    thread), oneDNN on the plain weight for one row (1.5-2.0x) and for more rows (1.7-2.2x at 8-32 rows with
+    AVX-512; held to AVX2, 1.3-1.8x with 512 or more inputs, else ``F.linear``).  In training (autograd on)
+    the products run as the blocks' do (on oneDNN where that is faster:
+    :func:`~nezha_zoo.pt.layers.onednn_training`).  The products sum in different orders: results agree to
+    float32 rounding, not bit for bit.  With the switch off (``set_packed_linear(False)``), under autocast,
+    for other dtypes or devices, tensor subclasses, ``torch.compile`` / tracing this is ``F.linear``.
 
     Forward: ``input`` (..., in_features) -> (..., out_features), contiguous.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        rows = input.numel() // max(input.shape[-1], 1) if input.dim() >= 2 else 0
-        traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
-        if (
-            1 < rows <= SKINNY_ROWS
-            and not (torch.is_grad_enabled() or traced or torch.is_autocast_enabled("cpu"))
-            and input.dtype == w.dtype == torch.float32
-            and input.device.type == w.device.type == "cpu"
-            and _plain_tensors(input, w, self.bias)
-        ):
-            flat = input.reshape(rows, self.in_features).t()  # (in, rows)
-            out = torch.mm(w, flat) if self.bias is None else torch.addmm(self.bias[:, None], w, flat)  # (vocab, rows)
-            return out.t().contiguous().view(*input.shape[:-1], self.out_features)
-        return linear(input, w, self.bias)
+        return linear(input, self.weight, self.bias)
 
 
 class BertLMPredictionHead(nn.Module):

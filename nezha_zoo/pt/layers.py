@@ -14,9 +14,9 @@ here are parameterised so a family declares only its differences:
 * :class:`BertEncoder` takes an optional final LayerNorm (XLM-R-XL) and runs as a decoder with
   cross-attention and a key/value cache.
 * the blocks' products are :class:`PackedLinear` (an ``nn.Linear`` whose training products run on
-  oneDNN where that is faster, and whose inference calls can run on oneDNN-packed weights, opt-in:
-  :func:`set_packed_linear`; MPT's blocks use it too); other large products (LM heads, I-BERT's float
-  mode) call :func:`linear`, the same training path.
+  oneDNN where that is faster, whose inference calls pick a faster product by row count, and can run on
+  oneDNN-packed weights, opt-in: :func:`set_packed_linear`; MPT's blocks use it too); other large
+  products (LM heads, I-BERT's float mode) call :func:`linear`, the one entry point of every path.
 
 Every parameterised module is attached under the exact dotted path of transformers' PyTorch state
 dict, so ``state_dict()`` keys are the spec's canonical names.
@@ -44,7 +44,6 @@ from nezha_zoo.packing import (
     PACKED_LINEAR_ENV,
     fingerprint_step,
     packed_linear,
-    packed_linear_enabled,
     packed_linear_setting,
     set_packed_linear,
 )
@@ -65,6 +64,7 @@ __all__ = [
     "RelativeEmbedding",
     "PackedLinear",
     "linear",
+    "linear_route",
     "onednn_training",
     "set_packed_linear",
     "packed_linear",
@@ -240,9 +240,9 @@ def expand_head_mask(
 # --- linear layers ---------------------------------------------------------------------------------
 
 #: Whether this PyTorch build has oneDNN's packed-weight ops (probed once, see :func:`_packing_available`),
-#: and whether oneDNN's training products are the default on this machine (see :func:`onednn_training`).
+#: and whether oneDNN runs AVX-512 kernels on this machine (probed once, see :func:`_onednn_avx512`).
 #: The on/off switch itself is process-wide and shared by every backend: :mod:`nezha_zoo.packing`.
-_PACKING: dict[str, bool | None] = {"available": None, "training_default": None}
+_PACKING: dict[str, bool | None] = {"available": None, "onednn_avx512": None}
 
 #: oneDNN's own ISA cap (``ONEDNN_MAX_CPU_ISA``, formerly ``DNNL_...``): a value below AVX-512 makes an
 #: AVX-512 CPU an AVX2 one for oneDNN, where its training products are slower than MKL's.
@@ -261,61 +261,196 @@ def _packing_available() -> bool:
     return bool(_PACKING["available"])
 
 
-def _onednn_training_default() -> bool:
-    """oneDNN's training products beat ``F.linear``'s (MKL) on AVX-512 CPUs, not on AVX2-only ones.
+def _onednn_avx512() -> bool:
+    """Whether oneDNN may run its AVX-512 kernels here: the CPU has AVX-512F
+    (:func:`nezha_zoo.hardware.cpu_features`) and ``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA`` does not
+    hold oneDNN below AVX-512.  Probed once per process.  The one machine test both oneDNN paths read:
 
-    Electra-base width, 1024 rows, one thread, float32, on an AMD EPYC with AVX-512 (session 12):
-    oneDNN ran the forward / ``g W`` / ``g^T x`` products 2.2 / 1.9-2.3 / 1.3-2.0x as fast as MKL and a
-    whole training step 1.81x (7 rounds, 1.66-1.94x); with oneDNN held to AVX2 the forward was 1.12-1.15x
-    but the backward products 0.52-0.91x and the step 0.91x (0.87-0.93x).  Session 9's AVX-512 machine: a
-    step 1.07x.
+    * training (:func:`onednn_training`): Electra-base width, 1024 rows, one thread, float32, on an AMD
+      EPYC with AVX-512 (session 12), oneDNN ran the forward / ``g W`` / ``g^T x`` products 2.2 / 1.9-2.3 /
+      1.3-2.0x as fast as MKL and a whole training step 1.81x (7 rounds, 1.66-1.94x); held to AVX2 the
+      forward was 1.12-1.15x but the backward products 0.52-0.91x and the step 0.91x (0.87-0.93x).
+      Session 9's AVX-512 machine: a step 1.07x;
+    * inference (:func:`linear_route`): with AVX-512 oneDNN's ``x W^T`` wins at most row counts, held to
+      AVX2 only its left-weight form and only at 2-64 rows (the EPYC's MKL runs AVX2 code).
     """
-    if _PACKING["training_default"] is None:
+    if _PACKING["onednn_avx512"] is None:
         cap = next((os.environ[k] for k in _ONEDNN_ISA_ENV if os.environ.get(k)), "ALL").upper()
         capped = cap not in ("ALL", "DEFAULT") and not cap.startswith(("AVX512", "AVX10"))
-        _PACKING["training_default"] = cpu_features().avx512f and not capped
-    return bool(_PACKING["training_default"])
+        _PACKING["onednn_avx512"] = cpu_features().avx512f and not capped
+    return bool(_PACKING["onednn_avx512"])
 
 
 def onednn_training() -> bool:
-    """Whether training products (autograd on) of :class:`PackedLinear` and :func:`linear` run on oneDNN
-    (:class:`_OneDNNLinear`): the switch :func:`set_packed_linear` when set, else (``None``, the default)
-    whether this machine is one where oneDNN's are faster (an AVX-512 CPU, oneDNN not capped below it)."""
+    """Whether training products (autograd on) of :func:`linear` run on oneDNN (:class:`_OneDNNLinear`):
+    the switch :func:`set_packed_linear` when set, else (``None``, the default) whether oneDNN is faster
+    here (:func:`_onednn_avx512`: an AVX-512 CPU, oneDNN not capped below it)."""
     setting = packed_linear_setting()
-    return _onednn_training_default() if setting is None else setting
+    return _onednn_avx512() if setting is None else setting
 
 
-def _onednn_ready(input: torch.Tensor, weight: torch.Tensor) -> bool:
-    """float32 CPU operands outside ``torch.compile`` / tracing / scripting, in a build with oneDNN."""
+# Thresholds of :func:`linear_route`, measured one thread, no grad, each weight read from DRAM (copies
+# cycled through 400 MB, as in a base model's forward) on Electra-base's and MPT-125M's block products
+# (768->768, 768->2304, 768->3072, 3072->768) and vocabulary projections, with oneDNN's AVX-512 kernels
+# and held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``), speeds against ``F.linear``'s (MKL) on an AMD EPYC
+# (session 12, docs/benchmarks/small_shapes.md).
+
+#: Fewest weight elements (out x in) for which :func:`linear` leaves ``F.linear`` without autograd: a oneDNN
+#: call costs about 13 us more than MKL's, and at 128x128 and 256x256 every other product took 0.35-1.0x
+#: ``F.linear``'s speed at 1-16 rows; from 256x1024 and 512x512 on they win.
+FAST_MIN_WEIGHT_ELEMENTS = 1 << 18
+#: Most rows for which a product with at most :data:`WX_MAX_IN_FEATURES` inputs runs as ``addmm`` with the
+#: weight on the left, ``(W x^T)^T``: 1.6-2.1x at 2-4 rows on the block products and 1.9-2.9x on vocabulary
+#: projections (512->32000, 768->30522, 768->50368), either ISA; at 5 rows it ties oneDNN, at 8 it is 0.6-0.9x.
+WX_MAX_ROWS = 4
+#: Widest input for the ``addmm`` ``(W x^T)^T`` product: with 3072 inputs it took 0.65x ``F.linear``'s speed at
+#: 4 rows, while every product with 512 or 768 inputs won at 2-4 rows.
+WX_MAX_IN_FEATURES = 1024
+#: Most rows for oneDNN's product with the weight as its left operand (``_linear_pointwise(W, x)``, then
+#: transposed): held to AVX2 it ran the block products at 1.3-1.6x at 8-32 rows, 1.1-1.2x at 64 rows, where
+#: oneDNN's ``x W^T`` took 0.92-1.13x; with AVX-512 1.9-2.2x at 16-32 rows against 1.5-1.8x for ``x W^T``.
+ONEDNN_WX_MAX_ROWS = 64
+#: Fewest rows for the left-weight oneDNN product where oneDNN has AVX-512: below it oneDNN's ``x W^T`` is as
+#: fast or faster (3072->768 at 2-6 rows: 1.5-2.1x against 1.4-1.8x; the two tie at 8 rows).
+ONEDNN_WX_MIN_ROWS_AVX512 = 9
+#: Narrowest input for the left-weight oneDNN product: with 256 inputs (256->1024) it took 0.73-1.14x at 2-16
+#: rows against 1.05-1.39x for oneDNN's ``x W^T``; with 512 or more it is as fast or faster (512->512 at
+#: 16 rows: 1.47x against 1.31x).
+ONEDNN_WX_MIN_IN_FEATURES = 512
+
+
+def linear_route(rows: int, in_features: int, out_features: int) -> str:
+    """Which product :func:`linear` runs for a float32 CPU inference call (autograd off) of ``rows`` rows
+    with the switch unset (:func:`set_packed_linear`), or on for a caller with no packed copy.
+
+    * ``"onednn"``, oneDNN's ``_linear_pointwise(x, W)`` on the plain weight (oneDNN reads the (out, in)
+      layout as it is: no packed copy): one row (1.1-2.0x ``F.linear``'s speed, either ISA), and where
+      oneDNN has AVX-512 (:func:`_onednn_avx512`) every row count not named below (1.5-2.1x at 2-8 rows,
+      2.0-2.3x at 64-4096 rows; the EPYC's MKL runs AVX2 code);
+    * ``"wx"``, ``addmm`` with the weight on the left, ``(W x^T)^T``: 2 to :data:`WX_MAX_ROWS` rows with at
+      most :data:`WX_MAX_IN_FEATURES` inputs;
+    * ``"onednn_wx"``, ``_linear_pointwise(W, x)`` transposed: at least :data:`ONEDNN_WX_MIN_IN_FEATURES`
+      inputs, up to :data:`ONEDNN_WX_MAX_ROWS` rows, from :data:`ONEDNN_WX_MIN_ROWS_AVX512` where oneDNN has
+      AVX-512, from 2 where it has AVX2 only;
+    * ``"linear"``, ``F.linear``: weights under :data:`FAST_MIN_WEIGHT_ELEMENTS` elements, other products
+      where oneDNN has AVX2 only, or no oneDNN in this build.
+
+    Args:
+        rows (int): the product's rows (the input's elements over ``in_features``), >= 1.
+        in_features (int): the weight's input width.
+        out_features (int): the weight's output width.
+    Returns:
+        str: ``"onednn"``, ``"wx"``, ``"onednn_wx"`` or ``"linear"``.
+    """
+    if in_features * out_features < FAST_MIN_WEIGHT_ELEMENTS:
+        return "linear"
+    if 1 < rows <= WX_MAX_ROWS and in_features <= WX_MAX_IN_FEATURES:
+        return "wx"
+    if not _packing_available():
+        return "linear"
+    if rows == 1:
+        return "onednn"
+    avx512 = _onednn_avx512()
+    wide = in_features >= ONEDNN_WX_MIN_IN_FEATURES
+    if wide and rows <= ONEDNN_WX_MAX_ROWS and (rows >= ONEDNN_WX_MIN_ROWS_AVX512 or not avx512):
+        return "onednn_wx"
+    return "onednn" if avx512 else "linear"
+
+
+def _fast_operands(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Operands every faster product takes: outside ``torch.compile`` / tracing / scripting (checked first,
+    so compiled code reads no switch), not under autocast, plain (no ``DTensor`` or fake tensor) float32 CPU
+    tensors, a contiguous (out, in) ``weight`` and a non-empty ``input`` (..., in)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
     return (
-        input.dim() >= 2
-        and input.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and input.device.type == "cpu"
-        and weight.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and _packing_available()
+        weight.dim() == 2
+        and input.dim() >= 2
+        and input.shape[-1] == weight.shape[-1]
+        and input.numel() > 0
+        and input.dtype == weight.dtype == torch.float32
+        and input.device.type == weight.device.type == "cpu"
+        and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"))
+        and weight.is_contiguous()
+        and not torch.is_autocast_enabled("cpu")
+        and _plain_tensors(input, weight, bias)
     )
 
 
-def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, whose three training products run on oneDNN (:class:`_OneDNNLinear`) when
-    :func:`onednn_training` says so, autograd is on, the operands are plain float32 CPU tensors (no
-    ``DTensor`` or other subclass), not under autocast, ``torch.compile`` or tracing.
+def linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    packed_weight: Callable[[], torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """``F.linear(input, weight, bias)``, on the fastest product measured for the call: the one entry point
+    of :class:`PackedLinear`, the LM heads' ``VocabProjection`` and I-BERT's float-mode ``QuantLinear``.
 
-    Shapes: ``input`` (..., in), ``weight`` (out, in), ``bias`` (out,) or None -> (..., out).
+    Which product runs (the switch is :func:`set_packed_linear`, process-wide):
+
+    * ``F.linear`` bit for bit with the switch off (``False``, ``NEZHA_ZOO_PACKED_LINEAR=0``), under
+      ``torch.compile`` / tracing / scripting / autocast, for tensor subclasses (FSDP's ``DTensor``), other
+      dtypes or devices, a non-contiguous weight, an empty input, or a bad width (``F.linear``'s error);
+    * autograd on (training): the forward product and both backward products on oneDNN on the plain
+      ``weight`` (:class:`_OneDNNLinear`; no copy: the weight changes every optimizer step) when
+      :func:`onednn_training` says so: the switch on, or unset on an AVX-512 CPU (an Electra-base training
+      step 1.81x as fast as on ``F.linear``, one thread; not on AVX2-only CPUs, where it was 0.91x);
+      otherwise ``F.linear``;
+    * autograd off, switch on and a ``packed_weight`` callable (a :class:`PackedLinear`'s copy reordered into
+      oneDNN's blocked layout) that returns a tensor: oneDNN on that copy (1.2-1.6x ``F.linear`` on a base
+      model's products at 16 and 1024 rows with AVX-512, 1.0-1.3x held to AVX2);
+    * autograd off otherwise (switch unset, or on without a packed copy): the product :func:`linear_route`
+      picks for the row count, on the plain weight with no copy made or kept (``(W x^T)^T`` at 2-4 rows,
+      1.6-2.9x; oneDNN at one row, 1.1-2.0x, and at more rows 1.5-2.3x with AVX-512; see
+      ``docs/benchmarks/small_shapes.md``).
+
+    The faster products sum in different orders: they agree with ``F.linear`` to float32 rounding, not bit
+    for bit.
+
+    Args:
+        input (Tensor (..., in)).
+        weight (Tensor (out, in)).
+        bias (Tensor (out,) or None).
+        packed_weight (callable () -> Tensor or None, optional): the caller's oneDNN-packed copy of
+            ``weight``, made on demand (None where it cannot keep one).
+    Returns:
+        Tensor (..., out), contiguous.
     """
-    if (
-        torch.is_grad_enabled()
-        and _onednn_ready(input, weight)  # first: under torch.compile it is False before any switch is read
-        and onednn_training()
-        and _plain_tensors(input, weight, bias)
-        and not torch.is_autocast_enabled("cpu")
-    ):
-        return _OneDNNLinear.apply(input, weight, bias)
-    return F.linear(input, weight, bias)
+    if not _fast_operands(input, weight, bias):  # first: under torch.compile no switch is read
+        return F.linear(input, weight, bias)
+    setting = packed_linear_setting()
+    if setting is False:
+        return F.linear(input, weight, bias)
+    if torch.is_grad_enabled():
+        if onednn_training() and _packing_available():
+            return _OneDNNLinear.apply(input, weight, bias)
+        return F.linear(input, weight, bias)
+    if setting and packed_weight is not None and _packing_available():
+        packed = packed_weight()
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(input, packed, bias, "none", [], "")
+    return _linear_by_rows(input, weight, bias)
+
+
+def _linear_by_rows(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The inference product :func:`linear_route` picks, for operands :func:`_fast_operands` accepts."""
+    in_features = weight.shape[-1]
+    rows = input.numel() // in_features
+    route = linear_route(rows, in_features, weight.shape[0])
+    if route == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(input.contiguous(), weight, bias, "none", [], "")
+    if route == "linear":
+        return F.linear(input, weight, bias)
+    flat = input.reshape(rows, in_features)
+    if route == "wx":
+        flat = flat.t()  # (in, rows)
+        out = torch.mm(weight, flat) if bias is None else torch.addmm(bias[:, None], weight, flat)  # (out, rows)
+        out = out.t().contiguous()
+    else:  # "onednn_wx": the weight as oneDNN's input, the rows as its weight: (out, rows)
+        out = torch.ops.mkldnn._linear_pointwise(weight, flat.contiguous(), None, "none", [], "").t().contiguous()
+        if bias is not None:
+            out.add_(bias)
+    return out.view(*input.shape[:-1], weight.shape[0])
 
 
 def _fingerprint_view(weight: torch.Tensor) -> torch.Tensor:
@@ -332,16 +467,21 @@ def _fingerprint_view(weight: torch.Tensor) -> torch.Tensor:
 
 
 class PackedLinear(nn.Linear):
-    """``nn.Linear`` (same ``weight`` / ``bias`` parameters and state-dict names) with faster training
-    products where oneDNN's are faster (the default) and an opt-in faster inference path.
+    """``nn.Linear`` (same ``weight`` / ``bias`` parameters and state-dict names) whose products are
+    :func:`linear`'s: faster training products where oneDNN's are faster, faster inference products on the
+    plain weight by row count, and an opt-in inference path on a packed copy of the weight.
 
-    The inference path is off by default; :func:`set_packed_linear`, ``with packed_linear():`` or
-    ``NEZHA_ZOO_PACKED_LINEAR=1`` turn it on.  Then, with autograd off (``torch.no_grad`` /
-    ``inference_mode``), a float32 CPU input and a oneDNN build of PyTorch, the product runs on a copy
-    of ``weight`` reordered once into oneDNN's blocked layout (``mkldnn._linear_pointwise``): 1.2-1.6x
-    the speed of ``F.linear`` on the products of a base model at 16 and 1024 rows on an AVX512 machine,
-    1.0-1.3x with oneDNN held to AVX2.  The copy costs one more copy of the weight in memory while the
-    model is in eval mode; ``train()`` and :meth:`drop_packed_weight` free it.
+    By default (the switch :func:`set_packed_linear` unset) an inference call (autograd off) runs the float32
+    CPU product :func:`linear_route` picks for its row count (``(W x^T)^T`` or oneDNN, on the plain
+    ``weight``: no copy), and a training call runs on oneDNN on AVX-512 CPUs (:func:`onednn_training`).
+
+    :func:`set_packed_linear`, ``with packed_linear():`` or ``NEZHA_ZOO_PACKED_LINEAR=1`` turn the packed
+    path on.  Then, with autograd off (``torch.no_grad`` / ``inference_mode``), a float32 CPU input and a
+    oneDNN build of PyTorch, the product runs on a copy of ``weight`` reordered once into oneDNN's blocked
+    layout (``mkldnn._linear_pointwise``): 1.2-1.6x the speed of ``F.linear`` on the products of a base
+    model at 16 and 1024 rows on an AVX512 machine, 1.0-1.3x with oneDNN held to AVX2.  The copy costs one
+    more copy of the weight in memory while the model is in eval mode; ``train()`` and
+    :meth:`drop_packed_weight` free it.
 
     The copy is made again whenever ``weight`` is replaced, changed in place (its version counter:
     optimizer steps, ``load_state_dict``, LoRA merges) or written through ``weight.data`` (EMA updates,
@@ -355,10 +495,10 @@ class PackedLinear(nn.Linear):
     plain ``weight`` (:func:`linear`; no copy is kept: the weight changes every optimizer step) by default
     on CPUs where that is faster (AVX-512: an Electra-base training step 1.8x as fast as on ``F.linear``,
     one thread; not on AVX2-only CPUs, where it was 0.91x: :func:`onednn_training`), and everywhere with
-    the switch on; ``set_packed_linear(False)`` / ``NEZHA_ZOO_PACKED_LINEAR=0`` keep ``F.linear``.  Under
-    ``torch.compile`` / tracing / autocast, for tensor subclasses (FSDP's ``DTensor``), or with the switch
-    off this is ``F.linear``.  The paths sum in different orders: results agree to float32 rounding, not
-    bit for bit.
+    the switch on.  ``set_packed_linear(False)`` / ``NEZHA_ZOO_PACKED_LINEAR=0`` give ``F.linear`` for
+    every call, inference included.  Under ``torch.compile`` / tracing / autocast, for tensor subclasses
+    (FSDP's ``DTensor``) or other dtypes or devices this is ``F.linear`` too.  The paths sum in different
+    orders: results agree to float32 rounding, not bit for bit.
 
     Forward: ``input`` (..., in_features) -> (..., out_features).
     """
@@ -400,13 +540,7 @@ class PackedLinear(nn.Linear):
         return packed
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if packed_linear_enabled() and _onednn_ready(input, w):
-            if not torch.is_grad_enabled():
-                packed = self._packed_weight()
-                if packed is not None:
-                    return torch.ops.mkldnn._linear_pointwise(input, packed, self.bias, "none", [], "")
-        return linear(input, w, self.bias)  # training products: oneDNN where faster (onednn_training)
+        return linear(input, self.weight, self.bias, self._packed_weight)  # the packed copy only with the switch on
 
 
 def _plain_tensors(*tensors: torch.Tensor | None) -> bool:
@@ -420,7 +554,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
     On this project's AVX512 machines oneDNN's float32 kernels ran a base model's training products at
     1.05-1.2x (session 9) and 1.3-2.3x (session 12) MKL's rate (which ``F.linear`` and its backward use),
-    one thread, 1024 rows (see :func:`_onednn_training_default`):
+    one thread, 1024 rows (see :func:`_onednn_avx512`):
 
     * forward ``x W^T + b``: ``mkldnn._linear_pointwise`` on the plain ``W`` (oneDNN lays it out itself;
       no copy is kept, the weight changes every optimizer step);

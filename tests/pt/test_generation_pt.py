@@ -429,9 +429,12 @@ def test_logits_to_keep_is_the_last_positions_of_the_full_logits(key, checkpoint
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_vocab_projection_is_linear(bias):
-    """The LM heads' ``VocabProjection`` equals ``F.linear`` at every row count: its ``W x^T`` product for 2-16
-    rows without autograd to float32 rounding, ``F.linear`` itself (bit for bit) otherwise."""
-    from nezha_zoo.pt.heads import SKINNY_ROWS, VocabProjection
+    """The LM heads' ``VocabProjection`` equals ``F.linear`` at every row count: without autograd its product is
+    ``linear``'s (``W x^T`` for 2-4 rows, oneDNN for others) to float32 rounding, ``F.linear`` itself (bit for
+    bit) where ``linear_route`` says so and with autograd on and the switch off (the default training product:
+    oneDNN where faster, to float32 rounding)."""
+    from nezha_zoo.pt.heads import VocabProjection
+    from nezha_zoo.pt.layers import linear, linear_route, packed_linear
 
     torch.manual_seed(0)
     proj = VocabProjection(48, 301, bias=bias)
@@ -440,10 +443,13 @@ def test_vocab_projection_is_linear(bias):
         want = torch.nn.functional.linear(x, proj.weight, proj.bias)
         with torch.no_grad():
             got = proj(x)
+            assert torch.equal(got, linear(x, proj.weight, proj.bias)), shape  # the one shared product
         assert got.shape == want.shape and got.is_contiguous(), shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         rows = x.numel() // 48
-        if not 1 < rows <= SKINNY_ROWS:
+        if linear_route(rows, 48, 301) == "linear":
             assert torch.equal(got, want), shape
-        with torch.enable_grad():
-            assert torch.equal(proj(x), want), shape  # training: F.linear
+        with torch.enable_grad(), packed_linear(False):
+            assert torch.equal(proj(x), want), shape  # training, switch off: F.linear
+        with torch.enable_grad():  # training by default: F.linear or oneDNN's (layers.onednn_training)
+            torch.testing.assert_close(proj(x), want, rtol=1e-5, atol=1e-5)

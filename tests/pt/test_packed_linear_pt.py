@@ -5,6 +5,7 @@ default where that is faster (AVX-512), with the switch's ``False`` / ``NEZHA_ZO
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -132,13 +133,14 @@ def test_switch_off_and_default_inference_use_f_linear_exactly():
     out.sum().backward()
     assert layer.weight.grad is not None and layer._packed is None
     layer.eval()
-    with torch.no_grad(), packed_linear(None):  # no packed inference copy by default
-        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    with torch.no_grad(), packed_linear(None):  # no packed copy by default: the plain-weight inference product
+        assert torch.equal(layer(x), layers.linear(x, layer.weight, layer.bias))
+        assert_close(layer(x), F.linear(x, layer.weight, layer.bias), TOLERANCES["hidden"], "default inference")
     assert layer._packed is None
     previous = set_packed_linear(True)
     try:
         assert set_packed_linear(False) is True
-        with torch.no_grad():
+        with torch.no_grad():  # switch off: F.linear itself, no row route and no packed copy
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
         assert layer._packed is None
     finally:
@@ -232,14 +234,14 @@ def test_default_training_products_are_onednn_where_faster(monkeypatch):
     """Unset, the switch puts training products on oneDNN on AVX-512 CPUs, unless oneDNN is capped below AVX-512
     (where they were slower than F.linear's); ``True`` / ``False`` override the machine's default."""
     avx512 = cpu_features().avx512f
-    monkeypatch.setitem(layers._PACKING, "training_default", None)  # restored after the test
+    monkeypatch.setitem(layers._PACKING, "onednn_avx512", None)  # restored after the test
     for cap, want in ((None, avx512), ("AVX2", False), ("avx2_vnni", False), ("AVX512_CORE", avx512), ("ALL", avx512)):
         for name in layers._ONEDNN_ISA_ENV:
             monkeypatch.delenv(name, raising=False)
         if cap is not None:
             monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-        layers._PACKING["training_default"] = None  # probed again
-        assert layers._onednn_training_default() is want, cap
+        layers._PACKING["onednn_avx512"] = None  # probed again
+        assert layers._onednn_avx512() is want, cap
         with packed_linear(None):
             assert layers.onednn_training() is want
         with packed_linear(True):
@@ -306,7 +308,7 @@ def test_models_train_the_same_with_onednn_products(family, setting):
     model.train()
     want, want_loss, want_grads, plain_nodes = _train_step(model, inp, False)
     got, got_loss, got_grads, nodes = _train_step(model, inp, setting)
-    onednn = setting or layers._onednn_training_default()
+    onednn = setting or layers._onednn_avx512()
     assert plain_nodes and not any(n.__name__ == "_OneDNNLinearBackward" for n in plain_nodes)
     assert nodes and all((n.__name__ == "_OneDNNLinearBackward") is onednn for n in nodes), nodes
     _assert_same_step(family, (got, got_loss, got_grads), (want, want_loss, want_grads))
@@ -334,3 +336,149 @@ def test_heads_and_ibert_float_products_train_on_the_same_path(case):
     assert plain_nodes and not any(n.__name__ == "_OneDNNLinearBackward" for n in plain_nodes)
     assert nodes and all(n.__name__ == "_OneDNNLinearBackward" for n in nodes), nodes
     _assert_same_step(case, (got, got_loss, got_grads), (want, want_loss, want_grads))
+
+
+# --- linear without autograd: the default inference product by row count, on the plain weight (no copy) ---
+
+
+def _route_taken(fn, weight_shape: tuple[int, int] | None = None) -> str | None:
+    """Which of ``linear_route``'s products ``fn()`` ran, read from the ops it dispatched (its profile); a oneDNN
+    product whose first operand has ``weight_shape`` (out, in) is ``W x^T``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    events = prof.key_averages(group_by_input_shape=True)
+    ops = {e.key for e in events}
+    if "mkldnn::_linear_pointwise" in ops:
+        firsts = [list(e.input_shapes[0]) for e in events if e.key == "mkldnn::_linear_pointwise"]
+        return "onednn_wx" if weight_shape and all(f == list(weight_shape) for f in firsts) else "onednn"
+    if "aten::linear" in ops:
+        return "linear"
+    if ops & {"aten::mm", "aten::addmm"}:
+        return "wx"  # a bare product: W x^T
+    return None
+
+
+@pytest.fixture(params=[True, False], ids=["avx512", "avx2"])
+def onednn_isa(request, monkeypatch):
+    """Both CPU-specific routes on any machine: oneDNN with AVX-512 or held to AVX2."""
+    monkeypatch.setattr(layers, "_onednn_avx512", lambda: request.param)
+    return request.param
+
+
+def test_linear_route_thresholds(onednn_isa):
+    route = layers.linear_route
+    wide = layers.WX_MAX_IN_FEATURES + 1
+    out = layers.FAST_MIN_WEIGHT_ELEMENTS // layers.ONEDNN_WX_MIN_IN_FEATURES  # the smallest weight that qualifies
+    assert {route(r, 256, 255) for r in (1, 2, 16, 4096)} == {"linear"}  # small weights: F.linear
+    if not _packing_available():
+        assert {route(r, i, 768) for r in (1, 16, 4096) for i in (768, wide)} == {"linear"}
+        return
+    assert route(1, 768, 768) == route(1, wide, 768) == route(1, 512, out) == "onednn"  # one row, either ISA
+    assert route(2, 512, out - 1) == "linear"
+    for rows in range(2, layers.WX_MAX_ROWS + 1):
+        assert route(rows, 768, 768) == route(rows, layers.WX_MAX_IN_FEATURES, 768) == route(rows, 512, out) == "wx"
+        assert route(rows, wide, 768) == ("onednn" if onednn_isa else "onednn_wx")
+    low = layers.ONEDNN_WX_MIN_ROWS_AVX512
+    assert route(low - 1, 768, 768) == ("onednn" if onednn_isa else "onednn_wx")
+    for rows in (low, layers.ONEDNN_WX_MAX_ROWS):
+        assert route(rows, 768, 768) == route(rows, 512, out) == "onednn_wx"
+        assert route(rows, 511, 4096) == ("onednn" if onednn_isa else "linear")  # narrow input: x W^T
+    for rows in (layers.ONEDNN_WX_MAX_ROWS + 1, 4096):
+        assert route(rows, 768, 768) == ("onednn" if onednn_isa else "linear")
+
+
+def test_onednn_isa_follows_cpu_flags_and_the_isa_cap(monkeypatch):
+    monkeypatch.setitem(layers._PACKING, "onednn_avx512", None)  # probed again; restored after the test
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert layers._onednn_avx512() is False
+    layers._PACKING["onednn_avx512"] = None
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert layers._onednn_avx512() is layers.cpu_features().avx512f
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize(
+    "in_features, out_features",
+    [(48, 97), (layers.ONEDNN_WX_MIN_IN_FEATURES, 515), (layers.WX_MAX_IN_FEATURES + 8, 257), (300, 900)],
+)  # no row count below equals out_features
+def test_no_grad_linear_matches_f_linear_and_takes_its_route(onednn_isa, bias, in_features, out_features):
+    """Every row count around the thresholds, 2-D, 3-D and non-contiguous input: the route
+    ``linear_route`` names is the one taken, and it agrees with ``F.linear`` to float32 rounding."""
+    torch.manual_seed(0)
+    layer = PackedLinear(in_features, out_features, bias=bias).eval()
+    w, b = layer.weight, layer.bias
+    edges = (layers.WX_MAX_ROWS, layers.ONEDNN_WX_MIN_ROWS_AVX512, layers.ONEDNN_WX_MAX_ROWS)
+    for rows in sorted({1, 2, *edges, *(e + 1 for e in edges)}):
+        for x in (
+            torch.randn(rows, in_features),
+            torch.randn(1, rows, in_features),
+            torch.randn(in_features, rows).t(),  # non-contiguous
+            torch.randn(rows, 2 * in_features)[:, ::2],  # non-contiguous, strided last dim
+        ):
+            want = F.linear(x, w, b)
+            with torch.no_grad():
+                got = layer(x)
+            route = layers.linear_route(rows, in_features, out_features)
+            where = f"{rows} rows, input {tuple(x.shape)} {x.stride()}, route {route}"
+            assert got.shape == want.shape and got.is_contiguous(), where
+            assert_close(got, want, TOLERANCES["hidden"], where)
+            assert layer._packed is None, where  # no copy of the weight
+            if x.dim() == 3:  # the route depends on the row count only: one profile per count
+                with torch.no_grad():
+                    taken = _route_taken(lambda: layer(x), tuple(w.shape))  # noqa: B023 (called at once)
+                assert taken == route, f"{where}: ran {taken}"
+
+
+def test_no_grad_routes_keep_f_linear_for_training_autocast_compile_and_other_dtypes(onednn_isa):
+    torch.manual_seed(0)
+    layer = PackedLinear(48, 40).eval()
+    x = torch.randn(16, 48)
+    want = F.linear(x, layer.weight, layer.bias)
+    with packed_linear(None):  # autograd on: no row route; the training product (oneDNN where faster)
+        out = layer(x)
+        if layers.onednn_training() and _packing_available():
+            assert type(out.grad_fn).__name__ == "_OneDNNLinearBackward"
+            assert_close(out, want, TOLERANCES["hidden"], "default training product")
+        else:  # F.linear, bit for bit
+            assert torch.equal(out, want)
+            assert _route_taken(lambda: layer(x)) == "linear"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, F.linear(x, layer.weight, layer.bias))
+    with torch.no_grad():
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)  # traced: F.linear
+        assert torch.equal(compiled(x), want)
+        x64, l64 = x.double(), copy.deepcopy(layer).double()
+        assert torch.equal(l64(x64), F.linear(x64, l64.weight, l64.bias))
+        assert _route_taken(lambda: l64(x64)) == "linear"
+        with pytest.raises(RuntimeError):  # a bad width still fails with F.linear's error
+            layer(torch.randn(16, 47))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_models_infer_as_they_train_with_the_default_products(family, monkeypatch):
+    """A model's no-grad forward (the default row-count products) matches its autograd forward (the training
+    products)."""
+    monkeypatch.setattr(layers, "FAST_MIN_WEIGHT_ELEMENTS", 0)  # the tiny weights take a base model's routes
+    monkeypatch.setattr(layers, "ONEDNN_WX_MIN_IN_FEATURES", 0)
+    model, inp = _tiny_model(family)
+    model.eval()
+    want = model(**inp)[0]
+    with torch.no_grad():
+        got = model(**inp)[0]
+        taken = _route_taken(lambda: model(**inp))
+    assert_close(got, want, TOLERANCES["hidden"], f"{family} inference vs autograd forward")
+    if _packing_available():
+        assert taken in ("onednn", "onednn_wx"), f"the block products took {taken}, not a oneDNN product"
+
+
+@needs_packing
+def test_linear_rows_benchmark_smoke(tmp_path):
+    """``benchmarks.linear_rows`` times every candidate product and checks each against ``F.linear``."""
+    linear_rows = pytest.importorskip("benchmarks.linear_rows")
+    out = tmp_path / "rows.json"
+    argv = ["--shapes", "32:24:b,16:8:n", "--rows", "1,3", "--rounds", "1", "--hot", "--out", str(out)]
+    assert linear_rows.main(argv) == 0
+    medians = json.loads(out.read_text())
+    assert {"32->24|1|mv", "32->24|3|onednn_wx", "16->8|3|wx", "16->8|1|F.linear"} <= medians.keys()
