@@ -11,12 +11,14 @@ The switch has three settings (:func:`packed_linear_setting`):
 
 * ``True`` (``NEZHA_ZOO_PACKED_LINEAR=1``): packed inference products in every backend, and PyTorch's
   training products on oneDNN;
-* ``False`` (``NEZHA_ZOO_PACKED_LINEAR=0``): plain products everywhere (PyTorch: ``F.linear``);
+* ``False`` (``NEZHA_ZOO_PACKED_LINEAR=0``): plain products everywhere (PyTorch: ``F.linear``, its
+  no-grad products by row count included);
 * ``None`` (unset, the default): no packed inference copy (it costs one more copy of the block weights
-  in memory), and PyTorch's training products (autograd on) on oneDNN where that was measured faster:
-  CPUs with AVX-512 (an Electra-base training step 1.8x as fast, one thread), not AVX2-only ones (0.91x);
-  see :func:`nezha_zoo.pt.layers.onednn_training`.  TF and Flax train on their own kernels: for them
-  ``None`` is ``False``.
+  in memory); PyTorch's training products (autograd on) on oneDNN where that was measured faster:
+  CPUs with AVX-512 (an Electra-base training step 1.8x as fast, one thread), not AVX2-only ones (0.91x),
+  see :func:`nezha_zoo.pt.layers.onednn_training`; and PyTorch's no-grad products on the plain weight by
+  row count (:func:`nezha_zoo.pt.layers.linear_route`).  TF and Flax train on their own kernels: for
+  them ``None`` is ``False``.
 """
 
 from __future__ import annotations
@@ -118,8 +120,9 @@ def set_packed_linear(enabled: bool | None) -> bool | None:
     without XLA (see :class:`nezha_zoo.tf.layers.Dense`; read when a ``tf.function`` traces) and a Flax
     wrapper's compiled float32 inference call (see :class:`nezha_zoo.flax.layers.Dense`) keep a blocked
     copy of each block kernel and run products of at most :data:`PACKED_MAX_ROWS` rows on it.  Off, every
-    backend runs plain products (PyTorch's training products too).  ``None``: no packed inference copy;
-    PyTorch's training products on oneDNN where that is faster (see the module docstring).
+    backend runs plain products (PyTorch's training and no-grad products too).  ``None``: no packed
+    inference copy; PyTorch's training products on oneDNN where that is faster and its no-grad products by
+    row count (see the module docstring).
     """
     previous = _STATE["enabled"]
     _STATE["enabled"] = None if enabled is None else bool(enabled)

@@ -430,6 +430,31 @@ def test_no_grad_linear_matches_f_linear_and_takes_its_route(onednn_isa, bias, i
                 assert taken == route, f"{where}: ran {taken}"
 
 
+def test_switch_off_disables_the_no_grad_routes(onednn_isa, monkeypatch):
+    """``set_packed_linear(False)`` is ``F.linear`` bit for bit at every row count, for PackedLinear and the LM
+    heads' VocabProjection alike, where the default takes a faster product (the tiny weights made to qualify)."""
+    monkeypatch.setattr(layers, "FAST_MIN_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(layers, "ONEDNN_WX_MIN_IN_FEATURES", 0)
+    torch.manual_seed(0)
+    modules = (PackedLinear(48, 97).eval(), VocabProjection(48, 301, bias=False))
+    edges = (layers.WX_MAX_ROWS, layers.ONEDNN_WX_MIN_ROWS_AVX512, layers.ONEDNN_WX_MAX_ROWS)
+    faster = set()
+    for module in modules:
+        for rows in sorted({1, 2, *edges, *(e + 1 for e in edges)}):
+            x = torch.randn(1, rows, 48)
+            want = F.linear(x, module.weight, module.bias)
+            with torch.no_grad():
+                with packed_linear(None):
+                    faster.add(_route_taken(lambda: module(x), tuple(module.weight.shape)))  # noqa: B023
+                with packed_linear(False):
+                    got = module(x)
+                    taken = _route_taken(lambda: module(x), tuple(module.weight.shape))  # noqa: B023
+            assert torch.equal(got, want), (type(module).__name__, rows)
+            assert taken == "linear", (type(module).__name__, rows, taken)
+            assert getattr(module, "_packed", None) is None
+    assert "wx" in faster and (faster - {"linear", "wx"} or not _packing_available()), faster  # the test can fail
+
+
 def test_no_grad_routes_keep_f_linear_for_training_autocast_compile_and_other_dtypes(onednn_isa):
     torch.manual_seed(0)
     layer = PackedLinear(48, 40).eval()
