@@ -702,8 +702,9 @@ def select_cache_rows(
 def keep_positions(x: torch.Tensor, positions: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Rows ``positions`` of ``x`` along axis ``dim``: (B, L, ...) and int (B, R) -> (B, R, ...).
 
-    ``x`` may be a broadcast operand (an additive mask or bias): an axis ``dim`` of size 1 is returned
-    as is, and a batch axis of size 1 is expanded (a view) to the ``B`` rows of ``positions``.
+    ``x`` may be a broadcast operand (an additive mask or bias): a query axis (``dim`` other than 1) of
+    size 1 is returned as is (broadcast, the same values as the gather), and a batch axis of size 1 is
+    expanded (a view) to the ``B`` rows of ``positions``.
 
     Args:
         x (Tensor): (B or 1, ..., L or 1 at ``dim``, ...).
@@ -713,7 +714,7 @@ def keep_positions(x: torch.Tensor, positions: torch.Tensor, dim: int = 1) -> to
     Returns:
         Tensor: ``x`` with ``R`` rows along ``dim``.
     """
-    if x.shape[dim] == 1:
+    if dim != 1 and x.shape[dim] == 1:
         return x
     if x.shape[0] != positions.shape[0]:
         x = x.expand(positions.shape[0], *x.shape[1:])

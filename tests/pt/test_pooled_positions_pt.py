@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo
 import transformers
 
 import nezha_zoo.pt as zoo
@@ -237,3 +238,36 @@ def test_bad_positions_to_keep_raise_input_error(pairs, family):
     for kw, msg in cases:
         with pytest.raises(InputError, match=msg):
             body(ids, **kw)
+
+
+@pytest.mark.parametrize("family", ["electra", "mpt"])
+def test_pruned_head_with_gradient_checkpointing(pairs, family):
+    """The checkpointed last layer recomputes the pruned rows with the same dropout masks."""
+    _, ours = pairs.get(family)
+    inputs = _inputs(family, seed=4)
+    ours.train()
+    try:
+        full = _run(ours, inputs, seed=3, output_hidden_states=True)
+        ours.gradient_checkpointing_enable()
+        pruned = _run(ours, inputs, seed=3)
+    finally:
+        ours.gradient_checkpointing_disable()
+        ours.eval()
+    _same_step(pruned, full, f"{family} checkpointed pruned vs full")
+
+
+def test_pruned_mpt_training_step_compiles_to_one_graph(pairs):
+    """MPT's pruned block (split Wqkv, gathered ALiBi mask, full-shape dropout draws) has no graph break.
+
+    (The BERT-style layers' pruned path is ``tests/pt/test_compile_pt.py``'s Electra step.)
+    """
+    _, ours = pairs.get("mpt")
+    torch._dynamo.reset()
+    ours.train()
+    try:
+        explained = torch._dynamo.explain(ours)(**_inputs("mpt"))
+    finally:
+        ours.eval()
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1
