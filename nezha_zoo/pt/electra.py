@@ -31,6 +31,7 @@ from nezha_zoo.pt import losses
 from nezha_zoo.pt.generation import GenerationMixin
 from nezha_zoo.pt.heads import (
     MLM_LABELS_DOC,
+    POSITIONS_TO_KEEP_DOC,
     QA_LABELS_DOC,
     SEQUENCE_LABELS_DOC,
     TOKEN_LABELS_DOC,
@@ -98,8 +99,11 @@ class ElectraModel(ElectraPreTrainedModel):
         past_key_values (tuple per layer of (k, v) or (k, v, cross_k, cross_v), each
             (B, heads, Lpast, head_dim)): cached keys/values of earlier positions (decoder).
         use_cache (bool): return ``past_key_values`` (decoder only; off when None, as transformers).
-
-    Returns BaseModelOutputWithPastAndCrossAttentions: ``last_hidden_state`` (B, L, hidden_size).
+    """
+        + POSITIONS_TO_KEEP_DOC
+        + """
+    Returns BaseModelOutputWithPastAndCrossAttentions: ``last_hidden_state`` (B, L, hidden_size), or
+    (B, R, hidden_size) with ``positions_to_keep``.
     """
     )
 
@@ -131,6 +135,7 @@ class ElectraModel(ElectraPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        positions_to_keep: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPastAndCrossAttentions | tuple[Any, ...]:
         cfg = self.config
         output_attentions, output_hidden_states, return_dict = self._resolve_flags(
@@ -170,6 +175,7 @@ class ElectraModel(ElectraPreTrainedModel):
             use_cache=prep.use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            positions_to_keep=positions_to_keep,
         )
         out = BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=last,
@@ -390,7 +396,8 @@ class ElectraForSequenceClassification(ElectraPreTrainedModel):
         return_dict: bool | None = None,
     ) -> SequenceClassifierOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(locals())
+        # The classifier reads position 0 only: the last layer computes just that row.
+        base = self._run_base(locals(), positions_to_keep=self._positions_to_keep(locals()))
         logits = self.classifier(base.last_hidden_state)  # (B, num_labels)
         out = sequence_classification_output(logits, base, labels, self.num_labels, self.config.problem_type)
         return self._finish(out, return_dict)
@@ -435,7 +442,9 @@ class ElectraForMultipleChoice(ElectraPreTrainedModel):
         return_dict: bool | None = None,
     ) -> MultipleChoiceModelOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base, num_choices = self._run_base_choices(locals(), embed_width=self.config.embedding_size)
+        # summary_type "first" reads position 0 only: the last layer computes just that row.
+        first = self.sequence_summary.summary_type == "first"
+        base, num_choices = self._run_base_choices(locals(), embed_width=self.config.embedding_size, pooled=first)
         pooled = self.sequence_summary(base.last_hidden_state)  # (B * C, H)
         out = multiple_choice_output(self.classifier(pooled), num_choices, base, labels)  # logits (B, C)
         return self._finish(out, return_dict)

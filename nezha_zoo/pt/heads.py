@@ -280,6 +280,13 @@ def split_qa_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Head docstrings' label lines, appended to the families' forward-argument docs.
+#: The base models' ``positions_to_keep`` argument (issue #23).
+POSITIONS_TO_KEEP_DOC = """
+        positions_to_keep (LongTensor (B, R)): the last layer computes only these positions of each row
+            (its keys and values still cover every position): ``last_hidden_state`` is then (B, R, hidden_size)
+            (issue #23, :mod:`nezha_zoo.spec.pooling`); needs ``use_cache``, ``output_attentions`` and
+            ``output_hidden_states`` off.  None: every position.
+    """
 MLM_LABELS_DOC = """
         labels (LongTensor (B, L)): target ids, -100 = ignored; loss = cross-entropy.
     """

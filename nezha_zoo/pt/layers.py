@@ -48,6 +48,7 @@ from nezha_zoo.packing import (
     set_packed_linear,
 )
 from nezha_zoo.spec.blocks import BertLayerNames, cross_attention_names
+from nezha_zoo.spec.pooling import can_keep_positions
 from nezha_zoo.validation import InputError
 
 __all__ = [
@@ -72,6 +73,9 @@ __all__ = [
     "append_to_cache",
     "select_cache_rows",
     "fused_attention",
+    "keep_positions",
+    "dropout_kept_rows",
+    "check_positions_to_keep",
     "BertSelfAttention",
     "BertLayer",
     "BertEncoder",
@@ -700,7 +704,8 @@ class RelativeEmbedding:
 
     Args:
         table (Tensor (P, head_dim)): one embedding per relative-position bucket.
-        index (LongTensor (Lq, Lk)): bucket of each (query, key) pair, in ``[0, P)``.
+        index (LongTensor (Lq, Lk) or (B, Lq, Lk)): bucket of each (query, key) pair, in ``[0, P)``
+            (per batch row when the queries are each row's kept positions, ``positions_to_keep``).
 
     The attention terms are computed through the ``P`` buckets instead of a materialised
     ``(Lq, Lk, head_dim)`` tensor: ``q . R[i, j]`` is a gather from ``q @ table.T`` (B, heads, Lq, P),
@@ -711,24 +716,34 @@ class RelativeEmbedding:
     __slots__ = ("table", "index")
 
     def __init__(self, table: torch.Tensor, index: torch.Tensor) -> None:
-        if table.dim() != 2 or index.dim() != 2:
-            raise ValueError(f"need table (P, d) and index (Lq, Lk), got {tuple(table.shape)}, {tuple(index.shape)}")
+        if table.dim() != 2 or index.dim() not in (2, 3):
+            raise ValueError(
+                f"need table (P, d) and index (Lq, Lk) or (B, Lq, Lk), got {tuple(table.shape)}, {tuple(index.shape)}"
+            )
         self.table = table
         self.index = index
 
     def dense(self) -> torch.Tensor:
-        """The materialised ``(Lq, Lk, head_dim)`` tensor (for tests and small inputs)."""
+        """The materialised ``([B,] Lq, Lk, head_dim)`` tensor (for tests and small inputs)."""
         return self.table[self.index]
+
+    def _index(self, lead: Sequence[int]) -> torch.Tensor:
+        index = self.index if self.index.dim() == 2 else self.index[:, None]  # (Lq, Lk) or (B, 1, Lq, Lk)
+        return index.expand(*lead, *self.index.shape[-2:])
+
+    def keep_positions(self, positions: torch.Tensor) -> RelativeEmbedding:
+        """The terms of the query rows ``positions`` (B, R): index (B, R, Lk)."""
+        return RelativeEmbedding(self.table, keep_positions(self.index[None], positions))
 
     def key_scores(self, query: torch.Tensor) -> torch.Tensor:
         """``q_i . R[i, j]``: (B, heads, Lq, d) -> (B, heads, Lq, Lk)."""
         per_bucket = torch.matmul(query, self.table.t())  # (B, heads, Lq, P)
-        idx = self.index.expand(*query.shape[:2], *self.index.shape)  # (B, heads, Lq, Lk), a view
+        idx = self._index(query.shape[:2])  # (B, heads, Lq, Lk), a view
         return per_bucket.gather(-1, idx)
 
     def value_context(self, probs: torch.Tensor) -> torch.Tensor:
         """``sum_j p_ij R[i, j]``: (B, heads, Lq, Lk) -> (B, heads, Lq, d)."""
-        idx = self.index.expand(probs.shape)  # (B, heads, Lq, Lk), a view
+        idx = self._index(probs.shape[:2])  # (B, heads, Lq, Lk), a view
         buckets = probs.new_zeros((*probs.shape[:-1], self.table.shape[0]))  # (B, heads, Lq, P)
         buckets = buckets.scatter_add(-1, idx, probs)
         return torch.matmul(buckets, self.table)
@@ -737,6 +752,8 @@ class RelativeEmbedding:
 def _relative_key_scores(query: torch.Tensor, relative: torch.Tensor | RelativeEmbedding) -> torch.Tensor:
     if isinstance(relative, RelativeEmbedding):
         return relative.key_scores(query)
+    if relative.dim() == 4:  # per row (B, Lq, Lk, d): the kept query rows
+        return torch.einsum("bhqd,bqkd->bhqk", query, relative)
     # (B, heads, Lq, d) x (Lq, Lk, d) -> (B, heads, Lq, Lk)
     return torch.einsum("bhqd,qkd->bhqk", query, relative)
 
@@ -744,8 +761,21 @@ def _relative_key_scores(query: torch.Tensor, relative: torch.Tensor | RelativeE
 def _relative_value_context(probs: torch.Tensor, relative: torch.Tensor | RelativeEmbedding) -> torch.Tensor:
     if isinstance(relative, RelativeEmbedding):
         return relative.value_context(probs)
+    if relative.dim() == 4:  # per row (B, Lq, Lk, d): the kept query rows
+        return torch.einsum("bhqk,bqkd->bhqd", probs, relative)
     # (B, heads, Lq, Lk) x (Lq, Lk, d) -> (B, heads, Lq, d)
     return torch.einsum("bhqk,qkd->bhqd", probs, relative)
+
+
+def _relative_rows(
+    relative: torch.Tensor | RelativeEmbedding | None, positions: torch.Tensor
+) -> torch.Tensor | RelativeEmbedding | None:
+    """The relative terms of the query rows ``positions`` (B, R): (B, R, Lk, d) or an index (B, R, Lk)."""
+    if relative is None:
+        return None
+    if isinstance(relative, RelativeEmbedding):
+        return relative.keep_positions(positions)
+    return keep_positions(relative[None], positions)
 
 
 #: Attribute on a cache buffer: how many positions along the cache axis hold keys/values so far.
@@ -859,6 +889,89 @@ def select_cache_rows(
     return picked
 
 
+# --- pooled positions (issue #23; the contract is nezha_zoo.spec.pooling) ----------------------------
+
+
+def keep_positions(x: torch.Tensor, positions: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Rows ``positions`` of ``x`` along axis ``dim``: (B, L, ...) and int (B, R) -> (B, R, ...).
+
+    ``x`` may be a broadcast operand (an additive mask or bias): a query axis (``dim`` other than 1) of
+    size 1 is returned as is (broadcast, the same values as the gather), and a batch axis of size 1 is
+    expanded (a view) to the ``B`` rows of ``positions``.
+
+    Args:
+        x (Tensor): (B or 1, ..., L or 1 at ``dim``, ...).
+        positions (Tensor (B, R)): integer positions in ``[0, L)`` per row.
+        dim (int): the position axis (1 for hidden states, 2 for (B, heads, Lq, Lk) scores).
+
+    Returns:
+        Tensor: ``x`` with ``R`` rows along ``dim``.
+    """
+    if dim != 1 and x.shape[dim] == 1:
+        return x
+    if x.shape[0] != positions.shape[0]:
+        x = x.expand(positions.shape[0], *x.shape[1:])
+    moved = x.movedim(dim, 1) if dim != 1 else x
+    index = positions.long().view(*positions.shape, *([1] * (moved.dim() - 2)))
+    kept = moved.gather(1, index.expand(*positions.shape, *moved.shape[2:]))
+    return kept.movedim(1, dim) if dim != 1 else kept
+
+
+def dropout_kept_rows(
+    x: torch.Tensor, positions: torch.Tensor, full_len: int, p: float, training: bool, dim: int = 1
+) -> torch.Tensor:
+    """Dropout of the kept rows ``x`` as the full tensor's dropout would give them.
+
+    The mask is drawn at the full shape (``full_len`` along ``dim``), by ``F.dropout`` of ones (on CPU
+    ``empty_like(x).bernoulli_(1 - p).div_(1 - p)``, the draw ``F.dropout`` of the full tensor makes), and
+    its rows ``positions`` multiply ``x``: the random stream, and on CPU every kept value, are the full
+    computation's, bit for bit.
+
+    Args:
+        x (Tensor): the kept rows, (B, R, ...) with ``R`` along ``dim``.
+        positions (Tensor (B, R)): their positions in the full tensor.
+        full_len (int): the full tensor's length ``L`` along ``dim``.
+        p (float): dropout rate.
+        training (bool): dropout is on.
+        dim (int): the position axis.
+
+    Returns:
+        Tensor: shaped as ``x``.
+    """
+    if not training or p == 0.0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = full_len
+    noise = F.dropout(x.new_ones(shape), p, training=True)  # the full draw: 0 or 1 / (1 - p)
+    return x * keep_positions(noise, positions, dim)
+
+
+def check_positions_to_keep(
+    positions: torch.Tensor, batch: int, seq_len: int, *, pooled_ok: bool, why: str = ""
+) -> None:
+    """Refuse a bad ``positions_to_keep`` for a (``batch``, ``seq_len``) input with :class:`InputError`.
+
+    Shape and dtype are checked always; the range (a data-dependent check) in eager mode only.
+    ``pooled_ok`` is :func:`nezha_zoo.spec.pooling.can_keep_positions` (plus the caller's own conditions,
+    named in ``why``) for this call.
+    """
+    if not pooled_ok:
+        raise InputError(
+            "positions_to_keep needs output_hidden_states, output_attentions and use_cache off" + (why or "")
+        )
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[0] != batch:
+        shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+        raise InputError(f"positions_to_keep must be an integer tensor of shape ({batch}, R), got {shape}")
+    if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+        raise InputError(f"positions_to_keep must hold integers, got {positions.dtype}")
+    if positions.shape[1] < 1:
+        raise InputError("positions_to_keep must keep at least one position per row")
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and positions.numel():
+        low, high = int(positions.min()), int(positions.max())
+        if low < 0 or high >= seq_len:
+            raise InputError(f"positions_to_keep must lie in [0, {seq_len}), got values in [{low}, {high}]")
+
+
 def fused_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -867,6 +980,8 @@ def fused_attention(
     scale: float,
     dropout_p: float = 0.0,
     enable_gqa: bool = False,
+    positions_to_keep: torch.Tensor | None = None,
+    query_len: int = 0,
 ) -> torch.Tensor:
     """``dropout(softmax(q k^T * scale + mask), dropout_p) v`` without returning the probabilities.
 
@@ -884,16 +999,25 @@ def fused_attention(
         scale: the factor of the scores.
         dropout_p: dropout rate of the probabilities (0 in eval mode).
         enable_gqa: key/value heads are shared by groups of query heads.
+        positions_to_keep: (B, R) or None: the queries are these rows of ``query_len`` positions; the
+            dropout mask is drawn at the full (B, heads, ``query_len``, Lk) shape and its rows kept
+            (:func:`dropout_kept_rows`), on every device.
+        query_len: the full number of query positions (with ``positions_to_keep``).
 
     Returns:
         (B, heads, Lq, head_dim).
     """
     plain = dropout_p > 0.0 and query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64)
-    if plain and (not enable_gqa or key.shape[1] in (1, query.shape[1])):
+    kept = dropout_p > 0.0 and positions_to_keep is not None  # the full-shape draw needs the probabilities
+    if (plain or kept) and (not enable_gqa or key.shape[1] in (1, query.shape[1])):
         scores = torch.matmul(query * scale, key.transpose(-1, -2))  # (B, heads, Lq, Lk)
         if mask is not None:
             scores = add_attention_mask(scores, mask, in_place=True)  # the product's backward needs q, k only
-        probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p, training=True)
+        probs = torch.softmax(scores, dim=-1)
+        if kept:
+            probs = dropout_kept_rows(probs, positions_to_keep, query_len, dropout_p, True, dim=2)
+        else:
+            probs = F.dropout(probs, dropout_p, training=True)
         return torch.matmul(probs, value)
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa
@@ -924,8 +1048,11 @@ class BertSelfAttention(nn.Module):
             (probabilities after dropout and head mask) is added to the context (Nezha).
         need_weights: return the probabilities.  Without them, and with no head mask or relative
             term, attention runs as one fused ``scaled_dot_product_attention`` and ``probs`` is None.
+        positions_to_keep: (B, R) int or None: queries at these rows of ``hidden_states`` only (keys and
+            values at every row); masks, bias and relative terms are taken at those query rows, and the
+            probabilities' dropout mask is drawn at the full shape (:func:`dropout_kept_rows`).
 
-    Returns ``(context (B, Lq, H), probs (B, heads, Lq, Lk) or None, (k, v))``.
+    Returns ``(context (B, Lq or R, H), probs (B, heads, Lq or R, Lk) or None, (k, v))``.
     """
 
     def __init__(self, config: Any, names: BertLayerNames = BertLayerNames(), kv_width: int | None = None) -> None:
@@ -957,9 +1084,18 @@ class BertSelfAttention(nn.Module):
         relative_key: torch.Tensor | RelativeEmbedding | None = None,
         relative_value: torch.Tensor | RelativeEmbedding | None = None,
         need_weights: bool = True,
+        positions_to_keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         q_proj, k_proj, v_proj = (self._modules[n] for n in self._proj)
-        query = self._heads(q_proj(hidden_states))
+        keep = positions_to_keep
+        full_len = hidden_states.shape[1]
+        if keep is not None:
+            if attention_mask is not None:
+                attention_mask = keep_positions(attention_mask, keep, dim=2)  # (B, 1, R or 1, Lk)
+            if position_bias is not None:
+                position_bias = keep_positions(position_bias, keep, dim=2)  # (B, heads, R, Lk)
+            relative_key, relative_value = _relative_rows(relative_key, keep), _relative_rows(relative_value, keep)
+        query = self._heads(q_proj(hidden_states if keep is None else keep_positions(hidden_states, keep)))
         is_cross = key_value_states is not None
         if is_cross and past_key_value is not None:
             key, value = past_key_value  # encoder keys/values do not change between decoding steps
@@ -972,7 +1108,7 @@ class BertSelfAttention(nn.Module):
                 value = append_to_cache(past_key_value[1], value)
 
         if not need_weights and head_mask is None and relative_key is None and relative_value is None:
-            context = self._fused(query, key, value, attention_mask, position_bias)
+            context = self._fused(query, key, value, attention_mask, position_bias, keep, full_len)
             b, _, n, _ = context.shape
             return context.transpose(1, 2).reshape(b, n, self.all_head_size), None, (key, value)  # (B, Lq, H)
 
@@ -987,7 +1123,10 @@ class BertSelfAttention(nn.Module):
         if attention_mask is not None:
             scores = add_attention_mask(scores, attention_mask)
         probs = F.softmax(scores, dim=-1)
-        probs = self.dropout(probs)
+        if keep is None:
+            probs = self.dropout(probs)
+        else:
+            probs = dropout_kept_rows(probs, keep, full_len, self.dropout.p, self.training, dim=2)
         if head_mask is not None:
             probs = probs * head_mask
 
@@ -1005,6 +1144,8 @@ class BertSelfAttention(nn.Module):
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_bias: torch.Tensor | None,
+        positions_to_keep: torch.Tensor | None = None,
+        query_len: int = 0,
     ) -> torch.Tensor:
         """``softmax(q k^T / sqrt(d) + bias + mask) v`` in one fused kernel, (B, heads, Lq, head_dim).
 
@@ -1015,7 +1156,9 @@ class BertSelfAttention(nn.Module):
         if position_bias is not None:
             mask = position_bias if mask is None else add_attention_mask(position_bias, mask)  # (B|1, heads, Lq, Lk)
         p = self.dropout.p if self.training else 0.0
-        return fused_attention(query, key, value, mask, 1.0 / math.sqrt(self.attention_head_size), p)
+        scale = 1.0 / math.sqrt(self.attention_head_size)
+        keep = positions_to_keep
+        return fused_attention(query, key, value, mask, scale, p, positions_to_keep=keep, query_len=query_len)
 
 
 class _AttentionBlock:
@@ -1049,7 +1192,10 @@ class BertLayer(nn.Module):
     :class:`BertSelfAttention`; ``past_key_value`` ``(k, v)`` or ``(k, v, cross_k, cross_v)``;
     ``cross_relative_key`` / ``cross_relative_value`` are the relative hooks of the cross-attention
     (queries x encoder positions; Nezha); ``need_weights`` as :class:`BertSelfAttention`.
-    Returns ``(hidden (B, Lq, H), self_probs or None, cross_probs or None, present)``.
+    ``positions_to_keep`` (B, R) int or None: the layer's output at these rows only (self-attention's
+    queries, the residuals, LayerNorms and feed-forward block on (B, R, H); keys and values at every row;
+    every dropout mask drawn at the full shape, :func:`dropout_kept_rows`); no cross-attention then.
+    Returns ``(hidden (B, Lq or R, H), self_probs or None, cross_probs or None, present)``.
     """
 
     def __init__(self, config: Any, names: BertLayerNames = BertLayerNames(), cross_attention: bool = False) -> None:
@@ -1091,14 +1237,25 @@ class BertLayer(nn.Module):
         head_mask: torch.Tensor | None,
         kv: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
+        positions_to_keep: torch.Tensor | None = None,
         **hooks: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         h = self.get_submodule(block.pre_norm)(x) if block.pre_norm else x
-        context, probs, present = self.get_submodule(block.core)(h, mask, head_mask, kv, past, **hooks)
-        out = self.dropout(self.get_submodule(block.out)(context)) + x
+        if positions_to_keep is None:
+            context, probs, present = self.get_submodule(block.core)(h, mask, head_mask, kv, past, **hooks)
+            out = self.dropout(self.get_submodule(block.out)(context)) + x
+        else:
+            keep = positions_to_keep
+            core = self.get_submodule(block.core)
+            context, probs, present = core(h, mask, head_mask, kv, past, positions_to_keep=keep, **hooks)
+            out = self._dropout_kept_rows(self.get_submodule(block.out)(context), keep, x.shape[1])
+            out = out + keep_positions(x, keep)  # (B, R, H)
         if block.post_norm:
             out = self.get_submodule(block.post_norm)(out)
         return out, probs, present
+
+    def _dropout_kept_rows(self, x: torch.Tensor, positions: torch.Tensor, full_len: int) -> torch.Tensor:
+        return dropout_kept_rows(x, positions, full_len, self.dropout.p, self.training)
 
     def forward(
         self,
@@ -1114,7 +1271,10 @@ class BertLayer(nn.Module):
         cross_relative_key: torch.Tensor | RelativeEmbedding | None = None,
         cross_relative_value: torch.Tensor | RelativeEmbedding | None = None,
         need_weights: bool = True,
+        positions_to_keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+        if positions_to_keep is not None and encoder_hidden_states is not None:
+            raise ValueError("positions_to_keep is not supported with cross-attention")
         self_past = past_key_value[:2] if past_key_value is not None else None
         x, self_probs, present = self._attention(
             self._self,
@@ -1123,6 +1283,7 @@ class BertLayer(nn.Module):
             head_mask,
             None,
             self_past,
+            positions_to_keep,
             position_bias=position_bias,
             relative_key=relative_key,
             relative_value=relative_value,
@@ -1149,7 +1310,11 @@ class BertLayer(nn.Module):
         pre, inter, out, post = self._ffn
         h = self.get_submodule(pre)(x) if pre else x
         h = self.get_submodule(out)(self.act(self.get_submodule(inter)(h)))
-        h = (self.dropout(h) if self._output_dropout else h) + x
+        if positions_to_keep is None:
+            h = self.dropout(h) if self._output_dropout else h
+        elif self._output_dropout:
+            h = self._dropout_kept_rows(h, positions_to_keep, hidden_states.shape[1])
+        h = h + x
         if post:
             h = self.get_submodule(post)(h)
         return h, self_probs, cross_probs, present
@@ -1172,6 +1337,9 @@ class BertEncoder(nn.Module):
 
     ``gradient_checkpointing`` (set by the model) recomputes each layer in the backward pass.
     Forward hooks (``position_bias``, ``relative_*``, ``cross_relative_*``) are passed to every layer.
+    ``positions_to_keep`` (B, R) int or None goes to the last layer only (:class:`BertLayer`): the output
+    (after the final LayerNorm, if any) is then (B, R, H); it needs ``use_cache``, ``output_attentions``,
+    ``output_hidden_states`` off and no cross-attention (:class:`InputError` otherwise).
     """
 
     def __init__(
@@ -1204,7 +1372,19 @@ class BertEncoder(nn.Module):
         relative_value: torch.Tensor | RelativeEmbedding | None = None,
         cross_relative_key: torch.Tensor | RelativeEmbedding | None = None,
         cross_relative_value: torch.Tensor | RelativeEmbedding | None = None,
+        positions_to_keep: torch.Tensor | None = None,
     ) -> EncoderOutput:
+        if positions_to_keep is not None:
+            ok = can_keep_positions(
+                output_hidden_states=output_hidden_states, output_attentions=output_attentions, use_cache=use_cache
+            )
+            check_positions_to_keep(
+                positions_to_keep,
+                hidden_states.shape[0],
+                hidden_states.shape[1],
+                pooled_ok=ok and encoder_hidden_states is None and past_key_values is None,
+                why=", and no encoder_hidden_states or past_key_values",
+            )
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if checkpointing and use_cache:
             logger.warning("use_cache=True is incompatible with gradient checkpointing; not returning a cache")
@@ -1229,6 +1409,7 @@ class BertEncoder(nn.Module):
                 cross_relative_key,
                 cross_relative_value,
                 output_attentions,
+                positions_to_keep if i == len(self.layer) - 1 else None,
             )
             if checkpointing:
                 hidden_states, probs, cross_probs, present = checkpoint(layer, *args, use_reentrant=False)

@@ -49,6 +49,7 @@ from nezha_zoo.outputs import (
 )
 from nezha_zoo.pt.heads import (
     MLM_LABELS_DOC,
+    POSITIONS_TO_KEEP_DOC,
     QA_LABELS_DOC,
     SEQUENCE_LABELS_DOC,
     TOKEN_LABELS_DOC,
@@ -148,9 +149,11 @@ class MPNetModel(MPNetPreTrainedModel):
     __doc__ = (
         (__doc__ or "")
         + _ARGS_DOC
+        + POSITIONS_TO_KEEP_DOC
         + """
-    Returns BaseModelOutputWithPooling: ``last_hidden_state`` (B, L, hidden_size), ``pooler_output``
-    (B, hidden_size) or None, ``hidden_states`` (layers + 1 tensors (B, L, hidden_size)),
+    Returns BaseModelOutputWithPooling: ``last_hidden_state`` (B, L, hidden_size) (or (B, R, hidden_size)
+    with ``positions_to_keep``), ``pooler_output`` (B, hidden_size) (its row 0) or None,
+    ``hidden_states`` (layers + 1 tensors (B, L, hidden_size)),
     ``attentions`` (layers tensors (B, heads, L, L)).  With ``return_dict=False`` the tuple is
     transformers': ``(last_hidden_state, pooler_output, hidden_states, attentions)`` without the absent
     optional entries, ``pooler_output`` kept (None) when there is no pooler.
@@ -207,6 +210,7 @@ class MPNetModel(MPNetPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        positions_to_keep: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPooling | tuple[Any, ...]:
         if kwargs:
@@ -245,6 +249,7 @@ class MPNetModel(MPNetPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             position_bias=bias,
+            positions_to_keep=positions_to_keep,
         )
         pooled = self.pooler(last) if self.pooler is not None else None
         if not return_dict:
@@ -330,7 +335,8 @@ class MPNetForSequenceClassification(MPNetPreTrainedModel):
         return_dict: bool | None = None,
     ) -> SequenceClassifierOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(locals())
+        # The classifier reads position 0 only: the last layer computes just that row.
+        base = self._run_base(locals(), positions_to_keep=self._positions_to_keep(locals()))
         logits = self.classifier(base.last_hidden_state)  # (B, num_labels)
         out = sequence_classification_output(logits, base, labels, self.num_labels, self.config.problem_type)
         return self._finish(out, return_dict)
@@ -374,7 +380,7 @@ class MPNetForMultipleChoice(MPNetPreTrainedModel):
         return_dict: bool | None = None,
     ) -> MultipleChoiceModelOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base, num_choices = self._run_base_choices(locals())
+        base, num_choices = self._run_base_choices(locals(), pooled=True)
         logits = self.classifier(self.dropout(base.pooler_output))  # (B * C, 1)
         out = multiple_choice_output(logits, num_choices, base, labels)  # logits (B, C)
         return self._finish(out, return_dict)

@@ -34,6 +34,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -50,6 +51,7 @@ from nezha_zoo.outputs import (
 from nezha_zoo.pt import losses
 from nezha_zoo.pt.generation import GenerationMixin
 from nezha_zoo.pt.heads import (
+    POSITIONS_TO_KEEP_DOC,
     QA_LABELS_DOC,
     SEQUENCE_LABELS_DOC,
     TOKEN_LABELS_DOC,
@@ -57,8 +59,16 @@ from nezha_zoo.pt.heads import (
     question_answering_output,
     token_classification_output,
 )
-from nezha_zoo.pt.layers import PackedLinear, append_to_cache, fused_attention
+from nezha_zoo.pt.layers import (
+    PackedLinear,
+    append_to_cache,
+    check_positions_to_keep,
+    dropout_kept_rows,
+    fused_attention,
+    keep_positions,
+)
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, validate_inputs
+from nezha_zoo.spec.pooling import can_keep_positions
 from nezha_zoo.validation import InputError, check_length
 
 logger = logging.getLogger("nezha_zoo")
@@ -155,8 +165,11 @@ class MptAttention(nn.Module):
         visible (Tensor (B, 1, L, K) bool | None): which keys each query may attend to.
         layer_past (tuple of two Tensors (B, kv_heads, past, head_dim) | None): cached key, value.
         use_cache (bool): also return the keys and values over all ``K`` positions.
+        positions_to_keep (Tensor (B, R) int | None): queries at these rows only (keys and values at
+            every row; the query projection on the R rows only); the bias and visibility are taken at
+            those rows and the probabilities' dropout mask is drawn at the full shape.
 
-    Returns ``(output (B, L, d_model), probs (B, H, L, K) or None, present (key, value) or None)``.
+    Returns ``(output (B, L or R, d_model), probs (B, H, L or R, K) or None, present (key, value) or None)``.
     """
 
     def __init__(self, config: MptConfig) -> None:
@@ -183,16 +196,36 @@ class MptAttention(nn.Module):
         visible: torch.Tensor | None,
         layer_past: LayerPast | None = None,
         use_cache: bool = False,
+        positions_to_keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, LayerPast | None]:
         B, L, d = hidden_states.shape
-        qkv = self.Wqkv(hidden_states)  # (B, L, d + 2 * kv_width)
-        if self.clip_qkv:
-            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
-        query, key, value = qkv.split([d, self.kv_width, self.kv_width], dim=-1)
+        keep = positions_to_keep
+        proj = self.Wqkv
+        if keep is not None and not (proj._forward_hooks or proj._forward_pre_hooks):
+            # The query rows of Wqkv on the kept rows only, its key/value rows on every row.  (A hooked
+            # projection, LoRA's, runs whole so that its hooks see the whole input.)
+            w, b = proj.weight, proj.bias
+            query = F.linear(keep_positions(hidden_states, keep), w[:d], None if b is None else b[:d])  # (B, R, d)
+            kv = F.linear(hidden_states, w[d:], None if b is None else b[d:])  # (B, L, 2 * kv_width)
+            if self.clip_qkv:
+                query = query.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+                kv = kv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+            key, value = kv.split([self.kv_width, self.kv_width], dim=-1)
+        else:
+            qkv = proj(hidden_states)  # (B, L, d + 2 * kv_width)
+            if self.clip_qkv:
+                qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+            query, key, value = qkv.split([d, self.kv_width, self.kv_width], dim=-1)
+            if keep is not None:
+                query = keep_positions(query, keep)  # (B, R, d)
+        if keep is not None:
+            alibi = keep_positions(alibi, keep, dim=2)  # (B, H, R, K) or (1, H, 1, K)
+            visible = None if visible is None else keep_positions(visible, keep, dim=2)  # (B, 1, R, K)
         if hasattr(self, "q_ln"):
             # llm-foundry normalises the whole projections, before the heads are split.
             query, key = self.q_ln(query), self.k_ln(key)
-        query = query.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
+        Lq = query.shape[1]
+        query = query.view(B, Lq, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, hd)
         key = key.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, L, hd)
         value = value.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         if layer_past is not None:
@@ -201,18 +234,22 @@ class MptAttention(nn.Module):
         present = (key, value) if use_cache else None
         if visible is None:
             p = self.attn_dropout.p if self.training else 0.0
+            gqa = self.kv_heads != self.n_heads
             context = fused_attention(
-                query, key, value, alibi, self.softmax_scale, p, enable_gqa=self.kv_heads != self.n_heads
-            )  # (B, H, L, hd)
-            return self.out_proj(context.transpose(1, 2).reshape(B, L, d)), None, present  # (B, L, H * hd)
+                query, key, value, alibi, self.softmax_scale, p, gqa, positions_to_keep=keep, query_len=L
+            )  # (B, H, Lq, hd)
+            return self.out_proj(context.transpose(1, 2).reshape(B, Lq, d)), None, present  # (B, Lq, H * hd)
         # One key/value head broadcasts over all query heads (multi-query attention).
         scores = torch.matmul(query, key.transpose(-1, -2)) * self.softmax_scale  # (B, H, L, K)
         scores = scores + alibi
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-        probs = self.attn_dropout(probs)
-        context = torch.matmul(probs, value)  # (B, H, L, hd)
-        context = context.transpose(1, 2).reshape(B, L, d)  # (B, L, H * hd)
+        if keep is None:
+            probs = self.attn_dropout(probs)
+        else:
+            probs = dropout_kept_rows(probs, keep, L, self.attn_dropout.p, self.training, dim=2)
+        context = torch.matmul(probs, value)  # (B, H, Lq, hd)
+        context = context.transpose(1, 2).reshape(B, Lq, d)  # (B, Lq, H * hd)
         return self.out_proj(context), probs, present
 
 
@@ -240,7 +277,9 @@ class MptBlock(nn.Module):
             ``attn_config.attn_pdrop``, as transformers).
 
     Forward: as :class:`MptAttention` with the block input ``hidden_states`` (B, L, d_model);
-    returns ``(hidden (B, L, d_model), probs (B, H, L, K) or None, present or None)``.
+    returns ``(hidden (B, L, d_model), probs (B, H, L, K) or None, present or None)``.  With
+    ``positions_to_keep`` (B, R) the output is those rows only (B, R, d_model): residuals, ``norm_2`` and
+    the MLP on R rows, every dropout mask drawn at the full shape (:func:`dropout_kept_rows`).
     """
 
     def __init__(self, config: MptConfig) -> None:
@@ -259,11 +298,19 @@ class MptBlock(nn.Module):
         visible: torch.Tensor | None,
         layer_past: LayerPast | None = None,
         use_cache: bool = False,
+        positions_to_keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, LayerPast | None]:
-        attn_out, probs, present = self.attn(self.norm_1(hidden_states), alibi, visible, layer_past, use_cache)
-        hidden_states = hidden_states + self.resid_dropout(attn_out)
-        hidden_states = hidden_states + self.resid_dropout(self.ffn(self.norm_2(hidden_states)))
-        return hidden_states, probs, present
+        keep = positions_to_keep
+        h = self.norm_1(hidden_states)
+        attn_out, probs, present = self.attn(h, alibi, visible, layer_past, use_cache, positions_to_keep=keep)
+        if keep is None:
+            hidden_states = hidden_states + self.resid_dropout(attn_out)
+            hidden_states = hidden_states + self.resid_dropout(self.ffn(self.norm_2(hidden_states)))
+            return hidden_states, probs, present
+        L, p = hidden_states.shape[1], self.resid_dropout.p
+        hidden_states = keep_positions(hidden_states, keep) + dropout_kept_rows(attn_out, keep, L, p, self.training)
+        ffn = self.ffn(self.norm_2(hidden_states))  # (B, R, d_model)
+        return hidden_states + dropout_kept_rows(ffn, keep, L, p, self.training), probs, present
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -348,10 +395,11 @@ class MptModel(MptPreTrainedModel):
     Returns BaseModelOutputWithPastAndCrossAttentions: ``last_hidden_state`` (B, L, d_model) after
     ``norm_f``; ``past_key_values`` (with ``use_cache``); ``hidden_states`` (n_layers + 1 tensors: the
     embeddings, each block's input after the first, and the final normalised output, as
-    transformers); ``attentions`` (B, H, L, P + L) per layer.
+    transformers); ``attentions`` (B, H, L, P + L) per layer.  With ``positions_to_keep`` (B, R),
+    ``last_hidden_state`` is (B, R, d_model): those rows of each sequence.
     """
 
-    __doc__ = (__doc__ or "") + _ARGS_DOC
+    __doc__ = (__doc__ or "") + _ARGS_DOC + POSITIONS_TO_KEEP_DOC
 
     head = "Model"
 
@@ -376,6 +424,7 @@ class MptModel(MptPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        positions_to_keep: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPastAndCrossAttentions | tuple[Any, ...]:
         cfg = self.config
         output_attentions, output_hidden_states, return_dict = self._resolve_flags(
@@ -394,6 +443,13 @@ class MptModel(MptPreTrainedModel):
         check_length(seq_len, past_len, cfg.max_seq_len, "max_seq_len")
         if past and past[0][0].shape[0] != batch:
             raise InputError(f"past_key_values hold {past[0][0].shape[0]} rows, the inputs {batch}")
+        if positions_to_keep is not None:
+            ok = can_keep_positions(
+                output_hidden_states=output_hidden_states, output_attentions=output_attentions, use_cache=use_cache
+            )
+            check_positions_to_keep(
+                positions_to_keep, batch, seq_len, pooled_ok=ok and not past, why=", and no past_key_values"
+            )
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
@@ -418,12 +474,13 @@ class MptModel(MptPreTrainedModel):
             if all_hidden is not None:
                 all_hidden.append(hidden)
             layer_past = past[i] if past else None
+            keep = positions_to_keep if i == len(self.blocks) - 1 else None  # the last block only
             if checkpointing:
                 hidden, probs, present = checkpoint(
-                    block, hidden, alibi, visible, layer_past, False, use_reentrant=False
+                    block, hidden, alibi, visible, layer_past, False, keep, use_reentrant=False
                 )
             else:
-                hidden, probs, present = block(hidden, alibi, visible, layer_past, use_cache)
+                hidden, probs, present = block(hidden, alibi, visible, layer_past, use_cache, keep)
             if all_attn is not None:
                 all_attn.append(probs)
             if presents is not None:
@@ -571,13 +628,24 @@ class MptForSequenceClassification(MptPreTrainedModel):
     ) -> SequenceClassifierOutputWithPast | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
         lead = input_ids if input_ids is not None else inputs_embeds
+        keep = last = None
         if lead is not None and lead.dim() >= 2:
-            self._check_batch(lead.shape[0])  # before the model runs
-        base = self._run_base(locals())
-        logits = self.score(base.last_hidden_state)  # (B, L, num_labels)
+            batch = lead.shape[0]
+            self._check_batch(batch)  # before the model runs
+            last = self._last_token(input_ids, batch, lead.device)
+            rows = torch.full((batch,), lead.shape[1] - 1, device=lead.device) if isinstance(last, int) else last
+            # The score reads each row's last token only: the last block computes just that row.
+            resolved_cache = self.config.use_cache if use_cache is None else bool(use_cache)
+            keep = self._positions_to_keep(locals(), positions=rows, use_cache=resolved_cache)
+        base = self._run_base(locals(), positions_to_keep=keep)
+        logits = self.score(base.last_hidden_state)  # (B, L or 1, num_labels)
         batch = logits.shape[0]
-        last = self._last_token(input_ids, batch, logits.device)
-        pooled = logits[torch.arange(batch, device=logits.device), last]  # (B, num_labels)
+        if keep is not None:
+            pooled = logits[:, 0]  # (B, num_labels): the kept row
+        else:
+            if last is None:
+                last = self._last_token(input_ids, batch, logits.device)
+            pooled = logits[torch.arange(batch, device=logits.device), last]  # (B, num_labels)
         loss = None
         if labels is not None:
             loss = losses.sequence_classification_loss(pooled, labels, self.num_labels, self.config.problem_type)

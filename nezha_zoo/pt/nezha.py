@@ -47,6 +47,7 @@ from nezha_zoo.outputs import (
 )
 from nezha_zoo.pt import losses
 from nezha_zoo.pt.heads import (
+    POSITIONS_TO_KEEP_DOC,
     QA_LABELS_DOC,
     SEQUENCE_LABELS_DOC,
     TOKEN_LABELS_DOC,
@@ -132,9 +133,12 @@ class NezhaModel(NezhaPreTrainedModel):
             (B, heads, Lpast, head_dim)): cached keys/values of earlier positions (decoder); the new
             queries sit at positions ``Lpast ..``; ``attention_mask`` then covers Lpast + L.
         use_cache (bool): return ``past_key_values`` (decoder only; off when None).
-
-    Returns BaseModelOutputWithPoolingAndCrossAttentions: ``last_hidden_state`` (B, L, hidden_size),
-    ``pooler_output`` (B, hidden_size).  With ``return_dict=False`` the tuple is transformers':
+    """
+        + POSITIONS_TO_KEEP_DOC
+        + """
+    Returns BaseModelOutputWithPoolingAndCrossAttentions: ``last_hidden_state`` (B, L, hidden_size) (or
+    (B, R, hidden_size) with ``positions_to_keep``), ``pooler_output`` (B, hidden_size) (its row 0).
+    With ``return_dict=False`` the tuple is transformers':
     ``(last_hidden_state, pooler_output, past_key_values, hidden_states, attentions, cross_attentions)``
     without the absent entries, ``pooler_output`` kept (None) when there is no pooler.
     """
@@ -189,6 +193,7 @@ class NezhaModel(NezhaPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        positions_to_keep: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPoolingAndCrossAttentions | tuple[Any, ...]:
         cfg = self.config
         output_attentions, output_hidden_states, return_dict = self._resolve_flags(
@@ -230,6 +235,7 @@ class NezhaModel(NezhaPreTrainedModel):
             relative_value=rel,
             cross_relative_key=cross_rel,
             cross_relative_value=cross_rel,
+            positions_to_keep=positions_to_keep,
         )
         pooled = self.pooler(last) if self.pooler is not None else None
         if not return_dict:
@@ -463,7 +469,8 @@ class NezhaForSequenceClassification(NezhaPreTrainedModel):
         return_dict: bool | None = None,
     ) -> SequenceClassifierOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(locals())
+        # The pooler reads position 0 only: the last layer computes just that row.
+        base = self._run_base(locals(), positions_to_keep=self._positions_to_keep(locals()))
         logits = self.classifier(self.dropout(base.pooler_output))  # (B, num_labels)
         out = sequence_classification_output(logits, base, labels, self.num_labels, self.config.problem_type)
         return self._finish(out, return_dict)
@@ -507,7 +514,7 @@ class NezhaForMultipleChoice(NezhaPreTrainedModel):
         return_dict: bool | None = None,
     ) -> MultipleChoiceModelOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base, num_choices = self._run_base_choices(locals(), positions=False)
+        base, num_choices = self._run_base_choices(locals(), positions=False, pooled=True)
         logits = self.classifier(self.dropout(base.pooler_output))  # (B * C, 1)
         out = multiple_choice_output(logits, num_choices, base, labels)  # logits (B, C)
         return self._finish(out, return_dict)

@@ -43,6 +43,7 @@ from nezha_zoo.pt import losses
 from nezha_zoo.pt.generation import GenerationMixin
 from nezha_zoo.pt.heads import (
     MLM_LABELS_DOC,
+    POSITIONS_TO_KEEP_DOC,
     QA_LABELS_DOC,
     SEQUENCE_LABELS_DOC,
     BertPooler,
@@ -134,9 +135,11 @@ class XLMRobertaXLModel(XLMRobertaXLPreTrainedModel):
         (__doc__ or "")
         + _ARGS_DOC
         + _DECODER_DOC
+        + POSITIONS_TO_KEEP_DOC
         + """
     Returns BaseModelOutputWithPoolingAndCrossAttentions: ``last_hidden_state`` (B, L, hidden_size)
-    after the final ``encoder.LayerNorm``, ``pooler_output`` (B, hidden_size) or None,
+    (or (B, R, hidden_size) with ``positions_to_keep``) after the final ``encoder.LayerNorm``,
+    ``pooler_output`` (B, hidden_size) (its row 0) or None,
     ``past_key_values``, ``hidden_states`` (layers + 1, the last one final-normed), ``attentions``,
     ``cross_attentions``.  With ``return_dict=False`` the tuple is transformers':
     ``(last_hidden_state, pooler_output, ...)`` with ``pooler_output`` kept (None) without a pooler.
@@ -182,6 +185,7 @@ class XLMRobertaXLModel(XLMRobertaXLPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        positions_to_keep: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPoolingAndCrossAttentions | tuple[Any, ...]:
         cfg = self.config
         output_attentions, output_hidden_states, return_dict = self._resolve_flags(
@@ -234,6 +238,7 @@ class XLMRobertaXLModel(XLMRobertaXLPreTrainedModel):
             use_cache=prep.use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            positions_to_keep=positions_to_keep,
         )
         pooled = self.pooler(last) if self.pooler is not None else None
         if not return_dict:
@@ -413,7 +418,8 @@ class XLMRobertaXLForSequenceClassification(XLMRobertaXLPreTrainedModel):
         return_dict: bool | None = None,
     ) -> SequenceClassifierOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(locals())
+        # The classifier reads position 0 only: the last layer computes just that row.
+        base = self._run_base(locals(), positions_to_keep=self._positions_to_keep(locals()))
         logits = self.classifier(base.last_hidden_state)  # (B, num_labels)
         out = sequence_classification_output(logits, base, labels, self.num_labels, self.config.problem_type)
         return self._finish(out, return_dict)
@@ -460,7 +466,7 @@ class XLMRobertaXLForMultipleChoice(XLMRobertaXLPreTrainedModel):
         return_dict: bool | None = None,
     ) -> MultipleChoiceModelOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base, num_choices = self._run_base_choices(locals())
+        base, num_choices = self._run_base_choices(locals(), pooled=True)
         logits = self.classifier(self.dropout(base.pooler_output))  # (B * C, 1)
         out = multiple_choice_output(logits, num_choices, base, labels)  # logits (B, C)
         return self._finish(out, return_dict)
