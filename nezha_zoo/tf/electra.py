@@ -107,6 +107,7 @@ class TFElectraMainLayer(_ElectraBackbone, Block):
         output_attentions=None,
         output_hidden_states=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ):
         return self.backbone(
@@ -123,6 +124,7 @@ class TFElectraMainLayer(_ElectraBackbone, Block):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
 
@@ -193,6 +195,7 @@ class TFElectraModel(_ElectraBackbone, TFElectraPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        positions_to_keep=None,
         training=False,
     ):
         out = self.backbone(
@@ -209,6 +212,7 @@ class TFElectraModel(_ElectraBackbone, TFElectraPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=self.gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
         return self._finish(out, return_dict)
@@ -427,7 +431,7 @@ class TFElectraForSequenceClassification(TFElectraPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base_call(locals())
+        out = self._base_call(locals(), pooled=True)
         logits = self.classifier(out.last_hidden_state, training=training)
         result = sequence_classification_output(self.config, logits, labels, out)
         return self._finish(result, return_dict)
