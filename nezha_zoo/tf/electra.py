@@ -36,6 +36,7 @@ from nezha_zoo.tf.heads import (
     token_classifier,
 )
 from nezha_zoo.tf.layers import (
+    POSITIONS_TO_KEEP_DOC,
     BertBackboneMixin,
     Block,
     TFBertEmbeddings,
@@ -170,6 +171,7 @@ class TFElectraModel(_ElectraBackbone, TFElectraPreTrainedModel):
         past_key_values: per layer ``(k, v[, cross_k, cross_v])`` each (B, heads, Lp, hd);
         use_cache (bool): return the updated cache (decoders only; default False, as transformers PyTorch).
 """
+        + POSITIONS_TO_KEEP_DOC
     )
 
     head = "Model"

@@ -96,6 +96,7 @@ __all__ = [
     "poison_rows",
     "sublayers",
     "add_attention_mask",
+    "POSITIONS_TO_KEEP_DOC",
     "keep_positions",
     "dropout_kept_rows",
     "check_positions_to_keep",
@@ -441,6 +442,15 @@ def dropout(rate: float, name: str = "dropout") -> keras.layers.Dropout:
 # --- pooled positions (nezha_zoo.spec.pooling) ------------------------------------------------------
 
 
+#: The base models' ``positions_to_keep`` argument, appended to their docstrings.
+POSITIONS_TO_KEEP_DOC = """
+        positions_to_keep (B, R) int or None: the positions of each row the last layer computes (its
+        keys and values still cover every position; :mod:`nezha_zoo.spec.pooling`); ``last_hidden_state``
+        is then (B, R, H), its rows those positions, and a pooler reads row 0.  Not with
+        output_hidden_states, output_attentions or a cache (:class:`~nezha_zoo.validation.InputError`).
+"""
+
+
 def keep_positions(x: tf.Tensor, positions: tf.Tensor, axis: int = 1) -> tf.Tensor:
     """The rows ``positions`` of every batch row of ``x``: (B, L, ...) -> (B, R, ...) along ``axis``.
 
@@ -509,7 +519,9 @@ def check_positions_to_keep(positions_to_keep: Any, batch: Any, length: Any, **f
         raise InputError(f"positions_to_keep has {positions.shape[0]} rows; the input has batch {batch}")
     check_id_dtype("positions_to_keep", positions.dtype.name)
     if _concrete(positions) and isinstance(length, int) and int(tf.size(positions)) > 0:
-        check_id_range("positions_to_keep", int(tf.reduce_min(positions)), int(tf.reduce_max(positions)), length, "positions")
+        check_id_range(
+            "positions_to_keep", int(tf.reduce_min(positions)), int(tf.reduce_max(positions)), length, "positions"
+        )
     return tf.cast(positions, tf.int32)
 
 
@@ -623,9 +635,10 @@ class TFBertSelfAttention(Block):
     (self-attention only: keys/values written at its index, all ``max_length`` slots attended); ``position_bias``
     additive, broadcastable to the scores, added after scaling; ``query_offset`` (int or scalar
     tensor): absolute position of query 0 for relative-position terms (default: ``Lk - Lq`` in
-    self-attention, i.e. the cached length; 0 in cross-attention).  Returns
-    ``(context (B, Lq, H), probs (B, heads, Lq, Lk), (k, v))``, or the updated :class:`KVCache`
-    in place of ``(k, v)`` when one was passed.
+    self-attention, i.e. the cached length; 0 in cross-attention); ``positions_to_keep`` (B, R) int:
+    queries (and the mask's, bias's and relative terms' query rows) at those rows only, keys and values
+    at every row, so Lq = R in the outputs.  Returns ``(context (B, Lq, H), probs (B, heads, Lq, Lk),
+    (k, v))``, or the updated :class:`KVCache` in place of ``(k, v)`` when one was passed.
     """
 
     def __init__(self, config: PretrainedConfig, names: BertLayerNames, name: str, **kwargs: Any) -> None:
@@ -783,7 +796,8 @@ class TFBertAttention(Block):
         name (str): ``"attention"`` or ``"crossattention"``.
         pre_norm_name (str | None): name of a LayerNorm applied to the input first (pre-LN).
 
-    Call: as :class:`TFBertSelfAttention`; returns ``(output (B, Lq, H), probs, (k, v))``.
+    Call: as :class:`TFBertSelfAttention`; returns ``(output (B, Lq, H), probs, (k, v))`` (with
+    ``positions_to_keep`` (B, R): the residual at the kept rows, ``output`` (B, R, H)).
     """
 
     #: The attention core; a family with extra attention terms (Nezha) sets a subclass.
@@ -1079,36 +1093,19 @@ def _checkpointed(layer, hidden, mask, head_mask, enc, enc_mask, position_bias, 
         for var, value in zip(seeds, saved):
             var.assign(value)
 
+    def run(h, **inputs):
+        rewind()
+        return layer(h, attention_mask=mask, head_mask=head_mask, positions_to_keep=keep, training=training, **inputs)[
+            0
+        ]
+
     if enc is None and position_bias is None:
-
-        def fn(h):
-            rewind()
-            return layer(h, attention_mask=mask, head_mask=head_mask, positions_to_keep=keep, training=training)[0]
-
-        return tf.recompute_grad(fn)(hidden)
-
+        return tf.recompute_grad(lambda h: run(h))(hidden)
     if enc is None:  # the bias is an input so that its table (MPNet relative_attention_bias) gets gradients
-
-        def fn_bias(h, bias):
-            rewind()
-            return layer(
-                h, attention_mask=mask, head_mask=head_mask, position_bias=bias, positions_to_keep=keep, training=training
-            )[0]
-
-        return tf.recompute_grad(fn_bias)(hidden, position_bias)
+        return tf.recompute_grad(lambda h, bias: run(h, position_bias=bias))(hidden, position_bias)
 
     def fn_cross(h, e):  # the encoder states are an input so that they receive gradients too
-        rewind()
-        return layer(
-            h,
-            attention_mask=mask,
-            head_mask=head_mask,
-            encoder_hidden_states=e,
-            encoder_attention_mask=enc_mask,
-            position_bias=position_bias,
-            positions_to_keep=keep,
-            training=training,
-        )[0]
+        return run(h, encoder_hidden_states=e, encoder_attention_mask=enc_mask, position_bias=position_bias)
 
     return tf.recompute_grad(fn_cross)(hidden, enc)
 

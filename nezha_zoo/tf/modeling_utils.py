@@ -574,13 +574,12 @@ class TFPreTrainedModel(LoraMixin, keras.Model):
         inputs = {k: v for k, v in call_args.items() if k in accepted and k not in ("self", "gradient_checkpointing")}
         if flatten is not None:
             inputs.update({k: flatten(inputs[k]) for k in _PER_TOKEN_INPUTS if k in inputs})
-        if pooled and self.keeps_positions(call_args):
-            if positions_to_keep is None:
-                if self.family.pooling != FIRST:
-                    raise ValueError(f"{type(self).__name__}: pooling {self.family.pooling!r} needs positions_to_keep")
-                ref = inputs.get("input_ids")
-                ref = inputs.get("inputs_embeds") if ref is None else ref
+        if pooled and positions_to_keep is None and self.family.pooling == FIRST:
+            ref = inputs.get("input_ids")
+            ref = inputs.get("inputs_embeds") if ref is None else ref
+            if ref is not None:  # (no input: the base model's error)
                 positions_to_keep = tf.zeros((tf.shape(ref)[0], 1), tf.int32)  # (N, 1): position 0
+        if pooled and positions_to_keep is not None and self.keeps_positions(call_args):
             inputs["positions_to_keep"] = positions_to_keep
         return self._base(**inputs)
 

@@ -58,6 +58,7 @@ from nezha_zoo.tf.heads import (
     token_classifier,
 )
 from nezha_zoo.tf.layers import (
+    POSITIONS_TO_KEEP_DOC,
     BertBackboneMixin,
     Block,
     TFBertEmbeddings,
@@ -304,6 +305,7 @@ class TFMPNetModel(_MPNetBackbone, TFMPNetPreTrainedModel):
         seed, gradient_checkpointing, name: see :class:`~nezha_zoo.tf.modeling_utils.TFPreTrainedModel`.
 """
         + _BASE_DOC
+        + POSITIONS_TO_KEEP_DOC
     )
 
     head = "Model"

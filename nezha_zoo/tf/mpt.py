@@ -47,6 +47,7 @@ from nezha_zoo.tf.cache import KVCache, append_kv, init_kv_cache, is_fixed_cache
 from nezha_zoo.tf.generation import TFGenerationMixin
 from nezha_zoo.tf.heads import question_answering_output, token_classification_output
 from nezha_zoo.tf.layers import (
+    POSITIONS_TO_KEEP_DOC,
     Block,
     LayerList,
     _checkpointed,
@@ -546,6 +547,7 @@ class TFMptModel(_MptBackbone, TFMptPreTrainedModel):
         seed, gradient_checkpointing, name: see :class:`~nezha_zoo.tf.modeling_utils.TFPreTrainedModel`.
 """
         + _BASE_DOC
+        + POSITIONS_TO_KEEP_DOC
     )
 
     head = "Model"
@@ -708,7 +710,9 @@ class TFMptForSequenceClassification(TFMptPreTrainedModel):
         # inputs of the right rank (others reach the base model's checks unchanged).
         well_formed = isinstance(ref, tf.Tensor) and ref.shape.rank == (2 if input_ids is not None else 3)
         last = self._pooled_index(input_ids, ref) if well_formed and self.keeps_positions(locals()) else None
-        out = self._base_call(locals(), pooled=last is not None, positions_to_keep=None if last is None else last[:, None])
+        out = self._base_call(
+            locals(), pooled=last is not None, positions_to_keep=None if last is None else last[:, None]
+        )
         logits = self.score(out.last_hidden_state)  # (B, L, num_labels), (B, 1, num_labels) when pruned
         pad = self.config.pad_token_id
         if pad is None:

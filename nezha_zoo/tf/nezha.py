@@ -51,6 +51,7 @@ from nezha_zoo.tf.heads import (
     token_classifier,
 )
 from nezha_zoo.tf.layers import (
+    POSITIONS_TO_KEEP_DOC,
     BertBackboneMixin,
     Block,
     TFBertAttention,
@@ -279,6 +280,7 @@ class TFNezhaModel(_NezhaBackbone, TFNezhaPreTrainedModel):
         ``(k, v[, cross_k, cross_v])`` each (B, heads, Lp, hd), with attention_mask then (B, Lp + L);
         use_cache (bool): return the updated cache (decoders only; default False).
 """
+        + POSITIONS_TO_KEEP_DOC
     )
 
     head = "Model"

@@ -43,6 +43,7 @@ from nezha_zoo.tf.heads import (
     token_classifier,
 )
 from nezha_zoo.tf.layers import (
+    POSITIONS_TO_KEEP_DOC,
     BertBackboneMixin,
     Block,
     TFBertEmbeddings,
@@ -255,6 +256,7 @@ class TFXLMRobertaXLModel(_XLMRobertaXLBackbone, TFXLMRobertaXLPreTrainedModel):
 """
         + _BASE_DOC
         + _DECODER_DOC
+        + POSITIONS_TO_KEEP_DOC
         + """
     With ``return_dict=False`` the tuple is transformers': ``(last_hidden_state, pooler_output, ...)``
     with ``pooler_output`` kept (None) without a pooler.
