@@ -36,6 +36,7 @@ from nezha_zoo.tf.heads import (
     token_classifier,
 )
 from nezha_zoo.tf.layers import (
+    POSITIONS_TO_KEEP_DOC,
     BertBackboneMixin,
     Block,
     TFBertEmbeddings,
@@ -107,6 +108,7 @@ class TFElectraMainLayer(_ElectraBackbone, Block):
         output_attentions=None,
         output_hidden_states=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ):
         return self.backbone(
@@ -123,6 +125,7 @@ class TFElectraMainLayer(_ElectraBackbone, Block):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
 
@@ -168,6 +171,7 @@ class TFElectraModel(_ElectraBackbone, TFElectraPreTrainedModel):
         past_key_values: per layer ``(k, v[, cross_k, cross_v])`` each (B, heads, Lp, hd);
         use_cache (bool): return the updated cache (decoders only; default False, as transformers PyTorch).
 """
+        + POSITIONS_TO_KEEP_DOC
     )
 
     head = "Model"
@@ -193,6 +197,7 @@ class TFElectraModel(_ElectraBackbone, TFElectraPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        positions_to_keep=None,
         training=False,
     ):
         out = self.backbone(
@@ -209,6 +214,7 @@ class TFElectraModel(_ElectraBackbone, TFElectraPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=self.gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
         return self._finish(out, return_dict)
@@ -427,7 +433,7 @@ class TFElectraForSequenceClassification(TFElectraPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base_call(locals())
+        out = self._base_call(locals(), pooled=True)
         logits = self.classifier(out.last_hidden_state, training=training)
         result = sequence_classification_output(self.config, logits, labels, out)
         return self._finish(result, return_dict)

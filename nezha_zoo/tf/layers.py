@@ -56,6 +56,7 @@ from nezha_zoo.packing import (
     packed_linear_enabled,
 )
 from nezha_zoo.spec.blocks import BertLayerNames
+from nezha_zoo.spec.pooling import can_keep_positions
 from nezha_zoo.spec.positions import padding_aware_max_length
 from nezha_zoo.tf.cache import append_kv, fixed_cache_length, is_fixed_cache
 from nezha_zoo.validation import (
@@ -95,6 +96,10 @@ __all__ = [
     "poison_rows",
     "sublayers",
     "add_attention_mask",
+    "POSITIONS_TO_KEEP_DOC",
+    "keep_positions",
+    "dropout_kept_rows",
+    "check_positions_to_keep",
     "padding_aware_position_ids",
     "sequential_position_ids",
 ]
@@ -434,6 +439,92 @@ def dropout(rate: float, name: str = "dropout") -> keras.layers.Dropout:
     return keras.layers.Dropout(rate, name=name)
 
 
+# --- pooled positions (nezha_zoo.spec.pooling) ------------------------------------------------------
+
+
+#: The base models' ``positions_to_keep`` argument, appended to their docstrings.
+POSITIONS_TO_KEEP_DOC = """
+        positions_to_keep (B, R) int or None: the positions of each row the last layer computes (its
+        keys and values still cover every position; :mod:`nezha_zoo.spec.pooling`); ``last_hidden_state``
+        is then (B, R, H), its rows those positions, and a pooler reads row 0.  Not with
+        output_hidden_states, output_attentions or a cache (:class:`~nezha_zoo.validation.InputError`).
+"""
+
+
+def keep_positions(x: tf.Tensor, positions: tf.Tensor, axis: int = 1) -> tf.Tensor:
+    """The rows ``positions`` of every batch row of ``x``: (B, L, ...) -> (B, R, ...) along ``axis``.
+
+    Args:
+        x (B or 1, ..., L, ...): the tensor; a batch dim of 1 (a bias or mask shared by the batch) is
+            broadcast to B first; a size-1 ``axis`` (broadcast along it) is returned unchanged.
+        positions (B, R) int: the positions kept in each batch row.
+        axis (int): the position axis of ``x`` (1 for hidden states, 2 for (B, heads, Lq, Lk) scores).
+
+    Returns:
+        Tensor with ``axis`` of size R (or ``x`` when that axis has size 1).
+    """
+    if x.shape[axis] == 1:
+        return x
+    if x.shape[0] == 1:
+        x = tf.broadcast_to(x, tf.concat([tf.shape(positions)[:1], tf.shape(x)[1:]], 0))
+    return tf.gather(x, positions, axis=axis, batch_dims=1)
+
+
+def dropout_kept_rows(
+    layer: keras.layers.Dropout | None,
+    x: tf.Tensor,
+    positions: tf.Tensor,
+    length: Any,
+    training: Any = False,
+    axis: int = 1,
+) -> tf.Tensor:
+    """``layer``'s dropout of the full-length tensor, at the kept rows only: ``x`` (B, R, ...) holds the rows
+    ``positions`` (B, R) of a (B, L, ...) tensor along ``axis``.
+
+    The mask is drawn at the full shape (``length`` L along ``axis``) from the layer's own seed generator, so
+    the random stream and the kept rows' masks are those of the unpruned layer (``x * mask * scale`` is the
+    product ``stateless_dropout`` forms, bit for bit).
+    """
+    if layer is None or not training or layer.rate == 0:
+        return x
+    full = shape_list(x)
+    full[axis] = length
+    mask = layer(tf.ones(full, x.dtype), training=training)  # 0 or 1 / (1 - rate)
+    return x * keep_positions(mask, positions, axis)
+
+
+def check_positions_to_keep(positions_to_keep: Any, batch: Any, length: Any, **flags: bool) -> tf.Tensor | None:
+    """``positions_to_keep`` as (B, R) int32 after SPEC section 6 checks; ``None`` passes.
+
+    Args:
+        positions_to_keep: ``None`` or (B, R) int, the positions of each row the last layer computes.
+        batch, length: the input's B and L (ints where static; other values skip their check).
+        flags: the caller's ``output_hidden_states`` / ``output_attentions`` / ``use_cache``.
+
+    Raises:
+        InputError: a rank other than 2, another batch size, a float dtype, a position outside
+            ``[0, length)`` (concrete values, eager), or a flag of
+            :func:`nezha_zoo.spec.pooling.can_keep_positions` set (the last layer at every position is
+            then asked for).
+    """
+    if positions_to_keep is None:
+        return None
+    if not can_keep_positions(**flags):
+        asked = ", ".join(k for k, v in flags.items() if v)
+        raise InputError(f"positions_to_keep prunes the last layer; it does not combine with {asked}")
+    positions = tf.convert_to_tensor(positions_to_keep)
+    if positions.shape.rank != 2:
+        raise InputError(f"positions_to_keep must be (batch, rows) int, got shape {tuple(positions.shape)}")
+    if isinstance(batch, int) and positions.shape[0] not in (None, batch):
+        raise InputError(f"positions_to_keep has {positions.shape[0]} rows; the input has batch {batch}")
+    check_id_dtype("positions_to_keep", positions.dtype.name)
+    if _concrete(positions) and isinstance(length, int) and int(tf.size(positions)) > 0:
+        check_id_range(
+            "positions_to_keep", int(tf.reduce_min(positions)), int(tf.reduce_max(positions)), length, "positions"
+        )
+    return tf.cast(positions, tf.int32)
+
+
 # --- embeddings ----------------------------------------------------------------------------------
 
 
@@ -544,9 +635,10 @@ class TFBertSelfAttention(Block):
     (self-attention only: keys/values written at its index, all ``max_length`` slots attended); ``position_bias``
     additive, broadcastable to the scores, added after scaling; ``query_offset`` (int or scalar
     tensor): absolute position of query 0 for relative-position terms (default: ``Lk - Lq`` in
-    self-attention, i.e. the cached length; 0 in cross-attention).  Returns
-    ``(context (B, Lq, H), probs (B, heads, Lq, Lk), (k, v))``, or the updated :class:`KVCache`
-    in place of ``(k, v)`` when one was passed.
+    self-attention, i.e. the cached length; 0 in cross-attention); ``positions_to_keep`` (B, R) int:
+    queries (and the mask's, bias's and relative terms' query rows) at those rows only, keys and values
+    at every row, so Lq = R in the outputs.  Returns ``(context (B, Lq, H), probs (B, heads, Lq, Lk),
+    (k, v))``, or the updated :class:`KVCache` in place of ``(k, v)`` when one was passed.
     """
 
     def __init__(self, config: PretrainedConfig, names: BertLayerNames, name: str, **kwargs: Any) -> None:
@@ -572,16 +664,21 @@ class TFBertSelfAttention(Block):
     def relative_scores(self, query: tf.Tensor, relative: tf.Tensor) -> tf.Tensor:
         """Key term added to ``q . k^T`` before scaling: ``s[b, h, i, j] = q[b, h, i] . R[i, j]``.
 
-        ``query`` (B, heads, Lq, hd), ``relative`` (Lq, Lk, hd) -> (B, heads, Lq, Lk).
+        ``query`` (B, heads, Lq, hd), ``relative`` (Lq, Lk, hd) or per row (B, Lq, Lk, hd) (the kept
+        query rows of a pruned layer) -> (B, heads, Lq, Lk).
         """
+        if relative.shape.rank == 4:
+            return tf.einsum("bhid,bijd->bhij", query, relative)
         return tf.einsum("bhid,ijd->bhij", query, relative)
 
     def relative_context(self, probs: tf.Tensor, relative: tf.Tensor) -> tf.Tensor:
         """Value term added to the context: ``c[b, h, i] = sum_j p[b, h, i, j] R[i, j]``.
 
-        ``probs`` (B, heads, Lq, Lk) after dropout and head mask, ``relative`` (Lq, Lk, hd) ->
-        (B, heads, Lq, hd).
+        ``probs`` (B, heads, Lq, Lk) after dropout and head mask, ``relative`` (Lq, Lk, hd) or
+        (B, Lq, Lk, hd) -> (B, heads, Lq, hd).
         """
+        if relative.shape.rank == 4:
+            return tf.einsum("bhij,bijd->bhid", probs, relative)
         return tf.einsum("bhij,ijd->bhid", probs, relative)
 
     def call(
@@ -593,9 +690,12 @@ class TFBertSelfAttention(Block):
         past_key_value=None,
         position_bias=None,
         query_offset=None,
+        positions_to_keep=None,
         training=False,
     ):
-        query = self._split_heads(self.query(hidden_states))
+        # Pruned (positions_to_keep (B, R)): queries at the kept rows, keys and values at every row.
+        q_rows = hidden_states if positions_to_keep is None else keep_positions(hidden_states, positions_to_keep)
+        query = self._split_heads(self.query(q_rows))
         present = None
         if encoder_hidden_states is None and is_fixed_cache(past_key_value):
             key = self._split_heads(self.key(hidden_states))
@@ -613,21 +713,29 @@ class TFBertSelfAttention(Block):
                 key = tf.concat([past_key_value[0], key], axis=2)  # (B, heads, Lp + Lq, hd)
                 value = tf.concat([past_key_value[1], value], axis=2)
         scores = bf16_matmul(query, key, transpose_b=True)  # (B, heads, Lq, Lk)
-        q_len, k_len = shape_list(query)[2], shape_list(key)[2]
+        q_len, k_len = shape_list(hidden_states)[1], shape_list(key)[2]  # Lq: every query position
         if query_offset is None:
             query_offset = 0 if encoder_hidden_states is not None else k_len - q_len
         relative = self.relative_embeddings(q_len, k_len, query_offset)  # (Lq, Lk, hd) or None
         if relative is not None:
             relative = tf.cast(relative, query.dtype)  # a fixed float32 table (Nezha) in a bf16 model
+            if positions_to_keep is not None:
+                relative = keep_positions(relative[None], positions_to_keep)  # (B, R, Lk, hd)
             scores = scores + self.relative_scores(query, relative)
         scores = scores / math.sqrt(self.head_dim)
+        if positions_to_keep is not None:  # the query rows of the bias and mask (unchanged where broadcast)
+            position_bias = None if position_bias is None else keep_positions(position_bias, positions_to_keep, 2)
+            attention_mask = None if attention_mask is None else keep_positions(attention_mask, positions_to_keep, 2)
         if position_bias is not None:
             scores = scores + tf.cast(position_bias, scores.dtype)
         if attention_mask is not None:
             scores = add_attention_mask(scores, attention_mask)
         # In float32, cast back: as torch's bfloat16 softmax, which accumulates in float32.
         probs = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), scores.dtype)
-        probs = self.dropout(probs, training=training)
+        if positions_to_keep is None:
+            probs = self.dropout(probs, training=training)
+        else:  # the mask of the full (B, heads, Lq, Lk) probabilities, at the kept query rows
+            probs = dropout_kept_rows(self.dropout, probs, positions_to_keep, q_len, training, axis=2)
         if head_mask is not None:
             probs = probs * head_mask
         context = bf16_matmul(probs, value)  # (B, heads, Lq, hd)
@@ -649,7 +757,9 @@ class TFResidualOutput(Block):
         use_dropout (bool): dropout on the projection before the residual add (``False`` for
             XLM-R-XL's feed-forward output: ``BertLayerNames.output_dropout``).
 
-    Call: ``hidden_states`` (B, L, in), ``input_tensor`` (B, L, H) -> (B, L, H).
+    Call: ``hidden_states`` (B, L, in), ``input_tensor`` (B, L, H) -> (B, L, H).  With
+    ``positions_to_keep`` (B, R) both hold the kept rows (B, R, ...) of a length-``length`` sequence,
+    and the dropout mask is drawn at the full length (:func:`dropout_kept_rows`).
     """
 
     def __init__(
@@ -666,9 +776,11 @@ class TFResidualOutput(Block):
         self.LayerNorm = layer_norm(config, norm_name) if norm_name else None
         self.dropout = dropout(config.hidden_dropout_prob) if use_dropout else None
 
-    def call(self, hidden_states, input_tensor, training=False):
+    def call(self, hidden_states, input_tensor, positions_to_keep=None, length=None, training=False):
         hidden_states = self.dense(hidden_states)
-        if self.dropout is not None:
+        if positions_to_keep is not None:
+            hidden_states = dropout_kept_rows(self.dropout, hidden_states, positions_to_keep, length, training)
+        elif self.dropout is not None:
             hidden_states = self.dropout(hidden_states, training=training)
         hidden_states = hidden_states + input_tensor
         return hidden_states if self.LayerNorm is None else self.LayerNorm(hidden_states)
@@ -684,7 +796,8 @@ class TFBertAttention(Block):
         name (str): ``"attention"`` or ``"crossattention"``.
         pre_norm_name (str | None): name of a LayerNorm applied to the input first (pre-LN).
 
-    Call: as :class:`TFBertSelfAttention`; returns ``(output (B, Lq, H), probs, (k, v))``.
+    Call: as :class:`TFBertSelfAttention`; returns ``(output (B, Lq, H), probs, (k, v))`` (with
+    ``positions_to_keep`` (B, R): the residual at the kept rows, ``output`` (B, R, H)).
     """
 
     #: The attention core; a family with extra attention terms (Nezha) sets a subclass.
@@ -720,6 +833,7 @@ class TFBertAttention(Block):
         past_key_value=None,
         position_bias=None,
         query_offset=None,
+        positions_to_keep=None,
         training=False,
     ):
         normed = hidden_states if self.pre_norm is None else self.pre_norm(hidden_states)
@@ -731,9 +845,17 @@ class TFBertAttention(Block):
             past_key_value=past_key_value,
             position_bias=position_bias,
             query_offset=query_offset,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
-        out = self.dense_output(context, hidden_states, training=training)
+        if positions_to_keep is None:
+            out = self.dense_output(context, hidden_states, training=training)
+        else:  # the residual at the kept rows: (B, R, H)
+            residual = keep_positions(hidden_states, positions_to_keep)
+            length = shape_list(hidden_states)[1]
+            out = self.dense_output(
+                context, residual, positions_to_keep=positions_to_keep, length=length, training=training
+            )
         return (out if self.post_norm is None else self.post_norm(out)), probs, present
 
 
@@ -762,6 +884,10 @@ class TFBertLayer(Block):
     Call returns ``(hidden (B, L, H), self_probs, cross_probs or None, present)`` where ``present``
     is ``(k, v)`` or ``(k, v, cross_k, cross_v)``.  Query ``i`` sits at absolute position
     ``Lp + i`` (``Lp`` the cached self-attention length) in both attentions.
+
+    ``positions_to_keep`` (B, R) int (no cache, no cross-attention): the layer computes only those
+    rows (keys and values still at every row); ``hidden`` is then (B, R, H) and ``self_probs``
+    (B, heads, R, L).
     """
 
     #: The attention block class for self- and cross-attention (a family may set a subclass).
@@ -794,6 +920,7 @@ class TFBertLayer(Block):
         encoder_attention_mask=None,
         past_key_value=None,
         position_bias=None,
+        positions_to_keep=None,
         training=False,
     ):
         fixed = is_fixed_cache(past_key_value)
@@ -809,10 +936,13 @@ class TFBertLayer(Block):
             past_key_value=self_past,
             position_bias=position_bias,
             query_offset=query_offset,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
         cross_probs = None
         if self.is_decoder and encoder_hidden_states is not None:
+            if positions_to_keep is not None:
+                raise InputError("positions_to_keep does not combine with cross-attention (encoder_hidden_states)")
             if self.crossattention is None:
                 raise ValueError("encoder_hidden_states need cross-attention layers: set config.add_cross_attention")
             no_cross_past = fixed or past_key_value is None or len(past_key_value) < 4
@@ -829,7 +959,13 @@ class TFBertLayer(Block):
             if not fixed:  # with a KVCache the encoder's keys are recomputed, not cached
                 present = tuple(present) + tuple(cross_present)
         ffn_in = hidden if self.pre_ffn_norm is None else self.pre_ffn_norm(hidden)
-        out = self.ffn_output(self.intermediate(ffn_in), hidden, training=training)
+        if positions_to_keep is None:
+            out = self.ffn_output(self.intermediate(ffn_in), hidden, training=training)
+        else:
+            length = shape_list(hidden_states)[1]
+            out = self.ffn_output(
+                self.intermediate(ffn_in), hidden, positions_to_keep=positions_to_keep, length=length, training=training
+            )
         return out, probs, cross_probs, present if fixed else tuple(present)
 
 
@@ -848,6 +984,10 @@ class TFBertEncoder(Block):
         names (BertLayerNames): layer module names.
         final_norm_name (str | None): name of a LayerNorm after the last layer (pre-LN models).
         layer_class (type): the layer class (families with custom attention pass a subclass).
+
+    Call: ``positions_to_keep`` ``None`` (every position) or (B, R) int: the last layer computes only
+    those rows (see :mod:`nezha_zoo.spec.pooling`; checked by the base model), and
+    ``last_hidden_state`` is (B, R, H) (the final norm applied to those rows).
     """
 
     def __init__(
@@ -877,9 +1017,11 @@ class TFBertEncoder(Block):
         output_hidden_states=False,
         position_bias=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ):
         all_hidden = [] if output_hidden_states else None
+        last = len(self.layer.items) - 1
         all_attn = [] if output_attentions else None
         all_cross = [] if output_attentions and encoder_hidden_states is not None else None
         presents = [] if use_cache else None
@@ -890,6 +1032,7 @@ class TFBertEncoder(Block):
                 if all_hidden is not None:
                     all_hidden.append(hidden_states)
                 layer_head_mask = None if head_mask is None else head_mask[i]
+                keep = positions_to_keep if i == last else None
                 if checkpoint:
                     hidden_states = _checkpointed(
                         layer,
@@ -900,6 +1043,7 @@ class TFBertEncoder(Block):
                         encoder_attention_mask,
                         position_bias,
                         training,
+                        keep,
                     )
                     continue
                 past = None if past_key_values is None else past_key_values[i]
@@ -911,6 +1055,7 @@ class TFBertEncoder(Block):
                     encoder_attention_mask=encoder_attention_mask,
                     past_key_value=past,
                     position_bias=position_bias,
+                    positions_to_keep=keep,
                     training=training,
                 )
                 if presents is not None:
@@ -932,8 +1077,10 @@ class TFBertEncoder(Block):
         )
 
 
-def _checkpointed(layer, hidden, mask, head_mask, enc, enc_mask, position_bias, training):
+def _checkpointed(layer, hidden, mask, head_mask, enc, enc_mask, position_bias, training, keep=None):
     """Run ``layer`` under ``tf.recompute_grad``: activations are recomputed in the backward pass.
+
+    ``keep``: the layer's ``positions_to_keep`` (the last layer of a pruned stack), or None.
 
     The dropout seed states are rewound before the recomputation so it draws the same masks as the
     forward pass (as PyTorch's checkpoint preserves the RNG state).
@@ -946,33 +1093,19 @@ def _checkpointed(layer, hidden, mask, head_mask, enc, enc_mask, position_bias, 
         for var, value in zip(seeds, saved):
             var.assign(value)
 
+    def run(h, **inputs):
+        rewind()
+        return layer(h, attention_mask=mask, head_mask=head_mask, positions_to_keep=keep, training=training, **inputs)[
+            0
+        ]
+
     if enc is None and position_bias is None:
-
-        def fn(h):
-            rewind()
-            return layer(h, attention_mask=mask, head_mask=head_mask, training=training)[0]
-
-        return tf.recompute_grad(fn)(hidden)
-
+        return tf.recompute_grad(lambda h: run(h))(hidden)
     if enc is None:  # the bias is an input so that its table (MPNet relative_attention_bias) gets gradients
-
-        def fn_bias(h, bias):
-            rewind()
-            return layer(h, attention_mask=mask, head_mask=head_mask, position_bias=bias, training=training)[0]
-
-        return tf.recompute_grad(fn_bias)(hidden, position_bias)
+        return tf.recompute_grad(lambda h, bias: run(h, position_bias=bias))(hidden, position_bias)
 
     def fn_cross(h, e):  # the encoder states are an input so that they receive gradients too
-        rewind()
-        return layer(
-            h,
-            attention_mask=mask,
-            head_mask=head_mask,
-            encoder_hidden_states=e,
-            encoder_attention_mask=enc_mask,
-            position_bias=position_bias,
-            training=training,
-        )[0]
+        return run(h, encoder_hidden_states=e, encoder_attention_mask=enc_mask, position_bias=position_bias)
 
     return tf.recompute_grad(fn_cross)(hidden, enc)
 
@@ -1302,6 +1435,7 @@ class BertBackboneMixin:
         output_attentions=None,
         output_hidden_states=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         cfg = self.config
@@ -1324,6 +1458,13 @@ class BertBackboneMixin:
             max_length=self.max_sequence_length,
         )
         ref = input_ids if input_ids is not None else inputs_embeds
+        positions_to_keep = check_positions_to_keep(
+            positions_to_keep,
+            *_shape(ref)[:2],
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            use_cache=use_cache or past_key_values is not None,
+        )
         batch, seq_len = tf.shape(ref)[0], tf.shape(ref)[1]
         if token_type_ids is None:
             token_type_ids = tf.zeros((batch, seq_len), tf.int32)
@@ -1359,5 +1500,6 @@ class BertBackboneMixin:
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )

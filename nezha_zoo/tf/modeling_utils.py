@@ -34,6 +34,7 @@ from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
 from nezha_zoo.pretrained import load_weights, resized_vocab, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
+from nezha_zoo.spec.pooling import FIRST, can_keep_positions
 from nezha_zoo.spec.registry import Family, register_model_class
 from nezha_zoo.tf.layers import Dense, graph_input_checks, poison_rows, sublayers
 from nezha_zoo.tf.lora import LoraMixin, is_lora_key
@@ -530,19 +531,56 @@ class TFPreTrainedModel(LoraMixin, keras.Model):
         """Run the base layer (``self.<base_model_prefix>``) of a head class."""
         return getattr(self, self.base_model_prefix)(gradient_checkpointing=self.gradient_checkpointing, **inputs)
 
-    def _base_call(self, call_args: dict[str, Any], flatten: Callable[[Any], Any] | None = None):
+    def keeps_positions(self, call_args: dict[str, Any]) -> bool:
+        """Whether a sequence-level head's call (its ``locals()``) may run the last layer at the positions it
+        reads only: :func:`~nezha_zoo.spec.pooling.can_keep_positions` of the call's flags (None: the
+        config's), a cache passed in counting as ``use_cache``, and the config's ``quant_mode`` (I-BERT)."""
+        cfg = self.config
+
+        def flag(name: str) -> bool:  # False where the head has no such argument
+            if name not in call_args:
+                return False
+            value = call_args[name]
+            return bool(getattr(cfg, name, False)) if value is None else bool(value)
+
+        return can_keep_positions(
+            output_hidden_states=flag("output_hidden_states"),
+            output_attentions=flag("output_attentions"),
+            use_cache=flag("use_cache") or call_args.get("past_key_values") is not None,
+            quant_mode=bool(getattr(cfg, "quant_mode", False)),
+        )
+
+    def _base_call(
+        self,
+        call_args: dict[str, Any],
+        flatten: Callable[[Any], Any] | None = None,
+        pooled: bool = False,
+        positions_to_keep: Any = None,
+    ):
         """Run the base layer on a head's own ``call`` arguments (pass ``locals()``).
 
         Only the names the base layer's ``call`` takes are forwarded (labels, ``return_dict`` and other
         locals are dropped), so each head keeps its explicit transformers signature without writing
         the dozen keyword arguments out.  ``flatten`` (multiple choice: ``flatten_choices``) maps the
         per-token inputs (B, C, L[, E]) -> (B*C, L[, E]); ``head_mask`` and the flags pass unchanged.
+
+        ``pooled`` (a head that reads one position per row, ``family.pooling``): when
+        :meth:`keeps_positions` allows, the last layer computes only ``positions_to_keep`` (N, R) int
+        (default for :data:`~nezha_zoo.spec.pooling.FIRST`: zeros (N, 1)) and ``last_hidden_state`` is
+        (N, R, H); otherwise every position, as before.
         """
         base = getattr(self, self.base_model_prefix)
         accepted = inspect.signature(type(base).call).parameters
         inputs = {k: v for k, v in call_args.items() if k in accepted and k not in ("self", "gradient_checkpointing")}
         if flatten is not None:
             inputs.update({k: flatten(inputs[k]) for k in _PER_TOKEN_INPUTS if k in inputs})
+        if pooled and positions_to_keep is None and self.family.pooling == FIRST:
+            ref = inputs.get("input_ids")
+            ref = inputs.get("inputs_embeds") if ref is None else ref
+            if ref is not None:  # (no input: the base model's error)
+                positions_to_keep = tf.zeros((tf.shape(ref)[0], 1), tf.int32)  # (N, 1): position 0
+        if pooled and positions_to_keep is not None and self.keeps_positions(call_args):
+            inputs["positions_to_keep"] = positions_to_keep
         return self._base(**inputs)
 
     @property

@@ -58,6 +58,7 @@ from nezha_zoo.tf.heads import (
     token_classifier,
 )
 from nezha_zoo.tf.layers import (
+    POSITIONS_TO_KEEP_DOC,
     BertBackboneMixin,
     Block,
     TFBertEmbeddings,
@@ -123,6 +124,7 @@ class TFMPNetEncoder(TFBertEncoder):
         output_hidden_states=False,
         position_bias=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ):
         if position_bias is None:
@@ -139,6 +141,7 @@ class TFMPNetEncoder(TFBertEncoder):
             output_hidden_states=output_hidden_states,
             position_bias=position_bias,
             gradient_checkpointing=gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
 
@@ -175,6 +178,7 @@ class _MPNetBackbone(BertBackboneMixin):
         output_attentions=None,
         output_hidden_states=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ) -> BaseModelOutputWithPooling:
         out = self.backbone(
@@ -186,6 +190,7 @@ class _MPNetBackbone(BertBackboneMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
         pooled = None if self.pooler is None else self.pooler(out.last_hidden_state)  # (B, H)
@@ -222,6 +227,7 @@ class TFMPNetMainLayer(_MPNetBackbone, Block):
         output_attentions=None,
         output_hidden_states=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ):
         return self.mpnet_forward(
@@ -233,6 +239,7 @@ class TFMPNetMainLayer(_MPNetBackbone, Block):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
 
@@ -298,6 +305,7 @@ class TFMPNetModel(_MPNetBackbone, TFMPNetPreTrainedModel):
         seed, gradient_checkpointing, name: see :class:`~nezha_zoo.tf.modeling_utils.TFPreTrainedModel`.
 """
         + _BASE_DOC
+        + POSITIONS_TO_KEEP_DOC
     )
 
     head = "Model"
@@ -325,6 +333,7 @@ class TFMPNetModel(_MPNetBackbone, TFMPNetPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        positions_to_keep=None,
         training=False,
     ):
         out = self.mpnet_forward(
@@ -336,6 +345,7 @@ class TFMPNetModel(_MPNetBackbone, TFMPNetPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=self.gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
         return self._finish(out, return_dict)
@@ -425,7 +435,7 @@ class TFMPNetForSequenceClassification(_MPNetHead):
         return_dict=None,
         training=False,
     ):
-        out = self._base_call(locals())
+        out = self._base_call(locals(), pooled=True)
         logits = self.classifier(out.last_hidden_state, training=training)  # (B, num_labels)
         result = sequence_classification_output(self.config, logits, labels, out)
         return self._finish(result, return_dict)
@@ -482,7 +492,7 @@ class TFMPNetForMultipleChoice(_MPNetHead):
             max_length=self.mpnet.max_sequence_length,
         )
         choices = num_choices(input_ids, inputs_embeds)
-        out = self._base_call(locals(), flatten=flatten_choices)
+        out = self._base_call(locals(), flatten=flatten_choices, pooled=True)
         pooled = self.dropout(out.pooler_output, training=training)  # (B*C, H)
         result = multiple_choice_output(self.classifier(pooled), choices, labels, out)  # (B*C, 1) -> (B, C)
         return self._finish(result, return_dict)

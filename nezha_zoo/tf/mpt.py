@@ -46,7 +46,19 @@ from nezha_zoo.tf import losses
 from nezha_zoo.tf.cache import KVCache, append_kv, init_kv_cache, is_fixed_cache
 from nezha_zoo.tf.generation import TFGenerationMixin
 from nezha_zoo.tf.heads import question_answering_output, token_classification_output
-from nezha_zoo.tf.layers import Block, LayerList, _checkpointed, bf16_matmul, dense, dropout, validate_inputs
+from nezha_zoo.tf.layers import (
+    POSITIONS_TO_KEEP_DOC,
+    Block,
+    LayerList,
+    _checkpointed,
+    bf16_matmul,
+    check_positions_to_keep,
+    dense,
+    dropout,
+    dropout_kept_rows,
+    keep_positions,
+    validate_inputs,
+)
 from nezha_zoo.tf.modeling_utils import TFPreTrainedModel, unpack_inputs
 from nezha_zoo.validation import InputError, check_length
 
@@ -144,7 +156,9 @@ class TFMptAttention(Block):
     ``position_bias`` (1, heads, 1, Lk) ALiBi; ``past_key_value`` ``(k, v)`` each
     (B, kv_heads, Lp, head_dim) or a :class:`KVCache`; ``head_mask`` (1, heads, 1, 1) or None.
     Returns ``(output (B, Lq, d_model), probs (B, heads, Lq, Lk), present)`` where ``present`` is the
-    full ``(k, v)`` or the updated :class:`KVCache`.
+    full ``(k, v)`` or the updated :class:`KVCache`.  ``positions_to_keep`` (B, R) int (no cache): the
+    queries, scores and output at those rows only (Lq = R in the outputs); keys and values at every row
+    (the fused ``Wqkv`` still projects every row: its query third is a third of one projection).
     """
 
     def __init__(self, config: MptConfig, name: str = "attn", **kwargs: Any) -> None:
@@ -176,6 +190,7 @@ class TFMptAttention(Block):
         position_bias=None,
         past_key_value=None,
         head_mask=None,
+        positions_to_keep=None,
         training=False,
     ):
         qkv = self.Wqkv(hidden_states)  # (B, Lq, d_model + 2 * kv_width)
@@ -184,6 +199,8 @@ class TFMptAttention(Block):
         query, key, value = tf.split(qkv, [self.d_model, self.kv_width, self.kv_width], axis=-1)
         if self.q_ln is not None:  # llm-foundry: on the whole projections, before splitting heads
             query, key = self.q_ln(query), self.k_ln(key)
+        if positions_to_keep is not None:
+            query = keep_positions(query, positions_to_keep)  # (B, R, d_model)
         query = self._split_heads(query, self.num_heads)  # (B, H, Lq, hd)
         key = self._split_heads(key, self.kv_heads)  # (B, kv_heads, Lq, hd)
         value = self._split_heads(value, self.kv_heads)
@@ -198,11 +215,17 @@ class TFMptAttention(Block):
         scores = bf16_matmul(query, key, transpose_b=True) * self.softmax_scale  # (B, H, Lq, Lk)
         if position_bias is not None:
             scores = scores + position_bias
+        if attention_mask is not None and positions_to_keep is not None:
+            attention_mask = keep_positions(attention_mask, positions_to_keep, 2)  # the kept query rows
         if attention_mask is not None:  # masked_fill, as transformers: a fully masked row is uniform
             # The scores' own minimum (torch.finfo(dtype).min): float32's overflows to -inf in float16.
             scores = tf.where(attention_mask, tf.constant(scores.dtype.min, scores.dtype), scores)
         probs = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), value.dtype)
-        probs = self.attn_dropout(probs, training=training)
+        if positions_to_keep is None:
+            probs = self.attn_dropout(probs, training=training)
+        else:  # the mask of the full (B, heads, Lq, Lk) probabilities, at the kept query rows
+            length = tf.shape(hidden_states)[1]
+            probs = dropout_kept_rows(self.attn_dropout, probs, positions_to_keep, length, training, axis=2)
         if head_mask is not None:
             probs = probs * head_mask
         context = bf16_matmul(probs, value)  # (B, H, Lq, hd)
@@ -240,7 +263,8 @@ class TFMptBlock(Block):
         name (str): ``str(index)``.
 
     Call: as :class:`TFMptAttention` (the first argument (B, L, d_model)); returns
-    ``(hidden (B, L, d_model), probs (B, heads, Lq, Lk), present)``.
+    ``(hidden (B, L, d_model), probs (B, heads, Lq, Lk), present)``; with ``positions_to_keep`` (B, R)
+    ``hidden`` is (B, R, d_model) (dropout masks drawn at the full length: :func:`dropout_kept_rows`).
     """
 
     def __init__(self, config: MptConfig, name: str, **kwargs: Any) -> None:
@@ -260,6 +284,7 @@ class TFMptBlock(Block):
         head_mask=None,
         position_bias=None,
         past_key_value=None,
+        positions_to_keep=None,
         training=False,
     ):
         attn_out, probs, present = self.attn(
@@ -268,11 +293,18 @@ class TFMptBlock(Block):
             position_bias=position_bias,
             past_key_value=past_key_value,
             head_mask=head_mask,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
-        hidden = hidden_states + self.resid_attn_dropout(attn_out, training=training)
-        out = hidden + self.ffn_dropout(self.ffn(self.norm_2(hidden)), training=training)
-        return out, probs, present
+        if positions_to_keep is None:
+            hidden = hidden_states + self.resid_attn_dropout(attn_out, training=training)
+            return hidden + self.ffn_dropout(self.ffn(self.norm_2(hidden)), training=training), probs, present
+        keep, length = positions_to_keep, tf.shape(hidden_states)[1]
+        hidden = keep_positions(hidden_states, keep) + dropout_kept_rows(
+            self.resid_attn_dropout, attn_out, keep, length, training
+        )
+        ffn = self.ffn(self.norm_2(hidden))  # (B, R, d_model)
+        return hidden + dropout_kept_rows(self.ffn_dropout, ffn, keep, length, training), probs, present
 
 
 # --- base model ----------------------------------------------------------------------------------
@@ -323,6 +355,7 @@ class _MptBackbone:
         output_attentions=None,
         output_hidden_states=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         cfg = self.config
@@ -335,6 +368,13 @@ class _MptBackbone:
         )
         shape = validate_inputs(cfg, input_ids, inputs_embeds, embed_width=cfg.d_model, positions=False)
         ref = input_ids if input_ids is not None else inputs_embeds
+        positions_to_keep = check_positions_to_keep(
+            positions_to_keep,
+            *shape[:2],
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            use_cache=use_cache or past_key_values is not None,
+        )
         q_len = tf.shape(ref)[1]
         fixed = past_key_values is not None and self._check_past(past_key_values)
         if past_key_values is not None and not fixed:
@@ -372,18 +412,21 @@ class _MptBackbone:
         all_attn = [] if output_attentions else None
         presents = [] if use_cache else None
         checkpoint = gradient_checkpointing and training and not use_cache and not output_attentions
+        last = len(self.blocks.items) - 1
         with keras.name_scope(self.blocks.name):  # variables under ".../blocks/<i>/..."
             for i, block in enumerate(self.blocks.items):
                 if all_hidden is not None:
                     all_hidden.append(hidden)
+                keep = positions_to_keep if i == last else None
                 if checkpoint and past_key_values is None:
-                    hidden = _checkpointed(block, hidden, mask, None, None, None, alibi, training)
+                    hidden = _checkpointed(block, hidden, mask, None, None, None, alibi, training, keep)
                     continue
                 hidden, probs, present = block(
                     hidden,
                     attention_mask=mask,
                     position_bias=alibi,
                     past_key_value=None if past_key_values is None else past_key_values[i],
+                    positions_to_keep=keep,
                     training=training,
                 )
                 if presents is not None:
@@ -425,6 +468,7 @@ class TFMptMainLayer(_MptBackbone, Block):
         output_attentions=None,
         output_hidden_states=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ):
         return self.backbone(
@@ -436,6 +480,7 @@ class TFMptMainLayer(_MptBackbone, Block):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
 
@@ -502,6 +547,7 @@ class TFMptModel(_MptBackbone, TFMptPreTrainedModel):
         seed, gradient_checkpointing, name: see :class:`~nezha_zoo.tf.modeling_utils.TFPreTrainedModel`.
 """
         + _BASE_DOC
+        + POSITIONS_TO_KEEP_DOC
     )
 
     head = "Model"
@@ -522,6 +568,7 @@ class TFMptModel(_MptBackbone, TFMptPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        positions_to_keep=None,
         training=False,
     ):
         out = self.backbone(
@@ -533,6 +580,7 @@ class TFMptModel(_MptBackbone, TFMptPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=self.gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
         return self._finish(out, return_dict)
@@ -634,6 +682,15 @@ class TFMptForSequenceClassification(TFMptPreTrainedModel):
         self.score = dense(config.num_labels, "score", use_bias=False)
         self._finish_init()
 
+    def _pooled_index(self, input_ids, ref) -> tf.Tensor:
+        """(B,) int32: the position each row's logits are read at (``ref`` the ids or embeddings)."""
+        pad = self.config.pad_token_id
+        if pad is not None and input_ids is not None:
+            return last_non_pad_index(input_ids, pad)  # (B,)
+        if pad is not None:
+            logger.warning("%s cannot see padding in inputs_embeds: pooling the last position", type(self).__name__)
+        return tf.fill(tf.shape(ref)[:1], tf.shape(ref)[1] - 1)
+
     @unpack_inputs
     def call(
         self,
@@ -648,9 +705,15 @@ class TFMptForSequenceClassification(TFMptPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base_call(locals())
-        logits = self.score(out.last_hidden_state)  # (B, L, num_labels)
         ref = input_ids if input_ids is not None else inputs_embeds
+        # The last layer runs at each row's pooled position only (nezha_zoo.spec.pooling.LAST_NON_PAD), on
+        # inputs of the right rank (others reach the base model's checks unchanged).
+        well_formed = isinstance(ref, tf.Tensor) and ref.shape.rank == (2 if input_ids is not None else 3)
+        last = self._pooled_index(input_ids, ref) if well_formed and self.keeps_positions(locals()) else None
+        out = self._base_call(
+            locals(), pooled=last is not None, positions_to_keep=None if last is None else last[:, None]
+        )
+        logits = self.score(out.last_hidden_state)  # (B, L, num_labels), (B, 1, num_labels) when pruned
         pad = self.config.pad_token_id
         if pad is None:
             batch = ref.shape[0]
@@ -659,13 +722,10 @@ class TFMptForSequenceClassification(TFMptPreTrainedModel):
                 raise ValueError(message)
             if batch is None:
                 tf.debugging.assert_equal(tf.shape(ref)[0], 1, message=message)
-        if pad is not None and input_ids is not None:
-            last = last_non_pad_index(input_ids, pad)  # (B,)
+        if last is None:
+            pooled = tf.gather(logits, self._pooled_index(input_ids, ref), axis=1, batch_dims=1)  # (B, num_labels)
         else:
-            if pad is not None:
-                logger.warning("%s cannot see padding in inputs_embeds: pooling the last position", type(self).__name__)
-            last = tf.fill(tf.shape(ref)[:1], tf.shape(ref)[1] - 1)
-        pooled = tf.gather(logits, last, axis=1, batch_dims=1)  # (B, num_labels)
+            pooled = logits[:, 0]  # (B, num_labels): the only row computed
         loss = None
         if labels is not None:
             labels = tf.convert_to_tensor(labels)

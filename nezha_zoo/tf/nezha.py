@@ -51,6 +51,7 @@ from nezha_zoo.tf.heads import (
     token_classifier,
 )
 from nezha_zoo.tf.layers import (
+    POSITIONS_TO_KEEP_DOC,
     BertBackboneMixin,
     Block,
     TFBertAttention,
@@ -156,6 +157,7 @@ class _NezhaBackbone(BertBackboneMixin):
         output_attentions=None,
         output_hidden_states=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ) -> BaseModelOutputWithPoolingAndCrossAttentions:
         out = self.backbone(
@@ -171,6 +173,7 @@ class _NezhaBackbone(BertBackboneMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
         pooled = None if self.pooler is None else self.pooler(out.last_hidden_state)  # (B, H)
@@ -213,6 +216,7 @@ class TFNezhaMainLayer(_NezhaBackbone, Block):
         output_attentions=None,
         output_hidden_states=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ):
         return self.nezha_forward(
@@ -228,6 +232,7 @@ class TFNezhaMainLayer(_NezhaBackbone, Block):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
 
@@ -275,6 +280,7 @@ class TFNezhaModel(_NezhaBackbone, TFNezhaPreTrainedModel):
         ``(k, v[, cross_k, cross_v])`` each (B, heads, Lp, hd), with attention_mask then (B, Lp + L);
         use_cache (bool): return the updated cache (decoders only; default False).
 """
+        + POSITIONS_TO_KEEP_DOC
     )
 
     head = "Model"
@@ -306,6 +312,7 @@ class TFNezhaModel(_NezhaBackbone, TFNezhaPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        positions_to_keep=None,
         training=False,
     ):
         out = self.nezha_forward(
@@ -321,6 +328,7 @@ class TFNezhaModel(_NezhaBackbone, TFNezhaPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=self.gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
         return self._finish(out, return_dict)
@@ -490,7 +498,7 @@ class TFNezhaForNextSentencePrediction(TFNezhaPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base_call(locals())
+        out = self._base_call(locals(), pooled=True)
         _, logits = self.cls(pooled_output=out.pooler_output)  # (B, 2)
         loss = None if labels is None else losses.cross_entropy(logits, tf.reshape(labels, (-1,)))
         result = NextSentencePredictorOutput(
@@ -535,7 +543,7 @@ class TFNezhaForSequenceClassification(TFNezhaPreTrainedModel):
         return_dict=None,
         training=False,
     ):
-        out = self._base_call(locals())
+        out = self._base_call(locals(), pooled=True)
         logits = self.classifier(self.dropout(out.pooler_output, training=training))  # (B, num_labels)
         result = sequence_classification_output(self.config, logits, labels, out)
         return self._finish(result, return_dict)
@@ -592,7 +600,7 @@ class TFNezhaForMultipleChoice(TFNezhaPreTrainedModel):
             positions=False,
         )
         choices = num_choices(input_ids, inputs_embeds)
-        out = self._base_call(locals(), flatten=flatten_choices)
+        out = self._base_call(locals(), flatten=flatten_choices, pooled=True)
         pooled = self.dropout(out.pooler_output, training=training)  # (B*C, H)
         result = multiple_choice_output(self.classifier(pooled), choices, labels, out)  # (B*C, 1) -> (B, C)
         return self._finish(result, return_dict)

@@ -43,6 +43,7 @@ from nezha_zoo.tf.heads import (
     token_classifier,
 )
 from nezha_zoo.tf.layers import (
+    POSITIONS_TO_KEEP_DOC,
     BertBackboneMixin,
     Block,
     TFBertEmbeddings,
@@ -119,6 +120,7 @@ class _XLMRobertaXLBackbone(BertBackboneMixin):
         output_attentions=None,
         output_hidden_states=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ) -> BaseModelOutputWithPoolingAndCrossAttentions:
         if use_cache is None:
@@ -139,6 +141,7 @@ class _XLMRobertaXLBackbone(BertBackboneMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
         pooled = None if self.pooler is None else self.pooler(out.last_hidden_state)  # (B, H)
@@ -184,6 +187,7 @@ class TFXLMRobertaXLMainLayer(_XLMRobertaXLBackbone, Block):
         output_attentions=None,
         output_hidden_states=None,
         gradient_checkpointing=False,
+        positions_to_keep=None,
         training=False,
     ):
         return self.roberta_forward(
@@ -200,6 +204,7 @@ class TFXLMRobertaXLMainLayer(_XLMRobertaXLBackbone, Block):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
 
@@ -251,6 +256,7 @@ class TFXLMRobertaXLModel(_XLMRobertaXLBackbone, TFXLMRobertaXLPreTrainedModel):
 """
         + _BASE_DOC
         + _DECODER_DOC
+        + POSITIONS_TO_KEEP_DOC
         + """
     With ``return_dict=False`` the tuple is transformers': ``(last_hidden_state, pooler_output, ...)``
     with ``pooler_output`` kept (None) without a pooler.
@@ -287,6 +293,7 @@ class TFXLMRobertaXLModel(_XLMRobertaXLBackbone, TFXLMRobertaXLPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        positions_to_keep=None,
         training=False,
     ):
         out = self.roberta_forward(
@@ -303,6 +310,7 @@ class TFXLMRobertaXLModel(_XLMRobertaXLBackbone, TFXLMRobertaXLPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             gradient_checkpointing=self.gradient_checkpointing,
+            positions_to_keep=positions_to_keep,
             training=training,
         )
         if (self.config.return_dict if return_dict is None else return_dict) or out.pooler_output is not None:
@@ -473,7 +481,7 @@ class TFXLMRobertaXLForSequenceClassification(_XLMRobertaXLHead):
         return_dict=None,
         training=False,
     ):
-        out = self._base_call(locals())
+        out = self._base_call(locals(), pooled=True)
         logits = self.classifier(out.last_hidden_state, training=training)  # (B, num_labels)
         result = sequence_classification_output(self.config, logits, labels, out)
         return self._finish(result, return_dict)
@@ -532,7 +540,7 @@ class TFXLMRobertaXLForMultipleChoice(_XLMRobertaXLHead):
             max_length=self.roberta.max_sequence_length,
         )
         choices = num_choices(input_ids, inputs_embeds)
-        out = self._base_call(locals(), flatten=flatten_choices)
+        out = self._base_call(locals(), flatten=flatten_choices, pooled=True)
         pooled = self.dropout(out.pooler_output, training=training)  # (B*C, H)
         result = multiple_choice_output(self.classifier(pooled), choices, labels, out)  # (B*C, 1) -> (B, C)
         return self._finish(result, return_dict)

@@ -202,8 +202,11 @@ def test_fit_checkpoint_load_model_clone_summary(family, tmp_path):
     table = "\n".join(lines)
     assert "?" not in table, table
     hidden = model.config.hidden_size if family != "mpt" else model.config.d_model
-    logits = "(None, None, 2)" if family == "mpt" else "(None, 2)"  # MPT scores every token, keeps the last
-    assert f"(None, None, {hidden})" in table and logits in table, table
+    # The base layer's last layer runs at the pooled row only (positions_to_keep): (B, 1, H), and MPT scores
+    # that row; I-BERT keeps every position (its activation ranges calibrate over all of them).
+    rows = "None" if family == "ibert" else "1"
+    logits = f"(None, {rows}, 2)" if family == "mpt" else "(None, 2)"
+    assert f"(None, {rows}, {hidden})" in table and logits in table, table
 
 
 def test_load_model_keeps_a_mixed_policy(tmp_path):

@@ -1,0 +1,260 @@
+"""Keras 3: the last layer at the pooled positions only (``positions_to_keep``, issue #23).
+
+A sequence-level head (sequence classification, and the multiple-choice / next-sentence heads that read
+position 0) runs its last layer at the positions it reads; the full computation of the same model
+(``output_hidden_states=True``, which keeps every position) gives the same logits, loss and gradients,
+in eval and in training with dropout on (the masks are drawn at the full shape).  Against transformers
+the families' own loss tests cover the pruned path (padded inputs, no flags).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import nezha_zoo as nz  # noqa: E402
+import nezha_zoo.tf as ztf  # noqa: E402
+from nezha_zoo.spec.pooling import FIRST, LAST_NON_PAD  # noqa: E402
+from nezha_zoo.spec.registry import get_family  # noqa: E402
+from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs  # noqa: E402
+from nezha_zoo.tf.layers import keep_positions, sublayers  # noqa: E402
+from nezha_zoo.validation import InputError  # noqa: E402
+
+pytestmark = [pytest.mark.tf]
+
+LOGITS, GRAD_REL = TOLERANCES["logits"], TOLERANCES["grad_rel"]
+BERT = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+)
+#: family -> (config, token types, left padding)
+FAMILIES = {
+    "Electra": (lambda: nz.ElectraConfig(**BERT, embedding_size=16, max_position_embeddings=64), True, False),
+    "Nezha": (lambda: nz.NezhaConfig(**BERT, max_position_embeddings=16, max_relative_position=3), True, False),
+    "MPNet": (
+        lambda: nz.MPNetConfig(**BERT, max_position_embeddings=40, relative_attention_num_buckets=32),
+        False,
+        False,
+    ),
+    "XLMRobertaXL": (lambda: nz.XLMRobertaXLConfig(**BERT, max_position_embeddings=40, type_vocab_size=2), True, False),
+    "Mpt": (
+        lambda: nz.MptConfig(
+            d_model=32,
+            n_heads=4,
+            n_layers=2,
+            vocab_size=99,
+            max_seq_len=24,
+            pad_token_id=0,
+            attn_config={"attn_pdrop": 0.1},
+        ),
+        False,
+        True,
+    ),
+}
+FAMILY_KEYS = {"Electra": "electra", "Nezha": "nezha", "MPNet": "mpnet", "XLMRobertaXL": "xlm-roberta-xl", "Mpt": "mpt"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pin():
+    pin_precision("tf")
+
+
+@pytest.fixture(scope="module")
+def models():
+    """One sequence classifier per family (built once, on first use)."""
+    cache: dict[str, keras.Model] = {}
+
+    def get(family: str) -> keras.Model:
+        if family not in cache:
+            cache[family] = getattr(ztf, f"TF{family}ForSequenceClassification")(FAMILIES[family][0](), seed=0)
+        return cache[family]
+
+    return get
+
+
+def _inputs(family: str, batch: int = 3, seq_len: int = 7) -> dict[str, tf.Tensor]:
+    _, types, left = FAMILIES[family]
+    pad = 1 if family == "MPNet" else 0
+    raw = tiny_inputs(batch=batch, seq_len=seq_len, type_vocab_size=2 if types else None, pad=pad)
+    if left:  # a causal model's padding comes first
+        raw["attention_mask"] = raw["attention_mask"][:, ::-1].copy()
+        raw["input_ids"] = np.where(raw["attention_mask"] == 1, raw["input_ids"][:, ::-1], pad)
+    return {k: tf.constant(v) for k, v in raw.items()}
+
+
+def _rewind(model: keras.Model) -> None:
+    """Every dropout seed generator back to one state: the next call draws the same masks."""
+    for layer in sublayers(model):
+        gen = getattr(layer, "seed_generator", None)
+        if gen is not None:
+            gen.state.assign(tf.zeros_like(gen.state))
+
+
+def _run(model, inputs, full: bool, training: bool):
+    _rewind(model)
+    with tf.GradientTape() as tape:
+        out = model(
+            **inputs,
+            labels=tf.constant([0, 1, 1][: inputs["input_ids"].shape[0]]),
+            output_hidden_states=full,
+            training=training,
+        )
+    grads = tape.gradient(out.loss, model.trainable_variables)
+    return out, grads
+
+
+def _last_ffn_in(model) -> keras.layers.Layer:
+    """The dense layer that reads the last layer's feed-forward input."""
+    base = getattr(model, model.base_model_prefix)
+    if isinstance(model, ztf.TFMptForSequenceClassification):
+        return base.blocks.items[-1].ffn.up_proj
+    return base.encoder.layer.items[-1].intermediate.dense
+
+
+class _RowCounter:
+    """Counts the rows the wrapped dense layer sees per call (its input's leading dims)."""
+
+    def __init__(self, layer, monkeypatch):
+        self.rows: list[int] = []
+        call = layer.call
+
+        def counting(inputs, *args, **kwargs):
+            self.rows.append(int(np.prod(inputs.shape[:-1])))
+            return call(inputs, *args, **kwargs)
+
+        monkeypatch.setattr(layer, "call", counting)
+
+
+def test_heads_take_the_rule_from_the_family():
+    assert {k: get_family(v).pooling for k, v in FAMILY_KEYS.items()} == {
+        "Electra": FIRST,
+        "Nezha": FIRST,
+        "MPNet": FIRST,
+        "XLMRobertaXL": FIRST,
+        "Mpt": LAST_NON_PAD,
+    }
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pruned_equals_full(family, training, models):
+    model = models(family)
+    inputs = _inputs(family)
+    for what, given in (("padded", inputs), ("defaults", {"input_ids": inputs["input_ids"]})):
+        pruned, g_pruned = _run(model, given, full=False, training=training)
+        full, g_full = _run(model, given, full=True, training=training)
+        assert pruned.hidden_states is None and full.hidden_states is not None
+        assert_close(pruned.logits, full.logits, LOGITS, f"{family} logits ({what}, training={training})")
+        assert_close(pruned.loss, full.loss, LOGITS, f"{family} loss ({what}, training={training})")
+        for v, a, b in zip(model.trainable_variables, g_pruned, g_full):
+            assert (a is None) == (b is None), v.path
+            if a is not None:
+                a, b = tf.convert_to_tensor(a), tf.convert_to_tensor(b)
+                scale = max(float(tf.reduce_max(tf.abs(b))), 1e-6)
+                assert float(tf.reduce_max(tf.abs(a - b))) <= GRAD_REL * scale, f"{family} grad {v.path} ({what})"
+    if training:  # dropout is on: another draw gives other logits, so the equal ones above are the same masks
+        other = model(**inputs, training=True).logits
+        assert float(tf.reduce_max(tf.abs(other - pruned.logits))) > 1e-4
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_last_layer_computes_only_the_pooled_rows(family, models, monkeypatch):
+    model = models(family)
+    inputs = _inputs(family)
+    batch, length = inputs["input_ids"].shape
+    counter = _RowCounter(_last_ffn_in(model), monkeypatch)
+    model(**inputs)
+    model(**inputs, output_hidden_states=True)
+    model(**inputs, output_attentions=True)
+    assert counter.rows == [batch, batch * length, batch * length]
+
+
+def test_multiple_choice_and_next_sentence_heads_prune(monkeypatch):
+    cfg = nz.NezhaConfig(**BERT, max_position_embeddings=16, max_relative_position=3)
+    for head, inputs in (
+        ("ForMultipleChoice", tiny_inputs(batch=2, seq_len=5, num_choices=3)),
+        ("ForNextSentencePrediction", tiny_inputs(batch=2, seq_len=5)),
+    ):
+        model = getattr(ztf, f"TFNezha{head}")(cfg, seed=0)
+        counter = _RowCounter(model.nezha.encoder.layer.items[-1].intermediate.dense, monkeypatch)
+        pruned = model(**inputs).logits
+        full = model(**inputs, output_hidden_states=True).logits
+        rows = int(np.prod(inputs["input_ids"].shape[:-1]))
+        assert counter.rows == [rows, rows * 5]
+        assert_close(pruned, full, LOGITS, head)
+
+
+@pytest.mark.parametrize("family", ["Electra", "Mpt"])
+def test_compiled_pruned_equals_eager_full(family, models):
+    model = models(family)
+    inputs = _inputs(family)
+    full = model(**inputs, output_hidden_states=True).logits
+    for jit in (False, True):
+        step = tf.function(lambda x: model(**x).logits, jit_compile=jit)
+        assert_close(step(inputs), full, LOGITS, f"{family} jit_compile={jit}")
+
+
+def test_fit_and_train_on_batch_run_the_pruned_head():
+    model = ztf.TFElectraForSequenceClassification(FAMILIES["Electra"][0](), seed=1)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), jit_compile=True)
+    inputs = {k: v.numpy() for k, v in _inputs("Electra", batch=4).items()}
+    labels = np.array([0, 1, 1, 0])
+    first = float(model.train_on_batch(inputs, labels))
+    history = model.fit(inputs, labels, epochs=3, batch_size=4, verbose=0).history["loss"]
+    assert np.isfinite(first) and history[-1] < first
+
+
+def test_gradient_checkpointing_prunes_the_recomputed_layer():
+    cfg = FAMILIES["MPNet"][0]()
+    plain = ztf.TFMPNetForSequenceClassification(cfg, seed=2)
+    ckpt = ztf.TFMPNetForSequenceClassification(cfg, seed=2, gradient_checkpointing=True)
+    inputs = _inputs("MPNet")
+    out_a, g_a = _run(plain, inputs, full=True, training=True)
+    out_b, g_b = _run(ckpt, inputs, full=False, training=True)
+    assert_close(out_b.logits, out_a.logits, LOGITS, "checkpointed pruned vs full")
+    for a, b in zip(g_a, g_b):
+        if a is not None:
+            a, b = tf.convert_to_tensor(a), tf.convert_to_tensor(b)
+            assert float(tf.reduce_max(tf.abs(a - b))) <= GRAD_REL * max(float(tf.reduce_max(tf.abs(a))), 1e-6)
+
+
+@pytest.mark.parametrize("family", ["Electra", "Mpt"])
+def test_base_model_returns_the_kept_rows(family):
+    cfg = FAMILIES[family][0]()
+    model = getattr(ztf, f"TF{family}Model")(cfg, seed=3)
+    inputs = _inputs(family)
+    positions = tf.constant([[0, 4], [6, 1], [2, 2]])
+    full = model(**inputs).last_hidden_state
+    kept = model(**inputs, positions_to_keep=positions).last_hidden_state  # (B, 2, H)
+    assert kept.shape == (3, 2, full.shape[-1])
+    assert_close(kept, keep_positions(full, positions), TOLERANCES["hidden"], f"{family} kept rows")
+
+
+@pytest.mark.parametrize("family", ["Electra", "Mpt"])
+def test_bad_positions_to_keep_raise_input_error(family):
+    model = getattr(ztf, f"TF{family}Model")(FAMILIES[family][0](), seed=3)
+    inputs = _inputs(family)
+    with pytest.raises(InputError, match="positions_to_keep must be"):
+        model(**inputs, positions_to_keep=tf.constant([0, 1, 2]))
+    with pytest.raises(InputError, match="outside the positions"):
+        model(**inputs, positions_to_keep=tf.constant([[0], [7], [1]]))
+    with pytest.raises(InputError, match="outside the positions"):
+        model(**inputs, positions_to_keep=tf.constant([[0], [-1], [1]]))
+    with pytest.raises(InputError, match="batch 3"):
+        model(**inputs, positions_to_keep=tf.zeros((2, 1), tf.int32))
+    with pytest.raises(InputError, match="must be integers"):
+        model(**inputs, positions_to_keep=tf.zeros((3, 1)))
+    with pytest.raises(InputError, match="output_hidden_states"):
+        model(**inputs, positions_to_keep=tf.zeros((3, 1), tf.int32), output_hidden_states=True)
