@@ -437,30 +437,18 @@ POSITIONS_TO_KEEP_DOC = """        positions_to_keep: (B, R) int or None: the la
 """
 
 
-def check_positions_to_keep(
-    positions: Any,
-    batch_size: int,
-    length: int,
-    *,
-    output_hidden_states: bool = False,
-    output_attentions: bool = False,
-    use_cache: bool = False,
-    quant_mode: bool = False,
-) -> jax.Array | None:
+def check_positions_to_keep(positions: Any, shape: tuple[int, int], flags: dict[str, bool]) -> jax.Array | None:
     """Check a base model's ``positions_to_keep`` and return it as int32 (None passes through).
 
-    ``positions``: (B, R) int with values in [0, ``length``) (the range is checked when the values are
-    concrete, i.e. outside ``jax.jit``).  It may not be combined with the outputs that read every
-    position of the last layer (:func:`nezha_zoo.spec.pooling.can_keep_positions`).  Raises ``InputError``.
+    ``positions``: (B, R) int with values in [0, L) for inputs of ``shape`` (B, L) (the range is
+    checked when the values are concrete, i.e. outside ``jax.jit``).  ``flags``: the keyword arguments
+    of :func:`nezha_zoo.spec.pooling.can_keep_positions` (``output_hidden_states``...), which must allow
+    it: those outputs read every position of the last layer.  Raises ``InputError``.
     """
     if positions is None:
         return None
-    if not can_keep_positions(
-        output_hidden_states=output_hidden_states,
-        output_attentions=output_attentions,
-        use_cache=use_cache,
-        quant_mode=quant_mode,
-    ):
+    batch_size, length = shape
+    if not can_keep_positions(**flags):
         raise InputError(
             "positions_to_keep cannot be combined with output_hidden_states, output_attentions, a key/value "
             "cache or I-BERT's quant_mode: those read every position of the last layer"
@@ -969,14 +957,9 @@ class BertLayerCollection(nn.Module):
         positions_to_keep=None,
     ):
         c = self.config
-        positions_to_keep = check_positions_to_keep(
-            positions_to_keep,
-            hidden_states.shape[0],
-            hidden_states.shape[1],
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            use_cache=init_cache or bool(self.variables.get("cache")),
-        )
+        cache = init_cache or bool(self.variables.get("cache"))
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions, use_cache=cache)
+        positions_to_keep = check_positions_to_keep(positions_to_keep, hidden_states.shape[:2], flags)
         last = c.num_hidden_layers - 1
         # static_argnums counts the module as argument 0: init_cache, deterministic, output_attentions.
         layer_cls = nn.remat(BertLayer, static_argnums=(8, 9, 10)) if self.gradient_checkpointing else BertLayer

@@ -154,12 +154,7 @@ class FlaxMptAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        hidden_states,
-        attention_mask=None,
-        init_cache: bool = False,
-        deterministic: bool = True,
-        positions_to_keep=None,
+        self, hidden_states, attention_mask=None, init_cache=False, deterministic=True, positions_to_keep=None
     ):
         c, ac = self.config, self.config.attn_config
         d, heads = c.d_model, c.n_heads
@@ -246,12 +241,7 @@ class FlaxMptBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        hidden_states,
-        attention_mask=None,
-        init_cache: bool = False,
-        deterministic: bool = True,
-        positions_to_keep=None,
+        self, hidden_states, attention_mask=None, init_cache=False, deterministic=True, positions_to_keep=None
     ):
         c = self.config
         keep, length = positions_to_keep, hidden_states.shape[1]
@@ -289,14 +279,9 @@ class _FlaxMptBlocks(nn.Module):
         positions_to_keep=None,
     ):
         c = self.config
-        positions_to_keep = check_positions_to_keep(
-            positions_to_keep,
-            hidden_states.shape[0],
-            hidden_states.shape[1],
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            use_cache=init_cache or bool(self.variables.get("cache")),
-        )
+        cache = init_cache or bool(self.variables.get("cache"))
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions, use_cache=cache)
+        positions_to_keep = check_positions_to_keep(positions_to_keep, hidden_states.shape[:2], flags)
         # static_argnums counts the module as argument 0: init_cache and deterministic.
         block_cls = nn.remat(FlaxMptBlock, static_argnums=(3, 4)) if self.gradient_checkpointing else FlaxMptBlock
         all_hidden = () if output_hidden_states else None

@@ -28,45 +28,21 @@ pytestmark = [pytest.mark.flax]
 pin_precision("flax")
 
 _BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
-_DROPOUT = dict(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
-#: family -> (config class, tiny config, sequence-classification class, the last layer's FFN input dense)
+_BERT.update(num_labels=3, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+_BERT_FFN = ("layer", "1", "intermediate", "dense")
+_MPT = dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=99, pad_token_id=0, num_labels=3)
+#: family -> (config, sequence-classification class name, the path of the last layer's FFN input dense)
 FAMILIES = {
-    "electra": (
-        ElectraConfig,
-        dict(_BERT, embedding_size=16, max_position_embeddings=64, num_labels=3, **_DROPOUT),
-        "FlaxElectraForSequenceClassification",
-        ("layer", "1", "intermediate", "dense"),
-    ),
-    "nezha": (
-        NezhaConfig,
-        dict(_BERT, max_position_embeddings=16, max_relative_position=3, num_labels=3, **_DROPOUT),
-        "FlaxNezhaForSequenceClassification",
-        ("layer", "1", "intermediate", "dense"),
-    ),
-    "mpnet": (
-        MPNetConfig,
-        dict(_BERT, max_position_embeddings=40, relative_attention_num_buckets=32, num_labels=3, **_DROPOUT),
-        "FlaxMPNetForSequenceClassification",
-        ("layer", "1", "intermediate", "dense"),
-    ),
+    "electra": (ElectraConfig(**_BERT, embedding_size=16), "FlaxElectraForSequenceClassification", _BERT_FFN),
+    "nezha": (NezhaConfig(**_BERT, max_relative_position=3), "FlaxNezhaForSequenceClassification", _BERT_FFN),
+    "mpnet": (MPNetConfig(**_BERT, max_position_embeddings=40), "FlaxMPNetForSequenceClassification", _BERT_FFN),
     "xlm_roberta_xl": (
-        XLMRobertaXLConfig,
-        dict(_BERT, max_position_embeddings=40, type_vocab_size=2, num_labels=3, **_DROPOUT),
+        XLMRobertaXLConfig(**_BERT, max_position_embeddings=40, type_vocab_size=2),
         "FlaxXLMRobertaXLForSequenceClassification",
-        ("layer", "1", "intermediate", "dense"),
+        _BERT_FFN,
     ),
     "mpt": (
-        MptConfig,
-        dict(
-            d_model=32,
-            n_heads=4,
-            n_layers=2,
-            max_seq_len=16,
-            vocab_size=99,
-            pad_token_id=0,
-            num_labels=3,
-            attn_config={"attn_pdrop": 0.3},
-        ),
+        MptConfig(**_MPT, attn_config={"attn_pdrop": 0.3}),
         "FlaxMptForSequenceClassification",
         ("blocks", "1", "ffn", "up_proj"),
     ),
@@ -78,8 +54,8 @@ LOG, LOSS, GRAD = TOLERANCES["logits"], TOLERANCES["loss"], TOLERANCES["grad_rel
 def models():
     """family -> the tiny sequence classifier (random weights), built once."""
     out = {}
-    for fam, (cfg_cls, tiny, cls_name, _) in FAMILIES.items():
-        out[fam] = getattr(nzf, cls_name)(cfg_cls(**tiny), seed=1)
+    for fam, (config, cls_name, _) in FAMILIES.items():
+        out[fam] = getattr(nzf, cls_name)(config, seed=1)
     return out
 
 
@@ -152,7 +128,7 @@ def test_the_last_layer_computes_only_the_pooled_rows(models, family):
     """A spy on the last layer's FFN input: 1 row per sequence when pruned, L when something reads them all."""
     model = models[family]
     x = inputs_of(model, seed=4)
-    ffn = FAMILIES[family][3]
+    ffn = FAMILIES[family][2]
     batch, length = x["input_ids"].shape
     width = getattr(model.config, "d_model", None) or model.config.hidden_size
     assert ffn_rows(model, x, ffn) == [(batch, 1, width)]
@@ -161,10 +137,10 @@ def test_the_last_layer_computes_only_the_pooled_rows(models, family):
 
 
 def test_multiple_choice_prunes_and_equals_the_full_computation():
-    model = nzf.FlaxElectraForMultipleChoice(ElectraConfig(**FAMILIES["electra"][1]), seed=2)
+    model = nzf.FlaxElectraForMultipleChoice(FAMILIES["electra"][0], seed=2)
     x = tiny_inputs(batch=2, seq_len=7, vocab_size=99, seed=5, num_choices=3)
     assert_close(model(**x).logits, model(**x, output_hidden_states=True).logits, LOG, "multiple choice")
-    ffn = FAMILIES["electra"][3]
+    ffn = FAMILIES["electra"][2]
     assert ffn_rows(model, x, ffn) == [(6, 1, 32)]  # 2 x 3 choices, one row each
     assert ffn_rows(model, x, ffn, output_hidden_states=True) == [(6, 7, 32)]
 
