@@ -26,7 +26,7 @@ from nezha_zoo.flax.heads import (
     TiedLMBias,
     tied_embedding_table,
 )
-from nezha_zoo.flax.layers import BertEmbeddings, BertEncoder, cache_index, dense
+from nezha_zoo.flax.layers import POSITIONS_TO_KEEP_DOC, BertEmbeddings, BertEncoder, cache_index, dense
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
@@ -88,12 +88,12 @@ _MODULE_DOC = """
 class FlaxElectraModule(nn.Module):
     """The Electra encoder (``electra``): embeddings, optional ``embeddings_project``, ``encoder``.
 
-    Returns ``BaseModelOutputWithPastAndCrossAttentions``: ``last_hidden_state`` (B, L, H),
-    ``hidden_states`` (layers + 1) x (B, L, H), ``attentions`` layers x (B, heads, L, Lk),
-    ``cross_attentions``.
+    Returns ``BaseModelOutputWithPastAndCrossAttentions``: ``last_hidden_state`` (B, L, H) ((B, R, H)
+    with ``positions_to_keep``), ``hidden_states`` (layers + 1) x (B, L, H), ``attentions``
+    layers x (B, heads, L, Lk), ``cross_attentions``.
     """
 
-    __doc__ += _MODULE_DOC.format(mc="")
+    __doc__ += _MODULE_DOC.format(mc="") + POSITIONS_TO_KEEP_DOC
 
     config: Any
     dtype: Any = jnp.float32
@@ -115,6 +115,7 @@ class FlaxElectraModule(nn.Module):
         output_hidden_states: bool = False,
         return_dict: bool = True,
         inputs_embeds=None,
+        positions_to_keep=None,
     ):
         c = self.config
         # Direct module users get the wrapper's checks too (values only when concrete, i.e. not under jit).
@@ -158,6 +159,7 @@ class FlaxElectraModule(nn.Module):
             deterministic,
             output_attentions,
             output_hidden_states,
+            positions_to_keep=positions_to_keep,
         )
         return finish_output(
             BaseModelOutputWithPastAndCrossAttentions,
@@ -289,7 +291,8 @@ class FlaxElectraForSequenceClassificationModule(_ElectraHead):
             classifier = ClassificationHead(self.config, activation="gelu", dtype=self.dtype, name="classifier")
             return {"logits": classifier(out.last_hidden_state, deterministic=deterministic)}
 
-        return self._head_output(locals(), SequenceClassifierOutput, head)
+        keep = self._pooled_positions(locals())  # the classifier reads position 0 only
+        return self._head_output(locals(), SequenceClassifierOutput, head, positions_to_keep=keep)
 
 
 class FlaxElectraForMultipleChoiceModule(_ElectraHead):
@@ -319,7 +322,7 @@ class FlaxElectraForMultipleChoiceModule(_ElectraHead):
             summary = SequenceSummary(self.config, self.dtype, name="sequence_summary")
             return summary(out.last_hidden_state, deterministic=deterministic)
 
-        return self._multiple_choice(locals(), pool)
+        return self._multiple_choice(locals(), pool, pooled=getattr(self.config, "summary_type", "last") == "first")
 
 
 class FlaxElectraForTokenClassificationModule(_ElectraHead):

@@ -582,7 +582,8 @@ class FlaxIBertForMultipleChoiceModule(_IBertHead):
             dropout = Dropout(self.config.hidden_dropout_prob, name="dropout")
             return dropout(out.pooler_output, deterministic=deterministic)
 
-        return self._multiple_choice(locals(), pool)
+        # Every position: training calibrates the activation ranges over all rows, even in float mode.
+        return self._multiple_choice(locals(), pool, pooled=False)
 
 
 class FlaxIBertForTokenClassificationModule(_IBertHead):

@@ -15,6 +15,9 @@ Extension points (used by later families, exercised today by Electra's defaults)
   before scaling and value terms added to the context (Nezha's functional relative positions,
   :func:`nezha_zoo.flax.nezha.relative_position_encoding`); ``cross_relative`` is the same for
   the cross-attention of a decoder layer.
+* ``positions_to_keep`` (B, R) int: the last layer runs its queries, attention output and feed-forward
+  block at those rows only (keys and values at every row); the encoder's output is (B, R, H)
+  (:mod:`nezha_zoo.spec.pooling`, :func:`keep_positions`, :func:`dropout_kept_rows`).
 * Decoder mode: causal self-attention, cross-attention on ``encoder_hidden_states`` and a fixed-size
   key/value cache in the ``"cache"`` collection (transformers' Flax semantics, jit-friendly).
 """
@@ -35,6 +38,8 @@ from nezha_zoo.dtypes import saturates_mask_sum
 from nezha_zoo.hardware import CpuFeatures, cpu_features
 from nezha_zoo.packing import PACK_BLOCK, PACKED_MAX_ROWS
 from nezha_zoo.spec.blocks import BertLayerNames, cross_attention_names
+from nezha_zoo.spec.pooling import can_keep_positions
+from nezha_zoo.validation import InputError
 
 __all__ = [
     "ACT2FN",
@@ -55,6 +60,10 @@ __all__ = [
     "dense",
     "layer_norm",
     "Dropout",
+    "dropout_kept_rows",
+    "POSITIONS_TO_KEEP_DOC",
+    "keep_positions",
+    "check_positions_to_keep",
     "add_attention_mask",
     "BertEmbeddings",
     "BertSelfAttention",
@@ -339,6 +348,9 @@ class Dropout(nn.Module):
     Call args:
         x: array of any shape.
         deterministic (bool): True = identity (eval mode).
+        positions, length, axis: ``x`` holds only the rows ``positions`` (B, R) of a tensor with
+            ``length`` rows along ``axis``; the mask is drawn at that full shape (see
+            :func:`dropout_kept_rows`).  None (default): ``x`` is the whole tensor.
 
     Returns:
         array of ``x``'s shape and dtype.
@@ -348,18 +360,110 @@ class Dropout(nn.Module):
     rng_collection: str = "dropout"
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        deterministic: bool = True,
+        positions: jax.Array | None = None,
+        length: int | None = None,
+        axis: int = 1,
+    ) -> jax.Array:
         if not 0.0 <= self.rate <= 1.0:
             raise ValueError(f"dropout rate must be in [0, 1], got {self.rate!r}")
         if deterministic or self.rate == 0.0:
             return x
-        drop = round(self.rate * (1 << DROPOUT_BITS))  # integer threshold: P(bits < drop) = drop / 2**16
-        if drop >= 1 << DROPOUT_BITS:
-            return jnp.zeros_like(x)
-        if drop == 0:  # rate < 2**-17: the rounded keep probability is 1
-            return x / jnp.asarray(1.0 - self.rate, x.dtype)
-        keep = _random_uint16(self.make_rng(self.rng_collection), x.shape) >= jnp.uint16(drop)
-        return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
+        return dropout_kept_rows(self.make_rng(self.rng_collection), self.rate, x, positions, length, axis)
+
+
+def dropout_kept_rows(
+    key: jax.Array,
+    rate: float,
+    x: jax.Array,
+    positions: jax.Array | None = None,
+    length: int | None = None,
+    axis: int = 1,
+) -> jax.Array:
+    """:class:`Dropout`'s training-mode body; with ``positions``, its mask drawn at the full shape.
+
+    The pruned last layer (``positions_to_keep``) holds rows ``positions`` (B, R) of tensors whose
+    ``axis`` has ``length`` rows.  Its mask is drawn for the full (..., length, ...) shape from the
+    same key and its rows kept, so a kept element gets the very mask bit the full computation gives it.
+
+    Args:
+        key: PRNG key of this dropout draw.
+        rate (float): drop probability in (0, 1].
+        x: (B, ..., R, ...) rows ``positions`` along ``axis``, or the whole tensor when ``positions`` is None.
+        positions: (B, R) int or None.
+        length (int): the full size of ``axis`` (with ``positions``).
+        axis (int): the row axis (1 for hidden states (B, L, H), 2 for probabilities (B, heads, Lq, Lk)).
+
+    Returns:
+        array of ``x``'s shape and dtype.
+    """
+    drop = round(rate * (1 << DROPOUT_BITS))  # integer threshold: P(bits < drop) = drop / 2**16
+    if drop >= 1 << DROPOUT_BITS:
+        return jnp.zeros_like(x)
+    if drop == 0:  # rate < 2**-17: the rounded keep probability is 1
+        return x / jnp.asarray(1.0 - rate, x.dtype)
+    shape = x.shape if positions is None else x.shape[:axis] + (length,) + x.shape[axis + 1 :]
+    keep = _random_uint16(key, shape) >= jnp.uint16(drop)
+    if positions is not None:
+        keep = keep_positions(keep, positions, axis)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def keep_positions(x: jax.Array, positions: jax.Array, axis: int = 1) -> jax.Array:
+    """Rows ``positions`` of every batch row of ``x`` along ``axis``: (B, ..., L, ...) -> (B, ..., R, ...).
+
+    Args:
+        x: array whose axis 0 is the batch (size B, or 1 to broadcast over it).
+        positions: (B, R) int, each in [0, L).
+        axis (int): the row axis of ``x`` (>= 1).
+
+    Returns:
+        (B, ..., R, ...) the gathered rows.
+    """
+    batch, rows = positions.shape
+    if x.shape[0] != batch:
+        x = jnp.broadcast_to(x, (batch,) + x.shape[1:])
+    index = positions.reshape((batch,) + (1,) * (axis - 1) + (rows,) + (1,) * (x.ndim - axis - 1))
+    return jnp.take_along_axis(x, index, axis=axis)
+
+
+#: The base modules' docstring entry of ``positions_to_keep`` (appended to their call args).
+POSITIONS_TO_KEEP_DOC = """        positions_to_keep: (B, R) int or None: the last layer computes only these rows of
+            each sequence, so ``last_hidden_state`` is (B, R, H); not with output_hidden_states,
+            output_attentions, a cache or encoder_hidden_states (:mod:`nezha_zoo.spec.pooling`).
+"""
+
+
+def check_positions_to_keep(positions: Any, shape: tuple[int, int], flags: dict[str, bool]) -> jax.Array | None:
+    """Check a base model's ``positions_to_keep`` and return it as int32 (None passes through).
+
+    ``positions``: (B, R) int with values in [0, L) for inputs of ``shape`` (B, L) (the range is
+    checked when the values are concrete, i.e. outside ``jax.jit``).  ``flags``: the keyword arguments
+    of :func:`nezha_zoo.spec.pooling.can_keep_positions` (``output_hidden_states``...), which must allow
+    it: those outputs read every position of the last layer.  Raises ``InputError``.
+    """
+    if positions is None:
+        return None
+    batch_size, length = shape
+    if not can_keep_positions(**flags):
+        raise InputError(
+            "positions_to_keep cannot be combined with output_hidden_states, output_attentions, a key/value "
+            "cache or I-BERT's quant_mode: those read every position of the last layer"
+        )
+    shape = tuple(jnp.shape(positions))
+    if len(shape) != 2 or shape[0] != batch_size or shape[1] < 1:
+        raise InputError(f"positions_to_keep must have shape (batch={batch_size}, R >= 1), got {shape}")
+    dtype = jnp.result_type(positions)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise InputError(f"positions_to_keep must hold integers, got dtype {dtype}")
+    if not isinstance(positions, jax.core.Tracer):
+        lo, hi = int(jnp.min(positions)), int(jnp.max(positions))
+        if lo < 0 or hi >= length:
+            raise InputError(f"positions_to_keep must lie in [0, {length}) (the sequence length), got [{lo}, {hi}]")
+    return jnp.asarray(positions, jnp.int32)
 
 
 def _split(path: str) -> list[str]:
@@ -509,9 +613,11 @@ class BertSelfAttention(nn.Module):
         key_value_states: (B, Lk, H) encoder states for cross-attention, or None.
         position_bias: (B|1, heads, Lq, Lk) added after scaling, or None.
         relative: ``(rel_key, rel_value)`` each (Lq, Lk, head_dim), or None.
+        positions_to_keep: (B, R) int or None: queries at these rows of ``hidden_states`` only (keys and
+            values at every row); masks, biases and relative terms are taken at the same query rows.
 
     Returns:
-        ``(context (B, Lq, H), probabilities (B, heads, Lq, Lk))``.
+        ``(context (B, Lq, H), probabilities (B, heads, Lq, Lk))``; Lq = R with ``positions_to_keep``.
     """
 
     config: Any
@@ -531,17 +637,24 @@ class BertSelfAttention(nn.Module):
         relative=None,
         init_cache: bool = False,
         deterministic: bool = True,
+        positions_to_keep=None,
     ):
         c = self.config
         heads = c.num_attention_heads
         head_dim = c.hidden_size // heads
-        bsz, q_len = hidden_states.shape[:2]
+        bsz, full_len = hidden_states.shape[:2]
         kv_in = hidden_states if key_value_states is None else key_value_states
+        keep = positions_to_keep
+        q_in = hidden_states if keep is None else keep_positions(hidden_states, keep)
+        q_len = q_in.shape[1]
+        if keep is not None and relative is not None:
+            # (Lq, Lk, d) -> (B, R, Lk, d): each row's kept query positions
+            relative = tuple(r.astype(self.dtype)[keep] for r in relative)
 
         def split_heads(x):  # (B, L, H) -> (B, L, heads, head_dim)
             return x.reshape(x.shape[:2] + (heads, head_dim))
 
-        q = split_heads(dense(c.hidden_size, self.names.query, c, self.dtype)(hidden_states))
+        q = split_heads(dense(c.hidden_size, self.names.query, c, self.dtype)(q_in))
         k = split_heads(dense(c.hidden_size, self.names.key, c, self.dtype)(kv_in))
         v = split_heads(dense(c.hidden_size, self.names.value, c, self.dtype)(kv_in))
 
@@ -557,22 +670,28 @@ class BertSelfAttention(nn.Module):
                 past = 0
             k_len = k.shape[1]
             # Query i sits at absolute position past + i and sees keys j <= past + i.
-            rows = past + jnp.arange(q_len)[:, None]
-            causal = (jnp.arange(k_len)[None, :] <= rows).astype(self.dtype)[None, None]
+            if keep is None:
+                rows = (past + jnp.arange(q_len)[:, None])[None]  # (1, Lq, 1)
+            else:
+                rows = past + keep[:, :, None]  # (B, R, 1)
+            causal = (jnp.arange(k_len)[None, None, :] <= rows).astype(self.dtype)[:, None]
             visible = causal if visible is None else causal * visible
 
+        rel = "qkd" if keep is None else "bqkd"  # relative terms per query row, or per (row, kept query)
         scores = bf16_einsum("bqhd,bkhd->bhqk", q, k)
         if relative is not None:
             # Nezha: key-position terms join the raw scores before scaling.
-            scores = scores + bf16_einsum("bqhd,qkd->bhqk", q, relative[0].astype(self.dtype))
+            scores = scores + bf16_einsum(f"bqhd,{rel}->bhqk", q, relative[0].astype(self.dtype))
         scores = scores / jnp.asarray(math.sqrt(head_dim), self.dtype)
         if position_bias is not None:
+            if keep is not None and position_bias.shape[2] != 1:
+                position_bias = keep_positions(position_bias, keep, axis=2)
             scores = scores + position_bias.astype(self.dtype)  # MPNet: after scaling
         if visible is not None:
             scores = add_attention_mask(scores, (1.0 - visible) * jnp.finfo(self.dtype).min)
         # In float32, cast back: as torch's bfloat16 softmax, which accumulates in float32.
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
-        probs = Dropout(c.attention_probs_dropout_prob, name="dropout")(probs, deterministic=deterministic)
+        probs = Dropout(c.attention_probs_dropout_prob, name="dropout")(probs, deterministic, keep, full_len, axis=2)
         if layer_head_mask is not None:
             probs = probs * layer_head_mask.astype(self.dtype)[None, :, None, None]
 
@@ -580,7 +699,7 @@ class BertSelfAttention(nn.Module):
         if relative is not None:
             # Plain einsum: jaxlib 0.10's XLA CPU compiler runs this contraction's bf16 x bf16 -> f32 form in a
             # DotThunk that fails at run time (UNIMPLEMENTED); it stays in the widened bf16 form.
-            context = context + jnp.einsum("bhqk,qkd->bqhd", probs, relative[1].astype(self.dtype))
+            context = context + jnp.einsum(f"bhqk,{rel}->bqhd", probs, relative[1].astype(self.dtype))
         context = context.reshape(bsz, q_len, heads * head_dim)  # merge heads: (B, Lq, H)
         if self.out_name is not None:
             context = dense(c.hidden_size, self.out_name, c, self.dtype)(context)
@@ -621,7 +740,8 @@ class BertAttention(nn.Module):
     ``LayerNorm``; MPNet's ``attn.o`` and ``attention.LayerNorm`` and XLM-R-XL's
     ``self_attn_layer_norm`` fall out of the same rules.
 
-    Call args: as :class:`BertSelfAttention`.  Returns ``(hidden (B, Lq, H), probs)``.
+    Call args: as :class:`BertSelfAttention`.  Returns ``(hidden (B, Lq, H), probs)``; with
+    ``positions_to_keep`` (B, R) the residual, norms and output are at those rows: (B, R, H).
     """
 
     config: Any
@@ -640,6 +760,7 @@ class BertAttention(nn.Module):
         relative=None,
         init_cache: bool = False,
         deterministic: bool = True,
+        positions_to_keep=None,
     ):
         c, n = self.config, self.names
         self_path = _split(n.self_attn)[1:]  # below this block, e.g. ["self"]
@@ -656,18 +777,28 @@ class BertAttention(nn.Module):
             dtype=self.dtype,
             name=self_path[-1],
         )
+        keep, full_len = positions_to_keep, hidden_states.shape[1]
         context, probs = attn(
-            x, attention_mask, layer_head_mask, key_value_states, position_bias, relative, init_cache, deterministic
+            x,
+            attention_mask,
+            layer_head_mask,
+            key_value_states,
+            position_bias,
+            relative,
+            init_cache,
+            deterministic,
+            keep,
         )
+        residual = hidden_states if keep is None else keep_positions(hidden_states, keep)
         norm_path = _split(n.attn_norm)[1:] if n.attn_norm else None
         if out_inside_self:
             out = context
             norm = layer_norm(norm_path[-1], c, self.dtype) if norm_path else None
         else:
             out_block = _Projection(c, out_path[-1], norm_path[-1] if norm_path else None, self.dtype, name=out_path[0])
-            out = out_block(context, hidden_states, deterministic)
+            out = out_block(context, residual, deterministic, keep, full_len)
             return out, probs
-        out = Dropout(c.hidden_dropout_prob, name="dropout")(out, deterministic=deterministic) + hidden_states
+        out = Dropout(c.hidden_dropout_prob, name="dropout")(out, deterministic, keep, full_len) + residual
         return (norm(out) if norm is not None else out), probs
 
 
@@ -675,7 +806,8 @@ class _Projection(nn.Module):
     """``dense`` -> optional dropout -> residual add -> optional ``LayerNorm`` (BERT's SelfOutput / Output).
 
     ``use_dropout=False``: no dropout before the residual add (XLM-R-XL's feed-forward output,
-    ``BertLayerNames.output_dropout``).
+    ``BertLayerNames.output_dropout``).  ``positions``/``length``: ``x`` holds those rows of a
+    ``length``-row tensor (the pruned last layer); the dropout mask is drawn at the full shape.
     """
 
     config: Any
@@ -686,11 +818,11 @@ class _Projection(nn.Module):
     use_dropout: bool = True
 
     @nn.compact
-    def __call__(self, x, residual, deterministic: bool = True):
+    def __call__(self, x, residual, deterministic: bool = True, positions=None, length=None):
         c = self.config
         x = dense(self.features or c.hidden_size, self.dense_name, c, self.dtype)(x)
         if self.use_dropout:
-            x = Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic)
+            x = Dropout(c.hidden_dropout_prob, name="dropout")(x, deterministic, positions, length)
         x = x + residual
         if self.norm_name:
             x = layer_norm(self.norm_name, c, self.dtype)(x)
@@ -716,10 +848,13 @@ class BertLayer(nn.Module):
         hidden_states (B, L, H), attention_mask (B, Lk) 0/1 or None, layer_head_mask (heads,) or None,
         encoder_hidden_states (B, Le, H) or None, encoder_attention_mask (B, Le) or None,
         position_bias or None, relative (self-attention) or None, init_cache, deterministic,
-        output_attentions, cross_relative (cross-attention, each (L, Le, head_dim)) or None.
+        output_attentions, cross_relative (cross-attention, each (L, Le, head_dim)) or None,
+        positions_to_keep (B, R) int or None (queries, attention output and feed-forward at those
+        rows only; not with cross-attention).
 
     Returns:
-        ``(hidden (B, L, H), self_attention_probs | None, cross_attention_probs | None)``.
+        ``(hidden (B, L, H), self_attention_probs | None, cross_attention_probs | None)``; hidden is
+        (B, R, H) with ``positions_to_keep``.
     """
 
     config: Any
@@ -740,13 +875,25 @@ class BertLayer(nn.Module):
         deterministic: bool = True,
         output_attentions: bool = False,
         cross_relative=None,
+        positions_to_keep=None,
     ):
         c, n = self.config, self.names
+        keep, full_len = positions_to_keep, hidden_states.shape[1]
         attn = BertAttention(c, names=n, causal=c.is_decoder, dtype=self.dtype, name=_split(n.self_attn)[0])
         h, self_probs = attn(
-            hidden_states, attention_mask, layer_head_mask, None, position_bias, relative, init_cache, deterministic
+            hidden_states,
+            attention_mask,
+            layer_head_mask,
+            None,
+            position_bias,
+            relative,
+            init_cache,
+            deterministic,
+            keep,
         )
         cross_probs = None
+        if encoder_hidden_states is not None and keep is not None:
+            raise InputError("positions_to_keep cannot be combined with encoder_hidden_states (cross-attention)")
         if encoder_hidden_states is not None:
             if not c.add_cross_attention:
                 raise ValueError("encoder_hidden_states needs a model built with config.add_cross_attention=True")
@@ -773,7 +920,7 @@ class BertLayer(nn.Module):
         x = _Intermediate(c, inter_path[-1], self.dtype, name=inter_path[0])(x)
         out_norm = _split(n.out_norm)[-1] if n.out_norm else None
         ffn_out = _Projection(c, out_path[-1], out_norm, self.dtype, use_dropout=n.output_dropout, name=out_path[0])
-        x = ffn_out(x, h, deterministic)
+        x = ffn_out(x, h, deterministic, keep, full_len)
         if not output_attentions:
             return x, None, None
         return x, self_probs, cross_probs
@@ -781,6 +928,8 @@ class BertLayer(nn.Module):
 
 class BertLayerCollection(nn.Module):
     """The ``layer`` list: children named ``"0"``, ``"1"``..., optionally rematerialised.
+
+    ``positions_to_keep`` (B, R) int or None reaches the last layer only (its output is (B, R, H)).
 
     Returns ``(hidden, all_hidden_states | None, all_attentions | None, all_cross_attentions | None)``.
     """
@@ -805,8 +954,13 @@ class BertLayerCollection(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         cross_relative=None,
+        positions_to_keep=None,
     ):
         c = self.config
+        cache = init_cache or bool(self.variables.get("cache"))
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions, use_cache=cache)
+        positions_to_keep = check_positions_to_keep(positions_to_keep, hidden_states.shape[:2], flags)
+        last = c.num_hidden_layers - 1
         # static_argnums counts the module as argument 0: init_cache, deterministic, output_attentions.
         layer_cls = nn.remat(BertLayer, static_argnums=(8, 9, 10)) if self.gradient_checkpointing else BertLayer
         all_hidden = () if output_hidden_states else None
@@ -828,6 +982,7 @@ class BertLayerCollection(nn.Module):
                 deterministic,
                 output_attentions,
                 cross_relative,
+                positions_to_keep if i == last else None,
             )
             if output_attentions:
                 all_attn += (probs,)
@@ -842,11 +997,13 @@ class BertEncoder(nn.Module):
     Call args:
         hidden_states (B, L, H); attention_mask (B, Lk) 0/1; head_mask (layers, heads), (heads,) or None;
         encoder_hidden_states (B, Le, H); encoder_attention_mask (B, Le); position_bias; relative;
-        cross_relative (relative terms of the cross-attention).
+        cross_relative (relative terms of the cross-attention); positions_to_keep (B, R) int or None:
+        the last layer (and the final LayerNorm) at those rows only (:mod:`nezha_zoo.spec.pooling`).
 
     Returns:
         ``(last_hidden (B, L, H), all_hidden_states, all_attentions, all_cross_attentions)``; the last
-        entry of ``all_hidden_states`` is the (final-normed) output.
+        entry of ``all_hidden_states`` is the (final-normed) output; last_hidden is (B, R, H) with
+        ``positions_to_keep``.
     """
 
     config: Any
@@ -870,6 +1027,7 @@ class BertEncoder(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         cross_relative=None,
+        positions_to_keep=None,
     ):
         c = self.config
         if head_mask is not None:
@@ -891,6 +1049,7 @@ class BertEncoder(nn.Module):
             output_attentions,
             output_hidden_states,
             cross_relative,
+            positions_to_keep,
         )
         if self.final_norm:
             h = layer_norm(self.final_norm, c, self.dtype)(h)

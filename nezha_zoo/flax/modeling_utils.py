@@ -53,7 +53,8 @@ from nezha_zoo.packing import PACKED_MAX_ROWS, packed_linear_enabled
 from nezha_zoo.pretrained import load_weights, random_weights, resized_vocab, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Kind, ModelSpec, Param
-from nezha_zoo.spec.registry import Family, register_model_class
+from nezha_zoo.spec.pooling import FIRST, can_keep_positions
+from nezha_zoo.spec.registry import Family, family_of_config, register_model_class
 from nezha_zoo.validation import (
     ID_INPUTS,
     InputError,
@@ -1201,7 +1202,38 @@ class FlaxHeadModule(nn.Module):
         """Extra constructor fields of the base module for this head (default none); families override."""
         return {}
 
-    def _head_output(self, scope: Mapping[str, Any], out_cls: type[ModelOutput], head_fn, choices: bool = False):
+    def _pooled_positions(self, scope: Mapping[str, Any], last_index: Any = None) -> jax.Array | None:
+        """A sequence-level head's ``positions_to_keep``: (B, 1) int32, or None when it may not prune.
+
+        The rule is the family's (``Family.pooling``): position 0, or ``last_index`` ((B,) or the int -1
+        for the last position) for :data:`~nezha_zoo.spec.pooling.LAST_NON_PAD`.  None when
+        :func:`~nezha_zoo.spec.pooling.can_keep_positions` forbids it (hidden states, attentions, a
+        cache or I-BERT's quant mode are asked for).  B counts every choice of a multiple-choice input.
+        """
+        use_cache = bool(scope.get("init_cache")) or bool(self.variables.get("cache"))
+        if not can_keep_positions(
+            output_hidden_states=bool(scope["output_hidden_states"]),
+            output_attentions=bool(scope["output_attentions"]),
+            use_cache=use_cache,
+            quant_mode=bool(getattr(self.config, "quant_mode", False)),
+        ):
+            return None
+        ids, embeds = scope["input_ids"], scope.get("inputs_embeds")
+        shape = ids.shape if ids is not None else embeds.shape[:-1]
+        batch, length = math.prod(shape[:-1]), shape[-1]
+        if family_of_config(self.config).pooling == FIRST:
+            return jnp.zeros((batch, 1), jnp.int32)
+        index = jnp.asarray(length - 1 if isinstance(last_index, int) and last_index < 0 else last_index, jnp.int32)
+        return jnp.broadcast_to(index.reshape(-1, 1), (batch, 1))
+
+    def _head_output(
+        self,
+        scope: Mapping[str, Any],
+        out_cls: type[ModelOutput],
+        head_fn,
+        choices: bool = False,
+        positions_to_keep: jax.Array | None = None,
+    ):
         """The shared body of a head's compact ``__call__``: base module, head, output object.
 
         Args:
@@ -1210,6 +1242,9 @@ class FlaxHeadModule(nn.Module):
             head_fn: ``(base module, base output) -> dict`` of the head's own output fields; layers it
                 creates sit directly on this module.
             choices (bool): multiple choice: inputs (B, C, L[, E]) run flattened as (B * C, L[, E]).
+            positions_to_keep: (B, R) int (B * C rows with ``choices``) from :meth:`_pooled_positions`:
+                the base model's last layer computes only these rows, and ``last_hidden_state`` is
+                (B, R, H); None (default) computes every position.
 
         Returns:
             ``out_cls`` (``return_dict``) or its tuple of non-None fields.
@@ -1217,6 +1252,8 @@ class FlaxHeadModule(nn.Module):
         kwargs = forwarded_inputs(scope)
         if choices:
             kwargs = flatten_choices(kwargs)
+        if positions_to_keep is not None:
+            kwargs["positions_to_keep"] = positions_to_keep
         base, out = self._backbone(self._backbone_options(), **kwargs)
         return finish_output(out_cls, scope["return_dict"], **head_fn(base, out), **backbone_fields(out))
 
@@ -1237,11 +1274,13 @@ class FlaxHeadModule(nn.Module):
 
         return self._head_output(scope, QuestionAnsweringModelOutput, head)
 
-    def _multiple_choice(self, scope: Mapping[str, Any], pool):
+    def _multiple_choice(self, scope: Mapping[str, Any], pool, pooled: bool = True):
         """Multiple choice: ``pool`` each flattened choice, ``classifier`` (H -> 1) -> logits (B, C).
 
         ``pool``: base output -> (B * C, H), e.g. dropout on the pooler output.  Hidden states and
-        attentions are returned flattened to (B * C, ...), as transformers does.
+        attentions are returned flattened to (B * C, ...), as transformers does.  ``pooled``: ``pool``
+        reads only position 0 of the last layer, which then computes only that row where it may
+        (:meth:`_pooled_positions`).
         """
         ids = scope["input_ids"]
         num_choices = (ids if ids is not None else scope["inputs_embeds"]).shape[1]
@@ -1250,4 +1289,5 @@ class FlaxHeadModule(nn.Module):
             logits = dense(1, "classifier", self.config, self.dtype)(pool(out))
             return {"logits": logits.reshape(-1, num_choices)}  # (B * C, 1) -> (B, C)
 
-        return self._head_output(scope, MultipleChoiceModelOutput, head, choices=True)
+        keep = self._pooled_positions(scope) if pooled else None
+        return self._head_output(scope, MultipleChoiceModelOutput, head, choices=True, positions_to_keep=keep)

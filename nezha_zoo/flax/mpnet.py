@@ -39,6 +39,7 @@ from nezha_zoo.families.mpnet import (
 )
 from nezha_zoo.flax.heads import BertPooler, ClassificationHead, RobertaLMHead, mean_pool, tied_embedding_table
 from nezha_zoo.flax.layers import (
+    POSITIONS_TO_KEEP_DOC,
     BertLayerCollection,
     Dropout,
     freeze_padding_row,
@@ -126,7 +127,8 @@ class FlaxMPNetEncoder(nn.Module):
     layer's attention (added after scaling).
 
     Call args:
-        hidden_states (B, L, H); attention_mask (B, L) 0/1; head_mask (layers, heads), (heads,) or None.
+        hidden_states (B, L, H); attention_mask (B, L) 0/1; head_mask (layers, heads), (heads,) or None;
+        positions_to_keep (B, R) int or None: the last layer at those rows only (output (B, R, H)).
 
     Returns:
         ``(last_hidden (B, L, H), all_hidden_states | None, all_attentions | None)``.
@@ -145,6 +147,7 @@ class FlaxMPNetEncoder(nn.Module):
         deterministic: bool = True,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        positions_to_keep=None,
     ):
         c = self.config
         seq_len = hidden_states.shape[1]
@@ -185,6 +188,7 @@ class FlaxMPNetEncoder(nn.Module):
             deterministic,
             output_attentions,
             output_hidden_states,
+            positions_to_keep=positions_to_keep,
         )
         if output_hidden_states:
             all_hidden += (h,)
@@ -214,10 +218,15 @@ class FlaxMPNetModule(nn.Module):
 
     Returns ``BaseModelOutputWithPooling``: ``last_hidden_state`` (B, L, H), ``pooler_output`` (B, H)
     (with ``add_pooling_layer``), ``hidden_states`` (layers + 1) x (B, L, H), ``attentions``
-    layers x (B, heads, L, L).
+    layers x (B, heads, L, L).  With ``positions_to_keep`` ``last_hidden_state`` is (B, R, H) and the
+    pooler reads its row 0.
     """
 
-    __doc__ += _MODULE_DOC.format(mc="") + "        add_pooling_layer (bool, attribute): build the ``pooler``.\n"
+    __doc__ += (
+        _MODULE_DOC.format(mc="")
+        + "        add_pooling_layer (bool, attribute): build the ``pooler``.\n"
+        + POSITIONS_TO_KEEP_DOC
+    )
 
     config: Any
     dtype: Any = jnp.float32
@@ -236,6 +245,7 @@ class FlaxMPNetModule(nn.Module):
         output_hidden_states: bool = False,
         return_dict: bool = True,
         inputs_embeds=None,
+        positions_to_keep=None,
     ):
         c = self.config
         # Direct module users get the wrapper's checks too (values only when concrete, i.e. not under jit).
@@ -269,7 +279,7 @@ class FlaxMPNetModule(nn.Module):
         )
         h, all_hidden, all_attn = FlaxMPNetEncoder(
             c, dtype=self.dtype, gradient_checkpointing=self.gradient_checkpointing, name="encoder"
-        )(h, attention_mask, head_mask, deterministic, output_attentions, output_hidden_states)
+        )(h, attention_mask, head_mask, deterministic, output_attentions, output_hidden_states, positions_to_keep)
         pooled = BertPooler(c, dtype=self.dtype, name="pooler")(h) if self.add_pooling_layer else None
         return finish_output(
             BaseModelOutputWithPooling,
@@ -349,7 +359,8 @@ class FlaxMPNetForSequenceClassificationModule(_MPNetHead):
             classifier = ClassificationHead(self.config, activation="tanh", dtype=self.dtype, name="classifier")
             return {"logits": classifier(out.last_hidden_state, deterministic=deterministic)}
 
-        return self._head_output(locals(), SequenceClassifierOutput, head)
+        keep = self._pooled_positions(locals())  # the classifier reads position 0 only
+        return self._head_output(locals(), SequenceClassifierOutput, head, positions_to_keep=keep)
 
 
 class FlaxMPNetForMultipleChoiceModule(_MPNetHead):

@@ -34,7 +34,17 @@ from flax import linen as nn
 from nezha_zoo.families.mpt import MPT
 from nezha_zoo.flax.generation import FlaxGenerationMixin
 from nezha_zoo.flax.heads import split_qa_logits, tied_embedding_table
-from nezha_zoo.flax.layers import ACT2FN, Dropout, bf16_einsum, dense, layer_norm, update_kv_cache
+from nezha_zoo.flax.layers import (
+    ACT2FN,
+    POSITIONS_TO_KEEP_DOC,
+    Dropout,
+    bf16_einsum,
+    check_positions_to_keep,
+    dense,
+    keep_positions,
+    layer_norm,
+    update_kv_cache,
+)
 from nezha_zoo.flax.modeling_utils import (
     FlaxHeadModule,
     FlaxPreTrainedModel,
@@ -132,30 +142,40 @@ class FlaxMptAttention(nn.Module):
         attention_mask: (B, Lk) 0/1 key mask or None (with a cache Lk is the cache's max_length).
         init_cache (bool): create the cache collection.
         deterministic (bool): dropout off.
+        positions_to_keep: (B, R) int or None: queries (and the output) at these rows only; keys and
+            values at every row.
 
     Returns:
-        ``(output (B, L, d_model), probabilities (B, heads, L, Lk))``.
+        ``(output (B, L, d_model), probabilities (B, heads, L, Lk))``; L = R with ``positions_to_keep``.
     """
 
     config: Any
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden_states, attention_mask=None, init_cache: bool = False, deterministic: bool = True):
+    def __call__(
+        self, hidden_states, attention_mask=None, init_cache=False, deterministic=True, positions_to_keep=None
+    ):
         c, ac = self.config, self.config.attn_config
         d, heads = c.d_model, c.n_heads
         head_dim = d // heads
         kv_heads = 1 if ac.attn_type == "multiquery_attention" else heads
         bsz, q_len = hidden_states.shape[:2]
+        keep = positions_to_keep
 
+        # The fused projection runs on every row: the keys and values need them all.  (qk_ln normalises
+        # each row on its own, so keeping the query rows after it is exact.)
         qkv = _linear(d + 2 * kv_heads * head_dim, "Wqkv", c, self.dtype)(hidden_states)
         if ac.clip_qkv:
             qkv = jnp.clip(qkv, -ac.clip_qkv, ac.clip_qkv)
         q, k, v = jnp.split(qkv, [d, d + kv_heads * head_dim], axis=-1)  # query | key | value columns
+        if keep is not None:
+            q = keep_positions(q, keep)  # (B, R, d)
         if ac.qk_ln:
             q = _norm("q_ln", c, self.dtype)(q)
             k = _norm("k_ln", c, self.dtype)(k)
-        q = q.reshape(bsz, q_len, heads, head_dim)  # (B, L, d) -> (B, L, heads, head_dim)
+        rows_len = q.shape[1]
+        q = q.reshape(bsz, rows_len, heads, head_dim)  # (B, L, d) -> (B, L, heads, head_dim)
         k = k.reshape(bsz, q_len, kv_heads, head_dim)  # (B, L, kv_heads * head_dim) -> (B, L, kv_heads, head_dim)
         v = v.reshape(bsz, q_len, kv_heads, head_dim)
 
@@ -174,16 +194,17 @@ class FlaxMptAttention(nn.Module):
         last = jnp.asarray(past, jnp.int32) + q_len - 1  # the newest key's index
         scores = scores + alibi_bias(alibi_slopes(heads, ac.alibi_bias_max), k_len, last, self.dtype)
         # Query i sits at index past + i and sees keys j <= past + i that the mask keeps.
-        rows = jnp.asarray(past, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)
-        visible = (jnp.arange(k_len, dtype=jnp.int32)[None, :] <= rows[:, None])[None, None]  # (1, 1, L, Lk)
+        rows = jnp.arange(q_len, dtype=jnp.int32)[None] if keep is None else keep  # (1, L) or (B, R)
+        rows = jnp.asarray(past, jnp.int32) + rows
+        visible = (jnp.arange(k_len, dtype=jnp.int32)[None, None, :] <= rows[:, :, None])[:, None]  # (B|1, 1, L, Lk)
         if attention_mask is not None:
             visible = visible & (attention_mask[:, None, None, :] != 0)
         # Hidden scores are replaced, not shifted (transformers' masked_fill): a row with no visible
         # key (a left-pad query) becomes uniform, exactly as there.
         scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-        probs = Dropout(ac.attn_pdrop, name="attn_dropout")(probs, deterministic=deterministic)
-        context = bf16_einsum("bhqk,bkhd->bqhd", probs, v).reshape(bsz, q_len, d)  # merge heads: (B, L, d)
+        probs = Dropout(ac.attn_pdrop, name="attn_dropout")(probs, deterministic, keep, q_len, axis=2)
+        context = bf16_einsum("bhqk,bkhd->bqhd", probs, v).reshape(bsz, rows_len, d)  # merge heads: (B, L, d)
         return _linear(d, "out_proj", c, self.dtype)(context), probs
 
 
@@ -207,29 +228,37 @@ class FlaxMptBlock(nn.Module):
     """One pre-LN decoder block: ``norm_1``, ``attn``, residual; ``norm_2``, ``ffn``, residual.
 
     Positional call args (so ``nn.remat`` can mark the flags static): hidden_states (B, L, d_model),
-    attention_mask (B, Lk) 0/1 or None, init_cache, deterministic.
+    attention_mask (B, Lk) 0/1 or None, init_cache, deterministic, positions_to_keep (B, R) int or
+    None (queries, residuals and ``ffn`` at those rows only).
 
     Returns:
-        ``(hidden (B, L, d_model), attention probabilities (B, heads, L, Lk))``.
+        ``(hidden (B, L, d_model), attention probabilities (B, heads, L, Lk))``; L = R with
+        ``positions_to_keep``.
     """
 
     config: Any
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden_states, attention_mask=None, init_cache: bool = False, deterministic: bool = True):
+    def __call__(
+        self, hidden_states, attention_mask=None, init_cache=False, deterministic=True, positions_to_keep=None
+    ):
         c = self.config
+        keep, length = positions_to_keep, hidden_states.shape[1]
         rate = c.attn_config.attn_pdrop  # transformers uses attn_pdrop on both residual branches
         attn_out, probs = FlaxMptAttention(c, self.dtype, name="attn")(
-            _norm("norm_1", c, self.dtype)(hidden_states), attention_mask, init_cache, deterministic
+            _norm("norm_1", c, self.dtype)(hidden_states), attention_mask, init_cache, deterministic, keep
         )
-        h = Dropout(rate, name="resid_attn_dropout")(attn_out, deterministic=deterministic) + hidden_states
+        residual = hidden_states if keep is None else keep_positions(hidden_states, keep)
+        h = Dropout(rate, name="resid_attn_dropout")(attn_out, deterministic, keep, length) + residual
         ffn_out = FlaxMptMLP(c, self.dtype, name="ffn")(_norm("norm_2", c, self.dtype)(h))
-        return Dropout(rate, name="ffn_dropout")(ffn_out, deterministic=deterministic) + h, probs
+        return Dropout(rate, name="ffn_dropout")(ffn_out, deterministic, keep, length) + h, probs
 
 
 class _FlaxMptBlocks(nn.Module):
     """The ``blocks`` list: children ``"0"``, ``"1"``..., optionally rematerialised.
+
+    ``positions_to_keep`` (B, R) int or None reaches the last block only (its output is (B, R, d_model)).
 
     Returns ``(hidden, per-block inputs (n_layers) or None, per-block probabilities or None)``.
     """
@@ -247,8 +276,12 @@ class _FlaxMptBlocks(nn.Module):
         deterministic: bool = True,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        positions_to_keep=None,
     ):
         c = self.config
+        cache = init_cache or bool(self.variables.get("cache"))
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions, use_cache=cache)
+        positions_to_keep = check_positions_to_keep(positions_to_keep, hidden_states.shape[:2], flags)
         # static_argnums counts the module as argument 0: init_cache and deterministic.
         block_cls = nn.remat(FlaxMptBlock, static_argnums=(3, 4)) if self.gradient_checkpointing else FlaxMptBlock
         all_hidden = () if output_hidden_states else None
@@ -257,7 +290,11 @@ class _FlaxMptBlocks(nn.Module):
             if output_hidden_states:
                 all_hidden += (hidden_states,)
             hidden_states, probs = block_cls(c, self.dtype, name=str(i))(
-                hidden_states, attention_mask, init_cache, deterministic
+                hidden_states,
+                attention_mask,
+                init_cache,
+                deterministic,
+                positions_to_keep if i == c.n_layers - 1 else None,
             )
             if output_attentions:
                 all_attn += (probs,)
@@ -287,10 +324,11 @@ class FlaxMptModule(nn.Module):
 
     Returns ``BaseModelOutputWithPastAndCrossAttentions``: ``last_hidden_state`` (B, L, d_model) after
     ``norm_f``; ``hidden_states`` (n_layers + 1) x (B, L, d_model) (each block's input, then the
-    normed output); ``attentions`` n_layers x (B, heads, L, Lk).
+    normed output); ``attentions`` n_layers x (B, heads, L, Lk).  With ``positions_to_keep``
+    ``last_hidden_state`` is (B, R, d_model) (``norm_f`` applies to those rows).
     """
 
-    __doc__ += _MODULE_DOC.format(cache=_CACHE_DOC)
+    __doc__ += _MODULE_DOC.format(cache=_CACHE_DOC) + POSITIONS_TO_KEEP_DOC
 
     config: Any
     dtype: Any = jnp.float32
@@ -307,6 +345,7 @@ class FlaxMptModule(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool = True,
+        positions_to_keep=None,
     ):
         c = self.config
         # Direct module users get the wrapper's checks too (values only when concrete, i.e. not under jit).
@@ -337,7 +376,7 @@ class FlaxMptModule(nn.Module):
         h = wte(input_ids.astype("i4")) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         h, all_hidden, all_attn = _FlaxMptBlocks(
             c, self.dtype, gradient_checkpointing=self.gradient_checkpointing, name="blocks"
-        )(h, attention_mask, init_cache, deterministic, output_attentions, output_hidden_states)
+        )(h, attention_mask, init_cache, deterministic, output_attentions, output_hidden_states, positions_to_keep)
         h = _norm("norm_f", c, self.dtype)(h)
         if output_hidden_states:
             all_hidden += (h,)
@@ -449,12 +488,15 @@ class FlaxMptForSequenceClassificationModule(_MptHead):
         c = self.config
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         index = last_token_index(c, input_ids, batch_size)  # checked before the model runs
+        # The last layer computes only the row the score reads: the output is (B, 1, d_model).
+        keep = self._pooled_positions(locals(), index)
+        read = index if keep is None else 0
 
         def head(_, out):
             logits = dense(c.num_labels, "score", c, self.dtype, use_bias=False)(out.last_hidden_state)
-            return {"logits": logits[jnp.arange(batch_size), index]}  # (B, L, labels) -> (B, labels)
+            return {"logits": logits[jnp.arange(batch_size), read]}  # (B, L, labels) -> (B, labels)
 
-        return self._head_output(locals(), SequenceClassifierOutputWithPast, head)
+        return self._head_output(locals(), SequenceClassifierOutputWithPast, head, positions_to_keep=keep)
 
 
 class FlaxMptForTokenClassificationModule(_MptHead):

@@ -40,6 +40,7 @@ from nezha_zoo.flax.heads import (
     token_classifier,
 )
 from nezha_zoo.flax.layers import (
+    POSITIONS_TO_KEEP_DOC,
     BertEmbeddings,
     BertEncoder,
     Dropout,
@@ -127,9 +128,10 @@ class FlaxNezhaModule(nn.Module):
     ``pooler_output`` (B, H) (with ``add_pooling_layer``), ``hidden_states`` (layers + 1) x (B, L, H),
     ``attentions`` layers x (B, heads, L, Lk), ``cross_attentions`` layers x (B, heads, L, Le).
     The field ``add_pooling_layer`` (bool, default True) builds ``pooler`` (tanh(dense(token 0))).
+    With ``positions_to_keep`` ``last_hidden_state`` is (B, R, H) and the pooler reads its row 0.
     """
 
-    __doc__ += _MODULE_DOC.format(mc="", dec=_DECODER_DOC)
+    __doc__ += _MODULE_DOC.format(mc="", dec=_DECODER_DOC) + POSITIONS_TO_KEEP_DOC
 
     config: Any
     dtype: Any = jnp.float32
@@ -151,6 +153,7 @@ class FlaxNezhaModule(nn.Module):
         output_hidden_states: bool = False,
         return_dict: bool = True,
         inputs_embeds=None,
+        positions_to_keep=None,
     ):
         c = self.config
         # Direct module users get the wrapper's checks too (values only when concrete, i.e. not under jit).
@@ -204,6 +207,7 @@ class FlaxNezhaModule(nn.Module):
             output_attentions,
             output_hidden_states,
             cross_relative=cross_rel,
+            positions_to_keep=positions_to_keep,
         )
         pooled = BertPooler(c, dtype=self.dtype, name="pooler")(h) if self.add_pooling_layer else None
         return finish_output(
@@ -360,7 +364,8 @@ class FlaxNezhaForSequenceClassificationModule(_NezhaHead):
         def head(_, out):
             return {"logits": token_classifier(self.config, out.pooler_output, deterministic, self.dtype)}
 
-        return self._head_output(locals(), SequenceClassifierOutput, head)
+        keep = self._pooled_positions(locals())  # the pooler reads position 0 only
+        return self._head_output(locals(), SequenceClassifierOutput, head, positions_to_keep=keep)
 
 
 class FlaxNezhaForMultipleChoiceModule(_NezhaHead):

@@ -25,6 +25,7 @@ from nezha_zoo.flax import losses
 from nezha_zoo.flax.generation import FlaxGenerationMixin
 from nezha_zoo.flax.heads import BertPooler, ClassificationHead, RobertaLMHead, tied_embedding_table
 from nezha_zoo.flax.layers import (
+    POSITIONS_TO_KEEP_DOC,
     BertEmbeddings,
     BertEncoder,
     Dropout,
@@ -112,10 +113,15 @@ class FlaxXLMRobertaXLModule(nn.Module):
     Returns ``BaseModelOutputWithPoolingAndCrossAttentions``: ``last_hidden_state`` (B, L, H) after
     the final ``encoder.LayerNorm``, ``pooler_output`` (B, H) (with ``add_pooling_layer``),
     ``hidden_states`` (layers + 1) x (B, L, H), ``attentions`` layers x (B, heads, L, Lk),
-    ``cross_attentions``.
+    ``cross_attentions``.  With ``positions_to_keep`` ``last_hidden_state`` is (B, R, H) and the
+    pooler reads its row 0.
     """
 
-    __doc__ += _MODULE_DOC.format(mc="") + "        add_pooling_layer (bool, attribute): build the ``pooler``.\n"
+    __doc__ += (
+        _MODULE_DOC.format(mc="")
+        + "        add_pooling_layer (bool, attribute): build the ``pooler``.\n"
+        + POSITIONS_TO_KEEP_DOC
+    )
 
     config: Any
     dtype: Any = jnp.float32
@@ -138,6 +144,7 @@ class FlaxXLMRobertaXLModule(nn.Module):
         output_hidden_states: bool = False,
         return_dict: bool = True,
         inputs_embeds=None,
+        positions_to_keep=None,
     ):
         c = self.config
         # Direct module users get the wrapper's checks too (values only when concrete, i.e. not under jit).
@@ -194,6 +201,7 @@ class FlaxXLMRobertaXLModule(nn.Module):
             deterministic,
             output_attentions,
             output_hidden_states,
+            positions_to_keep=positions_to_keep,
         )
         pooled = BertPooler(c, dtype=self.dtype, name="pooler")(h) if self.add_pooling_layer else None
         return finish_output(
@@ -307,7 +315,8 @@ class FlaxXLMRobertaXLForSequenceClassificationModule(_XLMRobertaXLHead):
             classifier = ClassificationHead(self.config, activation="tanh", dtype=self.dtype, name="classifier")
             return {"logits": classifier(out.last_hidden_state, deterministic=deterministic)}
 
-        return self._head_output(locals(), SequenceClassifierOutput, head)
+        keep = self._pooled_positions(locals())  # the classifier reads position 0 only
+        return self._head_output(locals(), SequenceClassifierOutput, head, positions_to_keep=keep)
 
 
 class FlaxXLMRobertaXLForMultipleChoiceModule(_XLMRobertaXLHead):

@@ -451,7 +451,7 @@ def test_signatures():
             "output_hidden_states",
             "return_dict",
             "inputs_embeds",
-        ], head
+        ] + (["positions_to_keep"] if head == "Model" else []), head
 
 
 # --- training --------------------------------------------------------------------------------------

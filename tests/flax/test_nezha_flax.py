@@ -490,7 +490,8 @@ def test_signatures_follow_transformers_flax_without_position_ids():
     init = list(inspect.signature(nzf.FlaxNezhaPreTrainedModel.__init__).parameters)
     assert init[:7] == list(inspect.signature(hf_bert.FlaxBertPreTrainedModel.__init__).parameters)[:7]
     base = [p for p in inspect.signature(hf_bert.FlaxBertModule.__call__).parameters if p != "position_ids"]
-    assert list(inspect.signature(nzf.FlaxNezhaModule.__call__).parameters) == base + ["inputs_embeds"]
+    module_args = base + ["inputs_embeds", "positions_to_keep"]
+    assert list(inspect.signature(nzf.FlaxNezhaModule.__call__).parameters) == module_args
     for head in HEADS[1:]:
         params = list(inspect.signature(getattr(nzf, f"FlaxNezha{head}Module").__call__).parameters)
         assert "position_ids" not in params and params[:5] == [
