@@ -26,6 +26,7 @@ __all__ = [
     "assert_save_pretrained_takes_the_lock",
     "random_checkpoints",
     "ibert_layer_norm_rows",
+    "TINY_BERT",
     "IBERT_BASE",
     "IBERT_SMOKE",
     "IBERT_WIDE",
@@ -249,6 +250,10 @@ def ibert_layer_norm_rows(n: int, rows: int, seed: int = 0) -> np.ndarray:
     return q[None]
 
 
+#: The tiny BERT-family encoder of the tests (Electra, Nezha, MPNet, XLM-R-XL add their own fields):
+#: width 32, 2 layers, 4 heads, intermediate 37 (not a multiple of the width), vocabulary 99.
+TINY_BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+
 #: I-BERT at roberta-base size (hidden 768, 12 layers, 12 heads, intermediate 3072; vocabulary reduced
 #: to 1000, which changes only the embedding lookup): ``IBertConfig(**IBERT_BASE)``, dropout off.
 IBERT_BASE = dict(
@@ -263,9 +268,7 @@ IBERT_BASE = dict(
     attention_probs_dropout_prob=0.0,
 )
 #: The tiny I-BERT of the tests and of the benchmark's ``--smoke`` run.
-IBERT_SMOKE = dict(
-    IBERT_BASE, vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
-)
+IBERT_SMOKE = dict(IBERT_BASE, **TINY_BERT)
 #: For the exactness tests: wider than IBERT_SMOKE, with a head size (48) whose ``1 / sqrt(d)`` is not a
 #: power of two; the smallest model found whose graph-mode / XLA quant integers differed from eager
 #: while divisions by broadcast scales were left to Grappler / XLA (which turn them into reciprocal

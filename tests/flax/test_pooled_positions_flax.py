@@ -20,15 +20,14 @@ import nezha_zoo.flax as nzf
 from nezha_zoo import ElectraConfig, MPNetConfig, MptConfig, NezhaConfig, XLMRobertaXLConfig
 from nezha_zoo.flax import losses as L
 from nezha_zoo.flax.layers import Dropout, dropout_kept_rows, keep_positions
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
+from nezha_zoo.testing import TINY_BERT, TOLERANCES, assert_close, pin_precision, tiny_inputs
 from nezha_zoo.validation import InputError
 
 pytestmark = [pytest.mark.flax]
 
 pin_precision("flax")
 
-_BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
-_BERT.update(num_labels=3, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+_BERT = dict(TINY_BERT, num_labels=3, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
 _BERT_FFN = ("layer", "1", "intermediate", "dense")
 _MPT = dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=99, pad_token_id=0, num_labels=3)
 #: family -> (config, sequence-classification class name, the path of the last layer's FFN input dense)

@@ -21,20 +21,12 @@ import nezha_zoo.pt as zoo
 import nezha_zoo.pt.nezha as pt_nezha
 from nezha_zoo.spec.pooling import FIRST, LAST_NON_PAD
 from nezha_zoo.spec.registry import get_family
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs
+from nezha_zoo.testing import TINY_BERT, TOLERANCES, assert_close, pin_precision, tiny_inputs
 from nezha_zoo.validation import InputError
 
 pytestmark = [pytest.mark.pt, pytest.mark.hf]
 
-_BERT = dict(
-    vocab_size=99,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    hidden_dropout_prob=0.1,
-    attention_probs_dropout_prob=0.2,
-)
+_BERT = dict(TINY_BERT, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2)
 #: family -> (class prefix, base attribute, config fields, padding id, token types, the last layer's FFN input dense)
 FAMILIES = {
     "electra": ("Electra", "electra", dict(_BERT, embedding_size=24, max_position_embeddings=64), 0, True,

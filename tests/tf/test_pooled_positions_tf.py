@@ -23,22 +23,14 @@ import nezha_zoo as nz  # noqa: E402
 import nezha_zoo.tf as ztf  # noqa: E402
 from nezha_zoo.spec.pooling import FIRST, LAST_NON_PAD  # noqa: E402
 from nezha_zoo.spec.registry import get_family  # noqa: E402
-from nezha_zoo.testing import TOLERANCES, assert_close, pin_precision, tiny_inputs  # noqa: E402
+from nezha_zoo.testing import TINY_BERT, TOLERANCES, assert_close, pin_precision, tiny_inputs  # noqa: E402
 from nezha_zoo.tf.layers import keep_positions, sublayers  # noqa: E402
 from nezha_zoo.validation import InputError  # noqa: E402
 
 pytestmark = [pytest.mark.tf]
 
 LOGITS, GRAD_REL = TOLERANCES["logits"], TOLERANCES["grad_rel"]
-BERT = dict(
-    vocab_size=99,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    hidden_dropout_prob=0.1,
-    attention_probs_dropout_prob=0.1,
-)
+BERT = dict(TINY_BERT, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 #: family -> (config, token types, left padding)
 FAMILIES = {
     "Electra": (lambda: nz.ElectraConfig(**BERT, embedding_size=16, max_position_embeddings=64), True, False),
