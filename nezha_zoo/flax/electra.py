@@ -322,7 +322,9 @@ class FlaxElectraForMultipleChoiceModule(_ElectraHead):
             summary = SequenceSummary(self.config, self.dtype, name="sequence_summary")
             return summary(out.last_hidden_state, deterministic=deterministic)
 
-        return self._multiple_choice(locals(), pool, pooled=getattr(self.config, "summary_type", "last") == "first")
+        # summary_type "first" reads position 0 only: the last layer computes just that row.
+        first = getattr(self.config, "summary_type", "last") == "first"
+        return self._multiple_choice(locals(), pool, pooled=first)
 
 
 class FlaxElectraForTokenClassificationModule(_ElectraHead):

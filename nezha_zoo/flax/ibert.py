@@ -582,8 +582,8 @@ class FlaxIBertForMultipleChoiceModule(_IBertHead):
             dropout = Dropout(self.config.hidden_dropout_prob, name="dropout")
             return dropout(out.pooler_output, deterministic=deterministic)
 
-        # Every position: training calibrates the activation ranges over all rows, even in float mode.
-        return self._multiple_choice(locals(), pool, pooled=False)
+        # Every position (not pooled): training calibrates the activation ranges over all rows, float mode too.
+        return self._multiple_choice(locals(), pool)
 
 
 class FlaxIBertForTokenClassificationModule(_IBertHead):

@@ -53,7 +53,7 @@ from nezha_zoo.packing import PACKED_MAX_ROWS, packed_linear_enabled
 from nezha_zoo.pretrained import load_weights, random_weights, resized_vocab, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Kind, ModelSpec, Param
-from nezha_zoo.spec.pooling import FIRST, can_keep_positions
+from nezha_zoo.spec.pooling import FIRST, keeps_positions
 from nezha_zoo.spec.registry import Family, family_of_config, register_model_class
 from nezha_zoo.validation import (
     ID_INPUTS,
@@ -1203,26 +1203,30 @@ class FlaxHeadModule(nn.Module):
         return {}
 
     def _pooled_positions(self, scope: Mapping[str, Any], last_index: Any = None) -> jax.Array | None:
-        """A sequence-level head's ``positions_to_keep``: (B, 1) int32, or None when it may not prune.
+        """A sequence-level head's ``positions_to_keep`` (issue #23, :mod:`nezha_zoo.spec.pooling`).
 
-        The rule is the family's (``Family.pooling``): position 0, or ``last_index`` ((B,) or the int -1
-        for the last position) for :data:`~nezha_zoo.spec.pooling.LAST_NON_PAD`.  None when
-        :func:`~nezha_zoo.spec.pooling.can_keep_positions` forbids it (hidden states, attentions, a
-        cache or I-BERT's quant mode are asked for).  B counts every choice of a multiple-choice input.
+        Args:
+            scope (Mapping[str, Any]): the head's ``__call__`` arguments (its ``locals()``).
+            last_index (int32 array (N,) | int | None): the position each row's head reads, for the
+                family's :data:`~nezha_zoo.spec.pooling.LAST_NON_PAD` rule (MPT; the int -1: the last
+                position); unused for ``FIRST``.
+
+        Returns:
+            int32 array (N, 1) or None.  N counts every row the base module runs (multiple choice: B * C):
+            zeros for :data:`~nezha_zoo.spec.pooling.FIRST`, ``last_index`` for ``LAST_NON_PAD``.  None
+            (every position) when :func:`~nezha_zoo.spec.pooling.keeps_positions` forbids it (hidden
+            states, attentions, a cache, I-BERT's quant mode).
         """
-        use_cache = bool(scope.get("init_cache")) or bool(self.variables.get("cache"))
-        if not can_keep_positions(
-            output_hidden_states=bool(scope["output_hidden_states"]),
-            output_attentions=bool(scope["output_attentions"]),
-            use_cache=use_cache,
-            quant_mode=bool(getattr(self.config, "quant_mode", False)),
-        ):
+        cache = bool(scope.get("init_cache")) or bool(self.variables.get("cache"))  # Flax's cache: a collection
+        if not keeps_positions(scope, self.config, cache=cache):
             return None
         ids, embeds = scope["input_ids"], scope.get("inputs_embeds")
         shape = ids.shape if ids is not None else embeds.shape[:-1]
         batch, length = math.prod(shape[:-1]), shape[-1]
         if family_of_config(self.config).pooling == FIRST:
             return jnp.zeros((batch, 1), jnp.int32)
+        if last_index is None:
+            return None
         index = jnp.asarray(length - 1 if isinstance(last_index, int) and last_index < 0 else last_index, jnp.int32)
         return jnp.broadcast_to(index.reshape(-1, 1), (batch, 1))
 
@@ -1274,13 +1278,13 @@ class FlaxHeadModule(nn.Module):
 
         return self._head_output(scope, QuestionAnsweringModelOutput, head)
 
-    def _multiple_choice(self, scope: Mapping[str, Any], pool, pooled: bool = True):
+    def _multiple_choice(self, scope: Mapping[str, Any], pool, pooled: bool = False):
         """Multiple choice: ``pool`` each flattened choice, ``classifier`` (H -> 1) -> logits (B, C).
 
         ``pool``: base output -> (B * C, H), e.g. dropout on the pooler output.  Hidden states and
         attentions are returned flattened to (B * C, ...), as transformers does.  ``pooled``: ``pool``
-        reads only position 0 of the last layer, which then computes only that row where it may
-        (:meth:`_pooled_positions`).
+        reads only the pooled position of the last layer, which then computes only that row where it may
+        (:meth:`_pooled_positions`); False (default): every position.
         """
         ids = scope["input_ids"]
         num_choices = (ids if ids is not None else scope["inputs_embeds"]).shape[1]

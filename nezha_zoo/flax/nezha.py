@@ -339,7 +339,8 @@ class FlaxNezhaForNextSentencePredictionModule(_NezhaHead):
             cls = _PreTrainingHeads(self.config, self.dtype, mlm=False, name="cls")
             return {"logits": cls(None, None, out.pooler_output)[1]}
 
-        return self._head_output(locals(), NextSentencePredictorOutput, head)
+        keep = self._pooled_positions(locals())  # the pooler reads position 0 only
+        return self._head_output(locals(), NextSentencePredictorOutput, head, positions_to_keep=keep)
 
 
 class FlaxNezhaForSequenceClassificationModule(_NezhaHead):
@@ -395,7 +396,7 @@ class FlaxNezhaForMultipleChoiceModule(_NezhaHead):
             dropout = Dropout(classifier_dropout_rate(self.config), name="dropout")
             return dropout(out.pooler_output, deterministic=deterministic)
 
-        return self._multiple_choice(locals(), pool)
+        return self._multiple_choice(locals(), pool, pooled=True)  # the pooler reads position 0 only
 
 
 class FlaxNezhaForTokenClassificationModule(_NezhaHead):

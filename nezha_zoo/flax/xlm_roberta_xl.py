@@ -347,7 +347,7 @@ class FlaxXLMRobertaXLForMultipleChoiceModule(_XLMRobertaXLHead):
             dropout = Dropout(self.config.hidden_dropout_prob, name="dropout")
             return dropout(out.pooler_output, deterministic=deterministic)
 
-        return self._multiple_choice(locals(), pool)
+        return self._multiple_choice(locals(), pool, pooled=True)  # the pooler reads position 0 only
 
 
 class FlaxXLMRobertaXLForTokenClassificationModule(_XLMRobertaXLHead):

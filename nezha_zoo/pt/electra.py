@@ -397,7 +397,7 @@ class ElectraForSequenceClassification(ElectraPreTrainedModel):
     ) -> SequenceClassifierOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
         # The classifier reads position 0 only: the last layer computes just that row.
-        base = self._run_base(locals(), positions_to_keep=self._positions_to_keep(locals()))
+        base = self._run_base(locals(), positions_to_keep=self._pooled_positions(locals()))
         logits = self.classifier(base.last_hidden_state)  # (B, num_labels)
         out = sequence_classification_output(logits, base, labels, self.num_labels, self.config.problem_type)
         return self._finish(out, return_dict)

@@ -7,6 +7,7 @@ Everything that names a weight comes from the family's :class:`~nezha_zoo.spec.p
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from nezha_zoo.pt.layers import encoder_attention_bias, expand_head_mask, extend
 from nezha_zoo.pt.lora import LoraMixin
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
-from nezha_zoo.spec.pooling import FIRST, can_keep_positions
+from nezha_zoo.spec.pooling import FIRST, keeps_positions
 from nezha_zoo.spec.registry import Family, register_model_class
 from nezha_zoo.validation import ID_INPUTS, InputError, check_id_dtype, check_id_range, check_input_shapes, check_length
 
@@ -437,7 +438,7 @@ class PreTrainedModel(LoraMixin, nn.Module):
 
         Returns the base output and C.  ``embed_width`` is the width of ``inputs_embeds``
         (``hidden_size`` when None); ``positions=False`` skips the position checks (Nezha);
-        ``pooled``: the head reads the pooled position only (:meth:`_positions_to_keep`).
+        ``pooled``: the head reads the pooled position only (:meth:`_pooled_positions`).
         """
         input_ids, inputs_embeds = args.get("input_ids"), args.get("inputs_embeds")
         validate_inputs(
@@ -454,49 +455,34 @@ class PreTrainedModel(LoraMixin, nn.Module):
         num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         flat = {k: flatten_choices(args[k]) for k in CHOICE_ARGS if k in args}  # (B, C, L[, E]) -> (B * C, L[, E])
         if pooled:
-            lead = input_ids if input_ids is not None else inputs_embeds
-            flat["positions_to_keep"] = self._positions_to_keep(args, batch=lead.shape[0] * num_choices)
+            flat["positions_to_keep"] = self._pooled_positions(args)  # (B * C, 1) or None
         return self._run_base(args, **flat), num_choices
 
-    def _positions_to_keep(
-        self,
-        args: Mapping[str, Any],
-        batch: int | None = None,
-        positions: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-    ) -> torch.Tensor | None:
-        """``positions_to_keep`` for a sequence-level head (issue #23, :mod:`nezha_zoo.spec.pooling`).
+    def _pooled_positions(self, args: Mapping[str, Any], last_index: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A sequence-level head's ``positions_to_keep`` (issue #23, :mod:`nezha_zoo.spec.pooling`).
 
-        ``args`` is the head's ``locals()``.  Returns None (every position) when
-        :func:`~nezha_zoo.spec.pooling.can_keep_positions` forbids it (hidden states, attentions, a cache,
-        I-BERT's quant mode; also a cache given, cross-attention, a decoder config), else (B, 1) int64:
-        zeros for the family's ``"first"`` rule, ``positions`` (B,) (the head's own last-token positions)
-        for ``"last_non_pad"``.  ``batch``: the base model's batch (multiple choice: B * C); the leading
-        size of ``input_ids`` / ``inputs_embeds`` when None.  ``use_cache``: the base model's resolved
-        flag; None: a decoder config's ``use_cache`` (BERT-style families, whose heads pass none).
+        Args:
+            args (Mapping[str, Any]): the head's ``forward`` arguments (its ``locals()``).
+            last_index (LongTensor (N,) | None): the position each row's head reads, for the family's
+                :data:`~nezha_zoo.spec.pooling.LAST_NON_PAD` rule (MPT); unused for ``FIRST``.
+
+        Returns:
+            LongTensor (N, 1) or None.  N counts every row the base model runs (multiple choice: B * C):
+            zeros for :data:`~nezha_zoo.spec.pooling.FIRST`, ``last_index`` for ``LAST_NON_PAD``.  None
+            (every position) when :func:`~nezha_zoo.spec.pooling.keeps_positions` forbids it (hidden
+            states, attentions, a cache, cross-attention, I-BERT's quant mode) or the inputs are malformed
+            (the base model reports them).
         """
-        cfg = self.config
-        attentions, hidden_states, _ = self._resolve_flags(
-            args.get("output_attentions"), args.get("output_hidden_states"), None
-        )
-        if use_cache is None:
-            use_cache = bool(getattr(cfg, "is_decoder", False)) and bool(getattr(cfg, "use_cache", False))
-        if not can_keep_positions(
-            output_hidden_states=hidden_states,
-            output_attentions=attentions,
-            use_cache=use_cache,
-            quant_mode=bool(getattr(cfg, "quant_mode", False)),
-        ):
+        if not keeps_positions(args, self.config):
             return None
-        if args.get("past_key_values") is not None or args.get("encoder_hidden_states") is not None:
-            return None
-        lead = args.get("input_ids")
-        lead = args.get("inputs_embeds") if lead is None else lead
-        if not isinstance(lead, torch.Tensor) or lead.dim() < 2:
+        lead, embeds = args.get("input_ids"), args.get("inputs_embeds")
+        lead = embeds if lead is None else lead
+        lead_dims = 2 if lead is embeds else 1  # (..., L[, E])
+        if not isinstance(lead, torch.Tensor) or lead.dim() < lead_dims + 1:
             return None  # the base model reports the bad input
         if self.family.pooling != FIRST:
-            return None if positions is None else positions.long()[:, None]  # (B,) -> (B, 1)
-        rows = lead.shape[0] if batch is None else batch
+            return None if last_index is None else last_index.long()[:, None]  # (N,) -> (N, 1)
+        rows = math.prod(lead.shape[:-lead_dims])
         return torch.zeros((rows, 1), dtype=torch.long, device=lead.device)
 
     @staticmethod

@@ -635,8 +635,7 @@ class MptForSequenceClassification(MptPreTrainedModel):
             last = self._last_token(input_ids, batch, lead.device)
             rows = torch.full((batch,), lead.shape[1] - 1, device=lead.device) if isinstance(last, int) else last
             # The score reads each row's last token only: the last block computes just that row.
-            resolved_cache = self.config.use_cache if use_cache is None else bool(use_cache)
-            keep = self._positions_to_keep(locals(), positions=rows, use_cache=resolved_cache)
+            keep = self._pooled_positions(locals(), last_index=rows)
         base = self._run_base(locals(), positions_to_keep=keep)
         logits = self.score(base.last_hidden_state)  # (B, L or 1, num_labels)
         batch = logits.shape[0]

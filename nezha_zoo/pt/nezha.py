@@ -427,7 +427,8 @@ class NezhaForNextSentencePrediction(NezhaPreTrainedModel):
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
-        base = self._run_base(locals())
+        # The pooler reads position 0 only: the last layer computes just that row.
+        base = self._run_base(locals(), positions_to_keep=self._pooled_positions(locals()))
         logits = self.cls.seq_relationship(base.pooler_output)  # (B, 2)
         loss = losses.next_sentence_prediction_loss(logits, labels) if labels is not None else None
         out = NextSentencePredictorOutput(
@@ -470,7 +471,7 @@ class NezhaForSequenceClassification(NezhaPreTrainedModel):
     ) -> SequenceClassifierOutput | tuple[Any, ...]:
         _, _, return_dict = self._resolve_flags(output_attentions, output_hidden_states, return_dict)
         # The pooler reads position 0 only: the last layer computes just that row.
-        base = self._run_base(locals(), positions_to_keep=self._positions_to_keep(locals()))
+        base = self._run_base(locals(), positions_to_keep=self._pooled_positions(locals()))
         logits = self.classifier(self.dropout(base.pooler_output))  # (B, num_labels)
         out = sequence_classification_output(logits, base, labels, self.num_labels, self.config.problem_type)
         return self._finish(out, return_dict)

@@ -9,14 +9,19 @@ and the head's outputs (logits, loss) are the same sums.
 
 Each backend's encoder takes the positions as ``positions_to_keep``: ``None`` (every position, the
 default) or an integer tensor (B, R) of positions per row; the encoder's output is then (B, R, H).
-Heads pass it only when :func:`can_keep_positions` says that nothing else reads the last layer.
+Heads pass it only when :func:`can_keep_positions` says that nothing else reads the last layer; each
+backend's head base class decides in one method, ``_pooled_positions(args, last_index=None)``, on
+:func:`keeps_positions` of the head's call arguments.
 Dropout in the pruned layer draws its mask at the full shape and keeps the rows it needs, so the
 random stream, and with it every later draw, is the one the full computation consumes.
 """
 
 from __future__ import annotations
 
-__all__ = ["FIRST", "LAST_NON_PAD", "POOLING_RULES", "can_keep_positions"]
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["FIRST", "LAST_NON_PAD", "POOLING_RULES", "can_keep_positions", "keeps_positions"]
 
 #: The head reads position 0 of every row.
 FIRST = "first"
@@ -49,3 +54,39 @@ def can_keep_positions(
         bool: True when none of them is asked for.
     """
     return not (output_hidden_states or output_attentions or use_cache or quant_mode)
+
+
+def keeps_positions(args: Mapping[str, Any], config: Any, *, cache: bool | None = None) -> bool:
+    """Whether a sequence-level head's call may run the last layer at its pooled positions only.
+
+    The one rule of the three backends' ``_pooled_positions``: :func:`can_keep_positions` of the call's
+    flags, with cross-attention (``encoder_hidden_states`` given) also forbidding it.
+
+    Args:
+        args (Mapping[str, Any]): the head's call arguments (its ``locals()``).  ``output_hidden_states``
+            and ``output_attentions`` that are None or absent take the config's value.
+        config: the model's config (``quant_mode``: I-BERT's integer-only mode).
+        cache (bool | None): whether the call reads or writes a key/value cache.  None: ``use_cache``
+            of the call (None: the config's), else the config's for a decoder (``is_decoder``), or
+            ``past_key_values`` given.
+
+    Returns:
+        bool: True when the head may pass ``positions_to_keep``.
+    """
+
+    def flag(name: str) -> bool:
+        value = args.get(name)
+        return bool(getattr(config, name, False)) if value is None else bool(value)
+
+    if cache is None:
+        if "use_cache" in args:
+            cache = flag("use_cache")
+        else:  # heads without the argument: their base model's default
+            cache = bool(getattr(config, "is_decoder", False)) and bool(getattr(config, "use_cache", False))
+        cache = cache or args.get("past_key_values") is not None
+    return args.get("encoder_hidden_states") is None and can_keep_positions(
+        output_hidden_states=flag("output_hidden_states"),
+        output_attentions=flag("output_attentions"),
+        use_cache=cache,
+        quant_mode=bool(getattr(config, "quant_mode", False)),
+    )

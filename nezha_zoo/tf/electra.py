@@ -489,7 +489,9 @@ class TFElectraForMultipleChoice(TFElectraPreTrainedModel):
             embed_width=self.config.embedding_size,
         )
         choices = num_choices(input_ids, inputs_embeds)
-        out = self._base_call(locals(), flatten=flatten_choices)
+        # summary_type "first" reads position 0 only: the last layer computes just that row.
+        first = self.sequence_summary.summary_type == "first"
+        out = self._base_call(locals(), flatten=flatten_choices, pooled=first)
         pooled = self.sequence_summary(out.last_hidden_state, training=training)  # (B*C, H)
         result = multiple_choice_output(self.classifier(pooled), choices, labels, out)  # (B*C, 1) -> (B, C)
         return self._finish(result, return_dict)

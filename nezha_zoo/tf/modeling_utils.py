@@ -34,7 +34,7 @@ from nezha_zoo.outputs import OUTPUT_CLASSES, ModelOutput
 from nezha_zoo.pretrained import load_weights, resized_vocab, resolve_config, save_weights
 from nezha_zoo.spec.layouts import LAYOUTS
 from nezha_zoo.spec.param import Init, Kind, ModelSpec
-from nezha_zoo.spec.pooling import FIRST, can_keep_positions
+from nezha_zoo.spec.pooling import FIRST, keeps_positions
 from nezha_zoo.spec.registry import Family, register_model_class
 from nezha_zoo.tf.layers import Dense, graph_input_checks, poison_rows, sublayers
 from nezha_zoo.tf.lora import LoraMixin, is_lora_key
@@ -531,24 +531,32 @@ class TFPreTrainedModel(LoraMixin, keras.Model):
         """Run the base layer (``self.<base_model_prefix>``) of a head class."""
         return getattr(self, self.base_model_prefix)(gradient_checkpointing=self.gradient_checkpointing, **inputs)
 
-    def keeps_positions(self, call_args: dict[str, Any]) -> bool:
-        """Whether a sequence-level head's call (its ``locals()``) may run the last layer at the positions it
-        reads only: :func:`~nezha_zoo.spec.pooling.can_keep_positions` of the call's flags (None: the
-        config's), a cache passed in counting as ``use_cache``, and the config's ``quant_mode`` (I-BERT)."""
-        cfg = self.config
+    def _pooled_positions(self, call_args: dict[str, Any], last_index: Any = None) -> tf.Tensor | None:
+        """A sequence-level head's ``positions_to_keep`` (issue #23, :mod:`nezha_zoo.spec.pooling`).
 
-        def flag(name: str) -> bool:  # False where the head has no such argument
-            if name not in call_args:
-                return False
-            value = call_args[name]
-            return bool(getattr(cfg, name, False)) if value is None else bool(value)
+        Args:
+            call_args (dict[str, Any]): the head's ``call`` arguments (its ``locals()``).
+            last_index (int tensor (N,) | None): the position each row's head reads, for the family's
+                :data:`~nezha_zoo.spec.pooling.LAST_NON_PAD` rule (MPT); unused for ``FIRST``.
 
-        return can_keep_positions(
-            output_hidden_states=flag("output_hidden_states"),
-            output_attentions=flag("output_attentions"),
-            use_cache=flag("use_cache") or call_args.get("past_key_values") is not None,
-            quant_mode=bool(getattr(cfg, "quant_mode", False)),
-        )
+        Returns:
+            int32 tensor (N, 1) or None.  N counts every row the base layer runs (multiple choice: B * C):
+            zeros for :data:`~nezha_zoo.spec.pooling.FIRST`, ``last_index`` for ``LAST_NON_PAD``.  None
+            (every position) when :func:`~nezha_zoo.spec.pooling.keeps_positions` forbids it (hidden
+            states, attentions, a cache, cross-attention, I-BERT's quant mode) or there is no input (the
+            base layer reports it).
+        """
+        if not keeps_positions(call_args, self.config):
+            return None
+        if self.family.pooling != FIRST:
+            return None if last_index is None else tf.cast(last_index, tf.int32)[:, None]  # (N,) -> (N, 1)
+        ref, embeds = call_args.get("input_ids"), call_args.get("inputs_embeds")
+        ref = embeds if ref is None else ref
+        if ref is None:
+            return None
+        lead_dims = 2 if ref is embeds else 1  # (..., L[, E])
+        rows = tf.reduce_prod(tf.shape(ref)[: len(ref.shape) - lead_dims])
+        return tf.zeros(tf.stack([rows, 1]), tf.int32)  # (N, 1): position 0
 
     def _base_call(
         self,
@@ -564,22 +572,18 @@ class TFPreTrainedModel(LoraMixin, keras.Model):
         the dozen keyword arguments out.  ``flatten`` (multiple choice: ``flatten_choices``) maps the
         per-token inputs (B, C, L[, E]) -> (B*C, L[, E]); ``head_mask`` and the flags pass unchanged.
 
-        ``pooled`` (a head that reads one position per row, ``family.pooling``): when
-        :meth:`keeps_positions` allows, the last layer computes only ``positions_to_keep`` (N, R) int
-        (default for :data:`~nezha_zoo.spec.pooling.FIRST`: zeros (N, 1)) and ``last_hidden_state`` is
-        (N, R, H); otherwise every position, as before.
+        ``pooled`` (a head that reads one position per row, ``family.pooling``): the last layer computes
+        only :meth:`_pooled_positions` where they are not None (``last_hidden_state`` (N, 1, H)); a head
+        that builds its own passes ``positions_to_keep`` ((N, R) int or None) instead.
         """
         base = getattr(self, self.base_model_prefix)
         accepted = inspect.signature(type(base).call).parameters
         inputs = {k: v for k, v in call_args.items() if k in accepted and k not in ("self", "gradient_checkpointing")}
         if flatten is not None:
             inputs.update({k: flatten(inputs[k]) for k in _PER_TOKEN_INPUTS if k in inputs})
-        if pooled and positions_to_keep is None and self.family.pooling == FIRST:
-            ref = inputs.get("input_ids")
-            ref = inputs.get("inputs_embeds") if ref is None else ref
-            if ref is not None:  # (no input: the base model's error)
-                positions_to_keep = tf.zeros((tf.shape(ref)[0], 1), tf.int32)  # (N, 1): position 0
-        if pooled and positions_to_keep is not None and self.keeps_positions(call_args):
+        if pooled:
+            positions_to_keep = self._pooled_positions(call_args)
+        if positions_to_keep is not None:
             inputs["positions_to_keep"] = positions_to_keep
         return self._base(**inputs)
 

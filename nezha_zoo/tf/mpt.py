@@ -709,10 +709,9 @@ class TFMptForSequenceClassification(TFMptPreTrainedModel):
         # The last layer runs at each row's pooled position only (nezha_zoo.spec.pooling.LAST_NON_PAD), on
         # inputs of the right rank (others reach the base model's checks unchanged).
         well_formed = isinstance(ref, tf.Tensor) and ref.shape.rank == (2 if input_ids is not None else 3)
-        last = self._pooled_index(input_ids, ref) if well_formed and self.keeps_positions(locals()) else None
-        out = self._base_call(
-            locals(), pooled=last is not None, positions_to_keep=None if last is None else last[:, None]
-        )
+        index = self._pooled_index(input_ids, ref) if well_formed else None  # (B,)
+        keep = None if index is None else self._pooled_positions(locals(), last_index=index)
+        out = self._base_call(locals(), positions_to_keep=keep)
         logits = self.score(out.last_hidden_state)  # (B, L, num_labels), (B, 1, num_labels) when pruned
         pad = self.config.pad_token_id
         if pad is None:
@@ -722,8 +721,9 @@ class TFMptForSequenceClassification(TFMptPreTrainedModel):
                 raise ValueError(message)
             if batch is None:
                 tf.debugging.assert_equal(tf.shape(ref)[0], 1, message=message)
-        if last is None:
-            pooled = tf.gather(logits, self._pooled_index(input_ids, ref), axis=1, batch_dims=1)  # (B, num_labels)
+        if keep is None:
+            index = self._pooled_index(input_ids, ref) if index is None else index
+            pooled = tf.gather(logits, index, axis=1, batch_dims=1)  # (B, num_labels)
         else:
             pooled = logits[:, 0]  # (B, num_labels): the only row computed
         loss = None

@@ -144,6 +144,23 @@ def test_multiple_choice_prunes_and_equals_the_full_computation():
     assert ffn_rows(model, x, ffn, output_hidden_states=True) == [(6, 7, 32)]
 
 
+def test_electra_multiple_choice_with_another_summary_keeps_every_position():
+    config = ElectraConfig(**_BERT, embedding_size=16, summary_type="mean")
+    model = nzf.FlaxElectraForMultipleChoice(config, seed=2)
+    x = tiny_inputs(batch=2, seq_len=7, vocab_size=99, seed=5, num_choices=3)
+    assert ffn_rows(model, x, FAMILIES["electra"][2]) == [(6, 7, 32)]
+
+
+def test_next_sentence_prediction_prunes_and_equals_the_full_computation():
+    """Nezha's next-sentence head reads the pooler only, i.e. position 0 of the last layer."""
+    model = nzf.FlaxNezhaForNextSentencePrediction(FAMILIES["nezha"][0], seed=2)
+    x = tiny_inputs(batch=3, seq_len=7, vocab_size=99, seed=5)
+    assert_close(model(**x).logits, model(**x, output_hidden_states=True).logits, LOG, "next sentence")
+    ffn = FAMILIES["nezha"][2]
+    assert ffn_rows(model, x, ffn) == [(3, 1, 32)]
+    assert ffn_rows(model, x, ffn, output_hidden_states=True) == [(3, 7, 32)]
+
+
 def test_pruned_head_under_jit_equals_eager(models):
     model = models["nezha"]
     x = {k: jnp.asarray(v) for k, v in inputs_of(model, seed=6).items()}

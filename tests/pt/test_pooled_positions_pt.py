@@ -194,14 +194,15 @@ def test_nezha_relative_lookup_keeps_rows(pairs, monkeypatch):
     _same_step(_run(ours, inputs, seed=0), dense, "nezha lookup pruned vs dense full")
 
 
-@pytest.mark.parametrize("family", ["electra", "nezha", "mpnet", "xlm_roberta_xl"])
-def test_multiple_choice_prunes_to_the_first_position(family):
+def _assert_head_prunes_to_the_first_position(family: str, head: str, choices: int | None) -> None:
+    """``head`` of ``family`` runs its last layer at one row per sequence and equals the full computation."""
     prefix, base, fields, pad, types, ffn_in = FAMILIES[family]
     torch.manual_seed(0)
-    model = getattr(zoo, f"{prefix}ForMultipleChoice")(get_family(family).config_class(**fields)).eval()
-    raw = tiny_inputs(batch=2, seq_len=L, vocab_size=99, type_vocab_size=2 if types else None, pad=pad, num_choices=3)
+    model = getattr(zoo, f"{prefix}{head}")(get_family(family).config_class(**fields)).eval()
+    types = 2 if types else None
+    raw = tiny_inputs(batch=2, seq_len=L, vocab_size=99, type_vocab_size=types, pad=pad, num_choices=choices)
     inputs = {k: torch.from_numpy(v) for k, v in raw.items()}
-    inputs["labels"] = torch.tensor([0, 2])
+    inputs["labels"] = torch.tensor([0, 1])
     rows: list[int] = []
     hook = getattr(model, base).get_submodule(ffn_in).register_forward_hook(lambda m, a, o: rows.append(a[0].shape[1]))
     try:
@@ -210,7 +211,30 @@ def test_multiple_choice_prunes_to_the_first_position(family):
     finally:
         hook.remove()
     assert rows == [1, L]
-    _same_step(pruned, full, f"{family} multiple choice")
+    _same_step(pruned, full, f"{family} {head}")
+
+
+@pytest.mark.parametrize("family", ["electra", "nezha", "mpnet", "xlm_roberta_xl"])
+def test_multiple_choice_prunes_to_the_first_position(family):
+    _assert_head_prunes_to_the_first_position(family, "ForMultipleChoice", choices=3)
+
+
+def test_next_sentence_prediction_prunes_to_the_first_position():
+    """Nezha's next-sentence head reads the pooler only, i.e. position 0 of the last layer."""
+    _assert_head_prunes_to_the_first_position("nezha", "ForNextSentencePrediction", choices=None)
+
+
+def test_electra_multiple_choice_with_another_summary_keeps_every_position():
+    _, _, fields, *_, ffn_in = FAMILIES["electra"]
+    model = zoo.ElectraForMultipleChoice(get_family("electra").config_class(**fields, summary_type="mean")).eval()
+    rows: list[int] = []
+    hook = model.electra.get_submodule(ffn_in).register_forward_hook(lambda m, a, o: rows.append(a[0].shape[1]))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.randint(2, 99, (2, 3, L)))
+    finally:
+        hook.remove()
+    assert rows == [L]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

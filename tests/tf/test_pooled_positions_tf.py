@@ -173,19 +173,34 @@ def test_the_last_layer_computes_only_the_pooled_rows(family, models, monkeypatc
     assert counter.rows == [batch, batch * length, batch * length]
 
 
-def test_multiple_choice_and_next_sentence_heads_prune(monkeypatch):
-    cfg = nz.NezhaConfig(**BERT, max_position_embeddings=16, max_relative_position=3)
-    for head, inputs in (
-        ("ForMultipleChoice", tiny_inputs(batch=2, seq_len=5, num_choices=3)),
-        ("ForNextSentencePrediction", tiny_inputs(batch=2, seq_len=5)),
-    ):
-        model = getattr(ztf, f"TFNezha{head}")(cfg, seed=0)
-        counter = _RowCounter(model.nezha.encoder.layer.items[-1].intermediate.dense, monkeypatch)
-        pruned = model(**inputs).logits
-        full = model(**inputs, output_hidden_states=True).logits
-        rows = int(np.prod(inputs["input_ids"].shape[:-1]))
-        assert counter.rows == [rows, rows * 5]
-        assert_close(pruned, full, LOGITS, head)
+@pytest.mark.parametrize(
+    "family, head, choices",
+    [
+        ("Nezha", "ForMultipleChoice", 3),
+        ("Nezha", "ForNextSentencePrediction", None),
+        ("Electra", "ForMultipleChoice", 3),  # summary_type "first" (the config's default)
+    ],
+)
+def test_multiple_choice_and_next_sentence_heads_prune(family, head, choices, monkeypatch):
+    config = FAMILIES[family][0]()
+    assert getattr(config, "summary_type", "first") == "first"
+    inputs = tiny_inputs(batch=2, seq_len=5, num_choices=choices)
+    model = getattr(ztf, f"TF{family}{head}")(config, seed=0)
+    counter = _RowCounter(_last_ffn_in(model), monkeypatch)
+    pruned = model(**inputs).logits
+    full = model(**inputs, output_hidden_states=True).logits
+    rows = int(np.prod(inputs["input_ids"].shape[:-1]))
+    assert counter.rows == [rows, rows * 5]
+    assert_close(pruned, full, LOGITS, f"{family}{head}")
+
+
+def test_electra_multiple_choice_with_another_summary_keeps_every_position(monkeypatch):
+    config = FAMILIES["Electra"][0]()
+    config.summary_type = "mean"
+    model = ztf.TFElectraForMultipleChoice(config, seed=0)
+    counter = _RowCounter(_last_ffn_in(model), monkeypatch)
+    model(**tiny_inputs(batch=2, seq_len=5, num_choices=3))
+    assert counter.rows == [2 * 3 * 5]
 
 
 @pytest.mark.parametrize("family", ["Electra", "Mpt"])
