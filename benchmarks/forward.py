@@ -199,10 +199,12 @@ def _make_runner(
 
         model = getattr(module, name).from_pretrained(path).eval()
         call = torch.compile(model, dynamic=False) if mode == "torch.compile" else model
-        packed = mode.endswith("+packed")  # a process-wide switch: set around each call, as backends take turns
+        packed = mode.endswith("+packed")  # a process-wide switch: set around each call, as backends take turns;
+        # off is None, the default (no packed copy, products routed by rows), not False (plain F.linear)
+        setting = True if packed else None
 
         def run_pt(ids, mask):
-            with torch.inference_mode(), packed_linear(packed):
+            with torch.inference_mode(), packed_linear(setting):
                 return call(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0]
 
         return run_pt, lambda out: out

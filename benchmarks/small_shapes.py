@@ -88,10 +88,12 @@ def _runner(backend: str, family: str, path: str, threads: int) -> Callable[[np.
             module.logging.set_verbosity_error()
         model = getattr(module, name).from_pretrained(path).eval()
 
-        packed = backend == "pt-packed"  # a process-wide switch: set around each call, as backends take turns
+        packed = backend == "pt-packed"  # a process-wide switch: set around each call, as backends take turns;
+        # off is None, the default (no packed copy, products routed by rows), not False (plain F.linear)
+        setting = True if packed else None
 
         def run_pt(ids, mask):
-            with torch.inference_mode(), packed_linear(packed):
+            with torch.inference_mode(), packed_linear(setting):
                 return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0]
 
         return run_pt
