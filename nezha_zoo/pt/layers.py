@@ -265,6 +265,14 @@ def _packing_available() -> bool:
     return bool(_PACKING["available"])
 
 
+def _onednn_enabled() -> bool:
+    """Whether oneDNN's kernels may run now: this build has the ops (:func:`_packing_available`, probed once)
+    and ``torch.backends.mkldnn.enabled`` is on, read on every call (a C getter, tens of nanoseconds) so that
+    ``torch.backends.mkldnn.flags(enabled=False)`` turns every oneDNN product of :func:`linear` off for its
+    block, as it does PyTorch's own."""
+    return _packing_available() and torch._C._get_mkldnn_enabled()
+
+
 def _onednn_avx512() -> bool:
     """Whether oneDNN may run its AVX-512 kernels here: the CPU has AVX-512F
     (:func:`nezha_zoo.hardware.cpu_features`) and ``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA`` does not
@@ -337,7 +345,8 @@ def linear_route(rows: int, in_features: int, out_features: int) -> str:
       inputs, up to :data:`ONEDNN_WX_MAX_ROWS` rows, from :data:`ONEDNN_WX_MIN_ROWS_AVX512` where oneDNN has
       AVX-512, from 2 where it has AVX2 only;
     * ``"linear"``, ``F.linear``: weights under :data:`FAST_MIN_WEIGHT_ELEMENTS` elements, other products
-      where oneDNN has AVX2 only, or no oneDNN in this build.
+      where oneDNN has AVX2 only, no oneDNN in this build, or oneDNN turned off
+      (``torch.backends.mkldnn.enabled`` False, read at each call).
 
     Args:
         rows (int): the product's rows (the input's elements over ``in_features``), >= 1.
@@ -350,7 +359,7 @@ def linear_route(rows: int, in_features: int, out_features: int) -> str:
         return "linear"
     if 1 < rows <= WX_MAX_ROWS and in_features <= WX_MAX_IN_FEATURES:
         return "wx"
-    if not _packing_available():
+    if not _onednn_enabled():
         return "linear"
     if rows == 1:
         return "onednn"
@@ -408,6 +417,12 @@ def linear(
       1.6-2.9x; oneDNN at one row, 1.1-2.0x, and at more rows 1.5-2.3x with AVX-512; see
       ``docs/benchmarks/small_shapes.md``).
 
+    With oneDNN turned off, ``torch.backends.mkldnn.enabled = False`` or inside
+    ``torch.backends.mkldnn.flags(enabled=False)`` (read at each call), no oneDNN kernel runs: training
+    products and the packed path are ``F.linear``'s, bit for bit, and the no-grad routes those of a build
+    without oneDNN (``F.linear``, or MKL's ``(W x^T)^T`` at 2-4 rows); a backward whose forward ran on
+    oneDNN runs its products on MKL.
+
     The faster products sum in different orders: they agree with ``F.linear`` to float32 rounding, not bit
     for bit.
 
@@ -426,10 +441,10 @@ def linear(
     if setting is False:
         return F.linear(input, weight, bias)
     if torch.is_grad_enabled():
-        if onednn_training() and _packing_available():
+        if onednn_training() and _onednn_enabled():
             return _OneDNNLinear.apply(input, weight, bias)
         return F.linear(input, weight, bias)
-    if setting and packed_weight is not None and _packing_available():
+    if setting and packed_weight is not None and _onednn_enabled():
         packed = packed_weight()
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(input, packed, bias, "none", [], "")
@@ -501,7 +516,8 @@ class PackedLinear(nn.Linear):
     one thread; not on AVX2-only CPUs, where it was 0.91x: :func:`onednn_training`), and everywhere with
     the switch on.  ``set_packed_linear(False)`` / ``NEZHA_ZOO_PACKED_LINEAR=0`` give ``F.linear`` for
     every call, inference included.  Under ``torch.compile`` / tracing / autocast, for tensor subclasses
-    (FSDP's ``DTensor``) or other dtypes or devices this is ``F.linear`` too.  The paths sum in different
+    (FSDP's ``DTensor``) or other dtypes or devices this is ``F.linear`` too, and with
+    ``torch.backends.mkldnn.enabled`` False no product runs on oneDNN (see :func:`linear`).  The paths sum in different
     orders: results agree to float32 rounding, not bit for bit.
 
     Forward: ``input`` (..., in_features) -> (..., out_features).
@@ -567,7 +583,8 @@ class _OneDNNLinear(torch.autograd.Function):
     * ``sum(g)`` for the bias.
 
     Under ``create_graph=True`` (a double backward) the backward runs ``F.linear``'s own differentiable
-    ops instead, as oneDNN's op has no derivative.  Results agree with ``F.linear``'s to float32 rounding
+    ops instead, as oneDNN's op has no derivative, and MKL's products where oneDNN was turned off
+    (``torch.backends.mkldnn.enabled``) after the forward.  Results agree with ``F.linear``'s to float32 rounding
     (different summation orders), not bit for bit.
 
     Shapes: ``input`` (..., in), ``weight`` (out, in), ``bias`` (out,) or None -> (..., out).
@@ -585,7 +602,8 @@ class _OneDNNLinear(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         flat = grad.reshape(-1, grad.shape[-1])  # (N, out)
         rows = input.reshape(-1, input.shape[-1])  # (N, in)
-        onednn = not torch.is_grad_enabled()  # with create_graph, differentiable ops
+        # with create_graph, differentiable ops; with oneDNN turned off since the forward, MKL's
+        onednn = not torch.is_grad_enabled() and torch._C._get_mkldnn_enabled()
         if ctx.needs_input_grad[0]:
             if onednn:  # (N, out) x (out, in): W^T is the op's (in, out) "weight"
                 grad_input = torch.ops.mkldnn._linear_pointwise(flat, weight.t(), None, "none", [], "")

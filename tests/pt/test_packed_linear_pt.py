@@ -455,6 +455,77 @@ def test_switch_off_disables_the_no_grad_routes(onednn_isa, monkeypatch):
     assert "wx" in faster and (faster - {"linear", "wx"} or not _packing_available()), faster  # the test can fail
 
 
+def _onednn_calls(fn):
+    """``(oneDNN ops fn() dispatched, its result)``, read from its profile."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("mkldnn::")), result
+
+
+@needs_packing
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags(), on CPU builds
+@pytest.mark.parametrize("setting", [None, True], ids=["default", "packed"])
+def test_torch_turning_onednn_off_keeps_every_product_off_onednn(onednn_isa, setting, monkeypatch):
+    """Under ``torch.backends.mkldnn.flags(enabled=False)`` (or ``torch.backends.mkldnn.enabled = False``) no
+    oneDNN op runs: no-grad products at every row count (F.linear bit for bit; MKL's ``(W x^T)^T`` at 2-4 rows),
+    the packed path, training products and their backward (F.linear's, bit for bit), and the backward of a
+    forward that ran on oneDNN; restored, the oneDNN products run again."""
+    monkeypatch.setattr(layers, "FAST_MIN_WEIGHT_ELEMENTS", 0)  # the tiny weight takes a base model's routes
+    monkeypatch.setattr(layers, "ONEDNN_WX_MIN_IN_FEATURES", 0)
+    torch.manual_seed(0)
+    layer = PackedLinear(48, 97).eval()
+    w, b = layer.weight, layer.bias
+    edges = (layers.WX_MAX_ROWS, layers.ONEDNN_WX_MIN_ROWS_AVX512, layers.ONEDNN_WX_MAX_ROWS)
+    onednn_rows = 0
+    with packed_linear(setting), torch.no_grad():
+        for rows in sorted({1, 2, *edges, *(e + 1 for e in edges)}):
+            x = torch.randn(1, rows, 48)
+            want = F.linear(x, w, b)
+            with torch.backends.mkldnn.flags(enabled=False):
+                calls, got = _onednn_calls(lambda: layer(x))  # noqa: B023 (called at once)
+                route = layers.linear_route(rows, 48, 97)
+            assert calls == 0, (rows, route)
+            if 1 < rows <= layers.WX_MAX_ROWS:
+                assert route == "wx"
+                assert_close(got, want, TOLERANCES["hidden"], f"{rows} rows, oneDNN off")
+            else:
+                assert route == "linear" and torch.equal(got, want), (rows, route)
+            calls, _ = _onednn_calls(lambda: layer(x))  # noqa: B023 (the flag restored)
+            on_route = layers.linear_route(rows, 48, 97)
+            assert (calls > 0) is bool(setting or on_route.startswith("onednn")), (rows, on_route, calls)
+            onednn_rows += calls > 0
+        before, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False  # the flag itself
+        try:
+            calls, got = _onednn_calls(lambda: layer(x))  # the last row count's
+        finally:
+            torch.backends.mkldnn.enabled = before
+        assert calls == 0 and torch.equal(got, want)
+    assert onednn_rows >= 3, "the test can fail: oneDNN ran at most row counts with the flag on"
+    layer.train()
+    x, g = torch.randn(2, 5, 48, requires_grad=True), torch.randn(2, 5, 97)
+    want = F.linear(x, w, b)
+    want_grads = torch.autograd.grad(want, (x, w, b), g)
+
+    def step(call=layer):
+        out = call(x)
+        return out, torch.autograd.grad(out, (x, w, b), g)
+
+    with packed_linear(setting):
+        with torch.backends.mkldnn.flags(enabled=False):
+            calls, (out, grads) = _onednn_calls(step)
+        assert calls == 0 and type(out.grad_fn).__name__ != "_OneDNNLinearBackward"
+        assert torch.equal(out, want) and all(torch.equal(a, r) for a, r in zip(grads, want_grads))
+        calls, (out, grads) = _onednn_calls(step)  # the flag restored: oneDNN where onednn_training says so
+        onednn = layers.onednn_training()
+        assert (calls == 3) is onednn and (type(out.grad_fn).__name__ == "_OneDNNLinearBackward") is onednn
+        out = layer(x)  # a oneDNN forward (where it runs on oneDNN), its backward with oneDNN turned off
+        with torch.backends.mkldnn.flags(enabled=False):
+            calls, grads = _onednn_calls(lambda: torch.autograd.grad(out, (x, w, b), g))
+        assert calls == 0
+        for name, a, r in zip(("input", "weight", "bias"), grads, want_grads):
+            assert_close(a, r, TOLERANCES["hidden"], f"the {name} gradient, oneDNN off for the backward")
+
+
 def test_no_grad_routes_keep_f_linear_for_training_autocast_compile_and_other_dtypes(onednn_isa):
     torch.manual_seed(0)
     layer = PackedLinear(48, 40).eval()
