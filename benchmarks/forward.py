@@ -56,6 +56,7 @@ from benchmarks.harness import (
     time_interleaved,
 )
 from benchmarks.harness import machine as _machine
+from benchmarks.harness import pt_packed_linear_setting as _pt_packed_linear_setting
 from benchmarks.harness import reference_product as _reference_product
 from benchmarks.harness import set_threads as _set_threads
 from benchmarks.harness import timed as _timed
@@ -199,9 +200,7 @@ def _make_runner(
 
         model = getattr(module, name).from_pretrained(path).eval()
         call = torch.compile(model, dynamic=False) if mode == "torch.compile" else model
-        packed = mode.endswith("+packed")  # a process-wide switch: set around each call, as backends take turns;
-        # off is None, the default (no packed copy, products routed by rows), not False (plain F.linear)
-        setting = True if packed else None
+        setting = _pt_packed_linear_setting(backend)  # process-wide: set around each call, as backends take turns
 
         def run_pt(ids, mask):
             with torch.inference_mode(), packed_linear(setting):

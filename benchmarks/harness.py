@@ -1,7 +1,8 @@
 """What the timing benchmarks share: threads, the reference matrix product, interleaved timing, the
-machine's description (CPU flags and load included), peak-memory readings and atomic report writes.
+machine's description (CPU flags and load included), peak-memory readings, atomic report writes and the
+product switch's setting for each PyTorch backend (:data:`PT_PACKED_LINEAR_SETTINGS`).
 
-``benchmarks.forward`` and ``benchmarks.train`` use these; the method is described in
+``benchmarks.forward``, ``benchmarks.train`` and ``benchmarks.small_shapes`` use these; the method is described in
 ``docs/benchmarks/README.md`` (backends of one framework timed call by call in turn inside one
 process, the order rotating, with a float32 matrix product after each round).
 """
@@ -30,6 +31,18 @@ SMOKE_REFERENCE_N = 256
 #: Pause before the reference product, so no framework thread is still spinning from the last run.
 REFERENCE_PAUSE_S = 0.05
 
+#: The setting of the process-wide product switch (:func:`nezha_zoo.packing.set_packed_linear`) each PyTorch
+#: backend of ours runs under, in every benchmark (``forward``, ``small_shapes``, ``train``): ``pt`` is what a
+#: user gets, the default ``None`` (oneDNN training products where faster, no-grad products by row count);
+#: ``pt-plain`` the switch off (plain ``F.linear``); ``pt-packed`` on (packed copies, oneDNN everywhere).
+#: ``pt-compile`` keeps the default (compiled code reads no switch).
+PT_PACKED_LINEAR_SETTINGS: dict[str, bool | None] = {
+    "pt": None,
+    "pt-compile": None,
+    "pt-plain": False,
+    "pt-packed": True,
+}
+
 
 def set_threads(threads: int) -> None:
     """Same thread count for every framework; must run before any framework is imported."""
@@ -38,6 +51,21 @@ def set_threads(threads: int) -> None:
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pt_packed_linear_setting(backend: str) -> bool | None:
+    """The switch's setting a PyTorch backend runs under (:data:`PT_PACKED_LINEAR_SETTINGS`).
+
+    Args:
+        backend (str): a benchmark's backend name: ours (``"pt"``, ``"pt-packed"``, ``"pt+lora"``: a
+            ``+variant`` runs as its base) or transformers' (``"hf-pt"``...: ``None``, it reads no switch).
+    Returns:
+        bool | None: the argument of ``nezha_zoo.pt.packed_linear`` around each call.
+    Raises:
+        KeyError: a PyTorch backend of ours with no declared setting.
+    """
+    base = backend.partition("+")[0]
+    return None if base.startswith("hf-") else PT_PACKED_LINEAR_SETTINGS[base]
 
 
 def reference_product(n: int) -> Callable[[], Any]:

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.forward import BENCH_CONFIGS, SMOKE_CONFIGS, _set_threads
+from benchmarks.harness import pt_packed_linear_setting
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.registry import get_family
 
@@ -88,9 +89,7 @@ def _runner(backend: str, family: str, path: str, threads: int) -> Callable[[np.
             module.logging.set_verbosity_error()
         model = getattr(module, name).from_pretrained(path).eval()
 
-        packed = backend == "pt-packed"  # a process-wide switch: set around each call, as backends take turns;
-        # off is None, the default (no packed copy, products routed by rows), not False (plain F.linear)
-        setting = True if packed else None
+        setting = pt_packed_linear_setting(backend)  # process-wide: set around each call, as backends take turns
 
         def run_pt(ids, mask):
             with torch.inference_mode(), packed_linear(setting):

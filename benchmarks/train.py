@@ -60,6 +60,7 @@ from benchmarks.harness import (
     machine_line,
     matmul_rate,
     peak_rss_bytes,
+    pt_packed_linear_setting,
     ratio_cell,
     reference_product,
     reset_peak_rss,
@@ -145,7 +146,11 @@ def _variable_bytes(v) -> int:
     return int(np.prod(tuple(v.shape), dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
-def _pt_step(impl: str, mode: str, lora: bool, family: str, path: str, loaded: Callable[[], None]):
+def _pt_step(
+    impl: str, mode: str, lora: bool, family: str, path: str, loaded: Callable[[], None], setting: bool | None
+):
+    """The maker for ours and transformers' PyTorch backends; ``setting`` is the product switch's around each
+    step (:func:`benchmarks.harness.pt_packed_linear_setting`)."""
     import torch
 
     from nezha_zoo.pt import packed_linear
@@ -165,15 +170,13 @@ def _pt_step(impl: str, mode: str, lora: bool, family: str, path: str, loaded: C
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
     call = torch.compile(model, dynamic=False) if mode == "torch.compile" else model
-    # a process-wide switch: set around each step, as backends take turns; None is its default
-    setting = True if mode.endswith("+packed") else False if mode.endswith("+plain") else None
     tensors: dict[int, Any] = {}
 
     def step(ids, mask, labels):
         if id(ids) not in tensors:  # the same numpy inputs every call: convert once
             tensors[id(ids)] = [torch.from_numpy(x) for x in (ids, mask, labels)]
         t_ids, t_mask, t_labels = tensors[id(ids)]
-        with packed_linear(setting):
+        with packed_linear(setting):  # process-wide: set around each step, as backends take turns
             optimizer.zero_grad(set_to_none=True)
             loss = call(input_ids=t_ids, attention_mask=t_mask, labels=t_labels).loss
             loss.backward()
@@ -308,7 +311,8 @@ def make_step(key: str, family: str, path: str, threads: int, loaded: Callable[[
         import torch
 
         torch.set_num_threads(threads)
-    maker = {"pt": _pt_step, "tf": _tf_step, "flax": _flax_step}[fw]
+        return _pt_step(impl, mode, lora, family, path, loaded, pt_packed_linear_setting(base))
+    maker = {"tf": _tf_step, "flax": _flax_step}[fw]
     return maker(impl, mode, lora, family, path, loaded)
 
 

@@ -4,10 +4,12 @@ default where that is faster (AVX-512), with the switch's ``False`` / ``NEZHA_ZO
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -578,3 +580,48 @@ def test_linear_rows_benchmark_smoke(tmp_path):
     assert linear_rows.main(argv) == 0
     medians = json.loads(out.read_text())
     assert {"32->24|1|mv", "32->24|3|onednn_wx", "16->8|3|wx", "16->8|1|F.linear"} <= medians.keys()
+
+
+def test_benchmarks_run_each_pytorch_mode_under_the_setting_it_names(tmp_path, monkeypatch):
+    """In ``benchmarks.forward``, ``small_shapes`` and ``train``, ``pt`` (what a user gets) runs under the switch's
+    default ``None``, ``pt-plain`` with it off (``False``), ``pt-packed`` on (``True``): one table,
+    ``benchmarks.harness.PT_PACKED_LINEAR_SETTINGS``, which each benchmark's PyTorch runner sets around its calls
+    (session 12's ``forward`` and ``small_shapes`` ran ``pt`` with ``False`` and went unnoticed)."""
+    harness = pytest.importorskip("benchmarks.harness")
+    forward, small_shapes, train = (
+        pytest.importorskip(f"benchmarks.{m}") for m in ("forward", "small_shapes", "train")
+    )
+    want = {"pt": None, "pt-compile": None, "pt-plain": False, "pt-packed": True}
+    seen: list[bool | None] = []
+
+    @contextlib.contextmanager
+    def recording(enabled=True):
+        seen.append(enabled)
+        with packed_linear(enabled):
+            yield
+
+    monkeypatch.setattr(zoo, "packed_linear", recording)  # the benchmarks import it when they build a runner
+    threads = torch.get_num_threads()  # the runners set it: leave it as it is
+    ids, mask = forward._inputs(2, 8, 20)
+    pt_path = forward._checkpoint(str(tmp_path), "electra", smoke=True)
+    train_path = train._checkpoint(str(tmp_path), "electra", smoke=True)
+    runners = {
+        "forward": (forward.BACKENDS, lambda b: forward._make_runner(b, "electra", pt_path, threads)[0](ids, mask)),
+        "small_shapes": (small_shapes.BACKENDS, lambda b: small_shapes._runner(b, "electra", pt_path, 0)(ids, mask)),
+        "train": (
+            [*train.BACKENDS, *train.LORA_BACKENDS],
+            lambda b: train.make_step(b, "electra", train_path, threads)[0](ids, mask, np.zeros(2, np.int64)),
+        ),
+    }
+    for bench, (backends, run) in runners.items():
+        ours = [b for b in dict.fromkeys(backends) if b.startswith("pt")]  # every PyTorch backend of ours
+        assert {"pt", "pt-packed"} <= set(ours), bench
+        for b in ours:
+            assert harness.pt_packed_linear_setting(b) is want[b.partition("+")[0]], (bench, b)
+            if "compile" not in b:  # compiled code reads no switch (and compiling takes seconds)
+                seen.clear()
+                run(b)
+                assert seen and all(s is want[b.partition("+")[0]] for s in seen), (bench, b, seen)
+    assert harness.pt_packed_linear_setting("hf-pt") is None  # transformers' read no switch
+    with pytest.raises(KeyError):
+        harness.pt_packed_linear_setting("pt-undeclared")
