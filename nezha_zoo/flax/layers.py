@@ -256,7 +256,9 @@ class Dense(nn.Dense):
 
     ``columns=(start, stop)`` computes only those output columns, ``inputs @ kernel[:, start:stop]`` plus
     ``bias[start:stop]``, from the same params: a fused projection whose parts are needed at different
-    rows (MPT's ``Wqkv`` under pooled positions) calls the module once per part.
+    rows (MPT's ``Wqkv`` under pooled positions: key and value at every row) calls the module once per
+    part.  The column slice of the kernel is a strided copy under XLA: for a few rows the whole product,
+    sliced, costs less.
 
     Forward: ``inputs`` (..., in), ``columns`` (start, stop) or None -> (..., out or stop - start).
     """

@@ -356,7 +356,8 @@ class Dense(keras.layers.Dense):
     ``columns=(start, stop)`` computes only those output columns, ``inputs @ kernel[:, start:stop]`` plus
     ``bias[start:stop]``, from the same variables (LoRA's adapted kernel included; under Keras
     quantization the whole product is sliced): a fused projection whose parts are needed at different rows
-    (MPT's ``Wqkv`` under pooled positions) calls the layer once per part.
+    (MPT's ``Wqkv`` under pooled positions: key and value at every row) calls the layer once per part.  The
+    column slice of the kernel is a strided copy: for a few rows the whole product, sliced, costs less.
 
     Forward: ``inputs`` (..., in), ``columns`` (start, stop) or None -> (..., out or stop - start).
     """

@@ -198,7 +198,8 @@ class TFMptAttention(Block):
         if keep is not None:
             # The query columns of Wqkv on the kept rows only, its key/value columns on every row (the
             # clip and the LayerNorms act per element and per row: the same numbers as the full product's).
-            query = self.Wqkv(keep_positions(hidden_states, keep), columns=(0, d))  # (B, R, d_model)
+            # The R kept rows take the whole kernel: a column slice of it is a strided copy.
+            query = self.Wqkv(keep_positions(hidden_states, keep))[..., :d]  # (B, R, d_model)
             kv = self.Wqkv(hidden_states, columns=(d, d + 2 * self.kv_width))  # (B, Lq, 2 * kv_width)
             if self.clip_qkv:
                 query = tf.clip_by_value(query, -self.clip_qkv, self.clip_qkv)

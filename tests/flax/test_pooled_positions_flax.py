@@ -246,13 +246,14 @@ def wqkv_calls(model, inputs: dict, block: str, **kwargs) -> list[tuple]:
 
 @pytest.mark.parametrize("family", ["mpt", "mpt_options"])
 def test_mpt_wqkv_projects_the_query_at_the_kept_rows_only(models, family):
-    """The last block's Wqkv: its query columns at one row per sequence, its key/value columns at every
-    row; the first block, and a call that reads every row, run the whole projection."""
+    """The last block's Wqkv: one row per sequence (the whole kernel, its query columns kept), its
+    key/value columns at every row; the first block, and a call that reads every row, run the whole
+    projection at every row."""
     model = models[family]
     x = inputs_of(model, seed=4, left=True)
     (batch, length), width = x["input_ids"].shape, model.config.d_model
     d, kv, _ = model.config.qkv_widths
-    assert wqkv_calls(model, x, "1") == [((batch, 1, width), (0, d)), ((batch, length, width), (d, d + 2 * kv))]
+    assert wqkv_calls(model, x, "1") == [((batch, 1, width), None), ((batch, length, width), (d, d + 2 * kv))]
     assert wqkv_calls(model, x, "0") == [((batch, length, width), None)]
     assert wqkv_calls(model, x, "1", output_hidden_states=True) == [((batch, length, width), None)]
 

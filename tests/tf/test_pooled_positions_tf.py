@@ -311,15 +311,16 @@ class _Wqkv:
 
 @pytest.mark.parametrize("which", ["default", "options", "lora"])
 def test_mpt_wqkv_projects_the_query_at_the_kept_rows_only(which, models, mpt_models, monkeypatch):
-    """The last block's ``Wqkv``: its query columns at one row per sequence, its key/value columns at
-    every row; earlier blocks, and a call that reads every row, run the whole projection."""
+    """The last block's ``Wqkv``: one row per sequence (the whole kernel, its query columns kept), its
+    key/value columns at every row; earlier blocks, and a call that reads every row, run the whole
+    projection at every row."""
     model = models("Mpt") if which == "default" else mpt_models[which]
     inputs = _inputs("Mpt")
     batch, length = inputs["input_ids"].shape
     d, kv, _ = model.config.qkv_widths
     first, last = (_Wqkv(block.attn.Wqkv, monkeypatch) for block in model.transformer.blocks.items)
     model(**inputs)
-    assert last.calls == [(batch, (0, d)), (batch * length, (d, d + 2 * kv))]
+    assert last.calls == [(batch, None), (batch * length, (d, d + 2 * kv))]
     assert first.calls == [(batch * length, None)]
     model(**inputs, output_hidden_states=True)
     assert last.calls[2:] == [(batch * length, None)]
