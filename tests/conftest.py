@@ -59,11 +59,12 @@ FILE_SECONDS: dict[str, int] = {
     "test_ibert_flax.py": 76,
     "test_ibert_tf.py": 75,
     "test_generation_flax.py": 66,
+    "test_pooled_positions_flax.py": 58,  # session 13: + the MPT Wqkv tests (~12 s, estimated)
     "test_convert_transformers.py": 54,
     "test_ibert_int_dtypes_flax.py": 54,
     "test_electra_flax.py": 51,
-    "test_pooled_positions_flax.py": 46,
     "test_sharding_flax.py": 44,
+    "test_pooled_positions_tf.py": 42,  # session 13: + the MPT Wqkv tests (~16 s, estimated)
     "test_packed_linear_flax.py": 42,
     "test_demo_runs.py": 39,
     "test_generation_tf.py": 39,
@@ -82,7 +83,6 @@ FILE_SECONDS: dict[str, int] = {
     "test_bench_precision_smoke.py": 28,
     "test_compile_pt.py": 26,
     "test_lora.py": 26,
-    "test_pooled_positions_tf.py": 26,
     "test_bench_ibert_smoke_pt.py": 25,
     "test_dtype_flax.py": 25,
     "test_electra_tf.py": 24,

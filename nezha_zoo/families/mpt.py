@@ -266,6 +266,17 @@ class MptConfig(PretrainedConfig):
         """Width of one attention head (``d_model // n_heads``)."""
         return self.d_model // self.n_heads
 
+    @property
+    def qkv_widths(self) -> tuple[int, int, int]:
+        """The widths of ``attn.Wqkv``'s query, key and value outputs, in that order.
+
+        ``(d_model, kv_width, kv_width)``, ``kv_width`` being ``head_dim`` for multi-query attention
+        and ``d_model`` otherwise: the query is the first ``d_model`` output columns (rows of the
+        PyTorch weight), which pooled positions project at the kept rows only.
+        """
+        kv_width = self.head_dim if self.attn_config.attn_type == "multiquery_attention" else self.d_model
+        return self.d_model, kv_width, kv_width
+
 
 def _block(p: str, c: MptConfig) -> list[Param]:
     """One pre-LN block, with llm-foundry's names.
@@ -282,7 +293,7 @@ def _block(p: str, c: MptConfig) -> list[Param]:
     """
     d, ac = c.d_model, c.attn_config
     bias = not c.no_bias
-    kv_width = c.head_dim if ac.attn_type == "multiquery_attention" else d
+    kv_width = c.qkv_widths[1]
     ps = layer_norm(f"{p}.norm_1", d, bias=bias)
     ps += dense(f"{p}.attn.Wqkv", d, d + 2 * kv_width, "hidden", "qkv", bias=bias)
     if ac.qk_ln:

@@ -254,12 +254,30 @@ class Dense(nn.Dense):
     in another order than the plain dot: results agree to float32 rounding, not bit for bit.  Otherwise
     it is ``nn.Dense``.
 
-    Forward: ``inputs`` (..., in) -> (..., out).
+    ``columns=(start, stop)`` computes only those output columns, ``inputs @ kernel[:, start:stop]`` plus
+    ``bias[start:stop]``, from the same params: a fused projection whose parts are needed at different
+    rows (MPT's ``Wqkv`` under pooled positions: key and value at every row) calls the module once per
+    part.  The column slice of the kernel is a strided copy under XLA: for a few rows the whole product,
+    sliced, costs less.
+
+    Forward: ``inputs`` (..., in), ``columns`` (start, stop) or None -> (..., out or stop - start).
     """
 
     @nn.compact
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, columns: tuple[int, int] | None = None) -> jax.Array:
         rows = math.prod(jnp.shape(inputs)[:-1])
+        if columns is not None:
+            # declared as nn.Dense declares them, then sliced
+            kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+            start, stop = columns
+            x, kernel, bias = self.promote_dtype(
+                inputs, kernel[:, start:stop], None if bias is None else bias[start:stop], dtype=self.dtype
+            )
+            y = (self.dot_general or jax.lax.dot_general)(
+                x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision
+            )
+            return y if bias is None else y + bias
         if (
             not self.has_variable(PACKED, "kernel")
             or rows > PACKED_MAX_ROWS

@@ -178,8 +178,8 @@ class MptAttention(nn.Module):
         d, bias = config.d_model, not config.no_bias
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
-        self.kv_heads = 1 if ac.attn_type == "multiquery_attention" else config.n_heads
-        self.kv_width = self.kv_heads * self.head_dim
+        self.kv_width = config.qkv_widths[1]  # query | key | value rows of Wqkv: d, kv_width, kv_width
+        self.kv_heads = self.kv_width // self.head_dim
         self.softmax_scale = ac.softmax_scale if ac.softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.clip_qkv = ac.clip_qkv
         self.Wqkv = PackedLinear(d, d + 2 * self.kv_width, bias=bias)

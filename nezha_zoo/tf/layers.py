@@ -353,7 +353,13 @@ class Dense(keras.layers.Dense):
     export (``model.export``, every axis dynamic) never packs; save a function traced on a static shape
     of a few rows with the switch off.
 
-    Forward: ``inputs`` (..., in) -> (..., out).
+    ``columns=(start, stop)`` computes only those output columns, ``inputs @ kernel[:, start:stop]`` plus
+    ``bias[start:stop]``, from the same variables (LoRA's adapted kernel included; under Keras
+    quantization the whole product is sliced): a fused projection whose parts are needed at different rows
+    (MPT's ``Wqkv`` under pooled positions: key and value at every row) calls the layer once per part.  The
+    column slice of the kernel is a strided copy: for a few rows the whole product, sliced, costs less.
+
+    Forward: ``inputs`` (..., in), ``columns`` (start, stop) or None -> (..., out or stop - start).
     """
 
     #: (weakref to the kernel variable, the packed copy (out / 64, in, 64), its fingerprint, the indices)
@@ -395,7 +401,9 @@ class Dense(keras.layers.Dense):
             object.__setattr__(self, "_nz_packed", state)  # not tracked: neither a weight nor saved
         return state[1:]
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, columns=None):
+        if columns is not None:
+            return self._columns_call(inputs, *columns)
         if self.compute_dtype == "bfloat16" and not self.quantization_mode and in_xla_context():
             x = bf16_matmul(inputs, tf.cast(self.kernel, self.compute_dtype))  # a mixed policy keeps f32 weights
             if self.bias is not None:
@@ -421,6 +429,15 @@ class Dense(keras.layers.Dense):
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+    def _columns_call(self, inputs: tf.Tensor, start: int, stop: int) -> tf.Tensor:
+        if self.quantization_mode:  # Keras's quantized product has its own kernel layout and scales
+            return super().call(inputs)[..., start:stop]
+        # ``kernel`` reads ``kernel + scaling * a @ b`` under LoRA; bf16_matmul is tf.matmul outside XLA's bf16.
+        x = bf16_matmul(inputs, tf.cast(self.kernel, self.compute_dtype)[:, start:stop])
+        if self.bias is not None:
+            x = x + tf.cast(self.bias, x.dtype)[start:stop]
+        return x if self.activation is None else self.activation(x)
 
 
 def dense(units: int, name: str, use_bias: bool = True) -> Dense:

@@ -158,7 +158,7 @@ class TFMptAttention(Block):
     Returns ``(output (B, Lq, d_model), probs (B, heads, Lq, Lk), present)`` where ``present`` is the
     full ``(k, v)`` or the updated :class:`KVCache`.  ``positions_to_keep`` (B, R) int (no cache): the
     queries, scores and output at those rows only (Lq = R in the outputs); keys and values at every row
-    (the fused ``Wqkv`` still projects every row: its query third is a third of one projection).
+    (``Wqkv``'s query columns project the kept rows only, its key/value columns every row).
     """
 
     def __init__(self, config: MptConfig, name: str = "attn", **kwargs: Any) -> None:
@@ -167,8 +167,9 @@ class TFMptAttention(Block):
         self.num_heads = config.n_heads
         self.head_dim = config.head_dim
         self.d_model = config.d_model
-        self.kv_heads = 1 if ac.attn_type == "multiquery_attention" else config.n_heads
-        self.kv_width = self.kv_heads * self.head_dim
+        self.qkv_widths = config.qkv_widths  # query | key | value columns of Wqkv
+        self.kv_width = self.qkv_widths[1]
+        self.kv_heads = self.kv_width // self.head_dim
         self.clip_qkv = ac.clip_qkv
         self.softmax_scale = ac.softmax_scale if ac.softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         bias = not config.no_bias
@@ -193,14 +194,24 @@ class TFMptAttention(Block):
         positions_to_keep=None,
         training=False,
     ):
-        qkv = self.Wqkv(hidden_states)  # (B, Lq, d_model + 2 * kv_width)
-        if self.clip_qkv:
-            qkv = tf.clip_by_value(qkv, -self.clip_qkv, self.clip_qkv)
-        query, key, value = tf.split(qkv, [self.d_model, self.kv_width, self.kv_width], axis=-1)
+        keep, d = positions_to_keep, self.d_model
+        if keep is not None:
+            # The query columns of Wqkv on the kept rows only, its key/value columns on every row (the
+            # clip and the LayerNorms act per element and per row: the same numbers as the full product's).
+            # The R kept rows take the whole kernel: a column slice of it is a strided copy.
+            query = self.Wqkv(keep_positions(hidden_states, keep))[..., :d]  # (B, R, d_model)
+            kv = self.Wqkv(hidden_states, columns=(d, d + 2 * self.kv_width))  # (B, Lq, 2 * kv_width)
+            if self.clip_qkv:
+                query = tf.clip_by_value(query, -self.clip_qkv, self.clip_qkv)
+                kv = tf.clip_by_value(kv, -self.clip_qkv, self.clip_qkv)
+            key, value = tf.split(kv, [self.kv_width, self.kv_width], axis=-1)
+        else:
+            qkv = self.Wqkv(hidden_states)  # (B, Lq, d_model + 2 * kv_width)
+            if self.clip_qkv:
+                qkv = tf.clip_by_value(qkv, -self.clip_qkv, self.clip_qkv)
+            query, key, value = tf.split(qkv, self.qkv_widths, axis=-1)
         if self.q_ln is not None:  # llm-foundry: on the whole projections, before splitting heads
             query, key = self.q_ln(query), self.k_ln(key)
-        if positions_to_keep is not None:
-            query = keep_positions(query, positions_to_keep)  # (B, R, d_model)
         query = self._split_heads(query, self.num_heads)  # (B, H, Lq, hd)
         key = self._split_heads(key, self.kv_heads)  # (B, kv_heads, Lq, hd)
         value = self._split_heads(value, self.kv_heads)

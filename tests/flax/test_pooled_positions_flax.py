@@ -45,6 +45,17 @@ FAMILIES = {
         "FlaxMptForSequenceClassification",
         ("blocks", "1", "ffn", "up_proj"),
     ),
+    # MPT's attention options the split Wqkv must honour: biases, clip_qkv (it clips at this init),
+    # qk_ln and multi-query attention (key/value columns narrower than the query's)
+    "mpt_options": (
+        MptConfig(
+            **_MPT,
+            no_bias=False,
+            attn_config={"attn_pdrop": 0.3, "clip_qkv": 0.1, "qk_ln": True, "attn_type": "multiquery_attention"},
+        ),
+        "FlaxMptForSequenceClassification",
+        ("blocks", "1", "ffn", "up_proj"),
+    ),
 }
 LOG, LOSS, GRAD = TOLERANCES["logits"], TOLERANCES["loss"], TOLERANCES["grad_rel"]
 
@@ -84,7 +95,7 @@ def ffn_rows(model, inputs: dict, ffn: tuple, **kwargs) -> list[tuple]:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_eval_logits_equal_the_full_computation(models, family):
     model = models[family]
-    for left in (False, True) if family == "mpt" else (False,):
+    for left in (False, True) if family.startswith("mpt") else (False,):
         x = inputs_of(model, seed=2, left=left)
         pruned, full = model(**x).logits, model(**x, output_hidden_states=True).logits
         assert_close(pruned, full, LOG, f"{family} left={left}")
@@ -97,7 +108,7 @@ def test_eval_logits_equal_the_full_computation(models, family):
 def test_training_logits_loss_and_gradients_equal_the_full_computation(models, family):
     """Dropout on, one rng: the pruned layer keeps the rows of the full-shape masks, so everything matches."""
     model = models[family]
-    x = {k: jnp.asarray(v) for k, v in inputs_of(model, seed=3, left=family == "mpt").items()}
+    x = {k: jnp.asarray(v) for k, v in inputs_of(model, seed=3, left=family.startswith("mpt")).items()}
     labels = jnp.asarray([0, 2, 1])
 
     def loss(params, rng, full):
@@ -217,3 +228,66 @@ def test_dropout_kept_rows_keeps_the_rows_of_the_full_mask():
     full = dropout_kept_rows(key, 0.5, probs)
     rows = dropout_kept_rows(key, 0.5, keep_positions(probs, keep, axis=2), keep, 5, axis=2)
     np.testing.assert_array_equal(np.asarray(rows), np.asarray(keep_positions(full, keep, axis=2)))
+
+
+def wqkv_calls(model, inputs: dict, block: str, **kwargs) -> list[tuple]:
+    """(input shape, ``columns``) of each call of block ``block``'s ``Wqkv`` in one forward."""
+    seen = []
+
+    def spy(next_fun, args, kw, context):
+        if context.method_name == "__call__" and tuple(context.module.path[-3:]) == (block, "attn", "Wqkv"):
+            seen.append((tuple(args[0].shape), kw.get("columns")))
+        return next_fun(*args, **kw)
+
+    with nn.intercept_methods(spy):
+        model.module.apply({"params": model.params}, **{k: jnp.asarray(v) for k, v in inputs.items()}, **kwargs)
+    return sorted(set(seen), key=str)  # our Dense's plain call runs flax's Dense.__call__ too
+
+
+@pytest.mark.parametrize("family", ["mpt", "mpt_options"])
+def test_mpt_wqkv_projects_the_query_at_the_kept_rows_only(models, family):
+    """The last block's Wqkv: one row per sequence (the whole kernel, its query columns kept), its
+    key/value columns at every row; the first block, and a call that reads every row, run the whole
+    projection at every row."""
+    model = models[family]
+    x = inputs_of(model, seed=4, left=True)
+    (batch, length), width = x["input_ids"].shape, model.config.d_model
+    d, kv, _ = model.config.qkv_widths
+    assert wqkv_calls(model, x, "1") == [((batch, 1, width), None), ((batch, length, width), (d, d + 2 * kv))]
+    assert wqkv_calls(model, x, "0") == [((batch, length, width), None)]
+    assert wqkv_calls(model, x, "1", output_hidden_states=True) == [((batch, length, width), None)]
+
+
+def test_mpt_lora_on_wqkv_pruned_equals_full():
+    """A LoRA adapter (B nonzero) on Wqkv: the pruned head's logits, loss and adapter gradients under
+    jax.jit, with dropout on and left padding, equal the full computation's."""
+    model = nzf.FlaxMptForSequenceClassification(FAMILIES["mpt_options"][0], seed=1)
+    model.enable_lora(2, target_modules=["Wqkv"])
+    rng = np.random.default_rng(0)
+    lora = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.asarray(rng.normal(0.0, 0.3, a.shape), a.dtype) if "lora_B" in str(path) else a,
+        model.lora_params,
+    )
+    x = {k: jnp.asarray(v) for k, v in inputs_of(model, seed=3, left=True).items()}
+    labels = jnp.asarray([0, 2, 1])
+
+    def loss(lora, rng, full):
+        params = model.apply_lora(model.params, lora)
+        out = model.module.apply(
+            {"params": params}, **x, deterministic=False, output_hidden_states=full, rngs={"dropout": rng}
+        )
+        return L.sequence_classification_loss(out.logits, labels), out.logits
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=2)
+    key = jax.random.key(7, impl="rbg")
+    (l_p, logits_p), g_p = step(lora, key, False)
+    (l_f, logits_f), g_f = step(lora, key, True)
+    (_, logits_0), _ = step(model.lora_params, key, False)
+    assert not np.allclose(np.asarray(logits_0), np.asarray(logits_p))  # the adapter changes the product
+    assert_close(logits_p, logits_f, LOG, "lora logits")
+    assert_close(l_p, l_f, LOSS, "lora loss")
+    scale = max(float(jnp.abs(v).max()) for v in jax.tree_util.tree_leaves(g_f))
+    fp, ff = flatten_dict(g_p), flatten_dict(g_f)
+    assert set(fp) == set(ff) and any("Wqkv" in k for k in ff)
+    for k, a in ff.items():
+        assert_close(fp[k], a, GRAD * scale, f"lora grad {'/'.join(k)}")

@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.tf]
 
 LOGITS, GRAD_REL = TOLERANCES["logits"], TOLERANCES["grad_rel"]
 BERT = dict(TINY_BERT, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+MPT = dict(d_model=32, n_heads=4, n_layers=2, vocab_size=99, max_seq_len=24, pad_token_id=0)
 #: family -> (config, token types, left padding)
 FAMILIES = {
     "Electra": (lambda: nz.ElectraConfig(**BERT, embedding_size=16, max_position_embeddings=64), True, False),
@@ -41,20 +42,15 @@ FAMILIES = {
         False,
     ),
     "XLMRobertaXL": (lambda: nz.XLMRobertaXLConfig(**BERT, max_position_embeddings=40, type_vocab_size=2), True, False),
-    "Mpt": (
-        lambda: nz.MptConfig(
-            d_model=32,
-            n_heads=4,
-            n_layers=2,
-            vocab_size=99,
-            max_seq_len=24,
-            pad_token_id=0,
-            attn_config={"attn_pdrop": 0.1},
-        ),
-        False,
-        True,
-    ),
+    "Mpt": (lambda: nz.MptConfig(**MPT, attn_config={"attn_pdrop": 0.1}), False, True),
 }
+#: MPT's attention options the split ``Wqkv`` must honour: biases, ``clip_qkv`` (it clips at this init),
+#: ``qk_ln`` and multi-query attention (key/value columns narrower than the query's).
+MPT_OPTIONS = dict(
+    MPT,
+    no_bias=False,
+    attn_config={"attn_pdrop": 0.1, "clip_qkv": 0.1, "qk_ln": True, "attn_type": "multiquery_attention"},
+)
 FAMILY_KEYS = {"Electra": "electra", "Nezha": "nezha", "MPNet": "mpnet", "XLMRobertaXL": "xlm-roberta-xl", "Mpt": "mpt"}
 
 
@@ -107,6 +103,22 @@ def _run(model, inputs, full: bool, training: bool):
     return out, grads
 
 
+def _assert_same_step(model, a, b, what: str, per_variable: bool = True) -> None:
+    """Two ``(logits, loss, gradients)`` of ``model``: equal logits and loss, and each gradient within
+    ``grad_rel`` of the second one's largest element (``per_variable=False``: of the largest element of
+    all the second gradients, for variables whose gradient is zero but for rounding, as multi-query
+    attention's ``k_ln`` bias: a shift of every key leaves the scores' softmax unchanged)."""
+    assert_close(a[0], b[0], LOGITS, f"{what} logits")
+    assert_close(a[1], b[1], LOGITS, f"{what} loss")
+    every = max(float(tf.reduce_max(tf.abs(tf.convert_to_tensor(g)))) for g in b[2] if g is not None)
+    for v, ga, gb in zip(model.trainable_variables, a[2], b[2], strict=True):
+        assert (ga is None) == (gb is None), v.path
+        if ga is not None:
+            ga, gb = tf.convert_to_tensor(ga), tf.convert_to_tensor(gb)
+            scale = max(float(tf.reduce_max(tf.abs(gb))), 1e-6) if per_variable else every
+            assert float(tf.reduce_max(tf.abs(ga - gb))) <= GRAD_REL * scale, f"{what} grad {v.path}"
+
+
 def _last_ffn_in(model) -> keras.layers.Layer:
     """The dense layer that reads the last layer's feed-forward input."""
     base = getattr(model, model.base_model_prefix)
@@ -148,14 +160,12 @@ def test_pruned_equals_full(family, training, models):
         pruned, g_pruned = _run(model, given, full=False, training=training)
         full, g_full = _run(model, given, full=True, training=training)
         assert pruned.hidden_states is None and full.hidden_states is not None
-        assert_close(pruned.logits, full.logits, LOGITS, f"{family} logits ({what}, training={training})")
-        assert_close(pruned.loss, full.loss, LOGITS, f"{family} loss ({what}, training={training})")
-        for v, a, b in zip(model.trainable_variables, g_pruned, g_full):
-            assert (a is None) == (b is None), v.path
-            if a is not None:
-                a, b = tf.convert_to_tensor(a), tf.convert_to_tensor(b)
-                scale = max(float(tf.reduce_max(tf.abs(b))), 1e-6)
-                assert float(tf.reduce_max(tf.abs(a - b))) <= GRAD_REL * scale, f"{family} grad {v.path} ({what})"
+        _assert_same_step(
+            model,
+            (pruned.logits, pruned.loss, g_pruned),
+            (full.logits, full.loss, g_full),
+            f"{family} ({what}, training={training})",
+        )
     if training:  # dropout is on: another draw gives other logits, so the equal ones above are the same masks
         other = model(**inputs, training=True).logits
         assert float(tf.reduce_max(tf.abs(other - pruned.logits))) > 1e-4
@@ -213,10 +223,15 @@ def test_compiled_pruned_equals_eager_full(family, models):
         assert_close(step(inputs), full, LOGITS, f"{family} jit_compile={jit}")
 
 
-def test_fit_and_train_on_batch_run_the_pruned_head():
-    model = ztf.TFElectraForSequenceClassification(FAMILIES["Electra"][0](), seed=1)
+@pytest.mark.parametrize("family", ["Electra", "Mpt"])
+def test_fit_and_train_on_batch_run_the_pruned_head(family):
+    """Keras ``train_on_batch`` and ``fit`` (XLA) train the pruned head (MPT: with :data:`MPT_OPTIONS`)."""
+    if family == "Mpt":
+        model = ztf.TFMptForSequenceClassification(nz.MptConfig(**MPT_OPTIONS), seed=5)
+    else:
+        model = ztf.TFElectraForSequenceClassification(FAMILIES["Electra"][0](), seed=1)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), jit_compile=True)
-    inputs = {k: v.numpy() for k, v in _inputs("Electra", batch=4).items()}
+    inputs = {k: v.numpy() for k, v in _inputs(family, batch=4).items()}
     labels = np.array([0, 1, 1, 0])
     first = float(model.train_on_batch(inputs, labels))
     history = model.fit(inputs, labels, epochs=3, batch_size=4, verbose=0).history["loss"]
@@ -265,3 +280,71 @@ def test_bad_positions_to_keep_raise_input_error(family):
         model(**inputs, positions_to_keep=tf.zeros((3, 1)))
     with pytest.raises(InputError, match="output_hidden_states"):
         model(**inputs, positions_to_keep=tf.zeros((3, 1), tf.int32), output_hidden_states=True)
+
+
+@pytest.fixture(scope="module")
+def mpt_models():
+    """``"options"``: an MPT classifier with :data:`MPT_OPTIONS`; ``"lora"``: the same with a LoRA adapter
+    (B nonzero, so it changes the product) on ``Wqkv``, its only trainable variables.  Built once."""
+    plain = ztf.TFMptForSequenceClassification(nz.MptConfig(**MPT_OPTIONS), seed=4)
+    lora = ztf.TFMptForSequenceClassification(nz.MptConfig(**MPT_OPTIONS), seed=4)
+    lora.enable_lora(2, target_modules=["Wqkv"])
+    rng = np.random.default_rng(0)
+    for layer in lora._lora_layer_map.values():
+        layer.lora_kernel_b.assign(rng.normal(0.0, 0.3, layer.lora_kernel_b.shape).astype("float32"))
+    return {"options": plain, "lora": lora}
+
+
+class _Wqkv:
+    """Records, per call of one ``Wqkv`` layer, the rows it projects and the ``columns`` it computes."""
+
+    def __init__(self, layer, monkeypatch):
+        self.calls: list[tuple[int, tuple[int, int] | None]] = []
+        call = layer.call
+
+        def recording(inputs, *args, columns=None, **kwargs):
+            self.calls.append((int(np.prod(inputs.shape[:-1])), columns))
+            return call(inputs, *args, columns=columns, **kwargs)
+
+        monkeypatch.setattr(layer, "call", recording)
+
+
+@pytest.mark.parametrize("which", ["default", "options", "lora"])
+def test_mpt_wqkv_projects_the_query_at_the_kept_rows_only(which, models, mpt_models, monkeypatch):
+    """The last block's ``Wqkv``: one row per sequence (the whole kernel, its query columns kept), its
+    key/value columns at every row; earlier blocks, and a call that reads every row, run the whole
+    projection at every row."""
+    model = models("Mpt") if which == "default" else mpt_models[which]
+    inputs = _inputs("Mpt")
+    batch, length = inputs["input_ids"].shape
+    d, kv, _ = model.config.qkv_widths
+    first, last = (_Wqkv(block.attn.Wqkv, monkeypatch) for block in model.transformer.blocks.items)
+    model(**inputs)
+    assert last.calls == [(batch, None), (batch * length, (d, d + 2 * kv))]
+    assert first.calls == [(batch * length, None)]
+    model(**inputs, output_hidden_states=True)
+    assert last.calls[2:] == [(batch * length, None)]
+
+
+@pytest.mark.parametrize("which", ["options", "lora"])
+def test_mpt_options_pruned_equal_full_eager_and_compiled(which, mpt_models):
+    """clip_qkv, qk_ln, biases, multi-query (and LoRA on Wqkv): logits, loss and gradients (the Wqkv
+    kernel's, or the adapter's) of the pruned head equal the full computation's, left-padded, with
+    dropout on (and off, eagerly), eagerly and under ``tf.function(jit_compile=True)``."""
+    model = mpt_models[which]
+    inputs = _inputs("Mpt")
+    names = [v.path for v in model.trainable_variables]
+    assert any("Wqkv" in n for n in names) and (which != "lora" or all("lora_kernel" in n for n in names))
+
+    def step(x, full, training):
+        with tf.GradientTape() as tape:
+            out = model(**x, labels=tf.constant([0, 1, 1]), output_hidden_states=full, training=training)
+        return out.logits, out.loss, tape.gradient(out.loss, model.trainable_variables)
+
+    compiled = tf.function(step, jit_compile=True)
+    for name, run, training in (("eager", step, False), ("eager", step, True), ("xla", compiled, True)):
+        _rewind(model)
+        pruned = run(inputs, False, training)
+        _rewind(model)
+        full = run(inputs, True, training)
+        _assert_same_step(model, pruned, full, f"{which} {name} training={training}", per_variable=False)
