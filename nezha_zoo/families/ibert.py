@@ -66,6 +66,7 @@ __all__ = [
     "EXP_COEFFS",
     "EXP_SHIFT",
     "EXP_TABLE_SIZE",
+    "INT_BLOCK_BYTES",
 ]
 
 HEADS = (
@@ -242,6 +243,10 @@ EXP_SHIFT = 30
 #: entries, kept while the scales stay the same) when the table is smaller than the scores or than
 #: this many entries (4 MiB of int32).
 EXP_TABLE_SIZE = 2**20
+#: Eager integer inference (PyTorch) runs a layer's feed-forward part over blocks of rows whose widest
+#: temporary (int64/float64 at the intermediate width) stays within this many bytes, so that each of
+#: its one-op-at-a-time passes works in cache (measured on roberta-base sizes: see the I-BERT report).
+INT_BLOCK_BYTES = 2**21
 
 # --- quantization state (persistent buffers of transformers' quant_modules.py) ---------------------
 # Every buffer is float32 in transformers' state dict, the "integer" ones included.

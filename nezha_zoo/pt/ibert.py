@@ -46,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nezha_zoo.families.ibert import (
     ACT_BIT,
+    INT_BLOCK_BYTES,
     BIAS_BIT,
     EMBEDDING_ACT_BIT,
     EMBEDDING_BIT,
@@ -81,6 +82,7 @@ from nezha_zoo.pt.heads import (
 from nezha_zoo.pt.layers import padding_aware_position_ids, sequential_position_ids
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, prepare_encoder_inputs
 from nezha_zoo.pt.quant import (
+    EvalConstants,
     IntGELU,
     IntLayerNorm,
     IntSoftmax,
@@ -106,6 +108,7 @@ __all__ = [
 ]
 
 Scaled = tuple[torch.Tensor, "torch.Tensor | None"]
+IntPair = tuple[torch.Tensor, torch.Tensor]  # (exact integers in an integer dtype, their scale)
 
 
 def _linear(config: IBertConfig, in_dim: int, out_dim: int) -> QuantLinear:
@@ -195,6 +198,8 @@ class IBertSelfAttention(nn.Module):
         self.output_activation = _act(config)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
         self.softmax = IntSoftmax(ACT_BIT, quant_mode=config.quant_mode, force_dequant=config.force_dequant)
+        self._score_scale = EvalConstants()  # s_q * s_k / sqrt(head_dim) of the frozen scales
+        self._context_scale = EvalConstants()  # s_p * s_v
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
@@ -250,6 +255,46 @@ class IBertSelfAttention(nn.Module):
         return self.output_activation(context, ctx_scale), probs
 
 
+    @torch.no_grad()
+    def _forward_int(
+        self, x: torch.Tensor, scale: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[IntPair, IntPair] | None:
+        """The eval-mode forward on exact integers, without dequantizing (same integers as :meth:`forward`).
+
+        Args:
+            x (int8 Tensor (B, L, H)): the input activation's integers; ``scale`` (1,) its scale.
+            attention_mask (float Tensor (B, 1, 1 or L, L)): additive mask.
+        Returns:
+            ``((context int8 (B, L, H), scale), (prob_int float32 (B, heads, L, L), 2**-8))``, or None
+            where a kernel's integer rule does not apply (the caller then runs :meth:`forward`).
+        """
+        if not self.softmax.quant_mode:
+            return None
+        projected = []
+        for linear, act in (
+            (self.query, self.query_activation),
+            (self.key, self.key_activation),
+            (self.value, self.value_activation),
+        ):
+            done = linear._forward_int(x, scale)
+            if done is None:
+                return None
+            projected.append(act._forward_int(*done))
+        (q_i, s_q), (k_i, s_k), (v_i, s_v) = projected
+        s_scores = self._score_scale.get((s_q, s_k), lambda: s_q * s_k / math.sqrt(self.attention_head_size))
+        # exact integers: |q_int . k_int| <= head_dim * 2**14 < 2**24 (float32 product)
+        prods = torch.matmul(self._heads(q_i).float(), self._heads(k_i).float().transpose(-1, -2))
+        scores = self.softmax.mask_scores_int(prods.to(torch.int32), attention_mask, s_scores)
+        if scores is None:
+            return None
+        prob_int, s_p = self.softmax.forward_int(scores, s_scores)
+        ctx_scale = self._context_scale.get((s_p, s_v), lambda: s_p * s_v)
+        # |prob_int @ v_int| <= 256 * 128: exact in float32
+        ctx = torch.matmul(prob_int, self._heads(v_i).float()).to(torch.int32)
+        ctx = ctx.transpose(1, 2).reshape(ctx.shape[0], ctx.shape[2], -1)  # (B, L, H)
+        return self.output_activation._forward_int(ctx, ctx_scale), (prob_int, s_p)
+
+
 class IBertResidualOutput(nn.Module):
     """``dense``, dropout, 22-bit ``ln_input_act`` adding the residual, ``LayerNorm``, 8-bit ``output_activation``.
 
@@ -274,6 +319,18 @@ class IBertResidualOutput(nn.Module):
         x, scale = self.LayerNorm(x, scale)
         return self.output_activation(x, scale)
 
+    @torch.no_grad()
+    def _forward_int(
+        self, x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor, residual_scale: torch.Tensor
+    ) -> IntPair | None:
+        """Eval-mode :meth:`forward` on exact integers (int8 ``x`` and ``residual``): ``(int8 (..., H),
+        scale)``, or None where a kernel's integer rule does not apply."""
+        done = self.dense._forward_int(x, scale)
+        if done is None:
+            return None
+        done = self.LayerNorm._forward_int(*self.ln_input_act._forward_int(*done, residual, residual_scale))
+        return None if done is None else self.output_activation._forward_int(*done)
+
 
 class IBertAttention(nn.Module):
     """``self`` (:class:`IBertSelfAttention`) and ``output`` (:class:`IBertResidualOutput`)."""
@@ -286,6 +343,17 @@ class IBertAttention(nn.Module):
     def forward(self, hidden, scale, attention_mask, head_mask=None) -> tuple[Scaled, torch.Tensor]:
         (context, context_scale), probs = self.self(hidden, scale, attention_mask, head_mask)
         return self.output(context, context_scale, hidden, scale), probs
+
+    def _forward_int(
+        self, x: torch.Tensor, scale: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[IntPair, IntPair] | None:
+        """Eval-mode :meth:`forward` on exact integers (see :meth:`IBertSelfAttention._forward_int`)."""
+        done = self.self._forward_int(x, scale, attention_mask)
+        if done is None:
+            return None
+        context, probs = done
+        done = self.output._forward_int(*context, x, scale)
+        return None if done is None else (done, probs)
 
 
 class IBertIntermediate(nn.Module):
@@ -301,6 +369,23 @@ class IBertIntermediate(nn.Module):
         x, scale = self.intermediate_act_fn(*self.dense(x, scale))
         return self.output_activation(x, scale)
 
+    @torch.no_grad()
+    def _forward_int(self, x: torch.Tensor, scale: torch.Tensor) -> IntPair | None:
+        """Eval-mode :meth:`forward` on exact integers (int8 ``x``): ``(int8 (..., intermediate), scale)``,
+        or None where a kernel's integer rule does not apply."""
+        done = self.dense._forward_int(x, scale)
+        if done is not None:
+            done = self.intermediate_act_fn._forward_int(*done)
+        return None if done is None else self.output_activation._forward_int(*done)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook (global, or on a module below ``module``) would see its sublayers' calls."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
+
 
 class IBertLayer(nn.Module):
     """One post-LN encoder layer, transformers' order: attention, ``pre_intermediate_act``,
@@ -315,10 +400,65 @@ class IBertLayer(nn.Module):
         self.pre_output_act = _act(config)
 
     def forward(self, hidden, scale, attention_mask, head_mask=None) -> tuple[Scaled, torch.Tensor]:
+        q = self._integers(hidden, scale) if head_mask is None else None
+        done = None if q is None else self._forward_int(q, scale, attention_mask)
+        if done is not None:
+            (q, scale), (prob_int, s_p) = done
+            return (attach_integer(q, scale), scale), prob_int * s_p
         (attn, attn_scale), probs = self.attention(hidden, scale, attention_mask, head_mask)
         attn, attn_scale = self.pre_intermediate_act(attn, attn_scale)
         inter, inter_scale = self.pre_output_act(*self.intermediate(attn, attn_scale))
         return self.output(inter, inter_scale, attn, attn_scale), probs
+
+    def _integers(self, hidden: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor | None:
+        """The int8 integers behind ``hidden`` where the layer can run on integers end to end: quant
+        mode, eval, no autograd, eager (not traced or compiled), no hook on a sublayer (the integer
+        path calls no sublayer's ``forward``, so their hooks would not run), an int8 activation attached."""
+        if scale is None or self.training or torch.is_grad_enabled():
+            return None
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _hooked(self):
+            return None
+        q = integer_of(hidden, scale)
+        return q if q is not None and q.dtype == torch.int8 else None
+
+    @torch.no_grad()
+    def _forward_int(
+        self, x: torch.Tensor, scale: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[IntPair, IntPair] | None:
+        """The eval-mode layer on exact integers: the same integers as :meth:`forward`, computed
+        without dequantizing between kernels, and the feed-forward part (token by token) over blocks
+        of rows whose widest intermediate stays within :data:`INT_BLOCK_BYTES`: PyTorch runs one op
+        at a time, so each op's pass over a cache-sized block stays in cache, and the blocks'
+        temporaries are reused instead of freshly mapped.
+
+        Args:
+            x (int8 Tensor (B, L, H)), scale (float32 (1,)): the layer input's integers and scale.
+            attention_mask (float Tensor (B, 1, 1 or L, L)): additive mask.
+        Returns:
+            ``((int8 (B, L, H), scale), (prob_int float32 (B, heads, L, L), 2**-8))``, or None where a
+            kernel's integer rule does not apply (the caller then runs the dequantized :meth:`forward`).
+        """
+        done = self.attention._forward_int(x, scale, attention_mask)
+        if done is None:
+            return None
+        (attn, attn_scale), probs = done
+        attn, attn_scale = self.pre_intermediate_act._forward_int(attn, attn_scale)
+        rows = attn.reshape(-1, attn.shape[-1])
+        block = max(1, INT_BLOCK_BYTES // (8 * self.intermediate.dense.out_features))
+        out = torch.empty_like(rows) if rows.shape[0] > block else None
+        for start in range(0, rows.shape[0], block):
+            part = rows[start : start + block]
+            done = self.intermediate._forward_int(part, attn_scale)
+            if done is not None:
+                done = self.output._forward_int(*self.pre_output_act._forward_int(*done), part, attn_scale)
+            if done is None:
+                return None
+            q, out_scale = done
+            if out is None:
+                out = q
+            else:
+                out[start : start + block] = q
+        return (out.view(attn.shape), out_scale), probs
 
 
 class IBertEncoder(nn.Module):
