@@ -389,7 +389,13 @@ def _hooked(module: nn.Module) -> bool:
 
 class IBertLayer(nn.Module):
     """One post-LN encoder layer, transformers' order: attention, ``pre_intermediate_act``,
-    intermediate, ``pre_output_act``, output (whose residual is the ``pre_intermediate_act`` output)."""
+    intermediate, ``pre_output_act``, output (whose residual is the ``pre_intermediate_act`` output).
+
+    Forward: ``(hidden (B, L, H), scale)``, additive ``attention_mask`` (B, 1, 1 or L, L), ``head_mask``
+    (1, heads, 1, 1) or None, ``output_attentions`` -> ``((hidden (B, L, H), scale), probs (B, heads, L,
+    L))``; ``probs`` may be None when ``output_attentions`` is False.  In eval inference (quant mode,
+    no autograd) the layer runs on integers end to end (:meth:`_forward_int`).
+    """
 
     def __init__(self, config: IBertConfig) -> None:
         super().__init__()
@@ -399,12 +405,14 @@ class IBertLayer(nn.Module):
         self.pre_intermediate_act = _act(config)
         self.pre_output_act = _act(config)
 
-    def forward(self, hidden, scale, attention_mask, head_mask=None) -> tuple[Scaled, torch.Tensor]:
+    def forward(
+        self, hidden, scale, attention_mask, head_mask=None, output_attentions: bool = True
+    ) -> tuple[Scaled, torch.Tensor | None]:
         q = self._integers(hidden, scale) if head_mask is None else None
-        done = None if q is None else self._forward_int(q, scale, attention_mask)
+        done = None if q is None else self._forward_int(q, scale, attention_mask, output_attentions)
         if done is not None:
-            (q, scale), (prob_int, s_p) = done
-            return (attach_integer(q, scale), scale), prob_int * s_p
+            (q, scale), probs = done
+            return (attach_integer(q, scale), scale), None if probs is None else probs[0] * probs[1]
         (attn, attn_scale), probs = self.attention(hidden, scale, attention_mask, head_mask)
         attn, attn_scale = self.pre_intermediate_act(attn, attn_scale)
         inter, inter_scale = self.pre_output_act(*self.intermediate(attn, attn_scale))
@@ -423,21 +431,48 @@ class IBertLayer(nn.Module):
 
     @torch.no_grad()
     def _forward_int(
-        self, x: torch.Tensor, scale: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[IntPair, IntPair] | None:
+        self, x: torch.Tensor, scale: torch.Tensor, attention_mask: torch.Tensor, output_attentions: bool = True
+    ) -> tuple[IntPair, IntPair | None] | None:
         """The eval-mode layer on exact integers: the same integers as :meth:`forward`, computed
-        without dequantizing between kernels, and the feed-forward part (token by token) over blocks
-        of rows whose widest intermediate stays within :data:`INT_BLOCK_BYTES`: PyTorch runs one op
-        at a time, so each op's pass over a cache-sized block stays in cache, and the blocks'
-        temporaries are reused instead of freshly mapped.
+        without dequantizing between kernels, over blocks whose widest temporaries stay within
+        :data:`INT_BLOCK_BYTES` (groups of sequences, and rows of the token-by-token feed-forward
+        part): PyTorch runs one op at a time, so each op's pass over a cache-sized block stays in
+        cache, and the blocks' temporaries are reused instead of freshly mapped.
 
         Args:
             x (int8 Tensor (B, L, H)), scale (float32 (1,)): the layer input's integers and scale.
-            attention_mask (float Tensor (B, 1, 1 or L, L)): additive mask.
+            attention_mask (float Tensor (B or 1, 1, 1 or L, L)): additive mask.
+            output_attentions (bool): also return the probabilities' integers.
         Returns:
-            ``((int8 (B, L, H), scale), (prob_int float32 (B, heads, L, L), 2**-8))``, or None where a
-            kernel's integer rule does not apply (the caller then runs the dequantized :meth:`forward`).
+            ``((int8 (B, L, H), scale), (prob_int float32 (B, heads, L, L), 2**-8) or None)``, or None
+            where a kernel's integer rule does not apply (the caller then runs :meth:`forward`).
         """
+        B, L, H = x.shape
+        widest = 8 * L * max(H, self.attention.self.num_attention_heads * L)  # float64 rows, int64 scores
+        group = max(1, INT_BLOCK_BYTES // widest)
+        out = probs = None
+        for start in range(0, B, group):
+            stop = min(B, start + group)
+            mask = attention_mask if attention_mask.shape[0] == 1 else attention_mask[start:stop]
+            done = self._forward_int_group(x[start:stop], scale, mask)
+            if done is None:
+                return None
+            (q, out_scale), (prob_int, s_p) = done
+            if stop - start == B:
+                out, probs = q, prob_int
+                break
+            if out is None:
+                out = q.new_empty(B, *q.shape[1:])
+                probs = prob_int.new_empty(B, *prob_int.shape[1:]) if output_attentions else None
+            out[start:stop] = q
+            if probs is not None:
+                probs[start:stop] = prob_int
+        return (out, out_scale), None if not output_attentions else (probs, s_p)
+
+    def _forward_int_group(
+        self, x: torch.Tensor, scale: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[IntPair, IntPair] | None:
+        """:meth:`_forward_int` of one group of sequences, the feed-forward part over row blocks."""
         done = self.attention._forward_int(x, scale, attention_mask)
         if done is None:
             return None
@@ -645,7 +680,10 @@ class IBertModel(IBertPreTrainedModel):
                 all_hidden += (hidden,)
             layer_head_mask = prep.head_mask[i] if prep.head_mask is not None else None
             args = (hidden, scale, prep.attention_mask, layer_head_mask)
-            (hidden, scale), probs = _checkpointed(layer, *args) if checkpointing else layer(*args)
+            if checkpointing:
+                (hidden, scale), probs = _checkpointed(layer, *args)
+            else:
+                (hidden, scale), probs = layer(*args, output_attentions=attentions is not None)
             if attentions is not None:
                 attentions += (probs,)
         if all_hidden is not None:

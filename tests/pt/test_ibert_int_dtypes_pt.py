@@ -263,13 +263,19 @@ def _outputs(model, inputs, grad: bool = False):
     return [out.last_hidden_state, out.pooler_output, *out.hidden_states, *out.attentions]
 
 
-@pytest.mark.parametrize("block_rows", [None, 1, 5])
-def test_layer_on_integers_matches_the_modules(monkeypatch, block_rows):
+# 3 sequences of 13 tokens; one sequence's widest temporaries take 8 * 13 * max(32, 4 * 13) = 5408
+# bytes, a feed-forward row 8 * 37: one block; one sequence a group, feed-forward blocks of 5, 5, 3
+# rows; groups of 2 and 1 sequences
+BLOCK_BYTES = [None, 5 * 8 * 37, 2 * 5408]
+
+
+@pytest.mark.parametrize("block_bytes", BLOCK_BYTES)
+def test_layer_on_integers_matches_the_modules(monkeypatch, block_bytes):
     from nezha_zoo.pt import ibert
 
     model = _calibrated()
-    if block_rows is not None:  # several row blocks and a remainder (3 x 13 rows)
-        monkeypatch.setattr(ibert, "INT_BLOCK_BYTES", block_rows * 8 * SMOKE["intermediate_size"])
+    if block_bytes is not None:
+        monkeypatch.setattr(ibert, "INT_BLOCK_BYTES", block_bytes)
     inputs = _padded_inputs()
     calls = {"int": 0, "module": 0}
     int_path, linear_forward = ibert.IBertLayer._forward_int, quant.QuantLinear.forward
