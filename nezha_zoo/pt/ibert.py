@@ -131,6 +131,49 @@ def _layer_norm(config: IBertConfig) -> IntLayerNorm:
     )
 
 
+def _on_integers(module: nn.Module) -> bool:
+    """Whether ``module`` may run on integers end to end (its ``_forward_int``): eval mode, no
+    autograd, eager (not traced or compiled), and no hook below it (that path calls no sublayer's
+    ``forward``, so their hooks would not run)."""
+    if module.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
+
+
+def _blocks(total: int, unit_bytes: int) -> list[slice]:
+    """``total`` units (sequences or rows) as equal blocks whose temporaries, ``unit_bytes`` a unit,
+    stay within :data:`INT_BLOCK_BYTES` (one unit at least)."""
+    count = -(-total // max(1, INT_BLOCK_BYTES // unit_bytes))
+    size = -(-total // max(1, count))
+    return [slice(start, min(total, start + size)) for start in range(0, total, size)]
+
+
+def _blockwise(run, total: int, unit_bytes: int):
+    """``run(block)`` over :func:`_blocks`, stitched: ``run`` returns ``(tensors, rest)`` (each tensor
+    holds the block's units on its first axis, or is None) or None (so does this).  Returns
+    ``(tensors of all units, rest of the last block)``.
+
+    PyTorch runs one op at a time: each op's pass over a cache-sized block stays in cache, and the
+    blocks' temporaries are reused instead of freshly mapped."""
+    out = rest = None
+    for block in _blocks(total, unit_bytes):
+        done = run(block)
+        if done is None:
+            return None
+        parts, rest = done
+        if block.stop - block.start == total:
+            return parts, rest
+        if out is None:
+            out = tuple(None if p is None else p.new_empty(total, *p.shape[1:]) for p in parts)
+        for whole, part in zip(out, parts):
+            if whole is not None:
+                whole[block] = part
+    return out, rest
+
+
 class IBertEmbeddings(nn.Module):
     """Word + token-type + position embeddings (16-bit sums), LayerNorm, dropout, 8-bit output.
 
@@ -158,6 +201,10 @@ class IBertEmbeddings(nn.Module):
         position_ids: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
     ) -> Scaled:
+        if inputs_embeds is None and _on_integers(self):
+            done = self._forward_int(input_ids, token_type_ids, position_ids)
+            if done is not None:
+                return attach_integer(*done), done[1]
         if inputs_embeds is None:
             words, words_scale = self.word_embeddings(input_ids)
         else:
@@ -169,6 +216,34 @@ class IBertEmbeddings(nn.Module):
         x, scale = self.LayerNorm(x, scale)
         x = self.dropout(x)
         return self.output_activation(x, scale)
+
+    @torch.no_grad()
+    def _forward_int(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor
+    ) -> IntPair | None:
+        """Eval-mode :meth:`forward` of ``input_ids`` on exact integers, over groups of sequences
+        (:func:`_blockwise`): ``(int8 (B, L, H), scale)``, or None where a kernel's integer rule does not
+        apply."""
+        B, L = input_ids.shape
+
+        def group(block):
+            done = self._forward_int_group(input_ids[block], token_type_ids[block], position_ids[block])
+            return None if done is None else ((done[0],), done[1])
+
+        done = _blockwise(group, B, 8 * L * self.LayerNorm.normalized_shape)
+        return None if done is None else (done[0][0], done[1])
+
+    def _forward_int_group(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor
+    ) -> IntPair | None:
+        words = self.word_embeddings._forward_int(input_ids)
+        types = self.token_type_embeddings._forward_int(token_type_ids)
+        positions = self.position_embeddings._forward_int(position_ids)
+        if words is None or types is None or positions is None:
+            return None
+        x = self.embeddings_act1._forward_int(*words, *types)
+        done = self.LayerNorm._forward_int(*self.embeddings_act1._forward_int(*x, *positions))
+        return None if done is None else self.output_activation._forward_int(*done)
 
 
 class IBertSelfAttention(nn.Module):
@@ -379,14 +454,6 @@ class IBertIntermediate(nn.Module):
         return None if done is None else self.output_activation._forward_int(*done)
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether a forward hook (global, or on a module below ``module``) would see its sublayers' calls."""
-    hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
-
-
 class IBertLayer(nn.Module):
     """One post-LN encoder layer, transformers' order: attention, ``pre_intermediate_act``,
     intermediate, ``pre_output_act``, output (whose residual is the ``pre_intermediate_act`` output).
@@ -419,12 +486,9 @@ class IBertLayer(nn.Module):
         return self.output(inter, inter_scale, attn, attn_scale), probs
 
     def _integers(self, hidden: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor | None:
-        """The int8 integers behind ``hidden`` where the layer can run on integers end to end: quant
-        mode, eval, no autograd, eager (not traced or compiled), no hook on a sublayer (the integer
-        path calls no sublayer's ``forward``, so their hooks would not run), an int8 activation attached."""
-        if scale is None or self.training or torch.is_grad_enabled():
-            return None
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _hooked(self):
+        """The int8 integers behind ``hidden`` where the layer can run on integers end to end
+        (quant mode, :func:`_on_integers`, an int8 activation attached), else None."""
+        if scale is None or not _on_integers(self):
             return None
         q = integer_of(hidden, scale)
         return q if q is not None and q.dtype == torch.int8 else None
@@ -434,10 +498,8 @@ class IBertLayer(nn.Module):
         self, x: torch.Tensor, scale: torch.Tensor, attention_mask: torch.Tensor, output_attentions: bool = True
     ) -> tuple[IntPair, IntPair | None] | None:
         """The eval-mode layer on exact integers: the same integers as :meth:`forward`, computed
-        without dequantizing between kernels, over blocks whose widest temporaries stay within
-        :data:`INT_BLOCK_BYTES` (groups of sequences, and rows of the token-by-token feed-forward
-        part): PyTorch runs one op at a time, so each op's pass over a cache-sized block stays in
-        cache, and the blocks' temporaries are reused instead of freshly mapped.
+        without dequantizing between kernels, over groups of sequences and, for the token-by-token
+        feed-forward part, blocks of rows (:func:`_blockwise`).
 
         Args:
             x (int8 Tensor (B, L, H)), scale (float32 (1,)): the layer input's integers and scale.
@@ -448,26 +510,21 @@ class IBertLayer(nn.Module):
             where a kernel's integer rule does not apply (the caller then runs :meth:`forward`).
         """
         B, L, H = x.shape
-        widest = 8 * L * max(H, self.attention.self.num_attention_heads * L)  # float64 rows, int64 scores
-        group = max(1, INT_BLOCK_BYTES // widest)
-        out = probs = None
-        for start in range(0, B, group):
-            stop = min(B, start + group)
-            mask = attention_mask if attention_mask.shape[0] == 1 else attention_mask[start:stop]
-            done = self._forward_int_group(x[start:stop], scale, mask)
+
+        def group(block):
+            mask = attention_mask if attention_mask.shape[0] == 1 else attention_mask[block]
+            done = self._forward_int_group(x[block], scale, mask)
             if done is None:
                 return None
             (q, out_scale), (prob_int, s_p) = done
-            if stop - start == B:
-                out, probs = q, prob_int
-                break
-            if out is None:
-                out = q.new_empty(B, *q.shape[1:])
-                probs = prob_int.new_empty(B, *prob_int.shape[1:]) if output_attentions else None
-            out[start:stop] = q
-            if probs is not None:
-                probs[start:stop] = prob_int
-        return (out, out_scale), None if not output_attentions else (probs, s_p)
+            return (q, prob_int if output_attentions else None), (out_scale, s_p)
+
+        # a sequence's widest temporaries: float64 rows of the projections, int64 scores
+        done = _blockwise(group, B, 8 * L * max(H, self.attention.self.num_attention_heads * L))
+        if done is None:
+            return None
+        (q, probs), (out_scale, s_p) = done
+        return (q, out_scale), None if probs is None else (probs, s_p)
 
     def _forward_int_group(
         self, x: torch.Tensor, scale: torch.Tensor, attention_mask: torch.Tensor
@@ -479,20 +536,18 @@ class IBertLayer(nn.Module):
         (attn, attn_scale), probs = done
         attn, attn_scale = self.pre_intermediate_act._forward_int(attn, attn_scale)
         rows = attn.reshape(-1, attn.shape[-1])
-        block = max(1, INT_BLOCK_BYTES // (8 * self.intermediate.dense.out_features))
-        out = torch.empty_like(rows) if rows.shape[0] > block else None
-        for start in range(0, rows.shape[0], block):
-            part = rows[start : start + block]
+
+        def feed_forward(block):
+            part = rows[block]
             done = self.intermediate._forward_int(part, attn_scale)
             if done is not None:
                 done = self.output._forward_int(*self.pre_output_act._forward_int(*done), part, attn_scale)
-            if done is None:
-                return None
-            q, out_scale = done
-            if out is None:
-                out = q
-            else:
-                out[start : start + block] = q
+            return None if done is None else ((done[0],), done[1])
+
+        done = _blockwise(feed_forward, rows.shape[0], 8 * self.intermediate.dense.out_features)
+        if done is None:
+            return None
+        (out,), out_scale = done
         return (out.view(attn.shape), out_scale), probs
 
 

@@ -255,18 +255,19 @@ def _tensor_key(t: torch.Tensor | None) -> tuple:
 class EvalConstants:
     """Constants an eval-mode kernel derives from tensors that stay fixed between calls (a frozen
     range, the weights, an upstream kernel's scale): computed once, recomputed when any of those
-    tensors is replaced or modified in place.  Holding them keeps their identities from being reused.
+    tensors is replaced or modified in place.  The last :attr:`SIZE` results are kept (a module applied
+    at two places, such as I-BERT's ``embeddings_act1``, sees two sets of inputs); holding their
+    tensors keeps those identities from being reused.
 
     PyTorch runs one op at a time, and at I-BERT's sizes the few dozen small ops that derive a
     kernel's multipliers and integer constants cost as much as its pass over the activations.
     """
 
-    __slots__ = ("deps", "key", "value")
+    SIZE = 4
+    __slots__ = ("entries",)
 
     def __init__(self) -> None:
-        self.deps: tuple = ()
-        self.key: tuple | None = None
-        self.value = None
+        self.entries: dict[tuple, tuple] = {}  # key -> (deps, value), oldest first
 
     def __reduce__(self):
         return (EvalConstants, ())  # copies and pickles start empty: the constants are recomputed on use
@@ -274,12 +275,15 @@ class EvalConstants:
     def get(self, deps: tuple[torch.Tensor | None, ...], compute):
         """``compute()``'s cached value while every tensor of ``deps`` is the one it was computed from."""
         key = tuple(_tensor_key(t) for t in deps)
-        if key != self.key:
+        entry = self.entries.get(key)
+        if entry is None:
             # ordinary tensors even under inference_mode: an eval forward with autograd may save them
             with torch.inference_mode(False), torch.no_grad():
-                self.value = compute()
-            self.deps, self.key = deps, key
-        return self.value
+                entry = (deps, compute())
+            if len(self.entries) >= self.SIZE:
+                del self.entries[next(iter(self.entries))]
+            self.entries[key] = entry
+        return entry[1]
 
 
 def frexp_multiplier(ratio: torch.Tensor, max_bit: int = 31) -> tuple[torch.Tensor, torch.Tensor]:
@@ -527,23 +531,37 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("weight_integer", torch.zeros(num_embeddings, embedding_dim))
         self._cache: tuple | None = None  # (weight version, w_int, scale) in inference
 
+    @torch.no_grad()
+    def _forward_int(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The eval-mode lookup without dequantizing: ``(int8 (B, L, dim), scale (1,))``, or None
+        outside quant mode or for weights wider than 8 bits."""
+        if not self.quant_mode or self.weight_bit > 8:
+            return None
+        w_int, scale = self._quantized_table(False)
+        return F.embedding(ids, w_int, self.padding_idx), scale
+
+    def _quantized_table(self, differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_int, scale)``, written to the buffers; without autograd cached until the weight changes
+        (int8 then)."""
+        key = (self.weight._version, self.weight.data_ptr())
+        if not differentiable and self._cache is not None and self._cache[0] == key:
+            return self._cache[1:]  # the table's quantization is cached until the weight changes
+        w = self.weight.detach()
+        scale = symmetric_scale(self.weight_bit, w.min().expand(1), w.max().expand(1))
+        w_int = symmetric_quantize(self.weight, self.weight_bit, scale)
+        with torch.no_grad():
+            self.weight_scaling_factor.copy_(scale)
+            self.weight_integer.copy_(w_int)
+        if not differentiable and self.weight_bit <= 8:
+            w_int = w_int.to(torch.int8)  # inference: the downstream kernels take integer dtypes
+        self._cache = None if differentiable else (key, w_int, scale)
+        return w_int, scale
+
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.quant_mode:
             return F.embedding(ids, self.weight, self.padding_idx), None
         differentiable = torch.is_grad_enabled() and self.weight.requires_grad
-        key = (self.weight._version, self.weight.data_ptr())
-        if not differentiable and self._cache is not None and self._cache[0] == key:
-            _, w_int, scale = self._cache  # the table's quantization is cached until the weight changes
-        else:
-            w = self.weight.detach()
-            scale = symmetric_scale(self.weight_bit, w.min().expand(1), w.max().expand(1))
-            w_int = symmetric_quantize(self.weight, self.weight_bit, scale)
-            with torch.no_grad():
-                self.weight_scaling_factor.copy_(scale)
-                self.weight_integer.copy_(w_int)
-            if not differentiable and self.weight_bit <= 8:
-                w_int = w_int.to(torch.int8)  # inference: the downstream kernels take integer dtypes
-            self._cache = None if differentiable else (key, w_int, scale)
+        w_int, scale = self._quantized_table(differentiable)
         q = F.embedding(ids, w_int, self.padding_idx)
         return _attach(_dequantize(q, scale), q, scale), scale
 

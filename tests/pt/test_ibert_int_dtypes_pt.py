@@ -252,8 +252,9 @@ def _padded_inputs() -> dict[str, torch.Tensor]:
 
 
 def _module_path(model: torch.nn.Module):
-    """A no-op hook on a sublayer of every layer: their forwards run module by module."""
-    return [layer.output.register_forward_hook(lambda *a: None) for layer in model.encoder.layer]
+    """A no-op hook on a sublayer of the embeddings and of every layer: they run module by module."""
+    blocks = [model.embeddings.LayerNorm, *(layer.output for layer in model.encoder.layer)]
+    return [block.register_forward_hook(lambda *a: None) for block in blocks]
 
 
 def _outputs(model, inputs, grad: bool = False):
@@ -278,26 +279,29 @@ def test_layer_on_integers_matches_the_modules(monkeypatch, block_bytes):
         monkeypatch.setattr(ibert, "INT_BLOCK_BYTES", block_bytes)
     inputs = _padded_inputs()
     calls = {"int": 0, "module": 0}
-    int_path, linear_forward = ibert.IBertLayer._forward_int, quant.QuantLinear.forward
 
-    def counted_int(self, *args):
-        out = int_path(self, *args)
-        calls["int"] += out is not None
-        return out
+    def counting(cls, name, key, returned=False):
+        original = getattr(cls, name)
 
-    def counted_forward(self, *args, **kwargs):
-        calls["module"] += 1
-        return linear_forward(self, *args, **kwargs)
+        def counted(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            calls[key] += out is not None if returned else 1
+            return out
 
-    monkeypatch.setattr(ibert.IBertLayer, "_forward_int", counted_int)
-    monkeypatch.setattr(quant.QuantLinear, "forward", counted_forward)
+        monkeypatch.setattr(cls, name, counted)
+
+    counting(ibert.IBertLayer, "_forward_int", "int", returned=True)
+    counting(ibert.IBertEmbeddings, "_forward_int", "int", returned=True)
+    for kernel in (quant.QuantLinear, quant.QuantEmbedding, quant.QuantAct, quant.IntLayerNorm):
+        counting(kernel, "forward", "module")
     fast = _outputs(model, inputs)
-    assert calls == {"int": SMOKE["num_hidden_layers"], "module": 0}  # no sublayer forward ran
+    layers = SMOKE["num_hidden_layers"]
+    assert calls == {"int": 1 + layers, "module": 0}  # no kernel's forward ran
     handles = _module_path(model)
     reference = _outputs(model, inputs)
     for h in handles:
         h.remove()
-    assert calls["int"] == SMOKE["num_hidden_layers"] and calls["module"] > 0
+    assert calls["int"] == 1 + layers and calls["module"] > 0
     assert len(fast) == len(reference)
     for got, want in zip(fast, reference):
         assert got.dtype == want.dtype and torch.equal(got, want)
