@@ -145,8 +145,8 @@ def _on_integers(module: nn.Module) -> bool:
 
 def _blocks(total: int, unit_bytes: int) -> list[slice]:
     """``total`` units (sequences or rows) as equal blocks whose temporaries, ``unit_bytes`` a unit,
-    stay within :data:`INT_BLOCK_BYTES` (one unit at least)."""
-    count = -(-total // max(1, INT_BLOCK_BYTES // unit_bytes))
+    stay within :data:`INT_BLOCK_BYTES` per intra-op thread (one unit at least)."""
+    count = -(-total // max(1, INT_BLOCK_BYTES * torch.get_num_threads() // unit_bytes))
     size = -(-total // max(1, count))
     return [slice(start, min(total, start + size)) for start in range(0, total, size)]
 

@@ -264,14 +264,22 @@ def _outputs(model, inputs, grad: bool = False):
     return [out.last_hidden_state, out.pooler_output, *out.hidden_states, *out.attentions]
 
 
-# 3 sequences of 13 tokens; one sequence's widest temporaries take 8 * 13 * max(32, 4 * 13) = 5408
-# bytes, a feed-forward row 8 * 37: one block; one sequence a group, feed-forward blocks of 5, 5, 3
-# rows; groups of 2 and 1 sequences
+# 3 sequences of 13 tokens (one intra-op thread); one sequence's widest temporaries take
+# 8 * 13 * max(32, 4 * 13) = 5408 bytes, a feed-forward row 8 * 37: one block; one sequence a group,
+# feed-forward blocks of 5, 5, 3 rows; groups of 2 and 1 sequences
 BLOCK_BYTES = [None, 5 * 8 * 37, 2 * 5408]
 
 
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # INT_BLOCK_BYTES is a budget per intra-op thread
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("block_bytes", BLOCK_BYTES)
-def test_layer_on_integers_matches_the_modules(monkeypatch, block_bytes):
+def test_layer_on_integers_matches_the_modules(monkeypatch, one_thread, block_bytes):
     from nezha_zoo.pt import ibert
 
     model = _calibrated()
