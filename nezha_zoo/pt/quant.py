@@ -796,37 +796,50 @@ class QuantLinear(nn.Module):
     def _forward_int(
         self, q: torch.Tensor, prev_act_scaling_factor: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The inference product of int8 activations on the CPU's int8 units, without dequantizing.
+        """The inference product of int8 activations, without dequantizing: on the CPU's int8 units
+        where it has them (:func:`int8_matmul`), else as exact float32 products.
 
         Args:
             q (int8 Tensor (..., in)): the requantized activation's integers.
             prev_act_scaling_factor (float32 Tensor (1,)): their scale.
         Returns:
-            ``(acc, out_scale (out,))``: ``acc = q @ w_int.T + b_int`` exactly, int32 (int64 where the
-            bias could carry the sum past 2**31); None where this path does not apply (no int8 units,
-            another dtype or device, too many terms for an int32 accumulator).
+            ``(acc, out_scale (out,))``: ``acc = q @ w_int.T + b_int`` exactly, int32 where its bound
+            (``in * 2**(w-1) * 128 + max|b_int|``) allows, else int64; None outside quant mode or for
+            another input dtype.
         """
+        if not self.quant_mode or q.dtype != torch.int8:
+            return None
         K = q.shape[-1]
-        if q.dtype != torch.int8 or q.device.type != "cpu" or K > INT32_EXACT_TERMS or not int8_products():
-            return None
-        w8_t, scale = self._int8_weight()
+        w8_t = None
+        if q.device.type == "cpu" and K <= INT32_EXACT_TERMS and int8_products():
+            w8_t, scale = self._int8_weight()
         if w8_t is None:
-            return None
+            w_int_t, scale, _ = self._quantized_weight(False)
 
         def bias_constants():
             out_scale = scale * prev_act_scaling_factor  # (out,)
+            products = K * 2 ** (self.weight_bit - 1) * -INT8_MIN  # bound of |q @ w_int.T|
             if self.bias is None:
-                return out_scale, None
+                return out_scale, None, products
             b_int = symmetric_quantize(self.bias, self.bias_bit, out_scale)
             self.bias_integer.copy_(b_int)
-            # |acc| <= K * 2**(w-1) * 128: the bias joins in int32 when the sum provably fits
-            bound = K * 2 ** (self.weight_bit - 1) * -INT8_MIN + float(b_int.abs().max())
-            return out_scale, b_int.to(torch.int32 if bound < 2**31 else torch.int64)
+            return out_scale, b_int, products + float(b_int.abs().max())
 
-        out_scale, b_add = self._int_bias.get((scale, prev_act_scaling_factor, self.bias), bias_constants)
-        acc = int8_matmul(q, w8_t)
-        if b_add is not None:
-            acc = acc.add_(b_add) if b_add.dtype == torch.int32 else acc.to(torch.int64).add_(b_add)
+        out_scale, b_int, bound = self._int_bias.get((scale, prev_act_scaling_factor, self.bias), bias_constants)
+        wide = torch.int32 if bound < 2**31 else torch.int64
+        if w8_t is not None:  # int8 x int8 -> int32 (exact), then the 32-bit bias in integers
+            acc = int8_matmul(q, w8_t)
+            if b_int is not None:
+                acc = acc.to(wide).add_(b_int.to(wide))
+        elif bound < 2**24:  # every partial sum, bias included, an exact float32 integer: one GEMM
+            x = q.reshape(-1, K).float()
+            acc = torch.mm(x, w_int_t) if b_int is None else torch.addmm(b_int, x, w_int_t)
+            acc = acc.reshape(*q.shape[:-1], -1).to(torch.int32)
+        else:
+            acc = integer_matmul(q.float(), w_int_t)  # float32 chunks, float64 sums: exact
+            if b_int is not None:
+                acc = acc.add_(b_int.double())
+            acc = acc.to(wide)
         return acc, out_scale
 
     def forward(

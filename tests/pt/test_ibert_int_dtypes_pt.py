@@ -19,8 +19,10 @@ from transformers.models.ibert import quant_modules as hf_quant
 
 import nezha_zoo.pt as zoo
 from nezha_zoo import IBertConfig
+from nezha_zoo.families.ibert import set_int8_products
 from nezha_zoo.pt import quant
 from nezha_zoo.testing import IBERT_SMOKE as SMOKE
+from nezha_zoo.testing import IBERT_WIDE
 from nezha_zoo.testing import ibert_layer_norm_rows, pin_precision
 
 pytestmark = [pytest.mark.pt, pytest.mark.hf]
@@ -278,14 +280,34 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=[True, False], ids=["int8_products", "float_products"])
+def products(request):
+    """Both product paths of ``QuantLinear``, whatever this CPU has."""
+    previous = set_int8_products(request.param)
+    yield request.param
+    set_int8_products(previous)
+
+
 @pytest.mark.parametrize("block_bytes", BLOCK_BYTES)
-def test_layer_on_integers_matches_the_modules(monkeypatch, one_thread, block_bytes):
+def test_layer_on_integers_matches_the_modules(monkeypatch, one_thread, products, block_bytes):
     from nezha_zoo.pt import ibert
 
-    model = _calibrated()
     if block_bytes is not None:
         monkeypatch.setattr(ibert, "INT_BLOCK_BYTES", block_bytes)
-    inputs = _padded_inputs()
+    _assert_paths_agree(monkeypatch, _calibrated(), _padded_inputs())
+
+
+def test_layer_on_integers_matches_the_modules_wide(monkeypatch, products):
+    # width 384, intermediate 1536: output.dense sums 1536 terms, past the float32 fused product's
+    # exact range, so the float products take the chunked path (int64 accumulators)
+    wide = {k: IBERT_WIDE[k] for k in ("hidden_size", "num_attention_heads", "intermediate_size")}
+    _assert_paths_agree(monkeypatch, _calibrated(num_hidden_layers=1, **wide), _padded_inputs())
+
+
+def _assert_paths_agree(monkeypatch, model, inputs):
+    """The integer path runs (no kernel's forward) and equals the module path bit for bit."""
+    from nezha_zoo.pt import ibert
+
     _outputs(model, inputs)  # the softmax builds its exponential table (with its QuantAct) once
     calls = {"int": 0, "module": 0}
 
@@ -304,7 +326,7 @@ def test_layer_on_integers_matches_the_modules(monkeypatch, one_thread, block_by
     for kernel in (quant.QuantLinear, quant.QuantEmbedding, quant.QuantAct, quant.IntLayerNorm):
         counting(kernel, "forward", "module")
     fast = _outputs(model, inputs)
-    layers = SMOKE["num_hidden_layers"]
+    layers = model.config.num_hidden_layers
     assert calls == {"int": 1 + layers, "module": 0}  # no kernel's forward ran
     handles = _module_path(model)
     reference = _outputs(model, inputs)
@@ -315,7 +337,7 @@ def test_layer_on_integers_matches_the_modules(monkeypatch, one_thread, block_by
     for got, want in zip(fast, reference):
         assert got.dtype == want.dtype and torch.equal(got, want)
     # the layer output still carries its int8 integers for the next layer
-    hidden = fast[2 + SMOKE["num_hidden_layers"]]
+    hidden = fast[2 + layers]
     assert quant.integer_of(hidden, getattr(hidden, "_nz_int")[1]).dtype == torch.int8
 
 
