@@ -24,6 +24,12 @@ float mode); run a few training-mode forwards (dropout off: ``hidden_dropout_pro
 calibration the ranges are +-1e-5 and quant-mode outputs are meaningless, as in transformers.
 Quantization-aware fine-tuning: train in quant mode; rounding has straight-through gradients.
 
+Eval-mode inference (quant mode, no autograd, eager, no hook on a sublayer) runs the embeddings and
+each layer on integers end to end: the kernels' ``_forward_int`` chained, no dequantized tensor
+between them (only each layer's output is dequantized, for the caller), over groups of sequences and
+blocks of feed-forward rows whose temporaries stay cache-sized (``INT_BLOCK_BYTES``); the same
+integers as the module-by-module path, which runs everywhere else (tested bit for bit).
+
 Exactness (see :mod:`nezha_zoo.pt.quant`): every integer is exact here (the attention products
 ``q_int @ k_int^T`` (|.| <= head_dim * 2**14) and ``prob_int @ v_int`` (|.| <= 2**15) are exact in
 float32).  transformers rounds some of its float32-emulated integers; at small sizes the requantized
@@ -46,12 +52,12 @@ from torch.utils.checkpoint import checkpoint
 
 from nezha_zoo.families.ibert import (
     ACT_BIT,
-    INT_BLOCK_BYTES,
     BIAS_BIT,
     EMBEDDING_ACT_BIT,
     EMBEDDING_BIT,
     HEADS_WITH_POOLER,
     IBERT,
+    INT_BLOCK_BYTES,
     LN_INPUT_BIT,
     LN_OUTPUT_BIT,
     WEIGHT_BIT,
@@ -328,7 +334,6 @@ class IBertSelfAttention(nn.Module):
         B, _, L, _ = context.shape
         context = context.transpose(1, 2).reshape(B, L, -1)  # (B, h, L, d) -> (B, L, H)
         return self.output_activation(context, ctx_scale), probs
-
 
     @torch.no_grad()
     def _forward_int(

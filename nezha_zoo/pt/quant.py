@@ -28,7 +28,12 @@ float32 tensors, so any integer above 2**24 is rounded, and it never re-rounds `
   intermediate integer below 2**53; else it takes the float64 path), so both paths give the same
   integers bit for bit.  Float64 remains where it is the definition: the dyadic product of a
   requantization (:func:`requantize_int`) and the per-row scalars (mean, ``sqrt`` of the variance);
-  the dequantized outputs keep their dtypes (float64 for linear, GELU and LayerNorm outputs);
+  the dequantized outputs keep their dtypes (float64 for linear, GELU and LayerNorm outputs).
+  Each kernel's integer-dtype rule is its ``_forward_int`` (integers and scale in, integers and scale
+  out, None where the rule does not apply); an eval-mode I-BERT layer chains them without
+  dequantizing in between (:mod:`nezha_zoo.pt.ibert`), and the constants they derive from frozen
+  scales and weights (multipliers, bias integers, output scales) are kept between calls
+  (:class:`EvalConstants`);
 * integer matrix products are exact: on CPUs with int8 dot-product units (VNNI/AMX,
   :func:`nezha_zoo.families.ibert.int8_products`) the linear layers' int8 x int8 products run as
   ``torch._int_mm`` with int32 accumulation (:func:`int8_matmul`; exact below 2**17 terms); otherwise
@@ -702,7 +707,9 @@ class QuantAct(nn.Module):
             q_id = None if identity is None else _integer_or_recover(identity, identity_scaling_factor)
             q_x = _integer_or_recover(x, pre_act_scaling_factor)
             if self.training or specified_min is not None or specified_max is not None:
-                q = requantize_int(q_x, pre_act_scaling_factor, self.activation_bit, scale, q_id, identity_scaling_factor)
+                q = requantize_int(
+                    q_x, pre_act_scaling_factor, self.activation_bit, scale, q_id, identity_scaling_factor
+                )
             else:
                 q, scale = self._forward_int(q_x, pre_act_scaling_factor, q_id, identity_scaling_factor)
             return _attach(_dequantize(q, scale), q, scale), scale

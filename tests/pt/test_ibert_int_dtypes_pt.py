@@ -22,8 +22,7 @@ from nezha_zoo import IBertConfig
 from nezha_zoo.families.ibert import set_int8_products
 from nezha_zoo.pt import quant
 from nezha_zoo.testing import IBERT_SMOKE as SMOKE
-from nezha_zoo.testing import IBERT_WIDE
-from nezha_zoo.testing import ibert_layer_norm_rows, pin_precision
+from nezha_zoo.testing import IBERT_WIDE, ibert_layer_norm_rows, pin_precision
 
 pytestmark = [pytest.mark.pt, pytest.mark.hf]
 
@@ -346,7 +345,7 @@ def _assert_paths_agree(monkeypatch, model, inputs):
         assert got.dtype == want.dtype and torch.equal(got, want)
     # the layer output still carries its int8 integers for the next layer
     hidden = fast[2 + layers]
-    assert quant.integer_of(hidden, getattr(hidden, "_nz_int")[1]).dtype == torch.int8
+    assert quant.integer_of(hidden, hidden._nz_int[1]).dtype == torch.int8
 
 
 def test_layer_on_integers_hands_over_to_the_modules():
