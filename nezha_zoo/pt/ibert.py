@@ -24,6 +24,12 @@ float mode); run a few training-mode forwards (dropout off: ``hidden_dropout_pro
 calibration the ranges are +-1e-5 and quant-mode outputs are meaningless, as in transformers.
 Quantization-aware fine-tuning: train in quant mode; rounding has straight-through gradients.
 
+Eval-mode inference (quant mode, no autograd, eager, no hook on a sublayer) runs the embeddings and
+each layer on integers end to end: the kernels' ``_forward_int`` chained, no dequantized tensor
+between them (only each layer's output is dequantized, for the caller), over groups of sequences and
+blocks of feed-forward rows whose temporaries stay cache-sized (``INT_BLOCK_BYTES``); the same
+integers as the module-by-module path, which runs everywhere else (tested bit for bit).
+
 Exactness (see :mod:`nezha_zoo.pt.quant`): every integer is exact here (the attention products
 ``q_int @ k_int^T`` (|.| <= head_dim * 2**14) and ``prob_int @ v_int`` (|.| <= 2**15) are exact in
 float32).  transformers rounds some of its float32-emulated integers; at small sizes the requantized
@@ -51,6 +57,7 @@ from nezha_zoo.families.ibert import (
     EMBEDDING_BIT,
     HEADS_WITH_POOLER,
     IBERT,
+    INT_BLOCK_BYTES,
     LN_INPUT_BIT,
     LN_OUTPUT_BIT,
     WEIGHT_BIT,
@@ -81,6 +88,7 @@ from nezha_zoo.pt.heads import (
 from nezha_zoo.pt.layers import padding_aware_position_ids, sequential_position_ids
 from nezha_zoo.pt.modeling_utils import PreTrainedModel, prepare_encoder_inputs
 from nezha_zoo.pt.quant import (
+    EvalConstants,
     IntGELU,
     IntLayerNorm,
     IntSoftmax,
@@ -106,6 +114,7 @@ __all__ = [
 ]
 
 Scaled = tuple[torch.Tensor, "torch.Tensor | None"]
+IntPair = tuple[torch.Tensor, torch.Tensor]  # (exact integers in an integer dtype, their scale)
 
 
 def _linear(config: IBertConfig, in_dim: int, out_dim: int) -> QuantLinear:
@@ -126,6 +135,49 @@ def _layer_norm(config: IBertConfig) -> IntLayerNorm:
         quant_mode=config.quant_mode,
         force_dequant=config.force_dequant,
     )
+
+
+def _on_integers(module: nn.Module) -> bool:
+    """Whether ``module`` may run on integers end to end (its ``_forward_int``): eval mode, no
+    autograd, eager (not traced or compiled), and no hook below it (that path calls no sublayer's
+    ``forward``, so their hooks would not run)."""
+    if module.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
+
+
+def _blocks(total: int, unit_bytes: int) -> list[slice]:
+    """``total`` units (sequences or rows) as equal blocks whose temporaries, ``unit_bytes`` a unit,
+    stay within :data:`INT_BLOCK_BYTES` per intra-op thread (one unit at least)."""
+    count = -(-total // max(1, INT_BLOCK_BYTES * torch.get_num_threads() // unit_bytes))
+    size = -(-total // max(1, count))
+    return [slice(start, min(total, start + size)) for start in range(0, total, size)]
+
+
+def _blockwise(run, total: int, unit_bytes: int):
+    """``run(block)`` over :func:`_blocks`, stitched: ``run`` returns ``(tensors, rest)`` (each tensor
+    holds the block's units on its first axis, or is None) or None (so does this).  Returns
+    ``(tensors of all units, rest of the last block)``.
+
+    PyTorch runs one op at a time: each op's pass over a cache-sized block stays in cache, and the
+    blocks' temporaries are reused instead of freshly mapped."""
+    out = rest = None
+    for block in _blocks(total, unit_bytes):
+        done = run(block)
+        if done is None:
+            return None
+        parts, rest = done
+        if block.stop - block.start == total:
+            return parts, rest
+        if out is None:
+            out = tuple(None if p is None else p.new_empty(total, *p.shape[1:]) for p in parts)
+        for whole, part in zip(out, parts):
+            if whole is not None:
+                whole[block] = part
+    return out, rest
 
 
 class IBertEmbeddings(nn.Module):
@@ -155,6 +207,10 @@ class IBertEmbeddings(nn.Module):
         position_ids: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
     ) -> Scaled:
+        if inputs_embeds is None and _on_integers(self):
+            done = self._forward_int(input_ids, token_type_ids, position_ids)
+            if done is not None:
+                return attach_integer(*done), done[1]
         if inputs_embeds is None:
             words, words_scale = self.word_embeddings(input_ids)
         else:
@@ -166,6 +222,34 @@ class IBertEmbeddings(nn.Module):
         x, scale = self.LayerNorm(x, scale)
         x = self.dropout(x)
         return self.output_activation(x, scale)
+
+    @torch.no_grad()
+    def _forward_int(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor
+    ) -> IntPair | None:
+        """Eval-mode :meth:`forward` of ``input_ids`` on exact integers, over groups of sequences
+        (:func:`_blockwise`): ``(int8 (B, L, H), scale)``, or None where a kernel's integer rule does not
+        apply."""
+        B, L = input_ids.shape
+
+        def group(block):
+            done = self._forward_int_group(input_ids[block], token_type_ids[block], position_ids[block])
+            return None if done is None else ((done[0],), done[1])
+
+        done = _blockwise(group, B, 8 * L * self.LayerNorm.normalized_shape)
+        return None if done is None else (done[0][0], done[1])
+
+    def _forward_int_group(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor
+    ) -> IntPair | None:
+        words = self.word_embeddings._forward_int(input_ids)
+        types = self.token_type_embeddings._forward_int(token_type_ids)
+        positions = self.position_embeddings._forward_int(position_ids)
+        if words is None or types is None or positions is None:
+            return None
+        x = self.embeddings_act1._forward_int(*words, *types)
+        done = self.LayerNorm._forward_int(*self.embeddings_act1._forward_int(*x, *positions))
+        return None if done is None else self.output_activation._forward_int(*done)
 
 
 class IBertSelfAttention(nn.Module):
@@ -195,6 +279,8 @@ class IBertSelfAttention(nn.Module):
         self.output_activation = _act(config)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
         self.softmax = IntSoftmax(ACT_BIT, quant_mode=config.quant_mode, force_dequant=config.force_dequant)
+        self._score_scale = EvalConstants()  # s_q * s_k / sqrt(head_dim) of the frozen scales
+        self._context_scale = EvalConstants()  # s_p * s_v
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
@@ -249,6 +335,45 @@ class IBertSelfAttention(nn.Module):
         context = context.transpose(1, 2).reshape(B, L, -1)  # (B, h, L, d) -> (B, L, H)
         return self.output_activation(context, ctx_scale), probs
 
+    @torch.no_grad()
+    def _forward_int(
+        self, x: torch.Tensor, scale: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[IntPair, IntPair] | None:
+        """The eval-mode forward on exact integers, without dequantizing (same integers as :meth:`forward`).
+
+        Args:
+            x (int8 Tensor (B, L, H)): the input activation's integers; ``scale`` (1,) its scale.
+            attention_mask (float Tensor (B, 1, 1 or L, L)): additive mask.
+        Returns:
+            ``((context int8 (B, L, H), scale), (prob_int float32 (B, heads, L, L), 2**-8))``, or None
+            where a kernel's integer rule does not apply (the caller then runs :meth:`forward`).
+        """
+        if not self.softmax.quant_mode:
+            return None
+        projected = []
+        for linear, act in (
+            (self.query, self.query_activation),
+            (self.key, self.key_activation),
+            (self.value, self.value_activation),
+        ):
+            done = linear._forward_int(x, scale)
+            if done is None:
+                return None
+            projected.append(act._forward_int(*done))
+        (q_i, s_q), (k_i, s_k), (v_i, s_v) = projected
+        s_scores = self._score_scale.get((s_q, s_k), lambda: s_q * s_k / math.sqrt(self.attention_head_size))
+        # exact integers: |q_int . k_int| <= head_dim * 2**14 < 2**24 (float32 product)
+        prods = torch.matmul(self._heads(q_i).float(), self._heads(k_i).float().transpose(-1, -2))
+        scores = self.softmax.mask_scores_int(prods.to(torch.int32), attention_mask, s_scores)
+        if scores is None:
+            return None
+        prob_int, s_p = self.softmax.forward_int(scores, s_scores)
+        ctx_scale = self._context_scale.get((s_p, s_v), lambda: s_p * s_v)
+        # |prob_int @ v_int| <= 256 * 128: exact in float32
+        ctx = torch.matmul(prob_int, self._heads(v_i).float()).to(torch.int32)
+        ctx = ctx.transpose(1, 2).reshape(ctx.shape[0], ctx.shape[2], -1)  # (B, L, H)
+        return self.output_activation._forward_int(ctx, ctx_scale), (prob_int, s_p)
+
 
 class IBertResidualOutput(nn.Module):
     """``dense``, dropout, 22-bit ``ln_input_act`` adding the residual, ``LayerNorm``, 8-bit ``output_activation``.
@@ -274,6 +399,18 @@ class IBertResidualOutput(nn.Module):
         x, scale = self.LayerNorm(x, scale)
         return self.output_activation(x, scale)
 
+    @torch.no_grad()
+    def _forward_int(
+        self, x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor, residual_scale: torch.Tensor
+    ) -> IntPair | None:
+        """Eval-mode :meth:`forward` on exact integers (int8 ``x`` and ``residual``): ``(int8 (..., H),
+        scale)``, or None where a kernel's integer rule does not apply."""
+        done = self.dense._forward_int(x, scale)
+        if done is None:
+            return None
+        done = self.LayerNorm._forward_int(*self.ln_input_act._forward_int(*done, residual, residual_scale))
+        return None if done is None else self.output_activation._forward_int(*done)
+
 
 class IBertAttention(nn.Module):
     """``self`` (:class:`IBertSelfAttention`) and ``output`` (:class:`IBertResidualOutput`)."""
@@ -286,6 +423,17 @@ class IBertAttention(nn.Module):
     def forward(self, hidden, scale, attention_mask, head_mask=None) -> tuple[Scaled, torch.Tensor]:
         (context, context_scale), probs = self.self(hidden, scale, attention_mask, head_mask)
         return self.output(context, context_scale, hidden, scale), probs
+
+    def _forward_int(
+        self, x: torch.Tensor, scale: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[IntPair, IntPair] | None:
+        """Eval-mode :meth:`forward` on exact integers (see :meth:`IBertSelfAttention._forward_int`)."""
+        done = self.self._forward_int(x, scale, attention_mask)
+        if done is None:
+            return None
+        context, probs = done
+        done = self.output._forward_int(*context, x, scale)
+        return None if done is None else (done, probs)
 
 
 class IBertIntermediate(nn.Module):
@@ -301,10 +449,25 @@ class IBertIntermediate(nn.Module):
         x, scale = self.intermediate_act_fn(*self.dense(x, scale))
         return self.output_activation(x, scale)
 
+    @torch.no_grad()
+    def _forward_int(self, x: torch.Tensor, scale: torch.Tensor) -> IntPair | None:
+        """Eval-mode :meth:`forward` on exact integers (int8 ``x``): ``(int8 (..., intermediate), scale)``,
+        or None where a kernel's integer rule does not apply."""
+        done = self.dense._forward_int(x, scale)
+        if done is not None:
+            done = self.intermediate_act_fn._forward_int(*done)
+        return None if done is None else self.output_activation._forward_int(*done)
+
 
 class IBertLayer(nn.Module):
     """One post-LN encoder layer, transformers' order: attention, ``pre_intermediate_act``,
-    intermediate, ``pre_output_act``, output (whose residual is the ``pre_intermediate_act`` output)."""
+    intermediate, ``pre_output_act``, output (whose residual is the ``pre_intermediate_act`` output).
+
+    Forward: ``(hidden (B, L, H), scale)``, additive ``attention_mask`` (B, 1, 1 or L, L), ``head_mask``
+    (1, heads, 1, 1) or None, ``output_attentions`` -> ``((hidden (B, L, H), scale), probs (B, heads, L,
+    L))``; ``probs`` may be None when ``output_attentions`` is False.  In eval inference (quant mode,
+    no autograd) the layer runs on integers end to end (:meth:`_forward_int`).
+    """
 
     def __init__(self, config: IBertConfig) -> None:
         super().__init__()
@@ -314,11 +477,83 @@ class IBertLayer(nn.Module):
         self.pre_intermediate_act = _act(config)
         self.pre_output_act = _act(config)
 
-    def forward(self, hidden, scale, attention_mask, head_mask=None) -> tuple[Scaled, torch.Tensor]:
+    def forward(
+        self, hidden, scale, attention_mask, head_mask=None, output_attentions: bool = True
+    ) -> tuple[Scaled, torch.Tensor | None]:
+        q = self._integers(hidden, scale) if head_mask is None else None
+        done = None if q is None else self._forward_int(q, scale, attention_mask, output_attentions)
+        if done is not None:
+            (q, scale), probs = done
+            return (attach_integer(q, scale), scale), None if probs is None else probs[0] * probs[1]
         (attn, attn_scale), probs = self.attention(hidden, scale, attention_mask, head_mask)
         attn, attn_scale = self.pre_intermediate_act(attn, attn_scale)
         inter, inter_scale = self.pre_output_act(*self.intermediate(attn, attn_scale))
         return self.output(inter, inter_scale, attn, attn_scale), probs
+
+    def _integers(self, hidden: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor | None:
+        """The int8 integers behind ``hidden`` where the layer can run on integers end to end
+        (quant mode, :func:`_on_integers`, an int8 activation attached), else None."""
+        if scale is None or not _on_integers(self):
+            return None
+        q = integer_of(hidden, scale)
+        return q if q is not None and q.dtype == torch.int8 else None
+
+    @torch.no_grad()
+    def _forward_int(
+        self, x: torch.Tensor, scale: torch.Tensor, attention_mask: torch.Tensor, output_attentions: bool = True
+    ) -> tuple[IntPair, IntPair | None] | None:
+        """The eval-mode layer on exact integers: the same integers as :meth:`forward`, computed
+        without dequantizing between kernels, over groups of sequences and, for the token-by-token
+        feed-forward part, blocks of rows (:func:`_blockwise`).
+
+        Args:
+            x (int8 Tensor (B, L, H)), scale (float32 (1,)): the layer input's integers and scale.
+            attention_mask (float Tensor (B or 1, 1, 1 or L, L)): additive mask.
+            output_attentions (bool): also return the probabilities' integers.
+        Returns:
+            ``((int8 (B, L, H), scale), (prob_int float32 (B, heads, L, L), 2**-8) or None)``, or None
+            where a kernel's integer rule does not apply (the caller then runs :meth:`forward`).
+        """
+        B, L, H = x.shape
+
+        def group(block):
+            mask = attention_mask if attention_mask.shape[0] == 1 else attention_mask[block]
+            done = self._forward_int_group(x[block], scale, mask)
+            if done is None:
+                return None
+            (q, out_scale), (prob_int, s_p) = done
+            return (q, prob_int if output_attentions else None), (out_scale, s_p)
+
+        # a sequence's widest temporaries: float64 rows of the projections, int64 scores
+        done = _blockwise(group, B, 8 * L * max(H, self.attention.self.num_attention_heads * L))
+        if done is None:
+            return None
+        (q, probs), (out_scale, s_p) = done
+        return (q, out_scale), None if probs is None else (probs, s_p)
+
+    def _forward_int_group(
+        self, x: torch.Tensor, scale: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[IntPair, IntPair] | None:
+        """:meth:`_forward_int` of one group of sequences, the feed-forward part over row blocks."""
+        done = self.attention._forward_int(x, scale, attention_mask)
+        if done is None:
+            return None
+        (attn, attn_scale), probs = done
+        attn, attn_scale = self.pre_intermediate_act._forward_int(attn, attn_scale)
+        rows = attn.reshape(-1, attn.shape[-1])
+
+        def feed_forward(block):
+            part = rows[block]
+            done = self.intermediate._forward_int(part, attn_scale)
+            if done is not None:
+                done = self.output._forward_int(*self.pre_output_act._forward_int(*done), part, attn_scale)
+            return None if done is None else ((done[0],), done[1])
+
+        done = _blockwise(feed_forward, rows.shape[0], 8 * self.intermediate.dense.out_features)
+        if done is None:
+            return None
+        (out,), out_scale = done
+        return (out.view(attn.shape), out_scale), probs
 
 
 class IBertEncoder(nn.Module):
@@ -505,7 +740,10 @@ class IBertModel(IBertPreTrainedModel):
                 all_hidden += (hidden,)
             layer_head_mask = prep.head_mask[i] if prep.head_mask is not None else None
             args = (hidden, scale, prep.attention_mask, layer_head_mask)
-            (hidden, scale), probs = _checkpointed(layer, *args) if checkpointing else layer(*args)
+            if checkpointing:
+                (hidden, scale), probs = _checkpointed(layer, *args)
+            else:
+                (hidden, scale), probs = layer(*args, output_attentions=attentions is not None)
             if attentions is not None:
                 attentions += (probs,)
         if all_hidden is not None:

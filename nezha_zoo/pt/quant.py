@@ -28,7 +28,12 @@ float32 tensors, so any integer above 2**24 is rounded, and it never re-rounds `
   intermediate integer below 2**53; else it takes the float64 path), so both paths give the same
   integers bit for bit.  Float64 remains where it is the definition: the dyadic product of a
   requantization (:func:`requantize_int`) and the per-row scalars (mean, ``sqrt`` of the variance);
-  the dequantized outputs keep their dtypes (float64 for linear, GELU and LayerNorm outputs);
+  the dequantized outputs keep their dtypes (float64 for linear, GELU and LayerNorm outputs).
+  Each kernel's integer-dtype rule is its ``_forward_int`` (integers and scale in, integers and scale
+  out, None where the rule does not apply); an eval-mode I-BERT layer chains them without
+  dequantizing in between (:mod:`nezha_zoo.pt.ibert`), and the constants they derive from frozen
+  scales and weights (multipliers, bias integers, output scales) are kept between calls
+  (:class:`EvalConstants`);
 * integer matrix products are exact: on CPUs with int8 dot-product units (VNNI/AMX,
   :func:`nezha_zoo.families.ibert.int8_products`) the linear layers' int8 x int8 products run as
   ``torch._int_mm`` with int32 accumulation (:func:`int8_matmul`; exact below 2**17 terms); otherwise
@@ -94,6 +99,7 @@ __all__ = [
     "symmetric_quantize",
     "round_ste",
     "floor_ste",
+    "EvalConstants",
     "to_integer",
     "integer_of",
     "attach_integer",
@@ -242,6 +248,49 @@ def _inference(*xs: torch.Tensor | None) -> bool:
     return not torch.is_grad_enabled() or not any(x is not None and x.requires_grad for x in xs)
 
 
+def _tensor_key(t: torch.Tensor | None) -> tuple:
+    """What identifies a tensor's contents between calls: the object, its storage and its version
+    counter (inference tensors have none; the ones keyed here are scales the kernels made and never
+    modify)."""
+    if t is None:
+        return (None,)
+    return (id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
+
+
+class EvalConstants:
+    """Constants an eval-mode kernel derives from tensors that stay fixed between calls (a frozen
+    range, the weights, an upstream kernel's scale): computed once, recomputed when any of those
+    tensors is replaced or modified in place.  The last :attr:`SIZE` results are kept (a module applied
+    at two places, such as I-BERT's ``embeddings_act1``, sees two sets of inputs); holding their
+    tensors keeps those identities from being reused.
+
+    PyTorch runs one op at a time, and at I-BERT's sizes the few dozen small ops that derive a
+    kernel's multipliers and integer constants cost as much as its pass over the activations.
+    """
+
+    SIZE = 4
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, tuple] = {}  # key -> (deps, value), oldest first
+
+    def __reduce__(self):
+        return (EvalConstants, ())  # copies and pickles start empty: the constants are recomputed on use
+
+    def get(self, deps: tuple[torch.Tensor | None, ...], compute):
+        """``compute()``'s cached value while every tensor of ``deps`` is the one it was computed from."""
+        key = tuple(_tensor_key(t) for t in deps)
+        entry = self.entries.get(key)
+        if entry is None:
+            # ordinary tensors even under inference_mode: an eval forward with autograd may save them
+            with torch.inference_mode(False), torch.no_grad():
+                entry = (deps, compute())
+            if len(self.entries) >= self.SIZE:
+                del self.entries[next(iter(self.entries))]
+            self.entries[key] = entry
+        return entry[1]
+
+
 def frexp_multiplier(ratio: torch.Tensor, max_bit: int = 31) -> tuple[torch.Tensor, torch.Tensor]:
     """Dyadic form of a positive float64 ratio: ``ratio ~= m / 2**e`` with integer ``m < 2**max_bit``.
 
@@ -281,16 +330,32 @@ def fixed_point_requantize(
         float64 Tensor of integers (no gradient).
     """
     with torch.no_grad():
-        n = 2 ** (num_bits - 1) - 1
-        s_out = out_scale.double()
-        m, e = frexp_multiplier(scale.double() / s_out)
-        # fl64(q * m) * 2**-e == fl64(q * (m * 2**-e)): scaling by a power of two is exact; an integer
-        # dtype q converts exactly (|q| < 2**53) in a fresh float64 copy, rescaled in place
-        out = q.to(torch.float64, copy=True).mul_(torch.ldexp(m, -e)).round_()
-        if identity_q is not None:
-            m1, e1 = frexp_multiplier(identity_scale.double() / s_out)
-            out.add_(identity_q.to(torch.float64, copy=True).mul_(torch.ldexp(m1, -e1)).round_())
-        return out.clamp_(-n - 1, n)
+        multiplier = _requant_multiplier(scale, out_scale)
+        identity_multiplier = None if identity_q is None else _requant_multiplier(identity_scale, out_scale)
+        return _rescale_int(q, multiplier, num_bits, identity_q, identity_multiplier)
+
+
+def _requant_multiplier(scale: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+    """``m * 2**-e`` (float64, exact) with ``(m, e) = frexp_multiplier(fl64(scale) / fl64(out_scale))``."""
+    m, e = frexp_multiplier(scale.double() / out_scale.double())
+    return torch.ldexp(m, -e)
+
+
+def _rescale_int(
+    q: torch.Tensor,
+    multiplier: torch.Tensor,
+    num_bits: int,
+    identity_q: torch.Tensor | None = None,
+    identity_multiplier: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The integer part of :func:`fixed_point_requantize`, from its multipliers: float64 integers."""
+    n = 2 ** (num_bits - 1) - 1
+    # fl64(q * m) * 2**-e == fl64(q * (m * 2**-e)): scaling by a power of two is exact; an integer
+    # dtype q converts exactly (|q| < 2**53) in a fresh float64 copy, rescaled in place
+    out = q.to(torch.float64, copy=True).mul_(multiplier).round_()
+    if identity_q is not None:
+        out.add_(identity_q.to(torch.float64, copy=True).mul_(identity_multiplier).round_())
+    return out.clamp_(-n - 1, n)
 
 
 @torch.no_grad()
@@ -471,23 +536,37 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("weight_integer", torch.zeros(num_embeddings, embedding_dim))
         self._cache: tuple | None = None  # (weight version, w_int, scale) in inference
 
+    @torch.no_grad()
+    def _forward_int(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The eval-mode lookup without dequantizing: ``(int8 (B, L, dim), scale (1,))``, or None
+        outside quant mode or for weights wider than 8 bits."""
+        if not self.quant_mode or self.weight_bit > 8:
+            return None
+        w_int, scale = self._quantized_table(False)
+        return F.embedding(ids, w_int, self.padding_idx), scale
+
+    def _quantized_table(self, differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_int, scale)``, written to the buffers; without autograd cached until the weight changes
+        (int8 then)."""
+        key = (self.weight._version, self.weight.data_ptr())
+        if not differentiable and self._cache is not None and self._cache[0] == key:
+            return self._cache[1:]  # the table's quantization is cached until the weight changes
+        w = self.weight.detach()
+        scale = symmetric_scale(self.weight_bit, w.min().expand(1), w.max().expand(1))
+        w_int = symmetric_quantize(self.weight, self.weight_bit, scale)
+        with torch.no_grad():
+            self.weight_scaling_factor.copy_(scale)
+            self.weight_integer.copy_(w_int)
+        if not differentiable and self.weight_bit <= 8:
+            w_int = w_int.to(torch.int8)  # inference: the downstream kernels take integer dtypes
+        self._cache = None if differentiable else (key, w_int, scale)
+        return w_int, scale
+
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.quant_mode:
             return F.embedding(ids, self.weight, self.padding_idx), None
         differentiable = torch.is_grad_enabled() and self.weight.requires_grad
-        key = (self.weight._version, self.weight.data_ptr())
-        if not differentiable and self._cache is not None and self._cache[0] == key:
-            _, w_int, scale = self._cache  # the table's quantization is cached until the weight changes
-        else:
-            w = self.weight.detach()
-            scale = symmetric_scale(self.weight_bit, w.min().expand(1), w.max().expand(1))
-            w_int = symmetric_quantize(self.weight, self.weight_bit, scale)
-            with torch.no_grad():
-                self.weight_scaling_factor.copy_(scale)
-                self.weight_integer.copy_(w_int)
-            if not differentiable and self.weight_bit <= 8:
-                w_int = w_int.to(torch.int8)  # inference: the downstream kernels take integer dtypes
-            self._cache = None if differentiable else (key, w_int, scale)
+        w_int, scale = self._quantized_table(differentiable)
         q = F.embedding(ids, w_int, self.padding_idx)
         return _attach(_dequantize(q, scale), q, scale), scale
 
@@ -526,9 +605,59 @@ class QuantAct(nn.Module):
         self.register_buffer("x_min", torch.full((1,), -1e-5))
         self.register_buffer("x_max", torch.full((1,), 1e-5))
         self.register_buffer("act_scaling_factor", torch.zeros(1))
+        self._frozen_scale = EvalConstants()  # eval: the scale of the frozen range
+        self._multipliers = EvalConstants()  # eval: the requantization multipliers of the last input scales
 
     def extra_repr(self) -> str:
         return f"activation_bit={self.activation_bit}, quant_mode={self.quant_mode}"
+
+    def _output_scale(
+        self, specified_min: torch.Tensor | None = None, specified_max: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``act_scaling_factor`` for this call, written to the buffer; in eval mode (frozen range) the
+        same tensor object on every call until the range changes, so that the kernels downstream can
+        keep the constants they derive from it."""
+        if self.training or specified_min is not None or specified_max is not None:
+            x_min = self.x_min if specified_min is None else specified_min
+            x_max = self.x_max if specified_max is None else specified_max
+            return self._write_scale(x_min, x_max)
+        return self._frozen_scale.get((self.x_min, self.x_max), lambda: self._write_scale(self.x_min, self.x_max))
+
+    def _write_scale(self, x_min: torch.Tensor, x_max: torch.Tensor) -> torch.Tensor:
+        scale = symmetric_scale(self.activation_bit, x_min, x_max)
+        with torch.no_grad():
+            self.act_scaling_factor.copy_(scale)
+        return scale
+
+    @torch.no_grad()
+    def _forward_int(
+        self,
+        q: torch.Tensor,
+        scaling_factor: torch.Tensor,
+        identity_q: torch.Tensor | None = None,
+        identity_scaling_factor: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval-mode requantization of exact integers (and a residual's), without dequantizing.
+
+        Args:
+            q (integer Tensor (..., C), or float64 holding integers): ``|q| < 2**53``.
+            scaling_factor (float32 Tensor (1,) or (C,)): its scale.
+            identity_q, identity_scaling_factor: the residual's integers and scale, or None.
+        Returns:
+            ``(q_out, act_scaling_factor)``: int8 for ``activation_bit <= 8``, else int32; the same
+            integers as :func:`requantize_int` (its multipliers kept between calls).
+        """
+        scale = self._output_scale()
+        multipliers = self._multipliers.get(
+            (scaling_factor, identity_scaling_factor, scale),
+            lambda: (
+                _requant_multiplier(scaling_factor, scale),
+                None if identity_q is None else _requant_multiplier(identity_scaling_factor, scale),
+            ),
+        )
+        bits = self.activation_bit
+        out = _rescale_int(q, multipliers[0], bits, identity_q, multipliers[1])
+        return out.to(torch.int8 if bits <= 8 else torch.int32), scale
 
     @torch.no_grad()
     def update_range(self, x_act: torch.Tensor) -> None:
@@ -565,11 +694,7 @@ class QuantAct(nn.Module):
             self.update_range(x_act.detach())
         if not self.quant_mode:
             return x_act, None
-        x_min = self.x_min if specified_min is None else specified_min
-        x_max = self.x_max if specified_max is None else specified_max
-        scale = symmetric_scale(self.activation_bit, x_min, x_max)
-        with torch.no_grad():
-            self.act_scaling_factor.copy_(scale)
+        scale = self._output_scale(specified_min, specified_max)
         if pre_act_scaling_factor is None:
             q = symmetric_quantize(x_act.float(), self.activation_bit, scale)
         elif (
@@ -580,14 +705,13 @@ class QuantAct(nn.Module):
         ):
             # integer dtypes end to end (same integers as _Requant's float64 path)
             q_id = None if identity is None else _integer_or_recover(identity, identity_scaling_factor)
-            q = requantize_int(
-                _integer_or_recover(x, pre_act_scaling_factor),
-                pre_act_scaling_factor,
-                self.activation_bit,
-                scale,
-                q_id,
-                identity_scaling_factor,
-            )
+            q_x = _integer_or_recover(x, pre_act_scaling_factor)
+            if self.training or specified_min is not None or specified_max is not None:
+                q = requantize_int(
+                    q_x, pre_act_scaling_factor, self.activation_bit, scale, q_id, identity_scaling_factor
+                )
+            else:
+                q, scale = self._forward_int(q_x, pre_act_scaling_factor, q_id, identity_scaling_factor)
             return _attach(_dequantize(q, scale), q, scale), scale
         else:
             q = _Requant.apply(
@@ -641,6 +765,7 @@ class QuantLinear(nn.Module):
             self.bias = None
         # (weight version, w_int.T float32 (in, out), scale, w_int.T int8 or None) in inference
         self._cache: tuple | None = None
+        self._int_bias = EvalConstants()  # eval: (out_scale, bias integers to add to the accumulator)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, quant_mode={self.quant_mode}"
@@ -650,6 +775,79 @@ class QuantLinear(nn.Module):
         if self.per_channel:
             return symmetric_scale(self.weight_bit, w.min(dim=1).values, w.max(dim=1).values, per_channel=True)
         return symmetric_scale(self.weight_bit, w.min().expand(1), w.max().expand(1))
+
+    def _quantized_weight(self, differentiable: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(w_int.T (in, out) float32, scale (out,), int8 copy or None)``, written to the buffers;
+        without autograd cached until the weight changes."""
+        key = (self.weight._version, self.weight.data_ptr())
+        if not differentiable and self._cache is not None and self._cache[0] == key:
+            return self._cache[1:]
+        scale = self._weight_scale()
+        w_int = symmetric_quantize(self.weight, self.weight_bit, scale)  # (out, in)
+        with torch.no_grad():
+            self.weight_integer.copy_(w_int)
+            self.fc_scaling_factor.copy_(scale)
+        w_int_t = w_int.t() if differentiable else w_int.t().contiguous()
+        self._cache = None if differentiable else (key, w_int_t, scale, None)  # int8 copy made on first use
+        return w_int_t, scale, None
+
+    def _int8_weight(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(w_int.T int8 (in, out) or None, scale (out,))`` for the int8 path (inference)."""
+        w_int_t, scale, w8_t = self._quantized_weight(False)
+        if w8_t is None:
+            w8_t = as_int8(w_int_t)  # 8-bit weights always fit ([-127, 126])
+            self._cache = (*self._cache[:3], w8_t)
+        return w8_t, scale
+
+    @torch.no_grad()
+    def _forward_int(
+        self, q: torch.Tensor, prev_act_scaling_factor: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The inference product of int8 activations, without dequantizing: on the CPU's int8 units
+        where it has them (:func:`int8_matmul`), else as exact float32 products.
+
+        Args:
+            q (int8 Tensor (..., in)): the requantized activation's integers.
+            prev_act_scaling_factor (float32 Tensor (1,)): their scale.
+        Returns:
+            ``(acc, out_scale (out,))``: ``acc = q @ w_int.T + b_int`` exactly, int32 where its bound
+            (``in * 2**(w-1) * 128 + max|b_int|``) allows, else int64; None outside quant mode or for
+            another input dtype.
+        """
+        if not self.quant_mode or q.dtype != torch.int8:
+            return None
+        K = q.shape[-1]
+        w8_t = None
+        if q.device.type == "cpu" and K <= INT32_EXACT_TERMS and int8_products():
+            w8_t, scale = self._int8_weight()
+        if w8_t is None:
+            w_int_t, scale, _ = self._quantized_weight(False)
+
+        def bias_constants():
+            out_scale = scale * prev_act_scaling_factor  # (out,)
+            products = K * 2 ** (self.weight_bit - 1) * -INT8_MIN  # bound of |q @ w_int.T|
+            if self.bias is None:
+                return out_scale, None, products
+            b_int = symmetric_quantize(self.bias, self.bias_bit, out_scale)
+            self.bias_integer.copy_(b_int)
+            return out_scale, b_int, products + float(b_int.abs().max())
+
+        out_scale, b_int, bound = self._int_bias.get((scale, prev_act_scaling_factor, self.bias), bias_constants)
+        wide = torch.int32 if bound < 2**31 else torch.int64
+        if w8_t is not None:  # int8 x int8 -> int32 (exact), then the 32-bit bias in integers
+            acc = int8_matmul(q, w8_t)
+            if b_int is not None:
+                acc = acc.to(wide).add_(b_int.to(wide))
+        elif bound < 2**24:  # every partial sum, bias included, an exact float32 integer: one GEMM
+            x = q.reshape(-1, K).float()
+            acc = torch.mm(x, w_int_t) if b_int is None else torch.addmm(b_int, x, w_int_t)
+            acc = acc.reshape(*q.shape[:-1], -1).to(torch.int32)
+        else:
+            acc = integer_matmul(q.float(), w_int_t)  # float32 chunks, float64 sums: exact
+            if b_int is not None:
+                acc = acc.add_(b_int.double())
+            acc = acc.to(wide)
+        return acc, out_scale
 
     def forward(
         self, x: torch.Tensor, prev_act_scaling_factor: torch.Tensor | None = None
@@ -662,18 +860,12 @@ class QuantLinear(nn.Module):
                 f"{None if prev_act_scaling_factor is None else tuple(prev_act_scaling_factor.shape)}"
             )
         differentiable = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        key = (self.weight._version, self.weight.data_ptr())
-        if not differentiable and self._cache is not None and self._cache[0] == key:
-            _, w_int_t, scale, w8_t = self._cache
-        else:
-            scale = self._weight_scale()
-            w_int = symmetric_quantize(self.weight, self.weight_bit, scale)  # (out, in)
-            with torch.no_grad():
-                self.weight_integer.copy_(w_int)
-                self.fc_scaling_factor.copy_(scale)
-            w_int_t = w_int.t() if differentiable else w_int.t().contiguous()
-            w8_t = None  # int8 copy, made on first use by the int8 path
-            self._cache = None if differentiable else (key, w_int_t, scale, w8_t)
+        q8 = None if differentiable else integer_of(x, prev_act_scaling_factor)
+        done = None if q8 is None else self._forward_int(q8, prev_act_scaling_factor)
+        if done is not None:
+            acc, out_scale = done
+            return _attach(_dequantize(acc, out_scale.double()), acc, out_scale), out_scale
+        w_int_t, scale, w8_t = self._quantized_weight(differentiable)
         out_scale = scale * prev_act_scaling_factor  # (out,)
         attached = None if differentiable else integer_of(x, prev_act_scaling_factor)
         if attached is None:
@@ -691,9 +883,7 @@ class QuantLinear(nn.Module):
         K = x_int.shape[-1]
         x8 = None
         if not differentiable and x.device.type == "cpu" and K <= INT32_EXACT_TERMS and int8_products():
-            if w8_t is None:
-                w8_t = as_int8(w_int_t)  # 8-bit weights always fit ([-127, 126])
-                self._cache = (key, w_int_t, scale, w8_t)
+            w8_t, _ = self._int8_weight()
             # an int8 activation (QuantAct of <= 8 bits) is used as it is; others are range-checked
             x8 = None if w8_t is None else (x_int if x_int.dtype == torch.int8 else as_int8(x_int))
         if x8 is not None:
@@ -748,6 +938,7 @@ class IntGELU(nn.Module):
         self.k = GELU_SQRT2
         self.const = GELU_SHIFT
         self.coeff = [*GELU_COEFFS, 1.0 / GELU_COEFFS[0]]  # a, b, c / a with c = 1
+        self._constants = EvalConstants()  # eval: _int_constants of the last input scale
 
     def int_erf(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer erf of ``q * scale``: returns ``(y float64 integers, s_y float32)``."""
@@ -770,6 +961,28 @@ class IntGELU(nn.Module):
         the polynomial, ``max|q| * max|y + one| < 2**53`` the output.  ``floor(y / 2**14)`` is an
         arithmetic right shift; ``sign(0) = 0`` needs no care since ``q = 0`` gives ``q_out = 0``.
         """
+        if q.numel() == 0 or not self.quant_mode:
+            return None
+        constants = self._constants.get((scaling_factor,), lambda: self._int_constants(scaling_factor))
+        if constants is None:
+            return None
+        b_int, c_int, one, y_max, out_scale = constants
+        # |q| < 2**31 for an int32 accumulator: the bound then needs no pass over q
+        q_bound = 2.0**31 if q.dtype in (torch.int8, torch.int16, torch.int32) else None
+        if q_bound is None or q_bound * y_max >= 2**53:
+            lo, hi = torch.aminmax(q)
+            if max(-float(lo), float(hi)) * y_max >= 2**53:
+                return None
+        q = q.to(torch.int64)  # one conversion; every step below is in place in int64
+        t = q.abs()
+        t = torch.minimum(t, -b_int, out=t).add_(b_int)  # in [b_int, 0]
+        y = t.mul_(t).add_(c_int).mul_(torch.sign(q))
+        y.bitwise_right_shift_(self.const).add_(one)
+        return y.mul_(q), out_scale
+
+    def _int_constants(self, scaling_factor: torch.Tensor) -> tuple | None:
+        """``(b_int, c_int, one)`` (int64, per channel), the bound ``max|y + one|`` and the output scale
+        for :meth:`_forward_int`; None where the int64 rule is not provably exact."""
         scale = scaling_factor / self.k
         b_f = torch.floor(self.coeff[1] / scale)  # float32, <= 0
         c_f = torch.floor(self.coeff[2] / scale**2)  # float32, <= 0
@@ -777,19 +990,11 @@ class IntGELU(nn.Module):
         one_f = 1.0 // s_y
         b_max, c_max = float(b_f.abs().max()), float(c_f.abs().max())
         one_max = float(one_f.abs().max())
-        if not (b_max * b_max + c_max < 2**53 and one_max < 2**53) or q.numel() == 0:
+        if not (b_max * b_max + c_max < 2**53 and one_max < 2**53):
             return None
         y_max = (b_max * b_max + c_max) / 2**self.const + 1 + one_max
-        lo, hi = torch.aminmax(q)
-        if max(-float(lo), float(hi)) * y_max >= 2**53:
-            return None
-        q = q.to(torch.int64)  # one conversion; every step below is in place in int64
-        b_int = b_f.to(torch.int64)
-        t = q.abs()
-        t = torch.minimum(t, -b_int, out=t).add_(b_int)  # in [b_int, 0]
-        y = t.mul_(t).add_(c_f.to(torch.int64)).mul_(torch.sign(q))
-        y.bitwise_right_shift_(self.const).add_(one_f.to(torch.int64))
-        return y.mul_(q), scaling_factor * s_y / 2
+        ints = (b_f.to(torch.int64), c_f.to(torch.int64), one_f.to(torch.int64))
+        return (*ints, y_max, scaling_factor * s_y / 2)
 
     def forward(self, x: torch.Tensor, scaling_factor: torch.Tensor | None = None):
         if not self.quant_mode:
@@ -844,6 +1049,11 @@ class IntSoftmax(nn.Module):
         a, b, c = EXP_COEFFS
         self.coef = [a, b / a, c / a]
         self._table: tuple | None = None  # (key, int32 exponential table, its scale): see _exp16_lookup
+        self._prob_scale = EvalConstants()  # the constant 2**-output_bit, one tensor object
+
+    def probability_scale(self, device: torch.device) -> torch.Tensor:
+        """The probabilities' scale ``2**-output_bit`` (float32 (1,)), the same tensor on every call."""
+        return self._prob_scale.get((), lambda: torch.full((1,), 2.0**-self.output_bit)).to(device)
 
     def int_exp(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer ``exp`` of non-positive integer ``q`` (scale ``scale``): ``(e float64, s_e float32)``."""
@@ -932,11 +1142,11 @@ class IntSoftmax(nn.Module):
             if bool((total > 0).all()):
                 f = torch.floor(2**self.max_bit / total.double()).to(torch.int64)
                 prob = e16.to(torch.int64).mul_(f).bitwise_right_shift_(self.max_bit - self.output_bit)
-                return prob.float(), torch.full((1,), 2.0**-self.output_bit, device=q.device)
+                return prob.float(), self.probability_scale(q.device)
             e16 = e16.double()
         f = floor_ste(2**self.max_bit / e16.sum(dim=-1, keepdim=True))
         prob = floor_ste(e16 * f / 2 ** (self.max_bit - self.output_bit))
-        return prob.float(), torch.full((1,), 2.0**-self.output_bit, device=q.device)
+        return prob.float(), self.probability_scale(q.device)
 
     def forward(self, x: torch.Tensor, scaling_factor: torch.Tensor | None = None):
         if not self.quant_mode:
@@ -989,6 +1199,7 @@ class IntLayerNorm(nn.Module):
         self.output_bit = output_bit
         self.max_bit = MAX_BIT
         self.activation = QuantAct(output_bit, quant_mode=self.quant_mode)
+        self._constants = EvalConstants()  # eval: (bias integers, output scale) of the parameters
 
     def _variance(self, y: torch.Tensor) -> torch.Tensor:
         y_shifted = floor_ste(y / 2 ** self.shift.double())
@@ -1005,31 +1216,40 @@ class IntLayerNorm(nn.Module):
         """
         n = q.shape[-1]
         shift = float(self.shift)
-        if q.numel() == 0 or shift != int(shift) or not 0 <= shift < 62:
+        if q.numel() == 0 or not self.quant_mode or shift != int(shift) or not 0 <= shift < 62:
             return None
         lo, hi = torch.aminmax(q)
         q_max = max(-int(lo), int(hi))
-        if q_max * n >= 2**53:
+        # the sums below 2**53; the squares' int64 sum cannot wrap ((2 * q_max)**2 * n < 2**63)
+        if q_max * n >= 2**53 or (2 * q_max) ** 2 * n >= 2**63:
             return None
         mean = torch.round(q.sum(dim=-1, keepdim=True, dtype=torch.int64).double() / n)
         y = q.to(torch.int64, copy=True).sub_(mean.to(torch.int64))  # |y| <= 2 * q_max; q untouched
         y_shifted = torch.bitwise_right_shift(y, int(shift))
-        # squares <= (2 * q_max)**2 < 2**46, their int64 sum cannot wrap; a float64 sum of
-        # non-negative exact terms is exact when the total is below 2**53
+        # a float64 sum of non-negative exact terms is exact when the total is below 2**53
         var = y_shifted.mul_(y_shifted).sum(dim=-1, keepdim=True)
-        if int(var.max()) >= 2**53 or int(var.min()) < 1:
+        lo, hi = torch.aminmax(var)
+        if int(hi) >= 2**53 or int(lo) < 1:
             return None
         var = var.double()
         std = torch.floor(torch.sqrt(var)) * 2**shift
         factor = torch.floor(2**31 / std)
-        scale = torch.sqrt(torch.tensor(float(n))).to(q.device) / 2**30  # float32, as transformers
-        bias_f = torch.floor((self.bias / self.weight) / scale)
-        # std >= 1 bounds |y| * factor: |y| < (sqrt(var) + 1) * 2**shift, so |y * factor| < 3 * 2**31
-        b_max = float(bias_f.abs().max())
-        if not b_max < 2**53 - 2**33:
+        constants = self._constants.get((self.weight, self.bias), lambda: self._int_constants(n, q.device))
+        if constants is None:
             return None
-        y.mul_(factor.to(torch.int64)).bitwise_right_shift_(1).add_(bias_f.to(torch.int64))
-        return y, scale * self.weight
+        bias_int, out_scale = constants
+        # std >= 1 bounds |y| * factor: |y| < (sqrt(var) + 1) * 2**shift, so |y * factor| < 3 * 2**31
+        y.mul_(factor.to(torch.int64)).bitwise_right_shift_(1).add_(bias_int)
+        return y, out_scale
+
+    def _int_constants(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(bias integers int64 (n,), output scale (n,))`` for :meth:`_forward_int`; None where the
+        bias integers are too large for its int64 sums to be exact."""
+        scale = torch.sqrt(torch.tensor(float(n))).to(device) / 2**30  # float32, as transformers
+        bias_f = torch.floor((self.bias / self.weight) / scale)
+        if not float(bias_f.abs().max()) < 2**53 - 2**33:
+            return None
+        return bias_f.to(torch.int64), scale * self.weight
 
     def forward(self, x: torch.Tensor, scaling_factor: torch.Tensor | None = None):
         if not self.quant_mode:

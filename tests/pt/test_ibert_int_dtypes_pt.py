@@ -19,9 +19,10 @@ from transformers.models.ibert import quant_modules as hf_quant
 
 import nezha_zoo.pt as zoo
 from nezha_zoo import IBertConfig
+from nezha_zoo.families.ibert import set_int8_products
 from nezha_zoo.pt import quant
 from nezha_zoo.testing import IBERT_SMOKE as SMOKE
-from nezha_zoo.testing import ibert_layer_norm_rows, pin_precision
+from nezha_zoo.testing import IBERT_WIDE, ibert_layer_norm_rows, pin_precision
 
 pytestmark = [pytest.mark.pt, pytest.mark.hf]
 
@@ -221,3 +222,211 @@ def test_quant_forward_computes_in_integer_dtypes():
     # no float64 polynomial, floor, division, sign, max or subtraction: those run in integers now
     names = {name for name, _ in spy.names}
     assert names and names <= FLOAT64_OPS, sorted({n for n in spy.names if n[0] not in FLOAT64_OPS})
+
+
+# --- the layer on integers end to end ----------------------------------------------------------
+# In eval inference an I-BERT layer chains its kernels' ``_forward_int`` (no dequantized tensor
+# between them) and runs its feed-forward part over row blocks (``INT_BLOCK_BYTES``); a hook on any
+# sublayer sends it through the modules' ``forward`` instead, which is the reference here.
+
+
+def _calibrated(seed: int = 0, **overrides) -> zoo.IBertModel:
+    torch.manual_seed(seed)
+    model = zoo.IBertModel(IBertConfig(**{**SMOKE, "initializer_range": 0.2, **overrides}, quant_mode=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.2)  # nonzero biases: the bias integers take part
+    model.train()
+    with torch.no_grad():
+        for s in range(2):
+            g = torch.Generator().manual_seed(100 + s)
+            model(input_ids=torch.randint(3, 99, (3, 16), generator=g))
+    return model.eval()
+
+
+def _padded_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 99, (3, 13), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    mask[2, 4:] = 0
+    types = torch.zeros_like(ids)
+    types[:, 6:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def _module_path(model: torch.nn.Module):
+    """A no-op hook on a sublayer of the embeddings and of every layer: they run module by module."""
+    blocks = [model.embeddings.LayerNorm, *(layer.output for layer in model.encoder.layer)]
+    return [block.register_forward_hook(lambda *a: None) for block in blocks]
+
+
+def _outputs(model, inputs, grad: bool = False):
+    context = torch.enable_grad() if grad else torch.inference_mode()
+    with context:
+        out = model(**inputs, output_hidden_states=True, output_attentions=True)
+    return [out.last_hidden_state, out.pooler_output, *out.hidden_states, *out.attentions]
+
+
+# 3 sequences of 13 tokens (one intra-op thread); one sequence's widest temporaries take
+# 8 * 13 * max(32, 4 * 13) = 5408 bytes, a feed-forward row 8 * 37: one block; one sequence a group,
+# feed-forward blocks of 5, 5, 3 rows; groups of 2 and 1 sequences
+BLOCK_BYTES = [None, 5 * 8 * 37, 2 * 5408]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # INT_BLOCK_BYTES is a budget per intra-op thread
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=[True, False], ids=["int8_products", "float_products"])
+def products(request):
+    """Both product paths of ``QuantLinear``, whatever this CPU has."""
+    previous = set_int8_products(request.param)
+    yield request.param
+    set_int8_products(previous)
+
+
+@pytest.mark.parametrize("block_bytes", BLOCK_BYTES)
+def test_layer_on_integers_matches_the_modules(monkeypatch, one_thread, products, block_bytes):
+    from nezha_zoo.pt import ibert
+
+    if block_bytes is not None:
+        monkeypatch.setattr(ibert, "INT_BLOCK_BYTES", block_bytes)
+    _assert_paths_agree(monkeypatch, _calibrated(), _padded_inputs())
+
+
+def test_layer_on_integers_matches_the_modules_wide(monkeypatch, products):
+    # width 384, intermediate 1536: output.dense sums 1536 terms, past the float32 fused product's
+    # exact range, so the float products take the chunked path (int64 accumulators)
+    wide = {k: IBERT_WIDE[k] for k in ("hidden_size", "num_attention_heads", "intermediate_size")}
+    _assert_paths_agree(monkeypatch, _calibrated(num_hidden_layers=1, **wide), _padded_inputs())
+
+
+def _assert_paths_agree(monkeypatch, model, inputs):
+    """The integer path runs (no kernel's forward) and equals the module path bit for bit."""
+    from nezha_zoo.pt import ibert
+
+    _outputs(model, inputs)  # the softmax builds its exponential table (with its QuantAct) once
+    calls = {"int": 0, "module": 0}
+
+    def counting(cls, name, key, returned=False):
+        original = getattr(cls, name)
+
+        def counted(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            calls[key] += out is not None if returned else 1
+            return out
+
+        monkeypatch.setattr(cls, name, counted)
+
+    counting(ibert.IBertLayer, "_forward_int", "int", returned=True)
+    counting(ibert.IBertEmbeddings, "_forward_int", "int", returned=True)
+    for kernel in (quant.QuantLinear, quant.QuantEmbedding, quant.QuantAct, quant.IntLayerNorm):
+        counting(kernel, "forward", "module")
+    fast = _outputs(model, inputs)
+    layers = model.config.num_hidden_layers
+    assert calls == {"int": 1 + layers, "module": 0}  # no kernel's forward ran
+    # the reference: module by module, each kernel recovering its input integers and taking its
+    # float64 rule (no integer dtypes handed over)
+    handles = _module_path(model)
+    monkeypatch.setattr(quant, "integer_of", lambda x, scale: None)
+    reference = _outputs(model, inputs)
+    monkeypatch.undo()
+    for h in handles:
+        h.remove()
+    assert calls["int"] == 1 + layers and calls["module"] > 0
+    assert len(fast) == len(reference)
+    for got, want in zip(fast, reference):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    # the layer output still carries its int8 integers for the next layer
+    hidden = fast[2 + layers]
+    assert quant.integer_of(hidden, hidden._nz_int[1]).dtype == torch.int8
+
+
+def test_layer_on_integers_hands_over_to_the_modules():
+    model = _calibrated()
+    inputs = _padded_inputs()
+    reference = _outputs(model, inputs)
+    # a hook sees its sublayer's call, as in transformers
+    seen = []
+    handle = model.encoder.layer[0].intermediate.register_forward_hook(lambda m, a, out: seen.append(out[0].shape))
+    hooked = _outputs(model, inputs)
+    handle.remove()
+    assert seen == [(3, 13, SMOKE["intermediate_size"])]
+    # a head mask, and autograd in eval mode, take the modules too
+    head_mask = torch.ones(SMOKE["num_hidden_layers"], SMOKE["num_attention_heads"])
+    with torch.inference_mode():
+        masked = model(**inputs, head_mask=head_mask).last_hidden_state
+    with_grad = _outputs(model, inputs, grad=True)
+    for got, want in zip(hooked, reference):
+        assert torch.equal(got, want)
+    assert torch.equal(masked, reference[0])
+    for got, want in zip(with_grad, reference):
+        assert torch.equal(got.detach().to(want.dtype), want)
+
+
+@pytest.mark.parametrize("force_dequant", ["gelu", "layernorm", "softmax", "nonlinear"])
+def test_layer_on_integers_respects_force_dequant(force_dequant):
+    model = _calibrated(force_dequant=force_dequant)
+    inputs = _padded_inputs()
+    fast = _outputs(model, inputs)
+    handles = _module_path(model)
+    reference = _outputs(model, inputs)
+    for h in handles:
+        h.remove()
+    for got, want in zip(fast, reference):
+        assert torch.equal(got, want)
+
+
+def test_eval_constants_follow_weights_and_ranges():
+    """The constants kept between eval calls (scales, multipliers, bias integers) are recomputed when a
+    weight, a calibrated range or a buffer changes: the model then equals a fresh one with that state."""
+    model = _calibrated()
+    inputs = _padded_inputs()
+    _outputs(model, inputs)  # fills every kernel's constants
+
+    def fresh_copy():
+        twin = zoo.IBertModel(IBertConfig(**{**SMOKE, "initializer_range": 0.2}, quant_mode=True))
+        twin.load_state_dict(model.state_dict())
+        return twin.eval()
+
+    layer = model.encoder.layer[0]
+    with torch.no_grad():
+        layer.intermediate.dense.weight.mul_(1.5)  # in place: the weight's version moves
+        layer.intermediate.dense.bias.add_(0.25)
+        layer.output.LayerNorm.bias.add_(0.5)
+        layer.attention.self.value_activation.x_max.mul_(2.0)  # a frozen range edited by hand
+    got = _outputs(model, inputs)
+    for a, b in zip(got, _outputs(fresh_copy(), inputs)):
+        assert torch.equal(a, b)
+    # new state loaded in place (load_state_dict copies into the same tensors)
+    model.load_state_dict(_calibrated(seed=3).state_dict())
+    got = _outputs(model, inputs)
+    for a, b in zip(got, _outputs(fresh_copy(), inputs)):
+        assert torch.equal(a, b)
+    # recalibration: a training-mode forward moves the ranges; eval outputs follow
+    model.train()
+    with torch.no_grad():
+        model(**inputs)
+    model.eval()
+    got = _outputs(model, inputs)
+    for a, b in zip(got, _outputs(fresh_copy(), inputs)):
+        assert torch.equal(a, b)
+
+
+def test_eval_constants_made_under_inference_mode_serve_autograd():
+    """Constants first made under ``torch.inference_mode`` are ordinary tensors: a later eval forward
+    with autograd (quantization-aware fine-tuning in eval mode, input attributions) can save them."""
+    model = _calibrated()
+    inputs = _padded_inputs()
+    _outputs(model, inputs)
+    out = model(**inputs).last_hidden_state
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    assert all(g is None or bool(torch.isfinite(g).all()) for g in grads)
