@@ -272,7 +272,9 @@ class EvalConstants:
     __slots__ = ("entries",)
 
     def __init__(self) -> None:
-        self.entries: dict[tuple, tuple] = {}  # key -> (deps, value), oldest first
+        # ((key, deps, value), ...), oldest first; replaced whole, so concurrent callers see a
+        # consistent tuple (at worst one recomputes)
+        self.entries: tuple[tuple, ...] = ()
 
     def __reduce__(self):
         return (EvalConstants, ())  # copies and pickles start empty: the constants are recomputed on use
@@ -280,15 +282,14 @@ class EvalConstants:
     def get(self, deps: tuple[torch.Tensor | None, ...], compute):
         """``compute()``'s cached value while every tensor of ``deps`` is the one it was computed from."""
         key = tuple(_tensor_key(t) for t in deps)
-        entry = self.entries.get(key)
-        if entry is None:
-            # ordinary tensors even under inference_mode: an eval forward with autograd may save them
-            with torch.inference_mode(False), torch.no_grad():
-                entry = (deps, compute())
-            if len(self.entries) >= self.SIZE:
-                del self.entries[next(iter(self.entries))]
-            self.entries[key] = entry
-        return entry[1]
+        for entry in self.entries:
+            if entry[0] == key:
+                return entry[2]
+        # ordinary tensors even under inference_mode: an eval forward with autograd may save them
+        with torch.inference_mode(False), torch.no_grad():
+            value = compute()
+        self.entries = (*self.entries[-(self.SIZE - 1) :], (key, deps, value))
+        return value
 
 
 def frexp_multiplier(ratio: torch.Tensor, max_bit: int = 31) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,9 @@ arithmetic right shift), mean ties in LayerNorm, the exponent boundaries ``k * x
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -430,3 +433,28 @@ def test_eval_constants_made_under_inference_mode_serve_autograd():
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
     assert all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+
+
+def test_eval_constants_cache():
+    cache = quant.EvalConstants()
+    a, b = torch.ones(1), torch.ones(1)
+    made = []
+
+    def make(tag):
+        return lambda: made.append(tag) or tag
+
+    assert cache.get((a, None), make("a")) == "a"
+    assert cache.get((a, None), make("again")) == "a"  # the same tensors: kept
+    assert cache.get((b, None), make("b")) == "b"  # equal values, another tensor: recomputed
+    a.add_(0)  # modified in place (its version moves)
+    assert cache.get((a, None), make("a2")) == "a2"
+    a.data = torch.zeros(3)  # storage replaced
+    assert cache.get((a, None), make("a3")) == "a3"
+    assert made == ["a", "b", "a2", "a3"]
+    for i in range(quant.EvalConstants.SIZE):  # the oldest entries make room
+        cache.get((torch.ones(1),), make(i))
+    assert cache.get((b, None), make("b2")) == "b2"
+    with torch.inference_mode():
+        value = cache.get((a,), lambda: torch.ones(2) * 2)
+    assert not value.is_inference()  # usable by a later forward with autograd
+    assert copy.deepcopy(cache).entries == () and pickle.loads(pickle.dumps(cache)).entries == ()
