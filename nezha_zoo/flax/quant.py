@@ -34,7 +34,8 @@ Width and exactness (integer dtypes, and where float64 remains):
   (:func:`nezha_zoo.families.ibert.int8_products`, read at trace time): ``jax.lax.dot_general`` of
   int8 operands with int32 accumulation (:func:`int8_matmul`, exact below 2**17 terms); elsewhere
   float32 chunks summed in int32 (:func:`integer_matmul`), the same integers.  The attention scores
-  are int8 dots too (``_int_bmm`` in ``ibert.py``); the probability x value product uses float32,
+  are exact float32 products of the int8 integers (``_int_bmm`` in ``ibert.py``: XLA's CPU has no
+  GEMM for a batched int8 dot); the probability x value product uses float32,
   exact for integer operands (|.| <= 256 * 128 < 2**24: the probabilities sum to at most 2**8).  Every
   such product is a :func:`standalone_dot` (XLA's fused dots are not GEMMs).
 * scale-derived constants (``floor(coeff / s)``, bias integers, ``1 // s``) are float32 elementwise
@@ -68,6 +69,7 @@ from nezha_zoo.families.ibert import (
     GELU_COEFFS,
     GELU_SHIFT,
     GELU_SQRT2,
+    INT8_MIN,
     INT32_EXACT_TERMS,
     MASKED_SCORE,
     MAX_BIT,
@@ -364,8 +366,8 @@ def int8_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return standalone_dot(a.astype(jnp.int8), b.astype(jnp.int8), dims, jnp.int32)
 
 
-def standalone_dot(a: jax.Array, b: jax.Array, dims: Any, out_dtype: Any) -> jax.Array:
-    """``jax.lax.dot_general(a, b, dims)`` with ``out_dtype`` results, kept out of XLA's fusions.
+def standalone_dot(a: jax.Array, b: jax.Array, dims: Any, out_dtype: Any, precision: Any = None) -> jax.Array:
+    """``jax.lax.dot_general(a, b, dims, precision)`` with ``out_dtype`` results, kept out of XLA's fusions.
 
     XLA CPU fuses the elementwise producers of a dot's operands (the weight quantization, the int8
     conversions) and its consumers into it, and a fused dot leaves the library GEMM for a naive loop
@@ -373,7 +375,7 @@ def standalone_dot(a: jax.Array, b: jax.Array, dims: Any, out_dtype: Any) -> jax
     Optimisation barriers on the operands and the result keep the GEMM a GEMM (same numbers).
     """
     a, b = jax.lax.optimization_barrier((a, b))
-    out = jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
+    out = jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=out_dtype)
     return jax.lax.optimization_barrier(out)
 
 
@@ -639,7 +641,9 @@ class QuantLinear(nn.Module):
         quant_mode (bool): integer (True) or float ``x @ kernel + bias`` (False).
         dtype: float-mode computation dtype.
 
-    Call: ``x`` (..., in), ``prev_act_scaling_factor`` (1,) (required in quant mode) -> ``(y (..., out), s)``.
+    Call: ``x`` (..., in), ``prev_act_scaling_factor`` (1,) (required in quant mode) -> ``(y (..., out), s)``;
+    with ``with_bound=True``, ``(y, s, bound)``: ``bound`` (float64 scalar) ``in * 2**(w-1) * 128 +
+    max|b_int|`` bounds ``|acc|`` (None in float mode).
     """
 
     in_features: int
@@ -652,8 +656,12 @@ class QuantLinear(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, prev_act_scaling_factor: jax.Array | None = None, deterministic: bool = True
-    ) -> tuple[jax.Array, jax.Array | None]:
+        self,
+        x: jax.Array,
+        prev_act_scaling_factor: jax.Array | None = None,
+        deterministic: bool = True,
+        with_bound: bool = False,
+    ) -> tuple:
         kernel = self.param(_KERNEL, _normal(self.init_std), (self.in_features, self.features), jnp.float32)
         bias = self.param(_BIAS, nn.initializers.zeros, (self.features,), jnp.float32)
         w_int_buf = self.variable(
@@ -663,7 +671,7 @@ class QuantLinear(nn.Module):
         b_int_buf = self.variable(BUFFERS, "bias_integer", lambda: jnp.zeros((self.features,), jnp.float32))
         if not self.quant_mode:
             y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
-            return y, None
+            return (y, None, None) if with_bound else (y, None)
         if prev_act_scaling_factor is None or tuple(prev_act_scaling_factor.shape) != (1,):
             raise ValueError(
                 "QuantLinear: prev_act_scaling_factor must be a per-tensor scale of shape (1,), got "
@@ -688,7 +696,11 @@ class QuantLinear(nn.Module):
             acc = integer_matmul(x_int, w_int_t)  # float32 chunks, exact int32 sums
         # |acc| <= K * 2**14 plus a 32-bit bias: int64 (fused into the next kernel under jit)
         acc = acc.astype(jnp.int64) + b_int.astype(jnp.int64)
-        return (acc if integers else dequantize(acc, out_scale)), out_scale
+        out = (acc if integers else dequantize(acc, out_scale)), out_scale
+        if not with_bound:
+            return out
+        products = self.in_features * 2 ** (self.weight_bit - 1) * -INT8_MIN  # bound of |x_int @ W_int|
+        return (*out, products + jnp.max(jnp.abs(_f64(b_int))))
 
 
 class IntGELU(nn.Module):
@@ -707,7 +719,10 @@ class IntGELU(nn.Module):
     float64, subnormals included: :func:`_fl32_exact`) or ``(gelu(x) float32, None)``;
     an integer-dtype ``x`` (:func:`integer_of`) gives the int64 ``q_out``; ``with_bad_rows=True``
     appends ``bad`` (..., 1) bool, the rows where the float64 rule gives NaN or an infinity (None unless
-    ``x`` is integer-dtype in quant mode), as :class:`IntLayerNorm`.
+    ``x`` is integer-dtype in quant mode), as :class:`IntLayerNorm`.  ``q_bound`` (float64 scalar, or
+    None): a bound on ``max|q|`` of integer-dtype ``x`` that the caller knows (:class:`QuantLinear`'s
+    ``with_bound``), used in the exactness test instead of ``max|q|``, which costs a pass over ``q``
+    (XLA's CPU writes ``|q|`` out in int64 for the reduction: ~7 ms a layer at 8x128, roberta-base).
     """
 
     quant_mode: bool = True
@@ -717,7 +732,13 @@ class IntGELU(nn.Module):
     def active(self) -> bool:
         return self.quant_mode and self.force_dequant not in ("nonlinear", "gelu")
 
-    def __call__(self, x: jax.Array, scaling_factor: jax.Array | None = None, with_bad_rows: bool = False):
+    def __call__(
+        self,
+        x: jax.Array,
+        scaling_factor: jax.Array | None = None,
+        with_bad_rows: bool = False,
+        q_bound: jax.Array | None = None,
+    ):
         if not self.active:
             out = jax.nn.gelu(float_values(x, scaling_factor).astype(jnp.float32), approximate=False), None
             return (*out, None) if with_bad_rows else out
@@ -755,7 +776,7 @@ class IntGELU(nn.Module):
         # float64 bounds of the rule's intermediates: the polynomial, then q * (y + one)
         b_max, c_max, one_max = (jnp.max(jnp.abs(_f64(v))) for v in (b_f, c_f, one_f))
         poly = b_max * b_max + c_max
-        q_max = jnp.max(jnp.abs(q)).astype(jnp.float64)
+        q_max = jnp.max(jnp.abs(q)).astype(jnp.float64) if q_bound is None else _f64(q_bound)
         exact = _below(jnp.stack([poly, one_max, q_max * (poly / 2**const + 1 + one_max)]), 2.0**53)
         q_out, bad = _exact_or_rule(
             exact, lambda: (q_int := in_int64(), _no_bad_rows(q_int)), lambda: _rule_as_int64(in_float64())

@@ -22,6 +22,7 @@ from transformers.models.ibert import quant_modules as hf_quant
 from nezha_zoo import IBertConfig
 from nezha_zoo.flax import FlaxIBertModel
 from nezha_zoo.flax import quant as fq
+from nezha_zoo.flax.ibert import _int_bmm
 from nezha_zoo.pt import quant as pq
 from nezha_zoo.testing import IBERT_SMOKE as SMOKE
 from nezha_zoo.testing import ibert_layer_norm_rows, op_by_op, pin_precision
@@ -86,6 +87,71 @@ def test_int_gelu_boundaries(s_val, wide):
         y_hf, _ = hf_quant.IntGELU(quant_mode=True)(q.double() * s.double(), s)
     assert np.array_equal(y_f64, _np(y_pt))
     assert np.array_equal(y_f64, _np(y_hf))
+    # a caller's bound on max|q| (QuantLinear's with_bound) instead of the pass over q: the tight one
+    # keeps the int64 branch (unless q * (y + one) passes 2**53), one past every limit takes the float64
+    # rule; the same integers either way
+    taken = []
+    choose = fq._exact_or_rule
+
+    def record(exact, *branches):
+        if not isinstance(exact, jax.core.Tracer):
+            taken.append(bool(exact))
+        return choose(exact, *branches)
+
+    fq._exact_or_rule = record
+    try:
+        for bound in (float(np.abs(_np(q)).max()), 2.0**62):
+            q_b, s_b = _both_ways(lambda: gelu(jnp.asarray(_np(q)), _np(s), q_bound=np.float64(bound)))  # noqa: B023
+            assert q_b.dtype == np.int64 and np.array_equal(q_b, q_out) and np.array_equal(s_b, s_out)
+    finally:
+        fq._exact_or_rule = choose
+    assert taken == [not wide, False]
+
+
+def test_quant_linear_bound():
+    # extreme integers: activations -128 / 127, weights -127 / 126 (per-channel scale 1/127), 32-bit biases
+    K, N = 40, 6
+    kernel = np.where(np.arange(N) % 2 == 0, -1.0, 1.0).astype(np.float32) * np.ones((K, 1), np.float32)
+    bias = np.array([3e3, -3e3, 0.0, 5.0, -5.0, 2.5], np.float32)
+    x = np.full((3, K), -128, np.int8)
+    x[1] = 127
+    x[2, ::2] = 127
+    s_in = np.array([0.01], np.float32)
+    lin = fq.QuantLinear(K, N, quant_mode=True)
+    variables = {
+        "params": {"kernel": kernel, "bias": bias},
+        "buffers": {
+            "weight_integer": np.zeros((N, K), np.float32),
+            **dict.fromkeys(("fc_scaling_factor", "bias_integer"), np.zeros(N, np.float32)),
+        },
+    }
+    acc, s_out, bound = _both_ways(lambda: lin.apply(variables, jnp.asarray(x), s_in, with_bound=True))
+    with fq.x64_scope():
+        w_int = np.asarray(fq.quantize_kernel(kernel)["kernel_int8"]).astype(np.int64)
+        b_int = np.asarray(fq.symmetric_quantize(bias, 32, s_out)).astype(np.int64)
+    assert set(np.unique(w_int)) == {-127, 126}
+    want = x.astype(np.int64) @ w_int + b_int
+    assert acc.dtype == np.int64 and np.array_equal(acc, want)
+    assert bound == K * 2**14 + np.abs(b_int).max() >= np.abs(want).max()
+    acc2, s2 = _both_ways(lambda: lin.apply(variables, jnp.asarray(x), s_in))  # without: the pair
+    assert np.array_equal(acc2, acc) and np.array_equal(s2, s_out)
+
+
+@pytest.mark.parametrize("d", [64, 1024, 1025])
+def test_attention_scores_are_exact(d):
+    # the extreme sums: d * 2**14 (all -128 * -128) and, past 2**24 at d = 1025 (the int8 product
+    # there: float32 would round 2**24 + 1), an odd one
+    rng = np.random.default_rng(d)
+    a = rng.integers(-128, 128, (1, 2, 3, d)).astype(np.int8)
+    b = rng.integers(-128, 128, (1, 2, 4, d)).astype(np.int8)
+    a[0, 0, :2], b[0, 0, :2] = -128, -128
+    a[0, 0, 1, -1], b[0, 0, 1, -1] = 1, 1
+    a[0, 1, 0], b[0, 1, 0] = 127, -128
+    want = np.einsum("bhqd,bhkd->bhqk", a.astype(np.int64), b.astype(np.int64))
+    got = _both_ways(lambda: _int_bmm(jnp.asarray(a), jnp.asarray(b)))
+    assert got.dtype == np.int32 and np.array_equal(got, want)
+    assert want[0, 0, 0, 0] == d * 2**14 and want[0, 0, 1, 1] == (d - 1) * 2**14 + 1
+    assert want[0, 1, 0, 0] == -d * 127 * 128
 
 
 @pytest.mark.parametrize("shift", [0, 3])
