@@ -162,6 +162,17 @@ class TFIBertEmbeddings(Block):
         else:
             words, words_scale = tf.cast(inputs_embeds, tf.float32), None
         types, types_scale = self.token_type_embeddings(token_type_ids, training=training)
+        positions, positions_scale = self.position_embeddings(position_ids, training=training)
+        pairs = (words, words_scale, types, types_scale, positions, positions_scale)
+        if words_scale is not None and xla_in_graph(training):
+            # the gathers (which raise on bad ids) stay graph ops; the requantizations and the LayerNorm
+            # run as one XLA cluster, as the encoder layers (fewer graph kernels at 1 x 128)
+            return _xla_call(lambda *pairs: self._sum_and_normalize(*pairs, training=False), *pairs)
+        return self._sum_and_normalize(*pairs, training=training)
+
+    def _sum_and_normalize(self, words, words_scale, types, types_scale, positions, positions_scale, training):
+        """``embeddings_act1`` twice (words + token types, + positions), ``LayerNorm``, dropout,
+        ``output_activation``: ``(x (B, L, H), scale (1,) or None)``."""
         x, scale = self.embeddings_act1(
             words,
             pre_act_scaling_factor=words_scale,
@@ -169,7 +180,6 @@ class TFIBertEmbeddings(Block):
             identity_scaling_factor=types_scale,
             training=training,
         )
-        positions, positions_scale = self.position_embeddings(position_ids, training=training)
         x, scale = self.embeddings_act1(
             x,
             pre_act_scaling_factor=scale,
@@ -374,6 +384,11 @@ class TFIBertLayer(Block):
         return out, probs
 
 
+def _xla_call(fn, *args):
+    """``fn(*args)`` compiled by XLA inside a graph (a quant-mode inference block, :func:`xla_in_graph`)."""
+    return tf.function(fn, jit_compile=True, autograph=False)(*args)
+
+
 def _xla_layer_call(layer: TFIBertLayer, hidden, scale, attention_mask, head_mask):
     """A quant-mode inference call of ``layer`` compiled by XLA inside a graph (:func:`xla_in_graph`).
 
@@ -388,7 +403,7 @@ def _xla_layer_call(layer: TFIBertLayer, hidden, scale, attention_mask, head_mas
         )
         return out, out_scale, probs
 
-    return tf.function(body, jit_compile=True, autograph=False)(hidden, scale, attention_mask, head_mask)
+    return _xla_call(body, hidden, scale, attention_mask, head_mask)
 
 
 class TFIBertEncoder(Block):

@@ -91,6 +91,7 @@ __all__ = [
     "frexp",
     "python_floordiv",
     "exact_div",
+    "computed_once",
     "reciprocal",
     "symmetric_scale",
     "symmetric_quantize",
@@ -140,6 +141,27 @@ def exact_div(a: Any, b: Any) -> tf.Tensor:
         float32 Tensor: ``fl32(a / b)``, broadcast shape.
     """
     return tf.cast(tf.cast(a, _F64) / tf.cast(b, _F64), _F32)
+
+
+def computed_once(x: tf.Tensor) -> tf.Tensor:
+    """``x`` itself (a float per-tensor or per-channel constant), evaluated in an XLA kernel of its own.
+
+    XLA's CPU fusion re-evaluates the cheap producers of a broadcast operand for every element of the
+    consumer: a per-channel dyadic multiplier (``frexp`` and the power of two, ~30 ops) or a kernel's
+    scale-derived integers cost their whole expression per element of the activation (measured: most
+    of a 1024 x 768 requantization's time).  A float division is an expensive op to the fusion pass,
+    never fused into a consumer that reuses its elements (a broadcast), so ``x / 1`` ends the chain in
+    its own kernel.  The ``1`` is ``max(sign(|x|), 1)``, which no rewrite folds; exact for every ``x``
+    (infinities and NaN included), and elsewhere (eager, graph ops) one cheap op on a small tensor.
+    The twin of :func:`nezha_zoo.flax.quant.computed_once`.
+
+    Args:
+        x (float Tensor (1,) or (C,)): a constant derived from scales or frozen buffers.
+
+    Returns:
+        ``x`` (same dtype and shape); gradient 1.
+    """
+    return x / tf.maximum(tf.sign(tf.abs(x)), tf.ones_like(x))
 
 
 def reciprocal(t: tf.Tensor) -> tf.Tensor:
@@ -221,7 +243,7 @@ def symmetric_scale(num_bits: int, x_min: tf.Tensor, x_max: tf.Tensor) -> tf.Ten
     """
     n = float(2 ** (num_bits - 1) - 1)
     scale = tf.maximum(tf.abs(tf.cast(x_min, _F32)), tf.abs(tf.cast(x_max, _F32)))
-    return tf.stop_gradient(exact_div(tf.maximum(scale, 1e-8), n))
+    return tf.stop_gradient(computed_once(exact_div(tf.maximum(scale, 1e-8), n)))
 
 
 def symmetric_quantize(x: tf.Tensor, num_bits: int, scale: tf.Tensor) -> tf.Tensor:
@@ -354,7 +376,7 @@ def _rescale(q: tf.Tensor, ratio: tf.Tensor) -> tf.Tensor:
     m, e = frexp_multiplier(ratio)
     # fl64(q * m) * 2**-e == fl64(q * (m * 2**-e)): a power-of-two scaling is exact, and the small
     # (C,) multiplier is scaled once instead of the activation-sized product
-    return tf.round(q * (m * pow2(-e)))
+    return tf.round(q * computed_once(m * pow2(-e)))
 
 
 def fixed_point_requantize(
@@ -769,7 +791,7 @@ class QuantLinear(keras.layers.Layer):
             w_int, scale = self.quantized_weight()
             acc = integer_matmul(x_int, w_int)  # (..., out) float64
         out_scale = scale * prev_act_scaling_factor  # (out,)
-        b_int = symmetric_quantize(tf.cast(self.bias, _F32), self.bias_bit, out_scale)
+        b_int = computed_once(symmetric_quantize(tf.cast(self.bias, _F32), self.bias_bit, out_scale))
         self.bias_integer.assign(tf.stop_gradient(b_int))
         acc = acc + tf.cast(b_int, _F64)
         return acc * tf.cast(out_scale, _F64), out_scale
@@ -796,7 +818,7 @@ class QuantLinear(keras.layers.Layer):
         else:
             acc = _integer_matmul_int32(tf.cast(x_int, _F32), w_int, transpose_b=transpose_b)
         out_scale = scale * s_in  # (out,)
-        b_int = symmetric_quantize(tf.cast(self.bias, _F32), self.bias_bit, out_scale)
+        b_int = computed_once(symmetric_quantize(tf.cast(self.bias, _F32), self.bias_bit, out_scale))
         self.bias_integer.assign(b_int)
         acc = tf.cast(acc, tf.int64) + tf.cast(b_int, tf.int64)  # |acc| <= K * 2**14 + 2**31: int64
         return _attach(tf.cast(acc, _F64) * tf.cast(out_scale, _F64), acc, out_scale), out_scale
@@ -828,8 +850,8 @@ class IntGELU(keras.layers.Layer):
 
     def int_erf(self, q: tf.Tensor, scale: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Integer erf of ``q * scale``: ``(y float64 integers, s_y float32)``."""
-        b_int = tf.cast(tf.floor(_rdiv(self.coeff[1], scale)), _F64)
-        c_int = tf.cast(tf.floor(_rdiv(self.coeff[2], tf.square(scale))), _F64)
+        b_int = tf.cast(computed_once(tf.floor(_rdiv(self.coeff[1], scale))), _F64)
+        c_int = tf.cast(computed_once(tf.floor(_rdiv(self.coeff[2], tf.square(scale)))), _F64)
         sign = tf.sign(q)
         abs_int = tf.minimum(tf.abs(q), -b_int)
         y = sign * (tf.square(abs_int + b_int) + c_int)
@@ -846,10 +868,10 @@ class IntGELU(keras.layers.Layer):
         ``sign(0) = 0`` needs no care since ``q = 0`` gives ``q_out = 0``.
         """
         scale = exact_div(tf.stop_gradient(scaling_factor), self.k)
-        b_f = tf.floor(_rdiv(self.coeff[1], scale))  # float32, <= 0
-        c_f = tf.floor(_rdiv(self.coeff[2], tf.square(scale)))  # float32, <= 0
+        b_f = computed_once(tf.floor(_rdiv(self.coeff[1], scale)))  # float32, <= 0
+        c_f = computed_once(tf.floor(_rdiv(self.coeff[2], tf.square(scale))))  # float32, <= 0
         s_y = tf.square(scale) * self.coeff[0] * 2.0**self.const
-        one_f = python_floordiv(1.0, s_y)
+        one_f = computed_once(python_floordiv(1.0, s_y))
         b_max = tf.cast(tf.reduce_max(tf.abs(b_f)), _F64)
         c_max = tf.cast(tf.reduce_max(tf.abs(c_f)), _F64)
         one_max = tf.cast(tf.reduce_max(tf.abs(one_f)), _F64)
@@ -884,7 +906,7 @@ class IntGELU(keras.layers.Layer):
             return _attach(q * tf.cast(out_scale, _F64), q, out_scale), out_scale
         q = to_integer(x, scaling_factor)
         y, s_y = self.int_erf(q, exact_div(tf.stop_gradient(scaling_factor), self.k))
-        one = tf.cast(tf.stop_gradient(python_floordiv(1.0, s_y)), _F64)
+        one = tf.cast(tf.stop_gradient(computed_once(python_floordiv(1.0, s_y))), _F64)
         q = q * (y + one)
         out_scale = scaling_factor * s_y / 2
         return q * tf.cast(out_scale, _F64), out_scale
@@ -926,9 +948,9 @@ class IntSoftmax(keras.layers.Layer):
     def int_exp(self, q: tf.Tensor, scale: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Integer ``exp`` of non-positive float64 integers ``q`` (scale ``scale``): ``(e float64, s_e float32)``."""
         scale = tf.stop_gradient(scale)
-        x0 = tf.cast(tf.floor(_rdiv(self.x0, scale)), _F64)
-        b_int = tf.cast(tf.floor(_rdiv(self.coef[1], scale)), _F64)
-        c_int = tf.cast(tf.floor(_rdiv(self.coef[2], tf.square(scale))), _F64)
+        x0 = tf.cast(computed_once(tf.floor(_rdiv(self.x0, scale))), _F64)
+        b_int = tf.cast(computed_once(tf.floor(_rdiv(self.coef[1], scale))), _F64)
+        c_int = tf.cast(computed_once(tf.floor(_rdiv(self.coef[2], tf.square(scale)))), _F64)
         q = tf.maximum(q, self.const * x0)
         k = floor_ste(q / x0)
         r = q - x0 * k
@@ -1098,7 +1120,7 @@ class IntLayerNorm(keras.layers.Layer):
         shift = tf.reshape(tf.convert_to_tensor(self.shift), ())  # float32
         scale = tf.sqrt(tf.constant(float(n), _F32)) / 2.0**30
         gamma, beta = tf.cast(self.gamma, _F32), tf.cast(self.beta, _F32)
-        bias_f = tf.floor(exact_div(exact_div(beta, gamma), scale))
+        bias_f = computed_once(tf.floor(exact_div(exact_div(beta, gamma), scale)))
         shift_i = tf.clip_by_value(tf.cast(shift, tf.int64), 0, 62)
         q64 = tf.cast(q, tf.int64)
         mean = tf.round(tf.cast(tf.reduce_sum(q64, axis=-1, keepdims=True), _F64) / float(n))
@@ -1148,7 +1170,7 @@ class IntLayerNorm(keras.layers.Layer):
         y = floor_ste(y * factor / 2.0)
         scale = tf.sqrt(tf.constant(float(n), _F32)) / 2.0**30
         gamma, beta = tf.cast(self.gamma, _F32), tf.cast(self.beta, _F32)
-        bias_int = tf.cast(tf.stop_gradient(tf.floor((beta / gamma) / scale)), _F64)
+        bias_int = tf.cast(tf.stop_gradient(computed_once(tf.floor((beta / gamma) / scale))), _F64)
         y = y + bias_int
         out_scale = scale * gamma  # (n,): gamma's gradient flows through the scale
         return y, out_scale

@@ -292,7 +292,7 @@ def test_quant_forward_computes_in_integer_dtypes(branches, monkeypatch):
         for op in layers_xla.get_concrete_function(ids, mask).graph.get_operations()
         if op.type in ("PartitionedCall", "StatefulPartitionedCall") and op.node_def.attr["_XlaMustCompile"].b
     ]
-    assert len(compiled) == SMOKE["num_hidden_layers"]
+    assert len(compiled) == SMOKE["num_hidden_layers"] + 1  # each layer, and the embeddings after their gathers
     # the graph's float64 ops on activation-sized tensors are requantizations and dequantized outputs only
     min_numel = 2 * 16 * SMOKE["hidden_size"]
     ops = graph.get_concrete_function(ids, mask).graph.get_operations()
@@ -303,3 +303,58 @@ def test_quant_forward_computes_in_integer_dtypes(branches, monkeypatch):
         if t.dtype == tf.float64 and t.shape.is_fully_defined() and t.shape.num_elements() >= min_numel
     }
     assert wide and wide <= FLOAT64_OPS, sorted(wide - FLOAT64_OPS)
+
+
+@pytest.mark.parametrize("mode", ("eager", "graph", "xla"))
+def test_computed_once_is_the_identity(mode):
+    # every value a kernel constant can take (normal numbers, zeros of both signs, infinities, NaN),
+    # bit for bit, as XLA's own kernel, a graph op and an eager op
+    values = [0.0, -0.0, 1.0, -1.0, 0.5, -3.0, 2.0**-60, 1e-8 / 127, 3.4e38, -(2.0**31), np.inf, -np.inf, np.nan]
+    for dtype in (np.float32, np.float64):
+        x = np.array(values, dtype)
+        fn = quant.computed_once if mode == "eager" else tf.function(quant.computed_once, jit_compile=mode == "xla")
+        got = fn(tf.constant(x)).numpy()
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got.view(np.uint8), x.view(np.uint8))
+
+
+def test_per_channel_requantization_constants_are_computed_once_under_xla(monkeypatch):
+    # per-channel scales: the dyadic multiplier (frexp's bit operations, the power of two) lies outside
+    # the activation-sized fusion, and the integers are the PyTorch rule's (and those of the trace
+    # without computed_once, the rule it replaces), ties and wide inputs included
+    rng = np.random.default_rng(1)
+    channels = 96
+    q = np.concatenate(
+        [np.tile(np.arange(-64, 64), (2, 1))[:, :channels], rng.integers(-(2**31) + 1, 2**31, (6, channels))]
+    )
+    q = q.astype(np.int32)
+    s_in = np.concatenate([[2.0**-3] * 8, rng.uniform(1e-6, 1e-2, channels - 8)]).astype(np.float32)
+    s_out = np.array([0.011], np.float32)
+
+    def requantize(q, s_in, s_out):
+        return quant.requantize_int(q, s_in, 8, s_out)
+
+    want = pt_quant.fixed_point_requantize(
+        torch.from_numpy(q).double(), torch.from_numpy(s_in), 8, torch.from_numpy(s_out)
+    ).numpy()
+    compiled = tf.function(requantize, jit_compile=True)
+    args = [tf.constant(a) for a in (q, s_in, s_out)]
+    np.testing.assert_array_equal(compiled(*args).numpy().astype(np.float64), want)
+    monkeypatch.setattr(quant, "computed_once", lambda x: x)
+    np.testing.assert_array_equal(tf.function(requantize, jit_compile=True)(*args).numpy().astype(np.float64), want)
+    monkeypatch.undo()
+
+    hlo = compiled.experimental_get_compiler_ir(*args)(stage="optimized_hlo")
+    # the fused computations that write an activation-sized result hold no bit operation of frexp
+    wide = f"[{q.shape[0]},{channels}]"
+    bodies = {}
+    for block in hlo.split("\n\n"):
+        head = block.strip().split("\n", 1)[0]
+        if head.startswith("%"):
+            bodies[head.split()[0][1:]] = block
+    fusions = [line for line in hlo.splitlines() if " fusion(" in line and "calls=%" in line]
+    activation_sized = [line for line in fusions if line.split("=", 1)[1].strip().split("{")[0].endswith(wide)]
+    assert activation_sized
+    for line in activation_sized:
+        body = bodies[line.split("calls=%", 1)[1].split(",")[0].split()[0]]
+        assert "shift-right-arithmetic" not in body and "bitcast-convert" not in body, line
