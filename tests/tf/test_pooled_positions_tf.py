@@ -348,3 +348,40 @@ def test_mpt_options_pruned_equal_full_eager_and_compiled(which, mpt_models):
         _rewind(model)
         full = run(inputs, True, training)
         _assert_same_step(model, pruned, full, f"{which} {name} training={training}", per_variable=False)
+
+
+@pytest.mark.parametrize(
+    "config, policy",
+    [(MPT, "mixed_bfloat16"), (MPT_OPTIONS, "bfloat16")],
+    ids=["default-mixed_bfloat16", "options-bfloat16"],
+)
+def test_mpt_bf16_pruned_equals_full_bit_for_bit(config, policy, monkeypatch):
+    """In bfloat16 (the constructor's policy: float32 or bfloat16 weights, bfloat16 compute) the pruned
+    head's left-padded logits equal the full computation's bit for bit, eagerly and under
+    ``tf.function(jit_compile=True)`` (XLA's bf16 x bf16 -> f32 products): the key/value columns and
+    the kept rows' whole product round exactly as the full product does."""
+    model = ztf.TFMptForSequenceClassification(nz.MptConfig(**config), dtype=policy, seed=6)
+    rng = np.random.default_rng(1)
+    for v in model.weights:
+        if v.path.endswith("/bias"):  # nonzero biases (they start at zero): the bias add rounds in bf16 too
+            v.assign(tf.cast(rng.normal(0.0, 0.05, v.shape), v.dtype))
+    assert keras.config.dtype_policy().name == "float32"  # the constructor's scope did not leak
+    wqkv = model.transformer.blocks.items[-1].attn.Wqkv
+    weights = "float32" if policy.startswith("mixed") else "bfloat16"
+    assert wqkv.compute_dtype == "bfloat16" and wqkv.kernel.dtype == weights
+    inputs = _inputs("Mpt")
+    assert int(tf.reduce_min(inputs["attention_mask"][:, 0])) == 0  # some rows are left-padded
+    calls = _Wqkv(wqkv, monkeypatch)
+
+    def logits(x, full):
+        return model(**x, output_hidden_states=full).logits
+
+    compiled = tf.function(logits, jit_compile=True)
+    for name, run in (("eager", logits), ("xla", compiled)):
+        pruned, full = run(inputs, False), run(inputs, True)
+        assert pruned.dtype == full.dtype == tf.bfloat16, name
+        np.testing.assert_array_equal(
+            tf.cast(pruned, tf.float32).numpy(), tf.cast(full, tf.float32).numpy(), err_msg=f"{policy} {name}"
+        )
+    d, kv, _ = model.config.qkv_widths
+    assert (3 * 7, (d, d + 2 * kv)) in calls.calls  # the pruned path ran (its key/value columns' call)
