@@ -291,3 +291,38 @@ def test_mpt_lora_on_wqkv_pruned_equals_full():
     assert set(fp) == set(ff) and any("Wqkv" in k for k in ff)
     for k, a in ff.items():
         assert_close(fp[k], a, GRAD * scale, f"lora grad {'/'.join(k)}")
+
+
+@pytest.mark.parametrize(
+    "family, param_dtype", [("mpt", jnp.float32), ("mpt_options", jnp.bfloat16)], ids=["mixed", "bfloat16"]
+)
+def test_mpt_bf16_pruned_equals_full_bit_for_bit_under_jit(family, param_dtype):
+    """``dtype=bfloat16`` (float32 or bfloat16 params): under ``jax.jit`` the pruned head's left-padded
+    logits equal the full computation's bit for bit: the key/value columns and the kept rows' whole
+    product round exactly as the full product does (nonzero biases: the bias add rounds too)."""
+    model = nzf.FlaxMptForSequenceClassification(
+        FAMILIES[family][0], seed=1, dtype=jnp.bfloat16, param_dtype=param_dtype
+    )
+    rng = np.random.default_rng(1)
+    model.params = jax.tree_util.tree_map_with_path(  # biases start at zero; 0.05 stays inside clip_qkv's 0.1
+        lambda path, a: jnp.asarray(rng.normal(0.0, 0.05, a.shape), a.dtype) if "bias" in str(path[-1]) else a,
+        model.params,
+    )
+    assert {p.dtype for p in jax.tree_util.tree_leaves(model.params)} == {jnp.dtype(param_dtype)}
+    x = {k: jnp.asarray(v) for k, v in inputs_of(model, seed=2, left=True).items()}
+    assert int(x["attention_mask"][:, 0].min()) == 0  # some rows are left-padded
+    d, kv, _ = model.config.qkv_widths
+    calls = []  # traced, not run (an eager bf16 forward costs seconds): the pruned path's key/value call
+    jax.eval_shape(lambda: calls.extend(wqkv_calls(model, x, "1")))
+    assert ((3, 7, 32), (d, d + 2 * kv)) in calls
+
+    @jax.jit
+    def logits(params):
+        def run(full):
+            return model.module.apply({"params": params}, **x, output_hidden_states=full).logits
+
+        return run(False), run(True)
+
+    pruned, full = logits(model.params)
+    assert pruned.dtype == full.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(pruned, np.float32), np.asarray(full, np.float32), err_msg=family)
