@@ -818,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         chart(report, os.path.join(args.out, "forward.png"))
         return 0
     if args.worker:  # one (family, framework) in this fresh process
-        _set_threads(args.threads)
+        _set_threads(args.threads, jax=BACKENDS[args.worker.split(",")[0]][0] == "flax")
         result = run_worker(
             args.worker.split(","), args.family, args.checkpoint, shapes, args.smoke, args.min_time, args.repeats,
             args.threads,

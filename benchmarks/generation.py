@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.harness import start_jax
 from nezha_zoo.hardware import machine_info
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.registry import get_family, model_class
@@ -190,7 +191,7 @@ def _set_threads(threads: int) -> dict[str, Any]:
     """Pin each framework's intra-op thread count (before their runtimes start); report what holds."""
     if threads <= 0:
         return {"requested": "framework defaults"}
-    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}")
+    jax_cpus = start_jax(threads)  # XLA's CPU pool is sized by the CPUs it sees at start-up, not by a flag
     import tensorflow as tf
     import torch
 
@@ -202,7 +203,7 @@ def _set_threads(threads: int) -> dict[str, Any]:
         out["tf"] = threads
     except RuntimeError:  # TF already initialised in this process (e.g. under pytest)
         out["tf"] = "already initialised: default"
-    out["jax"] = os.environ["XLA_FLAGS"]
+    out["jax"] = f"CPU client started on {jax_cpus} CPU(s)"
     return out
 
 

@@ -44,13 +44,59 @@ PT_PACKED_LINEAR_SETTINGS: dict[str, bool | None] = {
 }
 
 
-def set_threads(threads: int) -> None:
-    """Same thread count for every framework; must run before any framework is imported."""
+def set_threads(threads: int, jax: bool = False) -> int | None:
+    """Same thread count for every framework; must run before any framework is imported.
+
+    PyTorch, MKL and TF read variables.  JAX's CPU client reads none: with ``jax`` (a process that times
+    Flax) it is started here on ``threads`` CPUs (:func:`start_jax`); processes that time no Flax do not
+    import JAX for it.
+
+    Returns:
+        int | None: the CPUs JAX's client started on, None where it was not started here.
+    """
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return start_jax(threads) if jax else None
+
+
+def start_jax(threads: int) -> int:
+    """Start JAX's CPU client with a thread pool of ``threads`` workers; returns the CPUs it started on.
+
+    XLA's CPU client sizes its pool from the CPUs the process may run on when the client starts
+    (``sched_getaffinity``), and nothing else sets it: ``XLA_FLAGS=intra_op_parallelism_threads=1`` leaves
+    two pool threads on a 2-CPU machine (jax 0.10).  So the calling thread is held to the first ``threads``
+    of its CPUs while the client starts and given them all back after; the pool's threads, created
+    meanwhile, keep the narrower set.  With ``threads`` <= 0, at least as many as the CPUs allowed, or no
+    ``sched_setaffinity`` (macOS), the client starts as it would.
+
+    Args:
+        threads (int): the pool's size.
+    Returns:
+        int: the number of CPUs the client saw when it started.
+    Raises:
+        RuntimeError: JAX's backends already started (the pool cannot be resized).
+    """
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("JAX's CPU client already started: call start_jax before anything uses JAX")
+    if not hasattr(os, "sched_setaffinity"):
+        jax.devices("cpu")
+        return os.cpu_count() or 1
+    allowed = os.sched_getaffinity(0)
+    if threads <= 0 or threads >= len(allowed):
+        jax.devices("cpu")
+        return len(allowed)
+    os.sched_setaffinity(0, sorted(allowed)[:threads])
+    try:
+        jax.devices("cpu")
+    finally:
+        os.sched_setaffinity(0, allowed)
+    return threads
 
 
 def pt_packed_linear_setting(backend: str) -> bool | None:

@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:  # one framework in this fresh process
-        forward._set_threads(args.threads)
+        forward._set_threads(args.threads, jax=args.worker == "flax")
         result = run_worker(args.worker, args.checkpoint, False, args.min_time, args.repeats)
         forward._write_atomic(args.result, json.dumps(result))
         return 0

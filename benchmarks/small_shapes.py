@@ -24,6 +24,13 @@ Backends, each the way a user calls it:
 * ``flax-jit``: ``jax.jit(lambda params, ids, mask: model(ids, attention_mask=mask, params=params))``;
 * ``hf-pt``: transformers' PyTorch class on the same checkpoint (the oracle, when installed).
 
+``--threads N`` sets every framework's intra-op threads before it starts (PyTorch, MKL, TF by their
+variables; JAX's CPU client, whose pool no flag sizes, is started on N CPUs: ``harness.start_jax``);
+``--pause S`` is the idleness before each call (default :data:`PAUSE_S`: a sporadic request; 0.01 and less:
+calls that follow each other, where the runtimes' worker threads are still awake); ``--isolate`` runs each
+backend alone in a fresh process, one after the other (as a user runs one framework), instead of
+interleaved in one.
+
 ``--clock cpu`` times the process's CPU seconds (``time.process_time``) instead of the wall clock;
 with ``--threads 1`` that measures the work of a call on a shared machine whose wall clock measures
 the neighbours (an idle worker thread that spins is counted, so keep one thread).
@@ -38,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -48,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.forward import BENCH_CONFIGS, SMOKE_CONFIGS, _set_threads
-from benchmarks.harness import pt_packed_linear_setting
+from benchmarks.harness import machine, machine_line, pt_packed_linear_setting, run_in_fresh_process, write_atomic
 from nezha_zoo.pretrained import random_weights, save_weights
 from nezha_zoo.spec.registry import get_family
 
@@ -66,9 +72,14 @@ BACKENDS = (
     "flax-jit",
     "hf-pt",
 )
-#: Pause before each timed call: three frameworks' thread pools share the cores, and one that is
-#: still spinning after its call would be timed as part of the next backend's.
+#: Pause before each timed call (``--pause``): three frameworks' thread pools share the cores, and one
+#: that is still spinning after its call would be timed as part of the next backend's.  It also makes
+#: each call a sporadic request's, on a machine idle for that long: on the 2-core VM measured, TF's and
+#: XLA's two-thread pools then take 4-11 ms longer over an Electra-base 1x16 call than when calls
+#: follow each other within 10 ms (docs/benchmarks/small_shapes.md, "Session 14").
 PAUSE_S = 0.1
+#: Seconds one backend's process may take with ``--isolate`` (load, warm-up and the rounds).
+ISOLATE_TIMEOUT_S = 1800
 
 
 def _runner(backend: str, family: str, path: str, threads: int) -> Callable[[np.ndarray, np.ndarray], Any]:
@@ -143,8 +154,10 @@ def measure(
     rounds: int,
     threads: int,
     clock: Callable[[], float] = time.perf_counter,
+    pause: float = PAUSE_S,
 ) -> dict[str, Any]:
-    """Warm every backend up, then ``rounds`` rotating rounds of one call each; times in seconds."""
+    """Warm every backend up, then ``rounds`` rotating rounds of one call each, ``pause`` seconds before
+    each; times in seconds."""
     vocab = get_family(family).config_class.from_pretrained(path).vocab_size
     rng = np.random.default_rng(0)
     ids = rng.integers(3, vocab, size=(batch, seq), dtype=np.int64)
@@ -159,11 +172,29 @@ def measure(
     times: dict[str, list[float]] = {b: [] for b in backends}
     for k in range(rounds):
         for b in backends[k % len(backends) :] + backends[: k % len(backends)]:
-            time.sleep(PAUSE_S)  # let the last framework's worker threads park (they spin a while)
+            if pause > 0:
+                time.sleep(pause)  # let the last framework's worker threads park (they spin a while)
             t = clock()
             runners[b](ids, mask)
             times[b].append(clock() - t)
-    return {"family": family, "batch": batch, "seq": seq, "warmup_s": warmup, "times_s": times}
+    return {"family": family, "batch": batch, "seq": seq, "warmup_s": warmup, "times_s": times, "pause_s": pause}
+
+
+def measure_isolated(args: argparse.Namespace, backends: list[str]) -> dict[str, Any]:
+    """Each backend alone in a fresh process (as a user runs one framework), one after the other, with
+    the same options; the results merged as :func:`measure`'s."""
+    merged: dict[str, Any] = {"warmup_s": {}, "times_s": {}, "isolated": True, "pid": {}, "jax_cpus": {}}
+    for b in backends:
+        argv = ["--family", args.family, "--shape", args.shape, "--backends", b, "--rounds", str(args.rounds)]
+        argv += ["--threads", str(args.threads), "--clock", args.clock, "--pause", str(args.pause)]
+        argv += ["--workdir", args.workdir] + (["--smoke"] if args.smoke else [])
+        got = run_in_fresh_process("benchmarks.small_shapes", argv, ISOLATE_TIMEOUT_S)
+        for key in ("family", "batch", "seq", "pause_s"):
+            merged[key] = got[key]
+        for key in ("warmup_s", "times_s"):
+            merged[key][b] = got[key][b]
+        merged["pid"][b], merged["jax_cpus"][b] = got["pid"], got["jax_cpus"]
+    return merged
 
 
 def table(result: dict[str, Any]) -> str:
@@ -173,9 +204,13 @@ def table(result: dict[str, Any]) -> str:
         q1, med, q3 = np.percentile(ts, [25, 50, 75])
         stats[b] = (med, min(ts), (q3 - q1) / med)
     best = min(s[0] for s in stats.values())
+    m = result.get("machine", {})
+    where = "each backend alone in its process" if result.get("isolated") else "interleaved in one process"
     lines = [
         f"{result['family']} {result['batch']}x{result['seq']}, {len(next(iter(result['times_s'].values())))} rounds, "
-        f"{result.get('clock', 'wall')} clock, {result.get('machine', {}).get('threads', '?')} thread(s)",
+        f"{result.get('clock', 'wall')} clock, {m.get('threads', '?')} thread(s) per "
+        f"framework, {result.get('pause_s', PAUSE_S)} s pause before each call, {where}.",
+        *([machine_line(m)] if "cpu" in m else []),
         "",
         "| backend | median ms | min ms | spread | / fastest |",
         "|---|---:|---:|---:|---:|",
@@ -192,29 +227,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2, help="per framework; 0 leaves them alone")
+    parser.add_argument("--pause", type=float, default=PAUSE_S, help="seconds of idleness before each call")
+    parser.add_argument("--isolate", action="store_true", help="each backend alone in a fresh process")
+    parser.add_argument("--result", help=argparse.SUPPRESS)  # --isolate's worker: its result as json
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--smoke", action="store_true", help="tiny config (seconds)")
     parser.add_argument("--workdir", help="keep the checkpoint here (reused across runs)")
     parser.add_argument("--out", help="write small_shapes.json and small_shapes.md here")
     args = parser.parse_args(argv)
-    if args.threads > 0:  # 0: leave the frameworks' (or the caller's) thread settings alone
-        _set_threads(args.threads)
-    if args.threads == 1:  # XLA's CPU client ignores the OpenMP variables
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        )
     batch, seq = (int(x) for x in args.shape.split("x"))
     backends = [b for b in args.backends.split(",") if b]
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         parser.error(f"unknown backends {sorted(unknown)}; choose from {BACKENDS}")
+    if args.pause < 0:
+        parser.error("--pause must be >= 0")
+    jax_cpus = None
+    if args.threads > 0 and not args.isolate:  # 0: leave the frameworks' (or the caller's) settings alone
+        jax_cpus = _set_threads(args.threads, jax=any(b.startswith("flax") for b in backends))
     if "hf-pt" in backends:
         try:
             import transformers  # noqa: F401
         except ImportError:
             backends.remove("hf-pt")
-    workdir = args.workdir or tempfile.mkdtemp(prefix="nezha_small_")
-    path = os.path.join(workdir, f"{args.family}-{'smoke' if args.smoke else 'base'}")
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="nezha_small_")
+    path = os.path.join(args.workdir, f"{args.family}-{'smoke' if args.smoke else 'base'}")
     if not os.path.isfile(os.path.join(path, "config.json")):
         fam = get_family(args.family)
         fields = SMOKE_CONFIGS[args.family] if args.smoke else BENCH_CONFIGS[args.family][0]
@@ -222,17 +259,24 @@ def main(argv: list[str] | None = None) -> int:
         spec = fam.model_spec(config, "Model")
         save_weights(path, config, spec, fam, random_weights(spec, config, seed=0))
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    result = measure(args.family, path, backends, batch, seq, args.rounds, args.threads, clock)
-    result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads}
+    m = machine(args.threads)
+    if args.isolate:
+        result = measure_isolated(args, backends)
+    else:
+        result = measure(args.family, path, backends, batch, seq, args.rounds, args.threads, clock, args.pause)
+    result["machine"] = m
     result["clock"] = args.clock
+    if not args.isolate:
+        result["pid"], result["jax_cpus"] = os.getpid(), jax_cpus
+    if args.result:  # --isolate's worker
+        write_atomic(args.result, json.dumps(result))
+        return 0
     text = table(result)
     sys.stdout.write(text + "\n")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "small_shapes.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(args.out, "small_shapes.md"), "w") as f:
-            f.write(text + "\n")
+        write_atomic(os.path.join(args.out, "small_shapes.json"), json.dumps(result, indent=1))
+        write_atomic(os.path.join(args.out, "small_shapes.md"), text + "\n")
     return 0
 
 

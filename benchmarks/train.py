@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         _write_report(merge_reports(args.render.split(",")), args.out)
         return 0
     if args.worker:  # one (family, framework) in this fresh process
-        set_threads(args.threads)
+        set_threads(args.threads, jax=_framework(args.worker.split(",")[0]) == "flax")
         result = run_worker(
             args.worker.split(","), args.family, args.checkpoint, shape, args.smoke, args.min_time, args.repeats,
             args.threads,
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         write_atomic(args.result, json.dumps(result))
         return 0
     if args.memory_worker:  # one backend alone in this fresh process
-        set_threads(args.threads)
+        set_threads(args.threads, jax=_framework(args.memory_worker) == "flax")
         result = run_memory_worker(
             args.memory_worker, args.family, args.checkpoint, shape, args.smoke, args.threads, args.memory_steps
         )
