@@ -7,7 +7,12 @@ row.  Each product reads its weight from DRAM, as in a base model's forward: the
 through copies of the weight totalling :data:`COLD_BYTES` (``--hot`` times one copy from the cache).
 Run it in a fresh process with ``MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2`` for an
 AVX2-only machine.  Prints one line per (shape, rows): median microseconds, speed against
-``F.linear``, min-max; ``--out`` writes the medians as json.
+``F.linear``, the weight's bytes read per second, min-max; ``--out`` writes the medians as json.
+
+``--others tf,jax`` adds, on the same weights, TF's and XLA's products as our Keras and Flax layers run
+them: ``x @ K + b`` with the kernel ``K`` in their (in, out) layout, every copy's product in one
+``tf.function`` / ``jax.jit`` call (so the time is the products', not the per-call dispatch), and
+``read``: PyTorch summing each copy, the rate one thread streams the same bytes at.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+
+import numpy as np
 
 from benchmarks.harness import set_threads
 
@@ -63,6 +70,41 @@ def _products(torch, weights, biases, x) -> dict[str, Callable]:
     return found
 
 
+def _reader(weights) -> Callable:
+    """Sums the next weight copy in turn: one thread reading the same bytes as a product, nothing else."""
+    turn = itertools.cycle(weights)
+    return lambda: next(turn).sum()
+
+
+def _other_products(framework: str, weights, biases, x) -> tuple[Callable, Callable]:
+    """``framework``'s product ``x @ K + b`` on every copy in one call (kernels (in, out), as its layers
+    keep them).  Returns ``(run_all, first)``: ``run_all()`` runs every copy's product to completion,
+    ``first()`` returns copy 0's result as a numpy array (checked against ``F.linear``)."""
+    kernels = [w.t().contiguous().numpy() for w in weights]
+    bias_arrays = [None if b is None else b.numpy() for b in biases]
+    rows = x.numpy()
+    if framework == "tf":
+        import tensorflow as tf
+
+        ks = [tf.Variable(k) for k in kernels]
+        bs = [None if b is None else tf.Variable(b) for b in bias_arrays]
+        xs = tf.constant(rows)
+
+        @tf.function
+        def every(inputs):
+            return [tf.matmul(inputs, k) if b is None else tf.matmul(inputs, k) + b for k, b in zip(ks, bs)]
+
+        return (lambda: every(xs)[-1].numpy()), (lambda: every(xs)[0].numpy())
+    import jax
+    import jax.numpy as jnp
+
+    ks = [jnp.asarray(k) for k in kernels]
+    bs = [None if b is None else jnp.asarray(b) for b in bias_arrays]
+    xs = jnp.asarray(rows)
+    every = jax.jit(lambda inputs, ks, bs: [inputs @ k if b is None else inputs @ k + b for k, b in zip(ks, bs)])
+    return (lambda: every(xs, ks, bs)[-1].block_until_ready()), (lambda: np.asarray(every(xs, ks, bs)[0]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="in:out:b|n (with or without bias), comma-separated")
@@ -71,8 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hot", action="store_true", help="one weight copy, read from the cache")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     parser.add_argument("--out", help="write the medians (microseconds) here as json")
+    parser.add_argument("--others", default="", help="also time these frameworks' products: tf, jax")
     args = parser.parse_args(argv)
-    set_threads(1)
+    others = [f for f in args.others.split(",") if f]
+    if set(others) - {"tf", "jax"}:
+        parser.error(f"--others takes tf and jax, not {sorted(set(others) - {'tf', 'jax'})}")
+    set_threads(1, jax="jax" in others)
+    if "jax" in others:
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "float32")
     import torch
 
     torch.set_num_threads(1)
@@ -88,25 +138,37 @@ def main(argv: list[str] | None = None) -> int:
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, n_in, generator=gen)
             products = _products(torch, weights, biases, x)
+            reps = copies if copies > 1 else 200
+            # (callable, calls per timing, products per call): ours one product a call, the others' every copy
+            timed = {name: (product, reps, 1) for name, product in products.items()}
             with torch.no_grad():
                 want = torch.nn.functional.linear(x, weights[0], biases[0])
                 for name, product in products.items():  # each starts at copy 0 once: check it
                     torch.testing.assert_close(product(), want, rtol=1e-4, atol=1e-4, msg=name)
                     for _ in range(copies - 1):
                         product()
-                reps = copies if copies > 1 else 200
-                times: dict[str, list[float]] = {name: [] for name in products}
+                for framework in others:
+                    every, first = _other_products(framework, weights, biases, x)
+                    torch.testing.assert_close(
+                        torch.from_numpy(np.array(first())), want, rtol=1e-4, atol=1e-4, msg=framework
+                    )
+                    every()
+                    timed[framework] = (every, max(1, 200 // copies), copies)
+                if others:
+                    timed["read"] = (_reader(weights), reps, 1)
+                times: dict[str, list[float]] = {name: [] for name in timed}
                 for _ in range(args.rounds):
-                    for name, product in products.items():
+                    for name, (call, calls, per_call) in timed.items():
                         start = clock()
-                        for _ in range(reps):
-                            product()
-                        times[name].append((clock() - start) / reps * 1e6)
+                        for _ in range(calls):
+                            call()
+                        times[name].append((clock() - start) / (calls * per_call) * 1e6)
             base = statistics.median(times["F.linear"])
             cells = []
             for name, t in times.items():
                 med = statistics.median(t)
-                cells.append(f"{name}={med:.1f}us (x{base / med:.2f}, {min(t):.0f}-{max(t):.0f})")
+                rate = 4 * n_in * n_out / med / 1e3  # GB/s of weight read
+                cells.append(f"{name}={med:.1f}us (x{base / med:.2f}, {rate:.1f}GB/s, {min(t):.0f}-{max(t):.0f})")
                 result[f"{n_in}->{n_out}|{rows}|{name}"] = med
             label = f"{n_in}->{n_out}{'' if has_bias == 'b' else ' no bias'} rows={rows}"
             sys.stdout.write(f"{label}  {'  '.join(cells)}\n")

@@ -71,6 +71,21 @@ def test_start_jax_sizes_the_cpu_pool_and_gives_the_cpus_back():
     assert "already started" in got["again"]
 
 
+@pytest.mark.tf
+def test_linear_rows_times_tf_and_jax_products_on_the_same_weights(tmp_path):
+    pytest.importorskip("tensorflow")
+    # main checks each framework's product against F.linear before timing it (a wrong layout fails)
+    out = tmp_path / "rows.json"
+    argv = ["--shapes", "32:24:b,16:8:n", "--rows", "1,3", "--rounds", "1", "--hot", "--others", "tf,jax"]
+    cmd = [sys.executable, "-m", "benchmarks.linear_rows", *argv, "--out", str(out)]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    medians = json.loads(out.read_text())
+    assert {"32->24|3|tf", "32->24|3|jax", "32->24|1|read", "16->8|3|onednn_wx"} <= medians.keys()
+    assert all(t > 0 for t in medians.values())
+
+
 def test_kv_cache_smoke_decodes_the_same_tokens_in_place_and_with_cat():
     # main raises unless ours (in place), ours with torch.cat and transformers decode the same tokens
     argv = ["--smoke", "--threads", "0", "--rounds", "1", "--batches", "2", "--prompt", "4", "--new", "8"]
