@@ -75,7 +75,7 @@ BACKENDS = (
 #: Pause before each timed call (``--pause``): three frameworks' thread pools share the cores, and one
 #: that is still spinning after its call would be timed as part of the next backend's.  It also makes
 #: each call a sporadic request's, on a machine idle for that long: on the 2-core VM measured, TF's and
-#: XLA's two-thread pools then take 4-11 ms longer over an Electra-base 1x16 call than when calls
+#: XLA's two-thread pools then take 5-11 ms longer over an Electra-base 1x16 call than when calls
 #: follow each other within 10 ms (docs/benchmarks/small_shapes.md, "Session 14").
 PAUSE_S = 0.1
 #: Seconds one backend's process may take with ``--isolate`` (load, warm-up and the rounds).
