@@ -11,7 +11,8 @@ AVX2-only machine.  Prints one line per (shape, rows): median microseconds, spee
 
 ``--others tf,jax`` adds, on the same weights, TF's and XLA's products as our Keras and Flax layers run
 them: ``x @ K + b`` with the kernel ``K`` in their (in, out) layout, every copy's product in one
-``tf.function`` / ``jax.jit`` call (so the time is the products', not the per-call dispatch), and
+``tf.function`` / jitted call (so the time is the products', not the per-call dispatch; JAX's compiled
+with the options of the Flax wrapper's forward, :func:`nezha_zoo.flax.layers.inference_jit`), and
 ``read``: PyTorch summing each copy, the rate one thread streams the same bytes at.
 """
 
@@ -95,13 +96,14 @@ def _other_products(framework: str, weights, biases, x) -> tuple[Callable, Calla
             return [tf.matmul(inputs, k) if b is None else tf.matmul(inputs, k) + b for k, b in zip(ks, bs)]
 
         return (lambda: every(xs)[-1].numpy()), (lambda: every(xs)[0].numpy())
-    import jax
     import jax.numpy as jnp
+
+    from nezha_zoo.flax.layers import inference_jit  # the options the Flax wrapper's forward compiles with
 
     ks = [jnp.asarray(k) for k in kernels]
     bs = [None if b is None else jnp.asarray(b) for b in bias_arrays]
     xs = jnp.asarray(rows)
-    every = jax.jit(lambda inputs, ks, bs: [inputs @ k if b is None else inputs @ k + b for k, b in zip(ks, bs)])
+    every = inference_jit(lambda inputs, ks, bs: [inputs @ k if b is None else inputs @ k + b for k, b in zip(ks, bs)])
     return (lambda: every(xs, ks, bs)[-1].block_until_ready()), (lambda: np.asarray(every(xs, ks, bs)[0]))
 
 
