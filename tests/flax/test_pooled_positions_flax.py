@@ -60,12 +60,24 @@ FAMILIES = {
 LOG, LOSS, GRAD = TOLERANCES["logits"], TOLERANCES["loss"], TOLERANCES["grad_rel"]
 
 
+def nonzero_biases(params, seed: int = 2):
+    """``params`` with every bias set to small random values (the initialiser's are zeros)."""
+    rng = np.random.default_rng(seed)
+
+    def bias(path, a):
+        return jnp.asarray(rng.normal(0.0, 0.05, a.shape), a.dtype) if "bias" in str(path[-1]) else a
+
+    return jax.tree_util.tree_map_with_path(bias, params)
+
+
 @pytest.fixture(scope="module")
 def models():
-    """family -> the tiny sequence classifier (random weights), built once."""
+    """family -> the tiny sequence classifier (random weights), built once; ``mpt_options`` with nonzero
+    biases, so the split Wqkv's bias slice counts."""
     out = {}
     for fam, (config, cls_name, _) in FAMILIES.items():
         out[fam] = getattr(nzf, cls_name)(config, seed=1)
+    out["mpt_options"].params = nonzero_biases(out["mpt_options"].params)
     return out
 
 
@@ -262,6 +274,7 @@ def test_mpt_lora_on_wqkv_pruned_equals_full():
     """A LoRA adapter (B nonzero) on Wqkv: the pruned head's logits, loss and adapter gradients under
     jax.jit, with dropout on and left padding, equal the full computation's."""
     model = nzf.FlaxMptForSequenceClassification(FAMILIES["mpt_options"][0], seed=1)
+    model.params = nonzero_biases(model.params)
     model.enable_lora(2, target_modules=["Wqkv"])
     rng = np.random.default_rng(0)
     lora = jax.tree_util.tree_map_with_path(

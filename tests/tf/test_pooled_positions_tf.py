@@ -282,12 +282,23 @@ def test_bad_positions_to_keep_raise_input_error(family):
         model(**inputs, positions_to_keep=tf.zeros((3, 1), tf.int32), output_hidden_states=True)
 
 
+def _nonzero_biases(model, seed: int = 2) -> None:
+    """Every bias of ``model`` set to small random values (the initialiser's are zeros)."""
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        if v.path.endswith("/bias"):
+            v.assign(tf.cast(rng.normal(0.0, 0.05, v.shape), v.dtype))
+
+
 @pytest.fixture(scope="module")
 def mpt_models():
-    """``"options"``: an MPT classifier with :data:`MPT_OPTIONS`; ``"lora"``: the same with a LoRA adapter
-    (B nonzero, so it changes the product) on ``Wqkv``, its only trainable variables.  Built once."""
+    """``"options"``: an MPT classifier with :data:`MPT_OPTIONS` and nonzero biases; ``"lora"``: the same with
+    a LoRA adapter (B nonzero, so it changes the product) on ``Wqkv``, its only trainable variables.  Built
+    once."""
     plain = ztf.TFMptForSequenceClassification(nz.MptConfig(**MPT_OPTIONS), seed=4)
     lora = ztf.TFMptForSequenceClassification(nz.MptConfig(**MPT_OPTIONS), seed=4)
+    for model in (plain, lora):  # nonzero biases (they start at zero), so the split Wqkv's bias slice counts
+        _nonzero_biases(model)
     lora.enable_lora(2, target_modules=["Wqkv"])
     rng = np.random.default_rng(0)
     for layer in lora._lora_layer_map.values():
